@@ -1,0 +1,607 @@
+//! The Graph IR: a dataflow graph of tensor ops with static shapes and dtypes, held in petgraph.
+//!
+//! Shapes are static so that every kernel is specialised and compiled once per build. The op set is
+//! small and closed: elementwise, last-axis reductions, layout, matmul, a few NN composites whose
+//! kernels and gradients are worth writing once (softmax, RoPE, cross-entropy), and the MoE composites
+//! (top-k, routing, gather, grouped matmul, combine). Nodes are created only through [`Graph`]'s
+//! builder methods, which infer the output type and reject ill-typed graphs, so a pass that holds a
+//! `Graph` may assume it is well typed.
+//!
+//! Edges go from producer to consumer and carry the argument slot, so `inputs(n)` is ordered.
+
+use petgraph::stable_graph::{NodeIndex, StableDiGraph};
+use petgraph::visit::EdgeRef;
+use petgraph::Direction;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+pub type NodeId = NodeIndex<u32>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DType {
+    F32,
+    U32,
+}
+
+impl DType {
+    pub fn size_bytes(self) -> usize {
+        4
+    }
+    pub fn wgsl(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::U32 => "u32",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TensorType {
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+}
+
+impl TensorType {
+    pub fn f32(shape: &[usize]) -> Self {
+        TensorType { shape: shape.to_vec(), dtype: DType::F32 }
+    }
+    pub fn u32(shape: &[usize]) -> Self {
+        TensorType { shape: shape.to_vec(), dtype: DType::U32 }
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn size_bytes(&self) -> usize {
+        self.numel() * self.dtype.size_bytes()
+    }
+    /// Size of the last axis (1 for a scalar).
+    pub fn last(&self) -> usize {
+        self.shape.last().copied().unwrap_or(1)
+    }
+    /// Number of rows when viewed as `[numel / last, last]`.
+    pub fn rows(&self) -> usize {
+        self.numel() / self.last().max(1)
+    }
+}
+
+impl fmt::Display for TensorType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let dims: Vec<String> = self.shape.iter().map(|d| d.to_string()).collect();
+        write!(f, "{}[{}]", self.dtype.wgsl(), dims.join(", "))
+    }
+}
+
+/// How a parameter is initialised. Deterministic from the training seed and the parameter's name.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Init {
+    /// N(0, std²).
+    Normal { std: f32 },
+    /// All elements equal (norm weights = 1, biases = 0).
+    Constant(f32),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum UnaryOp {
+    Neg,
+    Exp,
+    Log,
+    Sqrt,
+    Rsqrt,
+    Recip,
+    Square,
+    Tanh,
+    Relu,
+    /// x·σ(x)
+    Silu,
+    /// tanh approximation (GPT-2 / HF `gelu_new`).
+    Gelu,
+    Sigmoid,
+    /// ln(1 + eˣ), computed stably.
+    Softplus,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Max,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ReduceOp {
+    Sum,
+    Mean,
+    Max,
+}
+
+/// Layout of the u32 routing table produced by [`Op::MoeRoute`]. Every MoE composite that reads the
+/// table uses these offsets, so the layout lives in one place.
+///
+/// Dropless routing always places exactly `tokens * k` token slots, but grouped matmul wants each tile
+/// of `tile` rows to belong to one expert, so every expert's segment is padded to a multiple of `tile`.
+/// The padded row count is bounded statically by `tokens * k + experts * (tile - 1)`, which is what the
+/// grouped matmul is dispatched over; rows past an expert's real count are padding (`row_slot = NONE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RouteLayout {
+    pub tokens: usize,
+    pub k: usize,
+    pub experts: usize,
+    pub tile: usize,
+}
+
+impl RouteLayout {
+    /// Marks a padding row in `row_slot`, and an unassigned slot (dropped token) in `slot_row`.
+    pub const NONE: u32 = u32::MAX;
+    /// Upper bound of padded rows: the static row count of gathered activations.
+    pub fn rows(&self) -> usize {
+        self.tokens * self.k + self.experts * (self.tile - 1)
+    }
+    /// `counts[e]`: token slots routed to expert `e`.
+    pub fn counts_at(&self) -> usize {
+        0
+    }
+    /// `offsets[e]`: first padded row of expert `e`; `offsets[experts]` = used padded rows.
+    pub fn offsets_at(&self) -> usize {
+        self.experts
+    }
+    /// `slot_row[t * k + j]`: padded row of token `t`'s `j`-th choice.
+    pub fn slot_row_at(&self) -> usize {
+        self.offsets_at() + self.experts + 1
+    }
+    /// `row_slot[r]`: token slot held by padded row `r`, or `NONE`.
+    pub fn row_slot_at(&self) -> usize {
+        self.slot_row_at() + self.tokens * self.k
+    }
+    /// `row_expert[r]`: the expert that owns padded row `r` (valid for every row below `offsets[experts]`).
+    pub fn row_expert_at(&self) -> usize {
+        self.row_slot_at() + self.rows()
+    }
+    pub fn len(&self) -> usize {
+        self.row_expert_at() + self.rows()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    /// Data fed each step (token ids, targets). `name` is the key the runtime binds it by.
+    Input { name: String },
+    /// A trainable parameter; `name` is its checkpoint name (HF layout, see DESIGN.md).
+    Param { name: String, init: Init },
+    /// Elementwise `x * mul + add` (scales, epsilons, `1 - x`).
+    Affine { mul: f32, add: f32 },
+    Unary(UnaryOp),
+    /// Elementwise with numpy broadcasting (trailing axes aligned, size-1 axes stretched).
+    Binary(BinaryOp),
+    /// Reduce the last axis, keeping it with size 1 (so the result broadcasts back).
+    Reduce(ReduceOp),
+    /// Same elements, new shape. Free: no kernel.
+    Reshape { shape: Vec<usize> },
+    /// Materialised axis permutation: `out.shape[i] = in.shape[perm[i]]`.
+    Permute { perm: Vec<usize> },
+    /// `A[..., M, K] · B` where B is `[..., K, N]`, or `[..., N, K]` read transposed when `trans_b`
+    /// (PyTorch `[out, in]` weights). B's batch axes equal A's, or B has none (shared weight).
+    MatMul { trans_b: bool },
+    /// Rows of `table[V, D]` picked by u32 `ids[...]`: out `[..., D]`.
+    Embedding,
+    /// Rotary embedding, HF "rotate_half" convention, on `x[B, T, H, hd]`; position = index along T.
+    Rope { theta: f32 },
+    /// Softmax over the last axis. With `causal`, row r of the trailing `[R, S]` matrix attends to
+    /// columns `c <= r % S`: plain causal attention when R == S, and grouped-query attention when the
+    /// heads sharing a KV head are stacked along rows (R = group·S).
+    Softmax { causal: bool },
+    /// Mean token cross-entropy of `logits[N, V]` against u32 `targets[N]`: a `[1]` tensor.
+    CrossEntropy,
+    /// Indices of the `k` largest entries of each row of `scores[T, E]` (u32 `[T, k]`), in descending
+    /// score order; ties go to the lower index. Not differentiable.
+    TopK { k: usize },
+    /// `out[t, j] = x[t, idx[t, j]]` for `x[T, E]` and u32 `idx[T, k]`.
+    GatherCols,
+    /// Selection mask: f32 `[T, experts]` with 1 where `e` is among `idx[t, :]`. Not differentiable.
+    TopKMask { experts: usize },
+    /// Routing table (see [`RouteLayout`]) from u32 `idx[T, k]`. Not differentiable.
+    MoeRoute { layout: RouteLayout },
+    /// Gather token rows into expert-sorted padded rows: `x[T, D]`, `route` → `[rows, D]`, zero padding.
+    MoeGather { layout: RouteLayout },
+    /// Per-expert matmul on padded rows: `xp[rows, K]`, `w[E, N, K]` (PyTorch `[out, in]` per expert),
+    /// `route` → `[rows, N]`; row r uses expert `row_expert[r]`.
+    GroupedMatMul { layout: RouteLayout },
+    /// Weighted scatter back to tokens: `yp[rows, D]`, `weights[T, k]`, `route` →
+    /// `y[t] = Σ_j weights[t, j] · yp[slot_row[t·k + j]]` (skipping unassigned slots).
+    MoeCombine { layout: RouteLayout },
+}
+
+impl Op {
+    /// Short name for dumps and kernel names.
+    pub fn mnemonic(&self) -> String {
+        match self {
+            Op::Input { .. } => "input".into(),
+            Op::Param { .. } => "param".into(),
+            Op::Affine { .. } => "affine".into(),
+            Op::Unary(u) => format!("{u:?}").to_lowercase(),
+            Op::Binary(b) => format!("{b:?}").to_lowercase(),
+            Op::Reduce(r) => format!("reduce_{}", format!("{r:?}").to_lowercase()),
+            Op::Reshape { .. } => "reshape".into(),
+            Op::Permute { .. } => "permute".into(),
+            Op::MatMul { .. } => "matmul".into(),
+            Op::Embedding => "embedding".into(),
+            Op::Rope { .. } => "rope".into(),
+            Op::Softmax { .. } => "softmax".into(),
+            Op::CrossEntropy => "cross_entropy".into(),
+            Op::TopK { .. } => "topk".into(),
+            Op::GatherCols => "gather_cols".into(),
+            Op::TopKMask { .. } => "topk_mask".into(),
+            Op::MoeRoute { .. } => "moe_route".into(),
+            Op::MoeGather { .. } => "moe_gather".into(),
+            Op::GroupedMatMul { .. } => "grouped_matmul".into(),
+            Op::MoeCombine { .. } => "moe_combine".into(),
+        }
+    }
+
+    pub fn is_elementwise(&self) -> bool {
+        matches!(self, Op::Affine { .. } | Op::Unary(_) | Op::Binary(_))
+    }
+
+    /// Ops that produce no kernel of their own.
+    pub fn is_free(&self) -> bool {
+        matches!(self, Op::Input { .. } | Op::Param { .. } | Op::Reshape { .. })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    pub op: Op,
+    pub ty: TensorType,
+    /// Human label for dumps and kernel names (`blocks.0.attn.q`).
+    pub label: String,
+}
+
+/// A type error while building a graph: always a bug in a pass, never the user's fault, but reported
+/// as a value so a pass can attach context.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("ill-typed `{op}` ({label}): {message}")]
+pub struct IrError {
+    pub op: String,
+    pub label: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Graph {
+    pub g: StableDiGraph<Node, usize, u32>,
+    /// Named results (`logits`, `loss`, `ce`, `aux.3`, ...), in insertion order.
+    pub outputs: Vec<(String, NodeId)>,
+}
+
+impl Graph {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn node(&self, id: NodeId) -> &Node {
+        &self.g[id]
+    }
+
+    pub fn ty(&self, id: NodeId) -> &TensorType {
+        &self.g[id].ty
+    }
+
+    /// Arguments of `id`, in slot order.
+    pub fn inputs(&self, id: NodeId) -> Vec<NodeId> {
+        let mut edges: Vec<(usize, NodeId)> =
+            self.g.edges_directed(id, Direction::Incoming).map(|e| (*e.weight(), e.source())).collect();
+        edges.sort_by_key(|(slot, _)| *slot);
+        edges.into_iter().map(|(_, src)| src).collect()
+    }
+
+    /// Consumers of `id` (one entry per use).
+    pub fn users(&self, id: NodeId) -> Vec<NodeId> {
+        let mut users: Vec<NodeId> = self.g.edges_directed(id, Direction::Outgoing).map(|e| e.target()).collect();
+        users.sort();
+        users
+    }
+
+    /// Node ids in a topological order (creation order is one, since builders only consume existing
+    /// nodes; kept explicit so passes that rewrite the graph stay correct).
+    pub fn topo_order(&self) -> Vec<NodeId> {
+        petgraph::algo::toposort(&self.g, None).expect("Graph IR is acyclic by construction")
+    }
+
+    pub fn output(&self, name: &str) -> Option<NodeId> {
+        self.outputs.iter().find(|(n, _)| n == name).map(|(_, id)| *id)
+    }
+
+    pub fn set_output(&mut self, name: &str, id: NodeId) {
+        self.outputs.retain(|(n, _)| n != name);
+        self.outputs.push((name.to_string(), id));
+    }
+
+    /// Adds a node after inferring its type; the single entry point every builder goes through.
+    pub fn add(&mut self, op: Op, args: &[NodeId], label: impl Into<String>) -> Result<NodeId, IrError> {
+        let label = label.into();
+        let arg_types: Vec<&TensorType> = args.iter().map(|&a| &self.g[a].ty).collect();
+        let ty = infer(&op, &arg_types).map_err(|message| IrError { op: op.mnemonic(), label: label.clone(), message })?;
+        let id = self.g.add_node(Node { op, ty, label });
+        for (slot, &arg) in args.iter().enumerate() {
+            self.g.add_edge(arg, id, slot);
+        }
+        Ok(id)
+    }
+
+    /// Leaves carry their type explicitly.
+    pub fn input(&mut self, name: &str, ty: TensorType) -> NodeId {
+        self.g.add_node(Node { op: Op::Input { name: name.into() }, ty, label: name.into() })
+    }
+
+    pub fn param(&mut self, name: &str, shape: &[usize], init: Init) -> NodeId {
+        self.g.add_node(Node { op: Op::Param { name: name.into(), init }, ty: TensorType::f32(shape), label: name.into() })
+    }
+
+    /// Parameters in creation order with their names and types.
+    pub fn params(&self) -> Vec<(NodeId, String, TensorType)> {
+        let mut ps: Vec<_> = self
+            .g
+            .node_indices()
+            .filter_map(|id| match &self.g[id].op {
+                Op::Param { name, .. } => Some((id, name.clone(), self.g[id].ty.clone())),
+                _ => None,
+            })
+            .collect();
+        ps.sort_by_key(|(id, _, _)| *id);
+        ps
+    }
+
+    /// Inputs in creation order with their names and types.
+    pub fn data_inputs(&self) -> Vec<(NodeId, String, TensorType)> {
+        let mut xs: Vec<_> = self
+            .g
+            .node_indices()
+            .filter_map(|id| match &self.g[id].op {
+                Op::Input { name } => Some((id, name.clone(), self.g[id].ty.clone())),
+                _ => None,
+            })
+            .collect();
+        xs.sort_by_key(|(id, _, _)| *id);
+        xs
+    }
+
+    /// Readable dump, one node per line in topological order: the `--emit ir` format and the IR
+    /// snapshots. Stable across runs (node ids are dense creation indices).
+    pub fn dump(&self) -> String {
+        let mut out = String::new();
+        for id in self.topo_order() {
+            let n = &self.g[id];
+            let args: Vec<String> = self.inputs(id).iter().map(|a| format!("%{}", a.index())).collect();
+            let attrs = match &n.op {
+                Op::Input { name } => format!(" \"{name}\""),
+                Op::Param { name, init } => format!(" \"{name}\" {init:?}"),
+                Op::Affine { mul, add } => format!(" mul={mul} add={add}"),
+                Op::Reshape { shape } => format!(" {shape:?}"),
+                Op::Permute { perm } => format!(" {perm:?}"),
+                Op::MatMul { trans_b } => if *trans_b { " trans_b".into() } else { String::new() },
+                Op::Rope { theta } => format!(" theta={theta}"),
+                Op::Softmax { causal } => if *causal { " causal".into() } else { String::new() },
+                Op::TopK { k } => format!(" k={k}"),
+                Op::TopKMask { experts } => format!(" experts={experts}"),
+                Op::MoeRoute { layout } | Op::MoeGather { layout } | Op::GroupedMatMul { layout } | Op::MoeCombine { layout } => {
+                    format!(" tokens={} k={} experts={} tile={}", layout.tokens, layout.k, layout.experts, layout.tile)
+                }
+                _ => String::new(),
+            };
+            out += &format!("%{} = {}{}({}) : {}  # {}\n", id.index(), n.op.mnemonic(), attrs, args.join(", "), n.ty, n.label);
+        }
+        for (name, id) in &self.outputs {
+            out += &format!("output {name} = %{}\n", id.index());
+        }
+        out
+    }
+}
+
+/// Numpy broadcasting of two shapes.
+pub fn broadcast_shapes(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
+    let n = a.len().max(b.len());
+    let mut out = vec![0; n];
+    for i in 0..n {
+        let da = if i + a.len() >= n { a[i + a.len() - n] } else { 1 };
+        let db = if i + b.len() >= n { b[i + b.len() - n] } else { 1 };
+        out[i] = match (da, db) {
+            (x, y) if x == y => x,
+            (1, y) => y,
+            (x, 1) => x,
+            _ => return None,
+        };
+    }
+    Some(out)
+}
+
+fn expect_args(args: &[&TensorType], n: usize) -> Result<(), String> {
+    if args.len() == n {
+        Ok(())
+    } else {
+        Err(format!("expected {n} arguments, got {}", args.len()))
+    }
+}
+
+fn expect_dtype(t: &TensorType, dtype: DType, what: &str) -> Result<(), String> {
+    if t.dtype == dtype {
+        Ok(())
+    } else {
+        Err(format!("{what} must be {}, got {t}", dtype.wgsl()))
+    }
+}
+
+/// Output type of `op` applied to arguments of the given types.
+pub fn infer(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
+    match op {
+        Op::Input { .. } | Op::Param { .. } => Err("leaves are created with Graph::input / Graph::param".into()),
+        Op::Affine { .. } | Op::Unary(_) => {
+            expect_args(args, 1)?;
+            expect_dtype(args[0], DType::F32, "operand")?;
+            Ok(args[0].clone())
+        }
+        Op::Binary(_) => {
+            expect_args(args, 2)?;
+            expect_dtype(args[0], DType::F32, "lhs")?;
+            expect_dtype(args[1], DType::F32, "rhs")?;
+            let shape = broadcast_shapes(&args[0].shape, &args[1].shape)
+                .ok_or_else(|| format!("cannot broadcast {} with {}", args[0], args[1]))?;
+            Ok(TensorType::f32(&shape))
+        }
+        Op::Reduce(_) => {
+            expect_args(args, 1)?;
+            expect_dtype(args[0], DType::F32, "operand")?;
+            let mut shape = args[0].shape.clone();
+            match shape.last_mut() {
+                Some(last) => *last = 1,
+                None => return Err("cannot reduce a scalar".into()),
+            }
+            Ok(TensorType::f32(&shape))
+        }
+        Op::Reshape { shape } => {
+            expect_args(args, 1)?;
+            let numel: usize = shape.iter().product();
+            if numel != args[0].numel() {
+                return Err(format!("reshape of {} to {shape:?} changes the element count", args[0]));
+            }
+            Ok(TensorType { shape: shape.clone(), dtype: args[0].dtype })
+        }
+        Op::Permute { perm } => {
+            expect_args(args, 1)?;
+            let rank = args[0].shape.len();
+            let mut seen = vec![false; rank];
+            if perm.len() != rank || perm.iter().any(|&p| p >= rank || std::mem::replace(&mut seen[p], true)) {
+                return Err(format!("{perm:?} is not a permutation of {rank} axes"));
+            }
+            let shape: Vec<usize> = perm.iter().map(|&p| args[0].shape[p]).collect();
+            Ok(TensorType { shape, dtype: args[0].dtype })
+        }
+        Op::MatMul { trans_b } => {
+            expect_args(args, 2)?;
+            let (a, b) = (args[0], args[1]);
+            expect_dtype(a, DType::F32, "lhs")?;
+            expect_dtype(b, DType::F32, "rhs")?;
+            if a.shape.len() < 2 || b.shape.len() < 2 {
+                return Err("matmul operands need at least 2 axes".into());
+            }
+            let (ab, am) = a.shape.split_at(a.shape.len() - 2);
+            let (bb, bm) = b.shape.split_at(b.shape.len() - 2);
+            if !bb.is_empty() && bb != ab {
+                return Err(format!("batch axes differ: {a} vs {b}"));
+            }
+            let (m, k) = (am[0], am[1]);
+            let (kb, n) = if *trans_b { (bm[1], bm[0]) } else { (bm[0], bm[1]) };
+            if k != kb {
+                return Err(format!("contracted axes differ: {a} vs {b} (trans_b = {trans_b})"));
+            }
+            let mut shape = ab.to_vec();
+            shape.extend([m, n]);
+            Ok(TensorType::f32(&shape))
+        }
+        Op::Embedding => {
+            expect_args(args, 2)?;
+            expect_dtype(args[0], DType::F32, "table")?;
+            expect_dtype(args[1], DType::U32, "ids")?;
+            if args[0].shape.len() != 2 {
+                return Err("embedding table must be [V, D]".into());
+            }
+            let mut shape = args[1].shape.clone();
+            shape.push(args[0].shape[1]);
+            Ok(TensorType::f32(&shape))
+        }
+        Op::Rope { .. } => {
+            expect_args(args, 1)?;
+            expect_dtype(args[0], DType::F32, "operand")?;
+            if args[0].shape.len() != 4 || args[0].shape[3] % 2 != 0 {
+                return Err(format!("rope wants [B, T, H, hd] with even hd, got {}", args[0]));
+            }
+            Ok(args[0].clone())
+        }
+        Op::Softmax { .. } => {
+            expect_args(args, 1)?;
+            expect_dtype(args[0], DType::F32, "operand")?;
+            Ok(args[0].clone())
+        }
+        Op::CrossEntropy => {
+            expect_args(args, 2)?;
+            expect_dtype(args[0], DType::F32, "logits")?;
+            expect_dtype(args[1], DType::U32, "targets")?;
+            if args[0].shape.len() != 2 || args[1].shape != [args[0].shape[0]] {
+                return Err(format!("cross entropy wants logits [N, V] and targets [N], got {} and {}", args[0], args[1]));
+            }
+            Ok(TensorType::f32(&[1]))
+        }
+        Op::TopK { k } => {
+            expect_args(args, 1)?;
+            expect_dtype(args[0], DType::F32, "scores")?;
+            if args[0].shape.len() != 2 || *k == 0 || *k > args[0].shape[1] {
+                return Err(format!("top-{k} of {}", args[0]));
+            }
+            Ok(TensorType::u32(&[args[0].shape[0], *k]))
+        }
+        Op::GatherCols => {
+            expect_args(args, 2)?;
+            expect_dtype(args[0], DType::F32, "x")?;
+            expect_dtype(args[1], DType::U32, "idx")?;
+            if args[0].shape.len() != 2 || args[1].shape.len() != 2 || args[0].shape[0] != args[1].shape[0] {
+                return Err(format!("gather_cols wants x [T, E] and idx [T, k], got {} and {}", args[0], args[1]));
+            }
+            Ok(TensorType::f32(&args[1].shape))
+        }
+        Op::TopKMask { experts } => {
+            expect_args(args, 1)?;
+            expect_dtype(args[0], DType::U32, "idx")?;
+            if args[0].shape.len() != 2 {
+                return Err("topk_mask wants idx [T, k]".into());
+            }
+            Ok(TensorType::f32(&[args[0].shape[0], *experts]))
+        }
+        Op::MoeRoute { layout } => {
+            expect_args(args, 1)?;
+            expect_dtype(args[0], DType::U32, "idx")?;
+            if args[0].shape != [layout.tokens, layout.k] {
+                return Err(format!("route of {} with layout {layout:?}", args[0]));
+            }
+            Ok(TensorType::u32(&[layout.len()]))
+        }
+        Op::MoeGather { layout } => {
+            expect_args(args, 2)?;
+            expect_dtype(args[0], DType::F32, "x")?;
+            expect_route(args[1], layout)?;
+            if args[0].shape.len() != 2 || args[0].shape[0] != layout.tokens {
+                return Err(format!("moe_gather wants x [{}, D], got {}", layout.tokens, args[0]));
+            }
+            Ok(TensorType::f32(&[layout.rows(), args[0].shape[1]]))
+        }
+        Op::GroupedMatMul { layout } => {
+            expect_args(args, 3)?;
+            let (x, w) = (args[0], args[1]);
+            expect_dtype(x, DType::F32, "x")?;
+            expect_dtype(w, DType::F32, "w")?;
+            expect_route(args[2], layout)?;
+            if x.shape.len() != 2 || x.shape[0] != layout.rows() || w.shape.len() != 3 || w.shape[0] != layout.experts || w.shape[2] != x.shape[1] {
+                return Err(format!("grouped_matmul wants x [{}, K] and w [{}, N, K], got {x} and {w}", layout.rows(), layout.experts));
+            }
+            Ok(TensorType::f32(&[layout.rows(), w.shape[1]]))
+        }
+        Op::MoeCombine { layout } => {
+            expect_args(args, 3)?;
+            let (yp, wt) = (args[0], args[1]);
+            expect_dtype(yp, DType::F32, "yp")?;
+            expect_dtype(wt, DType::F32, "weights")?;
+            expect_route(args[2], layout)?;
+            if yp.shape.len() != 2 || yp.shape[0] != layout.rows() || wt.shape != [layout.tokens, layout.k] {
+                return Err(format!("moe_combine wants yp [{}, D] and weights [{}, {}], got {yp} and {wt}", layout.rows(), layout.tokens, layout.k));
+            }
+            Ok(TensorType::f32(&[layout.tokens, yp.shape[1]]))
+        }
+    }
+}
+
+fn expect_route(t: &TensorType, layout: &RouteLayout) -> Result<(), String> {
+    if t.dtype == DType::U32 && t.shape == [layout.len()] {
+        Ok(())
+    } else {
+        Err(format!("route table must be u32[{}], got {t}", layout.len()))
+    }
+}

@@ -1,0 +1,316 @@
+//! moec's runtime: picks a wgpu adapter, allocates the buffers a [`Plan`] names, creates each kernel's
+//! pipeline once, and runs the dispatch list.
+//!
+//! The runtime knows nothing of the IR: a Plan is a list of buffers and dispatches with shapes baked
+//! into the shaders, so one `run` is one command buffer with one compute pass, no host round trip.
+
+use moec_compiler::emit::{MatmulVariant, Target};
+use moec_compiler::ir::DType;
+use moec_compiler::plan::{BufferRole, Plan};
+use std::collections::HashMap;
+use std::fmt;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("no GPU adapter found{0}")]
+    NoAdapter(String),
+    #[error("could not open the GPU device on `{adapter}`: {message}")]
+    Device { adapter: String, message: String },
+    #[error("the plan needs {what}, but adapter `{adapter}` allows {limit}")]
+    Limit { adapter: String, what: String, limit: String },
+    #[error("kernel `{kernel}` was rejected by the GPU driver: {message}")]
+    Pipeline { kernel: String, message: String },
+    #[error("no buffer named `{0}` in the plan")]
+    UnknownBuffer(String),
+    #[error("buffer `{name}` holds {expected} bytes of {dtype:?}, got {got} bytes")]
+    SizeMismatch { name: String, expected: u64, got: u64, dtype: DType },
+    #[error("GPU error while running the plan: {0}")]
+    Execution(String),
+}
+
+/// Which adapter to open. An explicit `name` (case-insensitive substring of the adapter name, as
+/// `moec devices` prints it) wins; otherwise wgpu's own environment variables apply
+/// (`WGPU_ADAPTER_NAME`, `WGPU_BACKEND`, `WGPU_POWER_PREF`), and otherwise the high-performance default.
+#[derive(Debug, Clone, Default)]
+pub struct AdapterChoice {
+    pub name: Option<String>,
+}
+
+/// One adapter as `moec devices` lists it.
+#[derive(Debug, Clone)]
+pub struct AdapterSummary {
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+}
+
+impl fmt::Display for AdapterSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({}, {}", self.name, self.backend, self.device_type)?;
+        if !self.driver.is_empty() {
+            write!(f, ", {}", self.driver)?;
+        }
+        write!(f, ")")
+    }
+}
+
+fn summary(info: &wgpu::AdapterInfo) -> AdapterSummary {
+    AdapterSummary {
+        name: info.name.clone(),
+        backend: format!("{:?}", info.backend),
+        device_type: format!("{:?}", info.device_type),
+        driver: [info.driver.as_str(), info.driver_info.as_str()].iter().filter(|s| !s.is_empty()).cloned().collect::<Vec<_>>().join(" "),
+    }
+}
+
+fn instance() -> wgpu::Instance {
+    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+}
+
+/// Every adapter wgpu can see (all backends enabled by `WGPU_BACKEND`, or all).
+pub fn list_adapters() -> Vec<AdapterSummary> {
+    let instance = instance();
+    pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all())).iter().map(|a| summary(&a.get_info())).collect()
+}
+
+/// An open device plus what the compiler needs to know about it.
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: AdapterSummary,
+    is_cpu: bool,
+    limits: wgpu::Limits,
+}
+
+impl Gpu {
+    pub fn new(choice: &AdapterChoice) -> Result<Gpu, RuntimeError> {
+        let instance = instance();
+        let adapter = match &choice.name {
+            Some(wanted) => {
+                let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+                let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+                adapters
+                    .into_iter()
+                    .find(|a| a.get_info().name.to_lowercase().contains(&wanted.to_lowercase()))
+                    .ok_or_else(|| RuntimeError::NoAdapter(format!(" matching `{wanted}` (have: {})", names.join(", "))))?
+            }
+            None => pollster::block_on(wgpu::util::initialize_adapter_from_env_or_default(&instance, None)).map_err(|e| {
+                RuntimeError::NoAdapter(format!(
+                    " ({e}); on a machine without a GPU install Mesa's software Vulkan: apt-get install mesa-vulkan-drivers"
+                ))
+            })?,
+        };
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("moec"),
+            required_features: wgpu::Features::empty(),
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| RuntimeError::Device { adapter: info.name.clone(), message: e.to_string() })?;
+        Ok(Gpu { device, queue, is_cpu: info.device_type == wgpu::DeviceType::Cpu, info: summary(&info), limits })
+    }
+
+    /// The compile target for this adapter: its real limits, and the matmul schedule that is fast on
+    /// it (DESIGN.md: CPU adapters such as lavapipe want register blocking, GPUs want shared tiles).
+    pub fn target(&self) -> Target {
+        Target {
+            max_storage_buffers_per_stage: self.limits.max_storage_buffers_per_shader_stage,
+            max_storage_binding_size: self.limits.max_storage_buffer_binding_size as u64,
+            max_workgroups_per_dim: self.limits.max_compute_workgroups_per_dimension,
+            max_invocations_per_workgroup: self.limits.max_compute_invocations_per_workgroup,
+            max_workgroup_storage_bytes: self.limits.max_compute_workgroup_storage_size,
+            matmul: if self.is_cpu { MatmulVariant::RegisterBlocked } else { MatmulVariant::SharedTiled },
+        }
+    }
+
+    pub fn max_buffer_size(&self) -> u64 {
+        self.limits.max_buffer_size
+    }
+}
+
+/// A Plan made live on a [`Gpu`]: buffers allocated, pipelines and bind groups created once.
+pub struct Executor<'g> {
+    gpu: &'g Gpu,
+    plan: Plan,
+    buffers: Vec<wgpu::Buffer>,
+    pipelines: Vec<wgpu::ComputePipeline>,
+    bind_groups: Vec<wgpu::BindGroup>,
+    by_name: HashMap<String, usize>,
+}
+
+impl<'g> Executor<'g> {
+    pub fn new(gpu: &'g Gpu, plan: &Plan) -> Result<Executor<'g>, RuntimeError> {
+        let device = &gpu.device;
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let mut buffers = Vec::with_capacity(plan.buffers.len());
+        for spec in &plan.buffers {
+            if spec.size > gpu.max_buffer_size() {
+                return Err(RuntimeError::Limit {
+                    adapter: gpu.info.name.clone(),
+                    what: format!("a {} byte buffer for `{}`", spec.size, spec.label),
+                    limit: format!("{} bytes", gpu.max_buffer_size()),
+                });
+            }
+            buffers.push(device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(&spec.label),
+                size: spec.size.max(4).next_multiple_of(4),
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }));
+        }
+        let mut pipelines = Vec::with_capacity(plan.kernels.len());
+        let mut layouts = Vec::with_capacity(plan.kernels.len());
+        for kernel in &plan.kernels {
+            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(&kernel.name),
+                source: wgpu::ShaderSource::Wgsl(kernel.wgsl.as_str().into()),
+            });
+            let entries: Vec<wgpu::BindGroupLayoutEntry> = kernel
+                .writes
+                .iter()
+                .enumerate()
+                .map(|(i, &writes)| wgpu::BindGroupLayoutEntry {
+                    binding: i as u32,
+                    visibility: wgpu::ShaderStages::COMPUTE,
+                    ty: wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Storage { read_only: !writes },
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                    count: None,
+                })
+                .collect();
+            let bgl = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some(&kernel.name), entries: &entries });
+            let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some(&kernel.name),
+                bind_group_layouts: &[Some(&bgl)],
+                immediate_size: 0,
+            });
+            pipelines.push(device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(&kernel.name),
+                layout: Some(&layout),
+                module: &module,
+                entry_point: Some(&kernel.entry_point),
+                compilation_options: Default::default(),
+                cache: None,
+            }));
+            layouts.push(bgl);
+        }
+        let bind_groups = plan
+            .dispatches
+            .iter()
+            .map(|d| {
+                let entries: Vec<wgpu::BindGroupEntry> = d
+                    .bindings
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &b)| wgpu::BindGroupEntry { binding: i as u32, resource: buffers[b].as_entire_binding() })
+                    .collect();
+                device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &layouts[d.kernel], entries: &entries })
+            })
+            .collect();
+        if let Some(error) = pollster::block_on(scope.pop()) {
+            return Err(RuntimeError::Pipeline { kernel: "(plan)".into(), message: error.to_string() });
+        }
+        let by_name = plan
+            .buffers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| match &b.role {
+                BufferRole::Param { name, .. } | BufferRole::Input { name, .. } | BufferRole::Output { name, .. } => Some((name.clone(), i)),
+                BufferRole::Scratch => None,
+            })
+            .collect();
+        Ok(Executor { gpu, plan: plan.clone(), buffers, pipelines, bind_groups, by_name })
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    fn named(&self, name: &str) -> Result<usize, RuntimeError> {
+        self.by_name.get(name).copied().ok_or_else(|| RuntimeError::UnknownBuffer(name.to_string()))
+    }
+
+    /// Writes raw bytes into a named buffer; the length must match the buffer exactly.
+    pub fn write_bytes(&self, name: &str, bytes: &[u8]) -> Result<(), RuntimeError> {
+        let id = self.named(name)?;
+        let spec = &self.plan.buffers[id];
+        if bytes.len() as u64 != spec.size {
+            return Err(RuntimeError::SizeMismatch { name: name.into(), expected: spec.size, got: bytes.len() as u64, dtype: spec.dtype });
+        }
+        self.gpu.queue.write_buffer(&self.buffers[id], 0, bytes);
+        Ok(())
+    }
+
+    pub fn write_f32(&self, name: &str, data: &[f32]) -> Result<(), RuntimeError> {
+        self.write_bytes(name, bytemuck::cast_slice(data))
+    }
+
+    pub fn write_u32(&self, name: &str, data: &[u32]) -> Result<(), RuntimeError> {
+        self.write_bytes(name, bytemuck::cast_slice(data))
+    }
+
+    /// Records every dispatch of the plan into one compute pass and submits it.
+    pub fn run(&self) -> Result<(), RuntimeError> {
+        let scope = self.gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let mut encoder = self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("moec step") });
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("moec"), timestamp_writes: None });
+            for (d, bind_group) in self.plan.dispatches.iter().zip(&self.bind_groups) {
+                pass.set_pipeline(&self.pipelines[d.kernel]);
+                pass.set_bind_group(0, bind_group, &[]);
+                pass.dispatch_workgroups(d.workgroups[0], d.workgroups[1], d.workgroups[2]);
+            }
+        }
+        self.gpu.queue.submit([encoder.finish()]);
+        match pollster::block_on(scope.pop()) {
+            Some(error) => Err(RuntimeError::Execution(error.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for all submitted work; used by benchmarks to time whole steps.
+    pub fn wait(&self) -> Result<(), RuntimeError> {
+        self.gpu.device.poll(wgpu::PollType::wait_indefinitely()).map(|_| ()).map_err(|e| RuntimeError::Execution(e.to_string()))
+    }
+
+    /// Copies a named buffer back to the host (waits for the GPU).
+    pub fn read_bytes(&self, name: &str) -> Result<Vec<u8>, RuntimeError> {
+        let id = self.named(name)?;
+        let size = self.plan.buffers[id].size;
+        let staging = self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("moec readback"),
+            size: size.max(4).next_multiple_of(4),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("moec readback") });
+        encoder.copy_buffer_to_buffer(&self.buffers[id], 0, &staging, 0, size.max(4).next_multiple_of(4));
+        self.gpu.queue.submit([encoder.finish()]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |result| {
+            let _ = tx.send(result);
+        });
+        self.wait()?;
+        rx.recv()
+            .map_err(|e| RuntimeError::Execution(e.to_string()))?
+            .map_err(|e| RuntimeError::Execution(format!("mapping `{name}` for readback: {e}")))?;
+        let bytes = staging.get_mapped_range(..).map_err(|e| RuntimeError::Execution(e.to_string()))?[..size as usize].to_vec();
+        staging.unmap();
+        Ok(bytes)
+    }
+
+    pub fn read_f32(&self, name: &str) -> Result<Vec<f32>, RuntimeError> {
+        Ok(bytemuck::pod_collect_to_vec(&self.read_bytes(name)?))
+    }
+
+    pub fn read_u32(&self, name: &str) -> Result<Vec<u32>, RuntimeError> {
+        Ok(bytemuck::pod_collect_to_vec(&self.read_bytes(name)?))
+    }
+}
