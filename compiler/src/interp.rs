@@ -1,0 +1,717 @@
+//! The reference interpreter: a plain-Rust CPU evaluator of the whole Graph IR, forward.
+//!
+//! It is the oracle every WGSL kernel, every gradient and every balancing formula is checked against
+//! (DESIGN.md), so it is written to be obviously right, not fast: one loop nest per op, no fusion, no
+//! reuse of buffers. It runs in f32 (to mirror the GPU) or in f64 (for finite-difference gradient
+//! checks); the arithmetic is the same generic code, instantiated for the [`Float`] trait.
+//!
+//! Also here: [`init_params`], the deterministic parameter initialisation that both the CPU and the
+//! GPU paths use, so a model trained on either starts from bit-identical weights.
+
+use crate::ir::{BinaryOp, DType, Graph, Init, NodeId, Op, ReduceOp, RouteLayout, TensorType, UnaryOp};
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
+
+/// A host tensor: the flat, row-major elements of one node's value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    U32(Vec<u32>),
+}
+
+impl Value {
+    pub fn len(&self) -> usize {
+        match self {
+            Value::F32(v) => v.len(),
+            Value::F64(v) => v.len(),
+            Value::U32(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The elements as f64 (u32 ids converted exactly), for comparisons in tests and tools.
+    pub fn to_f64(&self) -> Vec<f64> {
+        match self {
+            Value::F32(v) => v.iter().map(|&x| x as f64).collect(),
+            Value::F64(v) => v.clone(),
+            Value::U32(v) => v.iter().map(|&x| x as f64).collect(),
+        }
+    }
+
+    /// The elements as f32 (f64 rounded), for feeding the GPU from an f64 run.
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self {
+            Value::F32(v) => v.clone(),
+            Value::F64(v) => v.iter().map(|&x| x as f32).collect(),
+            Value::U32(v) => v.iter().map(|&x| x as f32).collect(),
+        }
+    }
+
+    pub fn as_u32(&self) -> Option<&[u32]> {
+        match self {
+            Value::U32(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Value::F32(_) => "f32",
+            Value::F64(_) => "f64",
+            Value::U32(_) => "u32",
+        }
+    }
+}
+
+/// The float type the interpreter computes in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    F64,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InterpError {
+    #[error("no value fed for `{name}`")]
+    MissingFeed { name: String },
+    #[error("`{name}` was fed {got} but the graph wants {want}")]
+    BadFeed { name: String, want: String, got: String },
+    #[error("`{label}` ({op}): {what} {index} is out of range (must be < {bound})")]
+    OutOfRange { label: String, op: String, what: &'static str, index: u64, bound: u64 },
+    /// The graph handed to the interpreter is not what its builder guarantees (a pass built nodes
+    /// around `Graph::add`); reported as a value so a caller can show which node.
+    #[error("`{label}` ({op}): {message}")]
+    Malformed { label: String, op: String, message: String },
+}
+
+/// The arithmetic the interpreter needs, implemented for f32 and f64.
+pub trait Float:
+    Copy
+    + PartialOrd
+    + Debug
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + AddAssign
+    + 'static
+{
+    const ZERO: Self;
+    const ONE: Self;
+    fn from_f64(x: f64) -> Self;
+    fn to_f64(self) -> f64;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+    fn ln_1p(self) -> Self;
+    fn sqrt(self) -> Self;
+    fn tanh(self) -> Self;
+    fn abs(self) -> Self;
+    /// IEEE maxNum-like: the larger operand (NaN-free inputs assumed, as on the GPU).
+    fn max(self, other: Self) -> Self;
+    fn wrap(v: Vec<Self>) -> Value;
+}
+
+macro_rules! impl_float {
+    ($t:ty, $variant:ident) => {
+        impl Float for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            fn from_f64(x: f64) -> Self {
+                x as $t
+            }
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            fn ln(self) -> Self {
+                <$t>::ln(self)
+            }
+            fn ln_1p(self) -> Self {
+                <$t>::ln_1p(self)
+            }
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
+            fn tanh(self) -> Self {
+                <$t>::tanh(self)
+            }
+            fn abs(self) -> Self {
+                <$t>::abs(self)
+            }
+            fn max(self, other: Self) -> Self {
+                <$t>::max(self, other)
+            }
+            fn wrap(v: Vec<Self>) -> Value {
+                Value::$variant(v)
+            }
+        }
+    };
+}
+impl_float!(f32, F32);
+impl_float!(f64, F64);
+
+/// A node's value during evaluation: floats in the run's precision, or u32 ids.
+#[derive(Debug, Clone)]
+enum Tensor<F> {
+    F(Vec<F>),
+    U(Vec<u32>),
+}
+
+impl<F: Float> Tensor<F> {
+    fn into_value(self) -> Value {
+        match self {
+            Tensor::F(v) => F::wrap(v),
+            Tensor::U(v) => Value::U32(v),
+        }
+    }
+}
+
+/// Evaluates every node of `graph`. `feeds` holds one value per `Input` and per `Param`, keyed by
+/// name. The precision is f64 when any feed is `Value::F64`, else f32 (f32 feeds are widened in an f64
+/// run, so `init_params` output can feed either).
+pub fn run(graph: &Graph, feeds: &HashMap<String, Value>) -> Result<HashMap<NodeId, Value>, InterpError> {
+    let precision = if feeds.values().any(|v| matches!(v, Value::F64(_))) { Precision::F64 } else { Precision::F32 };
+    run_in(graph, feeds, precision)
+}
+
+/// [`run`] with the precision chosen by the caller.
+pub fn run_in(graph: &Graph, feeds: &HashMap<String, Value>, precision: Precision) -> Result<HashMap<NodeId, Value>, InterpError> {
+    let values = match precision {
+        Precision::F32 => eval::<f32>(graph, feeds)?.into_iter().map(|(k, v)| (k, v.into_value())).collect(),
+        Precision::F64 => eval::<f64>(graph, feeds)?.into_iter().map(|(k, v)| (k, v.into_value())).collect(),
+    };
+    Ok(values)
+}
+
+/// The graph's named outputs (`logits`, `loss`, ...) after [`run`].
+pub fn run_outputs(graph: &Graph, feeds: &HashMap<String, Value>) -> Result<HashMap<String, Value>, InterpError> {
+    let mut all = run(graph, feeds)?;
+    Ok(named_outputs(graph, &mut all))
+}
+
+/// [`run_outputs`] with the precision chosen by the caller.
+pub fn run_outputs_in(graph: &Graph, feeds: &HashMap<String, Value>, precision: Precision) -> Result<HashMap<String, Value>, InterpError> {
+    let mut all = run_in(graph, feeds, precision)?;
+    Ok(named_outputs(graph, &mut all))
+}
+
+fn named_outputs(graph: &Graph, all: &mut HashMap<NodeId, Value>) -> HashMap<String, Value> {
+    graph.outputs.iter().filter_map(|(name, id)| all.get(id).map(|v| (name.clone(), v.clone()))).collect()
+}
+
+/// Turns [`init_params`] output into feeds for [`run`].
+pub fn param_feeds(params: &HashMap<String, Vec<f32>>) -> HashMap<String, Value> {
+    params.iter().map(|(k, v)| (k.clone(), Value::F32(v.clone()))).collect()
+}
+
+/// Deterministic initial values of every parameter of `graph`, by name.
+///
+/// Each parameter draws from its own ChaCha8 stream, seeded from `seed` and a stable (FNV-1a) hash
+/// of its name, so adding or reordering parameters never changes the others, and the CPU and GPU
+/// paths (both call this) start from identical weights. Normals come from Box-Muller on 53-bit
+/// uniforms, computed in f64 and rounded to f32.
+pub fn init_params(graph: &Graph, seed: u64) -> HashMap<String, Vec<f32>> {
+    graph
+        .g
+        .node_weights()
+        .filter_map(|node| match &node.op {
+            Op::Param { name, init } => Some((name.clone(), init_values(name, *init, node.ty.numel(), seed))),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Values of one parameter; public so a runtime can re-initialise a single tensor.
+pub fn init_values(name: &str, init: Init, numel: usize, seed: u64) -> Vec<f32> {
+    match init {
+        Init::Constant(c) => vec![c; numel],
+        Init::Normal { std } => {
+            let mut key = [0u8; 32];
+            key[..8].copy_from_slice(&seed.to_le_bytes());
+            key[8..16].copy_from_slice(&fnv1a(name.as_bytes()).to_le_bytes());
+            let mut rng = ChaCha8Rng::from_seed(key);
+            let mut out = Vec::with_capacity(numel);
+            while out.len() < numel {
+                let u1 = 1.0 - unit_f64(&mut rng); // (0, 1]: ln is finite
+                let u2 = unit_f64(&mut rng);
+                let r = (-2.0 * u1.ln()).sqrt();
+                let a = 2.0 * std::f64::consts::PI * u2;
+                out.push((r * a.cos() * std as f64) as f32);
+                if out.len() < numel {
+                    out.push((r * a.sin() * std as f64) as f32);
+                }
+            }
+            out
+        }
+    }
+}
+
+fn unit_f64(rng: &mut ChaCha8Rng) -> f64 {
+    (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+fn eval<F: Float>(graph: &Graph, feeds: &HashMap<String, Value>) -> Result<HashMap<NodeId, Tensor<F>>, InterpError> {
+    let mut vals: HashMap<NodeId, Tensor<F>> = HashMap::new();
+    for id in graph.topo_order() {
+        let node = graph.node(id);
+        let args = graph.inputs(id);
+        let arg_vals: Vec<&Tensor<F>> = args.iter().map(|a| &vals[a]).collect();
+        let arg_tys: Vec<&TensorType> = args.iter().map(|&a| graph.ty(a)).collect();
+        let ctx = Ctx { label: &node.label, op: &node.op };
+        let out = eval_node(&ctx, &node.ty, &arg_vals, &arg_tys, feeds)?;
+        vals.insert(id, out);
+    }
+    Ok(vals)
+}
+
+/// Node identity for error messages.
+struct Ctx<'a> {
+    label: &'a str,
+    op: &'a Op,
+}
+
+impl Ctx<'_> {
+    fn malformed(&self, message: impl Into<String>) -> InterpError {
+        InterpError::Malformed { label: self.label.into(), op: self.op.mnemonic(), message: message.into() }
+    }
+    fn out_of_range(&self, what: &'static str, index: u64, bound: u64) -> InterpError {
+        InterpError::OutOfRange { label: self.label.into(), op: self.op.mnemonic(), what, index, bound }
+    }
+    fn f<'v, F>(&self, t: &'v Tensor<F>) -> Result<&'v [F], InterpError> {
+        match t {
+            Tensor::F(v) => Ok(v),
+            Tensor::U(_) => Err(self.malformed("expected a float operand, got u32")),
+        }
+    }
+    fn u<'v, F>(&self, t: &'v Tensor<F>) -> Result<&'v [u32], InterpError> {
+        match t {
+            Tensor::U(v) => Ok(v),
+            Tensor::F(_) => Err(self.malformed("expected a u32 operand, got float")),
+        }
+    }
+    fn argc(&self, n: usize, got: usize) -> Result<(), InterpError> {
+        if n == got {
+            Ok(())
+        } else {
+            Err(self.malformed(format!("expected {n} arguments, got {got}")))
+        }
+    }
+}
+
+fn feed<F: Float>(name: &str, ty: &TensorType, feeds: &HashMap<String, Value>) -> Result<Tensor<F>, InterpError> {
+    let v = feeds.get(name).ok_or_else(|| InterpError::MissingFeed { name: name.into() })?;
+    let bad = || InterpError::BadFeed { name: name.into(), want: ty.to_string(), got: format!("{}[{}]", v.kind(), v.len()) };
+    if v.len() != ty.numel() {
+        return Err(bad());
+    }
+    match (ty.dtype, v) {
+        (DType::U32, Value::U32(x)) => Ok(Tensor::U(x.clone())),
+        (DType::F32, Value::F32(x)) => Ok(Tensor::F(x.iter().map(|&e| F::from_f64(e as f64)).collect())),
+        (DType::F32, Value::F64(x)) => Ok(Tensor::F(x.iter().map(|&e| F::from_f64(e)).collect())),
+        _ => Err(bad()),
+    }
+}
+
+fn eval_node<F: Float>(
+    ctx: &Ctx,
+    ty: &TensorType,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+    feeds: &HashMap<String, Value>,
+) -> Result<Tensor<F>, InterpError> {
+    match ctx.op {
+        Op::Input { name } | Op::Param { name, .. } => feed(name, ty, feeds),
+        Op::Affine { mul, add } => {
+            ctx.argc(1, args.len())?;
+            let (m, a) = (F::from_f64(*mul as f64), F::from_f64(*add as f64));
+            Ok(Tensor::F(ctx.f(args[0])?.iter().map(|&x| x * m + a).collect()))
+        }
+        Op::Unary(u) => {
+            ctx.argc(1, args.len())?;
+            Ok(Tensor::F(ctx.f(args[0])?.iter().map(|&x| unary(*u, x)).collect()))
+        }
+        Op::Binary(b) => {
+            ctx.argc(2, args.len())?;
+            let (x, y) = (ctx.f(args[0])?, ctx.f(args[1])?);
+            let ix = broadcast_index(&ty.shape, &arg_tys[0].shape);
+            let iy = broadcast_index(&ty.shape, &arg_tys[1].shape);
+            Ok(Tensor::F(ix.iter().zip(&iy).map(|(&i, &j)| binary(*b, x[i], y[j])).collect()))
+        }
+        Op::Reduce(r) => {
+            ctx.argc(1, args.len())?;
+            let x = ctx.f(args[0])?;
+            let n = arg_tys[0].last();
+            let out = x
+                .chunks(n.max(1))
+                .map(|row| match r {
+                    ReduceOp::Sum => sum(row),
+                    ReduceOp::Mean => sum(row) / F::from_f64(n as f64),
+                    ReduceOp::Max => row.iter().copied().fold(F::from_f64(f64::NEG_INFINITY), F::max),
+                })
+                .collect();
+            Ok(Tensor::F(out))
+        }
+        Op::Reshape { .. } => {
+            ctx.argc(1, args.len())?;
+            Ok(args[0].clone())
+        }
+        Op::Permute { perm } => {
+            ctx.argc(1, args.len())?;
+            let src = permute_index(&arg_tys[0].shape, perm);
+            Ok(match args[0] {
+                Tensor::F(x) => Tensor::F(src.iter().map(|&i| x[i]).collect()),
+                Tensor::U(x) => Tensor::U(src.iter().map(|&i| x[i]).collect()),
+            })
+        }
+        Op::MatMul { trans_b } => {
+            ctx.argc(2, args.len())?;
+            Ok(Tensor::F(matmul(ctx.f(args[0])?, arg_tys[0], ctx.f(args[1])?, arg_tys[1], *trans_b)))
+        }
+        Op::Embedding => {
+            ctx.argc(2, args.len())?;
+            let (table, ids) = (ctx.f(args[0])?, ctx.u(args[1])?);
+            let (v, d) = (arg_tys[0].shape[0], arg_tys[0].shape[1]);
+            let mut out = Vec::with_capacity(ids.len() * d);
+            for &id in ids {
+                if id as usize >= v {
+                    return Err(ctx.out_of_range("token id", id as u64, v as u64));
+                }
+                out.extend_from_slice(&table[id as usize * d..(id as usize + 1) * d]);
+            }
+            Ok(Tensor::F(out))
+        }
+        Op::Rope { theta } => {
+            ctx.argc(1, args.len())?;
+            Ok(Tensor::F(rope(ctx.f(args[0])?, &arg_tys[0].shape, *theta as f64)))
+        }
+        Op::Softmax { causal } => {
+            ctx.argc(1, args.len())?;
+            Ok(Tensor::F(softmax(ctx.f(args[0])?, &arg_tys[0].shape, *causal)))
+        }
+        Op::CrossEntropy => {
+            ctx.argc(2, args.len())?;
+            let (logits, targets) = (ctx.f(args[0])?, ctx.u(args[1])?);
+            let v = arg_tys[0].shape[1];
+            let mut total = F::ZERO;
+            for (row, &t) in logits.chunks(v).zip(targets) {
+                if t as usize >= v {
+                    return Err(ctx.out_of_range("target", t as u64, v as u64));
+                }
+                total += logsumexp(row) - row[t as usize];
+            }
+            Ok(Tensor::F(vec![total / F::from_f64(targets.len().max(1) as f64)]))
+        }
+        Op::TopK { k } => {
+            ctx.argc(1, args.len())?;
+            Ok(Tensor::U(topk(ctx.f(args[0])?, arg_tys[0].shape[1], *k)))
+        }
+        Op::GatherCols => {
+            ctx.argc(2, args.len())?;
+            let (x, idx) = (ctx.f(args[0])?, ctx.u(args[1])?);
+            let (e, k) = (arg_tys[0].shape[1], arg_tys[1].shape[1]);
+            let mut out = Vec::with_capacity(idx.len());
+            for (i, &c) in idx.iter().enumerate() {
+                if c as usize >= e {
+                    return Err(ctx.out_of_range("column", c as u64, e as u64));
+                }
+                out.push(x[(i / k) * e + c as usize]);
+            }
+            Ok(Tensor::F(out))
+        }
+        Op::TopKMask { experts } => {
+            ctx.argc(1, args.len())?;
+            let idx = ctx.u(args[0])?;
+            let k = arg_tys[0].shape[1];
+            let mut out = vec![F::ZERO; arg_tys[0].shape[0] * experts];
+            for (i, &e) in idx.iter().enumerate() {
+                if e as usize >= *experts {
+                    return Err(ctx.out_of_range("expert", e as u64, *experts as u64));
+                }
+                out[(i / k) * experts + e as usize] = F::ONE;
+            }
+            Ok(Tensor::F(out))
+        }
+        Op::MoeRoute { layout } => {
+            ctx.argc(1, args.len())?;
+            route(ctx.u(args[0])?, layout).map(Tensor::U).map_err(|e| ctx.out_of_range("expert", e as u64, layout.experts as u64))
+        }
+        Op::MoeGather { layout } => {
+            ctx.argc(2, args.len())?;
+            let (x, table) = (ctx.f(args[0])?, ctx.u(args[1])?);
+            let d = arg_tys[0].shape[1];
+            let row_slot = &table[layout.row_slot_at()..layout.row_slot_at() + layout.rows()];
+            let mut out = vec![F::ZERO; layout.rows() * d];
+            for (r, &slot) in row_slot.iter().enumerate() {
+                if slot == RouteLayout::NONE {
+                    continue;
+                }
+                let t = slot as usize / layout.k;
+                if t >= layout.tokens {
+                    return Err(ctx.out_of_range("row_slot", slot as u64, (layout.tokens * layout.k) as u64));
+                }
+                out[r * d..(r + 1) * d].copy_from_slice(&x[t * d..(t + 1) * d]);
+            }
+            Ok(Tensor::F(out))
+        }
+        Op::GroupedMatMul { layout } => {
+            ctx.argc(3, args.len())?;
+            let (x, w, table) = (ctx.f(args[0])?, ctx.f(args[1])?, ctx.u(args[2])?);
+            let (n, k) = (arg_tys[1].shape[1], arg_tys[1].shape[2]);
+            let used = table[layout.offsets_at() + layout.experts] as usize;
+            if used > layout.rows() {
+                return Err(ctx.out_of_range("used rows", used as u64, layout.rows() as u64 + 1));
+            }
+            let row_expert = &table[layout.row_expert_at()..layout.row_expert_at() + layout.rows()];
+            let mut out = vec![F::ZERO; layout.rows() * n];
+            for r in 0..used {
+                let e = row_expert[r] as usize;
+                if e >= layout.experts {
+                    return Err(ctx.out_of_range("row_expert", e as u64, layout.experts as u64));
+                }
+                let xr = &x[r * k..(r + 1) * k];
+                for c in 0..n {
+                    let wr = &w[(e * n + c) * k..(e * n + c + 1) * k];
+                    out[r * n + c] = dot(xr, wr);
+                }
+            }
+            Ok(Tensor::F(out))
+        }
+        Op::MoeCombine { layout } => {
+            ctx.argc(3, args.len())?;
+            let (yp, wt, table) = (ctx.f(args[0])?, ctx.f(args[1])?, ctx.u(args[2])?);
+            let d = arg_tys[0].shape[1];
+            let slot_row = &table[layout.slot_row_at()..layout.slot_row_at() + layout.tokens * layout.k];
+            let mut out = vec![F::ZERO; layout.tokens * d];
+            for (slot, &row) in slot_row.iter().enumerate() {
+                if row == RouteLayout::NONE {
+                    continue;
+                }
+                if row as usize >= layout.rows() {
+                    return Err(ctx.out_of_range("slot_row", row as u64, layout.rows() as u64));
+                }
+                let t = slot / layout.k;
+                let g = wt[slot];
+                for i in 0..d {
+                    out[t * d + i] += g * yp[row as usize * d + i];
+                }
+            }
+            Ok(Tensor::F(out))
+        }
+    }
+}
+
+fn unary<F: Float>(u: UnaryOp, x: F) -> F {
+    let sigmoid = |x: F| F::ONE / (F::ONE + (-x).exp());
+    match u {
+        UnaryOp::Neg => -x,
+        UnaryOp::Exp => x.exp(),
+        UnaryOp::Log => x.ln(),
+        UnaryOp::Sqrt => x.sqrt(),
+        UnaryOp::Rsqrt => F::ONE / x.sqrt(),
+        UnaryOp::Recip => F::ONE / x,
+        UnaryOp::Square => x * x,
+        UnaryOp::Tanh => x.tanh(),
+        UnaryOp::Relu => x.max(F::ZERO),
+        UnaryOp::Silu => x * sigmoid(x),
+        UnaryOp::Gelu => {
+            let c = F::from_f64((2.0 / std::f64::consts::PI).sqrt());
+            let half = F::from_f64(0.5);
+            half * x * (F::ONE + (c * (x + F::from_f64(0.044715) * x * x * x)).tanh())
+        }
+        UnaryOp::Sigmoid => sigmoid(x),
+        // max(x, 0) + ln(1 + e^-|x|): no overflow for large |x|.
+        UnaryOp::Softplus => x.max(F::ZERO) + (-x.abs()).exp().ln_1p(),
+    }
+}
+
+fn binary<F: Float>(b: BinaryOp, x: F, y: F) -> F {
+    match b {
+        BinaryOp::Add => x + y,
+        BinaryOp::Sub => x - y,
+        BinaryOp::Mul => x * y,
+        BinaryOp::Div => x / y,
+        BinaryOp::Max => x.max(y),
+    }
+}
+
+fn sum<F: Float>(xs: &[F]) -> F {
+    xs.iter().fold(F::ZERO, |a, &b| a + b)
+}
+
+fn dot<F: Float>(a: &[F], b: &[F]) -> F {
+    a.iter().zip(b).fold(F::ZERO, |s, (&x, &y)| s + x * y)
+}
+
+fn logsumexp<F: Float>(row: &[F]) -> F {
+    let m = row.iter().copied().fold(F::from_f64(f64::NEG_INFINITY), F::max);
+    m + sum(&row.iter().map(|&x| (x - m).exp()).collect::<Vec<_>>()).ln()
+}
+
+fn strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+/// For each flat index of `out`, the flat index of the broadcast operand of shape `inp`.
+fn broadcast_index(out: &[usize], inp: &[usize]) -> Vec<usize> {
+    let n: usize = out.iter().product();
+    let pad = out.len() - inp.len();
+    let in_strides = strides(inp);
+    let out_strides = strides(out);
+    (0..n)
+        .map(|flat| {
+            let mut src = 0;
+            for (ax, &dim) in inp.iter().enumerate() {
+                let coord = (flat / out_strides[ax + pad]) % out[ax + pad];
+                if dim != 1 {
+                    src += coord * in_strides[ax];
+                }
+            }
+            src
+        })
+        .collect()
+}
+
+/// For each flat index of the permuted tensor, the flat index in the source of shape `shape`.
+fn permute_index(shape: &[usize], perm: &[usize]) -> Vec<usize> {
+    let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+    let in_strides = strides(shape);
+    let out_strides = strides(&out_shape);
+    let n: usize = shape.iter().product();
+    (0..n)
+        .map(|flat| perm.iter().enumerate().map(|(i, &p)| ((flat / out_strides[i]) % out_shape[i]) * in_strides[p]).sum())
+        .collect()
+}
+
+fn matmul<F: Float>(a: &[F], at: &TensorType, b: &[F], bt: &TensorType, trans_b: bool) -> Vec<F> {
+    let r = at.shape.len();
+    let (m, k) = (at.shape[r - 2], at.shape[r - 1]);
+    let br = bt.shape.len();
+    let n = if trans_b { bt.shape[br - 2] } else { bt.shape[br - 1] };
+    let batch: usize = at.shape[..r - 2].iter().product();
+    let b_batched = br > 2;
+    let mut out = vec![F::ZERO; batch * m * n];
+    for bi in 0..batch {
+        let a0 = bi * m * k;
+        let b0 = if b_batched { bi * k * n } else { 0 };
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = F::ZERO;
+                for p in 0..k {
+                    let bv = if trans_b { b[b0 + j * k + p] } else { b[b0 + p * n + j] };
+                    s += a[a0 + i * k + p] * bv;
+                }
+                out[bi * m * n + i * n + j] = s;
+            }
+        }
+    }
+    out
+}
+
+fn rope<F: Float>(x: &[F], shape: &[usize], theta: f64) -> Vec<F> {
+    let (bsz, t, h, hd) = (shape[0], shape[1], shape[2], shape[3]);
+    let half = hd / 2;
+    let mut out = x.to_vec();
+    for b in 0..bsz {
+        for pos in 0..t {
+            for head in 0..h {
+                let base = ((b * t + pos) * h + head) * hd;
+                for i in 0..half {
+                    let inv_freq = theta.powf(-2.0 * i as f64 / hd as f64);
+                    let angle = pos as f64 * inv_freq;
+                    let (cos, sin) = (F::from_f64(angle.cos()), F::from_f64(angle.sin()));
+                    let (x1, x2) = (x[base + i], x[base + i + half]);
+                    out[base + i] = x1 * cos - x2 * sin;
+                    out[base + i + half] = x2 * cos + x1 * sin;
+                }
+            }
+        }
+    }
+    out
+}
+
+fn softmax<F: Float>(x: &[F], shape: &[usize], causal: bool) -> Vec<F> {
+    let s = shape.last().copied().unwrap_or(1).max(1);
+    let rows_per_matrix = if shape.len() >= 2 { shape[shape.len() - 2].max(1) } else { 1 };
+    let mut out = vec![F::ZERO; x.len()];
+    for (row_i, (row, o)) in x.chunks(s).zip(out.chunks_mut(s)).enumerate() {
+        let visible = if causal { (row_i % rows_per_matrix) % s + 1 } else { s };
+        let m = row[..visible].iter().copied().fold(F::from_f64(f64::NEG_INFINITY), F::max);
+        let e: Vec<F> = row[..visible].iter().map(|&v| (v - m).exp()).collect();
+        let total = sum(&e);
+        for (oi, ei) in o.iter_mut().zip(e) {
+            *oi = ei / total;
+        }
+    }
+    out
+}
+
+/// Row-wise top-k indices, descending by score, ties to the lower index (a stable sort).
+fn topk<F: Float>(x: &[F], e: usize, k: usize) -> Vec<u32> {
+    let mut out = Vec::with_capacity(x.len() / e.max(1) * k);
+    for row in x.chunks(e) {
+        let mut order: Vec<usize> = (0..e).collect();
+        order.sort_by(|&i, &j| row[j].to_f64().total_cmp(&row[i].to_f64()));
+        out.extend(order[..k].iter().map(|&i| i as u32));
+    }
+    out
+}
+
+/// Builds the routing table of [`RouteLayout`] from `idx[T, k]`; `Err(expert)` for an id out of range.
+///
+/// Token slots are placed in each expert's segment in ascending slot order (`t * k + j`), so routing
+/// is deterministic. Padding rows have `row_slot = NONE` and belong to the segment's expert; rows at
+/// and past `offsets[experts]` (unused worst-case rows) have `row_slot = NONE` and `row_expert = NONE`.
+pub fn route(idx: &[u32], layout: &RouteLayout) -> Result<Vec<u32>, u32> {
+    let (e_n, tile) = (layout.experts, layout.tile.max(1));
+    let mut table = vec![0u32; layout.len()];
+    let mut counts = vec![0usize; e_n];
+    for &e in idx {
+        if e as usize >= e_n {
+            return Err(e);
+        }
+        counts[e as usize] += 1;
+    }
+    let mut offsets = vec![0usize; e_n + 1];
+    for e in 0..e_n {
+        offsets[e + 1] = offsets[e] + counts[e].div_ceil(tile) * tile;
+    }
+    for e in 0..e_n {
+        table[layout.counts_at() + e] = counts[e] as u32;
+    }
+    for (e, &o) in offsets.iter().enumerate() {
+        table[layout.offsets_at() + e] = o as u32;
+    }
+    let rows = layout.rows();
+    let (rs, re) = (layout.row_slot_at(), layout.row_expert_at());
+    table[rs..rs + rows].fill(RouteLayout::NONE);
+    table[re..re + rows].fill(RouteLayout::NONE);
+    for e in 0..e_n {
+        table[re + offsets[e]..re + offsets[e + 1]].fill(e as u32);
+    }
+    let mut next = offsets[..e_n].to_vec();
+    for (slot, &e) in idx.iter().enumerate() {
+        let row = next[e as usize];
+        next[e as usize] += 1;
+        table[layout.slot_row_at() + slot] = row as u32;
+        table[rs + row] = slot as u32;
+    }
+    Ok(table)
+}
