@@ -64,14 +64,18 @@ fn summary(info: &wgpu::AdapterInfo) -> AdapterSummary {
     }
 }
 
+/// Vulkan, Metal and DX12 unless `WGPU_BACKEND` says otherwise: moec is compute-only, and probing
+/// the GL backend on a headless machine only prints display-server noise.
 fn instance() -> wgpu::Instance {
-    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    desc.backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY);
+    wgpu::Instance::new(desc)
 }
 
 /// Every adapter wgpu can see (all backends enabled by `WGPU_BACKEND`, or all).
 pub fn list_adapters() -> Vec<AdapterSummary> {
     let instance = instance();
-    pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all())).iter().map(|a| summary(&a.get_info())).collect()
+    pollster::block_on(instance.enumerate_adapters(wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY))).iter().map(|a| summary(&a.get_info())).collect()
 }
 
 /// An open device plus what the compiler needs to know about it.
@@ -88,7 +92,7 @@ impl Gpu {
         let instance = instance();
         let adapter = match &choice.name {
             Some(wanted) => {
-                let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+                let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY)));
                 let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
                 adapters
                     .into_iter()
