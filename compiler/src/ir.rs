@@ -10,7 +10,7 @@
 //! Edges go from producer to consumer and carry the argument slot, so `inputs(n)` is ordered.
 
 use petgraph::stable_graph::{NodeIndex, StableDiGraph};
-use petgraph::visit::EdgeRef;
+use petgraph::visit::{EdgeRef, IntoEdgeReferences};
 use petgraph::Direction;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -395,6 +395,27 @@ impl Graph {
             out += &format!("output {name} = %{}\n", id.index());
         }
         out
+    }
+}
+
+impl Graph {
+    /// Graphviz rendering (`graph.dot` of `moec build`): one box per node with op, type and label;
+    /// parameters and inputs are drawn as ellipses so the dataflow reads top to bottom.
+    pub fn dot(&self) -> String {
+        let escape = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+        let mut out = String::from("digraph moec {\n  rankdir=TB;\n  node [shape=box, fontname=\"monospace\", fontsize=10];\n");
+        for id in self.topo_order() {
+            let n = &self.g[id];
+            let shape = if matches!(n.op, Op::Param { .. } | Op::Input { .. }) { ", shape=ellipse" } else { "" };
+            out += &format!("  n{} [label=\"%{} {}\\n{}\\n{}\"{}];\n", id.index(), id.index(), escape(&n.op.mnemonic()), n.ty, escape(&n.label), shape);
+        }
+        for e in self.g.edge_references() {
+            out += &format!("  n{} -> n{};\n", e.source().index(), e.target().index());
+        }
+        for (name, id) in &self.outputs {
+            out += &format!("  out_{0} [label=\"{0}\", shape=doublecircle];\n  n{1} -> out_{0};\n", escape(name).replace('.', "_"), id.index());
+        }
+        out + "}\n"
     }
 }
 
