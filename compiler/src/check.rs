@@ -1,0 +1,1393 @@
+//! `check`: AST → [`Spec`]. Fills every default of LANGUAGE.md and enforces every semantic rule, so
+//! that later passes never re-validate. Every error is a [`Diagnostic`] pointing at the field name
+//! or value that is wrong (or at the block header when a required field is missing).
+//!
+//! Defaults LANGUAGE.md leaves open, chosen here (what a user of HF transformers / PyTorch expects):
+//! - `ffn`: `swiglu` with hidden = ⌊8·dim/3⌋ rounded up to a multiple of 64 (Llama); `gelu`/`relu`
+//!   written without `hidden` get 4·dim. `moe.expert` defaults to the model's `ffn`.
+//! - Non-transformer families have `heads = kv_heads = 1` (no attention).
+//! - `top_k`: 2, or `experts` when there is only one expert; `switch` forces 1.
+//! - `gate` arguments: `softmax(renorm = true)`, `noisy_top_k(noise = 1.0)`,
+//!   `expert_choice(capacity = 2.0)` (Zhou et al. 2022, EC-CF2), `sinkhorn(iters = 8)`,
+//!   `auction(rounds = 10, epsilon = 0.001, budget = 1.0, price_rate = 0.01)`.
+//! - Balance coefficients written without a value: `aux` 0.01, `z` 0.001 (ST-MoE), `seq_aux` 0.0001
+//!   (DeepSeek-V3), `cv2(importance = 0.1, load = 0.1)` (Shazeer 2017), `bias(rate = 0.001)`
+//!   (DeepSeek-V3).
+//! - `capacity = factor(F)` drops by `position` unless `drop = probability`.
+//! - Optimizers: `adamw(lr = 3e-4, betas = (0.9, 0.999), eps = 1e-8, weight_decay = 0.0)` (PyTorch's
+//!   betas and eps, HF Trainer's weight decay); `schedule_free_adamw` the same with `lr = 0.0025`
+//!   (the reference implementation's default); `sgd(lr, momentum = 0.0)` needs `lr`;
+//!   `adafactor(lr = 0.001, decay = -0.8, eps = 1e-30)` (HF's `decay_rate` and `eps[0]`).
+//! - `expert_lr = adaptive()` uses the optimizer's `lr` as `base`.
+//! - `schedule`: `cosine(warmup = 0, min_lr = 0.0)`, `linear(warmup = 0)`.
+//! - `synthetic(...)`: `kind = classes` for `mlp`, `copy` for language models; `seed` = the train `seed`.
+//! - `tokens(...)`: `dtype = u16`.
+//! - `checkpoint` and `log` carry `batches = 0` (only `eval` uses it).
+//!
+//! Rules beyond LANGUAGE.md's list, each because a later pass could not do anything sensible otherwise:
+//! - Fields that a family does not use (`heads` on an `lstm`, `vocab` on an `mlp`...) are errors.
+//! - `groups` works with the token-choice gates (`softmax`, `sigmoid`, `noisy_top_k`, `switch`);
+//!   `two_level` needs `top_k <= M` (the secondary gate picks inside one group), `group_limited`
+//!   needs `top_k <= top_groups * M`.
+//! - `cv2(load = b)` with `b > 0` needs `gate = noisy_top_k` (the smooth load estimator uses the noise);
+//!   `bias(...)` needs a token-choice gate.
+//! - `text(...)` needs `vocab >= 256`; `cifar10(...)` needs `family = mlp`, `inputs = 3072` and
+//!   `classes = 10`; the data must hold at least one sequence of `context + 1` tokens.
+//!
+//! Arithmetic (`hidden = 4 * dim`) may use `+ - * /`, parentheses and the model's numeric fields
+//! written as plain numbers.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use moec_grammar::{
+    did_you_mean, one_of, parse, Arg, Ast, BinOp, Block, Diagnostic, Expr, ExprKind, Field, Ident,
+    Span,
+};
+
+use crate::spec::*;
+
+type Result<T> = std::result::Result<T, Diagnostic>;
+
+/// Parses and checks a `.moe` source. `path` names the file in messages and anchors relative data
+/// paths (they are resolved against the spec's directory).
+pub fn check(source: &str, path: &Path) -> Result<Spec> {
+    let ast = parse(source).map_err(|d| d.with_path(path.display().to_string()))?;
+    check_ast(&ast, source, path)
+}
+
+/// Checks an already parsed file; `source` must be the text `ast` was parsed from.
+pub fn check_ast(ast: &Ast, source: &str, path: &Path) -> Result<Spec> {
+    let base_dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let cx = Checker { src: Arc::new(source.to_owned()), path_name: path.display().to_string(), base_dir };
+    cx.spec(ast)
+}
+
+const MODEL_FIELDS: &[&str] = &[
+    "family",
+    "vocab",
+    "inputs",
+    "classes",
+    "dim",
+    "layers",
+    "heads",
+    "kv_heads",
+    "context",
+    "norm",
+    "rope_theta",
+    "ffn",
+    "bidirectional",
+    "tie_embeddings",
+];
+const MOE_FIELDS: &[&str] = &[
+    "every",
+    "layers",
+    "first_dense",
+    "experts",
+    "top_k",
+    "expert",
+    "shared_experts",
+    "gate",
+    "groups",
+    "hierarchy",
+    "top_groups",
+    "capacity",
+    "balance",
+    "jitter",
+    "router_precision",
+];
+const TRAIN_FIELDS: &[&str] = &[
+    "data",
+    "split",
+    "batch",
+    "accumulate",
+    "steps",
+    "optimizer",
+    "expert_lr",
+    "schedule",
+    "clip",
+    "precision",
+    "seed",
+    "eval",
+    "checkpoint",
+    "log",
+];
+
+/// Largest integer every f64 represents exactly; whole-number fields must stay below it.
+const MAX_EXACT: f64 = 9_007_199_254_740_992.0;
+
+struct Checker {
+    src: Arc<String>,
+    path_name: String,
+    base_dir: PathBuf,
+}
+
+/// The fields of one block by name, after unknown and duplicate names were rejected.
+struct Fields<'a> {
+    block: &'static str,
+    header: Span,
+    map: HashMap<&'a str, &'a Field>,
+}
+
+impl<'a> Fields<'a> {
+    fn get(&self, name: &str) -> Option<&'a Field> {
+        self.map.get(name).copied()
+    }
+}
+
+/// A call, or a bare name standing for a call without arguments (`gate = softmax`).
+struct CallView<'a> {
+    name: &'a str,
+    span: Span,
+    args: &'a [Arg],
+}
+
+/// Numeric names arithmetic may refer to (the model's fields written as plain numbers).
+type Env = HashMap<String, f64>;
+
+impl Checker {
+    fn err(&self, span: Span, message: impl Into<String>) -> Diagnostic {
+        Diagnostic::with_shared_source(self.src.clone(), span, message).with_path(&self.path_name)
+    }
+
+    fn spec(&self, ast: &Ast) -> Result<Spec> {
+        let decl = &ast.model;
+        let model_fields = self.fields("model", decl.header, &decl.fields, MODEL_FIELDS)?;
+        let env = self.env(&model_fields);
+        let model = self.model(&model_fields, &env)?;
+        let moe = match &decl.moe {
+            Some(block) => self.moe(block, &model, &env)?,
+            None => None,
+        };
+        let train = match &ast.train {
+            Some(block) => Some(self.train(block, &model, &env)?),
+            None => None,
+        };
+        Ok(Spec { name: decl.name.name.clone(), model, moe, train })
+    }
+
+    /// Indexes a block's fields, rejecting unknown names (with a suggestion) and duplicates.
+    fn fields<'a>(
+        &self,
+        block: &'static str,
+        header: Span,
+        fields: &'a [Field],
+        known: &[&'static str],
+    ) -> Result<Fields<'a>> {
+        let mut map: HashMap<&'a str, &'a Field> = HashMap::new();
+        for f in fields {
+            let name = f.name.name.as_str();
+            if !known.contains(&name) {
+                return Err(self.unknown_field(block, &f.name, known));
+            }
+            if let Some(first) = map.get(name) {
+                let (line, _) = moec_grammar::diagnostic::line_col(&self.src, first.name.span.start);
+                return Err(self
+                    .err(f.name.span, format!("duplicate field `{name}` in `{block}` block"))
+                    .with_label("set a second time")
+                    .with_help(format!("`{name}` is already set on line {line}; keep one")));
+            }
+            map.insert(name, f);
+        }
+        Ok(Fields { block, header, map })
+    }
+
+    fn unknown_field(&self, block: &str, name: &Ident, known: &[&'static str]) -> Diagnostic {
+        let d = self
+            .err(name.span, format!("unknown field `{}` in `{block}` block", name.name))
+            .with_label(format!("not a `{block}` field"));
+        // A real field of another block is a misplaced field, not a typo.
+        let elsewhere = [("model", MODEL_FIELDS), ("moe", MOE_FIELDS), ("train", TRAIN_FIELDS)]
+            .into_iter()
+            .find(|(b, fs)| *b != block && fs.contains(&name.name.as_str()));
+        if let Some(s) = did_you_mean(&name.name, known.iter().copied()) {
+            d.with_help(format!("did you mean `{s}`?"))
+        } else if let Some((other, _)) = elsewhere {
+            let hint = if other == "moe" { " (inside `model { ... }`)" } else { "" };
+            d.with_help(format!("`{}` belongs in the `{other}` block{hint}", name.name))
+        } else {
+            d.with_help(format!("the `{block}` fields are {}", one_of(known)))
+        }
+    }
+
+    fn missing(&self, fields: &Fields, name: &str, example: &str) -> Diagnostic {
+        self.err(fields.header, format!("missing field `{name}` in `{}` block", fields.block))
+            .with_label(format!("this block needs `{name}`"))
+            .with_help(format!("add e.g. `{example}`"))
+    }
+
+    /// Model fields written as plain numbers, for arithmetic such as `hidden = 4 * dim`.
+    fn env(&self, fields: &Fields) -> Env {
+        let empty = Env::new();
+        fields
+            .map
+            .iter()
+            .filter_map(|(name, f)| self.eval(&f.value, name, &empty).ok().map(|v| (name.to_string(), v)))
+            .collect()
+    }
+
+    // ---------------------------------------------------------------- model
+
+    fn model(&self, fs: &Fields, env: &Env) -> Result<Model> {
+        let family = match fs.get("family") {
+            Some(f) => self.enum_of(
+                &f.value,
+                "family",
+                &[("transformer", Family::Transformer), ("lstm", Family::Lstm), ("mlp", Family::Mlp)],
+            )?,
+            None => Family::Transformer,
+        };
+        let family_name = match family {
+            Family::Transformer => "transformer",
+            Family::Lstm => "lstm",
+            Family::Mlp => "mlp",
+        };
+        let is_lm = family != Family::Mlp;
+        // Fields a family does not use, with the families that do.
+        let only: &[(&str, &[Family], &str)] = &[
+            ("heads", &[Family::Transformer], "`family = transformer`"),
+            ("kv_heads", &[Family::Transformer], "`family = transformer`"),
+            ("rope_theta", &[Family::Transformer], "`family = transformer`"),
+            ("bidirectional", &[Family::Lstm], "`family = lstm`"),
+            ("vocab", &[Family::Transformer, Family::Lstm], "language models (`transformer`, `lstm`)"),
+            ("context", &[Family::Transformer, Family::Lstm], "language models (`transformer`, `lstm`)"),
+            ("tie_embeddings", &[Family::Transformer, Family::Lstm], "language models (`transformer`, `lstm`)"),
+            ("inputs", &[Family::Mlp], "`family = mlp`"),
+            ("classes", &[Family::Mlp], "`family = mlp`"),
+        ];
+        for (name, families, who) in only {
+            if let Some(f) = fs.get(name) {
+                if !families.contains(&family) {
+                    return Err(self
+                        .err(f.name.span, format!("`{name}` applies only to {who}"))
+                        .with_label(format!("not used by a `{family_name}` model"))
+                        .with_help("remove this field, or change `family`"));
+                }
+            }
+        }
+
+        let req = |name: &str, example: &str| -> Result<&Field> {
+            fs.get(name).ok_or_else(|| {
+                self.missing(fs, name, example)
+                    .with_label(format!("a `{family_name}` model needs `{name}`"))
+            })
+        };
+        let dim = self.positive(&req("dim", "dim = 256")?.value, "dim", env)?;
+        let layers = self.positive(&req("layers", "layers = 4")?.value, "layers", env)?;
+        let (vocab, context) = if is_lm {
+            let v = self.positive(&req("vocab", "vocab = 256")?.value, "vocab", env)?;
+            let c = self.positive(&req("context", "context = 128")?.value, "context", env)?;
+            (Some(v), Some(c))
+        } else {
+            (None, None)
+        };
+        let (inputs, classes) = if family == Family::Mlp {
+            let i = self.positive(&req("inputs", "inputs = 3072")?.value, "inputs", env)?;
+            let f = req("classes", "classes = 10")?;
+            let c = self.positive(&f.value, "classes", env)?;
+            if c < 2 {
+                return Err(self
+                    .err(f.value.span, "`classes` must be at least 2")
+                    .with_label("a classifier needs two or more classes"));
+            }
+            (Some(i), Some(c))
+        } else {
+            (None, None)
+        };
+
+        let (heads, kv_heads) = if family == Family::Transformer {
+            let heads_field = req("heads", "heads = 4")?;
+            let heads = self.positive(&heads_field.value, "heads", env)?;
+            if dim % heads != 0 {
+                return Err(self
+                    .err(heads_field.value.span, format!("`dim = {dim}` is not divisible by `heads = {heads}`"))
+                    .with_label("must divide `dim`")
+                    .with_help(format!("head dimension = dim / heads must be whole; try heads = {}", divisor_near(dim, heads))));
+            }
+            if (dim / heads) % 2 != 0 {
+                return Err(self
+                    .err(heads_field.value.span, format!("RoPE needs an even head dimension, but dim / heads = {dim} / {heads} = {}", dim / heads))
+                    .with_label("gives an odd head dimension")
+                    .with_help("rotary embeddings rotate pairs of channels; choose `heads` so that dim / heads is even"));
+            }
+            let kv_heads = match fs.get("kv_heads") {
+                Some(f) => {
+                    let kv = self.positive(&f.value, "kv_heads", env)?;
+                    if kv > heads {
+                        return Err(self
+                            .err(f.value.span, format!("`kv_heads = {kv}` is more than `heads = {heads}`"))
+                            .with_label("must be at most `heads`")
+                            .with_help("grouped-query attention shares each key/value head among several query heads"));
+                    }
+                    if heads % kv != 0 {
+                        return Err(self
+                            .err(f.value.span, format!("`heads = {heads}` is not divisible by `kv_heads = {kv}`"))
+                            .with_label("must divide `heads`")
+                            .with_help("each key/value head serves the same number of query heads"));
+                    }
+                    kv
+                }
+                None => heads,
+            };
+            (heads, kv_heads)
+        } else {
+            (1, 1)
+        };
+
+        let norm = match fs.get("norm") {
+            Some(f) => self.enum_of(&f.value, "norm", &[("rmsnorm", Norm::RmsNorm), ("layernorm", Norm::LayerNorm)])?,
+            None => Norm::RmsNorm,
+        };
+        let rope_theta = match fs.get("rope_theta") {
+            Some(f) => self.float_where(&f.value, "rope_theta", env, |v| v > 0.0, "must be positive")?,
+            None => 10000.0,
+        };
+        let ffn = match fs.get("ffn") {
+            Some(f) => self.ffn(&f.value, "ffn", dim, env)?,
+            None => Ffn { activation: Activation::SwiGlu, hidden: default_hidden(Activation::SwiGlu, dim) },
+        };
+        let bidirectional = match fs.get("bidirectional") {
+            Some(f) => self.boolean(&f.value, "bidirectional")?,
+            None => false,
+        };
+        let tie_embeddings = match fs.get("tie_embeddings") {
+            Some(f) => self.boolean(&f.value, "tie_embeddings")?,
+            None => false,
+        };
+        Ok(Model {
+            family,
+            vocab,
+            inputs,
+            classes,
+            dim,
+            layers,
+            heads,
+            kv_heads,
+            context,
+            norm,
+            rope_theta,
+            ffn,
+            bidirectional,
+            tie_embeddings,
+        })
+    }
+
+    /// `swiglu(hidden = H)`, `gelu(H)`, `relu` (default hidden).
+    fn ffn(&self, e: &Expr, what: &str, dim: usize, env: &Env) -> Result<Ffn> {
+        let c = self.call_form(e, what, &["swiglu", "gelu", "relu"])?;
+        let activation = match c.name {
+            "swiglu" => Activation::SwiGlu,
+            "gelu" => Activation::Gelu,
+            _ => Activation::Relu,
+        };
+        let [hidden] = self.bind(&c, &["hidden"])?;
+        let hidden = match hidden {
+            Some(h) => self.positive(h, "hidden", env)?,
+            None => default_hidden(activation, dim),
+        };
+        Ok(Ffn { activation, hidden })
+    }
+
+    // ---------------------------------------------------------------- moe
+
+    fn moe(&self, block: &Block, model: &Model, env: &Env) -> Result<Option<Moe>> {
+        let fs = self.fields("moe", block.header, &block.fields, MOE_FIELDS)?;
+        let experts_field = fs.get("experts").ok_or_else(|| {
+            self.missing(&fs, "experts", "experts = 8")
+                .with_help("add e.g. `experts = 8` (or `experts = 0` for a dense model)")
+        })?;
+        let experts = self.uint(&experts_field.value, "experts", env)?;
+
+        let gate = match fs.get("gate") {
+            Some(f) => self.gate(&f.value, env)?,
+            None => Gate::Softmax { renorm: true },
+        };
+        let expert = match fs.get("expert") {
+            Some(f) => self.ffn(&f.value, "expert", model.dim, env)?,
+            None => model.ffn,
+        };
+        let shared_experts = match fs.get("shared_experts") {
+            Some(f) => self.uint(&f.value, "shared_experts", env)?,
+            None => 0,
+        };
+        let capacity = match fs.get("capacity") {
+            Some(f) => self.capacity(&f.value, env)?,
+            None => Capacity::Dropless,
+        };
+        let jitter = match fs.get("jitter") {
+            Some(f) => self.float_where(&f.value, "jitter", env, |v| (0.0..1.0).contains(&v), "must be in [0, 1)")?,
+            None => 0.0,
+        };
+        let router_precision = match fs.get("router_precision") {
+            Some(f) => self.enum_of(&f.value, "router_precision", &[("f32", Precision::F32), ("f16", Precision::F16)])?,
+            None => Precision::F32,
+        };
+        let balance = match fs.get("balance") {
+            Some(f) => self.balance(&f.value, &gate, env)?,
+            None => vec![Balance::Aux(0.01)],
+        };
+        let every_field = fs.get("every");
+        let every = match every_field {
+            Some(f) => self.positive(&f.value, "every", env)?,
+            None => 1,
+        };
+        let first_dense_field = fs.get("first_dense");
+        let first_dense = match first_dense_field {
+            Some(f) => self.uint(&f.value, "first_dense", env)?,
+            None => 0,
+        };
+        let explicit = match fs.get("layers") {
+            Some(f) => Some((f, self.index_list(&f.value, env)?)),
+            None => None,
+        };
+        let top_k_field = fs.get("top_k");
+        let top_k = match top_k_field {
+            Some(f) => Some((f, self.positive(&f.value, "top_k", env)?)),
+            None => None,
+        };
+        let groups_field = fs.get("groups");
+        let groups = match groups_field {
+            Some(f) => Some(self.groups(&f.value, env)?),
+            None => None,
+        };
+        let hierarchy_field = fs.get("hierarchy");
+        let hierarchy = match hierarchy_field {
+            Some(f) => self.enum_of(
+                &f.value,
+                "hierarchy",
+                &[("two_level", Hierarchy::TwoLevel), ("group_limited", Hierarchy::GroupLimited)],
+            )?,
+            None => Hierarchy::TwoLevel,
+        };
+        let top_groups_field = fs.get("top_groups");
+        let top_groups = match top_groups_field {
+            Some(f) => self.positive(&f.value, "top_groups", env)?,
+            None => 1,
+        };
+
+        if experts == 0 {
+            // A dense model: the rest of the block only had to be well-formed.
+            return Ok(None);
+        }
+
+        // Which blocks are MoE.
+        let blocks: Vec<usize> = match &explicit {
+            Some((f, list)) => {
+                if list.is_empty() {
+                    return Err(self
+                        .err(f.value.span, "`layers = []` makes no block MoE")
+                        .with_label("empty list")
+                        .with_help("list block indices such as `[1, 3]`, or set `experts = 0` for a dense model"));
+                }
+                let mut sorted: Vec<usize> = Vec::with_capacity(list.len());
+                for (i, span) in list {
+                    if *i >= model.layers {
+                        return Err(self
+                            .err(*span, format!("block index {i} is out of range: the model has {} layers (0..{})", model.layers, model.layers - 1))
+                            .with_label("no such block")
+                            .with_help("MoE block indices are 0-based"));
+                    }
+                    if sorted.contains(i) {
+                        return Err(self.err(*span, format!("block {i} is listed twice")).with_label("repeated index"));
+                    }
+                    if *i < first_dense {
+                        return Err(self
+                            .err(*span, format!("block {i} is listed in `layers`, but `first_dense = {first_dense}` keeps it dense"))
+                            .with_label("contradicts `first_dense`")
+                            .with_help("remove the index or lower `first_dense`"));
+                    }
+                    sorted.push(*i);
+                }
+                sorted.sort_unstable();
+                sorted
+            }
+            None => {
+                if let Some(f) = first_dense_field {
+                    if first_dense >= model.layers {
+                        return Err(self
+                            .err(f.value.span, format!("`first_dense = {first_dense}` leaves no MoE block: the model has {} layers", model.layers))
+                            .with_label("keeps every block dense")
+                            .with_help("use `experts = 0` for a dense model"));
+                    }
+                }
+                let b: Vec<usize> = (first_dense..model.layers).filter(|i| (i + 1) % every == 0).collect();
+                if b.is_empty() {
+                    let span = every_field.map_or(block.header, |f| f.value.span);
+                    return Err(self
+                        .err(span, format!("`every = {every}` makes no block MoE: the model has {} layers", model.layers))
+                        .with_label("no block index matches")
+                        .with_help("block i is MoE when (i + 1) % every == 0; lower `every` or add layers"));
+                }
+                b
+            }
+        };
+
+        // Experts per token.
+        let top_k = match (gate, top_k) {
+            (Gate::Switch, Some((f, k))) if k != 1 => {
+                return Err(self
+                    .err(f.value.span, format!("`gate = switch` routes each token to one expert, but `top_k = {k}`"))
+                    .with_label("must be 1 with `switch`")
+                    .with_help("remove `top_k`, or use `gate = softmax` for top-k routing"));
+            }
+            (Gate::Switch, _) => 1,
+            (_, Some((f, k))) => {
+                if k > experts {
+                    return Err(self
+                        .err(f.value.span, format!("`top_k = {k}` is more than `experts = {experts}`"))
+                        .with_label("must be at most `experts`")
+                        .with_help("each token picks top_k distinct experts"));
+                }
+                k
+            }
+            (_, None) => 2.min(experts),
+        };
+
+        // Hierarchy.
+        if groups.is_none() {
+            for (field, name) in [(hierarchy_field, "hierarchy"), (top_groups_field, "top_groups")] {
+                if let Some(f) = field {
+                    return Err(self
+                        .err(f.name.span, format!("`{name}` needs `groups = G x M`"))
+                        .with_label("no groups are set")
+                        .with_help("add e.g. `groups = 4 x 2` (G groups of M experts)"));
+                }
+            }
+        }
+        if let (Some((g, m)), Some(f)) = (groups, groups_field) {
+            if g * m != experts {
+                return Err(self
+                    .err(f.value.span, format!("`groups = {g} x {m}` makes {} experts, but `experts = {experts}`", g * m))
+                    .with_label("G * M must equal `experts`")
+                    .with_help(format!("choose G and M with G * M = {experts}, e.g. `groups = {} x {}`", divisor_near(experts, g), experts / divisor_near(experts, g))));
+            }
+            if !matches!(gate, Gate::Softmax { .. } | Gate::Sigmoid | Gate::NoisyTopK { .. } | Gate::Switch) {
+                return Err(self
+                    .err(f.name.span, format!("`groups` works with the token-choice gates, not `gate = {}`", gate_name(&gate)))
+                    .with_label("hierarchical routing needs a top-k gate")
+                    .with_help("use `softmax`, `sigmoid`, `noisy_top_k` or `switch`, or remove `groups`"));
+            }
+            if top_groups > g {
+                let span = top_groups_field.map_or(f.value.span, |t| t.value.span);
+                return Err(self
+                    .err(span, format!("`top_groups = {top_groups}` is more than the {g} groups of `groups = {g} x {m}`"))
+                    .with_label(format!("must be at most {g}")));
+            }
+            let (limit, why) = match hierarchy {
+                Hierarchy::TwoLevel => (m, format!("the secondary gate picks top_k inside one group of {m} experts")),
+                Hierarchy::GroupLimited => (top_groups * m, format!("only top_groups * M = {} experts are kept", top_groups * m)),
+            };
+            if top_k > limit {
+                let span = top_k_field.map_or(f.value.span, |t| t.value.span);
+                return Err(self
+                    .err(span, format!("`top_k = {top_k}` is more than {limit}: {why}"))
+                    .with_label(format!("must be at most {limit}")));
+            }
+        }
+
+        Ok(Some(Moe {
+            blocks,
+            experts,
+            top_k,
+            expert,
+            shared_experts,
+            gate,
+            groups,
+            hierarchy,
+            top_groups,
+            capacity,
+            balance,
+            jitter,
+            router_precision,
+        }))
+    }
+
+    fn gate(&self, e: &Expr, env: &Env) -> Result<Gate> {
+        let c = self.call_form(
+            e,
+            "gate",
+            &["softmax", "sigmoid", "noisy_top_k", "switch", "expert_choice", "auction", "sinkhorn"],
+        )?;
+        Ok(match c.name {
+            "softmax" => {
+                let [renorm] = self.bind(&c, &["renorm"])?;
+                Gate::Softmax { renorm: renorm.map(|r| self.boolean(r, "renorm")).transpose()?.unwrap_or(true) }
+            }
+            "sigmoid" => {
+                self.bind::<0>(&c, &[])?;
+                Gate::Sigmoid
+            }
+            "noisy_top_k" => {
+                let [noise] = self.bind(&c, &["noise"])?;
+                Gate::NoisyTopK { noise: self.opt_float(noise, "noise", env, 1.0, |v| v >= 0.0, "must not be negative")? }
+            }
+            "switch" => {
+                self.bind::<0>(&c, &[])?;
+                Gate::Switch
+            }
+            "expert_choice" => {
+                let [cap] = self.bind(&c, &["capacity"])?;
+                Gate::ExpertChoice { capacity: self.opt_float(cap, "capacity", env, 2.0, |v| v > 0.0, "must be positive")? }
+            }
+            "sinkhorn" => {
+                let [iters] = self.bind(&c, &["iters"])?;
+                Gate::Sinkhorn { iters: iters.map(|i| self.positive(i, "iters", env)).transpose()?.unwrap_or(8) }
+            }
+            _ => {
+                let [rounds, epsilon, budget, price_rate] =
+                    self.bind(&c, &["rounds", "epsilon", "budget", "price_rate"])?;
+                Gate::Auction {
+                    rounds: rounds.map(|r| self.positive(r, "rounds", env)).transpose()?.unwrap_or(10),
+                    epsilon: self.opt_float(epsilon, "epsilon", env, 1e-3, |v| v >= 0.0, "must not be negative")?,
+                    budget: self.opt_float(budget, "budget", env, 1.0, |v| v > 0.0, "must be positive")?,
+                    price_rate: self.opt_float(price_rate, "price_rate", env, 0.01, |v| v >= 0.0, "must not be negative")?,
+                }
+            }
+        })
+    }
+
+    fn capacity(&self, e: &Expr, env: &Env) -> Result<Capacity> {
+        let c = self.call_form(e, "capacity", &["dropless", "factor"])?;
+        if c.name == "dropless" {
+            self.bind::<0>(&c, &[])?;
+            return Ok(Capacity::Dropless);
+        }
+        let [factor, drop] = self.bind(&c, &["factor", "drop"])?;
+        let factor = factor.ok_or_else(|| {
+            self.err(c.span, "`factor(...)` needs the capacity factor")
+                .with_label("no factor given")
+                .with_help("e.g. `capacity = factor(1.25, drop = position)`")
+        })?;
+        let factor = self.float_where(factor, "factor", env, |v| v > 0.0, "must be positive")?;
+        let drop = match drop {
+            Some(d) => self.enum_of(d, "drop", &[("position", DropPolicy::Position), ("probability", DropPolicy::Probability)])?,
+            None => DropPolicy::Position,
+        };
+        Ok(Capacity::Factor { factor, drop })
+    }
+
+    fn balance(&self, e: &Expr, gate: &Gate, env: &Env) -> Result<Vec<Balance>> {
+        if matches!(e.kind, ExprKind::None) {
+            return Ok(Vec::new());
+        }
+        if let ExprKind::Binary { op: op @ (BinOp::Sub | BinOp::Mul | BinOp::Div), .. } = &e.kind {
+            return Err(self
+                .err(e.span, format!("balance terms are joined with `+`, not `{}`", op.symbol()))
+                .with_label("not a sum of terms")
+                .with_help("e.g. `balance = aux(0.01) + z(0.001)`"));
+        }
+        let mut out: Vec<Balance> = Vec::new();
+        let mut seen: Vec<&str> = Vec::new();
+        for term in e.sum_terms() {
+            if matches!(term.kind, ExprKind::None) {
+                return Err(self
+                    .err(term.span, "`none` cannot be part of a sum")
+                    .with_label("`none` alone turns balancing off"));
+            }
+            let c = self.call_form(term, "balance term", &["aux", "z", "cv2", "bias", "seq_aux"])?;
+            if seen.contains(&c.name) {
+                return Err(self
+                    .err(c.span, format!("`{}` appears twice in `balance`", c.name))
+                    .with_label("repeated term")
+                    .with_help("give each kind of term once, with its coefficient"));
+            }
+            seen.push(c.name);
+            let nonneg = |v: f64| v >= 0.0;
+            let b = match c.name {
+                "aux" | "z" | "seq_aux" => {
+                    let [coef] = self.bind(&c, &["c"])?;
+                    let default = match c.name {
+                        "aux" => 0.01,
+                        "z" => 1e-3,
+                        _ => 1e-4,
+                    };
+                    let v = self.opt_float(coef, "coefficient", env, default, nonneg, "must not be negative")?;
+                    match c.name {
+                        "aux" => Balance::Aux(v),
+                        "z" => Balance::Z(v),
+                        _ => Balance::SeqAux(v),
+                    }
+                }
+                "cv2" => {
+                    let [importance, load] = self.bind(&c, &["importance", "load"])?;
+                    let importance = self.opt_float(importance, "importance", env, 0.1, nonneg, "must not be negative")?;
+                    let load = self.opt_float(load, "load", env, 0.1, nonneg, "must not be negative")?;
+                    if load > 0.0 && !matches!(gate, Gate::NoisyTopK { .. }) {
+                        return Err(self
+                            .err(c.span, format!("the `load` term of `cv2` needs `gate = noisy_top_k(...)`, not `{}`", gate_name(gate)))
+                            .with_label("its smooth load estimator uses the gate noise")
+                            .with_help("use `gate = noisy_top_k(noise = 1.0)`, or `cv2(importance = 0.1, load = 0)`"));
+                    }
+                    Balance::Cv2 { importance, load }
+                }
+                _ => {
+                    let [rate] = self.bind(&c, &["rate"])?;
+                    if !matches!(gate, Gate::Softmax { .. } | Gate::Sigmoid | Gate::NoisyTopK { .. } | Gate::Switch) {
+                        return Err(self
+                            .err(c.span, format!("`bias(...)` steers top-k selection; `gate = {}` has none", gate_name(gate)))
+                            .with_label("needs a token-choice gate")
+                            .with_help("use it with `softmax`, `sigmoid`, `noisy_top_k` or `switch`"));
+                    }
+                    Balance::Bias { rate: self.opt_float(rate, "rate", env, 1e-3, nonneg, "must not be negative")? }
+                }
+            };
+            out.push(b);
+        }
+        Ok(out)
+    }
+
+    /// `G x M`.
+    fn groups(&self, e: &Expr, env: &Env) -> Result<(usize, usize)> {
+        match &e.kind {
+            ExprKind::Groups { groups, members } => {
+                Ok((self.positive(groups, "groups", env)?, self.positive(members, "groups", env)?))
+            }
+            _ => Err(self
+                .err(e.span, format!("`groups` must be `G x M`, found {}", e.describe()))
+                .with_label("expected `G x M`")
+                .with_help("e.g. `groups = 8 x 8` for 8 groups of 8 experts")),
+        }
+    }
+
+    /// `[1, 3, 5]`: block indices with their spans.
+    fn index_list(&self, e: &Expr, env: &Env) -> Result<Vec<(usize, Span)>> {
+        match &e.kind {
+            ExprKind::List(items) => items.iter().map(|i| Ok((self.uint(i, "layers", env)?, i.span))).collect(),
+            _ => Err(self
+                .err(e.span, format!("`layers` in a `moe` block must be a list of block indices, found {}", e.describe()))
+                .with_label("expected a list such as `[1, 3]`")
+                .with_help("to make every N-th block MoE, use `every = N`")),
+        }
+    }
+
+    // ---------------------------------------------------------------- train
+
+    fn train(&self, block: &Block, model: &Model, env: &Env) -> Result<Train> {
+        let fs = self.fields("train", block.header, &block.fields, TRAIN_FIELDS)?;
+        let req = |name: &str, example: &str| fs.get(name).ok_or_else(|| self.missing(&fs, name, example));
+        let seed = match fs.get("seed") {
+            Some(f) => self.seed(&f.value, "seed", env)?,
+            None => 0,
+        };
+        let data = self.data(&req("data", "data = text(\"input.txt\")")?.value, model, seed, env)?;
+        let split = match fs.get("split") {
+            Some(f) => self.float_where(&f.value, "split", env, |v| v > 0.0 && v < 1.0, "must be between 0 and 1 (exclusive)")?,
+            None => 0.9,
+        };
+        let batch = self.positive(&req("batch", "batch = 16")?.value, "batch", env)?;
+        let accumulate = match fs.get("accumulate") {
+            Some(f) => self.positive(&f.value, "accumulate", env)?,
+            None => 1,
+        };
+        let steps_field = req("steps", "steps = 1000")?;
+        let steps = self.positive(&steps_field.value, "steps", env)?;
+        let optimizer = match fs.get("optimizer") {
+            Some(f) => self.optimizer(&f.value, env)?,
+            None => Optimizer::AdamW { lr: 3e-4, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.0 },
+        };
+        let lr = match optimizer {
+            Optimizer::AdamW { lr, .. }
+            | Optimizer::Sgd { lr, .. }
+            | Optimizer::Adafactor { lr, .. }
+            | Optimizer::ScheduleFreeAdamW { lr, .. } => lr,
+        };
+        let expert_lr = match fs.get("expert_lr") {
+            Some(f) => Some(self.expert_lr(&f.value, lr, env)?),
+            None => None,
+        };
+        let schedule = match fs.get("schedule") {
+            Some(f) => self.schedule(&f.value, steps, lr, env)?,
+            None => Schedule::Constant,
+        };
+        let clip = match fs.get("clip") {
+            Some(f) if matches!(f.value.kind, ExprKind::None) => None,
+            Some(f) => Some(self.float_where(&f.value, "clip", env, |v| v > 0.0, "must be positive")?),
+            None => None,
+        };
+        let precision = match fs.get("precision") {
+            Some(f) => self.enum_of(&f.value, "precision", &[("f32", Precision::F32), ("f16", Precision::F16)])?,
+            None => Precision::F32,
+        };
+        let eval = match fs.get("eval") {
+            Some(f) => self.every(&f.value, "eval", true, env)?,
+            None => Every { every: 100, batches: 4 },
+        };
+        let checkpoint = match fs.get("checkpoint") {
+            Some(f) => self.every(&f.value, "checkpoint", false, env)?,
+            None => Every { every: 500, batches: 0 },
+        };
+        let log = match fs.get("log") {
+            Some(f) => self.every(&f.value, "log", false, env)?,
+            None => Every { every: 10, batches: 0 },
+        };
+        Ok(Train {
+            data,
+            split,
+            batch,
+            accumulate,
+            steps,
+            optimizer,
+            expert_lr,
+            schedule,
+            clip,
+            precision,
+            seed,
+            eval,
+            checkpoint,
+            log,
+        })
+    }
+
+    fn data(&self, e: &Expr, model: &Model, seed: u64, env: &Env) -> Result<Data> {
+        let c = self.call_form(e, "data", &["text", "tokens", "cifar10", "synthetic"])?;
+        let lm_only = |kind: &str| -> Result<()> {
+            if model.family == Family::Mlp {
+                return Err(self
+                    .err(c.span, format!("`{kind}(...)` is language-model data, but this is an `mlp` model"))
+                    .with_label("needs `family = transformer` or `lstm`")
+                    .with_help("an `mlp` trains on `cifar10(\"dir\")` or `synthetic(kind = classes)`"));
+            }
+            Ok(())
+        };
+        let data = match c.name {
+            "text" => {
+                lm_only("text")?;
+                let [path] = self.bind(&c, &["path"])?;
+                let path = self.required_arg(path, &c, "path", "text(\"input.txt\")")?;
+                let (text, span) = (self.string(path, "path")?, path.span);
+                if model.vocab.is_some_and(|v| v < 256) {
+                    return Err(self
+                        .err(c.span, format!("`text(...)` reads bytes (256 symbols), but `vocab = {}`", model.vocab.unwrap_or(0)))
+                        .with_label("needs `vocab >= 256`")
+                        .with_help("set `vocab = 256`"));
+                }
+                let len = self.readable_file(&text, span)?;
+                self.enough_tokens(len, model, span)?;
+                Data::Text { path: text }
+            }
+            "tokens" => {
+                lm_only("tokens")?;
+                let [path, dtype] = self.bind(&c, &["path", "dtype"])?;
+                let path = self.required_arg(path, &c, "path", "tokens(\"train.bin\", dtype = u16)")?;
+                let (text, span) = (self.string(path, "path")?, path.span);
+                let dtype = match dtype {
+                    Some(d) => self.enum_of(d, "dtype", &[("u16", TokenDtype::U16), ("u32", TokenDtype::U32)])?,
+                    None => TokenDtype::U16,
+                };
+                let width = match dtype {
+                    TokenDtype::U16 => 2,
+                    TokenDtype::U32 => 4,
+                };
+                let len = self.readable_file(&text, span)?;
+                if len % width != 0 {
+                    return Err(self
+                        .err(span, format!("`{text}` has {len} bytes, not a whole number of {}-byte tokens", width))
+                        .with_label("size does not match `dtype`")
+                        .with_help("check `dtype` (u16 for GPT-2 sized vocabularies, u32 above 65536)"));
+                }
+                self.enough_tokens(len / width, model, span)?;
+                Data::Tokens { path: text, dtype }
+            }
+            "cifar10" => {
+                let [dir] = self.bind(&c, &["dir"])?;
+                let dir = self.required_arg(dir, &c, "dir", "cifar10(\"data/cifar-10-batches-bin\")")?;
+                let (text, span) = (self.string(dir, "dir")?, dir.span);
+                if model.family != Family::Mlp || model.inputs != Some(3072) || model.classes != Some(10) {
+                    return Err(self
+                        .err(c.span, "`cifar10(...)` needs `family = mlp` with `inputs = 3072` (32×32×3) and `classes = 10`")
+                        .with_label("does not match the model")
+                        .with_help("set `family = mlp`, `inputs = 3072` and `classes = 10` in the `model` block"));
+                }
+                self.readable_dir(&text, span)?;
+                Data::Cifar10 { dir: text }
+            }
+            _ => {
+                let [kind, data_seed] = self.bind(&c, &["kind", "seed"])?;
+                let kind = match kind {
+                    Some(k) => {
+                        let kind = self.enum_of(
+                            k,
+                            "kind",
+                            &[("copy", SyntheticKind::Copy), ("markov", SyntheticKind::Markov), ("classes", SyntheticKind::Classes)],
+                        )?;
+                        let is_mlp = model.family == Family::Mlp;
+                        if is_mlp != (kind == SyntheticKind::Classes) {
+                            let want = if is_mlp { "`classes` for an `mlp`" } else { "`copy` or `markov` for a language model" };
+                            return Err(self
+                                .err(k.span, "this synthetic data does not fit the model")
+                                .with_label(format!("use {want}")));
+                        }
+                        kind
+                    }
+                    None if model.family == Family::Mlp => SyntheticKind::Classes,
+                    None => SyntheticKind::Copy,
+                };
+                let seed = match data_seed {
+                    Some(s) => self.seed(s, "seed", env)?,
+                    None => seed,
+                };
+                Data::Synthetic { kind, seed }
+            }
+        };
+        Ok(data)
+    }
+
+    fn resolve(&self, path: &str) -> PathBuf {
+        self.base_dir.join(path)
+    }
+
+    /// The file's length in bytes, or an error at the path's span if it cannot be opened or is empty.
+    fn readable_file(&self, path: &str, span: Span) -> Result<usize> {
+        let full = self.resolve(path);
+        let meta = std::fs::File::open(&full).and_then(|f| f.metadata()).map_err(|e| {
+            self.err(span, format!("cannot read training data `{path}`: {}", io_reason(&e)))
+                .with_label(format!("looked for {}", full.display()))
+                .with_help("data paths are relative to the spec file's directory")
+        })?;
+        if !meta.is_file() {
+            return Err(self
+                .err(span, format!("training data `{path}` is not a file"))
+                .with_label(format!("{} is a directory", full.display())));
+        }
+        if meta.len() == 0 {
+            return Err(self.err(span, format!("training data `{path}` is empty")).with_label("0 bytes"));
+        }
+        Ok(usize::try_from(meta.len()).unwrap_or(usize::MAX))
+    }
+
+    fn readable_dir(&self, path: &str, span: Span) -> Result<()> {
+        let full = self.resolve(path);
+        let entries = std::fs::read_dir(&full).map_err(|e| {
+            self.err(span, format!("cannot read training data directory `{path}`: {}", io_reason(&e)))
+                .with_label(format!("looked for {}", full.display()))
+                .with_help("data paths are relative to the spec file's directory")
+        })?;
+        let has_batches = entries
+            .filter_map(|e| e.ok())
+            .any(|e| e.file_name().to_string_lossy().ends_with(".bin"));
+        if !has_batches {
+            return Err(self
+                .err(span, format!("`{path}` holds no CIFAR-10 batch files (`*.bin`)"))
+                .with_label(format!("no .bin files in {}", full.display()))
+                .with_help("point at the extracted `cifar-10-batches-bin` directory (data_batch_1.bin ... test_batch.bin)"));
+        }
+        Ok(())
+    }
+
+    /// A language model needs at least one sequence of `context + 1` tokens (inputs and shifted targets).
+    fn enough_tokens(&self, tokens: usize, model: &Model, span: Span) -> Result<()> {
+        if let Some(context) = model.context {
+            if tokens < context + 1 {
+                return Err(self
+                    .err(span, format!("the data has {tokens} tokens, fewer than one sequence of context + 1 = {}", context + 1))
+                    .with_label("too short")
+                    .with_help("use more data or a smaller `context`"));
+            }
+        }
+        Ok(())
+    }
+
+    fn optimizer(&self, e: &Expr, env: &Env) -> Result<Optimizer> {
+        let c = self.call_form(e, "optimizer", &["adamw", "sgd", "adafactor", "schedule_free_adamw"])?;
+        let lr_ok = |v: f64| v > 0.0;
+        Ok(match c.name {
+            "adamw" | "schedule_free_adamw" => {
+                let [lr, betas, eps, wd] = self.bind(&c, &["lr", "betas", "eps", "weight_decay"])?;
+                let default_lr = if c.name == "adamw" { 3e-4 } else { 2.5e-3 };
+                let lr = self.opt_float(lr, "lr", env, default_lr, lr_ok, "must be positive")?;
+                let betas = match betas {
+                    Some(b) => self.betas(b, env)?,
+                    None => (0.9, 0.999),
+                };
+                let eps = self.opt_float(eps, "eps", env, 1e-8, |v| v > 0.0, "must be positive")?;
+                let weight_decay = self.opt_float(wd, "weight_decay", env, 0.0, |v| v >= 0.0, "must not be negative")?;
+                if c.name == "adamw" {
+                    Optimizer::AdamW { lr, betas, eps, weight_decay }
+                } else {
+                    Optimizer::ScheduleFreeAdamW { lr, betas, eps, weight_decay }
+                }
+            }
+            "sgd" => {
+                let [lr, momentum] = self.bind(&c, &["lr", "momentum"])?;
+                let lr = self.required_arg(lr, &c, "lr", "sgd(lr = 0.1, momentum = 0.9)")?;
+                Optimizer::Sgd {
+                    lr: self.float_where(lr, "lr", env, lr_ok, "must be positive")?,
+                    momentum: self.opt_float(momentum, "momentum", env, 0.0, |v| (0.0..1.0).contains(&v), "must be in [0, 1)")?,
+                }
+            }
+            _ => {
+                let [lr, decay, eps] = self.bind(&c, &["lr", "decay", "eps"])?;
+                Optimizer::Adafactor {
+                    lr: self.opt_float(lr, "lr", env, 1e-3, lr_ok, "must be positive")?,
+                    decay: self.opt_float(decay, "decay", env, -0.8, |v| (-1.0..0.0).contains(&v), "must be in [-1, 0)")?,
+                    eps: self.opt_float(eps, "eps", env, 1e-30, |v| v > 0.0, "must be positive")?,
+                }
+            }
+        })
+    }
+
+    fn betas(&self, e: &Expr, env: &Env) -> Result<(f64, f64)> {
+        match &e.kind {
+            ExprKind::Tuple(items) if items.len() == 2 => {
+                let ok = |v: f64| (0.0..1.0).contains(&v);
+                let b1 = self.float_where(&items[0], "beta1", env, ok, "must be in [0, 1)")?;
+                let b2 = self.float_where(&items[1], "beta2", env, ok, "must be in [0, 1)")?;
+                Ok((b1, b2))
+            }
+            _ => Err(self
+                .err(e.span, format!("`betas` must be a pair `(beta1, beta2)`, found {}", e.describe()))
+                .with_label("expected two numbers in parentheses")
+                .with_help("e.g. `betas = (0.9, 0.95)`")),
+        }
+    }
+
+    fn expert_lr(&self, e: &Expr, lr: f64, env: &Env) -> Result<ExpertLr> {
+        if matches!(e.kind, ExprKind::Call(_)) || matches!(&e.kind, ExprKind::Ident(n) if n == "adaptive") {
+            let c = self.call_form(e, "expert_lr", &["adaptive"])?;
+            let [base] = self.bind(&c, &["base"])?;
+            return Ok(ExpertLr::Adaptive { base: self.opt_float(base, "base", env, lr, |v| v > 0.0, "must be positive")? });
+        }
+        match self.eval(e, "expert_lr", env) {
+            Ok(v) => {
+                if v > 0.0 {
+                    Ok(ExpertLr::Fixed(v))
+                } else {
+                    Err(self.err(e.span, format!("`expert_lr` must be positive, found {v}")).with_label("must be positive"))
+                }
+            }
+            Err(_) => Err(self
+                .err(e.span, format!("`expert_lr` must be a number or `adaptive(base = x)`, found {}", e.describe()))
+                .with_label("expected a learning rate")
+                .with_help("e.g. `expert_lr = 1e-3` or `expert_lr = adaptive(base = 1e-3)`")),
+        }
+    }
+
+    fn schedule(&self, e: &Expr, steps: usize, lr: f64, env: &Env) -> Result<Schedule> {
+        let c = self.call_form(e, "schedule", &["constant", "cosine", "linear"])?;
+        let warmup = |w: Option<&Expr>| -> Result<usize> {
+            let Some(w) = w else { return Ok(0) };
+            let v = self.uint(w, "warmup", env)?;
+            if v > steps {
+                return Err(self
+                    .err(w.span, format!("`warmup = {v}` is longer than the run (`steps = {steps}`)"))
+                    .with_label(format!("must be at most {steps}")));
+            }
+            Ok(v)
+        };
+        Ok(match c.name {
+            "constant" => {
+                self.bind::<0>(&c, &[])?;
+                Schedule::Constant
+            }
+            "cosine" => {
+                let [w, min_lr] = self.bind(&c, &["warmup", "min_lr"])?;
+                let warmup = warmup(w)?;
+                let min = self.opt_float(min_lr, "min_lr", env, 0.0, |v| v >= 0.0, "must not be negative")?;
+                if min > lr {
+                    let span = min_lr.map_or(c.span, |m| m.span);
+                    return Err(self
+                        .err(span, format!("`min_lr = {min}` is above the optimizer's `lr = {lr}`"))
+                        .with_label("must be at most `lr`"));
+                }
+                Schedule::Cosine { warmup, min_lr: min }
+            }
+            _ => {
+                let [w] = self.bind(&c, &["warmup"])?;
+                Schedule::Linear { warmup: warmup(w)? }
+            }
+        })
+    }
+
+    /// `every(N, batches = B)`; `batches` only where `with_batches`.
+    fn every(&self, e: &Expr, what: &str, with_batches: bool, env: &Env) -> Result<Every> {
+        let c = self.call_form(e, what, &["every"])?;
+        if with_batches {
+            let [n, batches] = self.bind(&c, &["n", "batches"])?;
+            let n = self.required_arg(n, &c, "n", "every(100, batches = 4)")?;
+            Ok(Every {
+                every: self.positive(n, "every", env)?,
+                batches: batches.map(|b| self.positive(b, "batches", env)).transpose()?.unwrap_or(4),
+            })
+        } else {
+            let [n] = self.bind(&c, &["n"])?;
+            let n = self.required_arg(n, &c, "n", "every(100)")?;
+            Ok(Every { every: self.positive(n, "every", env)?, batches: 0 })
+        }
+    }
+
+    // ---------------------------------------------------------------- value extractors
+
+    /// A call, or a bare name that names a call taking no arguments; `known` are the accepted names.
+    fn call_form<'a>(&self, e: &'a Expr, what: &str, known: &[&str]) -> Result<CallView<'a>> {
+        let (name, name_span, args): (&'a str, Span, &'a [Arg]) = match &e.kind {
+            ExprKind::Call(c) => (c.name.name.as_str(), c.name.span, c.args.as_slice()),
+            ExprKind::Ident(n) => (n.as_str(), e.span, &[]),
+            _ => {
+                let d = self
+                    .err(e.span, format!("`{what}` must be one of {}, found {}", one_of(known), e.describe()))
+                    .with_label(format!("expected {}", one_of(known)));
+                return Err(match &e.kind {
+                    ExprKind::Str(s) if known.contains(&s.as_str()) => d.with_help(format!("write it without quotes: `{s}`")),
+                    _ => d,
+                });
+            }
+        };
+        if !known.contains(&name) {
+            let d = self
+                .err(name_span, format!("unknown {what} `{name}`"))
+                .with_label(format!("expected {}", one_of(known)));
+            return Err(match did_you_mean(name, known.iter().copied()) {
+                Some(s) => d.with_help(format!("did you mean `{s}`?")),
+                None => d.with_help(format!("`{what}` is one of {}", one_of(known))),
+            });
+        }
+        Ok(CallView { name, span: e.span, args })
+    }
+
+    /// Matches a call's arguments to its parameters: positional ones in order, then `key = value`.
+    fn bind<'a, const N: usize>(&self, c: &CallView<'a>, params: &[&str; N]) -> Result<[Option<&'a Expr>; N]> {
+        let mut out: [Option<&'a Expr>; N] = [None; N];
+        let mut seen_keyword = false;
+        for (i, arg) in c.args.iter().enumerate() {
+            match &arg.name {
+                None => {
+                    if seen_keyword {
+                        return Err(self
+                            .err(arg.span(), "a positional argument cannot follow `key = value` arguments")
+                            .with_label("positional after keyword")
+                            .with_help(format!("write it as `{} = ...`", params.get(i).copied().unwrap_or("name"))));
+                    }
+                    if i >= N {
+                        let takes = match N {
+                            0 => format!("`{}` takes no arguments", c.name),
+                            1 => format!("`{}` takes 1 argument ({})", c.name, one_of(params)),
+                            _ => format!("`{}` takes at most {N} arguments ({})", c.name, one_of(params)),
+                        };
+                        return Err(self.err(arg.span(), format!("{takes}, got {}", c.args.len())).with_label("extra argument"));
+                    }
+                    out[i] = Some(&arg.value);
+                }
+                Some(key) => {
+                    seen_keyword = true;
+                    let Some(idx) = params.iter().position(|p| *p == key.name) else {
+                        let d = self
+                            .err(key.span, format!("unknown argument `{}` to `{}`", key.name, c.name))
+                            .with_label(format!("`{}` has no such argument", c.name));
+                        return Err(if N == 0 {
+                            d.with_help(format!("`{}` takes no arguments", c.name))
+                        } else if let Some(s) = did_you_mean(&key.name, params.iter().copied()) {
+                            d.with_help(format!("did you mean `{s}`?"))
+                        } else {
+                            d.with_help(format!("`{}` takes {}", c.name, one_of(params)))
+                        });
+                    };
+                    if out[idx].is_some() {
+                        return Err(self
+                            .err(key.span, format!("argument `{}` given twice", key.name))
+                            .with_label("repeated argument"));
+                    }
+                    out[idx] = Some(&arg.value);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn required_arg<'a>(&self, arg: Option<&'a Expr>, c: &CallView, name: &str, example: &str) -> Result<&'a Expr> {
+        arg.ok_or_else(|| {
+            self.err(c.span, format!("`{}` needs `{name}`", c.name))
+                .with_label(format!("missing `{name}`"))
+                .with_help(format!("e.g. `{example}`"))
+        })
+    }
+
+    /// Evaluates a numeric expression; bare names refer to the model's numeric fields.
+    fn eval(&self, e: &Expr, what: &str, env: &Env) -> Result<f64> {
+        let v = match &e.kind {
+            ExprKind::Number(n) => n.value,
+            ExprKind::Neg(x) => -self.eval(x, what, env)?,
+            ExprKind::Binary { op, lhs, rhs } => {
+                let (a, b) = (self.eval(lhs, what, env)?, self.eval(rhs, what, env)?);
+                match op {
+                    BinOp::Add => a + b,
+                    BinOp::Sub => a - b,
+                    BinOp::Mul => a * b,
+                    BinOp::Div => {
+                        if b == 0.0 {
+                            return Err(self.err(rhs.span, "division by zero").with_label("this is 0"));
+                        }
+                        a / b
+                    }
+                }
+            }
+            ExprKind::Ident(name) => match env.get(name) {
+                Some(v) => *v,
+                None => {
+                    let d = self
+                        .err(e.span, format!("`{what}` must be a number, found `{name}`"))
+                        .with_label("not a number");
+                    return Err(if MODEL_FIELDS.contains(&name.as_str()) {
+                        d.with_help(format!("arithmetic may use model fields written as plain numbers; `{name}` is not one here"))
+                    } else if let Some(s) = did_you_mean(name, env.keys().map(String::as_str)) {
+                        d.with_help(format!("did you mean `{s}`?"))
+                    } else {
+                        d
+                    });
+                }
+            },
+            _ => {
+                return Err(self
+                    .err(e.span, format!("`{what}` must be a number, found {}", e.describe()))
+                    .with_label("expected a number"))
+            }
+        };
+        if !v.is_finite() {
+            return Err(self.err(e.span, format!("`{what}` is not a finite number")).with_label("too large"));
+        }
+        Ok(v)
+    }
+
+    fn float_where(&self, e: &Expr, what: &str, env: &Env, ok: impl Fn(f64) -> bool, rule: &str) -> Result<f64> {
+        let v = self.eval(e, what, env)?;
+        if !ok(v) {
+            return Err(self.err(e.span, format!("`{what}` {rule}, found {v}")).with_label(rule.to_string()));
+        }
+        Ok(v)
+    }
+
+    fn opt_float(
+        &self,
+        e: Option<&Expr>,
+        what: &str,
+        env: &Env,
+        default: f64,
+        ok: impl Fn(f64) -> bool,
+        rule: &str,
+    ) -> Result<f64> {
+        match e {
+            Some(e) => self.float_where(e, what, env, ok, rule),
+            None => Ok(default),
+        }
+    }
+
+    /// A whole number ≥ 0.
+    fn uint(&self, e: &Expr, what: &str, env: &Env) -> Result<usize> {
+        let v = self.eval(e, what, env)?;
+        if v < 0.0 {
+            return Err(self.err(e.span, format!("`{what}` must not be negative, found {v}")).with_label("negative"));
+        }
+        if v.fract() != 0.0 {
+            return Err(self
+                .err(e.span, format!("`{what}` must be a whole number, found {v}"))
+                .with_label("not a whole number"));
+        }
+        if v >= MAX_EXACT || v > usize::MAX as f64 {
+            return Err(self.err(e.span, format!("`{what}` is too large")).with_label("too large"));
+        }
+        Ok(v as usize)
+    }
+
+    /// A whole number ≥ 1.
+    fn positive(&self, e: &Expr, what: &str, env: &Env) -> Result<usize> {
+        let v = self.uint(e, what, env)?;
+        if v == 0 {
+            return Err(self.err(e.span, format!("`{what}` must be at least 1, found 0")).with_label("must be at least 1"));
+        }
+        Ok(v)
+    }
+
+    /// A seed: any whole number that fits in 64 bits, kept exact when written as a literal.
+    fn seed(&self, e: &Expr, what: &str, env: &Env) -> Result<u64> {
+        if let ExprKind::Number(n) = &e.kind {
+            if let Some(i) = n.int {
+                return Ok(i);
+            }
+        }
+        Ok(self.uint(e, what, env)? as u64)
+    }
+
+    fn boolean(&self, e: &Expr, what: &str) -> Result<bool> {
+        match &e.kind {
+            ExprKind::Bool(b) => Ok(*b),
+            _ => Err(self
+                .err(e.span, format!("`{what}` must be `true` or `false`, found {}", e.describe()))
+                .with_label("expected `true` or `false`")),
+        }
+    }
+
+    fn string(&self, e: &Expr, what: &str) -> Result<String> {
+        match &e.kind {
+            ExprKind::Str(s) => Ok(s.clone()),
+            _ => Err(self
+                .err(e.span, format!("`{what}` must be a string, found {}", e.describe()))
+                .with_label("expected a quoted path")
+                .with_help("e.g. \"data/input.txt\"")),
+        }
+    }
+
+    /// A bare name among `options`.
+    fn enum_of<T: Copy>(&self, e: &Expr, what: &str, options: &[(&str, T)]) -> Result<T> {
+        let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+        match &e.kind {
+            ExprKind::Ident(name) => match options.iter().find(|(n, _)| n == name) {
+                Some((_, v)) => Ok(*v),
+                None => {
+                    let d = self
+                        .err(e.span, format!("unknown {what} `{name}`"))
+                        .with_label(format!("expected {}", one_of(&names)));
+                    Err(match did_you_mean(name, names.iter().copied()) {
+                        Some(s) => d.with_help(format!("did you mean `{s}`?")),
+                        None => d.with_help(format!("`{what}` is one of {}", one_of(&names))),
+                    })
+                }
+            },
+            _ => {
+                let d = self
+                    .err(e.span, format!("`{what}` must be one of {}, found {}", one_of(&names), e.describe()))
+                    .with_label(format!("expected {}", one_of(&names)));
+                Err(match &e.kind {
+                    ExprKind::Str(s) if names.contains(&s.as_str()) => d.with_help(format!("write it without quotes: `{s}`")),
+                    _ => d,
+                })
+            }
+        }
+    }
+}
+
+/// Default hidden width: Llama's rule for SwiGLU (⌊8·dim/3⌋ rounded up to a multiple of 64, so that
+/// the three matrices hold about as many weights as a 4·dim two-matrix FFN), 4·dim otherwise.
+pub fn default_hidden(activation: Activation, dim: usize) -> usize {
+    match activation {
+        Activation::SwiGlu => (8 * dim / 3).div_ceil(64) * 64,
+        Activation::Gelu | Activation::Relu => 4 * dim,
+    }
+}
+
+/// The divisor of `n` closest to `near` (for "try ..." hints).
+fn divisor_near(n: usize, near: usize) -> usize {
+    (1..=n.min(1 << 20)).filter(|d| n % d == 0).min_by_key(|d| d.abs_diff(near)).unwrap_or(1)
+}
+
+fn gate_name(g: &Gate) -> &'static str {
+    match g {
+        Gate::Softmax { .. } => "softmax",
+        Gate::Sigmoid => "sigmoid",
+        Gate::NoisyTopK { .. } => "noisy_top_k",
+        Gate::Switch => "switch",
+        Gate::ExpertChoice { .. } => "expert_choice",
+        Gate::Sinkhorn { .. } => "sinkhorn",
+        Gate::Auction { .. } => "auction",
+    }
+}
+
+fn io_reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file or directory".into(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".into(),
+        _ => e.to_string(),
+    }
+}
