@@ -318,3 +318,8 @@ impl<'g> Executor<'g> {
         Ok(bytemuck::pod_collect_to_vec(&self.read_bytes(name)?))
     }
 }
+
+pub mod checkpoint;
+pub mod data;
+pub mod metrics;
+pub mod schedule;
