@@ -1,1 +1,229 @@
-fn main() {}
+//! `moec`: compile a `.moe` Mixture-of-Experts spec to fused WGSL kernels and run it on any GPU.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use miette::{Context, IntoDiagnostic, Result};
+use moec_compiler::emit::Target;
+use moec_compiler::fuse::{self, FuseOptions, Fused};
+use moec_compiler::ir::Graph;
+use moec_compiler::plan::Plan;
+use moec_compiler::spec::Spec;
+use moec_compiler::{check, emit, lower};
+use moec_runtime::{AdapterChoice, Gpu};
+use std::path::{Path, PathBuf};
+
+mod forward;
+
+#[derive(Parser)]
+#[command(name = "moec", version, about = "Compile a Mixture-of-Experts spec to fused GPU kernels and run it through wgpu")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone, Default)]
+struct AdapterArgs {
+    /// Adapter to use: a case-insensitive part of its name as `moec devices` prints it. Without it,
+    /// wgpu's WGPU_ADAPTER_NAME / WGPU_BACKEND / WGPU_POWER_PREF apply.
+    #[arg(long, value_name = "NAME")]
+    adapter: Option<String>,
+}
+
+impl AdapterArgs {
+    fn open(&self) -> Result<Gpu> {
+        Gpu::new(&AdapterChoice { name: self.adapter.clone() }).into_diagnostic()
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a spec and print what it will cost: parameters, FLOPs, memory against the adapter.
+    Check {
+        spec: PathBuf,
+        /// Skip opening a GPU; compare memory against wgpu's portable default limits instead.
+        #[arg(long)]
+        no_device: bool,
+        #[command(flatten)]
+        adapter: AdapterArgs,
+    },
+    /// Compile a spec: kernels (*.wgsl), plan.json, ir.txt, fused.txt and graph.dot into DIR.
+    Build {
+        spec: PathBuf,
+        #[arg(short, long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// One kernel per op, for comparison.
+        #[arg(long)]
+        no_fuse: bool,
+        /// Print pipeline stages to stdout (comma separated).
+        #[arg(long, value_delimiter = ',', value_name = "STAGES")]
+        emit: Vec<Stage>,
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Compile for this adapter's limits and matmul schedule (default: portable baseline, no GPU needed).
+        #[arg(long, value_name = "NAME")]
+        adapter: Option<String>,
+    },
+    /// Run the forward pass of a spec on the GPU for one seeded batch and compare it with the
+    /// reference interpreter.
+    Forward {
+        spec: PathBuf,
+        #[arg(long)]
+        batch: Option<usize>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        no_fuse: bool,
+        #[command(flatten)]
+        adapter: AdapterArgs,
+    },
+    /// List the GPU adapters wgpu can see, with backend and device type.
+    Devices,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Stage {
+    Ast,
+    Spec,
+    Ir,
+    Fused,
+    Wgsl,
+}
+
+/// The spec, checked, with the path and text it came from.
+pub struct Loaded {
+    pub path: PathBuf,
+    pub source: String,
+    pub spec: Spec,
+}
+
+pub fn load(path: &Path) -> Result<Loaded> {
+    let source = std::fs::read_to_string(path).into_diagnostic().wrap_err_with(|| format!("cannot read spec `{}`", path.display()))?;
+    let spec = check::check(&source, path)?;
+    Ok(Loaded { path: path.to_path_buf(), source, spec })
+}
+
+pub fn batch_of(spec: &Spec, batch: Option<usize>) -> usize {
+    batch.or(spec.train.as_ref().map(|t| t.batch)).unwrap_or(1)
+}
+
+/// Spec → Graph → kernel groups → Plan: the whole compiler, as every command runs it.
+pub struct Compiled {
+    pub graph: Graph,
+    pub fused: Fused,
+    pub plan: Plan,
+}
+
+pub fn compile(spec: &Spec, batch: usize, target: &Target, fusion: bool) -> Result<Compiled> {
+    let graph = lower::lower(spec, batch).into_diagnostic()?;
+    let options = if fusion { FuseOptions::for_target(target) } else { FuseOptions::unfused(target) };
+    let fused = fuse::fuse(&graph, options);
+    let plan = emit::emit(&graph, &fused, target).into_diagnostic()?;
+    Ok(Compiled { graph, fused, plan })
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { spec, no_device, adapter } => {
+            let loaded = load(&spec)?;
+            let (target, adapter_name) = if no_device {
+                (Target::default(), "wgpu default limits".to_string())
+            } else {
+                let gpu = adapter.open()?;
+                (gpu.target(), gpu.info.to_string())
+            };
+            let stats = moec_compiler::stats::stats(&loaded.spec);
+            println!("{} ({}): ok", loaded.spec.name, spec.display());
+            print!("{stats}");
+            let (largest, largest_bytes) = &stats.memory.largest_tensor;
+            if *largest_bytes > target.max_storage_binding_size {
+                miette::bail!(
+                    "the largest tensor, {largest}, needs {} in one storage binding, but {adapter_name} allows {} ({} over)",
+                    human_bytes(*largest_bytes),
+                    human_bytes(target.max_storage_binding_size),
+                    human_bytes(*largest_bytes - target.max_storage_binding_size)
+                );
+            }
+            println!("fits {adapter_name}: largest tensor {} of {} per binding", human_bytes(*largest_bytes), human_bytes(target.max_storage_binding_size));
+            Ok(())
+        }
+        Command::Build { spec, out, no_fuse, emit, batch, adapter } => {
+            let loaded = load(&spec)?;
+            let batch = batch_of(&loaded.spec, batch);
+            let target = match adapter {
+                Some(name) => Gpu::new(&AdapterChoice { name: Some(name) }).into_diagnostic()?.target(),
+                None => Target::default(),
+            };
+            if emit.contains(&Stage::Ast) {
+                println!("{:#?}", moec_grammar::parse(&loaded.source)?);
+            }
+            if emit.contains(&Stage::Spec) {
+                println!("{}", serde_json::to_string_pretty(&loaded.spec).into_diagnostic()?);
+            }
+            let compiled = compile(&loaded.spec, batch, &target, !no_fuse)?;
+            if emit.contains(&Stage::Ir) {
+                print!("{}", compiled.graph.dump());
+            }
+            if emit.contains(&Stage::Fused) {
+                print!("{}", compiled.fused.dump(&compiled.graph));
+            }
+            if emit.contains(&Stage::Wgsl) {
+                for k in &compiled.plan.kernels {
+                    println!("// ---- {}.wgsl\n{}", k.name, k.wgsl);
+                }
+            }
+            let unfused = if no_fuse { compiled.plan.dispatches.len() } else { compile(&loaded.spec, batch, &target, false)?.plan.dispatches.len() };
+            if let Some(dir) = &out {
+                write_build(dir, &compiled).wrap_err_with(|| format!("writing build output to `{}`", dir.display()))?;
+            }
+            println!(
+                "{}: {} ops -> {} dispatches fused, {} unfused ({} distinct kernels){}",
+                loaded.spec.name,
+                compiled.graph.g.node_count(),
+                if no_fuse { unfused } else { compiled.plan.dispatches.len() },
+                unfused,
+                compiled.plan.kernels.len(),
+                out.map(|d| format!("; wrote {}", d.display())).unwrap_or_default()
+            );
+            Ok(())
+        }
+        Command::Forward { spec, batch, seed, no_fuse, adapter } => {
+            let loaded = load(&spec)?;
+            let gpu = adapter.open()?;
+            forward::run(&loaded, batch_of(&loaded.spec, batch), seed, !no_fuse, &gpu)
+        }
+        Command::Devices => {
+            let adapters = moec_runtime::list_adapters();
+            if adapters.is_empty() {
+                println!("no adapters found; on a machine without a GPU install Mesa's software Vulkan (apt-get install mesa-vulkan-drivers)");
+            }
+            for (i, a) in adapters.iter().enumerate() {
+                println!("{i}: {a}");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn human_bytes(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < units.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", units[unit]) }
+}
+
+fn write_build(dir: &Path, compiled: &Compiled) -> Result<()> {
+    let kernels = dir.join("kernels");
+    std::fs::create_dir_all(&kernels).into_diagnostic()?;
+    for k in &compiled.plan.kernels {
+        std::fs::write(kernels.join(format!("{}.wgsl", k.name)), &k.wgsl).into_diagnostic()?;
+    }
+    std::fs::write(dir.join("plan.json"), serde_json::to_string_pretty(&compiled.plan).into_diagnostic()?).into_diagnostic()?;
+    std::fs::write(dir.join("ir.txt"), compiled.graph.dump()).into_diagnostic()?;
+    std::fs::write(dir.join("fused.txt"), compiled.fused.dump(&compiled.graph)).into_diagnostic()?;
+    std::fs::write(dir.join("graph.dot"), compiled.graph.dot()).into_diagnostic()?;
+    Ok(())
+}
