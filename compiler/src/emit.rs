@@ -1,0 +1,263 @@
+//! Emit: kernel groups → naga-validated WGSL + [`Plan`].
+//!
+//! One compute shader per [`Group`] (identical shaders are shared by several dispatches). Shapes are
+//! baked in as constants, so a dispatch binds only storage buffers. Kernel generators live in
+//! [`kernels`]; fixed-function kernels (tiled matmul, routing, top-k, cross-entropy) are hand-written
+//! templates in `shaders/` that read constants and bindings the generator declares in front of them.
+//!
+//! Buffer plan: Params and Inputs get their roles, graph outputs get `Output` buffers, `Reshape` is
+//! free (it aliases its operand's buffer), and every other materialised value gets a `Scratch` buffer
+//! that is reused, by exact size, once the last dispatch reading its previous value has run. A
+//! dispatch never binds one buffer both for reading and writing, because a group's outputs are
+//! allocated before the buffers of its dead inputs are released.
+//!
+//! Grids: every kernel computes a linear workgroup index from a grid folded into x/y/z (each at most
+//! `target.max_workgroups_per_dim`) and bounds-checks it.
+
+use serde::{Deserialize, Serialize};
+
+mod kernels;
+
+use crate::fuse::{base, Fused};
+use crate::ir::{DType, Graph, NodeId, Op};
+use crate::plan::{BufferId, BufferRole, BufferSpec, Dispatch, Kernel, Plan};
+use std::collections::HashMap;
+
+/// What the emitter needs to know about the adapter it compiles for. The runtime fills it from the
+/// wgpu adapter; `Target::default()` is the portable baseline (wgpu's default limits) used by
+/// `moec build` when no adapter is named and by the snapshot tests, so snapshots never depend on the
+/// machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Target {
+    pub max_storage_buffers_per_stage: u32,
+    pub max_storage_binding_size: u64,
+    pub max_workgroups_per_dim: u32,
+    pub max_invocations_per_workgroup: u32,
+    pub max_workgroup_storage_bytes: u32,
+    pub matmul: MatmulVariant,
+}
+
+/// Matmul schedule. DESIGN.md: on lavapipe (a CPU) a register-blocked kernel with no workgroup memory
+/// is ~16x faster than a shared-memory tile; real GPUs want the tile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MatmulVariant {
+    RegisterBlocked,
+    SharedTiled,
+}
+
+impl Default for Target {
+    fn default() -> Self {
+        Target {
+            max_storage_buffers_per_stage: 8,
+            max_storage_binding_size: 128 << 20,
+            max_workgroups_per_dim: 65535,
+            max_invocations_per_workgroup: 256,
+            max_workgroup_storage_bytes: 16384,
+            matmul: MatmulVariant::SharedTiled,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EmitError {
+    #[error("kernel `{kernel}` failed WGSL validation:\n{message}")]
+    Invalid { kernel: String, message: String },
+    #[error("buffer `{label}` needs {size} bytes but the adapter binds at most {limit} per storage buffer")]
+    BindingTooLarge { label: String, size: u64, limit: u64 },
+    #[error("kernel `{kernel}` binds {count} storage buffers but the adapter allows {limit} per stage")]
+    TooManyBindings { kernel: String, count: usize, limit: u32 },
+    #[error("kernel `{kernel}` needs {workgroups} workgroups, more than a {limit}³ grid holds")]
+    GridTooLarge { kernel: String, workgroups: u64, limit: u32 },
+}
+
+/// What a kernel generator hands back: the shader, the buffers it binds (by owning node, in binding
+/// order, with write flags) and its folded grid.
+pub(crate) struct KernelSrc {
+    pub wgsl: String,
+    pub bindings: Vec<(NodeId, bool)>,
+    pub workgroups: [u32; 3],
+}
+
+/// Parses and validates WGSL with naga, as wgpu will when it creates the pipeline.
+pub fn validate_wgsl(wgsl: &str) -> Result<(), String> {
+    let module = naga::front::wgsl::parse_str(wgsl).map_err(|e| e.emit_to_string(wgsl))?;
+    naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::empty())
+        .validate(&module)
+        .map_err(|e| e.emit_to_string(wgsl))?;
+    Ok(())
+}
+
+/// A materialised value's buffer request, before scratch reuse.
+struct Value {
+    node: NodeId,
+    role: BufferRole,
+    size: u64,
+    dtype: DType,
+    /// Dispatch that writes it (`None` for Params and Inputs, written by the host).
+    def: Option<usize>,
+    /// Last dispatch that reads it.
+    last_use: Option<usize>,
+}
+
+/// Compiles the fused groups of `graph` into a [`Plan`] for `target`.
+pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitError> {
+    // 1. Kernel sources, in dispatch order.
+    let mut srcs: Vec<(String, KernelSrc)> = Vec::new();
+    for (gi, group) in fused.groups.iter().enumerate() {
+        let name = kernel_name(graph, gi, group.nodes[0]);
+        let src = kernels::group_kernel(graph, group, target).map_err(|e| e.named(&name))?;
+        srcs.push((name, src));
+    }
+    // Graph outputs that are Params/Inputs, or a second name for an already named value, get a copy.
+    let mut output_name: HashMap<NodeId, (String, Vec<usize>)> = HashMap::new();
+    let mut copies: Vec<(String, NodeId)> = Vec::new();
+    for (name, id) in &graph.outputs {
+        let b = base(graph, *id);
+        let free = graph.node(b).op.is_free();
+        if free || output_name.contains_key(&b) {
+            let name_k = format!("{:03}_copy_{}", srcs.len(), sanitize(name));
+            let src = kernels::copy_kernel(graph, *id, target).map_err(|e| e.named(&name_k))?;
+            // The copy kernel writes a value owned by no node; it is keyed by the output's node, made
+            // unique below through `copies`.
+            copies.push((name.clone(), *id));
+            srcs.push((name_k, src));
+        } else {
+            output_name.insert(b, (name.clone(), graph.ty(*id).shape.clone()));
+        }
+    }
+
+    // 2. Values and their lifetimes. Copies write fresh Output buffers keyed by their index.
+    let mut values: Vec<Value> = Vec::new();
+    let mut value_of: HashMap<NodeId, usize> = HashMap::new();
+    for (id, name, ty) in graph.params() {
+        let init = match &graph.node(id).op {
+            Op::Param { init, .. } => *init,
+            _ => unreachable!("Graph::params lists Param nodes"),
+        };
+        value_of.insert(id, values.len());
+        values.push(Value { node: id, role: BufferRole::Param { name, shape: ty.shape.clone(), init }, size: ty.size_bytes() as u64, dtype: ty.dtype, def: None, last_use: None });
+    }
+    for (id, name, ty) in graph.data_inputs() {
+        value_of.insert(id, values.len());
+        values.push(Value { node: id, role: BufferRole::Input { name, shape: ty.shape.clone() }, size: ty.size_bytes() as u64, dtype: ty.dtype, def: None, last_use: None });
+    }
+    let n_groups = fused.groups.len();
+    let mut dispatch_values: Vec<Vec<usize>> = Vec::with_capacity(srcs.len());
+    for (di, (_, src)) in srcs.iter().enumerate() {
+        let mut vs = Vec::with_capacity(src.bindings.len());
+        for (slot, &(node, writes)) in src.bindings.iter().enumerate() {
+            let v = if writes && di >= n_groups {
+                // A copy kernel's destination: always a fresh Output buffer.
+                let (name, id) = &copies[di - n_groups];
+                let ty = graph.ty(*id);
+                values.push(Value { node, role: BufferRole::Output { name: name.clone(), shape: ty.shape.clone() }, size: ty.size_bytes() as u64, dtype: ty.dtype, def: Some(di), last_use: None });
+                values.len() - 1
+            } else if writes {
+                let ty = graph.ty(node);
+                let role = match output_name.get(&node) {
+                    Some((name, shape)) => BufferRole::Output { name: name.clone(), shape: shape.clone() },
+                    None => BufferRole::Scratch,
+                };
+                values.push(Value { node, role, size: ty.size_bytes() as u64, dtype: ty.dtype, def: Some(di), last_use: None });
+                value_of.insert(node, values.len() - 1);
+                values.len() - 1
+            } else {
+                let v = *value_of.get(&node).ok_or_else(|| EmitError::Invalid {
+                    kernel: srcs[di].0.clone(),
+                    message: format!("binding {slot} reads %{} before any dispatch writes it", node.index()),
+                })?;
+                values[v].last_use = Some(di);
+                v
+            };
+            vs.push(v);
+        }
+        dispatch_values.push(vs);
+    }
+
+    // 3. Buffers: one per Param/Input/Output value; Scratch values share buffers by exact size once dead.
+    let mut buffers: Vec<BufferSpec> = Vec::new();
+    let mut buffer_of: Vec<Option<BufferId>> = vec![None; values.len()];
+    let new_buffer = |buffers: &mut Vec<BufferSpec>, v: &Value| {
+        buffers.push(BufferSpec { size: v.size.max(4), dtype: v.dtype, role: v.role.clone(), label: graph.node(v.node).label.clone() });
+        buffers.len() - 1
+    };
+    for (vi, v) in values.iter().enumerate() {
+        if v.def.is_none() {
+            buffer_of[vi] = Some(new_buffer(&mut buffers, v));
+        }
+    }
+    let mut free: HashMap<u64, Vec<BufferId>> = HashMap::new();
+    let mut dying: Vec<Vec<usize>> = vec![Vec::new(); srcs.len()];
+    for (vi, v) in values.iter().enumerate() {
+        if let (Some(def), BufferRole::Scratch) = (v.def, &v.role) {
+            dying[v.last_use.unwrap_or(def).max(def)].push(vi);
+        }
+    }
+    for (di, vs) in dispatch_values.iter().enumerate() {
+        for &vi in vs {
+            let v = &values[vi];
+            if v.def != Some(di) || buffer_of[vi].is_some() {
+                continue;
+            }
+            let reused = match v.role {
+                BufferRole::Scratch => free.get_mut(&v.size.max(4)).and_then(|pool| pool.pop()),
+                _ => None,
+            };
+            buffer_of[vi] = Some(match reused {
+                Some(b) => {
+                    buffers[b].label.push_str(&format!(" | {}", graph.node(v.node).label));
+                    b
+                }
+                None => new_buffer(&mut buffers, v),
+            });
+        }
+        for &vi in &dying[di] {
+            if let Some(b) = buffer_of[vi] {
+                free.entry(buffers[b].size).or_default().push(b);
+            }
+        }
+    }
+    for b in &buffers {
+        if b.size > target.max_storage_binding_size {
+            return Err(EmitError::BindingTooLarge { label: b.label.clone(), size: b.size, limit: target.max_storage_binding_size });
+        }
+    }
+
+    // 4. Kernels (validated, deduplicated by source) and dispatches.
+    let mut kernels: Vec<Kernel> = Vec::new();
+    let mut kernel_of: HashMap<String, usize> = HashMap::new();
+    let mut dispatches = Vec::with_capacity(srcs.len());
+    for ((name, src), vs) in srcs.into_iter().zip(dispatch_values) {
+        if src.bindings.len() > target.max_storage_buffers_per_stage as usize {
+            return Err(EmitError::TooManyBindings { kernel: name, count: src.bindings.len(), limit: target.max_storage_buffers_per_stage });
+        }
+        let writes: Vec<bool> = src.bindings.iter().map(|(_, w)| *w).collect();
+        let key = format!("{writes:?}\n{}", src.wgsl);
+        let kernel = match kernel_of.get(&key) {
+            Some(&k) => k,
+            None => {
+                validate_wgsl(&src.wgsl).map_err(|message| EmitError::Invalid { kernel: name.clone(), message })?;
+                kernels.push(Kernel { name, wgsl: src.wgsl, entry_point: "main".into(), writes });
+                kernel_of.insert(key, kernels.len() - 1);
+                kernels.len() - 1
+            }
+        };
+        let bindings = vs.iter().map(|&vi| buffer_of[vi].expect("every bound value has a buffer")).collect();
+        dispatches.push(Dispatch { kernel, bindings, workgroups: src.workgroups });
+    }
+    Ok(Plan { buffers, kernels, dispatches })
+}
+
+/// `003_matmul_blocks_0_attn_q`: dispatch index, anchor op, anchor label.
+fn kernel_name(graph: &Graph, index: usize, anchor: NodeId) -> String {
+    let node = graph.node(anchor);
+    format!("{index:03}_{}_{}", node.op.mnemonic(), sanitize(&node.label))
+}
+
+fn sanitize(label: &str) -> String {
+    let s: String = label.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).collect();
+    s.chars().take(48).collect()
+}
+
+#[cfg(test)]
+mod tests;

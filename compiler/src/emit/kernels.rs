@@ -1,0 +1,699 @@
+//! WGSL generators, one per [`GroupKind`] and per composite op.
+//!
+//! Every kernel has the same frame: constants (shapes and the folded grid `GX`, `GY`), the storage
+//! bindings `@group(0) @binding(i)`, the prelude (`shaders/prelude.wgsl`), then the body. Bodies are
+//! produced by walking the group's nodes: each elementwise node becomes one `let v<id> = ...;`, an
+//! operand from outside the group becomes a load with a broadcasting index.
+
+use super::{EmitError, KernelSrc, MatmulVariant, Target};
+use crate::fuse::{base, Group, GroupKind};
+use crate::ir::{BinaryOp, Graph, NodeId, Op, ReduceOp, RouteLayout, UnaryOp};
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write;
+
+const PRELUDE: &str = include_str!("../../../shaders/prelude.wgsl");
+const MATMUL_TILED: &str = include_str!("../../../shaders/matmul_tiled.wgsl");
+const MOE_ROUTE: &str = include_str!("../../../shaders/moe_route.wgsl");
+const TOPK: &str = include_str!("../../../shaders/topk.wgsl");
+const CROSS_ENTROPY: &str = include_str!("../../../shaders/cross_entropy.wgsl");
+
+/// Invocations per workgroup of one-invocation-per-element kernels.
+const WG: u32 = 256;
+/// Rows × columns of the output block one invocation of the register-blocked matmul holds.
+const RB_TM: usize = 8;
+const RB_TN: usize = 8;
+/// Invocations per workgroup of the register-blocked matmul.
+const RB_WG: u32 = 64;
+/// Invocations per row of the workgroup-per-row reduction (SharedTiled targets).
+const ROW_THREADS: u32 = 64;
+
+/// A grid that does not fit the target; named by the caller.
+pub(crate) struct GridError {
+    workgroups: u64,
+    limit: u32,
+}
+
+impl GridError {
+    pub(crate) fn named(self, kernel: &str) -> EmitError {
+        EmitError::GridTooLarge { kernel: kernel.to_string(), workgroups: self.workgroups, limit: self.limit }
+    }
+}
+
+/// Folds a linear count of workgroups into `[x, y, z]`, each at most the target's limit. Kernels
+/// recompute the linear index as `x + y·GX + z·GX·GY` and bounds-check it.
+pub(crate) fn fold(total: u64, target: &Target) -> Result<[u32; 3], GridError> {
+    let max = u64::from(target.max_workgroups_per_dim.max(1));
+    let total = total.max(1);
+    let x = total.min(max);
+    let rest = total.div_ceil(x);
+    let y = rest.min(max);
+    let z = rest.div_ceil(y);
+    if z > max {
+        return Err(GridError { workgroups: total, limit: target.max_workgroups_per_dim });
+    }
+    Ok([x as u32, y as u32, z as u32])
+}
+
+/// Storage bindings of one kernel, in binding order; reads are deduplicated by owning buffer.
+struct Binder<'g> {
+    graph: &'g Graph,
+    slots: Vec<(NodeId, bool, String)>,
+}
+
+impl<'g> Binder<'g> {
+    fn new(graph: &'g Graph) -> Self {
+        Binder { graph, slots: Vec::new() }
+    }
+
+    /// Name of the read-only binding holding `operand` (its Reshape base's buffer).
+    fn read(&mut self, operand: NodeId) -> String {
+        let b = base(self.graph, operand);
+        if let Some((_, _, name)) = self.slots.iter().find(|(n, w, _)| *n == b && !*w) {
+            return name.clone();
+        }
+        let name = format!("b{}", self.slots.len());
+        self.slots.push((b, false, name.clone()));
+        name
+    }
+
+    fn read_as(&mut self, operand: NodeId, name: &str) {
+        let b = base(self.graph, operand);
+        self.slots.push((b, false, name.to_string()));
+    }
+
+    fn write(&mut self, node: NodeId) -> String {
+        if let Some((_, _, name)) = self.slots.iter().find(|(n, w, _)| *n == node && *w) {
+            return name.clone();
+        }
+        let name = format!("b{}", self.slots.len());
+        self.slots.push((node, true, name.clone()));
+        name
+    }
+
+    fn write_as(&mut self, node: NodeId, name: &str) {
+        self.slots.push((node, true, name.to_string()));
+    }
+
+    /// Assembles constants, bindings, prelude and body into a kernel.
+    fn finish(self, consts: &[(&str, u64)], body: &str, workgroups: [u32; 3]) -> KernelSrc {
+        let mut s = String::new();
+        for (name, value) in consts {
+            let _ = writeln!(s, "const {name}: u32 = {value}u;");
+        }
+        let _ = writeln!(s, "const GX: u32 = {}u;\nconst GY: u32 = {}u;", workgroups[0], workgroups[1]);
+        for (i, (node, writes, name)) in self.slots.iter().enumerate() {
+            let access = if *writes { "read_write" } else { "read" };
+            let ty = self.graph.ty(*node).dtype.wgsl();
+            let _ = writeln!(s, "@group(0) @binding({i}) var<storage, {access}> {name}: array<{ty}>;");
+        }
+        s.push_str(PRELUDE);
+        s.push('\n');
+        s.push_str(body);
+        KernelSrc { wgsl: s, bindings: self.slots.into_iter().map(|(n, w, _)| (n, w)).collect(), workgroups }
+    }
+}
+
+/// f32 literal that WGSL parses back to the same value.
+fn lit(x: f32) -> String {
+    if x.is_finite() {
+        format!("{x:?}f")
+    } else {
+        format!("bitcast<f32>({}u)", x.to_bits())
+    }
+}
+
+/// Index into a tensor of shape `src` broadcast (numpy rules) over `domain`, at linear index `lin`
+/// of `domain`. Runs of axes that are not broadcast collapse into one div/mod term.
+pub(crate) fn bcast_index(domain: &[usize], src: &[usize], lin: &str) -> String {
+    let n = domain.len();
+    if src.iter().product::<usize>() == 1 {
+        return "0u".into();
+    }
+    if src.len() > n {
+        return lin.to_string();
+    }
+    let pad = n - src.len();
+    let s: Vec<usize> = (0..n).map(|i| if i < pad { 1 } else { src[i - pad] }).collect();
+    if s == domain {
+        return lin.to_string();
+    }
+    let dstride: Vec<usize> = (0..n).map(|i| domain[i + 1..].iter().product()).collect();
+    let sstride: Vec<usize> = (0..n).map(|i| s[i + 1..].iter().product()).collect();
+    let mut terms = Vec::new();
+    let mut i = 0;
+    while i < n {
+        if s[i] != domain[i] {
+            i += 1;
+            continue;
+        }
+        let mut j = i;
+        while j + 1 < n && s[j + 1] == domain[j + 1] {
+            j += 1;
+        }
+        let size: usize = domain[i..=j].iter().product();
+        if size > 1 {
+            let mut t = if dstride[j] == 1 { lin.to_string() } else { format!("({lin} / {}u)", dstride[j]) };
+            if i > 0 {
+                t = format!("({t} % {size}u)");
+            }
+            if sstride[j] != 1 {
+                t = format!("{t} * {}u", sstride[j]);
+            }
+            terms.push(t);
+        }
+        i = j + 1;
+    }
+    if terms.is_empty() {
+        "0u".into()
+    } else {
+        terms.join(" + ")
+    }
+}
+
+/// WGSL expression of an elementwise op applied to operand expressions.
+fn op_expr(op: &Op, a: &[String]) -> String {
+    match op {
+        Op::Affine { mul, add } => format!("({} * {} + {})", a[0], lit(*mul), lit(*add)),
+        Op::Unary(u) => {
+            let x = &a[0];
+            match u {
+                UnaryOp::Neg => format!("(-{x})"),
+                UnaryOp::Exp => format!("exp({x})"),
+                UnaryOp::Log => format!("log({x})"),
+                UnaryOp::Sqrt => format!("sqrt({x})"),
+                UnaryOp::Rsqrt => format!("inverseSqrt({x})"),
+                UnaryOp::Recip => format!("(1.0 / {x})"),
+                UnaryOp::Square => format!("({x} * {x})"),
+                UnaryOp::Tanh => format!("tanh_({x})"),
+                UnaryOp::Relu => format!("max({x}, 0.0)"),
+                UnaryOp::Silu => format!("silu_({x})"),
+                UnaryOp::Gelu => format!("gelu_({x})"),
+                UnaryOp::Sigmoid => format!("sigmoid_({x})"),
+                UnaryOp::Softplus => format!("softplus_({x})"),
+            }
+        }
+        Op::Binary(b) => {
+            let (x, y) = (&a[0], &a[1]);
+            match b {
+                BinaryOp::Add => format!("({x} + {y})"),
+                BinaryOp::Sub => format!("({x} - {y})"),
+                BinaryOp::Mul => format!("({x} * {y})"),
+                BinaryOp::Div => format!("({x} / {y})"),
+                BinaryOp::Max => format!("max({x}, {y})"),
+            }
+        }
+        other => unreachable!("op_expr on non-elementwise {}", other.mnemonic()),
+    }
+}
+
+/// Walks group nodes into `let` statements; operands not in `env` are loaded with broadcasting.
+struct Walker<'g> {
+    graph: &'g Graph,
+}
+
+impl Walker<'_> {
+    fn operand(&self, b: &mut Binder, env: &HashMap<NodeId, String>, q: NodeId, domain: &[usize], lin: &str) -> String {
+        match env.get(&q) {
+            Some(v) => v.clone(),
+            None => format!("{}[{}]", b.read(q), bcast_index(domain, &self.graph.ty(q).shape, lin)),
+        }
+    }
+
+    /// `let v<n> = <op>(operands);` for an elementwise node; records `v<n>` in `env`.
+    fn elementwise(&self, b: &mut Binder, env: &mut HashMap<NodeId, String>, n: NodeId, domain: &[usize], lin: &str, out: &mut String, indent: &str) {
+        let args: Vec<String> = self.graph.inputs(n).into_iter().map(|q| self.operand(b, env, q, domain, lin)).collect();
+        let _ = writeln!(out, "{indent}let v{} = {};", n.index(), op_expr(&self.graph.node(n).op, &args));
+        env.insert(n, format!("v{}", n.index()));
+    }
+}
+
+/// Kernel for one fused group.
+pub(crate) fn group_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc, GridError> {
+    match group.kind {
+        GroupKind::Elementwise => elementwise_kernel(graph, group, target),
+        GroupKind::Row => row_kernel(graph, group, target),
+        GroupKind::Matmul => matmul_kernel(graph, group, target),
+        GroupKind::Single => single_kernel(graph, group.nodes[0], target),
+    }
+}
+
+fn wg_size(target: &Target) -> u32 {
+    WG.min(target.max_invocations_per_workgroup.max(1))
+}
+
+/// Entry point of a kernel with one invocation per linear item `i < total`.
+fn per_item_main(wg: u32, total: usize) -> String {
+    format!(
+        "@compute @workgroup_size({wg})\nfn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{\n    let i = (wid.x + wid.y * GX + wid.z * (GX * GY)) * {wg}u + lid;\n    if (i >= {total}u) {{\n        return;\n    }}\n"
+    )
+}
+
+fn elementwise_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc, GridError> {
+    let wg = wg_size(target);
+    let total: usize = group.domain.iter().product();
+    let mut b = Binder::new(graph);
+    let walker = Walker { graph };
+    let mut env = HashMap::new();
+    let mut body = per_item_main(wg, total);
+    for &n in &group.nodes {
+        walker.elementwise(&mut b, &mut env, n, &group.domain, "i", &mut body, "    ");
+    }
+    for &o in &group.outputs {
+        let name = b.write(o);
+        let _ = writeln!(body, "    {name}[i] = v{};", o.index());
+    }
+    body.push_str("}\n");
+    let grid = fold(total.div_ceil(wg as usize) as u64, target)?;
+    Ok(b.finish(&[], &body, grid))
+}
+
+/// Row kernel: reductions and softmax over the last axis with elementwise prologue and epilogue.
+///
+/// Per-row scalars (`[..., 1]` nodes, reduction results, softmax max/sum) are computed once per row;
+/// full-width nodes are recomputed inside each column loop that needs them (cheap elementwise math
+/// instead of a round trip through memory), and written in a final loop. On register-blocked
+/// (CPU-like) targets one invocation owns a row and loops serially, with no barriers; elsewhere a
+/// workgroup owns a row and reduces through workgroup memory with a fixed tree (deterministic).
+fn row_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc, GridError> {
+    let d = &group.domain;
+    let l = d.last().copied().unwrap_or(1);
+    let rows = d.iter().product::<usize>() / l.max(1);
+    let rshape = {
+        let mut s = d.clone();
+        if let Some(x) = s.last_mut() {
+            *x = 1;
+        }
+        s
+    };
+    let tpr = match target.matmul {
+        MatmulVariant::RegisterBlocked => 1,
+        MatmulVariant::SharedTiled => ROW_THREADS.min(l.next_power_of_two() as u32).min(target.max_invocations_per_workgroup.max(1)),
+    };
+    let (wg, start, step, rows_per_wg) = if tpr == 1 { (64u32.min(target.max_invocations_per_workgroup.max(1)), "0u".to_string(), "1u".to_string(), None) } else { (tpr, "lid".into(), format!("{tpr}u"), Some(())) };
+    let members: HashSet<NodeId> = group.nodes.iter().copied().collect();
+    let is_row = |n: NodeId| match graph.node(n).op {
+        Op::Reduce(_) => true,
+        ref op if op.is_elementwise() => graph.ty(n).shape != *d,
+        _ => false,
+    };
+    let outputs: HashSet<NodeId> = group.outputs.iter().copied().collect();
+    let causal_rows = if d.len() >= 2 { d[d.len() - 2] } else { 1 };
+
+    let mut b = Binder::new(graph);
+    let walker = Walker { graph };
+    let mut body = String::new();
+    if tpr > 1 {
+        let _ = writeln!(body, "var<workgroup> red: array<f32, {tpr}>;\n");
+    }
+    let _ = writeln!(body, "@compute @workgroup_size({wg})\nfn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{");
+    let _ = writeln!(body, "    let wg = wid.x + wid.y * GX + wid.z * (GX * GY);");
+    if rows_per_wg.is_none() {
+        let _ = writeln!(body, "    let row = wg * {wg}u + lid;");
+    } else {
+        let _ = writeln!(body, "    let row = wg;");
+    }
+    let _ = writeln!(body, "    if (row >= {rows}u) {{\n        return;\n    }}");
+    let row_write_guard = if tpr > 1 { "if (lid == 0u) " } else { "" };
+
+    let mut env_row: HashMap<NodeId, String> = HashMap::new();
+    // Softmax nodes whose row max/sum have been computed: (max var, sum var, causal).
+    let mut softmax: HashMap<NodeId, (String, String, bool)> = HashMap::new();
+
+    // Emits a column loop computing `targets` (in-group full nodes or external operands) and calling
+    // `each(values)` on them; returns the loop text.
+    let column_loop = |b: &mut Binder, env_row: &HashMap<NodeId, String>, softmax: &HashMap<NodeId, (String, String, bool)>, targets: &[NodeId], each: &dyn Fn(&[String]) -> String| -> String {
+        let mut needed: HashSet<NodeId> = HashSet::new();
+        let mut stack: Vec<NodeId> = targets.iter().copied().filter(|t| members.contains(t) && !env_row.contains_key(t)).collect();
+        while let Some(x) = stack.pop() {
+            if needed.insert(x) {
+                stack.extend(graph.inputs(x).into_iter().filter(|q| members.contains(q) && !env_row.contains_key(q)));
+            }
+        }
+        let mut s = format!("    for (var c = {start}; c < {l}u; c = c + {step}) {{\n        let lin = row * {l}u + c;\n");
+        let mut env = env_row.clone();
+        for &n in group.nodes.iter().filter(|n| needed.contains(n)) {
+            match &graph.node(n).op {
+                Op::Softmax { .. } => {
+                    let x = walker.operand(b, &env, graph.inputs(n)[0], d, "lin");
+                    let (m, sum, causal) = &softmax[&n];
+                    let valid = if *causal { format!("c <= (row % {causal_rows}u) % {l}u") } else { "true".into() };
+                    let _ = writeln!(s, "        let v{} = select(0.0, exp({x} - {m}) / {sum}, {valid});", n.index());
+                    env.insert(n, format!("v{}", n.index()));
+                }
+                _ => walker.elementwise(b, &mut env, n, d, "lin", &mut s, "        "),
+            }
+        }
+        let vals: Vec<String> = targets.iter().map(|&t| walker.operand(b, &env, t, d, "lin")).collect();
+        s += &each(&vals);
+        s += "    }\n";
+        s
+    };
+    // Reduces `acc` (per-invocation partial) across the workgroup into `let <name>`.
+    let finish_reduce = |name: &str, acc: &str, combine: &dyn Fn(&str, &str) -> String| -> String {
+        if tpr == 1 {
+            return format!("    let {name} = {acc};\n");
+        }
+        format!(
+            "    red[lid] = {acc};\n    workgroupBarrier();\n    for (var s = {half}u; s > 0u; s = s >> 1u) {{\n        if (lid < s) {{\n            red[lid] = {comb};\n        }}\n        workgroupBarrier();\n    }}\n    let {name} = red[0];\n    workgroupBarrier();\n",
+            half = tpr / 2,
+            comb = combine("red[lid]", "red[lid + s]")
+        )
+    };
+    let add = |x: &str, y: &str| format!("{x} + {y}");
+    let max = |x: &str, y: &str| format!("max({x}, {y})");
+
+    for &n in &group.nodes {
+        let id = n.index();
+        match &graph.node(n).op {
+            op if op.is_elementwise() => {
+                if is_row(n) {
+                    walker.elementwise(&mut b, &mut env_row, n, &rshape, "row", &mut body, "    ");
+                }
+            }
+            Op::Reduce(r) => {
+                let x = graph.inputs(n)[0];
+                let (init, comb): (&str, &dyn Fn(&str, &str) -> String) = match r {
+                    ReduceOp::Sum | ReduceOp::Mean => ("0.0", &add),
+                    ReduceOp::Max => ("-FLT_MAX", &max),
+                };
+                let _ = writeln!(body, "    var a{id} = {init};");
+                body += &column_loop(&mut b, &env_row, &softmax, &[x], &|v| format!("        a{id} = {};\n", comb(&format!("a{id}"), &v[0])));
+                body += &finish_reduce(&format!("r{id}"), &format!("a{id}"), comb);
+                let value = if *r == ReduceOp::Mean { format!("r{id} / {}", lit(l as f32)) } else { format!("r{id}") };
+                let _ = writeln!(body, "    let v{id} = {value};");
+                env_row.insert(n, format!("v{id}"));
+            }
+            Op::Softmax { causal } => {
+                let x = graph.inputs(n)[0];
+                let valid = if *causal { format!("c <= (row % {causal_rows}u) % {l}u") } else { "true".into() };
+                let _ = writeln!(body, "    var am{id} = -FLT_MAX;");
+                body += &column_loop(&mut b, &env_row, &softmax, &[x], &|v| format!("        am{id} = select(am{id}, max(am{id}, {}), {valid});\n", v[0]));
+                body += &finish_reduce(&format!("m{id}"), &format!("am{id}"), &max);
+                let _ = writeln!(body, "    var as{id} = 0.0;");
+                body += &column_loop(&mut b, &env_row, &softmax, &[x], &|v| format!("        as{id} = as{id} + select(0.0, exp({} - m{id}), {valid});\n", v[0]));
+                body += &finish_reduce(&format!("s{id}"), &format!("as{id}"), &add);
+                softmax.insert(n, (format!("m{id}"), format!("s{id}"), *causal));
+            }
+            other => unreachable!("{} in a row group", other.mnemonic()),
+        }
+        if outputs.contains(&n) && env_row.contains_key(&n) {
+            let name = b.write(n);
+            let _ = writeln!(body, "    {row_write_guard}{{\n        {name}[row] = v{id};\n    }}");
+        }
+    }
+    let full_outputs: Vec<NodeId> = group.nodes.iter().copied().filter(|n| outputs.contains(n) && !env_row.contains_key(n)).collect();
+    if !full_outputs.is_empty() {
+        let names: Vec<String> = full_outputs.iter().map(|&o| b.write(o)).collect();
+        body += &column_loop(&mut b, &env_row, &softmax, &full_outputs, &|v| names.iter().zip(v).map(|(name, val)| format!("        {name}[lin] = {val};\n")).collect());
+    }
+    body.push_str("}\n");
+    let groups = if tpr == 1 { rows.div_ceil(wg as usize) } else { rows };
+    let grid = fold(groups as u64, target)?;
+    Ok(b.finish(&[], &body, grid))
+}
+
+/// Matmul geometry shared by the variants.
+struct Mm {
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    /// Elements between consecutive batch matrices of B (0 when B is shared).
+    b_stride: usize,
+    trans_b: bool,
+}
+
+/// Matmul or grouped matmul plus its elementwise epilogue. The epilogue is a WGSL function
+/// `store(lin, v)` the matmul body calls once per output element.
+fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc, GridError> {
+    let anchor = group.nodes[0];
+    let args = graph.inputs(anchor);
+    let out = graph.ty(anchor);
+    let mut b = Binder::new(graph);
+    let a_name = b.read(args[0]);
+    let b_name = b.read(args[1]);
+    let (mm, grouped) = match &graph.node(anchor).op {
+        Op::MatMul { trans_b } => {
+            let a = &graph.ty(args[0]).shape;
+            let bs = &graph.ty(args[1]).shape;
+            let (m, k) = (a[a.len() - 2], a[a.len() - 1]);
+            let n = out.last();
+            let batch: usize = a[..a.len() - 2].iter().product();
+            let b_stride = if bs.len() > 2 { k * n } else { 0 };
+            (Mm { batch, m, n, k, b_stride, trans_b: *trans_b }, None)
+        }
+        Op::GroupedMatMul { layout } => {
+            let x = &graph.ty(args[0]).shape;
+            let route = b.read(args[2]);
+            (Mm { batch: 1, m: x[0], n: out.last(), k: x[1], b_stride: 0, trans_b: true }, Some((*layout, route)))
+        }
+        other => unreachable!("{} anchors a matmul group", other.mnemonic()),
+    };
+
+    // The epilogue: anchor value in, every materialised member out.
+    let walker = Walker { graph };
+    let mut env = HashMap::new();
+    env.insert(anchor, format!("v{}", anchor.index()));
+    let mut store = format!("fn store(lin: u32, acc: f32) {{\n    let v{} = acc;\n", anchor.index());
+    for &n in &group.nodes[1..] {
+        walker.elementwise(&mut b, &mut env, n, &group.domain, "lin", &mut store, "    ");
+    }
+    for &o in &group.outputs {
+        let name = b.write(o);
+        let _ = writeln!(store, "    {name}[lin] = v{};", o.index());
+    }
+    store.push_str("}\n\n");
+
+    let tiled = target.matmul == MatmulVariant::SharedTiled && grouped.is_none() && target.max_invocations_per_workgroup >= 256 && target.max_workgroup_storage_bytes >= 8192;
+    let mut consts: Vec<(&str, u64)> = vec![("M", mm.m as u64), ("N", mm.n as u64), ("K", mm.k as u64), ("BATCH", mm.batch as u64)];
+    let (body, groups) = if tiled {
+        let b_index = if mm.trans_b { "n * K + k" } else { "k * N + n" };
+        let loads = format!(
+            "fn load_a(bi: u32, m: u32, k: u32) -> f32 {{\n    if (m < M && k < K) {{\n        return {a_name}[(bi * M + m) * K + k];\n    }}\n    return 0.0;\n}}\n\nfn load_b(bi: u32, k: u32, n: u32) -> f32 {{\n    if (n < N && k < K) {{\n        return {b_name}[bi * {} + {b_index}];\n    }}\n    return 0.0;\n}}\n\n",
+            mm.b_stride
+        );
+        let tiles = mm.batch * mm.m.div_ceil(64) * mm.n.div_ceil(64);
+        (format!("{store}{loads}{MATMUL_TILED}"), tiles)
+    } else {
+        let tm = match grouped {
+            // A block of rows must not straddle two experts: segments start at multiples of `tile`.
+            Some((layout, _)) => (1..=RB_TM).rev().find(|t| layout.tile % t == 0).unwrap_or(1),
+            None => RB_TM,
+        };
+        consts.push(("MT", mm.m.div_ceil(tm) as u64));
+        consts.push(("NT", mm.n.div_ceil(RB_TN) as u64));
+        let threads = mm.batch * mm.m.div_ceil(tm) * mm.n.div_ceil(RB_TN);
+        (format!("{store}{}", register_blocked(&mm, tm, &a_name, &b_name, grouped.as_ref().map(|(l, r)| (l, r.as_str())))), threads.div_ceil(RB_WG as usize))
+    };
+    let grid = fold(groups as u64, target)?;
+    Ok(b.finish(&consts, &body, grid))
+}
+
+/// Register-blocked matmul (CPU-like adapters, DESIGN.md): each invocation accumulates a `tm × 8`
+/// block as `vec4`s in registers by outer products over k, with no workgroup memory and no barriers.
+/// Edge blocks clamp their load indices into the matrix (always in bounds, no branches in the k loop)
+/// and discard out-of-range results at the store. A grouped matmul picks the expert's weight matrix
+/// from `row_expert` of the block's first row and produces zeros past the used rows.
+fn register_blocked(mm: &Mm, tm: usize, a: &str, b: &str, grouped: Option<(&RouteLayout, &str)>) -> String {
+    let tn4 = RB_TN / 4;
+    let mut s = format!("@compute @workgroup_size({RB_WG})\nfn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{\n");
+    s += &format!("    let t = (wid.x + wid.y * GX + wid.z * (GX * GY)) * {RB_WG}u + lid;\n    if (t >= BATCH * MT * NT) {{\n        return;\n    }}\n");
+    s += "    let nt = t % NT;\n    let mt = (t / NT) % MT;\n    let bi = t / (NT * MT);\n";
+    s += &format!("    let m0 = mt * {tm}u;\n    let n0 = nt * {RB_TN}u;\n");
+    match grouped {
+        Some((layout, route)) => {
+            let e = layout.experts;
+            s += &format!("    let live = m0 < {route}[{}u];\n", layout.offsets_at() + e);
+            s += &format!("    let e = min({route}[{}u + min(m0, M - 1u)], {}u);\n", layout.row_expert_at(), e - 1);
+            s += "    let kend = select(0u, K, live);\n    let bbase = e * N * K;\n";
+        }
+        None => s += &format!("    let kend = K;\n    let bbase = bi * {}u;\n", mm.b_stride),
+    }
+    for i in 0..tm {
+        s += &format!("    let ar{i} = (bi * M + min(m0 + {i}u, M - 1u)) * K;\n");
+    }
+    for j in 0..RB_TN {
+        if mm.trans_b {
+            s += &format!("    let bc{j} = bbase + min(n0 + {j}u, N - 1u) * K;\n");
+        } else {
+            s += &format!("    let bc{j} = bbase + min(n0 + {j}u, N - 1u);\n");
+        }
+    }
+    for i in 0..tm {
+        for j in 0..tn4 {
+            s += &format!("    var c{i}_{j} = vec4<f32>(0.0);\n");
+        }
+    }
+    s += "    for (var k = 0u; k < kend; k = k + 1u) {\n";
+    let bk = if mm.trans_b { "k" } else { "k * N" };
+    for j in 0..tn4 {
+        let cols: Vec<String> = (0..4).map(|c| format!("{b}[bc{} + {bk}]", 4 * j + c)).collect();
+        s += &format!("        let b{j} = vec4<f32>({});\n", cols.join(", "));
+    }
+    for i in 0..tm {
+        s += &format!("        let a{i} = vec4<f32>({a}[ar{i} + k]);\n");
+        for j in 0..tn4 {
+            s += &format!("        c{i}_{j} = fma(a{i}, b{j}, c{i}_{j});\n");
+        }
+    }
+    s += "    }\n";
+    for i in 0..tm {
+        s += &format!("    if (m0 + {i}u < M) {{\n");
+        for j in 0..tn4 {
+            for c in 0..4 {
+                let col = 4 * j + c;
+                s += &format!("        if (n0 + {col}u < N) {{\n            store((bi * M + m0 + {i}u) * N + n0 + {col}u, c{i}_{j}[{c}]);\n        }}\n");
+            }
+        }
+        s += "    }\n";
+    }
+    s += "}\n";
+    s
+}
+
+/// Kernels of ops that are never fused (layout changes, NN composites, MoE routing).
+fn single_kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc, GridError> {
+    let node = graph.node(n);
+    let args = graph.inputs(n);
+    let shape = &node.ty.shape;
+    let total = node.ty.numel();
+    let wg = wg_size(target);
+    let mut b = Binder::new(graph);
+    // One invocation per output element: `body` computes `let v = ...;` from `i`.
+    let per_item = |b: Binder, body: String| -> Result<KernelSrc, GridError> {
+        let mut b = b;
+        let out = b.write(n);
+        let src = format!("{}{body}    {out}[i] = v;\n}}\n", per_item_main(wg, total));
+        let grid = fold(total.div_ceil(wg as usize) as u64, target)?;
+        Ok(b.finish(&[], &src, grid))
+    };
+    match &node.op {
+        Op::Permute { perm } => {
+            let x = b.read(args[0]);
+            let in_shape = &graph.ty(args[0]).shape;
+            let in_stride: Vec<usize> = (0..in_shape.len()).map(|a| in_shape[a + 1..].iter().product()).collect();
+            let mut terms = Vec::new();
+            let mut rest = 1usize;
+            for axis in (0..shape.len()).rev() {
+                if shape[axis] > 1 {
+                    terms.push(format!("((i / {rest}u) % {}u) * {}u", shape[axis], in_stride[perm[axis]]));
+                }
+                rest *= shape[axis];
+            }
+            let index = if terms.is_empty() { "0u".to_string() } else { terms.join(" + ") };
+            per_item(b, format!("    let v = {x}[{index}];\n"))
+        }
+        Op::Embedding => {
+            let table = b.read(args[0]);
+            let ids = b.read(args[1]);
+            let (v, d) = (graph.ty(args[0]).shape[0], graph.ty(args[0]).shape[1]);
+            per_item(b, format!("    let id = min({ids}[i / {d}u], {}u);\n    let v = {table}[id * {d}u + i % {d}u];\n", v - 1))
+        }
+        Op::Rope { theta } => {
+            let x = b.read(args[0]);
+            let (t, h, hd) = (shape[1], shape[2], shape[3]);
+            let half = hd / 2;
+            per_item(
+                b,
+                format!(
+                    "    let d = i % {hd}u;\n    let pos = f32((i / {}u) % {t}u);\n    let j = d % {half}u;\n    let inv = exp2(-f32(2u * j) / {} * log2({}));\n    let ang = pos * inv;\n    let x = {x}[i];\n    var v = 0.0;\n    if (d < {half}u) {{\n        v = x * cos(ang) - {x}[i + {half}u] * sin(ang);\n    }} else {{\n        v = x * cos(ang) + {x}[i - {half}u] * sin(ang);\n    }}\n",
+                    hd * h,
+                    lit(hd as f32),
+                    lit(*theta)
+                ),
+            )
+        }
+        Op::GatherCols => {
+            let x = b.read(args[0]);
+            let idx = b.read(args[1]);
+            let (e, k) = (graph.ty(args[0]).shape[1], shape[1]);
+            per_item(b, format!("    let v = {x}[(i / {k}u) * {e}u + min({idx}[i], {}u)];\n", e - 1))
+        }
+        Op::TopKMask { experts } => {
+            let idx = b.read(args[0]);
+            let k = graph.ty(args[0]).shape[1];
+            per_item(
+                b,
+                format!("    let t = i / {experts}u;\n    let e = i % {experts}u;\n    var v = 0.0;\n    for (var j = 0u; j < {k}u; j = j + 1u) {{\n        if ({idx}[t * {k}u + j] == e) {{\n            v = 1.0;\n        }}\n    }}\n"),
+            )
+        }
+        Op::MoeGather { layout } => {
+            let x = b.read(args[0]);
+            let route = b.read(args[1]);
+            let d = shape[1];
+            per_item(
+                b,
+                format!(
+                    "    let slot = {route}[{}u + i / {d}u];\n    var v = 0.0;\n    if (slot != {}u) {{\n        v = {x}[(slot / {}u) * {d}u + i % {d}u];\n    }}\n",
+                    layout.row_slot_at(),
+                    RouteLayout::NONE,
+                    layout.k
+                ),
+            )
+        }
+        Op::MoeCombine { layout } => {
+            let yp = b.read(args[0]);
+            let w = b.read(args[1]);
+            let route = b.read(args[2]);
+            let (d, k) = (shape[1], layout.k);
+            per_item(
+                b,
+                format!(
+                    "    let t = i / {d}u;\n    var v = 0.0;\n    for (var j = 0u; j < {k}u; j = j + 1u) {{\n        let r = {route}[{}u + t * {k}u + j];\n        if (r != {}u) {{\n            v = v + {w}[t * {k}u + j] * {yp}[r * {d}u + i % {d}u];\n        }}\n    }}\n",
+                    layout.slot_row_at(),
+                    RouteLayout::NONE
+                ),
+            )
+        }
+        Op::TopK { k } => {
+            b.read_as(args[0], "x");
+            b.write_as(n, "out");
+            let (t, e) = (graph.ty(args[0]).shape[0], graph.ty(args[0]).shape[1]);
+            let grid = fold(t.div_ceil(wg as usize) as u64, target)?;
+            Ok(b.finish(&[("T", t as u64), ("E", e as u64), ("KK", *k as u64), ("WG", u64::from(wg))], TOPK, grid))
+        }
+        Op::CrossEntropy => {
+            b.read_as(args[0], "logits");
+            b.read_as(args[1], "targets");
+            b.write_as(n, "out");
+            let (rows, v) = (graph.ty(args[0]).shape[0], graph.ty(args[0]).shape[1]);
+            // The tree reduction needs a power-of-two workgroup.
+            let ce_wg = 1u32 << (31 - wg.leading_zeros());
+            Ok(b.finish(&[("N", rows as u64), ("V", v as u64), ("WG", u64::from(ce_wg))], CROSS_ENTROPY, [1, 1, 1]))
+        }
+        Op::MoeRoute { layout } => {
+            b.read_as(args[0], "idx");
+            b.write_as(n, "route");
+            let consts = [
+                ("T", layout.tokens as u64),
+                ("KK", layout.k as u64),
+                ("E", layout.experts as u64),
+                ("TILE", layout.tile as u64),
+                ("ROWS", layout.rows() as u64),
+                ("WG", u64::from(wg)),
+                ("COUNTS_AT", layout.counts_at() as u64),
+                ("OFFSETS_AT", layout.offsets_at() as u64),
+                ("SLOT_ROW_AT", layout.slot_row_at() as u64),
+                ("ROW_SLOT_AT", layout.row_slot_at() as u64),
+                ("ROW_EXPERT_AT", layout.row_expert_at() as u64),
+                ("NONE", u64::from(RouteLayout::NONE)),
+            ];
+            Ok(b.finish(&consts, MOE_ROUTE, [1, 1, 1]))
+        }
+        other => unreachable!("{} is not a single-kernel op", other.mnemonic()),
+    }
+}
+
+/// Copies the buffer of `id` into a fresh buffer (a graph output that names a Param, an Input, or a
+/// value already exported under another name).
+pub(crate) fn copy_kernel(graph: &Graph, id: NodeId, target: &Target) -> Result<KernelSrc, GridError> {
+    let wg = wg_size(target);
+    let total = graph.ty(id).numel();
+    let mut b = Binder::new(graph);
+    let x = b.read(id);
+    // The destination is keyed by the output node itself: emit() gives it a fresh Output buffer.
+    let out = b.write(id);
+    let src = format!("{}    {out}[i] = {x}[i];\n}}\n", per_item_main(wg, total));
+    let grid = fold(total.div_ceil(wg as usize) as u64, target)?;
+    Ok(b.finish(&[], &src, grid))
+}

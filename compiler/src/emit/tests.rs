@@ -1,0 +1,197 @@
+//! Emitter unit tests: every kernel validates with naga (emit validates before it returns), grids
+//! fold, buffers are planned and reused correctly.
+
+use super::*;
+use crate::fuse::{fuse, FuseOptions, GroupKind};
+use crate::ir::{BinaryOp, Init, ReduceOp, RouteLayout, TensorType, UnaryOp};
+
+fn targets() -> Vec<Target> {
+    let rb = Target { matmul: MatmulVariant::RegisterBlocked, max_storage_buffers_per_stage: 32, ..Target::default() };
+    vec![Target::default(), rb]
+}
+
+/// A graph touching every op of ir.rs, with odd sizes: embedding → rmsnorm → rope'd attention with a
+/// causal softmax → MoE (router softmax, top-k, route, gather, grouped SwiGLU, combine) → logits → CE.
+pub(crate) fn every_op_graph() -> Graph {
+    let (b, t, h, hd, v, e, k) = (2, 5, 2, 4, 11, 3, 2);
+    let dim = h * hd;
+    let hidden = 6;
+    let tokens = b * t;
+    let mut g = Graph::new();
+    let ids = g.input("ids", TensorType::u32(&[b, t]));
+    let targets = g.input("targets", TensorType::u32(&[tokens]));
+    let emb = g.param("embed", &[v, dim], Init::Normal { std: 0.02 });
+    let nw = g.param("norm", &[dim], Init::Constant(1.0));
+    let wq = g.param("wq", &[dim, dim], Init::Normal { std: 0.02 });
+    let wg = g.param("gate", &[e, dim], Init::Normal { std: 0.02 });
+    let w1 = g.param("w1", &[e, hidden, dim], Init::Normal { std: 0.02 });
+    let w3 = g.param("w3", &[e, hidden, dim], Init::Normal { std: 0.02 });
+    let w2 = g.param("w2", &[e, dim, hidden], Init::Normal { std: 0.02 });
+    let head = g.param("head", &[v, dim], Init::Normal { std: 0.02 });
+    let add = |g: &mut Graph, op: Op, args: &[NodeId], l: &str| g.add(op, args, l).unwrap();
+
+    let x = add(&mut g, Op::Embedding, &[emb, ids], "x");
+    let sq = add(&mut g, Op::Unary(UnaryOp::Square), &[x], "sq");
+    let ms = add(&mut g, Op::Reduce(ReduceOp::Mean), &[sq], "ms");
+    let eps = add(&mut g, Op::Affine { mul: 1.0, add: 1e-5 }, &[ms], "eps");
+    let rs = add(&mut g, Op::Unary(UnaryOp::Rsqrt), &[eps], "rs");
+    let xn = add(&mut g, Op::Binary(BinaryOp::Mul), &[x, rs], "xn");
+    let xw = add(&mut g, Op::Binary(BinaryOp::Mul), &[xn, nw], "xw");
+    let q = add(&mut g, Op::MatMul { trans_b: true }, &[xw, wq], "q");
+    let q4 = add(&mut g, Op::Reshape { shape: vec![b, t, h, hd] }, &[q], "q4");
+    let qr = add(&mut g, Op::Rope { theta: 10000.0 }, &[q4], "qr");
+    let qp = add(&mut g, Op::Permute { perm: vec![0, 2, 1, 3] }, &[qr], "qp");
+    let kt = add(&mut g, Op::Permute { perm: vec![0, 1, 3, 2] }, &[qp], "kt");
+    let s = add(&mut g, Op::MatMul { trans_b: false }, &[qp, kt], "scores");
+    let ss = add(&mut g, Op::Affine { mul: 0.5, add: 0.0 }, &[s], "scaled");
+    let p = add(&mut g, Op::Softmax { causal: true }, &[ss], "probs");
+    let o = add(&mut g, Op::MatMul { trans_b: false }, &[p, qp], "attn");
+    let op = add(&mut g, Op::Permute { perm: vec![0, 2, 1, 3] }, &[o], "attn_t");
+    let o2 = add(&mut g, Op::Reshape { shape: vec![tokens, dim] }, &[op], "attn_flat");
+    let x2 = add(&mut g, Op::Reshape { shape: vec![tokens, dim] }, &[x], "x_flat");
+    let h1 = add(&mut g, Op::Binary(BinaryOp::Add), &[x2, o2], "resid");
+    // MoE
+    let logits_r = add(&mut g, Op::MatMul { trans_b: true }, &[h1, wg], "router");
+    let pr = add(&mut g, Op::Softmax { causal: false }, &[logits_r], "router_p");
+    let idx = add(&mut g, Op::TopK { k }, &[pr], "topk");
+    let gw = add(&mut g, Op::GatherCols, &[pr, idx], "gates");
+    let mask = add(&mut g, Op::TopKMask { experts: e }, &[idx], "mask");
+    let layout = RouteLayout { tokens, k, experts: e, tile: 4 };
+    let route = add(&mut g, Op::MoeRoute { layout }, &[idx], "route");
+    let xp = add(&mut g, Op::MoeGather { layout }, &[h1, route], "xp");
+    let a = add(&mut g, Op::GroupedMatMul { layout }, &[xp, w1, route], "w1x");
+    let c = add(&mut g, Op::GroupedMatMul { layout }, &[xp, w3, route], "w3x");
+    let sa = add(&mut g, Op::Unary(UnaryOp::Silu), &[a], "silu");
+    let hh = add(&mut g, Op::Binary(BinaryOp::Mul), &[sa, c], "swiglu");
+    let y = add(&mut g, Op::GroupedMatMul { layout }, &[hh, w2, route], "w2x");
+    let yc = add(&mut g, Op::MoeCombine { layout }, &[y, gw, route], "combine");
+    let h2 = add(&mut g, Op::Binary(BinaryOp::Add), &[h1, yc], "resid2");
+    let logits = add(&mut g, Op::MatMul { trans_b: true }, &[h2, head], "logits");
+    let mx = add(&mut g, Op::Reduce(ReduceOp::Max), &[logits], "maxlogit");
+    let sm = add(&mut g, Op::Reduce(ReduceOp::Sum), &[mask], "kcount");
+    let ce = add(&mut g, Op::CrossEntropy, &[logits, targets], "ce");
+    let th = add(&mut g, Op::Unary(UnaryOp::Tanh), &[mx], "tanh");
+    let misc = [UnaryOp::Neg, UnaryOp::Exp, UnaryOp::Log, UnaryOp::Sqrt, UnaryOp::Recip, UnaryOp::Relu, UnaryOp::Gelu, UnaryOp::Sigmoid, UnaryOp::Softplus];
+    let mut z = add(&mut g, Op::Unary(UnaryOp::Square), &[th], "z0");
+    for (i, u) in misc.iter().enumerate() {
+        z = add(&mut g, Op::Unary(*u), &[z], format!("z{}", i + 1).as_str());
+    }
+    let zz = add(&mut g, Op::Binary(BinaryOp::Max), &[z, sm], "zmax");
+    let zd = add(&mut g, Op::Binary(BinaryOp::Div), &[zz, th], "zdiv");
+    let zs = add(&mut g, Op::Binary(BinaryOp::Sub), &[zd, mx], "zsub");
+    g.set_output("ce", ce);
+    g.set_output("logits", logits);
+    g.set_output("z", zs);
+    g.set_output("route", route);
+    g
+}
+
+#[test]
+fn every_kernel_of_every_op_validates_fused_and_unfused() {
+    let g = every_op_graph();
+    for target in targets() {
+        for enabled in [false, true] {
+            let fused = fuse(&g, FuseOptions { enabled, max_bindings: target.max_storage_buffers_per_stage });
+            let plan = emit(&g, &fused, &target).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(plan.dispatches.len(), fused.len());
+            for k in &plan.kernels {
+                validate_wgsl(&k.wgsl).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn fusion_cuts_dispatches() {
+    let g = every_op_graph();
+    let t = Target::default();
+    let unfused = emit(&g, &fuse(&g, FuseOptions::unfused(&t)), &t).unwrap();
+    let fused = emit(&g, &fuse(&g, FuseOptions::for_target(&t)), &t).unwrap();
+    // 49 non-free nodes; fusion merges rmsnorm (6 → 1), scale+softmax, residuals, SwiGLU, the z chain.
+    assert_eq!(unfused.dispatches.len(), 49);
+    eprintln!("{}", fuse(&g, FuseOptions::for_target(&t)).dump(&g));
+    assert!(fused.dispatches.len() <= 30, "{} fused dispatches", fused.dispatches.len());
+}
+
+#[test]
+fn grid_folds_past_65535_workgroups() {
+    let mut g = Graph::new();
+    let n = 70_000 * 256 + 3;
+    let x = g.input("x", TensorType::f32(&[n]));
+    let y = g.add(Op::Unary(UnaryOp::Relu), &[x], "y").unwrap();
+    g.set_output("y", y);
+    let t = Target::default();
+    let plan = emit(&g, &fuse(&g, FuseOptions::for_target(&t)), &t).unwrap();
+    assert_eq!(plan.dispatches[0].workgroups, [65535, 2, 1]);
+    let wgsl = &plan.kernels[0].wgsl;
+    assert!(wgsl.contains("const GX: u32 = 65535u;"));
+    assert!(wgsl.contains(&format!("if (i >= {n}u)")));
+    // A count too large even for a folded grid is an error, not a panic.
+    let small = Target { max_workgroups_per_dim: 4, ..Target::default() };
+    match emit(&g, &fuse(&g, FuseOptions::for_target(&small)), &small) {
+        Err(EmitError::GridTooLarge { workgroups, .. }) => assert_eq!(workgroups, 70_001),
+        other => panic!("expected GridTooLarge, got {other:?}"),
+    }
+}
+
+#[test]
+fn broadcast_indices_collapse_runs() {
+    assert_eq!(kernels::bcast_index(&[4, 8], &[4, 8], "i"), "i");
+    assert_eq!(kernels::bcast_index(&[4, 8], &[8], "i"), "(i % 8u)");
+    assert_eq!(kernels::bcast_index(&[4, 8], &[4, 1], "i"), "(i / 8u)");
+    assert_eq!(kernels::bcast_index(&[4, 8], &[1], "i"), "0u");
+    assert_eq!(kernels::bcast_index(&[2, 3, 4, 5], &[3, 1, 5], "i"), "((i / 20u) % 3u) * 5u + (i % 5u)");
+}
+
+#[test]
+fn scratch_buffers_are_reused_and_never_alias_within_a_dispatch() {
+    // A chain of 6 unfused relus: with reuse, two scratch buffers suffice.
+    let mut g = Graph::new();
+    let mut x = g.input("x", TensorType::f32(&[100]));
+    for i in 0..6 {
+        x = g.add(Op::Unary(UnaryOp::Relu), &[x], format!("r{i}")).unwrap();
+    }
+    g.set_output("y", x);
+    let t = Target::default();
+    let plan = emit(&g, &fuse(&g, FuseOptions::unfused(&t)), &t).unwrap();
+    let scratch = plan.buffers.iter().filter(|b| b.role == BufferRole::Scratch).count();
+    assert_eq!(scratch, 2);
+    assert_eq!(plan.buffers.len(), 4);
+    for d in &plan.dispatches {
+        assert_ne!(d.bindings[0], d.bindings[1]);
+    }
+    assert!(matches!(plan.buffers[*plan.dispatches[5].bindings.last().unwrap()].role, BufferRole::Output { .. }));
+}
+
+#[test]
+fn outputs_that_name_params_or_repeat_get_copies() {
+    let mut g = Graph::new();
+    let p = g.param("w", &[3], Init::Constant(1.0));
+    let y = g.add(Op::Unary(UnaryOp::Exp), &[p], "y").unwrap();
+    g.set_output("w_out", p);
+    g.set_output("y", y);
+    g.set_output("y_again", y);
+    let t = Target::default();
+    let plan = emit(&g, &fuse(&g, FuseOptions::for_target(&t)), &t).unwrap();
+    assert_eq!(plan.dispatches.len(), 3);
+    for name in ["w", "w_out", "y", "y_again"] {
+        assert!(plan.buffer_named(name).is_some(), "{name}");
+    }
+}
+
+#[test]
+fn rmsnorm_is_one_row_kernel_and_ffn_epilogues_fuse() {
+    let g = every_op_graph();
+    let t = Target::default();
+    let fused = fuse(&g, FuseOptions::for_target(&t));
+    let first = &fused.groups.iter().find(|gr| gr.kind == GroupKind::Row).unwrap();
+    let labels: Vec<&str> = first.nodes.iter().map(|n| g.node(*n).label.as_str()).collect();
+    assert_eq!(labels, ["sq", "ms", "eps", "rs", "xn", "xw"]);
+    let outs: Vec<&str> = first.outputs.iter().map(|n| g.node(*n).label.as_str()).collect();
+    assert_eq!(outs, ["xw"]);
+    // SwiGLU: silu(w1x) * w3x fuses into the second grouped matmul's epilogue.
+    let swiglu = fused.groups.iter().find(|gr| gr.nodes.iter().any(|n| g.node(*n).label == "swiglu")).unwrap();
+    let labels: Vec<&str> = swiglu.nodes.iter().map(|n| g.node(*n).label.as_str()).collect();
+    assert_eq!(swiglu.kind, GroupKind::Matmul);
+    assert!(labels == ["w1x", "silu", "swiglu"] || labels == ["w3x", "swiglu"], "{labels:?}");
+}

@@ -1,0 +1,350 @@
+//! Fuse: Graph IR → kernel groups.
+//!
+//! A [`Group`] is a set of IR nodes that becomes one compute shader. Fusion decisions are plain data
+//! (node lists plus a [`GroupKind`]); the emitter walks a group's nodes to generate WGSL, so no pass
+//! ever rewrites generated code.
+//!
+//! Rules (greedy, in topological order; a node joins the group of one of its producers when allowed):
+//! - **Elementwise chains**: `Affine`/`Unary`/`Binary` nodes whose shape equals the group's domain
+//!   join it; operands from outside the group are read with broadcasting, so a bias `[N]` or a row
+//!   scalar `[R, 1]` costs no extra kernel.
+//! - **Row kernels** ([`GroupKind::Row`]): a last-axis `Reduce` or `Softmax` joins the elementwise
+//!   group that produces its operand (the prologue, e.g. `x²` before `mean`), and row-local
+//!   elementwise consumers join afterwards (the epilogue: `rsqrt(mean + eps)` per row, then `x · rs · w`
+//!   per element). RMSNorm is therefore one kernel. The domain is the full `[..., L]` shape; nodes of
+//!   shape `[..., 1]` are per-row scalars.
+//! - **Matmul epilogues** ([`GroupKind::Matmul`]): elementwise nodes of the matmul's output shape that
+//!   consume the matmul (directly or through earlier epilogue nodes) join it: bias, activation,
+//!   residual add, and `silu(a) · b` where `b` is another matmul computed earlier. The anchor (first
+//!   node) is a `MatMul` or a `GroupedMatMul`.
+//! - Everything else is its own [`GroupKind::Single`] group.
+//!
+//! A node with users outside its group (or that is a graph output) is materialised: it is listed in
+//! `outputs` and gets a buffer. A join is refused when it would make the group graph cyclic (a group
+//! may not both feed and consume another) or when the group would bind more storage buffers than the
+//! target allows (then the node starts a new group, i.e. the group is split).
+//!
+//! ## How the MoE fusions fit later
+//! The kinds are anchors plus elementwise satellites, so MoE fusions are new anchors, not new machinery:
+//! - *Router* (`matmul → softmax → top-k` on `[T, E]`, E small): a `Row`-like group whose row values
+//!   come from a matmul row computed in registers instead of a load; `TopK` joins as a row-scalar
+//!   consumer. It would be a new `GroupKind::Router` whose emitter reuses the row-kernel walker.
+//! - *Gather → grouped matmul*: `MoeGather` as a prologue of the `Matmul` anchor: the A-row load goes
+//!   through `row_slot` (zero for `NONE`) instead of a materialised `[rows, D]` buffer. Expressed as a
+//!   `Matmul` group whose `nodes` start with the `MoeGather`.
+//! - *Grouped matmul → weighted combine*: `MoeCombine` reads `k` rows per token, so it cannot be a
+//!   per-element epilogue without atomics; it stays a consumer, but the SwiGLU of two grouped matmuls
+//!   (`silu(gm1) · gm2`) is already an ordinary `Matmul` epilogue.
+
+use crate::emit::Target;
+use crate::ir::{Graph, NodeId, Op};
+use serde::Serialize;
+use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
+use std::cmp::Reverse;
+
+/// Knobs of the fusion pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FuseOptions {
+    /// `false` (`--no-fuse`): every non-free node is its own group.
+    pub enabled: bool,
+    /// Storage buffers one kernel may bind (the adapter's per-stage limit).
+    pub max_bindings: u32,
+}
+
+impl FuseOptions {
+    pub fn for_target(target: &Target) -> Self {
+        FuseOptions { enabled: true, max_bindings: target.max_storage_buffers_per_stage }
+    }
+    pub fn unfused(target: &Target) -> Self {
+        FuseOptions { enabled: false, max_bindings: target.max_storage_buffers_per_stage }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum GroupKind {
+    /// Elementwise nodes over one domain shape, one invocation per element.
+    Elementwise,
+    /// Last-axis reductions / softmax with elementwise prologue and row-local epilogue.
+    Row,
+    /// A `MatMul` or `GroupedMatMul` (the first node) plus an elementwise epilogue.
+    Matmul,
+    /// One op with its own kernel (permute, embedding, rope, cross-entropy, top-k, MoE routing...).
+    Single,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Group {
+    pub kind: GroupKind,
+    /// Iteration shape: the elementwise/row domain, or the anchor's output shape.
+    pub domain: Vec<usize>,
+    /// Member nodes in topological order.
+    #[serde(skip)]
+    pub nodes: Vec<NodeId>,
+    /// External values read (operands of member nodes that are not members), first use first.
+    #[serde(skip)]
+    pub inputs: Vec<NodeId>,
+    /// Members materialised to buffers (used outside the group, graph outputs, or unused).
+    #[serde(skip)]
+    pub outputs: Vec<NodeId>,
+}
+
+/// Fusion result: groups in an order that is valid to execute (producers first).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Fused {
+    pub groups: Vec<Group>,
+}
+
+impl Fused {
+    /// One line per group: kind, members and materialised outputs (`--emit groups`, tests).
+    pub fn dump(&self, graph: &Graph) -> String {
+        let mut s = String::new();
+        for (i, g) in self.groups.iter().enumerate() {
+            let names = |ids: &[NodeId]| ids.iter().map(|n| format!("%{}:{}", n.index(), graph.node(*n).op.mnemonic())).collect::<Vec<_>>().join(" ");
+            s += &format!("group {i} {:?} {:?}: [{}] -> [{}]\n", g.kind, g.domain, names(&g.nodes), names(&g.outputs));
+        }
+        s
+    }
+
+    /// Number of kernels (dispatches) the groups turn into.
+    pub fn len(&self) -> usize {
+        self.groups.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+}
+
+/// Follows free `Reshape` nodes to the node that owns the buffer.
+pub fn base(graph: &Graph, mut id: NodeId) -> NodeId {
+    while let Op::Reshape { .. } = graph.node(id).op {
+        id = graph.inputs(id)[0];
+    }
+    id
+}
+
+struct Builder {
+    kind: GroupKind,
+    domain: Vec<usize>,
+    nodes: Vec<NodeId>,
+}
+
+struct State<'g> {
+    graph: &'g Graph,
+    pos: HashMap<NodeId, usize>,
+    group_of: HashMap<NodeId, usize>,
+    groups: Vec<Builder>,
+    /// `deps[g]`: groups whose outputs group `g` reads.
+    deps: Vec<HashSet<usize>>,
+    graph_outputs: HashSet<NodeId>,
+    max_bindings: usize,
+}
+
+/// Splits `graph` into kernel groups. Never fails: any well-typed graph has the trivial grouping.
+pub fn fuse(graph: &Graph, options: FuseOptions) -> Fused {
+    let order = graph.topo_order();
+    let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+    let mut st = State {
+        graph,
+        pos,
+        group_of: HashMap::new(),
+        groups: Vec::new(),
+        deps: Vec::new(),
+        graph_outputs: graph.outputs.iter().map(|(_, id)| *id).collect(),
+        max_bindings: options.max_bindings.max(2) as usize,
+    };
+    for &n in &order {
+        let node = graph.node(n);
+        if node.op.is_free() {
+            continue;
+        }
+        if options.enabled && st.try_join(n) {
+            continue;
+        }
+        let (kind, domain) = match &node.op {
+            op if op.is_elementwise() => (GroupKind::Elementwise, node.ty.shape.clone()),
+            Op::Reduce(_) => (GroupKind::Row, graph.ty(graph.inputs(n)[0]).shape.clone()),
+            Op::Softmax { .. } => (GroupKind::Row, node.ty.shape.clone()),
+            Op::MatMul { .. } | Op::GroupedMatMul { .. } => (GroupKind::Matmul, node.ty.shape.clone()),
+            _ => (GroupKind::Single, node.ty.shape.clone()),
+        };
+        let gi = st.groups.len();
+        st.group_of.insert(n, gi);
+        st.groups.push(Builder { kind, domain, nodes: vec![n] });
+        st.deps.push(HashSet::new());
+        st.add_deps(gi, n);
+    }
+    st.finish()
+}
+
+/// Last axis of a row domain, and the per-row scalar shape `[..., 1]`.
+fn row_shape(domain: &[usize]) -> Vec<usize> {
+    let mut s = domain.to_vec();
+    if let Some(l) = s.last_mut() {
+        *l = 1;
+    }
+    s
+}
+
+impl State<'_> {
+    /// Tries to put `n` into the group of one of its operands; true on success.
+    fn try_join(&mut self, n: NodeId) -> bool {
+        let g = self.graph;
+        let node = g.node(n);
+        let args = g.inputs(n);
+        let candidates: Vec<usize> = match &node.op {
+            op if op.is_elementwise() => args.iter().filter_map(|a| self.group_of.get(a).copied()).collect(),
+            Op::Reduce(_) | Op::Softmax { .. } => args.iter().take(1).filter_map(|a| self.group_of.get(a).copied()).collect(),
+            _ => Vec::new(),
+        };
+        for gi in candidates {
+            if self.accepts(gi, n) && !self.creates_cycle(gi, n) && self.bindings_with(gi, n) <= self.max_bindings {
+                let b = &mut self.groups[gi];
+                if matches!(node.op, Op::Reduce(_) | Op::Softmax { .. }) {
+                    b.kind = GroupKind::Row;
+                }
+                b.nodes.push(n);
+                self.group_of.insert(n, gi);
+                self.add_deps(gi, n);
+                return true;
+            }
+        }
+        false
+    }
+
+    fn accepts(&self, gi: usize, n: NodeId) -> bool {
+        let b = &self.groups[gi];
+        let node = self.graph.node(n);
+        let shape = &node.ty.shape;
+        match &node.op {
+            op if op.is_elementwise() => match b.kind {
+                GroupKind::Elementwise | GroupKind::Matmul => *shape == b.domain,
+                // A one-column domain cannot tell row scalars from elements: keep such rows alone.
+                GroupKind::Row => b.domain.last().copied().unwrap_or(1) > 1 && (*shape == b.domain || *shape == row_shape(&b.domain)),
+                GroupKind::Single => false,
+            },
+            Op::Reduce(_) | Op::Softmax { .. } => {
+                let x = self.graph.ty(self.graph.inputs(n)[0]);
+                matches!(b.kind, GroupKind::Elementwise | GroupKind::Row) && x.shape == b.domain && x.last() > 1
+            }
+            _ => false,
+        }
+    }
+
+    /// Would adding `n` to group `gi` make the group graph cyclic? True when an operand of `n` from
+    /// outside `gi` is produced by a group that (transitively) reads from `gi`, or is a reshaped view
+    /// of a member (a buffer the same dispatch is still writing).
+    fn creates_cycle(&self, gi: usize, n: NodeId) -> bool {
+        let mut stack: Vec<usize> = Vec::new();
+        for a in self.graph.inputs(n) {
+            if self.group_of.get(&a) == Some(&gi) {
+                continue;
+            }
+            match self.group_of.get(&base(self.graph, a)) {
+                Some(&h) if h == gi => return true,
+                Some(&h) => stack.push(h),
+                None => {}
+            }
+        }
+        let mut seen: HashSet<usize> = HashSet::new();
+        while let Some(h) = stack.pop() {
+            if h == gi {
+                return true;
+            }
+            if seen.insert(h) {
+                stack.extend(self.deps[h].iter().copied());
+            }
+        }
+        false
+    }
+
+    /// Records that group `gi` reads the operands of its new member `n`.
+    fn add_deps(&mut self, gi: usize, n: NodeId) {
+        for a in self.graph.inputs(n) {
+            if let Some(&h) = self.group_of.get(&base(self.graph, a)) {
+                if h != gi {
+                    self.deps[gi].insert(h);
+                }
+            }
+        }
+    }
+
+    /// Storage buffers group `gi` would bind with `n` added (an upper bound: later members can only
+    /// turn outputs into internal values).
+    fn bindings_with(&self, gi: usize, n: NodeId) -> usize {
+        let mut members: HashSet<NodeId> = self.groups[gi].nodes.iter().copied().collect();
+        members.insert(n);
+        let (inputs, outputs) = self.io(&members, members.iter().copied());
+        inputs.len() + outputs.len()
+    }
+
+    /// External input buffers (by owning node) and materialised members of a member set.
+    fn io(&self, members: &HashSet<NodeId>, nodes: impl Iterator<Item = NodeId>) -> (BTreeSet<NodeId>, BTreeSet<NodeId>) {
+        let mut inputs = BTreeSet::new();
+        let mut outputs = BTreeSet::new();
+        for m in nodes {
+            for a in self.graph.inputs(m) {
+                if !members.contains(&a) {
+                    inputs.insert(base(self.graph, a));
+                }
+            }
+            if self.materialised(members, m) {
+                outputs.insert(m);
+            }
+        }
+        (inputs, outputs)
+    }
+
+    fn materialised(&self, members: &HashSet<NodeId>, m: NodeId) -> bool {
+        let users = self.graph.users(m);
+        users.is_empty() || self.graph_outputs.contains(&m) || users.iter().any(|u| !members.contains(u))
+    }
+
+    /// Final inputs/outputs per group, and a producer-first order of the groups.
+    fn finish(self) -> Fused {
+        let g = self.graph;
+        let mut groups: Vec<Group> = Vec::with_capacity(self.groups.len());
+        for b in &self.groups {
+            let mut nodes = b.nodes.clone();
+            nodes.sort_by_key(|n| self.pos[n]);
+            let members: HashSet<NodeId> = nodes.iter().copied().collect();
+            let mut inputs = Vec::new();
+            for &m in &nodes {
+                for a in g.inputs(m) {
+                    if !members.contains(&a) && !inputs.contains(&a) {
+                        inputs.push(a);
+                    }
+                }
+            }
+            let outputs = nodes.iter().copied().filter(|&m| self.materialised(&members, m)).collect();
+            groups.push(Group { kind: b.kind, domain: b.domain.clone(), nodes, inputs, outputs });
+        }
+        // Kahn's algorithm over group dependencies, lowest creation index first (deterministic).
+        let mut deps: Vec<HashSet<usize>> = vec![HashSet::new(); groups.len()];
+        let mut users: Vec<Vec<usize>> = vec![Vec::new(); groups.len()];
+        for (gi, grp) in groups.iter().enumerate() {
+            for &a in &grp.inputs {
+                if let Some(&h) = self.group_of.get(&base(g, a)) {
+                    if h != gi && deps[gi].insert(h) {
+                        users[h].push(gi);
+                    }
+                }
+            }
+        }
+        let mut missing: Vec<usize> = deps.iter().map(|d| d.len()).collect();
+        let mut ready: BinaryHeap<Reverse<usize>> = (0..groups.len()).filter(|&i| missing[i] == 0).map(Reverse).collect();
+        let mut order = Vec::with_capacity(groups.len());
+        while let Some(Reverse(i)) = ready.pop() {
+            order.push(i);
+            for &u in &users[i] {
+                missing[u] -= 1;
+                if missing[u] == 0 {
+                    ready.push(Reverse(u));
+                }
+            }
+        }
+        assert_eq!(order.len(), groups.len(), "fusion produced a cyclic group graph (creates_cycle is wrong)");
+        let mut slots: Vec<Option<Group>> = groups.into_iter().map(Some).collect();
+        Fused { groups: order.into_iter().filter_map(|i| slots[i].take()).collect() }
+    }
+}

@@ -1,0 +1,28 @@
+// moec prelude: helpers shared by every generated kernel. The generator prepends the constants
+// (shapes, grid folding GX/GY) and the storage bindings `b0..bN`; templates only use those names.
+
+const FLT_MAX: f32 = 3.40282347e38;
+
+// tanh saturates to ±1 in f32 beyond |x| = 15; clamping keeps exp-based implementations from
+// overflowing to NaN on some drivers.
+fn tanh_(x: f32) -> f32 {
+    return tanh(clamp(x, -15.0, 15.0));
+}
+
+fn sigmoid_(x: f32) -> f32 {
+    return 1.0 / (1.0 + exp(-x));
+}
+
+fn silu_(x: f32) -> f32 {
+    return x / (1.0 + exp(-x));
+}
+
+// GPT-2 / HF `gelu_new` (tanh approximation).
+fn gelu_(x: f32) -> f32 {
+    return 0.5 * x * (1.0 + tanh_(0.7978845608028654 * (x + 0.044715 * x * x * x)));
+}
+
+// ln(1 + e^x) without overflow.
+fn softplus_(x: f32) -> f32 {
+    return max(x, 0.0) + log(1.0 + exp(-abs(x)));
+}
