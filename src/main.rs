@@ -3,11 +3,8 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use miette::{Context, IntoDiagnostic, Result};
 use moec_compiler::emit::Target;
-use moec_compiler::fuse::{self, FuseOptions, Fused};
-use moec_compiler::ir::Graph;
-use moec_compiler::plan::Plan;
 use moec_compiler::spec::Spec;
-use moec_compiler::{check, emit, lower};
+use moec_compiler::{check, Compiled};
 use moec_runtime::{AdapterChoice, Gpu};
 use std::path::{Path, PathBuf};
 
@@ -105,19 +102,8 @@ pub fn batch_of(spec: &Spec, batch: Option<usize>) -> usize {
     batch.or(spec.train.as_ref().map(|t| t.batch)).unwrap_or(1)
 }
 
-/// Spec → Graph → kernel groups → Plan: the whole compiler, as every command runs it.
-pub struct Compiled {
-    pub graph: Graph,
-    pub fused: Fused,
-    pub plan: Plan,
-}
-
 pub fn compile(spec: &Spec, batch: usize, target: &Target, fusion: bool) -> Result<Compiled> {
-    let graph = lower::lower(spec, batch).into_diagnostic()?;
-    let options = if fusion { FuseOptions::for_target(target) } else { FuseOptions::unfused(target) };
-    let fused = fuse::fuse(&graph, options);
-    let plan = emit::emit(&graph, &fused, target).into_diagnostic()?;
-    Ok(Compiled { graph, fused, plan })
+    moec_compiler::compile(spec, batch, target, fusion).into_diagnostic()
 }
 
 fn main() -> Result<()> {

@@ -12,3 +12,35 @@ pub mod lower;
 pub mod plan;
 pub mod spec;
 pub mod stats;
+
+use emit::Target;
+use fuse::{FuseOptions, Fused};
+use ir::Graph;
+use plan::Plan;
+use spec::Spec;
+
+/// Everything after `check` failed: lowering or emitting.
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error(transparent)]
+    Lower(#[from] lower::LowerError),
+    #[error(transparent)]
+    Emit(#[from] emit::EmitError),
+}
+
+/// The stages of one compilation, kept so callers can dump or test any of them.
+pub struct Compiled {
+    pub graph: Graph,
+    pub fused: Fused,
+    pub plan: Plan,
+}
+
+/// Spec → Graph → kernel groups → Plan: the whole compiler after `check`, as every command and test
+/// runs it. `fusion = false` gives one kernel per op (`--no-fuse`).
+pub fn compile(spec: &Spec, batch: usize, target: &Target, fusion: bool) -> Result<Compiled, CompileError> {
+    let graph = lower::lower(spec, batch)?;
+    let options = if fusion { FuseOptions::for_target(target) } else { FuseOptions::unfused(target) };
+    let fused = fuse::fuse(&graph, options);
+    let plan = emit::emit(&graph, &fused, target)?;
+    Ok(Compiled { graph, fused, plan })
+}
