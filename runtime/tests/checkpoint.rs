@@ -1,0 +1,175 @@
+//! Checkpoints: safetensors round trip, HF split/stack of expert params, atomic writes, spec diffs.
+
+use moec_runtime::checkpoint::{diff_specs, from_hf, to_hf, Checkpoint, CheckpointError};
+use safetensors::{Dtype, SafeTensors};
+use std::collections::BTreeMap;
+
+fn ramp(n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|i| i as f32 * scale - 1.5).collect()
+}
+
+fn sample() -> Checkpoint {
+    let mut ck = Checkpoint { step: 1234, spec_text: "model m {\n  dim = 8\n}\n".into(), ..Default::default() };
+    ck.insert_ir("model.embed_tokens.weight", &[5, 4], &ramp(20, 0.25));
+    // Stacked experts: E = 3, hidden = 2, dim = 4.
+    ck.insert_ir("model.layers.0.block_sparse_moe.experts.w1", &[3, 2, 4], &ramp(24, 0.5));
+    ck.insert_ir("model.layers.0.block_sparse_moe.experts.w2", &[3, 4, 2], &ramp(24, -0.5));
+    ck.insert_ir("model.layers.0.block_sparse_moe.gate.weight", &[3, 4], &ramp(12, 1.0));
+    // Optimizer state of a stacked param keeps its IR name and shape.
+    ck.insert_ir("optim.exp_avg.model.layers.0.block_sparse_moe.experts.w1", &[3, 2, 4], &ramp(24, 0.125));
+    ck.insert_ir("router_state.model.layers.0.bias", &[3], &[0.1, -0.2, f32::MIN_POSITIVE]);
+    ck.meta.insert("batcher".into(), r#"{"seed":1,"word_pos":99,"train_tokens":10}"#.into());
+    ck
+}
+
+#[test]
+fn round_trip_is_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ck.safetensors");
+    let ck = sample();
+    ck.save(&path).unwrap();
+    let back = Checkpoint::load(&path).unwrap();
+    assert_eq!(back, ck); // bit-exact f32, shapes, step, spec text, meta
+    // No temporary file is left next to the checkpoint.
+    let names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(names, vec!["ck.safetensors".to_string()]);
+}
+
+#[test]
+fn file_is_hf_shaped_f32_with_pt_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ck.safetensors");
+    sample().save(&path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = header.metadata().clone().unwrap();
+    assert_eq!(meta["format"], "pt");
+    assert_eq!(meta["moec.step"], "1234");
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let w1_2 = st.tensor("model.layers.0.block_sparse_moe.experts.2.w1.weight").unwrap();
+    assert_eq!(w1_2.dtype(), Dtype::F32);
+    assert_eq!(w1_2.shape(), &[2, 4]);
+    // Expert 2's slice of the stack: elements 16..24 of the ramp.
+    let first = f32::from_le_bytes(w1_2.data()[..4].try_into().unwrap());
+    assert_eq!(first, 16.0 * 0.5 - 1.5);
+    assert_eq!(st.tensor("model.layers.0.block_sparse_moe.experts.1.w2.weight").unwrap().shape(), &[4, 2]);
+    assert!(st.tensor("model.layers.0.block_sparse_moe.experts.w1").is_err());
+    assert_eq!(st.tensor("optim.exp_avg.model.layers.0.block_sparse_moe.experts.w1").unwrap().shape(), &[3, 2, 4]);
+}
+
+#[test]
+fn hf_split_and_stack_are_inverse() {
+    let data = ramp(24, 1.0);
+    let split = to_hf("model.layers.3.block_sparse_moe.experts.w3", &[2, 3, 4], &data);
+    assert_eq!(split.len(), 2);
+    assert_eq!(split[1].0, "model.layers.3.block_sparse_moe.experts.1.w3.weight");
+    assert_eq!(split[1].1, vec![3, 4]);
+    assert_eq!(split[1].2, data[12..]);
+    // Non-stacked names pass through.
+    let same = to_hf("model.norm.weight", &[4], &[1.0; 4]);
+    assert_eq!(same, vec![("model.norm.weight".to_string(), vec![4], vec![1.0; 4])]);
+
+    let map: BTreeMap<String, (Vec<usize>, Vec<f32>)> = split.into_iter().map(|(n, s, d)| (n, (s, d))).chain([("lm_head.weight".to_string(), (vec![1], vec![2.0]))]).collect();
+    let stacked = from_hf(map).unwrap();
+    assert_eq!(stacked["model.layers.3.block_sparse_moe.experts.w3"], (vec![2, 3, 4], data));
+    assert_eq!(stacked["lm_head.weight"], (vec![1], vec![2.0]));
+    assert_eq!(stacked.len(), 2);
+
+    // More than 10 experts: numeric, not lexicographic, order.
+    let data = ramp(12 * 2, 1.0);
+    let map: BTreeMap<_, _> = to_hf("model.layers.0.block_sparse_moe.experts.w1", &[12, 1, 2], &data).into_iter().map(|(n, s, d)| (n, (s, d))).collect();
+    assert_eq!(from_hf(map).unwrap()["model.layers.0.block_sparse_moe.experts.w1"].1, data);
+
+    let ck = sample();
+    let ir = ck.ir_tensors().unwrap();
+    assert_eq!(ir["model.layers.0.block_sparse_moe.experts.w2"], (vec![3, 4, 2], ramp(24, -0.5)));
+}
+
+#[test]
+fn stacking_reports_gaps_and_shape_mismatches() {
+    let mut map = BTreeMap::new();
+    map.insert("model.layers.0.block_sparse_moe.experts.0.w1.weight".to_string(), (vec![1, 2], vec![0.0; 2]));
+    map.insert("model.layers.0.block_sparse_moe.experts.2.w1.weight".to_string(), (vec![1, 2], vec![0.0; 2]));
+    let err = from_hf(map.clone()).unwrap_err();
+    assert!(err.to_string().contains("expert 1 is missing"), "{err}");
+    map.insert("model.layers.0.block_sparse_moe.experts.1.w1.weight".to_string(), (vec![2, 1], vec![0.0; 2]));
+    let err = from_hf(map).unwrap_err();
+    assert!(err.to_string().contains("expert 1 has shape [2, 1]"), "{err}");
+}
+
+#[test]
+fn save_refuses_bad_input_and_leaves_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.safetensors");
+    let mut ck = Checkpoint::default();
+    ck.tensors.insert("x".into(), (vec![2, 2], vec![1.0; 3]));
+    assert!(matches!(ck.save(&path).unwrap_err(), CheckpointError::ShapeData { expected: 4, actual: 3, .. }));
+    let mut ck = Checkpoint::default();
+    ck.meta.insert("moec.step".into(), "7".into());
+    assert!(matches!(ck.save(&path).unwrap_err(), CheckpointError::ReservedKey(_)));
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn overwrite_replaces_whole_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sub/ck.safetensors");
+    let mut ck = sample();
+    ck.save(&path).unwrap();
+    ck.step = 2000;
+    ck.tensors.retain(|n, _| n.starts_with("model.embed"));
+    ck.save(&path).unwrap();
+    assert_eq!(Checkpoint::load(&path).unwrap(), ck);
+    assert_eq!(std::fs::read_dir(dir.path().join("sub")).unwrap().count(), 1);
+}
+
+#[test]
+fn load_errors_are_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = Checkpoint::load(&dir.path().join("missing.safetensors")).unwrap_err();
+    assert!(matches!(err, CheckpointError::Io { .. }) && err.to_string().contains("missing.safetensors"), "{err}");
+    std::fs::write(dir.path().join("junk"), b"not a safetensors file at all").unwrap();
+    assert!(matches!(Checkpoint::load(&dir.path().join("junk")).unwrap_err(), CheckpointError::Format { .. }));
+}
+
+#[test]
+fn loads_hf_half_precision_tensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hf.safetensors");
+    let bf: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect();
+    let f16: Vec<u8> = [0.25f32].iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
+    let views = vec![
+        ("a", safetensors::tensor::TensorView::new(Dtype::BF16, vec![2], &bf).unwrap()),
+        ("b", safetensors::tensor::TensorView::new(Dtype::F16, vec![1], &f16).unwrap()),
+    ];
+    std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+    let ck = Checkpoint::load(&path).unwrap();
+    assert_eq!(ck.tensors["a"], (vec![2], vec![1.5, -2.0]));
+    assert_eq!(ck.tensors["b"], (vec![1], vec![0.25]));
+    assert_eq!((ck.step, ck.spec_text.as_str()), (0, ""));
+}
+
+#[test]
+fn spec_diff_names_lines() {
+    let a = "model m {\n  dim = 64\n  layers = 2\n  moe {\n    experts = 8\n  }\n}\n";
+    assert_eq!(diff_specs(a, a), None);
+    // Trailing whitespace and trailing blank lines do not count.
+    assert_eq!(diff_specs(a, &a.replace("= 64\n", "= 64   \n").replace("}\n}\n", "}\n}\n\n\n")), None);
+    let b = a.replace("experts = 8", "experts = 16");
+    let d = diff_specs(a, &b).unwrap();
+    assert!(d.contains("-   5 |     experts = 8"), "{d}");
+    assert!(d.contains("+   5 |     experts = 16"), "{d}");
+    assert_eq!(d.lines().count(), 3, "{d}");
+
+    // An inserted line shifts numbering on the + side only.
+    let c = a.replace("  layers = 2\n", "  layers = 2\n  heads = 4\n");
+    let d = diff_specs(a, &c).unwrap();
+    assert!(d.contains("+   4 |   heads = 4"), "{d}");
+    assert_eq!(d.lines().count(), 2, "{d}");
+
+    // Long diffs are cut after 12 lines.
+    let many_a: String = (0..40).map(|i| format!("a{i}\n")).collect();
+    let many_b: String = (0..40).map(|i| format!("b{i}\n")).collect();
+    let d = diff_specs(&many_a, &many_b).unwrap();
+    assert!(d.ends_with("... and 68 more differing lines"), "{d}");
+}
