@@ -331,18 +331,18 @@ impl Lower<'_> {
         let (e, d, h) = (layout.experts, self.last_dim(xp), ffn.hidden);
         let normal = Init::Normal { std: INIT_STD };
         let w1 = self.g.param(&format!("{p}.w1"), &[e, h, d], normal);
-        let a = self.add(Op::GroupedMatMul { layout }, &[xp, w1, route], format!("{p}.w1"))?;
+        let a = self.add(Op::GroupedMatMul { layout }, &[xp, w1, route], format!("{p}.h1"))?;
         let a = self.activation(ffn.activation, a, format!("{p}.act"))?;
         let a = match ffn.activation {
             Activation::SwiGlu => {
                 let w3 = self.g.param(&format!("{p}.w3"), &[e, h, d], normal);
-                let up = self.add(Op::GroupedMatMul { layout }, &[xp, w3, route], format!("{p}.w3"))?;
+                let up = self.add(Op::GroupedMatMul { layout }, &[xp, w3, route], format!("{p}.h3"))?;
                 self.binary(BinaryOp::Mul, a, up, format!("{p}.glu"))?
             }
             Activation::Gelu | Activation::Relu => a,
         };
         let w2 = self.g.param(&format!("{p}.w2"), &[e, d, h], normal);
-        self.add(Op::GroupedMatMul { layout }, &[a, w2, route], format!("{p}.w2"))
+        self.add(Op::GroupedMatMul { layout }, &[a, w2, route], format!("{p}.out"))
     }
 
     /// LANGUAGE.md `aux(c)`: `c · E · Σ_e f_e · P_e` with `f_e = Σ_t sel[t,e] / (T·k)` and
