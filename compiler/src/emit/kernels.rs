@@ -528,12 +528,12 @@ fn register_blocked(mm: &Mm, tm: usize, a: &str, b: &str, grouped: Option<(&Rout
     let bk = if mm.trans_b { "k" } else { "k * N" };
     for j in 0..tn4 {
         let cols: Vec<String> = (0..4).map(|c| format!("{b}[bc{} + {bk}]", 4 * j + c)).collect();
-        s += &format!("        let b{j} = vec4<f32>({});\n", cols.join(", "));
+        s += &format!("        let bv{j} = vec4<f32>({});\n", cols.join(", "));
     }
     for i in 0..tm {
-        s += &format!("        let a{i} = vec4<f32>({a}[ar{i} + k]);\n");
+        s += &format!("        let av{i} = vec4<f32>({a}[ar{i} + k]);\n");
         for j in 0..tn4 {
-            s += &format!("        c{i}_{j} = fma(a{i}, b{j}, c{i}_{j});\n");
+            s += &format!("        c{i}_{j} = fma(av{i}, bv{j}, c{i}_{j});\n");
         }
     }
     s += "    }\n";

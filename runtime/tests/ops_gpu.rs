@@ -1,0 +1,341 @@
+//! Per-op GPU tests: every kernel the emitter generates, run on the adapter wgpu finds (lavapipe on a
+//! machine without a GPU), against the reference interpreter in f64 on random inputs.
+//!
+//! Each graph runs in four configurations: both matmul variants (register-blocked and shared-tiled,
+//! whatever the adapter) × fused and unfused. Shapes are deliberately odd (not multiples of the
+//! workgroup or block sizes). Tolerance: |gpu - ref| ≤ 1e-5 + 1e-4·|ref| for f32 (the GPU computes in
+//! f32 with a different summation order), exact equality for u32 outputs (indices, routing table).
+
+use moec_compiler::emit::{emit, MatmulVariant, Target};
+use moec_compiler::fuse::{fuse, FuseOptions};
+use moec_compiler::interp::{self, Value};
+use moec_compiler::ir::{BinaryOp, DType, Graph, Init, NodeId, Op, ReduceOp, RouteLayout, TensorType, UnaryOp};
+use moec_runtime::{AdapterChoice, Executor, Gpu};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+const ABS: f64 = 1e-5;
+const REL: f64 = 1e-4;
+
+fn gpu() -> &'static Gpu {
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    GPU.get_or_init(|| Gpu::new(&AdapterChoice::default()).expect("a wgpu adapter (lavapipe: apt-get install mesa-vulkan-drivers)"))
+}
+
+/// Random feeds for every Param and Input: f32 ~ U(-2, 2), u32 < `bound` (per name, else 7).
+fn feeds(graph: &Graph, seed: u64, bounds: &[(&str, u32)]) -> HashMap<String, Value> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut out = HashMap::new();
+    let leaves = graph.params().into_iter().map(|(_, n, t)| (n, t)).chain(graph.data_inputs().into_iter().map(|(_, n, t)| (n, t)));
+    for (name, ty) in leaves {
+        let v = match ty.dtype {
+            DType::F32 => Value::F32((0..ty.numel()).map(|_| rng.random_range(-2.0f32..2.0)).collect()),
+            DType::U32 => {
+                let bound = bounds.iter().find(|(n, _)| *n == name).map(|(_, b)| *b).unwrap_or(7);
+                Value::U32((0..ty.numel()).map(|_| rng.random_range(0..bound)).collect())
+            }
+        };
+        out.insert(name, v);
+    }
+    out
+}
+
+fn target(variant: MatmulVariant) -> Target {
+    Target { matmul: variant, ..gpu().target() }
+}
+
+/// Runs `graph` on the GPU under `target` and returns every named output as f64.
+fn run_gpu(graph: &Graph, feeds: &HashMap<String, Value>, target: &Target, fused: bool) -> HashMap<String, Vec<f64>> {
+    let opts = FuseOptions { enabled: fused, max_bindings: target.max_storage_buffers_per_stage };
+    let plan = emit(graph, &fuse(graph, opts), target).unwrap_or_else(|e| panic!("{e}"));
+    let exec = Executor::new(gpu(), &plan).unwrap_or_else(|e| panic!("{e}"));
+    for (name, value) in feeds {
+        match value {
+            Value::F32(v) => exec.write_f32(name, v),
+            Value::U32(v) => exec.write_u32(name, v),
+            Value::F64(v) => exec.write_f32(name, &v.iter().map(|&x| x as f32).collect::<Vec<_>>()),
+        }
+        .unwrap();
+    }
+    exec.run().unwrap();
+    graph
+        .outputs
+        .iter()
+        .map(|(name, id)| {
+            let v = match graph.ty(*id).dtype {
+                DType::F32 => exec.read_f32(name).unwrap().into_iter().map(f64::from).collect(),
+                DType::U32 => exec.read_u32(name).unwrap().into_iter().map(f64::from).collect(),
+            };
+            (name.clone(), v)
+        })
+        .collect()
+}
+
+/// Compares every output of `graph` on the GPU (4 configurations) with the f64 interpreter.
+fn check(graph: &Graph, feeds: &HashMap<String, Value>) {
+    let wide: HashMap<String, Value> = feeds
+        .iter()
+        .map(|(k, v)| (k.clone(), match v {
+            Value::F32(x) => Value::F64(x.iter().map(|&a| f64::from(a)).collect()),
+            other => other.clone(),
+        }))
+        .collect();
+    let expected = interp::run_outputs(graph, &wide).unwrap();
+    for variant in [MatmulVariant::RegisterBlocked, MatmulVariant::SharedTiled] {
+        for fused in [true, false] {
+            let got = run_gpu(graph, feeds, &target(variant), fused);
+            for (name, id) in &graph.outputs {
+                let want = expected[name].to_f64();
+                let have = &got[name];
+                assert_eq!(want.len(), have.len(), "{name}");
+                let exact = graph.ty(*id).dtype == DType::U32;
+                for (i, (w, h)) in want.iter().zip(have).enumerate() {
+                    let ok = if exact { w == h } else { (w - h).abs() <= ABS + REL * w.abs() };
+                    assert!(ok, "{name}[{i}]: gpu {h} vs reference {w} ({variant:?}, fused = {fused})");
+                }
+            }
+        }
+    }
+}
+
+fn add(g: &mut Graph, op: Op, args: &[NodeId], label: &str) -> NodeId {
+    g.add(op, args, label).unwrap()
+}
+
+#[test]
+fn elementwise_ops_with_broadcasting() {
+    let mut g = Graph::new();
+    let x = g.input("x", TensorType::f32(&[3, 37, 5]));
+    let row = g.input("row", TensorType::f32(&[37, 1]));
+    let col = g.param("col", &[5], Init::Constant(0.0));
+    let one = g.param("one", &[1], Init::Constant(0.0));
+    let mid = g.param("mid", &[3, 1, 5], Init::Constant(0.0));
+    let pos = add(&mut g, Op::Unary(UnaryOp::Square), &[x], "sq");
+    let pos = add(&mut g, Op::Affine { mul: 1.5, add: 0.25 }, &[pos], "pos");
+    let mut outs = Vec::new();
+    for u in [UnaryOp::Log, UnaryOp::Sqrt, UnaryOp::Rsqrt, UnaryOp::Recip] {
+        outs.push(add(&mut g, Op::Unary(u), &[pos], &format!("{u:?}")));
+    }
+    for u in [UnaryOp::Neg, UnaryOp::Exp, UnaryOp::Tanh, UnaryOp::Relu, UnaryOp::Silu, UnaryOp::Gelu, UnaryOp::Sigmoid, UnaryOp::Softplus] {
+        outs.push(add(&mut g, Op::Unary(u), &[x], &format!("{u:?}")));
+    }
+    for (i, (bop, other)) in [(BinaryOp::Add, row), (BinaryOp::Sub, col), (BinaryOp::Mul, one), (BinaryOp::Div, pos), (BinaryOp::Max, mid)].into_iter().enumerate() {
+        outs.push(add(&mut g, Op::Binary(bop), &[x, other], &format!("bin{i}")));
+    }
+    // Broadcast the other way round: the smaller operand first.
+    outs.push(add(&mut g, Op::Binary(BinaryOp::Sub), &[row, x], "rev"));
+    for (i, o) in outs.into_iter().enumerate() {
+        g.set_output(&format!("o{i}"), o);
+    }
+    check(&g, &feeds(&g, 1, &[]));
+}
+
+#[test]
+fn elementwise_grid_past_65535_workgroups() {
+    // 65536 · 256 + 77 elements: more than 65535 workgroups of 256 in x, folded into y.
+    let n = 65_536 * 256 + 77;
+    let mut g = Graph::new();
+    let x = g.input("x", TensorType::f32(&[n]));
+    let y = add(&mut g, Op::Affine { mul: 2.0, add: -1.0 }, &[x], "y");
+    let y = add(&mut g, Op::Unary(UnaryOp::Relu), &[y], "relu");
+    g.set_output("y", y);
+    let xs: Vec<f32> = (0..n).map(|i| ((i % 1013) as f32) / 1013.0).collect();
+    let t = target(MatmulVariant::RegisterBlocked);
+    let plan = emit(&g, &fuse(&g, FuseOptions::for_target(&t)), &t).unwrap();
+    assert!(plan.dispatches[0].workgroups[1] > 1, "grid {:?} was not folded", plan.dispatches[0].workgroups);
+    let got = run_gpu(&g, &HashMap::from([("x".to_string(), Value::F32(xs.clone()))]), &t, true);
+    for (i, (&a, &h)) in xs.iter().zip(&got["y"]).enumerate() {
+        assert_eq!(h as f32, (a * 2.0 - 1.0).max(0.0), "y[{i}]");
+    }
+}
+
+#[test]
+fn grids_fold_into_z_on_small_limits() {
+    // A target that allows only 7 workgroups per dimension forces x, y and z folding on small shapes.
+    let mut g = Graph::new();
+    let x = g.input("x", TensorType::f32(&[61, 67]));
+    let w = g.param("w", &[45, 67], Init::Constant(0.0));
+    let s = add(&mut g, Op::Unary(UnaryOp::Silu), &[x], "s");
+    let m = add(&mut g, Op::MatMul { trans_b: true }, &[s, w], "m");
+    let r = add(&mut g, Op::Softmax { causal: false }, &[m], "r");
+    g.set_output("s", s);
+    g.set_output("r", r);
+    let f = feeds(&g, 2, &[]);
+    let wide: HashMap<String, Value> = f.iter().map(|(k, v)| (k.clone(), Value::F64(v.to_f64()))).collect();
+    let want = interp::run_outputs(&g, &wide).unwrap();
+    for variant in [MatmulVariant::RegisterBlocked, MatmulVariant::SharedTiled] {
+        let t = Target { max_workgroups_per_dim: 7, ..target(variant) };
+        let got = run_gpu(&g, &f, &t, false);
+        for name in ["s", "r"] {
+            for (w, h) in want[name].to_f64().iter().zip(&got[name]) {
+                assert!((w - h).abs() <= ABS + REL * w.abs(), "{name}: {h} vs {w} ({variant:?})");
+            }
+        }
+    }
+}
+
+#[test]
+fn reductions_and_fused_rmsnorm() {
+    let mut g = Graph::new();
+    let x = g.input("x", TensorType::f32(&[3, 5, 67]));
+    let w = g.param("w", &[67], Init::Constant(1.0));
+    for (i, r) in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max].into_iter().enumerate() {
+        let y = add(&mut g, Op::Reduce(r), &[x], &format!("r{i}"));
+        g.set_output(&format!("r{i}"), y);
+    }
+    // RMSNorm with the residual add as prologue; the residual is also an output (materialised).
+    let res = g.input("res", TensorType::f32(&[3, 5, 67]));
+    let h = add(&mut g, Op::Binary(BinaryOp::Add), &[x, res], "h");
+    let sq = add(&mut g, Op::Unary(UnaryOp::Square), &[h], "sq");
+    let ms = add(&mut g, Op::Reduce(ReduceOp::Mean), &[sq], "ms");
+    let eps = add(&mut g, Op::Affine { mul: 1.0, add: 1e-5 }, &[ms], "eps");
+    let rs = add(&mut g, Op::Unary(UnaryOp::Rsqrt), &[eps], "rs");
+    let xn = add(&mut g, Op::Binary(BinaryOp::Mul), &[h, rs], "xn");
+    let y = add(&mut g, Op::Binary(BinaryOp::Mul), &[xn, w], "y");
+    g.set_output("h", h);
+    g.set_output("rs", rs);
+    g.set_output("y", y);
+    // A reduction over a one-column axis.
+    let ms1 = add(&mut g, Op::Reduce(ReduceOp::Sum), &[ms], "ms1");
+    g.set_output("ms1", ms1);
+    check(&g, &feeds(&g, 3, &[]));
+}
+
+#[test]
+fn softmax_plain_causal_and_grouped_query() {
+    let mut g = Graph::new();
+    let s = g.input("s", TensorType::f32(&[2, 3, 9, 9]));
+    let gq = g.input("gq", TensorType::f32(&[2, 18, 9]));
+    let wide = g.input("wide", TensorType::f32(&[5, 131]));
+    let scaled = add(&mut g, Op::Affine { mul: 0.35, add: 0.0 }, &[s], "scaled");
+    let p = add(&mut g, Op::Softmax { causal: true }, &[scaled], "p");
+    let pg = add(&mut g, Op::Softmax { causal: true }, &[gq], "pg");
+    let pw = add(&mut g, Op::Softmax { causal: false }, &[wide], "pw");
+    // Epilogue: the probabilities feed another elementwise op in the same row kernel.
+    let pe = add(&mut g, Op::Unary(UnaryOp::Sqrt), &[pw], "pe");
+    g.set_output("p", p);
+    g.set_output("pg", pg);
+    g.set_output("pe", pe);
+    check(&g, &feeds(&g, 4, &[]));
+}
+
+#[test]
+fn matmuls_batched_shared_transposed_with_epilogues() {
+    let mut g = Graph::new();
+    // Batched, B batched, odd sizes.
+    let a = g.input("a", TensorType::f32(&[3, 13, 17]));
+    let b = g.input("b", TensorType::f32(&[3, 17, 11]));
+    let ab = add(&mut g, Op::MatMul { trans_b: false }, &[a, b], "ab");
+    g.set_output("ab", ab);
+    // Batched A, shared transposed weight, crossing the 64-wide tile, with bias + gelu + residual.
+    let x = g.input("x", TensorType::f32(&[2, 67, 45]));
+    let w = g.param("w", &[71, 45], Init::Constant(0.0));
+    let bias = g.param("bias", &[71], Init::Constant(0.0));
+    let res = g.input("res", TensorType::f32(&[2, 67, 71]));
+    let xw = add(&mut g, Op::MatMul { trans_b: true }, &[x, w], "xw");
+    let xb = add(&mut g, Op::Binary(BinaryOp::Add), &[xw, bias], "xb");
+    let ge = add(&mut g, Op::Unary(UnaryOp::Gelu), &[xb], "gelu");
+    let out = add(&mut g, Op::Binary(BinaryOp::Add), &[res, ge], "out");
+    g.set_output("out", out);
+    g.set_output("xw", xw);
+    // Shared non-transposed B and a 1-row matmul.
+    let v = g.input("v", TensorType::f32(&[1, 45]));
+    let wn = g.param("wn", &[45, 9], Init::Constant(0.0));
+    let vw = add(&mut g, Op::MatMul { trans_b: false }, &[v, wn], "vw");
+    g.set_output("vw", vw);
+    // SwiGLU from two matmuls: silu(a) * b fuses into the second one's epilogue.
+    let w1 = g.param("w1", &[19, 45], Init::Constant(0.0));
+    let w3 = g.param("w3", &[19, 45], Init::Constant(0.0));
+    let h1 = add(&mut g, Op::MatMul { trans_b: true }, &[x, w1], "h1");
+    let h3 = add(&mut g, Op::MatMul { trans_b: true }, &[x, w3], "h3");
+    let si = add(&mut g, Op::Unary(UnaryOp::Silu), &[h1], "silu");
+    let sw = add(&mut g, Op::Binary(BinaryOp::Mul), &[si, h3], "swiglu");
+    g.set_output("swiglu", sw);
+    check(&g, &feeds(&g, 5, &[]));
+}
+
+#[test]
+fn layout_and_nn_composites() {
+    let mut g = Graph::new();
+    let x = g.input("x", TensorType::f32(&[2, 3, 4, 5]));
+    let p1 = add(&mut g, Op::Permute { perm: vec![0, 2, 1, 3] }, &[x], "p1");
+    let p2 = add(&mut g, Op::Permute { perm: vec![3, 1, 0, 2] }, &[x], "p2");
+    let ids = g.input("ids", TensorType::u32(&[3, 7]));
+    let pu = add(&mut g, Op::Permute { perm: vec![1, 0] }, &[ids], "pu");
+    let table = g.param("table", &[11, 6], Init::Constant(0.0));
+    let e = add(&mut g, Op::Embedding, &[table, ids], "emb");
+    let q = g.input("q", TensorType::f32(&[2, 7, 3, 6]));
+    let r = add(&mut g, Op::Rope { theta: 10000.0 }, &[q], "rope");
+    let logits = g.input("logits", TensorType::f32(&[37, 13]));
+    let tg = g.input("targets", TensorType::u32(&[37]));
+    let ce = add(&mut g, Op::CrossEntropy, &[logits, tg], "ce");
+    for (name, id) in [("p1", p1), ("p2", p2), ("pu", pu), ("emb", e), ("rope", r), ("ce", ce)] {
+        g.set_output(name, id);
+    }
+    check(&g, &feeds(&g, 6, &[("ids", 11), ("targets", 13)]));
+}
+
+#[test]
+fn topk_gather_mask_with_ties() {
+    let mut g = Graph::new();
+    let s = g.input("s", TensorType::f32(&[29, 7]));
+    let idx = add(&mut g, Op::TopK { k: 3 }, &[s], "idx");
+    let gc = add(&mut g, Op::GatherCols, &[s, idx], "gc");
+    let m = add(&mut g, Op::TopKMask { experts: 7 }, &[idx], "mask");
+    g.set_output("idx", idx);
+    g.set_output("gc", gc);
+    g.set_output("mask", m);
+    let mut f = feeds(&g, 7, &[]);
+    if let Some(Value::F32(v)) = f.get_mut("s") {
+        // Row 0: all equal (ties go to the lower index); row 1: a tie at the k-th place.
+        v[..7].fill(0.5);
+        v[7..14].copy_from_slice(&[0.1, 0.9, 0.3, 0.9, 0.3, 0.3, -1.0]);
+    }
+    check(&g, &f);
+}
+
+#[test]
+fn moe_route_gather_grouped_matmul_combine() {
+    let (t, k, e, d, hidden) = (23, 2, 5, 9, 13);
+    let layout = RouteLayout { tokens: t, k, experts: e, tile: 4 };
+    let mut g = Graph::new();
+    let x = g.input("x", TensorType::f32(&[t, d]));
+    let idx = g.input("idx", TensorType::u32(&[t, k]));
+    let gates = g.input("gates", TensorType::f32(&[t, k]));
+    let w1 = g.param("w1", &[e, hidden, d], Init::Constant(0.0));
+    let w3 = g.param("w3", &[e, hidden, d], Init::Constant(0.0));
+    let w2 = g.param("w2", &[e, d, hidden], Init::Constant(0.0));
+    let route = add(&mut g, Op::MoeRoute { layout }, &[idx], "route");
+    let xp = add(&mut g, Op::MoeGather { layout }, &[x, route], "xp");
+    let a = add(&mut g, Op::GroupedMatMul { layout }, &[xp, w1, route], "a");
+    let b = add(&mut g, Op::GroupedMatMul { layout }, &[xp, w3, route], "b");
+    let sa = add(&mut g, Op::Unary(UnaryOp::Silu), &[a], "silu");
+    let h = add(&mut g, Op::Binary(BinaryOp::Mul), &[sa, b], "h");
+    let y = add(&mut g, Op::GroupedMatMul { layout }, &[h, w2, route], "y");
+    let out = add(&mut g, Op::MoeCombine { layout }, &[y, gates, route], "out");
+    for (name, id) in [("route", route), ("xp", xp), ("h", h), ("y", y), ("out", out)] {
+        g.set_output(name, id);
+    }
+    // Expert 4 gets no token: an empty segment.
+    let mut f = feeds(&g, 8, &[("idx", 4)]);
+    check(&g, &f);
+    // Routing is rewritten on every run: a second, different routing through the same executor.
+    let t_ = target(MatmulVariant::RegisterBlocked);
+    let plan = emit(&g, &fuse(&g, FuseOptions::for_target(&t_)), &t_).unwrap();
+    let exec = Executor::new(gpu(), &plan).unwrap();
+    for seed in [9, 10] {
+        f = feeds(&g, seed, &[("idx", if seed == 9 { 5 } else { 2 })]);
+        for (name, value) in &f {
+            match value {
+                Value::F32(v) => exec.write_f32(name, v).unwrap(),
+                Value::U32(v) => exec.write_u32(name, v).unwrap(),
+                Value::F64(_) => unreachable!(),
+            }
+        }
+        exec.run().unwrap();
+        let want = interp::run_outputs(&g, &f).unwrap();
+        assert_eq!(exec.read_u32("route").unwrap(), want["route"].as_u32().unwrap(), "seed {seed}");
+    }
+}
