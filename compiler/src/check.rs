@@ -117,6 +117,9 @@ const TRAIN_FIELDS: &[&str] = &[
     "log",
 ];
 
+/// Upper bound on `layers`: far beyond any real model, and it keeps block resolution cheap.
+const MAX_LAYERS: usize = 65_536;
+
 /// Largest integer every f64 represents exactly; whole-number fields must stay below it.
 const MAX_EXACT: f64 = 9_007_199_254_740_992.0;
 
@@ -277,7 +280,13 @@ impl Checker {
             })
         };
         let dim = self.positive(&req("dim", "dim = 256")?.value, "dim", env)?;
-        let layers = self.positive(&req("layers", "layers = 4")?.value, "layers", env)?;
+        let layers_field = req("layers", "layers = 4")?;
+        let layers = self.positive(&layers_field.value, "layers", env)?;
+        if layers > MAX_LAYERS {
+            return Err(self
+                .err(layers_field.value.span, format!("`layers = {layers}` is more than moec supports ({MAX_LAYERS})"))
+                .with_label("too many blocks"));
+        }
         let (vocab, context) = if is_lm {
             let v = self.positive(&req("vocab", "vocab = 256")?.value, "vocab", env)?;
             let c = self.positive(&req("context", "context = 128")?.value, "context", env)?;
@@ -559,9 +568,9 @@ impl Checker {
             }
         }
         if let (Some((g, m)), Some(f)) = (groups, groups_field) {
-            if g * m != experts {
+            if g.checked_mul(m) != Some(experts) {
                 return Err(self
-                    .err(f.value.span, format!("`groups = {g} x {m}` makes {} experts, but `experts = {experts}`", g * m))
+                    .err(f.value.span, format!("`groups = {g} x {m}` makes {} experts, but `experts = {experts}`", g as u128 * m as u128))
                     .with_label("G * M must equal `experts`")
                     .with_help(format!("choose G and M with G * M = {experts}, e.g. `groups = {} x {}`", divisor_near(experts, g), experts / divisor_near(experts, g))));
             }
@@ -579,7 +588,9 @@ impl Checker {
             }
             let (limit, why) = match hierarchy {
                 Hierarchy::TwoLevel => (m, format!("the secondary gate picks top_k inside one group of {m} experts")),
-                Hierarchy::GroupLimited => (top_groups * m, format!("only top_groups * M = {} experts are kept", top_groups * m)),
+                Hierarchy::GroupLimited => {
+                    (top_groups * m, format!("only top_groups * M = {} experts are kept", top_groups * m))
+                }
             };
             if top_k > limit {
                 let span = top_k_field.map_or(f.value.span, |t| t.value.span);

@@ -112,7 +112,7 @@ impl Diagnostic {
             .map_or(0, |s| s.chars().count())
             .max(1);
         // Tabs before the caret are kept as tabs so the caret lines up in a terminal.
-        let lead: String = text[..self.span.start - line_start]
+        let lead: String = src[line_start..self.span.start]
             .chars()
             .map(|c| if c == '\t' { '\t' } else { ' ' })
             .collect();
@@ -250,6 +250,11 @@ mod tests {
         let d = Diagnostic::new("ab", Span::new(10, 20), "x");
         assert_eq!((d.line, d.col), (1, 3));
         assert!(d.render().contains("^"));
+        // A span on the `\r` of a CRLF line ending, and one on the newline itself.
+        for at in [2, 3] {
+            let d = Diagnostic::new("ab\r\ncd", Span::new(at, at + 1), "x");
+            assert!(d.render().contains("1 | ab\n"), "{}", d.render());
+        }
     }
 
     #[test]
