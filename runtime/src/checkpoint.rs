@@ -48,6 +48,8 @@ pub enum CheckpointError {
     ShapeData { name: String, shape: Vec<usize>, expected: usize, actual: usize },
     #[error("metadata key `{0}` is reserved for moec (format, moec.step, moec.spec)")]
     ReservedKey(String),
+    #[error("checkpoint metadata `{key}` is not the expected JSON: {message}")]
+    Meta { key: String, message: String },
     #[error("cannot stack the experts of `{name}`: {message}")]
     Stack { name: String, message: String },
 }
@@ -79,6 +81,21 @@ impl Checkpoint {
         from_hf(self.tensors.clone())
     }
 
+    /// Stores `value` as JSON under metadata key `key` (e.g. the batcher state).
+    pub fn put_json<T: serde::Serialize>(&mut self, key: &str, value: &T) -> Result<(), CheckpointError> {
+        let text = serde_json::to_string(value).map_err(|e| CheckpointError::Meta { key: key.into(), message: e.to_string() })?;
+        self.meta.insert(key.to_string(), text);
+        Ok(())
+    }
+
+    /// Reads metadata key `key` as JSON; `Ok(None)` when the checkpoint has no such key.
+    pub fn get_json<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, CheckpointError> {
+        self.meta
+            .get(key)
+            .map(|text| serde_json::from_str(text).map_err(|e| CheckpointError::Meta { key: key.into(), message: e.to_string() }))
+            .transpose()
+    }
+
     /// Writes the checkpoint atomically (module docs), creating the parent directory if needed.
     pub fn save(&self, path: &Path) -> Result<(), CheckpointError> {
         let mut metadata = HashMap::new();
@@ -108,7 +125,8 @@ impl Checkpoint {
                     .map_err(|e| CheckpointError::Format { path: path.into(), message: e.to_string() })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let buffer = safetensors::serialize(views, Some(metadata)).map_err(|e| CheckpointError::Format { path: path.into(), message: e.to_string() })?;
+        let buffer = safetensors::serialize(views, Some(metadata))
+            .map_err(|e| CheckpointError::Format { path: path.into(), message: e.to_string() })?;
         write_atomic(path, &buffer)
     }
 
@@ -164,9 +182,8 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| io("write")(std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path names no file")))?;
+    let file_name =
+        path.file_name().ok_or_else(|| io("write")(std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path names no file")))?;
     std::fs::create_dir_all(&dir).map_err(io("create the directory of"))?;
     let tmp = dir.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
     let write = || -> std::io::Result<()> {
@@ -210,7 +227,9 @@ pub fn to_hf(name: &str, shape: &[usize], data: &[f32]) -> Vec<(String, Vec<usiz
     match stacked {
         Some((prefix, proj)) if shape.len() == 3 && shape.iter().product::<usize>() == data.len() && shape[0] > 0 => {
             let per = shape[1] * shape[2];
-            (0..shape[0]).map(|e| (format!("{prefix}.{e}.{proj}.weight"), shape[1..].to_vec(), data[e * per..(e + 1) * per].to_vec())).collect()
+            (0..shape[0])
+                .map(|e| (format!("{prefix}.{e}.{proj}.weight"), shape[1..].to_vec(), data[e * per..(e + 1) * per].to_vec()))
+                .collect()
         }
         _ => vec![(name.to_string(), shape.to_vec(), data.to_vec())],
     }
@@ -241,7 +260,10 @@ pub fn from_hf(tensors: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Ten
                 return Err(CheckpointError::Stack { name, message: format!("expert {i} is missing (found expert {e} next)") });
             }
             if s.len() != 2 || s.iter().product::<usize>() != d.len() {
-                return Err(CheckpointError::Stack { name, message: format!("expert {e} has shape {s:?} with {} values, not a matrix", d.len()) });
+                return Err(CheckpointError::Stack {
+                    name,
+                    message: format!("expert {e} has shape {s:?} with {} values, not a matrix", d.len()),
+                });
             }
             match &shape {
                 Some(first) if *first != s => {

@@ -69,7 +69,9 @@ pub enum DataError {
          (context + 1); {total} tokens in all, split = {split}"
     )]
     TooShort { source_name: String, part: &'static str, have: usize, needed: usize, total: usize, context: usize, split: f64 },
-    #[error("the saved batcher state is for {saved} training tokens, but this data set has {actual}; the data changed since the checkpoint")]
+    #[error(
+        "the saved batcher state is for {saved} training tokens, but this data set has {actual}; the data changed since the checkpoint"
+    )]
     StateMismatch { saved: usize, actual: usize },
 }
 
@@ -142,7 +144,8 @@ impl Dataset {
                 }
                 let len = context + 1;
                 let tokens = copy_sequences(vocab, len, (COPY_TOKENS / len).max(16), *seed);
-                let mut ds = split_into(tokens, Layout::Sequences, format!("synthetic(kind = copy, seed = {seed})"), vocab, context, split)?;
+                let mut ds =
+                    split_into(tokens, Layout::Sequences, format!("synthetic(kind = copy, seed = {seed})"), vocab, context, split)?;
                 // Targets 1..h-1 of each sequence are fresh uniform tokens; targets h.. repeat the first
                 // half, which the model has seen: the best achievable loss is (h-1)/context · ln V.
                 let h = len.div_ceil(2);
@@ -151,6 +154,13 @@ impl Dataset {
             }
         };
         split_into(tokens, layout, description, vocab, context, split)
+    }
+
+    /// A stream data set from tokens already in memory (e.g. tokenised elsewhere, or built by a test):
+    /// checked against `vocab` and split like a file. `description` names the source in errors.
+    pub fn from_tokens(tokens: Vec<u32>, description: &str, vocab: usize, context: usize, split: f64) -> Result<Dataset, DataError> {
+        check_range(&tokens, vocab, description)?;
+        split_into(tokens, Layout::Stream, description.to_string(), vocab, context, split)
     }
 
     pub fn vocab(&self) -> usize {
@@ -222,7 +232,8 @@ impl Dataset {
         let total = batch * n;
         let mut out = Vec::with_capacity(n);
         for b in 0..n {
-            let mut batch_out = Batch { tokens: Vec::with_capacity(batch * self.context), targets: Vec::with_capacity(batch * self.context) };
+            let mut batch_out =
+                Batch { tokens: Vec::with_capacity(batch * self.context), targets: Vec::with_capacity(batch * self.context) };
             for r in 0..batch {
                 let j = b * batch + r;
                 let index = if total <= 1 { 0 } else { (j as u128 * (windows - 1) as u128 / (total - 1) as u128) as usize };
@@ -289,7 +300,14 @@ fn check_range(tokens: &[u32], vocab: usize, source_name: &str) -> Result<(), Da
     }
 }
 
-fn split_into(tokens: Vec<u32>, layout: Layout, description: String, vocab: usize, context: usize, split: f64) -> Result<Dataset, DataError> {
+fn split_into(
+    tokens: Vec<u32>,
+    layout: Layout,
+    description: String,
+    vocab: usize,
+    context: usize,
+    split: f64,
+) -> Result<Dataset, DataError> {
     let total = tokens.len();
     let needed = context + 1;
     // NaN and out-of-range splits clamp into [0, 1]; the size check below then explains the problem.
@@ -431,7 +449,8 @@ impl<'d> Batcher<'d> {
     /// The next `batch` training windows.
     pub fn next_train_batch(&mut self, batch: usize) -> Batch {
         let windows = self.data.windows(&self.data.train) as u64;
-        let mut out = Batch { tokens: Vec::with_capacity(batch * self.data.context), targets: Vec::with_capacity(batch * self.data.context) };
+        let mut out =
+            Batch { tokens: Vec::with_capacity(batch * self.data.context), targets: Vec::with_capacity(batch * self.data.context) };
         for _ in 0..batch {
             let index = self.rng.random_range(0..windows) as usize;
             self.data.push_window(&self.data.train, index, &mut out);

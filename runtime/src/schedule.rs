@@ -72,7 +72,7 @@ mod tests {
         close(lr_at(&s, 1.0, 9, 111), 1.0); // 10/10
         close(lr_at(&s, 1.0, 10, 111), 1.0); // cos(0)
         close(lr_at(&s, 1.0, 60, 111), 0.55); // cos(pi/2) = 0: 0.1 + 0.9 * 0.5
-        // progress 0.25: 0.1 + 0.9 * 0.5 * (1 + sqrt(2)/2)
+                                              // progress 0.25: 0.1 + 0.9 * 0.5 * (1 + sqrt(2)/2)
         close(lr_at(&s, 1.0, 35, 111), 0.1 + 0.45 * (1.0 + 0.5f64.sqrt()));
         close(lr_at(&s, 1.0, 110, 111), 0.1); // last step: exactly min_lr
         close(lr_at(&s, 1.0, 500, 111), 0.1); // past the end: stays at min_lr

@@ -1,6 +1,7 @@
 //! Checkpoints: safetensors round trip, HF split/stack of expert params, atomic writes, spec diffs.
 
 use moec_runtime::checkpoint::{diff_specs, from_hf, to_hf, Checkpoint, CheckpointError};
+use moec_runtime::data::BatcherState;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::BTreeMap;
 
@@ -18,8 +19,22 @@ fn sample() -> Checkpoint {
     // Optimizer state of a stacked param keeps its IR name and shape.
     ck.insert_ir("optim.exp_avg.model.layers.0.block_sparse_moe.experts.w1", &[3, 2, 4], &ramp(24, 0.125));
     ck.insert_ir("router_state.model.layers.0.bias", &[3], &[0.1, -0.2, f32::MIN_POSITIVE]);
-    ck.meta.insert("batcher".into(), r#"{"seed":1,"word_pos":99,"train_tokens":10}"#.into());
+    let state = BatcherState { seed: 1, word_pos: (1u128 << 70) + 3, train_tokens: 10 };
+    ck.put_json("batcher", &state).unwrap();
     ck
+}
+
+#[test]
+fn json_metadata_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ck.safetensors");
+    sample().save(&path).unwrap();
+    let back = Checkpoint::load(&path).unwrap();
+    let state: BatcherState = back.get_json("batcher").unwrap().unwrap();
+    assert_eq!(state, BatcherState { seed: 1, word_pos: (1u128 << 70) + 3, train_tokens: 10 });
+    assert_eq!(back.get_json::<BatcherState>("absent").unwrap(), None);
+    let err = back.get_json::<u32>("batcher").unwrap_err();
+    assert!(matches!(err, CheckpointError::Meta { .. }), "{err}");
 }
 
 #[test]
@@ -30,8 +45,9 @@ fn round_trip_is_exact() {
     ck.save(&path).unwrap();
     let back = Checkpoint::load(&path).unwrap();
     assert_eq!(back, ck); // bit-exact f32, shapes, step, spec text, meta
-    // No temporary file is left next to the checkpoint.
-    let names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+                          // No temporary file is left next to the checkpoint.
+    let names: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert_eq!(names, vec!["ck.safetensors".to_string()]);
 }
 
@@ -69,7 +85,8 @@ fn hf_split_and_stack_are_inverse() {
     let same = to_hf("model.norm.weight", &[4], &[1.0; 4]);
     assert_eq!(same, vec![("model.norm.weight".to_string(), vec![4], vec![1.0; 4])]);
 
-    let map: BTreeMap<String, (Vec<usize>, Vec<f32>)> = split.into_iter().map(|(n, s, d)| (n, (s, d))).chain([("lm_head.weight".to_string(), (vec![1], vec![2.0]))]).collect();
+    let map: BTreeMap<String, (Vec<usize>, Vec<f32>)> =
+        split.into_iter().map(|(n, s, d)| (n, (s, d))).chain([("lm_head.weight".to_string(), (vec![1], vec![2.0]))]).collect();
     let stacked = from_hf(map).unwrap();
     assert_eq!(stacked["model.layers.3.block_sparse_moe.experts.w3"], (vec![2, 3, 4], data));
     assert_eq!(stacked["lm_head.weight"], (vec![1], vec![2.0]));
@@ -77,7 +94,8 @@ fn hf_split_and_stack_are_inverse() {
 
     // More than 10 experts: numeric, not lexicographic, order.
     let data = ramp(12 * 2, 1.0);
-    let map: BTreeMap<_, _> = to_hf("model.layers.0.block_sparse_moe.experts.w1", &[12, 1, 2], &data).into_iter().map(|(n, s, d)| (n, (s, d))).collect();
+    let map: BTreeMap<_, _> =
+        to_hf("model.layers.0.block_sparse_moe.experts.w1", &[12, 1, 2], &data).into_iter().map(|(n, s, d)| (n, (s, d))).collect();
     assert_eq!(from_hf(map).unwrap()["model.layers.0.block_sparse_moe.experts.w1"].1, data);
 
     let ck = sample();

@@ -171,12 +171,8 @@ fn markov_is_deterministic_and_predictable() {
         row[w[0] as usize] += 1;
     }
     let total = (t.len() - 1) as f64;
-    let empirical: f64 = counts
-        .iter()
-        .enumerate()
-        .filter(|(_, &c)| c > 0)
-        .map(|(i, &c)| -(c as f64 / total) * (c as f64 / row[i / 64] as f64).ln())
-        .sum();
+    let empirical: f64 =
+        counts.iter().enumerate().filter(|(_, &c)| c > 0).map(|(i, &c)| -(c as f64 / total) * (c as f64 / row[i / 64] as f64).ln()).sum();
     assert!((empirical - h_cond).abs() < 0.01, "empirical {empirical} vs stated {h_cond}");
 }
 
@@ -254,4 +250,12 @@ fn val_batches_are_fixed_and_span_the_validation_part() {
     // The first window starts at the start of the validation part, the last ends at its end.
     assert_eq!(v1[0].tokens[..8], val[..8]);
     assert_eq!(v1[2].targets[8..], val[val.len() - 8..]);
+}
+
+#[test]
+fn in_memory_tokens_are_checked_and_split() {
+    let ds = Dataset::from_tokens((0..40).map(|i| i % 10).collect(), "test tokens", 10, 3, 0.5).unwrap();
+    assert_eq!((ds.train_tokens().len(), ds.val_tokens().len()), (20, 20));
+    let err = Dataset::from_tokens(vec![1, 2, 10], "test tokens", 10, 1, 0.5).unwrap_err();
+    assert!(err.to_string().starts_with("test tokens: token 10 at position 2"), "{err}");
 }
