@@ -608,17 +608,23 @@ fn matmul<F: Float>(a: &[F], at: &TensorType, b: &[F], bt: &TensorType, trans_b:
     let batch: usize = at.shape[..r - 2].iter().product();
     let b_batched = br > 2;
     let mut out = vec![F::ZERO; batch * m * n];
+    // Both loop orders sum over k in ascending order; they differ only in memory access (rows of B
+    // are contiguous when transposed, so a dot product; otherwise accumulate scaled rows of B).
     for bi in 0..batch {
-        let a0 = bi * m * k;
         let b0 = if b_batched { bi * k * n } else { 0 };
         for i in 0..m {
-            for j in 0..n {
-                let mut s = F::ZERO;
-                for p in 0..k {
-                    let bv = if trans_b { b[b0 + j * k + p] } else { b[b0 + p * n + j] };
-                    s += a[a0 + i * k + p] * bv;
+            let a_row = &a[(bi * m + i) * k..][..k];
+            let o_row = &mut out[(bi * m + i) * n..][..n];
+            if trans_b {
+                for (j, o) in o_row.iter_mut().enumerate() {
+                    *o = dot(a_row, &b[b0 + j * k..][..k]);
                 }
-                out[bi * m * n + i * n + j] = s;
+            } else {
+                for (p, &av) in a_row.iter().enumerate() {
+                    for (o, &bv) in o_row.iter_mut().zip(&b[b0 + p * n..][..n]) {
+                        *o += av * bv;
+                    }
+                }
             }
         }
     }
