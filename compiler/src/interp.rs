@@ -355,8 +355,8 @@ fn eval_node<F: Float>(
             ctx.argc(1, args.len())?;
             let x = ctx.f(args[0])?;
             let n = arg_tys[0].last();
-            let out = x
-                .chunks(n.max(1))
+            let out = (0..ty.numel())
+                .map(|i| &x[i * n..(i + 1) * n])
                 .map(|row| match r {
                     ReduceOp::Sum => sum(row),
                     ReduceOp::Mean => sum(row) / F::from_f64(n as f64),
@@ -407,10 +407,11 @@ fn eval_node<F: Float>(
             let (logits, targets) = (ctx.f(args[0])?, ctx.u(args[1])?);
             let v = arg_tys[0].shape[1];
             let mut total = F::ZERO;
-            for (row, &t) in logits.chunks(v).zip(targets) {
+            for (i, &t) in targets.iter().enumerate() {
                 if t as usize >= v {
                     return Err(ctx.out_of_range("target", t as u64, v as u64));
                 }
+                let row = &logits[i * v..(i + 1) * v];
                 total += logsumexp(row) - row[t as usize];
             }
             Ok(Tensor::F(vec![total / F::from_f64(targets.len().max(1) as f64)]))
@@ -459,7 +460,7 @@ fn eval_node<F: Float>(
                 if slot == RouteLayout::NONE {
                     continue;
                 }
-                let t = slot as usize / layout.k;
+                let t = slot as usize / layout.k.max(1);
                 if t >= layout.tokens {
                     return Err(ctx.out_of_range("row_slot", slot as u64, (layout.tokens * layout.k) as u64));
                 }
