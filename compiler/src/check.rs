@@ -63,7 +63,11 @@ pub fn check_ast(ast: &Ast, source: &str, path: &Path) -> Result<Spec> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let cx = Checker { src: Arc::new(source.to_owned()), path_name: path.display().to_string(), base_dir };
+    let cx = Checker {
+        src: Arc::new(source.to_owned()),
+        path_name: path.display().to_string(),
+        base_dir,
+    };
     cx.spec(ast)
 }
 
@@ -170,7 +174,12 @@ impl Checker {
             Some(block) => Some(self.train(block, &model, &env)?),
             None => None,
         };
-        Ok(Spec { name: decl.name.name.clone(), model, moe, train })
+        Ok(Spec {
+            name: decl.name.name.clone(),
+            model,
+            moe,
+            train,
+        })
     }
 
     /// Indexes a block's fields, rejecting unknown names (with a suggestion) and duplicates.
@@ -188,9 +197,13 @@ impl Checker {
                 return Err(self.unknown_field(block, &f.name, known));
             }
             if let Some(first) = map.get(name) {
-                let (line, _) = moec_grammar::diagnostic::line_col(&self.src, first.name.span.start);
+                let (line, _) =
+                    moec_grammar::diagnostic::line_col(&self.src, first.name.span.start);
                 return Err(self
-                    .err(f.name.span, format!("duplicate field `{name}` in `{block}` block"))
+                    .err(
+                        f.name.span,
+                        format!("duplicate field `{name}` in `{block}` block"),
+                    )
                     .with_label("set a second time")
                     .with_help(format!("`{name}` is already set on line {line}; keep one")));
             }
@@ -201,26 +214,43 @@ impl Checker {
 
     fn unknown_field(&self, block: &str, name: &Ident, known: &[&'static str]) -> Diagnostic {
         let d = self
-            .err(name.span, format!("unknown field `{}` in `{block}` block", name.name))
+            .err(
+                name.span,
+                format!("unknown field `{}` in `{block}` block", name.name),
+            )
             .with_label(format!("not a `{block}` field"));
         // A real field of another block is a misplaced field, not a typo.
-        let elsewhere = [("model", MODEL_FIELDS), ("moe", MOE_FIELDS), ("train", TRAIN_FIELDS)]
-            .into_iter()
-            .find(|(b, fs)| *b != block && fs.contains(&name.name.as_str()));
+        let elsewhere = [
+            ("model", MODEL_FIELDS),
+            ("moe", MOE_FIELDS),
+            ("train", TRAIN_FIELDS),
+        ]
+        .into_iter()
+        .find(|(b, fs)| *b != block && fs.contains(&name.name.as_str()));
         if let Some(s) = did_you_mean(&name.name, known.iter().copied()) {
             d.with_help(format!("did you mean `{s}`?"))
         } else if let Some((other, _)) = elsewhere {
-            let hint = if other == "moe" { " (inside `model { ... }`)" } else { "" };
-            d.with_help(format!("`{}` belongs in the `{other}` block{hint}", name.name))
+            let hint = if other == "moe" {
+                " (inside `model { ... }`)"
+            } else {
+                ""
+            };
+            d.with_help(format!(
+                "`{}` belongs in the `{other}` block{hint}",
+                name.name
+            ))
         } else {
             d.with_help(format!("the `{block}` fields are {}", one_of(known)))
         }
     }
 
     fn missing(&self, fields: &Fields, name: &str, example: &str) -> Diagnostic {
-        self.err(fields.header, format!("missing field `{name}` in `{}` block", fields.block))
-            .with_label(format!("this block needs `{name}`"))
-            .with_help(format!("add e.g. `{example}`"))
+        self.err(
+            fields.header,
+            format!("missing field `{name}` in `{}` block", fields.block),
+        )
+        .with_label(format!("this block needs `{name}`"))
+        .with_help(format!("add e.g. `{example}`"))
     }
 
     /// Model fields written as plain numbers, for arithmetic such as `hidden = 4 * dim`.
@@ -229,7 +259,11 @@ impl Checker {
         fields
             .map
             .iter()
-            .filter_map(|(name, f)| self.eval(&f.value, name, &empty).ok().map(|v| (name.to_string(), v)))
+            .filter_map(|(name, f)| {
+                self.eval(&f.value, name, &empty)
+                    .ok()
+                    .map(|v| (name.to_string(), v))
+            })
             .collect()
     }
 
@@ -240,7 +274,11 @@ impl Checker {
             Some(f) => self.enum_of(
                 &f.value,
                 "family",
-                &[("transformer", Family::Transformer), ("lstm", Family::Lstm), ("mlp", Family::Mlp)],
+                &[
+                    ("transformer", Family::Transformer),
+                    ("lstm", Family::Lstm),
+                    ("mlp", Family::Mlp),
+                ],
             )?,
             None => Family::Transformer,
         };
@@ -254,11 +292,27 @@ impl Checker {
         let only: &[(&str, &[Family], &str)] = &[
             ("heads", &[Family::Transformer], "`family = transformer`"),
             ("kv_heads", &[Family::Transformer], "`family = transformer`"),
-            ("rope_theta", &[Family::Transformer], "`family = transformer`"),
+            (
+                "rope_theta",
+                &[Family::Transformer],
+                "`family = transformer`",
+            ),
             ("bidirectional", &[Family::Lstm], "`family = lstm`"),
-            ("vocab", &[Family::Transformer, Family::Lstm], "language models (`transformer`, `lstm`)"),
-            ("context", &[Family::Transformer, Family::Lstm], "language models (`transformer`, `lstm`)"),
-            ("tie_embeddings", &[Family::Transformer, Family::Lstm], "language models (`transformer`, `lstm`)"),
+            (
+                "vocab",
+                &[Family::Transformer, Family::Lstm],
+                "language models (`transformer`, `lstm`)",
+            ),
+            (
+                "context",
+                &[Family::Transformer, Family::Lstm],
+                "language models (`transformer`, `lstm`)",
+            ),
+            (
+                "tie_embeddings",
+                &[Family::Transformer, Family::Lstm],
+                "language models (`transformer`, `lstm`)",
+            ),
             ("inputs", &[Family::Mlp], "`family = mlp`"),
             ("classes", &[Family::Mlp], "`family = mlp`"),
         ];
@@ -284,7 +338,10 @@ impl Checker {
         let layers = self.positive(&layers_field.value, "layers", env)?;
         if layers > MAX_LAYERS {
             return Err(self
-                .err(layers_field.value.span, format!("`layers = {layers}` is more than moec supports ({MAX_LAYERS})"))
+                .err(
+                    layers_field.value.span,
+                    format!("`layers = {layers}` is more than moec supports ({MAX_LAYERS})"),
+                )
                 .with_label("too many blocks"));
         }
         let (vocab, context) = if is_lm {
@@ -313,9 +370,15 @@ impl Checker {
             let heads = self.positive(&heads_field.value, "heads", env)?;
             if dim % heads != 0 {
                 return Err(self
-                    .err(heads_field.value.span, format!("`dim = {dim}` is not divisible by `heads = {heads}`"))
+                    .err(
+                        heads_field.value.span,
+                        format!("`dim = {dim}` is not divisible by `heads = {heads}`"),
+                    )
                     .with_label("must divide `dim`")
-                    .with_help(format!("head dimension = dim / heads must be whole; try heads = {}", divisor_near(dim, heads))));
+                    .with_help(format!(
+                        "head dimension = dim / heads must be whole; try heads = {}",
+                        divisor_near(dim, heads)
+                    )));
             }
             if (dim / heads) % 2 != 0 {
                 return Err(self
@@ -334,9 +397,14 @@ impl Checker {
                     }
                     if heads % kv != 0 {
                         return Err(self
-                            .err(f.value.span, format!("`heads = {heads}` is not divisible by `kv_heads = {kv}`"))
+                            .err(
+                                f.value.span,
+                                format!("`heads = {heads}` is not divisible by `kv_heads = {kv}`"),
+                            )
                             .with_label("must divide `heads`")
-                            .with_help("each key/value head serves the same number of query heads"));
+                            .with_help(
+                                "each key/value head serves the same number of query heads",
+                            ));
                     }
                     kv
                 }
@@ -348,16 +416,25 @@ impl Checker {
         };
 
         let norm = match fs.get("norm") {
-            Some(f) => self.enum_of(&f.value, "norm", &[("rmsnorm", Norm::RmsNorm), ("layernorm", Norm::LayerNorm)])?,
+            Some(f) => self.enum_of(
+                &f.value,
+                "norm",
+                &[("rmsnorm", Norm::RmsNorm), ("layernorm", Norm::LayerNorm)],
+            )?,
             None => Norm::RmsNorm,
         };
         let rope_theta = match fs.get("rope_theta") {
-            Some(f) => self.float_where(&f.value, "rope_theta", env, |v| v > 0.0, "must be positive")?,
+            Some(f) => {
+                self.float_where(&f.value, "rope_theta", env, |v| v > 0.0, "must be positive")?
+            }
             None => 10000.0,
         };
         let ffn = match fs.get("ffn") {
             Some(f) => self.ffn(&f.value, "ffn", dim, env)?,
-            None => Ffn { activation: Activation::SwiGlu, hidden: default_hidden(Activation::SwiGlu, dim) },
+            None => Ffn {
+                activation: Activation::SwiGlu,
+                hidden: default_hidden(Activation::SwiGlu, dim),
+            },
         };
         let bidirectional = match fs.get("bidirectional") {
             Some(f) => self.boolean(&f.value, "bidirectional")?,
@@ -428,11 +505,21 @@ impl Checker {
             None => Capacity::Dropless,
         };
         let jitter = match fs.get("jitter") {
-            Some(f) => self.float_where(&f.value, "jitter", env, |v| (0.0..1.0).contains(&v), "must be in [0, 1)")?,
+            Some(f) => self.float_where(
+                &f.value,
+                "jitter",
+                env,
+                |v| (0.0..1.0).contains(&v),
+                "must be in [0, 1)",
+            )?,
             None => 0.0,
         };
         let router_precision = match fs.get("router_precision") {
-            Some(f) => self.enum_of(&f.value, "router_precision", &[("f32", Precision::F32), ("f16", Precision::F16)])?,
+            Some(f) => self.enum_of(
+                &f.value,
+                "router_precision",
+                &[("f32", Precision::F32), ("f16", Precision::F16)],
+            )?,
             None => Precision::F32,
         };
         let balance = match fs.get("balance") {
@@ -468,7 +555,10 @@ impl Checker {
             Some(f) => self.enum_of(
                 &f.value,
                 "hierarchy",
-                &[("two_level", Hierarchy::TwoLevel), ("group_limited", Hierarchy::GroupLimited)],
+                &[
+                    ("two_level", Hierarchy::TwoLevel),
+                    ("group_limited", Hierarchy::GroupLimited),
+                ],
             )?,
             None => Hierarchy::TwoLevel,
         };
@@ -501,7 +591,9 @@ impl Checker {
                             .with_help("MoE block indices are 0-based"));
                     }
                     if sorted.contains(i) {
-                        return Err(self.err(*span, format!("block {i} is listed twice")).with_label("repeated index"));
+                        return Err(self
+                            .err(*span, format!("block {i} is listed twice"))
+                            .with_label("repeated index"));
                     }
                     if *i < first_dense {
                         return Err(self
@@ -523,13 +615,23 @@ impl Checker {
                             .with_help("use `experts = 0` for a dense model"));
                     }
                 }
-                let b: Vec<usize> = (first_dense..model.layers).filter(|i| (i + 1) % every == 0).collect();
+                let b: Vec<usize> = (first_dense..model.layers)
+                    .filter(|i| (i + 1) % every == 0)
+                    .collect();
                 if b.is_empty() {
                     let span = every_field.map_or(block.header, |f| f.value.span);
                     return Err(self
-                        .err(span, format!("`every = {every}` makes no block MoE: the model has {} layers", model.layers))
+                        .err(
+                            span,
+                            format!(
+                                "`every = {every}` makes no block MoE: the model has {} layers",
+                                model.layers
+                            ),
+                        )
                         .with_label("no block index matches")
-                        .with_help("block i is MoE when (i + 1) % every == 0; lower `every` or add layers"));
+                        .with_help(
+                            "block i is MoE when (i + 1) % every == 0; lower `every` or add layers",
+                        ));
                 }
                 b
             }
@@ -539,7 +641,12 @@ impl Checker {
         let top_k = match (gate, top_k) {
             (Gate::Switch, Some((f, k))) if k != 1 => {
                 return Err(self
-                    .err(f.value.span, format!("`gate = switch` routes each token to one expert, but `top_k = {k}`"))
+                    .err(
+                        f.value.span,
+                        format!(
+                            "`gate = switch` routes each token to one expert, but `top_k = {k}`"
+                        ),
+                    )
                     .with_label("must be 1 with `switch`")
                     .with_help("remove `top_k`, or use `gate = softmax` for top-k routing"));
             }
@@ -547,7 +654,10 @@ impl Checker {
             (_, Some((f, k))) => {
                 if k > experts {
                     return Err(self
-                        .err(f.value.span, format!("`top_k = {k}` is more than `experts = {experts}`"))
+                        .err(
+                            f.value.span,
+                            format!("`top_k = {k}` is more than `experts = {experts}`"),
+                        )
                         .with_label("must be at most `experts`")
                         .with_help("each token picks top_k distinct experts"));
                 }
@@ -558,7 +668,10 @@ impl Checker {
 
         // Hierarchy.
         if groups.is_none() {
-            for (field, name) in [(hierarchy_field, "hierarchy"), (top_groups_field, "top_groups")] {
+            for (field, name) in [
+                (hierarchy_field, "hierarchy"),
+                (top_groups_field, "top_groups"),
+            ] {
                 if let Some(f) = field {
                     return Err(self
                         .err(f.name.span, format!("`{name}` needs `groups = G x M`"))
@@ -570,15 +683,36 @@ impl Checker {
         if let (Some((g, m)), Some(f)) = (groups, groups_field) {
             if g.checked_mul(m) != Some(experts) {
                 return Err(self
-                    .err(f.value.span, format!("`groups = {g} x {m}` makes {} experts, but `experts = {experts}`", g as u128 * m as u128))
+                    .err(
+                        f.value.span,
+                        format!(
+                            "`groups = {g} x {m}` makes {} experts, but `experts = {experts}`",
+                            g as u128 * m as u128
+                        ),
+                    )
                     .with_label("G * M must equal `experts`")
-                    .with_help(format!("choose G and M with G * M = {experts}, e.g. `groups = {} x {}`", divisor_near(experts, g), experts / divisor_near(experts, g))));
+                    .with_help(format!(
+                        "choose G and M with G * M = {experts}, e.g. `groups = {} x {}`",
+                        divisor_near(experts, g),
+                        experts / divisor_near(experts, g)
+                    )));
             }
-            if !matches!(gate, Gate::Softmax { .. } | Gate::Sigmoid | Gate::NoisyTopK { .. } | Gate::Switch) {
+            if !matches!(
+                gate,
+                Gate::Softmax { .. } | Gate::Sigmoid | Gate::NoisyTopK { .. } | Gate::Switch
+            ) {
                 return Err(self
-                    .err(f.name.span, format!("`groups` works with the token-choice gates, not `gate = {}`", gate_name(&gate)))
+                    .err(
+                        f.name.span,
+                        format!(
+                            "`groups` works with the token-choice gates, not `gate = {}`",
+                            gate_name(&gate)
+                        ),
+                    )
                     .with_label("hierarchical routing needs a top-k gate")
-                    .with_help("use `softmax`, `sigmoid`, `noisy_top_k` or `switch`, or remove `groups`"));
+                    .with_help(
+                        "use `softmax`, `sigmoid`, `noisy_top_k` or `switch`, or remove `groups`",
+                    ));
             }
             if top_groups > g {
                 let span = top_groups_field.map_or(f.value.span, |t| t.value.span);
@@ -587,15 +721,22 @@ impl Checker {
                     .with_label(format!("must be at most {g}")));
             }
             let (limit, why) = match hierarchy {
-                Hierarchy::TwoLevel => (m, format!("the secondary gate picks top_k inside one group of {m} experts")),
-                Hierarchy::GroupLimited => {
-                    (top_groups * m, format!("only top_groups * M = {} experts are kept", top_groups * m))
-                }
+                Hierarchy::TwoLevel => (
+                    m,
+                    format!("the secondary gate picks top_k inside one group of {m} experts"),
+                ),
+                Hierarchy::GroupLimited => (
+                    top_groups * m,
+                    format!("only top_groups * M = {} experts are kept", top_groups * m),
+                ),
             };
             if top_k > limit {
                 let span = top_k_field.map_or(f.value.span, |t| t.value.span);
                 return Err(self
-                    .err(span, format!("`top_k = {top_k}` is more than {limit}: {why}"))
+                    .err(
+                        span,
+                        format!("`top_k = {top_k}` is more than {limit}: {why}"),
+                    )
                     .with_label(format!("must be at most {limit}")));
             }
         }
@@ -621,12 +762,25 @@ impl Checker {
         let c = self.call_form(
             e,
             "gate",
-            &["softmax", "sigmoid", "noisy_top_k", "switch", "expert_choice", "auction", "sinkhorn"],
+            &[
+                "softmax",
+                "sigmoid",
+                "noisy_top_k",
+                "switch",
+                "expert_choice",
+                "auction",
+                "sinkhorn",
+            ],
         )?;
         Ok(match c.name {
             "softmax" => {
                 let [renorm] = self.bind(&c, &["renorm"])?;
-                Gate::Softmax { renorm: renorm.map(|r| self.boolean(r, "renorm")).transpose()?.unwrap_or(true) }
+                Gate::Softmax {
+                    renorm: renorm
+                        .map(|r| self.boolean(r, "renorm"))
+                        .transpose()?
+                        .unwrap_or(true),
+                }
             }
             "sigmoid" => {
                 self.bind::<0>(&c, &[])?;
@@ -634,7 +788,16 @@ impl Checker {
             }
             "noisy_top_k" => {
                 let [noise] = self.bind(&c, &["noise"])?;
-                Gate::NoisyTopK { noise: self.opt_float(noise, "noise", env, 1.0, |v| v >= 0.0, "must not be negative")? }
+                Gate::NoisyTopK {
+                    noise: self.opt_float(
+                        noise,
+                        "noise",
+                        env,
+                        1.0,
+                        |v| v >= 0.0,
+                        "must not be negative",
+                    )?,
+                }
             }
             "switch" => {
                 self.bind::<0>(&c, &[])?;
@@ -642,20 +805,58 @@ impl Checker {
             }
             "expert_choice" => {
                 let [cap] = self.bind(&c, &["capacity"])?;
-                Gate::ExpertChoice { capacity: self.opt_float(cap, "capacity", env, 2.0, |v| v > 0.0, "must be positive")? }
+                Gate::ExpertChoice {
+                    capacity: self.opt_float(
+                        cap,
+                        "capacity",
+                        env,
+                        2.0,
+                        |v| v > 0.0,
+                        "must be positive",
+                    )?,
+                }
             }
             "sinkhorn" => {
                 let [iters] = self.bind(&c, &["iters"])?;
-                Gate::Sinkhorn { iters: iters.map(|i| self.positive(i, "iters", env)).transpose()?.unwrap_or(8) }
+                Gate::Sinkhorn {
+                    iters: iters
+                        .map(|i| self.positive(i, "iters", env))
+                        .transpose()?
+                        .unwrap_or(8),
+                }
             }
             _ => {
                 let [rounds, epsilon, budget, price_rate] =
                     self.bind(&c, &["rounds", "epsilon", "budget", "price_rate"])?;
                 Gate::Auction {
-                    rounds: rounds.map(|r| self.positive(r, "rounds", env)).transpose()?.unwrap_or(10),
-                    epsilon: self.opt_float(epsilon, "epsilon", env, 1e-3, |v| v >= 0.0, "must not be negative")?,
-                    budget: self.opt_float(budget, "budget", env, 1.0, |v| v > 0.0, "must be positive")?,
-                    price_rate: self.opt_float(price_rate, "price_rate", env, 0.01, |v| v >= 0.0, "must not be negative")?,
+                    rounds: rounds
+                        .map(|r| self.positive(r, "rounds", env))
+                        .transpose()?
+                        .unwrap_or(10),
+                    epsilon: self.opt_float(
+                        epsilon,
+                        "epsilon",
+                        env,
+                        1e-3,
+                        |v| v >= 0.0,
+                        "must not be negative",
+                    )?,
+                    budget: self.opt_float(
+                        budget,
+                        "budget",
+                        env,
+                        1.0,
+                        |v| v > 0.0,
+                        "must be positive",
+                    )?,
+                    price_rate: self.opt_float(
+                        price_rate,
+                        "price_rate",
+                        env,
+                        0.01,
+                        |v| v >= 0.0,
+                        "must not be negative",
+                    )?,
                 }
             }
         })
@@ -675,7 +876,14 @@ impl Checker {
         })?;
         let factor = self.float_where(factor, "factor", env, |v| v > 0.0, "must be positive")?;
         let drop = match drop {
-            Some(d) => self.enum_of(d, "drop", &[("position", DropPolicy::Position), ("probability", DropPolicy::Probability)])?,
+            Some(d) => self.enum_of(
+                d,
+                "drop",
+                &[
+                    ("position", DropPolicy::Position),
+                    ("probability", DropPolicy::Probability),
+                ],
+            )?,
             None => DropPolicy::Position,
         };
         Ok(Capacity::Factor { factor, drop })
@@ -685,9 +893,16 @@ impl Checker {
         if matches!(e.kind, ExprKind::None) {
             return Ok(Vec::new());
         }
-        if let ExprKind::Binary { op: op @ (BinOp::Sub | BinOp::Mul | BinOp::Div), .. } = &e.kind {
+        if let ExprKind::Binary {
+            op: op @ (BinOp::Sub | BinOp::Mul | BinOp::Div),
+            ..
+        } = &e.kind
+        {
             return Err(self
-                .err(e.span, format!("balance terms are joined with `+`, not `{}`", op.symbol()))
+                .err(
+                    e.span,
+                    format!("balance terms are joined with `+`, not `{}`", op.symbol()),
+                )
                 .with_label("not a sum of terms")
                 .with_help("e.g. `balance = aux(0.01) + z(0.001)`"));
         }
@@ -699,7 +914,11 @@ impl Checker {
                     .err(term.span, "`none` cannot be part of a sum")
                     .with_label("`none` alone turns balancing off"));
             }
-            let c = self.call_form(term, "balance term", &["aux", "z", "cv2", "bias", "seq_aux"])?;
+            let c = self.call_form(
+                term,
+                "balance term",
+                &["aux", "z", "cv2", "bias", "seq_aux"],
+            )?;
             if seen.contains(&c.name) {
                 return Err(self
                     .err(c.span, format!("`{}` appears twice in `balance`", c.name))
@@ -716,7 +935,14 @@ impl Checker {
                         "z" => 1e-3,
                         _ => 1e-4,
                     };
-                    let v = self.opt_float(coef, "coefficient", env, default, nonneg, "must not be negative")?;
+                    let v = self.opt_float(
+                        coef,
+                        "coefficient",
+                        env,
+                        default,
+                        nonneg,
+                        "must not be negative",
+                    )?;
                     match c.name {
                         "aux" => Balance::Aux(v),
                         "z" => Balance::Z(v),
@@ -725,8 +951,16 @@ impl Checker {
                 }
                 "cv2" => {
                     let [importance, load] = self.bind(&c, &["importance", "load"])?;
-                    let importance = self.opt_float(importance, "importance", env, 0.1, nonneg, "must not be negative")?;
-                    let load = self.opt_float(load, "load", env, 0.1, nonneg, "must not be negative")?;
+                    let importance = self.opt_float(
+                        importance,
+                        "importance",
+                        env,
+                        0.1,
+                        nonneg,
+                        "must not be negative",
+                    )?;
+                    let load =
+                        self.opt_float(load, "load", env, 0.1, nonneg, "must not be negative")?;
                     if load > 0.0 && !matches!(gate, Gate::NoisyTopK { .. }) {
                         return Err(self
                             .err(c.span, format!("the `load` term of `cv2` needs `gate = noisy_top_k(...)`, not `{}`", gate_name(gate)))
@@ -737,13 +971,36 @@ impl Checker {
                 }
                 _ => {
                     let [rate] = self.bind(&c, &["rate"])?;
-                    if !matches!(gate, Gate::Softmax { .. } | Gate::Sigmoid | Gate::NoisyTopK { .. } | Gate::Switch) {
+                    if !matches!(
+                        gate,
+                        Gate::Softmax { .. }
+                            | Gate::Sigmoid
+                            | Gate::NoisyTopK { .. }
+                            | Gate::Switch
+                    ) {
                         return Err(self
-                            .err(c.span, format!("`bias(...)` steers top-k selection; `gate = {}` has none", gate_name(gate)))
+                            .err(
+                                c.span,
+                                format!(
+                                    "`bias(...)` steers top-k selection; `gate = {}` has none",
+                                    gate_name(gate)
+                                ),
+                            )
                             .with_label("needs a token-choice gate")
-                            .with_help("use it with `softmax`, `sigmoid`, `noisy_top_k` or `switch`"));
+                            .with_help(
+                                "use it with `softmax`, `sigmoid`, `noisy_top_k` or `switch`",
+                            ));
                     }
-                    Balance::Bias { rate: self.opt_float(rate, "rate", env, 1e-3, nonneg, "must not be negative")? }
+                    Balance::Bias {
+                        rate: self.opt_float(
+                            rate,
+                            "rate",
+                            env,
+                            1e-3,
+                            nonneg,
+                            "must not be negative",
+                        )?,
+                    }
                 }
             };
             out.push(b);
@@ -754,11 +1011,15 @@ impl Checker {
     /// `G x M`.
     fn groups(&self, e: &Expr, env: &Env) -> Result<(usize, usize)> {
         match &e.kind {
-            ExprKind::Groups { groups, members } => {
-                Ok((self.positive(groups, "groups", env)?, self.positive(members, "groups", env)?))
-            }
+            ExprKind::Groups { groups, members } => Ok((
+                self.positive(groups, "groups", env)?,
+                self.positive(members, "groups", env)?,
+            )),
             _ => Err(self
-                .err(e.span, format!("`groups` must be `G x M`, found {}", e.describe()))
+                .err(
+                    e.span,
+                    format!("`groups` must be `G x M`, found {}", e.describe()),
+                )
                 .with_label("expected `G x M`")
                 .with_help("e.g. `groups = 8 x 8` for 8 groups of 8 experts")),
         }
@@ -767,9 +1028,18 @@ impl Checker {
     /// `[1, 3, 5]`: block indices with their spans.
     fn index_list(&self, e: &Expr, env: &Env) -> Result<Vec<(usize, Span)>> {
         match &e.kind {
-            ExprKind::List(items) => items.iter().map(|i| Ok((self.uint(i, "layers", env)?, i.span))).collect(),
+            ExprKind::List(items) => items
+                .iter()
+                .map(|i| Ok((self.uint(i, "layers", env)?, i.span)))
+                .collect(),
             _ => Err(self
-                .err(e.span, format!("`layers` in a `moe` block must be a list of block indices, found {}", e.describe()))
+                .err(
+                    e.span,
+                    format!(
+                        "`layers` in a `moe` block must be a list of block indices, found {}",
+                        e.describe()
+                    ),
+                )
                 .with_label("expected a list such as `[1, 3]`")
                 .with_help("to make every N-th block MoE, use `every = N`")),
         }
@@ -779,14 +1049,27 @@ impl Checker {
 
     fn train(&self, block: &Block, model: &Model, env: &Env) -> Result<Train> {
         let fs = self.fields("train", block.header, &block.fields, TRAIN_FIELDS)?;
-        let req = |name: &str, example: &str| fs.get(name).ok_or_else(|| self.missing(&fs, name, example));
+        let req = |name: &str, example: &str| {
+            fs.get(name).ok_or_else(|| self.missing(&fs, name, example))
+        };
         let seed = match fs.get("seed") {
             Some(f) => self.seed(&f.value, "seed", env)?,
             None => 0,
         };
-        let data = self.data(&req("data", "data = text(\"input.txt\")")?.value, model, seed, env)?;
+        let data = self.data(
+            &req("data", "data = text(\"input.txt\")")?.value,
+            model,
+            seed,
+            env,
+        )?;
         let split = match fs.get("split") {
-            Some(f) => self.float_where(&f.value, "split", env, |v| v > 0.0 && v < 1.0, "must be between 0 and 1 (exclusive)")?,
+            Some(f) => self.float_where(
+                &f.value,
+                "split",
+                env,
+                |v| v > 0.0 && v < 1.0,
+                "must be between 0 and 1 (exclusive)",
+            )?,
             None => 0.9,
         };
         let batch = self.positive(&req("batch", "batch = 16")?.value, "batch", env)?;
@@ -798,7 +1081,12 @@ impl Checker {
         let steps = self.positive(&steps_field.value, "steps", env)?;
         let optimizer = match fs.get("optimizer") {
             Some(f) => self.optimizer(&f.value, env)?,
-            None => Optimizer::AdamW { lr: 3e-4, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.0 },
+            None => Optimizer::AdamW {
+                lr: 3e-4,
+                betas: (0.9, 0.999),
+                eps: 1e-8,
+                weight_decay: 0.0,
+            },
         };
         let lr = match optimizer {
             Optimizer::AdamW { lr, .. }
@@ -816,24 +1104,39 @@ impl Checker {
         };
         let clip = match fs.get("clip") {
             Some(f) if matches!(f.value.kind, ExprKind::None) => None,
-            Some(f) => Some(self.float_where(&f.value, "clip", env, |v| v > 0.0, "must be positive")?),
+            Some(f) => {
+                Some(self.float_where(&f.value, "clip", env, |v| v > 0.0, "must be positive")?)
+            }
             None => None,
         };
         let precision = match fs.get("precision") {
-            Some(f) => self.enum_of(&f.value, "precision", &[("f32", Precision::F32), ("f16", Precision::F16)])?,
+            Some(f) => self.enum_of(
+                &f.value,
+                "precision",
+                &[("f32", Precision::F32), ("f16", Precision::F16)],
+            )?,
             None => Precision::F32,
         };
         let eval = match fs.get("eval") {
             Some(f) => self.every(&f.value, "eval", true, env)?,
-            None => Every { every: 100, batches: 4 },
+            None => Every {
+                every: 100,
+                batches: 4,
+            },
         };
         let checkpoint = match fs.get("checkpoint") {
             Some(f) => self.every(&f.value, "checkpoint", false, env)?,
-            None => Every { every: 500, batches: 0 },
+            None => Every {
+                every: 500,
+                batches: 0,
+            },
         };
         let log = match fs.get("log") {
             Some(f) => self.every(&f.value, "log", false, env)?,
-            None => Every { every: 10, batches: 0 },
+            None => Every {
+                every: 10,
+                batches: 0,
+            },
         };
         Ok(Train {
             data,
@@ -858,9 +1161,14 @@ impl Checker {
         let lm_only = |kind: &str| -> Result<()> {
             if model.family == Family::Mlp {
                 return Err(self
-                    .err(c.span, format!("`{kind}(...)` is language-model data, but this is an `mlp` model"))
+                    .err(
+                        c.span,
+                        format!("`{kind}(...)` is language-model data, but this is an `mlp` model"),
+                    )
                     .with_label("needs `family = transformer` or `lstm`")
-                    .with_help("an `mlp` trains on `cifar10(\"dir\")` or `synthetic(kind = classes)`"));
+                    .with_help(
+                        "an `mlp` trains on `cifar10(\"dir\")` or `synthetic(kind = classes)`",
+                    ));
             }
             Ok(())
         };
@@ -872,7 +1180,13 @@ impl Checker {
                 let (text, span) = (self.string(path, "path")?, path.span);
                 if model.vocab.is_some_and(|v| v < 256) {
                     return Err(self
-                        .err(c.span, format!("`text(...)` reads bytes (256 symbols), but `vocab = {}`", model.vocab.unwrap_or(0)))
+                        .err(
+                            c.span,
+                            format!(
+                                "`text(...)` reads bytes (256 symbols), but `vocab = {}`",
+                                model.vocab.unwrap_or(0)
+                            ),
+                        )
                         .with_label("needs `vocab >= 256`")
                         .with_help("set `vocab = 256`"));
                 }
@@ -883,10 +1197,15 @@ impl Checker {
             "tokens" => {
                 lm_only("tokens")?;
                 let [path, dtype] = self.bind(&c, &["path", "dtype"])?;
-                let path = self.required_arg(path, &c, "path", "tokens(\"train.bin\", dtype = u16)")?;
+                let path =
+                    self.required_arg(path, &c, "path", "tokens(\"train.bin\", dtype = u16)")?;
                 let (text, span) = (self.string(path, "path")?, path.span);
                 let dtype = match dtype {
-                    Some(d) => self.enum_of(d, "dtype", &[("u16", TokenDtype::U16), ("u32", TokenDtype::U32)])?,
+                    Some(d) => self.enum_of(
+                        d,
+                        "dtype",
+                        &[("u16", TokenDtype::U16), ("u32", TokenDtype::U32)],
+                    )?,
                     None => TokenDtype::U16,
                 };
                 let width = match dtype {
@@ -896,18 +1215,30 @@ impl Checker {
                 let len = self.readable_file(&text, span)?;
                 if len % width != 0 {
                     return Err(self
-                        .err(span, format!("`{text}` has {len} bytes, not a whole number of {}-byte tokens", width))
+                        .err(
+                            span,
+                            format!(
+                                "`{text}` has {len} bytes, not a whole number of {}-byte tokens",
+                                width
+                            ),
+                        )
                         .with_label("size does not match `dtype`")
-                        .with_help("check `dtype` (u16 for GPT-2 sized vocabularies, u32 above 65536)"));
+                        .with_help(
+                            "check `dtype` (u16 for GPT-2 sized vocabularies, u32 above 65536)",
+                        ));
                 }
                 self.enough_tokens(len / width, model, span)?;
                 Data::Tokens { path: text, dtype }
             }
             "cifar10" => {
                 let [dir] = self.bind(&c, &["dir"])?;
-                let dir = self.required_arg(dir, &c, "dir", "cifar10(\"data/cifar-10-batches-bin\")")?;
+                let dir =
+                    self.required_arg(dir, &c, "dir", "cifar10(\"data/cifar-10-batches-bin\")")?;
                 let (text, span) = (self.string(dir, "dir")?, dir.span);
-                if model.family != Family::Mlp || model.inputs != Some(3072) || model.classes != Some(10) {
+                if model.family != Family::Mlp
+                    || model.inputs != Some(3072)
+                    || model.classes != Some(10)
+                {
                     return Err(self
                         .err(c.span, "`cifar10(...)` needs `family = mlp` with `inputs = 3072` (32×32×3) and `classes = 10`")
                         .with_label("does not match the model")
@@ -923,11 +1254,19 @@ impl Checker {
                         let kind = self.enum_of(
                             k,
                             "kind",
-                            &[("copy", SyntheticKind::Copy), ("markov", SyntheticKind::Markov), ("classes", SyntheticKind::Classes)],
+                            &[
+                                ("copy", SyntheticKind::Copy),
+                                ("markov", SyntheticKind::Markov),
+                                ("classes", SyntheticKind::Classes),
+                            ],
                         )?;
                         let is_mlp = model.family == Family::Mlp;
                         if is_mlp != (kind == SyntheticKind::Classes) {
-                            let want = if is_mlp { "`classes` for an `mlp`" } else { "`copy` or `markov` for a language model" };
+                            let want = if is_mlp {
+                                "`classes` for an `mlp`"
+                            } else {
+                                "`copy` or `markov` for a language model"
+                            };
                             return Err(self
                                 .err(k.span, "this synthetic data does not fit the model")
                                 .with_label(format!("use {want}")));
@@ -954,18 +1293,25 @@ impl Checker {
     /// The file's length in bytes, or an error at the path's span if it cannot be opened or is empty.
     fn readable_file(&self, path: &str, span: Span) -> Result<usize> {
         let full = self.resolve(path);
-        let meta = std::fs::File::open(&full).and_then(|f| f.metadata()).map_err(|e| {
-            self.err(span, format!("cannot read training data `{path}`: {}", io_reason(&e)))
+        let meta = std::fs::File::open(&full)
+            .and_then(|f| f.metadata())
+            .map_err(|e| {
+                self.err(
+                    span,
+                    format!("cannot read training data `{path}`: {}", io_reason(&e)),
+                )
                 .with_label(format!("looked for {}", full.display()))
                 .with_help("data paths are relative to the spec file's directory")
-        })?;
+            })?;
         if !meta.is_file() {
             return Err(self
                 .err(span, format!("training data `{path}` is not a file"))
                 .with_label(format!("{} is a directory", full.display())));
         }
         if meta.len() == 0 {
-            return Err(self.err(span, format!("training data `{path}` is empty")).with_label("0 bytes"));
+            return Err(self
+                .err(span, format!("training data `{path}` is empty"))
+                .with_label("0 bytes"));
         }
         Ok(usize::try_from(meta.len()).unwrap_or(usize::MAX))
     }
@@ -973,9 +1319,15 @@ impl Checker {
     fn readable_dir(&self, path: &str, span: Span) -> Result<()> {
         let full = self.resolve(path);
         let entries = std::fs::read_dir(&full).map_err(|e| {
-            self.err(span, format!("cannot read training data directory `{path}`: {}", io_reason(&e)))
-                .with_label(format!("looked for {}", full.display()))
-                .with_help("data paths are relative to the spec file's directory")
+            self.err(
+                span,
+                format!(
+                    "cannot read training data directory `{path}`: {}",
+                    io_reason(&e)
+                ),
+            )
+            .with_label(format!("looked for {}", full.display()))
+            .with_help("data paths are relative to the spec file's directory")
         })?;
         let has_batches = entries
             .filter_map(|e| e.ok())
@@ -1003,11 +1355,16 @@ impl Checker {
     }
 
     fn optimizer(&self, e: &Expr, env: &Env) -> Result<Optimizer> {
-        let c = self.call_form(e, "optimizer", &["adamw", "sgd", "adafactor", "schedule_free_adamw"])?;
+        let c = self.call_form(
+            e,
+            "optimizer",
+            &["adamw", "sgd", "adafactor", "schedule_free_adamw"],
+        )?;
         let lr_ok = |v: f64| v > 0.0;
         Ok(match c.name {
             "adamw" | "schedule_free_adamw" => {
-                let [lr, betas, eps, wd] = self.bind(&c, &["lr", "betas", "eps", "weight_decay"])?;
+                let [lr, betas, eps, wd] =
+                    self.bind(&c, &["lr", "betas", "eps", "weight_decay"])?;
                 let default_lr = if c.name == "adamw" { 3e-4 } else { 2.5e-3 };
                 let lr = self.opt_float(lr, "lr", env, default_lr, lr_ok, "must be positive")?;
                 let betas = match betas {
@@ -1015,11 +1372,28 @@ impl Checker {
                     None => (0.9, 0.999),
                 };
                 let eps = self.opt_float(eps, "eps", env, 1e-8, |v| v > 0.0, "must be positive")?;
-                let weight_decay = self.opt_float(wd, "weight_decay", env, 0.0, |v| v >= 0.0, "must not be negative")?;
+                let weight_decay = self.opt_float(
+                    wd,
+                    "weight_decay",
+                    env,
+                    0.0,
+                    |v| v >= 0.0,
+                    "must not be negative",
+                )?;
                 if c.name == "adamw" {
-                    Optimizer::AdamW { lr, betas, eps, weight_decay }
+                    Optimizer::AdamW {
+                        lr,
+                        betas,
+                        eps,
+                        weight_decay,
+                    }
                 } else {
-                    Optimizer::ScheduleFreeAdamW { lr, betas, eps, weight_decay }
+                    Optimizer::ScheduleFreeAdamW {
+                        lr,
+                        betas,
+                        eps,
+                        weight_decay,
+                    }
                 }
             }
             "sgd" => {
@@ -1027,14 +1401,28 @@ impl Checker {
                 let lr = self.required_arg(lr, &c, "lr", "sgd(lr = 0.1, momentum = 0.9)")?;
                 Optimizer::Sgd {
                     lr: self.float_where(lr, "lr", env, lr_ok, "must be positive")?,
-                    momentum: self.opt_float(momentum, "momentum", env, 0.0, |v| (0.0..1.0).contains(&v), "must be in [0, 1)")?,
+                    momentum: self.opt_float(
+                        momentum,
+                        "momentum",
+                        env,
+                        0.0,
+                        |v| (0.0..1.0).contains(&v),
+                        "must be in [0, 1)",
+                    )?,
                 }
             }
             _ => {
                 let [lr, decay, eps] = self.bind(&c, &["lr", "decay", "eps"])?;
                 Optimizer::Adafactor {
                     lr: self.opt_float(lr, "lr", env, 1e-3, lr_ok, "must be positive")?,
-                    decay: self.opt_float(decay, "decay", env, -0.8, |v| (-1.0..0.0).contains(&v), "must be in [-1, 0)")?,
+                    decay: self.opt_float(
+                        decay,
+                        "decay",
+                        env,
+                        -0.8,
+                        |v| (-1.0..0.0).contains(&v),
+                        "must be in [-1, 0)",
+                    )?,
                     eps: self.opt_float(eps, "eps", env, 1e-30, |v| v > 0.0, "must be positive")?,
                 }
             }
@@ -1050,28 +1438,46 @@ impl Checker {
                 Ok((b1, b2))
             }
             _ => Err(self
-                .err(e.span, format!("`betas` must be a pair `(beta1, beta2)`, found {}", e.describe()))
+                .err(
+                    e.span,
+                    format!(
+                        "`betas` must be a pair `(beta1, beta2)`, found {}",
+                        e.describe()
+                    ),
+                )
                 .with_label("expected two numbers in parentheses")
                 .with_help("e.g. `betas = (0.9, 0.95)`")),
         }
     }
 
     fn expert_lr(&self, e: &Expr, lr: f64, env: &Env) -> Result<ExpertLr> {
-        if matches!(e.kind, ExprKind::Call(_)) || matches!(&e.kind, ExprKind::Ident(n) if n == "adaptive") {
+        if matches!(e.kind, ExprKind::Call(_))
+            || matches!(&e.kind, ExprKind::Ident(n) if n == "adaptive")
+        {
             let c = self.call_form(e, "expert_lr", &["adaptive"])?;
             let [base] = self.bind(&c, &["base"])?;
-            return Ok(ExpertLr::Adaptive { base: self.opt_float(base, "base", env, lr, |v| v > 0.0, "must be positive")? });
+            return Ok(ExpertLr::Adaptive {
+                base: self.opt_float(base, "base", env, lr, |v| v > 0.0, "must be positive")?,
+            });
         }
         match self.eval(e, "expert_lr", env) {
             Ok(v) => {
                 if v > 0.0 {
                     Ok(ExpertLr::Fixed(v))
                 } else {
-                    Err(self.err(e.span, format!("`expert_lr` must be positive, found {v}")).with_label("must be positive"))
+                    Err(self
+                        .err(e.span, format!("`expert_lr` must be positive, found {v}"))
+                        .with_label("must be positive"))
                 }
             }
             Err(_) => Err(self
-                .err(e.span, format!("`expert_lr` must be a number or `adaptive(base = x)`, found {}", e.describe()))
+                .err(
+                    e.span,
+                    format!(
+                        "`expert_lr` must be a number or `adaptive(base = x)`, found {}",
+                        e.describe()
+                    ),
+                )
                 .with_label("expected a learning rate")
                 .with_help("e.g. `expert_lr = 1e-3` or `expert_lr = adaptive(base = 1e-3)`")),
         }
@@ -1084,7 +1490,10 @@ impl Checker {
             let v = self.uint(w, "warmup", env)?;
             if v > steps {
                 return Err(self
-                    .err(w.span, format!("`warmup = {v}` is longer than the run (`steps = {steps}`)"))
+                    .err(
+                        w.span,
+                        format!("`warmup = {v}` is longer than the run (`steps = {steps}`)"),
+                    )
                     .with_label(format!("must be at most {steps}")));
             }
             Ok(v)
@@ -1097,14 +1506,27 @@ impl Checker {
             "cosine" => {
                 let [w, min_lr] = self.bind(&c, &["warmup", "min_lr"])?;
                 let warmup = warmup(w)?;
-                let min = self.opt_float(min_lr, "min_lr", env, 0.0, |v| v >= 0.0, "must not be negative")?;
+                let min = self.opt_float(
+                    min_lr,
+                    "min_lr",
+                    env,
+                    0.0,
+                    |v| v >= 0.0,
+                    "must not be negative",
+                )?;
                 if min > lr {
                     let span = min_lr.map_or(c.span, |m| m.span);
                     return Err(self
-                        .err(span, format!("`min_lr = {min}` is above the optimizer's `lr = {lr}`"))
+                        .err(
+                            span,
+                            format!("`min_lr = {min}` is above the optimizer's `lr = {lr}`"),
+                        )
                         .with_label("must be at most `lr`"));
                 }
-                Schedule::Cosine { warmup, min_lr: min }
+                Schedule::Cosine {
+                    warmup,
+                    min_lr: min,
+                }
             }
             _ => {
                 let [w] = self.bind(&c, &["warmup"])?;
@@ -1121,12 +1543,18 @@ impl Checker {
             let n = self.required_arg(n, &c, "n", "every(100, batches = 4)")?;
             Ok(Every {
                 every: self.positive(n, "every", env)?,
-                batches: batches.map(|b| self.positive(b, "batches", env)).transpose()?.unwrap_or(4),
+                batches: batches
+                    .map(|b| self.positive(b, "batches", env))
+                    .transpose()?
+                    .unwrap_or(4),
             })
         } else {
             let [n] = self.bind(&c, &["n"])?;
             let n = self.required_arg(n, &c, "n", "every(100)")?;
-            Ok(Every { every: self.positive(n, "every", env)?, batches: 0 })
+            Ok(Every {
+                every: self.positive(n, "every", env)?,
+                batches: 0,
+            })
         }
     }
 
@@ -1139,10 +1567,19 @@ impl Checker {
             ExprKind::Ident(n) => (n.as_str(), e.span, &[]),
             _ => {
                 let d = self
-                    .err(e.span, format!("`{what}` must be one of {}, found {}", one_of(known), e.describe()))
+                    .err(
+                        e.span,
+                        format!(
+                            "`{what}` must be one of {}, found {}",
+                            one_of(known),
+                            e.describe()
+                        ),
+                    )
                     .with_label(format!("expected {}", one_of(known)));
                 return Err(match &e.kind {
-                    ExprKind::Str(s) if known.contains(&s.as_str()) => d.with_help(format!("write it without quotes: `{s}`")),
+                    ExprKind::Str(s) if known.contains(&s.as_str()) => {
+                        d.with_help(format!("write it without quotes: `{s}`"))
+                    }
                     _ => d,
                 });
             }
@@ -1156,11 +1593,19 @@ impl Checker {
                 None => d.with_help(format!("`{what}` is one of {}", one_of(known))),
             });
         }
-        Ok(CallView { name, span: e.span, args })
+        Ok(CallView {
+            name,
+            span: e.span,
+            args,
+        })
     }
 
     /// Matches a call's arguments to its parameters: positional ones in order, then `key = value`.
-    fn bind<'a, const N: usize>(&self, c: &CallView<'a>, params: &[&str; N]) -> Result<[Option<&'a Expr>; N]> {
+    fn bind<'a, const N: usize>(
+        &self,
+        c: &CallView<'a>,
+        params: &[&str; N],
+    ) -> Result<[Option<&'a Expr>; N]> {
         let mut out: [Option<&'a Expr>; N] = [None; N];
         let mut seen_keyword = false;
         for (i, arg) in c.args.iter().enumerate() {
@@ -1168,17 +1613,29 @@ impl Checker {
                 None => {
                     if seen_keyword {
                         return Err(self
-                            .err(arg.span(), "a positional argument cannot follow `key = value` arguments")
+                            .err(
+                                arg.span(),
+                                "a positional argument cannot follow `key = value` arguments",
+                            )
                             .with_label("positional after keyword")
-                            .with_help(format!("write it as `{} = ...`", params.get(i).copied().unwrap_or("name"))));
+                            .with_help(format!(
+                                "write it as `{} = ...`",
+                                params.get(i).copied().unwrap_or("name")
+                            )));
                     }
                     if i >= N {
                         let takes = match N {
                             0 => format!("`{}` takes no arguments", c.name),
                             1 => format!("`{}` takes 1 argument ({})", c.name, one_of(params)),
-                            _ => format!("`{}` takes at most {N} arguments ({})", c.name, one_of(params)),
+                            _ => format!(
+                                "`{}` takes at most {N} arguments ({})",
+                                c.name,
+                                one_of(params)
+                            ),
                         };
-                        return Err(self.err(arg.span(), format!("{takes}, got {}", c.args.len())).with_label("extra argument"));
+                        return Err(self
+                            .err(arg.span(), format!("{takes}, got {}", c.args.len()))
+                            .with_label("extra argument"));
                     }
                     out[i] = Some(&arg.value);
                 }
@@ -1186,7 +1643,10 @@ impl Checker {
                     seen_keyword = true;
                     let Some(idx) = params.iter().position(|p| *p == key.name) else {
                         let d = self
-                            .err(key.span, format!("unknown argument `{}` to `{}`", key.name, c.name))
+                            .err(
+                                key.span,
+                                format!("unknown argument `{}` to `{}`", key.name, c.name),
+                            )
                             .with_label(format!("`{}` has no such argument", c.name));
                         return Err(if N == 0 {
                             d.with_help(format!("`{}` takes no arguments", c.name))
@@ -1208,7 +1668,13 @@ impl Checker {
         Ok(out)
     }
 
-    fn required_arg<'a>(&self, arg: Option<&'a Expr>, c: &CallView, name: &str, example: &str) -> Result<&'a Expr> {
+    fn required_arg<'a>(
+        &self,
+        arg: Option<&'a Expr>,
+        c: &CallView,
+        name: &str,
+        example: &str,
+    ) -> Result<&'a Expr> {
         arg.ok_or_else(|| {
             self.err(c.span, format!("`{}` needs `{name}`", c.name))
                 .with_label(format!("missing `{name}`"))
@@ -1229,7 +1695,9 @@ impl Checker {
                     BinOp::Mul => a * b,
                     BinOp::Div => {
                         if b == 0.0 {
-                            return Err(self.err(rhs.span, "division by zero").with_label("this is 0"));
+                            return Err(self
+                                .err(rhs.span, "division by zero")
+                                .with_label("this is 0"));
                         }
                         a / b
                     }
@@ -1252,20 +1720,34 @@ impl Checker {
             },
             _ => {
                 return Err(self
-                    .err(e.span, format!("`{what}` must be a number, found {}", e.describe()))
+                    .err(
+                        e.span,
+                        format!("`{what}` must be a number, found {}", e.describe()),
+                    )
                     .with_label("expected a number"))
             }
         };
         if !v.is_finite() {
-            return Err(self.err(e.span, format!("`{what}` is not a finite number")).with_label("too large"));
+            return Err(self
+                .err(e.span, format!("`{what}` is not a finite number"))
+                .with_label("too large"));
         }
         Ok(v)
     }
 
-    fn float_where(&self, e: &Expr, what: &str, env: &Env, ok: impl Fn(f64) -> bool, rule: &str) -> Result<f64> {
+    fn float_where(
+        &self,
+        e: &Expr,
+        what: &str,
+        env: &Env,
+        ok: impl Fn(f64) -> bool,
+        rule: &str,
+    ) -> Result<f64> {
         let v = self.eval(e, what, env)?;
         if !ok(v) {
-            return Err(self.err(e.span, format!("`{what}` {rule}, found {v}")).with_label(rule.to_string()));
+            return Err(self
+                .err(e.span, format!("`{what}` {rule}, found {v}"))
+                .with_label(rule.to_string()));
         }
         Ok(v)
     }
@@ -1289,15 +1771,22 @@ impl Checker {
     fn uint(&self, e: &Expr, what: &str, env: &Env) -> Result<usize> {
         let v = self.eval(e, what, env)?;
         if v < 0.0 {
-            return Err(self.err(e.span, format!("`{what}` must not be negative, found {v}")).with_label("negative"));
+            return Err(self
+                .err(e.span, format!("`{what}` must not be negative, found {v}"))
+                .with_label("negative"));
         }
         if v.fract() != 0.0 {
             return Err(self
-                .err(e.span, format!("`{what}` must be a whole number, found {v}"))
+                .err(
+                    e.span,
+                    format!("`{what}` must be a whole number, found {v}"),
+                )
                 .with_label("not a whole number"));
         }
         if v >= MAX_EXACT || v > usize::MAX as f64 {
-            return Err(self.err(e.span, format!("`{what}` is too large")).with_label("too large"));
+            return Err(self
+                .err(e.span, format!("`{what}` is too large"))
+                .with_label("too large"));
         }
         Ok(v as usize)
     }
@@ -1306,7 +1795,9 @@ impl Checker {
     fn positive(&self, e: &Expr, what: &str, env: &Env) -> Result<usize> {
         let v = self.uint(e, what, env)?;
         if v == 0 {
-            return Err(self.err(e.span, format!("`{what}` must be at least 1, found 0")).with_label("must be at least 1"));
+            return Err(self
+                .err(e.span, format!("`{what}` must be at least 1, found 0"))
+                .with_label("must be at least 1"));
         }
         Ok(v)
     }
@@ -1325,7 +1816,10 @@ impl Checker {
         match &e.kind {
             ExprKind::Bool(b) => Ok(*b),
             _ => Err(self
-                .err(e.span, format!("`{what}` must be `true` or `false`, found {}", e.describe()))
+                .err(
+                    e.span,
+                    format!("`{what}` must be `true` or `false`, found {}", e.describe()),
+                )
                 .with_label("expected `true` or `false`")),
         }
     }
@@ -1334,7 +1828,10 @@ impl Checker {
         match &e.kind {
             ExprKind::Str(s) => Ok(s.clone()),
             _ => Err(self
-                .err(e.span, format!("`{what}` must be a string, found {}", e.describe()))
+                .err(
+                    e.span,
+                    format!("`{what}` must be a string, found {}", e.describe()),
+                )
                 .with_label("expected a quoted path")
                 .with_help("e.g. \"data/input.txt\"")),
         }
@@ -1358,10 +1855,19 @@ impl Checker {
             },
             _ => {
                 let d = self
-                    .err(e.span, format!("`{what}` must be one of {}, found {}", one_of(&names), e.describe()))
+                    .err(
+                        e.span,
+                        format!(
+                            "`{what}` must be one of {}, found {}",
+                            one_of(&names),
+                            e.describe()
+                        ),
+                    )
                     .with_label(format!("expected {}", one_of(&names)));
                 Err(match &e.kind {
-                    ExprKind::Str(s) if names.contains(&s.as_str()) => d.with_help(format!("write it without quotes: `{s}`")),
+                    ExprKind::Str(s) if names.contains(&s.as_str()) => {
+                        d.with_help(format!("write it without quotes: `{s}`"))
+                    }
                     _ => d,
                 })
             }
@@ -1380,7 +1886,10 @@ pub fn default_hidden(activation: Activation, dim: usize) -> usize {
 
 /// The divisor of `n` closest to `near` (for "try ..." hints).
 fn divisor_near(n: usize, near: usize) -> usize {
-    (1..=n.min(1 << 20)).filter(|d| n % d == 0).min_by_key(|d| d.abs_diff(near)).unwrap_or(1)
+    (1..=n.min(1 << 20))
+        .filter(|d| n % d == 0)
+        .min_by_key(|d| d.abs_diff(near))
+        .unwrap_or(1)
 }
 
 fn gate_name(g: &Gate) -> &'static str {
@@ -1400,5 +1909,442 @@ fn io_reason(e: &std::io::Error) -> String {
         std::io::ErrorKind::NotFound => "no such file or directory".into(),
         std::io::ErrorKind::PermissionDenied => "permission denied".into(),
         _ => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(src: &str) -> Spec {
+        check(src, Path::new("test.moe")).unwrap_or_else(|d| panic!("{}", d.render()))
+    }
+
+    /// A transformer LM header for the one-field variations below.
+    fn lm(moe: &str, train: &str) -> String {
+        format!(
+            "model t {{\n vocab = 256; dim = 64; layers = 4; heads = 4; context = 16\n moe {{\n experts = 8\n {moe}\n }}\n}}\ntrain {{\n data = synthetic(kind = markov)\n batch = 2\n steps = 100\n {train}\n}}\n"
+        )
+    }
+
+    #[test]
+    fn every_field_and_call_form() {
+        let dir = std::env::temp_dir().join(format!("moec-check-full-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("corpus.bin"), vec![0u8; 4096]).unwrap();
+        let src = r#"
+# Every model, moe and train field.
+model full {
+  family = transformer
+  vocab = 1_000
+  dim = 128
+  layers = 6
+  heads = 8
+  kv_heads = 2
+  context = 64
+  norm = layernorm
+  rope_theta = 500000
+  ffn = gelu(hidden = 4 * dim)
+  tie_embeddings = true
+  moe {
+    layers = [5, 1, 3]
+    first_dense = 1
+    every = 2
+    experts = 16
+    top_k = 3
+    expert = swiglu(96)
+    shared_experts = 2
+    gate = softmax(renorm = false)
+    groups = 4 x 4
+    hierarchy = group_limited
+    top_groups = 2
+    capacity = factor(1.25, drop = probability)
+    balance = aux(0.02) + z(1e-3) + seq_aux(c = 1e-4) + bias(rate = 0.002)
+    jitter = 0.01
+    router_precision = f16
+  }
+}
+train {
+  data = tokens("corpus.bin", dtype = u32)
+  split = 0.95
+  batch = 8
+  accumulate = 4
+  steps = 1000
+  optimizer = adamw(lr = 1e-3, betas = (0.9, 0.95), eps = 1e-6, weight_decay = 0.1)
+  expert_lr = adaptive(base = 5e-4)
+  schedule = cosine(warmup = 100, min_lr = 1e-5)
+  clip = 1.0
+  precision = f16
+  seed = 18446744073709551615
+  eval = every(50, batches = 2)
+  checkpoint = every(200)
+  log = every(5)
+}
+"#;
+        let spec = check(src, &dir.join("full.moe")).unwrap_or_else(|d| panic!("{}", d.render()));
+        std::fs::remove_dir_all(&dir).unwrap();
+        let want = Spec {
+            name: "full".into(),
+            model: Model {
+                family: Family::Transformer,
+                vocab: Some(1000),
+                inputs: None,
+                classes: None,
+                dim: 128,
+                layers: 6,
+                heads: 8,
+                kv_heads: 2,
+                context: Some(64),
+                norm: Norm::LayerNorm,
+                rope_theta: 500000.0,
+                ffn: Ffn {
+                    activation: Activation::Gelu,
+                    hidden: 512,
+                },
+                bidirectional: false,
+                tie_embeddings: true,
+            },
+            moe: Some(Moe {
+                blocks: vec![1, 3, 5],
+                experts: 16,
+                top_k: 3,
+                expert: Ffn {
+                    activation: Activation::SwiGlu,
+                    hidden: 96,
+                },
+                shared_experts: 2,
+                gate: Gate::Softmax { renorm: false },
+                groups: Some((4, 4)),
+                hierarchy: Hierarchy::GroupLimited,
+                top_groups: 2,
+                capacity: Capacity::Factor {
+                    factor: 1.25,
+                    drop: DropPolicy::Probability,
+                },
+                balance: vec![
+                    Balance::Aux(0.02),
+                    Balance::Z(1e-3),
+                    Balance::SeqAux(1e-4),
+                    Balance::Bias { rate: 0.002 },
+                ],
+                jitter: 0.01,
+                router_precision: Precision::F16,
+            }),
+            train: Some(Train {
+                data: Data::Tokens {
+                    path: "corpus.bin".into(),
+                    dtype: TokenDtype::U32,
+                },
+                split: 0.95,
+                batch: 8,
+                accumulate: 4,
+                steps: 1000,
+                optimizer: Optimizer::AdamW {
+                    lr: 1e-3,
+                    betas: (0.9, 0.95),
+                    eps: 1e-6,
+                    weight_decay: 0.1,
+                },
+                expert_lr: Some(ExpertLr::Adaptive { base: 5e-4 }),
+                schedule: Schedule::Cosine {
+                    warmup: 100,
+                    min_lr: 1e-5,
+                },
+                clip: Some(1.0),
+                precision: Precision::F16,
+                seed: u64::MAX,
+                eval: Every {
+                    every: 50,
+                    batches: 2,
+                },
+                checkpoint: Every {
+                    every: 200,
+                    batches: 0,
+                },
+                log: Every {
+                    every: 5,
+                    batches: 0,
+                },
+            }),
+        };
+        // Every value above is a literal or exact arithmetic, so exact equality is the right test.
+        assert_eq!(spec, want);
+    }
+
+    #[test]
+    fn defaults_are_filled() {
+        let spec = ok("model m {\n vocab = 256\n dim = 96\n layers = 3\n heads = 3\n context = 32\n moe { experts = 4 }\n}\ntrain { data = synthetic(); batch = 1; steps = 10 }\n");
+        let m = &spec.model;
+        assert_eq!(
+            (m.family, m.norm, m.kv_heads, m.rope_theta),
+            (Family::Transformer, Norm::RmsNorm, 3, 10000.0)
+        );
+        assert!(!m.bidirectional && !m.tie_embeddings);
+        // Llama rule: floor(8 * 96 / 3) = 256, already a multiple of 64.
+        assert_eq!(
+            m.ffn,
+            Ffn {
+                activation: Activation::SwiGlu,
+                hidden: 256
+            }
+        );
+        let moe = spec.moe.unwrap();
+        assert_eq!(moe.blocks, vec![0, 1, 2]);
+        assert_eq!(
+            (moe.top_k, moe.shared_experts, moe.top_groups, moe.jitter),
+            (2, 0, 1, 0.0)
+        );
+        assert_eq!(moe.expert, m.ffn);
+        assert_eq!(moe.gate, Gate::Softmax { renorm: true });
+        assert_eq!((moe.groups, moe.hierarchy), (None, Hierarchy::TwoLevel));
+        assert_eq!(moe.capacity, Capacity::Dropless);
+        assert_eq!(moe.balance, vec![Balance::Aux(0.01)]);
+        assert_eq!(moe.router_precision, Precision::F32);
+        let t = spec.train.unwrap();
+        assert_eq!(
+            t.data,
+            Data::Synthetic {
+                kind: SyntheticKind::Copy,
+                seed: 0
+            }
+        );
+        assert_eq!((t.split, t.accumulate, t.seed, t.clip), (0.9, 1, 0, None));
+        assert_eq!(
+            t.optimizer,
+            Optimizer::AdamW {
+                lr: 3e-4,
+                betas: (0.9, 0.999),
+                eps: 1e-8,
+                weight_decay: 0.0
+            }
+        );
+        assert_eq!(
+            (t.expert_lr, t.schedule, t.precision),
+            (None, Schedule::Constant, Precision::F32)
+        );
+        assert_eq!(
+            t.eval,
+            Every {
+                every: 100,
+                batches: 4
+            }
+        );
+        assert_eq!(
+            t.checkpoint,
+            Every {
+                every: 500,
+                batches: 0
+            }
+        );
+        assert_eq!(
+            t.log,
+            Every {
+                every: 10,
+                batches: 0
+            }
+        );
+    }
+
+    #[test]
+    fn default_hidden_follows_llama() {
+        // floor(8*dim/3) rounded up to a multiple of 64 (Llama-7B rounds to 256 and gets 11008).
+        assert_eq!(default_hidden(Activation::SwiGlu, 4096), 10944);
+        assert_eq!(default_hidden(Activation::SwiGlu, 256), 704);
+        assert_eq!(default_hidden(Activation::SwiGlu, 64), 192);
+        assert_eq!(default_hidden(Activation::Gelu, 64), 256);
+    }
+
+    #[test]
+    fn gate_forms() {
+        let cases: &[(&str, Gate, usize)] = &[
+            ("gate = softmax", Gate::Softmax { renorm: true }, 2),
+            ("gate = softmax(false)", Gate::Softmax { renorm: false }, 2),
+            ("gate = sigmoid", Gate::Sigmoid, 2),
+            ("gate = noisy_top_k", Gate::NoisyTopK { noise: 1.0 }, 2),
+            (
+                "gate = noisy_top_k(noise = 0.5)",
+                Gate::NoisyTopK { noise: 0.5 },
+                2,
+            ),
+            ("gate = switch", Gate::Switch, 1),
+            ("gate = switch; top_k = 1", Gate::Switch, 1),
+            (
+                "gate = expert_choice",
+                Gate::ExpertChoice { capacity: 2.0 },
+                2,
+            ),
+            (
+                "gate = expert_choice(capacity = 1.5)",
+                Gate::ExpertChoice { capacity: 1.5 },
+                2,
+            ),
+            ("gate = sinkhorn(iters = 3)", Gate::Sinkhorn { iters: 3 }, 2),
+            ("gate = sinkhorn", Gate::Sinkhorn { iters: 8 }, 2),
+            (
+                "gate = auction",
+                Gate::Auction {
+                    rounds: 10,
+                    epsilon: 1e-3,
+                    budget: 1.0,
+                    price_rate: 0.01,
+                },
+                2,
+            ),
+            (
+                "gate = auction(rounds = 4, epsilon = 0.02, budget = 0.5, price_rate = 0.1)",
+                Gate::Auction {
+                    rounds: 4,
+                    epsilon: 0.02,
+                    budget: 0.5,
+                    price_rate: 0.1,
+                },
+                2,
+            ),
+        ];
+        for (line, gate, top_k) in cases {
+            let moe = ok(&lm(line, "")).moe.unwrap();
+            assert_eq!((moe.gate, moe.top_k), (*gate, *top_k), "{line}");
+        }
+    }
+
+    #[test]
+    fn balance_and_capacity_forms() {
+        let cases: &[(&str, Vec<Balance>)] = &[
+            ("balance = none", vec![]),
+            ("balance = aux", vec![Balance::Aux(0.01)]),
+            (
+                "balance = z(0.5) + seq_aux",
+                vec![Balance::Z(0.5), Balance::SeqAux(1e-4)],
+            ),
+            ("balance = bias", vec![Balance::Bias { rate: 1e-3 }]),
+            (
+                "gate = noisy_top_k\n balance = cv2",
+                vec![Balance::Cv2 {
+                    importance: 0.1,
+                    load: 0.1,
+                }],
+            ),
+            (
+                "balance = cv2(importance = 0.2, load = 0)",
+                vec![Balance::Cv2 {
+                    importance: 0.2,
+                    load: 0.0,
+                }],
+            ),
+        ];
+        for (line, want) in cases {
+            assert_eq!(&ok(&lm(line, "")).moe.unwrap().balance, want, "{line}");
+        }
+        let cap = |line: &str| ok(&lm(line, "")).moe.unwrap().capacity;
+        assert_eq!(cap("capacity = dropless"), Capacity::Dropless);
+        assert_eq!(
+            cap("capacity = factor(2)"),
+            Capacity::Factor {
+                factor: 2.0,
+                drop: DropPolicy::Position
+            }
+        );
+    }
+
+    #[test]
+    fn moe_block_selection() {
+        let blocks = |line: &str| ok(&lm(line, "")).moe.unwrap().blocks;
+        assert_eq!(blocks("every = 2"), vec![1, 3]);
+        assert_eq!(blocks("every = 2; first_dense = 2"), vec![3]);
+        assert_eq!(blocks("first_dense = 1"), vec![1, 2, 3]);
+        assert_eq!(blocks("layers = [3, 0]"), vec![0, 3]);
+        assert_eq!(blocks("layers = [2]; every = 3"), vec![2]);
+        assert!(ok(&lm("", "").replace("experts = 8", "experts = 0"))
+            .moe
+            .is_none());
+    }
+
+    #[test]
+    fn train_call_forms() {
+        let t = |line: &str| ok(&lm("", line)).train.unwrap();
+        assert_eq!(
+            t("optimizer = sgd(0.1)").optimizer,
+            Optimizer::Sgd {
+                lr: 0.1,
+                momentum: 0.0
+            }
+        );
+        assert_eq!(
+            t("optimizer = adafactor").optimizer,
+            Optimizer::Adafactor {
+                lr: 1e-3,
+                decay: -0.8,
+                eps: 1e-30
+            }
+        );
+        assert_eq!(
+            t("optimizer = schedule_free_adamw").optimizer,
+            Optimizer::ScheduleFreeAdamW {
+                lr: 2.5e-3,
+                betas: (0.9, 0.999),
+                eps: 1e-8,
+                weight_decay: 0.0
+            }
+        );
+        assert_eq!(t("expert_lr = 1e-3").expert_lr, Some(ExpertLr::Fixed(1e-3)));
+        assert_eq!(
+            t("expert_lr = adaptive").expert_lr,
+            Some(ExpertLr::Adaptive { base: 3e-4 })
+        );
+        assert_eq!(
+            t("schedule = linear(warmup = 10)").schedule,
+            Schedule::Linear { warmup: 10 }
+        );
+        assert_eq!(
+            t("schedule = cosine").schedule,
+            Schedule::Cosine {
+                warmup: 0,
+                min_lr: 0.0
+            }
+        );
+        assert_eq!(t("clip = none").clip, None);
+        assert_eq!(
+            t("seed = 9").data,
+            Data::Synthetic {
+                kind: SyntheticKind::Markov,
+                seed: 9
+            }
+        );
+    }
+
+    #[test]
+    fn other_families() {
+        let lstm = ok("model l {\n family = lstm; vocab = 256; dim = 32; layers = 2; context = 8; bidirectional = true\n moe { experts = 4; layers = [1]; groups = 2 x 2; gate = noisy_top_k; top_k = 2; balance = cv2 }\n}\n");
+        assert_eq!(
+            (
+                lstm.model.family,
+                lstm.model.bidirectional,
+                lstm.model.heads
+            ),
+            (Family::Lstm, true, 1)
+        );
+        let moe = lstm.moe.unwrap();
+        assert_eq!(
+            (moe.groups, moe.hierarchy, moe.blocks),
+            (Some((2, 2)), Hierarchy::TwoLevel, vec![1])
+        );
+        let mlp = ok("model c {\n family = mlp; inputs = 3072; classes = 10; dim = 64; layers = 2\n}\ntrain { data = synthetic; batch = 4; steps = 3 }\n");
+        assert_eq!(
+            (
+                mlp.model.inputs,
+                mlp.model.classes,
+                mlp.model.vocab,
+                mlp.model.context
+            ),
+            (Some(3072), Some(10), None, None)
+        );
+        assert_eq!(
+            mlp.train.unwrap().data,
+            Data::Synthetic {
+                kind: SyntheticKind::Classes,
+                seed: 0
+            }
+        );
+        assert!(mlp.moe.is_none());
     }
 }

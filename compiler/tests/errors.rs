@@ -26,8 +26,16 @@ train {
 ";
 
 /// (replace this, with this) in BASE, expected message substring, line, col, help substring ("" = any).
-type Case = (&'static str, &'static str, &'static str, usize, usize, &'static str);
+type Case = (
+    &'static str,
+    &'static str,
+    &'static str,
+    usize,
+    usize,
+    &'static str,
+);
 
+#[rustfmt::skip]
 const EDITS: &[Case] = &[
     // Unknown, misplaced, duplicate and missing fields.
     ("    experts = 8", "    expertz = 8", "unknown field `expertz` in `moe` block", 8, 5, "did you mean `experts`?"),
@@ -108,6 +116,7 @@ const EDITS: &[Case] = &[
 ];
 
 /// Whole specs for the other families.
+#[rustfmt::skip]
 const WHOLE: &[(&str, &str, usize, usize, &str)] = &[
     (
         "model r {\n  family = lstm\n  vocab = 256\n  dim = 64\n  layers = 2\n  context = 32\n  heads = 4\n}\n",
@@ -153,15 +162,23 @@ fn expect_error(src: &str, msg: &str, line: usize, col: usize, help: &str) -> Ve
         Err(d) => {
             let rendered = d.render();
             if !d.message().contains(msg) {
-                failures.push(format!("message {:?} lacks {msg:?}\n{rendered}", d.message()));
+                failures.push(format!(
+                    "message {:?} lacks {msg:?}\n{rendered}",
+                    d.message()
+                ));
             }
             if (d.line, d.col) != (line, col) {
-                failures.push(format!("`{msg}` at {}:{}, expected {line}:{col}\n{rendered}", d.line, d.col));
+                failures.push(format!(
+                    "`{msg}` at {}:{}, expected {line}:{col}\n{rendered}",
+                    d.line, d.col
+                ));
             }
             if !help.is_empty() && !d.help_text().is_some_and(|h| h.contains(help)) {
                 failures.push(format!("`{msg}`: help {:?} lacks {help:?}", d.help_text()));
             }
-            if !rendered.contains(&format!("specs/case.moe:{line}:{col}")) || !rendered.contains('^') {
+            if !rendered.contains(&format!("specs/case.moe:{line}:{col}"))
+                || !rendered.contains('^')
+            {
                 failures.push(format!("rendering lacks location or caret:\n{rendered}"));
             }
             if rendered.contains('\u{1b}') {
@@ -182,14 +199,23 @@ fn every_invalid_spec_reports_the_right_message_at_the_right_place() {
     assert!(EDITS.len() + WHOLE.len() >= 35);
     let mut failures = Vec::new();
     for (from, to, msg, line, col, help) in EDITS {
-        assert_eq!(BASE.matches(from).count(), 1, "edit target {from:?} must occur once in BASE");
+        assert_eq!(
+            BASE.matches(from).count(),
+            1,
+            "edit target {from:?} must occur once in BASE"
+        );
         let src = BASE.replacen(from, to, 1);
         failures.extend(expect_error(&src, msg, *line, *col, help));
     }
     for (src, msg, line, col, help) in WHOLE {
         failures.extend(expect_error(src, msg, *line, *col, help));
     }
-    assert!(failures.is_empty(), "{} failures:\n\n{}", failures.len(), failures.join("\n\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
 }
 
 #[test]
@@ -203,19 +229,49 @@ fn data_files_are_checked_relative_to_the_spec() {
     let spec_path = dir.join("spec.moe");
     let with = |data: &str| BASE.replacen("synthetic(kind = markov)", data, 1);
 
-    let ok = check(&with("text(\"data/long.txt\")"), &spec_path).unwrap_or_else(|d| panic!("{}", d.render()));
-    assert_eq!(ok.train.unwrap().data, moec_compiler::spec::Data::Text { path: "data/long.txt".into() });
-    check(&with("tokens(\"data/ok.bin\", dtype = u16)"), &spec_path).unwrap_or_else(|d| panic!("{}", d.render()));
+    let ok = check(&with("text(\"data/long.txt\")"), &spec_path)
+        .unwrap_or_else(|d| panic!("{}", d.render()));
+    assert_eq!(
+        ok.train.unwrap().data,
+        moec_compiler::spec::Data::Text {
+            path: "data/long.txt".into()
+        }
+    );
+    check(&with("tokens(\"data/ok.bin\", dtype = u16)"), &spec_path)
+        .unwrap_or_else(|d| panic!("{}", d.render()));
 
     let short = check(&with("text(\"data/short.txt\")"), &spec_path).unwrap_err();
-    assert!(short.message().contains("the data has 9 tokens, fewer than one sequence of context + 1 = 33"), "{}", short.render());
+    assert!(
+        short
+            .message()
+            .contains("the data has 9 tokens, fewer than one sequence of context + 1 = 33"),
+        "{}",
+        short.render()
+    );
     assert_eq!((short.line, short.col), (13, 15));
     let odd = check(&with("tokens(\"data/odd.bin\")"), &spec_path).unwrap_err();
-    assert!(odd.message().contains("101 bytes, not a whole number of 2-byte tokens"), "{}", odd.render());
+    assert!(
+        odd.message()
+            .contains("101 bytes, not a whole number of 2-byte tokens"),
+        "{}",
+        odd.render()
+    );
     let dir_not_file = check(&with("text(\"data\")"), &spec_path).unwrap_err();
-    assert!(dir_not_file.message().contains("is not a file"), "{}", dir_not_file.render());
+    assert!(
+        dir_not_file.message().contains("is not a file"),
+        "{}",
+        dir_not_file.render()
+    );
     // The same relative path does not resolve from another directory.
-    let elsewhere = check(&with("text(\"data/long.txt\")"), Path::new("/nonexistent/spec.moe")).unwrap_err();
-    assert!(elsewhere.message().contains("cannot read training data"), "{}", elsewhere.render());
+    let elsewhere = check(
+        &with("text(\"data/long.txt\")"),
+        Path::new("/nonexistent/spec.moe"),
+    )
+    .unwrap_err();
+    assert!(
+        elsewhere.message().contains("cannot read training data"),
+        "{}",
+        elsewhere.render()
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

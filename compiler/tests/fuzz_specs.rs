@@ -135,24 +135,54 @@ train {
 
 /// Characters that matter to the grammar, plus some that do not belong at all.
 const ALPHABET: &[char] = &[
-    '{', '}', '(', ')', '[', ']', '=', ',', ';', '#', '"', '\\', '\n', ' ', '+', '-', '*', '/', 'x', '.', '_',
-    '0', '1', '9', 'e', 'a', 'z', 'K', 'é', '\t', '\r', '@',
+    '{', '}', '(', ')', '[', ']', '=', ',', ';', '#', '"', '\\', '\n', ' ', '+', '-', '*', '/',
+    'x', '.', '_', '0', '1', '9', 'e', 'a', 'z', 'K', 'é', '\t', '\r', '@',
 ];
 
 #[derive(Debug, Clone)]
 enum Mutation {
-    Delete { at: usize, len: usize },
-    Insert { at: usize, c: char },
-    Replace { at: usize, c: char },
-    SwapTokens { a: usize, b: usize },
-    DuplicateLine { line: usize },
-    Truncate { at: usize },
+    Delete {
+        at: usize,
+        len: usize,
+    },
+    Insert {
+        at: usize,
+        c: char,
+    },
+    Replace {
+        at: usize,
+        c: char,
+    },
+    SwapTokens {
+        a: usize,
+        b: usize,
+    },
+    DuplicateLine {
+        line: usize,
+    },
+    Truncate {
+        at: usize,
+    },
     /// Replaces the n-th number with an edge value, to reach the semantic checks past the parser.
-    ReplaceNumber { nth: usize, with: &'static str },
+    ReplaceNumber {
+        nth: usize,
+        with: &'static str,
+    },
 }
 
-const EDGE_NUMBERS: &[&str] =
-    &["0", "1", "3", "-1", "2.5", "1e30", "1e400", "99999999999999999999", "65537", "1_0", "0.0"];
+const EDGE_NUMBERS: &[&str] = &[
+    "0",
+    "1",
+    "3",
+    "-1",
+    "2.5",
+    "1e30",
+    "1e400",
+    "99999999999999999999",
+    "65537",
+    "1_0",
+    "0.0",
+];
 
 fn mutation() -> impl Strategy<Value = Mutation> {
     let c = proptest::sample::select(ALPHABET);
@@ -230,7 +260,11 @@ fn seeds_are_valid_where_their_data_exists() {
         let r = check(s, Path::new("fuzz/seed.moe"));
         // Seeds 3 and 7 name data files that do not exist: they exercise the data-file error path.
         match (i, r) {
-            (3 | 7, Err(d)) => assert!(d.message().contains("cannot read training data"), "{}", d.render()),
+            (3 | 7, Err(d)) => assert!(
+                d.message().contains("cannot read training data"),
+                "{}",
+                d.render()
+            ),
             (_, Ok(_)) => {}
             (_, Err(d)) => panic!("seed {i} should check:\n{}", d.render()),
         }

@@ -17,7 +17,10 @@ impl Span {
 
     /// The smallest span covering both.
     pub fn join(self, other: Span) -> Span {
-        Span { start: self.start.min(other.start), end: self.end.max(other.end) }
+        Span {
+            start: self.start.min(other.start),
+            end: self.end.max(other.end),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -37,7 +40,10 @@ impl From<Span> for miette::SourceSpan {
 
 impl<'i> From<pest::Span<'i>> for Span {
     fn from(s: pest::Span<'i>) -> Self {
-        Span { start: s.start(), end: s.end() }
+        Span {
+            start: s.start(),
+            end: s.end(),
+        }
     }
 }
 
@@ -114,11 +120,18 @@ pub enum ExprKind {
     /// `[a, b, ...]`.
     List(Vec<Expr>),
     /// `a + b`, `a - b`, `a * b`, `a / b`; `+` also joins balance terms (`aux(0.01) + z(0.001)`).
-    Binary { op: BinOp, lhs: Box<Expr>, rhs: Box<Expr> },
+    Binary {
+        op: BinOp,
+        lhs: Box<Expr>,
+        rhs: Box<Expr>,
+    },
     /// `-a`.
     Neg(Box<Expr>),
     /// `G x M` (hierarchical expert groups).
-    Groups { groups: Box<Expr>, members: Box<Expr> },
+    Groups {
+        groups: Box<Expr>,
+        members: Box<Expr>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -192,7 +205,11 @@ impl Expr {
     /// The terms of a `+` chain, left to right (`a + b + c` → `[a, b, c]`); a single term otherwise.
     pub fn sum_terms(&self) -> Vec<&Expr> {
         match &self.kind {
-            ExprKind::Binary { op: BinOp::Add, lhs, rhs } => {
+            ExprKind::Binary {
+                op: BinOp::Add,
+                lhs,
+                rhs,
+            } => {
                 let mut terms = lhs.sum_terms();
                 terms.extend(rhs.sum_terms());
                 terms

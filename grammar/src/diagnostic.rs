@@ -102,7 +102,9 @@ impl Diagnostic {
     pub fn render(&self) -> String {
         let src = self.source.inner();
         let line_start = src[..self.span.start].rfind('\n').map_or(0, |i| i + 1);
-        let line_end = src[self.span.start..].find('\n').map_or(src.len(), |i| self.span.start + i);
+        let line_end = src[self.span.start..]
+            .find('\n')
+            .map_or(src.len(), |i| self.span.start + i);
         let text = src[line_start..line_end].trim_end_matches('\r');
         let gutter = self.line.to_string().len();
         let pad = " ".repeat(gutter);
@@ -149,7 +151,9 @@ impl std::error::Error for Diagnostic {}
 
 impl miette::Diagnostic for Diagnostic {
     fn help<'a>(&'a self) -> Option<Box<dyn fmt::Display + 'a>> {
-        self.help.as_ref().map(|h| Box::new(h) as Box<dyn fmt::Display>)
+        self.help
+            .as_ref()
+            .map(|h| Box::new(h) as Box<dyn fmt::Display>)
     }
 
     fn source_code(&self) -> Option<&dyn SourceCode> {
@@ -158,7 +162,9 @@ impl miette::Diagnostic for Diagnostic {
 
     fn labels(&self) -> Option<Box<dyn Iterator<Item = LabeledSpan> + '_>> {
         let label = (!self.label.is_empty()).then(|| self.label.clone());
-        Some(Box::new(std::iter::once(LabeledSpan::new_primary_with_span(label, self.span))))
+        Some(Box::new(std::iter::once(
+            LabeledSpan::new_primary_with_span(label, self.span),
+        )))
     }
 }
 
@@ -197,7 +203,11 @@ where
     candidates
         .into_iter()
         .map(|c| {
-            let d = if c == lower { 0 } else { strsim::damerau_levenshtein(&lower, c) };
+            let d = if c == lower {
+                0
+            } else {
+                strsim::damerau_levenshtein(&lower, c)
+            };
             (d, c.len().abs_diff(lower.len()), c)
         })
         .filter(|&(d, _, c)| {
@@ -233,10 +243,14 @@ mod tests {
     #[test]
     fn render_shows_path_line_caret_and_help() {
         let src = "model m {\n  dimm = 4\n}\n";
-        let d = Diagnostic::new(src, Span::new(12, 16), "unknown field `dimm` in `model` block")
-            .with_label("not a `model` field")
-            .with_help("did you mean `dim`?")
-            .with_path("a.moe");
+        let d = Diagnostic::new(
+            src,
+            Span::new(12, 16),
+            "unknown field `dimm` in `model` block",
+        )
+        .with_label("not a `model` field")
+        .with_help("did you mean `dim`?")
+        .with_path("a.moe");
         assert_eq!((d.line, d.col), (2, 3));
         let r = d.render();
         assert_eq!(

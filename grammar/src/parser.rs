@@ -29,7 +29,9 @@ pub fn parse(source: &str) -> Result<Ast, Diagnostic> {
     check_bracket_depth(source).map_err(|(span, msg)| err(span, msg))?;
     let mut pairs = MoeParser::parse(Rule::file, source)
         .map_err(|e| translate_error(source, e).into_diag(src.clone()))?;
-    let file = pairs.next().expect("the `file` rule always yields one pair on success");
+    let file = pairs
+        .next()
+        .expect("the `file` rule always yields one pair on success");
     let builder = Builder { src: src.clone() };
     builder.file(file)
 }
@@ -83,7 +85,8 @@ struct SyntaxError {
 
 impl SyntaxError {
     fn into_diag(self, src: Arc<String>) -> Diagnostic {
-        let mut d = Diagnostic::with_shared_source(src, self.span, self.message).with_label(self.label);
+        let mut d =
+            Diagnostic::with_shared_source(src, self.span, self.message).with_label(self.label);
         if let Some(h) = self.help {
             d = d.with_help(h);
         }
@@ -106,7 +109,10 @@ fn found_at(source: &str, pos: usize) -> (String, Span) {
         .find(|&(_, ch)| !(ch.is_ascii_alphanumeric() || ch == '_'))
         .map_or(rest.len(), |(i, _)| i);
     if word_len > 0 {
-        return (format!("`{}`", &rest[..word_len]), Span::new(pos, pos + word_len));
+        return (
+            format!("`{}`", &rest[..word_len]),
+            Span::new(pos, pos + word_len),
+        );
     }
     (format!("`{c}`"), Span::new(pos, pos + c.len_utf8()))
 }
@@ -161,7 +167,9 @@ fn translate_error(source: &str, e: pest::error::Error<Rule>) -> SyntaxError {
 
     // An unterminated string: the parser fails at its opening quote.
     if source[pos..].starts_with('"') {
-        let line_end = source[pos + 1..].find('\n').map_or(source.len(), |i| pos + 1 + i);
+        let line_end = source[pos + 1..]
+            .find('\n')
+            .map_or(source.len(), |i| pos + 1 + i);
         if !source[pos + 1..line_end].contains('"') {
             return SyntaxError {
                 span: Span::new(pos, pos + 1),
@@ -209,7 +217,9 @@ fn translate_error(source: &str, e: pest::error::Error<Rule>) -> SyntaxError {
         if let Some(s) = did_you_mean(word, ["model", "train"]) {
             help = Some(format!("did you mean `{s}`?"));
         } else {
-            help = Some("a file is `model NAME { ... }` followed by an optional `train { ... }`".into());
+            help = Some(
+                "a file is `model NAME { ... }` followed by an optional `train { ... }`".into(),
+            );
         }
     } else if words.contains(&"end of line") {
         help = Some("put each field on its own line, or separate fields with `;`".into());
@@ -305,20 +315,41 @@ impl Builder {
         let mut inner = pair.into_inner();
         let kw = inner.next().expect("model_block starts with `model`");
         let name_pair = inner.next().expect("model_block has a name");
-        let name = Ident { name: name_pair.as_str().to_owned(), span: name_pair.as_span().into() };
+        let name = Ident {
+            name: name_pair.as_str().to_owned(),
+            span: name_pair.as_span().into(),
+        };
         let header = Span::from(kw.as_span()).join(name.span);
-        let body = inner.find(|p| p.as_rule() == Rule::body).expect("model_block has a body");
+        let body = inner
+            .find(|p| p.as_rule() == Rule::body)
+            .expect("model_block has a body");
         let (fields, moe) = self.body(body, true)?;
-        Ok(ModelDecl { name, span, header, fields, moe })
+        Ok(ModelDecl {
+            name,
+            span,
+            header,
+            fields,
+            moe,
+        })
     }
 
     fn block(&self, pair: Pair<Rule>) -> PResult<Block> {
         let span: Span = pair.as_span().into();
         let mut inner = pair.into_inner();
-        let header: Span = inner.next().expect("a block starts with its keyword").as_span().into();
-        let body = inner.find(|p| p.as_rule() == Rule::body).expect("a block has a body");
+        let header: Span = inner
+            .next()
+            .expect("a block starts with its keyword")
+            .as_span()
+            .into();
+        let body = inner
+            .find(|p| p.as_rule() == Rule::body)
+            .expect("a block has a body");
         let (fields, _) = self.body(body, false)?;
-        Ok(Block { span, header, fields })
+        Ok(Block {
+            span,
+            header,
+            fields,
+        })
     }
 
     /// Fields of a block; a nested `moe` block is allowed only in `model`.
@@ -353,15 +384,23 @@ impl Builder {
     fn field(&self, pair: Pair<Rule>) -> PResult<Field> {
         let mut inner = pair.into_inner();
         let name = ident(inner.next().expect("field starts with a name"));
-        let value = inner.find(|p| p.as_rule() == Rule::expr).expect("field has a value");
-        Ok(Field { name, value: self.expr(value)? })
+        let value = inner
+            .find(|p| p.as_rule() == Rule::expr)
+            .expect("field has a value");
+        Ok(Field {
+            name,
+            value: self.expr(value)?,
+        })
     }
 
     /// Checks the depth bound of a freshly built node.
     fn bounded(&self, e: Expr, depth: usize) -> PResult<(Expr, usize)> {
         if depth > MAX_EXPR_DEPTH {
             return Err(self
-                .error(e.span, format!("expression nested more than {MAX_EXPR_DEPTH} levels deep"))
+                .error(
+                    e.span,
+                    format!("expression nested more than {MAX_EXPR_DEPTH} levels deep"),
+                )
                 .with_label("too deep")
                 .with_help("write the value as a literal"));
         }
@@ -384,7 +423,10 @@ impl Builder {
                     Some(second) => {
                         let (members, d2) = self.expr_d(second)?;
                         let e = Expr {
-                            kind: ExprKind::Groups { groups: Box::new(first), members: Box::new(members) },
+                            kind: ExprKind::Groups {
+                                groups: Box::new(first),
+                                members: Box::new(members),
+                            },
                             span,
                         };
                         self.bounded(e, d1.max(d2) + 1)
@@ -393,7 +435,8 @@ impl Builder {
             }
             Rule::sum | Rule::product => {
                 let mut inner = pair.into_inner();
-                let (mut acc, mut depth) = self.expr_d(inner.next().expect("chain has an operand"))?;
+                let (mut acc, mut depth) =
+                    self.expr_d(inner.next().expect("chain has an operand"))?;
                 while let Some(op) = inner.next() {
                     let op = match op.as_rule() {
                         Rule::plus => BinOp::Add,
@@ -401,9 +444,17 @@ impl Builder {
                         Rule::star => BinOp::Mul,
                         _ => BinOp::Div,
                     };
-                    let (rhs, d) = self.expr_d(inner.next().expect("operator has a right operand"))?;
+                    let (rhs, d) =
+                        self.expr_d(inner.next().expect("operator has a right operand"))?;
                     let span = acc.span.join(rhs.span);
-                    let e = Expr { kind: ExprKind::Binary { op, lhs: Box::new(acc), rhs: Box::new(rhs) }, span };
+                    let e = Expr {
+                        kind: ExprKind::Binary {
+                            op,
+                            lhs: Box::new(acc),
+                            rhs: Box::new(rhs),
+                        },
+                        span,
+                    };
                     (acc, depth) = self.bounded(e, depth.max(d) + 1)?;
                 }
                 Ok((acc, depth))
@@ -414,14 +465,32 @@ impl Builder {
                 let (mut acc, mut depth) = self.expr_d(atom_pair.clone())?;
                 for m in minuses.iter().rev() {
                     let span = Span::from(m.as_span()).join(acc.span);
-                    (acc, depth) = self.bounded(Expr { kind: ExprKind::Neg(Box::new(acc)), span }, depth + 1)?;
+                    (acc, depth) = self.bounded(
+                        Expr {
+                            kind: ExprKind::Neg(Box::new(acc)),
+                            span,
+                        },
+                        depth + 1,
+                    )?;
                 }
                 Ok((acc, depth))
             }
-            Rule::number => Ok((Expr { kind: ExprKind::Number(number(pair.as_str())), span }, 1)),
+            Rule::number => Ok((
+                Expr {
+                    kind: ExprKind::Number(number(pair.as_str())),
+                    span,
+                },
+                1,
+            )),
             Rule::string => {
                 let raw = pair.into_inner().next().map_or("", |p| p.as_str());
-                Ok((Expr { kind: ExprKind::Str(unescape(raw)), span }, 1))
+                Ok((
+                    Expr {
+                        kind: ExprKind::Str(unescape(raw)),
+                        span,
+                    },
+                    1,
+                ))
             }
             Rule::ident => {
                 let kind = match pair.as_str() {
@@ -443,9 +512,17 @@ impl Builder {
                         Rule::kwarg => {
                             let mut kw = a.into_inner();
                             let key = ident(kw.next().expect("kwarg has a name"));
-                            let v = kw.find(|p| p.as_rule() == Rule::expr).expect("kwarg has a value");
+                            let v = kw
+                                .find(|p| p.as_rule() == Rule::expr)
+                                .expect("kwarg has a value");
                             let (value, d) = self.expr_d(v)?;
-                            (Arg { name: Some(key), value }, d)
+                            (
+                                Arg {
+                                    name: Some(key),
+                                    value,
+                                },
+                                d,
+                            )
                         }
                         _ => {
                             let (value, d) = self.expr_d(a)?;
@@ -455,7 +532,13 @@ impl Builder {
                     depth = depth.max(d + 1);
                     args.push(arg);
                 }
-                self.bounded(Expr { kind: ExprKind::Call(Call { name, args }), span }, depth)
+                self.bounded(
+                    Expr {
+                        kind: ExprKind::Call(Call { name, args }),
+                        span,
+                    },
+                    depth,
+                )
             }
             Rule::paren | Rule::list => {
                 let is_list = pair.as_rule() == Rule::list;
@@ -478,7 +561,13 @@ impl Builder {
                 } else if items.len() == 1 && commas == 0 {
                     // `(e)` only groups: keep e, but with the parentheses' span.
                     let inner = items.pop().expect("one item");
-                    return self.bounded(Expr { kind: inner.kind, span }, depth);
+                    return self.bounded(
+                        Expr {
+                            kind: inner.kind,
+                            span,
+                        },
+                        depth,
+                    );
                 } else {
                     ExprKind::Tuple(items)
                 };
@@ -490,7 +579,10 @@ impl Builder {
 }
 
 fn ident(pair: Pair<Rule>) -> Ident {
-    Ident { name: pair.as_str().to_owned(), span: pair.as_span().into() }
+    Ident {
+        name: pair.as_str().to_owned(),
+        span: pair.as_span().into(),
+    }
 }
 
 fn number(text: &str) -> Number {
@@ -499,7 +591,11 @@ fn number(text: &str) -> Number {
     // The grammar only admits digit strings here, so parsing as f64 cannot fail; overflow gives inf,
     // which `check` rejects as "not a finite number".
     let value = clean.parse::<f64>().unwrap_or(f64::INFINITY);
-    let int = if whole { clean.parse::<u64>().ok() } else { None };
+    let int = if whole {
+        clean.parse::<u64>().ok()
+    } else {
+        None
+    };
     Number { value, int }
 }
 

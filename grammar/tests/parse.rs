@@ -26,12 +26,20 @@ fn numbers() {
         ("1_000", 1000.0, Some(1000)),
         ("1E3", 1000.0, None),
         ("2.5e+2", 250.0, None),
-        ("18446744073709551615", 18446744073709551615.0, Some(u64::MAX)),
+        (
+            "18446744073709551615",
+            18446744073709551615.0,
+            Some(u64::MAX),
+        ),
     ];
     for (text, v, int) in cases {
         let (_, e) = value(text);
         let n = num(&e);
-        assert!((n.value - v).abs() <= 1e-12 * v.abs(), "{text}: {} != {v}", n.value);
+        assert!(
+            (n.value - v).abs() <= 1e-12 * v.abs(),
+            "{text}: {} != {v}",
+            n.value
+        );
         assert_eq!(n.int, int, "{text}");
     }
     // Too big for u64: kept as a float, `int` is None.
@@ -45,15 +53,23 @@ fn booleans_none_strings_names() {
     assert_eq!(value("false").1.kind, ExprKind::Bool(false));
     assert_eq!(value("none").1.kind, ExprKind::None);
     assert_eq!(value("rmsnorm").1.kind, ExprKind::Ident("rmsnorm".into()));
-    assert_eq!(value(r#""data/in.txt""#).1.kind, ExprKind::Str("data/in.txt".into()));
-    assert_eq!(value(r#""a\"b\\c""#).1.kind, ExprKind::Str("a\"b\\c".into()));
+    assert_eq!(
+        value(r#""data/in.txt""#).1.kind,
+        ExprKind::Str("data/in.txt".into())
+    );
+    assert_eq!(
+        value(r#""a\"b\\c""#).1.kind,
+        ExprKind::Str("a\"b\\c".into())
+    );
     assert_eq!(value(r#""""#).1.kind, ExprKind::Str(String::new()));
 }
 
 #[test]
 fn calls_with_positional_and_keyword_args() {
     let (src, e) = value("factor(1.25, drop = position)");
-    let ExprKind::Call(c) = &e.kind else { panic!("not a call: {e:?}") };
+    let ExprKind::Call(c) = &e.kind else {
+        panic!("not a call: {e:?}")
+    };
     assert_eq!(c.name.name, "factor");
     assert_eq!(&src[c.name.span.start..c.name.span.end], "factor");
     assert_eq!(c.args.len(), 2);
@@ -62,8 +78,14 @@ fn calls_with_positional_and_keyword_args() {
     let key = c.args[1].name.as_ref().unwrap();
     assert_eq!(key.name, "drop");
     assert_eq!(c.args[1].value.kind, ExprKind::Ident("position".into()));
-    assert_eq!(&src[c.args[1].span().start..c.args[1].span().end], "drop = position");
-    assert_eq!(&src[e.span.start..e.span.end], "factor(1.25, drop = position)");
+    assert_eq!(
+        &src[c.args[1].span().start..c.args[1].span().end],
+        "drop = position"
+    );
+    assert_eq!(
+        &src[e.span.start..e.span.end],
+        "factor(1.25, drop = position)"
+    );
 
     // No arguments, and a call spread over lines with a trailing comma.
     let (_, e) = value("softmax()");
@@ -75,13 +97,23 @@ fn calls_with_positional_and_keyword_args() {
 #[test]
 fn tuples_lists_and_grouping() {
     let (_, e) = value("(0.9, 0.95)");
-    let ExprKind::Tuple(items) = &e.kind else { panic!("{e:?}") };
+    let ExprKind::Tuple(items) = &e.kind else {
+        panic!("{e:?}")
+    };
     assert_eq!((num(&items[0]).value, num(&items[1]).value), (0.9, 0.95));
     let (_, e) = value("(7,)");
     assert!(matches!(&e.kind, ExprKind::Tuple(v) if v.len() == 1));
     let (_, e) = value("[1, 3, 5]");
-    let ExprKind::List(items) = &e.kind else { panic!("{e:?}") };
-    assert_eq!(items.iter().map(|i| num(i).int.unwrap()).collect::<Vec<_>>(), vec![1, 3, 5]);
+    let ExprKind::List(items) = &e.kind else {
+        panic!("{e:?}")
+    };
+    assert_eq!(
+        items
+            .iter()
+            .map(|i| num(i).int.unwrap())
+            .collect::<Vec<_>>(),
+        vec![1, 3, 5]
+    );
     assert!(matches!(value("[]").1.kind, ExprKind::List(ref v) if v.is_empty()));
     assert!(matches!(value("[\n 1,\n 2,\n]").1.kind, ExprKind::List(ref v) if v.len() == 2));
     // `(e)` only groups, and keeps the parentheses' span.
@@ -107,7 +139,14 @@ fn sums_arithmetic_and_negation() {
 
     // `*` binds tighter than `+`.
     let (_, e) = value("2 + 3 * 4");
-    let ExprKind::Binary { op: BinOp::Add, lhs, rhs } = &e.kind else { panic!("{e:?}") };
+    let ExprKind::Binary {
+        op: BinOp::Add,
+        lhs,
+        rhs,
+    } = &e.kind
+    else {
+        panic!("{e:?}")
+    };
     assert_eq!(num(lhs).value, 2.0);
     assert!(matches!(&rhs.kind, ExprKind::Binary { op: BinOp::Mul, .. }));
 
@@ -124,7 +163,9 @@ fn sums_arithmetic_and_negation() {
 fn group_shapes() {
     for text in ["8 x 8", "8x8", "8 x\n 8", "2*4 x 8"] {
         let (_, e) = value(text);
-        let ExprKind::Groups { groups, members } = &e.kind else { panic!("{text}: {e:?}") };
+        let ExprKind::Groups { groups, members } = &e.kind else {
+            panic!("{text}: {e:?}")
+        };
         assert_eq!(num(members).value, 8.0, "{text}");
         if text.starts_with('8') {
             assert_eq!(num(groups).value, 8.0, "{text}");
@@ -137,7 +178,12 @@ fn whole_file_structure_and_spans() {
     let src = "# a comment line\r\nmodel mixtral-8x7b {\r\n  dim = 64 ; layers = 2  # trailing\n\n  moe {\n    experts = 8\n  }\n  heads = 4\n}\n\ntrain {\n  steps = 10\n}\n";
     let ast = parse(src).unwrap_or_else(|d| panic!("{}", d.render()));
     assert_eq!(ast.model.name.name, "mixtral-8x7b");
-    let names: Vec<&str> = ast.model.fields.iter().map(|f| f.name.name.as_str()).collect();
+    let names: Vec<&str> = ast
+        .model
+        .fields
+        .iter()
+        .map(|f| f.name.name.as_str())
+        .collect();
     assert_eq!(names, ["dim", "layers", "heads"]);
     let f = &ast.model.fields[1];
     assert_eq!(&src[f.name.span.start..f.name.span.end], "layers");
@@ -148,7 +194,10 @@ fn whole_file_structure_and_spans() {
     assert_eq!(moe.fields[0].name.name, "experts");
     let train = ast.train.as_ref().unwrap();
     assert_eq!(train.fields[0].name.name, "steps");
-    assert_eq!(&src[ast.model.header.start..ast.model.header.end], "model mixtral-8x7b");
+    assert_eq!(
+        &src[ast.model.header.start..ast.model.header.end],
+        "model mixtral-8x7b"
+    );
     // One-line forms.
     assert!(parse("model m {}").is_ok());
     assert!(parse("model m { dim = 1; layers = 2; }").is_ok());
@@ -158,30 +207,99 @@ fn whole_file_structure_and_spans() {
 /// (source, expected message substring, line, col)
 const SYNTAX_ERRORS: &[(&str, &str, usize, usize)] = &[
     ("model m {\n  dim 256\n}", "expected `=`, found `256`", 2, 7),
-    ("model m {\n  dim =\n}", "expected a value, found end of line", 2, 8),
-    ("model m {\n  dim = 256 256\n}", "expected end of line or `}`, found `256`", 2, 13),
-    ("model m {\n  dim = 256\n", "expected `}` to close the block, found end of file", 3, 1),
+    (
+        "model m {\n  dim =\n}",
+        "expected a value, found end of line",
+        2,
+        8,
+    ),
+    (
+        "model m {\n  dim = 256 256\n}",
+        "expected end of line or `}`, found `256`",
+        2,
+        13,
+    ),
+    (
+        "model m {\n  dim = 256\n",
+        "expected `}` to close the block, found end of file",
+        3,
+        1,
+    ),
     ("modle m {\n}", "expected `model`", 1, 1),
     ("model {\n}", "expected the model's name, found `{`", 1, 7),
-    ("model m {\n  data = text(\"abc)\n}", "unterminated string", 2, 15),
-    ("model m {\n  balance = aux(0.01) +\n}", "expected a value, found `}`", 3, 1),
-    ("model m {\n  x = aux(0.01 z)\n}", "expected `)` or `,`, found `z`", 2, 16),
-    ("model m {\n  layers = [1, 2\n}", "expected `]` or `,`, found `}`", 3, 1),
-    ("model m {\n  dim = 12abc\n}", "expected a value, found `12abc`", 2, 9),
-    ("model m {\n  dim = @\n}", "expected a value, found `@`", 2, 9),
-    ("model m {}\nmodel n {}", "a file declares exactly one model", 2, 1),
-    ("model m {}\ntrain {}\ntrain {}", "duplicate `train` block", 3, 1),
-    ("model m {\n moe {}\n moe {}\n}", "duplicate `moe` block", 3, 2),
+    (
+        "model m {\n  data = text(\"abc)\n}",
+        "unterminated string",
+        2,
+        15,
+    ),
+    (
+        "model m {\n  balance = aux(0.01) +\n}",
+        "expected a value, found `}`",
+        3,
+        1,
+    ),
+    (
+        "model m {\n  x = aux(0.01 z)\n}",
+        "expected `)` or `,`, found `z`",
+        2,
+        16,
+    ),
+    (
+        "model m {\n  layers = [1, 2\n}",
+        "expected `]` or `,`, found `}`",
+        3,
+        1,
+    ),
+    (
+        "model m {\n  dim = 12abc\n}",
+        "expected a value, found `12abc`",
+        2,
+        9,
+    ),
+    (
+        "model m {\n  dim = @\n}",
+        "expected a value, found `@`",
+        2,
+        9,
+    ),
+    (
+        "model m {}\nmodel n {}",
+        "a file declares exactly one model",
+        2,
+        1,
+    ),
+    (
+        "model m {}\ntrain {}\ntrain {}",
+        "duplicate `train` block",
+        3,
+        1,
+    ),
+    (
+        "model m {\n moe {}\n moe {}\n}",
+        "duplicate `moe` block",
+        3,
+        2,
+    ),
     ("train { steps = 1 }", "missing `model` block", 1, 1),
     ("", "missing `model` block", 1, 1),
-    ("model m {}\ntrain {\n moe { }\n}", "a `moe` block belongs inside the `model` block", 3, 2),
+    (
+        "model m {}\ntrain {\n moe { }\n}",
+        "a `moe` block belongs inside the `model` block",
+        3,
+        2,
+    ),
 ];
 
 #[test]
 fn syntax_errors_say_what_was_expected_and_where() {
     for (src, msg, line, col) in SYNTAX_ERRORS {
         let d = parse(src).expect_err(src);
-        assert!(d.message().contains(msg), "{src:?}: message {:?} lacks {msg:?}", d.message());
+        assert!(
+            d.message().contains(msg),
+            "{src:?}: message {:?} lacks {msg:?}",
+            d.message()
+        );
         assert_eq!((d.line, d.col), (*line, *col), "{src:?}: {}", d.render());
         let text = d.with_path("t.moe").render();
         assert!(text.contains(&format!("t.moe:{line}:{col}")), "{text}");
@@ -197,10 +315,20 @@ fn misspelled_keyword_gets_a_suggestion() {
 
 #[test]
 fn hostile_nesting_is_an_error_not_a_crash() {
-    let deep = format!("model m {{ f = {}1{} }}", "(".repeat(10_000), ")".repeat(10_000));
-    assert!(parse(&deep).unwrap_err().message().contains("nested more than"));
+    let deep = format!(
+        "model m {{ f = {}1{} }}",
+        "(".repeat(10_000),
+        ")".repeat(10_000)
+    );
+    assert!(parse(&deep)
+        .unwrap_err()
+        .message()
+        .contains("nested more than"));
     let long = format!("model m {{ f = {} }}", vec!["1"; 10_000].join(" + "));
-    assert!(parse(&long).unwrap_err().message().contains("nested more than"));
+    assert!(parse(&long)
+        .unwrap_err()
+        .message()
+        .contains("nested more than"));
     let neg = format!("model m {{ f = {}1 }}", "-".repeat(10_000));
     assert!(parse(&neg).is_err());
 }
