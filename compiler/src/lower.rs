@@ -23,7 +23,8 @@
 //! - shared experts (`shared_experts = S`) are one dense FFN of hidden `S * expert.hidden`, named as
 //!   Qwen-MoE does: `block_sparse_moe.shared_expert.{gate,up,down}_proj.weight`.
 //! - `mlp` family: `model.input_proj.{weight,bias}` (inputs → dim), per block `model.layers.N.norm` then
-//!   the FFN/MoE with a residual, `model.norm`, `classifier.{weight,bias}` (dim → classes).
+//!   the FFN/MoE with a residual, `model.norm`, `classifier.{weight,bias}` (dim → classes). Its
+//!   "sequence" for `seq_aux` is the whole batch (samples are independent), so `seq_aux` = `aux`.
 //!
 //! # Init
 //! Linear and embedding weights N(0, 0.02²) (HF `initializer_range`), norm weights 1, biases 0.

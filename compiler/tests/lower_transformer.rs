@@ -368,3 +368,19 @@ fn unsupported_features_are_named() {
     no_vocab.vocab = None;
     assert!(matches!(lower(&spec(no_vocab, None), 1), Err(LowerError::Missing { field: "vocab", .. })));
 }
+
+#[test]
+fn f32_and_f64_runs_agree() {
+    let s = spec(model(32, 16, 2, 4, 2, 6), Some(moe(vec![0, 1], 4, 2, Gate::Softmax { renorm: true }, vec![Balance::Aux(0.01), Balance::Z(0.001)])));
+    let g = lower(&s, 2).unwrap();
+    let lo = run_outputs(&g, &feeds(&g, 2, 6, 32, false)).unwrap();
+    let hi = run_outputs(&g, &feeds(&g, 2, 6, 32, true)).unwrap();
+    assert!(matches!(lo["loss"], Value::F32(_)) && matches!(hi["loss"], Value::F64(_)));
+    for name in ["logits", "ce", "aux.0", "aux.1", "loss"] {
+        let (a, b) = (lo[name].to_f64(), hi[name].to_f64());
+        // f32 rounding through ~30 ops of width ≤ 32: relative 1e-5 is generous.
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "{name}: {x} vs {y}");
+        }
+    }
+}
