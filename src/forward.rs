@@ -33,7 +33,7 @@ pub fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs() / (y.abs() + 1e-3)).fold(0.0, f32::max)
 }
 
-pub fn run(loaded: &Loaded, batch: usize, seed: u64, fusion: bool, gpu: &Gpu) -> Result<()> {
+pub fn run(loaded: &Loaded, batch: usize, seed: u64, fusion: bool, profile: bool, gpu: &Gpu) -> Result<()> {
     let started = Instant::now();
     let compiled = compile(&loaded.spec, batch, &gpu.target(), fusion)?;
     let params = interp::init_params(&compiled.graph, seed);
@@ -51,10 +51,25 @@ pub fn run(loaded: &Loaded, batch: usize, seed: u64, fusion: bool, gpu: &Gpu) ->
         }
     }
     let compiled_in = started.elapsed();
-    let t0 = Instant::now();
-    exec.run().into_diagnostic()?;
-    exec.wait().into_diagnostic()?;
-    let gpu_time = t0.elapsed();
+    // The first run includes the driver's lazy shader compilation; the steady state is what a
+    // training step costs.
+    let mut gpu_times = Vec::new();
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        exec.run().into_diagnostic()?;
+        exec.wait().into_diagnostic()?;
+        gpu_times.push(t0.elapsed());
+    }
+
+    if profile {
+        let mut times = exec.profile().into_diagnostic()?;
+        let total: f64 = times.iter().map(|(_, t)| t).sum();
+        times.sort_by(|a, b| b.1.total_cmp(&a.1));
+        println!("slowest dispatches (of {:.1} ms, one submission each):", total * 1e3);
+        for (name, t) in times.iter().take(15).chain(times.iter().rev().take(3)) {
+            println!("  {:>8.2} ms {:>5.1}%  {name}", t * 1e3, 100.0 * t / total);
+        }
+    }
 
     let mut all_feeds = interp::param_feeds(&params);
     all_feeds.extend(feeds);
@@ -63,13 +78,14 @@ pub fn run(loaded: &Loaded, batch: usize, seed: u64, fusion: bool, gpu: &Gpu) ->
     let cpu_time = t0.elapsed();
 
     println!(
-        "{} on {}: {} dispatches, {} kernels (compiled in {:.2?}); GPU forward {:.2?}, interpreter {:.2?}",
+        "{} on {}: {} dispatches, {} kernels (compiled in {:.2?}); GPU forward {:.2?} first, {:.2?} warm; interpreter {:.2?}",
         loaded.spec.name,
         gpu.info,
         compiled.plan.dispatches.len(),
         compiled.plan.kernels.len(),
         compiled_in,
-        gpu_time,
+        gpu_times[0],
+        gpu_times[2],
         cpu_time
     );
     let mut worst = 0.0f32;

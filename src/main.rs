@@ -69,6 +69,9 @@ enum Command {
         seed: u64,
         #[arg(long)]
         no_fuse: bool,
+        /// Also time every dispatch on its own and print the slowest kernels.
+        #[arg(long)]
+        profile: bool,
         #[command(flatten)]
         adapter: AdapterArgs,
     },
@@ -172,10 +175,10 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
-        Command::Forward { spec, batch, seed, no_fuse, adapter } => {
+        Command::Forward { spec, batch, seed, no_fuse, profile, adapter } => {
             let loaded = load(&spec)?;
             let gpu = adapter.open()?;
-            forward::run(&loaded, batch_of(&loaded.spec, batch), seed, !no_fuse, &gpu)
+            forward::run(&loaded, batch_of(&loaded.spec, batch), seed, !no_fuse, profile, &gpu)
         }
         Command::Devices => {
             let adapters = moec_runtime::list_adapters();

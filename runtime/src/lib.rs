@@ -170,10 +170,16 @@ impl<'g> Executor<'g> {
         let mut pipelines = Vec::with_capacity(plan.kernels.len());
         let mut layouts = Vec::with_capacity(plan.kernels.len());
         for kernel in &plan.kernels {
-            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(&kernel.name),
-                source: wgpu::ShaderSource::Wgsl(kernel.wgsl.as_str().into()),
-            });
+            let descriptor = wgpu::ShaderModuleDescriptor { label: Some(&kernel.name), source: wgpu::ShaderSource::Wgsl(kernel.wgsl.as_str().into()) };
+            // SAFETY: every index a generated kernel computes is guarded by its own bounds check
+            // against the shape constants it was specialised for, and the plan binds buffers of
+            // exactly those sizes (checked in `write_bytes` and by construction in `emit`), so
+            // wgpu's per-access clamping only costs time (MOEC_CHECKED_SHADERS=1 turns it back on).
+            let module = if std::env::var_os("MOEC_CHECKED_SHADERS").is_some() {
+                device.create_shader_module(descriptor)
+            } else {
+                unsafe { device.create_shader_module_trusted(descriptor, wgpu::ShaderRuntimeChecks::unchecked()) }
+            };
             let entries: Vec<wgpu::BindGroupLayoutEntry> = kernel
                 .writes
                 .iter()
@@ -277,6 +283,28 @@ impl<'g> Executor<'g> {
             Some(error) => Err(RuntimeError::Execution(error.to_string())),
             None => Ok(()),
         }
+    }
+
+    /// Runs the plan one dispatch per submission, waiting after each, and returns the wall time of
+    /// every dispatch (kernel name, seconds). Slower than `run`, but portable: no timestamp queries
+    /// needed, so it works on every adapter, lavapipe included.
+    pub fn profile(&self) -> Result<Vec<(String, f64)>, RuntimeError> {
+        let mut times = Vec::with_capacity(self.plan.dispatches.len());
+        self.wait()?;
+        for (d, bind_group) in self.plan.dispatches.iter().zip(&self.bind_groups) {
+            let started = std::time::Instant::now();
+            let mut encoder = self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("moec profile") });
+            {
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+                pass.set_pipeline(&self.pipelines[d.kernel]);
+                pass.set_bind_group(0, bind_group, &[]);
+                pass.dispatch_workgroups(d.workgroups[0], d.workgroups[1], d.workgroups[2]);
+            }
+            self.gpu.queue.submit([encoder.finish()]);
+            self.wait()?;
+            times.push((self.plan.kernels[d.kernel].name.clone(), started.elapsed().as_secs_f64()));
+        }
+        Ok(times)
     }
 
     /// Waits for all submitted work; used by benchmarks to time whole steps.
