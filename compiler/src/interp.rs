@@ -8,7 +8,9 @@
 //! Also here: [`init_params`], the deterministic parameter initialisation that both the CPU and the
 //! GPU paths use, so a model trained on either starts from bit-identical weights.
 
-use crate::ir::{BinaryOp, DType, Graph, Init, NodeId, Op, ReduceOp, RouteLayout, TensorType, UnaryOp};
+use crate::ir::{
+    BinaryOp, DType, Graph, Init, NodeId, Op, ReduceOp, RouteLayout, TensorType, UnaryOp,
+};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
@@ -82,13 +84,27 @@ pub enum InterpError {
     #[error("no value fed for `{name}`")]
     MissingFeed { name: String },
     #[error("`{name}` was fed {got} but the graph wants {want}")]
-    BadFeed { name: String, want: String, got: String },
+    BadFeed {
+        name: String,
+        want: String,
+        got: String,
+    },
     #[error("`{label}` ({op}): {what} {index} is out of range (must be < {bound})")]
-    OutOfRange { label: String, op: String, what: &'static str, index: u64, bound: u64 },
+    OutOfRange {
+        label: String,
+        op: String,
+        what: &'static str,
+        index: u64,
+        bound: u64,
+    },
     /// The graph handed to the interpreter is not what its builder guarantees (a pass built nodes
     /// around `Graph::add`); reported as a value so a caller can show which node.
     #[error("`{label}` ({op}): {message}")]
-    Malformed { label: String, op: String, message: String },
+    Malformed {
+        label: String,
+        op: String,
+        message: String,
+    },
 }
 
 /// The arithmetic the interpreter needs, implemented for f32 and f64.
@@ -179,39 +195,70 @@ impl<F: Float> Tensor<F> {
 /// Evaluates every node of `graph`. `feeds` holds one value per `Input` and per `Param`, keyed by
 /// name. The precision is f64 when any feed is `Value::F64`, else f32 (f32 feeds are widened in an f64
 /// run, so `init_params` output can feed either).
-pub fn run(graph: &Graph, feeds: &HashMap<String, Value>) -> Result<HashMap<NodeId, Value>, InterpError> {
-    let precision = if feeds.values().any(|v| matches!(v, Value::F64(_))) { Precision::F64 } else { Precision::F32 };
+pub fn run(
+    graph: &Graph,
+    feeds: &HashMap<String, Value>,
+) -> Result<HashMap<NodeId, Value>, InterpError> {
+    let precision = if feeds.values().any(|v| matches!(v, Value::F64(_))) {
+        Precision::F64
+    } else {
+        Precision::F32
+    };
     run_in(graph, feeds, precision)
 }
 
 /// [`run`] with the precision chosen by the caller.
-pub fn run_in(graph: &Graph, feeds: &HashMap<String, Value>, precision: Precision) -> Result<HashMap<NodeId, Value>, InterpError> {
+pub fn run_in(
+    graph: &Graph,
+    feeds: &HashMap<String, Value>,
+    precision: Precision,
+) -> Result<HashMap<NodeId, Value>, InterpError> {
     let values = match precision {
-        Precision::F32 => eval::<f32>(graph, feeds)?.into_iter().map(|(k, v)| (k, v.into_value())).collect(),
-        Precision::F64 => eval::<f64>(graph, feeds)?.into_iter().map(|(k, v)| (k, v.into_value())).collect(),
+        Precision::F32 => eval::<f32>(graph, feeds)?
+            .into_iter()
+            .map(|(k, v)| (k, v.into_value()))
+            .collect(),
+        Precision::F64 => eval::<f64>(graph, feeds)?
+            .into_iter()
+            .map(|(k, v)| (k, v.into_value()))
+            .collect(),
     };
     Ok(values)
 }
 
 /// The graph's named outputs (`logits`, `loss`, ...) after [`run`].
-pub fn run_outputs(graph: &Graph, feeds: &HashMap<String, Value>) -> Result<HashMap<String, Value>, InterpError> {
+pub fn run_outputs(
+    graph: &Graph,
+    feeds: &HashMap<String, Value>,
+) -> Result<HashMap<String, Value>, InterpError> {
     let mut all = run(graph, feeds)?;
     Ok(named_outputs(graph, &mut all))
 }
 
 /// [`run_outputs`] with the precision chosen by the caller.
-pub fn run_outputs_in(graph: &Graph, feeds: &HashMap<String, Value>, precision: Precision) -> Result<HashMap<String, Value>, InterpError> {
+pub fn run_outputs_in(
+    graph: &Graph,
+    feeds: &HashMap<String, Value>,
+    precision: Precision,
+) -> Result<HashMap<String, Value>, InterpError> {
     let mut all = run_in(graph, feeds, precision)?;
     Ok(named_outputs(graph, &mut all))
 }
 
 fn named_outputs(graph: &Graph, all: &mut HashMap<NodeId, Value>) -> HashMap<String, Value> {
-    graph.outputs.iter().filter_map(|(name, id)| all.get(id).map(|v| (name.clone(), v.clone()))).collect()
+    graph
+        .outputs
+        .iter()
+        .filter_map(|(name, id)| all.get(id).map(|v| (name.clone(), v.clone())))
+        .collect()
 }
 
 /// Turns [`init_params`] output into feeds for [`run`].
 pub fn param_feeds(params: &HashMap<String, Vec<f32>>) -> HashMap<String, Value> {
-    params.iter().map(|(k, v)| (k.clone(), Value::F32(v.clone()))).collect()
+    params
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::F32(v.clone())))
+        .collect()
 }
 
 /// Deterministic initial values of every parameter of `graph`, by name.
@@ -225,7 +272,10 @@ pub fn init_params(graph: &Graph, seed: u64) -> HashMap<String, Vec<f32>> {
         .g
         .node_weights()
         .filter_map(|node| match &node.op {
-            Op::Param { name, init } => Some((name.clone(), init_values(name, *init, node.ty.numel(), seed))),
+            Op::Param { name, init } => Some((
+                name.clone(),
+                init_values(name, *init, node.ty.numel(), seed),
+            )),
             _ => None,
         })
         .collect()
@@ -261,17 +311,25 @@ fn unit_f64(rng: &mut ChaCha8Rng) -> f64 {
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
-fn eval<F: Float>(graph: &Graph, feeds: &HashMap<String, Value>) -> Result<HashMap<NodeId, Tensor<F>>, InterpError> {
+fn eval<F: Float>(
+    graph: &Graph,
+    feeds: &HashMap<String, Value>,
+) -> Result<HashMap<NodeId, Tensor<F>>, InterpError> {
     let mut vals: HashMap<NodeId, Tensor<F>> = HashMap::new();
     for id in graph.topo_order() {
         let node = graph.node(id);
         let args = graph.inputs(id);
         let arg_vals: Vec<&Tensor<F>> = args.iter().map(|a| &vals[a]).collect();
         let arg_tys: Vec<&TensorType> = args.iter().map(|&a| graph.ty(a)).collect();
-        let ctx = Ctx { label: &node.label, op: &node.op };
+        let ctx = Ctx {
+            label: &node.label,
+            op: &node.op,
+        };
         let out = eval_node(&ctx, &node.ty, &arg_vals, &arg_tys, feeds)?;
         vals.insert(id, out);
     }
@@ -286,10 +344,20 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn malformed(&self, message: impl Into<String>) -> InterpError {
-        InterpError::Malformed { label: self.label.into(), op: self.op.mnemonic(), message: message.into() }
+        InterpError::Malformed {
+            label: self.label.into(),
+            op: self.op.mnemonic(),
+            message: message.into(),
+        }
     }
     fn out_of_range(&self, what: &'static str, index: u64, bound: u64) -> InterpError {
-        InterpError::OutOfRange { label: self.label.into(), op: self.op.mnemonic(), what, index, bound }
+        InterpError::OutOfRange {
+            label: self.label.into(),
+            op: self.op.mnemonic(),
+            what,
+            index,
+            bound,
+        }
     }
     fn f<'v, F>(&self, t: &'v Tensor<F>) -> Result<&'v [F], InterpError> {
         match t {
@@ -312,15 +380,27 @@ impl Ctx<'_> {
     }
 }
 
-fn feed<F: Float>(name: &str, ty: &TensorType, feeds: &HashMap<String, Value>) -> Result<Tensor<F>, InterpError> {
-    let v = feeds.get(name).ok_or_else(|| InterpError::MissingFeed { name: name.into() })?;
-    let bad = || InterpError::BadFeed { name: name.into(), want: ty.to_string(), got: format!("{}[{}]", v.kind(), v.len()) };
+fn feed<F: Float>(
+    name: &str,
+    ty: &TensorType,
+    feeds: &HashMap<String, Value>,
+) -> Result<Tensor<F>, InterpError> {
+    let v = feeds
+        .get(name)
+        .ok_or_else(|| InterpError::MissingFeed { name: name.into() })?;
+    let bad = || InterpError::BadFeed {
+        name: name.into(),
+        want: ty.to_string(),
+        got: format!("{}[{}]", v.kind(), v.len()),
+    };
     if v.len() != ty.numel() {
         return Err(bad());
     }
     match (ty.dtype, v) {
         (DType::U32, Value::U32(x)) => Ok(Tensor::U(x.clone())),
-        (DType::F32, Value::F32(x)) => Ok(Tensor::F(x.iter().map(|&e| F::from_f64(e as f64)).collect())),
+        (DType::F32, Value::F32(x)) => Ok(Tensor::F(
+            x.iter().map(|&e| F::from_f64(e as f64)).collect(),
+        )),
         (DType::F32, Value::F64(x)) => Ok(Tensor::F(x.iter().map(|&e| F::from_f64(e)).collect())),
         _ => Err(bad()),
     }
@@ -338,18 +418,27 @@ fn eval_node<F: Float>(
         Op::Affine { mul, add } => {
             ctx.argc(1, args.len())?;
             let (m, a) = (F::from_f64(*mul as f64), F::from_f64(*add as f64));
-            Ok(Tensor::F(ctx.f(args[0])?.iter().map(|&x| x * m + a).collect()))
+            Ok(Tensor::F(
+                ctx.f(args[0])?.iter().map(|&x| x * m + a).collect(),
+            ))
         }
         Op::Unary(u) => {
             ctx.argc(1, args.len())?;
-            Ok(Tensor::F(ctx.f(args[0])?.iter().map(|&x| unary(*u, x)).collect()))
+            Ok(Tensor::F(
+                ctx.f(args[0])?.iter().map(|&x| unary(*u, x)).collect(),
+            ))
         }
         Op::Binary(b) => {
             ctx.argc(2, args.len())?;
             let (x, y) = (ctx.f(args[0])?, ctx.f(args[1])?);
             let ix = broadcast_index(&ty.shape, &arg_tys[0].shape);
             let iy = broadcast_index(&ty.shape, &arg_tys[1].shape);
-            Ok(Tensor::F(ix.iter().zip(&iy).map(|(&i, &j)| binary(*b, x[i], y[j])).collect()))
+            Ok(Tensor::F(
+                ix.iter()
+                    .zip(&iy)
+                    .map(|(&i, &j)| binary(*b, x[i], y[j]))
+                    .collect(),
+            ))
         }
         Op::Reduce(r) => {
             ctx.argc(1, args.len())?;
@@ -360,7 +449,10 @@ fn eval_node<F: Float>(
                 .map(|row| match r {
                     ReduceOp::Sum => sum(row),
                     ReduceOp::Mean => sum(row) / F::from_f64(n as f64),
-                    ReduceOp::Max => row.iter().copied().fold(F::from_f64(f64::NEG_INFINITY), F::max),
+                    ReduceOp::Max => row
+                        .iter()
+                        .copied()
+                        .fold(F::from_f64(f64::NEG_INFINITY), F::max),
                 })
                 .collect();
             Ok(Tensor::F(out))
@@ -379,7 +471,13 @@ fn eval_node<F: Float>(
         }
         Op::MatMul { trans_b } => {
             ctx.argc(2, args.len())?;
-            Ok(Tensor::F(matmul(ctx.f(args[0])?, arg_tys[0], ctx.f(args[1])?, arg_tys[1], *trans_b)))
+            Ok(Tensor::F(matmul(
+                ctx.f(args[0])?,
+                arg_tys[0],
+                ctx.f(args[1])?,
+                arg_tys[1],
+                *trans_b,
+            )))
         }
         Op::Embedding => {
             ctx.argc(2, args.len())?;
@@ -396,11 +494,19 @@ fn eval_node<F: Float>(
         }
         Op::Rope { theta } => {
             ctx.argc(1, args.len())?;
-            Ok(Tensor::F(rope(ctx.f(args[0])?, &arg_tys[0].shape, *theta as f64)))
+            Ok(Tensor::F(rope(
+                ctx.f(args[0])?,
+                &arg_tys[0].shape,
+                *theta as f64,
+            )))
         }
         Op::Softmax { causal } => {
             ctx.argc(1, args.len())?;
-            Ok(Tensor::F(softmax(ctx.f(args[0])?, &arg_tys[0].shape, *causal)))
+            Ok(Tensor::F(softmax(
+                ctx.f(args[0])?,
+                &arg_tys[0].shape,
+                *causal,
+            )))
         }
         Op::CrossEntropy => {
             ctx.argc(2, args.len())?;
@@ -414,7 +520,9 @@ fn eval_node<F: Float>(
                 let row = &logits[i * v..(i + 1) * v];
                 total += logsumexp(row) - row[t as usize];
             }
-            Ok(Tensor::F(vec![total / F::from_f64(targets.len().max(1) as f64)]))
+            Ok(Tensor::F(vec![
+                total / F::from_f64(targets.len().max(1) as f64),
+            ]))
         }
         Op::TopK { k } => {
             ctx.argc(1, args.len())?;
@@ -448,7 +556,9 @@ fn eval_node<F: Float>(
         }
         Op::MoeRoute { layout } => {
             ctx.argc(1, args.len())?;
-            route(ctx.u(args[0])?, layout).map(Tensor::U).map_err(|e| ctx.out_of_range("expert", e as u64, layout.experts as u64))
+            route(ctx.u(args[0])?, layout)
+                .map(Tensor::U)
+                .map_err(|e| ctx.out_of_range("expert", e as u64, layout.experts as u64))
         }
         Op::MoeGather { layout } => {
             ctx.argc(2, args.len())?;
@@ -462,7 +572,11 @@ fn eval_node<F: Float>(
                 }
                 let t = slot as usize / layout.k.max(1);
                 if t >= layout.tokens {
-                    return Err(ctx.out_of_range("row_slot", slot as u64, (layout.tokens * layout.k) as u64));
+                    return Err(ctx.out_of_range(
+                        "row_slot",
+                        slot as u64,
+                        (layout.tokens * layout.k) as u64,
+                    ));
                 }
                 out[r * d..(r + 1) * d].copy_from_slice(&x[t * d..(t + 1) * d]);
             }
@@ -495,7 +609,8 @@ fn eval_node<F: Float>(
             ctx.argc(3, args.len())?;
             let (yp, wt, table) = (ctx.f(args[0])?, ctx.f(args[1])?, ctx.u(args[2])?);
             let d = arg_tys[0].shape[1];
-            let slot_row = &table[layout.slot_row_at()..layout.slot_row_at() + layout.tokens * layout.k];
+            let slot_row =
+                &table[layout.slot_row_at()..layout.slot_row_at() + layout.tokens * layout.k];
             let mut out = vec![F::ZERO; layout.tokens * d];
             for (slot, &row) in slot_row.iter().enumerate() {
                 if row == RouteLayout::NONE {
@@ -558,7 +673,10 @@ fn dot<F: Float>(a: &[F], b: &[F]) -> F {
 }
 
 fn logsumexp<F: Float>(row: &[F]) -> F {
-    let m = row.iter().copied().fold(F::from_f64(f64::NEG_INFINITY), F::max);
+    let m = row
+        .iter()
+        .copied()
+        .fold(F::from_f64(f64::NEG_INFINITY), F::max);
     m + sum(&row.iter().map(|&x| (x - m).exp()).collect::<Vec<_>>()).ln()
 }
 
@@ -597,7 +715,12 @@ fn permute_index(shape: &[usize], perm: &[usize]) -> Vec<usize> {
     let out_strides = strides(&out_shape);
     let n: usize = shape.iter().product();
     (0..n)
-        .map(|flat| perm.iter().enumerate().map(|(i, &p)| ((flat / out_strides[i]) % out_shape[i]) * in_strides[p]).sum())
+        .map(|flat| {
+            perm.iter()
+                .enumerate()
+                .map(|(i, &p)| ((flat / out_strides[i]) % out_shape[i]) * in_strides[p])
+                .sum()
+        })
         .collect()
 }
 
@@ -605,7 +728,11 @@ fn matmul<F: Float>(a: &[F], at: &TensorType, b: &[F], bt: &TensorType, trans_b:
     let r = at.shape.len();
     let (m, k) = (at.shape[r - 2], at.shape[r - 1]);
     let br = bt.shape.len();
-    let n = if trans_b { bt.shape[br - 2] } else { bt.shape[br - 1] };
+    let n = if trans_b {
+        bt.shape[br - 2]
+    } else {
+        bt.shape[br - 1]
+    };
     let batch: usize = at.shape[..r - 2].iter().product();
     let b_batched = br > 2;
     let mut out = vec![F::ZERO; batch * m * n];
@@ -656,11 +783,22 @@ fn rope<F: Float>(x: &[F], shape: &[usize], theta: f64) -> Vec<F> {
 
 fn softmax<F: Float>(x: &[F], shape: &[usize], causal: bool) -> Vec<F> {
     let s = shape.last().copied().unwrap_or(1).max(1);
-    let rows_per_matrix = if shape.len() >= 2 { shape[shape.len() - 2].max(1) } else { 1 };
+    let rows_per_matrix = if shape.len() >= 2 {
+        shape[shape.len() - 2].max(1)
+    } else {
+        1
+    };
     let mut out = vec![F::ZERO; x.len()];
     for (row_i, (row, o)) in x.chunks(s).zip(out.chunks_mut(s)).enumerate() {
-        let visible = if causal { (row_i % rows_per_matrix) % s + 1 } else { s };
-        let m = row[..visible].iter().copied().fold(F::from_f64(f64::NEG_INFINITY), F::max);
+        let visible = if causal {
+            (row_i % rows_per_matrix) % s + 1
+        } else {
+            s
+        };
+        let m = row[..visible]
+            .iter()
+            .copied()
+            .fold(F::from_f64(f64::NEG_INFINITY), F::max);
         let e: Vec<F> = row[..visible].iter().map(|&v| (v - m).exp()).collect();
         let total = sum(&e);
         for (oi, ei) in o.iter_mut().zip(e) {

@@ -35,7 +35,9 @@
 //! [`LowerError::Unsupported`] naming the feature. The MoE code is split (scores → selection →
 //! weights → dispatch → balancing) so those slot in as new score/selection arms.
 
-use crate::ir::{BinaryOp, Graph, Init, IrError, NodeId, Op, ReduceOp, RouteLayout, TensorType, UnaryOp};
+use crate::ir::{
+    BinaryOp, Graph, Init, IrError, NodeId, Op, ReduceOp, RouteLayout, TensorType, UnaryOp,
+};
 use crate::spec::{Activation, Balance, Capacity, Family, Ffn, Gate, Moe, Norm, Spec, NORM_EPS};
 
 /// Rows per tile of the MoE routing table: every expert's segment of gathered rows is padded to a
@@ -53,7 +55,10 @@ pub enum LowerError {
     #[error("lowering does not support {feature} yet")]
     Unsupported { feature: String },
     #[error("the {family} family needs `{field}`")]
-    Missing { field: &'static str, family: &'static str },
+    Missing {
+        field: &'static str,
+        family: &'static str,
+    },
     #[error("invalid spec for lowering: {0}")]
     Invalid(String),
     #[error(transparent)]
@@ -61,7 +66,9 @@ pub enum LowerError {
 }
 
 fn unsupported(feature: impl Into<String>) -> LowerError {
-    LowerError::Unsupported { feature: feature.into() }
+    LowerError::Unsupported {
+        feature: feature.into(),
+    }
 }
 
 /// Lowers `spec` to its forward graph for `batch` sequences (or samples, for `mlp`).
@@ -72,7 +79,11 @@ pub fn lower(spec: &Spec, batch: usize) -> Result<Graph, LowerError> {
     if let Some(moe) = &spec.moe {
         check_moe_supported(moe)?;
     }
-    let mut l = Lower { g: Graph::new(), spec, aux: Vec::new() };
+    let mut l = Lower {
+        g: Graph::new(),
+        spec,
+        aux: Vec::new(),
+    };
     let (logits, ce) = match spec.model.family {
         Family::Transformer => l.transformer(batch)?,
         Family::Mlp => l.mlp(batch)?,
@@ -94,7 +105,9 @@ fn check_moe_supported(moe: &Moe) -> Result<(), LowerError> {
         return Err(unsupported("`groups` (hierarchical gating)"));
     }
     if let Capacity::Factor { .. } = moe.capacity {
-        return Err(unsupported("`capacity = factor(...)` (only `dropless` is lowered)"));
+        return Err(unsupported(
+            "`capacity = factor(...)` (only `dropless` is lowered)",
+        ));
     }
     for b in &moe.balance {
         match b {
@@ -107,7 +120,10 @@ fn check_moe_supported(moe: &Moe) -> Result<(), LowerError> {
         return Err(unsupported("`jitter`"));
     }
     if moe.experts == 0 || moe.top_k == 0 || moe.top_k > moe.experts {
-        return Err(LowerError::Invalid(format!("top_k = {} with {} experts", moe.top_k, moe.experts)));
+        return Err(LowerError::Invalid(format!(
+            "top_k = {} with {} experts",
+            moe.top_k, moe.experts
+        )));
     }
     Ok(())
 }
@@ -120,40 +136,101 @@ struct Lower<'s> {
 }
 
 impl Lower<'_> {
-    fn add(&mut self, op: Op, args: &[NodeId], label: impl Into<String>) -> Result<NodeId, LowerError> {
+    fn add(
+        &mut self,
+        op: Op,
+        args: &[NodeId],
+        label: impl Into<String>,
+    ) -> Result<NodeId, LowerError> {
         Ok(self.g.add(op, args, label)?)
     }
-    fn unary(&mut self, u: UnaryOp, x: NodeId, label: impl Into<String>) -> Result<NodeId, LowerError> {
+    fn unary(
+        &mut self,
+        u: UnaryOp,
+        x: NodeId,
+        label: impl Into<String>,
+    ) -> Result<NodeId, LowerError> {
         self.add(Op::Unary(u), &[x], label)
     }
-    fn binary(&mut self, b: BinaryOp, x: NodeId, y: NodeId, label: impl Into<String>) -> Result<NodeId, LowerError> {
+    fn binary(
+        &mut self,
+        b: BinaryOp,
+        x: NodeId,
+        y: NodeId,
+        label: impl Into<String>,
+    ) -> Result<NodeId, LowerError> {
         self.add(Op::Binary(b), &[x, y], label)
     }
-    fn reduce(&mut self, r: ReduceOp, x: NodeId, label: impl Into<String>) -> Result<NodeId, LowerError> {
+    fn reduce(
+        &mut self,
+        r: ReduceOp,
+        x: NodeId,
+        label: impl Into<String>,
+    ) -> Result<NodeId, LowerError> {
         self.add(Op::Reduce(r), &[x], label)
     }
-    fn affine(&mut self, x: NodeId, mul: f32, add: f32, label: impl Into<String>) -> Result<NodeId, LowerError> {
+    fn affine(
+        &mut self,
+        x: NodeId,
+        mul: f32,
+        add: f32,
+        label: impl Into<String>,
+    ) -> Result<NodeId, LowerError> {
         self.add(Op::Affine { mul, add }, &[x], label)
     }
-    fn reshape(&mut self, x: NodeId, shape: &[usize], label: impl Into<String>) -> Result<NodeId, LowerError> {
-        self.add(Op::Reshape { shape: shape.to_vec() }, &[x], label)
+    fn reshape(
+        &mut self,
+        x: NodeId,
+        shape: &[usize],
+        label: impl Into<String>,
+    ) -> Result<NodeId, LowerError> {
+        self.add(
+            Op::Reshape {
+                shape: shape.to_vec(),
+            },
+            &[x],
+            label,
+        )
     }
-    fn permute(&mut self, x: NodeId, perm: &[usize], label: impl Into<String>) -> Result<NodeId, LowerError> {
-        self.add(Op::Permute { perm: perm.to_vec() }, &[x], label)
+    fn permute(
+        &mut self,
+        x: NodeId,
+        perm: &[usize],
+        label: impl Into<String>,
+    ) -> Result<NodeId, LowerError> {
+        self.add(
+            Op::Permute {
+                perm: perm.to_vec(),
+            },
+            &[x],
+            label,
+        )
     }
     fn last_dim(&self, x: NodeId) -> usize {
         self.g.ty(x).last()
     }
 
     /// `x · Wᵀ (+ b)` with `W` `[out, in]` named `{name}.weight` (and `{name}.bias`).
-    fn linear(&mut self, x: NodeId, name: &str, out: usize, bias: bool) -> Result<NodeId, LowerError> {
+    fn linear(
+        &mut self,
+        x: NodeId,
+        name: &str,
+        out: usize,
+        bias: bool,
+    ) -> Result<NodeId, LowerError> {
         let inp = self.last_dim(x);
-        let w = self.g.param(&format!("{name}.weight"), &[out, inp], Init::Normal { std: INIT_STD });
+        let w = self.g.param(
+            &format!("{name}.weight"),
+            &[out, inp],
+            Init::Normal { std: INIT_STD },
+        );
         let y = self.add(Op::MatMul { trans_b: true }, &[x, w], name)?;
         if !bias {
             return Ok(y);
         }
-        let b = self.g.param(&format!("{name}.bias"), &[out], Init::Constant(0.0));
+        let b = self
+            .g
+            .param(&format!("{name}.bias"), &[out], Init::Constant(0.0));
         self.binary(BinaryOp::Add, y, b, format!("{name}.bias_add"))
     }
 
@@ -173,18 +250,27 @@ impl Lower<'_> {
         let ms = self.affine(ms, 1.0, NORM_EPS, format!("{name}.eps"))?;
         let r = self.unary(UnaryOp::Rsqrt, ms, format!("{name}.rsqrt"))?;
         let y = self.binary(BinaryOp::Mul, centred, r, format!("{name}.normed"))?;
-        let w = self.g.param(&format!("{name}.weight"), &[d], Init::Constant(1.0));
+        let w = self
+            .g
+            .param(&format!("{name}.weight"), &[d], Init::Constant(1.0));
         let y = self.binary(BinaryOp::Mul, y, w, format!("{name}.scale"))?;
         match self.spec.model.norm {
             Norm::RmsNorm => Ok(y),
             Norm::LayerNorm => {
-                let b = self.g.param(&format!("{name}.bias"), &[d], Init::Constant(0.0));
+                let b = self
+                    .g
+                    .param(&format!("{name}.bias"), &[d], Init::Constant(0.0));
                 self.binary(BinaryOp::Add, y, b, format!("{name}.shift"))
             }
         }
     }
 
-    fn activation(&mut self, a: Activation, x: NodeId, label: String) -> Result<NodeId, LowerError> {
+    fn activation(
+        &mut self,
+        a: Activation,
+        x: NodeId,
+        label: String,
+    ) -> Result<NodeId, LowerError> {
         let u = match a {
             Activation::SwiGlu => UnaryOp::Silu,
             Activation::Gelu => UnaryOp::Gelu,
@@ -203,7 +289,9 @@ impl Lower<'_> {
                 let gate = self.activation(ffn.activation, gate, format!("{prefix}.act"))?;
                 self.binary(BinaryOp::Mul, gate, up, format!("{prefix}.glu"))?
             }
-            Activation::Gelu | Activation::Relu => self.activation(ffn.activation, up, format!("{prefix}.act"))?,
+            Activation::Gelu | Activation::Relu => {
+                self.activation(ffn.activation, up, format!("{prefix}.act"))?
+            }
         };
         self.linear(h, &format!("{prefix}.down_proj"), d, false)
     }
@@ -214,12 +302,20 @@ impl Lower<'_> {
     /// batched matmul against `k[B, KV, T, hd]` serves the whole group and `Softmax { causal }` masks
     /// with `c <= r % T` (see `Op::Softmax`). Query head `h` is `kv * G + g`, i.e. it uses KV head
     /// `h / G`, as HF `repeat_kv`.
-    fn attention(&mut self, h: NodeId, block: usize, b: usize, t: usize) -> Result<NodeId, LowerError> {
+    fn attention(
+        &mut self,
+        h: NodeId,
+        block: usize,
+        b: usize,
+        t: usize,
+    ) -> Result<NodeId, LowerError> {
         let spec = self.spec;
         let m = &spec.model;
         let (heads, kv, d) = (m.heads, m.kv_heads, m.dim);
         if heads == 0 || kv == 0 || heads % kv != 0 || d % heads != 0 {
-            return Err(LowerError::Invalid(format!("{heads} heads, {kv} kv heads, dim {d}")));
+            return Err(LowerError::Invalid(format!(
+                "{heads} heads, {kv} kv heads, dim {d}"
+            )));
         }
         let (hd, g) = (d / heads, heads / kv);
         let theta = m.rope_theta as f32;
@@ -243,7 +339,11 @@ impl Lower<'_> {
         let s = self.add(Op::MatMul { trans_b: true }, &[q, k], format!("{p}.scores"))?;
         let s = self.affine(s, 1.0 / (hd as f32).sqrt(), 0.0, format!("{p}.scale"))?;
         let a = self.add(Op::Softmax { causal: true }, &[s], format!("{p}.probs"))?;
-        let c = self.add(Op::MatMul { trans_b: false }, &[a, v], format!("{p}.context"))?;
+        let c = self.add(
+            Op::MatMul { trans_b: false },
+            &[a, v],
+            format!("{p}.context"),
+        )?;
         let c = self.reshape(c, &[b, kv, g, t, hd], format!("{p}.ctx_groups"))?;
         let c = self.permute(c, &[0, 3, 1, 2, 4], format!("{p}.ctx_unstack"))?;
         let c = self.reshape(c, &[b * t, heads * hd], format!("{p}.ctx_rows"))?;
@@ -252,7 +352,13 @@ impl Lower<'_> {
 
     /// A routed MoE layer on `x[N, dim]` for block `block`; `seqs = (B, T)` groups tokens into
     /// sequences for `seq_aux` (`None`: the whole batch is one sequence).
-    fn moe(&mut self, x: NodeId, block: usize, moe: &Moe, seqs: Option<(usize, usize)>) -> Result<NodeId, LowerError> {
+    fn moe(
+        &mut self,
+        x: NodeId,
+        block: usize,
+        moe: &Moe,
+        seqs: Option<(usize, usize)>,
+    ) -> Result<NodeId, LowerError> {
         let p = format!("model.layers.{block}.block_sparse_moe");
         let n = self.g.ty(x).rows();
         let (e, k) = (moe.experts, moe.top_k);
@@ -263,11 +369,19 @@ impl Lower<'_> {
         // weight would make it 1 and cut the router's gradient).
         let (scores, probs, renorm) = match moe.gate {
             Gate::Softmax { renorm } => {
-                let p_ = self.add(Op::Softmax { causal: false }, &[logits], format!("{p}.probs"))?;
+                let p_ = self.add(
+                    Op::Softmax { causal: false },
+                    &[logits],
+                    format!("{p}.probs"),
+                )?;
                 (p_, p_, renorm)
             }
             Gate::Switch => {
-                let p_ = self.add(Op::Softmax { causal: false }, &[logits], format!("{p}.probs"))?;
+                let p_ = self.add(
+                    Op::Softmax { causal: false },
+                    &[logits],
+                    format!("{p}.probs"),
+                )?;
                 (p_, p_, false)
             }
             // DeepSeek-V3: s = σ(logits); the balancing loss uses s normalised over all experts.
@@ -286,13 +400,25 @@ impl Lower<'_> {
             weights = self.binary(BinaryOp::Div, weights, total, format!("{p}.weights"))?;
         }
 
-        let layout = RouteLayout { tokens: n, k, experts: e, tile: ROUTE_TILE };
+        let layout = RouteLayout {
+            tokens: n,
+            k,
+            experts: e,
+            tile: ROUTE_TILE,
+        };
         let route = self.add(Op::MoeRoute { layout }, &[idx], format!("{p}.route"))?;
         let xp = self.add(Op::MoeGather { layout }, &[x, route], format!("{p}.gather"))?;
         let yp = self.experts(xp, route, layout, &format!("{p}.experts"), moe.expert)?;
-        let mut y = self.add(Op::MoeCombine { layout }, &[yp, weights, route], format!("{p}.combine"))?;
+        let mut y = self.add(
+            Op::MoeCombine { layout },
+            &[yp, weights, route],
+            format!("{p}.combine"),
+        )?;
         if moe.shared_experts > 0 {
-            let shared = Ffn { activation: moe.expert.activation, hidden: moe.shared_experts * moe.expert.hidden };
+            let shared = Ffn {
+                activation: moe.expert.activation,
+                hidden: moe.shared_experts * moe.expert.hidden,
+            };
             let ys = self.ffn(x, &format!("{p}.shared_expert"), shared)?;
             y = self.binary(BinaryOp::Add, y, ys, format!("{p}.plus_shared"))?;
         }
@@ -304,7 +430,11 @@ impl Lower<'_> {
                 Balance::Aux(c) | Balance::SeqAux(c) => {
                     let mask = match mask {
                         Some(m) => m,
-                        None => *mask.insert(self.add(Op::TopKMask { experts: e }, &[idx], format!("{p}.mask"))?),
+                        None => *mask.insert(self.add(
+                            Op::TopKMask { experts: e },
+                            &[idx],
+                            format!("{p}.mask"),
+                        )?),
                     };
                     let groups = match (*bal, seqs) {
                         (Balance::SeqAux(_), Some(bt)) => bt,
@@ -328,28 +458,55 @@ impl Lower<'_> {
     }
 
     /// The routed experts on gathered rows `xp[rows, dim]` (see the module doc for names).
-    fn experts(&mut self, xp: NodeId, route: NodeId, layout: RouteLayout, p: &str, ffn: Ffn) -> Result<NodeId, LowerError> {
+    fn experts(
+        &mut self,
+        xp: NodeId,
+        route: NodeId,
+        layout: RouteLayout,
+        p: &str,
+        ffn: Ffn,
+    ) -> Result<NodeId, LowerError> {
         let (e, d, h) = (layout.experts, self.last_dim(xp), ffn.hidden);
         let normal = Init::Normal { std: INIT_STD };
         let w1 = self.g.param(&format!("{p}.w1"), &[e, h, d], normal);
-        let a = self.add(Op::GroupedMatMul { layout }, &[xp, w1, route], format!("{p}.h1"))?;
+        let a = self.add(
+            Op::GroupedMatMul { layout },
+            &[xp, w1, route],
+            format!("{p}.h1"),
+        )?;
         let a = self.activation(ffn.activation, a, format!("{p}.act"))?;
         let a = match ffn.activation {
             Activation::SwiGlu => {
                 let w3 = self.g.param(&format!("{p}.w3"), &[e, h, d], normal);
-                let up = self.add(Op::GroupedMatMul { layout }, &[xp, w3, route], format!("{p}.h3"))?;
+                let up = self.add(
+                    Op::GroupedMatMul { layout },
+                    &[xp, w3, route],
+                    format!("{p}.h3"),
+                )?;
                 self.binary(BinaryOp::Mul, a, up, format!("{p}.glu"))?
             }
             Activation::Gelu | Activation::Relu => a,
         };
         let w2 = self.g.param(&format!("{p}.w2"), &[e, d, h], normal);
-        self.add(Op::GroupedMatMul { layout }, &[a, w2, route], format!("{p}.out"))
+        self.add(
+            Op::GroupedMatMul { layout },
+            &[a, w2, route],
+            format!("{p}.out"),
+        )
     }
 
     /// LANGUAGE.md `aux(c)`: `c · E · Σ_e f_e · P_e` with `f_e = Σ_t sel[t,e] / (T·k)` and
     /// `P_e = Σ_t p[t,e] / T`, over `groups = (G, T)` sequences of T tokens, averaged over the G
     /// sequences (G = 1 is `aux`, G = B is `seq_aux`).
-    fn aux_loss(&mut self, mask: NodeId, probs: NodeId, c: f64, k: usize, groups: (usize, usize), p: &str) -> Result<NodeId, LowerError> {
+    fn aux_loss(
+        &mut self,
+        mask: NodeId,
+        probs: NodeId,
+        c: f64,
+        k: usize,
+        groups: (usize, usize),
+        p: &str,
+    ) -> Result<NodeId, LowerError> {
         let (gn, t) = groups;
         let e = self.last_dim(mask);
         let mut col_means = Vec::new();
@@ -358,7 +515,12 @@ impl Lower<'_> {
             let x = self.permute(x, &[0, 2, 1], format!("{p}.{what}_by_expert"))?;
             col_means.push(self.reduce(ReduceOp::Mean, x, format!("{p}.{what}_mean"))?);
         }
-        let prod = self.binary(BinaryOp::Mul, col_means[0], col_means[1], format!("{p}.aux_prod"))?;
+        let prod = self.binary(
+            BinaryOp::Mul,
+            col_means[0],
+            col_means[1],
+            format!("{p}.aux_prod"),
+        )?;
         let prod = self.reshape(prod, &[gn, e], format!("{p}.aux_prod_rows"))?;
         let mut s = self.reduce(ReduceOp::Sum, prod, format!("{p}.aux_sum"))?;
         if gn > 1 {
@@ -389,12 +551,22 @@ impl Lower<'_> {
     fn transformer(&mut self, batch: usize) -> Result<(NodeId, NodeId), LowerError> {
         let spec = self.spec;
         let m = &spec.model;
-        let vocab = m.vocab.ok_or(LowerError::Missing { field: "vocab", family: "transformer" })?;
-        let t = m.context.ok_or(LowerError::Missing { field: "context", family: "transformer" })?;
+        let vocab = m.vocab.ok_or(LowerError::Missing {
+            field: "vocab",
+            family: "transformer",
+        })?;
+        let t = m.context.ok_or(LowerError::Missing {
+            field: "context",
+            family: "transformer",
+        })?;
         let (d, n) = (m.dim, batch * t);
         let tokens = self.g.input("tokens", TensorType::u32(&[batch, t]));
         let targets = self.g.input("targets", TensorType::u32(&[batch, t]));
-        let emb = self.g.param("model.embed_tokens.weight", &[vocab, d], Init::Normal { std: INIT_STD });
+        let emb = self.g.param(
+            "model.embed_tokens.weight",
+            &[vocab, d],
+            Init::Normal { std: INIT_STD },
+        );
         let x = self.add(Op::Embedding, &[emb, tokens], "model.embed_tokens")?;
         let mut x = self.reshape(x, &[n, d], "model.embed_rows")?;
         for i in 0..m.layers {
@@ -421,8 +593,14 @@ impl Lower<'_> {
     fn mlp(&mut self, batch: usize) -> Result<(NodeId, NodeId), LowerError> {
         let spec = self.spec;
         let m = &spec.model;
-        let inputs = m.inputs.ok_or(LowerError::Missing { field: "inputs", family: "mlp" })?;
-        let classes = m.classes.ok_or(LowerError::Missing { field: "classes", family: "mlp" })?;
+        let inputs = m.inputs.ok_or(LowerError::Missing {
+            field: "inputs",
+            family: "mlp",
+        })?;
+        let classes = m.classes.ok_or(LowerError::Missing {
+            field: "classes",
+            family: "mlp",
+        })?;
         let features = self.g.input("features", TensorType::f32(&[batch, inputs]));
         let targets = self.g.input("targets", TensorType::u32(&[batch]));
         let mut x = self.linear(features, "model.input_proj", m.dim, true)?;
@@ -439,7 +617,12 @@ impl Lower<'_> {
     }
 
     /// The FFN of block `i`: routed MoE when the spec says so, else the dense `ffn`.
-    fn block_ffn(&mut self, h: NodeId, i: usize, seqs: Option<(usize, usize)>) -> Result<NodeId, LowerError> {
+    fn block_ffn(
+        &mut self,
+        h: NodeId,
+        i: usize,
+        seqs: Option<(usize, usize)>,
+    ) -> Result<NodeId, LowerError> {
         let spec = self.spec;
         match &spec.moe {
             Some(moe) if moe.is_moe_block(i) => self.moe(h, i, moe, seqs),
@@ -451,7 +634,11 @@ impl Lower<'_> {
         self.g.set_output("logits", logits);
         self.g.set_output("ce", ce);
         let terms = std::mem::take(&mut self.aux);
-        let mut loss = if terms.is_empty() { self.affine(ce, 1.0, 0.0, "loss")? } else { ce };
+        let mut loss = if terms.is_empty() {
+            self.affine(ce, 1.0, 0.0, "loss")?
+        } else {
+            ce
+        };
         for (block, term) in terms {
             self.g.set_output(&format!("aux.{block}"), term);
             loss = self.binary(BinaryOp::Add, loss, term, "loss")?;

@@ -103,16 +103,26 @@ impl P {
 }
 
 fn ffn_shapes(dim: usize, f: Ffn, out: &mut Vec<P>) {
-    let mats = if f.activation == Activation::SwiGlu { 3 } else { 2 };
+    let mats = if f.activation == Activation::SwiGlu {
+        3
+    } else {
+        2
+    };
     for _ in 0..mats {
-        out.push(P { shape: vec![f.hidden, dim], kind: Kind::Matmul });
+        out.push(P {
+            shape: vec![f.hidden, dim],
+            kind: Kind::Matmul,
+        });
     }
 }
 
 fn norm_shapes(dim: usize, norm: Norm, out: &mut Vec<P>) {
     let n = if norm == Norm::LayerNorm { 2 } else { 1 };
     for _ in 0..n {
-        out.push(P { shape: vec![dim], kind: Kind::Norm });
+        out.push(P {
+            shape: vec![dim],
+            kind: Kind::Norm,
+        });
     }
 }
 
@@ -123,21 +133,48 @@ fn moe_shapes(block: usize, dim: usize, moe: &Moe, out: &mut Vec<P>) -> MoeBlock
     // Routers: flat gate [E, dim]; Shazeer's two-level hierarchy a primary [G, dim] plus one [M, dim]
     // per group; noisy top-k adds the noise projection.
     match (moe.groups, moe.hierarchy) {
-        (Some((g, _)), Hierarchy::TwoLevel) => out.push(P { shape: vec![g + e, dim], kind: Kind::Matmul }),
-        _ => out.push(P { shape: vec![e, dim], kind: Kind::Matmul }),
+        (Some((g, _)), Hierarchy::TwoLevel) => out.push(P {
+            shape: vec![g + e, dim],
+            kind: Kind::Matmul,
+        }),
+        _ => out.push(P {
+            shape: vec![e, dim],
+            kind: Kind::Matmul,
+        }),
     }
     if let Gate::NoisyTopK { .. } = moe.gate {
-        out.push(P { shape: vec![e, dim], kind: Kind::Matmul });
+        out.push(P {
+            shape: vec![e, dim],
+            kind: Kind::Matmul,
+        });
     }
-    let mats = if moe.expert.activation == Activation::SwiGlu { 3 } else { 2 };
+    let mats = if moe.expert.activation == Activation::SwiGlu {
+        3
+    } else {
+        2
+    };
     for _ in 0..mats {
-        out.push(P { shape: vec![e, moe.expert.hidden, dim], kind: Kind::Expert });
+        out.push(P {
+            shape: vec![e, moe.expert.hidden, dim],
+            kind: Kind::Expert,
+        });
     }
     if moe.shared_experts > 0 {
-        ffn_shapes(dim, Ffn { activation: moe.expert.activation, hidden: moe.shared_experts * moe.expert.hidden }, out);
+        ffn_shapes(
+            dim,
+            Ffn {
+                activation: moe.expert.activation,
+                hidden: moe.shared_experts * moe.expert.hidden,
+            },
+            out,
+        );
     }
     let params: u64 = out[start..].iter().map(P::numel).sum();
-    let experts: u64 = out[start..].iter().filter(|p| p.kind == Kind::Expert).map(P::numel).sum();
+    let experts: u64 = out[start..]
+        .iter()
+        .filter(|p| p.kind == Kind::Expert)
+        .map(P::numel)
+        .sum();
     let per_expert = experts / e.max(1) as u64;
     let k = active_experts(moe);
     MoeBlockStats {
@@ -173,51 +210,90 @@ fn param_shapes(spec: &Spec) -> (Vec<P>, Vec<MoeBlockStats>) {
     match m.family {
         Family::Transformer => {
             let hd = d / m.heads.max(1);
-            ps.push(P { shape: vec![m.vocab.unwrap_or(0), d], kind: Kind::Embedding });
+            ps.push(P {
+                shape: vec![m.vocab.unwrap_or(0), d],
+                kind: Kind::Embedding,
+            });
             for i in 0..m.layers {
                 norm_shapes(d, m.norm, &mut ps);
                 norm_shapes(d, m.norm, &mut ps);
                 for out in [m.heads * hd, m.kv_heads * hd, m.kv_heads * hd] {
-                    ps.push(P { shape: vec![out, d], kind: Kind::Matmul });
+                    ps.push(P {
+                        shape: vec![out, d],
+                        kind: Kind::Matmul,
+                    });
                 }
-                ps.push(P { shape: vec![d, m.heads * hd], kind: Kind::Matmul });
+                ps.push(P {
+                    shape: vec![d, m.heads * hd],
+                    kind: Kind::Matmul,
+                });
                 ffn_or_moe(i, d, &mut ps);
             }
             norm_shapes(d, m.norm, &mut ps);
             if !m.tie_embeddings {
-                ps.push(P { shape: vec![m.vocab.unwrap_or(0), d], kind: Kind::Matmul });
+                ps.push(P {
+                    shape: vec![m.vocab.unwrap_or(0), d],
+                    kind: Kind::Matmul,
+                });
             }
         }
         Family::Mlp => {
             let (inputs, classes) = (m.inputs.unwrap_or(0), m.classes.unwrap_or(0));
-            ps.push(P { shape: vec![d, inputs], kind: Kind::Matmul });
-            ps.push(P { shape: vec![d], kind: Kind::Matmul });
+            ps.push(P {
+                shape: vec![d, inputs],
+                kind: Kind::Matmul,
+            });
+            ps.push(P {
+                shape: vec![d],
+                kind: Kind::Matmul,
+            });
             for i in 0..m.layers {
                 norm_shapes(d, m.norm, &mut ps);
                 ffn_or_moe(i, d, &mut ps);
             }
             norm_shapes(d, m.norm, &mut ps);
-            ps.push(P { shape: vec![classes, d], kind: Kind::Matmul });
-            ps.push(P { shape: vec![classes], kind: Kind::Matmul });
+            ps.push(P {
+                shape: vec![classes, d],
+                kind: Kind::Matmul,
+            });
+            ps.push(P {
+                shape: vec![classes],
+                kind: Kind::Matmul,
+            });
         }
         // Not lowered yet: PyTorch LSTM layers (weight_ih, weight_hh, two biases per direction),
         // MoE after block i at width `dim`, an LM head. An estimate until `lower` defines the layout.
         Family::Lstm => {
             let dirs = if m.bidirectional { 2 } else { 1 };
-            ps.push(P { shape: vec![m.vocab.unwrap_or(0), d], kind: Kind::Embedding });
+            ps.push(P {
+                shape: vec![m.vocab.unwrap_or(0), d],
+                kind: Kind::Embedding,
+            });
             for i in 0..m.layers {
                 let inp = if i == 0 { d } else { d * dirs };
                 for _ in 0..dirs {
-                    ps.push(P { shape: vec![4 * d, inp], kind: Kind::Matmul });
-                    ps.push(P { shape: vec![4 * d, d], kind: Kind::Matmul });
-                    ps.push(P { shape: vec![8 * d], kind: Kind::Norm });
+                    ps.push(P {
+                        shape: vec![4 * d, inp],
+                        kind: Kind::Matmul,
+                    });
+                    ps.push(P {
+                        shape: vec![4 * d, d],
+                        kind: Kind::Matmul,
+                    });
+                    ps.push(P {
+                        shape: vec![8 * d],
+                        kind: Kind::Norm,
+                    });
                 }
                 if is_moe(i) {
                     ffn_or_moe(i, d, &mut ps);
                 }
             }
             if !m.tie_embeddings {
-                ps.push(P { shape: vec![m.vocab.unwrap_or(0), d * dirs], kind: Kind::Matmul });
+                ps.push(P {
+                    shape: vec![m.vocab.unwrap_or(0), d * dirs],
+                    kind: Kind::Matmul,
+                });
             }
         }
     }
@@ -241,8 +317,16 @@ pub fn stats(spec: &Spec) -> Stats {
     let m = &spec.model;
     let (ps, moe_blocks) = param_shapes(spec);
     let total: u64 = ps.iter().map(P::numel).sum();
-    let embedding: u64 = ps.iter().filter(|p| p.kind == Kind::Embedding).map(P::numel).sum();
-    let norms: u64 = ps.iter().filter(|p| p.kind == Kind::Norm).map(P::numel).sum();
+    let embedding: u64 = ps
+        .iter()
+        .filter(|p| p.kind == Kind::Embedding)
+        .map(P::numel)
+        .sum();
+    let norms: u64 = ps
+        .iter()
+        .filter(|p| p.kind == Kind::Norm)
+        .map(P::numel)
+        .sum();
     let inactive: u64 = moe_blocks.iter().map(|b| b.params - b.active_params).sum();
     let active = total - inactive;
     let tied_head = if m.tie_embeddings { embedding } else { 0 };
@@ -262,7 +346,9 @@ pub fn stats(spec: &Spec) -> Stats {
         None => ("AdamW".to_string(), 2 * total),
         Some(Optimizer::AdamW { .. }) => ("AdamW".into(), 2 * total),
         Some(Optimizer::ScheduleFreeAdamW { .. }) => ("schedule-free AdamW".into(), 2 * total),
-        Some(Optimizer::Sgd { momentum, .. }) if momentum != 0.0 => ("SGD with momentum".into(), total),
+        Some(Optimizer::Sgd { momentum, .. }) if momentum != 0.0 => {
+            ("SGD with momentum".into(), total)
+        }
         Some(Optimizer::Sgd { .. }) => ("SGD".into(), 0),
         Some(Optimizer::Adafactor { .. }) => ("Adafactor".into(), adafactor_state(&ps)),
     };
@@ -283,7 +369,10 @@ pub fn stats(spec: &Spec) -> Stats {
             }
             (Ok(acts), largest)
         }
-        Err(e) => (Err(e.to_string()), ("largest parameter".into(), largest_param)),
+        Err(e) => (
+            Err(e.to_string()),
+            ("largest parameter".into(), largest_param),
+        ),
     };
     Stats {
         name: spec.name.clone(),
@@ -340,7 +429,13 @@ fn scaled(mut x: f64, base: f64, units: &[&str]) -> String {
         format!("{x}{}", units[0])
     } else {
         // Three significant digits.
-        let decimals = if x >= 100.0 { 0 } else if x >= 10.0 { 1 } else { 2 };
+        let decimals = if x >= 100.0 {
+            0
+        } else if x >= 10.0 {
+            1
+        } else {
+            2
+        };
         format!("{x:.decimals$}{}", units[u])
     }
 }
@@ -355,13 +450,25 @@ impl fmt::Display for Stats {
         let count = |n: u64| format!("{:>15}  {:>7}", thousands(n), human_count(n));
         writeln!(f, "model {} ({family})", self.name)?;
         writeln!(f, "  parameters, total        {}", count(self.total_params))?;
-        writeln!(f, "  parameters, active/token {}", count(self.active_params))?;
-        writeln!(f, "  embedding                {}", count(self.embedding_params))?;
+        writeln!(
+            f,
+            "  parameters, active/token {}",
+            count(self.active_params)
+        )?;
+        writeln!(
+            f,
+            "  embedding                {}",
+            count(self.embedding_params)
+        )?;
         if self.moe_blocks.is_empty() {
             writeln!(f, "  MoE blocks               none (dense)")?;
         } else {
             writeln!(f, "  MoE blocks               {}", self.moe_blocks.len())?;
-            writeln!(f, "    {:>5}  {:>7}  {:>5}  {:>6}  {:>10}  {:>10}  {:>10}", "block", "experts", "top-k", "shared", "per expert", "params", "active")?;
+            writeln!(
+                f,
+                "    {:>5}  {:>7}  {:>5}  {:>6}  {:>10}  {:>10}  {:>10}",
+                "block", "experts", "top-k", "shared", "per expert", "params", "active"
+            )?;
             for b in &self.moe_blocks {
                 writeln!(
                     f,
@@ -376,10 +483,24 @@ impl fmt::Display for Stats {
                 )?;
             }
         }
-        writeln!(f, "  FLOPs/token, forward     {}", count(self.flops_forward_per_token))?;
-        writeln!(f, "  FLOPs/token, training    {}", count(self.flops_train_per_token))?;
+        writeln!(
+            f,
+            "  FLOPs/token, forward     {}",
+            count(self.flops_forward_per_token)
+        )?;
+        writeln!(
+            f,
+            "  FLOPs/token, training    {}",
+            count(self.flops_train_per_token)
+        )?;
         let m = &self.memory;
-        writeln!(f, "  memory, one step (batch {}, {} tokens, {}):", m.batch, thousands(m.tokens as u64), m.optimizer)?;
+        writeln!(
+            f,
+            "  memory, one step (batch {}, {} tokens, {}):",
+            m.batch,
+            thousands(m.tokens as u64),
+            m.optimizer
+        )?;
         let bytes = |n: u64| format!("{:>10}", human_bytes(n));
         writeln!(f, "    weights                {}", bytes(m.weights))?;
         writeln!(f, "    gradients              {}", bytes(m.grads))?;
@@ -389,6 +510,11 @@ impl fmt::Display for Stats {
             Err(why) => writeln!(f, "    activations            unknown ({why})")?,
         }
         writeln!(f, "    total                  {}", bytes(m.total()))?;
-        writeln!(f, "    largest tensor         {}  {}", bytes(m.largest_tensor.1), m.largest_tensor.0)
+        writeln!(
+            f,
+            "    largest tensor         {}  {}",
+            bytes(m.largest_tensor.1),
+            m.largest_tensor.0
+        )
     }
 }

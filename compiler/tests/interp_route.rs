@@ -6,13 +6,25 @@ use proptest::prelude::*;
 
 /// Random `(layout, idx)` with distinct experts per token (as TopK produces).
 fn routing() -> impl Strategy<Value = (RouteLayout, Vec<u32>)> {
-    (1usize..12, 1usize..9, prop::sample::select(vec![1usize, 2, 4, 8, 16])).prop_flat_map(|(tokens, experts, tile)| {
-        (1..=experts).prop_flat_map(move |k| {
-            let layout = RouteLayout { tokens, k, experts, tile };
-            let token = Just((0..experts as u32).collect::<Vec<_>>()).prop_shuffle().prop_map(move |v| v[..k].to_vec());
-            prop::collection::vec(token, tokens).prop_map(move |rows| (layout, rows.concat()))
+    (
+        1usize..12,
+        1usize..9,
+        prop::sample::select(vec![1usize, 2, 4, 8, 16]),
+    )
+        .prop_flat_map(|(tokens, experts, tile)| {
+            (1..=experts).prop_flat_map(move |k| {
+                let layout = RouteLayout {
+                    tokens,
+                    k,
+                    experts,
+                    tile,
+                };
+                let token = Just((0..experts as u32).collect::<Vec<_>>())
+                    .prop_shuffle()
+                    .prop_map(move |v| v[..k].to_vec());
+                prop::collection::vec(token, tokens).prop_map(move |rows| (layout, rows.concat()))
+            })
         })
-    })
 }
 
 proptest! {
@@ -64,7 +76,12 @@ proptest! {
 
 #[test]
 fn route_rejects_expert_out_of_range() {
-    let layout = RouteLayout { tokens: 1, k: 1, experts: 2, tile: 4 };
+    let layout = RouteLayout {
+        tokens: 1,
+        k: 1,
+        experts: 2,
+        tile: 4,
+    };
     assert_eq!(route(&[2], &layout), Err(2));
 }
 
@@ -89,12 +106,20 @@ fn init_is_deterministic_per_name_and_seed() {
 #[test]
 fn init_normal_has_the_requested_moments() {
     // 40_000 draws: the sample mean's standard error is 0.02/200 = 1e-4, the std's ≈ 7e-5.
-    let v = init_values("model.embed_tokens.weight", Init::Normal { std: 0.02 }, 40_000, 0);
+    let v = init_values(
+        "model.embed_tokens.weight",
+        Init::Normal { std: 0.02 },
+        40_000,
+        0,
+    );
     let n = v.len() as f64;
     let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
     let std = (v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
     assert!(mean.abs() < 5e-4, "mean {mean}");
     assert!((std - 0.02).abs() < 4e-4, "std {std}");
     let within_1sd = v.iter().filter(|&&x| (x as f64).abs() < 0.02).count() as f64 / n;
-    assert!((within_1sd - 0.6827).abs() < 0.01, "P(|x| < σ) = {within_1sd}");
+    assert!(
+        (within_1sd - 0.6827).abs() < 0.01,
+        "P(|x| < σ) = {within_1sd}"
+    );
 }

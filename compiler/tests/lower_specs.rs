@@ -23,13 +23,25 @@ fn example_specs_lower_and_start_near_ln_vocab() {
         let mut feeds = param_feeds(&init_params(&g, 0));
         let ids: Vec<u32> = (0..t as u32).map(|i| (i * 7 + 3) % vocab as u32).collect();
         feeds.insert("tokens".into(), Value::U32(ids.clone()));
-        feeds.insert("targets".into(), Value::U32(ids.iter().map(|i| (i * 5 + 1) % vocab as u32).collect()));
+        feeds.insert(
+            "targets".into(),
+            Value::U32(ids.iter().map(|i| (i * 5 + 1) % vocab as u32).collect()),
+        );
         let out = run_outputs(&g, &feeds).unwrap();
         let loss = out["loss"].to_f64()[0];
         let ce = out["ce"].to_f64()[0];
         assert!(loss.is_finite(), "{}: loss {loss}", path.display());
-        assert!((ce - (vocab as f64).ln()).abs() < 0.1, "{}: ce {ce} vs ln {vocab}", path.display());
-        assert!(loss >= ce && loss - ce < 0.1, "{}: balancing terms {}", path.display(), loss - ce);
+        assert!(
+            (ce - (vocab as f64).ln()).abs() < 0.1,
+            "{}: ce {ce} vs ln {vocab}",
+            path.display()
+        );
+        assert!(
+            loss >= ce && loss - ce < 0.1,
+            "{}: balancing terms {}",
+            path.display(),
+            loss - ce
+        );
         seen += 1;
     }
     assert!(seen >= 3, "only {seen} specs found in {}", dir.display());

@@ -2,8 +2,8 @@
 //! the printed summary.
 
 use moec_compiler::lower::lower;
-use moec_compiler::stats::{human_bytes, human_count, stats, thousands};
 use moec_compiler::spec::*;
+use moec_compiler::stats::{human_bytes, human_count, stats, thousands};
 
 fn small(moe: Option<Moe>) -> Spec {
     Spec {
@@ -20,7 +20,10 @@ fn small(moe: Option<Moe>) -> Spec {
             context: Some(8),
             norm: Norm::RmsNorm,
             rope_theta: 10000.0,
-            ffn: Ffn { activation: Activation::SwiGlu, hidden: 8 },
+            ffn: Ffn {
+                activation: Activation::SwiGlu,
+                hidden: 8,
+            },
             bidirectional: false,
             tie_embeddings: false,
         },
@@ -34,7 +37,10 @@ fn moe(blocks: Vec<usize>) -> Moe {
         blocks,
         experts: 4,
         top_k: 2,
-        expert: Ffn { activation: Activation::SwiGlu, hidden: 6 },
+        expert: Ffn {
+            activation: Activation::SwiGlu,
+            hidden: 6,
+        },
         shared_experts: 1,
         gate: Gate::Softmax { renorm: true },
         groups: None,
@@ -60,15 +66,24 @@ fn hand_count_of_a_small_moe_transformer() {
     assert_eq!(st.embedding_params, 40);
     assert_eq!(st.moe_blocks.len(), 1);
     let b = &st.moe_blocks[0];
-    assert_eq!((b.block, b.experts, b.top_k, b.shared_experts), (1, 4, 2, 1));
-    assert_eq!((b.params_per_expert, b.params, b.active_params), (72, 376, 232));
+    assert_eq!(
+        (b.block, b.experts, b.top_k, b.shared_experts),
+        (1, 4, 2, 1)
+    );
+    assert_eq!(
+        (b.params_per_expert, b.params, b.active_params),
+        (72, 376, 232)
+    );
     // matmul params active: 524 - 40 (embedding) - 20 (norms) = 464; attention 4·T·dim·layers = 256.
     assert_eq!(st.flops_forward_per_token, 2 * 464 + 4 * 8 * 4 * 2);
     assert_eq!(st.flops_train_per_token, 3 * st.flops_forward_per_token);
     // Memory with no train block: batch 1, AdamW.
     let m = &st.memory;
     assert_eq!((m.batch, m.tokens), (1, 8));
-    assert_eq!((m.weights, m.grads, m.optimizer_state), (4 * 668, 4 * 668, 8 * 668));
+    assert_eq!(
+        (m.weights, m.grads, m.optimizer_state),
+        (4 * 668, 4 * 668, 8 * 668)
+    );
     let acts = *m.activations.as_ref().unwrap();
     assert!(acts > 0 && m.total() == 16 * 668 + acts);
 }
@@ -91,7 +106,12 @@ fn counts_agree_with_the_lowered_graph() {
     for spec in specs {
         let g = lower(&spec, 2).unwrap();
         let lowered: usize = g.params().iter().map(|(_, _, t)| t.numel()).sum();
-        assert_eq!(stats(&spec).total_params, lowered as u64, "{:?}", spec.model);
+        assert_eq!(
+            stats(&spec).total_params,
+            lowered as u64,
+            "{:?}",
+            spec.model
+        );
     }
 }
 
@@ -99,28 +119,51 @@ fn counts_agree_with_the_lowered_graph() {
 fn optimizer_state_and_unlowered_families() {
     let mut s = small(None);
     s.train = Some(Train {
-        data: Data::Synthetic { kind: SyntheticKind::Copy, seed: 0 },
+        data: Data::Synthetic {
+            kind: SyntheticKind::Copy,
+            seed: 0,
+        },
         split: 0.9,
         batch: 3,
         accumulate: 1,
         steps: 1,
-        optimizer: Optimizer::Sgd { lr: 0.1, momentum: 0.9 },
+        optimizer: Optimizer::Sgd {
+            lr: 0.1,
+            momentum: 0.9,
+        },
         expert_lr: None,
         schedule: Schedule::Constant,
         clip: None,
         precision: Precision::F32,
         seed: 0,
-        eval: Every { every: 100, batches: 4 },
-        checkpoint: Every { every: 500, batches: 0 },
-        log: Every { every: 10, batches: 0 },
+        eval: Every {
+            every: 100,
+            batches: 4,
+        },
+        checkpoint: Every {
+            every: 500,
+            batches: 0,
+        },
+        log: Every {
+            every: 10,
+            batches: 0,
+        },
     });
     let st = stats(&s);
     assert_eq!(st.memory.optimizer_state, st.memory.weights);
     assert_eq!(st.memory.tokens, 24);
     // The largest tensor of this model is the attention score matrix or the logits [24, 10].
-    assert!(st.memory.largest_tensor.1 >= 24 * 10 * 4, "{:?}", st.memory.largest_tensor);
+    assert!(
+        st.memory.largest_tensor.1 >= 24 * 10 * 4,
+        "{:?}",
+        st.memory.largest_tensor
+    );
 
-    s.train.as_mut().unwrap().optimizer = Optimizer::Adafactor { lr: 0.01, decay: 0.8, eps: 1e-30 };
+    s.train.as_mut().unwrap().optimizer = Optimizer::Adafactor {
+        lr: 0.01,
+        decay: 0.8,
+        eps: 1e-30,
+    };
     let st = stats(&s);
     assert!(st.memory.optimizer_state < st.memory.weights);
 
@@ -138,7 +181,15 @@ fn optimizer_state_and_unlowered_families() {
 fn summary_is_readable() {
     let text = stats(&small(Some(moe(vec![1])))).to_string();
     println!("{text}");
-    for want in ["model small (transformer)", "668", "524", "MoE blocks", "FLOPs/token, training", "KiB", "largest tensor"] {
+    for want in [
+        "model small (transformer)",
+        "668",
+        "524",
+        "MoE blocks",
+        "FLOPs/token, training",
+        "KiB",
+        "largest tensor",
+    ] {
         assert!(text.contains(want), "summary lacks {want}:\n{text}");
     }
     assert_eq!(thousands(0), "0");

@@ -8,7 +8,14 @@ use moec_compiler::lower::{lower, LowerError, ROUTE_TILE};
 use moec_compiler::spec::*;
 use std::collections::HashMap;
 
-fn model(vocab: usize, dim: usize, layers: usize, heads: usize, kv_heads: usize, context: usize) -> Model {
+fn model(
+    vocab: usize,
+    dim: usize,
+    layers: usize,
+    heads: usize,
+    kv_heads: usize,
+    context: usize,
+) -> Model {
     Model {
         family: Family::Transformer,
         vocab: Some(vocab),
@@ -21,7 +28,10 @@ fn model(vocab: usize, dim: usize, layers: usize, heads: usize, kv_heads: usize,
         context: Some(context),
         norm: Norm::RmsNorm,
         rope_theta: 10000.0,
-        ffn: Ffn { activation: Activation::SwiGlu, hidden: 2 * dim },
+        ffn: Ffn {
+            activation: Activation::SwiGlu,
+            hidden: 2 * dim,
+        },
         bidirectional: false,
         tie_embeddings: false,
     }
@@ -32,7 +42,10 @@ fn moe(blocks: Vec<usize>, experts: usize, top_k: usize, gate: Gate, balance: Ve
         blocks,
         experts,
         top_k,
-        expert: Ffn { activation: Activation::SwiGlu, hidden: 24 },
+        expert: Ffn {
+            activation: Activation::SwiGlu,
+            hidden: 24,
+        },
         shared_experts: 0,
         gate,
         groups: None,
@@ -46,15 +59,24 @@ fn moe(blocks: Vec<usize>, experts: usize, top_k: usize, gate: Gate, balance: Ve
 }
 
 fn spec(model: Model, moe: Option<Moe>) -> Spec {
-    Spec { name: "test".into(), model, moe, train: None }
+    Spec {
+        name: "test".into(),
+        model,
+        moe,
+        train: None,
+    }
 }
 
 /// Deterministic pseudo-random ids below `bound` (an LCG: no dependency on rand's algorithms).
 fn ids(n: usize, bound: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 33) % bound as u64) as u32
         })
         .collect()
@@ -65,7 +87,16 @@ fn ids(n: usize, bound: usize, seed: u64) -> Vec<u32> {
 fn feeds(g: &Graph, batch: usize, t: usize, vocab: usize, f64: bool) -> HashMap<String, Value> {
     let mut f: HashMap<String, Value> = init_params(g, 0)
         .into_iter()
-        .map(|(k, v)| (k, if f64 { Value::F64(v.iter().map(|&x| x as f64).collect()) } else { Value::F32(v) }))
+        .map(|(k, v)| {
+            (
+                k,
+                if f64 {
+                    Value::F64(v.iter().map(|&x| x as f64).collect())
+                } else {
+                    Value::F32(v)
+                },
+            )
+        })
         .collect();
     f.insert("tokens".into(), Value::U32(ids(batch * t, vocab, 1)));
     f.insert("targets".into(), Value::U32(ids(batch * t, vocab, 2)));
@@ -74,7 +105,10 @@ fn feeds(g: &Graph, batch: usize, t: usize, vocab: usize, f64: bool) -> HashMap<
 
 /// The last node with `label`.
 fn node(g: &Graph, label: &str) -> NodeId {
-    g.g.node_indices().filter(|&i| g.node(i).label == label).max().unwrap_or_else(|| panic!("no node labelled {label}"))
+    g.g.node_indices()
+        .filter(|&i| g.node(i).label == label)
+        .max()
+        .unwrap_or_else(|| panic!("no node labelled {label}"))
 }
 
 fn scalar(v: &Value) -> f64 {
@@ -111,13 +145,20 @@ fn dense_transformer_runs_and_starts_near_ln_vocab() {
         "model.norm.weight",
         "lm_head.weight",
     ] {
-        assert!(names.iter().any(|n| n == want), "missing {want} in {names:?}");
+        assert!(
+            names.iter().any(|n| n == want),
+            "missing {want} in {names:?}"
+        );
     }
     assert_eq!(names.len(), 1 + 2 * 9 + 2);
     let out = run_outputs(&g, &feeds(&g, 2, 8, 64, false)).unwrap();
     let (ce, loss) = (scalar(&out["ce"]), scalar(&out["loss"]));
     // Weights N(0, 0.02²) give logits of std ≈ 0.02·√32 ≈ 0.11: CE = ln V + O(var) ≈ ln 64 + 0.006.
-    assert!((ce - 64f64.ln()).abs() < 0.05, "ce {ce} vs ln 64 = {}", 64f64.ln());
+    assert!(
+        (ce - 64f64.ln()).abs() < 0.05,
+        "ce {ce} vs ln 64 = {}",
+        64f64.ln()
+    );
     assert_eq!(ce, loss);
 }
 
@@ -127,22 +168,38 @@ fn variants_name_their_parameters() {
     let mut m = model(32, 16, 1, 2, 2, 8);
     m.norm = Norm::LayerNorm;
     m.tie_embeddings = true;
-    m.ffn = Ffn { activation: Activation::Gelu, hidden: 32 };
+    m.ffn = Ffn {
+        activation: Activation::Gelu,
+        hidden: 32,
+    };
     let g = lower(&spec(m.clone(), None), 4).unwrap();
     let names = param_names(&g);
     assert!(names.contains(&"model.layers.0.input_layernorm.bias".to_string()));
     assert!(names.contains(&"model.norm.bias".to_string()));
     assert!(names.contains(&"model.layers.0.mlp.up_proj.weight".to_string()));
-    assert!(!names.iter().any(|n| n.contains("gate_proj") || n == "lm_head.weight"), "{names:?}");
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.contains("gate_proj") || n == "lm_head.weight"),
+        "{names:?}"
+    );
     let out = run_outputs(&g, &feeds(&g, 4, 8, 32, false)).unwrap();
     let ce = scalar(&out["ce"]);
-    assert!((ce - 32f64.ln()).abs() < 0.05, "ce {ce} vs ln 32 = {}", 32f64.ln());
+    assert!(
+        (ce - 32f64.ln()).abs() < 0.05,
+        "ce {ce} vs ln 32 = {}",
+        32f64.ln()
+    );
 
     m.ffn.activation = Activation::Relu;
     let g = lower(&spec(m, None), 4).unwrap();
     let out = run_outputs(&g, &feeds(&g, 4, 8, 32, false)).unwrap();
     let ce = scalar(&out["ce"]);
-    assert!((ce - 32f64.ln()).abs() < 0.05, "ce {ce} vs ln 32 = {}", 32f64.ln());
+    assert!(
+        (ce - 32f64.ln()).abs() < 0.05,
+        "ce {ce} vs ln 32 = {}",
+        32f64.ln()
+    );
 }
 
 /// HF rotate_half RoPE on one head vector at position `pos`.
@@ -180,23 +237,36 @@ fn gqa_attention_matches_a_naive_per_head_loop() {
     let h = vals[&node(&g, "model.layers.0.input_layernorm.scale")].to_f64();
     let got = vals[&node(&g, "model.layers.0.self_attn.o_proj")].to_f64();
     let w = |n: &str| f[&format!("model.layers.0.self_attn.{n}.weight")].to_f64();
-    let (q, k, v) = (linear(&h, &w("q_proj"), d, heads * hd), linear(&h, &w("k_proj"), d, kv * hd), linear(&h, &w("v_proj"), d, kv * hd));
+    let (q, k, v) = (
+        linear(&h, &w("q_proj"), d, heads * hd),
+        linear(&h, &w("k_proj"), d, kv * hd),
+        linear(&h, &w("v_proj"), d, kv * hd),
+    );
     let mut ctx = vec![0.0; b * t * heads * hd];
     for bi in 0..b {
         for head in 0..heads {
             let kvh = head / group; // HF repeat_kv
-            let row = |x: &[f64], nh: usize, hh: usize, pos: usize| rope(&x[((bi * t + pos) * nh + hh) * hd..][..hd], pos, 10000.0);
+            let row = |x: &[f64], nh: usize, hh: usize, pos: usize| {
+                rope(&x[((bi * t + pos) * nh + hh) * hd..][..hd], pos, 10000.0)
+            };
             for i in 0..t {
                 let qi = row(&q, heads, head, i);
                 let scores: Vec<f64> = (0..=i)
-                    .map(|j| qi.iter().zip(row(&k, kv, kvh, j)).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt())
+                    .map(|j| {
+                        qi.iter()
+                            .zip(row(&k, kv, kvh, j))
+                            .map(|(a, b)| a * b)
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
                     .collect();
                 let m = scores.iter().cloned().fold(f64::MIN, f64::max);
                 let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
                 for (j, s) in scores.iter().enumerate() {
                     let p = (s - m).exp() / z;
                     for c in 0..hd {
-                        ctx[(bi * t + i) * heads * hd + head * hd + c] += p * v[((bi * t + j) * kv + kvh) * hd + c];
+                        ctx[(bi * t + i) * heads * hd + head * hd + c] +=
+                            p * v[((bi * t + j) * kv + kvh) * hd + c];
                     }
                 }
             }
@@ -217,25 +287,38 @@ fn silu(x: f64) -> f64 {
 fn moe_layer_and_balancing_match_naive_formulas() {
     let (b, t, d, e, k) = (2, 6, 16, 4, 2);
     let bal = vec![Balance::Aux(0.01), Balance::Z(0.001), Balance::SeqAux(0.1)];
-    let s = spec(model(32, d, 2, 2, 1, t), Some(moe(vec![1], e, k, Gate::Softmax { renorm: true }, bal)));
+    let s = spec(
+        model(32, d, 2, 2, 1, t),
+        Some(moe(vec![1], e, k, Gate::Softmax { renorm: true }, bal)),
+    );
     let g = lower(&s, b).unwrap();
     assert!(g.output("aux.1").is_some() && g.output("aux.0").is_none());
     let names = param_names(&g);
     for want in ["gate.weight", "experts.w1", "experts.w2", "experts.w3"] {
-        assert!(names.contains(&format!("model.layers.1.block_sparse_moe.{want}")), "missing {want}");
+        assert!(
+            names.contains(&format!("model.layers.1.block_sparse_moe.{want}")),
+            "missing {want}"
+        );
     }
     let route = g.g.node_weights().find_map(|n| match n.op {
         Op::MoeRoute { layout } => Some(layout),
         _ => None,
     });
-    assert_eq!(route.map(|l| (l.tokens, l.k, l.experts, l.tile)), Some((b * t, k, e, ROUTE_TILE)));
+    assert_eq!(
+        route.map(|l| (l.tokens, l.k, l.experts, l.tile)),
+        Some((b * t, k, e, ROUTE_TILE))
+    );
 
     let f = feeds(&g, b, t, 32, true);
     let vals = run(&g, &f).unwrap();
     let p = "model.layers.1.block_sparse_moe";
     let x = vals[&node(&g, "model.layers.1.post_attention_layernorm.scale")].to_f64();
     let logits = linear(&x, &f[&format!("{p}.gate.weight")].to_f64(), d, e);
-    let (w1, w2, w3) = (f[&format!("{p}.experts.w1")].to_f64(), f[&format!("{p}.experts.w2")].to_f64(), f[&format!("{p}.experts.w3")].to_f64());
+    let (w1, w2, w3) = (
+        f[&format!("{p}.experts.w1")].to_f64(),
+        f[&format!("{p}.experts.w2")].to_f64(),
+        f[&format!("{p}.experts.w3")].to_f64(),
+    );
     let hid = 24;
     let n = b * t;
     let mut y = vec![0.0; n * d];
@@ -285,9 +368,15 @@ fn moe_layer_and_balancing_match_naive_formulas() {
     let out = run_outputs(&g, &f).unwrap();
     let got_aux = scalar(&out["aux.1"]);
     // The coefficients are f32 attributes of Affine nodes: relative error ≤ 1e-7.
-    assert!((got_aux - want_aux).abs() < 1e-7 * want_aux, "aux.1 {got_aux} vs {want_aux}");
+    assert!(
+        (got_aux - want_aux).abs() < 1e-7 * want_aux,
+        "aux.1 {got_aux} vs {want_aux}"
+    );
     // Near-uniform router at init: aux ≈ c, seq_aux ≈ c, z ≈ c·(ln E)².
-    assert!((want_aux - (0.01 + 0.1 + 0.001 * (e as f64).ln().powi(2))).abs() < 0.01, "{want_aux}");
+    assert!(
+        (want_aux - (0.01 + 0.1 + 0.001 * (e as f64).ln().powi(2))).abs() < 0.01,
+        "{want_aux}"
+    );
     let (ce, loss) = (scalar(&out["ce"]), scalar(&out["loss"]));
     assert!((loss - (ce + got_aux)).abs() < 1e-12);
     assert!((ce - 32f64.ln()).abs() < 0.05, "ce {ce}");
@@ -302,12 +391,28 @@ fn gates_and_shared_experts() {
         m.expert.activation = Activation::Gelu;
         let g = lower(&spec(model(32, 16, 2, 2, 2, 4), Some(m)), 2).unwrap();
         let names = param_names(&g);
-        assert!(names.contains(&"model.layers.0.block_sparse_moe.shared_expert.up_proj.weight".to_string()));
-        assert!(!names.iter().any(|n| n.ends_with("experts.w3")), "gelu experts have no w3: {names:?}");
-        assert_eq!(g.ty(node(&g, "model.layers.0.block_sparse_moe.shared_expert.up_proj")).shape, vec![8, 48]);
+        assert!(names
+            .contains(&"model.layers.0.block_sparse_moe.shared_expert.up_proj.weight".to_string()));
+        assert!(
+            !names.iter().any(|n| n.ends_with("experts.w3")),
+            "gelu experts have no w3: {names:?}"
+        );
+        assert_eq!(
+            g.ty(node(
+                &g,
+                "model.layers.0.block_sparse_moe.shared_expert.up_proj"
+            ))
+            .shape,
+            vec![8, 48]
+        );
         let vals = run(&g, &feeds(&g, 2, 4, 32, false)).unwrap();
         let out = run_outputs(&g, &feeds(&g, 2, 4, 32, false)).unwrap();
-        let (ce, a0, a1, loss) = (scalar(&out["ce"]), scalar(&out["aux.0"]), scalar(&out["aux.1"]), scalar(&out["loss"]));
+        let (ce, a0, a1, loss) = (
+            scalar(&out["ce"]),
+            scalar(&out["aux.0"]),
+            scalar(&out["aux.1"]),
+            scalar(&out["loss"]),
+        );
         assert!((ce - 32f64.ln()).abs() < 0.05, "{gate:?}: ce {ce}");
         assert!((loss - (ce + a0 + a1)).abs() < 1e-5, "{gate:?}");
         // aux ≈ c for a near-uniform router (tol 5%).
@@ -330,9 +435,33 @@ fn mlp_classifier_runs() {
     m.context = None;
     m.inputs = Some(12);
     m.classes = Some(10);
-    let g = lower(&spec(m, Some(moe(vec![1], 4, 2, Gate::Softmax { renorm: true }, vec![Balance::Aux(0.01)]))), 8).unwrap();
-    let mut f: HashMap<String, Value> = init_params(&g, 3).into_iter().map(|(k, v)| (k, Value::F32(v))).collect();
-    f.insert("features".into(), Value::F32(ids(8 * 12, 100, 5).iter().map(|&x| x as f32 / 50.0 - 1.0).collect()));
+    let g = lower(
+        &spec(
+            m,
+            Some(moe(
+                vec![1],
+                4,
+                2,
+                Gate::Softmax { renorm: true },
+                vec![Balance::Aux(0.01)],
+            )),
+        ),
+        8,
+    )
+    .unwrap();
+    let mut f: HashMap<String, Value> = init_params(&g, 3)
+        .into_iter()
+        .map(|(k, v)| (k, Value::F32(v)))
+        .collect();
+    f.insert(
+        "features".into(),
+        Value::F32(
+            ids(8 * 12, 100, 5)
+                .iter()
+                .map(|&x| x as f32 / 50.0 - 1.0)
+                .collect(),
+        ),
+    );
     f.insert("targets".into(), Value::U32(ids(8, 10, 6)));
     let out = run_outputs(&g, &f).unwrap();
     assert_eq!(out["logits"].len(), 80);
@@ -344,34 +473,119 @@ fn mlp_classifier_runs() {
 fn unsupported_features_are_named() {
     let base = model(32, 16, 1, 2, 2, 4);
     let cases: Vec<(Moe, &str)> = vec![
-        (moe(vec![0], 4, 2, Gate::NoisyTopK { noise: 1.0 }, vec![]), "noisy_top_k"),
-        (moe(vec![0], 4, 2, Gate::ExpertChoice { capacity: 1.0 }, vec![]), "expert_choice"),
-        (moe(vec![0], 4, 2, Gate::Sinkhorn { iters: 3 }, vec![]), "sinkhorn"),
-        (moe(vec![0], 4, 2, Gate::Auction { rounds: 1, epsilon: 0.1, budget: 1.0, price_rate: 0.1 }, vec![]), "auction"),
-        (moe(vec![0], 4, 2, Gate::Sigmoid, vec![Balance::Bias { rate: 0.001 }]), "bias"),
-        (moe(vec![0], 4, 2, Gate::Softmax { renorm: true }, vec![Balance::Cv2 { importance: 0.1, load: 0.1 }]), "cv2"),
-        (Moe { groups: Some((2, 2)), ..moe(vec![0], 4, 2, Gate::Softmax { renorm: true }, vec![]) }, "groups"),
-        (Moe { capacity: Capacity::Factor { factor: 1.25, drop: DropPolicy::Position }, ..moe(vec![0], 4, 2, Gate::Softmax { renorm: true }, vec![]) }, "capacity"),
-        (Moe { jitter: 0.01, ..moe(vec![0], 4, 2, Gate::Switch, vec![]) }, "jitter"),
+        (
+            moe(vec![0], 4, 2, Gate::NoisyTopK { noise: 1.0 }, vec![]),
+            "noisy_top_k",
+        ),
+        (
+            moe(vec![0], 4, 2, Gate::ExpertChoice { capacity: 1.0 }, vec![]),
+            "expert_choice",
+        ),
+        (
+            moe(vec![0], 4, 2, Gate::Sinkhorn { iters: 3 }, vec![]),
+            "sinkhorn",
+        ),
+        (
+            moe(
+                vec![0],
+                4,
+                2,
+                Gate::Auction {
+                    rounds: 1,
+                    epsilon: 0.1,
+                    budget: 1.0,
+                    price_rate: 0.1,
+                },
+                vec![],
+            ),
+            "auction",
+        ),
+        (
+            moe(
+                vec![0],
+                4,
+                2,
+                Gate::Sigmoid,
+                vec![Balance::Bias { rate: 0.001 }],
+            ),
+            "bias",
+        ),
+        (
+            moe(
+                vec![0],
+                4,
+                2,
+                Gate::Softmax { renorm: true },
+                vec![Balance::Cv2 {
+                    importance: 0.1,
+                    load: 0.1,
+                }],
+            ),
+            "cv2",
+        ),
+        (
+            Moe {
+                groups: Some((2, 2)),
+                ..moe(vec![0], 4, 2, Gate::Softmax { renorm: true }, vec![])
+            },
+            "groups",
+        ),
+        (
+            Moe {
+                capacity: Capacity::Factor {
+                    factor: 1.25,
+                    drop: DropPolicy::Position,
+                },
+                ..moe(vec![0], 4, 2, Gate::Softmax { renorm: true }, vec![])
+            },
+            "capacity",
+        ),
+        (
+            Moe {
+                jitter: 0.01,
+                ..moe(vec![0], 4, 2, Gate::Switch, vec![])
+            },
+            "jitter",
+        ),
     ];
     for (m, feature) in cases {
         match lower(&spec(base.clone(), Some(m)), 1) {
-            Err(e @ LowerError::Unsupported { .. }) => assert!(e.to_string().contains(feature), "{e} should name {feature}"),
+            Err(e @ LowerError::Unsupported { .. }) => {
+                assert!(e.to_string().contains(feature), "{e} should name {feature}")
+            }
             other => panic!("{feature}: expected Unsupported, got {other:?}"),
         }
     }
     let mut lstm = base.clone();
     lstm.family = Family::Lstm;
-    assert!(matches!(lower(&spec(lstm, None), 1), Err(LowerError::Unsupported { .. })));
-    assert!(matches!(lower(&spec(base.clone(), None), 0), Err(LowerError::Invalid(_))));
+    assert!(matches!(
+        lower(&spec(lstm, None), 1),
+        Err(LowerError::Unsupported { .. })
+    ));
+    assert!(matches!(
+        lower(&spec(base.clone(), None), 0),
+        Err(LowerError::Invalid(_))
+    ));
     let mut no_vocab = base;
     no_vocab.vocab = None;
-    assert!(matches!(lower(&spec(no_vocab, None), 1), Err(LowerError::Missing { field: "vocab", .. })));
+    assert!(matches!(
+        lower(&spec(no_vocab, None), 1),
+        Err(LowerError::Missing { field: "vocab", .. })
+    ));
 }
 
 #[test]
 fn f32_and_f64_runs_agree() {
-    let s = spec(model(32, 16, 2, 4, 2, 6), Some(moe(vec![0, 1], 4, 2, Gate::Softmax { renorm: true }, vec![Balance::Aux(0.01), Balance::Z(0.001)])));
+    let s = spec(
+        model(32, 16, 2, 4, 2, 6),
+        Some(moe(
+            vec![0, 1],
+            4,
+            2,
+            Gate::Softmax { renorm: true },
+            vec![Balance::Aux(0.01), Balance::Z(0.001)],
+        )),
+    );
     let g = lower(&s, 2).unwrap();
     let lo = run_outputs(&g, &feeds(&g, 2, 6, 32, false)).unwrap();
     let hi = run_outputs(&g, &feeds(&g, 2, 6, 32, true)).unwrap();
@@ -380,7 +594,10 @@ fn f32_and_f64_runs_agree() {
         let (a, b) = (lo[name].to_f64(), hi[name].to_f64());
         // f32 rounding through ~30 ops of width ≤ 32: relative 1e-5 is generous.
         for (x, y) in a.iter().zip(&b) {
-            assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "{name}: {x} vs {y}");
+            assert!(
+                (x - y).abs() <= 1e-5 * y.abs().max(1.0),
+                "{name}: {x} vs {y}"
+            );
         }
     }
 }
