@@ -1887,7 +1887,7 @@ pub fn default_hidden(activation: Activation, dim: usize) -> usize {
 /// The divisor of `n` closest to `near` (for "try ..." hints).
 fn divisor_near(n: usize, near: usize) -> usize {
     (1..=n.min(1 << 20))
-        .filter(|d| n % d == 0)
+        .filter(|d| n.is_multiple_of(*d))
         .min_by_key(|d| d.abs_diff(near))
         .unwrap_or(1)
 }

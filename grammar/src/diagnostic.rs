@@ -17,15 +17,21 @@ pub const DEFAULT_SOURCE_NAME: &str = "<spec>";
 /// An error in a `.moe` file, located at a byte span.
 #[derive(Debug, Clone)]
 pub struct Diagnostic {
+    /// Boxed so that `Result<_, Diagnostic>` stays small on the happy path.
+    inner: Box<Inner>,
+    /// 1-based line of the span's start.
+    pub line: usize,
+    /// 1-based column (in characters) of the span's start.
+    pub col: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Inner {
     message: String,
     label: String,
     help: Option<String>,
     span: Span,
     source: NamedSource<Arc<String>>,
-    /// 1-based line of the span's start.
-    pub line: usize,
-    /// 1-based column (in characters) of the span's start.
-    pub col: usize,
 }
 
 impl Diagnostic {
@@ -40,11 +46,13 @@ impl Diagnostic {
         let span = clamp_span(&source, span);
         let (line, col) = line_col(&source, span.start);
         Diagnostic {
-            message: message.into(),
-            label: String::new(),
-            help: None,
-            span,
-            source: NamedSource::new(DEFAULT_SOURCE_NAME, source),
+            inner: Box::new(Inner {
+                message: message.into(),
+                label: String::new(),
+                help: None,
+                span,
+                source: NamedSource::new(DEFAULT_SOURCE_NAME, source),
+            }),
             line,
             col,
         }
@@ -52,41 +60,41 @@ impl Diagnostic {
 
     /// The short text shown under the caret.
     pub fn with_label(mut self, label: impl Into<String>) -> Self {
-        self.label = label.into();
+        self.inner.label = label.into();
         self
     }
 
     pub fn with_help(mut self, help: impl Into<String>) -> Self {
-        self.help = Some(help.into());
+        self.inner.help = Some(help.into());
         self
     }
 
     /// Names the source (normally the spec's path as the user typed it).
     pub fn with_path(mut self, path: impl AsRef<str>) -> Self {
-        self.source = NamedSource::new(path, self.source.inner().clone());
+        self.inner.source = NamedSource::new(path, self.inner.source.inner().clone());
         self
     }
 
     /// The main message, without location or colours.
     pub fn message(&self) -> &str {
-        &self.message
+        &self.inner.message
     }
 
     pub fn label(&self) -> &str {
-        &self.label
+        &self.inner.label
     }
 
     pub fn help_text(&self) -> Option<&str> {
-        self.help.as_deref()
+        self.inner.help.as_deref()
     }
 
     pub fn span(&self) -> Span {
-        self.span
+        self.inner.span
     }
 
     /// The source's name as given by [`Diagnostic::with_path`].
     pub fn path(&self) -> &str {
-        self.source.name()
+        self.inner.source.name()
     }
 
     /// Plain rustc-style rendering, no ANSI colours:
@@ -100,27 +108,27 @@ impl Diagnostic {
     ///   = help: did you mean `experts`?
     /// ```
     pub fn render(&self) -> String {
-        let src = self.source.inner();
-        let line_start = src[..self.span.start].rfind('\n').map_or(0, |i| i + 1);
-        let line_end = src[self.span.start..]
+        let src = self.inner.source.inner();
+        let line_start = src[..self.inner.span.start].rfind('\n').map_or(0, |i| i + 1);
+        let line_end = src[self.inner.span.start..]
             .find('\n')
-            .map_or(src.len(), |i| self.span.start + i);
+            .map_or(src.len(), |i| self.inner.span.start + i);
         let text = src[line_start..line_end].trim_end_matches('\r');
         let gutter = self.line.to_string().len();
         let pad = " ".repeat(gutter);
-        let caret_end = self.span.end.min(line_start + text.len());
+        let caret_end = self.inner.span.end.min(line_start + text.len());
         let width = src
-            .get(self.span.start..caret_end.max(self.span.start))
+            .get(self.inner.span.start..caret_end.max(self.inner.span.start))
             .map_or(0, |s| s.chars().count())
             .max(1);
         // Tabs before the caret are kept as tabs so the caret lines up in a terminal.
-        let lead: String = src[line_start..self.span.start]
+        let lead: String = src[line_start..self.inner.span.start]
             .chars()
             .map(|c| if c == '\t' { '\t' } else { ' ' })
             .collect();
         let mut out = format!(
             "error: {}\n{pad}--> {}:{}:{}\n{pad} |\n{} | {}\n{pad} | {}{}",
-            self.message,
+            self.inner.message,
             self.path(),
             self.line,
             self.col,
@@ -129,12 +137,12 @@ impl Diagnostic {
             lead,
             "^".repeat(width)
         );
-        if !self.label.is_empty() {
+        if !self.inner.label.is_empty() {
             out.push(' ');
-            out.push_str(&self.label);
+            out.push_str(&self.inner.label);
         }
         out.push('\n');
-        if let Some(help) = &self.help {
+        if let Some(help) = &self.inner.help {
             out.push_str(&format!("{pad} |\n{pad} = help: {help}\n"));
         }
         out
@@ -143,7 +151,7 @@ impl Diagnostic {
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
+        f.write_str(&self.inner.message)
     }
 }
 
@@ -151,19 +159,19 @@ impl std::error::Error for Diagnostic {}
 
 impl miette::Diagnostic for Diagnostic {
     fn help<'a>(&'a self) -> Option<Box<dyn fmt::Display + 'a>> {
-        self.help
+        self.inner.help
             .as_ref()
             .map(|h| Box::new(h) as Box<dyn fmt::Display>)
     }
 
     fn source_code(&self) -> Option<&dyn SourceCode> {
-        Some(&self.source)
+        Some(&self.inner.source)
     }
 
     fn labels(&self) -> Option<Box<dyn Iterator<Item = LabeledSpan> + '_>> {
-        let label = (!self.label.is_empty()).then(|| self.label.clone());
+        let label = (!self.inner.label.is_empty()).then(|| self.inner.label.clone());
         Some(Box::new(std::iter::once(
-            LabeledSpan::new_primary_with_span(label, self.span),
+            LabeledSpan::new_primary_with_span(label, self.inner.span),
         )))
     }
 }
