@@ -109,7 +109,9 @@ impl Diagnostic {
     /// ```
     pub fn render(&self) -> String {
         let src = self.inner.source.inner();
-        let line_start = src[..self.inner.span.start].rfind('\n').map_or(0, |i| i + 1);
+        let line_start = src[..self.inner.span.start]
+            .rfind('\n')
+            .map_or(0, |i| i + 1);
         let line_end = src[self.inner.span.start..]
             .find('\n')
             .map_or(src.len(), |i| self.inner.span.start + i);
@@ -159,7 +161,8 @@ impl std::error::Error for Diagnostic {}
 
 impl miette::Diagnostic for Diagnostic {
     fn help<'a>(&'a self) -> Option<Box<dyn fmt::Display + 'a>> {
-        self.inner.help
+        self.inner
+            .help
             .as_ref()
             .map(|h| Box::new(h) as Box<dyn fmt::Display>)
     }
@@ -286,5 +289,38 @@ mod tests {
         assert_eq!(did_you_mean("topk", fields), Some("top_k"));
         assert_eq!(did_you_mean("banana", fields), None);
         assert_eq!(did_you_mean("TOP_K", fields), Some("top_k"));
+    }
+}
+
+#[cfg(test)]
+mod miette_tests {
+    use super::*;
+
+    /// The CLI prints diagnostics with miette's handler; it must see the file name, the labelled
+    /// span and the help.
+    #[test]
+    fn miette_rendering_has_location_label_and_help() {
+        let src = "model m {\n  dimm = 4\n}\n";
+        let d = Diagnostic::new(
+            src,
+            Span::new(12, 16),
+            "unknown field `dimm` in `model` block",
+        )
+        .with_label("not a `model` field")
+        .with_help("did you mean `dim`?")
+        .with_path("specs/a.moe");
+        let handler =
+            miette::GraphicalReportHandler::new_themed(miette::GraphicalTheme::unicode_nocolor());
+        let mut out = String::new();
+        handler.render_report(&mut out, &d).unwrap();
+        for part in [
+            "unknown field `dimm` in `model` block",
+            "specs/a.moe:2:3",
+            "dimm = 4",
+            "not a `model` field",
+            "did you mean `dim`?",
+        ] {
+            assert!(out.contains(part), "missing {part:?} in:\n{out}");
+        }
     }
 }

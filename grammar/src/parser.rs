@@ -223,6 +223,17 @@ fn translate_error(source: &str, e: pest::error::Error<Rule>) -> SyntaxError {
         }
     } else if words.contains(&"end of line") {
         help = Some("put each field on its own line, or separate fields with `;`".into());
+    } else if words.contains(&"`=`") && found == "`{`" {
+        // `name {`: a block where a field was expected; only `moe` nests, inside `model`.
+        let before = source[..pos].trim_end();
+        let word_start = before
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .map_or(0, |i| i + 1);
+        let word = &before[word_start..];
+        help = Some(match did_you_mean(word, ["moe"]) {
+            Some(s) => format!("did you mean `{s}`? (`{s} {{ ... }}` inside the `model` block)"),
+            None => "only a `moe { ... }` block can be nested, inside `model`".into(),
+        });
     } else if words.contains(&"`=`") {
         help = Some("fields are written `name = value`".into());
     }

@@ -311,6 +311,15 @@ fn syntax_errors_say_what_was_expected_and_where() {
 fn misspelled_keyword_gets_a_suggestion() {
     let d = parse("modle m {}").unwrap_err();
     assert_eq!(d.help_text(), Some("did you mean `model`?"));
+    let d = parse("model m {}\ntrian {}").unwrap_err();
+    assert_eq!(d.help_text(), Some("did you mean `train`?"));
+    let d = parse("model m {\n  mo {\n  }\n}").unwrap_err();
+    assert_eq!((d.line, d.col), (2, 6));
+    assert!(
+        d.help_text().unwrap().starts_with("did you mean `moe`?"),
+        "{}",
+        d.render()
+    );
 }
 
 #[test]
