@@ -22,6 +22,13 @@ fn gelu_(x: f32) -> f32 {
     return 0.5 * x * (1.0 + tanh_(0.7978845608028654 * (x + 0.044715 * x * x * x)));
 }
 
+// d/dx of gelu_ (same tanh approximation): the backward of Gelu.
+fn gelu_grad_(x: f32) -> f32 {
+    let c = 0.7978845608028654;
+    let t = tanh_(c * (x + 0.044715 * x * x * x));
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 0.134145 * x * x);
+}
+
 // ln(1 + e^x) without overflow.
 fn softplus_(x: f32) -> f32 {
     return max(x, 0.0) + log(1.0 + exp(-abs(x)));

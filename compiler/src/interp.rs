@@ -627,6 +627,7 @@ fn eval_node<F: Float>(
             }
             Ok(Tensor::F(out))
         }
+        other => Err(InterpError::Malformed { label: ctx.label.to_string(), op: other.mnemonic(), message: "gradient op not interpreted yet".into() }),
     }
 }
 
@@ -651,6 +652,20 @@ fn unary<F: Float>(u: UnaryOp, x: F) -> F {
         UnaryOp::Sigmoid => sigmoid(x),
         // max(x, 0) + ln(1 + e^-|x|): no overflow for large |x|.
         UnaryOp::Softplus => x.max(F::ZERO) + (-x.abs()).exp().ln_1p(),
+        UnaryOp::Step => {
+            if x > F::ZERO {
+                F::ONE
+            } else {
+                F::ZERO
+            }
+        }
+        UnaryOp::GeluGrad => {
+            let c = F::from_f64((2.0 / std::f64::consts::PI).sqrt());
+            let a = F::from_f64(0.044715);
+            let half = F::from_f64(0.5);
+            let t = (c * (x + a * x * x * x)).tanh();
+            half * (F::ONE + t) + half * x * (F::ONE - t * t) * c * (F::ONE + F::from_f64(3.0) * a * x * x)
+        }
     }
 }
 
@@ -661,6 +676,13 @@ fn binary<F: Float>(b: BinaryOp, x: F, y: F) -> F {
         BinaryOp::Mul => x * y,
         BinaryOp::Div => x / y,
         BinaryOp::Max => x.max(y),
+        BinaryOp::Ge => {
+            if x >= y {
+                F::ONE
+            } else {
+                F::ZERO
+            }
+        }
     }
 }
 

@@ -98,6 +98,10 @@ pub enum UnaryOp {
     Sigmoid,
     /// ln(1 + eˣ), computed stably.
     Softplus,
+    /// 1 where x > 0, else 0: the derivative of `Relu`.
+    Step,
+    /// d/dx of `Gelu` (the same tanh approximation).
+    GeluGrad,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -107,6 +111,8 @@ pub enum BinaryOp {
     Mul,
     Div,
     Max,
+    /// 1 where x ≥ y, else 0: routes the gradient of `Max` and of `Reduce(Max)`.
+    Ge,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -210,6 +216,34 @@ pub enum Op {
     /// Weighted scatter back to tokens: `yp[rows, D]`, `weights[T, k]`, `route` →
     /// `y[t] = Σ_j weights[t, j] · yp[slot_row[t·k + j]]` (skipping unassigned slots).
     MoeCombine { layout: RouteLayout },
+
+    // Gradient ops: produced by `autodiff`, each the adjoint of one forward op above.
+    /// Sum `x` down to `shape`, the inverse of broadcasting (`shape` broadcasts to x's shape).
+    SumTo { shape: Vec<usize> },
+    /// Broadcast `x` up to `shape` (numpy rules): the adjoint of `Reduce` and of `SumTo`.
+    BroadcastTo { shape: Vec<usize> },
+    /// Adjoint of `Embedding`: u32 `ids[...]`, `g[..., D]` → `[vocab, D]` with rows scatter-added.
+    EmbeddingGrad { vocab: usize },
+    /// Adjoint of `Rope`: the inverse rotation.
+    RopeGrad { theta: f32 },
+    /// Adjoint of `CrossEntropy`: `logits[N, V]`, u32 `targets[N]`, `g[1]` →
+    /// `(softmax(logits) − onehot(targets)) · g / N`.
+    CrossEntropyGrad,
+    /// Adjoint of `GatherCols`: `g[T, k]`, u32 `idx[T, k]` → `[T, cols]`, zero where not gathered.
+    ScatterCols { cols: usize },
+    /// Adjoint of `MoeGather`: `gp[rows, D]`, `route` → `[T, D]`, `dx[t] = Σ_j gp[slot_row[t·k + j]]`.
+    MoeGatherGrad { layout: RouteLayout },
+    /// Adjoint of `GroupedMatMul` for x: `g[rows, N]`, `w[E, N, K]`, `route` → `[rows, K]` = g · w[e].
+    GroupedMatMulGradX { layout: RouteLayout },
+    /// Adjoint of `GroupedMatMul` for w: `g[rows, N]`, `x[rows, K]`, `route` → `[E, N, K]`,
+    /// `dw[e] = Σ_{rows r of e} g[r]ᵀ · x[r]`.
+    GroupedMatMulGradW { layout: RouteLayout },
+    /// Adjoint of `MoeCombine` for the rows: `dy[T, D]`, `weights[T, k]`, `route` → `[rows, D]`,
+    /// `dyp[slot_row[t·k + j]] = weights[t, j] · dy[t]`, zero on padding rows.
+    MoeCombineGradRows { layout: RouteLayout },
+    /// Adjoint of `MoeCombine` for the weights: `dy[T, D]`, `yp[rows, D]`, `route` → `[T, k]`,
+    /// `dw[t, j] = dy[t] · yp[slot_row[t·k + j]]` (0 for an unassigned slot).
+    MoeCombineGradWeights { layout: RouteLayout },
 }
 
 impl Op {
@@ -236,6 +270,17 @@ impl Op {
             Op::MoeGather { .. } => "moe_gather".into(),
             Op::GroupedMatMul { .. } => "grouped_matmul".into(),
             Op::MoeCombine { .. } => "moe_combine".into(),
+            Op::SumTo { .. } => "sum_to".into(),
+            Op::BroadcastTo { .. } => "broadcast_to".into(),
+            Op::EmbeddingGrad { .. } => "embedding_grad".into(),
+            Op::RopeGrad { .. } => "rope_grad".into(),
+            Op::CrossEntropyGrad => "cross_entropy_grad".into(),
+            Op::ScatterCols { .. } => "scatter_cols".into(),
+            Op::MoeGatherGrad { .. } => "moe_gather_grad".into(),
+            Op::GroupedMatMulGradX { .. } => "grouped_matmul_grad_x".into(),
+            Op::GroupedMatMulGradW { .. } => "grouped_matmul_grad_w".into(),
+            Op::MoeCombineGradRows { .. } => "moe_combine_grad_rows".into(),
+            Op::MoeCombineGradWeights { .. } => "moe_combine_grad_weights".into(),
         }
     }
 
@@ -384,7 +429,19 @@ impl Graph {
                 Op::Softmax { causal } => if *causal { " causal".into() } else { String::new() },
                 Op::TopK { k } => format!(" k={k}"),
                 Op::TopKMask { experts } => format!(" experts={experts}"),
-                Op::MoeRoute { layout } | Op::MoeGather { layout } | Op::GroupedMatMul { layout } | Op::MoeCombine { layout } => {
+                Op::SumTo { shape } | Op::BroadcastTo { shape } => format!(" {shape:?}"),
+                Op::EmbeddingGrad { vocab } => format!(" vocab={vocab}"),
+                Op::RopeGrad { theta } => format!(" theta={theta}"),
+                Op::ScatterCols { cols } => format!(" cols={cols}"),
+                Op::MoeRoute { layout }
+                | Op::MoeGather { layout }
+                | Op::GroupedMatMul { layout }
+                | Op::MoeCombine { layout }
+                | Op::MoeGatherGrad { layout }
+                | Op::GroupedMatMulGradX { layout }
+                | Op::GroupedMatMulGradW { layout }
+                | Op::MoeCombineGradRows { layout }
+                | Op::MoeCombineGradWeights { layout } => {
                     format!(" tokens={} k={} experts={} tile={}", layout.tokens, layout.k, layout.experts, layout.tile)
                 }
                 _ => String::new(),
@@ -616,6 +673,120 @@ pub fn infer(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
             }
             Ok(TensorType::f32(&[layout.tokens, yp.shape[1]]))
         }
+        Op::SumTo { .. }
+        | Op::BroadcastTo { .. }
+        | Op::EmbeddingGrad { .. }
+        | Op::RopeGrad { .. }
+        | Op::CrossEntropyGrad
+        | Op::ScatterCols { .. }
+        | Op::MoeGatherGrad { .. }
+        | Op::GroupedMatMulGradX { .. }
+        | Op::GroupedMatMulGradW { .. }
+        | Op::MoeCombineGradRows { .. }
+        | Op::MoeCombineGradWeights { .. } => infer_grad(op, args),
+    }
+}
+
+/// Types of the gradient ops (kept apart from the forward ops' rules in [`infer`]).
+fn infer_grad(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
+    match op {
+        Op::SumTo { shape } => {
+            expect_args(args, 1)?;
+            expect_dtype(args[0], DType::F32, "operand")?;
+            if broadcast_shapes(shape, &args[0].shape).as_deref() != Some(&args[0].shape[..]) {
+                return Err(format!("{shape:?} does not broadcast to {}", args[0]));
+            }
+            Ok(TensorType::f32(shape))
+        }
+        Op::BroadcastTo { shape } => {
+            expect_args(args, 1)?;
+            expect_dtype(args[0], DType::F32, "operand")?;
+            if broadcast_shapes(&args[0].shape, shape).as_deref() != Some(&shape[..]) {
+                return Err(format!("{} does not broadcast to {shape:?}", args[0]));
+            }
+            Ok(TensorType::f32(shape))
+        }
+        Op::EmbeddingGrad { vocab } => {
+            expect_args(args, 2)?;
+            expect_dtype(args[0], DType::U32, "ids")?;
+            expect_dtype(args[1], DType::F32, "g")?;
+            if args[1].shape.len() != args[0].shape.len() + 1 || args[1].shape[..args[0].shape.len()] != args[0].shape[..] {
+                return Err(format!("embedding_grad wants ids [...] and g [..., D], got {} and {}", args[0], args[1]));
+            }
+            Ok(TensorType::f32(&[*vocab, args[1].last()]))
+        }
+        Op::RopeGrad { .. } => infer(&Op::Rope { theta: 0.0 }, args),
+        Op::CrossEntropyGrad => {
+            expect_args(args, 3)?;
+            infer(&Op::CrossEntropy, &args[..2])?;
+            if args[2].shape != [1] || args[2].dtype != DType::F32 {
+                return Err(format!("cross_entropy_grad wants g f32[1], got {}", args[2]));
+            }
+            Ok(args[0].clone())
+        }
+        Op::ScatterCols { cols } => {
+            expect_args(args, 2)?;
+            expect_dtype(args[0], DType::F32, "g")?;
+            expect_dtype(args[1], DType::U32, "idx")?;
+            if args[0].shape.len() != 2 || args[0].shape != args[1].shape {
+                return Err(format!("scatter_cols wants g [T, k] and idx [T, k], got {} and {}", args[0], args[1]));
+            }
+            Ok(TensorType::f32(&[args[0].shape[0], *cols]))
+        }
+        Op::MoeGatherGrad { layout } => {
+            expect_args(args, 2)?;
+            expect_dtype(args[0], DType::F32, "gp")?;
+            expect_route(args[1], layout)?;
+            if args[0].shape.len() != 2 || args[0].shape[0] != layout.rows() {
+                return Err(format!("moe_gather_grad wants gp [{}, D], got {}", layout.rows(), args[0]));
+            }
+            Ok(TensorType::f32(&[layout.tokens, args[0].shape[1]]))
+        }
+        Op::GroupedMatMulGradX { layout } => {
+            expect_args(args, 3)?;
+            let (g, w) = (args[0], args[1]);
+            expect_dtype(g, DType::F32, "g")?;
+            expect_dtype(w, DType::F32, "w")?;
+            expect_route(args[2], layout)?;
+            if g.shape.len() != 2 || g.shape[0] != layout.rows() || w.shape.len() != 3 || w.shape[0] != layout.experts || w.shape[1] != g.shape[1] {
+                return Err(format!("grouped_matmul_grad_x wants g [{}, N] and w [{}, N, K], got {g} and {w}", layout.rows(), layout.experts));
+            }
+            Ok(TensorType::f32(&[layout.rows(), w.shape[2]]))
+        }
+        Op::GroupedMatMulGradW { layout } => {
+            expect_args(args, 3)?;
+            let (g, x) = (args[0], args[1]);
+            expect_dtype(g, DType::F32, "g")?;
+            expect_dtype(x, DType::F32, "x")?;
+            expect_route(args[2], layout)?;
+            if g.shape.len() != 2 || x.shape.len() != 2 || g.shape[0] != layout.rows() || x.shape[0] != layout.rows() {
+                return Err(format!("grouped_matmul_grad_w wants g [{0}, N] and x [{0}, K], got {g} and {x}", layout.rows()));
+            }
+            Ok(TensorType::f32(&[layout.experts, g.shape[1], x.shape[1]]))
+        }
+        Op::MoeCombineGradRows { layout } => {
+            expect_args(args, 3)?;
+            let (dy, w) = (args[0], args[1]);
+            expect_dtype(dy, DType::F32, "dy")?;
+            expect_dtype(w, DType::F32, "weights")?;
+            expect_route(args[2], layout)?;
+            if dy.shape.len() != 2 || dy.shape[0] != layout.tokens || w.shape != [layout.tokens, layout.k] {
+                return Err(format!("moe_combine_grad_rows wants dy [{0}, D] and weights [{0}, {1}], got {dy} and {w}", layout.tokens, layout.k));
+            }
+            Ok(TensorType::f32(&[layout.rows(), dy.shape[1]]))
+        }
+        Op::MoeCombineGradWeights { layout } => {
+            expect_args(args, 3)?;
+            let (dy, yp) = (args[0], args[1]);
+            expect_dtype(dy, DType::F32, "dy")?;
+            expect_dtype(yp, DType::F32, "yp")?;
+            expect_route(args[2], layout)?;
+            if dy.shape.len() != 2 || dy.shape[0] != layout.tokens || yp.shape != [layout.rows(), dy.shape[1]] {
+                return Err(format!("moe_combine_grad_weights wants dy [{}, D] and yp [{}, D], got {dy} and {yp}", layout.tokens, layout.rows()));
+            }
+            Ok(TensorType::f32(&[layout.tokens, layout.k]))
+        }
+        other => Err(format!("`{}` is not a gradient op", other.mnemonic())),
     }
 }
 

@@ -190,6 +190,8 @@ fn op_expr(op: &Op, a: &[String]) -> String {
                 UnaryOp::Gelu => format!("gelu_({x})"),
                 UnaryOp::Sigmoid => format!("sigmoid_({x})"),
                 UnaryOp::Softplus => format!("softplus_({x})"),
+                UnaryOp::Step => format!("select(0.0, 1.0, {x} > 0.0)"),
+                UnaryOp::GeluGrad => format!("gelu_grad_({x})"),
             }
         }
         Op::Binary(b) => {
@@ -200,6 +202,7 @@ fn op_expr(op: &Op, a: &[String]) -> String {
                 BinaryOp::Mul => format!("({x} * {y})"),
                 BinaryOp::Div => format!("({x} / {y})"),
                 BinaryOp::Max => format!("max({x}, {y})"),
+                BinaryOp::Ge => format!("select(0.0, 1.0, {x} >= {y})"),
             }
         }
         other => unreachable!("op_expr on non-elementwise {}", other.mnemonic()),
