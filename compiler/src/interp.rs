@@ -1,4 +1,4 @@
-//! The reference interpreter: a plain-Rust CPU evaluator of the whole Graph IR, forward.
+//! The reference interpreter: a plain-Rust CPU evaluator of the whole Graph IR, forward and gradient ops.
 //!
 //! It is the oracle every WGSL kernel, every gradient and every balancing formula is checked against
 //! (DESIGN.md), so it is written to be obviously right, not fast: one loop nest per op, no fusion, no
@@ -498,6 +498,7 @@ fn eval_node<F: Float>(
                 ctx.f(args[0])?,
                 &arg_tys[0].shape,
                 *theta as f64,
+                false,
             )))
         }
         Op::Softmax { causal } => {
@@ -627,8 +628,199 @@ fn eval_node<F: Float>(
             }
             Ok(Tensor::F(out))
         }
-        other => Err(InterpError::Malformed { label: ctx.label.to_string(), op: other.mnemonic(), message: "gradient op not interpreted yet".into() }),
+        _ => eval_grad_op(ctx, ty, args, arg_tys),
     }
+}
+
+/// The gradient ops (the adjoints `autodiff` emits), each exactly as its doc comment in `ir.rs` says.
+fn eval_grad_op<F: Float>(
+    ctx: &Ctx,
+    ty: &TensorType,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+) -> Result<Tensor<F>, InterpError> {
+    match ctx.op {
+        Op::SumTo { shape } => {
+            ctx.argc(1, args.len())?;
+            let x = ctx.f(args[0])?;
+            let mut out = vec![F::ZERO; ty.numel()];
+            for (&dst, &v) in broadcast_index(&arg_tys[0].shape, shape).iter().zip(x) {
+                out[dst] += v;
+            }
+            Ok(Tensor::F(out))
+        }
+        Op::BroadcastTo { shape } => {
+            ctx.argc(1, args.len())?;
+            let x = ctx.f(args[0])?;
+            Ok(Tensor::F(
+                broadcast_index(shape, &arg_tys[0].shape).iter().map(|&i| x[i]).collect(),
+            ))
+        }
+        Op::EmbeddingGrad { vocab } => {
+            ctx.argc(2, args.len())?;
+            let (ids, g) = (ctx.u(args[0])?, ctx.f(args[1])?);
+            let d = arg_tys[1].last();
+            let mut out = vec![F::ZERO; vocab * d];
+            for (i, &id) in ids.iter().enumerate() {
+                if id as usize >= *vocab {
+                    return Err(ctx.out_of_range("token id", id as u64, *vocab as u64));
+                }
+                let row = &mut out[id as usize * d..(id as usize + 1) * d];
+                for (o, &v) in row.iter_mut().zip(&g[i * d..(i + 1) * d]) {
+                    *o += v;
+                }
+            }
+            Ok(Tensor::F(out))
+        }
+        Op::RopeGrad { theta } => {
+            ctx.argc(1, args.len())?;
+            Ok(Tensor::F(rope(ctx.f(args[0])?, &arg_tys[0].shape, *theta as f64, true)))
+        }
+        Op::CrossEntropyGrad => {
+            ctx.argc(3, args.len())?;
+            let (logits, targets, g) = (ctx.f(args[0])?, ctx.u(args[1])?, ctx.f(args[2])?);
+            let v = arg_tys[0].shape[1];
+            let scale = g[0] / F::from_f64(targets.len().max(1) as f64);
+            let mut out = Vec::with_capacity(logits.len());
+            for (i, &t) in targets.iter().enumerate() {
+                if t as usize >= v {
+                    return Err(ctx.out_of_range("target", t as u64, v as u64));
+                }
+                let row = &logits[i * v..(i + 1) * v];
+                let lse = logsumexp(row);
+                for (j, &x) in row.iter().enumerate() {
+                    let onehot = if j == t as usize { F::ONE } else { F::ZERO };
+                    out.push(((x - lse).exp() - onehot) * scale);
+                }
+            }
+            Ok(Tensor::F(out))
+        }
+        Op::ScatterCols { cols } => {
+            ctx.argc(2, args.len())?;
+            let (g, idx) = (ctx.f(args[0])?, ctx.u(args[1])?);
+            let k = arg_tys[1].shape[1];
+            let mut out = vec![F::ZERO; ty.numel()];
+            for (i, &c) in idx.iter().enumerate() {
+                if c as usize >= *cols {
+                    return Err(ctx.out_of_range("column", c as u64, *cols as u64));
+                }
+                out[(i / k) * cols + c as usize] += g[i];
+            }
+            Ok(Tensor::F(out))
+        }
+        Op::MoeGatherGrad { layout } => {
+            ctx.argc(2, args.len())?;
+            let (gp, table) = (ctx.f(args[0])?, ctx.u(args[1])?);
+            let d = arg_tys[0].shape[1];
+            let mut out = vec![F::ZERO; layout.tokens * d];
+            for (slot, row) in assigned_slots(ctx, table, layout)? {
+                let t = slot / layout.k;
+                for i in 0..d {
+                    out[t * d + i] += gp[row * d + i];
+                }
+            }
+            Ok(Tensor::F(out))
+        }
+        Op::GroupedMatMulGradX { layout } => {
+            ctx.argc(3, args.len())?;
+            let (g, w, table) = (ctx.f(args[0])?, ctx.f(args[1])?, ctx.u(args[2])?);
+            let (n, k) = (arg_tys[1].shape[1], arg_tys[1].shape[2]);
+            let mut out = vec![F::ZERO; layout.rows() * k];
+            for (r, e) in used_rows(ctx, table, layout)? {
+                let o = &mut out[r * k..(r + 1) * k];
+                for c in 0..n {
+                    let gv = g[r * n + c];
+                    for (ov, &wv) in o.iter_mut().zip(&w[(e * n + c) * k..(e * n + c + 1) * k]) {
+                        *ov += gv * wv;
+                    }
+                }
+            }
+            Ok(Tensor::F(out))
+        }
+        Op::GroupedMatMulGradW { layout } => {
+            ctx.argc(3, args.len())?;
+            let (g, x, table) = (ctx.f(args[0])?, ctx.f(args[1])?, ctx.u(args[2])?);
+            let (n, k) = (arg_tys[0].shape[1], arg_tys[1].shape[1]);
+            let mut out = vec![F::ZERO; layout.experts * n * k];
+            for (r, e) in used_rows(ctx, table, layout)? {
+                let xr = &x[r * k..(r + 1) * k];
+                for c in 0..n {
+                    let gv = g[r * n + c];
+                    for (ov, &xv) in out[(e * n + c) * k..(e * n + c + 1) * k].iter_mut().zip(xr) {
+                        *ov += gv * xv;
+                    }
+                }
+            }
+            Ok(Tensor::F(out))
+        }
+        Op::MoeCombineGradRows { layout } => {
+            ctx.argc(3, args.len())?;
+            let (dy, wt, table) = (ctx.f(args[0])?, ctx.f(args[1])?, ctx.u(args[2])?);
+            let d = arg_tys[0].shape[1];
+            let mut out = vec![F::ZERO; layout.rows() * d];
+            for (slot, row) in assigned_slots(ctx, table, layout)? {
+                let t = slot / layout.k;
+                for i in 0..d {
+                    out[row * d + i] += wt[slot] * dy[t * d + i];
+                }
+            }
+            Ok(Tensor::F(out))
+        }
+        Op::MoeCombineGradWeights { layout } => {
+            ctx.argc(3, args.len())?;
+            let (dy, yp, table) = (ctx.f(args[0])?, ctx.f(args[1])?, ctx.u(args[2])?);
+            let d = arg_tys[0].shape[1];
+            let mut out = vec![F::ZERO; layout.tokens * layout.k];
+            for (slot, row) in assigned_slots(ctx, table, layout)? {
+                let t = slot / layout.k;
+                out[slot] = dot(&dy[t * d..(t + 1) * d], &yp[row * d..(row + 1) * d]);
+            }
+            Ok(Tensor::F(out))
+        }
+        other => Err(ctx.malformed(format!("`{}` is not an op the interpreter knows", other.mnemonic()))),
+    }
+}
+
+/// `(slot, padded row)` of every assigned token slot of a routing table (unassigned slots skipped).
+fn assigned_slots(
+    ctx: &Ctx,
+    table: &[u32],
+    layout: &RouteLayout,
+) -> Result<Vec<(usize, usize)>, InterpError> {
+    let slot_row = &table[layout.slot_row_at()..layout.slot_row_at() + layout.tokens * layout.k];
+    let mut out = Vec::with_capacity(slot_row.len());
+    for (slot, &row) in slot_row.iter().enumerate() {
+        if row == RouteLayout::NONE {
+            continue;
+        }
+        if row as usize >= layout.rows() {
+            return Err(ctx.out_of_range("slot_row", row as u64, layout.rows() as u64));
+        }
+        out.push((slot, row as usize));
+    }
+    Ok(out)
+}
+
+/// `(padded row, expert)` of every used padded row (below `offsets[experts]`), as `GroupedMatMul`
+/// visits them.
+fn used_rows(
+    ctx: &Ctx,
+    table: &[u32],
+    layout: &RouteLayout,
+) -> Result<Vec<(usize, usize)>, InterpError> {
+    let used = table[layout.offsets_at() + layout.experts] as usize;
+    if used > layout.rows() {
+        return Err(ctx.out_of_range("used rows", used as u64, layout.rows() as u64 + 1));
+    }
+    let row_expert = &table[layout.row_expert_at()..layout.row_expert_at() + layout.rows()];
+    let mut out = Vec::with_capacity(used);
+    for (r, &e) in row_expert[..used].iter().enumerate() {
+        if e as usize >= layout.experts {
+            return Err(ctx.out_of_range("row_expert", e as u64, layout.experts as u64));
+        }
+        out.push((r, e as usize));
+    }
+    Ok(out)
 }
 
 fn unary<F: Float>(u: UnaryOp, x: F) -> F {
@@ -781,7 +973,9 @@ fn matmul<F: Float>(a: &[F], at: &TensorType, b: &[F], bt: &TensorType, trans_b:
     out
 }
 
-fn rope<F: Float>(x: &[F], shape: &[usize], theta: f64) -> Vec<F> {
+/// RoPE (rotate_half) on `x[B, T, H, hd]`; `inverse` rotates by the negated angle, which is both the
+/// inverse and the adjoint (the transpose of a rotation), i.e. `RopeGrad`.
+fn rope<F: Float>(x: &[F], shape: &[usize], theta: f64, inverse: bool) -> Vec<F> {
     let (bsz, t, h, hd) = (shape[0], shape[1], shape[2], shape[3]);
     let half = hd / 2;
     let mut out = x.to_vec();
@@ -792,6 +986,7 @@ fn rope<F: Float>(x: &[F], shape: &[usize], theta: f64) -> Vec<F> {
                 for i in 0..half {
                     let inv_freq = theta.powf(-2.0 * i as f64 / hd as f64);
                     let angle = pos as f64 * inv_freq;
+                    let angle = if inverse { -angle } else { angle };
                     let (cos, sin) = (F::from_f64(angle.cos()), F::from_f64(angle.sin()));
                     let (x1, x2) = (x[base + i], x[base + i + half]);
                     out[base + i] = x1 * cos - x2 * sin;

@@ -3,6 +3,7 @@
 //! → `emit` (groups → WGSL + [`plan::Plan`]), plus `interp`, the reference interpreter every kernel
 //! is tested against, and `stats`, the numbers `moec check` prints.
 
+pub mod autodiff;
 pub mod check;
 pub mod emit;
 pub mod fuse;
