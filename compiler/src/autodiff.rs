@@ -63,21 +63,40 @@ pub fn training_graph(forward: &Graph) -> Result<Graph, AutodiffError> {
 
 /// `forward` plus the backward pass of its output `loss`: outputs `grad.<param>` (see the module doc).
 pub fn differentiate(forward: &Graph, loss: &str) -> Result<Graph, AutodiffError> {
-    let loss_id = forward.output(loss).ok_or_else(|| AutodiffError::NoLoss(loss.into()))?;
+    let loss_id = forward
+        .output(loss)
+        .ok_or_else(|| AutodiffError::NoLoss(loss.into()))?;
     let loss_ty = forward.ty(loss_id).clone();
     if loss_ty.dtype != DType::F32 || loss_ty.numel() != 1 {
-        return Err(AutodiffError::LossNotScalar { name: loss.into(), ty: loss_ty });
+        return Err(AutodiffError::LossNotScalar {
+            name: loss.into(),
+            ty: loss_ty,
+        });
     }
-    if forward.data_inputs().iter().any(|(_, name, _)| name == SEED) {
+    if forward
+        .data_inputs()
+        .iter()
+        .any(|(_, name, _)| name == SEED)
+    {
         return Err(AutodiffError::SeedTaken);
     }
     let order = forward.topo_order();
     let needed = needs_grad(forward, &order, loss_id);
 
-    let mut b = Backward { g: forward.clone(), adj: HashMap::new(), needed };
+    let mut b = Backward {
+        g: forward.clone(),
+        adj: HashMap::new(),
+        needed,
+    };
     let mut seed = b.g.input(SEED, TensorType::f32(&[1]));
     if loss_ty.shape != [1] {
-        seed = b.g.add(Op::Reshape { shape: loss_ty.shape.clone() }, &[seed], "grad.seed")?;
+        seed = b.g.add(
+            Op::Reshape {
+                shape: loss_ty.shape.clone(),
+            },
+            &[seed],
+            "grad.seed",
+        )?;
     }
     if b.needed.contains(&loss_id) {
         b.adj.insert(loss_id, seed);
@@ -95,7 +114,15 @@ pub fn differentiate(forward: &Graph, loss: &str) -> Result<Graph, AutodiffError
         let Some(&g) = b.adj.get(&id) else { continue };
         let taken = b.g.outputs.iter().any(|(_, o)| *o == g)
             || matches!(b.g.node(g).op, Op::Input { .. } | Op::Param { .. });
-        let g = if taken { b.g.add(Op::Affine { mul: 1.0, add: 0.0 }, &[g], format!("grad.{name}"))? } else { g };
+        let g = if taken {
+            b.g.add(
+                Op::Affine { mul: 1.0, add: 0.0 },
+                &[g],
+                format!("grad.{name}"),
+            )?
+        } else {
+            g
+        };
         b.g.set_output(&format!("{GRAD_PREFIX}{name}"), g);
     }
     Ok(b.g)
@@ -120,11 +147,10 @@ fn needs_grad(g: &Graph, order: &[NodeId], loss: NodeId) -> HashSet<NodeId> {
     let mut from_param = HashSet::new();
     for &id in order {
         let node = g.node(id);
-        let fed = g
-            .inputs(id)
-            .iter()
-            .enumerate()
-            .any(|(slot, a)| from_param.contains(a) && differentiable(&node.op, slot, g.ty(*a)));
+        let fed =
+            g.inputs(id).iter().enumerate().any(|(slot, a)| {
+                from_param.contains(a) && differentiable(&node.op, slot, g.ty(*a))
+            });
         if matches!(node.op, Op::Param { .. }) || fed {
             from_param.insert(id);
         }
@@ -158,10 +184,22 @@ impl Backward {
     fn unary(&mut self, u: UnaryOp, x: NodeId, label: String) -> Result<NodeId, AutodiffError> {
         self.add(Op::Unary(u), &[x], label)
     }
-    fn binary(&mut self, b: BinaryOp, x: NodeId, y: NodeId, label: String) -> Result<NodeId, AutodiffError> {
+    fn binary(
+        &mut self,
+        b: BinaryOp,
+        x: NodeId,
+        y: NodeId,
+        label: String,
+    ) -> Result<NodeId, AutodiffError> {
         self.add(Op::Binary(b), &[x, y], label)
     }
-    fn affine(&mut self, x: NodeId, mul: f32, add: f32, label: String) -> Result<NodeId, AutodiffError> {
+    fn affine(
+        &mut self,
+        x: NodeId,
+        mul: f32,
+        add: f32,
+        label: String,
+    ) -> Result<NodeId, AutodiffError> {
         if mul == 1.0 && add == 0.0 {
             return Ok(x);
         }
@@ -171,24 +209,57 @@ impl Backward {
         self.g.ty(x).shape.clone()
     }
     /// `x` summed down to `shape` (no node when the shapes already agree).
-    fn sum_to(&mut self, x: NodeId, shape: &[usize], label: String) -> Result<NodeId, AutodiffError> {
+    fn sum_to(
+        &mut self,
+        x: NodeId,
+        shape: &[usize],
+        label: String,
+    ) -> Result<NodeId, AutodiffError> {
         if self.g.ty(x).shape == shape {
             return Ok(x);
         }
-        self.add(Op::SumTo { shape: shape.to_vec() }, &[x], label)
+        self.add(
+            Op::SumTo {
+                shape: shape.to_vec(),
+            },
+            &[x],
+            label,
+        )
     }
     /// `x` broadcast up to `shape` (no node when the shapes already agree).
-    fn broadcast_to(&mut self, x: NodeId, shape: &[usize], label: String) -> Result<NodeId, AutodiffError> {
+    fn broadcast_to(
+        &mut self,
+        x: NodeId,
+        shape: &[usize],
+        label: String,
+    ) -> Result<NodeId, AutodiffError> {
         if self.g.ty(x).shape == shape {
             return Ok(x);
         }
-        self.add(Op::BroadcastTo { shape: shape.to_vec() }, &[x], label)
+        self.add(
+            Op::BroadcastTo {
+                shape: shape.to_vec(),
+            },
+            &[x],
+            label,
+        )
     }
-    fn reshape(&mut self, x: NodeId, shape: &[usize], label: String) -> Result<NodeId, AutodiffError> {
+    fn reshape(
+        &mut self,
+        x: NodeId,
+        shape: &[usize],
+        label: String,
+    ) -> Result<NodeId, AutodiffError> {
         if self.g.ty(x).shape == shape {
             return Ok(x);
         }
-        self.add(Op::Reshape { shape: shape.to_vec() }, &[x], label)
+        self.add(
+            Op::Reshape {
+                shape: shape.to_vec(),
+            },
+            &[x],
+            label,
+        )
     }
     /// Swaps the last two axes.
     fn transpose(&mut self, x: NodeId, label: String) -> Result<NodeId, AutodiffError> {
@@ -218,7 +289,9 @@ impl Backward {
         let want: Vec<bool> = args
             .iter()
             .enumerate()
-            .map(|(slot, a)| self.needed.contains(a) && differentiable(&node.op, slot, self.g.ty(*a)))
+            .map(|(slot, a)| {
+                self.needed.contains(a) && differentiable(&node.op, slot, self.g.ty(*a))
+            })
             .collect();
         if !want.contains(&true) {
             return Ok(());
@@ -230,7 +303,7 @@ impl Backward {
             Op::Input { .. } | Op::Param { .. } => {}
             Op::Affine { mul, .. } => grads[0] = Some(self.affine(g, *mul, 0.0, l(""))?),
             Op::Unary(u) => grads[0] = Some(self.unary_adjoint(*u, args[0], y, g, &node)?),
-            Op::Binary(op) => grads = self.binary_adjoint(*op, args[0], args[1], y, g, &want, &node)?,
+            Op::Binary(op) => grads = self.binary_adjoint(*op, &args, y, g, &want, &node)?,
             Op::Reduce(r) => {
                 let x = args[0];
                 let shape = self.shape(x);
@@ -258,12 +331,16 @@ impl Backward {
                 }
                 grads[0] = Some(self.add(Op::Permute { perm: inv }, &[g], l(""))?);
             }
-            Op::MatMul { trans_b } => grads = self.matmul_adjoint(*trans_b, args[0], args[1], g, &want, &node)?,
+            Op::MatMul { trans_b } => {
+                grads = self.matmul_adjoint(*trans_b, args[0], args[1], g, &want, &node)?
+            }
             Op::Embedding => {
                 let vocab = self.g.ty(args[0]).shape[0];
                 grads[0] = Some(self.add(Op::EmbeddingGrad { vocab }, &[args[1], g], l(""))?);
             }
-            Op::Rope { theta } => grads[0] = Some(self.add(Op::RopeGrad { theta: *theta }, &[g], l(""))?),
+            Op::Rope { theta } => {
+                grads[0] = Some(self.add(Op::RopeGrad { theta: *theta }, &[g], l(""))?)
+            }
             Op::Softmax { .. } => {
                 // dx = y · (g − Σ g·y); masked (causal) entries have y = 0, so they get 0.
                 let gy = self.binary(BinaryOp::Mul, g, y, l(".gy"))?;
@@ -279,26 +356,41 @@ impl Backward {
                 grads[0] = Some(self.add(Op::ScatterCols { cols }, &[g, args[1]], l(""))?);
             }
             Op::MoeGather { layout } => {
-                grads[0] = Some(self.add(Op::MoeGatherGrad { layout: *layout }, &[g, args[1]], l(""))?);
+                grads[0] =
+                    Some(self.add(Op::MoeGatherGrad { layout: *layout }, &[g, args[1]], l(""))?);
             }
             Op::GroupedMatMul { layout } => {
                 let (x, w, route) = (args[0], args[1], args[2]);
                 if want[0] {
-                    grads[0] = Some(self.add(Op::GroupedMatMulGradX { layout: *layout }, &[g, w, route], l(".dx"))?);
+                    grads[0] = Some(self.add(
+                        Op::GroupedMatMulGradX { layout: *layout },
+                        &[g, w, route],
+                        l(".dx"),
+                    )?);
                 }
                 if want[1] {
-                    grads[1] = Some(self.add(Op::GroupedMatMulGradW { layout: *layout }, &[g, x, route], l(".dw"))?);
+                    grads[1] = Some(self.add(
+                        Op::GroupedMatMulGradW { layout: *layout },
+                        &[g, x, route],
+                        l(".dw"),
+                    )?);
                 }
             }
             Op::MoeCombine { layout } => {
                 let (yp, weights, route) = (args[0], args[1], args[2]);
                 if want[0] {
-                    grads[0] =
-                        Some(self.add(Op::MoeCombineGradRows { layout: *layout }, &[g, weights, route], l(".rows"))?);
+                    grads[0] = Some(self.add(
+                        Op::MoeCombineGradRows { layout: *layout },
+                        &[g, weights, route],
+                        l(".rows"),
+                    )?);
                 }
                 if want[1] {
-                    grads[1] =
-                        Some(self.add(Op::MoeCombineGradWeights { layout: *layout }, &[g, yp, route], l(".weights"))?);
+                    grads[1] = Some(self.add(
+                        Op::MoeCombineGradWeights { layout: *layout },
+                        &[g, yp, route],
+                        l(".weights"),
+                    )?);
                 }
             }
             Op::SumTo { .. } => {
@@ -321,7 +413,10 @@ impl Backward {
             | Op::GroupedMatMulGradW { .. }
             | Op::MoeCombineGradRows { .. }
             | Op::MoeCombineGradWeights { .. } => {
-                return Err(AutodiffError::NotDifferentiable { label: node.label.clone(), op: node.op.mnemonic() })
+                return Err(AutodiffError::NotDifferentiable {
+                    label: node.label.clone(),
+                    op: node.op.mnemonic(),
+                })
             }
         }
         for (slot, grad) in grads.into_iter().enumerate() {
@@ -333,9 +428,17 @@ impl Backward {
     }
 
     /// dx of `y = u(x)` given `g = dy`, in the cheapest form (from `y` where it suffices).
-    fn unary_adjoint(&mut self, u: UnaryOp, x: NodeId, y: NodeId, g: NodeId, node: &Node) -> Result<NodeId, AutodiffError> {
+    fn unary_adjoint(
+        &mut self,
+        u: UnaryOp,
+        x: NodeId,
+        y: NodeId,
+        g: NodeId,
+        node: &Node,
+    ) -> Result<NodeId, AutodiffError> {
         let l = |part: &str| format!("grad.{}{}", node.label, part);
-        let mul = |b: &mut Self, a: NodeId, c: NodeId, part: &str| b.binary(BinaryOp::Mul, a, c, l(part));
+        let mul =
+            |b: &mut Self, a: NodeId, c: NodeId, part: &str| b.binary(BinaryOp::Mul, a, c, l(part));
         match u {
             UnaryOp::Neg => self.unary(UnaryOp::Neg, g, l("")),
             // g·y
@@ -399,25 +502,25 @@ impl Backward {
                 let d = self.unary(UnaryOp::Sigmoid, x, l(".d"))?;
                 mul(self, g, d, "")
             }
-            UnaryOp::Step | UnaryOp::GeluGrad => {
-                Err(AutodiffError::NotDifferentiable { label: node.label.clone(), op: node.op.mnemonic() })
-            }
+            UnaryOp::Step | UnaryOp::GeluGrad => Err(AutodiffError::NotDifferentiable {
+                label: node.label.clone(),
+                op: node.op.mnemonic(),
+            }),
         }
     }
 
     /// Adjoints of a broadcasting binary op `out = a ∘ b`, each summed back to its operand's shape.
-    #[allow(clippy::too_many_arguments)]
     fn binary_adjoint(
         &mut self,
         op: BinaryOp,
-        a: NodeId,
-        b: NodeId,
+        args: &[NodeId],
         out: NodeId,
         g: NodeId,
         want: &[bool],
         node: &Node,
     ) -> Result<Vec<Option<NodeId>>, AutodiffError> {
         let l = |part: &str| format!("grad.{}{}", node.label, part);
+        let (a, b) = (args[0], args[1]);
         let (sa, sb) = (self.shape(a), self.shape(b));
         let mut da = None;
         let mut db = None;
@@ -475,7 +578,10 @@ impl Backward {
                 }
             }
             BinaryOp::Ge => {
-                return Err(AutodiffError::NotDifferentiable { label: node.label.clone(), op: node.op.mnemonic() })
+                return Err(AutodiffError::NotDifferentiable {
+                    label: node.label.clone(),
+                    op: node.op.mnemonic(),
+                })
             }
         }
         Ok(vec![da, db])

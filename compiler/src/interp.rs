@@ -653,7 +653,10 @@ fn eval_grad_op<F: Float>(
             ctx.argc(1, args.len())?;
             let x = ctx.f(args[0])?;
             Ok(Tensor::F(
-                broadcast_index(shape, &arg_tys[0].shape).iter().map(|&i| x[i]).collect(),
+                broadcast_index(shape, &arg_tys[0].shape)
+                    .iter()
+                    .map(|&i| x[i])
+                    .collect(),
             ))
         }
         Op::EmbeddingGrad { vocab } => {
@@ -674,7 +677,12 @@ fn eval_grad_op<F: Float>(
         }
         Op::RopeGrad { theta } => {
             ctx.argc(1, args.len())?;
-            Ok(Tensor::F(rope(ctx.f(args[0])?, &arg_tys[0].shape, *theta as f64, true)))
+            Ok(Tensor::F(rope(
+                ctx.f(args[0])?,
+                &arg_tys[0].shape,
+                *theta as f64,
+                true,
+            )))
         }
         Op::CrossEntropyGrad => {
             ctx.argc(3, args.len())?;
@@ -777,7 +785,10 @@ fn eval_grad_op<F: Float>(
             }
             Ok(Tensor::F(out))
         }
-        other => Err(ctx.malformed(format!("`{}` is not an op the interpreter knows", other.mnemonic()))),
+        other => Err(ctx.malformed(format!(
+            "`{}` is not an op the interpreter knows",
+            other.mnemonic()
+        ))),
     }
 }
 
@@ -856,7 +867,8 @@ fn unary<F: Float>(u: UnaryOp, x: F) -> F {
             let a = F::from_f64(0.044715);
             let half = F::from_f64(0.5);
             let t = (c * (x + a * x * x * x)).tanh();
-            half * (F::ONE + t) + half * x * (F::ONE - t * t) * c * (F::ONE + F::from_f64(3.0) * a * x * x)
+            half * (F::ONE + t)
+                + half * x * (F::ONE - t * t) * c * (F::ONE + F::from_f64(3.0) * a * x * x)
         }
     }
 }

@@ -108,10 +108,17 @@ fn random_feeds(g: &Graph, seed: u64) -> HashMap<String, Value> {
     let mut feeds = HashMap::new();
     for (id, name, ty) in g.params() {
         let v: Vec<f64> = match g.node(id).op {
-            Op::Param { init: Init::Constant(c), .. } => (0..ty.numel()).map(|_| c as f64 + rng.random_range(-0.3..0.3)).collect(),
+            Op::Param {
+                init: Init::Constant(c),
+                ..
+            } => (0..ty.numel())
+                .map(|_| c as f64 + rng.random_range(-0.3..0.3))
+                .collect(),
             _ => {
                 let bound = (3.0 / ty.last() as f64).sqrt();
-                (0..ty.numel()).map(|_| rng.random_range(-bound..bound)).collect()
+                (0..ty.numel())
+                    .map(|_| rng.random_range(-bound..bound))
+                    .collect()
             }
         };
         feeds.insert(name, Value::F64(v));
@@ -121,9 +128,17 @@ fn random_feeds(g: &Graph, seed: u64) -> HashMap<String, Value> {
             moec_compiler::ir::DType::U32 => {
                 // ids index the vocabulary (tokens) or the classes (targets): bound by the table it feeds
                 let bound = id_bound(g, &name);
-                Value::U32((0..ty.numel()).map(|_| rng.random_range(0..bound)).collect())
+                Value::U32(
+                    (0..ty.numel())
+                        .map(|_| rng.random_range(0..bound))
+                        .collect(),
+                )
             }
-            moec_compiler::ir::DType::F32 => Value::F64((0..ty.numel()).map(|_| rng.random_range(-1.0..1.0)).collect()),
+            moec_compiler::ir::DType::F32 => Value::F64(
+                (0..ty.numel())
+                    .map(|_| rng.random_range(-1.0..1.0))
+                    .collect(),
+            ),
         };
         feeds.insert(name, v);
     }
@@ -133,7 +148,13 @@ fn random_feeds(g: &Graph, seed: u64) -> HashMap<String, Value> {
 /// The exclusive bound of a u32 input: the row count of the embedding table or the logits width of
 /// the cross-entropy it (possibly through reshapes) feeds.
 fn id_bound(g: &Graph, name: &str) -> u32 {
-    let mut frontier = vec![g.data_inputs().into_iter().find(|(_, n, _)| n == name).unwrap().0];
+    let mut frontier = vec![
+        g.data_inputs()
+            .into_iter()
+            .find(|(_, n, _)| n == name)
+            .unwrap()
+            .0,
+    ];
     while let Some(id) = frontier.pop() {
         for user in g.users(id) {
             match g.node(user).op {
@@ -191,7 +212,10 @@ fn check_model(what: &str, g: &Graph, feeds: &HashMap<String, Value>) {
     let outs = run_outputs_in(&train, &tfeeds, Precision::F64).unwrap();
     let (mut worst_abs, mut worst_rel, mut coords) = (0.0f64, 0.0f64, 0);
     for (_, name, ty) in g.params() {
-        let analytic = outs.get(&format!("grad.{name}")).unwrap_or_else(|| panic!("{what}: no grad.{name}")).to_f64();
+        let analytic = outs
+            .get(&format!("grad.{name}"))
+            .unwrap_or_else(|| panic!("{what}: no grad.{name}"))
+            .to_f64();
         assert_eq!(analytic.len(), ty.numel());
         let base = feeds[&name].to_f64();
         for (i, &a) in analytic.iter().enumerate() {
@@ -256,20 +280,35 @@ fn training_graph_extends_the_forward_graph_without_dead_nodes() {
     let g = graph(MOE, 2);
     let train = training_graph(&g).unwrap();
     for id in g.g.node_indices() {
-        assert_eq!(train.node(id), g.node(id), "forward node {} changed", id.index());
+        assert_eq!(
+            train.node(id),
+            g.node(id),
+            "forward node {} changed",
+            id.index()
+        );
     }
     for (name, id) in &g.outputs {
         assert_eq!(train.output(name), Some(*id), "forward output {name}");
     }
     let params = g.params();
-    let grads: Vec<&(String, NodeId)> = train.outputs.iter().filter(|(n, _)| n.starts_with("grad.")).collect();
+    let grads: Vec<&(String, NodeId)> = train
+        .outputs
+        .iter()
+        .filter(|(n, _)| n.starts_with("grad."))
+        .collect();
     assert_eq!(grads.len(), params.len(), "one gradient per parameter");
     for (_, name, ty) in &params {
-        let id = train.output(&format!("grad.{name}")).unwrap_or_else(|| panic!("no grad.{name}"));
+        let id = train
+            .output(&format!("grad.{name}"))
+            .unwrap_or_else(|| panic!("no grad.{name}"));
         assert_eq!(train.ty(id), ty);
     }
     let distinct: HashSet<NodeId> = grads.iter().map(|(_, id)| *id).collect();
-    assert_eq!(distinct.len(), grads.len(), "every gradient output owns its node");
+    assert_eq!(
+        distinct.len(),
+        grads.len(),
+        "every gradient output owns its node"
+    );
 
     let mut live: HashSet<NodeId> = HashSet::new();
     let mut stack: Vec<NodeId> = grads.iter().map(|(_, id)| *id).collect();
@@ -280,12 +319,24 @@ fn training_graph_extends_the_forward_graph_without_dead_nodes() {
     }
     for id in train.g.node_indices() {
         if g.g.node_weight(id).is_none() {
-            assert!(live.contains(&id), "dead backward node %{} {}", id.index(), train.node(id).label);
-            assert!(train.node(id).label.starts_with("grad"), "backward label {}", train.node(id).label);
+            assert!(
+                live.contains(&id),
+                "dead backward node %{} {}",
+                id.index(),
+                train.node(id).label
+            );
+            assert!(
+                train.node(id).label.starts_with("grad"),
+                "backward label {}",
+                train.node(id).label
+            );
         }
     }
     let backward = train.g.node_count() - g.g.node_count();
-    eprintln!("moe transformer: {} forward nodes, {backward} backward nodes", g.g.node_count());
+    eprintln!(
+        "moe transformer: {} forward nodes, {backward} backward nodes",
+        g.g.node_count()
+    );
 }
 
 /// Gradients are linear in the seed (the runtime scales it for accumulation and loss scaling).
@@ -296,13 +347,19 @@ fn gradients_scale_with_the_seed() {
     let mut feeds = random_feeds(&g, 5);
     let grads = |feeds: &HashMap<String, Value>| -> Vec<f64> {
         let outs = run_outputs_in(&train, feeds, Precision::F64).unwrap();
-        g.params().iter().flat_map(|(_, n, _)| outs[&format!("grad.{n}")].to_f64()).collect()
+        g.params()
+            .iter()
+            .flat_map(|(_, n, _)| outs[&format!("grad.{n}")].to_f64())
+            .collect()
     };
     feeds.insert(SEED.into(), Value::F64(vec![1.0]));
     let one = grads(&feeds);
     feeds.insert(SEED.into(), Value::F64(vec![0.25]));
     let quarter = grads(&feeds);
     for (a, b) in one.iter().zip(&quarter) {
-        assert!((a * 0.25 - b).abs() <= 1e-12 * a.abs().max(1e-30) + 1e-300, "{a} vs {b}");
+        assert!(
+            (a * 0.25 - b).abs() <= 1e-12 * a.abs().max(1e-30) + 1e-300,
+            "{a} vs {b}"
+        );
     }
 }

@@ -27,14 +27,19 @@ struct Case {
 
 impl Case {
     fn new(seed: u64) -> Self {
-        Case { g: Graph::new(), feeds: HashMap::new(), rng: ChaCha8Rng::seed_from_u64(seed) }
+        Case {
+            g: Graph::new(),
+            feeds: HashMap::new(),
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        }
     }
     fn uniform(&mut self, n: usize, lo: f64, hi: f64) -> Vec<f64> {
         (0..n).map(|_| self.rng.random_range(lo..hi)).collect()
     }
     fn param_with(&mut self, name: &str, shape: &[usize], v: Vec<f64>) -> NodeId {
         self.feeds.insert(name.into(), Value::F64(v));
-        self.g.param(name, shape, moec_compiler::ir::Init::Constant(0.0))
+        self.g
+            .param(name, shape, moec_compiler::ir::Init::Constant(0.0))
     }
     /// A param with entries uniform in [lo, hi).
     fn param(&mut self, name: &str, shape: &[usize], lo: f64, hi: f64) -> NodeId {
@@ -66,16 +71,38 @@ impl Case {
             let r = self.g.input(&name, ty.clone());
             let v = self.uniform(ty.numel(), -1.0, 1.0);
             self.feeds.insert(name, Value::F64(v));
-            let p = self.g.add(Op::Binary(BinaryOp::Mul), &[out, r], "weighted").unwrap();
-            let flat = self.g.add(Op::Reshape { shape: vec![1, ty.numel()] }, &[p], "flat").unwrap();
-            let s = self.g.add(Op::Reduce(ReduceOp::Sum), &[flat], "sum").unwrap();
-            let s = self.g.add(Op::Reshape { shape: vec![1] }, &[s], "scalar").unwrap();
+            let p = self
+                .g
+                .add(Op::Binary(BinaryOp::Mul), &[out, r], "weighted")
+                .unwrap();
+            let flat = self
+                .g
+                .add(
+                    Op::Reshape {
+                        shape: vec![1, ty.numel()],
+                    },
+                    &[p],
+                    "flat",
+                )
+                .unwrap();
+            let s = self
+                .g
+                .add(Op::Reduce(ReduceOp::Sum), &[flat], "sum")
+                .unwrap();
+            let s = self
+                .g
+                .add(Op::Reshape { shape: vec![1] }, &[s], "scalar")
+                .unwrap();
             loss = Some(match loss {
                 None => s,
-                Some(l) => self.g.add(Op::Binary(BinaryOp::Add), &[l, s], "total").unwrap(),
+                Some(l) => self
+                    .g
+                    .add(Op::Binary(BinaryOp::Add), &[l, s], "total")
+                    .unwrap(),
             });
         }
-        self.g.set_output("loss", loss.expect("at least one output"));
+        self.g
+            .set_output("loss", loss.expect("at least one output"));
         (self.g, self.feeds)
     }
 }
@@ -90,12 +117,24 @@ fn check(what: &str, g: &Graph, feeds: &HashMap<String, Value>) -> f64 {
     let train = differentiate(g, "loss").unwrap_or_else(|e| panic!("{what}: {e}"));
     let mut tfeeds = feeds.clone();
     tfeeds.insert(SEED.into(), Value::F64(vec![1.0]));
-    let outs = run_outputs_in(&train, &tfeeds, Precision::F64).unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert_eq!(outs["loss"].to_f64(), vec![loss_of(g, feeds)], "{what}: the forward part is unchanged");
+    let outs =
+        run_outputs_in(&train, &tfeeds, Precision::F64).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(
+        outs["loss"].to_f64(),
+        vec![loss_of(g, feeds)],
+        "{what}: the forward part is unchanged"
+    );
     let mut worst = 0.0f64;
     for (_, name, ty) in g.params() {
-        let analytic = outs.get(&format!("grad.{name}")).unwrap_or_else(|| panic!("{what}: no grad.{name}")).to_f64();
-        assert_eq!(analytic.len(), ty.numel(), "{what}: grad.{name} has the param's shape");
+        let analytic = outs
+            .get(&format!("grad.{name}"))
+            .unwrap_or_else(|| panic!("{what}: no grad.{name}"))
+            .to_f64();
+        assert_eq!(
+            analytic.len(),
+            ty.numel(),
+            "{what}: grad.{name} has the param's shape"
+        );
         let base = feeds[&name].to_f64();
         for (i, &a) in analytic.iter().enumerate() {
             let at = |delta: f64| {
@@ -121,7 +160,12 @@ fn check(what: &str, g: &Graph, feeds: &HashMap<String, Value>) -> f64 {
 fn affine_and_every_unary_op() {
     use UnaryOp::*;
     let mut worst = 0.0f64;
-    for (i, u) in [Neg, Exp, Log, Sqrt, Rsqrt, Recip, Square, Tanh, Relu, Silu, Gelu, Sigmoid, Softplus].into_iter().enumerate() {
+    for (i, u) in [
+        Neg, Exp, Log, Sqrt, Rsqrt, Recip, Square, Tanh, Relu, Silu, Gelu, Sigmoid, Softplus,
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let mut c = Case::new(i as u64);
         let x = match u {
             Log | Sqrt | Rsqrt | Recip => c.param("x", &[3, 4], 0.5, 2.0),
@@ -134,7 +178,13 @@ fn affine_and_every_unary_op() {
     }
     let mut c = Case::new(99);
     let x = c.param("x", &[2, 3], -1.0, 1.0);
-    let y = c.op(Op::Affine { mul: 1.5, add: 0.25 }, &[x]);
+    let y = c.op(
+        Op::Affine {
+            mul: 1.5,
+            add: 0.25,
+        },
+        &[x],
+    );
     let (g, feeds) = c.finish(&[y]);
     worst = worst.max(check("affine", &g, &feeds));
     eprintln!("unary/affine: max relative error {worst:e}");
@@ -149,7 +199,11 @@ fn step_and_ge_pass_no_gradient() {
     let (g, _) = c.finish(&[y]);
     let train = differentiate(&g, "loss").unwrap();
     assert!(train.output("grad.x").is_none());
-    assert_eq!(train.g.node_count(), g.g.node_count() + 1, "only the seed was added");
+    assert_eq!(
+        train.g.node_count(),
+        g.g.node_count() + 1,
+        "only the seed was added"
+    );
 
     // loss = Σ ge(a, b)·a·r: a's gradient is the mask times r, b gets none through the mask.
     let mut c = Case::new(2);
@@ -170,10 +224,21 @@ fn step_and_ge_pass_no_gradient() {
 
 #[test]
 fn binary_ops_with_broadcasting() {
-    let shapes: [(&[usize], &[usize]); 4] = [(&[2, 3], &[2, 3]), (&[2, 3, 4], &[3, 1]), (&[4], &[2, 3, 4]), (&[2, 1], &[1, 3])];
+    let shapes: [(&[usize], &[usize]); 4] = [
+        (&[2, 3], &[2, 3]),
+        (&[2, 3, 4], &[3, 1]),
+        (&[4], &[2, 3, 4]),
+        (&[2, 1], &[1, 3]),
+    ];
     let mut worst = 0.0f64;
     let mut seed = 0;
-    for op in [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Max] {
+    for op in [
+        BinaryOp::Add,
+        BinaryOp::Sub,
+        BinaryOp::Mul,
+        BinaryOp::Div,
+        BinaryOp::Max,
+    ] {
         for (sa, sb) in shapes {
             seed += 1;
             let mut c = Case::new(seed);
@@ -183,7 +248,9 @@ fn binary_ops_with_broadcasting() {
                 // Max: b alternates ±1.2, outside a's range, so |a − b| ≥ 0.2 for every pair and
                 // both operands win somewhere.
                 BinaryOp::Max => {
-                    let v = (0..sb.iter().product()).map(|i| if i % 2 == 0 { -1.2 } else { 1.2 }).collect();
+                    let v = (0..sb.iter().product())
+                        .map(|i| if i % 2 == 0 { -1.2 } else { 1.2 })
+                        .collect();
                     c.param_with("b", sb, v)
                 }
                 _ => c.param("b", sb, -1.0, 1.0),
@@ -205,7 +272,10 @@ fn binary_ops_with_broadcasting() {
 #[test]
 fn reductions() {
     let mut worst = 0.0f64;
-    for (i, r) in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max].into_iter().enumerate() {
+    for (i, r) in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max]
+        .into_iter()
+        .enumerate()
+    {
         let mut c = Case::new(10 + i as u64);
         // distinct values 0.1 apart, shuffled, so the row max is unique and far from the runner-up
         let mut v: Vec<f64> = (0..30).map(|j| j as f64 * 0.1 - 1.5).collect();
@@ -224,23 +294,46 @@ fn reductions() {
 #[test]
 fn layout_ops_and_their_gradient_ops() {
     let mut worst = 0.0f64;
-    let builds: Vec<(&str, Box<dyn Fn(&mut Case) -> NodeId>)> = vec![
-        ("reshape", Box::new(|c| {
-            let x = c.param("x", &[2, 6], -1.0, 1.0);
-            c.op(Op::Reshape { shape: vec![3, 4] }, &[x])
-        })),
-        ("permute", Box::new(|c| {
-            let x = c.param("x", &[2, 3, 4], -1.0, 1.0);
-            c.op(Op::Permute { perm: vec![2, 0, 1] }, &[x])
-        })),
-        ("sum_to", Box::new(|c| {
-            let x = c.param("x", &[2, 3, 4], -1.0, 1.0);
-            c.op(Op::SumTo { shape: vec![3, 1] }, &[x])
-        })),
-        ("broadcast_to", Box::new(|c| {
-            let x = c.param("x", &[3, 1], -1.0, 1.0);
-            c.op(Op::BroadcastTo { shape: vec![2, 3, 4] }, &[x])
-        })),
+    type Build = Box<dyn Fn(&mut Case) -> NodeId>;
+    let builds: Vec<(&str, Build)> = vec![
+        (
+            "reshape",
+            Box::new(|c| {
+                let x = c.param("x", &[2, 6], -1.0, 1.0);
+                c.op(Op::Reshape { shape: vec![3, 4] }, &[x])
+            }),
+        ),
+        (
+            "permute",
+            Box::new(|c| {
+                let x = c.param("x", &[2, 3, 4], -1.0, 1.0);
+                c.op(
+                    Op::Permute {
+                        perm: vec![2, 0, 1],
+                    },
+                    &[x],
+                )
+            }),
+        ),
+        (
+            "sum_to",
+            Box::new(|c| {
+                let x = c.param("x", &[2, 3, 4], -1.0, 1.0);
+                c.op(Op::SumTo { shape: vec![3, 1] }, &[x])
+            }),
+        ),
+        (
+            "broadcast_to",
+            Box::new(|c| {
+                let x = c.param("x", &[3, 1], -1.0, 1.0);
+                c.op(
+                    Op::BroadcastTo {
+                        shape: vec![2, 3, 4],
+                    },
+                    &[x],
+                )
+            }),
+        ),
     ];
     for (i, (what, build)) in builds.iter().enumerate() {
         let mut c = Case::new(20 + i as u64);
@@ -270,7 +363,11 @@ fn matmuls_batched_transposed_and_shared() {
         let b = c.param("b", sb, -1.0, 1.0);
         let y = c.op(Op::MatMul { trans_b }, &[a, b]);
         let (g, feeds) = c.finish(&[y]);
-        worst = worst.max(check(&format!("matmul {sa:?} {sb:?} trans_b={trans_b}"), &g, &feeds));
+        worst = worst.max(check(
+            &format!("matmul {sa:?} {sb:?} trans_b={trans_b}"),
+            &g,
+            &feeds,
+        ));
     }
     // Gram matrix x·xᵀ: one node on both sides.
     let mut c = Case::new(40);
@@ -299,12 +396,23 @@ fn embedding_rope_softmax_cross_entropy() {
     worst = worst.max(check("rope", &g, &feeds));
 
     // plain, causal [B, S, S], and causal with 2 query heads stacked per KV head ([1, KV, 2·S, S])
-    for (i, (shape, causal)) in [(vec![3, 5], false), (vec![2, 4, 4], true), (vec![1, 2, 6, 3], true)].into_iter().enumerate() {
+    for (i, (shape, causal)) in [
+        (vec![3, 5], false),
+        (vec![2, 4, 4], true),
+        (vec![1, 2, 6, 3], true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let mut c = Case::new(52 + i as u64);
         let x = c.param("x", &shape, -2.0, 2.0);
         let y = c.op(Op::Softmax { causal }, &[x]);
         let (g, feeds) = c.finish(&[y]);
-        worst = worst.max(check(&format!("softmax {shape:?} causal={causal}"), &g, &feeds));
+        worst = worst.max(check(
+            &format!("softmax {shape:?} causal={causal}"),
+            &g,
+            &feeds,
+        ));
     }
 
     let mut c = Case::new(60);
@@ -345,7 +453,12 @@ fn topk_gap(scores: &[f64], e: usize, k: usize) -> f64 {
 #[test]
 fn moe_route_gather_grouped_matmul_combine_k2() {
     let (t, d, e, k, h) = (6, 4, 4, 2, 3);
-    let layout = RouteLayout { tokens: t, k, experts: e, tile: 4 };
+    let layout = RouteLayout {
+        tokens: t,
+        k,
+        experts: e,
+        tile: 4,
+    };
     let mut seed = 70;
     let (g, feeds) = loop {
         let mut c = Case::new(seed);
@@ -392,15 +505,27 @@ fn errors_are_values() {
     let x = c.param("x", &[2], -1.0, 1.0);
     let y = c.op(Op::Unary(UnaryOp::Exp), &[x]);
     let (mut g, _) = c.finish(&[y]);
-    assert_eq!(differentiate(&g, "nope").unwrap_err(), AutodiffError::NoLoss("nope".into()));
+    assert_eq!(
+        differentiate(&g, "nope").unwrap_err(),
+        AutodiffError::NoLoss("nope".into())
+    );
     g.set_output("vector", y);
-    assert!(matches!(differentiate(&g, "vector").unwrap_err(), AutodiffError::LossNotScalar { .. }));
+    assert!(matches!(
+        differentiate(&g, "vector").unwrap_err(),
+        AutodiffError::LossNotScalar { .. }
+    ));
     g.input(SEED, TensorType::f32(&[1]));
-    assert_eq!(differentiate(&g, "loss").unwrap_err(), AutodiffError::SeedTaken);
+    assert_eq!(
+        differentiate(&g, "loss").unwrap_err(),
+        AutodiffError::SeedTaken
+    );
 
     let mut c = Case::new(0);
     let x = c.param("x", &[2], -1.0, 1.0);
     let y = c.op(Op::Unary(UnaryOp::GeluGrad), &[x]);
     let (g, _) = c.finish(&[y]);
-    assert!(matches!(differentiate(&g, "loss").unwrap_err(), AutodiffError::NotDifferentiable { .. }));
+    assert!(matches!(
+        differentiate(&g, "loss").unwrap_err(),
+        AutodiffError::NotDifferentiable { .. }
+    ));
 }
