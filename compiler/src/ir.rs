@@ -347,10 +347,17 @@ impl Graph {
         users
     }
 
-    /// Node ids in a topological order (creation order is one, since builders only consume existing
-    /// nodes; kept explicit so passes that rewrite the graph stay correct).
+    /// Node ids in a topological order: creation order, which is topological because builders only
+    /// consume existing nodes, and which keeps dumps and kernel numbering readable and stable. A pass
+    /// that rewires edges backwards falls back to a general topological sort.
     pub fn topo_order(&self) -> Vec<NodeId> {
-        petgraph::algo::toposort(&self.g, None).expect("Graph IR is acyclic by construction")
+        let mut order: Vec<NodeId> = self.g.node_indices().collect();
+        order.sort();
+        if self.g.edge_references().all(|e| e.source() < e.target()) {
+            order
+        } else {
+            petgraph::algo::toposort(&self.g, None).expect("Graph IR is acyclic by construction")
+        }
     }
 
     pub fn output(&self, name: &str) -> Option<NodeId> {
