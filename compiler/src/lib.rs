@@ -27,6 +27,8 @@ pub enum CompileError {
     Lower(#[from] lower::LowerError),
     #[error(transparent)]
     Emit(#[from] emit::EmitError),
+    #[error(transparent)]
+    Autodiff(#[from] autodiff::AutodiffError),
 }
 
 /// The stages of one compilation, kept so callers can dump or test any of them.
@@ -40,6 +42,20 @@ pub struct Compiled {
 /// runs it. `fusion = false` gives one kernel per op (`--no-fuse`).
 pub fn compile(spec: &Spec, batch: usize, target: &Target, fusion: bool) -> Result<Compiled, CompileError> {
     let graph = lower::lower(spec, batch)?;
+    let options = if fusion { FuseOptions::for_target(target) } else { FuseOptions::unfused(target) };
+    let fused = fuse::fuse(&graph, options);
+    let plan = emit::emit(&graph, &fused, target)?;
+    Ok(Compiled { graph, fused, plan })
+}
+
+/// Spec → forward Graph → training graph (forward + backward, [`autodiff::training_graph`]) → kernel
+/// groups → Plan: what `moec train` runs each micro-step. Besides the forward outputs the plan has
+/// the input `grad_seed` and one output `grad.<param>` per parameter that reaches the loss; the
+/// optimizer update is not in the plan (the runtime's optimizer kernels run after it in the same
+/// submission, with state the plan does not know about).
+pub fn compile_training(spec: &Spec, batch: usize, target: &Target, fusion: bool) -> Result<Compiled, CompileError> {
+    let forward = lower::lower(spec, batch)?;
+    let graph = autodiff::training_graph(&forward)?;
     let options = if fusion { FuseOptions::for_target(target) } else { FuseOptions::unfused(target) };
     let fused = fuse::fuse(&graph, options);
     let plan = emit::emit(&graph, &fused, target)?;

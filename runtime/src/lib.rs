@@ -135,6 +135,88 @@ impl Gpu {
     pub fn max_buffer_size(&self) -> u64 {
         self.limits.max_buffer_size
     }
+
+    /// A storage buffer that can also be written by the host and read back (the usage every moec
+    /// buffer has). `bytes` is rounded up to a multiple of 4, at least 4.
+    pub fn storage_buffer(&self, label: &str, bytes: u64) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes.max(4).next_multiple_of(4),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// Records one compute pass with `record` and submits it, so several executors (the training plan,
+    /// the optimizer) share one submission with no host round trip between them. Does not wait.
+    pub fn run_pass(&self, record: impl FnOnce(&mut wgpu::ComputePass<'_>)) -> Result<(), RuntimeError> {
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let mut encoder = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("moec step") });
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("moec"), timestamp_writes: None });
+            record(&mut pass);
+        }
+        self.queue.submit([encoder.finish()]);
+        match pollster::block_on(scope.pop()) {
+            Some(error) => Err(RuntimeError::Execution(error.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for all submitted work.
+    pub fn wait(&self) -> Result<(), RuntimeError> {
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map(|_| ()).map_err(|e| RuntimeError::Execution(e.to_string()))
+    }
+
+    /// Copies the first `size` bytes of `buffer` back to the host (waits for the GPU). `size` must be
+    /// a multiple of 4 and at most the buffer's size.
+    pub fn read_buffer(&self, buffer: &wgpu::Buffer, size: u64) -> Result<Vec<u8>, RuntimeError> {
+        let padded = size.max(4).next_multiple_of(4);
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("moec readback"),
+            size: padded,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("moec readback") });
+        encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, padded);
+        self.queue.submit([encoder.finish()]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |result| {
+            let _ = tx.send(result);
+        });
+        self.wait()?;
+        rx.recv()
+            .map_err(|e| RuntimeError::Execution(e.to_string()))?
+            .map_err(|e| RuntimeError::Execution(format!("mapping a buffer for readback: {e}")))?;
+        let bytes = staging.get_mapped_range(..).map_err(|e| RuntimeError::Execution(e.to_string()))?[..size as usize].to_vec();
+        staging.unmap();
+        Ok(bytes)
+    }
+
+    pub fn read_buffer_f32(&self, buffer: &wgpu::Buffer, len: usize) -> Result<Vec<f32>, RuntimeError> {
+        Ok(bytemuck::pod_collect_to_vec(&self.read_buffer(buffer, 4 * len as u64)?))
+    }
+}
+
+/// Where [`Executor::first_non_finite`] found the first NaN or infinity.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NonFinite {
+    /// Index into the plan's dispatch list.
+    pub dispatch: usize,
+    /// The kernel's name (`012_matmul_blocks_0_attn_q`: dispatch index, anchor op, anchor label).
+    pub kernel: String,
+    /// Label of the written buffer that holds the non-finite value.
+    pub buffer: String,
+    /// Its first non-finite element: index and value.
+    pub index: usize,
+    pub value: f32,
+}
+
+impl fmt::Display for NonFinite {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "dispatch {} (kernel `{}`) wrote {} at element {} of `{}`", self.dispatch, self.kernel, self.value, self.index, self.buffer)
+    }
 }
 
 /// A Plan made live on a [`Gpu`]: buffers allocated, pipelines and bind groups created once.
@@ -149,10 +231,27 @@ pub struct Executor<'g> {
 
 impl<'g> Executor<'g> {
     pub fn new(gpu: &'g Gpu, plan: &Plan) -> Result<Executor<'g>, RuntimeError> {
+        Self::with_shared(gpu, plan, &HashMap::new())
+    }
+
+    /// Like [`Executor::new`], but every Param buffer whose name is a key of `shared` is that buffer
+    /// instead of a fresh one (it must have the plan's size). This is how the forward-only eval plan
+    /// reads the weights the training plan updates, with no copy.
+    pub fn with_shared(gpu: &'g Gpu, plan: &Plan, shared: &HashMap<String, wgpu::Buffer>) -> Result<Executor<'g>, RuntimeError> {
         let device = &gpu.device;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let mut buffers = Vec::with_capacity(plan.buffers.len());
         for spec in &plan.buffers {
+            if let BufferRole::Param { name, .. } = &spec.role {
+                if let Some(buffer) = shared.get(name) {
+                    let expected = spec.size.max(4).next_multiple_of(4);
+                    if buffer.size() != expected {
+                        return Err(RuntimeError::SizeMismatch { name: name.clone(), expected, got: buffer.size(), dtype: spec.dtype });
+                    }
+                    buffers.push(buffer.clone());
+                    continue;
+                }
+            }
             if spec.size > gpu.max_buffer_size() {
                 return Err(RuntimeError::Limit {
                     adapter: gpu.info.name.clone(),
@@ -160,12 +259,7 @@ impl<'g> Executor<'g> {
                     limit: format!("{} bytes", gpu.max_buffer_size()),
                 });
             }
-            buffers.push(device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(&spec.label),
-                size: spec.size.max(4).next_multiple_of(4),
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            }));
+            buffers.push(gpu.storage_buffer(&spec.label, spec.size));
         }
         let mut pipelines = Vec::with_capacity(plan.kernels.len());
         let mut layouts = Vec::with_capacity(plan.kernels.len());
@@ -268,21 +362,68 @@ impl<'g> Executor<'g> {
 
     /// Records every dispatch of the plan into one compute pass and submits it.
     pub fn run(&self) -> Result<(), RuntimeError> {
-        let scope = self.gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let mut encoder = self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("moec step") });
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("moec"), timestamp_writes: None });
-            for (d, bind_group) in self.plan.dispatches.iter().zip(&self.bind_groups) {
-                pass.set_pipeline(&self.pipelines[d.kernel]);
-                pass.set_bind_group(0, bind_group, &[]);
-                pass.dispatch_workgroups(d.workgroups[0], d.workgroups[1], d.workgroups[2]);
+        self.gpu.run_pass(|pass| self.encode(pass))
+    }
+
+    /// Records every dispatch of the plan into `pass` (see [`Gpu::run_pass`]).
+    pub fn encode(&self, pass: &mut wgpu::ComputePass<'_>) {
+        for (d, bind_group) in self.plan.dispatches.iter().zip(&self.bind_groups) {
+            pass.set_pipeline(&self.pipelines[d.kernel]);
+            pass.set_bind_group(0, bind_group, &[]);
+            pass.dispatch_workgroups(d.workgroups[0], d.workgroups[1], d.workgroups[2]);
+        }
+    }
+
+    /// The GPU buffer of a named Param, Input or Output.
+    pub fn buffer(&self, name: &str) -> Result<&wgpu::Buffer, RuntimeError> {
+        Ok(&self.buffers[self.named(name)?])
+    }
+
+    /// Every Param buffer by name, to share with another executor ([`Executor::with_shared`]).
+    pub fn param_buffers(&self) -> HashMap<String, wgpu::Buffer> {
+        self.plan
+            .buffers
+            .iter()
+            .zip(&self.buffers)
+            .filter_map(|(spec, buffer)| match &spec.role {
+                BufferRole::Param { name, .. } => Some((name.clone(), buffer.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Runs the plan one dispatch at a time and, after each, reads back every f32 buffer it wrote;
+    /// returns the first non-finite value found, or `None` when the whole plan stays finite. Scratch
+    /// and Output buffers are zeroed first, so values left over from an earlier (diverged) run cannot
+    /// be blamed on a kernel that only writes part of its buffer. Slow (a readback per dispatch): this
+    /// is the diagnosis path after a NaN, not a training path.
+    pub fn first_non_finite(&self) -> Result<Option<NonFinite>, RuntimeError> {
+        let mut encoder = self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("moec clear") });
+        for (spec, buffer) in self.plan.buffers.iter().zip(&self.buffers) {
+            if matches!(spec.role, BufferRole::Scratch | BufferRole::Output { .. }) {
+                encoder.clear_buffer(buffer, 0, None);
             }
         }
         self.gpu.queue.submit([encoder.finish()]);
-        match pollster::block_on(scope.pop()) {
-            Some(error) => Err(RuntimeError::Execution(error.to_string())),
-            None => Ok(()),
+        for (i, (d, bind_group)) in self.plan.dispatches.iter().zip(&self.bind_groups).enumerate() {
+            self.gpu.run_pass(|pass| {
+                pass.set_pipeline(&self.pipelines[d.kernel]);
+                pass.set_bind_group(0, bind_group, &[]);
+                pass.dispatch_workgroups(d.workgroups[0], d.workgroups[1], d.workgroups[2]);
+            })?;
+            let kernel = &self.plan.kernels[d.kernel];
+            for (&b, &writes) in d.bindings.iter().zip(&kernel.writes) {
+                let spec = &self.plan.buffers[b];
+                if !writes || spec.dtype != DType::F32 {
+                    continue;
+                }
+                let values = self.gpu.read_buffer_f32(&self.buffers[b], (spec.size / 4) as usize)?;
+                if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+                    return Ok(Some(NonFinite { dispatch: i, kernel: kernel.name.clone(), buffer: spec.label.clone(), index, value: values[index] }));
+                }
+            }
         }
+        Ok(None)
     }
 
     /// Runs the plan one dispatch per submission, waiting after each, and returns the wall time of
@@ -309,33 +450,13 @@ impl<'g> Executor<'g> {
 
     /// Waits for all submitted work; used by benchmarks to time whole steps.
     pub fn wait(&self) -> Result<(), RuntimeError> {
-        self.gpu.device.poll(wgpu::PollType::wait_indefinitely()).map(|_| ()).map_err(|e| RuntimeError::Execution(e.to_string()))
+        self.gpu.wait()
     }
 
     /// Copies a named buffer back to the host (waits for the GPU).
     pub fn read_bytes(&self, name: &str) -> Result<Vec<u8>, RuntimeError> {
         let id = self.named(name)?;
-        let size = self.plan.buffers[id].size;
-        let staging = self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("moec readback"),
-            size: size.max(4).next_multiple_of(4),
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let mut encoder = self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("moec readback") });
-        encoder.copy_buffer_to_buffer(&self.buffers[id], 0, &staging, 0, size.max(4).next_multiple_of(4));
-        self.gpu.queue.submit([encoder.finish()]);
-        let (tx, rx) = std::sync::mpsc::channel();
-        staging.map_async(wgpu::MapMode::Read, .., move |result| {
-            let _ = tx.send(result);
-        });
-        self.wait()?;
-        rx.recv()
-            .map_err(|e| RuntimeError::Execution(e.to_string()))?
-            .map_err(|e| RuntimeError::Execution(format!("mapping `{name}` for readback: {e}")))?;
-        let bytes = staging.get_mapped_range(..).map_err(|e| RuntimeError::Execution(e.to_string()))?[..size as usize].to_vec();
-        staging.unmap();
-        Ok(bytes)
+        self.gpu.read_buffer(&self.buffers[id], self.plan.buffers[id].size)
     }
 
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>, RuntimeError> {
@@ -350,4 +471,6 @@ impl<'g> Executor<'g> {
 pub mod checkpoint;
 pub mod data;
 pub mod metrics;
+pub mod optim;
 pub mod schedule;
+pub mod train;

@@ -1,0 +1,562 @@
+//! Optimizers, gradient clipping and gradient accumulation as WGSL kernels (`shaders/optim_*.wgsl`,
+//! `shaders/clip_*.wgsl`), recorded into the same submission as the training plan: a step never
+//! reads anything back to the host.
+//!
+//! # Per step
+//! 1. After every micro-step's plan: `track` sums the plan's `loss` and `ce` into the [`StepStats`]
+//!    buffer, and with `accumulate > 1` each gradient is added into an accumulation buffer (the plan
+//!    scales its gradients by `grad_seed = 1 / accumulate`, so the sum is the mean gradient).
+//! 2. After the last micro-step: `clip_sumsq` writes partial sums of squares of every gradient,
+//!    `clip_finalize` reduces them to the global norm and the clip scale `min(1, clip / (norm + 1e-6))`
+//!    (PyTorch's `clip_grad_norm_`; 1 without `clip`), and one update kernel per parameter applies the
+//!    optimizer with the scaled gradient. A non-finite norm or loss sets a sticky flag in the stats
+//!    buffer that turns every later update into a no-op, so the weights stay those of the last good
+//!    step until the host next reads the stats (on log, eval and checkpoint steps).
+//!
+//! Per-step scalars (learning rates from the schedule, bias corrections, the schedule-free averaging
+//! weight, the micro-step index) live in one 40-byte storage buffer written by the host per micro-step.
+//!
+//! # Parameter groups
+//! Weight decay is not applied to parameters with a 1-D shape (norm weights, biases), as nanoGPT and
+//! most recipes do. `expert_lr = X` gives parameters whose name contains `block_sparse_moe.experts`
+//! the base learning rate X (scaled by the same schedule as `lr`: `X · lr_t / lr`).
+//!
+//! # Optimizers
+//! - `adamw`: PyTorch `torch.optim.AdamW` (decoupled decay, bias correction), state `m`, `v`.
+//! - `sgd`: PyTorch `torch.optim.SGD` with momentum (dampening 0), state `momentum_buffer`; no state
+//!   when `momentum = 0`.
+//! - `schedule_free_adamw`: `schedulefree.AdamWScheduleFree` (r = 0, weight_lr_power = 2, its warmup
+//!   replaced by the spec's `schedule`). The param buffer the plan reads is y, the point gradients
+//!   are taken at; state `x` (the averaged weights), `z` and `v`. Checkpoints store **x** as the model
+//!   weights (what is evaluated and shipped) and y, z, v as `optim.<name>.y/.z/.v`; evaluation reads x.
+//! - `adafactor` and `expert_lr = adaptive(...)` are rejected at startup as not supported yet.
+
+use crate::checkpoint::Tensor;
+use crate::schedule::lr_at;
+use crate::{Gpu, RuntimeError};
+use bytemuck::{Pod, Zeroable};
+use moec_compiler::spec::{ExpertLr, Optimizer as OptimizerSpec, Schedule, Train};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+
+const PRELUDE: &str = include_str!("../../shaders/optim_prelude.wgsl");
+const TRACK: &str = include_str!("../../shaders/optim_track.wgsl");
+const ACCUMULATE: &str = include_str!("../../shaders/optim_accumulate.wgsl");
+const SUMSQ: &str = include_str!("../../shaders/clip_sumsq.wgsl");
+const FINALIZE: &str = include_str!("../../shaders/clip_finalize.wgsl");
+const ADAMW: &str = include_str!("../../shaders/optim_adamw.wgsl");
+const SGD: &str = include_str!("../../shaders/optim_sgd.wgsl");
+const SGD_PLAIN: &str = include_str!("../../shaders/optim_sgd_plain.wgsl");
+const SCHEDULE_FREE: &str = include_str!("../../shaders/optim_schedule_free.wgsl");
+
+/// Invocations per workgroup of every kernel here (`WG` in the prelude).
+const WG: u64 = 256;
+/// Gradient elements per workgroup of `clip_sumsq` (each invocation sums 16 with a grid stride).
+const SUMSQ_CHUNK: u64 = WG * 16;
+/// Name fragment that puts a parameter in the expert group.
+pub const EXPERT_MARKER: &str = "block_sparse_moe.experts";
+
+#[derive(Debug, thiserror::Error)]
+pub enum OptimError {
+    #[error("{0} is not supported yet")]
+    Unsupported(String),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("the checkpoint has no tensor `{0}`")]
+    Missing(String),
+    #[error("tensor `{name}` has shape {got:?} in the checkpoint but {expected:?} in the model")]
+    Shape { name: String, expected: Vec<usize>, got: Vec<usize> },
+    #[error("accumulate must be at least 1")]
+    Accumulate,
+}
+
+/// Everything of the `train` block the optimizer needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptimSettings {
+    pub optimizer: OptimizerSpec,
+    pub expert_lr: Option<ExpertLr>,
+    pub schedule: Schedule,
+    /// Length of the schedule in optimizer steps.
+    pub total_steps: usize,
+    pub clip: Option<f64>,
+    pub accumulate: usize,
+}
+
+impl OptimSettings {
+    pub fn from_train(train: &Train) -> OptimSettings {
+        OptimSettings {
+            optimizer: train.optimizer,
+            expert_lr: train.expert_lr,
+            schedule: train.schedule,
+            total_steps: train.steps,
+            clip: train.clip,
+            accumulate: train.accumulate,
+        }
+    }
+
+    /// The optimizer's base learning rate.
+    pub fn base_lr(&self) -> f64 {
+        match self.optimizer {
+            OptimizerSpec::AdamW { lr, .. }
+            | OptimizerSpec::Sgd { lr, .. }
+            | OptimizerSpec::Adafactor { lr, .. }
+            | OptimizerSpec::ScheduleFreeAdamW { lr, .. } => lr,
+        }
+    }
+
+    /// Learning rates of group 0 (all but experts) and group 1 (experts) at 0-based step `step`.
+    pub fn lrs_at(&self, step: usize) -> [f64; 2] {
+        let base = self.base_lr();
+        let lr = lr_at(&self.schedule, base, step, self.total_steps);
+        let expert = match self.expert_lr {
+            Some(ExpertLr::Fixed(x)) => lr_at(&self.schedule, x, step, self.total_steps),
+            _ => lr,
+        };
+        [lr, expert]
+    }
+}
+
+/// One trainable tensor: its name and shape, the buffer the plan reads, and the plan's gradient.
+#[derive(Debug, Clone)]
+pub struct ParamBinding {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub param: wgpu::Buffer,
+    /// `None` when the parameter does not reach the loss (autodiff emits no gradient for it): like
+    /// PyTorch's optimizers for a `None` grad, its update is skipped entirely (no weight decay
+    /// either), and it has no optimizer state; it is still initialised, evaluated and checkpointed.
+    pub grad: Option<wgpu::Buffer>,
+}
+
+/// Host-side optimizer state that lives between steps (schedule-free's running lr maximum and weight
+/// sum, per group); saved in checkpoints as JSON.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostState {
+    pub lr_max: [f64; 2],
+    pub weight_sum: [f64; 2],
+}
+
+/// What the GPU tracked for the last optimizer step (read on demand, one small readback).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// Mean over micro-steps of the plan's `loss`.
+    pub loss: f32,
+    /// Mean over micro-steps of the plan's `ce`.
+    pub ce: f32,
+    /// Global L2 norm of the (accumulated) gradient, before clipping.
+    pub grad_norm: f32,
+    /// The factor the gradient was multiplied by (1 unless clipped).
+    pub clip_scale: f32,
+    /// The first 0-based step whose loss or gradient norm was non-finite; no update ran since.
+    pub bad_step: Option<u32>,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, Pod, Zeroable)]
+struct Scalars {
+    lr: [f32; 2],
+    step_size: [f32; 2],
+    ckp1: [f32; 2],
+    bc2_sqrt: f32,
+    micro: u32,
+    step: u32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+struct ParamInfo {
+    group: u32,
+    decay: f32,
+    slot: u32,
+    partials: u32,
+}
+
+/// Bytes of the stats buffer (`Stats` in the prelude: 6 words).
+const STATS_BYTES: u64 = 24;
+
+struct Slot {
+    name: String,
+    shape: Vec<usize>,
+    numel: usize,
+    param: wgpu::Buffer,
+    /// Optimizer state by suffix (`m`, `v`, `momentum_buffer`, `x`, `z`), in binding order; empty
+    /// for a parameter without gradient.
+    state: Vec<(&'static str, wgpu::Buffer)>,
+    /// `None` for a parameter without gradient.
+    kernels: Option<SlotKernels>,
+}
+
+struct SlotKernels {
+    accumulate: Option<wgpu::BindGroup>,
+    sumsq: wgpu::BindGroup,
+    sumsq_groups: u32,
+    update: wgpu::BindGroup,
+    grid: [u32; 3],
+}
+
+struct Pipelines {
+    track: wgpu::ComputePipeline,
+    accumulate: wgpu::ComputePipeline,
+    sumsq: wgpu::ComputePipeline,
+    finalize: wgpu::ComputePipeline,
+    update: wgpu::ComputePipeline,
+}
+
+/// The optimizer of one training run, bound to the plan's parameter and gradient buffers.
+pub struct Optimizer<'g> {
+    gpu: &'g Gpu,
+    settings: OptimSettings,
+    slots: Vec<Slot>,
+    pipelines: Pipelines,
+    scalars: wgpu::Buffer,
+    stats: wgpu::Buffer,
+    track: wgpu::BindGroup,
+    finalize: wgpu::BindGroup,
+    host: HostState,
+    current: Scalars,
+}
+
+/// Whether a parameter gets weight decay: not norms and biases (1-D).
+pub fn decays(shape: &[usize]) -> bool {
+    shape.len() >= 2
+}
+
+/// Whether a parameter is in the expert learning-rate group.
+pub fn is_expert(name: &str) -> bool {
+    name.contains(EXPERT_MARKER)
+}
+
+/// WGSL float literal of an f32 constant (Rust's `{:?}` prints the shortest round-trip form).
+fn lit(x: f64) -> String {
+    let s = format!("{:?}", x as f32);
+    if s.contains('.') || s.contains('e') || s.contains("inf") || s.contains("NaN") {
+        s
+    } else {
+        format!("{s}.0")
+    }
+}
+
+/// Elementwise grid of `n` elements at `WG` per workgroup, folded into x and y.
+fn grid(n: usize, max_dim: u32) -> [u32; 3] {
+    let groups = (n as u64).div_ceil(WG).max(1);
+    let x = groups.min(max_dim as u64);
+    [x as u32, groups.div_ceil(x) as u32, 1]
+}
+
+impl<'g> Optimizer<'g> {
+    /// Creates the state buffers, pipelines and bind groups. `loss` and `ce` are the plan's output
+    /// buffers of those names (one f32 each).
+    pub fn new(
+        gpu: &'g Gpu,
+        settings: &OptimSettings,
+        params: &[ParamBinding],
+        loss: &wgpu::Buffer,
+        ce: &wgpu::Buffer,
+    ) -> Result<Optimizer<'g>, OptimError> {
+        if settings.accumulate == 0 {
+            return Err(OptimError::Accumulate);
+        }
+        if let Some(ExpertLr::Adaptive { .. }) = settings.expert_lr {
+            return Err(OptimError::Unsupported("`expert_lr = adaptive(...)` (per-expert load-scaled learning rates)".into()));
+        }
+        let (consts, template, states, wd): (String, &str, &[&'static str], f64) = match settings.optimizer {
+            OptimizerSpec::AdamW { betas, eps, weight_decay, .. } => {
+                (format!("const BETA1: f32 = {};\nconst BETA2: f32 = {};\nconst EPS: f32 = {};\n", lit(betas.0), lit(betas.1), lit(eps)), ADAMW, &["m", "v"], weight_decay)
+            }
+            OptimizerSpec::Sgd { momentum, .. } if momentum != 0.0 => {
+                (format!("const MOMENTUM: f32 = {};\n", lit(momentum)), SGD, &["momentum_buffer"], 0.0)
+            }
+            OptimizerSpec::Sgd { .. } => (String::new(), SGD_PLAIN, &[], 0.0),
+            OptimizerSpec::ScheduleFreeAdamW { betas, eps, weight_decay, .. } => (
+                format!("const BETA1: f32 = {};\nconst BETA2: f32 = {};\nconst EPS: f32 = {};\n", lit(betas.0), lit(betas.1), lit(eps)),
+                SCHEDULE_FREE,
+                &["x", "z", "v"],
+                weight_decay,
+            ),
+            OptimizerSpec::Adafactor { .. } => {
+                return Err(OptimError::Unsupported("the `adafactor` optimizer (use adamw, sgd or schedule_free_adamw)".into()))
+            }
+        };
+        let clip = settings.clip.unwrap_or(0.0);
+        let header = format!("const CLIP: f32 = {};\n{consts}{PRELUDE}\n", lit(clip));
+        let device = &gpu.device;
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let pipeline = |name: &str, body: &str| {
+            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(name),
+                source: wgpu::ShaderSource::Wgsl(format!("{header}{body}").into()),
+            });
+            device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(name),
+                layout: None,
+                module: &module,
+                entry_point: Some("main"),
+                compilation_options: Default::default(),
+                cache: None,
+            })
+        };
+        let pipelines = Pipelines {
+            track: pipeline("optim_track", TRACK),
+            accumulate: pipeline("optim_accumulate", ACCUMULATE),
+            sumsq: pipeline("clip_sumsq", SUMSQ),
+            finalize: pipeline("clip_finalize", FINALIZE),
+            update: pipeline("optim_update", template),
+        };
+        let scalars = gpu.storage_buffer("optim scalars", std::mem::size_of::<Scalars>() as u64);
+        let stats = gpu.storage_buffer("optim stats", STATS_BYTES);
+        let max_dim = gpu.target().max_workgroups_per_dim.max(1);
+        let bind = |pipeline: &wgpu::ComputePipeline, buffers: &[&wgpu::Buffer]| {
+            let entries: Vec<wgpu::BindGroupEntry> =
+                buffers.iter().enumerate().map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() }).collect();
+            device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &pipeline.get_bind_group_layout(0), entries: &entries })
+        };
+
+        // Partial-sum slots first: the partials buffer's length is their total.
+        let mut first_slot = Vec::with_capacity(params.len());
+        let mut total_partials = 0u64;
+        for p in params {
+            let numel: usize = p.shape.iter().product();
+            let groups = if p.grad.is_some() { (numel as u64).div_ceil(SUMSQ_CHUNK).clamp(1, max_dim as u64) } else { 0 };
+            first_slot.push((total_partials, groups));
+            total_partials += groups;
+        }
+        // At least one slot, so the finalize kernel has a buffer to bind when nothing has a gradient.
+        let partials = gpu.storage_buffer("clip partial sums", 4 * total_partials.max(1));
+
+        let mut slots = Vec::with_capacity(params.len());
+        for (p, &(slot, groups)) in params.iter().zip(&first_slot) {
+            let numel: usize = p.shape.iter().product();
+            let bytes = 4 * numel as u64;
+            let info = ParamInfo {
+                group: is_expert(&p.name) as u32,
+                decay: if decays(&p.shape) { wd as f32 } else { 0.0 },
+                slot: slot as u32,
+                partials: groups as u32,
+            };
+            let Some(plan_grad) = &p.grad else {
+                slots.push(Slot { name: p.name.clone(), shape: p.shape.clone(), numel, param: p.param.clone(), state: Vec::new(), kernels: None });
+                continue;
+            };
+            let info_buffer = gpu.storage_buffer(&format!("{} info", p.name), 16);
+            gpu.queue.write_buffer(&info_buffer, 0, bytemuck::bytes_of(&info));
+            let state: Vec<(&'static str, wgpu::Buffer)> =
+                states.iter().map(|s| (*s, gpu.storage_buffer(&format!("optim.{}.{s}", p.name), bytes))).collect();
+            let acc = (settings.accumulate > 1).then(|| gpu.storage_buffer(&format!("{} accumulated grad", p.name), bytes));
+            let grad = acc.as_ref().unwrap_or(plan_grad);
+            let mut update_buffers = vec![&info_buffer, &scalars, &stats, &p.param, grad];
+            update_buffers.extend(state.iter().map(|(_, b)| b));
+            let kernels = SlotKernels {
+                accumulate: acc.as_ref().map(|a| bind(&pipelines.accumulate, &[&scalars, plan_grad, a])),
+                sumsq: bind(&pipelines.sumsq, &[&info_buffer, grad, &partials]),
+                sumsq_groups: groups as u32,
+                update: bind(&pipelines.update, &update_buffers),
+                grid: grid(numel, max_dim),
+            };
+            slots.push(Slot { name: p.name.clone(), shape: p.shape.clone(), numel, param: p.param.clone(), state, kernels: Some(kernels) });
+        }
+        let track = bind(&pipelines.track, &[&scalars, loss, ce, &stats]);
+        let finalize = bind(&pipelines.finalize, &[&scalars, &partials, &stats]);
+        if let Some(error) = pollster::block_on(scope.pop()) {
+            return Err(RuntimeError::Pipeline { kernel: "optimizer".into(), message: error.to_string() }.into());
+        }
+        Ok(Optimizer {
+            gpu,
+            settings: settings.clone(),
+            slots,
+            pipelines,
+            scalars,
+            stats,
+            track,
+            finalize,
+            host: HostState::default(),
+            current: Scalars::default(),
+        })
+    }
+
+    pub fn settings(&self) -> &OptimSettings {
+        &self.settings
+    }
+
+    fn is_schedule_free(&self) -> bool {
+        matches!(self.settings.optimizer, OptimizerSpec::ScheduleFreeAdamW { .. })
+    }
+
+    /// Computes the scalars of 0-based optimizer step `step` (and advances schedule-free's running
+    /// sums); call once per step, before its micro-steps. Returns the group learning rates.
+    pub fn prepare_step(&mut self, step: usize) -> [f64; 2] {
+        let lrs = self.settings.lrs_at(step);
+        let t = (step + 1) as i32;
+        let mut s = Scalars { step: step as u32, ..Scalars::default() };
+        match self.settings.optimizer {
+            OptimizerSpec::AdamW { betas, .. } => {
+                let bc1 = 1.0 - betas.0.powi(t);
+                let bc2 = 1.0 - betas.1.powi(t);
+                for g in 0..2 {
+                    s.lr[g] = lrs[g] as f32;
+                    s.step_size[g] = (lrs[g] / bc1) as f32;
+                }
+                s.bc2_sqrt = bc2.sqrt() as f32;
+            }
+            OptimizerSpec::ScheduleFreeAdamW { betas, .. } => {
+                let bc2 = 1.0 - betas.1.powi(t);
+                for g in 0..2 {
+                    let lr = lrs[g] * bc2.sqrt();
+                    self.host.lr_max[g] = self.host.lr_max[g].max(lr);
+                    let weight = self.host.lr_max[g] * self.host.lr_max[g];
+                    self.host.weight_sum[g] += weight;
+                    s.lr[g] = lr as f32;
+                    s.ckp1[g] = if self.host.weight_sum[g] > 0.0 { (weight / self.host.weight_sum[g]) as f32 } else { 0.0 };
+                }
+            }
+            OptimizerSpec::Sgd { .. } | OptimizerSpec::Adafactor { .. } => {
+                for g in 0..2 {
+                    s.lr[g] = lrs[g] as f32;
+                }
+            }
+        }
+        self.current = s;
+        lrs
+    }
+
+    /// Writes the scalars for micro-step `micro` of the prepared step (before its submission).
+    pub fn write_micro(&mut self, micro: usize) {
+        self.current.micro = micro as u32;
+        self.gpu.queue.write_buffer(&self.scalars, 0, bytemuck::bytes_of(&self.current));
+    }
+
+    /// Records what follows each micro-step's plan: loss tracking and gradient accumulation.
+    pub fn encode_micro(&self, pass: &mut wgpu::ComputePass<'_>) {
+        pass.set_pipeline(&self.pipelines.track);
+        pass.set_bind_group(0, &self.track, &[]);
+        pass.dispatch_workgroups(1, 1, 1);
+        for k in self.slots.iter().filter_map(|s| s.kernels.as_ref()) {
+            if let Some(group) = &k.accumulate {
+                pass.set_pipeline(&self.pipelines.accumulate);
+                pass.set_bind_group(0, group, &[]);
+                pass.dispatch_workgroups(k.grid[0], k.grid[1], k.grid[2]);
+            }
+        }
+    }
+
+    /// Records the gradient norm, clip scale and the update of every parameter (after the last
+    /// micro-step's [`Optimizer::encode_micro`]).
+    pub fn encode_update(&self, pass: &mut wgpu::ComputePass<'_>) {
+        pass.set_pipeline(&self.pipelines.sumsq);
+        for k in self.slots.iter().filter_map(|s| s.kernels.as_ref()) {
+            pass.set_bind_group(0, &k.sumsq, &[]);
+            pass.dispatch_workgroups(k.sumsq_groups, 1, 1);
+        }
+        pass.set_pipeline(&self.pipelines.finalize);
+        pass.set_bind_group(0, &self.finalize, &[]);
+        pass.dispatch_workgroups(1, 1, 1);
+        pass.set_pipeline(&self.pipelines.update);
+        for k in self.slots.iter().filter_map(|s| s.kernels.as_ref()) {
+            pass.set_bind_group(0, &k.update, &[]);
+            pass.dispatch_workgroups(k.grid[0], k.grid[1], k.grid[2]);
+        }
+    }
+
+    /// Reads the stats of the last step (waits for the GPU).
+    pub fn stats(&self) -> Result<StepStats, OptimError> {
+        let words: Vec<u32> = bytemuck::pod_collect_to_vec(&self.gpu.read_buffer(&self.stats, STATS_BYTES)?);
+        let a = self.settings.accumulate as f32;
+        Ok(StepStats {
+            loss: f32::from_bits(words[0]) / a,
+            ce: f32::from_bits(words[1]) / a,
+            grad_norm: f32::from_bits(words[2]),
+            clip_scale: f32::from_bits(words[3]),
+            bad_step: (words[4] != 0).then_some(words[5]),
+        })
+    }
+
+    /// The buffers a forward-only plan should read the weights from: x for schedule-free (the
+    /// averaged weights), the param buffers otherwise.
+    pub fn eval_params(&self) -> HashMap<String, wgpu::Buffer> {
+        self.slots
+            .iter()
+            .map(|s| {
+                (s.name.clone(), self.weights(s).clone())
+            })
+            .collect()
+    }
+
+    /// The buffer holding a parameter's model weights: x for schedule-free (when it has state),
+    /// else the param buffer.
+    fn weights<'a>(&self, slot: &'a Slot) -> &'a wgpu::Buffer {
+        slot.state.iter().find(|(s, _)| *s == "x").map(|(_, b)| b).unwrap_or(&slot.param)
+    }
+
+    /// Whether the param buffer holds y rather than the weights (schedule-free, trained params).
+    fn param_is_y(&self, slot: &Slot) -> bool {
+        self.is_schedule_free() && slot.kernels.is_some()
+    }
+
+    /// Sets the starting weights (`init_params` values, by name): the param buffers, and x and z for
+    /// schedule-free. Other state starts at zero. Names the optimizer does not know are ignored.
+    pub fn init(&self, weights: &HashMap<String, Vec<f32>>) -> Result<(), OptimError> {
+        for slot in &self.slots {
+            let data = weights.get(&slot.name).ok_or_else(|| OptimError::Missing(slot.name.clone()))?;
+            if data.len() != slot.numel {
+                return Err(OptimError::Shape { name: slot.name.clone(), expected: slot.shape.clone(), got: vec![data.len()] });
+            }
+            let bytes: &[u8] = bytemuck::cast_slice(data);
+            self.gpu.queue.write_buffer(&slot.param, 0, bytes);
+            for (suffix, buffer) in &slot.state {
+                if matches!(*suffix, "x" | "z") {
+                    self.gpu.queue.write_buffer(buffer, 0, bytes);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Host state for checkpoints.
+    pub fn host_state(&self) -> &HostState {
+        &self.host
+    }
+
+    /// Every tensor a checkpoint needs, under IR names: the weights (`<name>`; x for schedule-free)
+    /// and the state (`optim.<name>.<suffix>`, plus `optim.<name>.y` for schedule-free).
+    pub fn checkpoint_tensors(&self) -> Result<Vec<(String, Tensor)>, OptimError> {
+        let mut out = Vec::new();
+        for slot in &self.slots {
+            let read = |b: &wgpu::Buffer| self.gpu.read_buffer_f32(b, slot.numel);
+            let param = read(&slot.param)?;
+            if self.param_is_y(slot) {
+                out.push((format!("optim.{}.y", slot.name), (slot.shape.clone(), param)));
+            } else {
+                out.push((slot.name.clone(), (slot.shape.clone(), param)));
+            }
+            for (suffix, buffer) in &slot.state {
+                let name = if *suffix == "x" { slot.name.clone() } else { format!("optim.{}.{suffix}", slot.name) };
+                out.push((name, (slot.shape.clone(), read(buffer)?)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Restores what [`Optimizer::checkpoint_tensors`] saved (IR names) and the host state.
+    pub fn restore(&mut self, tensors: &BTreeMap<String, Tensor>, host: &HostState) -> Result<(), OptimError> {
+        for slot in &self.slots {
+            let write = |name: String, buffer: &wgpu::Buffer| -> Result<(), OptimError> {
+                let (shape, data) = tensors.get(&name).ok_or_else(|| OptimError::Missing(name.clone()))?;
+                if *shape != slot.shape || data.len() != slot.numel {
+                    return Err(OptimError::Shape { name, expected: slot.shape.clone(), got: shape.clone() });
+                }
+                self.gpu.queue.write_buffer(buffer, 0, bytemuck::cast_slice(data));
+                Ok(())
+            };
+            if self.param_is_y(slot) {
+                write(format!("optim.{}.y", slot.name), &slot.param)?;
+            } else {
+                write(slot.name.clone(), &slot.param)?;
+            }
+            for (suffix, buffer) in &slot.state {
+                let name = if *suffix == "x" { slot.name.clone() } else { format!("optim.{}.{suffix}", slot.name) };
+                write(name, buffer)?;
+            }
+        }
+        self.host = host.clone();
+        Ok(())
+    }
+}

@@ -1,0 +1,394 @@
+//! The training loop: data → training plan (forward + backward) → optimizer, with evaluation,
+//! logging, checkpoints, exact resume and a non-finite guard.
+//!
+//! # One step
+//! For each of the `accumulate` micro-steps the host writes the batch (`tokens`, `targets`) and the
+//! optimizer's per-step scalars, then submits one compute pass holding the whole training plan, the
+//! loss tracking and gradient accumulation kernels and, after the last micro-step, the clip and
+//! update kernels ([`crate::optim`]). Nothing is read back inside a step: the host reads the small
+//! stats buffer (loss, grad norm, non-finite flag) only on log, eval and checkpoint steps.
+//!
+//! # Evaluation
+//! A forward-only plan (`moec_compiler::compile`) whose Param buffers *are* the training weights
+//! ([`crate::Executor::with_shared`]; schedule-free reads its averaged x). It runs over `batches`
+//! fixed validation batches ([`Dataset::val_batches`]); `val_loss` is the mean of their `ce` (the
+//! cross-entropy without balancing terms) and `val_ppl = exp(val_loss)`. A separate plan rather
+//! than the training plan without its update: it has no backward dispatches, so eval costs a third.
+//!
+//! # Steps, logs and checkpoints
+//! `step N` in logs and checkpoints counts optimizer steps done. Step N logs when N is a multiple of
+//! `log`, evaluates when a multiple of `eval`, checkpoints when a multiple of `checkpoint`; the last
+//! step of the run does all three. The run directory holds `metrics.jsonl` ([`MetricsLog`]) and
+//! `checkpoint.safetensors` ([`Checkpoint`]: weights under HF names, optimizer state under
+//! `optim.`, the batcher state and the optimizer's host state as JSON metadata, the spec text).
+//!
+//! # Resume
+//! `resume` loads `checkpoint.safetensors`, refuses it when its spec text differs from the current
+//! spec ([`diff_specs`]), restores weights, optimizer state, batcher position and step, and drops
+//! the lines of `metrics.jsonl` past the checkpoint's step (a killed run may have logged further).
+//! Every kernel is deterministic (fixed reduction orders), so the resumed run's losses equal an
+//! uninterrupted run's.
+//!
+//! # Non-finite guard
+//! When a stats read finds the sticky non-finite flag (see [`crate::optim`]), no update has run since
+//! the bad step, so the weights are those before it: the trainer replays that step's batches one
+//! dispatch at a time ([`crate::Executor::first_non_finite`]), reports the step and the first kernel
+//! whose output went non-finite, and stops without writing a checkpoint, so the last good one stays.
+
+use crate::checkpoint::{diff_specs, Checkpoint, CheckpointError};
+use crate::data::{Batch, Batcher, BatcherState, DataError, Dataset};
+use crate::metrics::{MetricsError, MetricsLog, Record};
+use crate::optim::{HostState, OptimError, OptimSettings, Optimizer, ParamBinding, StepStats};
+use crate::{Executor, Gpu, NonFinite, RuntimeError};
+use moec_compiler::interp::init_values;
+use moec_compiler::plan::{BufferRole, Plan};
+use moec_compiler::spec::{Every, Family, Spec, Train};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// File name of the checkpoint inside the run directory.
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+/// Checkpoint metadata key of the batcher state.
+const META_BATCHER: &str = "batcher";
+/// Checkpoint metadata key of the optimizer's host state.
+const META_OPTIM: &str = "optim";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("the spec has no `train` block; add one (see LANGUAGE.md) to train this model")]
+    NoTrainBlock,
+    #[error("training the `{0:?}` family is not supported yet (token data sets only feed language models)")]
+    Family(Family),
+    #[error("the {which} plan has no {what} `{name}`; was it compiled for training?")]
+    Plan { which: &'static str, what: &'static str, name: String },
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Optim(#[from] OptimError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error("nothing to resume: no checkpoint at `{0}`")]
+    NoCheckpoint(PathBuf),
+    #[error("refusing to resume from `{path}`: {diff}")]
+    SpecChanged { path: PathBuf, diff: String },
+    #[error("the checkpoint `{path}` has no `{key}` metadata; it was not written by `moec train`")]
+    CheckpointMeta { path: PathBuf, key: &'static str },
+    #[error("cannot rewrite `{path}` for the resume: {source}")]
+    MetricsRewrite { path: PathBuf, source: std::io::Error },
+    #[error(
+        "step {step}: the {what} is not finite; {culprit}. Stopped; the last good checkpoint is untouched{}",
+        .checkpoint.as_ref().map(|p| format!(" (`{}`)", p.display())).unwrap_or_default()
+    )]
+    NonFinite { step: usize, what: String, culprit: String, checkpoint: Option<PathBuf> },
+}
+
+/// How to run: where to write, whether to resume, and an optional override of the spec's `steps`.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    /// The run directory (`metrics.jsonl`, `checkpoint.safetensors`).
+    pub out_dir: PathBuf,
+    pub resume: bool,
+    /// Total optimizer steps, overriding `train.steps` (the schedule spans this many steps).
+    pub steps: Option<usize>,
+    /// The spec file's directory: data paths are relative to it.
+    pub spec_dir: PathBuf,
+}
+
+/// A training run on one GPU.
+pub struct Trainer<'g> {
+    gpu: &'g Gpu,
+    spec: Spec,
+    spec_text: String,
+    train: Train,
+    batch: usize,
+    data: Dataset,
+    val: Vec<Batch>,
+    batcher: BatcherState,
+    exec: Executor<'g>,
+    eval: Executor<'g>,
+    optim: Optimizer<'g>,
+    step: usize,
+    total: usize,
+    metrics: MetricsLog,
+    out_dir: PathBuf,
+    /// Batches of the steps since the stats were last read, by 0-based step, to replay a bad step.
+    pending: Vec<(usize, Vec<Batch>)>,
+    since: Instant,
+    tokens_since: usize,
+    last: Option<Record>,
+}
+
+fn every(n: usize, e: &Every) -> bool {
+    e.every > 0 && n.is_multiple_of(e.every)
+}
+
+impl<'g> Trainer<'g> {
+    /// Loads the data, allocates the plans and the optimizer, and sets the weights: from
+    /// `init_params`' formula seeded by `train.seed`, or from the checkpoint with `resume`.
+    /// `training` is the plan of `moec_compiler::compile_training` and `forward` the plan of
+    /// `moec_compiler::compile`, both for `train.batch`.
+    pub fn new(gpu: &'g Gpu, spec: &Spec, spec_text: &str, training: &Plan, forward: &Plan, options: &TrainOptions) -> Result<Trainer<'g>, TrainError> {
+        let train = spec.train.clone().ok_or(TrainError::NoTrainBlock)?;
+        let (vocab, context) = match (spec.model.family, spec.model.vocab, spec.model.context) {
+            (Family::Transformer | Family::Lstm, Some(v), Some(c)) => (v, c),
+            (family, _, _) => return Err(TrainError::Family(family)),
+        };
+        let data = Dataset::load(&train.data, &options.spec_dir, vocab, context, train.split)?;
+        let val = data.val_batches(train.batch, train.eval.batches.max(1));
+        let total = options.steps.unwrap_or(train.steps);
+
+        let exec = Executor::new(gpu, training)?;
+        let need = |plan: &Plan, which: &'static str, what: &'static str, name: &str| {
+            plan.buffer_named(name).map(|_| ()).ok_or_else(|| TrainError::Plan { which, what, name: name.to_string() })
+        };
+        for input in ["tokens", "targets", "grad_seed"] {
+            need(training, "training", "input", input)?;
+        }
+        for output in ["loss", "ce"] {
+            need(training, "training", "output", output)?;
+        }
+        for name in ["tokens", "targets", "ce"] {
+            need(forward, "forward", "buffer", name)?;
+        }
+        let mut bindings = Vec::new();
+        let mut init = HashMap::new();
+        for spec_buffer in &training.buffers {
+            if let BufferRole::Param { name, shape, init: how } = &spec_buffer.role {
+                // No `grad.<name>` output: the parameter does not reach the loss (autodiff's contract).
+                let grad = exec.buffer(&format!("grad.{name}")).ok().cloned();
+                bindings.push(ParamBinding { name: name.clone(), shape: shape.clone(), param: exec.buffer(name)?.clone(), grad });
+                init.insert(name.clone(), init_values(name, *how, shape.iter().product(), train.seed));
+            }
+        }
+        if bindings.iter().all(|b| b.grad.is_none()) {
+            return Err(TrainError::Plan { which: "training", what: "output", name: "grad.*".into() });
+        }
+        let mut settings = OptimSettings::from_train(&train);
+        settings.total_steps = total;
+        let mut optim = Optimizer::new(gpu, &settings, &bindings, exec.buffer("loss")?, exec.buffer("ce")?)?;
+        let eval = Executor::with_shared(gpu, forward, &optim.eval_params())?;
+        exec.write_f32("grad_seed", &[1.0 / train.accumulate as f32])?;
+
+        let mut batcher = Batcher::new(&data, train.seed).state();
+        let mut step = 0;
+        let metrics = if options.resume {
+            let path = options.out_dir.join(CHECKPOINT_FILE);
+            if !path.exists() {
+                return Err(TrainError::NoCheckpoint(path));
+            }
+            let ckpt = Checkpoint::load(&path)?;
+            if let Some(diff) = diff_specs(&ckpt.spec_text, spec_text) {
+                return Err(TrainError::SpecChanged { path, diff });
+            }
+            let host: HostState = ckpt.get_json(META_OPTIM)?.ok_or(TrainError::CheckpointMeta { path: path.clone(), key: META_OPTIM })?;
+            let state: BatcherState = ckpt.get_json(META_BATCHER)?.ok_or(TrainError::CheckpointMeta { path: path.clone(), key: META_BATCHER })?;
+            Batcher::new(&data, train.seed).restore(&state)?;
+            optim.restore(&ckpt.ir_tensors()?, &host)?;
+            batcher = state;
+            step = ckpt.step as usize;
+            truncate_metrics(&options.out_dir, ckpt.step)?;
+            MetricsLog::append(&options.out_dir)?
+        } else {
+            optim.init(&init)?;
+            MetricsLog::create(&options.out_dir)?
+        };
+        Ok(Trainer {
+            gpu,
+            spec: spec.clone(),
+            spec_text: spec_text.to_string(),
+            batch: train.batch,
+            train,
+            data,
+            val,
+            batcher,
+            exec,
+            eval,
+            optim,
+            step,
+            total,
+            metrics,
+            out_dir: options.out_dir.clone(),
+            pending: Vec::new(),
+            since: Instant::now(),
+            tokens_since: 0,
+            last: None,
+        })
+    }
+
+    /// Optimizer steps done so far.
+    pub fn step_count(&self) -> usize {
+        self.step
+    }
+
+    /// Optimizer steps of the whole run.
+    pub fn total_steps(&self) -> usize {
+        self.total
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.step >= self.total
+    }
+
+    pub fn data(&self) -> &Dataset {
+        &self.data
+    }
+
+    /// The last logged record (with `val_loss` if that step evaluated).
+    pub fn last_record(&self) -> Option<&Record> {
+        self.last.as_ref()
+    }
+
+    pub fn checkpoint_path(&self) -> PathBuf {
+        self.out_dir.join(CHECKPOINT_FILE)
+    }
+
+    pub fn metrics_path(&self) -> &Path {
+        self.metrics.path()
+    }
+
+    /// Tokens one optimizer step consumes.
+    pub fn tokens_per_step(&self) -> usize {
+        self.batch * self.data.context() * self.train.accumulate
+    }
+
+    /// Overwrites one weight on the GPU (the buffer the training plan reads). For tools and tests,
+    /// e.g. to check that a poisoned weight is caught by the non-finite guard.
+    pub fn write_param(&self, name: &str, values: &[f32]) -> Result<(), TrainError> {
+        Ok(self.exec.write_f32(name, values)?)
+    }
+
+    /// Runs one optimizer step; returns the step's record when it logged (or evaluated).
+    pub fn step(&mut self) -> Result<Option<Record>, TrainError> {
+        let s = self.step;
+        let lrs = self.optim.prepare_step(s);
+        let mut batcher = Batcher::new(&self.data, self.train.seed);
+        batcher.restore(&self.batcher)?;
+        let accumulate = self.train.accumulate;
+        let mut batches = Vec::with_capacity(accumulate);
+        for micro in 0..accumulate {
+            let batch = batcher.next_train_batch(self.batch);
+            self.exec.write_u32("tokens", &batch.tokens)?;
+            self.exec.write_u32("targets", &batch.targets)?;
+            self.optim.write_micro(micro);
+            let (exec, optim) = (&self.exec, &self.optim);
+            self.gpu.run_pass(|pass| {
+                exec.encode(pass);
+                optim.encode_micro(pass);
+                if micro + 1 == accumulate {
+                    optim.encode_update(pass);
+                }
+            })?;
+            batches.push(batch);
+        }
+        self.batcher = batcher.state();
+        self.pending.push((s, batches));
+        self.step += 1;
+        self.tokens_since += self.tokens_per_step();
+
+        let done = self.step;
+        let last = done >= self.total;
+        let log = last || every(done, &self.train.log);
+        let eval = last || every(done, &self.train.eval);
+        let checkpoint = last || every(done, &self.train.checkpoint);
+        if !(log || eval || checkpoint) {
+            return Ok(None);
+        }
+        let stats = self.optim.stats()?;
+        let elapsed = self.since.elapsed().as_secs_f64();
+        self.check(&stats)?;
+        let mut record = None;
+        if log || eval {
+            let mut r = Record::new(done as u64, stats.loss as f64, lrs[0], self.tokens_since as f64 / elapsed.max(1e-9));
+            if self.spec.moe.is_some() {
+                r.aux = Some((stats.loss - stats.ce) as f64);
+            }
+            if eval {
+                r = r.with_val_loss(self.evaluate()?);
+            }
+            self.metrics.write(&r)?;
+            self.last = Some(r.clone());
+            record = Some(r);
+        }
+        if checkpoint {
+            self.save_checkpoint()?;
+        }
+        self.since = Instant::now();
+        self.tokens_since = 0;
+        Ok(record)
+    }
+
+    /// Mean validation cross-entropy over the fixed validation batches.
+    pub fn evaluate(&self) -> Result<f64, TrainError> {
+        let mut sum = 0.0;
+        for batch in &self.val {
+            self.eval.write_u32("tokens", &batch.tokens)?;
+            self.eval.write_u32("targets", &batch.targets)?;
+            self.eval.run()?;
+            sum += self.eval.read_f32("ce")?[0] as f64;
+        }
+        Ok(sum / self.val.len() as f64)
+    }
+
+    /// Writes `checkpoint.safetensors` atomically with everything [`Trainer::new`] needs to resume.
+    pub fn save_checkpoint(&self) -> Result<PathBuf, TrainError> {
+        let mut ckpt = Checkpoint { step: self.step as u64, spec_text: self.spec_text.clone(), ..Checkpoint::default() };
+        for (name, (shape, data)) in self.optim.checkpoint_tensors()? {
+            ckpt.insert_ir(&name, &shape, &data);
+        }
+        ckpt.put_json(META_BATCHER, &self.batcher)?;
+        ckpt.put_json(META_OPTIM, self.optim.host_state())?;
+        let path = self.checkpoint_path();
+        ckpt.save(&path)?;
+        Ok(path)
+    }
+
+    /// Stops the run with a diagnosis when the GPU flagged a non-finite step.
+    fn check(&mut self, stats: &StepStats) -> Result<(), TrainError> {
+        let Some(bad) = stats.bad_step else {
+            self.pending.clear();
+            return Ok(());
+        };
+        let bad = bad as usize;
+        let mut culprit: Option<NonFinite> = None;
+        if let Some((_, batches)) = self.pending.iter().find(|(s, _)| *s == bad) {
+            for batch in batches {
+                self.exec.write_u32("tokens", &batch.tokens)?;
+                self.exec.write_u32("targets", &batch.targets)?;
+                culprit = self.exec.first_non_finite()?;
+                if culprit.is_some() {
+                    break;
+                }
+            }
+        }
+        let what = if stats.loss.is_finite() { format!("gradient norm ({})", stats.grad_norm) } else { format!("loss ({})", stats.loss) };
+        let culprit = match culprit {
+            Some(c) => format!("the first non-finite value came from {c}"),
+            None => "replaying the step kept every kernel output finite, so the squared gradient norm overflowed f32".into(),
+        };
+        let checkpoint = Some(self.checkpoint_path()).filter(|p| p.exists());
+        Err(TrainError::NonFinite { step: bad + 1, what, culprit, checkpoint })
+    }
+}
+
+/// Keeps only the lines of `DIR/metrics.jsonl` up to step `step` (a resumed run re-logs the rest).
+fn truncate_metrics(dir: &Path, step: u64) -> Result<(), TrainError> {
+    let path = dir.join(MetricsLog::FILE_NAME);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(TrainError::MetricsRewrite { path, source }),
+    };
+    let kept: String = text
+        .lines()
+        .filter(|line| {
+            serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v.get("step").and_then(|s| s.as_u64())).is_some_and(|s| s <= step)
+        })
+        .map(|line| format!("{line}\n"))
+        .collect();
+    std::fs::write(&path, kept).map_err(|source| TrainError::MetricsRewrite { path, source })
+}

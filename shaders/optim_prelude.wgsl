@@ -1,0 +1,52 @@
+// Shared by the optimizer, clip and accumulate kernels (runtime/src/optim.rs). The Rust side puts the
+// optimizer's constants (BETA1, BETA2, EPS, MOMENTUM, CLIP) in front of this file.
+
+// Written by the host once per micro-step (one small write, no readback).
+struct Scalars {
+    // Learning rate of parameter group 0 (everything else) and 1 (experts, `expert_lr`).
+    lr: array<f32, 2>,
+    // AdamW: lr / (1 - beta1^t) per group.
+    step_size: array<f32, 2>,
+    // Schedule-free: the averaging weight c_{t+1} per group.
+    ckp1: array<f32, 2>,
+    // AdamW: sqrt(1 - beta2^t).
+    bc2_sqrt: f32,
+    // Micro-step index within the optimizer step (gradient accumulation).
+    micro: u32,
+    // 0-based optimizer step, recorded when a step goes non-finite.
+    step: u32,
+}
+
+// Written by the GPU: the step's tracked losses, the gradient norm and the clip scale, and a sticky
+// flag that stops every later update once a step went non-finite.
+struct Stats {
+    loss: f32,
+    ce: f32,
+    norm: f32,
+    scale: f32,
+    bad: u32,
+    bad_step: u32,
+}
+
+// One per parameter, written once at startup.
+struct ParamInfo {
+    // Index into Scalars.lr / step_size / ckp1.
+    group: u32,
+    // The weight decay applied to this parameter (0 for norms and biases).
+    decay: f32,
+    // First slot of this parameter's partial sums of squares, and how many workgroups write them.
+    slot: u32,
+    partials: u32,
+}
+
+const WG: u32 = 256u;
+
+// Elementwise kernels fold their grid into x and y; the linear element index of an invocation.
+fn linear_index(wg: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wg.x + wg.y * nwg.x) * WG + lid;
+}
+
+// No isnan/isinf in WGSL, and fast-math may fold x != x: test the exponent bits instead.
+fn is_finite(x: f32) -> bool {
+    return (bitcast<u32>(x) & 0x7f800000u) != 0x7f800000u;
+}
