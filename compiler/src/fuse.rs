@@ -218,7 +218,10 @@ impl State<'_> {
         let shape = &node.ty.shape;
         match &node.op {
             op if op.is_elementwise() => match b.kind {
-                GroupKind::Elementwise | GroupKind::Matmul => *shape == b.domain,
+                GroupKind::Elementwise => *shape == b.domain,
+                // A reduction prologue (`square` before `mean`) is better recomputed inside the row
+                // kernel than materialised by the matmul: keep it out of the epilogue.
+                GroupKind::Matmul => *shape == b.domain && !self.feeds_row_op(n),
                 // A one-column domain cannot tell row scalars from elements: keep such rows alone.
                 GroupKind::Row => b.domain.last().copied().unwrap_or(1) > 1 && (*shape == b.domain || *shape == row_shape(&b.domain)),
                 GroupKind::Single => false,
@@ -229,6 +232,11 @@ impl State<'_> {
             }
             _ => false,
         }
+    }
+
+    /// Is `n` an operand of a reduction or softmax (which would start a row kernel)?
+    fn feeds_row_op(&self, n: NodeId) -> bool {
+        self.graph.users(n).iter().any(|&u| matches!(self.graph.node(u).op, Op::Reduce(_) | Op::Softmax { .. }))
     }
 
     /// Would adding `n` to group `gi` make the group graph cyclic? True when an operand of `n` from

@@ -19,11 +19,17 @@ const CROSS_ENTROPY: &str = include_str!("../../../shaders/cross_entropy.wgsl");
 
 /// Invocations per workgroup of one-invocation-per-element kernels.
 const WG: u32 = 256;
-/// Rows × columns of the output block one invocation of the register-blocked matmul holds.
-const RB_TM: usize = 8;
-const RB_TN: usize = 8;
-/// Invocations per workgroup of the register-blocked matmul.
-const RB_WG: u32 = 64;
+/// Shape of the register-blocked matmul: rows × columns one invocation holds, and invocations per
+/// workgroup (a workgroup covers `tm` rows × `tn·wg` columns).
+#[derive(Debug, Clone, Copy)]
+struct RbParams {
+    tm: usize,
+    tn: usize,
+    wg: u32,
+}
+
+/// 8 × 8 per invocation (DESIGN.md); 64 accumulators is what the k loop's loads amortise over.
+const RB: RbParams = RbParams { tm: 8, tn: 8, wg: 64 };
 /// Invocations per row of the workgroup-per-row reduction (SharedTiled targets).
 const ROW_THREADS: u32 = 64;
 
@@ -478,31 +484,38 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
         let tiles = mm.batch * mm.m.div_ceil(64) * mm.n.div_ceil(64);
         (format!("{store}{loads}{MATMUL_TILED}"), tiles)
     } else {
-        let tm = match grouped {
+        let mut p = RB;
+        if let Some((layout, _)) = grouped {
             // A block of rows must not straddle two experts: segments start at multiples of `tile`.
-            Some((layout, _)) => (1..=RB_TM).rev().find(|t| layout.tile % t == 0).unwrap_or(1),
-            None => RB_TM,
-        };
-        consts.push(("MT", mm.m.div_ceil(tm) as u64));
-        consts.push(("NT", mm.n.div_ceil(RB_TN) as u64));
-        let threads = mm.batch * mm.m.div_ceil(tm) * mm.n.div_ceil(RB_TN);
-        (format!("{store}{}", register_blocked(&mm, tm, &a_name, &b_name, grouped.as_ref().map(|(l, r)| (l, r.as_str())))), threads.div_ceil(RB_WG as usize))
+            p.tm = (1..=p.tm).rev().find(|t| layout.tile % t == 0).unwrap_or(1);
+        }
+        // Narrow outputs (router logits, small heads) get narrower workgroups instead of idle lanes.
+        p.wg = p.wg.min((mm.n.div_ceil(p.tn) as u32).next_power_of_two().max(8));
+        consts.push(("MT", mm.m.div_ceil(p.tm) as u64));
+        consts.push(("CT", mm.n.div_ceil(p.tn * p.wg as usize) as u64));
+        let groups = mm.batch * mm.m.div_ceil(p.tm) * mm.n.div_ceil(p.tn * p.wg as usize);
+        (format!("{store}{}", register_blocked(&mm, p, &a_name, &b_name, grouped.as_ref().map(|(l, r)| (l, r.as_str())))), groups)
     };
     let grid = fold(groups as u64, target)?;
     Ok(b.finish(&consts, &body, grid))
 }
 
-/// Register-blocked matmul (CPU-like adapters, DESIGN.md): each invocation accumulates a `tm × 8`
-/// block as `vec4`s in registers by outer products over k, with no workgroup memory and no barriers.
-/// Edge blocks clamp their load indices into the matrix (always in bounds, no branches in the k loop)
-/// and discard out-of-range results at the store. A grouped matmul picks the expert's weight matrix
-/// from `row_expert` of the block's first row and produces zeros past the used rows.
-fn register_blocked(mm: &Mm, tm: usize, a: &str, b: &str, grouped: Option<(&RouteLayout, &str)>) -> String {
-    let tn4 = RB_TN / 4;
-    let mut s = format!("@compute @workgroup_size({RB_WG})\nfn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{\n");
-    s += &format!("    let t = (wid.x + wid.y * GX + wid.z * (GX * GY)) * {RB_WG}u + lid;\n    if (t >= BATCH * MT * NT) {{\n        return;\n    }}\n");
-    s += "    let nt = t % NT;\n    let mt = (t / NT) % MT;\n    let bi = t / (NT * MT);\n";
-    s += &format!("    let m0 = mt * {tm}u;\n    let n0 = nt * {RB_TN}u;\n");
+/// Register-blocked matmul (CPU-like adapters, DESIGN.md): each invocation accumulates a `tm × tn`
+/// block in registers by outer products over k, with no workgroup memory and no barriers.
+///
+/// A workgroup owns `tm` rows, so the row indices, the A loads and (for a grouped matmul) the expert
+/// are uniform across the workgroup: a CPU adapter such as lavapipe runs invocations as SIMD lanes and
+/// turns uniform loads into one scalar load plus a broadcast instead of a per-lane gather. Lanes take
+/// columns `lid + wg·j`, so neighbouring lanes read neighbouring B elements. Edge blocks clamp their
+/// load indices into the matrix (always in bounds, no branches in the k loop) and discard
+/// out-of-range results at the store. A grouped matmul reads the expert of the block's first row
+/// from `row_expert` and produces zeros past the used rows.
+fn register_blocked(mm: &Mm, p: RbParams, a: &str, b: &str, grouped: Option<(&RouteLayout, &str)>) -> String {
+    let RbParams { tm, tn, wg } = p;
+    let mut s = format!("@compute @workgroup_size({wg})\nfn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{\n");
+    s += "    let w = wid.x + wid.y * GX + wid.z * (GX * GY);\n    if (w >= BATCH * MT * CT) {\n        return;\n    }\n";
+    s += "    let ct = w % CT;\n    let mt = (w / CT) % MT;\n    let bi = w / (CT * MT);\n";
+    s += &format!("    let m0 = mt * {tm}u;\n    let n0 = ct * {}u + lid;\n", wg as usize * tn);
     match grouped {
         Some((layout, route)) => {
             let e = layout.experts;
@@ -515,38 +528,36 @@ fn register_blocked(mm: &Mm, tm: usize, a: &str, b: &str, grouped: Option<(&Rout
     for i in 0..tm {
         s += &format!("    let ar{i} = (bi * M + min(m0 + {i}u, M - 1u)) * K;\n");
     }
-    for j in 0..RB_TN {
+    for j in 0..tn {
+        let col = format!("min(n0 + {}u, N - 1u)", j * wg as usize);
         if mm.trans_b {
-            s += &format!("    let bc{j} = bbase + min(n0 + {j}u, N - 1u) * K;\n");
+            s += &format!("    let bc{j} = bbase + {col} * K;\n");
         } else {
-            s += &format!("    let bc{j} = bbase + min(n0 + {j}u, N - 1u);\n");
+            s += &format!("    let bc{j} = bbase + {col};\n");
         }
     }
     for i in 0..tm {
-        for j in 0..tn4 {
-            s += &format!("    var c{i}_{j} = vec4<f32>(0.0);\n");
+        for j in 0..tn {
+            s += &format!("    var c{i}_{j} = 0.0;\n");
         }
     }
     s += "    for (var k = 0u; k < kend; k = k + 1u) {\n";
     let bk = if mm.trans_b { "k" } else { "k * N" };
-    for j in 0..tn4 {
-        let cols: Vec<String> = (0..4).map(|c| format!("{b}[bc{} + {bk}]", 4 * j + c)).collect();
-        s += &format!("        let bv{j} = vec4<f32>({});\n", cols.join(", "));
+    for j in 0..tn {
+        s += &format!("        let bv{j} = {b}[bc{j} + {bk}];\n");
     }
     for i in 0..tm {
-        s += &format!("        let av{i} = vec4<f32>({a}[ar{i} + k]);\n");
-        for j in 0..tn4 {
+        s += &format!("        let av{i} = {a}[ar{i} + k];\n");
+        for j in 0..tn {
             s += &format!("        c{i}_{j} = fma(av{i}, bv{j}, c{i}_{j});\n");
         }
     }
     s += "    }\n";
     for i in 0..tm {
         s += &format!("    if (m0 + {i}u < M) {{\n");
-        for j in 0..tn4 {
-            for c in 0..4 {
-                let col = 4 * j + c;
-                s += &format!("        if (n0 + {col}u < N) {{\n            store((bi * M + m0 + {i}u) * N + n0 + {col}u, c{i}_{j}[{c}]);\n        }}\n");
-            }
+        for j in 0..tn {
+            let col = format!("n0 + {}u", j * wg as usize);
+            s += &format!("        if ({col} < N) {{\n            store((bi * M + m0 + {i}u) * N + {col}, c{i}_{j});\n        }}\n");
         }
         s += "    }\n";
     }

@@ -109,7 +109,6 @@ fn fusion_cuts_dispatches() {
     let fused = emit(&g, &fuse(&g, FuseOptions::for_target(&t)), &t).unwrap();
     // 49 non-free nodes; fusion merges rmsnorm (6 → 1), scale+softmax, residuals, SwiGLU, the z chain.
     assert_eq!(unfused.dispatches.len(), 49);
-    eprintln!("{}", fuse(&g, FuseOptions::for_target(&t)).dump(&g));
     assert!(fused.dispatches.len() <= 30, "{} fused dispatches", fused.dispatches.len());
 }
 
@@ -195,3 +194,25 @@ fn rmsnorm_is_one_row_kernel_and_ffn_epilogues_fuse() {
     assert_eq!(swiglu.kind, GroupKind::Matmul);
     assert!(labels == ["w1x", "silu", "swiglu"] || labels == ["w3x", "swiglu"], "{labels:?}");
 }
+
+/// Every example spec lowers, fuses and emits naga-valid kernels for both matmul variants.
+#[test]
+fn example_specs_emit_valid_kernels() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../specs");
+    let mut paths: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "moe")).collect();
+    paths.sort();
+    assert!(!paths.is_empty());
+    for path in paths {
+        let source = std::fs::read_to_string(&path).unwrap();
+        let spec = crate::check::check(&source, &path).unwrap_or_else(|e| panic!("{}: {e:?}", path.display()));
+        let graph = crate::lower::lower(&spec, 2).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        for target in targets() {
+            let unfused = emit(&graph, &fuse(&graph, FuseOptions::unfused(&target)), &target).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let fused_groups = fuse(&graph, FuseOptions::for_target(&target));
+            let fused = emit(&graph, &fused_groups, &target).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            eprintln!("{}: {:?} {} unfused / {} fused dispatches, {} kernels", path.display(), target.matmul, unfused.dispatches.len(), fused.dispatches.len(), fused.kernels.len());
+            assert!(fused.dispatches.len() < unfused.dispatches.len());
+        }
+    }
+}
+
