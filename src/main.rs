@@ -9,6 +9,7 @@ use moec_runtime::{AdapterChoice, Gpu};
 use std::path::{Path, PathBuf};
 
 mod forward;
+mod train;
 
 #[derive(Parser)]
 #[command(name = "moec", version, about = "Compile a Mixture-of-Experts spec to fused GPU kernels and run it through wgpu")]
@@ -72,6 +73,23 @@ enum Command {
         /// Also time every dispatch on its own and print the slowest kernels.
         #[arg(long)]
         profile: bool,
+        #[command(flatten)]
+        adapter: AdapterArgs,
+    },
+    /// Train a spec on the GPU as its `train` block says: progress bar, log lines, metrics.jsonl and
+    /// checkpoints in DIR (default runs/<spec name>).
+    Train {
+        spec: PathBuf,
+        #[arg(short, long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Continue from DIR/checkpoint.safetensors (refused when the spec changed since).
+        #[arg(long)]
+        resume: bool,
+        /// Total optimizer steps, overriding the spec's `steps` (the schedule spans this many).
+        #[arg(long, value_name = "N")]
+        steps: Option<usize>,
+        #[arg(long)]
+        no_fuse: bool,
         #[command(flatten)]
         adapter: AdapterArgs,
     },
@@ -179,6 +197,11 @@ fn main() -> Result<()> {
             let loaded = load(&spec)?;
             let gpu = adapter.open()?;
             forward::run(&loaded, batch_of(&loaded.spec, batch), seed, !no_fuse, profile, &gpu)
+        }
+        Command::Train { spec, out, resume, steps, no_fuse, adapter } => {
+            let loaded = load(&spec)?;
+            let gpu = adapter.open()?;
+            train::run(&loaded, &train::Args { out, resume, steps, fusion: !no_fuse }, &gpu)
         }
         Command::Devices => {
             let adapters = moec_runtime::list_adapters();

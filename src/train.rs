@@ -1,0 +1,111 @@
+//! `moec train`: compile the spec for training and for evaluation, then run the [`Trainer`] with a
+//! progress bar (loss, lr, tokens/s), the console log line of every log step, and a closing summary
+//! that puts the final losses next to the data's unigram entropy, so a user sees whether the model
+//! learned more than token frequencies.
+
+use crate::{compile, Loaded};
+use indicatif::{ProgressBar, ProgressStyle};
+use miette::{IntoDiagnostic, Result};
+use moec_runtime::metrics::{console_line, sci, Record};
+use moec_runtime::train::{TrainOptions, Trainer};
+use moec_runtime::Gpu;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// What `moec train` was asked to do beyond the spec.
+pub struct Args {
+    /// Run directory; default `runs/<spec name>`.
+    pub out: Option<PathBuf>,
+    pub resume: bool,
+    /// Overrides the spec's `steps`.
+    pub steps: Option<usize>,
+    pub fusion: bool,
+}
+
+pub fn run(loaded: &Loaded, args: &Args, gpu: &Gpu) -> Result<()> {
+    let spec = &loaded.spec;
+    let Some(train) = &spec.train else {
+        miette::bail!("`{}` has no `train` block; add one (data, batch, steps, ...) to train it", loaded.path.display());
+    };
+    let started = Instant::now();
+    let target = gpu.target();
+    let training = moec_compiler::compile_training(spec, train.batch, &target, args.fusion).into_diagnostic()?;
+    let forward = compile(spec, train.batch, &target, args.fusion)?;
+    let out_dir = args.out.clone().unwrap_or_else(|| Path::new("runs").join(&spec.name));
+    let spec_dir = loaded.path.parent().filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let options = TrainOptions { out_dir: out_dir.clone(), resume: args.resume, steps: args.steps, spec_dir };
+    let mut trainer = Trainer::new(gpu, spec, &loaded.source, &training.plan, &forward.plan, &options).into_diagnostic()?;
+    println!(
+        "{} on {}: {} dispatches per micro-step ({} kernels), eval {} dispatches; ready in {:.2?}",
+        spec.name,
+        gpu.info,
+        training.plan.dispatches.len(),
+        training.plan.kernels.len(),
+        forward.plan.dispatches.len(),
+        started.elapsed()
+    );
+    let data = trainer.data();
+    println!(
+        "data: {} ({} training / {} validation tokens), unigram entropy {:.4} nats{}",
+        data.description(),
+        data.train_tokens().len(),
+        data.val_tokens().len(),
+        data.unigram_entropy(),
+        data.conditional_entropy().map(|h| format!(", best possible loss {h:.4}")).unwrap_or_default()
+    );
+    if args.resume {
+        println!("resuming from step {} of {} ({})", trainer.step_count(), trainer.total_steps(), trainer.checkpoint_path().display());
+    }
+
+    let bar = ProgressBar::new(trainer.total_steps() as u64).with_position(trainer.step_count() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} steps | {msg} | {elapsed_precise} < {eta_precise}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    // Without a terminal the bar draws nothing, so log lines go to stdout instead.
+    let say = |line: String| if bar.is_hidden() { println!("{line}") } else { bar.println(line) };
+    let first_step = trainer.step_count();
+    let run_started = Instant::now();
+    let mut first: Option<Record> = None;
+    while !trainer.is_done() {
+        match trainer.step() {
+            Ok(Some(record)) => {
+                say(console_line(&record));
+                bar.set_message(format!("loss {:.4} | lr {} | {:.0} tok/s", record.loss, sci(record.lr), record.tokens_per_s));
+                first.get_or_insert(record);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                bar.abandon();
+                return Err(e).into_diagnostic();
+            }
+        }
+        bar.set_position(trainer.step_count() as u64);
+    }
+    bar.finish_and_clear();
+
+    let steps = trainer.step_count() - first_step;
+    let seconds = run_started.elapsed().as_secs_f64();
+    println!(
+        "trained {steps} steps in {seconds:.1} s ({:.0} tokens/s on average); checkpoint {}, log {}",
+        (steps * trainer.tokens_per_step()) as f64 / seconds.max(1e-9),
+        trainer.checkpoint_path().display(),
+        trainer.metrics_path().display()
+    );
+    if let Some(last) = trainer.last_record() {
+        let data = trainer.data();
+        let mut summary = format!("final: train loss {:.4}", last.loss);
+        if let Some(first) = first.filter(|f| f.step < last.step) {
+            summary.push_str(&format!(" (step {}: {:.4})", first.step, first.loss));
+        }
+        if let (Some(v), Some(p)) = (last.val_loss, last.val_ppl) {
+            summary.push_str(&format!(" | val loss {v:.4} (ppl {p:.2})"));
+        }
+        summary.push_str(&format!(" | unigram entropy {:.4}", data.unigram_entropy()));
+        if let Some(h) = data.conditional_entropy() {
+            summary.push_str(&format!(" | best possible {h:.4}"));
+        }
+        println!("{summary}");
+    }
+    Ok(())
+}
