@@ -115,6 +115,12 @@ impl Fused {
     }
 }
 
+/// Ops the elementwise walkers handle: `Affine`/`Unary`/`Binary`, and `BroadcastTo`, an identity
+/// whose operand is read with a broadcasting index (the adjoint of reductions).
+pub fn is_elementwise(op: &Op) -> bool {
+    op.is_elementwise() || matches!(op, Op::BroadcastTo { .. })
+}
+
 /// Follows free `Reshape` nodes to the node that owns the buffer.
 pub fn base(graph: &Graph, mut id: NodeId) -> NodeId {
     while let Op::Reshape { .. } = graph.node(id).op {
@@ -162,10 +168,10 @@ pub fn fuse(graph: &Graph, options: FuseOptions) -> Fused {
             continue;
         }
         let (kind, domain) = match &node.op {
-            op if op.is_elementwise() => (GroupKind::Elementwise, node.ty.shape.clone()),
+            op if is_elementwise(op) => (GroupKind::Elementwise, node.ty.shape.clone()),
             Op::Reduce(_) => (GroupKind::Row, graph.ty(graph.inputs(n)[0]).shape.clone()),
             Op::Softmax { .. } => (GroupKind::Row, node.ty.shape.clone()),
-            Op::MatMul { .. } | Op::GroupedMatMul { .. } => (GroupKind::Matmul, node.ty.shape.clone()),
+            Op::MatMul { .. } | Op::GroupedMatMul { .. } | Op::GroupedMatMulGradX { .. } => (GroupKind::Matmul, node.ty.shape.clone()),
             _ => (GroupKind::Single, node.ty.shape.clone()),
         };
         let gi = st.groups.len();
@@ -193,7 +199,7 @@ impl State<'_> {
         let node = g.node(n);
         let args = g.inputs(n);
         let candidates: Vec<usize> = match &node.op {
-            op if op.is_elementwise() => args.iter().filter_map(|a| self.group_of.get(a).copied()).collect(),
+            op if is_elementwise(op) => args.iter().filter_map(|a| self.group_of.get(a).copied()).collect(),
             Op::Reduce(_) | Op::Softmax { .. } => args.iter().take(1).filter_map(|a| self.group_of.get(a).copied()).collect(),
             _ => Vec::new(),
         };
@@ -217,7 +223,7 @@ impl State<'_> {
         let node = self.graph.node(n);
         let shape = &node.ty.shape;
         match &node.op {
-            op if op.is_elementwise() => match b.kind {
+            op if is_elementwise(op) => match b.kind {
                 GroupKind::Elementwise => *shape == b.domain,
                 // A reduction prologue (`square` before `mean`) is better recomputed inside the row
                 // kernel than materialised by the matmul: keep it out of the epilogue.

@@ -339,3 +339,64 @@ fn moe_route_gather_grouped_matmul_combine() {
         assert_eq!(exec.read_u32("route").unwrap(), want["route"].as_u32().unwrap(), "seed {seed}");
     }
 }
+
+#[test]
+fn gradient_ops() {
+    let mut g = Graph::new();
+    let x = g.input("x", TensorType::f32(&[3, 5, 7]));
+    for (i, to) in [vec![5, 1], vec![7], vec![1], vec![3, 1, 7]].into_iter().enumerate() {
+        let s = add(&mut g, Op::SumTo { shape: to }, &[x], &format!("sum_to{i}"));
+        g.set_output(&format!("sum_to{i}"), s);
+    }
+    let r = g.input("r", TensorType::f32(&[5, 1]));
+    let bt = add(&mut g, Op::BroadcastTo { shape: vec![3, 5, 7] }, &[r], "bcast");
+    // Fused: the broadcast joins an elementwise chain.
+    let bx = add(&mut g, Op::Binary(BinaryOp::Mul), &[bt, x], "bx");
+    let st = add(&mut g, Op::Unary(UnaryOp::Step), &[x], "step");
+    let gg = add(&mut g, Op::Unary(UnaryOp::GeluGrad), &[x], "gelu_grad");
+    let ge = add(&mut g, Op::Binary(BinaryOp::Ge), &[x, r], "ge");
+    for (name, id) in [("bcast", bt), ("bx", bx), ("step", st), ("gelu_grad", gg), ("ge", ge)] {
+        g.set_output(name, id);
+    }
+    let ids = g.input("ids", TensorType::u32(&[3, 7]));
+    let gemb = g.input("gemb", TensorType::f32(&[3, 7, 6]));
+    let eg = add(&mut g, Op::EmbeddingGrad { vocab: 11 }, &[ids, gemb], "emb_grad");
+    let q = g.input("q", TensorType::f32(&[2, 7, 3, 6]));
+    let rg = add(&mut g, Op::RopeGrad { theta: 500.0 }, &[q], "rope_grad");
+    let logits = g.input("logits", TensorType::f32(&[37, 13]));
+    let tg = g.input("targets", TensorType::u32(&[37]));
+    let seed = g.input("seed", TensorType::f32(&[1]));
+    let ceg = add(&mut g, Op::CrossEntropyGrad, &[logits, tg, seed], "ce_grad");
+    let gk = g.input("gk", TensorType::f32(&[29, 3]));
+    let idx = g.input("idx", TensorType::u32(&[29, 3]));
+    let sc = add(&mut g, Op::ScatterCols { cols: 7 }, &[gk, idx], "scatter");
+    for (name, id) in [("emb_grad", eg), ("rope_grad", rg), ("ce_grad", ceg), ("scatter", sc)] {
+        g.set_output(name, id);
+    }
+    check(&g, &feeds(&g, 11, &[("ids", 11), ("targets", 13), ("idx", 7)]));
+}
+
+#[test]
+fn moe_gradient_ops() {
+    let (t, k, e, d, hidden) = (23, 2, 5, 9, 13);
+    let layout = RouteLayout { tokens: t, k, experts: e, tile: 4 };
+    let mut g = Graph::new();
+    let idx = g.input("idx", TensorType::u32(&[t, k]));
+    let route = add(&mut g, Op::MoeRoute { layout }, &[idx], "route");
+    let gp = g.input("gp", TensorType::f32(&[layout.rows(), d]));
+    let gh = g.input("gh", TensorType::f32(&[layout.rows(), hidden]));
+    let xp = g.input("xp", TensorType::f32(&[layout.rows(), d]));
+    let w = g.param("w", &[e, hidden, d], Init::Constant(0.0));
+    let dy = g.input("dy", TensorType::f32(&[t, d]));
+    let wt = g.input("wt", TensorType::f32(&[t, k]));
+    let gx = add(&mut g, Op::GroupedMatMulGradX { layout }, &[gh, w, route], "grad_x");
+    let gx2 = add(&mut g, Op::Unary(UnaryOp::Neg), &[gx], "grad_x_neg");
+    let gw = add(&mut g, Op::GroupedMatMulGradW { layout }, &[gh, xp, route], "grad_w");
+    let gg = add(&mut g, Op::MoeGatherGrad { layout }, &[gp, route], "gather_grad");
+    let cr = add(&mut g, Op::MoeCombineGradRows { layout }, &[dy, wt, route], "combine_rows");
+    let cw = add(&mut g, Op::MoeCombineGradWeights { layout }, &[dy, xp, route], "combine_w");
+    for (name, id) in [("grad_x", gx), ("grad_x_neg", gx2), ("grad_w", gw), ("gather_grad", gg), ("combine_rows", cr), ("combine_w", cw)] {
+        g.set_output(name, id);
+    }
+    check(&g, &feeds(&g, 12, &[("idx", 4)]));
+}

@@ -11,6 +11,8 @@ use crate::ir::{BinaryOp, Graph, NodeId, Op, ReduceOp, RouteLayout, UnaryOp};
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write;
 
+pub(crate) use crate::fuse::is_elementwise;
+
 const PRELUDE: &str = include_str!("../../../shaders/prelude.wgsl");
 const MATMUL_TILED: &str = include_str!("../../../shaders/matmul_tiled.wgsl");
 const MOE_ROUTE: &str = include_str!("../../../shaders/moe_route.wgsl");
@@ -211,6 +213,8 @@ fn op_expr(op: &Op, a: &[String]) -> String {
                 BinaryOp::Ge => format!("select(0.0, 1.0, {x} >= {y})"),
             }
         }
+        // A broadcast is an identity on the operand loaded with a broadcasting index.
+        Op::BroadcastTo { .. } => a[0].clone(),
         other => unreachable!("op_expr on non-elementwise {}", other.mnemonic()),
     }
 }
@@ -302,7 +306,7 @@ fn row_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc
     let members: HashSet<NodeId> = group.nodes.iter().copied().collect();
     let is_row = |n: NodeId| match graph.node(n).op {
         Op::Reduce(_) => true,
-        ref op if op.is_elementwise() => graph.ty(n).shape != *d,
+        ref op if is_elementwise(op) => graph.ty(n).shape != *d,
         _ => false,
     };
     let outputs: HashSet<NodeId> = group.outputs.iter().copied().collect();
@@ -374,7 +378,7 @@ fn row_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc
     for &n in &group.nodes {
         let id = n.index();
         match &graph.node(n).op {
-            op if op.is_elementwise() => {
+            op if is_elementwise(op) => {
                 if is_row(n) {
                     walker.elementwise(&mut b, &mut env_row, n, &rshape, "row", &mut body, "    ");
                 }
@@ -455,6 +459,12 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             let x = &graph.ty(args[0]).shape;
             let route = b.read(args[2]);
             (Mm { batch: 1, m: x[0], n: out.last(), k: x[1], b_stride: 0, trans_b: true }, Some((*layout, route)))
+        }
+        Op::GroupedMatMulGradX { layout } => {
+            // g[rows, N] · w[e] with w[e] read as [N, K]: a grouped matmul contracting over N.
+            let g = &graph.ty(args[0]).shape;
+            let route = b.read(args[2]);
+            (Mm { batch: 1, m: g[0], n: out.last(), k: g[1], b_stride: 0, trans_b: false }, Some((*layout, route)))
         }
         other => unreachable!("{} anchors a matmul group", other.mnemonic()),
     };
@@ -603,14 +613,16 @@ fn single_kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc,
             let (v, d) = (graph.ty(args[0]).shape[0], graph.ty(args[0]).shape[1]);
             per_item(b, format!("    let id = min({ids}[i / {d}u], {}u);\n    let v = {table}[id * {d}u + i % {d}u];\n", v - 1))
         }
-        Op::Rope { theta } => {
+        Op::Rope { theta } | Op::RopeGrad { theta } => {
+            // The adjoint rotates by the negated angle.
+            let sign = if matches!(node.op, Op::RopeGrad { .. }) { "-" } else { "" };
             let x = b.read(args[0]);
             let (t, h, hd) = (shape[1], shape[2], shape[3]);
             let half = hd / 2;
             per_item(
                 b,
                 format!(
-                    "    let d = i % {hd}u;\n    let pos = f32((i / {}u) % {t}u);\n    let j = d % {half}u;\n    let inv = exp2(-f32(2u * j) / {} * log2({}));\n    let ang = pos * inv;\n    let x = {x}[i];\n    var v = 0.0;\n    if (d < {half}u) {{\n        v = x * cos(ang) - {x}[i + {half}u] * sin(ang);\n    }} else {{\n        v = x * cos(ang) + {x}[i - {half}u] * sin(ang);\n    }}\n",
+                    "    let d = i % {hd}u;\n    let pos = f32((i / {}u) % {t}u);\n    let j = d % {half}u;\n    let inv = exp2(-f32(2u * j) / {} * log2({}));\n    let ang = {sign}pos * inv;\n    let x = {x}[i];\n    var v = 0.0;\n    if (d < {half}u) {{\n        v = x * cos(ang) - {x}[i + {half}u] * sin(ang);\n    }} else {{\n        v = x * cos(ang) + {x}[i - {half}u] * sin(ang);\n    }}\n",
                     hd * h,
                     lit(hd as f32),
                     lit(*theta)
@@ -693,6 +705,124 @@ fn single_kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc,
                 ("NONE", u64::from(RouteLayout::NONE)),
             ];
             Ok(b.finish(&consts, MOE_ROUTE, [1, 1, 1]))
+        }
+        Op::SumTo { shape: to } => {
+            // One invocation per output element sums the broadcast axes in a fixed order.
+            let x = b.read(args[0]);
+            let from = &graph.ty(args[0]).shape;
+            let pad = from.len() - to.len();
+            let t: Vec<usize> = (0..from.len()).map(|i| if i < pad { 1 } else { to[i - pad] }).collect();
+            let xstride: Vec<usize> = (0..from.len()).map(|i| from[i + 1..].iter().product()).collect();
+            let reduced: Vec<usize> = (0..from.len()).filter(|&i| t[i] == 1 && from[i] > 1).collect();
+            let count: usize = reduced.iter().map(|&i| from[i]).product();
+            // Base index in x of output element i: its kept coordinates, reduced coordinates zero.
+            let mut base_terms = Vec::new();
+            let mut rest = 1usize;
+            for a in (0..from.len()).rev() {
+                if t[a] > 1 {
+                    base_terms.push(format!("((i / {rest}u) % {}u) * {}u", t[a], xstride[a]));
+                }
+                rest *= t[a];
+            }
+            let mut red_terms = Vec::new();
+            let mut rest = 1usize;
+            for &a in reduced.iter().rev() {
+                red_terms.push(format!("((r / {rest}u) % {}u) * {}u", from[a], xstride[a]));
+                rest *= from[a];
+            }
+            let base_expr = if base_terms.is_empty() { "0u".to_string() } else { base_terms.join(" + ") };
+            let red_expr = if red_terms.is_empty() { "0u".to_string() } else { red_terms.join(" + ") };
+            per_item(b, format!("    let base = {base_expr};\n    var v = 0.0;\n    for (var r = 0u; r < {count}u; r = r + 1u) {{\n        v = v + {x}[base + {red_expr}];\n    }}\n"))
+        }
+        Op::EmbeddingGrad { vocab } => {
+            // Deterministic scatter-add as a gather: invocation (v, d) scans the ids in order.
+            let ids = b.read(args[0]);
+            let g = b.read(args[1]);
+            let n_ids = graph.ty(args[0]).numel();
+            let d = graph.ty(args[1]).last();
+            let _ = vocab;
+            per_item(b, format!("    let tok = i / {d}u;\n    let col = i % {d}u;\n    var v = 0.0;\n    for (var j = 0u; j < {n_ids}u; j = j + 1u) {{\n        if ({ids}[j] == tok) {{\n            v = v + {g}[j * {d}u + col];\n        }}\n    }}\n"))
+        }
+        Op::CrossEntropyGrad => {
+            // One invocation per row: logsumexp, then (softmax - onehot) · g / N.
+            let logits = b.read(args[0]);
+            let targets = b.read(args[1]);
+            let g = b.read(args[2]);
+            let out = b.write(n);
+            let (rows, v) = (shape[0], shape[1]);
+            let body = format!(
+                "{}    let r = i;\n    var m = -FLT_MAX;\n    for (var c = 0u; c < {v}u; c = c + 1u) {{\n        m = max(m, {logits}[r * {v}u + c]);\n    }}\n    var s = 0.0;\n    for (var c = 0u; c < {v}u; c = c + 1u) {{\n        s = s + exp({logits}[r * {v}u + c] - m);\n    }}\n    let lse = m + log(s);\n    let scale = {g}[0] / {};\n    let t = {targets}[r];\n    for (var c = 0u; c < {v}u; c = c + 1u) {{\n        {out}[r * {v}u + c] = (exp({logits}[r * {v}u + c] - lse) - select(0.0, 1.0, c == t)) * scale;\n    }}\n}}\n",
+                per_item_main(wg, rows),
+                lit(rows.max(1) as f32)
+            );
+            let grid = fold(rows.div_ceil(wg as usize) as u64, target)?;
+            Ok(b.finish(&[], &body, grid))
+        }
+        Op::ScatterCols { cols } => {
+            let g = b.read(args[0]);
+            let idx = b.read(args[1]);
+            let k = graph.ty(args[0]).shape[1];
+            per_item(b, format!("    let t = i / {cols}u;\n    let c = i % {cols}u;\n    var v = 0.0;\n    for (var j = 0u; j < {k}u; j = j + 1u) {{\n        if ({idx}[t * {k}u + j] == c) {{\n            v = v + {g}[t * {k}u + j];\n        }}\n    }}\n"))
+        }
+        Op::MoeGatherGrad { layout } => {
+            let gp = b.read(args[0]);
+            let route = b.read(args[1]);
+            let (d, k) = (shape[1], layout.k);
+            per_item(
+                b,
+                format!(
+                    "    let t = i / {d}u;\n    var v = 0.0;\n    for (var j = 0u; j < {k}u; j = j + 1u) {{\n        let r = {route}[{}u + t * {k}u + j];\n        if (r != {}u) {{\n            v = v + {gp}[r * {d}u + i % {d}u];\n        }}\n    }}\n",
+                    layout.slot_row_at(),
+                    RouteLayout::NONE
+                ),
+            )
+        }
+        Op::MoeCombineGradRows { layout } => {
+            let dy = b.read(args[0]);
+            let w = b.read(args[1]);
+            let route = b.read(args[2]);
+            let d = shape[1];
+            per_item(
+                b,
+                format!(
+                    "    let slot = {route}[{}u + i / {d}u];\n    var v = 0.0;\n    if (slot != {}u) {{\n        v = {w}[slot] * {dy}[(slot / {}u) * {d}u + i % {d}u];\n    }}\n",
+                    layout.row_slot_at(),
+                    RouteLayout::NONE,
+                    layout.k
+                ),
+            )
+        }
+        Op::MoeCombineGradWeights { layout } => {
+            let dy = b.read(args[0]);
+            let yp = b.read(args[1]);
+            let route = b.read(args[2]);
+            let d = graph.ty(args[0]).shape[1];
+            per_item(
+                b,
+                format!(
+                    "    let r = {route}[{}u + i];\n    var v = 0.0;\n    if (r != {}u) {{\n        let t = i / {}u;\n        for (var c = 0u; c < {d}u; c = c + 1u) {{\n            v = v + {dy}[t * {d}u + c] * {yp}[r * {d}u + c];\n        }}\n    }}\n",
+                    layout.slot_row_at(),
+                    RouteLayout::NONE,
+                    layout.k
+                ),
+            )
+        }
+        Op::GroupedMatMulGradW { layout } => {
+            // dw[e, n, c] = Σ over e's rows r of g[r, n] · x[r, c]: one invocation per output element,
+            // rows in ascending order (deterministic), bounds from the route's offsets.
+            let g = b.read(args[0]);
+            let x = b.read(args[1]);
+            let route = b.read(args[2]);
+            let (nn, kk) = (shape[1], shape[2]);
+            per_item(
+                b,
+                format!(
+                    "    let e = i / {};\n    let nc = (i / {kk}u) % {nn}u;\n    let c = i % {kk}u;\n    let end = min({route}[{off}u + e + 1u], {}u);\n    var v = 0.0;\n    for (var r = {route}[{off}u + e]; r < end; r = r + 1u) {{\n        v = v + {g}[r * {nn}u + nc] * {x}[r * {kk}u + c];\n    }}\n",
+                    format!("{}u", nn * kk),
+                    layout.rows(),
+                    off = layout.offsets_at()
+                ),
+            )
         }
         other => unreachable!("{} is not a single-kernel op", other.mnemonic()),
     }

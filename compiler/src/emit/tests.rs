@@ -216,3 +216,24 @@ fn example_specs_emit_valid_kernels() {
     }
 }
 
+
+/// Training graphs (forward + backward) of every example spec emit valid kernels, and fusion cuts
+/// the dispatch count.
+#[test]
+fn example_training_graphs_emit_valid_kernels() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../specs");
+    let mut paths: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "moe")).collect();
+    paths.sort();
+    for path in paths {
+        let source = std::fs::read_to_string(&path).unwrap();
+        let spec = crate::check::check(&source, &path).unwrap();
+        for target in targets() {
+            let unfused = crate::compile_training(&spec, 2, &target, false).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let fused = crate::compile_training(&spec, 2, &target, true).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let (u, f) = (unfused.plan.dispatches.len(), fused.plan.dispatches.len());
+            eprintln!("{}: {:?} training {u} unfused / {f} fused dispatches", path.display(), target.matmul);
+            if std::env::var("DUMP").is_ok() { eprintln!("{}", fused.fused.dump(&fused.graph)); }
+            assert!(f < u);
+        }
+    }
+}
