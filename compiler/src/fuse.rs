@@ -17,6 +17,8 @@
 //!   consume the matmul (directly or through earlier epilogue nodes) join it: bias, activation,
 //!   residual add, and `silu(a) · b` where `b` is another matmul computed earlier. The anchor (first
 //!   node) is a `MatMul` or a `GroupedMatMul`.
+//!   A `Permute` used only as a matmul operand (the transposes of weight gradients) is absorbed as a
+//!   prologue: the matmul reads its source in place with permuted strides.
 //! - Everything else is its own [`GroupKind::Single`] group.
 //!
 //! A node with users outside its group (or that is a graph output) is materialised: it is listed in
@@ -66,7 +68,8 @@ pub enum GroupKind {
     Elementwise,
     /// Last-axis reductions / softmax with elementwise prologue and row-local epilogue.
     Row,
-    /// A `MatMul` or `GroupedMatMul` (the first node) plus an elementwise epilogue.
+    /// A `MatMul`, `GroupedMatMul` or `GroupedMatMulGradX` (the anchor), absorbed operand permutes
+    /// before it, and an elementwise epilogue after it.
     Matmul,
     /// One op with its own kernel (permute, embedding, rope, cross-entropy, top-k, MoE routing...).
     Single,
@@ -159,9 +162,26 @@ pub fn fuse(graph: &Graph, options: FuseOptions) -> Fused {
         graph_outputs: graph.outputs.iter().map(|(_, id)| *id).collect(),
         max_bindings: options.max_bindings.max(2) as usize,
     };
+    // A permute whose only use is a matmul operand is read in place with permuted strides (the
+    // weight-gradient transposes of the backward pass), so it joins that matmul's group.
+    let absorbed: HashSet<NodeId> = if options.enabled {
+        order
+            .iter()
+            .copied()
+            .filter(|&p| {
+                let users = graph.users(p);
+                matches!(graph.node(p).op, Op::Permute { .. })
+                    && users.len() == 1
+                    && matches!(graph.node(users[0]).op, Op::MatMul { .. })
+                    && !st.graph_outputs.contains(&p)
+            })
+            .collect()
+    } else {
+        HashSet::new()
+    };
     for &n in &order {
         let node = graph.node(n);
-        if node.op.is_free() {
+        if node.op.is_free() || absorbed.contains(&n) {
             continue;
         }
         if options.enabled && st.try_join(n) {
@@ -175,9 +195,15 @@ pub fn fuse(graph: &Graph, options: FuseOptions) -> Fused {
             _ => (GroupKind::Single, node.ty.shape.clone()),
         };
         let gi = st.groups.len();
-        st.group_of.insert(n, gi);
+        let prologue: Vec<NodeId> = graph.inputs(n).into_iter().filter(|a| absorbed.contains(a)).collect();
         st.groups.push(Builder { kind, domain, nodes: vec![n] });
         st.deps.push(HashSet::new());
+        for &p in &prologue {
+            st.group_of.insert(p, gi);
+            st.groups[gi].nodes.push(p);
+            st.add_deps(gi, p);
+        }
+        st.group_of.insert(n, gi);
         st.add_deps(gi, n);
     }
     st.finish()

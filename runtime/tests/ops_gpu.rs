@@ -400,3 +400,32 @@ fn moe_gradient_ops() {
     }
     check(&g, &feeds(&g, 12, &[("idx", 4)]));
 }
+
+#[test]
+fn matmuls_read_permuted_operands_in_place() {
+    let mut g = Graph::new();
+    // Batch axes permuted in A, last two axes swapped in B.
+    let a_src = g.input("a_src", TensorType::f32(&[5, 3, 7]));
+    let b_src = g.input("b_src", TensorType::f32(&[3, 6, 7]));
+    let a = add(&mut g, Op::Permute { perm: vec![1, 0, 2] }, &[a_src], "a");
+    let b = add(&mut g, Op::Permute { perm: vec![0, 2, 1] }, &[b_src], "b");
+    let ab = add(&mut g, Op::MatMul { trans_b: false }, &[a, b], "ab");
+    // A weight gradient: gᵀ · x.
+    let gr = g.input("g", TensorType::f32(&[13, 9]));
+    let x = g.input("x", TensorType::f32(&[13, 11]));
+    let gt = add(&mut g, Op::Permute { perm: vec![1, 0] }, &[gr], "gt");
+    let dw = add(&mut g, Op::MatMul { trans_b: false }, &[gt, x], "dw");
+    // A permuted B read transposed, with an epilogue.
+    let v = g.input("v", TensorType::f32(&[4, 9]));
+    let w = g.param("w", &[9, 6], Init::Constant(0.0));
+    let wt = add(&mut g, Op::Permute { perm: vec![1, 0] }, &[w], "wt");
+    let vw = add(&mut g, Op::MatMul { trans_b: true }, &[v, wt], "vw");
+    let vr = add(&mut g, Op::Unary(UnaryOp::Relu), &[vw], "relu");
+    for (name, id) in [("ab", ab), ("dw", dw), ("relu", vr)] {
+        g.set_output(name, id);
+    }
+    let t = target(MatmulVariant::RegisterBlocked);
+    let fused = fuse(&g, FuseOptions::for_target(&t));
+    assert_eq!(fused.len(), 3, "every permute is absorbed:\n{}", fused.dump(&g));
+    check(&g, &feeds(&g, 13, &[]));
+}

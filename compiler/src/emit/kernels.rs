@@ -425,46 +425,96 @@ fn row_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc
     Ok(b.finish(&[], &body, grid))
 }
 
-/// Matmul geometry shared by the variants.
+/// Matmul geometry shared by the variants. Operands are addressed through strides, so a transpose
+/// (or any permute) absorbed from the group's prologue costs nothing: `A[bi, m, k]` lives at
+/// `a_batch(bi) + m·sam + k·sak` and `B[bi, k, n]` at `b_batch(bi) + k·sbk + n·sbn`.
 struct Mm {
     batch: usize,
     m: usize,
     n: usize,
     k: usize,
-    /// Elements between consecutive batch matrices of B (0 when B is shared).
-    b_stride: usize,
-    trans_b: bool,
+    sam: usize,
+    sak: usize,
+    sbk: usize,
+    sbn: usize,
+    /// WGSL expressions of the batch offsets in terms of `bi`.
+    a_batch: String,
+    b_batch: String,
+}
+
+/// Logical shape and element strides of a matmul operand: the operand itself, or the source of a
+/// `Permute` member of the group (absorbed: read in place with permuted strides).
+fn operand_view(graph: &Graph, members: &HashSet<NodeId>, x: NodeId) -> (NodeId, Vec<usize>, Vec<usize>) {
+    let contiguous = |shape: &[usize]| -> Vec<usize> { (0..shape.len()).map(|i| shape[i + 1..].iter().product()).collect() };
+    let shape = graph.ty(x).shape.clone();
+    if members.contains(&x) {
+        if let Op::Permute { perm } = &graph.node(x).op {
+            let src = graph.inputs(x)[0];
+            let src_strides = contiguous(&graph.ty(src).shape);
+            return (src, shape, perm.iter().map(|&p| src_strides[p]).collect());
+        }
+    }
+    let strides = contiguous(&shape);
+    (x, shape, strides)
+}
+
+/// `Σ coord_i(bi) · stride_i` over the batch axes `dims` (row-major) with element `strides`.
+fn batch_offset(dims: &[usize], strides: &[usize]) -> String {
+    let mut terms = Vec::new();
+    let mut rest = 1usize;
+    for i in (0..dims.len()).rev() {
+        if dims[i] > 1 {
+            let coord = if i == 0 { format!("(bi / {rest}u)") } else { format!("((bi / {rest}u) % {}u)", dims[i]) };
+            terms.push(format!("{coord} * {}u", strides[i]));
+        }
+        rest *= dims[i];
+    }
+    if terms.is_empty() {
+        "0u".into()
+    } else {
+        terms.join(" + ")
+    }
+}
+
+/// The matmul-like anchor of a Matmul group (members before it are absorbed operand permutes).
+pub(crate) fn matmul_anchor(graph: &Graph, group: &Group) -> NodeId {
+    group.nodes.iter().copied().find(|&n| !matches!(graph.node(n).op, Op::Permute { .. })).unwrap_or(group.nodes[0])
 }
 
 /// Matmul or grouped matmul plus its elementwise epilogue. The epilogue is a WGSL function
 /// `store(lin, v)` the matmul body calls once per output element.
 fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc, GridError> {
-    let anchor = group.nodes[0];
+    let anchor = matmul_anchor(graph, group);
+    let members: HashSet<NodeId> = group.nodes.iter().copied().collect();
     let args = graph.inputs(anchor);
     let out = graph.ty(anchor);
     let mut b = Binder::new(graph);
-    let a_name = b.read(args[0]);
-    let b_name = b.read(args[1]);
+    let (a_src, a_shape, a_str) = operand_view(graph, &members, args[0]);
+    let (b_src, b_shape, b_str) = operand_view(graph, &members, args[1]);
+    let a_name = b.read(a_src);
+    let b_name = b.read(b_src);
     let (mm, grouped) = match &graph.node(anchor).op {
         Op::MatMul { trans_b } => {
-            let a = &graph.ty(args[0]).shape;
-            let bs = &graph.ty(args[1]).shape;
-            let (m, k) = (a[a.len() - 2], a[a.len() - 1]);
+            let (ra, rb) = (a_shape.len(), b_shape.len());
+            let (m, k) = (a_shape[ra - 2], a_shape[ra - 1]);
             let n = out.last();
-            let batch: usize = a[..a.len() - 2].iter().product();
-            let b_stride = if bs.len() > 2 { k * n } else { 0 };
-            (Mm { batch, m, n, k, b_stride, trans_b: *trans_b }, None)
+            let batch: usize = a_shape[..ra - 2].iter().product();
+            let (sbk, sbn) = if *trans_b { (b_str[rb - 1], b_str[rb - 2]) } else { (b_str[rb - 2], b_str[rb - 1]) };
+            let a_batch = batch_offset(&a_shape[..ra - 2], &a_str[..ra - 2]);
+            let b_batch = batch_offset(&b_shape[..rb - 2], &b_str[..rb - 2]);
+            (Mm { batch, m, n, k, sam: a_str[ra - 2], sak: a_str[ra - 1], sbk, sbn, a_batch, b_batch }, None)
         }
         Op::GroupedMatMul { layout } => {
-            let x = &graph.ty(args[0]).shape;
+            // w[e] is [N, K] read transposed.
+            let (m, k, n) = (a_shape[0], a_shape[1], out.last());
             let route = b.read(args[2]);
-            (Mm { batch: 1, m: x[0], n: out.last(), k: x[1], b_stride: 0, trans_b: true }, Some((*layout, route)))
+            (Mm { batch: 1, m, n, k, sam: k, sak: 1, sbk: 1, sbn: k, a_batch: "0u".into(), b_batch: "0u".into() }, Some((*layout, route)))
         }
         Op::GroupedMatMulGradX { layout } => {
             // g[rows, N] · w[e] with w[e] read as [N, K]: a grouped matmul contracting over N.
-            let g = &graph.ty(args[0]).shape;
+            let (m, k, n) = (a_shape[0], a_shape[1], out.last());
             let route = b.read(args[2]);
-            (Mm { batch: 1, m: g[0], n: out.last(), k: g[1], b_stride: 0, trans_b: false }, Some((*layout, route)))
+            (Mm { batch: 1, m, n, k, sam: k, sak: 1, sbk: n, sbn: 1, a_batch: "0u".into(), b_batch: "0u".into() }, Some((*layout, route)))
         }
         other => unreachable!("{} anchors a matmul group", other.mnemonic()),
     };
@@ -474,7 +524,7 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
     let mut env = HashMap::new();
     env.insert(anchor, format!("v{}", anchor.index()));
     let mut store = format!("fn store(lin: u32, acc: f32) {{\n    let v{} = acc;\n", anchor.index());
-    for &n in &group.nodes[1..] {
+    for &n in group.nodes.iter().skip_while(|&&n| n != anchor).skip(1) {
         walker.elementwise(&mut b, &mut env, n, &group.domain, "lin", &mut store, "    ");
     }
     for &o in &group.outputs {
@@ -486,10 +536,9 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
     let tiled = target.matmul == MatmulVariant::SharedTiled && grouped.is_none() && target.max_invocations_per_workgroup >= 256 && target.max_workgroup_storage_bytes >= 8192;
     let mut consts: Vec<(&str, u64)> = vec![("M", mm.m as u64), ("N", mm.n as u64), ("K", mm.k as u64), ("BATCH", mm.batch as u64)];
     let (body, groups) = if tiled {
-        let b_index = if mm.trans_b { "n * K + k" } else { "k * N + n" };
         let loads = format!(
-            "fn load_a(bi: u32, m: u32, k: u32) -> f32 {{\n    if (m < M && k < K) {{\n        return {a_name}[(bi * M + m) * K + k];\n    }}\n    return 0.0;\n}}\n\nfn load_b(bi: u32, k: u32, n: u32) -> f32 {{\n    if (n < N && k < K) {{\n        return {b_name}[bi * {} + {b_index}];\n    }}\n    return 0.0;\n}}\n\n",
-            mm.b_stride
+            "fn load_a(bi: u32, m: u32, k: u32) -> f32 {{\n    if (m < M && k < K) {{\n        return {a_name}[{} + m * {}u + k * {}u];\n    }}\n    return 0.0;\n}}\n\nfn load_b(bi: u32, k: u32, n: u32) -> f32 {{\n    if (n < N && k < K) {{\n        return {b_name}[{} + k * {}u + n * {}u];\n    }}\n    return 0.0;\n}}\n\n",
+            mm.a_batch, mm.sam, mm.sak, mm.b_batch, mm.sbk, mm.sbn
         );
         let tiles = mm.batch * mm.m.div_ceil(64) * mm.n.div_ceil(64);
         (format!("{store}{loads}{MATMUL_TILED}"), tiles)
@@ -531,20 +580,15 @@ fn register_blocked(mm: &Mm, p: RbParams, a: &str, b: &str, grouped: Option<(&Ro
             let e = layout.experts;
             s += &format!("    let live = m0 < {route}[{}u];\n", layout.offsets_at() + e);
             s += &format!("    let e = min({route}[{}u + min(m0, M - 1u)], {}u);\n", layout.row_expert_at(), e - 1);
-            s += "    let kend = select(0u, K, live);\n    let bbase = e * N * K;\n";
+            s += "    let kend = select(0u, K, live);\n    let bbase = e * N * K;\n    let abase = 0u;\n";
         }
-        None => s += &format!("    let kend = K;\n    let bbase = bi * {}u;\n", mm.b_stride),
+        None => s += &format!("    let kend = K;\n    let bbase = {};\n    let abase = {};\n", mm.b_batch, mm.a_batch),
     }
     for i in 0..tm {
-        s += &format!("    let ar{i} = (bi * M + min(m0 + {i}u, M - 1u)) * K;\n");
+        s += &format!("    let ar{i} = abase + min(m0 + {i}u, M - 1u) * {}u;\n", mm.sam);
     }
     for j in 0..tn {
-        let col = format!("min(n0 + {}u, N - 1u)", j * wg as usize);
-        if mm.trans_b {
-            s += &format!("    let bc{j} = bbase + {col} * K;\n");
-        } else {
-            s += &format!("    let bc{j} = bbase + {col};\n");
-        }
+        s += &format!("    let bc{j} = bbase + min(n0 + {}u, N - 1u) * {}u;\n", j * wg as usize, mm.sbn);
     }
     for i in 0..tm {
         for j in 0..tn {
@@ -552,12 +596,13 @@ fn register_blocked(mm: &Mm, p: RbParams, a: &str, b: &str, grouped: Option<(&Ro
         }
     }
     s += "    for (var k = 0u; k < kend; k = k + 1u) {\n";
-    let bk = if mm.trans_b { "k" } else { "k * N" };
+    let scaled = |stride: usize| if stride == 1 { "k".to_string() } else { format!("k * {stride}u") };
+    let (ak, bk) = (scaled(mm.sak), scaled(mm.sbk));
     for j in 0..tn {
         s += &format!("        let bv{j} = {b}[bc{j} + {bk}];\n");
     }
     for i in 0..tm {
-        s += &format!("        let av{i} = {a}[ar{i} + k];\n");
+        s += &format!("        let av{i} = {a}[ar{i} + {ak}];\n");
         for j in 0..tn {
             s += &format!("        c{i}_{j} = fma(av{i}, bv{j}, c{i}_{j});\n");
         }
