@@ -110,8 +110,9 @@ pub fn differentiate(forward: &Graph, loss: &str) -> Result<Graph, AutodiffError
         }
     }
 
-    for (id, name, _) in forward.params() {
+    for (id, name, ty) in forward.params() {
         let Some(&g) = b.adj.get(&id) else { continue };
+        let g = b.broadcast_to(g, &ty.shape, format!("grad.{name}.full"))?;
         let taken = b.g.outputs.iter().any(|(_, o)| *o == g)
             || matches!(b.g.node(g).op, Op::Input { .. } | Op::Param { .. });
         let g = if taken {
@@ -208,15 +209,23 @@ impl Backward {
     fn shape(&self, x: NodeId) -> Vec<usize> {
         self.g.ty(x).shape.clone()
     }
-    /// `x` summed down to `shape` (no node when the shapes already agree).
+    /// `x` summed down to `shape` (no node when the shapes already agree, or when `x` is a broadcast
+    /// adjoint that `shape` need not sum).
     fn sum_to(
         &mut self,
         x: NodeId,
         shape: &[usize],
         label: String,
     ) -> Result<NodeId, AutodiffError> {
-        if self.g.ty(x).shape == shape {
+        let from = self.shape(x);
+        // Equal shapes, or a broadcast adjoint (see `takes_broadcast_adjoint`) of a value of `shape`.
+        if from.len() == shape.len() && from.iter().zip(shape).all(|(&f, &s)| f == s || f == 1) {
             return Ok(x);
+        }
+        // Summing only the last axis is a `Reduce`, which fuses with the elementwise ops feeding it.
+        let (n, r) = (from.len(), shape.len());
+        if n == r && n > 0 && shape[r - 1] == 1 && from[..n - 1] == shape[..r - 1] {
+            return self.add(Op::Reduce(ReduceOp::Sum), &[x], label);
         }
         self.add(
             Op::SumTo {
@@ -269,6 +278,22 @@ impl Backward {
         self.add(Op::Permute { perm }, &[x], label)
     }
 
+    /// Whether `op` can take an adjoint `g` that is not yet broadcast to its output's shape.
+    ///
+    /// The adjoints of `Reduce(Sum | Mean)` are left as `[..., 1]` ("broadcast adjoints": same rank,
+    /// each axis equal to the value's or 1) because their consumers are mostly elementwise, and
+    /// `Binary` broadcasts for free where a `BroadcastTo` would be a kernel of its own. `Affine` and
+    /// `Unary` adjoints are `g` times a full-shaped factor (or `g` scaled), and a `Binary` whose
+    /// operands both have the output's shape needs no `SumTo`, so all of them accept one; every
+    /// other op (and every parameter's output) gets `g` materialised with `BroadcastTo` first.
+    fn takes_broadcast_adjoint(&self, op: &Op, args: &[NodeId], out: &TensorType) -> bool {
+        match op {
+            Op::Affine { .. } | Op::Unary(_) => true,
+            Op::Binary(_) => args.iter().all(|&a| self.g.ty(a).shape == out.shape),
+            _ => false,
+        }
+    }
+
     /// Adds `contribution` to the adjoint of `x` (a sum when `x` has several uses).
     fn accumulate(&mut self, x: NodeId, contribution: NodeId) -> Result<(), AutodiffError> {
         let total = match self.adj.get(&x) {
@@ -298,6 +323,13 @@ impl Backward {
         }
         let l = |part: &str| format!("grad.{}{}", node.label, part);
         let y = id;
+        let g = if self.g.ty(g).shape == node.ty.shape
+            || self.takes_broadcast_adjoint(&node.op, &args, &node.ty)
+        {
+            g
+        } else {
+            self.broadcast_to(g, &node.ty.shape, l(".full"))?
+        };
         let mut grads: Vec<Option<NodeId>> = vec![None; args.len()];
         match &node.op {
             Op::Input { .. } | Op::Param { .. } => {}
@@ -308,11 +340,11 @@ impl Backward {
                 let x = args[0];
                 let shape = self.shape(x);
                 grads[0] = Some(match r {
-                    ReduceOp::Sum => self.broadcast_to(g, &shape, l(""))?,
+                    // Left un-broadcast: see `takes_broadcast_adjoint`.
+                    ReduceOp::Sum => g,
                     ReduceOp::Mean => {
                         let n = *shape.last().unwrap_or(&1);
-                        let scaled = self.affine(g, 1.0 / n as f32, 0.0, l(".scale"))?;
-                        self.broadcast_to(scaled, &shape, l(""))?
+                        self.affine(g, 1.0 / n as f32, 0.0, l(""))?
                     }
                     ReduceOp::Max => {
                         let mask = self.binary(BinaryOp::Ge, x, y, l(".argmax"))?;

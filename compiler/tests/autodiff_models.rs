@@ -356,10 +356,8 @@ fn gradients_scale_with_the_seed() {
     let one = grads(&feeds);
     feeds.insert(SEED.into(), Value::F64(vec![0.25]));
     let quarter = grads(&feeds);
-    for (a, b) in one.iter().zip(&quarter) {
-        assert!(
-            (a * 0.25 - b).abs() <= 1e-12 * a.abs().max(1e-30) + 1e-300,
-            "{a} vs {b}"
-        );
-    }
+    // The backward pass is linear in the seed and 0.25 is a power of two: exactly a quarter.
+    let scaled: Vec<f64> = one.iter().map(|a| a * 0.25).collect();
+    assert_eq!(scaled, quarter);
+    assert!(one.iter().any(|&a| a != 0.0));
 }
