@@ -30,8 +30,15 @@
 //! several uses of a value sum their gradients with `Binary(Add)`. Adjoints reuse forward values (the
 //! output `y` where that is cheaper: `Exp`, `Sigmoid`, `Tanh`, `Rsqrt`, `Softmax`...) instead of
 //! recomputing them, skip identities (`SumTo`/`BroadcastTo` to the same shape, `Affine` by 1), and
-//! compute only the operands' gradients that are needed. Backward nodes are labelled
-//! `grad.<forward label>[.part]`.
+//! compute only the operands' gradients that are needed. Two choices keep it fusable:
+//! - the adjoint of `Reduce(Sum | Mean)` is left un-broadcast (`[..., 1]`) while its consumers are
+//!   elementwise, which broadcast for free; a `BroadcastTo` is added only before an op that needs the
+//!   full shape (`Reshape`, `Permute`, matmuls...) and for a parameter's output;
+//! - a `SumTo` that only sums the last axis is emitted as `Reduce(Sum)`, which fuses with the
+//!   elementwise ops feeding it (RMSNorm, softmax-renorm and z-loss adjoints).
+//!
+//! Constants are f32 as everywhere in the IR (`Affine { mul }`): the `Reduce(Mean)` adjoint scales by
+//! f32(1/n), exact when n is a power of two. Backward nodes are labelled `grad.<forward label>[.part]`.
 
 use crate::ir::{BinaryOp, DType, Graph, IrError, Node, NodeId, Op, ReduceOp, TensorType, UnaryOp};
 use std::collections::{HashMap, HashSet};
