@@ -1,0 +1,357 @@
+//! Gradient ops and whole training graphs on the GPU (lavapipe where there is none) against the
+//! reference interpreter in f64.
+//!
+//! Per-op tests use odd shapes (not multiples of any workgroup, block or tile size) and, for the MoE
+//! adjoints, routing tables built the way a model builds them: `MoeRoute` of the `TopK` (k = 2, so
+//! distinct experts per token) of random router scores, with one expert left empty. Every graph runs
+//! under both matmul variants × fused and unfused. Tolerance: |gpu − ref| ≤ 1e-4 + 1e-4·|ref| (f32
+//! with other summation orders than the interpreter; sums here have at most a few hundred terms of
+//! magnitude ≤ 4).
+//!
+//! Training graphs: `autodiff::training_graph(lower(spec))` of a tiny dense and a tiny MoE
+//! transformer (GQA, shared expert, aux + z balancing), fused and unfused, `grad_seed` = 1. Every
+//! output (`loss`, the balancing terms, every `grad.<param>`) is compared with the interpreter:
+//! |gpu − ref| ≤ 1e-3·|ref| + 1e-4·max|ref| (the floor is relative to the largest entry of the same
+//! tensor, for entries that are near zero through cancellation). Parameters are drawn at
+//! unit-variance scale (not the 0.02 init, which makes every gradient tiny) and redrawn until every
+//! top-k selection has a margin ≥ 1e-3 between the k-th and (k+1)-th score, so the GPU's f32 router
+//! picks the same experts as the f64 reference.
+
+use moec_compiler::autodiff::{training_graph, SEED};
+use moec_compiler::check::check;
+use moec_compiler::emit::{emit, MatmulVariant, Target};
+use moec_compiler::fuse::{fuse, FuseOptions};
+use moec_compiler::interp::{self, Precision, Value};
+use moec_compiler::ir::{DType, Graph, Init, NodeId, Op, RouteLayout, TensorType};
+use moec_compiler::lower::lower;
+use moec_runtime::{AdapterChoice, Executor, Gpu};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::OnceLock;
+
+const OP_ABS: f64 = 1e-4;
+const OP_REL: f64 = 1e-4;
+const MODEL_REL: f64 = 1e-3;
+const MODEL_FLOOR: f64 = 1e-4;
+
+fn gpu() -> &'static Gpu {
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    GPU.get_or_init(|| Gpu::new(&AdapterChoice::default()).expect("a wgpu adapter (lavapipe: apt-get install mesa-vulkan-drivers)"))
+}
+
+fn add(g: &mut Graph, op: Op, args: &[NodeId], label: &str) -> NodeId {
+    g.add(op, args, label).unwrap()
+}
+
+fn widen(feeds: &HashMap<String, Value>) -> HashMap<String, Value> {
+    feeds
+        .iter()
+        .map(|(k, v)| {
+            let v = match v {
+                Value::F32(x) => Value::F64(x.iter().map(|&a| f64::from(a)).collect()),
+                other => other.clone(),
+            };
+            (k.clone(), v)
+        })
+        .collect()
+}
+
+/// Runs `graph` on the GPU and returns every named output as f64.
+fn run_gpu(graph: &Graph, feeds: &HashMap<String, Value>, target: &Target, fused: bool) -> HashMap<String, Vec<f64>> {
+    let opts = FuseOptions { enabled: fused, max_bindings: target.max_storage_buffers_per_stage };
+    let plan = emit(graph, &fuse(graph, opts), target).unwrap_or_else(|e| panic!("{e}"));
+    let exec = Executor::new(gpu(), &plan).unwrap_or_else(|e| panic!("{e}"));
+    for (name, value) in feeds {
+        match value {
+            Value::F32(v) => exec.write_f32(name, v),
+            Value::U32(v) => exec.write_u32(name, v),
+            Value::F64(v) => exec.write_f32(name, &v.iter().map(|&x| x as f32).collect::<Vec<_>>()),
+        }
+        .unwrap_or_else(|e| panic!("feed {name}: {e}"));
+    }
+    exec.run().unwrap();
+    graph
+        .outputs
+        .iter()
+        .map(|(name, id)| {
+            let v = match graph.ty(*id).dtype {
+                DType::F32 => exec.read_f32(name).unwrap().into_iter().map(f64::from).collect(),
+                DType::U32 => exec.read_u32(name).unwrap().into_iter().map(f64::from).collect(),
+            };
+            (name.clone(), v)
+        })
+        .collect()
+}
+
+/// Every (matmul variant, fused) configuration a graph is checked in.
+fn configs() -> Vec<(Target, bool)> {
+    let mut out = Vec::new();
+    for variant in [MatmulVariant::RegisterBlocked, MatmulVariant::SharedTiled] {
+        for fused in [true, false] {
+            out.push((Target { matmul: variant, ..gpu().target() }, fused));
+        }
+    }
+    out
+}
+
+/// Compares every output of `graph` on the GPU with the f64 interpreter, u32 outputs exactly, f32
+/// outputs within `tol(reference, max |reference| of that output)`; returns the largest absolute
+/// error per output over all configurations.
+fn compare(graph: &Graph, feeds: &HashMap<String, Value>, tol: &dyn Fn(f64, f64) -> f64) -> HashMap<String, f64> {
+    let expected = interp::run_outputs_in(graph, &widen(feeds), Precision::F64).unwrap();
+    let mut worst: HashMap<String, f64> = HashMap::new();
+    for (target, fused) in configs() {
+        let got = run_gpu(graph, feeds, &target, fused);
+        for (name, id) in &graph.outputs {
+            let want = expected[name].to_f64();
+            let have = &got[name];
+            assert_eq!(want.len(), have.len(), "{name}");
+            let scale = want.iter().fold(0.0f64, |m, w| m.max(w.abs()));
+            let exact = graph.ty(*id).dtype == DType::U32;
+            for (i, (w, h)) in want.iter().zip(have).enumerate() {
+                let err = (w - h).abs();
+                let ok = if exact { err == 0.0 } else { err <= tol(w.abs(), scale) };
+                assert!(ok, "{name}[{i}]: gpu {h} vs reference {w} ({:?}, fused = {fused})", target.matmul);
+                let e = worst.entry(name.clone()).or_default();
+                *e = e.max(err);
+            }
+        }
+    }
+    worst
+}
+
+fn op_tol(reference: f64, _scale: f64) -> f64 {
+    OP_ABS + OP_REL * reference
+}
+
+fn uniform(rng: &mut ChaCha8Rng, n: usize, bound: f32) -> Value {
+    Value::F32((0..n).map(|_| rng.random_range(-bound..bound)).collect())
+}
+
+/// Random f32 feeds U(-2, 2) for every f32 leaf of `graph` not already in `feeds`.
+fn fill_f32(graph: &Graph, feeds: &mut HashMap<String, Value>, rng: &mut ChaCha8Rng) {
+    let leaves = graph.params().into_iter().map(|(_, n, t)| (n, t)).chain(graph.data_inputs().into_iter().map(|(_, n, t)| (n, t)));
+    for (name, ty) in leaves {
+        if ty.dtype == DType::F32 && !feeds.contains_key(&name) {
+            let v = uniform(rng, ty.numel(), 2.0);
+            feeds.insert(name, v);
+        }
+    }
+}
+
+#[test]
+fn sum_to_and_broadcast_to() {
+    let mut g = Graph::new();
+    let x = g.input("x", TensorType::f32(&[3, 1, 37, 5]));
+    for (i, to) in [vec![5], vec![37, 1], vec![3, 1, 1, 5], vec![1, 1], vec![1, 37, 5], vec![3, 1, 37, 1]].into_iter().enumerate() {
+        let s = add(&mut g, Op::SumTo { shape: to }, &[x], &format!("sum_to{i}"));
+        g.set_output(&format!("sum_to{i}"), s);
+    }
+    // A long reduction: 2 · 301 rows into one bias row.
+    let big = g.input("big", TensorType::f32(&[2, 301, 7]));
+    let s = add(&mut g, Op::SumTo { shape: vec![7] }, &[big], "bias");
+    g.set_output("bias", s);
+    let r = g.input("r", TensorType::f32(&[37, 1]));
+    for (i, to) in [vec![3, 37, 5], vec![37, 9]].into_iter().enumerate() {
+        let b = add(&mut g, Op::BroadcastTo { shape: to }, &[r], &format!("bcast{i}"));
+        g.set_output(&format!("bcast{i}"), b);
+    }
+    let mut feeds = HashMap::new();
+    fill_f32(&g, &mut feeds, &mut ChaCha8Rng::seed_from_u64(1));
+    let worst = compare(&g, &feeds, &op_tol);
+    eprintln!("sum_to / broadcast_to max abs errors: {worst:?}");
+}
+
+#[test]
+fn embedding_rope_cross_entropy_and_scatter_cols() {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let mut g = Graph::new();
+    // 123 ids over a 37-row vocabulary: every row gets several contributions, some none.
+    let ids = g.input("ids", TensorType::u32(&[3, 41]));
+    let gemb = g.input("gemb", TensorType::f32(&[3, 41, 19]));
+    let eg = add(&mut g, Op::EmbeddingGrad { vocab: 37 }, &[ids, gemb], "emb_grad");
+    let q = g.input("q", TensorType::f32(&[2, 9, 3, 10]));
+    let rg = add(&mut g, Op::RopeGrad { theta: 10000.0 }, &[q], "rope_grad");
+    let logits = g.input("logits", TensorType::f32(&[67, 131]));
+    let targets = g.input("targets", TensorType::u32(&[67]));
+    let seed = g.input("seed", TensorType::f32(&[1]));
+    let ceg = add(&mut g, Op::CrossEntropyGrad, &[logits, targets, seed], "ce_grad");
+    // Scatter of top-k gate gradients back to the expert columns.
+    let scores = g.input("scores", TensorType::f32(&[29, 7]));
+    let idx = add(&mut g, Op::TopK { k: 2 }, &[scores], "idx");
+    let gk = g.input("gk", TensorType::f32(&[29, 2]));
+    let sc = add(&mut g, Op::ScatterCols { cols: 7 }, &[gk, idx], "scatter");
+    for (name, id) in [("emb_grad", eg), ("rope_grad", rg), ("ce_grad", ceg), ("scatter", sc)] {
+        g.set_output(name, id);
+    }
+    let mut feeds = HashMap::new();
+    // Ids avoid the last 4 vocabulary rows, whose gradient must then be exactly zero.
+    feeds.insert("ids".into(), Value::U32((0..123).map(|_| rng.random_range(0..33)).collect()));
+    feeds.insert("targets".into(), Value::U32((0..67).map(|_| rng.random_range(0..131)).collect()));
+    feeds.insert("seed".into(), Value::F32(vec![0.7]));
+    // Large logits: the softmax must be computed stably.
+    feeds.insert("logits".into(), uniform(&mut rng, 67 * 131, 30.0));
+    fill_f32(&g, &mut feeds, &mut rng);
+    let worst = compare(&g, &feeds, &op_tol);
+    eprintln!("embedding/rope/ce/scatter max abs errors: {worst:?}");
+    let got = run_gpu(&g, &feeds, &gpu().target(), true);
+    assert!(got["emb_grad"][33 * 19..].iter().all(|&v| v == 0.0), "unused vocabulary rows get zero gradient");
+}
+
+/// A realistic routing: `TopK` (k = 2) of random scores `[tokens, experts]` with the last expert's
+/// scores pushed down so it receives no token (an empty segment), then `MoeRoute`.
+fn routed(g: &mut Graph, layout: RouteLayout) -> NodeId {
+    let scores = g.input("scores", TensorType::f32(&[layout.tokens, layout.experts]));
+    let bias = g.param("bias", &[layout.experts], Init::Constant(0.0));
+    let biased = add(g, Op::Binary(moec_compiler::ir::BinaryOp::Add), &[scores, bias], "biased");
+    let idx = add(g, Op::TopK { k: layout.k }, &[biased], "idx");
+    add(g, Op::MoeRoute { layout }, &[idx], "route")
+}
+
+fn moe_adjoints(layout: RouteLayout, d: usize, hidden: usize, seed: u64) {
+    let rows = layout.rows();
+    let mut g = Graph::new();
+    let route = routed(&mut g, layout);
+    let gh = g.input("gh", TensorType::f32(&[rows, hidden]));
+    let xp = g.input("xp", TensorType::f32(&[rows, d]));
+    let w = g.param("w", &[layout.experts, hidden, d], Init::Constant(0.0));
+    let gp = g.input("gp", TensorType::f32(&[rows, d]));
+    let dy = g.input("dy", TensorType::f32(&[layout.tokens, d]));
+    let gates = g.input("gates", TensorType::f32(&[layout.tokens, layout.k]));
+    let gx = add(&mut g, Op::GroupedMatMulGradX { layout }, &[gh, w, route], "grad_x");
+    let gw = add(&mut g, Op::GroupedMatMulGradW { layout }, &[gh, xp, route], "grad_w");
+    let gg = add(&mut g, Op::MoeGatherGrad { layout }, &[gp, route], "gather_grad");
+    let cr = add(&mut g, Op::MoeCombineGradRows { layout }, &[dy, gates, route], "combine_rows");
+    let cw = add(&mut g, Op::MoeCombineGradWeights { layout }, &[dy, xp, route], "combine_weights");
+    for (name, id) in [("route", route), ("grad_x", gx), ("grad_w", gw), ("gather_grad", gg), ("combine_rows", cr), ("combine_weights", cw)] {
+        g.set_output(name, id);
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut bias = vec![0.0f32; layout.experts];
+    bias[layout.experts - 1] = -100.0;
+    let mut feeds = HashMap::new();
+    feeds.insert("bias".to_string(), Value::F32(bias));
+    fill_f32(&g, &mut feeds, &mut rng);
+    let worst = compare(&g, &feeds, &op_tol);
+    eprintln!("moe adjoints {layout:?}: max abs errors {worst:?}");
+    // The last expert is empty: its weight gradient is exactly zero.
+    let got = run_gpu(&g, &feeds, &gpu().target(), true);
+    let per_expert = hidden * d;
+    assert!(got["grad_w"][(layout.experts - 1) * per_expert..].iter().all(|&v| v == 0.0), "empty expert gets zero gradient");
+}
+
+#[test]
+fn moe_adjoints_tile_16() {
+    moe_adjoints(RouteLayout { tokens: 53, k: 2, experts: 6, tile: 16 }, 19, 23, 3);
+}
+
+#[test]
+fn moe_adjoints_tile_4_wide() {
+    // Wider than one register block in both output axes (hidden 75 > 8·8, d 70 > 64 columns).
+    moe_adjoints(RouteLayout { tokens: 37, k: 2, experts: 5, tile: 4 }, 70, 75, 4);
+}
+
+const DENSE: &str = r#"
+model tiny_dense {
+  vocab = 32
+  dim = 16
+  layers = 2
+  heads = 2
+  kv_heads = 1
+  context = 8
+  moe {
+    experts = 0
+  }
+}
+"#;
+
+const MOE: &str = r#"
+model tiny_moe {
+  vocab = 32
+  dim = 16
+  layers = 2
+  heads = 2
+  kv_heads = 1
+  context = 8
+  moe {
+    experts = 4
+    top_k = 2
+    expert = swiglu(hidden = 24)
+    shared_experts = 1
+    gate = softmax(renorm = true)
+    balance = aux(0.5) + z(0.1)
+  }
+}
+"#;
+
+/// Unit-variance feeds: weights U(±√(3/fan_in)), constant-initialised params (norm weights,
+/// biases) c ± 0.3, token ids and targets uniform over the vocabulary.
+fn model_feeds(g: &Graph, vocab: u32, seed: u64) -> HashMap<String, Value> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut feeds = HashMap::new();
+    for (id, name, ty) in g.params() {
+        let v: Vec<f32> = match g.node(id).op {
+            Op::Param { init: Init::Constant(c), .. } => (0..ty.numel()).map(|_| c + rng.random_range(-0.3..0.3)).collect(),
+            _ => {
+                let bound = (3.0 / ty.last() as f32).sqrt();
+                (0..ty.numel()).map(|_| rng.random_range(-bound..bound)).collect()
+            }
+        };
+        feeds.insert(name, Value::F32(v));
+    }
+    for (_, name, ty) in g.data_inputs() {
+        assert_eq!(ty.dtype, DType::U32, "{name}: transformer inputs are token ids");
+        feeds.insert(name, Value::U32((0..ty.numel()).map(|_| rng.random_range(0..vocab)).collect()));
+    }
+    feeds
+}
+
+/// Smallest gap, over every `TopK` node and row, between the k-th and (k+1)-th score (f64).
+fn selection_margin(g: &Graph, feeds: &HashMap<String, Value>) -> f64 {
+    let vals = interp::run_in(g, &widen(feeds), Precision::F64).expect("forward runs");
+    let mut margin = f64::INFINITY;
+    for id in g.topo_order() {
+        if let Op::TopK { k } = g.node(id).op {
+            let scores = g.inputs(id)[0];
+            let e = g.ty(scores).last();
+            for row in vals[&scores].to_f64().chunks(e).filter(|_| k < e) {
+                let mut s = row.to_vec();
+                s.sort_by(|a, b| b.total_cmp(a));
+                margin = margin.min(s[k - 1] - s[k]);
+            }
+        }
+    }
+    margin
+}
+
+fn check_training(what: &str, source: &str, vocab: u32) {
+    let spec = check(source, Path::new("test.moe")).unwrap_or_else(|d| panic!("{d:?}"));
+    let forward = lower(&spec, 2).expect("lowers");
+    let train = training_graph(&forward).expect("differentiates");
+    let mut feeds = (1..50)
+        .map(|seed| model_feeds(&forward, vocab, seed))
+        .find(|f| selection_margin(&forward, f) >= 1e-3)
+        .expect("a seed with well-separated router scores");
+    feeds.insert(SEED.into(), Value::F32(vec![1.0]));
+    let grads = train.outputs.iter().filter(|(n, _)| n.starts_with("grad.")).count();
+    assert_eq!(grads, forward.params().len(), "{what}: every parameter reaches the loss");
+    let worst = compare(&train, &feeds, &|reference, scale| MODEL_REL * reference + MODEL_FLOOR * scale);
+    let mut names: Vec<_> = worst.into_iter().collect();
+    names.sort_by(|a, b| a.0.cmp(&b.0));
+    eprintln!("{what}: {} outputs; max abs error per output:", names.len());
+    for (name, err) in names {
+        eprintln!("  {name}: {err:.2e}");
+    }
+}
+
+#[test]
+fn dense_training_graph_matches_interpreter() {
+    check_training("dense", DENSE, 32);
+}
+
+#[test]
+fn moe_training_graph_matches_interpreter() {
+    check_training("moe", MOE, 32);
+}
