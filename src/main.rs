@@ -9,6 +9,7 @@ use moec_runtime::{AdapterChoice, Gpu};
 use std::path::{Path, PathBuf};
 
 mod forward;
+mod report;
 mod train;
 
 #[derive(Parser)]
@@ -90,11 +91,23 @@ enum Command {
         steps: Option<usize>,
         #[arg(long)]
         no_fuse: bool,
+        /// Before training, time every dispatch of one micro-step and print the slowest kernels.
+        #[arg(long)]
+        profile: bool,
         #[command(flatten)]
         adapter: AdapterArgs,
     },
     /// List the GPU adapters wgpu can see, with backend and device type.
     Devices,
+    /// Compare training runs: report.md (a table of final/best losses, load balance, throughput)
+    /// and loss, balance, expert-utilisation and router-state plots (PNG and SVG) from each
+    /// RUN_DIR/metrics.jsonl.
+    Report {
+        #[arg(required = true, value_name = "RUN_DIR")]
+        runs: Vec<PathBuf>,
+        #[arg(short, long, value_name = "DIR", default_value = "report")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -198,11 +211,12 @@ fn main() -> Result<()> {
             let gpu = adapter.open()?;
             forward::run(&loaded, batch_of(&loaded.spec, batch), seed, !no_fuse, profile, &gpu)
         }
-        Command::Train { spec, out, resume, steps, no_fuse, adapter } => {
+        Command::Train { spec, out, resume, steps, no_fuse, profile, adapter } => {
             let loaded = load(&spec)?;
             let gpu = adapter.open()?;
-            train::run(&loaded, &train::Args { out, resume, steps, fusion: !no_fuse }, &gpu)
+            train::run(&loaded, &train::Args { out, resume, steps, fusion: !no_fuse, profile }, &gpu)
         }
+        Command::Report { runs, out } => report::run(&runs, &out),
         Command::Devices => {
             let adapters = moec_runtime::list_adapters();
             if adapters.is_empty() {

@@ -20,6 +20,8 @@ pub struct Args {
     /// Overrides the spec's `steps`.
     pub steps: Option<usize>,
     pub fusion: bool,
+    /// Time each dispatch of one training micro-step before training and print the slowest.
+    pub profile: bool,
 }
 
 pub fn run(loaded: &Loaded, args: &Args, gpu: &Gpu) -> Result<()> {
@@ -55,6 +57,18 @@ pub fn run(loaded: &Loaded, args: &Args, gpu: &Gpu) -> Result<()> {
     );
     if args.resume {
         println!("resuming from step {} of {} ({})", trainer.step_count(), trainer.total_steps(), trainer.checkpoint_path().display());
+    }
+
+    if args.profile {
+        // Twice: the first run includes the driver's lazy shader compilation.
+        trainer.profile_step().into_diagnostic()?;
+        let mut times = trainer.profile_step().into_diagnostic()?;
+        let total: f64 = times.iter().map(|(_, t)| t).sum();
+        times.sort_by(|a, b| b.1.total_cmp(&a.1));
+        println!("slowest dispatches of one training micro-step ({:.1} ms in all, one submission each):", total * 1e3);
+        for (name, t) in times.iter().take(15) {
+            println!("  {:>8.2} ms {:>5.1}%  {name}", t * 1e3, 100.0 * t / total);
+        }
     }
 
     let bar = ProgressBar::new(trainer.total_steps() as u64).with_position(trainer.step_count() as u64);

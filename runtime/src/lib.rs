@@ -148,19 +148,28 @@ impl Gpu {
     }
 
     /// Records one compute pass with `record` and submits it, so several executors (the training plan,
-    /// the optimizer) share one submission with no host round trip between them. Does not wait.
-    pub fn run_pass(&self, record: impl FnOnce(&mut wgpu::ComputePass<'_>)) -> Result<(), RuntimeError> {
+    /// the optimizer) share one submission with no host round trip between them. Does not wait;
+    /// returns the submission to wait for with [`Gpu::wait_for`].
+    pub fn run_pass(&self, record: impl FnOnce(&mut wgpu::ComputePass<'_>)) -> Result<wgpu::SubmissionIndex, RuntimeError> {
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let mut encoder = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("moec step") });
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("moec"), timestamp_writes: None });
             record(&mut pass);
         }
-        self.queue.submit([encoder.finish()]);
+        let index = self.queue.submit([encoder.finish()]);
         match pollster::block_on(scope.pop()) {
             Some(error) => Err(RuntimeError::Execution(error.to_string())),
-            None => Ok(()),
+            None => Ok(index),
         }
+    }
+
+    /// Waits until one submission has finished (and lets wgpu reclaim what it used).
+    pub fn wait_for(&self, index: wgpu::SubmissionIndex) -> Result<(), RuntimeError> {
+        self.device
+            .poll(wgpu::PollType::Wait { submission_index: Some(index), timeout: None })
+            .map(|_| ())
+            .map_err(|e| RuntimeError::Execution(e.to_string()))
     }
 
     /// Waits for all submitted work.
@@ -362,7 +371,7 @@ impl<'g> Executor<'g> {
 
     /// Records every dispatch of the plan into one compute pass and submits it.
     pub fn run(&self) -> Result<(), RuntimeError> {
-        self.gpu.run_pass(|pass| self.encode(pass))
+        self.gpu.run_pass(|pass| self.encode(pass)).map(|_| ())
     }
 
     /// Records every dispatch of the plan into `pass` (see [`Gpu::run_pass`]).
@@ -472,5 +481,6 @@ pub mod checkpoint;
 pub mod data;
 pub mod metrics;
 pub mod optim;
+pub mod report;
 pub mod schedule;
 pub mod train;

@@ -121,6 +121,8 @@ pub struct Trainer<'g> {
     since: Instant,
     tokens_since: usize,
     last: Option<Record>,
+    /// The last submitted micro-step, waited for after the next one is submitted.
+    in_flight: Option<wgpu::SubmissionIndex>,
 }
 
 fn every(n: usize, e: &Every) -> bool {
@@ -217,6 +219,7 @@ impl<'g> Trainer<'g> {
             since: Instant::now(),
             tokens_since: 0,
             last: None,
+            in_flight: None,
         })
     }
 
@@ -276,13 +279,18 @@ impl<'g> Trainer<'g> {
             self.exec.write_u32("targets", &batch.targets)?;
             self.optim.write_micro(micro);
             let (exec, optim) = (&self.exec, &self.optim);
-            self.gpu.run_pass(|pass| {
+            let submitted = self.gpu.run_pass(|pass| {
                 exec.encode(pass);
                 optim.encode_micro(pass);
                 if micro + 1 == accumulate {
                     optim.encode_update(pass);
                 }
             })?;
+            // At most two micro-steps in flight: the host prepares the next batch while the GPU runs
+            // this one, but never queues up unboundedly (lavapipe slows down badly when it does).
+            if let Some(previous) = self.in_flight.replace(submitted) {
+                self.gpu.wait_for(previous)?;
+            }
             batches.push(batch);
         }
         self.batcher = batcher.state();
@@ -320,6 +328,16 @@ impl<'g> Trainer<'g> {
         self.since = Instant::now();
         self.tokens_since = 0;
         Ok(record)
+    }
+
+    /// Times every dispatch of the training plan on its own (forward + backward, no update) on the
+    /// first validation batch: (kernel name, seconds) in dispatch order. Leaves the weights, the
+    /// optimizer and the batcher untouched.
+    pub fn profile_step(&self) -> Result<Vec<(String, f64)>, TrainError> {
+        let batch = &self.val[0];
+        self.exec.write_u32("tokens", &batch.tokens)?;
+        self.exec.write_u32("targets", &batch.targets)?;
+        Ok(self.exec.profile()?)
     }
 
     /// Mean validation cross-entropy over the fixed validation batches.

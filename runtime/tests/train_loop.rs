@@ -72,23 +72,24 @@ fn run(t: &mut Trainer, until: usize) -> Vec<Record> {
 fn loss_falls_on_markov_data() {
     let gpu = gpu();
     let dir = tempfile::tempdir().unwrap();
-    let text = tiny_spec(80, "log = every(10)\n  eval = every(40, batches = 2)");
+    let text = tiny_spec(40, "log = every(10)\n  eval = every(20, batches = 2)");
     let mut t = trainer(&gpu, &text, dir.path(), false).unwrap();
-    let records = run(&mut t, 80);
-    assert_eq!(records.iter().map(|r| r.step).collect::<Vec<_>>(), (1..=8).map(|i| i * 10).collect::<Vec<_>>());
-    let first = records[0].loss;
+    let initial = t.evaluate().unwrap();
+    let records = run(&mut t, 40);
+    assert_eq!(records.iter().map(|r| r.step).collect::<Vec<_>>(), vec![10, 20, 30, 40]);
     let last = records.last().unwrap();
     let val = last.val_loss.expect("the last step evaluates");
     let unigram = t.data().unigram_entropy();
-    // Starts near ln 32 = 3.47 and must learn the chain's transitions, not only its unigram
-    // statistics: below the unigram entropy by a clear margin.
-    assert!(first > 3.0, "first logged loss {first}");
-    assert!(val < unigram - 0.3, "val loss {val} vs unigram entropy {unigram}");
+    // Starts at ln 32 = 3.47 (init std 0.02 gives near-uniform logits) and must learn the chain's
+    // transitions, not only its unigram statistics (3.25 nats here): clearly below that.
+    assert!((initial - 32f64.ln()).abs() < 0.1, "initial val loss {initial}");
+    assert!(val < unigram - 0.5, "val loss {val} vs unigram entropy {unigram}");
+    assert!(last.loss < records[0].loss, "train loss {} at step 40 vs {} at step 10", last.loss, records[0].loss);
     assert!((last.val_ppl.unwrap() - val.exp()).abs() < 1e-9);
     assert!(last.aux.unwrap() > 0.0 && last.aux.unwrap() < 0.05, "aux {:?}", last.aux);
     assert!(last.tokens_per_s > 0.0);
     let lines = std::fs::read_to_string(t.metrics_path()).unwrap();
-    assert_eq!(lines.lines().count(), 8);
+    assert_eq!(lines.lines().count(), 4);
     assert!(t.checkpoint_path().exists(), "the end of the run checkpoints");
 }
 
