@@ -118,6 +118,60 @@ impl Fused {
     }
 }
 
+/// Source, logical shape and element strides of `x` when it is a permuted view of a buffer, possibly
+/// seen through reshapes: `x[i…] = src[Σ i·stride]`. `None` when a reshape splits or merges axes that
+/// the permute made non-contiguous (then the permute must be materialised).
+pub fn strided_view(graph: &Graph, x: NodeId) -> Option<(NodeId, Vec<usize>, Vec<usize>)> {
+    match &graph.node(x).op {
+        Op::Permute { perm } => {
+            let src = graph.inputs(x)[0];
+            let shape = &graph.ty(src).shape;
+            let strides: Vec<usize> = (0..shape.len()).map(|i| shape[i + 1..].iter().product()).collect();
+            Some((src, graph.ty(x).shape.clone(), perm.iter().map(|&p| strides[p]).collect()))
+        }
+        Op::Reshape { shape } => {
+            let (src, from, strides) = strided_view(graph, graph.inputs(x)[0])?;
+            Some((src, shape.clone(), reshape_strides(&from, &strides, shape)?))
+        }
+        _ => None,
+    }
+}
+
+/// Strides of a reshape of a strided view, when it is still a strided view (NumPy's no-copy rule):
+/// size-1 axes are free; otherwise each run of target axes must cover a run of source axes that is
+/// contiguous relative to itself.
+fn reshape_strides(from: &[usize], strides: &[usize], to: &[usize]) -> Option<Vec<usize>> {
+    let src: Vec<(usize, usize)> = from.iter().zip(strides).filter(|(d, _)| **d != 1).map(|(d, s)| (*d, *s)).collect();
+    let tgt: Vec<usize> = (0..to.len()).filter(|&t| to[t] != 1).collect();
+    let mut out = vec![1usize; to.len()];
+    let (mut i, mut j) = (0usize, 0usize);
+    while j < tgt.len() {
+        // The smallest runs src[i..ii] and tgt[j..jj] with equal element counts.
+        let (mut ps, mut ii) = (src.get(i)?.0, i + 1);
+        let (mut pt, mut jj) = (to[tgt[j]], j + 1);
+        while ps != pt {
+            if ps < pt {
+                ps *= src.get(ii)?.0;
+                ii += 1;
+            } else {
+                pt *= to[*tgt.get(jj)?];
+                jj += 1;
+            }
+        }
+        if (i..ii - 1).any(|k| src[k].1 != src[k + 1].1 * src[k + 1].0) {
+            return None;
+        }
+        let mut stride = src[ii - 1].1;
+        for &t in tgt[j..jj].iter().rev() {
+            out[t] = stride;
+            stride *= to[t];
+        }
+        i = ii;
+        j = jj;
+    }
+    (i == src.len()).then_some(out)
+}
+
 /// Ops the elementwise walkers handle: `Affine`/`Unary`/`Binary`, and `BroadcastTo`, an identity
 /// whose operand is read with a broadcasting index (the adjoint of reductions).
 pub fn is_elementwise(op: &Op) -> bool {
@@ -145,6 +199,8 @@ struct State<'g> {
     groups: Vec<Builder>,
     /// `deps[g]`: groups whose outputs group `g` reads.
     deps: Vec<HashSet<usize>>,
+    /// Permutes read in place by the matmuls that use them (members of several groups, owned by none).
+    absorbed: HashSet<NodeId>,
     graph_outputs: HashSet<NodeId>,
     max_bindings: usize,
 }
@@ -159,26 +215,19 @@ pub fn fuse(graph: &Graph, options: FuseOptions) -> Fused {
         group_of: HashMap::new(),
         groups: Vec::new(),
         deps: Vec::new(),
+        absorbed: HashSet::new(),
         graph_outputs: graph.outputs.iter().map(|(_, id)| *id).collect(),
         max_bindings: options.max_bindings.max(2) as usize,
     };
-    // A permute whose only use is a matmul operand is read in place with permuted strides (the
-    // weight-gradient transposes of the backward pass), so it joins that matmul's group.
+    // A permute whose every use is a matmul operand (possibly through reshapes that keep it a strided
+    // view) is read in place with permuted strides by each of those matmuls, so it never gets a kernel
+    // or a buffer: it joins every consuming matmul group as a prologue member.
     let absorbed: HashSet<NodeId> = if options.enabled {
-        order
-            .iter()
-            .copied()
-            .filter(|&p| {
-                let users = graph.users(p);
-                matches!(graph.node(p).op, Op::Permute { .. })
-                    && users.len() == 1
-                    && matches!(graph.node(users[0]).op, Op::MatMul { .. })
-                    && !st.graph_outputs.contains(&p)
-            })
-            .collect()
+        order.iter().copied().filter(|&p| matches!(graph.node(p).op, Op::Permute { .. }) && only_feeds_matmuls(graph, &st.graph_outputs, p)).collect()
     } else {
         HashSet::new()
     };
+    st.absorbed = absorbed.clone();
     for &n in &order {
         let node = graph.node(n);
         if node.op.is_free() || absorbed.contains(&n) {
@@ -195,14 +244,10 @@ pub fn fuse(graph: &Graph, options: FuseOptions) -> Fused {
             _ => (GroupKind::Single, node.ty.shape.clone()),
         };
         let gi = st.groups.len();
-        let prologue: Vec<NodeId> = graph.inputs(n).into_iter().filter(|a| absorbed.contains(a)).collect();
-        st.groups.push(Builder { kind, domain, nodes: vec![n] });
+        let mut nodes = vec![n];
+        nodes.extend(graph.inputs(n).into_iter().map(|a| base(graph, a)).filter(|a| absorbed.contains(a)));
+        st.groups.push(Builder { kind, domain, nodes });
         st.deps.push(HashSet::new());
-        for &p in &prologue {
-            st.group_of.insert(p, gi);
-            st.groups[gi].nodes.push(p);
-            st.add_deps(gi, p);
-        }
         st.group_of.insert(n, gi);
         st.add_deps(gi, n);
     }
@@ -218,7 +263,30 @@ fn row_shape(domain: &[usize]) -> Vec<usize> {
     s
 }
 
+/// Does every use of `p` reach a matmul operand through reshapes only, as a strided view?
+fn only_feeds_matmuls(graph: &Graph, graph_outputs: &HashSet<NodeId>, p: NodeId) -> bool {
+    let users = graph.users(p);
+    !users.is_empty()
+        && !graph_outputs.contains(&p)
+        && users.iter().all(|&u| match graph.node(u).op {
+            Op::Reshape { .. } => only_feeds_matmuls(graph, graph_outputs, u),
+            Op::MatMul { .. } => strided_view(graph, p).is_some(),
+            _ => false,
+        })
+}
+
 impl State<'_> {
+    /// The node whose buffer holds operand `a`: through reshapes and absorbed permutes.
+    fn producer(&self, mut a: NodeId) -> NodeId {
+        loop {
+            a = base(self.graph, a);
+            if !self.absorbed.contains(&a) {
+                return a;
+            }
+            a = self.graph.inputs(a)[0];
+        }
+    }
+
     /// Tries to put `n` into the group of one of its operands; true on success.
     fn try_join(&mut self, n: NodeId) -> bool {
         let g = self.graph;
@@ -280,7 +348,7 @@ impl State<'_> {
             if self.group_of.get(&a) == Some(&gi) {
                 continue;
             }
-            match self.group_of.get(&base(self.graph, a)) {
+            match self.group_of.get(&self.producer(a)) {
                 Some(&h) if h == gi => return true,
                 Some(&h) => stack.push(h),
                 None => {}
@@ -301,7 +369,7 @@ impl State<'_> {
     /// Records that group `gi` reads the operands of its new member `n`.
     fn add_deps(&mut self, gi: usize, n: NodeId) {
         for a in self.graph.inputs(n) {
-            if let Some(&h) = self.group_of.get(&base(self.graph, a)) {
+            if let Some(&h) = self.group_of.get(&self.producer(a)) {
                 if h != gi {
                     self.deps[gi].insert(h);
                 }
@@ -325,7 +393,7 @@ impl State<'_> {
         for m in nodes {
             for a in self.graph.inputs(m) {
                 if !members.contains(&a) {
-                    inputs.insert(base(self.graph, a));
+                    inputs.insert(self.producer(a));
                 }
             }
             if self.materialised(members, m) {
@@ -337,7 +405,22 @@ impl State<'_> {
 
     fn materialised(&self, members: &HashSet<NodeId>, m: NodeId) -> bool {
         let users = self.graph.users(m);
-        users.is_empty() || self.graph_outputs.contains(&m) || users.iter().any(|u| !members.contains(u))
+        users.is_empty() || self.graph_outputs.contains(&m) || users.iter().any(|&u| self.escapes(members, u))
+    }
+
+    /// Does a use by `u` need the value in memory? Not when `u` is a member, nor when it is a
+    /// reshape whose uses are all members (an absorbed permute seen through a view).
+    fn escapes(&self, members: &HashSet<NodeId>, u: NodeId) -> bool {
+        if members.contains(&u) {
+            return false;
+        }
+        match self.graph.node(u).op {
+            Op::Reshape { .. } => {
+                let users = self.graph.users(u);
+                users.is_empty() || self.graph_outputs.contains(&u) || users.iter().any(|&v| self.escapes(members, v))
+            }
+            _ => true,
+        }
     }
 
     /// Final inputs/outputs per group, and a producer-first order of the groups.
@@ -356,7 +439,7 @@ impl State<'_> {
                     }
                 }
             }
-            let outputs = nodes.iter().copied().filter(|&m| self.materialised(&members, m)).collect();
+            let outputs = nodes.iter().copied().filter(|&m| !self.absorbed.contains(&m) && self.materialised(&members, m)).collect();
             groups.push(Group { kind: b.kind, domain: b.domain.clone(), nodes, inputs, outputs });
         }
         // Kahn's algorithm over group dependencies, lowest creation index first (deterministic).
@@ -364,7 +447,7 @@ impl State<'_> {
         let mut users: Vec<Vec<usize>> = vec![Vec::new(); groups.len()];
         for (gi, grp) in groups.iter().enumerate() {
             for &a in &grp.inputs {
-                if let Some(&h) = self.group_of.get(&base(g, a)) {
+                if let Some(&h) = self.group_of.get(&self.producer(a)) {
                     if h != gi && deps[gi].insert(h) {
                         users[h].push(gi);
                     }
@@ -386,5 +469,22 @@ impl State<'_> {
         assert_eq!(order.len(), groups.len(), "fusion produced a cyclic group graph (creates_cycle is wrong)");
         let mut slots: Vec<Option<Group>> = groups.into_iter().map(Some).collect();
         Fused { groups: order.into_iter().filter_map(|i| slots[i].take()).collect() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reshapes_of_strided_views() {
+        // Dropping a size-1 axis keeps the strides.
+        assert_eq!(reshape_strides(&[2, 4, 1, 8], &[32, 1, 1, 4], &[2, 4, 8]), Some(vec![32, 1, 4]));
+        // Merging axes that are contiguous relative to each other.
+        assert_eq!(reshape_strides(&[2, 3, 4], &[1, 8, 2], &[2, 12]), Some(vec![1, 2]));
+        // Merging a transposed pair is not a view.
+        assert_eq!(reshape_strides(&[3, 4], &[1, 3], &[12]), None);
+        // Splitting an axis.
+        assert_eq!(reshape_strides(&[6, 5], &[1, 6], &[2, 3, 5]), Some(vec![3, 1, 6]));
     }
 }

@@ -442,19 +442,16 @@ struct Mm {
     b_batch: String,
 }
 
-/// Logical shape and element strides of a matmul operand: the operand itself, or the source of a
-/// `Permute` member of the group (absorbed: read in place with permuted strides).
+/// Logical shape and element strides of a matmul operand: the operand itself, or, when it is an
+/// absorbed `Permute` member (possibly seen through reshapes), its source read in place.
 fn operand_view(graph: &Graph, members: &HashSet<NodeId>, x: NodeId) -> (NodeId, Vec<usize>, Vec<usize>) {
-    let contiguous = |shape: &[usize]| -> Vec<usize> { (0..shape.len()).map(|i| shape[i + 1..].iter().product()).collect() };
-    let shape = graph.ty(x).shape.clone();
-    if members.contains(&x) {
-        if let Op::Permute { perm } = &graph.node(x).op {
-            let src = graph.inputs(x)[0];
-            let src_strides = contiguous(&graph.ty(src).shape);
-            return (src, shape, perm.iter().map(|&p| src_strides[p]).collect());
+    if members.contains(&base(graph, x)) {
+        if let Some(view) = crate::fuse::strided_view(graph, x) {
+            return view;
         }
     }
-    let strides = contiguous(&shape);
+    let shape = graph.ty(x).shape.clone();
+    let strides = (0..shape.len()).map(|i| shape[i + 1..].iter().product()).collect();
     (x, shape, strides)
 }
 
