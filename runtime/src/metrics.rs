@@ -5,7 +5,8 @@
 //! `tokens_per_s`; `aux`, `val_loss`, `val_ppl`, `val_acc` and `moe` appear only when they have a
 //! value (an eval step adds `val_*` to that step's line). `moe` maps the block index (as a string,
 //! JSON keys are strings) to that layer's [`MoeLayerMetrics`]. A non-finite number (a diverged loss)
-//! is written as `null`, which every JSON reader accepts.
+//! is written as `null`, which every JSON reader accepts (and [`Record`] reads back as NaN). A
+//! layer's optional `bias` / `prices` arrays carry per-expert router state (plotted by `moec report`).
 //!
 //! The utilisation formulas are pinned by LANGUAGE.md ("Utilisation metrics"); the functions below
 //! are exactly those, and the unit tests check them on hand-computed cases.
@@ -24,21 +25,37 @@ pub struct MoeLayerMetrics {
     /// `tokens_per_expert[e] / Σ tokens_per_expert`.
     pub fraction: Vec<f64>,
     /// CV² of `fraction` (population variance over mean² + 1e-10).
+    #[serde(deserialize_with = "nan_if_null")]
     pub cv2: f64,
     /// Gini coefficient of `fraction` (0 = perfectly even, (E-1)/E = one expert takes all).
+    #[serde(deserialize_with = "nan_if_null")]
     pub gini: f64,
     /// Entropy of `fraction` over ln E (1 = perfectly even).
+    #[serde(deserialize_with = "nan_if_null")]
     pub entropy: f64,
     /// Percentage of experts that received at least one token.
+    #[serde(deserialize_with = "nan_if_null")]
     pub experts_used: f64,
     /// The busiest expert's load over the mean load.
+    #[serde(deserialize_with = "nan_if_null")]
     pub max_over_mean: f64,
     /// Percentage of routed assignments dropped by a capacity limit (0 when dropless).
+    #[serde(deserialize_with = "nan_if_null")]
     pub dropped: f64,
     /// Router z: mean over tokens of logsumexp(router logits)², whether or not `z(c)` is a loss term.
+    #[serde(deserialize_with = "nan_if_null")]
     pub router_z: f64,
     /// This layer's balancing loss (the sum of its terms; 0 with `balance = none`).
+    #[serde(deserialize_with = "nan_if_null")]
     pub aux: f64,
+    /// Per-expert selection bias b_e of `balance = bias(rate = g)` after this step (router state), for
+    /// plotting how loss-free balancing steers. Absent for routers without a bias.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bias: Option<Vec<f64>>,
+    /// Per-expert persistent prices p_e of `gate = auction(...)` after this step (router state).
+    /// Absent for other routers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prices: Option<Vec<f64>>,
 }
 
 impl MoeLayerMetrics {
@@ -57,8 +74,16 @@ impl MoeLayerMetrics {
             dropped,
             router_z,
             aux,
+            bias: None,
+            prices: None,
         }
     }
+}
+
+/// Reads a number written by [`to_json_line`], where a non-finite value became `null`, back as NaN,
+/// so a diverged run's log still parses (its loss is NaN, not a malformed line).
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(deserializer)?.unwrap_or(f64::NAN))
 }
 
 /// Each expert's share of all assignments; all zeros when no token was routed (nothing to share).
@@ -138,8 +163,11 @@ pub fn dropped_percent(dropped: u64, assignments: u64) -> f64 {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     pub step: u64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub loss: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub lr: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub tokens_per_s: f64,
     /// Total balancing loss over MoE layers (included in `loss`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -397,6 +425,18 @@ mod tests {
         let nan = to_json_line(&Record::new(11, f64::NAN, 1e-3, 1.0));
         let v: serde_json::Value = serde_json::from_str(&nan).unwrap();
         assert!(v["loss"].is_null());
+        // ... and reads back as NaN.
+        let back: Record = serde_json::from_str(&nan).unwrap();
+        assert!(back.loss.is_nan());
+        // Router state is optional both ways: absent when None, and lines without it still parse.
+        assert!(v.get("moe").is_none());
+        let mut layer = MoeLayerMetrics::from_counts(&[1, 3], 0.0, 0.5, 0.02);
+        let plain: MoeLayerMetrics = serde_json::from_str(&serde_json::to_string(&layer).unwrap()).unwrap();
+        assert_eq!(plain, layer);
+        assert!(!serde_json::to_string(&layer).unwrap().contains("bias"));
+        layer.bias = Some(vec![0.5, -0.5]);
+        let with_bias: serde_json::Value = serde_json::to_value(&layer).unwrap();
+        assert_eq!(with_bias["bias"], serde_json::json!([0.5, -0.5]));
     }
 
     #[test]
