@@ -19,7 +19,8 @@
 //! # Parameter groups
 //! Weight decay is not applied to parameters with a 1-D shape (norm weights, biases), as nanoGPT and
 //! most recipes do. `expert_lr = X` gives parameters whose name contains `block_sparse_moe.experts`
-//! the base learning rate X (scaled by the same schedule as `lr`: `X · lr_t / lr`).
+//! the base learning rate X, run through the same schedule as `lr` (same warmup and decay shape;
+//! cosine's `min_lr` stays the absolute floor of both groups).
 //!
 //! # Optimizers
 //! - `adamw`: PyTorch `torch.optim.AdamW` (decoupled decay, bias correction), state `m`, `v`.

@@ -16,7 +16,8 @@
 //! than the training plan without its update: it has no backward dispatches, so eval costs a third.
 //!
 //! # Steps, logs and checkpoints
-//! `step N` in logs and checkpoints counts optimizer steps done. Step N logs when N is a multiple of
+//! `step N` in logs and checkpoints counts optimizer steps done. MoE layers' utilisation in the log
+//! (`moe`) is that of the step's last micro-step. Step N logs when N is a multiple of
 //! `log`, evaluates when a multiple of `eval`, checkpoints when a multiple of `checkpoint`; the last
 //! step of the run does all three. The run directory holds `metrics.jsonl` ([`MetricsLog`]) and
 //! `checkpoint.safetensors` ([`Checkpoint`]: weights under HF names, optimizer state under
@@ -37,13 +38,14 @@
 
 use crate::checkpoint::{diff_specs, Checkpoint, CheckpointError};
 use crate::data::{Batch, Batcher, BatcherState, DataError, Dataset};
-use crate::metrics::{MetricsError, MetricsLog, Record};
+use crate::metrics::{dropped_percent, MetricsError, MetricsLog, MoeLayerMetrics, Record};
 use crate::optim::{HostState, OptimError, OptimSettings, Optimizer, ParamBinding, StepStats};
 use crate::{Executor, Gpu, NonFinite, RuntimeError};
 use moec_compiler::interp::init_values;
 use moec_compiler::plan::{BufferRole, Plan};
-use moec_compiler::spec::{Every, Family, Spec, Train};
-use std::collections::HashMap;
+use moec_compiler::{route_output, router_logits_output};
+use moec_compiler::spec::{Every, Family, Precision, Spec, Train};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -60,6 +62,8 @@ pub enum TrainError {
     NoTrainBlock,
     #[error("training the `{0:?}` family is not supported yet (token data sets only feed language models)")]
     Family(Family),
+    #[error("`precision = f16` training is not supported yet; use `precision = f32`")]
+    F16,
     #[error("the {which} plan has no {what} `{name}`; was it compiled for training?")]
     Plan { which: &'static str, what: &'static str, name: String },
     #[error(transparent)]
@@ -136,6 +140,9 @@ impl<'g> Trainer<'g> {
     /// `moec_compiler::compile`, both for `train.batch`.
     pub fn new(gpu: &'g Gpu, spec: &Spec, spec_text: &str, training: &Plan, forward: &Plan, options: &TrainOptions) -> Result<Trainer<'g>, TrainError> {
         let train = spec.train.clone().ok_or(TrainError::NoTrainBlock)?;
+        if train.precision == Precision::F16 {
+            return Err(TrainError::F16);
+        }
         let (vocab, context) = match (spec.model.family, spec.model.vocab, spec.model.context) {
             (Family::Transformer | Family::Lstm, Some(v), Some(c)) => (v, c),
             (family, _, _) => return Err(TrainError::Family(family)),
@@ -161,10 +168,12 @@ impl<'g> Trainer<'g> {
         let mut init = HashMap::new();
         for spec_buffer in &training.buffers {
             if let BufferRole::Param { name, shape, init: how } = &spec_buffer.role {
+                if !options.resume {
+                    init.insert(name.clone(), init_values(name, *how, shape.iter().product(), train.seed));
+                }
                 // No `grad.<name>` output: the parameter does not reach the loss (autodiff's contract).
                 let grad = exec.buffer(&format!("grad.{name}")).ok().cloned();
                 bindings.push(ParamBinding { name: name.clone(), shape: shape.clone(), param: exec.buffer(name)?.clone(), grad });
-                init.insert(name.clone(), init_values(name, *how, shape.iter().product(), train.seed));
             }
         }
         if bindings.iter().all(|b| b.grad.is_none()) {
@@ -314,6 +323,7 @@ impl<'g> Trainer<'g> {
             let mut r = Record::new(done as u64, stats.loss as f64, lrs[0], self.tokens_since as f64 / elapsed.max(1e-9));
             if self.spec.moe.is_some() {
                 r.aux = Some((stats.loss - stats.ce) as f64);
+                r.moe = self.moe_metrics()?;
             }
             if eval {
                 r = r.with_val_loss(self.evaluate()?);
@@ -338,6 +348,43 @@ impl<'g> Trainer<'g> {
         self.exec.write_u32("tokens", &batch.tokens)?;
         self.exec.write_u32("targets", &batch.targets)?;
         Ok(self.exec.profile()?)
+    }
+
+    /// Per-MoE-layer utilisation of the last micro-step (LANGUAGE.md "Utilisation metrics"), from the
+    /// routing outputs `compile_training` adds: tokens per expert from the routing table, dropped
+    /// assignments as `T·k` minus the routed ones, `router_z` = mean_t logsumexp(router logits)², and
+    /// the layer's `aux.N` output. `None` when the plan has no routing outputs.
+    fn moe_metrics(&self) -> Result<Option<BTreeMap<String, MoeLayerMetrics>>, TrainError> {
+        let Some(moe) = &self.spec.moe else { return Ok(None) };
+        let mut layers = BTreeMap::new();
+        for &block in &moe.blocks {
+            let (route, logits) = (route_output(block), router_logits_output(block));
+            if self.exec.buffer(&route).is_err() || self.exec.buffer(&logits).is_err() {
+                continue;
+            }
+            let counts: Vec<u64> = self.exec.read_u32(&route)?.iter().take(moe.experts).map(|&c| c as u64).collect();
+            let logits = self.exec.read_f32(&logits)?;
+            let rows = logits.len() / moe.experts.max(1);
+            let router_z = logits
+                .chunks_exact(moe.experts.max(1))
+                .map(|row| {
+                    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+                    let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+                    lse * lse
+                })
+                .sum::<f64>()
+                / rows.max(1) as f64;
+            let assignments = (rows * moe.top_k) as u64;
+            let routed: u64 = counts.iter().sum();
+            let aux = match self.exec.read_f32(&format!("aux.{block}")) {
+                Ok(v) => v[0] as f64,
+                Err(RuntimeError::UnknownBuffer(_)) => 0.0,
+                Err(e) => return Err(e.into()),
+            };
+            let dropped = dropped_percent(assignments.saturating_sub(routed), assignments);
+            layers.insert(block.to_string(), MoeLayerMetrics::from_counts(&counts, dropped, router_z, aux));
+        }
+        Ok((!layers.is_empty()).then_some(layers))
     }
 
     /// Mean validation cross-entropy over the fixed validation batches.

@@ -88,6 +88,13 @@ fn loss_falls_on_markov_data() {
     assert!((last.val_ppl.unwrap() - val.exp()).abs() < 1e-9);
     assert!(last.aux.unwrap() > 0.0 && last.aux.unwrap() < 0.05, "aux {:?}", last.aux);
     assert!(last.tokens_per_s > 0.0);
+    // Utilisation of the one MoE layer: 4 experts share the 4·16 tokens × top-2 assignments.
+    let layer = &last.moe.as_ref().expect("MoE metrics on log steps")["0"];
+    assert_eq!(layer.tokens_per_expert.len(), 4);
+    assert_eq!(layer.tokens_per_expert.iter().sum::<u64>(), 4 * 16 * 2);
+    assert_eq!(layer.dropped, 0.0, "dropless");
+    assert!((layer.fraction.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+    assert!(layer.router_z > 0.0 && (layer.aux - last.aux.unwrap()).abs() < 1e-6, "{layer:?}");
     let lines = std::fs::read_to_string(t.metrics_path()).unwrap();
     assert_eq!(lines.lines().count(), 4);
     assert!(t.checkpoint_path().exists(), "the end of the run checkpoints");
