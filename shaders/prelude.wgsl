@@ -33,3 +33,17 @@ fn gelu_grad_(x: f32) -> f32 {
 fn softplus_(x: f32) -> f32 {
     return max(x, 0.0) + log(1.0 + exp(-abs(x)));
 }
+
+// Φ(x), the standard normal CDF, via erf (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7).
+fn normal_cdf_(x: f32) -> f32 {
+    let z = abs(x) * 0.7071067811865476;
+    let t = 1.0 / (1.0 + 0.3275911 * z);
+    let poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))));
+    let erf = 1.0 - poly * exp(-z * z);
+    return 0.5 * (1.0 + sign(x) * erf);
+}
+
+// φ(x) = e^(−x²/2)/√(2π).
+fn normal_pdf_(x: f32) -> f32 {
+    return 0.3989422804014327 * exp(-0.5 * x * x);
+}

@@ -16,6 +16,7 @@
 
 use serde::{Deserialize, Serialize};
 
+mod grad;
 mod kernels;
 
 use crate::fuse::{base, Fused};
@@ -66,6 +67,8 @@ pub enum EmitError {
     BindingTooLarge { label: String, size: u64, limit: u64 },
     #[error("kernel `{kernel}` binds {count} storage buffers but the adapter allows {limit} per stage")]
     TooManyBindings { kernel: String, count: usize, limit: u32 },
+    #[error("kernel `{kernel}`: the emitter has no kernel for `{op}` yet")]
+    Unsupported { kernel: String, op: String },
     #[error("kernel `{kernel}` needs {workgroups} workgroups, more than a {limit}³ grid holds")]
     GridTooLarge { kernel: String, workgroups: u64, limit: u32 },
 }

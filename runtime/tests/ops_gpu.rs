@@ -299,7 +299,7 @@ fn topk_gather_mask_with_ties() {
 #[test]
 fn moe_route_gather_grouped_matmul_combine() {
     let (t, k, e, d, hidden) = (23, 2, 5, 9, 13);
-    let layout = RouteLayout { tokens: t, k, experts: e, tile: 4 };
+    let layout = RouteLayout::dropless(t, k, e, 4);
     let mut g = Graph::new();
     let x = g.input("x", TensorType::f32(&[t, d]));
     let idx = g.input("idx", TensorType::u32(&[t, k]));
@@ -379,7 +379,7 @@ fn gradient_ops() {
 #[test]
 fn moe_gradient_ops() {
     let (t, k, e, d, hidden) = (23, 2, 5, 9, 13);
-    let layout = RouteLayout { tokens: t, k, experts: e, tile: 4 };
+    let layout = RouteLayout::dropless(t, k, e, 4);
     let mut g = Graph::new();
     let idx = g.input("idx", TensorType::u32(&[t, k]));
     let route = add(&mut g, Op::MoeRoute { layout }, &[idx], "route");
@@ -443,4 +443,27 @@ fn matmuls_read_permuted_operands_in_place() {
     let fused = fuse(&g, FuseOptions::for_target(&t));
     assert_eq!(fused.len(), 7, "every permute but the last is absorbed:\n{}", fused.dump(&g));
     check(&g, &feeds(&g, 13, &[]));
+}
+
+#[test]
+fn routing_variants_capacity_priority_expert_choice_sinkhorn() {
+    let (t, k, e) = (19, 2, 4);
+    let mut g = Graph::new();
+    let s = g.input("s", TensorType::f32(&[t, e]));
+    let both = add(&mut g, Op::TopK { k: 3 }, &[s], "top3");
+    let idx = add(&mut g, Op::SliceCols { start: 1, len: k }, &[both], "idx");
+    let prio = add(&mut g, Op::GatherCols, &[s, idx], "prio");
+    // capacity 7 < 19·2/4: some experts drop slots, first-come and by priority.
+    let cap = RouteLayout { capacity: 7, ..RouteLayout::dropless(t, k, e, 4) };
+    let r_first = add(&mut g, Op::MoeRoute { layout: cap }, &[idx], "route_first");
+    let r_prio = add(&mut g, Op::MoeRoute { layout: cap }, &[idx, prio], "route_prio");
+    let load = add(&mut g, Op::RouteLoad { layout: cap }, &[r_prio], "load");
+    let ec = add(&mut g, Op::ExpertChoice { capacity: 5 }, &[s], "expert_choice");
+    let sk = add(&mut g, Op::Sinkhorn { iters: 3 }, &[s], "sinkhorn");
+    let cdf = add(&mut g, Op::Unary(UnaryOp::NormalCdf), &[s], "cdf");
+    let pdf = add(&mut g, Op::Unary(UnaryOp::NormalPdf), &[s], "pdf");
+    for (name, id) in [("idx", idx), ("route_first", r_first), ("route_prio", r_prio), ("load", load), ("expert_choice", ec), ("sinkhorn", sk), ("cdf", cdf), ("pdf", pdf)] {
+        g.set_output(name, id);
+    }
+    check(&g, &feeds(&g, 14, &[]));
 }

@@ -18,6 +18,7 @@ const MATMUL_TILED: &str = include_str!("../../../shaders/matmul_tiled.wgsl");
 const MOE_ROUTE: &str = include_str!("../../../shaders/moe_route.wgsl");
 const TOPK: &str = include_str!("../../../shaders/topk.wgsl");
 const CROSS_ENTROPY: &str = include_str!("../../../shaders/cross_entropy.wgsl");
+const SINKHORN: &str = include_str!("../../../shaders/sinkhorn.wgsl");
 
 /// Invocations per workgroup of one-invocation-per-element kernels.
 const WG: u32 = 256;
@@ -35,21 +36,26 @@ const RB: RbParams = RbParams { tm: 8, tn: 8, wg: 64 };
 /// Invocations per row of the workgroup-per-row reduction (SharedTiled targets).
 const ROW_THREADS: u32 = 64;
 
-/// A grid that does not fit the target; named by the caller.
-pub(crate) struct GridError {
-    workgroups: u64,
-    limit: u32,
+/// Why a kernel could not be generated; named by the caller.
+pub(crate) enum KernelError {
+    /// A grid that does not fit the target even folded.
+    Grid { workgroups: u64, limit: u32 },
+    /// An op with no kernel yet (its mnemonic).
+    Unsupported(String),
 }
 
-impl GridError {
+impl KernelError {
     pub(crate) fn named(self, kernel: &str) -> EmitError {
-        EmitError::GridTooLarge { kernel: kernel.to_string(), workgroups: self.workgroups, limit: self.limit }
+        match self {
+            KernelError::Grid { workgroups, limit } => EmitError::GridTooLarge { kernel: kernel.to_string(), workgroups, limit },
+            KernelError::Unsupported(op) => EmitError::Unsupported { kernel: kernel.to_string(), op },
+        }
     }
 }
 
 /// Folds a linear count of workgroups into `[x, y, z]`, each at most the target's limit. Kernels
 /// recompute the linear index as `x + y·GX + z·GX·GY` and bounds-check it.
-pub(crate) fn fold(total: u64, target: &Target) -> Result<[u32; 3], GridError> {
+pub(crate) fn fold(total: u64, target: &Target) -> Result<[u32; 3], KernelError> {
     let max = u64::from(target.max_workgroups_per_dim.max(1));
     let total = total.max(1);
     let x = total.min(max);
@@ -57,7 +63,7 @@ pub(crate) fn fold(total: u64, target: &Target) -> Result<[u32; 3], GridError> {
     let y = rest.min(max);
     let z = rest.div_ceil(y);
     if z > max {
-        return Err(GridError { workgroups: total, limit: target.max_workgroups_per_dim });
+        return Err(KernelError::Grid { workgroups: total, limit: target.max_workgroups_per_dim });
     }
     Ok([x as u32, y as u32, z as u32])
 }
@@ -200,6 +206,8 @@ fn op_expr(op: &Op, a: &[String]) -> String {
                 UnaryOp::Softplus => format!("softplus_({x})"),
                 UnaryOp::Step => format!("select(0.0, 1.0, {x} > 0.0)"),
                 UnaryOp::GeluGrad => format!("gelu_grad_({x})"),
+                UnaryOp::NormalCdf => format!("normal_cdf_({x})"),
+                UnaryOp::NormalPdf => format!("normal_pdf_({x})"),
             }
         }
         Op::Binary(b) => {
@@ -241,7 +249,7 @@ impl Walker<'_> {
 }
 
 /// Kernel for one fused group.
-pub(crate) fn group_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc, GridError> {
+pub(crate) fn group_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc, KernelError> {
     match group.kind {
         GroupKind::Elementwise => elementwise_kernel(graph, group, target),
         GroupKind::Row => row_kernel(graph, group, target),
@@ -261,7 +269,7 @@ fn per_item_main(wg: u32, total: usize) -> String {
     )
 }
 
-fn elementwise_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc, GridError> {
+fn elementwise_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc, KernelError> {
     let wg = wg_size(target);
     let total: usize = group.domain.iter().product();
     let mut b = Binder::new(graph);
@@ -287,7 +295,7 @@ fn elementwise_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<K
 /// instead of a round trip through memory), and written in a final loop. On register-blocked
 /// (CPU-like) targets one invocation owns a row and loops serially, with no barriers; elsewhere a
 /// workgroup owns a row and reduces through workgroup memory with a fixed tree (deterministic).
-fn row_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc, GridError> {
+fn row_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc, KernelError> {
     let d = &group.domain;
     let l = d.last().copied().unwrap_or(1);
     let rows = d.iter().product::<usize>() / l.max(1);
@@ -480,7 +488,7 @@ pub(crate) fn matmul_anchor(graph: &Graph, group: &Group) -> NodeId {
 
 /// Matmul or grouped matmul plus its elementwise epilogue. The epilogue is a WGSL function
 /// `store(lin, v)` the matmul body calls once per output element.
-fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc, GridError> {
+fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc, KernelError> {
     let anchor = matmul_anchor(graph, group);
     let members: HashSet<NodeId> = group.nodes.iter().copied().collect();
     let args = graph.inputs(anchor);
@@ -618,7 +626,7 @@ fn register_blocked(mm: &Mm, p: RbParams, a: &str, b: &str, grouped: Option<(&Ro
 }
 
 /// Kernels of ops that are never fused (layout changes, NN composites, MoE routing).
-fn single_kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc, GridError> {
+fn single_kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc, KernelError> {
     let node = graph.node(n);
     let args = graph.inputs(n);
     let shape = &node.ty.shape;
@@ -626,7 +634,7 @@ fn single_kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc,
     let wg = wg_size(target);
     let mut b = Binder::new(graph);
     // One invocation per output element: `body` computes `let v = ...;` from `i`.
-    let per_item = |b: Binder, body: String| -> Result<KernelSrc, GridError> {
+    let per_item = |b: Binder, body: String| -> Result<KernelSrc, KernelError> {
         let mut b = b;
         let out = b.write(n);
         let src = format!("{}{body}    {out}[i] = v;\n}}\n", per_item_main(wg, total));
@@ -675,7 +683,8 @@ fn single_kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc,
             let x = b.read(args[0]);
             let idx = b.read(args[1]);
             let (e, k) = (graph.ty(args[0]).shape[1], shape[1]);
-            per_item(b, format!("    let v = {x}[(i / {k}u) * {e}u + min({idx}[i], {}u)];\n", e - 1))
+            // An unassigned slot (`NONE`) gathers 0.
+            per_item(b, format!("    let c = {idx}[i];\n    let v = select({x}[(i / {k}u) * {e}u + min(c, {}u)], 0.0, c == {}u);\n", e - 1, RouteLayout::NONE))
         }
         Op::TopKMask { experts } => {
             let idx = b.read(args[0]);
@@ -731,6 +740,14 @@ fn single_kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc,
         }
         Op::MoeRoute { layout } => {
             b.read_as(args[0], "idx");
+            let kept = if args.len() > 1 {
+                // Kept when fewer than CAPACITY of the expert's slots outrank it (higher priority, or
+                // equal priority and a lower slot).
+                b.read_as(args[1], "prio");
+                "fn kept(e: u32, s: u32, seen: u32) -> bool {\n    var rank = 0u;\n    for (var o = 0u; o < T * KK; o = o + 1u) {\n        if (idx[o] == e && (prio[o] > prio[s] || (prio[o] == prio[s] && o < s))) {\n            rank = rank + 1u;\n        }\n    }\n    return rank < CAPACITY;\n}\n\n"
+            } else {
+                "fn kept(e: u32, s: u32, seen: u32) -> bool {\n    return seen < CAPACITY;\n}\n\n"
+            };
             b.write_as(n, "route");
             let consts = [
                 ("T", layout.tokens as u64),
@@ -738,6 +755,7 @@ fn single_kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc,
                 ("E", layout.experts as u64),
                 ("TILE", layout.tile as u64),
                 ("ROWS", layout.rows() as u64),
+                ("CAPACITY", layout.capacity.min(layout.tokens * layout.k) as u64),
                 ("WG", u64::from(wg)),
                 ("COUNTS_AT", layout.counts_at() as u64),
                 ("OFFSETS_AT", layout.offsets_at() as u64),
@@ -746,7 +764,7 @@ fn single_kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc,
                 ("ROW_EXPERT_AT", layout.row_expert_at() as u64),
                 ("NONE", u64::from(RouteLayout::NONE)),
             ];
-            Ok(b.finish(&consts, MOE_ROUTE, [1, 1, 1]))
+            Ok(b.finish(&consts, &format!("{kept}{MOE_ROUTE}"), [1, 1, 1]))
         }
         Op::SumTo { shape: to } => {
             // One invocation per output element sums the broadcast axes in a fixed order.
@@ -776,15 +794,8 @@ fn single_kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc,
             let red_expr = if red_terms.is_empty() { "0u".to_string() } else { red_terms.join(" + ") };
             per_item(b, format!("    let base = {base_expr};\n    var v = 0.0;\n    for (var r = 0u; r < {count}u; r = r + 1u) {{\n        v = v + {x}[base + {red_expr}];\n    }}\n"))
         }
-        Op::EmbeddingGrad { vocab } => {
-            // Deterministic scatter-add as a gather: invocation (v, d) scans the ids in order.
-            let ids = b.read(args[0]);
-            let g = b.read(args[1]);
-            let n_ids = graph.ty(args[0]).numel();
-            let d = graph.ty(args[1]).last();
-            let _ = vocab;
-            per_item(b, format!("    let tok = i / {d}u;\n    let col = i % {d}u;\n    var v = 0.0;\n    for (var j = 0u; j < {n_ids}u; j = j + 1u) {{\n        if ({ids}[j] == tok) {{\n            v = v + {g}[j * {d}u + col];\n        }}\n    }}\n"))
-        }
+        // Register-blocked / workgroup-uniform kernels of their own (emit::grad).
+        Op::EmbeddingGrad { .. } | Op::GroupedMatMulGradW { .. } => super::grad::grad_kernel(graph, n, target),
         Op::CrossEntropyGrad => {
             // One invocation per row: logsumexp, then (softmax - onehot) · g / N.
             let logits = b.read(args[0]);
@@ -849,30 +860,41 @@ fn single_kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc,
                 ),
             )
         }
-        Op::GroupedMatMulGradW { layout } => {
-            // dw[e, n, c] = Σ over e's rows r of g[r, n] · x[r, c]: one invocation per output element,
-            // rows in ascending order (deterministic), bounds from the route's offsets.
-            let g = b.read(args[0]);
-            let x = b.read(args[1]);
-            let route = b.read(args[2]);
-            let (nn, kk) = (shape[1], shape[2]);
+        Op::SliceCols { start, len } => {
+            let x = b.read(args[0]);
+            let cols = graph.ty(args[0]).shape[1];
+            per_item(b, format!("    let v = {x}[(i / {len}u) * {cols}u + {start}u + i % {len}u];\n"))
+        }
+        Op::RouteLoad { layout } => {
+            let route = b.read(args[0]);
+            per_item(b, format!("    let v = f32({route}[{}u + i]);\n", layout.counts_at()))
+        }
+        Op::ExpertChoice { capacity } => {
+            // Invocation (t, e): expert e takes token t when fewer than `capacity` tokens outrank it in
+            // column e (higher score, or equal score and lower token).
+            let x = b.read(args[0]);
+            let (t, e) = (shape[0], shape[1]);
             per_item(
                 b,
                 format!(
-                    "    let e = i / {};\n    let nc = (i / {kk}u) % {nn}u;\n    let c = i % {kk}u;\n    let end = min({route}[{off}u + e + 1u], {}u);\n    var v = 0.0;\n    for (var r = {route}[{off}u + e]; r < end; r = r + 1u) {{\n        v = v + {g}[r * {nn}u + nc] * {x}[r * {kk}u + c];\n    }}\n",
-                    format!("{}u", nn * kk),
-                    layout.rows(),
-                    off = layout.offsets_at()
+                    "    let tok = i / {e}u;\n    let ex = i % {e}u;\n    let s = {x}[i];\n    var rank = 0u;\n    for (var u = 0u; u < {t}u; u = u + 1u) {{\n        let o = {x}[u * {e}u + ex];\n        if (o > s || (o == s && u < tok)) {{\n            rank = rank + 1u;\n        }}\n    }}\n    let v = select({}u, ex, rank < {capacity}u);\n",
+                    RouteLayout::NONE
                 ),
             )
         }
-        other => unreachable!("{} is not a single-kernel op", other.mnemonic()),
+        Op::Sinkhorn { iters } => {
+            b.read_as(args[0], "logits");
+            b.write_as(n, "out");
+            let (t, e) = (shape[0], shape[1]);
+            Ok(b.finish(&[("T", t as u64), ("E", e as u64), ("ITERS", *iters as u64), ("WG", u64::from(wg))], SINKHORN, [1, 1, 1]))
+        }
+        other => return Err(KernelError::Unsupported(other.mnemonic())),
     }
 }
 
 /// Copies the buffer of `id` into a fresh buffer (a graph output that names a Param, an Input, or a
 /// value already exported under another name).
-pub(crate) fn copy_kernel(graph: &Graph, id: NodeId, target: &Target) -> Result<KernelSrc, GridError> {
+pub(crate) fn copy_kernel(graph: &Graph, id: NodeId, target: &Target) -> Result<KernelSrc, KernelError> {
     let wg = wg_size(target);
     let total = graph.ty(id).numel();
     let mut b = Binder::new(graph);
