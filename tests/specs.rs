@@ -4,6 +4,7 @@
 
 use moec_compiler::emit::Target;
 use moec_compiler::interp::{self, Value};
+use moec_compiler::ir::DType;
 use moec_compiler::spec::Spec;
 use moec_compiler::{check, compile, Compiled};
 use moec_runtime::{AdapterChoice, Executor, Gpu};
@@ -58,7 +59,15 @@ fn feeds_for(compiled: &Compiled, vocab: u32, seed: u64) -> HashMap<String, Valu
         .graph
         .data_inputs()
         .into_iter()
-        .map(|(_, name, ty)| (name, Value::U32((0..ty.numel()).map(|_| rng.random_range(0..vocab)).collect())))
+        .map(|(_, name, ty)| {
+            let value = match ty.dtype {
+                DType::U32 => Value::U32((0..ty.numel()).map(|_| rng.random_range(0..vocab)).collect()),
+                // Routing inputs as in evaluation (docs/DECISIONS.md, "Router state and noise"): no
+                // noise (zeros), no jitter (ones), router state (biases, prices) at its start, zeros.
+                DType::F32 => Value::F32(vec![if name.starts_with("jitter.") { 1.0 } else { 0.0 }; ty.numel()]),
+            };
+            (name, value)
+        })
         .collect()
 }
 
@@ -86,7 +95,10 @@ fn forward_on_gpu_matches_the_interpreter() {
                 exec.write_f32(name, values).unwrap();
             }
             for (name, value) in &feeds {
-                exec.write_u32(name, value.as_u32().unwrap()).unwrap();
+                match value {
+                    Value::U32(v) => exec.write_u32(name, v).unwrap(),
+                    other => exec.write_f32(name, &other.to_f32()).unwrap(),
+                }
             }
             exec.run().unwrap();
             let mut all = interp::param_feeds(&params);

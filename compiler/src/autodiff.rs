@@ -17,13 +17,15 @@
 //!   output name owns one buffer.
 //!
 //! # What is differentiated
-//! Gradients flow through every f32 edge of every forward op except: `TopK`, `TopKMask`, `MoeRoute`
-//! (selection itself is not differentiated; gradients reach the router through the gate weights of
-//! the selected experts, `GatherCols`, and through balancing losses), u32 operands (ids, targets,
+//! Gradients flow through every f32 edge of every forward op except: `TopK`, `TopKMask`, `MoeRoute`,
+//! `ExpertChoice`, `Sinkhorn`, `Auction` (selection itself is not differentiated; gradients reach the
+//! router through the gate weights of the selected experts, `GatherCols`/`ScatterCols`, and through
+//! balancing losses; `Sinkhorn` is thus a stop-gradient), u32 operands (ids, targets,
 //! routing tables), `Step` and `Ge` (their derivative is 0 almost everywhere). Ties follow the forward
 //! conventions: `Max(x, y)` sends the gradient to `x` where `x ≥ y`; `Reduce(Max)` sends it to every
 //! element equal to the row max. The gradient ops themselves (second order) are not differentiated,
-//! except `SumTo`/`BroadcastTo`, which are each other's adjoint.
+//! except `SumTo`/`BroadcastTo`, which are each other's adjoint, and `ScatterCols`, whose adjoint is
+//! `GatherCols` (lowering uses it forward to build dense gate matrices).
 //!
 //! # Shape of the backward graph
 //! A reverse topological sweep over the nodes that both depend on a parameter and reach the loss;
@@ -143,8 +145,19 @@ fn differentiable(op: &Op, slot: usize, arg: &TensorType) -> bool {
     }
     match op {
         Op::Unary(UnaryOp::Step) | Op::Binary(BinaryOp::Ge) => false,
-        Op::TopK { .. } | Op::TopKMask { .. } | Op::MoeRoute { .. } => false,
-        Op::Embedding | Op::CrossEntropy | Op::GatherCols | Op::MoeGather { .. } => slot == 0,
+        Op::TopK { .. }
+        | Op::TopKMask { .. }
+        | Op::MoeRoute { .. }
+        | Op::SliceCols { .. }
+        | Op::RouteLoad { .. }
+        | Op::ExpertChoice { .. }
+        | Op::Sinkhorn { .. }
+        | Op::Auction { .. } => false,
+        Op::Embedding
+        | Op::CrossEntropy
+        | Op::GatherCols
+        | Op::ScatterCols { .. }
+        | Op::MoeGather { .. } => slot == 0,
         Op::GroupedMatMul { .. } | Op::MoeCombine { .. } => slot < 2,
         _ => true,
     }
@@ -398,6 +411,10 @@ impl Backward {
                 grads[0] =
                     Some(self.add(Op::MoeGatherGrad { layout: *layout }, &[g, args[1]], l(""))?);
             }
+            // The dense gate matrix built from selected weights: gather the adjoint back.
+            Op::ScatterCols { .. } => {
+                grads[0] = Some(self.add(Op::GatherCols, &[g, args[1]], l(""))?);
+            }
             Op::GroupedMatMul { layout } => {
                 let (x, w, route) = (args[0], args[1], args[2]);
                 if want[0] {
@@ -445,8 +462,12 @@ impl Backward {
             | Op::MoeRoute { .. }
             | Op::EmbeddingGrad { .. }
             | Op::RopeGrad { .. }
+            | Op::SliceCols { .. }
+            | Op::RouteLoad { .. }
+            | Op::ExpertChoice { .. }
+            | Op::Sinkhorn { .. }
+            | Op::Auction { .. }
             | Op::CrossEntropyGrad
-            | Op::ScatterCols { .. }
             | Op::MoeGatherGrad { .. }
             | Op::GroupedMatMulGradX { .. }
             | Op::GroupedMatMulGradW { .. }
@@ -540,6 +561,17 @@ impl Backward {
             UnaryOp::Softplus => {
                 let d = self.unary(UnaryOp::Sigmoid, x, l(".d"))?;
                 mul(self, g, d, "")
+            }
+            // g·φ(x)
+            UnaryOp::NormalCdf => {
+                let d = self.unary(UnaryOp::NormalPdf, x, l(".d"))?;
+                mul(self, g, d, "")
+            }
+            // φ'(x) = −x·φ(x): g·(−x·y)
+            UnaryOp::NormalPdf => {
+                let xy = mul(self, x, y, ".xy")?;
+                let gxy = mul(self, g, xy, ".gxy")?;
+                self.affine(gxy, -1.0, 0.0, l(""))
             }
             UnaryOp::Step | UnaryOp::GeluGrad => Err(AutodiffError::NotDifferentiable {
                 label: node.label.clone(),

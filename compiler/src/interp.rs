@@ -535,6 +535,10 @@ fn eval_node<F: Float>(
             let (e, k) = (arg_tys[0].shape[1], arg_tys[1].shape[1]);
             let mut out = Vec::with_capacity(idx.len());
             for (i, &c) in idx.iter().enumerate() {
+                if c == RouteLayout::NONE {
+                    out.push(F::ZERO);
+                    continue;
+                }
                 if c as usize >= e {
                     return Err(ctx.out_of_range("column", c as u64, e as u64));
                 }
@@ -548,6 +552,9 @@ fn eval_node<F: Float>(
             let k = arg_tys[0].shape[1];
             let mut out = vec![F::ZERO; arg_tys[0].shape[0] * experts];
             for (i, &e) in idx.iter().enumerate() {
+                if e == RouteLayout::NONE {
+                    continue;
+                }
                 if e as usize >= *experts {
                     return Err(ctx.out_of_range("expert", e as u64, *experts as u64));
                 }
@@ -556,10 +563,49 @@ fn eval_node<F: Float>(
             Ok(Tensor::F(out))
         }
         Op::MoeRoute { layout } => {
-            ctx.argc(1, args.len())?;
-            route(ctx.u(args[0])?, layout)
+            let prio = match args.len() {
+                1 => None,
+                2 => Some(ctx.f(args[1])?.iter().map(|&p| p.to_f64()).collect::<Vec<f64>>()),
+                n => return Err(ctx.malformed(format!("expected 1 or 2 arguments, got {n}"))),
+            };
+            route_with(ctx.u(args[0])?, prio.as_deref(), layout)
                 .map(Tensor::U)
                 .map_err(|e| ctx.out_of_range("expert", e as u64, layout.experts as u64))
+        }
+        Op::SliceCols { start, len } => {
+            ctx.argc(1, args.len())?;
+            let x = ctx.u(args[0])?;
+            let c = arg_tys[0].shape[1];
+            let out = (0..ty.numel()).map(|i| x[(i / len) * c + start + i % len]).collect();
+            Ok(Tensor::U(out))
+        }
+        Op::RouteLoad { layout } => {
+            ctx.argc(1, args.len())?;
+            let table = ctx.u(args[0])?;
+            let counts = &table[layout.counts_at()..layout.counts_at() + layout.experts];
+            Ok(Tensor::F(counts.iter().map(|&c| F::from_f64(c as f64)).collect()))
+        }
+        Op::ExpertChoice { capacity } => {
+            ctx.argc(1, args.len())?;
+            let (t, e) = (arg_tys[0].shape[0], arg_tys[0].shape[1]);
+            Ok(Tensor::U(expert_choice(ctx.f(args[0])?, t, e, *capacity)))
+        }
+        Op::Sinkhorn { iters } => {
+            ctx.argc(1, args.len())?;
+            let (t, e) = (arg_tys[0].shape[0], arg_tys[0].shape[1]);
+            Ok(Tensor::F(sinkhorn(ctx.f(args[0])?, t, e, *iters)))
+        }
+        Op::Auction { rounds, epsilon, budget, capacity, k } => {
+            ctx.argc(2, args.len())?;
+            let (t, e) = (arg_tys[0].shape[0], arg_tys[0].shape[1]);
+            let params = AuctionParams {
+                rounds: *rounds,
+                epsilon: *epsilon as f64,
+                budget: *budget as f64,
+                capacity: *capacity,
+                k: *k,
+            };
+            Ok(Tensor::U(auction(ctx.f(args[0])?, ctx.f(args[1])?, t, e, &params)))
         }
         Op::MoeGather { layout } => {
             ctx.argc(2, args.len())?;
@@ -709,6 +755,9 @@ fn eval_grad_op<F: Float>(
             let k = arg_tys[1].shape[1];
             let mut out = vec![F::ZERO; ty.numel()];
             for (i, &c) in idx.iter().enumerate() {
+                if c == RouteLayout::NONE {
+                    continue;
+                }
                 if c as usize >= *cols {
                     return Err(ctx.out_of_range("column", c as u64, *cols as u64));
                 }
@@ -861,6 +910,10 @@ fn unary<F: Float>(u: UnaryOp, x: F) -> F {
             } else {
                 F::ZERO
             }
+        }
+        UnaryOp::NormalCdf => F::from_f64(0.5 * erfc(-x.to_f64() / std::f64::consts::SQRT_2)),
+        UnaryOp::NormalPdf => {
+            F::from_f64((-0.5 * x.to_f64() * x.to_f64()).exp() / (2.0 * std::f64::consts::PI).sqrt())
         }
         UnaryOp::GeluGrad => {
             let c = F::from_f64((2.0 / std::f64::consts::PI).sqrt());
@@ -1048,44 +1101,230 @@ fn topk<F: Float>(x: &[F], e: usize, k: usize) -> Vec<u32> {
     out
 }
 
-/// Builds the routing table of [`RouteLayout`] from `idx[T, k]`; `Err(expert)` for an id out of range.
-///
-/// Token slots are placed in each expert's segment in ascending slot order (`t * k + j`), so routing
-/// is deterministic. Padding rows have `row_slot = NONE` and belong to the segment's expert; rows at
-/// and past `offsets[experts]` (unused worst-case rows) have `row_slot = NONE` and `row_expert = NONE`.
+/// Builds the dropless routing table of [`RouteLayout`] from `idx[T, k]` (see [`route_with`]).
 pub fn route(idx: &[u32], layout: &RouteLayout) -> Result<Vec<u32>, u32> {
+    route_with(idx, None, layout)
+}
+
+/// Builds the routing table of [`RouteLayout`] from `idx[T, k]`; `Err(expert)` for an id out of
+/// range (other than `NONE`, which leaves its slot unassigned).
+///
+/// An expert keeps at most `layout.capacity` of the slots routed to it: those of highest `prio`
+/// (ties to the lower slot) when given, else the first in slot order (`t * k + j`: token order).
+/// Kept slots are placed in each expert's segment in ascending slot order, so routing is
+/// deterministic; dropped and `NONE` slots get `slot_row = NONE`. Padding rows have `row_slot = NONE`
+/// and belong to the segment's expert; rows at and past `offsets[experts]` (unused worst-case rows)
+/// have `row_slot = NONE` and `row_expert = NONE`.
+pub fn route_with(idx: &[u32], prio: Option<&[f64]>, layout: &RouteLayout) -> Result<Vec<u32>, u32> {
     let (e_n, tile) = (layout.experts, layout.tile.max(1));
     let mut table = vec![0u32; layout.len()];
-    let mut counts = vec![0usize; e_n];
-    for &e in idx {
+    let mut slots: Vec<Vec<usize>> = vec![Vec::new(); e_n];
+    for (s, &e) in idx.iter().enumerate() {
+        if e == RouteLayout::NONE {
+            continue;
+        }
         if e as usize >= e_n {
             return Err(e);
         }
-        counts[e as usize] += 1;
+        slots[e as usize].push(s);
+    }
+    for list in &mut slots {
+        if list.len() > layout.capacity {
+            if let Some(p) = prio {
+                list.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+            }
+            list.truncate(layout.capacity);
+            list.sort_unstable();
+        }
     }
     let mut offsets = vec![0usize; e_n + 1];
     for e in 0..e_n {
-        offsets[e + 1] = offsets[e] + counts[e].div_ceil(tile) * tile;
+        offsets[e + 1] = offsets[e] + slots[e].len().div_ceil(tile) * tile;
     }
     for e in 0..e_n {
-        table[layout.counts_at() + e] = counts[e] as u32;
+        table[layout.counts_at() + e] = slots[e].len() as u32;
     }
     for (e, &o) in offsets.iter().enumerate() {
         table[layout.offsets_at() + e] = o as u32;
     }
     let rows = layout.rows();
-    let (rs, re) = (layout.row_slot_at(), layout.row_expert_at());
+    let (rs, re, sr) = (layout.row_slot_at(), layout.row_expert_at(), layout.slot_row_at());
     table[rs..rs + rows].fill(RouteLayout::NONE);
     table[re..re + rows].fill(RouteLayout::NONE);
+    table[sr..sr + layout.tokens * layout.k].fill(RouteLayout::NONE);
     for e in 0..e_n {
         table[re + offsets[e]..re + offsets[e + 1]].fill(e as u32);
-    }
-    let mut next = offsets[..e_n].to_vec();
-    for (slot, &e) in idx.iter().enumerate() {
-        let row = next[e as usize];
-        next[e as usize] += 1;
-        table[layout.slot_row_at() + slot] = row as u32;
-        table[rs + row] = slot as u32;
+        for (i, &slot) in slots[e].iter().enumerate() {
+            let row = offsets[e] + i;
+            table[sr + slot] = row as u32;
+            table[rs + row] = slot as u32;
+        }
     }
     Ok(table)
+}
+
+/// [`Op::ExpertChoice`]: `[t, e] = e` when `t` is among the `capacity` tokens of highest
+/// `scores[·, e]` (ties to the lower token), else `NONE`.
+pub fn expert_choice<F: Float>(scores: &[F], t_n: usize, e_n: usize, capacity: usize) -> Vec<u32> {
+    let mut out = vec![RouteLayout::NONE; t_n * e_n];
+    for e in 0..e_n {
+        for t in 0..t_n {
+            let s = scores[t * e_n + e];
+            let rank = (0..t_n)
+                .filter(|&u| {
+                    let o = scores[u * e_n + e];
+                    o > s || (o == s && u < t)
+                })
+                .count();
+            if rank < capacity {
+                out[t * e_n + e] = e as u32;
+            }
+        }
+    }
+    out
+}
+
+/// [`Op::Sinkhorn`] with exactly the arithmetic its doc comment gives (the GPU kernel mirrors it).
+pub fn sinkhorn<F: Float>(logits: &[F], t_n: usize, e_n: usize, iters: usize) -> Vec<F> {
+    let eps = F::from_f64(1e-8);
+    let c: Vec<F> = logits
+        .chunks(e_n.max(1))
+        .flat_map(|row| {
+            let m = row.iter().copied().fold(F::from_f64(f64::NEG_INFINITY), F::max);
+            row.iter().map(move |&x| (x - m).exp()).collect::<Vec<F>>()
+        })
+        .collect();
+    let (inv_t, inv_e) = (F::ONE / F::from_f64(t_n as f64), F::ONE / F::from_f64(e_n as f64));
+    let mut d1 = vec![F::ONE; e_n];
+    let mut d0 = vec![F::ONE; t_n];
+    for _ in 0..iters {
+        for t in 0..t_n {
+            let mut s = F::ZERO;
+            for e in 0..e_n {
+                s += d1[e] * c[t * e_n + e];
+            }
+            d0[t] = inv_t / (s + eps);
+        }
+        for e in 0..e_n {
+            let mut s = F::ZERO;
+            for t in 0..t_n {
+                s += d0[t] * c[t * e_n + e];
+            }
+            d1[e] = inv_e / (s + eps);
+        }
+    }
+    (0..t_n * e_n).map(|i| d1[i % e_n] * c[i] * d0[i / e_n]).collect()
+}
+
+/// The knobs of [`Op::Auction`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AuctionParams {
+    pub rounds: usize,
+    pub epsilon: f64,
+    pub budget: f64,
+    pub capacity: usize,
+    pub k: usize,
+}
+
+/// Standing-bid sentinel of the auction: "token does not hold this expert" (−FLT_MAX, as on the GPU).
+const NO_BID: f64 = -3.402_823_466e38;
+
+/// [`Op::Auction`]: the Jacobi auction of LANGUAGE.md, steps 1–2, from values `v[T, E]` and start
+/// prices `[E]`. Returns u32 `[T, k + E]`: per token the won experts ascending, then `NONE`, then `E`
+/// zeros (the GPU's working space, cleared).
+///
+/// Each of `rounds` rounds has two phases, both against the state at the phase's start (Jacobi):
+/// 1. Bids. A token holding `h < k` experts has `u = k − h` open slots. Its candidates are the
+///    experts it does not hold, ordered by net value `n_e = v[t,e] − price_e` (descending, ties to the
+///    lower expert). With `n_next` the net of the `(u+1)`-th candidate, or `−budget` when there is
+///    none, floored at `−budget` (the outside option: staying unassigned), it bids on each of its
+///    first `u` candidates with `n_e ≥ −budget` the amount
+///    `min(price_e + (n_e − n_next) + epsilon, v[t,e] + budget)` (raising the price by the margin over
+///    the next-best option plus epsilon, never paying more than its value plus its budget).
+/// 2. Acceptance. Each expert ranks its standing bids and the new ones by (amount descending, token
+///    ascending) and keeps the first `capacity`; the rest (displaced holders included) are dropped
+///    and bid again next round. An expert holding `capacity` bids prices at its lowest kept bid.
+///
+/// No expert ever holds more than `capacity` tokens, and no token holds an expert twice.
+pub fn auction<F: Float>(v: &[F], prices: &[F], t_n: usize, e_n: usize, p: &AuctionParams) -> Vec<u32> {
+    let no_bid = F::from_f64(NO_BID);
+    let (eps, budget) = (F::from_f64(p.epsilon), F::from_f64(p.budget));
+    let mut price: Vec<F> = prices.to_vec();
+    let mut bid = vec![no_bid; t_n * e_n];
+    for _ in 0..p.rounds {
+        // 1. Bids, all against this round's prices.
+        for t in 0..t_n {
+            let row = &bid[t * e_n..(t + 1) * e_n];
+            let held = row.iter().filter(|&&b| b != no_bid).count();
+            let open = p.k.saturating_sub(held);
+            if open == 0 {
+                continue;
+            }
+            let mut cand: Vec<usize> = (0..e_n).filter(|&e| row[e] == no_bid).collect();
+            let net = |e: usize| v[t * e_n + e] - price[e];
+            cand.sort_by(|&a, &b| net(b).partial_cmp(&net(a)).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
+            let mut n_next = cand.get(open).map_or(-budget, |&e| net(e));
+            if n_next < -budget {
+                n_next = -budget;
+            }
+            for &e in cand.iter().take(open) {
+                let n = net(e);
+                if n < -budget {
+                    break;
+                }
+                let amount = price[e] + (n - n_next) + eps;
+                let cap = v[t * e_n + e] + budget;
+                bid[t * e_n + e] = if amount < cap { amount } else { cap };
+            }
+        }
+        // 2. Acceptance: each expert keeps its best `capacity` bids.
+        for e in 0..e_n {
+            let mut holders: Vec<(usize, F)> =
+                (0..t_n).map(|t| (t, bid[t * e_n + e])).filter(|&(_, b)| b != no_bid).collect();
+            holders.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal).then(a.0.cmp(&b.0)));
+            for &(t, _) in holders.iter().skip(p.capacity) {
+                bid[t * e_n + e] = no_bid;
+            }
+            if holders.len() >= p.capacity {
+                price[e] = holders[p.capacity - 1].1;
+            }
+        }
+    }
+    let mut out = vec![0u32; t_n * (p.k + e_n)];
+    for t in 0..t_n {
+        let row = &mut out[t * (p.k + e_n)..t * (p.k + e_n) + p.k];
+        row.fill(RouteLayout::NONE);
+        let won = (0..e_n).filter(|&e| bid[t * e_n + e] != no_bid);
+        for (slot, e) in row.iter_mut().zip(won) {
+            *slot = e as u32;
+        }
+    }
+    out
+}
+
+/// erfc in f64 to ~1e-13: the Maclaurin series of erf for |x| < 3, Laplace's continued fraction
+/// beyond (both converge fast there), so that `NormalCdf` and its derivative `NormalPdf` agree under
+/// finite differences.
+fn erfc(x: f64) -> f64 {
+    if x.abs() < 3.0 {
+        let (mut term, mut sum, x2) = (x, x, x * x);
+        for n in 1..200 {
+            term *= -x2 / n as f64;
+            let add = term / (2 * n + 1) as f64;
+            sum += add;
+            if add.abs() < 1e-17 * sum.abs() {
+                break;
+            }
+        }
+        1.0 - sum * 2.0 / std::f64::consts::PI.sqrt()
+    } else if x > 0.0 {
+        // erfc(x) = e^{-x²}/√π · 1/(x + (1/2)/(x + 1/(x + (3/2)/(x + …)))), evaluated bottom-up.
+        let mut f = x;
+        for n in (1..60).rev() {
+            f = x + (n as f64 / 2.0) / f;
+        }
+        (-x * x).exp() / std::f64::consts::PI.sqrt() / f
+    } else {
+        2.0 - erfc(-x)
+    }
 }

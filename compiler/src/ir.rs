@@ -102,6 +102,10 @@ pub enum UnaryOp {
     Step,
     /// d/dx of `Gelu` (the same tanh approximation).
     GeluGrad,
+    /// Φ(x), the standard normal CDF: the smooth load estimator of Shazeer et al. (2017).
+    NormalCdf,
+    /// φ(x) = e^(−x²/2)/√(2π), the standard normal density: the derivative of `NormalCdf`.
+    NormalPdf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -127,24 +131,39 @@ pub enum ReduceOp {
 ///
 /// Dropless routing always places exactly `tokens * k` token slots, but grouped matmul wants each tile
 /// of `tile` rows to belong to one expert, so every expert's segment is padded to a multiple of `tile`.
-/// The padded row count is bounded statically by `tokens * k + experts * (tile - 1)`, which is what the
-/// grouped matmul is dispatched over; rows past an expert's real count are padding (`row_slot = NONE`).
+/// The padded row count is bounded statically by `min(tokens * k, experts * capacity) + experts *
+/// (tile - 1)`, which is what the grouped matmul is dispatched over; rows past an expert's real count
+/// are padding (`row_slot = NONE`).
+///
+/// `capacity` is the most token slots one expert keeps (`capacity = factor(F)`: ⌈F·T·k/E⌉); slots
+/// beyond it are dropped (`slot_row = NONE`), and so are slots whose expert index is `NONE` (the
+/// auction's unassigned slots, expert choice's unchosen pairs). `capacity >= tokens * k` is dropless.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct RouteLayout {
     pub tokens: usize,
     pub k: usize,
     pub experts: usize,
     pub tile: usize,
+    pub capacity: usize,
 }
 
 impl RouteLayout {
-    /// Marks a padding row in `row_slot`, and an unassigned slot (dropped token) in `slot_row`.
+    /// Marks a padding row in `row_slot`, an unassigned slot (dropped token) in `slot_row`, and an
+    /// unassigned slot in an index tensor `idx[T, k]` (every MoE op reading `idx` skips it).
     pub const NONE: u32 = u32::MAX;
+    /// A layout whose experts keep every slot routed to them.
+    pub fn dropless(tokens: usize, k: usize, experts: usize, tile: usize) -> Self {
+        RouteLayout { tokens, k, experts, tile, capacity: tokens * k }
+    }
+    /// Whether some slot can be left without a row (capacity below `tokens * k`).
+    pub fn drops(&self) -> bool {
+        self.capacity < self.tokens * self.k
+    }
     /// Upper bound of padded rows: the static row count of gathered activations.
     pub fn rows(&self) -> usize {
-        self.tokens * self.k + self.experts * (self.tile - 1)
+        (self.tokens * self.k).min(self.experts.saturating_mul(self.capacity)) + self.experts * (self.tile - 1)
     }
-    /// `counts[e]`: token slots routed to expert `e`.
+    /// `counts[e]`: token slots routed to (and kept by) expert `e`.
     pub fn counts_at(&self) -> usize {
         0
     }
@@ -202,12 +221,38 @@ pub enum Op {
     /// Indices of the `k` largest entries of each row of `scores[T, E]` (u32 `[T, k]`), in descending
     /// score order; ties go to the lower index. Not differentiable.
     TopK { k: usize },
-    /// `out[t, j] = x[t, idx[t, j]]` for `x[T, E]` and u32 `idx[T, k]`.
+    /// `out[t, j] = x[t, idx[t, j]]` for `x[T, E]` and u32 `idx[T, k]`; 0 where `idx` is `NONE`
+    /// (an unassigned slot, see [`RouteLayout::NONE`]).
     GatherCols,
-    /// Selection mask: f32 `[T, experts]` with 1 where `e` is among `idx[t, :]`. Not differentiable.
+    /// Selection mask: f32 `[T, experts]` with 1 where `e` is among `idx[t, :]` (`NONE` entries mark
+    /// nothing). Not differentiable.
     TopKMask { experts: usize },
-    /// Routing table (see [`RouteLayout`]) from u32 `idx[T, k]`. Not differentiable.
+    /// Routing table (see [`RouteLayout`]) from u32 `idx[T, k]` (`NONE` entries stay unassigned).
+    /// With a second operand `prio[T, k]` (f32) an expert over capacity keeps its `capacity` slots of
+    /// highest priority (ties to the lower slot); without it, its first `capacity` slots in slot order
+    /// (token order). Not differentiable.
     MoeRoute { layout: RouteLayout },
+    /// Columns `start..start + len` of a u32 index tensor `[R, C]` (a slice of a top-k or auction
+    /// result). Not differentiable (indices).
+    SliceCols { start: usize, len: usize },
+    /// `load[e]` = token slots expert `e` keeps, as f32 `[E]`, read from a routing table (after
+    /// capacity): the per-expert load that metrics and the `bias` update use.
+    RouteLoad { layout: RouteLayout },
+    /// Expert choice (Zhou et al. 2022): from `scores[T, E]`, each expert takes its `capacity` tokens
+    /// of highest score (ties to the lower token). Out: u32 `[T, E]` with `e` at `[t, e]` when expert
+    /// `e` took token `t`, else `NONE`: a token-slot index tensor with k = E. Not differentiable.
+    ExpertChoice { capacity: usize },
+    /// Sinkhorn balancing (Megatron-LM) of `logits[T, E]` with `iters` fixed iterations on
+    /// `c = exp(logits − rowmax)` (row scalings cancel in the normalisation): `d1 = 1`, then
+    /// `d0[t] = (1/T) / (Σ_e d1[e]·c[t,e] + 1e-8)`, `d1[e] = (1/E) / (Σ_t d0[t]·c[t,e] + 1e-8)`;
+    /// out `d1[e]·c[t,e]·d0[t]`. Used for selection only, so not differentiated (a stop-gradient).
+    Sinkhorn { iters: usize },
+    /// The auction router (LANGUAGE.md `gate = auction`): values `v[T, E]` and start prices `[E]` →
+    /// u32 `[T, k + E]`. Row `t` holds, in its first `k` entries, the experts token `t` won in
+    /// ascending order followed by `NONE`; the last `E` entries are the auction's working state (the
+    /// f32 bits of `t`'s standing bid per expert) and carry no meaning for consumers. See
+    /// `interp::auction` for the exact rounds. Not differentiable.
+    Auction { rounds: usize, epsilon: f32, budget: f32, capacity: usize, k: usize },
     /// Gather token rows into expert-sorted padded rows: `x[T, D]`, `route` → `[rows, D]`, zero padding.
     MoeGather { layout: RouteLayout },
     /// Per-expert matmul on padded rows: `xp[rows, K]`, `w[E, N, K]` (PyTorch `[out, in]` per expert),
@@ -229,7 +274,9 @@ pub enum Op {
     /// Adjoint of `CrossEntropy`: `logits[N, V]`, u32 `targets[N]`, `g[1]` →
     /// `(softmax(logits) − onehot(targets)) · g / N`.
     CrossEntropyGrad,
-    /// Adjoint of `GatherCols`: `g[T, k]`, u32 `idx[T, k]` → `[T, cols]`, zero where not gathered.
+    /// Adjoint of `GatherCols`: `g[T, k]`, u32 `idx[T, k]` → `[T, cols]`, zero where not gathered
+    /// (`NONE` entries scatter nothing). Also a forward op: the dense `[T, E]` gate matrix of the
+    /// selected weights (Importance, hierarchical gates); its adjoint is `GatherCols`.
     ScatterCols { cols: usize },
     /// Adjoint of `MoeGather`: `gp[rows, D]`, `route` → `[T, D]`, `dx[t] = Σ_j gp[slot_row[t·k + j]]`.
     MoeGatherGrad { layout: RouteLayout },
@@ -267,6 +314,11 @@ impl Op {
             Op::GatherCols => "gather_cols".into(),
             Op::TopKMask { .. } => "topk_mask".into(),
             Op::MoeRoute { .. } => "moe_route".into(),
+            Op::SliceCols { .. } => "slice_cols".into(),
+            Op::RouteLoad { .. } => "route_load".into(),
+            Op::ExpertChoice { .. } => "expert_choice".into(),
+            Op::Sinkhorn { .. } => "sinkhorn".into(),
+            Op::Auction { .. } => "auction".into(),
             Op::MoeGather { .. } => "moe_gather".into(),
             Op::GroupedMatMul { .. } => "grouped_matmul".into(),
             Op::MoeCombine { .. } => "moe_combine".into(),
@@ -440,7 +492,17 @@ impl Graph {
                 Op::EmbeddingGrad { vocab } => format!(" vocab={vocab}"),
                 Op::RopeGrad { theta } => format!(" theta={theta}"),
                 Op::ScatterCols { cols } => format!(" cols={cols}"),
+                Op::SliceCols { start, len } => format!(" start={start} len={len}"),
+                Op::ExpertChoice { capacity } => format!(" capacity={capacity}"),
+                Op::Sinkhorn { iters } => format!(" iters={iters}"),
+                Op::Auction { rounds, epsilon, budget, capacity, k } => {
+                    format!(" rounds={rounds} epsilon={epsilon} budget={budget} capacity={capacity} k={k}")
+                }
+                Op::MoeRoute { layout } if layout.drops() => {
+                    format!(" tokens={} k={} experts={} tile={} capacity={}", layout.tokens, layout.k, layout.experts, layout.tile, layout.capacity)
+                }
                 Op::MoeRoute { layout }
+                | Op::RouteLoad { layout }
                 | Op::MoeGather { layout }
                 | Op::GroupedMatMul { layout }
                 | Op::MoeCombine { layout }
@@ -642,12 +704,62 @@ pub fn infer(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
             Ok(TensorType::f32(&[args[0].shape[0], *experts]))
         }
         Op::MoeRoute { layout } => {
-            expect_args(args, 1)?;
+            if args.len() != 1 && args.len() != 2 {
+                return Err(format!("expected idx and an optional prio, got {} arguments", args.len()));
+            }
             expect_dtype(args[0], DType::U32, "idx")?;
             if args[0].shape != [layout.tokens, layout.k] {
                 return Err(format!("route of {} with layout {layout:?}", args[0]));
             }
+            if let Some(prio) = args.get(1) {
+                expect_dtype(prio, DType::F32, "prio")?;
+                if prio.shape != args[0].shape {
+                    return Err(format!("prio {prio} must have the shape of idx {}", args[0]));
+                }
+            }
+            if layout.tile == 0 || layout.capacity == 0 {
+                return Err(format!("route layout {layout:?} needs tile and capacity ≥ 1"));
+            }
             Ok(TensorType::u32(&[layout.len()]))
+        }
+        Op::SliceCols { start, len } => {
+            expect_args(args, 1)?;
+            expect_dtype(args[0], DType::U32, "operand")?;
+            if args[0].shape.len() != 2 || *len == 0 || start + len > args[0].shape[1] {
+                return Err(format!("columns {start}..{} of {}", start + len, args[0]));
+            }
+            Ok(TensorType::u32(&[args[0].shape[0], *len]))
+        }
+        Op::RouteLoad { layout } => {
+            expect_args(args, 1)?;
+            expect_route(args[0], layout)?;
+            Ok(TensorType::f32(&[layout.experts]))
+        }
+        Op::ExpertChoice { capacity } => {
+            expect_args(args, 1)?;
+            expect_dtype(args[0], DType::F32, "scores")?;
+            if args[0].shape.len() != 2 || *capacity == 0 || *capacity > args[0].shape[0] {
+                return Err(format!("expert choice of {capacity} tokens from {}", args[0]));
+            }
+            Ok(TensorType::u32(&args[0].shape))
+        }
+        Op::Sinkhorn { .. } => {
+            expect_args(args, 1)?;
+            expect_dtype(args[0], DType::F32, "logits")?;
+            if args[0].shape.len() != 2 {
+                return Err(format!("sinkhorn wants logits [T, E], got {}", args[0]));
+            }
+            Ok(args[0].clone())
+        }
+        Op::Auction { k, capacity, .. } => {
+            expect_args(args, 2)?;
+            expect_dtype(args[0], DType::F32, "values")?;
+            expect_dtype(args[1], DType::F32, "prices")?;
+            let (v, p) = (args[0], args[1]);
+            if v.shape.len() != 2 || p.shape != [v.shape[1]] || *k == 0 || *k > v.shape[1] || *capacity == 0 {
+                return Err(format!("auction of {k} slots per token, capacity {capacity}, wants values [T, E] and prices [E], got {v} and {p}"));
+            }
+            Ok(TensorType::u32(&[v.shape[0], k + v.shape[1]]))
         }
         Op::MoeGather { layout } => {
             expect_args(args, 2)?;

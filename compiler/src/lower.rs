@@ -38,7 +38,10 @@
 use crate::ir::{
     BinaryOp, Graph, Init, IrError, NodeId, Op, ReduceOp, RouteLayout, TensorType, UnaryOp,
 };
-use crate::spec::{Activation, Balance, Capacity, Family, Ffn, Gate, Moe, Norm, Spec, NORM_EPS};
+use crate::spec::{
+    Activation, Balance, Capacity, DropPolicy, Family, Ffn, Gate, Hierarchy, Moe, Norm, Spec,
+    NORM_EPS,
+};
 
 /// Rows per tile of the MoE routing table: every expert's segment of gathered rows is padded to a
 /// multiple of this, so one grouped-matmul tile never straddles two experts. 16 matches the 16-row
@@ -83,6 +86,7 @@ pub fn lower(spec: &Spec, batch: usize) -> Result<Graph, LowerError> {
         g: Graph::new(),
         spec,
         aux: Vec::new(),
+        metrics: Vec::new(),
     };
     let (logits, ce) = match spec.model.family {
         Family::Transformer => l.transformer(batch)?,
@@ -94,38 +98,85 @@ pub fn lower(spec: &Spec, batch: usize) -> Result<Graph, LowerError> {
 }
 
 fn check_moe_supported(moe: &Moe) -> Result<(), LowerError> {
-    match moe.gate {
-        Gate::Softmax { .. } | Gate::Switch | Gate::Sigmoid => {}
-        Gate::NoisyTopK { .. } => return Err(unsupported("`gate = noisy_top_k`")),
-        Gate::ExpertChoice { .. } => return Err(unsupported("`gate = expert_choice`")),
-        Gate::Sinkhorn { .. } => return Err(unsupported("`gate = sinkhorn`")),
-        Gate::Auction { .. } => return Err(unsupported("`gate = auction`")),
-    }
-    if moe.groups.is_some() {
-        return Err(unsupported("`groups` (hierarchical gating)"));
-    }
-    if let Capacity::Factor { .. } = moe.capacity {
-        return Err(unsupported(
-            "`capacity = factor(...)` (only `dropless` is lowered)",
-        ));
-    }
-    for b in &moe.balance {
-        match b {
-            Balance::Aux(_) | Balance::Z(_) | Balance::SeqAux(_) => {}
-            Balance::Cv2 { .. } => return Err(unsupported("`cv2(...)` balancing")),
-            Balance::Bias { .. } => return Err(unsupported("`bias(...)` balancing")),
-        }
-    }
-    if moe.jitter != 0.0 {
-        return Err(unsupported("`jitter`"));
-    }
     if moe.experts == 0 || moe.top_k == 0 || moe.top_k > moe.experts {
         return Err(LowerError::Invalid(format!(
             "top_k = {} with {} experts",
             moe.top_k, moe.experts
         )));
     }
+    if let Some((g, m)) = moe.groups {
+        if g * m != moe.experts || moe.top_groups == 0 || moe.top_groups > g {
+            return Err(LowerError::Invalid(format!(
+                "groups {g} x {m} with {} experts and top_groups = {}",
+                moe.experts, moe.top_groups
+            )));
+        }
+        let limit = match moe.hierarchy {
+            Hierarchy::TwoLevel => m,
+            Hierarchy::GroupLimited => moe.top_groups * m,
+        };
+        if moe.top_k > limit {
+            return Err(LowerError::Invalid(format!("top_k = {} with groups {g} x {m}", moe.top_k)));
+        }
+    }
+    if let Gate::NoisyTopK { noise } = moe.gate {
+        let smooth_load = moe.balance.iter().any(|b| matches!(b, Balance::Cv2 { load, .. } if *load != 0.0));
+        if smooth_load && noise <= 0.0 {
+            return Err(LowerError::Invalid(
+                "the smooth load of `cv2(load > 0)` divides by the noise scale, so `noisy_top_k` needs `noise > 0`".into(),
+            ));
+        }
+    }
+    if let Capacity::Factor { factor, .. } = moe.capacity {
+        if !(factor > 0.0 && factor.is_finite()) {
+            return Err(LowerError::Invalid(format!("capacity factor {factor}")));
+        }
+    }
     Ok(())
+}
+
+/// Expert capacity ⌈F·T·k/E⌉ (at least 1).
+fn capacity_of(factor: f64, tokens: usize, k: usize, experts: usize) -> usize {
+    ((factor * (tokens * k) as f64 / experts as f64).ceil() as usize).max(1)
+}
+
+/// What a router hands to dispatch, balancing and metrics.
+struct Routing {
+    /// Expert-level router logits `[T, E]` (`router_z`, `z`).
+    logits: NodeId,
+    /// Router probabilities `p[T, E]`: `P_e` of `aux`, the priority of `drop = probability`.
+    probs: NodeId,
+    /// Selected experts `[T, k]` (u32, `NONE` for an unassigned slot).
+    idx: NodeId,
+    /// Gate weights `[T, k]` of the selected experts.
+    weights: NodeId,
+    /// Token slots per token.
+    k: usize,
+    /// Average experts per token, the `k` of `aux`'s `f_e = Σ sel / (T·k)`.
+    k_eff: f64,
+    /// The router's own per-expert capacity (expert choice, auction), else from `capacity`.
+    capacity: Option<usize>,
+    /// Dense gate matrix `G[T, E]` (0 off the selection): `Importance_e = Σ_t G[t, e]`.
+    gates: NodeId,
+    /// Smooth selection probabilities `[T, E]` of `noisy_top_k` (the `cv2` load estimator).
+    smooth_load: Option<NodeId>,
+    /// Auction: `(prices input, demand [E], price_rate)`.
+    prices: Option<(NodeId, NodeId, f64)>,
+}
+
+/// One gating level (flat gates have one, `two_level` two).
+struct Level {
+    probs: NodeId,
+    idx: NodeId,
+    weights: NodeId,
+    smooth_load: Option<NodeId>,
+}
+
+/// The noise of a `noisy_top_k` gate: noise logits `x·Wnoise`, the N(0,1) input ε, the `noise` scale.
+struct Noise {
+    logits: NodeId,
+    eps: NodeId,
+    scale: f64,
 }
 
 struct Lower<'s> {
@@ -133,6 +184,8 @@ struct Lower<'s> {
     spec: &'s Spec,
     /// `(block, summed balancing terms)` of every MoE block that has any.
     aux: Vec<(usize, NodeId)>,
+    /// Metrics and router-state outputs (`moe.N.load`, `router_state.N.bias.next`, ...), in order.
+    metrics: Vec<(String, NodeId)>,
 }
 
 impl Lower<'_> {
@@ -352,6 +405,10 @@ impl Lower<'_> {
 
     /// A routed MoE layer on `x[N, dim]` for block `block`; `seqs = (B, T)` groups tokens into
     /// sequences for `seq_aux` (`None`: the whole batch is one sequence).
+    ///
+    /// Router (scores → selection → weights, [`Routing`]), capacity, dispatch (route, gather,
+    /// grouped experts, combine), balancing terms, then the metrics and router-state outputs of the
+    /// module doc.
     fn moe(
         &mut self,
         x: NodeId,
@@ -361,59 +418,53 @@ impl Lower<'_> {
     ) -> Result<NodeId, LowerError> {
         let p = format!("model.layers.{block}.block_sparse_moe");
         let n = self.g.ty(x).rows();
-        let (e, k) = (moe.experts, moe.top_k);
-        let logits = self.linear(x, &format!("{p}.gate"), e, false)?;
-
-        // Scores to select on, the probabilities the balancing loss sees, and whether the selected
-        // weights are renormalised. Switch keeps the raw top-1 probability (renormalising a single
-        // weight would make it 1 and cut the router's gradient).
-        let (scores, probs, renorm) = match moe.gate {
-            Gate::Softmax { renorm } => {
-                let p_ = self.add(
-                    Op::Softmax { causal: false },
-                    &[logits],
-                    format!("{p}.probs"),
-                )?;
-                (p_, p_, renorm)
-            }
-            Gate::Switch => {
-                let p_ = self.add(
-                    Op::Softmax { causal: false },
-                    &[logits],
-                    format!("{p}.probs"),
-                )?;
-                (p_, p_, false)
-            }
-            // DeepSeek-V3: s = σ(logits); the balancing loss uses s normalised over all experts.
-            Gate::Sigmoid => {
-                let s = self.unary(UnaryOp::Sigmoid, logits, format!("{p}.scores"))?;
-                let total = self.reduce(ReduceOp::Sum, s, format!("{p}.scores_sum"))?;
-                let norm = self.binary(BinaryOp::Div, s, total, format!("{p}.probs"))?;
-                (s, norm, true)
-            }
-            other => return Err(unsupported(format!("gate {other:?}"))),
+        let e = moe.experts;
+        // Switch-style multiplicative jitter on the router's input only.
+        let xr = if moe.jitter != 0.0 {
+            let d = self.last_dim(x);
+            let j = self.g.input(&format!("jitter.{block}"), TensorType::f32(&[n, d]));
+            self.binary(BinaryOp::Mul, x, j, format!("{p}.jittered"))?
+        } else {
+            x
         };
-        let idx = self.add(Op::TopK { k }, &[scores], format!("{p}.topk"))?;
-        let mut weights = self.add(Op::GatherCols, &[scores, idx], format!("{p}.topk_scores"))?;
-        if renorm {
-            let total = self.reduce(ReduceOp::Sum, weights, format!("{p}.topk_sum"))?;
-            weights = self.binary(BinaryOp::Div, weights, total, format!("{p}.weights"))?;
-        }
+        let bias = if moe.balance.iter().any(|b| matches!(b, Balance::Bias { .. })) {
+            Some(self.g.input(&format!("router_state.{block}.bias"), TensorType::f32(&[e])))
+        } else {
+            None
+        };
+        let r = match (moe.gate, moe.groups) {
+            (Gate::ExpertChoice { capacity }, _) => self.expert_choice_router(xr, moe, capacity, &p)?,
+            (Gate::Sinkhorn { .. }, _) => self.sinkhorn_router(xr, moe, &p)?,
+            (Gate::Auction { .. }, _) => self.auction_router(xr, block, moe, &p)?,
+            (_, Some((groups, m))) if moe.hierarchy == Hierarchy::TwoLevel => {
+                if bias.is_some() {
+                    return Err(unsupported("`bias(...)` balancing with `hierarchy = two_level`"));
+                }
+                self.two_level_router(xr, block, moe, groups, m, &p)?
+            }
+            _ => self.top_k_router(xr, block, moe, bias, &p)?,
+        };
 
+        let slots = n * r.k;
+        let capacity = match (moe.capacity, r.capacity) {
+            (_, Some(c)) => c,
+            (Capacity::Factor { factor, .. }, None) => capacity_of(factor, n, r.k, e),
+            (Capacity::Dropless, None) => slots,
+        };
         let layout = RouteLayout {
-            tokens: n,
-            k,
-            experts: e,
-            tile: ROUTE_TILE,
+            capacity: capacity.min(slots),
+            ..RouteLayout::dropless(n, r.k, e, ROUTE_TILE)
         };
-        let route = self.add(Op::MoeRoute { layout }, &[idx], format!("{p}.route"))?;
+        let by_probability = matches!(moe.capacity, Capacity::Factor { drop: DropPolicy::Probability, .. }) && layout.drops();
+        let route = if by_probability {
+            let prio = self.add(Op::GatherCols, &[r.probs, r.idx], format!("{p}.slot_probs"))?;
+            self.add(Op::MoeRoute { layout }, &[r.idx, prio], format!("{p}.route"))?
+        } else {
+            self.add(Op::MoeRoute { layout }, &[r.idx], format!("{p}.route"))?
+        };
         let xp = self.add(Op::MoeGather { layout }, &[x, route], format!("{p}.gather"))?;
         let yp = self.experts(xp, route, layout, &format!("{p}.experts"), moe.expert)?;
-        let mut y = self.add(
-            Op::MoeCombine { layout },
-            &[yp, weights, route],
-            format!("{p}.combine"),
-        )?;
+        let mut y = self.add(Op::MoeCombine { layout }, &[yp, r.weights, route], format!("{p}.combine"))?;
         if moe.shared_experts > 0 {
             let shared = Ffn {
                 activation: moe.expert.activation,
@@ -423,6 +474,25 @@ impl Lower<'_> {
             y = self.binary(BinaryOp::Add, y, ys, format!("{p}.plus_shared"))?;
         }
 
+        // Metrics (every MoE block, whatever its balancing).
+        let load = self.add(Op::RouteLoad { layout }, &[route], format!("{p}.load"))?;
+        let router_z = self.router_z(r.logits, &p)?;
+        let dropped = if matches!(moe.gate, Gate::ExpertChoice { .. }) {
+            // Expert choice has no token slots to drop: the fraction of tokens no expert took.
+            let mask = self.add(Op::TopKMask { experts: e }, &[r.idx], format!("{p}.taken"))?;
+            let any = self.reduce(ReduceOp::Max, mask, format!("{p}.served"))?;
+            let any = self.reshape(any, &[1, n], format!("{p}.served_row"))?;
+            let frac = self.reduce(ReduceOp::Mean, any, format!("{p}.served_frac"))?;
+            let frac = self.reshape(frac, &[1], format!("{p}.served_scalar"))?;
+            self.affine(frac, -1.0, 1.0, format!("{p}.dropped"))?
+        } else {
+            let kept = self.sum_all(load, &format!("{p}.kept"))?;
+            self.affine(kept, -1.0 / slots as f32, 1.0, format!("{p}.dropped"))?
+        };
+        self.metrics.push((format!("moe.{block}.load"), load));
+        self.metrics.push((format!("moe.{block}.dropped"), dropped));
+        self.metrics.push((format!("moe.{block}.router_z"), router_z));
+
         let mut terms = Vec::new();
         let mut mask = None;
         for bal in &moe.balance {
@@ -430,20 +500,18 @@ impl Lower<'_> {
                 Balance::Aux(c) | Balance::SeqAux(c) => {
                     let mask = match mask {
                         Some(m) => m,
-                        None => *mask.insert(self.add(
-                            Op::TopKMask { experts: e },
-                            &[idx],
-                            format!("{p}.mask"),
-                        )?),
+                        None => *mask.insert(self.add(Op::TopKMask { experts: e }, &[r.idx], format!("{p}.mask"))?),
                     };
                     let groups = match (*bal, seqs) {
                         (Balance::SeqAux(_), Some(bt)) => bt,
                         _ => (1, n),
                     };
-                    self.aux_loss(mask, probs, c, k, groups, &p)?
+                    self.aux_loss(mask, r.probs, c, r.k_eff, groups, &p)?
                 }
-                Balance::Z(c) => self.z_loss(logits, c, &p)?,
-                other => return Err(unsupported(format!("balancing {other:?}"))),
+                Balance::Z(c) => self.affine(router_z, c as f32, 0.0, format!("{p}.z"))?,
+                Balance::Cv2 { importance, load } => self.cv2_loss(&r, importance, load, &p)?,
+                // Not a loss: a state update, below.
+                Balance::Bias { .. } => continue,
             };
             terms.push(term);
         }
@@ -454,7 +522,406 @@ impl Lower<'_> {
             }
             self.aux.push((block, total));
         }
+
+        // Router state updates (graph outputs the runtime copies into the state after a step).
+        for bal in &moe.balance {
+            if let (Balance::Bias { rate }, Some(b)) = (*bal, bias) {
+                let next = self.bias_update(b, load, rate, &p)?;
+                self.metrics.push((format!("router_state.{block}.bias.next"), next));
+            }
+        }
+        if let Some((prices, demand, rate)) = r.prices {
+            // p_e += g · (demand_e − mean) / mean, with mean = T·k/E (each token has k first choices).
+            let mean = slots as f64 / e as f64;
+            let step = self.affine(demand, (rate / mean) as f32, -rate as f32, format!("{p}.price_step"))?;
+            let next = self.binary(BinaryOp::Add, prices, step, format!("{p}.prices_next"))?;
+            self.metrics.push((format!("router_state.{block}.prices.next"), next));
+        }
         Ok(y)
+    }
+
+    /// Token-choice top-k gates (`softmax`, `switch`, `sigmoid`, `noisy_top_k`), flat or
+    /// `group_limited`, with an optional selection bias (`bias(...)` balancing).
+    fn top_k_router(
+        &mut self,
+        x: NodeId,
+        block: usize,
+        moe: &Moe,
+        bias: Option<NodeId>,
+        p: &str,
+    ) -> Result<Routing, LowerError> {
+        let (e, k) = (moe.experts, moe.top_k);
+        let logits = self.linear(x, &format!("{p}.gate"), e, false)?;
+        let noise = self.noise_source(x, block, moe, e, "", p)?;
+        let lv = self.gate_level(logits, noise, moe.gate, k, bias, moe.groups.map(|(g, m)| (g, m, moe.top_groups)), p)?;
+        let dense = self.add(Op::ScatterCols { cols: e }, &[lv.weights, lv.idx], format!("{p}.gates"))?;
+        Ok(Routing {
+            logits,
+            probs: lv.probs,
+            idx: lv.idx,
+            weights: lv.weights,
+            k,
+            k_eff: k as f64,
+            capacity: None,
+            gates: dense,
+            smooth_load: lv.smooth_load,
+            prices: None,
+        })
+    }
+
+    /// The noise of a `noisy_top_k` gate over `cols` columns: `(noise logits x·Wnoise, ε input)`,
+    /// or `None` for other gates. `suffix` tells the hierarchical primary gate's names apart.
+    fn noise_source(
+        &mut self,
+        x: NodeId,
+        block: usize,
+        moe: &Moe,
+        cols: usize,
+        suffix: &str,
+        p: &str,
+    ) -> Result<Option<Noise>, LowerError> {
+        let Gate::NoisyTopK { noise } = moe.gate else {
+            return Ok(None);
+        };
+        let n = self.g.ty(x).rows();
+        let name = if suffix.is_empty() { "noise".to_string() } else { format!("{suffix}_noise") };
+        let logits = self.linear(x, &format!("{p}.{name}"), cols, false)?;
+        let input = if suffix.is_empty() { format!("noise.{block}") } else { format!("noise.{block}.{suffix}") };
+        let eps = self.g.input(&input, TensorType::f32(&[n, cols]));
+        Ok(Some(Noise { logits, eps, scale: noise }))
+    }
+
+    /// One gating level on `logits[R, C]`: probabilities, selection of `k` columns and their weights
+    /// as the gate kind says (see the module doc), and for `noisy_top_k` the smooth selection
+    /// probabilities of the `cv2` load term. `bias [C]` shifts the selection scores only;
+    /// `groups = (G, M, kept)` restricts the selection to the `kept` best groups (DeepSeek-V3).
+    #[allow(clippy::too_many_arguments)]
+    fn gate_level(
+        &mut self,
+        logits: NodeId,
+        noise: Option<Noise>,
+        gate: Gate,
+        k: usize,
+        bias: Option<NodeId>,
+        groups: Option<(usize, usize, usize)>,
+        p: &str,
+    ) -> Result<Level, LowerError> {
+        let (rows, cols) = (self.g.ty(logits).rows(), self.last_dim(logits));
+        let softmax = |l: &mut Self, x: NodeId, label: String| l.add(Op::Softmax { causal: false }, &[x], label);
+        // `scores`: what is selected on (before bias) and what the weights are read from.
+        let (scores, probs, noisy) = match (gate, &noise) {
+            (Gate::NoisyTopK { .. }, Some(nz)) => {
+                let sd = self.unary(UnaryOp::Softplus, nz.logits, format!("{p}.noise_std"))?;
+                let sd = self.affine(sd, nz.scale as f32, 0.0, format!("{p}.noise_scaled"))?;
+                let eps = self.binary(BinaryOp::Mul, nz.eps, sd, format!("{p}.noise"))?;
+                let h = self.binary(BinaryOp::Add, logits, eps, format!("{p}.noisy_logits"))?;
+                let probs = softmax(self, h, format!("{p}.probs"))?;
+                (h, probs, Some(sd))
+            }
+            (Gate::Sigmoid, _) => {
+                let s = self.unary(UnaryOp::Sigmoid, logits, format!("{p}.scores"))?;
+                let total = self.reduce(ReduceOp::Sum, s, format!("{p}.scores_sum"))?;
+                let probs = self.binary(BinaryOp::Div, s, total, format!("{p}.probs"))?;
+                (s, probs, None)
+            }
+            _ => {
+                let probs = softmax(self, logits, format!("{p}.probs"))?;
+                (probs, probs, None)
+            }
+        };
+        let mut sel = match bias {
+            Some(b) => self.binary(BinaryOp::Add, scores, b, format!("{p}.biased_scores"))?,
+            None => scores,
+        };
+        if let Some((g, m, kept)) = groups {
+            sel = self.limit_groups(sel, rows, g, m, kept, p)?;
+        }
+        // Noisy top-k selects with TopK(k + 1) so that the load estimator's thresholds (the k-th and
+        // (k+1)-th noisy logits) come from the same sort as the selection.
+        let (idx, smooth_load) = match noisy {
+            Some(sd) if k < cols && sel == scores => {
+                let idx1 = self.add(Op::TopK { k: k + 1 }, &[sel], format!("{p}.topk_plus_one"))?;
+                let idx = self.add(Op::SliceCols { start: 0, len: k }, &[idx1], format!("{p}.topk"))?;
+                let load = self.smooth_load(logits, scores, sd, idx, idx1, k, p)?;
+                (idx, Some(load))
+            }
+            _ => (self.add(Op::TopK { k }, &[sel], format!("{p}.topk"))?, None),
+        };
+        let picked = self.add(Op::GatherCols, &[scores, idx], format!("{p}.topk_scores"))?;
+        let weights = match gate {
+            // KeepTopK then softmax: a softmax over the kept noisy logits.
+            Gate::NoisyTopK { .. } => softmax(self, picked, format!("{p}.weights"))?,
+            Gate::Softmax { renorm: true } | Gate::Sigmoid => {
+                let total = self.reduce(ReduceOp::Sum, picked, format!("{p}.topk_sum"))?;
+                self.binary(BinaryOp::Div, picked, total, format!("{p}.weights"))?
+            }
+            _ => picked,
+        };
+        Ok(Level { probs, idx, weights, smooth_load })
+    }
+
+    /// DeepSeek-V3 group-limited selection: group score = sum of the top-2 scores of its M experts
+    /// (the top-1 when M = 1); scores outside the `kept` best groups are pushed to −1e30.
+    fn limit_groups(
+        &mut self,
+        sel: NodeId,
+        rows: usize,
+        g: usize,
+        m: usize,
+        kept: usize,
+        p: &str,
+    ) -> Result<NodeId, LowerError> {
+        let by_group = self.reshape(sel, &[rows * g, m], format!("{p}.group_scores_in"))?;
+        let top = self.add(Op::TopK { k: m.min(2) }, &[by_group], format!("{p}.group_top"))?;
+        let vals = self.add(Op::GatherCols, &[by_group, top], format!("{p}.group_top_scores"))?;
+        let score = self.reduce(ReduceOp::Sum, vals, format!("{p}.group_score"))?;
+        let score = self.reshape(score, &[rows, g], format!("{p}.group_scores"))?;
+        let gidx = self.add(Op::TopK { k: kept }, &[score], format!("{p}.group_topk"))?;
+        let gmask = self.add(Op::TopKMask { experts: g }, &[gidx], format!("{p}.group_mask"))?;
+        let gmask = self.reshape(gmask, &[rows, g, 1], format!("{p}.group_mask_cols"))?;
+        let shift = self.affine(gmask, 1e30, -1e30, format!("{p}.group_shift"))?;
+        let sel3 = self.reshape(sel, &[rows, g, m], format!("{p}.scores_by_group"))?;
+        let masked = self.binary(BinaryOp::Add, sel3, shift, format!("{p}.group_limited"))?;
+        self.reshape(masked, &[rows, g * m], format!("{p}.group_limited_scores"))
+    }
+
+    /// Shazeer et al. (2017) smooth load per (row, column): `Φ((clean − threshold) / sd)`, threshold
+    /// the k-th largest noisy logit excluding the column when it is selected (the (k+1)-th overall),
+    /// else the k-th. `idx1` is `TopK(noisy, k + 1)`, `idx` its first k columns.
+    #[allow(clippy::too_many_arguments)]
+    fn smooth_load(
+        &mut self,
+        clean: NodeId,
+        noisy: NodeId,
+        sd: NodeId,
+        idx: NodeId,
+        idx1: NodeId,
+        k: usize,
+        p: &str,
+    ) -> Result<NodeId, LowerError> {
+        let cols = self.last_dim(clean);
+        let i_in = self.add(Op::SliceCols { start: k, len: 1 }, &[idx1], format!("{p}.threshold_in_idx"))?;
+        let i_out = self.add(Op::SliceCols { start: k - 1, len: 1 }, &[idx1], format!("{p}.threshold_out_idx"))?;
+        let t_in = self.add(Op::GatherCols, &[noisy, i_in], format!("{p}.threshold_in"))?;
+        let t_out = self.add(Op::GatherCols, &[noisy, i_out], format!("{p}.threshold_out"))?;
+        let is_in = self.add(Op::TopKMask { experts: cols }, &[idx], format!("{p}.is_in"))?;
+        let gap = self.binary(BinaryOp::Sub, t_in, t_out, format!("{p}.threshold_gap"))?;
+        let shift = self.binary(BinaryOp::Mul, is_in, gap, format!("{p}.threshold_shift"))?;
+        let threshold = self.binary(BinaryOp::Add, t_out, shift, format!("{p}.threshold"))?;
+        let margin = self.binary(BinaryOp::Sub, clean, threshold, format!("{p}.load_margin"))?;
+        let z = self.binary(BinaryOp::Div, margin, sd, format!("{p}.load_z"))?;
+        self.unary(UnaryOp::NormalCdf, z, format!("{p}.load_prob"))
+    }
+
+    /// Shazeer App. B two-level gate: a primary gate over G groups keeps `top_groups` of them, a
+    /// secondary gate per group keeps `top_k` of its M experts; expert (i, j) gets `Gp_i · G_i,j`.
+    fn two_level_router(
+        &mut self,
+        x: NodeId,
+        block: usize,
+        moe: &Moe,
+        groups: usize,
+        m: usize,
+        p: &str,
+    ) -> Result<Routing, LowerError> {
+        let (n, e) = (self.g.ty(x).rows(), moe.experts);
+        let k = moe.top_groups * moe.top_k;
+        let pl = self.linear(x, &format!("{p}.group_gate"), groups, false)?;
+        let pn = self.noise_source(x, block, moe, groups, "groups", p)?;
+        let prim = self.gate_level(pl, pn, moe.gate, moe.top_groups, None, None, &format!("{p}.primary"))?;
+        let logits = self.linear(x, &format!("{p}.gate"), e, false)?;
+        let sn = self.noise_source(x, block, moe, e, "", p)?;
+        let sl = self.reshape(logits, &[n * groups, m], format!("{p}.gate_by_group"))?;
+        let sn = match sn {
+            Some(nz) => Some(Noise {
+                logits: self.reshape(nz.logits, &[n * groups, m], format!("{p}.noise_by_group"))?,
+                eps: self.reshape(nz.eps, &[n * groups, m], format!("{p}.eps_by_group"))?,
+                scale: nz.scale,
+            }),
+            None => None,
+        };
+        let sec = self.gate_level(sl, sn, moe.gate, moe.top_k, None, None, &format!("{p}.secondary"))?;
+        // Dense products over [n, G, M], flattened to experts e = i·M + j.
+        let product = |l: &mut Self, a: NodeId, b: NodeId, what: &str| -> Result<NodeId, LowerError> {
+            let a = l.reshape(a, &[n, groups, 1], format!("{p}.{what}_primary"))?;
+            let b = l.reshape(b, &[n, groups, m], format!("{p}.{what}_secondary"))?;
+            let ab = l.binary(BinaryOp::Mul, a, b, format!("{p}.{what}_product"))?;
+            l.reshape(ab, &[n, e], format!("{p}.{what}"))
+        };
+        let gp = self.add(Op::ScatterCols { cols: groups }, &[prim.weights, prim.idx], format!("{p}.primary.gates"))?;
+        let gs = self.add(Op::ScatterCols { cols: m }, &[sec.weights, sec.idx], format!("{p}.secondary.gates"))?;
+        let gates = product(self, gp, gs, "gates")?;
+        let probs = product(self, prim.probs, sec.probs, "probs")?;
+        let smooth_load = match (prim.smooth_load, sec.smooth_load) {
+            (Some(a), Some(b)) => Some(product(self, a, b, "load_prob")?),
+            _ => None,
+        };
+        // Exactly the k products of selected pairs are non-zero: top-k of the dense gates.
+        let idx = self.add(Op::TopK { k }, &[gates], format!("{p}.topk"))?;
+        let weights = self.add(Op::GatherCols, &[gates, idx], format!("{p}.weights"))?;
+        Ok(Routing {
+            logits,
+            probs,
+            idx,
+            weights,
+            k,
+            k_eff: k as f64,
+            capacity: None,
+            gates,
+            smooth_load,
+            prices: None,
+        })
+    }
+
+    /// Expert choice (Zhou et al. 2022): S = softmax(x·Wg); each expert takes its ⌈n·c/E⌉ best tokens.
+    fn expert_choice_router(&mut self, x: NodeId, moe: &Moe, c: f64, p: &str) -> Result<Routing, LowerError> {
+        let (n, e) = (self.g.ty(x).rows(), moe.experts);
+        let logits = self.linear(x, &format!("{p}.gate"), e, false)?;
+        let probs = self.add(Op::Softmax { causal: false }, &[logits], format!("{p}.probs"))?;
+        let cap = ((n as f64 * c / e as f64).ceil() as usize).clamp(1, n);
+        let idx = self.add(Op::ExpertChoice { capacity: cap }, &[probs], format!("{p}.expert_choice"))?;
+        let weights = self.add(Op::GatherCols, &[probs, idx], format!("{p}.weights"))?;
+        let gates = self.add(Op::ScatterCols { cols: e }, &[weights, idx], format!("{p}.gates"))?;
+        Ok(Routing {
+            logits,
+            probs,
+            idx,
+            weights,
+            k: e,
+            k_eff: (e * cap) as f64 / n as f64,
+            capacity: Some(cap),
+            gates,
+            smooth_load: None,
+            prices: None,
+        })
+    }
+
+    /// Megatron-LM Sinkhorn routing: top-k of the Sinkhorn-balanced `exp(logits)` (not
+    /// differentiated); weights softmax (k > 1) or sigmoid (k = 1) of the logits, not renormalised.
+    fn sinkhorn_router(&mut self, x: NodeId, moe: &Moe, p: &str) -> Result<Routing, LowerError> {
+        let (e, k) = (moe.experts, moe.top_k);
+        let Gate::Sinkhorn { iters } = moe.gate else {
+            return Err(LowerError::Invalid("sinkhorn router without a sinkhorn gate".into()));
+        };
+        let logits = self.linear(x, &format!("{p}.gate"), e, false)?;
+        let balanced = self.add(Op::Sinkhorn { iters }, &[logits], format!("{p}.sinkhorn"))?;
+        let idx = self.add(Op::TopK { k }, &[balanced], format!("{p}.topk"))?;
+        let probs = self.add(Op::Softmax { causal: false }, &[logits], format!("{p}.probs"))?;
+        let gate = if k == 1 { self.unary(UnaryOp::Sigmoid, logits, format!("{p}.scores"))? } else { probs };
+        let weights = self.add(Op::GatherCols, &[gate, idx], format!("{p}.weights"))?;
+        let gates = self.add(Op::ScatterCols { cols: e }, &[weights, idx], format!("{p}.gates"))?;
+        Ok(Routing { logits, probs, idx, weights, k, k_eff: k as f64, capacity: None, gates, smooth_load: None, prices: None })
+    }
+
+    /// The auction router (LANGUAGE.md): values = softmax(x·Wg), prices from the router state; the
+    /// won experts' probabilities renormalised are the weights; demand at the start prices feeds the
+    /// price update.
+    fn auction_router(&mut self, x: NodeId, block: usize, moe: &Moe, p: &str) -> Result<Routing, LowerError> {
+        let (n, e, k) = (self.g.ty(x).rows(), moe.experts, moe.top_k);
+        let Gate::Auction { rounds, epsilon, budget, price_rate } = moe.gate else {
+            return Err(LowerError::Invalid("auction router without an auction gate".into()));
+        };
+        let factor = match moe.capacity {
+            Capacity::Factor { factor, .. } => factor,
+            Capacity::Dropless => 1.0,
+        };
+        let cap = capacity_of(factor, n, k, e);
+        let logits = self.linear(x, &format!("{p}.gate"), e, false)?;
+        let probs = self.add(Op::Softmax { causal: false }, &[logits], format!("{p}.probs"))?;
+        let prices = self.g.input(&format!("router_state.{block}.prices"), TensorType::f32(&[e]));
+        let op = Op::Auction {
+            rounds,
+            epsilon: epsilon as f32,
+            budget: budget as f32,
+            capacity: cap,
+            k,
+        };
+        let won = self.add(op, &[probs, prices], format!("{p}.auction"))?;
+        let idx = self.add(Op::SliceCols { start: 0, len: k }, &[won], format!("{p}.won"))?;
+        let picked = self.add(Op::GatherCols, &[probs, idx], format!("{p}.won_probs"))?;
+        let total = self.reduce(ReduceOp::Sum, picked, format!("{p}.won_sum"))?;
+        // A token that won nothing has total 0: the guard keeps its (unused) weights finite.
+        let total = self.affine(total, 1.0, 1e-20, format!("{p}.won_sum_guarded"))?;
+        let weights = self.binary(BinaryOp::Div, picked, total, format!("{p}.weights"))?;
+        let gates = self.add(Op::ScatterCols { cols: e }, &[weights, idx], format!("{p}.gates"))?;
+        // Demand: each token's k first choices by net value at the start-of-step prices.
+        let net = self.binary(BinaryOp::Sub, probs, prices, format!("{p}.net_values"))?;
+        let first = self.add(Op::TopK { k }, &[net], format!("{p}.first_choices"))?;
+        let wants = self.add(Op::TopKMask { experts: e }, &[first], format!("{p}.wants"))?;
+        let demand = self.column_sums(wants, &format!("{p}.demand"))?;
+        Ok(Routing {
+            logits,
+            probs,
+            idx,
+            weights,
+            k,
+            k_eff: k as f64,
+            capacity: Some(cap),
+            gates,
+            smooth_load: None,
+            prices: Some((prices, demand, price_rate)),
+        })
+    }
+
+    /// `Σ_t x[t, c]` of `x[T, C]` as `[C]`.
+    fn column_sums(&mut self, x: NodeId, label: &str) -> Result<NodeId, LowerError> {
+        let t = self.g.ty(x).shape.clone();
+        let xt = self.permute(x, &[1, 0], format!("{label}_by_column"))?;
+        let s = self.reduce(ReduceOp::Sum, xt, format!("{label}_sum"))?;
+        self.reshape(s, &[t[1]], label)
+    }
+
+    /// Sum of every element of a 1-D `x` as `[1]`.
+    fn sum_all(&mut self, x: NodeId, label: &str) -> Result<NodeId, LowerError> {
+        let n = self.g.ty(x).numel();
+        let row = self.reshape(x, &[1, n], format!("{label}_row"))?;
+        let s = self.reduce(ReduceOp::Sum, row, format!("{label}_sum"))?;
+        self.reshape(s, &[1], label)
+    }
+
+    /// CV² of a 1-D `x`: population variance / (mean² + 1e-10), as `[1]`.
+    fn cv2(&mut self, x: NodeId, label: &str) -> Result<NodeId, LowerError> {
+        let n = self.g.ty(x).numel();
+        let row = self.reshape(x, &[1, n], format!("{label}_row"))?;
+        let mean = self.reduce(ReduceOp::Mean, row, format!("{label}_mean"))?;
+        let centred = self.binary(BinaryOp::Sub, row, mean, format!("{label}_centred"))?;
+        let sq = self.unary(UnaryOp::Square, centred, format!("{label}_sq"))?;
+        let var = self.reduce(ReduceOp::Mean, sq, format!("{label}_var"))?;
+        let m2 = self.unary(UnaryOp::Square, mean, format!("{label}_mean_sq"))?;
+        let m2 = self.affine(m2, 1.0, 1e-10, format!("{label}_mean_sq_eps"))?;
+        let r = self.binary(BinaryOp::Div, var, m2, format!("{label}_ratio"))?;
+        self.reshape(r, &[1], label)
+    }
+
+    /// LANGUAGE.md `cv2(importance = a, load = b)`: `a·CV²(Importance) + b·CV²(Load)`.
+    fn cv2_loss(&mut self, r: &Routing, a: f64, b: f64, p: &str) -> Result<NodeId, LowerError> {
+        let importance = self.column_sums(r.gates, &format!("{p}.importance"))?;
+        let cv_i = self.cv2(importance, &format!("{p}.importance_cv2"))?;
+        let mut total = self.affine(cv_i, a as f32, 0.0, format!("{p}.cv2_importance"))?;
+        if b != 0.0 {
+            if let Some(probs) = r.smooth_load {
+                let load = self.column_sums(probs, &format!("{p}.smooth_load"))?;
+                let cv_l = self.cv2(load, &format!("{p}.smooth_load_cv2"))?;
+                let term = self.affine(cv_l, b as f32, 0.0, format!("{p}.cv2_load"))?;
+                total = self.binary(BinaryOp::Add, total, term, format!("{p}.cv2"))?;
+            }
+        }
+        Ok(total)
+    }
+
+    /// DeepSeek-V3 loss-free balancing: `b + rate · sign(mean_load − load)`.
+    fn bias_update(&mut self, b: NodeId, load: NodeId, rate: f64, p: &str) -> Result<NodeId, LowerError> {
+        let e = self.g.ty(load).numel();
+        let row = self.reshape(load, &[1, e], format!("{p}.load_row"))?;
+        let mean = self.reduce(ReduceOp::Mean, row, format!("{p}.load_mean"))?;
+        let under = self.binary(BinaryOp::Sub, mean, row, format!("{p}.underload"))?;
+        let pos = self.unary(UnaryOp::Step, under, format!("{p}.underloaded"))?;
+        let over = self.unary(UnaryOp::Neg, under, format!("{p}.overload"))?;
+        let neg = self.unary(UnaryOp::Step, over, format!("{p}.overloaded"))?;
+        let sign = self.binary(BinaryOp::Sub, pos, neg, format!("{p}.load_sign"))?;
+        let sign = self.reshape(sign, &[e], format!("{p}.load_sign_flat"))?;
+        let step = self.affine(sign, rate as f32, 0.0, format!("{p}.bias_step"))?;
+        self.binary(BinaryOp::Add, b, step, format!("{p}.bias_next"))
     }
 
     /// The routed experts on gathered rows `xp[rows, dim]` (see the module doc for names).
@@ -503,7 +970,7 @@ impl Lower<'_> {
         mask: NodeId,
         probs: NodeId,
         c: f64,
-        k: usize,
+        k: f64,
         groups: (usize, usize),
         p: &str,
     ) -> Result<NodeId, LowerError> {
@@ -528,11 +995,12 @@ impl Lower<'_> {
             s = self.reduce(ReduceOp::Mean, s, format!("{p}.aux_seq_mean"))?;
         }
         let s = self.reshape(s, &[1], format!("{p}.aux_scalar"))?;
-        self.affine(s, (c * e as f64 / k as f64) as f32, 0.0, format!("{p}.aux"))
+        self.affine(s, (c * e as f64 / k) as f32, 0.0, format!("{p}.aux"))
     }
 
-    /// LANGUAGE.md `z(c)`: `c · mean_t (logsumexp_e logits[t,e])²`, logsumexp shifted by the row max.
-    fn z_loss(&mut self, logits: NodeId, c: f64, p: &str) -> Result<NodeId, LowerError> {
+    /// `mean_t (logsumexp_e logits[t,e])²` as `[1]` (logsumexp shifted by the row max): the
+    /// `moe.N.router_z` metric, and the `z(c)` loss of LANGUAGE.md times `c`.
+    fn router_z(&mut self, logits: NodeId, p: &str) -> Result<NodeId, LowerError> {
         let n = self.g.ty(logits).rows();
         let m = self.reduce(ReduceOp::Max, logits, format!("{p}.z_max"))?;
         let shifted = self.binary(BinaryOp::Sub, logits, m, format!("{p}.z_shift"))?;
@@ -543,8 +1011,7 @@ impl Lower<'_> {
         let sq = self.unary(UnaryOp::Square, lse, format!("{p}.z_sq"))?;
         let sq = self.reshape(sq, &[1, n], format!("{p}.z_row"))?;
         let mean = self.reduce(ReduceOp::Mean, sq, format!("{p}.z_mean"))?;
-        let mean = self.reshape(mean, &[1], format!("{p}.z_scalar"))?;
-        self.affine(mean, c as f32, 0.0, format!("{p}.z"))
+        self.reshape(mean, &[1], format!("{p}.router_z"))
     }
 
     /// Llama/Mixtral decoder: returns `(logits[B*T, V], ce)`.
@@ -644,6 +1111,9 @@ impl Lower<'_> {
             loss = self.binary(BinaryOp::Add, loss, term, "loss")?;
         }
         self.g.set_output("loss", loss);
+        for (name, id) in std::mem::take(&mut self.metrics) {
+            self.g.set_output(&name, id);
+        }
         Ok(())
     }
 }

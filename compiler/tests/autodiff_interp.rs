@@ -267,12 +267,7 @@ fn scatter_cols_places_gathered_values() {
 /// padding); expert 1 holds slots 1, 2, 5 in rows 4, 5, 6 (row 7 padding). So
 /// `slot_row = [0, 4, 5, 1, 2, 6]`.
 fn layout() -> RouteLayout {
-    RouteLayout {
-        tokens: 3,
-        k: 2,
-        experts: 2,
-        tile: 2,
-    }
+    RouteLayout::dropless(3, 2, 2, 2)
 }
 
 fn route() -> Arg {

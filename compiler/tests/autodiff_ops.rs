@@ -492,12 +492,7 @@ fn topk_gap(scores: &[f64], e: usize, k: usize) -> f64 {
 #[test]
 fn moe_route_gather_grouped_matmul_combine_k2() {
     let (t, d, e, k, h) = (6, 4, 4, 2, 3);
-    let layout = RouteLayout {
-        tokens: t,
-        k,
-        experts: e,
-        tile: 4,
-    };
+    let layout = RouteLayout::dropless(t, k, e, 4);
     let mut seed = 70;
     let (g, feeds) = loop {
         let mut c = Case::new(seed);

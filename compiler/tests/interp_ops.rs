@@ -337,12 +337,7 @@ fn gather_cols_and_topk_mask() {
 /// T = 3 tokens, k = 2, E = 3, tile 2; slots (t·k + j) → experts [0, 1 | 1, 0 | 1, 2].
 fn small_route() -> (RouteLayout, (TensorType, Value)) {
     (
-        RouteLayout {
-            tokens: 3,
-            k: 2,
-            experts: 3,
-            tile: 2,
-        },
+        RouteLayout::dropless(3, 2, 3, 2),
         u(&[3, 2], &[0, 1, 1, 0, 1, 2]),
     )
 }

@@ -13,12 +13,7 @@ fn routing() -> impl Strategy<Value = (RouteLayout, Vec<u32>)> {
     )
         .prop_flat_map(|(tokens, experts, tile)| {
             (1..=experts).prop_flat_map(move |k| {
-                let layout = RouteLayout {
-                    tokens,
-                    k,
-                    experts,
-                    tile,
-                };
+                let layout = RouteLayout::dropless(tokens, k, experts, tile);
                 let token = Just((0..experts as u32).collect::<Vec<_>>())
                     .prop_shuffle()
                     .prop_map(move |v| v[..k].to_vec());
@@ -76,12 +71,7 @@ proptest! {
 
 #[test]
 fn route_rejects_expert_out_of_range() {
-    let layout = RouteLayout {
-        tokens: 1,
-        k: 1,
-        experts: 2,
-        tile: 4,
-    };
+    let layout = RouteLayout::dropless(1, 1, 2, 4);
     assert_eq!(route(&[2], &layout), Err(2));
 }
 

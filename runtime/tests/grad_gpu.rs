@@ -244,13 +244,13 @@ fn moe_adjoints(layout: RouteLayout, d: usize, hidden: usize, seed: u64) {
 
 #[test]
 fn moe_adjoints_tile_16() {
-    moe_adjoints(RouteLayout { tokens: 53, k: 2, experts: 6, tile: 16 }, 19, 23, 3);
+    moe_adjoints(RouteLayout::dropless(53, 2, 6, 16), 19, 23, 3);
 }
 
 #[test]
 fn moe_adjoints_tile_4_wide() {
     // Wider than one register block in both output axes (hidden 75 > 8·8, d 70 > 64 columns).
-    moe_adjoints(RouteLayout { tokens: 37, k: 2, experts: 5, tile: 4 }, 70, 75, 4);
+    moe_adjoints(RouteLayout::dropless(37, 2, 5, 4), 70, 75, 4);
 }
 
 const DENSE: &str = r#"

@@ -1,0 +1,120 @@
+//! Every routing and balancing method through lowering, the interpreter and autodiff, on the example
+//! specs of specs/ (each one exercises a gate of LANGUAGE.md): the metrics and router-state outputs
+//! exist and agree with the routing, the forward pass runs with the runtime's feeds (noise, jitter,
+//! router state), and the training graph differentiates and runs.
+
+use moec_compiler::autodiff::{training_graph, SEED};
+use moec_compiler::check::check;
+use moec_compiler::interp::{init_params, param_feeds, run_outputs, Value};
+use moec_compiler::ir::{DType, Graph};
+use moec_compiler::lower::lower;
+use moec_compiler::spec::Spec;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn specs() -> Vec<(PathBuf, Spec)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../specs");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "moe"))
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|p| {
+            let src = std::fs::read_to_string(&p).unwrap();
+            let spec = check(&src, &p).unwrap_or_else(|d| panic!("{}: {}", p.display(), d.render()));
+            (p, spec)
+        })
+        .collect()
+}
+
+/// Feeds as the runtime fills them in training: token ids, ε ~ N(0, 1) noise, jitter U(0.99, 1.01),
+/// router state from `state` (zeros by default), the gradient seed 1.
+fn feeds(graph: &Graph, vocab: u32, seed: u64, state: &HashMap<String, Vec<f32>>) -> HashMap<String, Value> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut out = param_feeds(&init_params(graph, 1));
+    for (_, name, ty) in graph.data_inputs() {
+        let n = ty.numel();
+        let v = match ty.dtype {
+            DType::U32 => Value::U32((0..n).map(|_| rng.random_range(0..vocab)).collect()),
+            DType::F32 if name.starts_with("noise.") => Value::F32(
+                (0..n)
+                    .map(|_| {
+                        let (u1, u2): (f64, f64) = (1.0 - rng.random::<f64>(), rng.random());
+                        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+                    })
+                    .collect(),
+            ),
+            DType::F32 if name.starts_with("jitter.") => Value::F32((0..n).map(|_| rng.random_range(0.99..1.01)).collect()),
+            DType::F32 if name.starts_with("router_state.") => {
+                Value::F32(state.get(&name).cloned().unwrap_or_else(|| vec![0.0; n]))
+            }
+            DType::F32 if name == SEED => Value::F32(vec![1.0]),
+            DType::F32 => panic!("unexpected f32 input `{name}`"),
+        };
+        out.insert(name, v);
+    }
+    out
+}
+
+#[test]
+fn every_moe_block_reports_load_dropped_and_router_z() {
+    for (path, spec) in specs() {
+        let Some(moe) = &spec.moe else { continue };
+        let batch = 2;
+        let g = lower(&spec, batch).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let out = run_outputs(&g, &feeds(&g, spec.model.vocab.unwrap() as u32, 3, &HashMap::new())).unwrap();
+        let tokens = batch * spec.model.context.unwrap();
+        for &b in &moe.blocks {
+            let load = out[&format!("moe.{b}.load")].to_f64();
+            let dropped = out[&format!("moe.{b}.dropped")].to_f64();
+            let z = out[&format!("moe.{b}.router_z")].to_f64();
+            assert_eq!(load.len(), moe.experts, "{}", path.display());
+            assert!(load.iter().all(|&l| l >= 0.0 && l.fract() == 0.0), "{}: load {load:?}", path.display());
+            assert!((0.0..=1.0).contains(&dropped[0]), "{}: dropped {dropped:?}", path.display());
+            assert!(z[0].is_finite() && z[0] > 0.0, "{}: router_z {z:?}", path.display());
+            let total: f64 = load.iter().sum();
+            match moe.gate {
+                moec_compiler::spec::Gate::ExpertChoice { capacity } => {
+                    let per_expert = ((tokens as f64 * capacity / moe.experts as f64).ceil() as usize).min(tokens);
+                    assert!(load.iter().all(|&l| l as usize == per_expert), "{}: {load:?}", path.display());
+                }
+                _ => {
+                    let k = match (moe.groups, moe.hierarchy) {
+                        (Some(_), moec_compiler::spec::Hierarchy::TwoLevel) => moe.top_groups * moe.top_k,
+                        _ => moe.top_k,
+                    };
+                    let slots = (tokens * k) as f64;
+                    assert!((1.0 - total / slots - dropped[0]).abs() < 1e-6, "{}: {total} of {slots} vs {dropped:?}", path.display());
+                    if matches!(moe.capacity, moec_compiler::spec::Capacity::Dropless) && !matches!(moe.gate, moec_compiler::spec::Gate::Auction { .. }) {
+                        assert_eq!(total, slots, "{}", path.display());
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_spec_trains_in_the_interpreter() {
+    for (path, spec) in specs() {
+        let g = training_graph(&lower(&spec, 1).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let out = run_outputs(&g, &feeds(&g, spec.model.vocab.unwrap() as u32, 5, &HashMap::new())).unwrap();
+        assert!(out["loss"].to_f64()[0].is_finite(), "{}", path.display());
+        for (name, _, _) in g.params().iter().map(|(id, n, t)| (n, id, t)) {
+            if let Some(v) = out.get(&format!("grad.{name}")) {
+                assert!(v.to_f64().iter().all(|x| x.is_finite()), "{}: grad.{name}", path.display());
+            }
+        }
+        // The router's gate weights get a gradient under every gate kind.
+        if let Some(moe) = &spec.moe {
+            let b = moe.blocks[0];
+            let gate = format!("grad.model.layers.{b}.block_sparse_moe.gate.weight");
+            assert!(out.contains_key(&gate), "{}: no {gate}", path.display());
+        }
+    }
+}
