@@ -467,3 +467,23 @@ fn routing_variants_capacity_priority_expert_choice_sinkhorn() {
     }
     check(&g, &feeds(&g, 14, &[]));
 }
+
+#[test]
+fn auction_router_matches_the_interpreter() {
+    // Compared with the interpreter in f32 (the same arithmetic as the kernel), exactly: bids are
+    // compared for ordering, so an f64 reference could break a near tie differently.
+    let (t, e) = (13, 4);
+    let mut g = Graph::new();
+    let v = g.input("v", TensorType::f32(&[t, e]));
+    let p = g.input("p", TensorType::f32(&[e]));
+    let a = add(&mut g, Op::Auction { rounds: 6, epsilon: 0.02, budget: 1.0, capacity: 5, k: 2 }, &[v, p], "auction");
+    g.set_output("auction", a);
+    for seed in [15, 16] {
+        let f = feeds(&g, seed, &[]);
+        let want = interp::run_outputs(&g, &f).unwrap();
+        for variant in [MatmulVariant::RegisterBlocked, MatmulVariant::SharedTiled] {
+            let got = run_gpu(&g, &f, &target(variant), true);
+            assert_eq!(got["auction"], want["auction"].to_f64(), "seed {seed}, {variant:?}");
+        }
+    }
+}

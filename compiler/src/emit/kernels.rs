@@ -19,6 +19,7 @@ const MOE_ROUTE: &str = include_str!("../../../shaders/moe_route.wgsl");
 const TOPK: &str = include_str!("../../../shaders/topk.wgsl");
 const CROSS_ENTROPY: &str = include_str!("../../../shaders/cross_entropy.wgsl");
 const SINKHORN: &str = include_str!("../../../shaders/sinkhorn.wgsl");
+const AUCTION: &str = include_str!("../../../shaders/auction.wgsl");
 
 /// Invocations per workgroup of one-invocation-per-element kernels.
 const WG: u32 = 256;
@@ -887,6 +888,15 @@ fn single_kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc,
             b.write_as(n, "out");
             let (t, e) = (shape[0], shape[1]);
             Ok(b.finish(&[("T", t as u64), ("E", e as u64), ("ITERS", *iters as u64), ("WG", u64::from(wg))], SINKHORN, [1, 1, 1]))
+        }
+        Op::Auction { rounds, epsilon, budget, capacity, k } => {
+            b.read_as(args[0], "values");
+            b.read_as(args[1], "start_prices");
+            b.write_as(n, "out");
+            let (t, e) = (graph.ty(args[0]).shape[0], graph.ty(args[0]).shape[1]);
+            let consts = [("T", t as u64), ("E", e as u64), ("KK", *k as u64), ("ROUNDS", *rounds as u64), ("CAP", *capacity as u64), ("WG", u64::from(wg)), ("NONE", u64::from(RouteLayout::NONE))];
+            let floats = format!("const EPS: f32 = {};\nconst BUDGET: f32 = {};\n", lit(*epsilon), lit(*budget));
+            Ok(b.finish(&consts, &format!("{floats}{AUCTION}"), [1, 1, 1]))
         }
         other => return Err(KernelError::Unsupported(other.mnemonic())),
     }
