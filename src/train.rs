@@ -27,16 +27,41 @@ pub struct Args {
 pub fn run(loaded: &Loaded, args: &Args, gpu: &Gpu) -> Result<()> {
     let spec = &loaded.spec;
     let Some(train) = &spec.train else {
-        miette::bail!("`{}` has no `train` block; add one (data, batch, steps, ...) to train it", loaded.path.display());
+        miette::bail!(
+            "`{}` has no `train` block; add one (data, batch, steps, ...) to train it",
+            loaded.path.display()
+        );
     };
     let started = Instant::now();
     let target = gpu.target();
-    let training = moec_compiler::compile_training(spec, train.batch, &target, args.fusion).into_diagnostic()?;
+    let training = moec_compiler::compile_training(spec, train.batch, &target, args.fusion)
+        .into_diagnostic()?;
     let forward = compile(spec, train.batch, &target, args.fusion)?;
-    let out_dir = args.out.clone().unwrap_or_else(|| Path::new("runs").join(&spec.name));
-    let spec_dir = loaded.path.parent().filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-    let options = TrainOptions { out_dir: out_dir.clone(), resume: args.resume, steps: args.steps, spec_dir };
-    let mut trainer = Trainer::new(gpu, spec, &loaded.source, &training.plan, &forward.plan, &options).into_diagnostic()?;
+    let out_dir = args
+        .out
+        .clone()
+        .unwrap_or_else(|| Path::new("runs").join(&spec.name));
+    let spec_dir = loaded
+        .path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let options = TrainOptions {
+        out_dir: out_dir.clone(),
+        resume: args.resume,
+        steps: args.steps,
+        spec_dir,
+    };
+    let mut trainer = Trainer::new(
+        gpu,
+        spec,
+        &loaded.source,
+        &training.plan,
+        &forward.plan,
+        &options,
+    )
+    .into_diagnostic()?;
     println!(
         "{} on {}: {} dispatches per micro-step ({} kernels), eval {} dispatches; ready in {:.2?}",
         spec.name,
@@ -53,10 +78,17 @@ pub fn run(loaded: &Loaded, args: &Args, gpu: &Gpu) -> Result<()> {
         data.train_tokens().len(),
         data.val_tokens().len(),
         data.unigram_entropy(),
-        data.conditional_entropy().map(|h| format!(", best possible loss {h:.4}")).unwrap_or_default()
+        data.conditional_entropy()
+            .map(|h| format!(", best possible loss {h:.4}"))
+            .unwrap_or_default()
     );
     if args.resume {
-        println!("resuming from step {} of {} ({})", trainer.step_count(), trainer.total_steps(), trainer.checkpoint_path().display());
+        println!(
+            "resuming from step {} of {} ({})",
+            trainer.step_count(),
+            trainer.total_steps(),
+            trainer.checkpoint_path().display()
+        );
     }
 
     if args.profile {
@@ -65,19 +97,31 @@ pub fn run(loaded: &Loaded, args: &Args, gpu: &Gpu) -> Result<()> {
         let mut times = trainer.profile_step().into_diagnostic()?;
         let total: f64 = times.iter().map(|(_, t)| t).sum();
         times.sort_by(|a, b| b.1.total_cmp(&a.1));
-        println!("slowest dispatches of one training micro-step ({:.1} ms in all, one submission each):", total * 1e3);
+        println!(
+            "slowest dispatches of one training micro-step ({:.1} ms in all, one submission each):",
+            total * 1e3
+        );
         for (name, t) in times.iter().take(15) {
             println!("  {:>8.2} ms {:>5.1}%  {name}", t * 1e3, 100.0 * t / total);
         }
     }
 
-    let bar = ProgressBar::new(trainer.total_steps() as u64).with_position(trainer.step_count() as u64);
+    let bar =
+        ProgressBar::new(trainer.total_steps() as u64).with_position(trainer.step_count() as u64);
     bar.set_style(
-        ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} steps | {msg} | {elapsed_precise} < {eta_precise}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{bar:30.cyan/blue} {pos}/{len} steps | {msg} | {elapsed_precise} < {eta_precise}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     // Without a terminal the bar draws nothing, so log lines go to stdout instead.
-    let say = |line: String| if bar.is_hidden() { println!("{line}") } else { bar.println(line) };
+    let say = |line: String| {
+        if bar.is_hidden() {
+            println!("{line}")
+        } else {
+            bar.println(line)
+        }
+    };
     let first_step = trainer.step_count();
     let run_started = Instant::now();
     let mut first: Option<Record> = None;
@@ -85,7 +129,12 @@ pub fn run(loaded: &Loaded, args: &Args, gpu: &Gpu) -> Result<()> {
         match trainer.step() {
             Ok(Some(record)) => {
                 say(console_line(&record));
-                bar.set_message(format!("loss {:.4} | lr {} | {:.0} tok/s", record.loss, sci(record.lr), record.tokens_per_s));
+                bar.set_message(format!(
+                    "loss {:.4} | lr {} | {:.0} tok/s",
+                    record.loss,
+                    sci(record.lr),
+                    record.tokens_per_s
+                ));
                 first.get_or_insert(record);
             }
             Ok(None) => {}

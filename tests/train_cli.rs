@@ -28,8 +28,18 @@ train {
 ";
 
 fn moec(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_moec")).args(args).output().expect("runs moec");
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    let out = Command::new(env!("CARGO_BIN_EXE_moec"))
+        .args(args)
+        .output()
+        .expect("runs moec");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> String {
@@ -49,19 +59,39 @@ fn trains_resumes_and_refuses_a_changed_spec() {
     assert!(ok, "{out}");
     assert!(out.contains("step 2 | loss "), "log line: {out}");
     assert!(out.contains("| aux ") && out.contains(" tok/s"), "{out}");
-    assert!(out.contains("final: train loss") && out.contains("unigram entropy"), "summary: {out}");
+    assert!(
+        out.contains("final: train loss") && out.contains("unigram entropy"),
+        "summary: {out}"
+    );
     assert!(Path::new(run).join("checkpoint.safetensors").exists());
-    assert_eq!(std::fs::read_to_string(Path::new(run).join("metrics.jsonl")).unwrap().lines().count(), 2, "steps 2 and 3");
+    assert_eq!(
+        std::fs::read_to_string(Path::new(run).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        2,
+        "steps 2 and 3"
+    );
 
     let (ok, out) = moec(&["train", &spec, "--out", run, "--resume"]);
     assert!(ok, "{out}");
     assert!(out.contains("resuming from step 3 of 6"), "{out}");
-    assert!(out.contains("step 6 | loss ") && out.contains("val_loss"), "{out}");
+    assert!(
+        out.contains("step 6 | loss ") && out.contains("val_loss"),
+        "{out}"
+    );
 
-    let changed = write(dir.path(), "tiny.moe", &SPEC.replace("lr = 1e-2", "lr = 2e-2"));
+    let changed = write(
+        dir.path(),
+        "tiny.moe",
+        &SPEC.replace("lr = 1e-2", "lr = 2e-2"),
+    );
     let (ok, out) = moec(&["train", &changed, "--out", run, "--resume"]);
     assert!(!ok, "{out}");
-    assert!(out.contains("refusing to resume") && out.contains("lr = 2e-2"), "{out}");
+    assert!(
+        out.contains("refusing to resume") && out.contains("lr = 2e-2"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -69,7 +99,12 @@ fn a_spec_without_train_block_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let text = &SPEC[..SPEC.find("train {").unwrap()];
     let spec = write(dir.path(), "model_only.moe", text);
-    let (ok, out) = moec(&["train", &spec, "--out", dir.path().join("r").to_str().unwrap()]);
+    let (ok, out) = moec(&[
+        "train",
+        &spec,
+        "--out",
+        dir.path().join("r").to_str().unwrap(),
+    ]);
     assert!(!ok);
     assert!(out.contains("no `train` block"), "{out}");
     assert!(!out.contains("panicked"), "{out}");

@@ -124,7 +124,7 @@ impl Gpu {
     pub fn target(&self) -> Target {
         Target {
             max_storage_buffers_per_stage: self.limits.max_storage_buffers_per_shader_stage,
-            max_storage_binding_size: self.limits.max_storage_buffer_binding_size as u64,
+            max_storage_binding_size: self.limits.max_storage_buffer_binding_size,
             max_workgroups_per_dim: self.limits.max_compute_workgroups_per_dimension,
             max_invocations_per_workgroup: self.limits.max_compute_invocations_per_workgroup,
             max_workgroup_storage_bytes: self.limits.max_compute_workgroup_storage_size,

@@ -66,7 +66,11 @@ pub enum OptimError {
     #[error("the checkpoint has no tensor `{0}`")]
     Missing(String),
     #[error("tensor `{name}` has shape {got:?} in the checkpoint but {expected:?} in the model")]
-    Shape { name: String, expected: Vec<usize>, got: Vec<usize> },
+    Shape {
+        name: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
     #[error("accumulate must be at least 1")]
     Accumulate,
 }
@@ -258,26 +262,57 @@ impl<'g> Optimizer<'g> {
             return Err(OptimError::Accumulate);
         }
         if let Some(ExpertLr::Adaptive { .. }) = settings.expert_lr {
-            return Err(OptimError::Unsupported("`expert_lr = adaptive(...)` (per-expert load-scaled learning rates)".into()));
+            return Err(OptimError::Unsupported(
+                "`expert_lr = adaptive(...)` (per-expert load-scaled learning rates)".into(),
+            ));
         }
-        let (consts, template, states, wd): (String, &str, &[&'static str], f64) = match settings.optimizer {
-            OptimizerSpec::AdamW { betas, eps, weight_decay, .. } => {
-                (format!("const BETA1: f32 = {};\nconst BETA2: f32 = {};\nconst EPS: f32 = {};\n", lit(betas.0), lit(betas.1), lit(eps)), ADAMW, &["m", "v"], weight_decay)
-            }
-            OptimizerSpec::Sgd { momentum, .. } if momentum != 0.0 => {
-                (format!("const MOMENTUM: f32 = {};\n", lit(momentum)), SGD, &["momentum_buffer"], 0.0)
-            }
-            OptimizerSpec::Sgd { .. } => (String::new(), SGD_PLAIN, &[], 0.0),
-            OptimizerSpec::ScheduleFreeAdamW { betas, eps, weight_decay, .. } => (
-                format!("const BETA1: f32 = {};\nconst BETA2: f32 = {};\nconst EPS: f32 = {};\n", lit(betas.0), lit(betas.1), lit(eps)),
-                SCHEDULE_FREE,
-                &["x", "z", "v"],
-                weight_decay,
-            ),
-            OptimizerSpec::Adafactor { .. } => {
-                return Err(OptimError::Unsupported("the `adafactor` optimizer (use adamw, sgd or schedule_free_adamw)".into()))
-            }
-        };
+        let (consts, template, states, wd): (String, &str, &[&'static str], f64) =
+            match settings.optimizer {
+                OptimizerSpec::AdamW {
+                    betas,
+                    eps,
+                    weight_decay,
+                    ..
+                } => (
+                    format!(
+                        "const BETA1: f32 = {};\nconst BETA2: f32 = {};\nconst EPS: f32 = {};\n",
+                        lit(betas.0),
+                        lit(betas.1),
+                        lit(eps)
+                    ),
+                    ADAMW,
+                    &["m", "v"],
+                    weight_decay,
+                ),
+                OptimizerSpec::Sgd { momentum, .. } if momentum != 0.0 => (
+                    format!("const MOMENTUM: f32 = {};\n", lit(momentum)),
+                    SGD,
+                    &["momentum_buffer"],
+                    0.0,
+                ),
+                OptimizerSpec::Sgd { .. } => (String::new(), SGD_PLAIN, &[], 0.0),
+                OptimizerSpec::ScheduleFreeAdamW {
+                    betas,
+                    eps,
+                    weight_decay,
+                    ..
+                } => (
+                    format!(
+                        "const BETA1: f32 = {};\nconst BETA2: f32 = {};\nconst EPS: f32 = {};\n",
+                        lit(betas.0),
+                        lit(betas.1),
+                        lit(eps)
+                    ),
+                    SCHEDULE_FREE,
+                    &["x", "z", "v"],
+                    weight_decay,
+                ),
+                OptimizerSpec::Adafactor { .. } => {
+                    return Err(OptimError::Unsupported(
+                        "the `adafactor` optimizer (use adamw, sgd or schedule_free_adamw)".into(),
+                    ))
+                }
+            };
         let clip = settings.clip.unwrap_or(0.0);
         let header = format!("const CLIP: f32 = {};\n{consts}{PRELUDE}\n", lit(clip));
         let device = &gpu.device;
@@ -307,9 +342,19 @@ impl<'g> Optimizer<'g> {
         let stats = gpu.storage_buffer("optim stats", STATS_BYTES);
         let max_dim = gpu.target().max_workgroups_per_dim.max(1);
         let bind = |pipeline: &wgpu::ComputePipeline, buffers: &[&wgpu::Buffer]| {
-            let entries: Vec<wgpu::BindGroupEntry> =
-                buffers.iter().enumerate().map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() }).collect();
-            device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &pipeline.get_bind_group_layout(0), entries: &entries })
+            let entries: Vec<wgpu::BindGroupEntry> = buffers
+                .iter()
+                .enumerate()
+                .map(|(i, b)| wgpu::BindGroupEntry {
+                    binding: i as u32,
+                    resource: b.as_entire_binding(),
+                })
+                .collect();
+            device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: None,
+                layout: &pipeline.get_bind_group_layout(0),
+                entries: &entries,
+            })
         };
 
         // Partial-sum slots first: the partials buffer's length is their total.
@@ -317,7 +362,13 @@ impl<'g> Optimizer<'g> {
         let mut total_partials = 0u64;
         for p in params {
             let numel: usize = p.shape.iter().product();
-            let groups = if p.grad.is_some() { (numel as u64).div_ceil(SUMSQ_CHUNK).clamp(1, max_dim as u64) } else { 0 };
+            let groups = if p.grad.is_some() {
+                (numel as u64)
+                    .div_ceil(SUMSQ_CHUNK)
+                    .clamp(1, max_dim as u64)
+            } else {
+                0
+            };
             first_slot.push((total_partials, groups));
             total_partials += groups;
         }
@@ -335,30 +386,59 @@ impl<'g> Optimizer<'g> {
                 partials: groups as u32,
             };
             let Some(plan_grad) = &p.grad else {
-                slots.push(Slot { name: p.name.clone(), shape: p.shape.clone(), numel, param: p.param.clone(), state: Vec::new(), kernels: None });
+                slots.push(Slot {
+                    name: p.name.clone(),
+                    shape: p.shape.clone(),
+                    numel,
+                    param: p.param.clone(),
+                    state: Vec::new(),
+                    kernels: None,
+                });
                 continue;
             };
             let info_buffer = gpu.storage_buffer(&format!("{} info", p.name), 16);
-            gpu.queue.write_buffer(&info_buffer, 0, bytemuck::bytes_of(&info));
-            let state: Vec<(&'static str, wgpu::Buffer)> =
-                states.iter().map(|s| (*s, gpu.storage_buffer(&format!("optim.{}.{s}", p.name), bytes))).collect();
-            let acc = (settings.accumulate > 1).then(|| gpu.storage_buffer(&format!("{} accumulated grad", p.name), bytes));
+            gpu.queue
+                .write_buffer(&info_buffer, 0, bytemuck::bytes_of(&info));
+            let state: Vec<(&'static str, wgpu::Buffer)> = states
+                .iter()
+                .map(|s| {
+                    (
+                        *s,
+                        gpu.storage_buffer(&format!("optim.{}.{s}", p.name), bytes),
+                    )
+                })
+                .collect();
+            let acc = (settings.accumulate > 1)
+                .then(|| gpu.storage_buffer(&format!("{} accumulated grad", p.name), bytes));
             let grad = acc.as_ref().unwrap_or(plan_grad);
             let mut update_buffers = vec![&info_buffer, &scalars, &stats, &p.param, grad];
             update_buffers.extend(state.iter().map(|(_, b)| b));
             let kernels = SlotKernels {
-                accumulate: acc.as_ref().map(|a| bind(&pipelines.accumulate, &[&scalars, plan_grad, a])),
+                accumulate: acc
+                    .as_ref()
+                    .map(|a| bind(&pipelines.accumulate, &[&scalars, plan_grad, a])),
                 sumsq: bind(&pipelines.sumsq, &[&info_buffer, grad, &partials]),
                 sumsq_groups: groups as u32,
                 update: bind(&pipelines.update, &update_buffers),
                 grid: grid(numel, max_dim),
             };
-            slots.push(Slot { name: p.name.clone(), shape: p.shape.clone(), numel, param: p.param.clone(), state, kernels: Some(kernels) });
+            slots.push(Slot {
+                name: p.name.clone(),
+                shape: p.shape.clone(),
+                numel,
+                param: p.param.clone(),
+                state,
+                kernels: Some(kernels),
+            });
         }
         let track = bind(&pipelines.track, &[&scalars, loss, ce, &stats]);
         let finalize = bind(&pipelines.finalize, &[&scalars, &partials, &stats]);
         if let Some(error) = pollster::block_on(scope.pop()) {
-            return Err(RuntimeError::Pipeline { kernel: "optimizer".into(), message: error.to_string() }.into());
+            return Err(RuntimeError::Pipeline {
+                kernel: "optimizer".into(),
+                message: error.to_string(),
+            }
+            .into());
         }
         Ok(Optimizer {
             gpu,
@@ -379,7 +459,10 @@ impl<'g> Optimizer<'g> {
     }
 
     fn is_schedule_free(&self) -> bool {
-        matches!(self.settings.optimizer, OptimizerSpec::ScheduleFreeAdamW { .. })
+        matches!(
+            self.settings.optimizer,
+            OptimizerSpec::ScheduleFreeAdamW { .. }
+        )
     }
 
     /// Computes the scalars of 0-based optimizer step `step` (and advances schedule-free's running
@@ -387,32 +470,37 @@ impl<'g> Optimizer<'g> {
     pub fn prepare_step(&mut self, step: usize) -> [f64; 2] {
         let lrs = self.settings.lrs_at(step);
         let t = (step + 1) as i32;
-        let mut s = Scalars { step: step as u32, ..Scalars::default() };
+        let mut s = Scalars {
+            step: step as u32,
+            ..Scalars::default()
+        };
         match self.settings.optimizer {
             OptimizerSpec::AdamW { betas, .. } => {
                 let bc1 = 1.0 - betas.0.powi(t);
                 let bc2 = 1.0 - betas.1.powi(t);
-                for g in 0..2 {
-                    s.lr[g] = lrs[g] as f32;
-                    s.step_size[g] = (lrs[g] / bc1) as f32;
+                for (g, &lr) in lrs.iter().enumerate() {
+                    s.lr[g] = lr as f32;
+                    s.step_size[g] = (lr / bc1) as f32;
                 }
                 s.bc2_sqrt = bc2.sqrt() as f32;
             }
             OptimizerSpec::ScheduleFreeAdamW { betas, .. } => {
                 let bc2 = 1.0 - betas.1.powi(t);
-                for g in 0..2 {
-                    let lr = lrs[g] * bc2.sqrt();
+                for (g, &base) in lrs.iter().enumerate() {
+                    let lr = base * bc2.sqrt();
                     self.host.lr_max[g] = self.host.lr_max[g].max(lr);
                     let weight = self.host.lr_max[g] * self.host.lr_max[g];
                     self.host.weight_sum[g] += weight;
                     s.lr[g] = lr as f32;
-                    s.ckp1[g] = if self.host.weight_sum[g] > 0.0 { (weight / self.host.weight_sum[g]) as f32 } else { 0.0 };
+                    s.ckp1[g] = if self.host.weight_sum[g] > 0.0 {
+                        (weight / self.host.weight_sum[g]) as f32
+                    } else {
+                        0.0
+                    };
                 }
             }
             OptimizerSpec::Sgd { .. } | OptimizerSpec::Adafactor { .. } => {
-                for g in 0..2 {
-                    s.lr[g] = lrs[g] as f32;
-                }
+                s.lr = lrs.map(|lr| lr as f32);
             }
         }
         self.current = s;
@@ -422,7 +510,9 @@ impl<'g> Optimizer<'g> {
     /// Writes the scalars for micro-step `micro` of the prepared step (before its submission).
     pub fn write_micro(&mut self, micro: usize) {
         self.current.micro = micro as u32;
-        self.gpu.queue.write_buffer(&self.scalars, 0, bytemuck::bytes_of(&self.current));
+        self.gpu
+            .queue
+            .write_buffer(&self.scalars, 0, bytemuck::bytes_of(&self.current));
     }
 
     /// Records what follows each micro-step's plan: loss tracking and gradient accumulation.
@@ -459,7 +549,8 @@ impl<'g> Optimizer<'g> {
 
     /// Reads the stats of the last step (waits for the GPU).
     pub fn stats(&self) -> Result<StepStats, OptimError> {
-        let words: Vec<u32> = bytemuck::pod_collect_to_vec(&self.gpu.read_buffer(&self.stats, STATS_BYTES)?);
+        let words: Vec<u32> =
+            bytemuck::pod_collect_to_vec(&self.gpu.read_buffer(&self.stats, STATS_BYTES)?);
         let a = self.settings.accumulate as f32;
         Ok(StepStats {
             loss: f32::from_bits(words[0]) / a,
@@ -475,16 +566,18 @@ impl<'g> Optimizer<'g> {
     pub fn eval_params(&self) -> HashMap<String, wgpu::Buffer> {
         self.slots
             .iter()
-            .map(|s| {
-                (s.name.clone(), self.weights(s).clone())
-            })
+            .map(|s| (s.name.clone(), self.weights(s).clone()))
             .collect()
     }
 
     /// The buffer holding a parameter's model weights: x for schedule-free (when it has state),
     /// else the param buffer.
     fn weights<'a>(&self, slot: &'a Slot) -> &'a wgpu::Buffer {
-        slot.state.iter().find(|(s, _)| *s == "x").map(|(_, b)| b).unwrap_or(&slot.param)
+        slot.state
+            .iter()
+            .find(|(s, _)| *s == "x")
+            .map(|(_, b)| b)
+            .unwrap_or(&slot.param)
     }
 
     /// Whether the param buffer holds y rather than the weights (schedule-free, trained params).
@@ -496,9 +589,15 @@ impl<'g> Optimizer<'g> {
     /// schedule-free. Other state starts at zero. Names the optimizer does not know are ignored.
     pub fn init(&self, weights: &HashMap<String, Vec<f32>>) -> Result<(), OptimError> {
         for slot in &self.slots {
-            let data = weights.get(&slot.name).ok_or_else(|| OptimError::Missing(slot.name.clone()))?;
+            let data = weights
+                .get(&slot.name)
+                .ok_or_else(|| OptimError::Missing(slot.name.clone()))?;
             if data.len() != slot.numel {
-                return Err(OptimError::Shape { name: slot.name.clone(), expected: slot.shape.clone(), got: vec![data.len()] });
+                return Err(OptimError::Shape {
+                    name: slot.name.clone(),
+                    expected: slot.shape.clone(),
+                    got: vec![data.len()],
+                });
             }
             let bytes: &[u8] = bytemuck::cast_slice(data);
             self.gpu.queue.write_buffer(&slot.param, 0, bytes);
@@ -524,12 +623,19 @@ impl<'g> Optimizer<'g> {
             let read = |b: &wgpu::Buffer| self.gpu.read_buffer_f32(b, slot.numel);
             let param = read(&slot.param)?;
             if self.param_is_y(slot) {
-                out.push((format!("optim.{}.y", slot.name), (slot.shape.clone(), param)));
+                out.push((
+                    format!("optim.{}.y", slot.name),
+                    (slot.shape.clone(), param),
+                ));
             } else {
                 out.push((slot.name.clone(), (slot.shape.clone(), param)));
             }
             for (suffix, buffer) in &slot.state {
-                let name = if *suffix == "x" { slot.name.clone() } else { format!("optim.{}.{suffix}", slot.name) };
+                let name = if *suffix == "x" {
+                    slot.name.clone()
+                } else {
+                    format!("optim.{}.{suffix}", slot.name)
+                };
                 out.push((name, (slot.shape.clone(), read(buffer)?)));
             }
         }
@@ -537,14 +643,26 @@ impl<'g> Optimizer<'g> {
     }
 
     /// Restores what [`Optimizer::checkpoint_tensors`] saved (IR names) and the host state.
-    pub fn restore(&mut self, tensors: &BTreeMap<String, Tensor>, host: &HostState) -> Result<(), OptimError> {
+    pub fn restore(
+        &mut self,
+        tensors: &BTreeMap<String, Tensor>,
+        host: &HostState,
+    ) -> Result<(), OptimError> {
         for slot in &self.slots {
             let write = |name: String, buffer: &wgpu::Buffer| -> Result<(), OptimError> {
-                let (shape, data) = tensors.get(&name).ok_or_else(|| OptimError::Missing(name.clone()))?;
+                let (shape, data) = tensors
+                    .get(&name)
+                    .ok_or_else(|| OptimError::Missing(name.clone()))?;
                 if *shape != slot.shape || data.len() != slot.numel {
-                    return Err(OptimError::Shape { name, expected: slot.shape.clone(), got: shape.clone() });
+                    return Err(OptimError::Shape {
+                        name,
+                        expected: slot.shape.clone(),
+                        got: shape.clone(),
+                    });
                 }
-                self.gpu.queue.write_buffer(buffer, 0, bytemuck::cast_slice(data));
+                self.gpu
+                    .queue
+                    .write_buffer(buffer, 0, bytemuck::cast_slice(data));
                 Ok(())
             };
             if self.param_is_y(slot) {
@@ -553,7 +671,11 @@ impl<'g> Optimizer<'g> {
                 write(slot.name.clone(), &slot.param)?;
             }
             for (suffix, buffer) in &slot.state {
-                let name = if *suffix == "x" { slot.name.clone() } else { format!("optim.{}.{suffix}", slot.name) };
+                let name = if *suffix == "x" {
+                    slot.name.clone()
+                } else {
+                    format!("optim.{}.{suffix}", slot.name)
+                };
                 write(name, buffer)?;
             }
         }

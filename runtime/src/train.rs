@@ -43,8 +43,8 @@ use crate::optim::{HostState, OptimError, OptimSettings, Optimizer, ParamBinding
 use crate::{Executor, Gpu, NonFinite, RuntimeError};
 use moec_compiler::interp::init_values;
 use moec_compiler::plan::{BufferRole, Plan};
-use moec_compiler::{route_output, router_logits_output};
 use moec_compiler::spec::{Every, Family, Precision, Spec, Train};
+use moec_compiler::{route_output, router_logits_output};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -65,7 +65,11 @@ pub enum TrainError {
     #[error("`precision = f16` training is not supported yet; use `precision = f32`")]
     F16,
     #[error("the {which} plan has no {what} `{name}`; was it compiled for training?")]
-    Plan { which: &'static str, what: &'static str, name: String },
+    Plan {
+        which: &'static str,
+        what: &'static str,
+        name: String,
+    },
     #[error(transparent)]
     Data(#[from] DataError),
     #[error(transparent)]
@@ -83,12 +87,20 @@ pub enum TrainError {
     #[error("the checkpoint `{path}` has no `{key}` metadata; it was not written by `moec train`")]
     CheckpointMeta { path: PathBuf, key: &'static str },
     #[error("cannot rewrite `{path}` for the resume: {source}")]
-    MetricsRewrite { path: PathBuf, source: std::io::Error },
+    MetricsRewrite {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(
         "step {step}: the {what} is not finite; {culprit}. Stopped; the last good checkpoint is untouched{}",
         .checkpoint.as_ref().map(|p| format!(" (`{}`)", p.display())).unwrap_or_default()
     )]
-    NonFinite { step: usize, what: String, culprit: String, checkpoint: Option<PathBuf> },
+    NonFinite {
+        step: usize,
+        what: String,
+        culprit: String,
+        checkpoint: Option<PathBuf>,
+    },
 }
 
 /// How to run: where to write, whether to resume, and an optional override of the spec's `steps`.
@@ -138,7 +150,14 @@ impl<'g> Trainer<'g> {
     /// `init_params`' formula seeded by `train.seed`, or from the checkpoint with `resume`.
     /// `training` is the plan of `moec_compiler::compile_training` and `forward` the plan of
     /// `moec_compiler::compile`, both for `train.batch`.
-    pub fn new(gpu: &'g Gpu, spec: &Spec, spec_text: &str, training: &Plan, forward: &Plan, options: &TrainOptions) -> Result<Trainer<'g>, TrainError> {
+    pub fn new(
+        gpu: &'g Gpu,
+        spec: &Spec,
+        spec_text: &str,
+        training: &Plan,
+        forward: &Plan,
+        options: &TrainOptions,
+    ) -> Result<Trainer<'g>, TrainError> {
         let train = spec.train.clone().ok_or(TrainError::NoTrainBlock)?;
         if train.precision == Precision::F16 {
             return Err(TrainError::F16);
@@ -153,7 +172,13 @@ impl<'g> Trainer<'g> {
 
         let exec = Executor::new(gpu, training)?;
         let need = |plan: &Plan, which: &'static str, what: &'static str, name: &str| {
-            plan.buffer_named(name).map(|_| ()).ok_or_else(|| TrainError::Plan { which, what, name: name.to_string() })
+            plan.buffer_named(name)
+                .map(|_| ())
+                .ok_or_else(|| TrainError::Plan {
+                    which,
+                    what,
+                    name: name.to_string(),
+                })
         };
         for input in ["tokens", "targets", "grad_seed"] {
             need(training, "training", "input", input)?;
@@ -167,21 +192,44 @@ impl<'g> Trainer<'g> {
         let mut bindings = Vec::new();
         let mut init = HashMap::new();
         for spec_buffer in &training.buffers {
-            if let BufferRole::Param { name, shape, init: how } = &spec_buffer.role {
+            if let BufferRole::Param {
+                name,
+                shape,
+                init: how,
+            } = &spec_buffer.role
+            {
                 if !options.resume {
-                    init.insert(name.clone(), init_values(name, *how, shape.iter().product(), train.seed));
+                    init.insert(
+                        name.clone(),
+                        init_values(name, *how, shape.iter().product(), train.seed),
+                    );
                 }
                 // No `grad.<name>` output: the parameter does not reach the loss (autodiff's contract).
                 let grad = exec.buffer(&format!("grad.{name}")).ok().cloned();
-                bindings.push(ParamBinding { name: name.clone(), shape: shape.clone(), param: exec.buffer(name)?.clone(), grad });
+                bindings.push(ParamBinding {
+                    name: name.clone(),
+                    shape: shape.clone(),
+                    param: exec.buffer(name)?.clone(),
+                    grad,
+                });
             }
         }
         if bindings.iter().all(|b| b.grad.is_none()) {
-            return Err(TrainError::Plan { which: "training", what: "output", name: "grad.*".into() });
+            return Err(TrainError::Plan {
+                which: "training",
+                what: "output",
+                name: "grad.*".into(),
+            });
         }
         let mut settings = OptimSettings::from_train(&train);
         settings.total_steps = total;
-        let mut optim = Optimizer::new(gpu, &settings, &bindings, exec.buffer("loss")?, exec.buffer("ce")?)?;
+        let mut optim = Optimizer::new(
+            gpu,
+            &settings,
+            &bindings,
+            exec.buffer("loss")?,
+            exec.buffer("ce")?,
+        )?;
         let eval = Executor::with_shared(gpu, forward, &optim.eval_params())?;
         exec.write_f32("grad_seed", &[1.0 / train.accumulate as f32])?;
 
@@ -196,8 +244,18 @@ impl<'g> Trainer<'g> {
             if let Some(diff) = diff_specs(&ckpt.spec_text, spec_text) {
                 return Err(TrainError::SpecChanged { path, diff });
             }
-            let host: HostState = ckpt.get_json(META_OPTIM)?.ok_or(TrainError::CheckpointMeta { path: path.clone(), key: META_OPTIM })?;
-            let state: BatcherState = ckpt.get_json(META_BATCHER)?.ok_or(TrainError::CheckpointMeta { path: path.clone(), key: META_BATCHER })?;
+            let host: HostState = ckpt
+                .get_json(META_OPTIM)?
+                .ok_or(TrainError::CheckpointMeta {
+                    path: path.clone(),
+                    key: META_OPTIM,
+                })?;
+            let state: BatcherState =
+                ckpt.get_json(META_BATCHER)?
+                    .ok_or(TrainError::CheckpointMeta {
+                        path: path.clone(),
+                        key: META_BATCHER,
+                    })?;
             Batcher::new(&data, train.seed).restore(&state)?;
             optim.restore(&ckpt.ir_tensors()?, &host)?;
             batcher = state;
@@ -320,7 +378,12 @@ impl<'g> Trainer<'g> {
         self.check(&stats)?;
         let mut record = None;
         if log || eval {
-            let mut r = Record::new(done as u64, stats.loss as f64, lrs[0], self.tokens_since as f64 / elapsed.max(1e-9));
+            let mut r = Record::new(
+                done as u64,
+                stats.loss as f64,
+                lrs[0],
+                self.tokens_since as f64 / elapsed.max(1e-9),
+            );
             if self.spec.moe.is_some() {
                 r.aux = Some((stats.loss - stats.ce) as f64);
                 r.moe = self.moe_metrics()?;
@@ -355,21 +418,34 @@ impl<'g> Trainer<'g> {
     /// assignments as `T·k` minus the routed ones, `router_z` = mean_t logsumexp(router logits)², and
     /// the layer's `aux.N` output. `None` when the plan has no routing outputs.
     fn moe_metrics(&self) -> Result<Option<BTreeMap<String, MoeLayerMetrics>>, TrainError> {
-        let Some(moe) = &self.spec.moe else { return Ok(None) };
+        let Some(moe) = &self.spec.moe else {
+            return Ok(None);
+        };
         let mut layers = BTreeMap::new();
         for &block in &moe.blocks {
             let (route, logits) = (route_output(block), router_logits_output(block));
             if self.exec.buffer(&route).is_err() || self.exec.buffer(&logits).is_err() {
                 continue;
             }
-            let counts: Vec<u64> = self.exec.read_u32(&route)?.iter().take(moe.experts).map(|&c| c as u64).collect();
+            let counts: Vec<u64> = self
+                .exec
+                .read_u32(&route)?
+                .iter()
+                .take(moe.experts)
+                .map(|&c| c as u64)
+                .collect();
             let logits = self.exec.read_f32(&logits)?;
             let rows = logits.len() / moe.experts.max(1);
             let router_z = logits
                 .chunks_exact(moe.experts.max(1))
                 .map(|row| {
                     let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-                    let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+                    let lse = max
+                        + row
+                            .iter()
+                            .map(|&x| (x as f64 - max).exp())
+                            .sum::<f64>()
+                            .ln();
                     lse * lse
                 })
                 .sum::<f64>()
@@ -382,7 +458,10 @@ impl<'g> Trainer<'g> {
                 Err(e) => return Err(e.into()),
             };
             let dropped = dropped_percent(assignments.saturating_sub(routed), assignments);
-            layers.insert(block.to_string(), MoeLayerMetrics::from_counts(&counts, dropped, router_z, aux));
+            layers.insert(
+                block.to_string(),
+                MoeLayerMetrics::from_counts(&counts, dropped, router_z, aux),
+            );
         }
         Ok((!layers.is_empty()).then_some(layers))
     }
@@ -401,7 +480,11 @@ impl<'g> Trainer<'g> {
 
     /// Writes `checkpoint.safetensors` atomically with everything [`Trainer::new`] needs to resume.
     pub fn save_checkpoint(&self) -> Result<PathBuf, TrainError> {
-        let mut ckpt = Checkpoint { step: self.step as u64, spec_text: self.spec_text.clone(), ..Checkpoint::default() };
+        let mut ckpt = Checkpoint {
+            step: self.step as u64,
+            spec_text: self.spec_text.clone(),
+            ..Checkpoint::default()
+        };
         for (name, (shape, data)) in self.optim.checkpoint_tensors()? {
             ckpt.insert_ir(&name, &shape, &data);
         }
@@ -430,13 +513,22 @@ impl<'g> Trainer<'g> {
                 }
             }
         }
-        let what = if stats.loss.is_finite() { format!("gradient norm ({})", stats.grad_norm) } else { format!("loss ({})", stats.loss) };
+        let what = if stats.loss.is_finite() {
+            format!("gradient norm ({})", stats.grad_norm)
+        } else {
+            format!("loss ({})", stats.loss)
+        };
         let culprit = match culprit {
             Some(c) => format!("the first non-finite value came from {c}"),
             None => "replaying the step kept every kernel output finite, so the squared gradient norm overflowed f32".into(),
         };
         let checkpoint = Some(self.checkpoint_path()).filter(|p| p.exists());
-        Err(TrainError::NonFinite { step: bad + 1, what, culprit, checkpoint })
+        Err(TrainError::NonFinite {
+            step: bad + 1,
+            what,
+            culprit,
+            checkpoint,
+        })
     }
 }
 
@@ -451,7 +543,10 @@ fn truncate_metrics(dir: &Path, step: u64) -> Result<(), TrainError> {
     let kept: String = text
         .lines()
         .filter(|line| {
-            serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v.get("step").and_then(|s| s.as_u64())).is_some_and(|s| s <= step)
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                .is_some_and(|s| s <= step)
         })
         .map(|line| format!("{line}\n"))
         .collect();

@@ -43,20 +43,31 @@ train {{
 }
 
 fn gpu() -> Gpu {
-    Gpu::new(&AdapterChoice::default()).expect("a wgpu adapter (lavapipe: apt-get install mesa-vulkan-drivers)")
+    Gpu::new(&AdapterChoice::default())
+        .expect("a wgpu adapter (lavapipe: apt-get install mesa-vulkan-drivers)")
 }
 
 fn spec_of(text: &str) -> Spec {
     check(text, Path::new("tiny.moe")).expect("the test spec checks")
 }
 
-fn trainer<'g>(gpu: &'g Gpu, text: &str, dir: &Path, resume: bool) -> Result<Trainer<'g>, TrainError> {
+fn trainer<'g>(
+    gpu: &'g Gpu,
+    text: &str,
+    dir: &Path,
+    resume: bool,
+) -> Result<Trainer<'g>, TrainError> {
     let spec = spec_of(text);
     let batch = spec.train.as_ref().unwrap().batch;
     let target = gpu.target();
     let training = compile_training(&spec, batch, &target, true).expect("compiles for training");
     let forward = compile(&spec, batch, &target, true).expect("compiles");
-    let options = TrainOptions { out_dir: dir.to_path_buf(), resume, steps: None, spec_dir: ".".into() };
+    let options = TrainOptions {
+        out_dir: dir.to_path_buf(),
+        resume,
+        steps: None,
+        spec_dir: ".".into(),
+    };
     Trainer::new(gpu, &spec, text, &training.plan, &forward.plan, &options)
 }
 
@@ -76,17 +87,35 @@ fn loss_falls_on_markov_data() {
     let mut t = trainer(&gpu, &text, dir.path(), false).unwrap();
     let initial = t.evaluate().unwrap();
     let records = run(&mut t, 40);
-    assert_eq!(records.iter().map(|r| r.step).collect::<Vec<_>>(), vec![10, 20, 30, 40]);
+    assert_eq!(
+        records.iter().map(|r| r.step).collect::<Vec<_>>(),
+        vec![10, 20, 30, 40]
+    );
     let last = records.last().unwrap();
     let val = last.val_loss.expect("the last step evaluates");
     let unigram = t.data().unigram_entropy();
     // Starts at ln 32 = 3.47 (init std 0.02 gives near-uniform logits) and must learn the chain's
     // transitions, not only its unigram statistics (3.25 nats here): clearly below that.
-    assert!((initial - 32f64.ln()).abs() < 0.1, "initial val loss {initial}");
-    assert!(val < unigram - 0.5, "val loss {val} vs unigram entropy {unigram}");
-    assert!(last.loss < records[0].loss, "train loss {} at step 40 vs {} at step 10", last.loss, records[0].loss);
+    assert!(
+        (initial - 32f64.ln()).abs() < 0.1,
+        "initial val loss {initial}"
+    );
+    assert!(
+        val < unigram - 0.5,
+        "val loss {val} vs unigram entropy {unigram}"
+    );
+    assert!(
+        last.loss < records[0].loss,
+        "train loss {} at step 40 vs {} at step 10",
+        last.loss,
+        records[0].loss
+    );
     assert!((last.val_ppl.unwrap() - val.exp()).abs() < 1e-9);
-    assert!(last.aux.unwrap() > 0.0 && last.aux.unwrap() < 0.05, "aux {:?}", last.aux);
+    assert!(
+        last.aux.unwrap() > 0.0 && last.aux.unwrap() < 0.05,
+        "aux {:?}",
+        last.aux
+    );
     assert!(last.tokens_per_s > 0.0);
     // Utilisation of the one MoE layer: 4 experts share the 4·16 tokens × top-2 assignments.
     let layer = &last.moe.as_ref().expect("MoE metrics on log steps")["0"];
@@ -94,10 +123,16 @@ fn loss_falls_on_markov_data() {
     assert_eq!(layer.tokens_per_expert.iter().sum::<u64>(), 4 * 16 * 2);
     assert_eq!(layer.dropped, 0.0, "dropless");
     assert!((layer.fraction.iter().sum::<f64>() - 1.0).abs() < 1e-12);
-    assert!(layer.router_z > 0.0 && (layer.aux - last.aux.unwrap()).abs() < 1e-6, "{layer:?}");
+    assert!(
+        layer.router_z > 0.0 && (layer.aux - last.aux.unwrap()).abs() < 1e-6,
+        "{layer:?}"
+    );
     let lines = std::fs::read_to_string(t.metrics_path()).unwrap();
     assert_eq!(lines.lines().count(), 4);
-    assert!(t.checkpoint_path().exists(), "the end of the run checkpoints");
+    assert!(
+        t.checkpoint_path().exists(),
+        "the end of the run checkpoints"
+    );
 }
 
 /// Kill-and-resume: 12 steps straight vs 6 steps, a "kill" (the trainer dropped after its step-6
@@ -106,7 +141,10 @@ fn loss_falls_on_markov_data() {
 #[test]
 fn resume_continues_exactly() {
     let gpu = gpu();
-    let text = tiny_spec(12, "log = every(1)\n  eval = every(6, batches = 1)\n  checkpoint = every(6)");
+    let text = tiny_spec(
+        12,
+        "log = every(1)\n  eval = every(6, batches = 1)\n  checkpoint = every(6)",
+    );
     let straight_dir = tempfile::tempdir().unwrap();
     let mut straight = trainer(&gpu, &text, straight_dir.path(), false).unwrap();
     let all = run(&mut straight, 12);
@@ -121,12 +159,24 @@ fn resume_continues_exactly() {
 
     let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * b.abs().max(1.0);
     for (a, b) in head.iter().zip(&all) {
-        assert!(close(a.loss, b.loss), "step {}: {} vs {}", a.step, a.loss, b.loss);
+        assert!(
+            close(a.loss, b.loss),
+            "step {}: {} vs {}",
+            a.step,
+            a.loss,
+            b.loss
+        );
     }
     assert_eq!(tail.first().unwrap().step, 7);
     for (a, b) in tail.iter().zip(&all[6..]) {
         assert_eq!(a.step, b.step);
-        assert!(close(a.loss, b.loss), "step {}: resumed {} vs straight {}", a.step, a.loss, b.loss);
+        assert!(
+            close(a.loss, b.loss),
+            "step {}: resumed {} vs straight {}",
+            a.step,
+            a.loss,
+            b.loss
+        );
         assert_eq!(a.val_loss.is_some(), b.val_loss.is_some());
         if let (Some(x), Some(y)) = (a.val_loss, b.val_loss) {
             assert!(close(x, y), "val at {}: {x} vs {y}", a.step);
@@ -150,12 +200,20 @@ fn resume_refuses_a_changed_spec() {
     run(&mut t, 2);
     drop(t);
     let changed = text.replace("lr = 1e-2", "lr = 3e-2");
-    let err = trainer(&gpu, &changed, dir.path(), true).err().expect("a changed spec is refused");
+    let err = trainer(&gpu, &changed, dir.path(), true)
+        .err()
+        .expect("a changed spec is refused");
     let message = err.to_string();
     assert!(matches!(err, TrainError::SpecChanged { .. }), "{message}");
-    assert!(message.contains("lr = 1e-2") && message.contains("lr = 3e-2"), "{message}");
+    assert!(
+        message.contains("lr = 1e-2") && message.contains("lr = 3e-2"),
+        "{message}"
+    );
     let missing = tempfile::tempdir().unwrap();
-    assert!(matches!(trainer(&gpu, &text, missing.path(), true).err(), Some(TrainError::NoCheckpoint(_))));
+    assert!(matches!(
+        trainer(&gpu, &text, missing.path(), true).err(),
+        Some(TrainError::NoCheckpoint(_))
+    ));
 }
 
 #[test]
@@ -170,9 +228,16 @@ fn a_poisoned_weight_stops_with_the_step_and_the_kernel() {
     t.step().unwrap(); // step 3: flagged on the GPU, not read yet
     let err = t.step().expect_err("step 4 reads the stats and stops");
     let message = err.to_string();
-    assert!(matches!(err, TrainError::NonFinite { step: 3, .. }), "{message}");
+    assert!(
+        matches!(err, TrainError::NonFinite { step: 3, .. }),
+        "{message}"
+    );
     assert!(message.contains("kernel `"), "names the kernel: {message}");
-    assert_eq!(std::fs::read(t.checkpoint_path()).unwrap(), good, "the last good checkpoint is untouched");
+    assert_eq!(
+        std::fs::read(t.checkpoint_path()).unwrap(),
+        good,
+        "the last good checkpoint is untouched"
+    );
 }
 
 /// Two micro-steps of batch 2 equal one step of batch 4 in gradients (a dense model, whose loss is a
@@ -180,14 +245,20 @@ fn a_poisoned_weight_stops_with_the_step_and_the_kernel() {
 #[test]
 fn accumulation_matches_a_double_batch() {
     let gpu = gpu();
-    let dense = tiny_spec(1, "").replace("experts = 4", "experts = 0").replace("top_k = 2\n", "").replace("balance = aux(0.01)\n", "");
+    let dense = tiny_spec(1, "")
+        .replace("experts = 4", "experts = 0")
+        .replace("top_k = 2\n", "")
+        .replace("balance = aux(0.01)\n", "");
     let spec = spec_of(&dense);
     let target: Target = gpu.target();
     let tokens: Vec<u32> = (0..64).map(|i| (i * 7 + 3) % 32).collect();
     let targets: Vec<u32> = (0..64).map(|i| (i * 5 + 1) % 32).collect();
     // SGD with lr 1 and no momentum: the weight change is exactly minus the gradient.
     let mut settings = OptimSettings::from_train(spec.train.as_ref().unwrap());
-    settings.optimizer = moec_compiler::spec::Optimizer::Sgd { lr: 1.0, momentum: 0.0 };
+    settings.optimizer = moec_compiler::spec::Optimizer::Sgd {
+        lr: 1.0,
+        momentum: 0.0,
+    };
     settings.schedule = moec_compiler::spec::Schedule::Constant;
     settings.clip = None;
     let mut deltas = Vec::new();
@@ -197,25 +268,43 @@ fn accumulation_matches_a_double_batch() {
         let mut params = Vec::new();
         let mut init = std::collections::HashMap::new();
         for b in &plan.buffers {
-            if let moec_compiler::plan::BufferRole::Param { name, shape, init: how } = &b.role {
+            if let moec_compiler::plan::BufferRole::Param {
+                name,
+                shape,
+                init: how,
+            } = &b.role
+            {
                 params.push(ParamBinding {
                     name: name.clone(),
                     shape: shape.clone(),
                     param: exec.buffer(name).unwrap().clone(),
                     grad: exec.buffer(&format!("grad.{name}")).ok().cloned(),
                 });
-                init.insert(name.clone(), moec_compiler::interp::init_values(name, *how, shape.iter().product(), 0));
+                init.insert(
+                    name.clone(),
+                    moec_compiler::interp::init_values(name, *how, shape.iter().product(), 0),
+                );
             }
         }
         settings.accumulate = accumulate;
-        let mut optim = Optimizer::new(&gpu, &settings, &params, exec.buffer("loss").unwrap(), exec.buffer("ce").unwrap()).unwrap();
+        let mut optim = Optimizer::new(
+            &gpu,
+            &settings,
+            &params,
+            exec.buffer("loss").unwrap(),
+            exec.buffer("ce").unwrap(),
+        )
+        .unwrap();
         optim.init(&init).unwrap();
-        exec.write_f32("grad_seed", &[1.0 / accumulate as f32]).unwrap();
+        exec.write_f32("grad_seed", &[1.0 / accumulate as f32])
+            .unwrap();
         optim.prepare_step(0);
         let per = 64 / accumulate;
         for micro in 0..accumulate {
-            exec.write_u32("tokens", &tokens[micro * per..(micro + 1) * per]).unwrap();
-            exec.write_u32("targets", &targets[micro * per..(micro + 1) * per]).unwrap();
+            exec.write_u32("tokens", &tokens[micro * per..(micro + 1) * per])
+                .unwrap();
+            exec.write_u32("targets", &targets[micro * per..(micro + 1) * per])
+                .unwrap();
             optim.write_micro(micro);
             gpu.run_pass(|pass| {
                 exec.encode(pass);
@@ -226,19 +315,39 @@ fn accumulation_matches_a_double_batch() {
             })
             .unwrap();
         }
-        let after: BTreeMap<String, Vec<f32>> = optim.checkpoint_tensors().unwrap().into_iter().map(|(n, (_, d))| (n, d)).collect();
-        let delta: BTreeMap<String, Vec<f32>> =
-            after.iter().map(|(n, d)| (n.clone(), d.iter().zip(&init[n]).map(|(a, b)| a - b).collect())).collect();
+        let after: BTreeMap<String, Vec<f32>> = optim
+            .checkpoint_tensors()
+            .unwrap()
+            .into_iter()
+            .map(|(n, (_, d))| (n, d))
+            .collect();
+        let delta: BTreeMap<String, Vec<f32>> = after
+            .iter()
+            .map(|(n, d)| {
+                (
+                    n.clone(),
+                    d.iter().zip(&init[n]).map(|(a, b)| a - b).collect(),
+                )
+            })
+            .collect();
         deltas.push((delta, optim.stats().unwrap()));
     }
     let ((big, big_stats), (acc, acc_stats)) = (&deltas[0], &deltas[1]);
-    assert!((big_stats.loss - acc_stats.loss).abs() < 1e-5, "mean loss {} vs {}", big_stats.loss, acc_stats.loss);
+    assert!(
+        (big_stats.loss - acc_stats.loss).abs() < 1e-5,
+        "mean loss {} vs {}",
+        big_stats.loss,
+        acc_stats.loss
+    );
     assert!((big_stats.grad_norm - acc_stats.grad_norm).abs() < 1e-4 * big_stats.grad_norm);
     let mut compared = 0;
     for (name, d) in big {
         let scale = d.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-6);
         for (i, (x, y)) in d.iter().zip(&acc[name]).enumerate() {
-            assert!((x - y).abs() <= 1e-4 * scale, "{name}[{i}]: batch 4 {x} vs 2x2 {y}");
+            assert!(
+                (x - y).abs() <= 1e-4 * scale,
+                "{name}[{i}]: batch 4 {x} vs 2x2 {y}"
+            );
         }
         compared += 1;
     }

@@ -6,6 +6,9 @@
 //! Tolerance: the CPU reference runs the kernels' f32 formulas in the same order; the GPU may fuse
 //! multiply-adds, so values agree to |gpu - cpu| <= 1e-6 + 1e-5 |cpu| per element after 3 steps.
 
+// The references index several parallel arrays by element, as the kernels do.
+#![allow(clippy::needless_range_loop)]
+
 use moec_compiler::spec::{ExpertLr, Optimizer as OptimizerSpec, Schedule};
 use moec_runtime::optim::{OptimError, OptimSettings, Optimizer, ParamBinding};
 use moec_runtime::{AdapterChoice, Gpu};
@@ -15,13 +18,18 @@ use std::collections::{BTreeMap, HashMap};
 const EXPERT: &str = "model.layers.0.block_sparse_moe.experts.w1";
 
 fn gpu() -> Gpu {
-    Gpu::new(&AdapterChoice::default()).expect("a wgpu adapter (lavapipe: apt-get install mesa-vulkan-drivers)")
+    Gpu::new(&AdapterChoice::default())
+        .expect("a wgpu adapter (lavapipe: apt-get install mesa-vulkan-drivers)")
 }
 
 /// Three parameters covering the groups: a 2-D weight (decays), a 1-D norm (no decay), and a
 /// stacked expert weight (decays, expert lr). 5·70 = 350 elements span two 256-wide workgroups.
 fn shapes() -> Vec<(&'static str, Vec<usize>)> {
-    vec![("model.layers.0.self_attn.q_proj.weight", vec![5, 70]), ("model.norm.weight", vec![37]), (EXPERT, vec![2, 3, 50])]
+    vec![
+        ("model.layers.0.self_attn.q_proj.weight", vec![5, 70]),
+        ("model.norm.weight", vec![37]),
+        (EXPERT, vec![2, 3, 50]),
+    ]
 }
 
 struct Bench {
@@ -47,9 +55,16 @@ fn bench() -> Bench {
         .collect();
     let loss = gpu.storage_buffer("loss", 4);
     let ce = gpu.storage_buffer("ce", 4);
-    gpu.queue.write_buffer(&loss, 0, bytemuck::cast_slice(&[2.5f32]));
-    gpu.queue.write_buffer(&ce, 0, bytemuck::cast_slice(&[2.25f32]));
-    Bench { gpu, params, loss, ce }
+    gpu.queue
+        .write_buffer(&loss, 0, bytemuck::cast_slice(&[2.5f32]));
+    gpu.queue
+        .write_buffer(&ce, 0, bytemuck::cast_slice(&[2.25f32]));
+    Bench {
+        gpu,
+        params,
+        loss,
+        ce,
+    }
 }
 
 fn random(n: usize, scale: f32, rng: &mut rand_chacha::ChaCha8Rng) -> Vec<f32> {
@@ -70,7 +85,10 @@ fn settings(optimizer: OptimizerSpec) -> OptimSettings {
 fn assert_close(name: &str, gpu: &[f32], cpu: &[f32]) {
     assert_eq!(gpu.len(), cpu.len(), "{name}");
     for (i, (g, c)) in gpu.iter().zip(cpu).enumerate() {
-        assert!((g - c).abs() <= 1e-6 + 1e-5 * c.abs(), "{name}[{i}]: gpu {g} vs cpu {c}");
+        assert!(
+            (g - c).abs() <= 1e-6 + 1e-5 * c.abs(),
+            "{name}[{i}]: gpu {g} vs cpu {c}"
+        );
     }
 }
 
@@ -94,8 +112,16 @@ fn run_and_compare(
     let b = bench();
     let mut optim = Optimizer::new(&b.gpu, settings, &b.params, &b.loss, &b.ce).unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-    let init: HashMap<String, Vec<f32>> =
-        b.params.iter().map(|p| (p.name.clone(), random(p.shape.iter().product(), 1.0, &mut rng))).collect();
+    let init: HashMap<String, Vec<f32>> = b
+        .params
+        .iter()
+        .map(|p| {
+            (
+                p.name.clone(),
+                random(p.shape.iter().product(), 1.0, &mut rng),
+            )
+        })
+        .collect();
     optim.init(&init).unwrap();
     let mut cpu: Vec<Cpu> = b
         .params
@@ -103,7 +129,10 @@ fn run_and_compare(
         .map(|p| {
             let w = init[&p.name].clone();
             let zeros = vec![0.0; w.len()];
-            Cpu { s: [zeros.clone(), zeros.clone(), zeros], p: w }
+            Cpu {
+                s: [zeros.clone(), zeros.clone(), zeros],
+                p: w,
+            }
         })
         .collect();
     for step in 0..steps {
@@ -112,7 +141,9 @@ fn run_and_compare(
         for micro in 0..settings.accumulate {
             for (i, p) in b.params.iter().enumerate() {
                 let g = random(p.shape.iter().product(), grad_scale, &mut rng);
-                b.gpu.queue.write_buffer(p.grad.as_ref().unwrap(), 0, bytemuck::cast_slice(&g));
+                b.gpu
+                    .queue
+                    .write_buffer(p.grad.as_ref().unwrap(), 0, bytemuck::cast_slice(&g));
                 grads[i].push(g);
             }
             optim.write_micro(micro);
@@ -129,11 +160,20 @@ fn run_and_compare(
             cpu_step(i, step, g, &mut cpu[i]);
         }
     }
-    let tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)> = optim.checkpoint_tensors().unwrap().into_iter().collect();
+    let tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)> =
+        optim.checkpoint_tensors().unwrap().into_iter().collect();
     for (i, p) in b.params.iter().enumerate() {
         for (k, suffix) in state_names.iter().enumerate() {
-            let name = if suffix.is_empty() { p.name.clone() } else { format!("optim.{}.{suffix}", p.name) };
-            let expected = if suffix.is_empty() { &cpu[i].p } else { &cpu[i].s[k - 1] };
+            let name = if suffix.is_empty() {
+                p.name.clone()
+            } else {
+                format!("optim.{}.{suffix}", p.name)
+            };
+            let expected = if suffix.is_empty() {
+                &cpu[i].p
+            } else {
+                &cpu[i].s[k - 1]
+            };
             assert_close(&name, &tensors[&name].1, expected);
         }
     }
@@ -167,7 +207,12 @@ fn summed(grads: &[Vec<f32>]) -> Vec<f32> {
 #[test]
 fn adamw_matches_pytorch_formula() {
     let (b1, b2, eps, wd) = (0.9f64, 0.95f64, 1e-8f64, 0.1f64);
-    let s = settings(OptimizerSpec::AdamW { lr: 0.01, betas: (b1, b2), eps, weight_decay: wd });
+    let s = settings(OptimizerSpec::AdamW {
+        lr: 0.01,
+        betas: (b1, b2),
+        eps,
+        weight_decay: wd,
+    });
     let stats = run_and_compare(&s, 3, 1.0, &["", "m", "v"], |i, step, grads, st| {
         let lr = lr(&s, i, step);
         let t = (step + 1) as i32;
@@ -186,25 +231,40 @@ fn adamw_matches_pytorch_formula() {
     });
     assert_eq!(stats.bad_step, None);
     assert_eq!(stats.clip_scale, 1.0);
-    assert!((stats.loss - 2.5).abs() < 1e-7 && (stats.ce - 2.25).abs() < 1e-7, "{stats:?}");
+    assert!(
+        (stats.loss - 2.5).abs() < 1e-7 && (stats.ce - 2.25).abs() < 1e-7,
+        "{stats:?}"
+    );
 }
 
 #[test]
 fn sgd_momentum_matches_pytorch_formula() {
-    let s = settings(OptimizerSpec::Sgd { lr: 0.1, momentum: 0.9 });
-    run_and_compare(&s, 3, 1.0, &["", "momentum_buffer"], |i, step, grads, st| {
-        let lr = lr(&s, i, step) as f32;
-        for j in 0..st.p.len() {
-            let buf = 0.9 * st.s[0][j] + grads[0][j];
-            st.s[0][j] = buf;
-            st.p[j] -= lr * buf;
-        }
+    let s = settings(OptimizerSpec::Sgd {
+        lr: 0.1,
+        momentum: 0.9,
     });
+    run_and_compare(
+        &s,
+        3,
+        1.0,
+        &["", "momentum_buffer"],
+        |i, step, grads, st| {
+            let lr = lr(&s, i, step) as f32;
+            for j in 0..st.p.len() {
+                let buf = 0.9 * st.s[0][j] + grads[0][j];
+                st.s[0][j] = buf;
+                st.p[j] -= lr * buf;
+            }
+        },
+    );
 }
 
 #[test]
 fn sgd_without_momentum_has_no_state() {
-    let s = settings(OptimizerSpec::Sgd { lr: 0.1, momentum: 0.0 });
+    let s = settings(OptimizerSpec::Sgd {
+        lr: 0.1,
+        momentum: 0.0,
+    });
     run_and_compare(&s, 2, 1.0, &[""], |i, step, grads, st| {
         let lr = lr(&s, i, step) as f32;
         for j in 0..st.p.len() {
@@ -219,7 +279,12 @@ fn sgd_without_momentum_has_no_state() {
 #[test]
 fn schedule_free_adamw_matches_the_schedulefree_package() {
     let (b1, b2, eps, wd) = (0.9f64, 0.999f64, 1e-8f64, 0.05f64);
-    let s = settings(OptimizerSpec::ScheduleFreeAdamW { lr: 0.02, betas: (b1, b2), eps, weight_decay: wd });
+    let s = settings(OptimizerSpec::ScheduleFreeAdamW {
+        lr: 0.02,
+        betas: (b1, b2),
+        eps,
+        weight_decay: wd,
+    });
     // Running lr maximum and weight sum per group, as AdamWScheduleFree keeps per param group.
     let mut lr_max = [0.0f64; 2];
     let mut weight_sum = [0.0f64; 2];
@@ -237,7 +302,13 @@ fn schedule_free_adamw_matches_the_schedulefree_package() {
             weight_sum[group] += weight;
             ck[group] = weight / weight_sum[group];
         }
-        let (lr, c, b1, b2, eps) = (lr as f32, ck[group] as f32, b1 as f32, b2 as f32, eps as f32);
+        let (lr, c, b1, b2, eps) = (
+            lr as f32,
+            ck[group] as f32,
+            b1 as f32,
+            b2 as f32,
+            eps as f32,
+        );
         // st.p = x (the weights), s[0] = z, s[1] = v, s[2] = y; z and y start at the weights.
         if step == 0 {
             st.s[0] = st.p.clone();
@@ -259,18 +330,36 @@ fn schedule_free_adamw_matches_the_schedulefree_package() {
 
 #[test]
 fn clip_scales_by_the_global_norm() {
-    let mut s = settings(OptimizerSpec::Sgd { lr: 0.1, momentum: 0.0 });
+    let mut s = settings(OptimizerSpec::Sgd {
+        lr: 0.1,
+        momentum: 0.0,
+    });
     s.schedule = Schedule::Constant;
     s.expert_lr = None;
     s.clip = Some(0.5);
     let b = bench();
     let mut optim = Optimizer::new(&b.gpu, &s, &b.params, &b.loss, &b.ce).unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-    let init: HashMap<String, Vec<f32>> = b.params.iter().map(|p| (p.name.clone(), random(p.shape.iter().product(), 1.0, &mut rng))).collect();
+    let init: HashMap<String, Vec<f32>> = b
+        .params
+        .iter()
+        .map(|p| {
+            (
+                p.name.clone(),
+                random(p.shape.iter().product(), 1.0, &mut rng),
+            )
+        })
+        .collect();
     optim.init(&init).unwrap();
-    let grads: Vec<Vec<f32>> = b.params.iter().map(|p| random(p.shape.iter().product(), 2.0, &mut rng)).collect();
+    let grads: Vec<Vec<f32>> = b
+        .params
+        .iter()
+        .map(|p| random(p.shape.iter().product(), 2.0, &mut rng))
+        .collect();
     for (p, g) in b.params.iter().zip(&grads) {
-        b.gpu.queue.write_buffer(p.grad.as_ref().unwrap(), 0, bytemuck::cast_slice(g));
+        b.gpu
+            .queue
+            .write_buffer(p.grad.as_ref().unwrap(), 0, bytemuck::cast_slice(g));
     }
     optim.prepare_step(0);
     optim.write_micro(0);
@@ -281,41 +370,79 @@ fn clip_scales_by_the_global_norm() {
         })
         .unwrap();
     let stats = optim.stats().unwrap();
-    let norm = grads.iter().flatten().map(|&g| g as f64 * g as f64).sum::<f64>().sqrt() as f32;
+    let norm = grads
+        .iter()
+        .flatten()
+        .map(|&g| g as f64 * g as f64)
+        .sum::<f64>()
+        .sqrt() as f32;
     let scale = (0.5 / (norm + 1e-6)).min(1.0);
-    assert!((stats.grad_norm - norm).abs() <= 1e-5 * norm, "norm {} vs {norm}", stats.grad_norm);
-    assert!((stats.clip_scale - scale).abs() <= 1e-6 * scale, "scale {} vs {scale}", stats.clip_scale);
-    assert!(scale < 0.1, "gradients of norm {norm} must be clipped to 0.5");
+    assert!(
+        (stats.grad_norm - norm).abs() <= 1e-5 * norm,
+        "norm {} vs {norm}",
+        stats.grad_norm
+    );
+    assert!(
+        (stats.clip_scale - scale).abs() <= 1e-6 * scale,
+        "scale {} vs {scale}",
+        stats.clip_scale
+    );
+    assert!(
+        scale < 0.1,
+        "gradients of norm {norm} must be clipped to 0.5"
+    );
     let tensors: BTreeMap<_, _> = optim.checkpoint_tensors().unwrap().into_iter().collect();
     for (p, g) in b.params.iter().zip(&grads) {
-        let expected: Vec<f32> = init[&p.name].iter().zip(g).map(|(w, g)| w - 0.1 * (g * stats.clip_scale)).collect();
+        let expected: Vec<f32> = init[&p.name]
+            .iter()
+            .zip(g)
+            .map(|(w, g)| w - 0.1 * (g * stats.clip_scale))
+            .collect();
         assert_close(&p.name, &tensors[&p.name].1, &expected);
     }
 }
 
 #[test]
 fn accumulation_sums_the_micro_step_gradients() {
-    let mut s = settings(OptimizerSpec::Sgd { lr: 0.1, momentum: 0.5 });
-    s.accumulate = 3;
-    let stats = run_and_compare(&s, 2, 1.0, &["", "momentum_buffer"], |i, step, grads, st| {
-        let lr = lr(&s, i, step) as f32;
-        let g = summed(grads);
-        for j in 0..st.p.len() {
-            let buf = 0.5 * st.s[0][j] + g[j];
-            st.s[0][j] = buf;
-            st.p[j] -= lr * buf;
-        }
+    let mut s = settings(OptimizerSpec::Sgd {
+        lr: 0.1,
+        momentum: 0.5,
     });
+    s.accumulate = 3;
+    let stats = run_and_compare(
+        &s,
+        2,
+        1.0,
+        &["", "momentum_buffer"],
+        |i, step, grads, st| {
+            let lr = lr(&s, i, step) as f32;
+            let g = summed(grads);
+            for j in 0..st.p.len() {
+                let buf = 0.5 * st.s[0][j] + g[j];
+                st.s[0][j] = buf;
+                st.p[j] -= lr * buf;
+            }
+        },
+    );
     // The tracked loss is the mean over micro-steps (each micro-step's loss is 2.5 here).
     assert!((stats.loss - 2.5).abs() < 1e-6, "{stats:?}");
 }
 
 #[test]
 fn a_non_finite_gradient_stops_every_update() {
-    let s = settings(OptimizerSpec::AdamW { lr: 0.01, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.0 });
+    let s = settings(OptimizerSpec::AdamW {
+        lr: 0.01,
+        betas: (0.9, 0.999),
+        eps: 1e-8,
+        weight_decay: 0.0,
+    });
     let b = bench();
     let mut optim = Optimizer::new(&b.gpu, &s, &b.params, &b.loss, &b.ce).unwrap();
-    let init: HashMap<String, Vec<f32>> = b.params.iter().map(|p| (p.name.clone(), vec![1.0; p.shape.iter().product()])).collect();
+    let init: HashMap<String, Vec<f32>> = b
+        .params
+        .iter()
+        .map(|p| (p.name.clone(), vec![1.0; p.shape.iter().product()]))
+        .collect();
     optim.init(&init).unwrap();
     for step in 0..3 {
         optim.prepare_step(step);
@@ -324,7 +451,9 @@ fn a_non_finite_gradient_stops_every_update() {
             if step == 1 && i == 2 {
                 g[7] = f32::NAN;
             }
-            b.gpu.queue.write_buffer(p.grad.as_ref().unwrap(), 0, bytemuck::cast_slice(&g));
+            b.gpu
+                .queue
+                .write_buffer(p.grad.as_ref().unwrap(), 0, bytemuck::cast_slice(&g));
         }
         optim.write_micro(0);
         b.gpu
@@ -334,8 +463,12 @@ fn a_non_finite_gradient_stops_every_update() {
             })
             .unwrap();
         if step == 0 {
-            let after_first: BTreeMap<_, _> = optim.checkpoint_tensors().unwrap().into_iter().collect();
-            assert!(after_first[&b.params[0].name].1[0] < 1.0, "the first step updates");
+            let after_first: BTreeMap<_, _> =
+                optim.checkpoint_tensors().unwrap().into_iter().collect();
+            assert!(
+                after_first[&b.params[0].name].1[0] < 1.0,
+                "the first step updates"
+            );
         }
     }
     let stats = optim.stats().unwrap();
@@ -355,11 +488,30 @@ fn a_non_finite_gradient_stops_every_update() {
 #[test]
 fn unsupported_optimizers_are_clear_errors() {
     let b = bench();
-    let s = settings(OptimizerSpec::Adafactor { lr: 0.01, decay: 0.8, eps: 1e-30 });
-    let err = Optimizer::new(&b.gpu, &s, &b.params, &b.loss, &b.ce).err().expect("adafactor is refused");
-    assert!(matches!(err, OptimError::Unsupported(_)) && err.to_string().contains("adafactor") && err.to_string().contains("not supported yet"), "{err}");
-    let mut s = settings(OptimizerSpec::Sgd { lr: 0.1, momentum: 0.0 });
+    let s = settings(OptimizerSpec::Adafactor {
+        lr: 0.01,
+        decay: 0.8,
+        eps: 1e-30,
+    });
+    let err = Optimizer::new(&b.gpu, &s, &b.params, &b.loss, &b.ce)
+        .err()
+        .expect("adafactor is refused");
+    assert!(
+        matches!(err, OptimError::Unsupported(_))
+            && err.to_string().contains("adafactor")
+            && err.to_string().contains("not supported yet"),
+        "{err}"
+    );
+    let mut s = settings(OptimizerSpec::Sgd {
+        lr: 0.1,
+        momentum: 0.0,
+    });
     s.expert_lr = Some(ExpertLr::Adaptive { base: 0.1 });
-    let err = Optimizer::new(&b.gpu, &s, &b.params, &b.loss, &b.ce).err().expect("adaptive expert lr is refused");
-    assert!(err.to_string().contains("adaptive") && err.to_string().contains("not supported yet"), "{err}");
+    let err = Optimizer::new(&b.gpu, &s, &b.params, &b.loss, &b.ce)
+        .err()
+        .expect("adaptive expert lr is refused");
+    assert!(
+        err.to_string().contains("adaptive") && err.to_string().contains("not supported yet"),
+        "{err}"
+    );
 }
