@@ -224,7 +224,10 @@ pub struct NonFinite {
 
 impl fmt::Display for NonFinite {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "dispatch {} (kernel `{}`) wrote {} at element {} of `{}`", self.dispatch, self.kernel, self.value, self.index, self.buffer)
+        // A reused scratch buffer's label lists every tensor it ever holds; two name it well enough.
+        let parts: Vec<&str> = self.buffer.split(" | ").collect();
+        let buffer = if parts.len() > 2 { format!("{} | {} | ...", parts[0], parts[1]) } else { self.buffer.clone() };
+        write!(f, "dispatch {} (kernel `{}`) wrote {} at element {} of buffer `{buffer}`", self.dispatch, self.kernel, self.value, self.index)
     }
 }
 
