@@ -486,8 +486,10 @@ impl Lower<'_> {
             let frac = self.reshape(frac, &[1], format!("{p}.served_scalar"))?;
             self.affine(frac, -1.0, 1.0, format!("{p}.dropped"))?
         } else {
+            // (slots − kept) / slots: the count is exact in f32, so a dropless block reports 0 exactly.
             let kept = self.sum_all(load, &format!("{p}.kept"))?;
-            self.affine(kept, -1.0 / slots as f32, 1.0, format!("{p}.dropped"))?
+            let lost = self.affine(kept, -1.0, slots as f32, format!("{p}.lost"))?;
+            self.affine(lost, 1.0 / slots as f32, 0.0, format!("{p}.dropped"))?
         };
         self.metrics.push((format!("moe.{block}.load"), load));
         self.metrics.push((format!("moe.{block}.dropped"), dropped));
@@ -613,7 +615,7 @@ impl Lower<'_> {
             (Gate::NoisyTopK { .. }, Some(nz)) => {
                 let sd = self.unary(UnaryOp::Softplus, nz.logits, format!("{p}.noise_std"))?;
                 let sd = self.affine(sd, nz.scale as f32, 0.0, format!("{p}.noise_scaled"))?;
-                let eps = self.binary(BinaryOp::Mul, nz.eps, sd, format!("{p}.noise"))?;
+                let eps = self.binary(BinaryOp::Mul, nz.eps, sd, format!("{p}.noise_sample"))?;
                 let h = self.binary(BinaryOp::Add, logits, eps, format!("{p}.noisy_logits"))?;
                 let probs = softmax(self, h, format!("{p}.probs"))?;
                 (h, probs, Some(sd))
