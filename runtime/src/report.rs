@@ -283,11 +283,12 @@ pub fn write_report(runs: &[Run], out: &Path) -> Result<Report, ReportError> {
             md.push_str(&format!("\n### {}\n", md_escape(&run.name)));
             for block in run.blocks() {
                 let series = run.block_series(&block);
-                let heat = Heatmap {
-                    caption: format!("{}: expert load, MoE block {block}", run.name),
-                    steps: series.iter().map(|(s, _)| *s).collect(),
-                    fractions: series.iter().map(|(_, m)| m.fraction.clone()).collect(),
-                };
+                let heat = Heatmap::new(
+                    format!("{}: expert load, MoE block {block}", run.name),
+                    &series.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+                    series.iter().map(|(_, m)| m.fraction.clone()).collect(),
+                    MAX_HEATMAP_COLUMNS,
+                );
                 let stem = format!("util_{}_block{}", stems[i], sanitize(&block));
                 plots.extend(render(&heat, (1000, 560), out, &stem)?);
                 md.push_str(&format!("\n#### Block {block}\n\n"));
@@ -419,9 +420,18 @@ fn run_color(i: usize) -> RGBColor {
 
 type DrawResult = Result<(), Box<dyn std::error::Error>>;
 
+/// How lines are drawn. plotters' bitmap backend turns a thick polyline into one polygon with
+/// unlimited miter joins, so a noisy curve's sharp turns shoot spikes across the whole image; there
+/// each segment is drawn on its own (no joins). SVG viewers join properly: one polyline per line.
+#[derive(Clone, Copy, PartialEq)]
+enum Joins {
+    Polyline,
+    Segments,
+}
+
 /// A chart that can be drawn on any plotters backend (so each is written as PNG and as SVG).
 trait Figure {
-    fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> DrawResult
+    fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>, joins: Joins) -> DrawResult
     where
         DB::ErrorType: 'static;
 }
@@ -447,21 +457,21 @@ fn render<F: Figure>(figure: &F, size: (u32, u32), out: &Path, stem: &str) -> Re
     register_font().map_err(|message| ReportError::Plot { path: png.clone(), message })?;
     {
         let area = BitMapBackend::new(&png, size).into_drawing_area();
-        draw_on(figure, &area).map_err(failed(&png))?;
+        draw_on(figure, &area, Joins::Segments).map_err(failed(&png))?;
     }
     {
         let area = SVGBackend::new(&svg, size).into_drawing_area();
-        draw_on(figure, &area).map_err(failed(&svg))?;
+        draw_on(figure, &area, Joins::Polyline).map_err(failed(&svg))?;
     }
     Ok(vec![png, svg])
 }
 
-fn draw_on<F: Figure, DB: DrawingBackend>(figure: &F, area: &DrawingArea<DB, Shift>) -> DrawResult
+fn draw_on<F: Figure, DB: DrawingBackend>(figure: &F, area: &DrawingArea<DB, Shift>, joins: Joins) -> DrawResult
 where
     DB::ErrorType: 'static,
 {
     area.fill(&WHITE)?;
-    figure.draw(area)?;
+    figure.draw(area, joins)?;
     area.present()?;
     Ok(())
 }
@@ -484,12 +494,12 @@ struct LineFigure {
 struct Panels(Vec<LineFigure>);
 
 impl Figure for Panels {
-    fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> DrawResult
+    fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>, joins: Joins) -> DrawResult
     where
         DB::ErrorType: 'static,
     {
         for (panel, figure) in area.split_evenly((1, self.0.len())).iter().zip(&self.0) {
-            figure.draw(panel)?;
+            figure.draw(panel, joins)?;
         }
         Ok(())
     }
@@ -505,13 +515,27 @@ fn padded_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
+/// At most this many points per drawn line: a long run's log is averaged in groups of consecutive
+/// points (more than a chart's pixel width cannot show; keeps PNG drawing fast and the SVG small).
+const MAX_LINE_POINTS: usize = 1500;
+
+/// `points` averaged in equal groups of consecutive points so at most `max` remain (a group holding
+/// a NaN stays NaN, so a diverged stretch still shows as a gap).
+fn thin(points: &[(f64, f64)], max: usize) -> Vec<(f64, f64)> {
+    let group = points.len().div_ceil(max.max(1)).max(1);
+    if group == 1 {
+        return points.to_vec();
+    }
+    points.chunks(group).map(|c| (mean(c.iter().map(|p| p.0)), mean(c.iter().map(|p| p.1)))).collect()
+}
+
 /// Maximal runs of finite points.
 fn segments(points: &[(f64, f64)]) -> Vec<Vec<(f64, f64)>> {
     points.split(|(x, y)| !(x.is_finite() && y.is_finite())).filter(|s| !s.is_empty()).map(<[_]>::to_vec).collect()
 }
 
 impl Figure for LineFigure {
-    fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> DrawResult
+    fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>, joins: Joins) -> DrawResult
     where
         DB::ErrorType: 'static,
     {
@@ -538,9 +562,16 @@ impl Figure for LineFigure {
         let mut labelled = false;
         for line in &self.lines {
             let color = line.color;
-            for (k, segment) in segments(&line.points).into_iter().enumerate() {
-                let series = LineSeries::new(segment, color.stroke_width(2)).point_size(if line.markers { 4 } else { 0 });
-                let drawn = chart.draw_series(series)?;
+            for (k, segment) in segments(&thin(&line.points, MAX_LINE_POINTS)).into_iter().enumerate() {
+                let style = color.stroke_width(2);
+                // A lone point (between NaNs, or a single eval) gets a marker so it is visible.
+                if line.markers || segment.len() == 1 {
+                    chart.draw_series(segment.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+                }
+                let drawn = match joins {
+                    Joins::Polyline => chart.draw_series(LineSeries::new(segment, style))?,
+                    Joins::Segments => chart.draw_series(segment.windows(2).map(|w| PathElement::new(vec![w[0], w[1]], style)))?,
+                };
                 if let (0, Some(label)) = (k, &line.label) {
                     labelled = true;
                     let markers = line.markers;
@@ -563,37 +594,55 @@ impl Figure for LineFigure {
     }
 }
 
-/// Expert load fractions over time: one column per log step, one row per expert.
+/// At most this many columns in a heatmap: a long run's log steps are averaged in groups, which
+/// a 1000-pixel-wide chart cannot show anyway, and it keeps the SVG small (one rectangle per cell).
+const MAX_HEATMAP_COLUMNS: usize = 250;
+
+/// Expert load fractions over time: one column per log step (or group of steps), one row per expert.
 struct Heatmap {
     caption: String,
-    steps: Vec<u64>,
-    /// Per log step, per expert.
+    /// Each column's step span.
+    cells: Vec<(f64, f64)>,
+    /// Per column, per expert.
     fractions: Vec<Vec<f64>>,
 }
 
 impl Heatmap {
-    /// Each log step's cell spans half-way to its neighbours (±0.5 when there is a single step).
-    fn cells(&self) -> Vec<(f64, f64)> {
-        let s: Vec<f64> = self.steps.iter().map(|&s| s as f64).collect();
-        (0..s.len())
+    /// Each log step's cell spans half-way to its neighbours (±0.5 when there is a single step);
+    /// with more than `max_columns` steps, consecutive steps are merged into equal groups whose
+    /// cell is the union of their cells and whose fractions are their mean.
+    fn new(caption: String, steps: &[u64], fractions: Vec<Vec<f64>>, max_columns: usize) -> Heatmap {
+        let s: Vec<f64> = steps.iter().map(|&s| s as f64).collect();
+        let cells: Vec<(f64, f64)> = (0..s.len())
             .map(|i| {
                 let left = if i > 0 { (s[i] - s[i - 1]) / 2.0 } else if s.len() > 1 { (s[1] - s[0]) / 2.0 } else { 0.5 };
                 let right = if i + 1 < s.len() { (s[i + 1] - s[i]) / 2.0 } else { left };
                 (s[i] - left, s[i] + right)
             })
-            .collect()
+            .collect();
+        let group = cells.len().div_ceil(max_columns.max(1)).max(1);
+        if group == 1 {
+            return Heatmap { caption, cells, fractions };
+        }
+        let experts = fractions.iter().map(Vec::len).max().unwrap_or(0);
+        let merged = fractions
+            .chunks(group)
+            .map(|rows| (0..experts).map(|e| mean(rows.iter().map(|r| r.get(e).copied().unwrap_or(f64::NAN)))).collect())
+            .collect();
+        let cells = cells.chunks(group).map(|c| (c[0].0, c[c.len() - 1].1)).collect();
+        Heatmap { caption, cells, fractions: merged }
     }
 }
 
 impl Figure for Heatmap {
-    fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> DrawResult
+    fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>, _joins: Joins) -> DrawResult
     where
         DB::ErrorType: 'static,
     {
         let experts = self.fractions.iter().map(Vec::len).max().unwrap_or(0).max(1) as u32;
         let vmax = self.fractions.iter().flatten().copied().filter(|f| f.is_finite()).fold(0.0, f64::max);
         let vmax = if vmax > 0.0 { vmax } else { 1.0 };
-        let cells = self.cells();
+        let cells = &self.cells;
         let x0 = cells.first().map(|c| c.0).unwrap_or(0.0);
         let x1 = cells.last().map(|c| c.1).unwrap_or(1.0).max(x0 + 1.0);
         let (width, _) = area.dim_in_pixel();
@@ -616,13 +665,15 @@ impl Figure for Heatmap {
             .y_labels(experts.min(16) as usize)
             .x_label_formatter(&|x| format!("{}", x.round() as i64))
             .draw()?;
-        chart.draw_series(self.fractions.iter().zip(&cells).flat_map(|(row, &(c0, c1))| {
+        chart.draw_series(self.fractions.iter().zip(cells).flat_map(|(row, &(c0, c1))| {
             row.iter().enumerate().map(move |(e, &f)| {
                 let color = if f.is_finite() { ViridisRGB::get_color_normalized(f, 0.0, vmax) } else { RGBColor(200, 200, 200) };
                 Rectangle::new([(c0, SegmentValue::Exact(e as u32)), (c1, SegmentValue::Exact(e as u32 + 1))], color.filled())
             })
         }))?;
-        // Colour bar, aligned with the plot area by the same caption, margin and label sizes.
+        // Colour bar, aligned with the plot area by the same caption, margin and label sizes; its six
+        // labels get enough decimals to differ (64 experts: fractions around 0.016).
+        let decimals = ((-(vmax / 5.0).log10()).ceil() as usize).clamp(2, 6);
         let mut scale = ChartBuilder::on(&bar)
             .caption("fraction", (FONT, caption_size))
             .margin(margin)
@@ -635,7 +686,7 @@ impl Figure for Heatmap {
             .disable_x_axis()
             .label_style((FONT, 14))
             .y_labels(6)
-            .y_label_formatter(&|v| format!("{v:.2}"))
+            .y_label_formatter(&|v| format!("{v:.decimals$}"))
             .draw()?;
         const STEPS: usize = 64;
         scale.draw_series((0..STEPS).map(|i| {
@@ -663,11 +714,21 @@ mod tests {
         assert_eq!(padded_range([1.0, 3.0, f64::NAN].into_iter()), (0.9, 3.1));
         assert_eq!(padded_range([2.0].into_iter()), (1.5, 2.5));
         assert_eq!(padded_range(std::iter::empty()), (0.0, 1.0));
-        let heat = Heatmap { caption: String::new(), steps: vec![10, 20, 40], fractions: vec![] };
-        assert_eq!(heat.cells(), vec![(5.0, 15.0), (15.0, 30.0), (30.0, 50.0)]);
-        let single = Heatmap { caption: String::new(), steps: vec![7], fractions: vec![] };
-        assert_eq!(single.cells(), vec![(6.5, 7.5)]);
+        let heat = Heatmap::new(String::new(), &[10, 20, 40], vec![vec![0.5]; 3], 10);
+        assert_eq!(heat.cells, vec![(5.0, 15.0), (15.0, 30.0), (30.0, 50.0)]);
+        assert_eq!(Heatmap::new(String::new(), &[7], vec![vec![1.0]], 10).cells, vec![(6.5, 7.5)]);
+        // 5 steps into at most 2 columns: groups of 3 and 2, fractions averaged per expert.
+        let fractions = vec![vec![0.0, 1.0], vec![0.5, 0.5], vec![1.0, 0.0], vec![0.25, 0.75], vec![0.75, 0.25]];
+        let binned = Heatmap::new(String::new(), &[10, 20, 30, 40, 50], fractions, 2);
+        assert_eq!(binned.cells, vec![(5.0, 35.0), (35.0, 55.0)]);
+        assert_eq!(binned.fractions, vec![vec![0.5, 0.5], vec![0.5, 0.5]]);
         assert_eq!(segments(&[(0.0, 1.0), (1.0, f64::NAN), (2.0, 3.0), (3.0, 4.0)]), vec![vec![(0.0, 1.0)], vec![(2.0, 3.0), (3.0, 4.0)]]);
+        // 5 points into at most 3: pairs averaged, the NaN pair stays a gap.
+        let thinned = thin(&[(0.0, 1.0), (1.0, 3.0), (2.0, 5.0), (3.0, f64::NAN), (4.0, 2.0)], 3);
+        assert_eq!(thinned.len(), 3);
+        assert_eq!(thinned[0], (0.5, 2.0));
+        assert!(thinned[1].0 == 2.5 && thinned[1].1.is_nan());
+        assert_eq!(thinned[2], (4.0, 2.0));
         assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(median(vec![]), None);
     }
@@ -677,7 +738,7 @@ mod tests {
     fn degenerate_figures_draw() {
         let dir = std::env::temp_dir().join(format!("moec-report-unit-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let heat = Heatmap { caption: "one".into(), steps: vec![3], fractions: vec![vec![1.0]] };
+        let heat = Heatmap::new("one".into(), &[3], vec![vec![1.0]], MAX_HEATMAP_COLUMNS);
         assert_eq!(render(&heat, (400, 300), &dir, "heat").unwrap().len(), 2);
         let lines = LineFigure { caption: "nan".into(), y_desc: "loss".into(), lines: vec![Line { label: Some("x".into()), color: run_color(0), points: vec![(1.0, f64::NAN)], markers: true }] };
         assert_eq!(render(&lines, (400, 300), &dir, "lines").unwrap().len(), 2);
