@@ -796,7 +796,23 @@ fn single_kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc,
             per_item(b, format!("    let base = {base_expr};\n    var v = 0.0;\n    for (var r = 0u; r < {count}u; r = r + 1u) {{\n        v = v + {x}[base + {red_expr}];\n    }}\n"))
         }
         // Register-blocked / workgroup-uniform kernels of their own (emit::grad).
-        Op::EmbeddingGrad { .. } | Op::GroupedMatMulGradW { .. } => super::grad::grad_kernel(graph, n, target),
+        Op::EmbeddingGrad { vocab } => {
+            // Deterministic scatter-add as a gather: one invocation per vocabulary row scans the ids
+            // in order and accumulates the matching gradient rows into its own output row, so the
+            // cost is vocab·ids compares plus ids·D adds (a per-element gather would be vocab·ids·D).
+            let ids = b.read(args[0]);
+            let g = b.read(args[1]);
+            let out = b.write(n);
+            let n_ids = graph.ty(args[0]).numel();
+            let d = graph.ty(args[1]).last();
+            let body = format!(
+                "{}    let tok = i;\n    for (var c = 0u; c < {d}u; c = c + 1u) {{\n        {out}[tok * {d}u + c] = 0.0;\n    }}\n    for (var j = 0u; j < {n_ids}u; j = j + 1u) {{\n        if ({ids}[j] == tok) {{\n            for (var c = 0u; c < {d}u; c = c + 1u) {{\n                {out}[tok * {d}u + c] = {out}[tok * {d}u + c] + {g}[j * {d}u + c];\n            }}\n        }}\n    }}\n}}\n",
+                per_item_main(wg, *vocab)
+            );
+            let grid = fold(vocab.div_ceil(wg as usize) as u64, target)?;
+            Ok(b.finish(&[], &body, grid))
+        }
+        Op::GroupedMatMulGradW { .. } => super::grad::grad_kernel(graph, n, target),
         Op::CrossEntropyGrad => {
             // One invocation per row: logsumexp, then (softmax - onehot) · g / N.
             let logits = b.read(args[0]);
