@@ -253,6 +253,15 @@ fn moe_adjoints_tile_4_wide() {
     moe_adjoints(RouteLayout::dropless(37, 2, 5, 4), 70, 75, 4);
 }
 
+#[test]
+fn moe_adjoints_with_capacity_drops() {
+    // 82 slots, at most 15 per expert: over-capacity slots are dropped (slot_row = NONE) and the
+    // padded row bound shrinks to 4 · 15 + 4 · 7.
+    let layout = RouteLayout { capacity: 15, ..RouteLayout::dropless(41, 2, 4, 8) };
+    assert!(layout.drops());
+    moe_adjoints(layout, 13, 21, 5);
+}
+
 const DENSE: &str = r#"
 model tiny_dense {
   vocab = 32
