@@ -1,0 +1,221 @@
+//! Every routing method of LANGUAGE.md on the GPU (lavapipe where there is none) against the f64
+//! reference interpreter: forward and training graphs of tiny one-MoE-block transformers, one per
+//! gate kind, hierarchy, capacity policy and balancing term, fused and unfused under both matmul
+//! variants. Every output is compared: logits, losses, every `grad.<param>`, the metrics
+//! (`moe.N.load`, `dropped`, `router_z`) and the router-state updates (`router_state.N.*.next`).
+//!
+//! Feeds: unit-variance parameters, noise N(0,1)-like (uniform ±1.5), jitter U(0.9, 1.1), router state
+//! uniform ±0.2, redrawn until every top-k and expert-choice selection has a margin ≥ 1e-3 (so the
+//! GPU's f32 router picks what the f64 reference picks). Tolerance: |gpu − ref| ≤ 1e-3·|ref| +
+//! 1e-4·max|ref of that output| (as grad_gpu.rs: f32 with other summation orders; the GPU's Φ is an
+//! erfc approximation with absolute error below 1.5e-7).
+
+use moec_compiler::autodiff::{training_graph, SEED};
+use moec_compiler::check::check;
+use moec_compiler::emit::{emit, MatmulVariant, Target};
+use moec_compiler::fuse::{fuse, FuseOptions};
+use moec_compiler::interp::{self, Precision, Value};
+use moec_compiler::ir::{DType, Graph, Init, Op};
+use moec_compiler::lower::lower;
+use moec_runtime::{AdapterChoice, Executor, Gpu};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::OnceLock;
+
+const MODEL_REL: f64 = 1e-3;
+const MODEL_FLOOR: f64 = 1e-4;
+
+fn gpu() -> &'static Gpu {
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    GPU.get_or_init(|| Gpu::new(&AdapterChoice::default()).expect("a wgpu adapter (lavapipe: apt-get install mesa-vulkan-drivers)"))
+}
+
+fn widen(feeds: &HashMap<String, Value>) -> HashMap<String, Value> {
+    feeds
+        .iter()
+        .map(|(k, v)| {
+            let v = match v {
+                Value::F32(x) => Value::F64(x.iter().map(|&a| f64::from(a)).collect()),
+                other => other.clone(),
+            };
+            (k.clone(), v)
+        })
+        .collect()
+}
+
+/// Runs `graph` on the GPU and returns every named output as f64.
+fn run_gpu(graph: &Graph, feeds: &HashMap<String, Value>, target: &Target, fused: bool) -> HashMap<String, Vec<f64>> {
+    let opts = FuseOptions { enabled: fused, max_bindings: target.max_storage_buffers_per_stage };
+    let plan = emit(graph, &fuse(graph, opts), target).unwrap_or_else(|e| panic!("{e}"));
+    let exec = Executor::new(gpu(), &plan).unwrap_or_else(|e| panic!("{e}"));
+    for (name, value) in feeds {
+        match value {
+            Value::F32(v) => exec.write_f32(name, v),
+            Value::U32(v) => exec.write_u32(name, v),
+            Value::F64(v) => exec.write_f32(name, &v.iter().map(|&x| x as f32).collect::<Vec<_>>()),
+        }
+        .unwrap_or_else(|e| panic!("feed {name}: {e}"));
+    }
+    exec.run().unwrap();
+    graph
+        .outputs
+        .iter()
+        .map(|(name, id)| {
+            let v = match graph.ty(*id).dtype {
+                DType::F32 => exec.read_f32(name).unwrap().into_iter().map(f64::from).collect(),
+                DType::U32 => exec.read_u32(name).unwrap().into_iter().map(f64::from).collect(),
+            };
+            (name.clone(), v)
+        })
+        .collect()
+}
+
+/// Every (matmul variant, fused) configuration a graph is checked in.
+fn configs() -> Vec<(Target, bool)> {
+    let mut out = Vec::new();
+    for variant in [MatmulVariant::RegisterBlocked, MatmulVariant::SharedTiled] {
+        for fused in [true, false] {
+            out.push((Target { matmul: variant, ..gpu().target() }, fused));
+        }
+    }
+    out
+}
+
+/// Compares every output of `graph` on the GPU with the f64 interpreter, u32 outputs exactly, f32
+/// outputs within `tol(reference, max |reference| of that output)`; returns the largest absolute
+/// error per output over all configurations.
+fn compare(graph: &Graph, feeds: &HashMap<String, Value>, tol: &dyn Fn(f64, f64) -> f64) -> HashMap<String, f64> {
+    let expected = interp::run_outputs_in(graph, &widen(feeds), Precision::F64).unwrap();
+    let mut worst: HashMap<String, f64> = HashMap::new();
+    for (target, fused) in configs() {
+        let got = run_gpu(graph, feeds, &target, fused);
+        for (name, id) in &graph.outputs {
+            let want = expected[name].to_f64();
+            let have = &got[name];
+            assert_eq!(want.len(), have.len(), "{name}");
+            let scale = want.iter().fold(0.0f64, |m, w| m.max(w.abs()));
+            let exact = graph.ty(*id).dtype == DType::U32;
+            for (i, (w, h)) in want.iter().zip(have).enumerate() {
+                let err = (w - h).abs();
+                let ok = if exact { err == 0.0 } else { err <= tol(w.abs(), scale) };
+                assert!(ok, "{name}[{i}]: gpu {h} vs reference {w} ({:?}, fused = {fused})", target.matmul);
+                let e = worst.entry(name.clone()).or_default();
+                *e = e.max(err);
+            }
+        }
+    }
+    worst
+}
+
+/// Unit-variance parameters and the routing inputs as the runtime feeds them in training.
+fn model_feeds(g: &Graph, seed: u64) -> HashMap<String, Value> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut feeds = HashMap::new();
+    for (id, name, ty) in g.params() {
+        let v: Vec<f32> = match g.node(id).op {
+            Op::Param { init: Init::Constant(c), .. } => (0..ty.numel()).map(|_| c + rng.random_range(-0.3..0.3)).collect(),
+            _ => {
+                let bound = (3.0 / ty.last() as f32).sqrt();
+                (0..ty.numel()).map(|_| rng.random_range(-bound..bound)).collect()
+            }
+        };
+        feeds.insert(name, Value::F32(v));
+    }
+    for (_, name, ty) in g.data_inputs() {
+        let n = ty.numel();
+        let v = match ty.dtype {
+            DType::U32 => Value::U32((0..n).map(|_| rng.random_range(0..16)).collect()),
+            DType::F32 if name.starts_with("noise.") => Value::F32((0..n).map(|_| rng.random_range(-1.5..1.5)).collect()),
+            DType::F32 if name.starts_with("jitter.") => Value::F32((0..n).map(|_| rng.random_range(0.9..1.1)).collect()),
+            DType::F32 => Value::F32((0..n).map(|_| rng.random_range(-0.2..0.2)).collect()),
+        };
+        feeds.insert(name, v);
+    }
+    feeds
+}
+
+/// Smallest gap, over every `TopK` row and `ExpertChoice` column, between the last kept and the
+/// first dropped score (f64).
+fn selection_margin(g: &Graph, feeds: &HashMap<String, Value>) -> f64 {
+    let vals = interp::run_in(g, &widen(feeds), Precision::F64).expect("forward runs");
+    let mut margin = f64::INFINITY;
+    let mut gap = |mut s: Vec<f64>, k: usize| {
+        if k < s.len() {
+            s.sort_by(|a, b| b.total_cmp(a));
+            margin = margin.min(s[k - 1] - s[k]);
+        }
+    };
+    for id in g.topo_order() {
+        match g.node(id).op {
+            Op::TopK { k } => {
+                let scores = g.inputs(id)[0];
+                let e = g.ty(scores).last();
+                for row in vals[&scores].to_f64().chunks(e) {
+                    gap(row.to_vec(), k);
+                }
+            }
+            Op::ExpertChoice { capacity } => {
+                let scores = g.inputs(id)[0];
+                let (t, e) = (g.ty(scores).shape[0], g.ty(scores).shape[1]);
+                let s = vals[&scores].to_f64();
+                for c in 0..e {
+                    gap((0..t).map(|r| s[r * e + c]).collect(), capacity);
+                }
+            }
+            _ => {}
+        }
+    }
+    margin
+}
+
+fn check_routing(what: &str, moe: &str) {
+    let source = format!("model tiny {{\n vocab = 16\n dim = 16\n layers = 1\n heads = 2\n context = 8\n moe {{\n expert = swiglu(hidden = 12)\n {moe}\n }}\n}}\n");
+    let spec = check(&source, Path::new("test.moe")).unwrap_or_else(|d| panic!("{d:?}"));
+    let forward = lower(&spec, 2).expect("lowers");
+    let train = training_graph(&forward).expect("differentiates");
+    let mut feeds = (1..80)
+        .map(|seed| model_feeds(&forward, seed))
+        .find(|f| selection_margin(&forward, f) >= 1e-3)
+        .expect("a seed with well-separated router scores");
+    let tol = |reference: f64, scale: f64| MODEL_REL * reference + MODEL_FLOOR * scale;
+    compare(&forward, &feeds, &tol);
+    feeds.insert(SEED.into(), Value::F32(vec![1.0]));
+    let worst = compare(&train, &feeds, &tol);
+    let mut names: Vec<_> = worst.into_iter().filter(|(n, _)| !n.starts_with("grad.")).collect();
+    names.sort_by(|a, b| a.0.cmp(&b.0));
+    eprintln!("{what}: {names:?}");
+}
+
+#[test]
+fn noisy_top_k_with_cv2_on_gpu() {
+    check_routing("noisy_top_k", "experts = 4\n top_k = 2\n gate = noisy_top_k\n balance = cv2(importance = 0.5, load = 0.5) + z(0.1)");
+}
+
+#[test]
+fn two_level_hierarchy_on_gpu() {
+    check_routing("two_level", "experts = 6\n groups = 3 x 2\n top_groups = 2\n top_k = 1\n gate = noisy_top_k\n balance = cv2(importance = 0.5, load = 0.5)");
+}
+
+#[test]
+fn group_limited_sigmoid_with_bias_on_gpu() {
+    check_routing("group_limited + bias", "experts = 8\n groups = 4 x 2\n hierarchy = group_limited\n top_groups = 2\n top_k = 3\n gate = sigmoid\n balance = bias(rate = 0.01) + seq_aux(0.5)");
+}
+
+#[test]
+fn capacity_policies_and_jitter_on_gpu() {
+    check_routing("switch + probability drop + jitter", "experts = 4\n gate = switch\n capacity = factor(1.0, drop = probability)\n jitter = 0.1\n balance = aux(0.5) + z(0.1)");
+    check_routing("softmax + position drop", "experts = 4\n top_k = 2\n capacity = factor(0.75)\n balance = aux(0.5)");
+}
+
+#[test]
+fn expert_choice_and_sinkhorn_on_gpu() {
+    check_routing("expert_choice", "experts = 4\n gate = expert_choice(capacity = 1.5)\n balance = aux(0.5) + z(0.1)");
+    check_routing("sinkhorn", "experts = 4\n top_k = 2\n gate = sinkhorn(iters = 4)\n balance = z(0.1)");
+}
+
+#[test]
+fn auction_on_gpu() {
+    check_routing("auction", "experts = 4\n top_k = 2\n gate = auction(rounds = 6, epsilon = 0.01, budget = 0.5, price_rate = 0.1)\n capacity = factor(1.0)\n balance = z(0.1)");
+}
