@@ -565,7 +565,12 @@ fn eval_node<F: Float>(
         Op::MoeRoute { layout } => {
             let prio = match args.len() {
                 1 => None,
-                2 => Some(ctx.f(args[1])?.iter().map(|&p| p.to_f64()).collect::<Vec<f64>>()),
+                2 => Some(
+                    ctx.f(args[1])?
+                        .iter()
+                        .map(|&p| p.to_f64())
+                        .collect::<Vec<f64>>(),
+                ),
                 n => return Err(ctx.malformed(format!("expected 1 or 2 arguments, got {n}"))),
             };
             route_with(ctx.u(args[0])?, prio.as_deref(), layout)
@@ -576,14 +581,18 @@ fn eval_node<F: Float>(
             ctx.argc(1, args.len())?;
             let x = ctx.u(args[0])?;
             let c = arg_tys[0].shape[1];
-            let out = (0..ty.numel()).map(|i| x[(i / len) * c + start + i % len]).collect();
+            let out = (0..ty.numel())
+                .map(|i| x[(i / len) * c + start + i % len])
+                .collect();
             Ok(Tensor::U(out))
         }
         Op::RouteLoad { layout } => {
             ctx.argc(1, args.len())?;
             let table = ctx.u(args[0])?;
             let counts = &table[layout.counts_at()..layout.counts_at() + layout.experts];
-            Ok(Tensor::F(counts.iter().map(|&c| F::from_f64(c as f64)).collect()))
+            Ok(Tensor::F(
+                counts.iter().map(|&c| F::from_f64(c as f64)).collect(),
+            ))
         }
         Op::ExpertChoice { capacity } => {
             ctx.argc(1, args.len())?;
@@ -595,7 +604,13 @@ fn eval_node<F: Float>(
             let (t, e) = (arg_tys[0].shape[0], arg_tys[0].shape[1]);
             Ok(Tensor::F(sinkhorn(ctx.f(args[0])?, t, e, *iters)))
         }
-        Op::Auction { rounds, epsilon, budget, capacity, k } => {
+        Op::Auction {
+            rounds,
+            epsilon,
+            budget,
+            capacity,
+            k,
+        } => {
             ctx.argc(2, args.len())?;
             let (t, e) = (arg_tys[0].shape[0], arg_tys[0].shape[1]);
             let params = AuctionParams {
@@ -605,7 +620,13 @@ fn eval_node<F: Float>(
                 capacity: *capacity,
                 k: *k,
             };
-            Ok(Tensor::U(auction(ctx.f(args[0])?, ctx.f(args[1])?, t, e, &params)))
+            Ok(Tensor::U(auction(
+                ctx.f(args[0])?,
+                ctx.f(args[1])?,
+                t,
+                e,
+                &params,
+            )))
         }
         Op::MoeGather { layout } => {
             ctx.argc(2, args.len())?;
@@ -912,9 +933,9 @@ fn unary<F: Float>(u: UnaryOp, x: F) -> F {
             }
         }
         UnaryOp::NormalCdf => F::from_f64(0.5 * erfc(-x.to_f64() / std::f64::consts::SQRT_2)),
-        UnaryOp::NormalPdf => {
-            F::from_f64((-0.5 * x.to_f64() * x.to_f64()).exp() / (2.0 * std::f64::consts::PI).sqrt())
-        }
+        UnaryOp::NormalPdf => F::from_f64(
+            (-0.5 * x.to_f64() * x.to_f64()).exp() / (2.0 * std::f64::consts::PI).sqrt(),
+        ),
         UnaryOp::GeluGrad => {
             let c = F::from_f64((2.0 / std::f64::consts::PI).sqrt());
             let a = F::from_f64(0.044715);
@@ -1115,7 +1136,11 @@ pub fn route(idx: &[u32], layout: &RouteLayout) -> Result<Vec<u32>, u32> {
 /// deterministic; dropped and `NONE` slots get `slot_row = NONE`. Padding rows have `row_slot = NONE`
 /// and belong to the segment's expert; rows at and past `offsets[experts]` (unused worst-case rows)
 /// have `row_slot = NONE` and `row_expert = NONE`.
-pub fn route_with(idx: &[u32], prio: Option<&[f64]>, layout: &RouteLayout) -> Result<Vec<u32>, u32> {
+pub fn route_with(
+    idx: &[u32],
+    prio: Option<&[f64]>,
+    layout: &RouteLayout,
+) -> Result<Vec<u32>, u32> {
     let (e_n, tile) = (layout.experts, layout.tile.max(1));
     let mut table = vec![0u32; layout.len()];
     let mut slots: Vec<Vec<usize>> = vec![Vec::new(); e_n];
@@ -1148,7 +1173,11 @@ pub fn route_with(idx: &[u32], prio: Option<&[f64]>, layout: &RouteLayout) -> Re
         table[layout.offsets_at() + e] = o as u32;
     }
     let rows = layout.rows();
-    let (rs, re, sr) = (layout.row_slot_at(), layout.row_expert_at(), layout.slot_row_at());
+    let (rs, re, sr) = (
+        layout.row_slot_at(),
+        layout.row_expert_at(),
+        layout.slot_row_at(),
+    );
     table[rs..rs + rows].fill(RouteLayout::NONE);
     table[re..re + rows].fill(RouteLayout::NONE);
     table[sr..sr + layout.tokens * layout.k].fill(RouteLayout::NONE);
@@ -1190,11 +1219,17 @@ pub fn sinkhorn<F: Float>(logits: &[F], t_n: usize, e_n: usize, iters: usize) ->
     let c: Vec<F> = logits
         .chunks(e_n.max(1))
         .flat_map(|row| {
-            let m = row.iter().copied().fold(F::from_f64(f64::NEG_INFINITY), F::max);
+            let m = row
+                .iter()
+                .copied()
+                .fold(F::from_f64(f64::NEG_INFINITY), F::max);
             row.iter().map(move |&x| (x - m).exp()).collect::<Vec<F>>()
         })
         .collect();
-    let (inv_t, inv_e) = (F::ONE / F::from_f64(t_n as f64), F::ONE / F::from_f64(e_n as f64));
+    let (inv_t, inv_e) = (
+        F::ONE / F::from_f64(t_n as f64),
+        F::ONE / F::from_f64(e_n as f64),
+    );
     let mut d1 = vec![F::ONE; e_n];
     let mut d0 = vec![F::ONE; t_n];
     for _ in 0..iters {
@@ -1213,7 +1248,9 @@ pub fn sinkhorn<F: Float>(logits: &[F], t_n: usize, e_n: usize, iters: usize) ->
             d1[e] = inv_e / (s + eps);
         }
     }
-    (0..t_n * e_n).map(|i| d1[i % e_n] * c[i] * d0[i / e_n]).collect()
+    (0..t_n * e_n)
+        .map(|i| d1[i % e_n] * c[i] * d0[i / e_n])
+        .collect()
 }
 
 /// The knobs of [`Op::Auction`].
@@ -1246,7 +1283,13 @@ const NO_BID: f64 = -3.402_823_466e38;
 ///    and bid again next round. An expert holding `capacity` bids prices at its lowest kept bid.
 ///
 /// No expert ever holds more than `capacity` tokens, and no token holds an expert twice.
-pub fn auction<F: Float>(v: &[F], prices: &[F], t_n: usize, e_n: usize, p: &AuctionParams) -> Vec<u32> {
+pub fn auction<F: Float>(
+    v: &[F],
+    prices: &[F],
+    t_n: usize,
+    e_n: usize,
+    p: &AuctionParams,
+) -> Vec<u32> {
     let no_bid = F::from_f64(NO_BID);
     let (eps, budget) = (F::from_f64(p.epsilon), F::from_f64(p.budget));
     let mut price: Vec<F> = prices.to_vec();
@@ -1262,7 +1305,12 @@ pub fn auction<F: Float>(v: &[F], prices: &[F], t_n: usize, e_n: usize, p: &Auct
             }
             let mut cand: Vec<usize> = (0..e_n).filter(|&e| row[e] == no_bid).collect();
             let net = |e: usize| v[t * e_n + e] - price[e];
-            cand.sort_by(|&a, &b| net(b).partial_cmp(&net(a)).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
+            cand.sort_by(|&a, &b| {
+                net(b)
+                    .partial_cmp(&net(a))
+                    .unwrap_or(std::cmp::Ordering::Equal)
+                    .then(a.cmp(&b))
+            });
             let mut n_next = cand.get(open).map_or(-budget, |&e| net(e));
             if n_next < -budget {
                 n_next = -budget;
@@ -1279,9 +1327,15 @@ pub fn auction<F: Float>(v: &[F], prices: &[F], t_n: usize, e_n: usize, p: &Auct
         }
         // 2. Acceptance: each expert keeps its best `capacity` bids.
         for e in 0..e_n {
-            let mut holders: Vec<(usize, F)> =
-                (0..t_n).map(|t| (t, bid[t * e_n + e])).filter(|&(_, b)| b != no_bid).collect();
-            holders.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal).then(a.0.cmp(&b.0)));
+            let mut holders: Vec<(usize, F)> = (0..t_n)
+                .map(|t| (t, bid[t * e_n + e]))
+                .filter(|&(_, b)| b != no_bid)
+                .collect();
+            holders.sort_by(|a, b| {
+                b.1.partial_cmp(&a.1)
+                    .unwrap_or(std::cmp::Ordering::Equal)
+                    .then(a.0.cmp(&b.0))
+            });
             for &(t, _) in holders.iter().skip(p.capacity) {
                 bid[t * e_n + e] = no_bid;
             }

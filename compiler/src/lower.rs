@@ -8,7 +8,14 @@
 //! `logits` (`[B*T, V]`, or `[B, classes]` for `mlp`), `ce` (mean cross-entropy, `[1]`), `aux.N` for
 //! every MoE block `N` that has balancing terms (the sum of that block's terms, `[1]`), and `loss` =
 //! `ce` + Σ `aux.N` (`[1]`). `loss` is always its own node (an identity affine of `ce` when there are no
-//! balancing terms) so that every output name owns one buffer.
+//! balancing terms) so that every output name owns one buffer. Every MoE block also has the metrics
+//! `moe.N.load` `[E]`, `moe.N.dropped` `[1]`, `moe.N.router_z` `[1]`, and, with `bias(...)` or
+//! `auction`, the router-state update `router_state.N.bias.next` / `router_state.N.prices.next`.
+//!
+//! # Inputs besides the data
+//! `noise.N` (`[T, E]`, ε of `noisy_top_k`; `noise.N.groups` `[T, G]` for a `two_level` primary gate),
+//! `jitter.N` (`[T, dim]`), `router_state.N.bias` and `router_state.N.prices` (`[E]`): what the
+//! runtime feeds is docs/DECISIONS.md, "Router state and noise".
 //!
 //! # Parameter names and layouts
 //! HF Mixtral/Llama names (DESIGN.md), `[out, in]` linear weights read with `MatMul { trans_b }`:
@@ -29,11 +36,15 @@
 //! # Init
 //! Linear and embedding weights N(0, 0.02²) (HF `initializer_range`), norm weights 1, biases 0.
 //!
+//! # Routing
+//! A router ([`Routing`]) turns the router input into selected experts `idx[T, k]` (u32, `NONE` for an
+//! unassigned slot) and their gate weights: top-k gates (flat or `group_limited`) share
+//! `gate_level`; `two_level`, `expert_choice`, `sinkhorn` and `auction` have their own. Dispatch,
+//! capacity, balancing and metrics are common to all of them.
+//!
 //! # What is not lowered yet
-//! `lstm` family; gates `noisy_top_k`, `expert_choice`, `sinkhorn`, `auction`; `groups`;
-//! `capacity = factor(...)`; `cv2` and `bias` balancing; `jitter`. Each returns
-//! [`LowerError::Unsupported`] naming the feature. The MoE code is split (scores → selection →
-//! weights → dispatch → balancing) so those slot in as new score/selection arms.
+//! The `lstm` family, and `bias(...)` with `hierarchy = two_level`: each returns
+//! [`LowerError::Unsupported`] naming the feature.
 
 use crate::ir::{
     BinaryOp, Graph, Init, IrError, NodeId, Op, ReduceOp, RouteLayout, TensorType, UnaryOp,
@@ -116,11 +127,17 @@ fn check_moe_supported(moe: &Moe) -> Result<(), LowerError> {
             Hierarchy::GroupLimited => moe.top_groups * m,
         };
         if moe.top_k > limit {
-            return Err(LowerError::Invalid(format!("top_k = {} with groups {g} x {m}", moe.top_k)));
+            return Err(LowerError::Invalid(format!(
+                "top_k = {} with groups {g} x {m}",
+                moe.top_k
+            )));
         }
     }
     if let Gate::NoisyTopK { noise } = moe.gate {
-        let smooth_load = moe.balance.iter().any(|b| matches!(b, Balance::Cv2 { load, .. } if *load != 0.0));
+        let smooth_load = moe
+            .balance
+            .iter()
+            .any(|b| matches!(b, Balance::Cv2 { load, .. } if *load != 0.0));
         if smooth_load && noise <= 0.0 {
             return Err(LowerError::Invalid(
                 "the smooth load of `cv2(load > 0)` divides by the noise scale, so `noisy_top_k` needs `noise > 0`".into(),
@@ -422,23 +439,36 @@ impl Lower<'_> {
         // Switch-style multiplicative jitter on the router's input only.
         let xr = if moe.jitter != 0.0 {
             let d = self.last_dim(x);
-            let j = self.g.input(&format!("jitter.{block}"), TensorType::f32(&[n, d]));
+            let j = self
+                .g
+                .input(&format!("jitter.{block}"), TensorType::f32(&[n, d]));
             self.binary(BinaryOp::Mul, x, j, format!("{p}.jittered"))?
         } else {
             x
         };
-        let bias = if moe.balance.iter().any(|b| matches!(b, Balance::Bias { .. })) {
-            Some(self.g.input(&format!("router_state.{block}.bias"), TensorType::f32(&[e])))
+        let bias = if moe
+            .balance
+            .iter()
+            .any(|b| matches!(b, Balance::Bias { .. }))
+        {
+            Some(
+                self.g
+                    .input(&format!("router_state.{block}.bias"), TensorType::f32(&[e])),
+            )
         } else {
             None
         };
         let r = match (moe.gate, moe.groups) {
-            (Gate::ExpertChoice { capacity }, _) => self.expert_choice_router(xr, moe, capacity, &p)?,
+            (Gate::ExpertChoice { capacity }, _) => {
+                self.expert_choice_router(xr, moe, capacity, &p)?
+            }
             (Gate::Sinkhorn { .. }, _) => self.sinkhorn_router(xr, moe, &p)?,
             (Gate::Auction { .. }, _) => self.auction_router(xr, block, moe, &p)?,
             (_, Some((groups, m))) if moe.hierarchy == Hierarchy::TwoLevel => {
                 if bias.is_some() {
-                    return Err(unsupported("`bias(...)` balancing with `hierarchy = two_level`"));
+                    return Err(unsupported(
+                        "`bias(...)` balancing with `hierarchy = two_level`",
+                    ));
                 }
                 self.two_level_router(xr, block, moe, groups, m, &p)?
             }
@@ -455,16 +485,30 @@ impl Lower<'_> {
             capacity: capacity.min(slots),
             ..RouteLayout::dropless(n, r.k, e, ROUTE_TILE)
         };
-        let by_probability = matches!(moe.capacity, Capacity::Factor { drop: DropPolicy::Probability, .. }) && layout.drops();
+        let by_probability = matches!(
+            moe.capacity,
+            Capacity::Factor {
+                drop: DropPolicy::Probability,
+                ..
+            }
+        ) && layout.drops();
         let route = if by_probability {
             let prio = self.add(Op::GatherCols, &[r.probs, r.idx], format!("{p}.slot_probs"))?;
-            self.add(Op::MoeRoute { layout }, &[r.idx, prio], format!("{p}.route"))?
+            self.add(
+                Op::MoeRoute { layout },
+                &[r.idx, prio],
+                format!("{p}.route"),
+            )?
         } else {
             self.add(Op::MoeRoute { layout }, &[r.idx], format!("{p}.route"))?
         };
         let xp = self.add(Op::MoeGather { layout }, &[x, route], format!("{p}.gather"))?;
         let yp = self.experts(xp, route, layout, &format!("{p}.experts"), moe.expert)?;
-        let mut y = self.add(Op::MoeCombine { layout }, &[yp, r.weights, route], format!("{p}.combine"))?;
+        let mut y = self.add(
+            Op::MoeCombine { layout },
+            &[yp, r.weights, route],
+            format!("{p}.combine"),
+        )?;
         if moe.shared_experts > 0 {
             let shared = Ffn {
                 activation: moe.expert.activation,
@@ -493,7 +537,8 @@ impl Lower<'_> {
         };
         self.metrics.push((format!("moe.{block}.load"), load));
         self.metrics.push((format!("moe.{block}.dropped"), dropped));
-        self.metrics.push((format!("moe.{block}.router_z"), router_z));
+        self.metrics
+            .push((format!("moe.{block}.router_z"), router_z));
 
         let mut terms = Vec::new();
         let mut mask = None;
@@ -502,7 +547,11 @@ impl Lower<'_> {
                 Balance::Aux(c) | Balance::SeqAux(c) => {
                     let mask = match mask {
                         Some(m) => m,
-                        None => *mask.insert(self.add(Op::TopKMask { experts: e }, &[r.idx], format!("{p}.mask"))?),
+                        None => *mask.insert(self.add(
+                            Op::TopKMask { experts: e },
+                            &[r.idx],
+                            format!("{p}.mask"),
+                        )?),
                     };
                     let groups = match (*bal, seqs) {
                         (Balance::SeqAux(_), Some(bt)) => bt,
@@ -529,15 +578,22 @@ impl Lower<'_> {
         for bal in &moe.balance {
             if let (Balance::Bias { rate }, Some(b)) = (*bal, bias) {
                 let next = self.bias_update(b, load, rate, &p)?;
-                self.metrics.push((format!("router_state.{block}.bias.next"), next));
+                self.metrics
+                    .push((format!("router_state.{block}.bias.next"), next));
             }
         }
         if let Some((prices, demand, rate)) = r.prices {
             // p_e += g · (demand_e − mean) / mean, with mean = T·k/E (each token has k first choices).
             let mean = slots as f64 / e as f64;
-            let step = self.affine(demand, (rate / mean) as f32, -rate as f32, format!("{p}.price_step"))?;
+            let step = self.affine(
+                demand,
+                (rate / mean) as f32,
+                -rate as f32,
+                format!("{p}.price_step"),
+            )?;
             let next = self.binary(BinaryOp::Add, prices, step, format!("{p}.prices_next"))?;
-            self.metrics.push((format!("router_state.{block}.prices.next"), next));
+            self.metrics
+                .push((format!("router_state.{block}.prices.next"), next));
         }
         Ok(y)
     }
@@ -555,8 +611,20 @@ impl Lower<'_> {
         let (e, k) = (moe.experts, moe.top_k);
         let logits = self.linear(x, &format!("{p}.gate"), e, false)?;
         let noise = self.noise_source(x, block, moe, e, "", p)?;
-        let lv = self.gate_level(logits, noise, moe.gate, k, bias, moe.groups.map(|(g, m)| (g, m, moe.top_groups)), p)?;
-        let dense = self.add(Op::ScatterCols { cols: e }, &[lv.weights, lv.idx], format!("{p}.gates"))?;
+        let lv = self.gate_level(
+            logits,
+            noise,
+            moe.gate,
+            k,
+            bias,
+            moe.groups.map(|(g, m)| (g, m, moe.top_groups)),
+            p,
+        )?;
+        let dense = self.add(
+            Op::ScatterCols { cols: e },
+            &[lv.weights, lv.idx],
+            format!("{p}.gates"),
+        )?;
         Ok(Routing {
             logits,
             probs: lv.probs,
@@ -586,11 +654,23 @@ impl Lower<'_> {
             return Ok(None);
         };
         let n = self.g.ty(x).rows();
-        let name = if suffix.is_empty() { "noise".to_string() } else { format!("{suffix}_noise") };
+        let name = if suffix.is_empty() {
+            "noise".to_string()
+        } else {
+            format!("{suffix}_noise")
+        };
         let logits = self.linear(x, &format!("{p}.{name}"), cols, false)?;
-        let input = if suffix.is_empty() { format!("noise.{block}") } else { format!("noise.{block}.{suffix}") };
+        let input = if suffix.is_empty() {
+            format!("noise.{block}")
+        } else {
+            format!("noise.{block}.{suffix}")
+        };
         let eps = self.g.input(&input, TensorType::f32(&[n, cols]));
-        Ok(Some(Noise { logits, eps, scale: noise }))
+        Ok(Some(Noise {
+            logits,
+            eps,
+            scale: noise,
+        }))
     }
 
     /// One gating level on `logits[R, C]`: probabilities, selection of `k` columns and their weights
@@ -609,7 +689,9 @@ impl Lower<'_> {
         p: &str,
     ) -> Result<Level, LowerError> {
         let (rows, cols) = (self.g.ty(logits).rows(), self.last_dim(logits));
-        let softmax = |l: &mut Self, x: NodeId, label: String| l.add(Op::Softmax { causal: false }, &[x], label);
+        let softmax = |l: &mut Self, x: NodeId, label: String| {
+            l.add(Op::Softmax { causal: false }, &[x], label)
+        };
         // `scores`: what is selected on (before bias) and what the weights are read from.
         let (scores, probs, noisy) = match (gate, &noise) {
             (Gate::NoisyTopK { .. }, Some(nz)) => {
@@ -643,7 +725,11 @@ impl Lower<'_> {
         let (idx, smooth_load) = match noisy {
             Some(sd) if k < cols && sel == scores => {
                 let idx1 = self.add(Op::TopK { k: k + 1 }, &[sel], format!("{p}.topk_plus_one"))?;
-                let idx = self.add(Op::SliceCols { start: 0, len: k }, &[idx1], format!("{p}.topk"))?;
+                let idx = self.add(
+                    Op::SliceCols { start: 0, len: k },
+                    &[idx1],
+                    format!("{p}.topk"),
+                )?;
                 let load = self.smooth_load(logits, scores, sd, idx, idx1, k, p)?;
                 (idx, Some(load))
             }
@@ -659,7 +745,12 @@ impl Lower<'_> {
             }
             _ => picked,
         };
-        Ok(Level { probs, idx, weights, smooth_load })
+        Ok(Level {
+            probs,
+            idx,
+            weights,
+            smooth_load,
+        })
     }
 
     /// DeepSeek-V3 group-limited selection: group score = sum of the top-2 scores of its M experts
@@ -674,12 +765,24 @@ impl Lower<'_> {
         p: &str,
     ) -> Result<NodeId, LowerError> {
         let by_group = self.reshape(sel, &[rows * g, m], format!("{p}.group_scores_in"))?;
-        let top = self.add(Op::TopK { k: m.min(2) }, &[by_group], format!("{p}.group_top"))?;
-        let vals = self.add(Op::GatherCols, &[by_group, top], format!("{p}.group_top_scores"))?;
+        let top = self.add(
+            Op::TopK { k: m.min(2) },
+            &[by_group],
+            format!("{p}.group_top"),
+        )?;
+        let vals = self.add(
+            Op::GatherCols,
+            &[by_group, top],
+            format!("{p}.group_top_scores"),
+        )?;
         let score = self.reduce(ReduceOp::Sum, vals, format!("{p}.group_score"))?;
         let score = self.reshape(score, &[rows, g], format!("{p}.group_scores"))?;
         let gidx = self.add(Op::TopK { k: kept }, &[score], format!("{p}.group_topk"))?;
-        let gmask = self.add(Op::TopKMask { experts: g }, &[gidx], format!("{p}.group_mask"))?;
+        let gmask = self.add(
+            Op::TopKMask { experts: g },
+            &[gidx],
+            format!("{p}.group_mask"),
+        )?;
         let gmask = self.reshape(gmask, &[rows, g, 1], format!("{p}.group_mask_cols"))?;
         let shift = self.affine(gmask, 1e30, -1e30, format!("{p}.group_shift"))?;
         let sel3 = self.reshape(sel, &[rows, g, m], format!("{p}.scores_by_group"))?;
@@ -702,10 +805,25 @@ impl Lower<'_> {
         p: &str,
     ) -> Result<NodeId, LowerError> {
         let cols = self.last_dim(clean);
-        let i_in = self.add(Op::SliceCols { start: k, len: 1 }, &[idx1], format!("{p}.threshold_in_idx"))?;
-        let i_out = self.add(Op::SliceCols { start: k - 1, len: 1 }, &[idx1], format!("{p}.threshold_out_idx"))?;
+        let i_in = self.add(
+            Op::SliceCols { start: k, len: 1 },
+            &[idx1],
+            format!("{p}.threshold_in_idx"),
+        )?;
+        let i_out = self.add(
+            Op::SliceCols {
+                start: k - 1,
+                len: 1,
+            },
+            &[idx1],
+            format!("{p}.threshold_out_idx"),
+        )?;
         let t_in = self.add(Op::GatherCols, &[noisy, i_in], format!("{p}.threshold_in"))?;
-        let t_out = self.add(Op::GatherCols, &[noisy, i_out], format!("{p}.threshold_out"))?;
+        let t_out = self.add(
+            Op::GatherCols,
+            &[noisy, i_out],
+            format!("{p}.threshold_out"),
+        )?;
         let is_in = self.add(Op::TopKMask { experts: cols }, &[idx], format!("{p}.is_in"))?;
         let gap = self.binary(BinaryOp::Sub, t_in, t_out, format!("{p}.threshold_gap"))?;
         let shift = self.binary(BinaryOp::Mul, is_in, gap, format!("{p}.threshold_shift"))?;
@@ -730,7 +848,15 @@ impl Lower<'_> {
         let k = moe.top_groups * moe.top_k;
         let pl = self.linear(x, &format!("{p}.group_gate"), groups, false)?;
         let pn = self.noise_source(x, block, moe, groups, "groups", p)?;
-        let prim = self.gate_level(pl, pn, moe.gate, moe.top_groups, None, None, &format!("{p}.primary"))?;
+        let prim = self.gate_level(
+            pl,
+            pn,
+            moe.gate,
+            moe.top_groups,
+            None,
+            None,
+            &format!("{p}.primary"),
+        )?;
         let logits = self.linear(x, &format!("{p}.gate"), e, false)?;
         let sn = self.noise_source(x, block, moe, e, "", p)?;
         let sl = self.reshape(logits, &[n * groups, m], format!("{p}.gate_by_group"))?;
@@ -742,16 +868,33 @@ impl Lower<'_> {
             }),
             None => None,
         };
-        let sec = self.gate_level(sl, sn, moe.gate, moe.top_k, None, None, &format!("{p}.secondary"))?;
+        let sec = self.gate_level(
+            sl,
+            sn,
+            moe.gate,
+            moe.top_k,
+            None,
+            None,
+            &format!("{p}.secondary"),
+        )?;
         // Dense products over [n, G, M], flattened to experts e = i·M + j.
-        let product = |l: &mut Self, a: NodeId, b: NodeId, what: &str| -> Result<NodeId, LowerError> {
-            let a = l.reshape(a, &[n, groups, 1], format!("{p}.{what}_primary"))?;
-            let b = l.reshape(b, &[n, groups, m], format!("{p}.{what}_secondary"))?;
-            let ab = l.binary(BinaryOp::Mul, a, b, format!("{p}.{what}_product"))?;
-            l.reshape(ab, &[n, e], format!("{p}.{what}"))
-        };
-        let gp = self.add(Op::ScatterCols { cols: groups }, &[prim.weights, prim.idx], format!("{p}.primary.gates"))?;
-        let gs = self.add(Op::ScatterCols { cols: m }, &[sec.weights, sec.idx], format!("{p}.secondary.gates"))?;
+        let product =
+            |l: &mut Self, a: NodeId, b: NodeId, what: &str| -> Result<NodeId, LowerError> {
+                let a = l.reshape(a, &[n, groups, 1], format!("{p}.{what}_primary"))?;
+                let b = l.reshape(b, &[n, groups, m], format!("{p}.{what}_secondary"))?;
+                let ab = l.binary(BinaryOp::Mul, a, b, format!("{p}.{what}_product"))?;
+                l.reshape(ab, &[n, e], format!("{p}.{what}"))
+            };
+        let gp = self.add(
+            Op::ScatterCols { cols: groups },
+            &[prim.weights, prim.idx],
+            format!("{p}.primary.gates"),
+        )?;
+        let gs = self.add(
+            Op::ScatterCols { cols: m },
+            &[sec.weights, sec.idx],
+            format!("{p}.secondary.gates"),
+        )?;
         let gates = product(self, gp, gs, "gates")?;
         let probs = product(self, prim.probs, sec.probs, "probs")?;
         let smooth_load = match (prim.smooth_load, sec.smooth_load) {
@@ -776,14 +919,32 @@ impl Lower<'_> {
     }
 
     /// Expert choice (Zhou et al. 2022): S = softmax(x·Wg); each expert takes its ⌈n·c/E⌉ best tokens.
-    fn expert_choice_router(&mut self, x: NodeId, moe: &Moe, c: f64, p: &str) -> Result<Routing, LowerError> {
+    fn expert_choice_router(
+        &mut self,
+        x: NodeId,
+        moe: &Moe,
+        c: f64,
+        p: &str,
+    ) -> Result<Routing, LowerError> {
         let (n, e) = (self.g.ty(x).rows(), moe.experts);
         let logits = self.linear(x, &format!("{p}.gate"), e, false)?;
-        let probs = self.add(Op::Softmax { causal: false }, &[logits], format!("{p}.probs"))?;
+        let probs = self.add(
+            Op::Softmax { causal: false },
+            &[logits],
+            format!("{p}.probs"),
+        )?;
         let cap = ((n as f64 * c / e as f64).ceil() as usize).clamp(1, n);
-        let idx = self.add(Op::ExpertChoice { capacity: cap }, &[probs], format!("{p}.expert_choice"))?;
+        let idx = self.add(
+            Op::ExpertChoice { capacity: cap },
+            &[probs],
+            format!("{p}.expert_choice"),
+        )?;
         let weights = self.add(Op::GatherCols, &[probs, idx], format!("{p}.weights"))?;
-        let gates = self.add(Op::ScatterCols { cols: e }, &[weights, idx], format!("{p}.gates"))?;
+        let gates = self.add(
+            Op::ScatterCols { cols: e },
+            &[weights, idx],
+            format!("{p}.gates"),
+        )?;
         Ok(Routing {
             logits,
             probs,
@@ -803,25 +964,64 @@ impl Lower<'_> {
     fn sinkhorn_router(&mut self, x: NodeId, moe: &Moe, p: &str) -> Result<Routing, LowerError> {
         let (e, k) = (moe.experts, moe.top_k);
         let Gate::Sinkhorn { iters } = moe.gate else {
-            return Err(LowerError::Invalid("sinkhorn router without a sinkhorn gate".into()));
+            return Err(LowerError::Invalid(
+                "sinkhorn router without a sinkhorn gate".into(),
+            ));
         };
         let logits = self.linear(x, &format!("{p}.gate"), e, false)?;
         let balanced = self.add(Op::Sinkhorn { iters }, &[logits], format!("{p}.sinkhorn"))?;
         let idx = self.add(Op::TopK { k }, &[balanced], format!("{p}.topk"))?;
-        let probs = self.add(Op::Softmax { causal: false }, &[logits], format!("{p}.probs"))?;
-        let gate = if k == 1 { self.unary(UnaryOp::Sigmoid, logits, format!("{p}.scores"))? } else { probs };
+        let probs = self.add(
+            Op::Softmax { causal: false },
+            &[logits],
+            format!("{p}.probs"),
+        )?;
+        let gate = if k == 1 {
+            self.unary(UnaryOp::Sigmoid, logits, format!("{p}.scores"))?
+        } else {
+            probs
+        };
         let weights = self.add(Op::GatherCols, &[gate, idx], format!("{p}.weights"))?;
-        let gates = self.add(Op::ScatterCols { cols: e }, &[weights, idx], format!("{p}.gates"))?;
-        Ok(Routing { logits, probs, idx, weights, k, k_eff: k as f64, capacity: None, gates, smooth_load: None, prices: None })
+        let gates = self.add(
+            Op::ScatterCols { cols: e },
+            &[weights, idx],
+            format!("{p}.gates"),
+        )?;
+        Ok(Routing {
+            logits,
+            probs,
+            idx,
+            weights,
+            k,
+            k_eff: k as f64,
+            capacity: None,
+            gates,
+            smooth_load: None,
+            prices: None,
+        })
     }
 
     /// The auction router (LANGUAGE.md): values = softmax(x·Wg), prices from the router state; the
     /// won experts' probabilities renormalised are the weights; demand at the start prices feeds the
     /// price update.
-    fn auction_router(&mut self, x: NodeId, block: usize, moe: &Moe, p: &str) -> Result<Routing, LowerError> {
+    fn auction_router(
+        &mut self,
+        x: NodeId,
+        block: usize,
+        moe: &Moe,
+        p: &str,
+    ) -> Result<Routing, LowerError> {
         let (n, e, k) = (self.g.ty(x).rows(), moe.experts, moe.top_k);
-        let Gate::Auction { rounds, epsilon, budget, price_rate } = moe.gate else {
-            return Err(LowerError::Invalid("auction router without an auction gate".into()));
+        let Gate::Auction {
+            rounds,
+            epsilon,
+            budget,
+            price_rate,
+        } = moe.gate
+        else {
+            return Err(LowerError::Invalid(
+                "auction router without an auction gate".into(),
+            ));
         };
         let factor = match moe.capacity {
             Capacity::Factor { factor, .. } => factor,
@@ -829,8 +1029,15 @@ impl Lower<'_> {
         };
         let cap = capacity_of(factor, n, k, e);
         let logits = self.linear(x, &format!("{p}.gate"), e, false)?;
-        let probs = self.add(Op::Softmax { causal: false }, &[logits], format!("{p}.probs"))?;
-        let prices = self.g.input(&format!("router_state.{block}.prices"), TensorType::f32(&[e]));
+        let probs = self.add(
+            Op::Softmax { causal: false },
+            &[logits],
+            format!("{p}.probs"),
+        )?;
+        let prices = self.g.input(
+            &format!("router_state.{block}.prices"),
+            TensorType::f32(&[e]),
+        );
         let op = Op::Auction {
             rounds,
             epsilon: epsilon as f32,
@@ -839,13 +1046,21 @@ impl Lower<'_> {
             k,
         };
         let won = self.add(op, &[probs, prices], format!("{p}.auction"))?;
-        let idx = self.add(Op::SliceCols { start: 0, len: k }, &[won], format!("{p}.won"))?;
+        let idx = self.add(
+            Op::SliceCols { start: 0, len: k },
+            &[won],
+            format!("{p}.won"),
+        )?;
         let picked = self.add(Op::GatherCols, &[probs, idx], format!("{p}.won_probs"))?;
         let total = self.reduce(ReduceOp::Sum, picked, format!("{p}.won_sum"))?;
         // A token that won nothing has total 0: the guard keeps its (unused) weights finite.
         let total = self.affine(total, 1.0, 1e-20, format!("{p}.won_sum_guarded"))?;
         let weights = self.binary(BinaryOp::Div, picked, total, format!("{p}.weights"))?;
-        let gates = self.add(Op::ScatterCols { cols: e }, &[weights, idx], format!("{p}.gates"))?;
+        let gates = self.add(
+            Op::ScatterCols { cols: e },
+            &[weights, idx],
+            format!("{p}.gates"),
+        )?;
         // Demand: each token's k first choices by net value at the start-of-step prices.
         let net = self.binary(BinaryOp::Sub, probs, prices, format!("{p}.net_values"))?;
         let first = self.add(Op::TopK { k }, &[net], format!("{p}.first_choices"))?;
@@ -912,7 +1127,13 @@ impl Lower<'_> {
     }
 
     /// DeepSeek-V3 loss-free balancing: `b + rate · sign(mean_load − load)`.
-    fn bias_update(&mut self, b: NodeId, load: NodeId, rate: f64, p: &str) -> Result<NodeId, LowerError> {
+    fn bias_update(
+        &mut self,
+        b: NodeId,
+        load: NodeId,
+        rate: f64,
+        p: &str,
+    ) -> Result<NodeId, LowerError> {
         let e = self.g.ty(load).numel();
         let row = self.reshape(load, &[1, e], format!("{p}.load_row"))?;
         let mean = self.reduce(ReduceOp::Mean, row, format!("{p}.load_mean"))?;

@@ -192,7 +192,6 @@ fn check_model(what: &str, g: &Graph, feeds: &HashMap<String, Value>) {
     );
 }
 
-
 fn check_gate(what: &str, moe: &str, seed: u64) {
     let g = graph(&spec_src(moe), 2);
     let feeds = robust_feeds(&g, seed);
@@ -221,18 +220,34 @@ fn switch_with_capacity_by_probability_and_jitter() {
 
 #[test]
 fn softmax_with_capacity_by_position() {
-    check_gate("softmax + capacity by position", "experts = 4\n top_k = 2\n capacity = factor(0.75)\n balance = aux(0.5)", 70);
+    check_gate(
+        "softmax + capacity by position",
+        "experts = 4\n top_k = 2\n capacity = factor(0.75)\n balance = aux(0.5)",
+        70,
+    );
 }
 
 #[test]
 fn expert_choice_gradients() {
-    check_gate("expert_choice", "experts = 4\n gate = expert_choice(capacity = 1.5)\n balance = aux(0.5) + z(0.1)", 80);
+    check_gate(
+        "expert_choice",
+        "experts = 4\n gate = expert_choice(capacity = 1.5)\n balance = aux(0.5) + z(0.1)",
+        80,
+    );
 }
 
 #[test]
 fn sinkhorn_gradients_skip_the_balancing() {
-    check_gate("sinkhorn k = 2", "experts = 4\n top_k = 2\n gate = sinkhorn(iters = 4)\n balance = z(0.1)", 100);
-    check_gate("sinkhorn k = 1", "experts = 4\n top_k = 1\n gate = sinkhorn(iters = 4)\n balance = aux(0.5)", 120);
+    check_gate(
+        "sinkhorn k = 2",
+        "experts = 4\n top_k = 2\n gate = sinkhorn(iters = 4)\n balance = z(0.1)",
+        100,
+    );
+    check_gate(
+        "sinkhorn k = 1",
+        "experts = 4\n top_k = 1\n gate = sinkhorn(iters = 4)\n balance = aux(0.5)",
+        120,
+    );
 }
 
 #[test]
@@ -250,24 +265,43 @@ fn normal_cdf_pdf_and_scatter_cols_adjoints() {
     let mut g = Graph::new();
     let mut feeds = HashMap::new();
     let x = g.param("x", &[3, 5], Init::Constant(0.0));
-    feeds.insert("x".to_string(), Value::F64((0..15).map(|_| rng.random_range(-3.0..3.0)).collect()));
+    feeds.insert(
+        "x".to_string(),
+        Value::F64((0..15).map(|_| rng.random_range(-3.0..3.0)).collect()),
+    );
     let w = g.param("w", &[3, 2], Init::Constant(0.0));
-    feeds.insert("w".to_string(), Value::F64((0..6).map(|_| rng.random_range(-1.0..1.0)).collect()));
+    feeds.insert(
+        "w".to_string(),
+        Value::F64((0..6).map(|_| rng.random_range(-1.0..1.0)).collect()),
+    );
     let idx = g.input("idx", TensorType::u32(&[3, 2]));
-    feeds.insert("idx".to_string(), Value::U32(vec![4, 0, moec_compiler::ir::RouteLayout::NONE, 2, 1, 3]));
+    feeds.insert(
+        "idx".to_string(),
+        Value::U32(vec![4, 0, moec_compiler::ir::RouteLayout::NONE, 2, 1, 3]),
+    );
     let outs = [
         g.add(Op::Unary(UnaryOp::NormalCdf), &[x], "cdf").unwrap(),
         g.add(Op::Unary(UnaryOp::NormalPdf), &[x], "pdf").unwrap(),
-        g.add(Op::ScatterCols { cols: 5 }, &[w, idx], "dense").unwrap(),
+        g.add(Op::ScatterCols { cols: 5 }, &[w, idx], "dense")
+            .unwrap(),
     ];
     let mut loss = None;
     for (i, o) in outs.into_iter().enumerate() {
         let r = g.input(&format!("r{i}"), TensorType::f32(&[3, 5]));
-        feeds.insert(format!("r{i}"), Value::F64((0..15).map(|_| rng.random_range(-1.0..1.0)).collect()));
-        let p = g.add(Op::Binary(BinaryOp::Mul), &[o, r], "weighted").unwrap();
-        let p = g.add(Op::Reshape { shape: vec![1, 15] }, &[p], "flat").unwrap();
+        feeds.insert(
+            format!("r{i}"),
+            Value::F64((0..15).map(|_| rng.random_range(-1.0..1.0)).collect()),
+        );
+        let p = g
+            .add(Op::Binary(BinaryOp::Mul), &[o, r], "weighted")
+            .unwrap();
+        let p = g
+            .add(Op::Reshape { shape: vec![1, 15] }, &[p], "flat")
+            .unwrap();
         let s = g.add(Op::Reduce(ReduceOp::Sum), &[p], "sum").unwrap();
-        let s = g.add(Op::Reshape { shape: vec![1] }, &[s], "scalar").unwrap();
+        let s = g
+            .add(Op::Reshape { shape: vec![1] }, &[s], "scalar")
+            .unwrap();
         loss = Some(match loss {
             None => s,
             Some(l) => g.add(Op::Binary(BinaryOp::Add), &[l, s], "total").unwrap(),
@@ -290,7 +324,10 @@ fn normal_cdf_pdf_and_scatter_cols_adjoints() {
                 run_outputs_in(&g, &f, Precision::F64).unwrap()["loss"].to_f64()[0]
             };
             let fd = (at(H) - at(-H)) / (2.0 * H);
-            assert!((a - fd).abs() <= 1e-6 * a.abs().max(fd.abs()) + 5e-8, "grad.{name}[{i}] = {a} vs fd {fd}");
+            assert!(
+                (a - fd).abs() <= 1e-6 * a.abs().max(fd.abs()) + 5e-8,
+                "grad.{name}[{i}] = {a} vs fd {fd}"
+            );
         }
     }
     // The NONE slot of idx scatters nothing, so its weight has no gradient.

@@ -7,7 +7,9 @@
 //! same order, 1e-9 where the test sums in another order.
 
 use moec_compiler::check::check;
-use moec_compiler::interp::{self, auction, expert_choice, route_with, sinkhorn, AuctionParams, Value};
+use moec_compiler::interp::{
+    self, auction, expert_choice, route_with, sinkhorn, AuctionParams, Value,
+};
 use moec_compiler::ir::{Graph, NodeId, Op, RouteLayout, TensorType, UnaryOp};
 use moec_compiler::lower::lower;
 use proptest::prelude::*;
@@ -27,10 +29,19 @@ fn auction_by_hand() {
     // Three tokens, two experts of capacity 1, one slot each, eps = 0.01, budget 0.5, prices 0.
     let v = [0.9, 0.1, 0.8, 0.2, 0.6, 0.4];
     let prices = [0.0, 0.0];
-    let params = |rounds| AuctionParams { rounds, epsilon: 0.01, budget: 0.5, capacity: 1, k: 1 };
+    let params = |rounds| AuctionParams {
+        rounds,
+        epsilon: 0.01,
+        budget: 0.5,
+        capacity: 1,
+        k: 1,
+    };
     let won = |rounds| -> Vec<u32> {
         let out = auction::<f64>(&v, &prices, 3, 2, &params(rounds));
-        assert!(out.chunks(3).all(|row| row[1..] == [0, 0]), "working space is cleared: {out:?}");
+        assert!(
+            out.chunks(3).all(|row| row[1..] == [0, 0]),
+            "working space is cleared: {out:?}"
+        );
         out.chunks(3).map(|row| row[0]).collect()
     };
     // Round 1: all bid on e0 (net 0.9 / 0.8 / 0.6 vs the next 0.1 / 0.2 / 0.4): amounts 0.81, 0.61,
@@ -56,7 +67,19 @@ fn auction_by_hand() {
 fn auction_with_two_slots_fills_distinct_experts_in_ascending_order() {
     // Ample capacity: every token wins its two best experts, listed ascending.
     let v = [0.1, 0.5, 0.4, 0.7, 0.2, 0.1];
-    let out = auction::<f64>(&v, &[0.0; 3], 2, 3, &AuctionParams { rounds: 4, epsilon: 0.01, budget: 1.0, capacity: 2, k: 2 });
+    let out = auction::<f64>(
+        &v,
+        &[0.0; 3],
+        2,
+        3,
+        &AuctionParams {
+            rounds: 4,
+            epsilon: 0.01,
+            budget: 1.0,
+            capacity: 2,
+            k: 2,
+        },
+    );
     assert_eq!(out, vec![1, 2, 0, 0, 0, 0, 1, 0, 0, 0]);
 }
 
@@ -95,7 +118,10 @@ fn capacity_drops_by_position_and_by_probability() {
     // T = 4, k = 2, E = 3, capacity 2. Slots in order: s0 t0→0, s1 t0→1, s2 t1→0, s3 t1→2,
     // s4 t2→0, s5 t2→1, s6 t3→1, s7 t3→0.
     let idx = [0, 1, 0, 2, 0, 1, 1, 0];
-    let layout = RouteLayout { capacity: 2, ..RouteLayout::dropless(4, 2, 3, 4) };
+    let layout = RouteLayout {
+        capacity: 2,
+        ..RouteLayout::dropless(4, 2, 3, 4)
+    };
     let slot_row = |t: &[u32]| t[layout.slot_row_at()..layout.slot_row_at() + 8].to_vec();
     let counts = |t: &[u32]| t[layout.counts_at()..layout.counts_at() + 3].to_vec();
     // Position: expert 0 keeps s0, s2 (drops s4, s7); expert 1 keeps s1, s5 (drops s6).
@@ -118,7 +144,10 @@ fn capacity_drops_by_position_and_by_probability() {
 fn expert_choice_by_hand() {
     // Column 0 [.9 .1 .5 .5]: t0, then the tie at .5 goes to t2. Column 1 [.1 .9 .5 .3]: t1, t2.
     let s = [0.9, 0.1, 0.1, 0.9, 0.5, 0.5, 0.5, 0.3];
-    assert_eq!(expert_choice::<f64>(&s, 4, 2, 2), vec![0, NONE, NONE, 1, 0, 1, NONE, NONE]);
+    assert_eq!(
+        expert_choice::<f64>(&s, 4, 2, 2),
+        vec![0, NONE, NONE, 1, 0, 1, NONE, NONE]
+    );
 }
 
 #[test]
@@ -156,7 +185,15 @@ fn normal_cdf_and_pdf_values() {
     let feeds = HashMap::from([("x".to_string(), Value::F64(xs.to_vec()))]);
     let out = interp::run_outputs(&g, &feeds).unwrap();
     // Φ from standard tables (scipy.stats.norm.cdf), φ = e^{-x²/2}/√(2π).
-    let want_cdf = [9.865876450376946e-10, 2.326290790355401e-4, 0.15865525393145707, 0.5, 0.6914624612740131, 0.9772498680518208, 0.9999683287581669];
+    let want_cdf = [
+        9.865876450376946e-10,
+        2.326290790355401e-4,
+        0.15865525393145707,
+        0.5,
+        0.6914624612740131,
+        0.9772498680518208,
+        0.9999683287581669,
+    ];
     for ((c, w), x) in out["cdf"].to_f64().iter().zip(want_cdf).zip(xs) {
         assert!((c - w).abs() <= 1e-13 + 1e-12 * w, "Φ({x}) = {c} vs {w}");
     }
@@ -185,7 +222,14 @@ impl Run {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut feeds = HashMap::new();
         for (_, name, ty) in g.params() {
-            feeds.insert(name, Value::F64((0..ty.numel()).map(|_| rng.random_range(-1.0..1.0)).collect()));
+            feeds.insert(
+                name,
+                Value::F64(
+                    (0..ty.numel())
+                        .map(|_| rng.random_range(-1.0..1.0))
+                        .collect(),
+                ),
+            );
         }
         for (_, name, ty) in g.data_inputs() {
             let n = ty.numel();
@@ -202,7 +246,13 @@ impl Run {
         Run { g, vals, feeds }
     }
     fn at(&self, label: &str) -> Vec<f64> {
-        let id = self.g.g.node_indices().filter(|&i| self.g.node(i).label == label).max().unwrap_or_else(|| panic!("no node `{label}`"));
+        let id = self
+            .g
+            .g
+            .node_indices()
+            .filter(|&i| self.g.node(i).label == label)
+            .max()
+            .unwrap_or_else(|| panic!("no node `{label}`"));
         self.vals[&id].to_f64()
     }
     fn out(&self, name: &str) -> Vec<f64> {
@@ -254,8 +304,12 @@ fn noisy_top_k_gates_and_cv2_match_the_pinned_formulas() {
     let mut load = vec![0.0; e_n];
     let weights = r.at(&format!("{P}.weights"));
     for t in 0..t_n {
-        let sd: Vec<f64> = (0..e_n).map(|e| 0.75 * (1.0 + noise_logits[t * e_n + e].exp()).ln()).collect();
-        let h: Vec<f64> = (0..e_n).map(|e| clean[t * e_n + e] + eps[t * e_n + e] * sd[e]).collect();
+        let sd: Vec<f64> = (0..e_n)
+            .map(|e| 0.75 * (1.0 + noise_logits[t * e_n + e].exp()).ln())
+            .collect();
+        let h: Vec<f64> = (0..e_n)
+            .map(|e| clean[t * e_n + e] + eps[t * e_n + e] * sd[e])
+            .collect();
         let sel = top(&h, k + 1);
         // G = softmax over KeepTopK(H, k).
         let z: f64 = sel[..k].iter().map(|&e| h[e].exp()).sum();
@@ -265,7 +319,11 @@ fn noisy_top_k_gates_and_cv2_match_the_pinned_formulas() {
             importance[e] += g;
         }
         for e in 0..e_n {
-            let threshold = if sel[..k].contains(&e) { h[sel[k]] } else { h[sel[k - 1]] };
+            let threshold = if sel[..k].contains(&e) {
+                h[sel[k]]
+            } else {
+                h[sel[k - 1]]
+            };
             load[e] += phi((clean[t * e_n + e] - threshold) / sd[e]);
         }
     }
@@ -279,13 +337,20 @@ fn noisy_top_k_gates_and_cv2_match_the_pinned_formulas() {
 fn bias_selects_with_b_weights_without_and_updates_by_sign() {
     let spec = tiny("experts = 4\n top_k = 2\n gate = sigmoid\n balance = bias(rate = 0.125)");
     let b = vec![0.0, 0.9, -0.9, 0.3];
-    let r = Run::new(lower(&spec, 2).unwrap(), 5, &[("router_state.0.bias", b.clone())]);
+    let r = Run::new(
+        lower(&spec, 2).unwrap(),
+        5,
+        &[("router_state.0.bias", b.clone())],
+    );
     let (t_n, e_n, k) = (12, 4, 2);
     let logits = r.at(&format!("{P}.gate"));
     let weights = r.at(&format!("{P}.weights"));
     let mut load = vec![0.0; e_n];
     for t in 0..t_n {
-        let s: Vec<f64> = logits[t * e_n..(t + 1) * e_n].iter().map(|x| 1.0 / (1.0 + (-x).exp())).collect();
+        let s: Vec<f64> = logits[t * e_n..(t + 1) * e_n]
+            .iter()
+            .map(|x| 1.0 / (1.0 + (-x).exp()))
+            .collect();
         let biased: Vec<f64> = s.iter().zip(&b).map(|(a, c)| a + c).collect();
         let sel = top(&biased, k);
         let total: f64 = sel.iter().map(|&e| s[e]).sum();
@@ -296,7 +361,9 @@ fn bias_selects_with_b_weights_without_and_updates_by_sign() {
     }
     assert_eq!(r.out("moe.0.load"), load);
     let mean = load.iter().sum::<f64>() / e_n as f64;
-    let next: Vec<f64> = (0..e_n).map(|e| b[e] + 0.125 * (mean - load[e]).signum() * ((mean - load[e]) != 0.0) as u8 as f64).collect();
+    let next: Vec<f64> = (0..e_n)
+        .map(|e| b[e] + 0.125 * (mean - load[e]).signum() * ((mean - load[e]) != 0.0) as u8 as f64)
+        .collect();
     assert_eq!(r.out("router_state.0.bias.next"), next);
     assert_eq!(r.out("moe.0.dropped"), [0.0]);
 }
@@ -312,7 +379,15 @@ fn group_limited_keeps_the_best_groups_by_their_top_two() {
         let p = &probs[t * e_n..(t + 1) * e_n];
         let score: Vec<f64> = (0..4).map(|g| p[2 * g] + p[2 * g + 1]).collect();
         let groups = top(&score, 2);
-        let masked: Vec<f64> = (0..e_n).map(|e| if groups.contains(&(e / 2)) { p[e] } else { -1.0 }).collect();
+        let masked: Vec<f64> = (0..e_n)
+            .map(|e| {
+                if groups.contains(&(e / 2)) {
+                    p[e]
+                } else {
+                    -1.0
+                }
+            })
+            .collect();
         let want: Vec<f64> = top(&masked, k).into_iter().map(|e| e as f64).collect();
         assert_eq!(&idx[t * k..(t + 1) * k], &want[..], "token {t}");
     }
@@ -361,7 +436,11 @@ fn two_level_weights_are_products_of_primary_and_secondary_gates() {
 fn auction_prices_move_with_first_choice_demand() {
     let spec = tiny("experts = 4\n top_k = 2\n gate = auction(rounds = 6, epsilon = 0.01, budget = 0.5, price_rate = 0.1)\n balance = none");
     let prices = vec![0.2, -0.1, 0.0, 0.05];
-    let r = Run::new(lower(&spec, 2).unwrap(), 4, &[("router_state.0.prices", prices.clone())]);
+    let r = Run::new(
+        lower(&spec, 2).unwrap(),
+        4,
+        &[("router_state.0.prices", prices.clone())],
+    );
     let (t_n, e_n, k) = (12, 4, 2);
     let probs = r.at(&format!("{P}.probs"));
     let mut demand = vec![0.0; e_n];
@@ -375,7 +454,11 @@ fn auction_prices_move_with_first_choice_demand() {
     let next = r.out("router_state.0.prices.next");
     for e in 0..e_n {
         let want = prices[e] + 0.1 * (demand[e] - mean) / mean;
-        assert!(close(next[e], want, 1e-7), "price {e}: {} vs {want}", next[e]);
+        assert!(
+            close(next[e], want, 1e-7),
+            "price {e}: {} vs {want}",
+            next[e]
+        );
     }
     // Capacity ⌈1.0·12·2/4⌉ = 6 (dropless means F = 1 for the auction); weights renormalised over
     // the won experts.
@@ -384,7 +467,11 @@ fn auction_prices_move_with_first_choice_demand() {
     let won = r.at(&format!("{P}.won"));
     let weights = r.at(&format!("{P}.weights"));
     for t in 0..t_n {
-        let picked: Vec<usize> = won[t * k..(t + 1) * k].iter().filter(|&&e| e != NONE as f64).map(|&e| e as usize).collect();
+        let picked: Vec<usize> = won[t * k..(t + 1) * k]
+            .iter()
+            .filter(|&&e| e != NONE as f64)
+            .map(|&e| e as usize)
+            .collect();
         let total: f64 = picked.iter().map(|&e| probs[t * e_n + e]).sum();
         for (j, &e) in picked.iter().enumerate() {
             assert!(close(weights[t * k + j], probs[t * e_n + e] / total, 1e-12));
@@ -399,8 +486,15 @@ fn expert_choice_and_sinkhorn_layers() {
     // ⌈12·1/4⌉ = 3 tokens per expert.
     assert_eq!(r.out("moe.0.load"), [3.0; 4]);
     let taken = r.at(&format!("{P}.expert_choice"));
-    let served = taken.chunks(4).filter(|row| row.iter().any(|&x| x != NONE as f64)).count();
-    assert!(close(r.out("moe.0.dropped")[0], 1.0 - served as f64 / 12.0, 1e-7));
+    let served = taken
+        .chunks(4)
+        .filter(|row| row.iter().any(|&x| x != NONE as f64))
+        .count();
+    assert!(close(
+        r.out("moe.0.dropped")[0],
+        1.0 - served as f64 / 12.0,
+        1e-7
+    ));
 
     let spec = tiny("experts = 4\n top_k = 1\n gate = sinkhorn(iters = 5)\n balance = none");
     let r = Run::new(lower(&spec, 2).unwrap(), 3, &[]);
@@ -412,7 +506,11 @@ fn expert_choice_and_sinkhorn_layers() {
         let e = top(&balanced[t * 4..t * 4 + 4], 1)[0];
         assert_eq!(idx[t], e as f64);
         // k = 1: the gate weight is the sigmoid of the logit.
-        assert!(close(weights[t], 1.0 / (1.0 + (-logits[t * 4 + e]).exp()), 1e-12));
+        assert!(close(
+            weights[t],
+            1.0 / (1.0 + (-logits[t * 4 + e]).exp()),
+            1e-12
+        ));
     }
 }
 
@@ -428,5 +526,7 @@ fn jitter_scales_the_router_input_only() {
     }
     // The experts read the un-jittered x: the gather's rows are rows of x.
     let gather = r.at(&format!("{P}.gather"));
-    assert!(gather.chunks(8).all(|row| row.iter().all(|&v| v == 0.0) || x.chunks(8).any(|xr| xr == row)));
+    assert!(gather
+        .chunks(8)
+        .all(|row| row.iter().all(|&v| v == 0.0) || x.chunks(8).any(|xr| xr == row)));
 }

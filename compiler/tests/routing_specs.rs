@@ -26,7 +26,8 @@ fn specs() -> Vec<(PathBuf, Spec)> {
         .into_iter()
         .map(|p| {
             let src = std::fs::read_to_string(&p).unwrap();
-            let spec = check(&src, &p).unwrap_or_else(|d| panic!("{}: {}", p.display(), d.render()));
+            let spec =
+                check(&src, &p).unwrap_or_else(|d| panic!("{}: {}", p.display(), d.render()));
             (p, spec)
         })
         .collect()
@@ -34,7 +35,12 @@ fn specs() -> Vec<(PathBuf, Spec)> {
 
 /// Feeds as the runtime fills them in training: token ids, ε ~ N(0, 1) noise, jitter U(0.99, 1.01),
 /// router state from `state` (zeros by default), the gradient seed 1.
-fn feeds(graph: &Graph, vocab: u32, seed: u64, state: &HashMap<String, Vec<f32>>) -> HashMap<String, Value> {
+fn feeds(
+    graph: &Graph,
+    vocab: u32,
+    seed: u64,
+    state: &HashMap<String, Vec<f32>>,
+) -> HashMap<String, Value> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut out = param_feeds(&init_params(graph, 1));
     for (_, name, ty) in graph.data_inputs() {
@@ -49,7 +55,9 @@ fn feeds(graph: &Graph, vocab: u32, seed: u64, state: &HashMap<String, Vec<f32>>
                     })
                     .collect(),
             ),
-            DType::F32 if name.starts_with("jitter.") => Value::F32((0..n).map(|_| rng.random_range(0.99..1.01)).collect()),
+            DType::F32 if name.starts_with("jitter.") => {
+                Value::F32((0..n).map(|_| rng.random_range(0.99..1.01)).collect())
+            }
             DType::F32 if name.starts_with("router_state.") => {
                 Value::F32(state.get(&name).cloned().unwrap_or_else(|| vec![0.0; n]))
             }
@@ -67,30 +75,60 @@ fn every_moe_block_reports_load_dropped_and_router_z() {
         let Some(moe) = &spec.moe else { continue };
         let batch = 2;
         let g = lower(&spec, batch).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let out = run_outputs(&g, &feeds(&g, spec.model.vocab.unwrap() as u32, 3, &HashMap::new())).unwrap();
+        let out = run_outputs(
+            &g,
+            &feeds(&g, spec.model.vocab.unwrap() as u32, 3, &HashMap::new()),
+        )
+        .unwrap();
         let tokens = batch * spec.model.context.unwrap();
         for &b in &moe.blocks {
             let load = out[&format!("moe.{b}.load")].to_f64();
             let dropped = out[&format!("moe.{b}.dropped")].to_f64();
             let z = out[&format!("moe.{b}.router_z")].to_f64();
             assert_eq!(load.len(), moe.experts, "{}", path.display());
-            assert!(load.iter().all(|&l| l >= 0.0 && l.fract() == 0.0), "{}: load {load:?}", path.display());
-            assert!((0.0..=1.0).contains(&dropped[0]), "{}: dropped {dropped:?}", path.display());
-            assert!(z[0].is_finite() && z[0] > 0.0, "{}: router_z {z:?}", path.display());
+            assert!(
+                load.iter().all(|&l| l >= 0.0 && l.fract() == 0.0),
+                "{}: load {load:?}",
+                path.display()
+            );
+            assert!(
+                (0.0..=1.0).contains(&dropped[0]),
+                "{}: dropped {dropped:?}",
+                path.display()
+            );
+            assert!(
+                z[0].is_finite() && z[0] > 0.0,
+                "{}: router_z {z:?}",
+                path.display()
+            );
             let total: f64 = load.iter().sum();
             match moe.gate {
                 moec_compiler::spec::Gate::ExpertChoice { capacity } => {
-                    let per_expert = ((tokens as f64 * capacity / moe.experts as f64).ceil() as usize).min(tokens);
-                    assert!(load.iter().all(|&l| l as usize == per_expert), "{}: {load:?}", path.display());
+                    let per_expert = ((tokens as f64 * capacity / moe.experts as f64).ceil()
+                        as usize)
+                        .min(tokens);
+                    assert!(
+                        load.iter().all(|&l| l as usize == per_expert),
+                        "{}: {load:?}",
+                        path.display()
+                    );
                 }
                 _ => {
                     let k = match (moe.groups, moe.hierarchy) {
-                        (Some(_), moec_compiler::spec::Hierarchy::TwoLevel) => moe.top_groups * moe.top_k,
+                        (Some(_), moec_compiler::spec::Hierarchy::TwoLevel) => {
+                            moe.top_groups * moe.top_k
+                        }
                         _ => moe.top_k,
                     };
                     let slots = (tokens * k) as f64;
-                    assert!((1.0 - total / slots - dropped[0]).abs() < 1e-6, "{}: {total} of {slots} vs {dropped:?}", path.display());
-                    if matches!(moe.capacity, moec_compiler::spec::Capacity::Dropless) && !matches!(moe.gate, moec_compiler::spec::Gate::Auction { .. }) {
+                    assert!(
+                        (1.0 - total / slots - dropped[0]).abs() < 1e-6,
+                        "{}: {total} of {slots} vs {dropped:?}",
+                        path.display()
+                    );
+                    if matches!(moe.capacity, moec_compiler::spec::Capacity::Dropless)
+                        && !matches!(moe.gate, moec_compiler::spec::Gate::Auction { .. })
+                    {
                         assert_eq!(total, slots, "{}", path.display());
                     }
                 }
@@ -102,12 +140,21 @@ fn every_moe_block_reports_load_dropped_and_router_z() {
 #[test]
 fn every_spec_trains_in_the_interpreter() {
     for (path, spec) in specs() {
-        let g = training_graph(&lower(&spec, 1).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let out = run_outputs(&g, &feeds(&g, spec.model.vocab.unwrap() as u32, 5, &HashMap::new())).unwrap();
+        let g = training_graph(&lower(&spec, 1).unwrap())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let out = run_outputs(
+            &g,
+            &feeds(&g, spec.model.vocab.unwrap() as u32, 5, &HashMap::new()),
+        )
+        .unwrap();
         assert!(out["loss"].to_f64()[0].is_finite(), "{}", path.display());
         for (name, _, _) in g.params().iter().map(|(id, n, t)| (n, id, t)) {
             if let Some(v) = out.get(&format!("grad.{name}")) {
-                assert!(v.to_f64().iter().all(|x| x.is_finite()), "{}: grad.{name}", path.display());
+                assert!(
+                    v.to_f64().iter().all(|x| x.is_finite()),
+                    "{}: grad.{name}",
+                    path.display()
+                );
             }
         }
         // The router's gate weights get a gradient under every gate kind.
