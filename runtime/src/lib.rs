@@ -164,6 +164,16 @@ impl Gpu {
         }
     }
 
+    /// Submits whole-buffer copies `(from, to)` (equal sizes), ordered after everything submitted
+    /// before. Does not wait.
+    pub fn copy_buffers(&self, copies: &[(&wgpu::Buffer, &wgpu::Buffer)]) {
+        let mut encoder = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("moec copy") });
+        for (from, to) in copies {
+            encoder.copy_buffer_to_buffer(from, 0, to, 0, from.size().min(to.size()));
+        }
+        self.queue.submit([encoder.finish()]);
+    }
+
     /// Waits until one submission has finished (and lets wgpu reclaim what it used).
     pub fn wait_for(&self, index: wgpu::SubmissionIndex) -> Result<(), RuntimeError> {
         self.device
@@ -246,15 +256,15 @@ impl<'g> Executor<'g> {
         Self::with_shared(gpu, plan, &HashMap::new())
     }
 
-    /// Like [`Executor::new`], but every Param buffer whose name is a key of `shared` is that buffer
-    /// instead of a fresh one (it must have the plan's size). This is how the forward-only eval plan
-    /// reads the weights the training plan updates, with no copy.
+    /// Like [`Executor::new`], but every Param or Input buffer whose name is a key of `shared` is that
+    /// buffer instead of a fresh one (it must have the plan's size). This is how the forward-only eval
+    /// plan reads the weights (and router state) the training plan updates, with no copy.
     pub fn with_shared(gpu: &'g Gpu, plan: &Plan, shared: &HashMap<String, wgpu::Buffer>) -> Result<Executor<'g>, RuntimeError> {
         let device = &gpu.device;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let mut buffers = Vec::with_capacity(plan.buffers.len());
         for spec in &plan.buffers {
-            if let BufferRole::Param { name, .. } = &spec.role {
+            if let BufferRole::Param { name, .. } | BufferRole::Input { name, .. } = &spec.role {
                 if let Some(buffer) = shared.get(name) {
                     let expected = spec.size.max(4).next_multiple_of(4);
                     if buffer.size() != expected {

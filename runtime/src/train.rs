@@ -30,6 +30,13 @@
 //! Every kernel is deterministic (fixed reduction orders), so the resumed run's losses equal an
 //! uninterrupted run's.
 //!
+//! # Router state and training-only randomness
+//! As docs/DECISIONS.md "Router state and noise" says: `noise.*` inputs get i.i.d. N(0, 1) and
+//! `jitter.*` U(1 − ε, 1 + ε) every micro-step in training (seeded by seed, step and micro-step, so
+//! resume is exact) and zeros / ones in evaluation; `router_state.*` inputs start at zero, are shared
+//! with the eval plan, receive their `.next` output after every optimizer step (a GPU copy), and are
+//! saved in checkpoints under their own names.
+//!
 //! # Non-finite guard
 //! When a stats read finds the sticky non-finite flag (see [`crate::optim`]), no update has run since
 //! the bad step, so the weights are those before it: the trainer replays that step's batches one
@@ -38,13 +45,14 @@
 
 use crate::checkpoint::{diff_specs, Checkpoint, CheckpointError};
 use crate::data::{Batch, Batcher, BatcherState, DataError, Dataset};
-use crate::metrics::{dropped_percent, MetricsError, MetricsLog, MoeLayerMetrics, Record};
+use crate::metrics::{MetricsError, MetricsLog, MoeLayerMetrics, Record};
 use crate::optim::{HostState, OptimError, OptimSettings, Optimizer, ParamBinding, StepStats};
 use crate::{Executor, Gpu, NonFinite, RuntimeError};
 use moec_compiler::interp::init_values;
 use moec_compiler::plan::{BufferRole, Plan};
 use moec_compiler::spec::{Every, Family, Precision, Spec, Train};
-use moec_compiler::{route_output, router_logits_output};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -139,6 +147,12 @@ pub struct Trainer<'g> {
     last: Option<Record>,
     /// The last submitted micro-step, waited for after the next one is submitted.
     in_flight: Option<wgpu::SubmissionIndex>,
+    /// Persistent router state inputs (`router_state.N.bias` / `.prices`) and their shapes.
+    router_state: Vec<(String, Vec<usize>)>,
+    /// Training-only random inputs (`noise.N...`, `jitter.N`) and their element counts.
+    noise: Vec<(String, usize)>,
+    /// The spec's `jitter` (ε of U(1 − ε, 1 + ε)).
+    jitter: f64,
 }
 
 fn every(n: usize, e: &Every) -> bool {
@@ -230,7 +244,40 @@ impl<'g> Trainer<'g> {
             exec.buffer("loss")?,
             exec.buffer("ce")?,
         )?;
-        let eval = Executor::with_shared(gpu, forward, &optim.eval_params())?;
+        // Router state (`router_state.N.*`, docs/DECISIONS.md): the eval plan reads the training
+        // plan's state buffers, and each step copies the `.next` outputs into them.
+        let mut shared = optim.eval_params();
+        let mut router_state = Vec::new();
+        for b in &training.buffers {
+            if let BufferRole::Input { name, shape } = &b.role {
+                if name.starts_with("router_state.") {
+                    shared.insert(name.clone(), exec.buffer(name)?.clone());
+                    need(training, "training", "output", &format!("{name}.next"))?;
+                    router_state.push((name.clone(), shape.clone()));
+                }
+            }
+        }
+        let eval = Executor::with_shared(gpu, forward, &shared)?;
+        // Training-only randomness: evaluation feeds no noise (zeros) and no jitter (ones).
+        let jitter = spec.moe.as_ref().map_or(0.0, |m| m.jitter);
+        for b in &forward.buffers {
+            if let BufferRole::Input { name, shape } = &b.role {
+                let n: usize = shape.iter().product();
+                if name.starts_with("noise.") {
+                    eval.write_f32(name, &vec![0.0; n])?;
+                } else if name.starts_with("jitter.") {
+                    eval.write_f32(name, &vec![1.0; n])?;
+                }
+            }
+        }
+        let mut noise = Vec::new();
+        for b in &training.buffers {
+            if let BufferRole::Input { name, shape } = &b.role {
+                if name.starts_with("noise.") || name.starts_with("jitter.") {
+                    noise.push((name.clone(), shape.iter().product()));
+                }
+            }
+        }
         exec.write_f32("grad_seed", &[1.0 / train.accumulate as f32])?;
 
         let mut batcher = Batcher::new(&data, train.seed).state();
@@ -257,7 +304,14 @@ impl<'g> Trainer<'g> {
                         key: META_BATCHER,
                     })?;
             Batcher::new(&data, train.seed).restore(&state)?;
-            optim.restore(&ckpt.ir_tensors()?, &host)?;
+            let tensors = ckpt.ir_tensors()?;
+            optim.restore(&tensors, &host)?;
+            for (name, shape) in &router_state {
+                match tensors.get(name) {
+                    Some((s, data)) if s == shape => exec.write_f32(name, data)?,
+                    _ => return Err(OptimError::Missing(name.clone()).into()),
+                }
+            }
             batcher = state;
             step = ckpt.step as usize;
             truncate_metrics(&options.out_dir, ckpt.step)?;
@@ -287,6 +341,9 @@ impl<'g> Trainer<'g> {
             tokens_since: 0,
             last: None,
             in_flight: None,
+            router_state,
+            noise,
+            jitter,
         })
     }
 
@@ -344,6 +401,7 @@ impl<'g> Trainer<'g> {
             let batch = batcher.next_train_batch(self.batch);
             self.exec.write_u32("tokens", &batch.tokens)?;
             self.exec.write_u32("targets", &batch.targets)?;
+            self.write_noise(s, micro)?;
             self.optim.write_micro(micro);
             let (exec, optim) = (&self.exec, &self.optim);
             let submitted = self.gpu.run_pass(|pass| {
@@ -359,6 +417,19 @@ impl<'g> Trainer<'g> {
                 self.gpu.wait_for(previous)?;
             }
             batches.push(batch);
+        }
+        if !self.router_state.is_empty() {
+            let copies = self
+                .router_state
+                .iter()
+                .map(|(name, _)| {
+                    Ok((
+                        self.exec.buffer(&format!("{name}.next"))?,
+                        self.exec.buffer(name)?,
+                    ))
+                })
+                .collect::<Result<Vec<_>, RuntimeError>>()?;
+            self.gpu.copy_buffers(&copies);
         }
         self.batcher = batcher.state();
         self.pending.push((s, batches));
@@ -413,54 +484,65 @@ impl<'g> Trainer<'g> {
         Ok(self.exec.profile()?)
     }
 
+    /// Fills the training-only random inputs for micro-step `micro` of 0-based step `step`: `noise.*`
+    /// i.i.d. N(0, 1), `jitter.*` U(1 − ε, 1 + ε). Seeded by (seed, step, micro), so a resumed run
+    /// draws exactly what the uninterrupted one did.
+    fn write_noise(&self, step: usize, micro: usize) -> Result<(), TrainError> {
+        if self.noise.is_empty() {
+            return Ok(());
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(self.train.seed ^ 0x6e6f_6973_6500_0000);
+        rng.set_stream((step * self.train.accumulate + micro) as u64);
+        for (name, n) in &self.noise {
+            let values: Vec<f32> = if name.starts_with("jitter.") {
+                (0..*n)
+                    .map(|_| (1.0 + self.jitter * (2.0 * rng.random::<f64>() - 1.0)) as f32)
+                    .collect()
+            } else {
+                (0..*n)
+                    .map(|_| {
+                        let (u1, u2) = (1.0 - rng.random::<f64>(), rng.random::<f64>());
+                        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+                    })
+                    .collect()
+            };
+            self.exec.write_f32(name, &values)?;
+        }
+        Ok(())
+    }
+
     /// Per-MoE-layer utilisation of the last micro-step (LANGUAGE.md "Utilisation metrics"), from the
-    /// routing outputs `compile_training` adds: tokens per expert from the routing table, dropped
-    /// assignments as `T·k` minus the routed ones, `router_z` = mean_t logsumexp(router logits)², and
-    /// the layer's `aux.N` output. `None` when the plan has no routing outputs.
+    /// metric outputs lowering gives every MoE block (`moe.N.load`, `moe.N.dropped`, `moe.N.router_z`)
+    /// and its `aux.N`. `None` when the plan has no such outputs.
     fn moe_metrics(&self) -> Result<Option<BTreeMap<String, MoeLayerMetrics>>, TrainError> {
         let Some(moe) = &self.spec.moe else {
             return Ok(None);
         };
         let mut layers = BTreeMap::new();
         for &block in &moe.blocks {
-            let (route, logits) = (route_output(block), router_logits_output(block));
-            if self.exec.buffer(&route).is_err() || self.exec.buffer(&logits).is_err() {
-                continue;
-            }
-            let counts: Vec<u64> = self
-                .exec
-                .read_u32(&route)?
-                .iter()
-                .take(moe.experts)
-                .map(|&c| c as u64)
-                .collect();
-            let logits = self.exec.read_f32(&logits)?;
-            let rows = logits.len() / moe.experts.max(1);
-            let router_z = logits
-                .chunks_exact(moe.experts.max(1))
-                .map(|row| {
-                    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-                    let lse = max
-                        + row
-                            .iter()
-                            .map(|&x| (x as f64 - max).exp())
-                            .sum::<f64>()
-                            .ln();
-                    lse * lse
-                })
-                .sum::<f64>()
-                / rows.max(1) as f64;
-            let assignments = (rows * moe.top_k) as u64;
-            let routed: u64 = counts.iter().sum();
-            let aux = match self.exec.read_f32(&format!("aux.{block}")) {
-                Ok(v) => v[0] as f64,
-                Err(RuntimeError::UnknownBuffer(_)) => 0.0,
-                Err(e) => return Err(e.into()),
+            let read = |name: String| match self.exec.read_f32(&name) {
+                Ok(v) => Ok(Some(v)),
+                Err(RuntimeError::UnknownBuffer(_)) => Ok(None),
+                Err(e) => Err(e),
             };
-            let dropped = dropped_percent(assignments.saturating_sub(routed), assignments);
+            let (Some(load), Some(dropped), Some(router_z)) = (
+                read(format!("moe.{block}.load"))?,
+                read(format!("moe.{block}.dropped"))?,
+                read(format!("moe.{block}.router_z"))?,
+            ) else {
+                continue;
+            };
+            let counts: Vec<u64> = load.iter().map(|&c| c.max(0.0).round() as u64).collect();
+            let aux = read(format!("aux.{block}"))?.map_or(0.0, |v| v[0] as f64);
+            // `moe.N.dropped` is a fraction; the log's `dropped` is a percentage.
             layers.insert(
                 block.to_string(),
-                MoeLayerMetrics::from_counts(&counts, dropped, router_z, aux),
+                MoeLayerMetrics::from_counts(
+                    &counts,
+                    100.0 * dropped[0] as f64,
+                    router_z[0] as f64,
+                    aux,
+                ),
             );
         }
         Ok((!layers.is_empty()).then_some(layers))
@@ -487,6 +569,9 @@ impl<'g> Trainer<'g> {
         };
         for (name, (shape, data)) in self.optim.checkpoint_tensors()? {
             ckpt.insert_ir(&name, &shape, &data);
+        }
+        for (name, shape) in &self.router_state {
+            ckpt.insert_ir(name, shape, &self.exec.read_f32(name)?);
         }
         ckpt.put_json(META_BATCHER, &self.batcher)?;
         ckpt.put_json(META_OPTIM, self.optim.host_state())?;

@@ -359,14 +359,68 @@ fn accumulation_matches_a_double_batch() {
 #[test]
 fn schedule_free_and_sgd_learn() {
     let gpu = gpu();
-    for optimizer in ["schedule_free_adamw(lr = 1e-2, betas = (0.9, 0.95))", "sgd(lr = 0.5, momentum = 0.9)"] {
-        let text = tiny_spec(20, "log = every(20)\n  eval = every(20, batches = 2)")
-            .replace("adamw(lr = 1e-2, betas = (0.9, 0.95), weight_decay = 0.01)", optimizer);
+    for optimizer in [
+        "schedule_free_adamw(lr = 1e-2, betas = (0.9, 0.95))",
+        "sgd(lr = 0.5, momentum = 0.9)",
+    ] {
+        let text = tiny_spec(20, "log = every(20)\n  eval = every(20, batches = 2)").replace(
+            "adamw(lr = 1e-2, betas = (0.9, 0.95), weight_decay = 0.01)",
+            optimizer,
+        );
         let dir = tempfile::tempdir().unwrap();
         let mut t = trainer(&gpu, &text, dir.path(), false).unwrap();
         let initial = t.evaluate().unwrap();
         let records = run(&mut t, 20);
         let val = records.last().unwrap().val_loss.unwrap();
-        assert!(val < initial - 0.5, "{optimizer}: val loss {val} from {initial}");
+        assert!(
+            val < initial - 0.5,
+            "{optimizer}: val loss {val} from {initial}"
+        );
+    }
+}
+
+/// Router state and training noise survive a resume exactly: loss-free bias balancing (its
+/// `router_state.0.bias` is checkpointed and updated by a GPU copy each step) and noisy top-k (its
+/// noise is seeded by step, so the resumed run draws the same noise).
+#[test]
+fn resume_is_exact_with_router_state_and_noise() {
+    let gpu = gpu();
+    for (gate, balance) in [
+        ("sigmoid", "bias(rate = 0.01)"),
+        ("noisy_top_k(noise = 1.0)", "aux(0.01)"),
+    ] {
+        let text = tiny_spec(
+            6,
+            "log = every(1)\n  eval = every(3, batches = 1)\n  checkpoint = every(3)",
+        )
+        .replace(
+            "balance = aux(0.01)",
+            &format!("gate = {gate}\n    balance = {balance}"),
+        );
+        let straight_dir = tempfile::tempdir().unwrap();
+        let all = run(
+            &mut trainer(&gpu, &text, straight_dir.path(), false).unwrap(),
+            6,
+        );
+        let dir = tempfile::tempdir().unwrap();
+        run(&mut trainer(&gpu, &text, dir.path(), false).unwrap(), 3);
+        let tail = run(&mut trainer(&gpu, &text, dir.path(), true).unwrap(), 6);
+        for (a, b) in tail.iter().zip(&all[3..]) {
+            assert!(
+                (a.loss - b.loss).abs() <= 1e-6 * b.loss.abs(),
+                "{gate}: step {}: resumed {} vs {}",
+                a.step,
+                a.loss,
+                b.loss
+            );
+        }
+        if balance.starts_with("bias") {
+            let ckpt = moec_runtime::checkpoint::Checkpoint::load(
+                &dir.path().join("checkpoint.safetensors"),
+            )
+            .unwrap();
+            let (_, bias) = &ckpt.tensors["router_state.0.bias"];
+            assert!(bias.iter().any(|&b| b != 0.0), "the bias moved: {bias:?}");
+        }
     }
 }
