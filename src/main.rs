@@ -8,7 +8,10 @@ use moec_compiler::{check, Compiled};
 use moec_runtime::{AdapterChoice, Gpu};
 use std::path::{Path, PathBuf};
 
+mod bench;
+mod eval;
 mod forward;
+mod generate;
 mod report;
 mod train;
 
@@ -94,6 +97,60 @@ enum Command {
         /// Before training, time every dispatch of one micro-step and print the slowest kernels.
         #[arg(long)]
         profile: bool,
+        #[command(flatten)]
+        adapter: AdapterArgs,
+    },
+    /// Sample text from a checkpoint (a `checkpoint.safetensors` or its run directory).
+    Generate {
+        checkpoint: PathBuf,
+        /// Prompt text; its UTF-8 bytes are the tokens (byte-level models, vocab 256).
+        #[arg(long, conflicts_with = "prompt_ids")]
+        prompt: Option<String>,
+        /// Prompt as comma-separated token ids (any vocab); the output is then ids too.
+        #[arg(long, value_delimiter = ',', value_name = "IDS")]
+        prompt_ids: Option<Vec<u32>>,
+        /// Tokens to generate.
+        #[arg(long, default_value_t = 64)]
+        tokens: usize,
+        /// Softmax temperature; 0 is greedy.
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f64,
+        /// Nucleus sampling mass.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        no_fuse: bool,
+        #[command(flatten)]
+        adapter: AdapterArgs,
+    },
+    /// Validation loss and perplexity of a checkpoint, as the trainer computes `val_loss`.
+    Eval {
+        checkpoint: PathBuf,
+        /// A text file whose validation part to evaluate instead of the spec's data.
+        #[arg(long, value_name = "FILE")]
+        data: Option<PathBuf>,
+        /// Validation batches (default: the spec's eval batches).
+        #[arg(long, value_name = "N")]
+        batches: Option<usize>,
+        #[arg(long)]
+        no_fuse: bool,
+        #[command(flatten)]
+        adapter: AdapterArgs,
+    },
+    /// Time the training step: median ms/step, tokens/s, dispatches, memory, GFLOP/s.
+    Bench {
+        spec: PathBuf,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long)]
+        no_fuse: bool,
+        /// Time fused and unfused plans in one process and print both rows.
+        #[arg(long)]
+        both: bool,
         #[command(flatten)]
         adapter: AdapterArgs,
     },
@@ -215,6 +272,19 @@ fn main() -> Result<()> {
             let loaded = load(&spec)?;
             let gpu = adapter.open()?;
             train::run(&loaded, &train::Args { out, resume, steps, fusion: !no_fuse, profile }, &gpu)
+        }
+        Command::Generate { checkpoint, prompt, prompt_ids, tokens, temperature, top_p, seed, no_fuse, adapter } => {
+            let gpu = adapter.open()?;
+            generate::run(&checkpoint, &generate::Args { prompt, prompt_ids, tokens, temperature, top_p, seed, fusion: !no_fuse }, &gpu)
+        }
+        Command::Eval { checkpoint, data, batches, no_fuse, adapter } => {
+            let gpu = adapter.open()?;
+            eval::run(&checkpoint, &eval::Args { data, batches, fusion: !no_fuse }, &gpu)
+        }
+        Command::Bench { spec, steps, warmup, no_fuse, both, adapter } => {
+            let loaded = load(&spec)?;
+            let gpu = adapter.open()?;
+            bench::run(&loaded, &bench::Args { steps, warmup, fusion: !no_fuse, both }, &gpu)
         }
         Command::Report { runs, out } => report::run(&runs, &out),
         Command::Devices => {

@@ -1,0 +1,126 @@
+//! `moec eval`: validation loss and perplexity of a checkpoint, and the checkpoint loading that
+//! `moec generate` shares: the spec rebuilt from the checkpoint's spec text, a forward plan whose
+//! Param buffers hold the checkpoint's weights (HF names stacked back to IR names by
+//! [`Checkpoint::ir_tensors`]).
+
+use crate::compile;
+use miette::{IntoDiagnostic, Result};
+use moec_compiler::plan::BufferRole;
+use moec_compiler::spec::{Data, Family, Spec};
+use moec_runtime::checkpoint::Checkpoint;
+use moec_runtime::data::{Batch, Dataset};
+use moec_runtime::{Executor, Gpu};
+use std::path::{Path, PathBuf};
+
+/// A checkpoint's model: its spec, the directory data paths are relative to, and its IR tensors.
+pub struct Model {
+    pub spec: Spec,
+    pub spec_dir: PathBuf,
+    tensors: std::collections::BTreeMap<String, moec_runtime::checkpoint::Tensor>,
+}
+
+impl Model {
+    /// Reads `path` (a `checkpoint.safetensors` or a run directory holding one) and checks its spec text.
+    pub fn load(path: &Path) -> Result<Model> {
+        let file = if path.is_dir() { path.join(moec_runtime::train::CHECKPOINT_FILE) } else { path.to_path_buf() };
+        let ckpt = Checkpoint::load(&file).into_diagnostic()?;
+        if ckpt.spec_text.is_empty() {
+            miette::bail!("`{}` holds no spec text; only checkpoints written by `moec train` can be evaluated", file.display());
+        }
+        let spec = moec_compiler::check::check(&ckpt.spec_text, &file)?;
+        // The spec's data paths are relative to the spec file, which sat beside the run directory's
+        // parent in `moec train`'s default layout; the checkpoint's own directory is the best guess.
+        let spec_dir = file.parent().filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        Ok(Model { spec, spec_dir, tensors: ckpt.ir_tensors().into_diagnostic()? })
+    }
+
+    /// (vocab, context) of a token language model; other families have no token interface.
+    pub fn vocab_context(&self) -> Result<(usize, usize)> {
+        match (self.spec.model.family, self.spec.model.vocab, self.spec.model.context) {
+            (Family::Transformer | Family::Lstm, Some(v), Some(c)) => Ok((v, c)),
+            (family, _, _) => miette::bail!("the `{family:?}` family has no token interface to evaluate or sample"),
+        }
+    }
+
+    /// A forward executor for `batch` rows with the checkpoint's weights written into its Param
+    /// buffers. Inputs other than tokens/targets are set as evaluation feeds them: router state
+    /// from the checkpoint when it holds one, `jitter.*` multipliers to ones (no jitter); the rest
+    /// (`noise.*`) stay zero, as fresh GPU buffers are.
+    pub fn executor<'g>(&self, gpu: &'g Gpu, batch: usize, fusion: bool) -> Result<Executor<'g>> {
+        let compiled = compile(&self.spec, batch, &gpu.target(), fusion)?;
+        let exec = Executor::new(gpu, &compiled.plan).into_diagnostic()?;
+        for buffer in &compiled.plan.buffers {
+            match &buffer.role {
+                BufferRole::Param { name, shape, .. } => {
+                    let (stored, data) = self
+                        .tensors
+                        .get(name)
+                        .ok_or_else(|| miette::miette!("the checkpoint has no weight `{name}` that the spec's model needs"))?;
+                    if stored.iter().product::<usize>() != shape.iter().product::<usize>() {
+                        miette::bail!("weight `{name}` has shape {stored:?} in the checkpoint but {shape:?} in the model");
+                    }
+                    exec.write_f32(name, data).into_diagnostic()?;
+                }
+                BufferRole::Input { name, shape } if name != "tokens" && name != "targets" => {
+                    if let Some((_, data)) = self.tensors.get(name) {
+                        exec.write_f32(name, data).into_diagnostic()?;
+                    } else if name.starts_with("jitter.") {
+                        exec.write_f32(name, &vec![1.0; shape.iter().product()]).into_diagnostic()?;
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(exec)
+    }
+}
+
+/// Mean `ce` over `batches` on a forward executor: the quantity the trainer logs as `val_loss`.
+pub fn mean_ce(exec: &Executor<'_>, batches: &[Batch]) -> Result<f64> {
+    let mut sum = 0.0;
+    for batch in batches {
+        exec.write_u32("tokens", &batch.tokens).into_diagnostic()?;
+        exec.write_u32("targets", &batch.targets).into_diagnostic()?;
+        exec.run().into_diagnostic()?;
+        sum += exec.read_f32("ce").into_diagnostic()?[0] as f64;
+    }
+    Ok(sum / batches.len().max(1) as f64)
+}
+
+/// What `moec eval` was asked beyond the checkpoint.
+pub struct Args {
+    /// A text file (byte tokens) whose validation part is evaluated instead of the spec's data.
+    pub data: Option<PathBuf>,
+    /// Validation batches (default: the spec's `eval` batches).
+    pub batches: Option<usize>,
+    pub fusion: bool,
+}
+
+pub fn run(checkpoint: &Path, args: &Args, gpu: &Gpu) -> Result<()> {
+    let model = Model::load(checkpoint)?;
+    let (vocab, context) = model.vocab_context()?;
+    let train = model.spec.train.as_ref().ok_or_else(|| miette::miette!("the checkpoint's spec has no `train` block (data, batch)"))?;
+    let (data, dir, split) = match &args.data {
+        Some(path) => (
+            Data::Text { path: path.to_string_lossy().into_owned() },
+            std::env::current_dir().into_diagnostic()?,
+            // The file's validation part under the spec's split, as training would cut it.
+            train.split,
+        ),
+        None => (train.data.clone(), model.spec_dir.clone(), train.split),
+    };
+    let dataset = Dataset::load(&data, &dir, vocab, context, split).into_diagnostic()?;
+    let batches = dataset.val_batches(train.batch, args.batches.unwrap_or(train.eval.batches).max(1));
+    let exec = model.executor(gpu, train.batch, args.fusion)?;
+    let loss = mean_ce(&exec, &batches)?;
+    println!(
+        "{} on {} ({} batches of {}x{}): loss {loss:.4} ppl {:.4}",
+        model.spec.name,
+        dataset.description(),
+        batches.len(),
+        train.batch,
+        context,
+        loss.exp()
+    );
+    Ok(())
+}
