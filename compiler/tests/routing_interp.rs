@@ -414,8 +414,8 @@ fn two_level_weights_are_products_of_primary_and_secondary_gates() {
         for &g in &groups {
             // Secondary gate of group g: softmax over its M = 2 experts, both kept, renormalised.
             let gs = softmax(&sl[t * 6 + g * m..t * 6 + (g + 1) * m]);
-            for j in 0..m {
-                want.push((g * m + j, gp[g] / gsum * gs[j]));
+            for (j, g_j) in gs.iter().enumerate() {
+                want.push((g * m + j, gp[g] / gsum * g_j));
             }
         }
         want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
