@@ -27,10 +27,30 @@ impl Model {
         if ckpt.spec_text.is_empty() {
             miette::bail!("`{}` holds no spec text; only checkpoints written by `moec train` can be evaluated", file.display());
         }
-        let spec = moec_compiler::check::check(&ckpt.spec_text, &file)?;
-        // The spec's data paths are relative to the spec file, which sat beside the run directory's
-        // parent in `moec train`'s default layout; the checkpoint's own directory is the best guess.
-        let spec_dir = file.parent().filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        // The checker resolves (and reads) the spec's data paths relative to the spec file, whose
+        // location the checkpoint does not record: try the checkpoint's directory, its parent
+        // (`moec train --out DIR` beside the spec) and the working directory; report the first
+        // failure when none holds the data.
+        let dir = file.parent().filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        let mut candidates = vec![dir.clone()];
+        candidates.extend(dir.parent().filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf));
+        candidates.push(PathBuf::from("."));
+        let mut first_error = None;
+        let mut found = None;
+        for spec_dir in candidates {
+            match moec_compiler::check::check(&ckpt.spec_text, &spec_dir.join(file.file_name().unwrap_or_default())) {
+                Ok(spec) => {
+                    found = Some((spec, spec_dir));
+                    break;
+                }
+                Err(e) => {
+                    first_error.get_or_insert_with(|| miette::Report::from(e));
+                }
+            }
+        }
+        let Some((spec, spec_dir)) = found else {
+            return Err(first_error.unwrap_or_else(|| miette::miette!("no directory to check the spec in")));
+        };
         Ok(Model { spec, spec_dir, tensors: ckpt.ir_tensors().into_diagnostic()? })
     }
 

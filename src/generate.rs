@@ -41,7 +41,8 @@ pub fn run(checkpoint: &Path, args: &Args, gpu: &Gpu) -> Result<()> {
     if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
         miette::bail!("prompt token {bad} is outside the model's vocab of {vocab}");
     }
-    if !(args.temperature >= 0.0 && args.temperature.is_finite()) || !(args.top_p > 0.0 && args.top_p <= 1.0) {
+    let temperature_ok = args.temperature >= 0.0 && args.temperature.is_finite();
+    if !temperature_ok || !(args.top_p > 0.0 && args.top_p <= 1.0) {
         miette::bail!("--temperature must be ≥ 0 and --top-p in (0, 1]");
     }
     let exec = model.executor(gpu, 1, args.fusion)?;
