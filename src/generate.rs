@@ -42,7 +42,8 @@ pub fn run(checkpoint: &Path, args: &Args, gpu: &Gpu) -> Result<()> {
         miette::bail!("prompt token {bad} is outside the model's vocab of {vocab}");
     }
     let temperature_ok = args.temperature >= 0.0 && args.temperature.is_finite();
-    if !temperature_ok || !(args.top_p > 0.0 && args.top_p <= 1.0) {
+    let top_p_ok = args.top_p > 0.0 && args.top_p <= 1.0;
+    if !(temperature_ok && top_p_ok) {
         miette::bail!("--temperature must be ≥ 0 and --top-p in (0, 1]");
     }
     let exec = model.executor(gpu, 1, args.fusion)?;
