@@ -6,7 +6,7 @@
 use crate::{compile, Loaded};
 use indicatif::{ProgressBar, ProgressStyle};
 use miette::{IntoDiagnostic, Result};
-use moec_runtime::metrics::{console_line, sci, Record};
+use moec_runtime::metrics::{console_line, moe_summary_lines, sci, Record};
 use moec_runtime::train::{TrainOptions, Trainer};
 use moec_runtime::Gpu;
 use std::path::{Path, PathBuf};
@@ -129,6 +129,9 @@ pub fn run(loaded: &Loaded, args: &Args, gpu: &Gpu) -> Result<()> {
         match trainer.step() {
             Ok(Some(record)) => {
                 say(console_line(&record));
+                if record.val_loss.is_some() {
+                    moe_summary_lines(&record).into_iter().for_each(&say);
+                }
                 bar.set_message(format!(
                     "loss {:.4} | lr {} | {:.0} tok/s",
                     record.loss,

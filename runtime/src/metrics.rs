@@ -129,7 +129,8 @@ pub fn normalized_entropy(fraction: &[f64]) -> f64 {
     if fraction.len() <= 1 {
         return 1.0;
     }
-    let h: f64 = fraction.iter().filter(|&&f| f > 0.0).map(|&f| -f * f.ln()).sum();
+    // Σ f·ln(1/f) rather than −Σ f·ln f: a one-hot gives +0, not −0 (which would print as "-0.000").
+    let h: f64 = fraction.iter().filter(|&&f| f > 0.0).map(|&f| f * (1.0 / f).ln()).sum();
     h / (fraction.len() as f64).ln()
 }
 
@@ -283,6 +284,23 @@ pub fn console_line(record: &Record) -> String {
     parts.join(" | ")
 }
 
+/// The per-layer utilisation summary printed under an eval step's log line, one line per MoE block:
+/// `  block 1 | cv2 0.0123 | gini 0.051 | entropy 0.998 | used 100% | max/mean 1.21 | dropped 0.0% | z 4.21`.
+pub fn moe_summary_lines(record: &Record) -> Vec<String> {
+    let Some(moe) = &record.moe else { return Vec::new() };
+    let mut blocks: Vec<(&String, &MoeLayerMetrics)> = moe.iter().collect();
+    blocks.sort_by_key(|(block, _)| block.parse::<u64>().unwrap_or(u64::MAX));
+    blocks
+        .into_iter()
+        .map(|(block, m)| {
+            format!(
+                "  block {block} | cv2 {:.4} | gini {:.3} | entropy {:.3} | used {:.0}% | max/mean {:.2} | dropped {:.1}% | z {:.2}",
+                m.cv2, m.gini, m.entropy, m.experts_used, m.max_over_mean, m.dropped, m.router_z
+            )
+        })
+        .collect()
+}
+
 /// `3e-4` → `3.00e-04`: C-style scientific notation (two mantissa decimals, signed two-digit exponent),
 /// which Rust's `{:e}` does not produce.
 pub fn sci(x: f64) -> String {
@@ -404,6 +422,23 @@ mod tests {
         assert_eq!(thousands(1000.0), "1,000");
         assert_eq!(thousands(0.0), "0");
         assert_eq!(thousands(-12345.0), "-12,345");
+    }
+
+    #[test]
+    fn moe_summary_one_line_per_block_in_block_order() {
+        let mut r = Record::new(100, 3.0, 1e-3, 100.0).with_val_loss(2.0);
+        let mut moe = BTreeMap::new();
+        moe.insert("10".to_string(), MoeLayerMetrics::from_counts(&[2, 2, 2, 2], 0.0, 1.0, 0.01));
+        moe.insert("2".to_string(), MoeLayerMetrics::from_counts(&[0, 0, 0, 8], 0.0, 4.2, 0.0));
+        r.moe = Some(moe);
+        assert_eq!(
+            moe_summary_lines(&r),
+            [
+                "  block 2 | cv2 3.0000 | gini 0.750 | entropy 0.000 | used 25% | max/mean 4.00 | dropped 0.0% | z 4.20",
+                "  block 10 | cv2 0.0000 | gini 0.000 | entropy 1.000 | used 100% | max/mean 1.00 | dropped 0.0% | z 1.00",
+            ]
+        );
+        assert!(moe_summary_lines(&Record::new(1, 1.0, 1.0, 1.0)).is_empty());
     }
 
     #[test]
