@@ -12,102 +12,19 @@
 
 use moec_compiler::autodiff::{training_graph, SEED};
 use moec_compiler::check::check;
-use moec_compiler::emit::{emit, MatmulVariant, Target};
-use moec_compiler::fuse::{fuse, FuseOptions};
 use moec_compiler::interp::{self, Precision, Value};
 use moec_compiler::ir::{DType, Graph, Init, Op};
 use moec_compiler::lower::lower;
-use moec_runtime::{AdapterChoice, Executor, Gpu};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::OnceLock;
+
+mod support;
+use support::*;
 
 const MODEL_REL: f64 = 1e-3;
 const MODEL_FLOOR: f64 = 1e-4;
-
-fn gpu() -> &'static Gpu {
-    static GPU: OnceLock<Gpu> = OnceLock::new();
-    GPU.get_or_init(|| Gpu::new(&AdapterChoice::default()).expect("a wgpu adapter (lavapipe: apt-get install mesa-vulkan-drivers)"))
-}
-
-fn widen(feeds: &HashMap<String, Value>) -> HashMap<String, Value> {
-    feeds
-        .iter()
-        .map(|(k, v)| {
-            let v = match v {
-                Value::F32(x) => Value::F64(x.iter().map(|&a| f64::from(a)).collect()),
-                other => other.clone(),
-            };
-            (k.clone(), v)
-        })
-        .collect()
-}
-
-/// Runs `graph` on the GPU and returns every named output as f64.
-fn run_gpu(graph: &Graph, feeds: &HashMap<String, Value>, target: &Target, fused: bool) -> HashMap<String, Vec<f64>> {
-    let opts = FuseOptions { enabled: fused, max_bindings: target.max_storage_buffers_per_stage };
-    let plan = emit(graph, &fuse(graph, opts), target).unwrap_or_else(|e| panic!("{e}"));
-    let exec = Executor::new(gpu(), &plan).unwrap_or_else(|e| panic!("{e}"));
-    for (name, value) in feeds {
-        match value {
-            Value::F32(v) => exec.write_f32(name, v),
-            Value::U32(v) => exec.write_u32(name, v),
-            Value::F64(v) => exec.write_f32(name, &v.iter().map(|&x| x as f32).collect::<Vec<_>>()),
-        }
-        .unwrap_or_else(|e| panic!("feed {name}: {e}"));
-    }
-    exec.run().unwrap();
-    graph
-        .outputs
-        .iter()
-        .map(|(name, id)| {
-            let v = match graph.ty(*id).dtype {
-                DType::F32 => exec.read_f32(name).unwrap().into_iter().map(f64::from).collect(),
-                DType::U32 => exec.read_u32(name).unwrap().into_iter().map(f64::from).collect(),
-            };
-            (name.clone(), v)
-        })
-        .collect()
-}
-
-/// Every (matmul variant, fused) configuration a graph is checked in.
-fn configs() -> Vec<(Target, bool)> {
-    let mut out = Vec::new();
-    for variant in [MatmulVariant::RegisterBlocked, MatmulVariant::SharedTiled] {
-        for fused in [true, false] {
-            out.push((Target { matmul: variant, ..gpu().target() }, fused));
-        }
-    }
-    out
-}
-
-/// Compares every output of `graph` on the GPU with the f64 interpreter, u32 outputs exactly, f32
-/// outputs within `tol(reference, max |reference| of that output)`; returns the largest absolute
-/// error per output over all configurations.
-fn compare(graph: &Graph, feeds: &HashMap<String, Value>, tol: &dyn Fn(f64, f64) -> f64) -> HashMap<String, f64> {
-    let expected = interp::run_outputs_in(graph, &widen(feeds), Precision::F64).unwrap();
-    let mut worst: HashMap<String, f64> = HashMap::new();
-    for (target, fused) in configs() {
-        let got = run_gpu(graph, feeds, &target, fused);
-        for (name, id) in &graph.outputs {
-            let want = expected[name].to_f64();
-            let have = &got[name];
-            assert_eq!(want.len(), have.len(), "{name}");
-            let scale = want.iter().fold(0.0f64, |m, w| m.max(w.abs()));
-            let exact = graph.ty(*id).dtype == DType::U32;
-            for (i, (w, h)) in want.iter().zip(have).enumerate() {
-                let err = (w - h).abs();
-                let ok = if exact { err == 0.0 } else { err <= tol(w.abs(), scale) };
-                assert!(ok, "{name}[{i}]: gpu {h} vs reference {w} ({:?}, fused = {fused})", target.matmul);
-                let e = worst.entry(name.clone()).or_default();
-                *e = e.max(err);
-            }
-        }
-    }
-    worst
-}
 
 /// Unit-variance parameters and the routing inputs as the runtime feeds them in training.
 fn model_feeds(g: &Graph, seed: u64) -> HashMap<String, Value> {
