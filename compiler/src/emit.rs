@@ -16,6 +16,7 @@
 
 use serde::{Deserialize, Serialize};
 
+mod blocked;
 mod grad;
 mod kernels;
 
@@ -36,6 +37,11 @@ pub struct Target {
     pub max_invocations_per_workgroup: u32,
     pub max_workgroup_storage_bytes: u32,
     pub matmul: MatmulVariant,
+    /// Lanes per subgroup when the adapter runs fixed-size subgroups that map consecutive
+    /// `local_invocation_index`es to consecutive lanes and the device has subgroups enabled (lavapipe:
+    /// 8, its SIMD width); 0 when kernels must not use subgroup operations.
+    #[serde(default)]
+    pub subgroup_size: u32,
 }
 
 /// Matmul schedule. DESIGN.md: on lavapipe (a CPU) a register-blocked kernel with no workgroup memory
@@ -55,6 +61,7 @@ impl Default for Target {
             max_invocations_per_workgroup: 256,
             max_workgroup_storage_bytes: 16384,
             matmul: MatmulVariant::SharedTiled,
+            subgroup_size: 0,
         }
     }
 }
@@ -84,7 +91,9 @@ pub(crate) struct KernelSrc {
 /// Parses and validates WGSL with naga, as wgpu will when it creates the pipeline.
 pub fn validate_wgsl(wgsl: &str) -> Result<(), String> {
     let module = naga::front::wgsl::parse_str(wgsl).map_err(|e| e.emit_to_string(wgsl))?;
-    naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::empty())
+    naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::SUBGROUP)
+        .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
+        .subgroup_operations(naga::valid::SubgroupOperationSet::BASIC | naga::valid::SubgroupOperationSet::BALLOT)
         .validate(&module)
         .map_err(|e| e.emit_to_string(wgsl))?;
     Ok(())

@@ -55,10 +55,11 @@ use crate::spec::{
 };
 
 /// Rows per tile of the MoE routing table: every expert's segment of gathered rows is padded to a
-/// multiple of this, so one grouped-matmul tile never straddles two experts. 16 matches the 16-row
-/// shared-memory matmul tile and is a multiple of the 8-row register-blocked one; the emitter's
-/// grouped matmul must use a row tile that divides it.
-pub const ROUTE_TILE: usize = 16;
+/// multiple of this, so one grouped-matmul tile never straddles two experts. 32 is the row block of
+/// the subgroup-shared register-blocked matmul (emit/blocked.rs) and a multiple of the 16-row
+/// shared-memory tile and the 8-row plain block; the emitter's grouped matmul must use a row block
+/// that divides it.
+pub const ROUTE_TILE: usize = 32;
 
 /// Standard deviation of the normal init of linear and embedding weights (GPT-2 / HF
 /// `initializer_range`).

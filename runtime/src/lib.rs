@@ -85,6 +85,9 @@ pub struct Gpu {
     pub info: AdapterSummary,
     is_cpu: bool,
     limits: wgpu::Limits,
+    /// [`Target::subgroup_size`]: lanes of the adapter's fixed-size subgroups, 0 where kernels must
+    /// not rely on them.
+    subgroup_size: u32,
 }
 
 impl Gpu {
@@ -109,14 +112,19 @@ impl Gpu {
         let limits = adapter.limits();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("moec"),
-            required_features: wgpu::Features::empty(),
+            required_features: adapter.features() & wgpu::Features::SUBGROUP,
             required_limits: limits.clone(),
             experimental_features: wgpu::ExperimentalFeatures::disabled(),
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         }))
         .map_err(|e| RuntimeError::Device { adapter: info.name.clone(), message: e.to_string() })?;
-        Ok(Gpu { device, queue, is_cpu: info.device_type == wgpu::DeviceType::Cpu, info: summary(&info), limits })
+        let is_cpu = info.device_type == wgpu::DeviceType::Cpu;
+        // Only CPU adapters are known to lay lanes out by `local_invocation_index` (llvmpipe: one SIMD
+        // vector of consecutive invocations); GPUs take the shared-memory schedule instead.
+        let fixed_subgroups = adapter.features().contains(wgpu::Features::SUBGROUP) && info.subgroup_min_size == info.subgroup_max_size;
+        let subgroup_size = if is_cpu && fixed_subgroups { info.subgroup_min_size } else { 0 };
+        Ok(Gpu { device, queue, is_cpu, info: summary(&info), limits, subgroup_size })
     }
 
     /// The compile target for this adapter: its real limits, and the matmul schedule that is fast on
@@ -129,6 +137,7 @@ impl Gpu {
             max_invocations_per_workgroup: self.limits.max_compute_invocations_per_workgroup,
             max_workgroup_storage_bytes: self.limits.max_compute_workgroup_storage_size,
             matmul: if self.is_cpu { MatmulVariant::RegisterBlocked } else { MatmulVariant::SharedTiled },
+            subgroup_size: self.subgroup_size,
         }
     }
 

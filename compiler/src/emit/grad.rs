@@ -7,6 +7,7 @@
 //! sums its contributions in a fixed order, so results never depend on scheduling. Shapes and
 //! routing-table offsets are baked in as literals and grids are folded with [`fold`].
 
+use super::blocked::{self, Blocked, Schedule};
 use super::kernels::{fold, KernelError};
 use super::{KernelSrc, Target};
 use crate::fuse::base;
@@ -15,12 +16,6 @@ use std::fmt::Write;
 
 const PRELUDE: &str = include_str!("../../../shaders/prelude.wgsl");
 
-/// Output rows one invocation of the weight gradient holds.
-const TM: usize = 8;
-/// Output columns one invocation of the weight gradient holds, strided by the workgroup size.
-const TN: usize = 8;
-/// Largest workgroup of the weight-gradient kernel.
-const WG_NARROW: u32 = 64;
 
 /// Storage bindings of one kernel, named by role, in binding order.
 struct Bind<'g> {
@@ -78,17 +73,6 @@ impl<'g> Bind<'g> {
     }
 }
 
-fn wg_size(target: &Target, want: u32) -> u32 {
-    want.min(target.max_invocations_per_workgroup.max(1))
-}
-
-/// Linear workgroup index of a folded grid.
-const WORKGROUP: &str = "wid.x + wid.y * GX + wid.z * (GX * GY)";
-
-fn main_header(wg: u32) -> String {
-    format!("@compute @workgroup_size({wg})\nfn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{\n")
-}
-
 /// Kernel of a `GroupedMatMulGradW` node `n` (always its own group).
 pub(crate) fn grad_kernel(
     graph: &Graph,
@@ -103,85 +87,35 @@ pub(crate) fn grad_kernel(
 }
 
 /// `GroupedMatMulGradW`: `dw[e, n, k] = Σ_{r ∈ [offsets[e], offsets[e+1])} g[r, n] · x[r, k]`, the
-/// rows of expert `e` in ascending order.
-///
-/// Register-blocked like the forward matmul (DESIGN.md): an invocation accumulates a `TM × TN`
-/// block by outer products over the rows, with no workgroup memory and no barriers. A workgroup
-/// owns one expert and `TM` values of `n`, so the segment bounds and the `g` loads are uniform
-/// across it (one scalar load plus a broadcast on a SIMD CPU adapter); lanes take columns
-/// `k = n0 + j·wg`, so `x` loads are contiguous across lanes. Edge blocks clamp their load indices
-/// (no branches in the row loop) and discard out-of-range results at the store. Narrow outputs get
-/// narrower workgroups instead of idle lanes.
-fn grad_w(
-    mut b: Bind,
-    n: NodeId,
-    args: &[NodeId],
-    layout: &RouteLayout,
-    target: &Target,
-) -> Result<KernelSrc, KernelError> {
+/// rows of expert `e` in ascending order: per expert, the blocked matmul `gᵀ · x` over that expert's
+/// segment of rows (the schedule of [`super::blocked`]).
+fn grad_w(mut b: Bind, n: NodeId, args: &[NodeId], layout: &RouteLayout, target: &Target) -> Result<KernelSrc, KernelError> {
     let graph = b.graph;
     let g = b.read(args[0], "g");
     let x = b.read(args[1], "x");
     let route = b.read(args[2], "route");
     let out = b.write(n);
     let (nn, k) = (graph.ty(args[0]).shape[1], graph.ty(args[1]).shape[1]);
-    let (rows, e) = (layout.rows(), layout.experts);
-    let wg = wg_size(
-        target,
-        WG_NARROW.min((k.div_ceil(TN) as u32).next_power_of_two().max(8)),
-    );
-    let span = TN * wg as usize;
-    let (mt, ct) = (nn.div_ceil(TM), k.div_ceil(span));
     let off = layout.offsets_at();
-    let mut s = main_header(wg);
-    let _ = writeln!(
-        s,
-        "    let w_ = {WORKGROUP};\n    if (w_ >= {}u) {{\n        return;\n    }}",
-        e * mt * ct
-    );
-    let _ = writeln!(s, "    let e = w_ / {}u;\n    let m0 = ((w_ / {ct}u) % {mt}u) * {TM}u;\n    let n0 = (w_ % {ct}u) * {span}u + lid;", mt * ct);
-    let _ = writeln!(s, "    let rend = min({route}[{off}u + e + 1u], {rows}u);");
-    for i in 0..TM {
-        let _ = writeln!(s, "    let gc{i} = min(m0 + {i}u, {}u);", nn - 1);
-    }
-    for j in 0..TN {
-        let _ = writeln!(
-            s,
-            "    let xc{j} = min(n0 + {}u, {}u);",
-            j * wg as usize,
-            k - 1
-        );
-    }
-    for i in 0..TM {
-        for j in 0..TN {
-            let _ = writeln!(s, "    var c{i}_{j} = 0.0;");
-        }
-    }
-    let _ = writeln!(
-        s,
-        "    for (var r = {route}[{off}u + e]; r < rend; r = r + 1u) {{"
-    );
-    for j in 0..TN {
-        let _ = writeln!(s, "        let xv{j} = {x}[r * {k}u + xc{j}];");
-    }
-    for i in 0..TM {
-        let _ = writeln!(s, "        let gv{i} = {g}[r * {nn}u + gc{i}];");
-        for j in 0..TN {
-            let _ = writeln!(s, "        c{i}_{j} = fma(gv{i}, xv{j}, c{i}_{j});");
-        }
-    }
-    s += "    }\n";
-    for i in 0..TM {
-        let _ = writeln!(s, "    if (m0 + {i}u < {nn}u) {{");
-        for j in 0..TN {
-            let col = format!("n0 + {}u", j * wg as usize);
-            let _ = writeln!(s, "        if ({col} < {k}u) {{\n            {out}[(e * {nn}u + m0 + {i}u) * {k}u + {col}] = c{i}_{j};\n        }}");
-        }
-        s += "    }\n";
-    }
-    s += "}\n";
-    let grid = fold((e * mt * ct) as u64, target)?;
-    Ok(b.finish(&s, grid))
+    let blocked = Blocked {
+        batch: layout.experts,
+        m: nn,
+        n: k,
+        a: &g,
+        b: &x,
+        sam: 1,
+        sak: nn,
+        sbk: k,
+        sbn: 1,
+        setup: format!(
+            "    let abase = 0u;\n    let bbase = 0u;\n    let kbeg = {route}[{off}u + bi];\n    let kend = min({route}[{off}u + bi + 1u], {}u);\n",
+            layout.rows()
+        ),
+        put: format!("    {out}[(bi * {nn}u + row) * {k}u + col] = acc;\n"),
+    };
+    let schedule = Schedule::new(target, nn, k, None);
+    let grid = fold(schedule.workgroups(&blocked) as u64, target)?;
+    Ok(b.finish(&blocked::body(&blocked, schedule), grid))
 }
 
 #[cfg(test)]
@@ -220,8 +154,8 @@ mod tests {
             let src =
                 grad_kernel(&g, dw, &target).unwrap_or_else(|_| panic!("grid of {n}x{k} fits"));
             validate_wgsl(&src.wgsl).unwrap_or_else(|e| panic!("{n}x{k}: {e}"));
-            let wg = WG_NARROW.min((k.div_ceil(TN) as u32).next_power_of_two().max(8)) as usize;
-            let blocks = layout.experts * n.div_ceil(TM) * k.div_ceil(TN * wg);
+            let p = Schedule::new(&target, n, k, None);
+            let blocks = layout.experts * n.div_ceil(p.rows) * k.div_ceil(p.cols * p.wg as usize);
             let grid: usize = src.workgroups.iter().map(|&d| d as usize).product();
             assert!(
                 grid >= blocks && src.workgroups.iter().all(|&d| d <= max_dim),

@@ -5,6 +5,7 @@
 //! produced by walking the group's nodes: each elementwise node becomes one `let v<id> = ...;`, an
 //! operand from outside the group becomes a load with a broadcasting index.
 
+use super::blocked::{self, Blocked, Schedule};
 use super::{EmitError, KernelSrc, MatmulVariant, Target};
 use crate::fuse::{base, Group, GroupKind};
 use crate::ir::{BinaryOp, Graph, NodeId, Op, ReduceOp, RouteLayout, UnaryOp};
@@ -23,17 +24,6 @@ const AUCTION: &str = include_str!("../../../shaders/auction.wgsl");
 
 /// Invocations per workgroup of one-invocation-per-element kernels.
 const WG: u32 = 256;
-/// Shape of the register-blocked matmul: rows × columns one invocation holds, and invocations per
-/// workgroup (a workgroup covers `tm` rows × `tn·wg` columns).
-#[derive(Debug, Clone, Copy)]
-struct RbParams {
-    tm: usize,
-    tn: usize,
-    wg: u32,
-}
-
-/// 8 × 8 per invocation (DESIGN.md); 64 accumulators is what the k loop's loads amortise over.
-const RB: RbParams = RbParams { tm: 8, tn: 8, wg: 64 };
 /// Invocations per row of the workgroup-per-row reduction (SharedTiled targets).
 const ROW_THREADS: u32 = 64;
 
@@ -540,7 +530,7 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
     store.push_str("}\n\n");
 
     let tiled = target.matmul == MatmulVariant::SharedTiled && grouped.is_none() && target.max_invocations_per_workgroup >= 256 && target.max_workgroup_storage_bytes >= 8192;
-    let mut consts: Vec<(&str, u64)> = vec![("M", mm.m as u64), ("N", mm.n as u64), ("K", mm.k as u64), ("BATCH", mm.batch as u64)];
+    let consts: Vec<(&str, u64)> = vec![("M", mm.m as u64), ("N", mm.n as u64), ("K", mm.k as u64), ("BATCH", mm.batch as u64)];
     let (body, groups) = if tiled {
         let loads = format!(
             "fn load_a(bi: u32, m: u32, k: u32) -> f32 {{\n    if (m < M && k < K) {{\n        return {a_name}[{} + m * {}u + k * {}u];\n    }}\n    return 0.0;\n}}\n\nfn load_b(bi: u32, k: u32, n: u32) -> f32 {{\n    if (n < N && k < K) {{\n        return {b_name}[{} + k * {}u + n * {}u];\n    }}\n    return 0.0;\n}}\n\n",
@@ -549,81 +539,34 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
         let tiles = mm.batch * mm.m.div_ceil(64) * mm.n.div_ceil(64);
         (format!("{store}{loads}{MATMUL_TILED}"), tiles)
     } else {
-        let mut p = RB;
-        if let Some((layout, _)) = grouped {
-            // A block of rows must not straddle two experts: segments start at multiples of `tile`.
-            p.tm = (1..=p.tm).rev().find(|t| layout.tile % t == 0).unwrap_or(1);
-        }
-        // Narrow outputs (router logits, small heads) get narrower workgroups instead of idle lanes.
-        p.wg = p.wg.min((mm.n.div_ceil(p.tn) as u32).next_power_of_two().max(8));
-        consts.push(("MT", mm.m.div_ceil(p.tm) as u64));
-        consts.push(("CT", mm.n.div_ceil(p.tn * p.wg as usize) as u64));
-        let groups = mm.batch * mm.m.div_ceil(p.tm) * mm.n.div_ceil(p.tn * p.wg as usize);
-        (format!("{store}{}", register_blocked(&mm, p, &a_name, &b_name, grouped.as_ref().map(|(l, r)| (l, r.as_str())))), groups)
+        let setup = match &grouped {
+            Some((layout, route)) => format!(
+                "    let live = m0 < {route}[{}u];\n    let e = min({route}[{}u + min(m0, {}u)], {}u);\n    let kbeg = 0u;\n    let kend = select(0u, K, live);\n    let abase = 0u;\n    let bbase = e * N * K;\n",
+                layout.offsets_at() + layout.experts,
+                layout.row_expert_at(),
+                mm.m - 1,
+                layout.experts - 1
+            ),
+            None => format!("    let kbeg = 0u;\n    let kend = K;\n    let abase = {};\n    let bbase = {};\n", mm.a_batch, mm.b_batch),
+        };
+        let blocked = Blocked {
+            batch: mm.batch,
+            m: mm.m,
+            n: mm.n,
+            a: &a_name,
+            b: &b_name,
+            sam: mm.sam,
+            sak: mm.sak,
+            sbk: mm.sbk,
+            sbn: mm.sbn,
+            setup,
+            put: "    store((bi * M + row) * N + col, acc);\n".into(),
+        };
+        let schedule = Schedule::new(target, mm.m, mm.n, grouped.as_ref().map(|(layout, _)| layout.tile));
+        (format!("{store}{}", blocked::body(&blocked, schedule)), schedule.workgroups(&blocked))
     };
     let grid = fold(groups as u64, target)?;
     Ok(b.finish(&consts, &body, grid))
-}
-
-/// Register-blocked matmul (CPU-like adapters, DESIGN.md): each invocation accumulates a `tm × tn`
-/// block in registers by outer products over k, with no workgroup memory and no barriers.
-///
-/// A workgroup owns `tm` rows, so the row indices, the A loads and (for a grouped matmul) the expert
-/// are uniform across the workgroup: a CPU adapter such as lavapipe runs invocations as SIMD lanes and
-/// turns uniform loads into one scalar load plus a broadcast instead of a per-lane gather. Lanes take
-/// columns `lid + wg·j`, so neighbouring lanes read neighbouring B elements. Edge blocks clamp their
-/// load indices into the matrix (always in bounds, no branches in the k loop) and discard
-/// out-of-range results at the store. A grouped matmul reads the expert of the block's first row
-/// from `row_expert` and produces zeros past the used rows.
-fn register_blocked(mm: &Mm, p: RbParams, a: &str, b: &str, grouped: Option<(&RouteLayout, &str)>) -> String {
-    let RbParams { tm, tn, wg } = p;
-    let mut s = format!("@compute @workgroup_size({wg})\nfn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{\n");
-    s += "    let w = wid.x + wid.y * GX + wid.z * (GX * GY);\n    if (w >= BATCH * MT * CT) {\n        return;\n    }\n";
-    s += "    let ct = w % CT;\n    let mt = (w / CT) % MT;\n    let bi = w / (CT * MT);\n";
-    s += &format!("    let m0 = mt * {tm}u;\n    let n0 = ct * {}u + lid;\n", wg as usize * tn);
-    match grouped {
-        Some((layout, route)) => {
-            let e = layout.experts;
-            s += &format!("    let live = m0 < {route}[{}u];\n", layout.offsets_at() + e);
-            s += &format!("    let e = min({route}[{}u + min(m0, M - 1u)], {}u);\n", layout.row_expert_at(), e - 1);
-            s += "    let kend = select(0u, K, live);\n    let bbase = e * N * K;\n    let abase = 0u;\n";
-        }
-        None => s += &format!("    let kend = K;\n    let bbase = {};\n    let abase = {};\n", mm.b_batch, mm.a_batch),
-    }
-    for i in 0..tm {
-        s += &format!("    let ar{i} = abase + min(m0 + {i}u, M - 1u) * {}u;\n", mm.sam);
-    }
-    for j in 0..tn {
-        s += &format!("    let bc{j} = bbase + min(n0 + {}u, N - 1u) * {}u;\n", j * wg as usize, mm.sbn);
-    }
-    for i in 0..tm {
-        for j in 0..tn {
-            s += &format!("    var c{i}_{j} = 0.0;\n");
-        }
-    }
-    s += "    for (var k = 0u; k < kend; k = k + 1u) {\n";
-    let scaled = |stride: usize| if stride == 1 { "k".to_string() } else { format!("k * {stride}u") };
-    let (ak, bk) = (scaled(mm.sak), scaled(mm.sbk));
-    for j in 0..tn {
-        s += &format!("        let bv{j} = {b}[bc{j} + {bk}];\n");
-    }
-    for i in 0..tm {
-        s += &format!("        let av{i} = {a}[ar{i} + {ak}];\n");
-        for j in 0..tn {
-            s += &format!("        c{i}_{j} = fma(av{i}, bv{j}, c{i}_{j});\n");
-        }
-    }
-    s += "    }\n";
-    for i in 0..tm {
-        s += &format!("    if (m0 + {i}u < M) {{\n");
-        for j in 0..tn {
-            let col = format!("n0 + {}u", j * wg as usize);
-            s += &format!("        if ({col} < N) {{\n            store((bi * M + m0 + {i}u) * N + {col}, c{i}_{j});\n        }}\n");
-        }
-        s += "    }\n";
-    }
-    s += "}\n";
-    s
 }
 
 /// Kernels of ops that are never fused (layout changes, NN composites, MoE routing).

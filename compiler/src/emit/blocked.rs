@@ -1,0 +1,190 @@
+//! The register-blocked matmul body shared by the plain matmul, the grouped matmul (forward and
+//! input gradient) and the grouped weight gradient on CPU-like adapters (DESIGN.md: no workgroup
+//! memory, no barriers).
+//!
+//! Why it looks like this (measured on lavapipe, Mesa 22.3, `probe` numbers in docs/DECISIONS.md):
+//! llvmpipe runs 8 invocations as the lanes of one SIMD vector, and every storage-buffer load costs a
+//! scalar loop over the lanes (~170 cycles per load, whatever the addresses, vec4 loads four times
+//! that), while arithmetic and subgroup broadcasts are nearly free. So the schedule minimises loads
+//! per multiply-add:
+//! - A workgroup owns `rows` consecutive output rows; its lanes own columns. A lane holds a
+//!   `rows × cols` block of accumulators and walks the contraction axis once, loading `cols` values
+//!   of B (its own columns, neighbouring lanes at neighbouring addresses).
+//! - Without subgroups every lane loads all `rows` values of A itself (uniform addresses).
+//! - With fixed-size subgroups of `lanes` lanes, the lanes of a subgroup load the `rows` values of A
+//!   cooperatively (`rows / lanes` loads each) and hand them round with `subgroupBroadcast`, which
+//!   llvmpipe compiles to an element extract. That cuts loads per multiply-add from 1/4 to 1/21 and
+//!   runs 1024³ at ~10 GFLOP/s instead of 2.
+//!
+//! Edge blocks clamp their load indices into the matrix (no branches in the loop, every lane stays
+//! active for the broadcasts) and drop out-of-range results at the store.
+
+use super::Target;
+use std::fmt::Write;
+
+/// Linear workgroup index of a folded grid.
+const WORKGROUP: &str = "wid.x + wid.y * GX + wid.z * (GX * GY)";
+
+/// `out[bi][row, col] = Σ_{k ∈ [kbeg, kend)} A[row, k] · B[k, col]` for `bi < batch`, where A and B
+/// are read in place from `a` and `b` through element strides, after per-block offsets.
+pub(crate) struct Blocked<'a> {
+    pub batch: usize,
+    pub m: usize,
+    pub n: usize,
+    pub a: &'a str,
+    pub b: &'a str,
+    pub sam: usize,
+    pub sak: usize,
+    pub sbk: usize,
+    pub sbn: usize,
+    /// WGSL statements run once per block, after `bi` (batch index) and `m0` (first row of the block)
+    /// are set; they define `abase` and `bbase` (element offsets of A and B) and the contraction range
+    /// `kbeg`, `kend`, all uniform across the workgroup.
+    pub setup: String,
+    /// WGSL body of `fn put(bi: u32, row: u32, col: u32, acc: f32)`, called once per in-range output.
+    pub put: String,
+}
+
+/// How a blocked matmul is cut: accumulator block per lane, workgroup size, and how many lanes share
+/// their A loads through subgroup broadcasts (1: none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Schedule {
+    pub rows: usize,
+    pub cols: usize,
+    pub wg: u32,
+    pub lanes: u32,
+}
+
+/// Accumulator block of a lane without subgroups: 64 accumulators amortise the A loads.
+const PLAIN_ROWS: usize = 8;
+/// Rows of a block whose A loads are shared across a subgroup: 32 × 8 accumulators per lane was the
+/// fastest block on lavapipe that still compiles in about a second (64 × 8: +15%, twice the compile).
+const SHARED_ROWS: usize = 32;
+const COLS: usize = 8;
+const WG_MAX: u32 = 64;
+
+impl Schedule {
+    /// The schedule for an `m × n` output on `target`. `row_align`: a block must not straddle a
+    /// multiple of it (grouped matmuls: an expert's segment starts at multiples of the route tile).
+    /// Small outputs get smaller blocks: llvmpipe's compile time grows with the unrolled block, and a
+    /// block larger than the output only adds idle accumulators.
+    pub(crate) fn new(target: &Target, m: usize, n: usize, row_align: Option<usize>) -> Schedule {
+        let fits = |rows: usize| row_align.is_none_or(|t| t % rows == 0);
+        let lanes = target.subgroup_size;
+        let shared = (lanes > 1 && (lanes as usize) <= SHARED_ROWS && lanes <= target.max_invocations_per_workgroup)
+            .then(|| {
+                let want = m.next_multiple_of(lanes as usize).min(SHARED_ROWS);
+                (1..=want / lanes as usize).rev().map(|q| q * lanes as usize).find(|&r| fits(r))
+            })
+            .flatten();
+        let (rows, lanes) = match shared {
+            Some(rows) => (rows, lanes),
+            None => ((1..=PLAIN_ROWS.min(m.max(1))).rev().find(|&r| fits(r)).unwrap_or(1), 1),
+        };
+        let cols = COLS.min(n.div_ceil(8).max(1));
+        // Narrow outputs (router logits, small heads) get narrower workgroups instead of idle lanes.
+        let wg = WG_MAX
+            .min((n.div_ceil(cols) as u32).next_power_of_two())
+            .max(8)
+            .max(lanes)
+            .min(target.max_invocations_per_workgroup.max(1));
+        Schedule { rows, cols, wg, lanes }
+    }
+
+    /// Lanes that share rows and split the columns of a block between them.
+    fn group(&self) -> u32 {
+        if self.lanes > 1 {
+            self.lanes
+        } else {
+            self.wg
+        }
+    }
+
+    /// Workgroups the whole product needs.
+    pub(crate) fn workgroups(&self, mm: &Blocked) -> usize {
+        mm.batch * mm.m.div_ceil(self.rows) * mm.n.div_ceil(self.cols * self.wg as usize)
+    }
+}
+
+/// The kernel's `put` helper and entry point.
+pub(crate) fn body(mm: &Blocked, p: Schedule) -> String {
+    let Schedule { rows, cols, wg, lanes } = p;
+    let group = p.group();
+    let (mt, ct) = (mm.m.div_ceil(rows), mm.n.div_ceil(cols * wg as usize));
+    let mut s = format!("fn put(bi: u32, row: u32, col: u32, acc: f32) {{\n{}}}\n\n", mm.put);
+    let lane_arg = if lanes > 1 { ", @builtin(subgroup_invocation_id) lane: u32" } else { "" };
+    let _ = writeln!(s, "@compute @workgroup_size({wg})\nfn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32{lane_arg}) {{");
+    let _ = writeln!(s, "    let w = {WORKGROUP};\n    if (w >= {}u) {{\n        return;\n    }}", mm.batch * mt * ct);
+    let _ = writeln!(s, "    let bi = w / {}u;\n    let m0 = ((w / {ct}u) % {mt}u) * {rows}u;", mt * ct);
+    let _ = writeln!(s, "    let n0 = (w % {ct}u) * {}u + (lid / {group}u) * {}u + lid % {group}u;", cols * wg as usize, group as usize * cols);
+    s += &mm.setup;
+    let (last_row, last_col) = (mm.m - 1, mm.n - 1);
+    // Rows this lane loads: all of the block's, or its share of them.
+    let loads = rows / lanes as usize;
+    for q in 0..loads {
+        let row = if lanes > 1 { format!("m0 + lane + {}u", q * lanes as usize) } else { format!("m0 + {q}u") };
+        let _ = writeln!(s, "    let ar{q} = abase + min({row}, {last_row}u) * {}u;", mm.sam);
+    }
+    for j in 0..cols {
+        let _ = writeln!(s, "    let bc{j} = bbase + min(n0 + {}u, {last_col}u) * {}u;", j * group as usize, mm.sbn);
+    }
+    for i in 0..rows {
+        for j in 0..cols {
+            let _ = writeln!(s, "    var c{i}_{j} = 0.0;");
+        }
+    }
+    let scaled = |stride: usize| if stride == 1 { "k".to_string() } else { format!("k * {stride}u") };
+    let (ak, bk) = (scaled(mm.sak), scaled(mm.sbk));
+    s += "    for (var k = kbeg; k < kend; k = k + 1u) {\n";
+    // Without subgroups the lane's own loads are the row values (`av`); with them, its share (`al`).
+    let loaded = if lanes > 1 { "al" } else { "av" };
+    for q in 0..loads {
+        let _ = writeln!(s, "        let {loaded}{q} = {}[ar{q} + {ak}];", mm.a);
+    }
+    for j in 0..cols {
+        let _ = writeln!(s, "        let bv{j} = {}[bc{j} + {bk}];", mm.b);
+    }
+    for i in 0..rows {
+        if lanes > 1 {
+            let _ = writeln!(s, "        let av{i} = subgroupBroadcast(al{}, {}u);", i / lanes as usize, i % lanes as usize);
+        }
+        for j in 0..cols {
+            let _ = writeln!(s, "        c{i}_{j} = fma(av{i}, bv{j}, c{i}_{j});");
+        }
+    }
+    s += "    }\n";
+    for i in 0..rows {
+        let _ = writeln!(s, "    if (m0 + {i}u < {}u) {{", mm.m);
+        for j in 0..cols {
+            let col = format!("n0 + {}u", j * group as usize);
+            let _ = writeln!(s, "        if ({col} < {}u) {{\n            put(bi, m0 + {i}u, {col}, c{i}_{j});\n        }}", mm.n);
+        }
+        s += "    }\n";
+    }
+    s += "}\n";
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(subgroup_size: u32) -> Target {
+        Target { subgroup_size, ..Target::default() }
+    }
+
+    #[test]
+    fn subgroup_blocks_are_multiples_of_the_subgroup_and_respect_the_row_alignment() {
+        assert_eq!(Schedule::new(&target(8), 2048, 512, None), Schedule { rows: 32, cols: 8, wg: 64, lanes: 8 });
+        assert_eq!(Schedule::new(&target(8), 2048, 512, Some(16)).rows, 16);
+        assert_eq!(Schedule::new(&target(8), 2048, 512, Some(24)).rows, 24);
+        // No multiple of 8 divides 12: plain blocking with a row count that does.
+        assert_eq!(Schedule::new(&target(8), 2048, 512, Some(12)), Schedule { rows: 6, cols: 8, wg: 64, lanes: 1 });
+        assert_eq!(Schedule::new(&target(0), 2048, 512, None), Schedule { rows: 8, cols: 8, wg: 64, lanes: 1 });
+        // Small outputs: small blocks; 8 lanes still make one whole subgroup.
+        assert_eq!(Schedule::new(&target(8), 13, 512, None).rows, 16);
+        assert_eq!(Schedule::new(&target(0), 5, 512, None).rows, 5);
+        assert_eq!(Schedule::new(&target(8), 64, 3, None), Schedule { rows: 32, cols: 1, wg: 8, lanes: 8 });
+        assert_eq!(Schedule::new(&target(0), 64, 20, None), Schedule { rows: 8, cols: 3, wg: 8, lanes: 1 });
+    }
+}
