@@ -219,11 +219,28 @@ fn op_expr(op: &Op, a: &[String]) -> String {
 }
 
 /// Walks group nodes into `let` statements; operands not in `env` are loaded with broadcasting.
+///
+/// Values are named by their position in the group, not by graph node id, so the same computation
+/// in every layer gives the same WGSL text and shares one kernel (and one driver compile).
 struct Walker<'g> {
     graph: &'g Graph,
+    local: HashMap<NodeId, usize>,
 }
 
-impl Walker<'_> {
+impl<'g> Walker<'g> {
+    fn new(graph: &'g Graph, group: &Group) -> Self {
+        Walker { graph, local: group.nodes.iter().enumerate().map(|(i, &n)| (n, i)).collect() }
+    }
+
+    /// Kernel-local number of a group member.
+    fn id(&self, n: NodeId) -> usize {
+        self.local[&n]
+    }
+
+    fn var(&self, n: NodeId) -> String {
+        format!("v{}", self.id(n))
+    }
+
     fn operand(&self, b: &mut Binder, env: &HashMap<NodeId, String>, q: NodeId, domain: &[usize], lin: &str) -> String {
         match env.get(&q) {
             Some(v) => v.clone(),
@@ -234,8 +251,9 @@ impl Walker<'_> {
     /// `let v<n> = <op>(operands);` for an elementwise node; records `v<n>` in `env`.
     fn elementwise(&self, b: &mut Binder, env: &mut HashMap<NodeId, String>, n: NodeId, domain: &[usize], lin: &str, out: &mut String, indent: &str) {
         let args: Vec<String> = self.graph.inputs(n).into_iter().map(|q| self.operand(b, env, q, domain, lin)).collect();
-        let _ = writeln!(out, "{indent}let v{} = {};", n.index(), op_expr(&self.graph.node(n).op, &args));
-        env.insert(n, format!("v{}", n.index()));
+        let v = self.var(n);
+        let _ = writeln!(out, "{indent}let {v} = {};", op_expr(&self.graph.node(n).op, &args));
+        env.insert(n, v);
     }
 }
 
@@ -264,7 +282,7 @@ fn elementwise_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<K
     let wg = wg_size(target);
     let total: usize = group.domain.iter().product();
     let mut b = Binder::new(graph);
-    let walker = Walker { graph };
+    let walker = Walker::new(graph, group);
     let mut env = HashMap::new();
     let mut body = per_item_main(wg, total);
     for &n in &group.nodes {
@@ -272,7 +290,7 @@ fn elementwise_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<K
     }
     for &o in &group.outputs {
         let name = b.write(o);
-        let _ = writeln!(body, "    {name}[i] = v{};", o.index());
+        let _ = writeln!(body, "    {name}[i] = {};", walker.var(o));
     }
     body.push_str("}\n");
     let grid = fold(total.div_ceil(wg as usize) as u64, target)?;
@@ -312,7 +330,7 @@ fn row_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc
     let causal_rows = if d.len() >= 2 { d[d.len() - 2] } else { 1 };
 
     let mut b = Binder::new(graph);
-    let walker = Walker { graph };
+    let walker = Walker::new(graph, group);
     let mut body = String::new();
     if tpr > 1 {
         let _ = writeln!(body, "var<workgroup> red: array<f32, {tpr}>;\n");
@@ -349,8 +367,9 @@ fn row_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc
                     let x = walker.operand(b, &env, graph.inputs(n)[0], d, "lin");
                     let (m, sum, causal) = &softmax[&n];
                     let valid = if *causal { format!("c <= (row % {causal_rows}u) % {l}u") } else { "true".into() };
-                    let _ = writeln!(s, "        let v{} = select(0.0, exp({x} - {m}) / {sum}, {valid});", n.index());
-                    env.insert(n, format!("v{}", n.index()));
+                    let v = walker.var(n);
+                    let _ = writeln!(s, "        let {v} = select(0.0, exp({x} - {m}) / {sum}, {valid});");
+                    env.insert(n, v);
                 }
                 _ => walker.elementwise(b, &mut env, n, d, "lin", &mut s, "        "),
             }
@@ -375,7 +394,7 @@ fn row_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc
     let max = |x: &str, y: &str| format!("max({x}, {y})");
 
     for &n in &group.nodes {
-        let id = n.index();
+        let id = walker.id(n);
         match &graph.node(n).op {
             op if is_elementwise(op) => {
                 if is_row(n) {
@@ -516,16 +535,16 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
     };
 
     // The epilogue: anchor value in, every materialised member out.
-    let walker = Walker { graph };
+    let walker = Walker::new(graph, group);
     let mut env = HashMap::new();
-    env.insert(anchor, format!("v{}", anchor.index()));
-    let mut store = format!("fn store(lin: u32, acc: f32) {{\n    let v{} = acc;\n", anchor.index());
+    env.insert(anchor, walker.var(anchor));
+    let mut store = format!("fn store(lin: u32, acc: f32) {{\n    let {} = acc;\n", walker.var(anchor));
     for &n in group.nodes.iter().skip_while(|&&n| n != anchor).skip(1) {
         walker.elementwise(&mut b, &mut env, n, &group.domain, "lin", &mut store, "    ");
     }
     for &o in &group.outputs {
         let name = b.write(o);
-        let _ = writeln!(store, "    {name}[lin] = v{};", o.index());
+        let _ = writeln!(store, "    {name}[lin] = {};", walker.var(o));
     }
     store.push_str("}\n\n");
 
