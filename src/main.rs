@@ -198,6 +198,12 @@ pub fn compile(spec: &Spec, batch: usize, target: &Target, fusion: bool) -> Resu
 }
 
 fn main() -> Result<()> {
+    // Mesa's Vulkan loader prints "XDG_RUNTIME_DIR is invalid" on every probe of a headless Linux
+    // machine (CI, servers, lavapipe). moec never opens a window; any existing directory silences it.
+    // Set before any thread starts.
+    if cfg!(target_os = "linux") && std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Check { spec, no_device, adapter } => {
