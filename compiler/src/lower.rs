@@ -43,8 +43,7 @@
 //! capacity, balancing and metrics are common to all of them.
 //!
 //! # What is not lowered yet
-//! The `lstm` family, and `bias(...)` with `hierarchy = two_level`: each returns
-//! [`LowerError::Unsupported`] naming the feature.
+//! The `lstm` family: it returns [`LowerError::Unsupported`] naming the feature.
 
 use crate::ir::{
     BinaryOp, Graph, Init, IrError, NodeId, Op, ReduceOp, RouteLayout, TensorType, UnaryOp,
@@ -466,12 +465,7 @@ impl Lower<'_> {
             (Gate::Sinkhorn { .. }, _) => self.sinkhorn_router(xr, moe, &p)?,
             (Gate::Auction { .. }, _) => self.auction_router(xr, block, moe, &p)?,
             (_, Some((groups, m))) if moe.hierarchy == Hierarchy::TwoLevel => {
-                if bias.is_some() {
-                    return Err(unsupported(
-                        "`bias(...)` balancing with `hierarchy = two_level`",
-                    ));
-                }
-                self.two_level_router(xr, block, moe, groups, m, &p)?
+                self.two_level_router(xr, block, moe, groups, m, bias, &p)?
             }
             _ => self.top_k_router(xr, block, moe, bias, &p)?,
         };
@@ -676,8 +670,9 @@ impl Lower<'_> {
 
     /// One gating level on `logits[R, C]`: probabilities, selection of `k` columns and their weights
     /// as the gate kind says (see the module doc), and for `noisy_top_k` the smooth selection
-    /// probabilities of the `cv2` load term. `bias [C]` shifts the selection scores only;
-    /// `groups = (G, M, kept)` restricts the selection to the `kept` best groups (DeepSeek-V3).
+    /// probabilities of the `cv2` load term. `bias` (`[C]`, or `[R, C]` row by row) shifts the
+    /// selection scores only; `groups = (G, M, kept)` restricts the selection to the `kept` best
+    /// groups (DeepSeek-V3).
     #[allow(clippy::too_many_arguments)]
     fn gate_level(
         &mut self,
@@ -836,6 +831,11 @@ impl Lower<'_> {
 
     /// Shazeer App. B two-level gate: a primary gate over G groups keeps `top_groups` of them, a
     /// secondary gate per group keeps `top_k` of its M experts; expert (i, j) gets `Gp_i · G_i,j`.
+    ///
+    /// `bias [E]` (`bias(...)` balancing) shifts the selection scores only: expert (i, j)'s secondary
+    /// score by `b[i·M + j]`, group i's primary score by the mean of its M experts' biases
+    /// (docs/DECISIONS.md, "Routing and balancing").
+    #[allow(clippy::too_many_arguments)]
     fn two_level_router(
         &mut self,
         x: NodeId,
@@ -843,10 +843,30 @@ impl Lower<'_> {
         moe: &Moe,
         groups: usize,
         m: usize,
+        bias: Option<NodeId>,
         p: &str,
     ) -> Result<Routing, LowerError> {
         let (n, e) = (self.g.ty(x).rows(), moe.experts);
         let k = moe.top_groups * moe.top_k;
+        // The bias in each level's layout: `[G]` for the primary scores `[n, G]`, and `[n·G, M]`
+        // rows for the secondary scores (row t·G + i holds group i's M experts of token t).
+        let (group_bias, expert_bias) = match bias {
+            Some(b) => {
+                let by_group = self.reshape(b, &[groups, m], format!("{p}.bias_by_group"))?;
+                let mean = self.reduce(ReduceOp::Mean, by_group, format!("{p}.group_bias_mean"))?;
+                let gb = self.reshape(mean, &[groups], format!("{p}.group_bias"))?;
+                let rows = self.add(
+                    Op::BroadcastTo {
+                        shape: vec![n, groups, m],
+                    },
+                    &[by_group],
+                    format!("{p}.bias_per_token"),
+                )?;
+                let eb = self.reshape(rows, &[n * groups, m], format!("{p}.bias_rows"))?;
+                (Some(gb), Some(eb))
+            }
+            None => (None, None),
+        };
         let pl = self.linear(x, &format!("{p}.group_gate"), groups, false)?;
         let pn = self.noise_source(x, block, moe, groups, "groups", p)?;
         let prim = self.gate_level(
@@ -854,7 +874,7 @@ impl Lower<'_> {
             pn,
             moe.gate,
             moe.top_groups,
-            None,
+            group_bias,
             None,
             &format!("{p}.primary"),
         )?;
@@ -874,7 +894,7 @@ impl Lower<'_> {
             sn,
             moe.gate,
             moe.top_k,
-            None,
+            expert_bias,
             None,
             &format!("{p}.secondary"),
         )?;

@@ -89,6 +89,11 @@ fn two_level_noisy_hierarchy_with_cv2() {
 }
 
 #[test]
+fn two_level_noisy_hierarchy_with_bias() {
+    check_gate("two_level noisy + bias", "experts = 9\n groups = 3 x 3\n top_groups = 2\n top_k = 2\n gate = noisy_top_k\n balance = bias(rate = 0.01) + cv2(importance = 0.5, load = 0) + aux(0.1)", 30);
+}
+
+#[test]
 fn group_limited_sigmoid_with_bias_and_seq_aux() {
     check_gate("group_limited sigmoid + bias", "experts = 8\n groups = 4 x 2\n hierarchy = group_limited\n top_groups = 2\n top_k = 3\n gate = sigmoid\n balance = bias(rate = 0.01) + seq_aux(0.5)", 40);
 }

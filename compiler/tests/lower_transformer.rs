@@ -472,28 +472,20 @@ fn mlp_classifier_runs() {
 #[test]
 fn unsupported_features_are_named() {
     let base = model(32, 16, 1, 2, 2, 4);
-    // Every gate, hierarchy, capacity and balancing term lowers; what is left is one combination.
-    let cases: Vec<(Moe, &str)> = vec![(
-        Moe {
-            groups: Some((2, 2)),
-            ..moe(
-                vec![0],
-                4,
-                2,
-                Gate::Sigmoid,
-                vec![Balance::Bias { rate: 0.001 }],
-            )
-        },
-        "bias",
-    )];
-    for (m, feature) in cases {
-        match lower(&spec(base.clone(), Some(m)), 1) {
-            Err(e @ LowerError::Unsupported { .. }) => {
-                assert!(e.to_string().contains(feature), "{e} should name {feature}")
-            }
-            other => panic!("{feature}: expected Unsupported, got {other:?}"),
-        }
-    }
+    // Every gate, hierarchy, capacity and balancing term lowers (the last to come was `bias` with
+    // `two_level`); what is left is the `lstm` family.
+    let two_level_bias = Moe {
+        groups: Some((2, 2)),
+        ..moe(
+            vec![0],
+            4,
+            2,
+            Gate::Sigmoid,
+            vec![Balance::Bias { rate: 0.001 }],
+        )
+    };
+    let g = lower(&spec(base.clone(), Some(two_level_bias)), 1).expect("two_level + bias lowers");
+    assert!(g.output("router_state.0.bias.next").is_some());
     let mut lstm = base.clone();
     lstm.family = Family::Lstm;
     assert!(matches!(

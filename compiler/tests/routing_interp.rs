@@ -210,7 +210,7 @@ fn tiny(moe: &str) -> moec_compiler::spec::Spec {
 }
 
 /// Every node value of `g` in f64 under random unit-scale parameters, N(0,1) noise, and the given
-/// router state; plus a lookup by label.
+/// fixed feeds (router state, or a parameter); plus a lookup by label.
 struct Run {
     g: Graph,
     vals: HashMap<NodeId, Value>,
@@ -218,22 +218,20 @@ struct Run {
 }
 
 impl Run {
-    fn new(g: Graph, seed: u64, state: &[(&str, Vec<f64>)]) -> Self {
+    fn new(g: Graph, seed: u64, fixed: &[(&str, Vec<f64>)]) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut feeds = HashMap::new();
+        let fixed_feed = |name: &str| fixed.iter().find(|(s, _)| *s == name).map(|(_, v)| v);
         for (_, name, ty) in g.params() {
-            feeds.insert(
-                name,
-                Value::F64(
-                    (0..ty.numel())
-                        .map(|_| rng.random_range(-1.0..1.0))
-                        .collect(),
-                ),
-            );
+            let random: Vec<f64> = (0..ty.numel())
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let v = fixed_feed(&name).cloned().unwrap_or(random);
+            feeds.insert(name, Value::F64(v));
         }
         for (_, name, ty) in g.data_inputs() {
             let n = ty.numel();
-            let v = if let Some((_, v)) = state.iter().find(|(s, _)| *s == name) {
+            let v = if let Some(v) = fixed_feed(&name) {
                 Value::F64(v.clone())
             } else if name.starts_with("noise.") || name.starts_with("jitter.") {
                 Value::F64((0..n).map(|_| rng.random_range(-1.5..1.5)).collect())
@@ -333,6 +331,15 @@ fn noisy_top_k_gates_and_cv2_match_the_pinned_formulas() {
     assert!(want > 1e-3, "the case exercises both terms: {want}");
 }
 
+/// The bias update the tests expect: `b + rate · sign(mean_load − load)` (0 where they are equal).
+fn bias_next(b: &[f64], load: &[f64], rate: f64) -> Vec<f64> {
+    let mean = load.iter().sum::<f64>() / load.len() as f64;
+    b.iter()
+        .zip(load)
+        .map(|(b, l)| b + rate * (mean - l).signum() * ((mean - l) != 0.0) as u8 as f64)
+        .collect()
+}
+
 #[test]
 fn bias_selects_with_b_weights_without_and_updates_by_sign() {
     let spec = tiny("experts = 4\n top_k = 2\n gate = sigmoid\n balance = bias(rate = 0.125)");
@@ -360,11 +367,10 @@ fn bias_selects_with_b_weights_without_and_updates_by_sign() {
         }
     }
     assert_eq!(r.out("moe.0.load"), load);
-    let mean = load.iter().sum::<f64>() / e_n as f64;
-    let next: Vec<f64> = (0..e_n)
-        .map(|e| b[e] + 0.125 * (mean - load[e]).signum() * ((mean - load[e]) != 0.0) as u8 as f64)
-        .collect();
-    assert_eq!(r.out("router_state.0.bias.next"), next);
+    assert_eq!(
+        r.out("router_state.0.bias.next"),
+        bias_next(&b, &load, 0.125)
+    );
     assert_eq!(r.out("moe.0.dropped"), [0.0]);
 }
 
@@ -430,6 +436,115 @@ fn two_level_weights_are_products_of_primary_and_secondary_gates() {
     let dropped = r.out("moe.0.dropped")[0];
     // The metric multiplies by f32(1/48): 1e-7 relative.
     assert!(close(dropped, 1.0 - load.iter().sum::<f64>() / 48.0, 1e-7) && dropped > 0.0);
+}
+
+#[test]
+fn two_level_bias_by_hand_picks_group_by_mean_bias_and_expert_by_bias() {
+    // Zero router weights: every primary probability is 1/3 and every secondary one 1/2, so the
+    // unbiased selection is all ties (group 0, expert 0) and the bias alone decides. Group biases
+    // (means) are [0, 0.15, -0.15]: group 1 (the max rule would take group 0, whose 0.3 is the
+    // largest bias); inside it expert 2 (0.2) beats expert 3 (0.1). The weight stays the unbiased
+    // Gp · G = 1/3 · 1/2 (`renorm = false`).
+    let spec = tiny("experts = 6\n top_k = 1\n groups = 3 x 2\n top_groups = 1\n gate = softmax(renorm = false)\n balance = bias(rate = 0.125)");
+    let b = vec![0.3, -0.3, 0.2, 0.1, -0.2, -0.1];
+    let r = Run::new(
+        lower(&spec, 2).unwrap(),
+        3,
+        &[
+            ("router_state.0.bias", b.clone()),
+            (&format!("{P}.group_gate.weight"), vec![0.0; 3 * 8]),
+            (&format!("{P}.gate.weight"), vec![0.0; 6 * 8]),
+        ],
+    );
+    let t_n = 12;
+    assert_eq!(r.at(&format!("{P}.primary.topk")), vec![1.0; t_n]);
+    assert_eq!(r.at(&format!("{P}.topk")), vec![2.0; t_n]);
+    for w in r.at(&format!("{P}.weights")) {
+        assert!(close(w, 1.0 / 6.0, 1e-15), "{w}");
+    }
+    let load = r.out("moe.0.load");
+    assert_eq!(load, [0.0, 0.0, 12.0, 0.0, 0.0, 0.0]);
+    // Mean load 2: expert 2 is over it (b − 0.125), the others under (b + 0.125); 1e-15 for the
+    // decimal literals' rounding.
+    let next = r.out("router_state.0.bias.next");
+    for (got, want) in next
+        .iter()
+        .zip([0.425, -0.175, 0.075, 0.225, -0.075, 0.025])
+    {
+        assert!(close(*got, want, 1e-15), "{next:?}");
+    }
+    assert_eq!(next, bias_next(&b, &load, 0.125));
+}
+
+#[test]
+fn two_level_noisy_bias_selects_with_b_weights_without_and_updates_by_sign() {
+    // Shazeer's noisy gates at both levels; the group bias is the mean of its experts' biases,
+    // [0.4, -0.3, 0.2].
+    let spec = tiny("experts = 9\n top_k = 2\n groups = 3 x 3\n top_groups = 2\n gate = noisy_top_k(noise = 0.5)\n balance = bias(rate = 0.0625)");
+    let b = vec![1.2, -0.3, 0.3, 0.5, 0.2, -1.6, -0.4, 0.9, 0.1];
+    let r = Run::new(
+        lower(&spec, 2).unwrap(),
+        8,
+        &[("router_state.0.bias", b.clone())],
+    );
+    let (t_n, g_n, m, k) = (12, 3, 3, 4);
+    let group_bias: Vec<f64> = b
+        .chunks(m)
+        .map(|c| c.iter().sum::<f64>() / m as f64)
+        .collect();
+    // H = clean + ε · 0.5·softplus(noise logits), per level.
+    let noisy = |clean: &str, noise: &str, eps: &str| -> Vec<f64> {
+        let (c, z, e) = (r.at(clean), r.at(noise), r.feed(eps));
+        (0..c.len())
+            .map(|i| c[i] + e[i] * 0.5 * (1.0 + z[i].exp()).ln())
+            .collect()
+    };
+    let hp = noisy(
+        &format!("{P}.group_gate"),
+        &format!("{P}.groups_noise"),
+        "noise.0.groups",
+    );
+    let hs = noisy(&format!("{P}.gate"), &format!("{P}.noise"), "noise.0");
+    let softmax_of = |h: &[f64], keep: &[usize]| -> Vec<f64> {
+        let z: f64 = keep.iter().map(|&i| h[i].exp()).sum();
+        keep.iter().map(|&i| h[i].exp() / z).collect()
+    };
+    let shifted =
+        |h: &[f64], by: &[f64]| -> Vec<f64> { h.iter().zip(by).map(|(a, c)| a + c).collect() };
+    let (idx, weights) = (r.at(&format!("{P}.topk")), r.at(&format!("{P}.weights")));
+    let (mut groups_moved, mut experts_moved) = (0, 0);
+    let mut load = vec![0.0; 9];
+    for t in 0..t_n {
+        let hp_t = &hp[t * g_n..(t + 1) * g_n];
+        let groups = top(&shifted(hp_t, &group_bias), 2);
+        groups_moved += (groups != top(hp_t, 2)) as usize;
+        let gp = softmax_of(hp_t, &groups);
+        let mut want: Vec<(usize, f64)> = Vec::new();
+        for (&g, gp_g) in groups.iter().zip(&gp) {
+            let hs_g = &hs[t * 9 + g * m..t * 9 + (g + 1) * m];
+            let picked = top(&shifted(hs_g, &b[g * m..(g + 1) * m]), 2);
+            experts_moved += (picked != top(hs_g, 2)) as usize;
+            for (&j, gs) in picked.iter().zip(softmax_of(hs_g, &picked)) {
+                want.push((g * m + j, gp_g * gs));
+                load[g * m + j] += 1.0;
+            }
+        }
+        want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        for (j, (e, w)) in want.iter().enumerate() {
+            assert_eq!(idx[t * k + j], *e as f64, "token {t} slot {j}");
+            assert!(close(weights[t * k + j], *w, 1e-12), "token {t} slot {j}");
+        }
+    }
+    assert!(
+        groups_moved > 0 && experts_moved > 0,
+        "the bias changes selections: {groups_moved} groups, {experts_moved} experts"
+    );
+    assert_eq!(r.out("moe.0.load"), load);
+    assert_eq!(
+        r.out("router_state.0.bias.next"),
+        bias_next(&b, &load, 0.0625)
+    );
+    assert_eq!(r.out("moe.0.dropped"), [0.0]);
 }
 
 #[test]

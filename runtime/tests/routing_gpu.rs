@@ -116,6 +116,11 @@ fn two_level_hierarchy_on_gpu() {
 }
 
 #[test]
+fn two_level_with_bias_on_gpu() {
+    check_routing("two_level + bias", "experts = 6\n groups = 2 x 3\n top_groups = 1\n top_k = 2\n gate = noisy_top_k\n balance = bias(rate = 0.01) + aux(0.1)");
+}
+
+#[test]
 fn group_limited_sigmoid_with_bias_on_gpu() {
     check_routing("group_limited + bias", "experts = 8\n groups = 4 x 2\n hierarchy = group_limited\n top_groups = 2\n top_k = 3\n gate = sigmoid\n balance = bias(rate = 0.01) + seq_aux(0.5)");
 }
