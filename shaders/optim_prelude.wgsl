@@ -1,5 +1,5 @@
 // Shared by the optimizer, clip and accumulate kernels (runtime/src/optim.rs). The Rust side puts the
-// optimizer's constants (BETA1, BETA2, EPS, MOMENTUM, CLIP) in front of this file.
+// optimizer's constants (BETA1, BETA2, EPS, MOMENTUM, CLIP, CLIP_THRESHOLD) in front of this file.
 
 // Written by the host once per micro-step (one small write, no readback).
 struct Scalars {
@@ -15,10 +15,15 @@ struct Scalars {
     micro: u32,
     // 0-based optimizer step, recorded when a step goes non-finite.
     step: u32,
+    // Adafactor: the second-moment decay 1 - t^decay of this step.
+    beta2t: f32,
 }
 
-// Written by the GPU: the step's tracked losses, the gradient norm and the clip scale, and a sticky
-// flag that stops every later update once a step went non-finite.
+// Written by the GPU: the step's tracked losses, the gradient norm and the clip scale, a sticky
+// flag that stops every later update once a step went non-finite, and the learning-rate multipliers:
+// lr_scale[0] = 1 (every parameter outside `expert_lr = adaptive`), then one per expert of each MoE
+// layer (optim_expert_lr.wgsl). They live here rather than in a buffer of their own because the
+// schedule-free kernel already binds 8 storage buffers, WebGPU's default limit.
 struct Stats {
     loss: f32,
     ce: f32,
@@ -26,6 +31,7 @@ struct Stats {
     scale: f32,
     bad: u32,
     bad_step: u32,
+    lr_scale: array<f32>,
 }
 
 // One per parameter, written once at startup.
@@ -37,6 +43,17 @@ struct ParamInfo {
     // First slot of this parameter's partial sums of squares, and how many workgroups write them.
     slot: u32,
     partials: u32,
+    // Element i's lr multiplier is Stats.lr_scale[lr_scale + i / expert_size] (lr_scale_index).
+    lr_scale: u32,
+    expert_size: u32,
+    // Adafactor's view of the parameter: `matrices` stacked [rows, cols] matrices (the last two axes)
+    // when `factored`, else one vector (matrices = 1, rows = its length, cols = 1); `chunks`
+    // workgroups per matrix write the partial sums of the squared update (its RMS).
+    matrices: u32,
+    rows: u32,
+    cols: u32,
+    chunks: u32,
+    factored: u32,
 }
 
 const WG: u32 = 256u;
@@ -44,6 +61,11 @@ const WG: u32 = 256u;
 // Elementwise kernels fold their grid into x and y; the linear element index of an invocation.
 fn linear_index(wg: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wg.x + wg.y * nwg.x) * WG + lid;
+}
+
+// Index into Stats.lr_scale of element i's learning-rate multiplier.
+fn lr_scale_index(info: ParamInfo, i: u32) -> u32 {
+    return info.lr_scale + i / info.expert_size;
 }
 
 // No isnan/isinf in WGSL, and fast-math may fold x != x: test the exponent bits instead.

@@ -3,7 +3,8 @@
 // saved at, and y = lerp(z, x, beta1) = (1 - beta1) z + beta1 x:
 //   v  = beta2 v + (1 - beta2) g^2
 //   gn = g / (sqrt(v) + eps) + wd * y          (decay at y, as the package)
-//   z' = z - lr * gn                           (lr already includes sqrt(1 - beta2^t))
+//   z' = z - lr * gn                           (lr already includes sqrt(1 - beta2^t) and the
+//                                               expert multiplier of `expert_lr = adaptive`)
 //   x' = lerp(x, z', c)                        (c = ckp1 = lr_max^2 / sum of lr_max^2)
 //   y' = (1 - beta1) z' + beta1 x'
 // The package stores only y and z and updates y incrementally; the result is the same algebra.
@@ -25,7 +26,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let g = grad[i] * stats.scale;
     let vi = v[i] * BETA2 + (1.0 - BETA2) * g * g;
     let gn = g / (sqrt(vi) + EPS) + info.decay * y[i];
-    let zi = z[i] - scalars.lr[info.group] * gn;
+    let zi = z[i] - scalars.lr[info.group] * stats.lr_scale[lr_scale_index(info, i)] * gn;
     let xi = x[i] + scalars.ckp1[info.group] * (zi - x[i]);
     v[i] = vi;
     z[i] = zi;

@@ -1,5 +1,6 @@
 // SGD with momentum, PyTorch's semantics (dampening 0, no Nesterov): buf = momentum * buf + g,
-// p -= lr * buf. The first step's buf = g, as PyTorch's clone, because buf starts at zero.
+// p -= lr * buf (lr times the expert multiplier). The first step's buf = g, as PyTorch's clone,
+// because buf starts at zero.
 @group(0) @binding(0) var<storage, read> info: ParamInfo;
 @group(0) @binding(1) var<storage, read> scalars: Scalars;
 @group(0) @binding(2) var<storage, read> stats: Stats;
@@ -15,5 +16,5 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     }
     let b = MOMENTUM * buf[i] + grad[i] * stats.scale;
     buf[i] = b;
-    param[i] = param[i] - scalars.lr[info.group] * b;
+    param[i] = param[i] - scalars.lr[info.group] * stats.lr_scale[lr_scale_index(info, i)] * b;
 }

@@ -1,4 +1,4 @@
-// SGD without momentum: p -= lr * g (no state).
+// SGD without momentum: p -= lr * g (lr times the expert multiplier; no state).
 @group(0) @binding(0) var<storage, read> info: ParamInfo;
 @group(0) @binding(1) var<storage, read> scalars: Scalars;
 @group(0) @binding(2) var<storage, read> stats: Stats;
@@ -11,5 +11,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     if (i >= arrayLength(&param) || stats.bad != 0u) {
         return;
     }
-    param[i] = param[i] - scalars.lr[info.group] * (grad[i] * stats.scale);
+    let lr = scalars.lr[info.group] * stats.lr_scale[lr_scale_index(info, i)];
+    param[i] = param[i] - lr * (grad[i] * stats.scale);
 }

@@ -14,13 +14,23 @@
 //!    step until the host next reads the stats (on log, eval and checkpoint steps).
 //!
 //! Per-step scalars (learning rates from the schedule, bias corrections, the schedule-free averaging
-//! weight, the micro-step index) live in one 40-byte storage buffer written by the host per micro-step.
+//! weight, Adafactor's decay, the micro-step index) live in one 40-byte storage buffer written by the
+//! host per micro-step (a write, never a read).
 //!
 //! # Parameter groups
 //! Weight decay is not applied to parameters with a 1-D shape (norm weights, biases), as nanoGPT and
 //! most recipes do. `expert_lr = X` gives parameters whose name contains `block_sparse_moe.experts`
 //! the base learning rate X, run through the same schedule as `lr` (same warmup and decay shape;
 //! cosine's `min_lr` stays the absolute floor of both groups).
+//!
+//! `expert_lr = adaptive(base = X)` does the same with X, and multiplies expert e's learning rate by
+//! min(mean_load / load_e, E) (LANGUAGE.md's mean_load / load_e, capped at E so that an expert with
+//! little or no load does not get an unbounded rate; 1 when the layer had no load at all). load is
+//! the step's `moe.N.load` of the parameter's MoE layer summed over the micro-steps
+//! (`shaders/optim_expert_lr.wgsl`, after each micro-step's plan), and slice e of the stacked
+//! `[E, ...]` parameter is expert e. The multiplier scales every use of the lr in the update kernel
+//! (AdamW's decoupled decay too; schedule-free's averaging weight stays the group's). The trainer
+//! passes the load outputs as [`ExpertLoad`]s.
 //!
 //! # Optimizers
 //! - `adamw`: PyTorch `torch.optim.AdamW` (decoupled decay, bias correction), state `m`, `v`.
@@ -30,7 +40,15 @@
 //!   replaced by the spec's `schedule`). The param buffer the plan reads is y, the point gradients
 //!   are taken at; state `x` (the averaged weights), `z` and `v`. Checkpoints store **x** as the model
 //!   weights (what is evaluated and shipped) and y, z, v as `optim.<name>.y/.z/.v`; evaluation reads x.
-//! - `adafactor` and `expert_lr = adaptive(...)` are rejected at startup as not supported yet.
+//! - `adafactor`: HF transformers' `Adafactor` with `relative_step = False, scale_parameter = False,
+//!   warmup_init = False, beta1 = None, clip_threshold = 1.0` and no weight decay: beta2t = 1 - t^decay,
+//!   for a matrix `[R, C]` the row and column EMAs r = EMA(mean over columns of g² + eps),
+//!   c = EMA(mean over rows), update u = g / sqrt(r_i c_j / mean(r)), u /= max(1, RMS(u)), p -= lr u;
+//!   a 1-D parameter keeps the full EMA v and u = g / sqrt(v). A stacked `[E, R, C]` parameter is E
+//!   matrices, each factored and RMS-clipped on its own (HF on Mixtral's per-expert Linear weights).
+//!   State `exp_avg_sq_row` `[E, R]`/`[R]` and `exp_avg_sq_col` `[E, C]`/`[C]`, or `exp_avg_sq` (1-D),
+//!   HF's names. Three kernels (`shaders/optim_adafactor*.wgsl`): the moments (one workgroup per row or
+//!   column, fixed-order reductions), per-matrix partial sums of u² for the RMS, then the update.
 
 use crate::checkpoint::Tensor;
 use crate::schedule::lr_at;
@@ -49,18 +67,26 @@ const ADAMW: &str = include_str!("../../shaders/optim_adamw.wgsl");
 const SGD: &str = include_str!("../../shaders/optim_sgd.wgsl");
 const SGD_PLAIN: &str = include_str!("../../shaders/optim_sgd_plain.wgsl");
 const SCHEDULE_FREE: &str = include_str!("../../shaders/optim_schedule_free.wgsl");
+const ADAFACTOR_COMMON: &str = include_str!("../../shaders/optim_adafactor_common.wgsl");
+const ADAFACTOR_MOMENTS: &str = include_str!("../../shaders/optim_adafactor_moments.wgsl");
+const ADAFACTOR_RMS: &str = include_str!("../../shaders/optim_adafactor_rms.wgsl");
+const ADAFACTOR: &str = include_str!("../../shaders/optim_adafactor.wgsl");
+const EXPERT_LR: &str = include_str!("../../shaders/optim_expert_lr.wgsl");
 
 /// Invocations per workgroup of every kernel here (`WG` in the prelude).
 const WG: u64 = 256;
-/// Gradient elements per workgroup of `clip_sumsq` (each invocation sums 16 with a grid stride).
+/// Gradient elements per workgroup of `clip_sumsq` (each invocation sums 16 with a grid stride), and
+/// of Adafactor's RMS partial sums.
 const SUMSQ_CHUNK: u64 = WG * 16;
+/// At most this many partial sums per matrix for Adafactor's RMS: every update invocation adds them.
+const MAX_RMS_CHUNKS: u64 = 64;
+/// HF Adafactor's default `clip_threshold`: the update's RMS is clipped to it.
+const CLIP_THRESHOLD: f64 = 1.0;
 /// Name fragment that puts a parameter in the expert group.
 pub const EXPERT_MARKER: &str = "block_sparse_moe.experts";
 
 #[derive(Debug, thiserror::Error)]
 pub enum OptimError {
-    #[error("{0} is not supported yet")]
-    Unsupported(String),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
     #[error("the checkpoint has no tensor `{0}`")]
@@ -73,6 +99,14 @@ pub enum OptimError {
     },
     #[error("accumulate must be at least 1")]
     Accumulate,
+    #[error("`expert_lr = adaptive` needs the per-expert load of the MoE layer of `{0}` (the training plan's `moe.N.load` output)")]
+    NoExpertLoad(String),
+    #[error("`expert_lr = adaptive`: expert parameter `{name}` has shape {shape:?}, not [{experts}, ...] like its MoE layer's other experts and `moe.N.load`")]
+    ExpertCount {
+        name: String,
+        shape: Vec<usize>,
+        experts: usize,
+    },
 }
 
 /// Everything of the `train` block the optimizer needs.
@@ -114,8 +148,10 @@ impl OptimSettings {
         let base = self.base_lr();
         let lr = lr_at(&self.schedule, base, step, self.total_steps);
         let expert = match self.expert_lr {
-            Some(ExpertLr::Fixed(x)) => lr_at(&self.schedule, x, step, self.total_steps),
-            _ => lr,
+            Some(ExpertLr::Fixed(x) | ExpertLr::Adaptive { base: x }) => {
+                lr_at(&self.schedule, x, step, self.total_steps)
+            }
+            None => lr,
         };
         [lr, expert]
     }
@@ -131,6 +167,15 @@ pub struct ParamBinding {
     /// PyTorch's optimizers for a `None` grad, its update is skipped entirely (no weight decay
     /// either), and it has no optimizer state; it is still initialised, evaluated and checkpointed.
     pub grad: Option<wgpu::Buffer>,
+}
+
+/// One MoE layer's per-expert load output (`moe.N.load`, f32[E], token slots each expert processed)
+/// and the names of its stacked expert parameters (`[E, ...]`), which `expert_lr = adaptive` scales by
+/// it. Ignored under any other `expert_lr`.
+#[derive(Debug, Clone)]
+pub struct ExpertLoad {
+    pub load: wgpu::Buffer,
+    pub params: Vec<String>,
 }
 
 /// Host-side optimizer state that lives between steps (schedule-free's running lr maximum and weight
@@ -165,6 +210,7 @@ struct Scalars {
     bc2_sqrt: f32,
     micro: u32,
     step: u32,
+    beta2t: f32,
 }
 
 #[repr(C)]
@@ -174,9 +220,23 @@ struct ParamInfo {
     decay: f32,
     slot: u32,
     partials: u32,
+    lr_scale: u32,
+    expert_size: u32,
+    matrices: u32,
+    rows: u32,
+    cols: u32,
+    chunks: u32,
+    factored: u32,
 }
 
-/// Bytes of the stats buffer (`Stats` in the prelude: 6 words).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+struct ExpertLayer {
+    offset: u32,
+    experts: u32,
+}
+
+/// Bytes of the stats buffer's scalars (`Stats` in the prelude: 6 words before `lr_scale`).
 const STATS_BYTES: u64 = 24;
 
 struct Slot {
@@ -184,18 +244,27 @@ struct Slot {
     shape: Vec<usize>,
     numel: usize,
     param: wgpu::Buffer,
-    /// Optimizer state by suffix (`m`, `v`, `momentum_buffer`, `x`, `z`), in binding order; empty
-    /// for a parameter without gradient.
-    state: Vec<(&'static str, wgpu::Buffer)>,
+    /// Optimizer state, in checkpoint order; empty for a parameter without gradient.
+    state: Vec<State>,
     /// `None` for a parameter without gradient.
     kernels: Option<SlotKernels>,
+}
+
+/// One optimizer state tensor: `optim.<name>.<suffix>` (or the weights, for schedule-free's `x`),
+/// stored at element `offset` of `buffer` (Adafactor keeps its row and column moments in one buffer).
+struct State {
+    suffix: &'static str,
+    shape: Vec<usize>,
+    buffer: wgpu::Buffer,
+    offset: usize,
 }
 
 struct SlotKernels {
     accumulate: Option<wgpu::BindGroup>,
     sumsq: wgpu::BindGroup,
     sumsq_groups: u32,
-    update: wgpu::BindGroup,
+    /// One bind group and grid per update stage (`Pipelines::update`).
+    update: Vec<(wgpu::BindGroup, [u32; 3])>,
     grid: [u32; 3],
 }
 
@@ -204,7 +273,18 @@ struct Pipelines {
     accumulate: wgpu::ComputePipeline,
     sumsq: wgpu::ComputePipeline,
     finalize: wgpu::ComputePipeline,
-    update: wgpu::ComputePipeline,
+    expert_lr: wgpu::ComputePipeline,
+    /// The update kernels, run in order over every parameter: one for AdamW, SGD and schedule-free,
+    /// three for Adafactor (moments, RMS partial sums, update).
+    update: Vec<wgpu::ComputePipeline>,
+}
+
+/// The per-parameter state and update bindings of an optimizer.
+enum Layout {
+    /// One elementwise kernel whose bindings after the gradient are these states, each shaped like
+    /// the parameter.
+    Elementwise(&'static [&'static str]),
+    Adafactor,
 }
 
 /// The optimizer of one training run, bound to the plan's parameter and gradient buffers.
@@ -217,6 +297,8 @@ pub struct Optimizer<'g> {
     stats: wgpu::Buffer,
     track: wgpu::BindGroup,
     finalize: wgpu::BindGroup,
+    /// `expert_lr = adaptive`: one bind group of `optim_expert_lr` per MoE layer.
+    expert_lr: Vec<wgpu::BindGroup>,
     host: HostState,
     current: Scalars,
 }
@@ -241,16 +323,48 @@ fn lit(x: f64) -> String {
     }
 }
 
-/// Elementwise grid of `n` elements at `WG` per workgroup, folded into x and y.
-fn grid(n: usize, max_dim: u32) -> [u32; 3] {
-    let groups = (n as u64).div_ceil(WG).max(1);
+/// `groups` workgroups (at least one) folded into x and y.
+fn fold(groups: u64, max_dim: u32) -> [u32; 3] {
+    let groups = groups.max(1);
     let x = groups.min(max_dim as u64);
     [x as u32, groups.div_ceil(x) as u32, 1]
 }
 
+/// Elementwise grid of `n` elements at `WG` per workgroup, folded into x and y.
+fn grid(n: usize, max_dim: u32) -> [u32; 3] {
+    fold((n as u64).div_ceil(WG), max_dim)
+}
+
+/// Adafactor's view of a shape: (matrices, rows, cols, factored). Two or more axes are factored over
+/// the last two, leading axes stacking matrices (HF factors `len(shape) >= 2`); fewer are one vector.
+fn factoring(shape: &[usize]) -> (usize, usize, usize, bool) {
+    match shape {
+        [.., rows, cols] => (
+            shape[..shape.len() - 2].iter().product(),
+            *rows,
+            *cols,
+            true,
+        ),
+        _ => (1, shape.iter().product(), 1, false),
+    }
+}
+
+/// Adafactor's state of a parameter: (suffix, shape) in buffer order.
+fn adafactor_states(shape: &[usize]) -> Vec<(&'static str, Vec<usize>)> {
+    if shape.len() < 2 {
+        return vec![("exp_avg_sq", shape.to_vec())];
+    }
+    let n = shape.len();
+    let mut col = shape[..n - 2].to_vec();
+    col.push(shape[n - 1]);
+    vec![
+        ("exp_avg_sq_row", shape[..n - 1].to_vec()),
+        ("exp_avg_sq_col", col),
+    ]
+}
+
 impl<'g> Optimizer<'g> {
-    /// Creates the state buffers, pipelines and bind groups. `loss` and `ce` are the plan's output
-    /// buffers of those names (one f32 each).
+    /// [`Optimizer::with_expert_loads`] without load outputs (any `expert_lr` but `adaptive`).
     pub fn new(
         gpu: &'g Gpu,
         settings: &OptimSettings,
@@ -258,15 +372,32 @@ impl<'g> Optimizer<'g> {
         loss: &wgpu::Buffer,
         ce: &wgpu::Buffer,
     ) -> Result<Optimizer<'g>, OptimError> {
+        Self::with_expert_loads(gpu, settings, params, loss, ce, &[])
+    }
+
+    /// Creates the state buffers, pipelines and bind groups. `loss` and `ce` are the plan's output
+    /// buffers of those names (one f32 each); `loads` the MoE layers' load outputs, which
+    /// `expert_lr = adaptive` needs for every expert parameter with a gradient.
+    pub fn with_expert_loads(
+        gpu: &'g Gpu,
+        settings: &OptimSettings,
+        params: &[ParamBinding],
+        loss: &wgpu::Buffer,
+        ce: &wgpu::Buffer,
+        loads: &[ExpertLoad],
+    ) -> Result<Optimizer<'g>, OptimError> {
         if settings.accumulate == 0 {
             return Err(OptimError::Accumulate);
         }
-        if let Some(ExpertLr::Adaptive { .. }) = settings.expert_lr {
-            return Err(OptimError::Unsupported(
-                "`expert_lr = adaptive(...)` (per-expert load-scaled learning rates)".into(),
-            ));
-        }
-        let (consts, template, states, wd): (String, &str, &[&'static str], f64) =
+        let adam_consts = |betas: (f64, f64), eps: f64| {
+            format!(
+                "const BETA1: f32 = {};\nconst BETA2: f32 = {};\nconst EPS: f32 = {};\n",
+                lit(betas.0),
+                lit(betas.1),
+                lit(eps)
+            )
+        };
+        let (consts, stages, layout, wd): (String, Vec<(&str, String)>, Layout, f64) =
             match settings.optimizer {
                 OptimizerSpec::AdamW {
                     betas,
@@ -274,45 +405,100 @@ impl<'g> Optimizer<'g> {
                     weight_decay,
                     ..
                 } => (
-                    format!(
-                        "const BETA1: f32 = {};\nconst BETA2: f32 = {};\nconst EPS: f32 = {};\n",
-                        lit(betas.0),
-                        lit(betas.1),
-                        lit(eps)
-                    ),
-                    ADAMW,
-                    &["m", "v"],
+                    adam_consts(betas, eps),
+                    vec![("optim_adamw", ADAMW.into())],
+                    Layout::Elementwise(&["m", "v"]),
                     weight_decay,
                 ),
                 OptimizerSpec::Sgd { momentum, .. } if momentum != 0.0 => (
                     format!("const MOMENTUM: f32 = {};\n", lit(momentum)),
-                    SGD,
-                    &["momentum_buffer"],
+                    vec![("optim_sgd", SGD.into())],
+                    Layout::Elementwise(&["momentum_buffer"]),
                     0.0,
                 ),
-                OptimizerSpec::Sgd { .. } => (String::new(), SGD_PLAIN, &[], 0.0),
+                OptimizerSpec::Sgd { .. } => (
+                    String::new(),
+                    vec![("optim_sgd_plain", SGD_PLAIN.into())],
+                    Layout::Elementwise(&[]),
+                    0.0,
+                ),
                 OptimizerSpec::ScheduleFreeAdamW {
                     betas,
                     eps,
                     weight_decay,
                     ..
                 } => (
-                    format!(
-                        "const BETA1: f32 = {};\nconst BETA2: f32 = {};\nconst EPS: f32 = {};\n",
-                        lit(betas.0),
-                        lit(betas.1),
-                        lit(eps)
-                    ),
-                    SCHEDULE_FREE,
-                    &["x", "z", "v"],
+                    adam_consts(betas, eps),
+                    vec![("optim_schedule_free", SCHEDULE_FREE.into())],
+                    Layout::Elementwise(&["x", "z", "v"]),
                     weight_decay,
                 ),
-                OptimizerSpec::Adafactor { .. } => {
-                    return Err(OptimError::Unsupported(
-                        "the `adafactor` optimizer (use adamw, sgd or schedule_free_adamw)".into(),
-                    ))
-                }
+                OptimizerSpec::Adafactor { eps, .. } => (
+                    format!(
+                        "const EPS: f32 = {};\nconst CLIP_THRESHOLD: f32 = {};\n",
+                        lit(eps),
+                        lit(CLIP_THRESHOLD)
+                    ),
+                    vec![
+                        ("optim_adafactor_moments", ADAFACTOR_MOMENTS.into()),
+                        (
+                            "optim_adafactor_rms",
+                            format!("{ADAFACTOR_COMMON}{ADAFACTOR_RMS}"),
+                        ),
+                        ("optim_adafactor", format!("{ADAFACTOR_COMMON}{ADAFACTOR}")),
+                    ],
+                    Layout::Adafactor,
+                    0.0,
+                ),
             };
+
+        // `expert_lr = adaptive`: each layer's multipliers at Stats.lr_scale[offset..offset + E],
+        // after the constant 1 at index 0.
+        let adaptive = matches!(settings.expert_lr, Some(ExpertLr::Adaptive { .. }));
+        let mut layers: Vec<(ExpertLayer, &wgpu::Buffer)> = Vec::new();
+        let mut expert_of: HashMap<&str, (u32, usize)> = HashMap::new();
+        if adaptive {
+            let mut next = 1u32;
+            for layer in loads {
+                let shapes: Vec<&ParamBinding> = params
+                    .iter()
+                    .filter(|p| layer.params.contains(&p.name))
+                    .collect();
+                let Some(first) = shapes.first() else {
+                    continue;
+                };
+                let experts = first.shape.first().copied().unwrap_or(0);
+                for p in &shapes {
+                    if p.shape.len() < 2
+                        || p.shape[0] != experts
+                        || experts == 0
+                        || layer.load.size() < 4 * experts as u64
+                    {
+                        return Err(OptimError::ExpertCount {
+                            name: p.name.clone(),
+                            shape: p.shape.clone(),
+                            experts,
+                        });
+                    }
+                    expert_of.insert(&p.name, (next, experts));
+                }
+                layers.push((
+                    ExpertLayer {
+                        offset: next,
+                        experts: experts as u32,
+                    },
+                    &layer.load,
+                ));
+                next += experts as u32;
+            }
+            if let Some(p) = params.iter().find(|p| {
+                p.grad.is_some() && is_expert(&p.name) && !expert_of.contains_key(p.name.as_str())
+            }) {
+                return Err(OptimError::NoExpertLoad(p.name.clone()));
+            }
+        }
+        let scales = 1 + layers.iter().map(|(l, _)| l.experts as u64).sum::<u64>();
+
         let clip = settings.clip.unwrap_or(0.0);
         let header = format!("const CLIP: f32 = {};\n{consts}{PRELUDE}\n", lit(clip));
         let device = &gpu.device;
@@ -336,10 +522,19 @@ impl<'g> Optimizer<'g> {
             accumulate: pipeline("optim_accumulate", ACCUMULATE),
             sumsq: pipeline("clip_sumsq", SUMSQ),
             finalize: pipeline("clip_finalize", FINALIZE),
-            update: pipeline("optim_update", template),
+            expert_lr: pipeline("optim_expert_lr", EXPERT_LR),
+            update: stages
+                .iter()
+                .map(|(name, body)| pipeline(name, body))
+                .collect(),
         };
         let scalars = gpu.storage_buffer("optim scalars", std::mem::size_of::<Scalars>() as u64);
-        let stats = gpu.storage_buffer("optim stats", STATS_BYTES);
+        let stats = gpu.storage_buffer("optim stats", STATS_BYTES + 4 * scales);
+        gpu.queue.write_buffer(
+            &stats,
+            STATS_BYTES,
+            bytemuck::cast_slice(&vec![1.0f32; scales as usize]),
+        );
         let max_dim = gpu.target().max_workgroups_per_dim.max(1);
         let bind = |pipeline: &wgpu::ComputePipeline, buffers: &[&wgpu::Buffer]| {
             let entries: Vec<wgpu::BindGroupEntry> = buffers
@@ -379,12 +574,6 @@ impl<'g> Optimizer<'g> {
         for (p, &(slot, groups)) in params.iter().zip(&first_slot) {
             let numel: usize = p.shape.iter().product();
             let bytes = 4 * numel as u64;
-            let info = ParamInfo {
-                group: is_expert(&p.name) as u32,
-                decay: if decays(&p.shape) { wd as f32 } else { 0.0 },
-                slot: slot as u32,
-                partials: groups as u32,
-            };
             let Some(plan_grad) = &p.grad else {
                 slots.push(Slot {
                     name: p.name.clone(),
@@ -396,30 +585,118 @@ impl<'g> Optimizer<'g> {
                 });
                 continue;
             };
-            let info_buffer = gpu.storage_buffer(&format!("{} info", p.name), 16);
+            let (matrices, rows, cols, factored) = factoring(&p.shape);
+            let chunks = ((rows * cols) as u64)
+                .div_ceil(SUMSQ_CHUNK)
+                .clamp(1, MAX_RMS_CHUNKS);
+            let (lr_scale, experts) = expert_of.get(p.name.as_str()).copied().unwrap_or((0, 1));
+            let info = ParamInfo {
+                group: is_expert(&p.name) as u32,
+                decay: if decays(&p.shape) { wd as f32 } else { 0.0 },
+                slot: slot as u32,
+                partials: groups as u32,
+                lr_scale,
+                expert_size: (numel / experts).max(1) as u32,
+                matrices: matrices as u32,
+                rows: rows as u32,
+                cols: cols as u32,
+                chunks: chunks as u32,
+                factored: factored as u32,
+            };
+            let info_buffer = gpu.storage_buffer(
+                &format!("{} info", p.name),
+                std::mem::size_of::<ParamInfo>() as u64,
+            );
             gpu.queue
                 .write_buffer(&info_buffer, 0, bytemuck::bytes_of(&info));
-            let state: Vec<(&'static str, wgpu::Buffer)> = states
-                .iter()
-                .map(|s| {
-                    (
-                        *s,
-                        gpu.storage_buffer(&format!("optim.{}.{s}", p.name), bytes),
-                    )
-                })
-                .collect();
             let acc = (settings.accumulate > 1)
                 .then(|| gpu.storage_buffer(&format!("{} accumulated grad", p.name), bytes));
             let grad = acc.as_ref().unwrap_or(plan_grad);
-            let mut update_buffers = vec![&info_buffer, &scalars, &stats, &p.param, grad];
-            update_buffers.extend(state.iter().map(|(_, b)| b));
+            let (state, update) = match layout {
+                Layout::Elementwise(suffixes) => {
+                    let state: Vec<State> = suffixes
+                        .iter()
+                        .map(|s| State {
+                            suffix: s,
+                            shape: p.shape.clone(),
+                            buffer: gpu.storage_buffer(&format!("optim.{}.{s}", p.name), bytes),
+                            offset: 0,
+                        })
+                        .collect();
+                    let mut buffers = vec![&info_buffer, &scalars, &stats, &p.param, grad];
+                    buffers.extend(state.iter().map(|s| &s.buffer));
+                    let update = vec![(bind(&pipelines.update[0], &buffers), grid(numel, max_dim))];
+                    (state, update)
+                }
+                Layout::Adafactor => {
+                    let shapes = adafactor_states(&p.shape);
+                    let entries: usize = shapes
+                        .iter()
+                        .map(|(_, s)| s.iter().product::<usize>())
+                        .sum();
+                    let moments = gpu.storage_buffer(
+                        &format!("optim.{}.exp_avg_sq", p.name),
+                        4 * entries as u64,
+                    );
+                    let scratch = gpu.storage_buffer(
+                        &format!("{} adafactor scratch", p.name),
+                        4 * (matrices as u64) * (1 + chunks),
+                    );
+                    let mut offset = 0;
+                    let state = shapes
+                        .into_iter()
+                        .map(|(suffix, shape)| {
+                            let s = State {
+                                suffix,
+                                buffer: moments.clone(),
+                                offset,
+                                shape,
+                            };
+                            offset += s.shape.iter().product::<usize>();
+                            s
+                        })
+                        .collect();
+                    let update = vec![
+                        (
+                            bind(
+                                &pipelines.update[0],
+                                &[&info_buffer, &scalars, &stats, grad, &moments],
+                            ),
+                            fold(entries as u64, max_dim),
+                        ),
+                        (
+                            bind(
+                                &pipelines.update[1],
+                                &[&info_buffer, &stats, grad, &moments, &scratch],
+                            ),
+                            fold(matrices as u64 * chunks, max_dim),
+                        ),
+                        (
+                            bind(
+                                &pipelines.update[2],
+                                &[
+                                    &info_buffer,
+                                    &scalars,
+                                    &stats,
+                                    &p.param,
+                                    grad,
+                                    &moments,
+                                    &scratch,
+                                ],
+                            ),
+                            grid(numel, max_dim),
+                        ),
+                    ];
+                    (state, update)
+                }
+            };
             let kernels = SlotKernels {
                 accumulate: acc
                     .as_ref()
                     .map(|a| bind(&pipelines.accumulate, &[&scalars, plan_grad, a])),
                 sumsq: bind(&pipelines.sumsq, &[&info_buffer, grad, &partials]),
                 sumsq_groups: groups as u32,
-                update: bind(&pipelines.update, &update_buffers),
+                update,
                 grid: grid(numel, max_dim),
             };
             slots.push(Slot {
@@ -433,6 +710,15 @@ impl<'g> Optimizer<'g> {
         }
         let track = bind(&pipelines.track, &[&scalars, loss, ce, &stats]);
         let finalize = bind(&pipelines.finalize, &[&scalars, &partials, &stats]);
+        let expert_lr = layers
+            .iter()
+            .map(|(layer, load)| {
+                let info = gpu.storage_buffer("expert lr layer", 8);
+                gpu.queue.write_buffer(&info, 0, bytemuck::bytes_of(layer));
+                let sum = gpu.storage_buffer("expert load sum", 4 * layer.experts as u64);
+                bind(&pipelines.expert_lr, &[&scalars, &info, load, &sum, &stats])
+            })
+            .collect();
         if let Some(error) = pollster::block_on(scope.pop()) {
             return Err(RuntimeError::Pipeline {
                 kernel: "optimizer".into(),
@@ -449,6 +735,7 @@ impl<'g> Optimizer<'g> {
             stats,
             track,
             finalize,
+            expert_lr,
             host: HostState::default(),
             current: Scalars::default(),
         })
@@ -456,6 +743,25 @@ impl<'g> Optimizer<'g> {
 
     pub fn settings(&self) -> &OptimSettings {
         &self.settings
+    }
+
+    /// Bytes of the optimizer's per-parameter GPU buffers: its state tensors (m, v, momentum, x, z,
+    /// Adafactor's moments) and, with `accumulate > 1`, the accumulated gradients. The scalars, stats, info and clip-partials
+    /// buffers (bytes to kilobytes) are left out.
+    pub fn buffer_bytes(&self) -> u64 {
+        let accumulated = if self.settings.accumulate > 1 { 1 } else { 0 };
+        self.slots
+            .iter()
+            .filter(|s| s.kernels.is_some())
+            .map(|s| {
+                4 * (s
+                    .state
+                    .iter()
+                    .map(|st| st.shape.iter().product::<usize>())
+                    .sum::<usize>()
+                    + accumulated * s.numel) as u64
+            })
+            .sum()
     }
 
     fn is_schedule_free(&self) -> bool {
@@ -499,7 +805,11 @@ impl<'g> Optimizer<'g> {
                     };
                 }
             }
-            OptimizerSpec::Sgd { .. } | OptimizerSpec::Adafactor { .. } => {
+            OptimizerSpec::Adafactor { decay, .. } => {
+                s.lr = lrs.map(|lr| lr as f32);
+                s.beta2t = (1.0 - (t as f64).powf(decay)) as f32;
+            }
+            OptimizerSpec::Sgd { .. } => {
                 s.lr = lrs.map(|lr| lr as f32);
             }
         }
@@ -515,11 +825,17 @@ impl<'g> Optimizer<'g> {
             .write_buffer(&self.scalars, 0, bytemuck::bytes_of(&self.current));
     }
 
-    /// Records what follows each micro-step's plan: loss tracking and gradient accumulation.
+    /// Records what follows each micro-step's plan: loss tracking, the adaptive expert lr multipliers
+    /// and gradient accumulation.
     pub fn encode_micro(&self, pass: &mut wgpu::ComputePass<'_>) {
         pass.set_pipeline(&self.pipelines.track);
         pass.set_bind_group(0, &self.track, &[]);
         pass.dispatch_workgroups(1, 1, 1);
+        pass.set_pipeline(&self.pipelines.expert_lr);
+        for group in &self.expert_lr {
+            pass.set_bind_group(0, group, &[]);
+            pass.dispatch_workgroups(1, 1, 1);
+        }
         for k in self.slots.iter().filter_map(|s| s.kernels.as_ref()) {
             if let Some(group) = &k.accumulate {
                 pass.set_pipeline(&self.pipelines.accumulate);
@@ -540,10 +856,13 @@ impl<'g> Optimizer<'g> {
         pass.set_pipeline(&self.pipelines.finalize);
         pass.set_bind_group(0, &self.finalize, &[]);
         pass.dispatch_workgroups(1, 1, 1);
-        pass.set_pipeline(&self.pipelines.update);
-        for k in self.slots.iter().filter_map(|s| s.kernels.as_ref()) {
-            pass.set_bind_group(0, &k.update, &[]);
-            pass.dispatch_workgroups(k.grid[0], k.grid[1], k.grid[2]);
+        for (stage, pipeline) in self.pipelines.update.iter().enumerate() {
+            pass.set_pipeline(pipeline);
+            for k in self.slots.iter().filter_map(|s| s.kernels.as_ref()) {
+                let (group, grid) = &k.update[stage];
+                pass.set_bind_group(0, group, &[]);
+                pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
+            }
         }
     }
 
@@ -575,8 +894,8 @@ impl<'g> Optimizer<'g> {
     fn weights<'a>(&self, slot: &'a Slot) -> &'a wgpu::Buffer {
         slot.state
             .iter()
-            .find(|(s, _)| *s == "x")
-            .map(|(_, b)| b)
+            .find(|s| s.suffix == "x")
+            .map(|s| &s.buffer)
             .unwrap_or(&slot.param)
     }
 
@@ -601,9 +920,9 @@ impl<'g> Optimizer<'g> {
             }
             let bytes: &[u8] = bytemuck::cast_slice(data);
             self.gpu.queue.write_buffer(&slot.param, 0, bytes);
-            for (suffix, buffer) in &slot.state {
-                if matches!(*suffix, "x" | "z") {
-                    self.gpu.queue.write_buffer(buffer, 0, bytes);
+            for s in &slot.state {
+                if matches!(s.suffix, "x" | "z") {
+                    self.gpu.queue.write_buffer(&s.buffer, 0, bytes);
                 }
             }
         }
@@ -620,8 +939,7 @@ impl<'g> Optimizer<'g> {
     pub fn checkpoint_tensors(&self) -> Result<Vec<(String, Tensor)>, OptimError> {
         let mut out = Vec::new();
         for slot in &self.slots {
-            let read = |b: &wgpu::Buffer| self.gpu.read_buffer_f32(b, slot.numel);
-            let param = read(&slot.param)?;
+            let param = self.gpu.read_buffer_f32(&slot.param, slot.numel)?;
             if self.param_is_y(slot) {
                 out.push((
                     format!("optim.{}.y", slot.name),
@@ -630,13 +948,13 @@ impl<'g> Optimizer<'g> {
             } else {
                 out.push((slot.name.clone(), (slot.shape.clone(), param)));
             }
-            for (suffix, buffer) in &slot.state {
-                let name = if *suffix == "x" {
-                    slot.name.clone()
-                } else {
-                    format!("optim.{}.{suffix}", slot.name)
-                };
-                out.push((name, (slot.shape.clone(), read(buffer)?)));
+            for s in &slot.state {
+                let len: usize = s.shape.iter().product();
+                let data = self.gpu.read_buffer_f32(&s.buffer, s.offset + len)?;
+                out.push((
+                    state_name(slot, s),
+                    (s.shape.clone(), data[s.offset..].to_vec()),
+                ));
             }
         }
         Ok(out)
@@ -649,37 +967,50 @@ impl<'g> Optimizer<'g> {
         host: &HostState,
     ) -> Result<(), OptimError> {
         for slot in &self.slots {
-            let write = |name: String, buffer: &wgpu::Buffer| -> Result<(), OptimError> {
+            let write = |name: String,
+                         expected: &[usize],
+                         buffer: &wgpu::Buffer,
+                         offset: usize|
+             -> Result<(), OptimError> {
                 let (shape, data) = tensors
                     .get(&name)
                     .ok_or_else(|| OptimError::Missing(name.clone()))?;
-                if *shape != slot.shape || data.len() != slot.numel {
+                if shape != expected || data.len() != expected.iter().product::<usize>() {
                     return Err(OptimError::Shape {
                         name,
-                        expected: slot.shape.clone(),
+                        expected: expected.to_vec(),
                         got: shape.clone(),
                     });
                 }
                 self.gpu
                     .queue
-                    .write_buffer(buffer, 0, bytemuck::cast_slice(data));
+                    .write_buffer(buffer, 4 * offset as u64, bytemuck::cast_slice(data));
                 Ok(())
             };
             if self.param_is_y(slot) {
-                write(format!("optim.{}.y", slot.name), &slot.param)?;
+                write(
+                    format!("optim.{}.y", slot.name),
+                    &slot.shape,
+                    &slot.param,
+                    0,
+                )?;
             } else {
-                write(slot.name.clone(), &slot.param)?;
+                write(slot.name.clone(), &slot.shape, &slot.param, 0)?;
             }
-            for (suffix, buffer) in &slot.state {
-                let name = if *suffix == "x" {
-                    slot.name.clone()
-                } else {
-                    format!("optim.{}.{suffix}", slot.name)
-                };
-                write(name, buffer)?;
+            for s in &slot.state {
+                write(state_name(slot, s), &s.shape, &s.buffer, s.offset)?;
             }
         }
         self.host = host.clone();
         Ok(())
+    }
+}
+
+/// Checkpoint name of a state tensor: the weights for schedule-free's x, else `optim.<name>.<suffix>`.
+fn state_name(slot: &Slot, state: &State) -> String {
+    if state.suffix == "x" {
+        slot.name.clone()
+    } else {
+        format!("optim.{}.{}", slot.name, state.suffix)
     }
 }

@@ -46,7 +46,10 @@
 use crate::checkpoint::{diff_specs, Checkpoint, CheckpointError};
 use crate::data::{Batch, Batcher, BatcherState, DataError, Dataset};
 use crate::metrics::{MetricsError, MetricsLog, MoeLayerMetrics, Record};
-use crate::optim::{HostState, OptimError, OptimSettings, Optimizer, ParamBinding, StepStats};
+use crate::optim::{
+    ExpertLoad, HostState, OptimError, OptimSettings, Optimizer, ParamBinding, StepStats,
+    EXPERT_MARKER,
+};
 use crate::{Executor, Gpu, NonFinite, RuntimeError};
 use moec_compiler::interp::init_values;
 use moec_compiler::plan::{BufferRole, Plan};
@@ -237,12 +240,28 @@ impl<'g> Trainer<'g> {
         }
         let mut settings = OptimSettings::from_train(&train);
         settings.total_steps = total;
-        let mut optim = Optimizer::new(
+        // Each MoE block's load output and its stacked experts, for `expert_lr = adaptive`.
+        let mut loads = Vec::new();
+        for &block in spec.moe.as_ref().map_or(&[][..], |m| &m.blocks[..]) {
+            if let Ok(load) = exec.buffer(&format!("moe.{block}.load")) {
+                let prefix = format!("model.layers.{block}.{EXPERT_MARKER}.");
+                loads.push(ExpertLoad {
+                    load: load.clone(),
+                    params: bindings
+                        .iter()
+                        .filter(|b| b.name.starts_with(&prefix))
+                        .map(|b| b.name.clone())
+                        .collect(),
+                });
+            }
+        }
+        let mut optim = Optimizer::with_expert_loads(
             gpu,
             &settings,
             &bindings,
             exec.buffer("loss")?,
             exec.buffer("ce")?,
+            &loads,
         )?;
         // Router state (`router_state.N.*`, docs/DECISIONS.md): the eval plan reads the training
         // plan's state buffers, and each step copies the `.next` outputs into them.

@@ -1,7 +1,7 @@
 //! The optimizer kernels against CPU references of the same formulas, on hand-made parameter and
-//! gradient buffers (no plan): AdamW, SGD with and without momentum, schedule-free AdamW, global-norm
-//! clipping, gradient accumulation, parameter groups (no decay on 1-D params, `expert_lr`), the
-//! non-finite flag, and the unsupported optimizers' errors.
+//! gradient buffers (no plan): AdamW, SGD with and without momentum, schedule-free AdamW, Adafactor,
+//! global-norm clipping, gradient accumulation, parameter groups (no decay on 1-D params, `expert_lr`,
+//! `expert_lr = adaptive` with hand-set loads) and the non-finite flag.
 //!
 //! Tolerance: the CPU reference runs the kernels' f32 formulas in the same order; the GPU may fuse
 //! multiply-adds, so values agree to |gpu - cpu| <= 1e-6 + 1e-5 |cpu| per element after 3 steps.
@@ -10,12 +10,14 @@
 #![allow(clippy::needless_range_loop)]
 
 use moec_compiler::spec::{ExpertLr, Optimizer as OptimizerSpec, Schedule};
-use moec_runtime::optim::{OptimError, OptimSettings, Optimizer, ParamBinding};
+use moec_runtime::optim::{ExpertLoad, OptimSettings, Optimizer, ParamBinding};
 use moec_runtime::{AdapterChoice, Gpu};
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashMap};
 
 const EXPERT: &str = "model.layers.0.block_sparse_moe.experts.w1";
+/// Experts stacked in EXPERT.
+const EXPERTS: usize = 2;
 
 fn gpu() -> Gpu {
     Gpu::new(&AdapterChoice::default())
@@ -28,7 +30,7 @@ fn shapes() -> Vec<(&'static str, Vec<usize>)> {
     vec![
         ("model.layers.0.self_attn.q_proj.weight", vec![5, 70]),
         ("model.norm.weight", vec![37]),
-        (EXPERT, vec![2, 3, 50]),
+        (EXPERT, vec![EXPERTS, 3, 50]),
     ]
 }
 
@@ -92,25 +94,37 @@ fn assert_close(name: &str, gpu: &[f32], cpu: &[f32]) {
     }
 }
 
-/// Per-parameter CPU state: weights and up to three state vectors.
+/// Per-parameter CPU state: weights and up to three state vectors (each as long as the weights unless
+/// the reference resizes it; an empty one is a state the parameter must not have).
 #[derive(Clone)]
 struct Cpu {
     p: Vec<f32>,
     s: [Vec<f32>; 3],
 }
 
-/// Runs `steps` optimizer steps on the GPU with fresh random gradients each micro-step, and the
-/// same steps through `cpu_step(param index, step, grads of the micro-steps, state)` on the CPU;
-/// compares weights and state (by checkpoint name) at the end.
+/// Hand-set per-expert loads of the expert parameter's layer, by (step, micro-step).
+type Loads = fn(usize, usize) -> Vec<f32>;
+
+/// Runs `steps` optimizer steps on the GPU with fresh random gradients each micro-step (and, with
+/// `loads`, the EXPERT layer's load written before each micro-step), and the same steps through
+/// `cpu_step(param index, step, grads of the micro-steps, state)` on the CPU; compares weights and
+/// state (by checkpoint name: `state_names[k]` is `s[k - 1]`, "" the weights) at the end.
 fn run_and_compare(
     settings: &OptimSettings,
     steps: usize,
     grad_scale: f32,
     state_names: &[&str],
+    loads: Option<Loads>,
     mut cpu_step: impl FnMut(usize, usize, &[Vec<f32>], &mut Cpu),
 ) -> moec_runtime::optim::StepStats {
     let b = bench();
-    let mut optim = Optimizer::new(&b.gpu, settings, &b.params, &b.loss, &b.ce).unwrap();
+    let load = b.gpu.storage_buffer("moe.0.load", 4 * EXPERTS as u64);
+    let layers = [ExpertLoad {
+        load: load.clone(),
+        params: vec![EXPERT.to_string()],
+    }];
+    let mut optim =
+        Optimizer::with_expert_loads(&b.gpu, settings, &b.params, &b.loss, &b.ce, &layers).unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let init: HashMap<String, Vec<f32>> = b
         .params
@@ -146,6 +160,11 @@ fn run_and_compare(
                     .write_buffer(p.grad.as_ref().unwrap(), 0, bytemuck::cast_slice(&g));
                 grads[i].push(g);
             }
+            if let Some(loads) = loads {
+                b.gpu
+                    .queue
+                    .write_buffer(&load, 0, bytemuck::cast_slice(&loads(step, micro)));
+            }
             optim.write_micro(micro);
             b.gpu
                 .run_pass(|pass| {
@@ -174,7 +193,10 @@ fn run_and_compare(
             } else {
                 &cpu[i].s[k - 1]
             };
-            assert_close(&name, &tensors[&name].1, expected);
+            match tensors.get(&name) {
+                Some((_, gpu)) => assert_close(&name, gpu, expected),
+                None => assert!(expected.is_empty(), "no state `{name}` on the GPU"),
+            }
         }
     }
     optim.stats().unwrap()
@@ -213,7 +235,7 @@ fn adamw_matches_pytorch_formula() {
         eps,
         weight_decay: wd,
     });
-    let stats = run_and_compare(&s, 3, 1.0, &["", "m", "v"], |i, step, grads, st| {
+    let stats = run_and_compare(&s, 3, 1.0, &["", "m", "v"], None, |i, step, grads, st| {
         let lr = lr(&s, i, step);
         let t = (step + 1) as i32;
         let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
@@ -248,6 +270,7 @@ fn sgd_momentum_matches_pytorch_formula() {
         3,
         1.0,
         &["", "momentum_buffer"],
+        None,
         |i, step, grads, st| {
             let lr = lr(&s, i, step) as f32;
             for j in 0..st.p.len() {
@@ -265,7 +288,7 @@ fn sgd_without_momentum_has_no_state() {
         lr: 0.1,
         momentum: 0.0,
     });
-    run_and_compare(&s, 2, 1.0, &[""], |i, step, grads, st| {
+    run_and_compare(&s, 2, 1.0, &[""], None, |i, step, grads, st| {
         let lr = lr(&s, i, step) as f32;
         for j in 0..st.p.len() {
             st.p[j] -= lr * grads[0][j];
@@ -291,41 +314,48 @@ fn schedule_free_adamw_matches_the_schedulefree_package() {
     let mut last_step = [usize::MAX; 2];
     let mut ck = [0.0f64; 2];
     // Checkpoint layout: weights = x; optim.<name>.y is the gradient point (the param buffer).
-    run_and_compare(&s, 3, 1.0, &["", "z", "v", "y"], |i, step, grads, st| {
-        let group = (shapes()[i].0 == EXPERT) as usize;
-        let t = (step + 1) as i32;
-        let lr = lr(&s, i, step) * (1.0 - b2.powi(t)).sqrt();
-        if last_step[group] != step {
-            last_step[group] = step;
-            lr_max[group] = lr_max[group].max(lr);
-            let weight = lr_max[group] * lr_max[group];
-            weight_sum[group] += weight;
-            ck[group] = weight / weight_sum[group];
-        }
-        let (lr, c, b1, b2, eps) = (
-            lr as f32,
-            ck[group] as f32,
-            b1 as f32,
-            b2 as f32,
-            eps as f32,
-        );
-        // st.p = x (the weights), s[0] = z, s[1] = v, s[2] = y; z and y start at the weights.
-        if step == 0 {
-            st.s[0] = st.p.clone();
-            st.s[2] = st.p.clone();
-        }
-        for j in 0..st.p.len() {
-            let g = grads[0][j];
-            let v = st.s[1][j] * b2 + (1.0 - b2) * g * g;
-            let gn = g / (v.sqrt() + eps) + decay(i, wd as f32) * st.s[2][j];
-            let z = st.s[0][j] - lr * gn;
-            let x = st.p[j] + c * (z - st.p[j]);
-            st.s[1][j] = v;
-            st.s[0][j] = z;
-            st.p[j] = x;
-            st.s[2][j] = (1.0 - b1) * z + b1 * x;
-        }
-    });
+    run_and_compare(
+        &s,
+        3,
+        1.0,
+        &["", "z", "v", "y"],
+        None,
+        |i, step, grads, st| {
+            let group = (shapes()[i].0 == EXPERT) as usize;
+            let t = (step + 1) as i32;
+            let lr = lr(&s, i, step) * (1.0 - b2.powi(t)).sqrt();
+            if last_step[group] != step {
+                last_step[group] = step;
+                lr_max[group] = lr_max[group].max(lr);
+                let weight = lr_max[group] * lr_max[group];
+                weight_sum[group] += weight;
+                ck[group] = weight / weight_sum[group];
+            }
+            let (lr, c, b1, b2, eps) = (
+                lr as f32,
+                ck[group] as f32,
+                b1 as f32,
+                b2 as f32,
+                eps as f32,
+            );
+            // st.p = x (the weights), s[0] = z, s[1] = v, s[2] = y; z and y start at the weights.
+            if step == 0 {
+                st.s[0] = st.p.clone();
+                st.s[2] = st.p.clone();
+            }
+            for j in 0..st.p.len() {
+                let g = grads[0][j];
+                let v = st.s[1][j] * b2 + (1.0 - b2) * g * g;
+                let gn = g / (v.sqrt() + eps) + decay(i, wd as f32) * st.s[2][j];
+                let z = st.s[0][j] - lr * gn;
+                let x = st.p[j] + c * (z - st.p[j]);
+                st.s[1][j] = v;
+                st.s[0][j] = z;
+                st.p[j] = x;
+                st.s[2][j] = (1.0 - b1) * z + b1 * x;
+            }
+        },
+    );
 }
 
 #[test]
@@ -414,6 +444,7 @@ fn accumulation_sums_the_micro_step_gradients() {
         2,
         1.0,
         &["", "momentum_buffer"],
+        None,
         |i, step, grads, st| {
             let lr = lr(&s, i, step) as f32;
             let g = summed(grads);
@@ -485,23 +516,248 @@ fn a_non_finite_gradient_stops_every_update() {
     }
 }
 
+/// One Adafactor step of HF transformers' formula (module docs of `moec_runtime::optim`) on the CPU,
+/// in f32 and in the kernels' order. `st.s` holds exp_avg_sq_row, exp_avg_sq_col (matrices) or
+/// exp_avg_sq (vectors) and is sized on the first step; `lr(j)` is element j's learning rate.
+fn adafactor_cpu(
+    shape: &[usize],
+    beta2t: f32,
+    eps: f32,
+    g: &[f32],
+    st: &mut Cpu,
+    lr: impl Fn(usize) -> f32,
+) {
+    let ema = |old: f32, sum: f32, len: usize| beta2t * old + (1.0 - beta2t) * (sum / len as f32);
+    let sq = |x: f32| x * x + eps;
+    if shape.len() < 2 {
+        if st.s[2].len() != g.len() || !st.s[0].is_empty() {
+            st.s = [Vec::new(), Vec::new(), vec![0.0; g.len()]];
+        }
+        let v = &mut st.s[2];
+        let mut u: Vec<f32> = Vec::with_capacity(g.len());
+        for j in 0..g.len() {
+            v[j] = ema(v[j], sq(g[j]), 1);
+            u.push((1.0 / v[j].sqrt()) * g[j]);
+        }
+        let rms = u.iter().map(|x| x * x).sum::<f32>().sqrt() / (g.len() as f32).sqrt();
+        for j in 0..g.len() {
+            st.p[j] -= lr(j) * (u[j] / rms.max(1.0));
+        }
+        return;
+    }
+    let (rows, cols) = (shape[shape.len() - 2], shape[shape.len() - 1]);
+    let matrices = g.len() / (rows * cols);
+    if st.s[0].len() != matrices * rows {
+        st.s = [
+            vec![0.0; matrices * rows],
+            vec![0.0; matrices * cols],
+            Vec::new(),
+        ];
+    }
+    for m in 0..matrices {
+        let at = |i: usize, j: usize| m * rows * cols + i * cols + j;
+        for i in 0..rows {
+            let sum: f32 = (0..cols).map(|j| sq(g[at(i, j)])).sum();
+            st.s[0][m * rows + i] = ema(st.s[0][m * rows + i], sum, cols);
+        }
+        for j in 0..cols {
+            let sum: f32 = (0..rows).map(|i| sq(g[at(i, j)])).sum();
+            st.s[1][m * cols + j] = ema(st.s[1][m * cols + j], sum, rows);
+        }
+        let rmean = st.s[0][m * rows..(m + 1) * rows].iter().sum::<f32>() / rows as f32;
+        let mut u = vec![0.0f32; rows * cols];
+        for i in 0..rows {
+            for j in 0..cols {
+                let r = st.s[0][m * rows + i];
+                let c = st.s[1][m * cols + j];
+                u[i * cols + j] = (1.0 / (r / rmean).sqrt()) * (1.0 / c.sqrt()) * g[at(i, j)];
+            }
+        }
+        let rms = u.iter().map(|x| x * x).sum::<f32>().sqrt() / ((rows * cols) as f32).sqrt();
+        for (t, u) in u.iter().enumerate() {
+            let j = m * rows * cols + t;
+            st.p[j] -= lr(j) * (u / rms.max(1.0));
+        }
+    }
+}
+
+const ADAFACTOR_STATE: [&str; 4] = ["", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"];
+
 #[test]
-fn unsupported_optimizers_are_clear_errors() {
-    let b = bench();
+fn adafactor_matches_the_hf_formula() {
+    let (decay, eps) = (-0.8f64, 1e-30f64);
     let s = settings(OptimizerSpec::Adafactor {
         lr: 0.01,
-        decay: 0.8,
+        decay,
+        eps,
+    });
+    // A 2-D weight, a 1-D norm (full second moment) and a stacked [2, 3, 50] expert weight (two
+    // factored matrices, each clipped on its own), over 3 steps: beta2t = 0, then 1 - 2^-0.8, ...
+    let stats = run_and_compare(&s, 3, 1.0, &ADAFACTOR_STATE, None, |i, step, grads, st| {
+        let lr = lr(&s, i, step) as f32;
+        let beta2t = (1.0 - ((step + 1) as f64).powf(decay)) as f32;
+        adafactor_cpu(&shapes()[i].1, beta2t, eps as f32, &grads[0], st, |_| lr);
+    });
+    assert_eq!(stats.bad_step, None);
+    // The state shapes are HF's: rows [E, R], columns [E, C].
+    let b = bench();
+    let optim = Optimizer::new(&b.gpu, &s, &b.params, &b.loss, &b.ce).unwrap();
+    let shapes: BTreeMap<String, Vec<usize>> = optim
+        .checkpoint_tensors()
+        .unwrap()
+        .into_iter()
+        .map(|(n, (shape, _))| (n, shape))
+        .collect();
+    assert_eq!(shapes[&format!("optim.{EXPERT}.exp_avg_sq_row")], [2, 3]);
+    assert_eq!(shapes[&format!("optim.{EXPERT}.exp_avg_sq_col")], [2, 50]);
+    assert_eq!(shapes["optim.model.norm.weight.exp_avg_sq"], [37]);
+}
+
+#[test]
+fn adafactor_clips_the_update_rms() {
+    // Tiny gradients: g / sqrt(EMA(g²)) is O(1) whatever the scale, so the clip still bites, and
+    // accumulation over 2 micro-steps feeds the summed gradient.
+    let mut s = settings(OptimizerSpec::Adafactor {
+        lr: 0.05,
+        decay: -0.8,
         eps: 1e-30,
     });
-    let err = Optimizer::new(&b.gpu, &s, &b.params, &b.loss, &b.ce)
-        .err()
-        .expect("adafactor is refused");
-    assert!(
-        matches!(err, OptimError::Unsupported(_))
-            && err.to_string().contains("adafactor")
-            && err.to_string().contains("not supported yet"),
-        "{err}"
+    s.accumulate = 2;
+    run_and_compare(&s, 2, 1e-3, &ADAFACTOR_STATE, None, |i, step, grads, st| {
+        let lr = lr(&s, i, step) as f32;
+        let beta2t = (1.0 - ((step + 1) as f64).powf(-0.8)) as f32;
+        adafactor_cpu(&shapes()[i].1, beta2t, 1e-30, &summed(grads), st, |_| lr);
+    });
+}
+
+/// Per-expert loads by (step, micro-step): step 0 sums to [5, 0] (multipliers 0.5 and the cap
+/// E = 2 for the idle expert), step 1 to [2, 4] (1.5, 0.75), step 2 to [0, 0] (no load: 1, 1).
+fn hand_set_loads(step: usize, micro: usize) -> Vec<f32> {
+    match (step, micro) {
+        (0, 0) => vec![3.0, 0.0],
+        (0, _) => vec![2.0, 0.0],
+        (1, 0) => vec![1.0, 3.0],
+        (1, _) => vec![1.0, 1.0],
+        _ => vec![0.0, 0.0],
+    }
+}
+
+/// The multiplier of expert e at `step` for [`hand_set_loads`], computed as the kernel does.
+fn multiplier(step: usize, e: usize) -> f32 {
+    let (a, b) = (hand_set_loads(step, 0), hand_set_loads(step, 1));
+    let sum: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+    let mean = sum.iter().sum::<f32>() / EXPERTS as f32;
+    if mean > 0.0 {
+        mean / sum[e].max(mean / EXPERTS as f32)
+    } else {
+        1.0
+    }
+}
+
+/// Element j's lr multiplier under `expert_lr = adaptive`: its expert's for the expert parameter
+/// (slice e of the stack is expert e), 1 elsewhere.
+fn element_multiplier(i: usize, step: usize, j: usize) -> f32 {
+    let (name, shape) = &shapes()[i];
+    if *name == EXPERT {
+        multiplier(step, j / (shape[1] * shape[2]))
+    } else {
+        1.0
+    }
+}
+
+/// Element j's learning rate under `expert_lr = adaptive`: the group lr times its multiplier.
+fn adaptive_lr(s: &OptimSettings, i: usize, step: usize, j: usize) -> f32 {
+    lr(s, i, step) as f32 * element_multiplier(i, step, j)
+}
+
+#[test]
+fn adaptive_expert_lr_scales_each_expert_by_mean_load_over_its_load() {
+    assert_eq!(
+        [
+            multiplier(0, 0),
+            multiplier(0, 1),
+            multiplier(1, 0),
+            multiplier(1, 1)
+        ],
+        [0.5, 2.0, 1.5, 0.75]
     );
+    let mut s = settings(OptimizerSpec::Sgd {
+        lr: 0.1,
+        momentum: 0.0,
+    });
+    s.expert_lr = Some(ExpertLr::Adaptive { base: 0.05 });
+    s.accumulate = 2;
+    // Plain SGD: each expert slice moves by exactly -(its scaled lr) · (summed gradient).
+    run_and_compare(
+        &s,
+        3,
+        1.0,
+        &[""],
+        Some(hand_set_loads),
+        |i, step, grads, st| {
+            let g = summed(grads);
+            for j in 0..st.p.len() {
+                st.p[j] -= adaptive_lr(&s, i, step, j) * g[j];
+            }
+        },
+    );
+    // AdamW: the multiplier scales both the step size and the decoupled decay.
+    let (b1, b2, eps, wd) = (0.9f64, 0.95f64, 1e-8f64, 0.1f64);
+    s.optimizer = OptimizerSpec::AdamW {
+        lr: 0.01,
+        betas: (b1, b2),
+        eps,
+        weight_decay: wd,
+    };
+    run_and_compare(
+        &s,
+        3,
+        1.0,
+        &["", "m", "v"],
+        Some(hand_set_loads),
+        |i, step, grads, st| {
+            let base = lr(&s, i, step);
+            let t = (step + 1) as i32;
+            let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+            let (step_size, bc2_sqrt) = ((base / bc1) as f32, bc2.sqrt() as f32);
+            let (b1, b2, eps) = (b1 as f32, b2 as f32, eps as f32);
+            let g = summed(grads);
+            for j in 0..st.p.len() {
+                let scale = element_multiplier(i, step, j);
+                let lr = base as f32 * scale;
+                let p = st.p[j] * (1.0 - lr * decay(i, wd as f32));
+                let m = st.s[0][j] + (1.0 - b1) * (g[j] - st.s[0][j]);
+                let v = st.s[1][j] * b2 + (1.0 - b2) * g[j] * g[j];
+                st.s[0][j] = m;
+                st.s[1][j] = v;
+                st.p[j] = p - step_size * scale * (m / ((v.sqrt() / bc2_sqrt) + eps));
+            }
+        },
+    );
+    // Adafactor: the clipped update times the scaled lr.
+    s.optimizer = OptimizerSpec::Adafactor {
+        lr: 0.01,
+        decay: -0.8,
+        eps: 1e-30,
+    };
+    run_and_compare(
+        &s,
+        3,
+        1.0,
+        &ADAFACTOR_STATE,
+        Some(hand_set_loads),
+        |i, step, grads, st| {
+            let beta2t = (1.0 - ((step + 1) as f64).powf(-0.8)) as f32;
+            adafactor_cpu(&shapes()[i].1, beta2t, 1e-30, &summed(grads), st, |j| {
+                adaptive_lr(&s, i, step, j)
+            });
+        },
+    );
+}
+
+#[test]
+fn adaptive_expert_lr_needs_the_layer_load() {
+    let b = bench();
     let mut s = settings(OptimizerSpec::Sgd {
         lr: 0.1,
         momentum: 0.0,
@@ -509,9 +765,9 @@ fn unsupported_optimizers_are_clear_errors() {
     s.expert_lr = Some(ExpertLr::Adaptive { base: 0.1 });
     let err = Optimizer::new(&b.gpu, &s, &b.params, &b.loss, &b.ce)
         .err()
-        .expect("adaptive expert lr is refused");
+        .expect("no load output for the expert parameter");
     assert!(
-        err.to_string().contains("adaptive") && err.to_string().contains("not supported yet"),
+        err.to_string().contains(EXPERT) && err.to_string().contains("moe.N.load"),
         "{err}"
     );
 }
