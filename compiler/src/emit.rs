@@ -116,11 +116,7 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
     // 1. Kernel sources, in dispatch order.
     let mut srcs: Vec<(String, KernelSrc)> = Vec::new();
     for (gi, group) in fused.groups.iter().enumerate() {
-        let anchor = match group.kind {
-            crate::fuse::GroupKind::Matmul => kernels::matmul_anchor(graph, group),
-            _ => group.nodes[0],
-        };
-        let name = kernel_name(graph, gi, anchor);
+        let name = kernel_name(graph, gi, kernels::anchor(graph, group));
         let src = kernels::group_kernel(graph, group, target).map_err(|e| e.named(&name))?;
         srcs.push((name, src));
     }

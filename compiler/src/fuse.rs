@@ -19,6 +19,10 @@
 //!   node) is a `MatMul` or a `GroupedMatMul`.
 //!   A `Permute` used only as a matmul operand (the transposes of weight gradients) is absorbed as a
 //!   prologue: the matmul reads its source in place with permuted strides.
+//! - **Permute prologues** elsewhere: a `Permute` whose every use is a matmul operand or an operand of
+//!   an elementwise, reduction or softmax node (a reduction over a non-last axis is lowered as
+//!   permute + last-axis reduce) is never materialised: each consuming group reads its source in place
+//!   through permuted strides.
 //! - Everything else is its own [`GroupKind::Single`] group.
 //!
 //! A node with users outside its group (or that is a graph output) is materialised: it is listed in
@@ -219,11 +223,12 @@ pub fn fuse(graph: &Graph, options: FuseOptions) -> Fused {
         graph_outputs: graph.outputs.iter().map(|(_, id)| *id).collect(),
         max_bindings: options.max_bindings.max(2) as usize,
     };
-    // A permute whose every use is a matmul operand (possibly through reshapes that keep it a strided
-    // view) is read in place with permuted strides by each of those matmuls, so it never gets a kernel
-    // or a buffer: it joins every consuming matmul group as a prologue member.
+    // A permute whose every use reads it element by element (a matmul operand, an elementwise or row
+    // op, possibly through reshapes that keep it a strided view) is read in place with permuted
+    // strides by each consumer, so it never gets a kernel or a buffer: it joins every consuming group
+    // as a prologue member.
     let absorbed: HashSet<NodeId> = if options.enabled {
-        order.iter().copied().filter(|&p| matches!(graph.node(p).op, Op::Permute { .. }) && only_feeds_matmuls(graph, &st.graph_outputs, p)).collect()
+        order.iter().copied().filter(|&p| matches!(graph.node(p).op, Op::Permute { .. }) && read_in_place(graph, &st.graph_outputs, p)).collect()
     } else {
         HashSet::new()
     };
@@ -263,15 +268,18 @@ fn row_shape(domain: &[usize]) -> Vec<usize> {
     s
 }
 
-/// Does every use of `p` reach a matmul operand through reshapes only, as a strided view?
-fn only_feeds_matmuls(graph: &Graph, graph_outputs: &HashSet<NodeId>, p: NodeId) -> bool {
-    let users = graph.users(p);
+/// Does every use of `x` (a permute, or a reshape of one) reach, through reshapes only and as a
+/// strided view, an operand that the consuming kernel reads element by element: a matmul operand, or
+/// an operand of an elementwise, reduction or softmax node?
+fn read_in_place(graph: &Graph, graph_outputs: &HashSet<NodeId>, x: NodeId) -> bool {
+    let users = graph.users(x);
     !users.is_empty()
-        && !graph_outputs.contains(&p)
-        && users.iter().all(|&u| match graph.node(u).op {
-            Op::Reshape { .. } => only_feeds_matmuls(graph, graph_outputs, u),
-            Op::MatMul { .. } => strided_view(graph, p).is_some(),
-            _ => false,
+        && !graph_outputs.contains(&x)
+        && strided_view(graph, x).is_some()
+        && users.iter().all(|&u| match &graph.node(u).op {
+            Op::Reshape { .. } => read_in_place(graph, graph_outputs, u),
+            Op::MatMul { .. } | Op::Reduce(_) | Op::Softmax { .. } => true,
+            op => is_elementwise(op),
         })
 }
 
@@ -304,6 +312,11 @@ impl State<'_> {
                     b.kind = GroupKind::Row;
                 }
                 b.nodes.push(n);
+                for a in self.graph.inputs(n).into_iter().map(|a| base(self.graph, a)) {
+                    if self.absorbed.contains(&a) && !b.nodes.contains(&a) {
+                        b.nodes.push(a);
+                    }
+                }
                 self.group_of.insert(n, gi);
                 self.add_deps(gi, n);
                 return true;

@@ -446,6 +446,37 @@ fn matmuls_read_permuted_operands_in_place() {
 }
 
 #[test]
+fn elementwise_and_row_kernels_read_permuted_operands_in_place() {
+    let mut g = Graph::new();
+    // A mean over a non-last axis (lowered as permute + last-axis reduce), as the balancing losses do.
+    let load = g.input("load", TensorType::f32(&[1, 37, 5]));
+    let by_expert = add(&mut g, Op::Permute { perm: vec![0, 2, 1] }, &[load], "by_expert");
+    let mean = add(&mut g, Op::Reduce(ReduceOp::Mean), &[by_expert], "mean");
+    // A softmax over a permuted operand.
+    let probs = add(&mut g, Op::Softmax { causal: false }, &[by_expert], "probs");
+    // An elementwise consumer with a broadcast operand, through a reshape that drops a size-1 axis.
+    let flat = add(&mut g, Op::Reshape { shape: vec![5, 37] }, &[by_expert], "flat");
+    let bias = g.input("bias", TensorType::f32(&[37]));
+    let shifted = add(&mut g, Op::Binary(BinaryOp::Add), &[flat, bias], "shifted");
+    // A permuted operand broadcast along a leading axis of the consumer.
+    let small = g.input("small", TensorType::f32(&[3, 4]));
+    let small_t = add(&mut g, Op::Permute { perm: vec![1, 0] }, &[small], "small_t");
+    let big = g.input("big", TensorType::f32(&[2, 4, 3]));
+    let scaled = add(&mut g, Op::Binary(BinaryOp::Mul), &[big, small_t], "scaled");
+    for (name, id) in [("mean", mean), ("probs", probs), ("shifted", shifted), ("scaled", scaled)] {
+        g.set_output(name, id);
+    }
+    let t = target(MatmulVariant::RegisterBlocked);
+    let fused = fuse(&g, FuseOptions::for_target(&t));
+    assert!(
+        fused.groups.iter().all(|grp| grp.nodes.len() > 1 || !matches!(g.node(grp.nodes[0]).op, Op::Permute { .. })),
+        "no permute gets a kernel of its own:\n{}",
+        fused.dump(&g)
+    );
+    check(&g, &feeds(&g, 17, &[]));
+}
+
+#[test]
 fn routing_variants_capacity_priority_expert_choice_sinkhorn() {
     let (t, k, e) = (19, 2, 4);
     let mut g = Graph::new();

@@ -218,6 +218,33 @@ fn op_expr(op: &Op, a: &[String]) -> String {
     }
 }
 
+/// Index into a strided view (logical `shape`, element `strides`) broadcast over `domain` (numpy
+/// rules: `shape` right-aligned, size-1 axes repeat), at linear index `lin` of the domain.
+fn strided_index(domain: &[usize], shape: &[usize], strides: &[usize], lin: &str) -> String {
+    // Leading size-1 axes beyond the domain's rank carry no index.
+    let extra = shape.len().saturating_sub(domain.len());
+    let (shape, strides) = (&shape[extra..], &strides[extra..]);
+    let pad = domain.len() - shape.len();
+    let mut terms = Vec::new();
+    let mut rest = 1usize;
+    for i in (0..domain.len()).rev() {
+        if i >= pad && shape[i - pad] > 1 {
+            let mut coord = if rest == 1 { lin.to_string() } else { format!("({lin} / {rest}u)") };
+            if i > 0 {
+                coord = format!("({coord} % {}u)", domain[i]);
+            }
+            let stride = strides[i - pad];
+            terms.push(if stride == 1 { coord } else { format!("{coord} * {stride}u") });
+        }
+        rest *= domain[i];
+    }
+    if terms.is_empty() {
+        "0u".into()
+    } else {
+        terms.join(" + ")
+    }
+}
+
 /// Walks group nodes into `let` statements; operands not in `env` are loaded with broadcasting.
 ///
 /// Values are named by their position in the group, not by graph node id, so the same computation
@@ -242,10 +269,16 @@ impl<'g> Walker<'g> {
     }
 
     fn operand(&self, b: &mut Binder, env: &HashMap<NodeId, String>, q: NodeId, domain: &[usize], lin: &str) -> String {
-        match env.get(&q) {
-            Some(v) => v.clone(),
-            None => format!("{}[{}]", b.read(q), bcast_index(domain, &self.graph.ty(q).shape, lin)),
+        if let Some(v) = env.get(&q) {
+            return v.clone();
         }
+        // A member that is not a value is an absorbed permute prologue: read its source in place.
+        if self.local.contains_key(&base(self.graph, q)) {
+            if let Some((src, shape, strides)) = crate::fuse::strided_view(self.graph, q) {
+                return format!("{}[{}]", b.read(src), strided_index(domain, &shape, &strides, lin));
+            }
+        }
+        format!("{}[{}]", b.read(q), bcast_index(domain, &self.graph.ty(q).shape, lin))
     }
 
     /// `let v<n> = <op>(operands);` for an elementwise node; records `v<n>` in `env`.
@@ -285,7 +318,7 @@ fn elementwise_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<K
     let walker = Walker::new(graph, group);
     let mut env = HashMap::new();
     let mut body = per_item_main(wg, total);
-    for &n in &group.nodes {
+    for &n in group.nodes.iter().filter(|&&n| !is_prologue(graph, n)) {
         walker.elementwise(&mut b, &mut env, n, &group.domain, "i", &mut body, "    ");
     }
     for &o in &group.outputs {
@@ -320,7 +353,8 @@ fn row_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc
         MatmulVariant::SharedTiled => ROW_THREADS.min(l.next_power_of_two() as u32).min(target.max_invocations_per_workgroup.max(1)),
     };
     let (wg, start, step, rows_per_wg) = if tpr == 1 { (64u32.min(target.max_invocations_per_workgroup.max(1)), "0u".to_string(), "1u".to_string(), None) } else { (tpr, "lid".into(), format!("{tpr}u"), Some(())) };
-    let members: HashSet<NodeId> = group.nodes.iter().copied().collect();
+    // Members that compute values (permute prologues are read in place by the walker).
+    let members: HashSet<NodeId> = group.nodes.iter().copied().filter(|&n| !is_prologue(graph, n)).collect();
     let is_row = |n: NodeId| match graph.node(n).op {
         Op::Reduce(_) => true,
         ref op if is_elementwise(op) => graph.ty(n).shape != *d,
@@ -393,7 +427,7 @@ fn row_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc
     let add = |x: &str, y: &str| format!("{x} + {y}");
     let max = |x: &str, y: &str| format!("max({x}, {y})");
 
-    for &n in &group.nodes {
+    for &n in group.nodes.iter().filter(|&&n| !is_prologue(graph, n)) {
         let id = walker.id(n);
         match &graph.node(n).op {
             op if is_elementwise(op) => {
@@ -491,15 +525,22 @@ fn batch_offset(dims: &[usize], strides: &[usize]) -> String {
     }
 }
 
-/// The matmul-like anchor of a Matmul group (members before it are absorbed operand permutes).
-pub(crate) fn matmul_anchor(graph: &Graph, group: &Group) -> NodeId {
-    group.nodes.iter().copied().find(|&n| !matches!(graph.node(n).op, Op::Permute { .. })).unwrap_or(group.nodes[0])
+/// The node a group is named after and, for a Matmul group, its matmul: the first member that is not
+/// an absorbed permute prologue.
+pub(crate) fn anchor(graph: &Graph, group: &Group) -> NodeId {
+    group.nodes.iter().copied().find(|&n| !is_prologue(graph, n)).unwrap_or(group.nodes[0])
+}
+
+/// Is group member `n` an absorbed `Permute` (read in place by its consumers, no code of its own)?
+/// Only fusion puts a permute into a multi-node group; a lone permute is a `Single` group.
+fn is_prologue(graph: &Graph, n: NodeId) -> bool {
+    matches!(graph.node(n).op, Op::Permute { .. })
 }
 
 /// Matmul or grouped matmul plus its elementwise epilogue. The epilogue is a WGSL function
 /// `store(lin, v)` the matmul body calls once per output element.
 fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc, KernelError> {
-    let anchor = matmul_anchor(graph, group);
+    let anchor = anchor(graph, group);
     let members: HashSet<NodeId> = group.nodes.iter().copied().collect();
     let args = graph.inputs(anchor);
     let out = graph.ty(anchor);
@@ -539,7 +580,7 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
     let mut env = HashMap::new();
     env.insert(anchor, walker.var(anchor));
     let mut store = format!("fn store(lin: u32, acc: f32) {{\n    let {} = acc;\n", walker.var(anchor));
-    for &n in group.nodes.iter().skip_while(|&&n| n != anchor).skip(1) {
+    for &n in group.nodes.iter().skip_while(|&&n| n != anchor).skip(1).filter(|&&n| !is_prologue(graph, n)) {
         walker.elementwise(&mut b, &mut env, n, &group.domain, "lin", &mut store, "    ");
     }
     for &o in &group.outputs {
