@@ -1,10 +1,12 @@
 //! `moec bench`: training-step timing through the [`Trainer`]'s own step (no second training loop):
 //! median milliseconds per optimizer step over `steps` steps after `warmup`, tokens/s, kernel
-//! dispatches per step, the plans' buffer memory and achieved GFLOP/s
+//! dispatches per step, memory (the plans' buffers, the eval plan sharing the training weights, plus
+//! the optimizer's state) and achieved GFLOP/s
 //! (`flops_train_per_token` × tokens per step / median time).
 
 use crate::{compile, Loaded};
 use miette::{IntoDiagnostic, Result};
+use moec_compiler::plan::BufferRole;
 use moec_compiler::spec::Every;
 use moec_runtime::train::{TrainOptions, Trainer};
 use moec_runtime::Gpu;
@@ -93,7 +95,11 @@ fn time(loaded: &Loaded, args: &Args, fusion: bool, gpu: &Gpu) -> Result<Row> {
             median_ms: median * 1e3,
             tokens_per_s: tokens / median.max(1e-12),
             dispatches: training.plan.dispatches.len() * accumulate,
-            bytes: training.plan.buffers.iter().chain(&forward.plan.buffers).map(|b| b.size).sum(),
+            // The eval plan reads the training weights (`Executor::with_shared`): its Param buffers
+            // are not allocated again.
+            bytes: training.plan.buffers.iter().map(|b| b.size).sum::<u64>()
+                + forward.plan.buffers.iter().filter(|b| !matches!(b.role, BufferRole::Param { .. })).map(|b| b.size).sum::<u64>()
+                + trainer.optimizer_bytes(),
             gflops: flops / median.max(1e-12) / 1e9,
         })
     })();

@@ -1,4 +1,5 @@
-//! `moec eval`: validation loss and perplexity of a checkpoint, and the checkpoint loading that
+//! `moec eval`: validation loss and perplexity (accuracy, for classifiers) of a checkpoint, through
+//! the trainer's own evaluation ([`evaluate_batches`]), and the checkpoint loading that
 //! `moec generate` shares: the spec rebuilt from the checkpoint's spec text, a forward plan whose
 //! Param buffers hold the checkpoint's weights (HF names stacked back to IR names by
 //! [`Checkpoint::ir_tensors`]).
@@ -8,7 +9,8 @@ use miette::{IntoDiagnostic, Result};
 use moec_compiler::plan::BufferRole;
 use moec_compiler::spec::{Data, Family, Spec};
 use moec_runtime::checkpoint::Checkpoint;
-use moec_runtime::data::{Batch, Dataset};
+use moec_runtime::data::TrainData;
+use moec_runtime::train::evaluate_batches;
 use moec_runtime::{Executor, Gpu};
 use std::path::{Path, PathBuf};
 
@@ -63,7 +65,8 @@ impl Model {
     }
 
     /// A forward executor for `batch` rows with the checkpoint's weights written into its Param
-    /// buffers. Inputs other than tokens/targets are set as evaluation feeds them: router state
+    /// buffers. Inputs other than the data (tokens or features, targets) are set as evaluation
+    /// feeds them: router state
     /// from the checkpoint when it holds one, `jitter.*` multipliers to ones (no jitter); the rest
     /// (`noise.*`) stay zero, as fresh GPU buffers are.
     pub fn executor<'g>(&self, gpu: &'g Gpu, batch: usize, fusion: bool) -> Result<Executor<'g>> {
@@ -81,7 +84,7 @@ impl Model {
                     }
                     exec.write_f32(name, data).into_diagnostic()?;
                 }
-                BufferRole::Input { name, shape } if name != "tokens" && name != "targets" => {
+                BufferRole::Input { name, shape } if !["tokens", "features", "targets"].contains(&name.as_str()) => {
                     if let Some((_, data)) = self.tensors.get(name) {
                         exec.write_f32(name, data).into_diagnostic()?;
                     } else if name.starts_with("jitter.") {
@@ -95,18 +98,6 @@ impl Model {
     }
 }
 
-/// Mean `ce` over `batches` on a forward executor: the quantity the trainer logs as `val_loss`.
-pub fn mean_ce(exec: &Executor<'_>, batches: &[Batch]) -> Result<f64> {
-    let mut sum = 0.0;
-    for batch in batches {
-        exec.write_u32("tokens", &batch.tokens).into_diagnostic()?;
-        exec.write_u32("targets", &batch.targets).into_diagnostic()?;
-        exec.run().into_diagnostic()?;
-        sum += exec.read_f32("ce").into_diagnostic()?[0] as f64;
-    }
-    Ok(sum / batches.len().max(1) as f64)
-}
-
 /// What `moec eval` was asked beyond the checkpoint.
 pub struct Args {
     /// A text file (byte tokens) whose validation part is evaluated instead of the spec's data.
@@ -118,29 +109,24 @@ pub struct Args {
 
 pub fn run(checkpoint: &Path, args: &Args, gpu: &Gpu) -> Result<()> {
     let model = Model::load(checkpoint)?;
-    let (vocab, context) = model.vocab_context()?;
     let train = model.spec.train.as_ref().ok_or_else(|| miette::miette!("the checkpoint's spec has no `train` block (data, batch)"))?;
-    let (data, dir, split) = match &args.data {
-        Some(path) => (
-            Data::Text { path: path.to_string_lossy().into_owned() },
-            std::env::current_dir().into_diagnostic()?,
-            // The file's validation part under the spec's split, as training would cut it.
-            train.split,
-        ),
-        None => (train.data.clone(), model.spec_dir.clone(), train.split),
+    let (data, dir) = match &args.data {
+        Some(_) if model.spec.model.family == Family::Mlp => {
+            miette::bail!("--data takes a text file for a language model; a classifier is evaluated on its spec's data")
+        }
+        // The file's validation part under the spec's split, as training would cut it.
+        Some(path) => (Data::Text { path: path.to_string_lossy().into_owned() }, std::env::current_dir().into_diagnostic()?),
+        None => (train.data.clone(), model.spec_dir.clone()),
     };
-    let dataset = Dataset::load(&data, &dir, vocab, context, split).into_diagnostic()?;
+    let dataset = TrainData::load(&data, &dir, &model.spec.model, train.split).into_diagnostic()?;
     let batches = dataset.val_batches(train.batch, args.batches.unwrap_or(train.eval.batches).max(1));
     let exec = model.executor(gpu, train.batch, args.fusion)?;
-    let loss = mean_ce(&exec, &batches)?;
-    println!(
-        "{} on {} ({} batches of {}x{}): loss {loss:.4} ppl {:.4}",
-        model.spec.name,
-        dataset.description(),
-        batches.len(),
-        train.batch,
-        context,
-        loss.exp()
-    );
+    let e = evaluate_batches(&exec, &batches).into_diagnostic()?;
+    let shape = format!("{} batches of {}x{}", batches.len(), train.batch, dataset.targets_per_row());
+    let result = match e.accuracy {
+        Some(acc) => format!("loss {:.4} accuracy {:.2}%", e.loss, 100.0 * acc),
+        None => format!("loss {:.4} ppl {:.4}", e.loss, e.loss.exp()),
+    };
+    println!("{} on {} ({shape}): {result}", model.spec.name, dataset.description());
     Ok(())
 }

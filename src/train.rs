@@ -6,6 +6,7 @@
 use crate::{compile, Loaded};
 use indicatif::{ProgressBar, ProgressStyle};
 use miette::{IntoDiagnostic, Result};
+use moec_runtime::data::TrainData;
 use moec_runtime::metrics::{console_line, moe_summary_lines, sci, Record};
 use moec_runtime::train::{TrainOptions, Trainer};
 use moec_runtime::Gpu;
@@ -73,10 +74,12 @@ pub fn run(loaded: &Loaded, args: &Args, gpu: &Gpu) -> Result<()> {
     );
     let data = trainer.data();
     println!(
-        "data: {} ({} training / {} validation tokens), unigram entropy {:.4} nats{}",
+        "data: {} ({} training / {} validation {}), {} entropy {:.4} nats{}",
         data.description(),
-        data.train_tokens().len(),
-        data.val_tokens().len(),
+        data.train_len(),
+        data.val_len(),
+        data.unit(),
+        entropy_name(data),
         data.unigram_entropy(),
         data.conditional_entropy()
             .map(|h| format!(", best possible loss {h:.4}"))
@@ -164,14 +167,30 @@ pub fn run(loaded: &Loaded, args: &Args, gpu: &Gpu) -> Result<()> {
         if let Some(first) = first.filter(|f| f.step < last.step) {
             summary.push_str(&format!(" (step {}: {:.4})", first.step, first.loss));
         }
-        if let (Some(v), Some(p)) = (last.val_loss, last.val_ppl) {
-            summary.push_str(&format!(" | val loss {v:.4} (ppl {p:.2})"));
+        match (last.val_loss, last.val_ppl, last.val_acc) {
+            (Some(v), Some(p), _) => summary.push_str(&format!(" | val loss {v:.4} (ppl {p:.2})")),
+            (Some(v), _, Some(a)) => {
+                summary.push_str(&format!(" | val loss {v:.4} (accuracy {:.2}%)", 100.0 * a))
+            }
+            _ => {}
         }
-        summary.push_str(&format!(" | unigram entropy {:.4}", data.unigram_entropy()));
+        summary.push_str(&format!(
+            " | {} entropy {:.4}",
+            entropy_name(data),
+            data.unigram_entropy()
+        ));
         if let Some(h) = data.conditional_entropy() {
             summary.push_str(&format!(" | best possible {h:.4}"));
         }
         println!("{summary}");
     }
     Ok(())
+}
+
+/// What [`TrainData::unigram_entropy`] measures: of the tokens, or of a classifier's labels.
+fn entropy_name(data: &TrainData) -> &'static str {
+    match data {
+        TrainData::Tokens(_) => "unigram",
+        TrainData::Samples(_) => "label",
+    }
 }

@@ -62,6 +62,8 @@ fn feeds_for(compiled: &Compiled, vocab: u32, seed: u64) -> HashMap<String, Valu
         .map(|(_, name, ty)| {
             let value = match ty.dtype {
                 DType::U32 => Value::U32((0..ty.numel()).map(|_| rng.random_range(0..vocab)).collect()),
+                // A classifier's input features.
+                DType::F32 if name == "features" => Value::F32((0..ty.numel()).map(|_| rng.random_range(-1.0..1.0)).collect()),
                 // Routing inputs as in evaluation (docs/DECISIONS.md, "Router state and noise"): no
                 // noise (zeros), no jitter (ones), router state (biases, prices) at its start, zeros.
                 DType::F32 => Value::F32(vec![if name.starts_with("jitter.") { 1.0 } else { 0.0 }; ty.numel()]),
@@ -85,7 +87,8 @@ fn forward_on_gpu_matches_the_interpreter() {
     let gpu = Gpu::new(&AdapterChoice::default()).expect("a wgpu adapter (lavapipe: apt-get install mesa-vulkan-drivers)");
     for path in spec_files() {
         let spec = load(&path);
-        let vocab = spec.model.vocab.unwrap() as u32;
+        // Token ids of a language model, or labels of a classifier.
+        let vocab = spec.model.vocab.or(spec.model.classes).unwrap() as u32;
         for fusion in [true, false] {
             let compiled = compile(&spec, 2, &gpu.target(), fusion).unwrap();
             let params = interp::init_params(&compiled.graph, 7);

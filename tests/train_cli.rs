@@ -156,3 +156,48 @@ fn adafactor_with_adaptive_expert_lr_learns_and_resumes_exactly() {
 /// The shipped classifier spec (mlp family, an MoE block, synthetic Gaussian-cluster classes)
 /// learns in a short run: the last eval's `val_acc` is far above chance (1/10), and `moec eval` on
 /// the checkpoint reproduces that eval (same validation batches, same weights).
+#[test]
+fn the_classifier_spec_learns_above_chance() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("specs/classifier.moe");
+    let run = dir.path().join("run");
+    let run = run.to_str().unwrap();
+    let (ok, out) = moec(&[
+        "train",
+        spec.to_str().unwrap(),
+        "--out",
+        run,
+        "--steps",
+        "80",
+    ]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("18000 training / 2000 validation samples") && out.contains("label entropy"),
+        "{out}"
+    );
+    let log = std::fs::read_to_string(Path::new(run).join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    assert_eq!(last["step"], 80);
+    assert!(
+        last.get("val_ppl").is_none(),
+        "a classifier logs val_acc, not val_ppl: {last}"
+    );
+    let (acc, loss) = (
+        last["val_acc"].as_f64().unwrap(),
+        last["val_loss"].as_f64().unwrap(),
+    );
+    eprintln!("classifier after 80 steps: val_acc {acc:.4}, val_loss {loss:.4} (chance 0.1, ln 10 = 2.3026)");
+    assert!(acc > 0.3, "val_acc {acc} is not clearly above chance (0.1)");
+    assert!(loss < 10f64.ln() - 0.5, "val_loss {loss}");
+    assert!(
+        out.contains(&format!("val_acc {:.2}%", 100.0 * acc)),
+        "console line: {out}"
+    );
+
+    let (ok, out) = moec(&["eval", run]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("loss {loss:.4} accuracy {:.2}%", 100.0 * acc)),
+        "{out}"
+    );
+}

@@ -33,6 +33,11 @@ fn specs() -> Vec<(PathBuf, Spec)> {
         .collect()
 }
 
+/// The range of the u32 data inputs: token ids of a language model, labels of a classifier.
+fn labels(spec: &Spec) -> u32 {
+    spec.model.vocab.or(spec.model.classes).unwrap() as u32
+}
+
 /// Feeds as the runtime fills them in training: token ids, ε ~ N(0, 1) noise, jitter U(0.99, 1.01),
 /// router state from `state` (zeros by default), the gradient seed 1.
 fn feeds(
@@ -62,6 +67,9 @@ fn feeds(
                 Value::F32(state.get(&name).cloned().unwrap_or_else(|| vec![0.0; n]))
             }
             DType::F32 if name == SEED => Value::F32(vec![1.0]),
+            DType::F32 if name == "features" => {
+                Value::F32((0..n).map(|_| rng.random_range(-1.0..1.0)).collect())
+            }
             DType::F32 => panic!("unexpected f32 input `{name}`"),
         };
         out.insert(name, v);
@@ -75,12 +83,9 @@ fn every_moe_block_reports_load_dropped_and_router_z() {
         let Some(moe) = &spec.moe else { continue };
         let batch = 2;
         let g = lower(&spec, batch).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let out = run_outputs(
-            &g,
-            &feeds(&g, spec.model.vocab.unwrap() as u32, 3, &HashMap::new()),
-        )
-        .unwrap();
-        let tokens = batch * spec.model.context.unwrap();
+        let out = run_outputs(&g, &feeds(&g, labels(&spec), 3, &HashMap::new())).unwrap();
+        // A classifier routes one row per sample.
+        let tokens = batch * spec.model.context.unwrap_or(1);
         for &b in &moe.blocks {
             let load = out[&format!("moe.{b}.load")].to_f64();
             let dropped = out[&format!("moe.{b}.dropped")].to_f64();
@@ -142,11 +147,7 @@ fn every_spec_trains_in_the_interpreter() {
     for (path, spec) in specs() {
         let g = training_graph(&lower(&spec, 1).unwrap())
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let out = run_outputs(
-            &g,
-            &feeds(&g, spec.model.vocab.unwrap() as u32, 5, &HashMap::new()),
-        )
-        .unwrap();
+        let out = run_outputs(&g, &feeds(&g, labels(&spec), 5, &HashMap::new())).unwrap();
         assert!(out["loss"].to_f64()[0].is_finite(), "{}", path.display());
         for (name, _, _) in g.params().iter().map(|(id, n, t)| (n, id, t)) {
             if let Some(v) = out.get(&format!("grad.{name}")) {

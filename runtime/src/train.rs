@@ -11,9 +11,16 @@
 //! # Evaluation
 //! A forward-only plan (`moec_compiler::compile`) whose Param buffers *are* the training weights
 //! ([`crate::Executor::with_shared`]; schedule-free reads its averaged x). It runs over `batches`
-//! fixed validation batches ([`Dataset::val_batches`]); `val_loss` is the mean of their `ce` (the
-//! cross-entropy without balancing terms) and `val_ppl = exp(val_loss)`. A separate plan rather
-//! than the training plan without its update: it has no backward dispatches, so eval costs a third.
+//! fixed validation batches ([`TrainData::val_batches`]); `val_loss` is the mean of their `ce` (the
+//! cross-entropy without balancing terms) and, for language models, `val_ppl = exp(val_loss)`; for
+//! classifiers `val_acc` is the share of validation samples whose largest logit is their label
+//! ([`evaluate_batches`], which `moec eval` shares). A separate plan rather than the training plan
+//! without its update: it has no backward dispatches, so eval costs a third.
+//!
+//! # Data
+//! Language models feed `tokens` and `targets` per micro-step, classifiers (`mlp`) `features` and
+//! `targets` ([`feed`]); both come from one seeded [`Batcher`] whose position the checkpoint keeps.
+//! For classifiers the log's `tokens_per_s` counts samples per second.
 //!
 //! # Steps, logs and checkpoints
 //! `step N` in logs and checkpoints counts optimizer steps done. MoE layers' utilisation in the log
@@ -43,8 +50,8 @@
 //! dispatch at a time ([`crate::Executor::first_non_finite`]), reports the step and the first kernel
 //! whose output went non-finite, and stops without writing a checkpoint, so the last good one stays.
 
-use crate::checkpoint::{diff_specs, Checkpoint, CheckpointError};
-use crate::data::{Batch, Batcher, BatcherState, DataError, Dataset};
+use crate::checkpoint::{diff_specs, hf_config, Checkpoint, CheckpointError};
+use crate::data::{standard_normal, Batch, Batcher, BatcherState, DataError, TrainData};
 use crate::metrics::{MetricsError, MetricsLog, MoeLayerMetrics, Record};
 use crate::optim::{
     ExpertLoad, HostState, OptimError, OptimSettings, Optimizer, ParamBinding, StepStats,
@@ -53,7 +60,7 @@ use crate::optim::{
 use crate::{Executor, Gpu, NonFinite, RuntimeError};
 use moec_compiler::interp::init_values;
 use moec_compiler::plan::{BufferRole, Plan};
-use moec_compiler::spec::{Every, Family, Precision, Spec, Train};
+use moec_compiler::spec::{Every, Precision, Spec, Train};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, HashMap};
@@ -71,8 +78,6 @@ const META_OPTIM: &str = "optim";
 pub enum TrainError {
     #[error("the spec has no `train` block; add one (see LANGUAGE.md) to train this model")]
     NoTrainBlock,
-    #[error("training the `{0:?}` family is not supported yet (token data sets only feed language models)")]
-    Family(Family),
     #[error("`precision = f16` training is not supported yet; use `precision = f32`")]
     F16,
     #[error("the {which} plan has no {what} `{name}`; was it compiled for training?")]
@@ -133,7 +138,7 @@ pub struct Trainer<'g> {
     spec_text: String,
     train: Train,
     batch: usize,
-    data: Dataset,
+    data: TrainData,
     val: Vec<Batch>,
     batcher: BatcherState,
     exec: Executor<'g>,
@@ -179,11 +184,7 @@ impl<'g> Trainer<'g> {
         if train.precision == Precision::F16 {
             return Err(TrainError::F16);
         }
-        let (vocab, context) = match (spec.model.family, spec.model.vocab, spec.model.context) {
-            (Family::Transformer | Family::Lstm, Some(v), Some(c)) => (v, c),
-            (family, _, _) => return Err(TrainError::Family(family)),
-        };
-        let data = Dataset::load(&train.data, &options.spec_dir, vocab, context, train.split)?;
+        let data = TrainData::load(&train.data, &options.spec_dir, &spec.model, train.split)?;
         let val = data.val_batches(train.batch, train.eval.batches.max(1));
         let total = options.steps.unwrap_or(train.steps);
 
@@ -197,14 +198,21 @@ impl<'g> Trainer<'g> {
                     name: name.to_string(),
                 })
         };
-        for input in ["tokens", "targets", "grad_seed"] {
+        let inputs = match data {
+            TrainData::Tokens(_) => "tokens",
+            TrainData::Samples(_) => "features",
+        };
+        for input in [inputs, "targets", "grad_seed"] {
             need(training, "training", "input", input)?;
         }
         for output in ["loss", "ce"] {
             need(training, "training", "output", output)?;
         }
-        for name in ["tokens", "targets", "ce"] {
+        for name in [inputs, "targets", "ce"] {
             need(forward, "forward", "buffer", name)?;
+        }
+        if let TrainData::Samples(_) = data {
+            need(forward, "forward", "output", "logits")?;
         }
         let mut bindings = Vec::new();
         let mut init = HashMap::new();
@@ -380,8 +388,14 @@ impl<'g> Trainer<'g> {
         self.step >= self.total
     }
 
-    pub fn data(&self) -> &Dataset {
+    pub fn data(&self) -> &TrainData {
         &self.data
+    }
+
+    /// Bytes of the optimizer's own GPU buffers beyond the plans' (state such as Adam's m and v,
+    /// accumulated gradients): [`Optimizer::buffer_bytes`].
+    pub fn optimizer_bytes(&self) -> u64 {
+        self.optim.buffer_bytes()
     }
 
     /// The last logged record (with `val_loss` if that step evaluated).
@@ -397,9 +411,9 @@ impl<'g> Trainer<'g> {
         self.metrics.path()
     }
 
-    /// Tokens one optimizer step consumes.
+    /// Tokens one optimizer step consumes (samples, for a classifier).
     pub fn tokens_per_step(&self) -> usize {
-        self.batch * self.data.context() * self.train.accumulate
+        self.batch * self.data.targets_per_row() * self.train.accumulate
     }
 
     /// Overwrites one weight on the GPU (the buffer the training plan reads). For tools and tests,
@@ -418,8 +432,7 @@ impl<'g> Trainer<'g> {
         let mut batches = Vec::with_capacity(accumulate);
         for micro in 0..accumulate {
             let batch = batcher.next_train_batch(self.batch);
-            self.exec.write_u32("tokens", &batch.tokens)?;
-            self.exec.write_u32("targets", &batch.targets)?;
+            feed(&self.exec, &batch)?;
             self.write_noise(s, micro)?;
             self.optim.write_micro(micro);
             let (exec, optim) = (&self.exec, &self.optim);
@@ -479,7 +492,15 @@ impl<'g> Trainer<'g> {
                 r.moe = self.moe_metrics()?;
             }
             if eval {
-                r = r.with_val_loss(self.evaluate()?);
+                let e = evaluate_batches(&self.eval, &self.val)?;
+                r = match e.accuracy {
+                    Some(acc) => Record {
+                        val_loss: Some(e.loss),
+                        val_acc: Some(acc),
+                        ..r
+                    },
+                    None => r.with_val_loss(e.loss),
+                };
             }
             self.metrics.write(&r)?;
             self.last = Some(r.clone());
@@ -497,9 +518,7 @@ impl<'g> Trainer<'g> {
     /// first validation batch: (kernel name, seconds) in dispatch order. Leaves the weights, the
     /// optimizer and the batcher untouched.
     pub fn profile_step(&self) -> Result<Vec<(String, f64)>, TrainError> {
-        let batch = &self.val[0];
-        self.exec.write_u32("tokens", &batch.tokens)?;
-        self.exec.write_u32("targets", &batch.targets)?;
+        feed(&self.exec, &self.val[0])?;
         Ok(self.exec.profile()?)
     }
 
@@ -518,12 +537,7 @@ impl<'g> Trainer<'g> {
                     .map(|_| (1.0 + self.jitter * (2.0 * rng.random::<f64>() - 1.0)) as f32)
                     .collect()
             } else {
-                (0..*n)
-                    .map(|_| {
-                        let (u1, u2) = (1.0 - rng.random::<f64>(), rng.random::<f64>());
-                        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-                    })
-                    .collect()
+                (0..*n).map(|_| standard_normal(&mut rng) as f32).collect()
             };
             self.exec.write_f32(name, &values)?;
         }
@@ -567,16 +581,9 @@ impl<'g> Trainer<'g> {
         Ok((!layers.is_empty()).then_some(layers))
     }
 
-    /// Mean validation cross-entropy over the fixed validation batches.
+    /// Mean validation cross-entropy over the fixed validation batches (`val_loss`).
     pub fn evaluate(&self) -> Result<f64, TrainError> {
-        let mut sum = 0.0;
-        for batch in &self.val {
-            self.eval.write_u32("tokens", &batch.tokens)?;
-            self.eval.write_u32("targets", &batch.targets)?;
-            self.eval.run()?;
-            sum += self.eval.read_f32("ce")?[0] as f64;
-        }
-        Ok(sum / self.val.len() as f64)
+        Ok(evaluate_batches(&self.eval, &self.val)?.loss)
     }
 
     /// Writes `checkpoint.safetensors` atomically with everything [`Trainer::new`] needs to resume.
@@ -596,6 +603,10 @@ impl<'g> Trainer<'g> {
         ckpt.put_json(META_OPTIM, self.optim.host_state())?;
         let path = self.checkpoint_path();
         ckpt.save(&path)?;
+        // Where HF transformers computes this spec, `from_pretrained(run_dir)` loads the run.
+        if let Ok(config) = hf_config(&self.spec) {
+            ckpt.save_hf_files(&path, &config)?;
+        }
         Ok(path)
     }
 
@@ -609,8 +620,7 @@ impl<'g> Trainer<'g> {
         let mut culprit: Option<NonFinite> = None;
         if let Some((_, batches)) = self.pending.iter().find(|(s, _)| *s == bad) {
             for batch in batches {
-                self.exec.write_u32("tokens", &batch.tokens)?;
-                self.exec.write_u32("targets", &batch.targets)?;
+                feed(&self.exec, batch)?;
                 culprit = self.exec.first_non_finite()?;
                 if culprit.is_some() {
                     break;
@@ -634,6 +644,65 @@ impl<'g> Trainer<'g> {
             checkpoint,
         })
     }
+}
+
+/// Writes a batch into a plan's data inputs: `tokens` (language models) or `features`
+/// (classifiers), and `targets`.
+pub fn feed(exec: &Executor<'_>, batch: &Batch) -> Result<(), RuntimeError> {
+    match batch {
+        Batch::Tokens { tokens, targets } => {
+            exec.write_u32("tokens", tokens)?;
+            exec.write_u32("targets", targets)
+        }
+        Batch::Samples { features, targets } => {
+            exec.write_f32("features", features)?;
+            exec.write_u32("targets", targets)
+        }
+    }
+}
+
+/// What one evaluation measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Evaluation {
+    /// Mean of the batches' `ce`.
+    pub loss: f64,
+    /// Classifiers: the share of rows whose largest logit (the first, on ties) is their target;
+    /// a row with a NaN logit counts as wrong. `None` for language models.
+    pub accuracy: Option<f64>,
+}
+
+/// Runs a forward executor over `batches` (the trainer's eval and `moec eval`): mean `ce`, and for
+/// sample batches the accuracy read from the `logits` output (`[rows, classes]`).
+pub fn evaluate_batches(
+    exec: &Executor<'_>,
+    batches: &[Batch],
+) -> Result<Evaluation, RuntimeError> {
+    let (mut sum, mut correct, mut rows, mut classifier) = (0.0, 0usize, 0usize, false);
+    for batch in batches {
+        feed(exec, batch)?;
+        exec.run()?;
+        sum += exec.read_f32("ce")?[0] as f64;
+        if let Batch::Samples { targets, .. } = batch {
+            classifier = true;
+            let logits = exec.read_f32("logits")?;
+            let classes = logits.len() / targets.len().max(1);
+            for (row, &target) in logits.chunks_exact(classes.max(1)).zip(targets) {
+                let mut argmax = 0;
+                for (i, &v) in row.iter().enumerate() {
+                    if v > row[argmax] {
+                        argmax = i;
+                    }
+                }
+                let nan = row.iter().any(|v| v.is_nan());
+                correct += usize::from(!nan && argmax == target as usize);
+                rows += 1;
+            }
+        }
+    }
+    Ok(Evaluation {
+        loss: sum / batches.len().max(1) as f64,
+        accuracy: classifier.then(|| correct as f64 / rows.max(1) as f64),
+    })
 }
 
 /// Keeps only the lines of `DIR/metrics.jsonl` up to step `step` (a resumed run re-logs the rest).

@@ -1,9 +1,28 @@
-//! Data sets and the batcher: every error case, file formats, split sizes, determinism and exact
-//! resume of the batcher.
+//! Data sets and the batcher: every error case, file formats (token files, CIFAR-10 batches), split
+//! sizes, determinism of the generators and exact resume of the batcher.
 
 use moec_compiler::spec::{Data, SyntheticKind, TokenDtype};
-use moec_runtime::data::{Batch, Batcher, BatcherState, DataError, Dataset, FINEWEB_MAGIC_U16, FINEWEB_MAGIC_U32};
+use moec_runtime::data::{
+    class_clusters, Batch, Batcher, BatcherState, DataError, Dataset, Samples, TrainData, CIFAR_TEST_FILE, CIFAR_TRAIN_FILES,
+    CLASS_SAMPLES, FINEWEB_MAGIC_U16, FINEWEB_MAGIC_U32,
+};
 use std::path::Path;
+
+/// The tokens and targets of a language-model batch.
+fn lm(batch: &Batch) -> (&[u32], &[u32]) {
+    match batch {
+        Batch::Tokens { tokens, targets } => (tokens, targets),
+        Batch::Samples { .. } => panic!("expected a token batch"),
+    }
+}
+
+/// The features and labels of a classifier batch.
+fn samples(batch: &Batch) -> (&[f32], &[u32]) {
+    match batch {
+        Batch::Samples { features, targets } => (features, targets),
+        Batch::Tokens { .. } => panic!("expected a sample batch"),
+    }
+}
 
 fn tokens(path: &str, dtype: TokenDtype) -> Data {
     Data::Tokens { path: path.into(), dtype }
@@ -182,11 +201,13 @@ fn copy_windows_repeat_their_first_half() {
     // Sequences of 10 tokens: first half 5, then those 5 again; the split is on sequence boundaries.
     assert_eq!(ds.train_tokens().len() % 10, 0);
     assert_eq!(ds.val_tokens().len() % 10, 0);
-    let mut batcher = Batcher::new(&ds, 1);
+    let data = TrainData::Tokens(ds.clone());
+    let mut batcher = Batcher::new(&data, 1);
     let batch = batcher.next_train_batch(8);
+    let (tokens, targets) = lm(&batch);
     for r in 0..8 {
-        let mut seq = batch.tokens[r * 9..(r + 1) * 9].to_vec();
-        seq.push(batch.targets[r * 9 + 8]);
+        let mut seq = tokens[r * 9..(r + 1) * 9].to_vec();
+        seq.push(targets[r * 9 + 8]);
         assert_eq!(seq[..5], seq[5..], "row {r}: {seq:?}");
     }
     // Targets 1..4 are random (4 of 9): optimal loss 4/9 · ln 50.
@@ -194,11 +215,12 @@ fn copy_windows_repeat_their_first_half() {
 }
 
 fn check_shifted(batch: &Batch, rows: usize, context: usize) {
-    assert_eq!(batch.tokens.len(), rows * context);
-    assert_eq!(batch.targets.len(), rows * context);
+    let (tokens, targets) = lm(batch);
+    assert_eq!(tokens.len(), rows * context);
+    assert_eq!(targets.len(), rows * context);
     for r in 0..rows {
         for i in 0..context - 1 {
-            assert_eq!(batch.tokens[r * context + i + 1], batch.targets[r * context + i]);
+            assert_eq!(tokens[r * context + i + 1], targets[r * context + i]);
         }
     }
 }
@@ -206,6 +228,8 @@ fn check_shifted(batch: &Batch, rows: usize, context: usize) {
 #[test]
 fn batcher_is_deterministic_and_resumes_exactly() {
     let ds = Dataset::load(&markov(1), Path::new("."), 128, 16, 0.9).unwrap();
+    let t = ds.train_tokens().to_vec();
+    let ds = TrainData::Tokens(ds);
     let mut a = Batcher::new(&ds, 42);
     let mut b = Batcher::new(&ds, 42);
     let first: Vec<Batch> = (0..3).map(|_| a.next_train_batch(4)).collect();
@@ -214,8 +238,8 @@ fn batcher_is_deterministic_and_resumes_exactly() {
         assert_eq!(*batch, b.next_train_batch(4));
     }
     // Every window comes from the training part: its 17 tokens appear there contiguously.
-    let t = ds.train_tokens();
-    let row: Vec<u32> = first[0].tokens[..16].iter().chain(&first[0].targets[15..16]).copied().collect();
+    let (tokens, targets) = lm(&first[0]);
+    let row: Vec<u32> = tokens[..16].iter().chain(&targets[15..16]).copied().collect();
     assert!(t.windows(17).any(|w| w == row.as_slice()));
 
     let saved = serde_json::to_string(&a.state()).unwrap();
@@ -229,7 +253,7 @@ fn batcher_is_deterministic_and_resumes_exactly() {
     assert_ne!(Batcher::new(&ds, 43).next_train_batch(4), Batcher::new(&ds, 42).next_train_batch(4));
 
     // A state taken on different data is refused.
-    let other = Dataset::load(&markov(1), Path::new("."), 128, 16, 0.8).unwrap();
+    let other = TrainData::Tokens(Dataset::load(&markov(1), Path::new("."), 128, 16, 0.8).unwrap());
     let err = Batcher::new(&other, 42).restore(&state).unwrap_err();
     assert!(matches!(err, DataError::StateMismatch { .. }), "{err}");
 }
@@ -248,8 +272,8 @@ fn val_batches_are_fixed_and_span_the_validation_part() {
     }
     let val = ds.val_tokens();
     // The first window starts at the start of the validation part, the last ends at its end.
-    assert_eq!(v1[0].tokens[..8], val[..8]);
-    assert_eq!(v1[2].targets[8..], val[val.len() - 8..]);
+    assert_eq!(lm(&v1[0]).0[..8], val[..8]);
+    assert_eq!(lm(&v1[2]).1[8..], val[val.len() - 8..]);
 }
 
 #[test]
@@ -258,4 +282,198 @@ fn in_memory_tokens_are_checked_and_split() {
     assert_eq!((ds.train_tokens().len(), ds.val_tokens().len()), (20, 20));
     let err = Dataset::from_tokens(vec![1, 2, 10], "test tokens", 10, 1, 0.5).unwrap_err();
     assert!(err.to_string().starts_with("test tokens: token 10 at position 2"), "{err}");
+}
+
+fn classes(seed: u64) -> Data {
+    Data::Synthetic { kind: SyntheticKind::Classes, seed }
+}
+
+/// Nearest-class-mean accuracy on the validation part with means from the training part: a
+/// linear classifier, the yardstick for "overlapping but learnable".
+fn nearest_mean_accuracy(s: &Samples) -> f64 {
+    let (d, k, cut) = (s.inputs(), s.classes(), s.train_labels().len());
+    let mut means = vec![0.0f64; k * d];
+    let mut counts = vec![0usize; k];
+    for (i, &l) in s.train_labels().iter().enumerate() {
+        counts[l as usize] += 1;
+        for (m, x) in means[l as usize * d..][..d].iter_mut().zip(s.features(i)) {
+            *m += x as f64;
+        }
+    }
+    for (c, &n) in counts.iter().enumerate() {
+        means[c * d..][..d].iter_mut().for_each(|m| *m /= n as f64);
+    }
+    let correct = s
+        .val_labels()
+        .iter()
+        .enumerate()
+        .filter(|(j, &l)| {
+            let x = s.features(cut + j);
+            let dist = |c: usize| -> f64 { means[c * d..][..d].iter().zip(&x).map(|(m, &v)| (m - v as f64).powi(2)).sum() };
+            (0..k).min_by(|&a, &b| dist(a).total_cmp(&dist(b))) == Some(l as usize)
+        })
+        .count();
+    correct as f64 / s.val_labels().len() as f64
+}
+
+#[test]
+fn synthetic_classes_are_deterministic_split_and_learnable() {
+    let here = Path::new(".");
+    let a = Samples::load(&classes(3), here, 32, 10, 0.9).unwrap();
+    let b = Samples::load(&classes(3), here, 32, 10, 0.9).unwrap();
+    let c = Samples::load(&classes(4), here, 32, 10, 0.9).unwrap();
+    // Positional split of CLASS_SAMPLES samples.
+    assert_eq!(CLASS_SAMPLES, 20_000);
+    assert_eq!((a.train_labels().len(), a.val_labels().len()), (18_000, 2_000));
+    assert_eq!(a.train_labels(), b.train_labels());
+    assert_eq!(a.features(123), b.features(123));
+    assert_eq!(a.features(19_999), b.features(19_999));
+    assert_ne!(a.features(0), c.features(0));
+    assert_eq!(a.features(0).len(), 32);
+    // The generator itself: the same seed gives the same arrays, and the data set is exactly them.
+    let (f, l) = class_clusters(32, 10, CLASS_SAMPLES, 3);
+    assert_eq!(l[..18_000], *a.train_labels());
+    assert_eq!(f[18_000 * 32..18_001 * 32], a.features(18_000)[..]);
+    // Labels uniform over the 10 classes: each within 5 standard deviations of 2000 (sd ≈ 42).
+    let mut counts = [0usize; 10];
+    l.iter().for_each(|&c| counts[c as usize] += 1);
+    assert!(counts.iter().all(|&n| n.abs_diff(2_000) < 212), "{counts:?}");
+    assert!((a.label_entropy() - 10f64.ln()).abs() < 0.01, "{}", a.label_entropy());
+    // Features have unit variance by construction ((1 + σ²) / (1 + σ²) in expectation; the 40
+    // centres are a small sample of N(0, 1), so the tolerance is loose).
+    let var = f.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / f.len() as f64;
+    assert!((var - 1.0).abs() < 0.15, "E[x²] = {var}");
+    // Overlapping but learnable: a linear classifier is far above chance (10%) and far below 100%.
+    let acc = nearest_mean_accuracy(&a);
+    eprintln!("synthetic classes (32 inputs, 10 classes): nearest-class-mean accuracy {acc:.3}");
+    assert!((0.3..0.9).contains(&acc), "nearest-mean accuracy {acc}");
+
+    let err = Samples::load(&classes(3), here, 32, 10, 1.0).unwrap_err();
+    assert!(matches!(err, DataError::EmptyPart { part: "validation", .. }), "{err}");
+    let err = Samples::load(&classes(3), here, 32, 1, 0.9).unwrap_err();
+    assert!(err.to_string().contains("classes = 1"), "{err}");
+    let err = Samples::load(&markov(1), here, 32, 10, 0.9).unwrap_err();
+    assert!(matches!(err, DataError::NotForClassifier { .. }) && err.to_string().contains("synthetic(kind = markov)"), "{err}");
+}
+
+#[test]
+fn sample_batches_are_fixed_seeded_and_resume_exactly() {
+    let s = Samples::load(&classes(1), Path::new("."), 4, 3, 0.9).unwrap();
+    let cut = s.train_labels().len();
+    let val = s.val_batches(5, 2);
+    assert_eq!(val, s.val_batches(5, 2));
+    let (features, labels) = samples(&val[0]);
+    assert_eq!((features.len(), labels.len()), (20, 5));
+    // The first validation row is the first validation sample; the last row the last one.
+    assert_eq!(features[..4], s.features(cut)[..]);
+    assert_eq!(labels[0], s.val_labels()[0]);
+    assert_eq!(samples(&val[1]).0[16..], s.features(CLASS_SAMPLES - 1)[..]);
+
+    let data = TrainData::Samples(s.clone());
+    assert_eq!((data.train_len(), data.val_len(), data.targets_per_row(), data.unit()), (18_000, 2_000, 1, "samples"));
+    let mut a = Batcher::new(&data, 9);
+    let first = a.next_train_batch(6);
+    assert_eq!(first, Batcher::new(&data, 9).next_train_batch(6));
+    assert_ne!(first, Batcher::new(&data, 10).next_train_batch(6));
+    // Every row is a training sample, features and label together.
+    let (features, labels) = samples(&first);
+    for (row, &label) in features.chunks(4).zip(labels) {
+        let i = (0..cut).find(|&i| s.features(i) == row).expect("a training sample");
+        assert_eq!(s.train_labels()[i], label);
+    }
+    let state = a.state();
+    assert_eq!(state.train_tokens, 18_000);
+    let expected: Vec<Batch> = (0..3).map(|_| a.next_train_batch(6)).collect();
+    let mut resumed = Batcher::new(&data, 0);
+    resumed.restore(&state).unwrap();
+    for batch in &expected {
+        assert_eq!(*batch, resumed.next_train_batch(6));
+    }
+}
+
+/// Writes one CIFAR-10 batch file: record `r` has label `labels[r]` and pixel `k` = (r·7 + k) mod 256.
+fn write_cifar(path: &Path, labels: &[u8]) {
+    let mut bytes = Vec::new();
+    for (r, &l) in labels.iter().enumerate() {
+        bytes.push(l);
+        bytes.extend((0..3072).map(|k| ((r * 7 + k) % 256) as u8));
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn cifar_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("c")).unwrap();
+    for (i, f) in CIFAR_TRAIN_FILES.iter().enumerate() {
+        write_cifar(&dir.path().join("c").join(f), &[i as u8, 9 - i as u8]);
+    }
+    write_cifar(&dir.path().join("c").join(CIFAR_TEST_FILE), &[7, 0, 3]);
+    dir
+}
+
+#[test]
+fn cifar10_batches_read_with_their_own_split_and_scaled_pixels() {
+    let dir = cifar_dir();
+    let data = Data::Cifar10 { dir: "c".into() };
+    // `split` does not apply: the five data batches train, the test batch validates.
+    let s = Samples::load(&data, dir.path(), 3072, 10, 0.5).unwrap();
+    assert_eq!(s.train_labels(), &[0, 9, 1, 8, 2, 7, 3, 6, 4, 5]);
+    assert_eq!(s.val_labels(), &[7, 0, 3]);
+    // Pixels are byte / 255: record 1 of data_batch_1 starts at byte 7; byte 255 is exactly 1.
+    let x = s.features(1);
+    assert_eq!(x.len(), 3072);
+    assert_eq!(x[0], 7.0 / 255.0);
+    assert_eq!(x[248], 1.0);
+    assert_eq!(x[249], 0.0);
+    assert_eq!(s.features(10)[5], 5.0 / 255.0);
+    assert!(s.description().contains("cifar10"), "{}", s.description());
+    let val = s.val_batches(3, 1);
+    let (features, labels) = samples(&val[0]);
+    assert_eq!(labels, &[7, 0, 3]);
+    assert_eq!(features[3072 + 1], 8.0 / 255.0);
+}
+
+#[test]
+fn cifar10_errors_name_the_problem() {
+    let dir = cifar_dir();
+    let data = Data::Cifar10 { dir: "c".into() };
+    let err = Samples::load(&data, dir.path(), 3000, 10, 0.9).unwrap_err();
+    assert!(err.to_string().contains("inputs = 3000") && err.to_string().contains("inputs = 3072"), "{err}");
+    let err = Samples::load(&data, dir.path(), 3072, 100, 0.9).unwrap_err();
+    assert!(err.to_string().contains("classes = 100") && err.to_string().contains("classes = 10"), "{err}");
+    let err = Samples::load(&Data::Cifar10 { dir: "nowhere".into() }, dir.path(), 3072, 10, 0.9).unwrap_err();
+    assert!(matches!(err, DataError::CifarMissing { .. }) && err.to_string().contains("data_batch_1.bin, data_batch_2.bin"), "{err}");
+
+    std::fs::remove_file(dir.path().join("c").join(CIFAR_TEST_FILE)).unwrap();
+    let err = Samples::load(&data, dir.path(), 3072, 10, 0.9).unwrap_err();
+    assert!(err.to_string().contains("lacks test_batch.bin;"), "{err}");
+
+    write_cifar(&dir.path().join("c").join(CIFAR_TEST_FILE), &[1, 10]);
+    let err = Samples::load(&data, dir.path(), 3072, 10, 0.9).unwrap_err();
+    assert!(matches!(err, DataError::LabelOutOfRange { value: 10, position: 11, .. }), "{err}");
+
+    let bad = dir.path().join("c").join(CIFAR_TRAIN_FILES[2]);
+    std::fs::write(&bad, vec![0u8; 3073 * 2 - 1]).unwrap();
+    let err = Samples::load(&data, dir.path(), 3072, 10, 0.9).unwrap_err();
+    assert!(matches!(err, DataError::CifarRecords { bytes: 6145, .. }) && err.to_string().contains("data_batch_3.bin"), "{err}");
+
+    let err = Samples::load(&Data::Text { path: "t.txt".into() }, dir.path(), 3072, 10, 0.9).unwrap_err();
+    assert!(matches!(err, DataError::NotForClassifier { .. }), "{err}");
+}
+
+#[test]
+fn train_data_follows_the_model_family() {
+    let check = |text: &str| moec_compiler::check::check(text, Path::new("spec.moe")).unwrap();
+    let mlp = check("model c {\n family = mlp; inputs = 8; classes = 3; dim = 16; layers = 1\n}\ntrain { data = synthetic(kind = classes, seed = 2); batch = 4; steps = 3 }\n");
+    let train = mlp.train.as_ref().unwrap();
+    let data = TrainData::load(&train.data, Path::new("."), &mlp.model, train.split).unwrap();
+    assert!(matches!(&data, TrainData::Samples(s) if s.inputs() == 8 && s.classes() == 3));
+    assert_eq!(data.description(), "synthetic(kind = classes, seed = 2)");
+    assert!(data.conditional_entropy().is_none());
+    assert!((data.unigram_entropy() - 3f64.ln()).abs() < 0.01);
+
+    let mut model = mlp.model.clone();
+    model.classes = None;
+    let err = TrainData::load(&train.data, Path::new("."), &model, train.split).unwrap_err();
+    assert_eq!(err.to_string(), "the `mlp` model has no `classes`, which its data needs");
 }
