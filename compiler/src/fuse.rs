@@ -23,6 +23,10 @@
 //!   an elementwise, reduction or softmax node (a reduction over a non-last axis is lowered as
 //!   permute + last-axis reduce) is never materialised: each consuming group reads its source in place
 //!   through permuted strides.
+//! - **Permute epilogues**: a `Permute` of a value computed by an elementwise or matmul group (the
+//!   attention context `[B, H, T, D] → [B, T, H, D]` and its adjoints) joins that group, which writes
+//!   the value straight to its permuted position instead of materialising it for a copy kernel.
+//!   Members never read such a permute (its value is not indexed by the group's domain).
 //! - Everything else is its own [`GroupKind::Single`] group.
 //!
 //! A node with users outside its group (or that is a graph output) is materialised: it is listed in
@@ -302,6 +306,7 @@ impl State<'_> {
         let args = g.inputs(n);
         let candidates: Vec<usize> = match &node.op {
             op if is_elementwise(op) => args.iter().filter_map(|a| self.group_of.get(a).copied()).collect(),
+            Op::Permute { .. } => self.group_of.get(&base(g, args[0])).copied().into_iter().collect(),
             Op::Reduce(_) | Op::Softmax { .. } => args.iter().take(1).filter_map(|a| self.group_of.get(a).copied()).collect(),
             _ => Vec::new(),
         };
@@ -329,7 +334,15 @@ impl State<'_> {
         let b = &self.groups[gi];
         let node = self.graph.node(n);
         let shape = &node.ty.shape;
+        // An epilogue permute's value is not indexed by the domain: no member may read it.
+        if self.graph.inputs(n).iter().any(|&a| self.is_epilogue_permute(gi, base(self.graph, a))) {
+            return false;
+        }
         match &node.op {
+            Op::Permute { .. } => {
+                let x = base(self.graph, self.graph.inputs(n)[0]);
+                matches!(b.kind, GroupKind::Elementwise | GroupKind::Matmul) && self.group_of.get(&x) == Some(&gi) && self.graph.ty(x).shape == b.domain
+            }
             op if is_elementwise(op) => match b.kind {
                 GroupKind::Elementwise => *shape == b.domain,
                 // A reduction prologue (`square` before `mean`) is better recomputed inside the row
@@ -347,6 +360,11 @@ impl State<'_> {
         }
     }
 
+    /// Is `p` a permute epilogue of group `gi` (a member permute of a member's value)?
+    fn is_epilogue_permute(&self, gi: usize, p: NodeId) -> bool {
+        matches!(self.graph.node(p).op, Op::Permute { .. }) && self.group_of.get(&p) == Some(&gi)
+    }
+
     /// Is `n` an operand of a reduction or softmax (which would start a row kernel)?
     fn feeds_row_op(&self, n: NodeId) -> bool {
         self.graph.users(n).iter().any(|&u| matches!(self.graph.node(u).op, Op::Reduce(_) | Op::Softmax { .. }))
@@ -357,11 +375,14 @@ impl State<'_> {
     /// of a member (a buffer the same dispatch is still writing).
     fn creates_cycle(&self, gi: usize, n: NodeId) -> bool {
         let mut stack: Vec<usize> = Vec::new();
+        // A permute epilogue takes its operand's value from the member, not from the buffer.
+        let computes_from_member = matches!(self.graph.node(n).op, Op::Permute { .. });
         for a in self.graph.inputs(n) {
             if self.group_of.get(&a) == Some(&gi) {
                 continue;
             }
             match self.group_of.get(&self.producer(a)) {
+                Some(&h) if h == gi && computes_from_member => {}
                 Some(&h) if h == gi => return true,
                 Some(&h) => stack.push(h),
                 None => {}
@@ -405,7 +426,7 @@ impl State<'_> {
         let mut outputs = BTreeSet::new();
         for m in nodes {
             for a in self.graph.inputs(m) {
-                if !members.contains(&a) {
+                if !members.contains(&a) && !members.contains(&self.producer(a)) {
                     inputs.insert(self.producer(a));
                 }
             }
@@ -447,7 +468,7 @@ impl State<'_> {
             let mut inputs = Vec::new();
             for &m in &nodes {
                 for a in g.inputs(m) {
-                    if !members.contains(&a) && !inputs.contains(&a) {
+                    if !members.contains(&a) && !members.contains(&self.producer(a)) && !inputs.contains(&a) {
                         inputs.push(a);
                     }
                 }

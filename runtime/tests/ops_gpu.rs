@@ -477,6 +477,29 @@ fn elementwise_and_row_kernels_read_permuted_operands_in_place() {
 }
 
 #[test]
+fn matmul_and_elementwise_groups_write_permuted_outputs() {
+    let mut g = Graph::new();
+    // Attention's context: [B, H, T, D] → [B, T, H, D] through a view with a size-1 axis.
+    let probs = g.input("probs", TensorType::f32(&[2, 3, 5, 5]));
+    let v = g.input("v", TensorType::f32(&[2, 3, 5, 4]));
+    let ctx = add(&mut g, Op::MatMul { trans_b: false }, &[probs, v], "ctx");
+    let ctx5 = add(&mut g, Op::Reshape { shape: vec![2, 3, 1, 5, 4] }, &[ctx], "ctx5");
+    let unstack = add(&mut g, Op::Permute { perm: vec![0, 3, 1, 2, 4] }, &[ctx5], "unstack");
+    // An elementwise value both permuted and used as it is.
+    let x = g.input("x", TensorType::f32(&[7, 6]));
+    let e = add(&mut g, Op::Unary(UnaryOp::Exp), &[x], "e");
+    let et = add(&mut g, Op::Permute { perm: vec![1, 0] }, &[e], "et");
+    let doubled = add(&mut g, Op::Binary(BinaryOp::Add), &[e, e], "doubled");
+    for (name, id) in [("unstack", unstack), ("et", et), ("doubled", doubled)] {
+        g.set_output(name, id);
+    }
+    let t = target(MatmulVariant::RegisterBlocked);
+    let fused = fuse(&g, FuseOptions::for_target(&t));
+    assert_eq!(fused.len(), 2, "both permutes are epilogues:\n{}", fused.dump(&g));
+    check(&g, &feeds(&g, 19, &[]));
+}
+
+#[test]
 fn routing_variants_capacity_priority_expert_choice_sinkhorn() {
     let (t, k, e) = (19, 2, 4);
     let mut g = Graph::new();

@@ -245,6 +245,30 @@ fn strided_index(domain: &[usize], shape: &[usize], strides: &[usize], lin: &str
     }
 }
 
+/// Linear index, in `permute(x, perm)`, of the element at linear index `lin` of `x` (shape `shape`).
+fn permuted_index(shape: &[usize], perm: &[usize], lin: &str) -> String {
+    let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+    let out_stride = |i: usize| -> usize { out_shape[i + 1..].iter().product() };
+    let mut terms = Vec::new();
+    let mut rest = 1usize;
+    for j in (0..shape.len()).rev() {
+        if shape[j] > 1 {
+            let mut coord = if rest == 1 { lin.to_string() } else { format!("({lin} / {rest}u)") };
+            if j > 0 {
+                coord = format!("({coord} % {}u)", shape[j]);
+            }
+            let stride = out_stride(perm.iter().position(|&p| p == j).unwrap_or(j));
+            terms.push(if stride == 1 { coord } else { format!("{coord} * {stride}u") });
+        }
+        rest *= shape[j];
+    }
+    if terms.is_empty() {
+        "0u".into()
+    } else {
+        terms.join(" + ")
+    }
+}
+
 /// Walks group nodes into `let` statements; operands not in `env` are loaded with broadcasting.
 ///
 /// Values are named by their position in the group, not by graph node id, so the same computation
@@ -266,6 +290,18 @@ impl<'g> Walker<'g> {
 
     fn var(&self, n: NodeId) -> String {
         format!("v{}", self.id(n))
+    }
+
+    /// The statement that writes materialised member `o` at domain index `lin` into `name`; a permute
+    /// epilogue writes its operand's value at the permuted position.
+    fn store(&self, graph: &Graph, name: &str, o: NodeId, lin: &str) -> String {
+        match &graph.node(o).op {
+            Op::Permute { perm } => {
+                let x = graph.inputs(o)[0];
+                format!("{name}[{}] = {};", permuted_index(&graph.ty(x).shape, perm, lin), self.var(base(graph, x)))
+            }
+            _ => format!("{name}[{lin}] = {};", self.var(o)),
+        }
     }
 
     fn operand(&self, b: &mut Binder, env: &HashMap<NodeId, String>, q: NodeId, domain: &[usize], lin: &str) -> String {
@@ -323,7 +359,7 @@ fn elementwise_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<K
     }
     for &o in &group.outputs {
         let name = b.write(o);
-        let _ = writeln!(body, "    {name}[i] = {};", walker.var(o));
+        let _ = writeln!(body, "    {}", walker.store(graph, &name, o, "i"));
     }
     body.push_str("}\n");
     let grid = fold(total.div_ceil(wg as usize) as u64, target)?;
@@ -585,7 +621,7 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
     }
     for &o in &group.outputs {
         let name = b.write(o);
-        let _ = writeln!(store, "    {name}[lin] = {};", walker.var(o));
+        let _ = writeln!(store, "    {}", walker.store(graph, &name, o, "lin"));
     }
     store.push_str("}\n\n");
 
