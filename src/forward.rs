@@ -1,14 +1,22 @@
-//! `moec forward`: one seeded batch through the compiled kernels on the GPU and through the reference
+//! `moec forward`: one batch through the compiled kernels on the GPU and through the reference
 //! interpreter, side by side. The quickest way to see that a spec compiles and runs correctly on the
 //! adapter at hand.
+//!
+//! The weights are a spec's seeded initialisation, or a checkpoint's (`--checkpoint`); the batch is
+//! seeded random data, or one row of given token ids (`--tokens`). `--dump-logits` writes the GPU's
+//! logits as a NumPy `.npy` file, which is how `scripts/hf_parity.py` compares moec with an
+//! independent HF Mixtral forward pass.
 
-use crate::{compile, Loaded};
-use miette::{IntoDiagnostic, Result};
+use crate::eval::Model;
+use crate::{batch_of, compile, Loaded};
+use miette::{Context, IntoDiagnostic, Result};
 use moec_compiler::interp::{self, Value};
 use moec_compiler::ir::Graph;
+use moec_compiler::spec::Spec;
 use moec_runtime::{Executor, Gpu};
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Random token ids for every u32 input of the graph, uniform features for every f32 input.
@@ -33,23 +41,81 @@ pub fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs() / (y.abs() + 1e-3)).fold(0.0, f32::max)
 }
 
-pub fn run(loaded: &Loaded, batch: usize, seed: u64, fusion: bool, profile: bool, gpu: &Gpu) -> Result<()> {
-    let started = Instant::now();
-    let compiled = compile(&loaded.spec, batch, &gpu.target(), fusion)?;
-    let params = interp::init_params(&compiled.graph, seed);
-    let vocab = loaded.spec.model.vocab.or(loaded.spec.model.classes).unwrap_or(2);
-    let feeds = random_feeds(&compiled.graph, vocab, seed);
+/// Where the weights come from.
+pub enum Source<'a> {
+    /// A spec, with `init_params`' seeded initialisation.
+    Spec(&'a Loaded),
+    /// A checkpoint (file or run directory): its spec text and weights, fed as `moec eval` feeds them.
+    Checkpoint(&'a Path),
+}
 
-    let exec = Executor::new(gpu, &compiled.plan).into_diagnostic()?;
-    for (name, values) in &params {
-        exec.write_f32(name, values).into_diagnostic()?;
-    }
-    for (name, value) in &feeds {
-        match value {
-            Value::U32(ids) => exec.write_u32(name, ids).into_diagnostic()?,
-            other => exec.write_f32(name, &other.to_f32()).into_diagnostic()?,
+/// What `moec forward` was asked beyond the model.
+pub struct Args {
+    pub batch: Option<usize>,
+    pub seed: u64,
+    pub fusion: bool,
+    pub profile: bool,
+    /// One row of token ids instead of the seeded random tokens (the batch is then 1).
+    pub tokens: Option<Vec<u32>>,
+    /// Where to write the GPU's `logits` as `.npy`.
+    pub dump_logits: Option<PathBuf>,
+}
+
+/// The graph inputs that carry the batch; every other input is model state (router state, noise).
+const BATCH_INPUTS: [&str; 3] = ["tokens", "features", "targets"];
+
+pub fn run(source: Source<'_>, args: &Args, gpu: &Gpu) -> Result<()> {
+    let started = Instant::now();
+    let checkpoint_model;
+    let (spec, model) = match source {
+        Source::Spec(loaded) => (&loaded.spec, None),
+        Source::Checkpoint(path) => {
+            checkpoint_model = Model::load(path)?;
+            (&checkpoint_model.spec, Some(&checkpoint_model))
         }
+    };
+    let batch = if args.tokens.is_some() { 1 } else { batch_of(spec, args.batch) };
+    let compiled = compile(spec, batch, &gpu.target(), args.fusion)?;
+    let vocab = spec.model.vocab.or(spec.model.classes).unwrap_or(2);
+    let mut feeds = random_feeds(&compiled.graph, vocab, args.seed);
+    if let Some(ids) = &args.tokens {
+        feeds.insert("tokens".into(), Value::U32(token_row(spec, ids)?));
     }
+
+    // The interpreter gets exactly what the GPU holds: with a checkpoint, the weights and state
+    // inputs `Model::executor` wrote are read back rather than reloaded.
+    let (exec, params) = match model {
+        None => {
+            let exec = Executor::new(gpu, &compiled.plan).into_diagnostic()?;
+            let params = interp::init_params(&compiled.graph, args.seed);
+            for (name, values) in &params {
+                exec.write_f32(name, values).into_diagnostic()?;
+            }
+            for (name, value) in &feeds {
+                write_feed(&exec, name, value)?;
+            }
+            (exec, params)
+        }
+        Some(model) => {
+            let exec = model.executor(gpu, batch, args.fusion)?;
+            for (_, name, ty) in compiled.graph.data_inputs() {
+                if BATCH_INPUTS.contains(&name.as_str()) {
+                    write_feed(&exec, &name, &feeds[&name])?;
+                } else {
+                    let mut data = exec.read_f32(&name).into_diagnostic()?;
+                    data.truncate(ty.numel());
+                    feeds.insert(name, Value::F32(data));
+                }
+            }
+            let mut params = HashMap::new();
+            for (_, name, ty) in compiled.graph.params() {
+                let mut data = exec.read_f32(&name).into_diagnostic()?;
+                data.truncate(ty.numel());
+                params.insert(name, data);
+            }
+            (exec, params)
+        }
+    };
     let compiled_in = started.elapsed();
     // The first run includes the driver's lazy shader compilation; the steady state is what a
     // training step costs.
@@ -61,7 +127,7 @@ pub fn run(loaded: &Loaded, batch: usize, seed: u64, fusion: bool, profile: bool
         gpu_times.push(t0.elapsed());
     }
 
-    if profile {
+    if args.profile {
         let mut times = exec.profile().into_diagnostic()?;
         let total: f64 = times.iter().map(|(_, t)| t).sum();
         times.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -79,7 +145,7 @@ pub fn run(loaded: &Loaded, batch: usize, seed: u64, fusion: bool, profile: bool
 
     println!(
         "{} on {}: {} dispatches, {} kernels (compiled in {:.2?}); GPU forward {:.2?} first, {:.2?} warm; interpreter {:.2?}",
-        loaded.spec.name,
+        spec.name,
         gpu.info,
         compiled.plan.dispatches.len(),
         compiled.plan.kernels.len(),
@@ -100,8 +166,102 @@ pub fn run(loaded: &Loaded, batch: usize, seed: u64, fusion: bool, profile: bool
             println!("  {name:<10} {} values, max rel diff {diff:.1e}", ours.len());
         }
     }
+    if let Some(path) = &args.dump_logits {
+        dump_logits(&exec, &compiled.graph, args.tokens.as_ref().map(Vec::len), path)?;
+    }
     if worst > 1e-3 {
         miette::bail!("GPU and interpreter disagree (max rel diff {worst:.1e} > 1e-3)");
     }
     Ok(())
+}
+
+fn write_feed(exec: &Executor<'_>, name: &str, value: &Value) -> Result<()> {
+    match value {
+        Value::U32(ids) => exec.write_u32(name, ids).into_diagnostic(),
+        other => exec.write_f32(name, &other.to_f32()).into_diagnostic(),
+    }
+}
+
+/// `ids` as the `tokens` input of a batch of one: padded with 0 to the context. Attention is
+/// causal, so the padding never changes the logits of the given positions.
+fn token_row(spec: &Spec, ids: &[u32]) -> Result<Vec<u32>> {
+    let (Some(vocab), Some(context)) = (spec.model.vocab, spec.model.context) else {
+        miette::bail!("--tokens needs a token language model; `{}` has no vocab and context", spec.name);
+    };
+    if spec.model.bidirectional {
+        miette::bail!("--tokens pads the row to the context, which changes a bidirectional model's logits");
+    }
+    if ids.is_empty() || ids.len() > context {
+        miette::bail!("--tokens takes 1 to {context} ids (the context), not {}", ids.len());
+    }
+    if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+        miette::bail!("token {bad} is outside the model's vocab of {vocab}");
+    }
+    let mut row = ids.to_vec();
+    row.resize(context, 0);
+    Ok(row)
+}
+
+/// Writes the GPU's `logits` output to `path` as `.npy`: its graph shape, or `[given, vocab]` (the
+/// rows of the given tokens) with `--tokens`.
+fn dump_logits(exec: &Executor<'_>, graph: &Graph, given: Option<usize>, path: &Path) -> Result<()> {
+    let id = graph
+        .outputs
+        .iter()
+        .find(|(name, _)| name == "logits")
+        .map(|(_, id)| *id)
+        .ok_or_else(|| miette::miette!("the model has no `logits` output to dump"))?;
+    let mut shape = graph.g[id].ty.shape.clone();
+    let mut logits = exec.read_f32("logits").into_diagnostic()?;
+    logits.truncate(shape.iter().product());
+    if let Some(rows) = given {
+        let width = shape.last().copied().unwrap_or(1);
+        logits.truncate(rows * width);
+        shape = vec![rows, width];
+    }
+    std::fs::write(path, npy_f32(&shape, &logits)).into_diagnostic().wrap_err_with(|| format!("cannot write `{}`", path.display()))?;
+    println!("wrote logits {shape:?} to {}", path.display());
+    Ok(())
+}
+
+/// `data` as a NumPy `.npy` file (format 1.0, little-endian f32, C order), which `numpy.load` reads.
+fn npy_f32(shape: &[usize], data: &[f32]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
+    let tuple = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {tuple}, }}");
+    // Magic (6 bytes), version (2) and header length (2), then the header ending in '\n', padded
+    // with spaces so the data starts on a 64-byte boundary, as the format asks.
+    let unpadded = 10 + header.len() + 1;
+    header.push_str(&" ".repeat(unpadded.next_multiple_of(64) - unpadded));
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend(data.iter().flat_map(|v| v.to_le_bytes()));
+    bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The header text of an `.npy` file and where its data starts.
+    fn header(bytes: &[u8]) -> (&str, usize) {
+        let len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+        (std::str::from_utf8(&bytes[10..10 + len]).unwrap(), 10 + len)
+    }
+
+    #[test]
+    fn npy_header_is_aligned_and_data_follows_it() {
+        let bytes = npy_f32(&[2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, -0.5]);
+        assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00");
+        let (text, start) = header(&bytes);
+        assert_eq!(start % 64, 0);
+        assert!(text.starts_with("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }"), "{text}");
+        assert!(text.ends_with('\n'));
+        let data: Vec<f32> = bytes[start..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        assert_eq!(data, [1.0, 2.0, 3.0, 4.0, 5.0, -0.5]);
+        // A Python 1-tuple needs its trailing comma.
+        assert!(header(&npy_f32(&[4], &[0.0; 4])).0.contains("'shape': (4,), }"));
+    }
 }

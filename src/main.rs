@@ -67,9 +67,22 @@ enum Command {
     /// Run the forward pass of a spec on the GPU for one seeded batch and compare it with the
     /// reference interpreter.
     Forward {
-        spec: PathBuf,
-        #[arg(long)]
+        /// The spec; its weights are the seeded initialisation.
+        #[arg(required_unless_present = "checkpoint", conflicts_with = "checkpoint")]
+        spec: Option<PathBuf>,
+        /// Run a checkpoint (a `checkpoint.safetensors` or its run directory) instead: its spec and weights.
+        #[arg(long, value_name = "CKPT")]
+        checkpoint: Option<PathBuf>,
+        #[arg(long, conflicts_with = "tokens")]
         batch: Option<usize>,
+        /// One row of comma-separated token ids instead of the seeded random batch (at most the
+        /// context; padded with 0, which causal attention never lets the given positions see).
+        #[arg(long, value_delimiter = ',', value_name = "IDS")]
+        tokens: Option<Vec<u32>>,
+        /// Write the GPU's logits to FILE as NumPy .npy (f32, [positions, vocab]; only the given
+        /// positions with --tokens), e.g. for scripts/hf_parity.py.
+        #[arg(long, value_name = "FILE")]
+        dump_logits: Option<PathBuf>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         #[arg(long)]
@@ -269,10 +282,16 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
-        Command::Forward { spec, batch, seed, no_fuse, profile, adapter } => {
-            let loaded = load(&spec)?;
+        Command::Forward { spec, checkpoint, batch, tokens, dump_logits, seed, no_fuse, profile, adapter } => {
+            let args = forward::Args { batch, seed, fusion: !no_fuse, profile, tokens, dump_logits };
+            let loaded = spec.as_deref().map(load).transpose()?;
+            let source = match (&loaded, &checkpoint) {
+                (Some(loaded), _) => forward::Source::Spec(loaded),
+                (None, Some(path)) => forward::Source::Checkpoint(path),
+                (None, None) => miette::bail!("give a spec or --checkpoint"),
+            };
             let gpu = adapter.open()?;
-            forward::run(&loaded, batch_of(&loaded.spec, batch), seed, !no_fuse, profile, &gpu)
+            forward::run(source, &args, &gpu)
         }
         Command::Train { spec, out, resume, steps, no_fuse, profile, adapter } => {
             let loaded = load(&spec)?;

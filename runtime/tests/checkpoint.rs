@@ -1,6 +1,6 @@
 //! Checkpoints: safetensors round trip, HF split/stack of expert params, atomic writes, spec diffs.
 
-use moec_runtime::checkpoint::{diff_specs, from_hf, to_hf, Checkpoint, CheckpointError};
+use moec_runtime::checkpoint::{diff_specs, from_hf, hf_config, to_hf, Checkpoint, CheckpointError, HF_CONFIG_FILE, HF_INDEX_FILE};
 use moec_runtime::data::BatcherState;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::BTreeMap;
@@ -190,4 +190,74 @@ fn spec_diff_names_lines() {
     let many_b: String = (0..40).map(|i| format!("b{i}\n")).collect();
     let d = diff_specs(&many_a, &many_b).unwrap();
     assert!(d.ends_with("... and 68 more differing lines"), "{d}");
+}
+
+/// `specs/mixtral.moe` with `edit` applied to its text (synthetic data, so checking reads no file).
+fn mixtral_with(edit: (&str, &str)) -> moec_compiler::spec::Spec {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../specs/mixtral.moe");
+    let source = std::fs::read_to_string(&path).unwrap();
+    assert!(source.contains(edit.0), "mixtral.moe has no `{}`", edit.0);
+    moec_compiler::check::check(&source.replace(edit.0, edit.1), &path).unwrap()
+}
+
+#[test]
+fn hf_config_of_mixtral_spec_is_a_mixtral_config() {
+    let config = hf_config(&mixtral_with(("", ""))).unwrap();
+    let expected = serde_json::json!({
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+        "vocab_size": 256, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "hidden_act": "silu",
+        "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": false, "num_local_experts": 8, "num_experts_per_tok": 2,
+        "router_jitter_noise": 0.0, "router_aux_loss_coef": 0.005, "output_router_logits": false,
+        "sliding_window": null, "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": true,
+        "bos_token_id": null, "eos_token_id": null, "pad_token_id": null, "torch_dtype": "float32",
+    });
+    assert_eq!(config, expected);
+
+    let dense = hf_config(&mixtral_with(("experts = 8", "experts = 0"))).unwrap();
+    assert_eq!(dense["architectures"][0], "LlamaForCausalLM");
+    // The default dense FFN: swiglu with 8·128/3 rounded up to a multiple of 64.
+    assert_eq!(dense["intermediate_size"], 384);
+    assert_eq!(dense["num_key_value_heads"], 2);
+    assert!(dense.get("num_local_experts").is_none());
+}
+
+#[test]
+fn hf_config_refuses_what_mixtral_does_not_compute() {
+    for (edit, what) in [
+        (("norm = rmsnorm", "norm = layernorm"), "norm = layernorm"),
+        (("gate = softmax(renorm = true)", "gate = softmax(renorm = false)"), "gate = Softmax { renorm: false }"),
+        (("gate = softmax(renorm = true)", "gate = sigmoid"), "gate = Sigmoid"),
+        (("expert = swiglu(hidden = 256)", "expert = gelu(hidden = 256)"), "expert = Gelu"),
+        (("capacity = dropless", "capacity = factor(1.25, drop = position)"), "capacity factor"),
+        (("balance = aux(0.01)", "balance = bias(rate = 0.001) + aux(0.01)"), "bias balancing"),
+        (("experts = 8", "experts = 8\n    every = 2"), "MoE on 1 of 2 blocks"),
+    ] {
+        let err = hf_config(&mixtral_with(edit)).unwrap_err();
+        assert!(matches!(err, CheckpointError::NotHf(_)), "{edit:?}: {err}");
+        assert!(err.to_string().contains(what), "{edit:?}: {err}");
+    }
+}
+
+#[test]
+fn hf_files_point_every_weight_at_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("checkpoint.safetensors");
+    let ck = sample();
+    ck.save(&path).unwrap();
+    let config = serde_json::json!({ "model_type": "mixtral" });
+    ck.save_hf_files(&path, &config).unwrap();
+    let read = |name: &str| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(dir.path().join(name)).unwrap()).unwrap() };
+    assert_eq!(read(HF_CONFIG_FILE), config);
+    let index = read(HF_INDEX_FILE);
+    let map = index["weight_map"].as_object().unwrap();
+    // The model weights, split per expert as in the file; no optimizer or router state.
+    let expected: Vec<&str> = ck.tensors.keys().map(String::as_str).filter(|n| n.starts_with("model.")).collect();
+    assert_eq!(map.keys().map(String::as_str).collect::<Vec<_>>(), expected);
+    assert!(map.values().all(|v| v == "checkpoint.safetensors"));
+    // 20 + 3·(8 + 8) + 12 f32 values.
+    assert_eq!(index["metadata"]["total_size"], (20 + 48 + 12) * 4);
+    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert_eq!(names.len(), 3, "no temporary files left: {names:?}");
 }
