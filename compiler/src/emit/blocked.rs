@@ -153,14 +153,19 @@ pub(crate) fn body(mm: &Blocked, p: Schedule) -> String {
         }
     }
     s += "    }\n";
+    // The epilogue (`put`, with its loads and elementwise code) appears once, in a loop over the block
+    // spilled to a private array, instead of once per accumulator: inlined `rows × cols` times it
+    // made fused kernels large enough to thrash the CPU's instruction cache.
+    let block = rows * cols;
+    let _ = writeln!(s, "    var tile: array<f32, {block}>;");
     for i in 0..rows {
-        let _ = writeln!(s, "    if (m0 + {i}u < {}u) {{", mm.m);
         for j in 0..cols {
-            let col = format!("n0 + {}u", j * group as usize);
-            let _ = writeln!(s, "        if ({col} < {}u) {{\n            put(bi, m0 + {i}u, {col}, c{i}_{j});\n        }}", mm.n);
+            let _ = writeln!(s, "    tile[{}] = c{i}_{j};", i * cols + j);
         }
-        s += "    }\n";
     }
+    let _ = writeln!(s, "    for (var t = 0u; t < {block}u; t = t + 1u) {{");
+    let _ = writeln!(s, "        let row = m0 + t / {cols}u;\n        let col = n0 + (t % {cols}u) * {group}u;");
+    let _ = writeln!(s, "        if (row < {}u && col < {}u) {{\n            put(bi, row, col, tile[t]);\n        }}\n    }}", mm.m, mm.n);
     s += "}\n";
     s
 }
