@@ -5,8 +5,6 @@
 @group(0) @binding(1) var<storage, read> partials: array<f32>;
 @group(0) @binding(2) var<storage, read_write> stats: Stats;
 
-var<workgroup> sums: array<f32, 256>;
-
 @compute @workgroup_size(256)
 fn main(@builtin(local_invocation_index) lid: u32) {
     let n = arrayLength(&partials);
@@ -14,16 +12,8 @@ fn main(@builtin(local_invocation_index) lid: u32) {
     for (var i = lid; i < n; i = i + WG) {
         s = s + partials[i];
     }
-    sums[lid] = s;
-    workgroupBarrier();
-    for (var w = WG / 2u; w > 0u; w = w >> 1u) {
-        if (lid < w) {
-            sums[lid] = sums[lid] + sums[lid + w];
-        }
-        workgroupBarrier();
-    }
+    let norm = sqrt(workgroup_sum(lid, s));
     if (lid == 0u) {
-        let norm = sqrt(sums[0]);
         stats.norm = norm;
         var scale = 1.0;
         if (CLIP > 0.0) {

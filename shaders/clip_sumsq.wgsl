@@ -4,8 +4,6 @@
 @group(0) @binding(1) var<storage, read> grad: array<f32>;
 @group(0) @binding(2) var<storage, read_write> partials: array<f32>;
 
-var<workgroup> sums: array<f32, 256>;
-
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let n = arrayLength(&grad);
@@ -15,15 +13,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let g = grad[i];
         s = s + g * g;
     }
-    sums[lid] = s;
-    workgroupBarrier();
-    for (var w = WG / 2u; w > 0u; w = w >> 1u) {
-        if (lid < w) {
-            sums[lid] = sums[lid] + sums[lid + w];
-        }
-        workgroupBarrier();
-    }
+    let total = workgroup_sum(lid, s);
     if (lid == 0u) {
-        partials[info.slot + wg.x] = sums[0];
+        partials[info.slot + wg.x] = total;
     }
 }

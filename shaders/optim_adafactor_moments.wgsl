@@ -10,8 +10,6 @@
 @group(0) @binding(3) var<storage, read> grad: array<f32>;
 @group(0) @binding(4) var<storage, read_write> moments: array<f32>;
 
-var<workgroup> sums: array<f32, 256>;
-
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let k = wg.x + wg.y * nwg.x;
@@ -39,15 +37,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
             s = s + (g * g + EPS);
         }
     }
-    sums[lid] = s;
-    workgroupBarrier();
-    for (var w = WG / 2u; w > 0u; w = w >> 1u) {
-        if (lid < w) {
-            sums[lid] = sums[lid] + sums[lid + w];
-        }
-        workgroupBarrier();
-    }
+    let total = workgroup_sum(lid, s);
     if (lid == 0u && k < entries && stats.bad == 0u) {
-        moments[k] = scalars.beta2t * moments[k] + (1.0 - scalars.beta2t) * (sums[0] / f32(len));
+        moments[k] = scalars.beta2t * moments[k] + (1.0 - scalars.beta2t) * (total / f32(len));
     }
 }

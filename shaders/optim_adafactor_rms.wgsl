@@ -9,22 +9,6 @@
 @group(0) @binding(3) var<storage, read> moments: array<f32>;
 @group(0) @binding(4) var<storage, read_write> scratch: array<f32>;
 
-var<workgroup> sums: array<f32, 256>;
-
-fn reduce(lid: u32, s: f32) -> f32 {
-    sums[lid] = s;
-    workgroupBarrier();
-    for (var w = WG / 2u; w > 0u; w = w >> 1u) {
-        if (lid < w) {
-            sums[lid] = sums[lid] + sums[lid + w];
-        }
-        workgroupBarrier();
-    }
-    let total = sums[0];
-    workgroupBarrier();
-    return total;
-}
-
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let k = wg.x + wg.y * nwg.x;
@@ -36,7 +20,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         for (var i = lid; i < info.rows; i = i + WG) {
             s = s + moments[m * info.rows + i];
         }
-        rmean = reduce(lid, s) / f32(info.rows);
+        rmean = workgroup_sum(lid, s) / f32(info.rows);
     }
     let size = info.rows * info.cols;
     var s = 0.0;
@@ -44,7 +28,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         let u = adafactor_update(m, t, rmean);
         s = s + u * u;
     }
-    let total = reduce(lid, s);
+    let total = workgroup_sum(lid, s);
     if (lid == 0u && k < info.matrices * info.chunks) {
         scratch[info.matrices + k] = total;
         if (p == 0u) {

@@ -70,6 +70,8 @@ const SCHEDULE_FREE: &str = include_str!("../../shaders/optim_schedule_free.wgsl
 const ADAFACTOR_COMMON: &str = include_str!("../../shaders/optim_adafactor_common.wgsl");
 const ADAFACTOR_MOMENTS: &str = include_str!("../../shaders/optim_adafactor_moments.wgsl");
 const ADAFACTOR_RMS: &str = include_str!("../../shaders/optim_adafactor_rms.wgsl");
+/// `workgroup_sum`, prepended to the kernels that reduce within a workgroup.
+const WORKGROUP_SUM: &str = include_str!("../../shaders/optim_workgroup_sum.wgsl");
 const ADAFACTOR: &str = include_str!("../../shaders/optim_adafactor.wgsl");
 const EXPERT_LR: &str = include_str!("../../shaders/optim_expert_lr.wgsl");
 
@@ -440,10 +442,10 @@ impl<'g> Optimizer<'g> {
                         lit(CLIP_THRESHOLD)
                     ),
                     vec![
-                        ("optim_adafactor_moments", ADAFACTOR_MOMENTS.into()),
+                        ("optim_adafactor_moments", format!("{WORKGROUP_SUM}{ADAFACTOR_MOMENTS}")),
                         (
                             "optim_adafactor_rms",
-                            format!("{ADAFACTOR_COMMON}{ADAFACTOR_RMS}"),
+                            format!("{WORKGROUP_SUM}{ADAFACTOR_COMMON}{ADAFACTOR_RMS}"),
                         ),
                         ("optim_adafactor", format!("{ADAFACTOR_COMMON}{ADAFACTOR}")),
                     ],
@@ -520,8 +522,8 @@ impl<'g> Optimizer<'g> {
         let pipelines = Pipelines {
             track: pipeline("optim_track", TRACK),
             accumulate: pipeline("optim_accumulate", ACCUMULATE),
-            sumsq: pipeline("clip_sumsq", SUMSQ),
-            finalize: pipeline("clip_finalize", FINALIZE),
+            sumsq: pipeline("clip_sumsq", &format!("{WORKGROUP_SUM}{SUMSQ}")),
+            finalize: pipeline("clip_finalize", &format!("{WORKGROUP_SUM}{FINALIZE}")),
             expert_lr: pipeline("optim_expert_lr", EXPERT_LR),
             update: stages
                 .iter()
