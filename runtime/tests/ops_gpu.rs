@@ -1,9 +1,9 @@
 //! Per-op GPU tests: every kernel the emitter generates, run on the adapter wgpu finds (lavapipe on a
 //! machine without a GPU), against the reference interpreter in f64 on random inputs.
 //!
-//! Each graph runs in four configurations: both matmul variants (register-blocked and shared-tiled,
-//! whatever the adapter) × fused and unfused. Shapes are deliberately odd (not multiples of the
-//! workgroup or block sizes). Tolerance: |gpu - ref| ≤ 1e-5 + 1e-4·|ref| for f32 (the GPU computes in
+//! Each graph runs in six configurations: register-blocked with and without subgroup-shared loads
+//! and shared-tiled (whatever the adapter) × fused and unfused. Shapes are deliberately odd (not
+//! multiples of the workgroup or block sizes). Tolerance: |gpu - ref| ≤ 1e-5 + 1e-4·|ref| for f32 (the GPU computes in
 //! f32 with a different summation order), exact equality for u32 outputs (indices, routing table).
 
 use moec_compiler::emit::{emit, MatmulVariant, Target};
@@ -73,7 +73,14 @@ fn run_gpu(graph: &Graph, feeds: &HashMap<String, Value>, target: &Target, fused
         .collect()
 }
 
-/// Compares every output of `graph` on the GPU (4 configurations) with the f64 interpreter.
+/// The adapter's targets for both matmul variants, plus register blocking without subgroup sharing
+/// (what GPUs run for grouped matmuls, and CPU adapters without fixed-size subgroups).
+fn targets() -> [Target; 3] {
+    [target(MatmulVariant::RegisterBlocked), Target { subgroup_size: 0, ..target(MatmulVariant::RegisterBlocked) }, target(MatmulVariant::SharedTiled)]
+}
+
+/// Compares every output of `graph` on the GPU (each of [`targets`], fused and unfused) with the f64
+/// interpreter.
 fn check(graph: &Graph, feeds: &HashMap<String, Value>) {
     let wide: HashMap<String, Value> = feeds
         .iter()
@@ -83,9 +90,9 @@ fn check(graph: &Graph, feeds: &HashMap<String, Value>) {
         }))
         .collect();
     let expected = interp::run_outputs(graph, &wide).unwrap();
-    for variant in [MatmulVariant::RegisterBlocked, MatmulVariant::SharedTiled] {
+    for t in targets() {
         for fused in [true, false] {
-            let got = run_gpu(graph, feeds, &target(variant), fused);
+            let got = run_gpu(graph, feeds, &t, fused);
             for (name, id) in &graph.outputs {
                 let want = expected[name].to_f64();
                 let have = &got[name];
@@ -93,7 +100,7 @@ fn check(graph: &Graph, feeds: &HashMap<String, Value>) {
                 let exact = graph.ty(*id).dtype == DType::U32;
                 for (i, (w, h)) in want.iter().zip(have).enumerate() {
                     let ok = if exact { w == h } else { (w - h).abs() <= ABS + REL * w.abs() };
-                    assert!(ok, "{name}[{i}]: gpu {h} vs reference {w} ({variant:?}, fused = {fused})");
+                    assert!(ok, "{name}[{i}]: gpu {h} vs reference {w} ({:?}, subgroups {}, fused = {fused})", t.matmul, t.subgroup_size);
                 }
             }
         }
