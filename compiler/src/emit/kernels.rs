@@ -245,28 +245,15 @@ fn strided_index(domain: &[usize], shape: &[usize], strides: &[usize], lin: &str
     }
 }
 
-/// Linear index, in `permute(x, perm)`, of the element at linear index `lin` of `x` (shape `shape`).
+/// Linear index, in `permute(x, perm)`, of the element at linear index `lin` of `x` (shape `shape`):
+/// `x` read through the strides its axes have in the permuted layout.
 fn permuted_index(shape: &[usize], perm: &[usize], lin: &str) -> String {
     let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
-    let out_stride = |i: usize| -> usize { out_shape[i + 1..].iter().product() };
-    let mut terms = Vec::new();
-    let mut rest = 1usize;
-    for j in (0..shape.len()).rev() {
-        if shape[j] > 1 {
-            let mut coord = if rest == 1 { lin.to_string() } else { format!("({lin} / {rest}u)") };
-            if j > 0 {
-                coord = format!("({coord} % {}u)", shape[j]);
-            }
-            let stride = out_stride(perm.iter().position(|&p| p == j).unwrap_or(j));
-            terms.push(if stride == 1 { coord } else { format!("{coord} * {stride}u") });
-        }
-        rest *= shape[j];
+    let mut strides = vec![0usize; shape.len()];
+    for (i, &p) in perm.iter().enumerate() {
+        strides[p] = out_shape[i + 1..].iter().product();
     }
-    if terms.is_empty() {
-        "0u".into()
-    } else {
-        terms.join(" + ")
-    }
+    strided_index(shape, shape, &strides, lin)
 }
 
 /// Walks group nodes into `let` statements; operands not in `env` are loaded with broadcasting.
