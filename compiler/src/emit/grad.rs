@@ -8,70 +8,9 @@
 //! routing-table offsets are baked in as literals and grids are folded with [`fold`].
 
 use super::blocked::{self, Blocked, Schedule};
-use super::kernels::{fold, KernelError};
+use super::kernels::{fold, Binder, KernelError};
 use super::{KernelSrc, Target};
-use crate::fuse::base;
 use crate::ir::{Graph, NodeId, Op, RouteLayout};
-use std::fmt::Write;
-
-const PRELUDE: &str = include_str!("../../../shaders/prelude.wgsl");
-
-
-/// Storage bindings of one kernel, named by role, in binding order.
-struct Bind<'g> {
-    graph: &'g Graph,
-    slots: Vec<(NodeId, bool, String)>,
-}
-
-impl<'g> Bind<'g> {
-    fn new(graph: &'g Graph) -> Self {
-        Bind {
-            graph,
-            slots: Vec::new(),
-        }
-    }
-
-    /// Binds `operand`'s buffer (its Reshape base) read-only as `name`, or returns the name it is
-    /// already bound under.
-    fn read(&mut self, operand: NodeId, name: &str) -> String {
-        let b = base(self.graph, operand);
-        if let Some((_, _, existing)) = self.slots.iter().find(|(n, w, _)| *n == b && !*w) {
-            return existing.clone();
-        }
-        self.slots.push((b, false, name.to_string()));
-        name.to_string()
-    }
-
-    /// Binds the buffer of `node` (the kernel's result) as `out`.
-    fn write(&mut self, node: NodeId) -> &'static str {
-        self.slots.push((node, true, "out".into()));
-        "out"
-    }
-
-    /// Constants, the folded grid, bindings and the prelude in front of `body`.
-    fn finish(self, body: &str, workgroups: [u32; 3]) -> KernelSrc {
-        let mut s = format!(
-            "const GX: u32 = {}u;\nconst GY: u32 = {}u;\n",
-            workgroups[0], workgroups[1]
-        );
-        for (i, (node, writes, name)) in self.slots.iter().enumerate() {
-            let access = if *writes { "read_write" } else { "read" };
-            let ty = self.graph.ty(*node).dtype.wgsl();
-            let _ = writeln!(
-                s,
-                "@group(0) @binding({i}) var<storage, {access}> {name}: array<{ty}>;"
-            );
-        }
-        s.push_str(PRELUDE);
-        s.push('\n');
-        s.push_str(body);
-        KernelSrc {
-            wgsl: s,
-            bindings: self.slots.into_iter().map(|(n, w, _)| (n, w)).collect(),
-            workgroups,
-        }
-    }
-}
 
 /// Kernel of a `GroupedMatMulGradW` node `n` (always its own group).
 pub(crate) fn grad_kernel(
@@ -81,7 +20,7 @@ pub(crate) fn grad_kernel(
 ) -> Result<KernelSrc, KernelError> {
     let args = graph.inputs(n);
     match &graph.node(n).op {
-        Op::GroupedMatMulGradW { layout } => grad_w(Bind::new(graph), n, &args, layout, target),
+        Op::GroupedMatMulGradW { layout } => grad_w(graph, n, &args, layout, target),
         other => unreachable!("{} has no kernel in emit::grad", other.mnemonic()),
     }
 }
@@ -89,11 +28,11 @@ pub(crate) fn grad_kernel(
 /// `GroupedMatMulGradW`: `dw[e, n, k] = Σ_{r ∈ [offsets[e], offsets[e+1])} g[r, n] · x[r, k]`, the
 /// rows of expert `e` in ascending order: per expert, the blocked matmul `gᵀ · x` over that expert's
 /// segment of rows (the schedule of [`super::blocked`]).
-fn grad_w(mut b: Bind, n: NodeId, args: &[NodeId], layout: &RouteLayout, target: &Target) -> Result<KernelSrc, KernelError> {
-    let graph = b.graph;
-    let g = b.read(args[0], "g");
-    let x = b.read(args[1], "x");
-    let route = b.read(args[2], "route");
+fn grad_w(graph: &Graph, n: NodeId, args: &[NodeId], layout: &RouteLayout, target: &Target) -> Result<KernelSrc, KernelError> {
+    let mut b = Binder::new(graph);
+    let g = b.read(args[0]);
+    let x = b.read(args[1]);
+    let route = b.read(args[2]);
     let out = b.write(n);
     let (nn, k) = (graph.ty(args[0]).shape[1], graph.ty(args[1]).shape[1]);
     let off = layout.offsets_at();
@@ -115,7 +54,7 @@ fn grad_w(mut b: Bind, n: NodeId, args: &[NodeId], layout: &RouteLayout, target:
     };
     let schedule = Schedule::new(target, nn, k, None);
     let grid = fold(schedule.workgroups(&blocked) as u64, target)?;
-    Ok(b.finish(&blocked::body(&blocked, schedule), grid))
+    Ok(b.finish(&[], &blocked::body(&blocked, schedule), grid))
 }
 
 #[cfg(test)]

@@ -60,18 +60,18 @@ pub(crate) fn fold(total: u64, target: &Target) -> Result<[u32; 3], KernelError>
 }
 
 /// Storage bindings of one kernel, in binding order; reads are deduplicated by owning buffer.
-struct Binder<'g> {
+pub(crate) struct Binder<'g> {
     graph: &'g Graph,
     slots: Vec<(NodeId, bool, String)>,
 }
 
 impl<'g> Binder<'g> {
-    fn new(graph: &'g Graph) -> Self {
+    pub(crate) fn new(graph: &'g Graph) -> Self {
         Binder { graph, slots: Vec::new() }
     }
 
     /// Name of the read-only binding holding `operand` (its Reshape base's buffer).
-    fn read(&mut self, operand: NodeId) -> String {
+    pub(crate) fn read(&mut self, operand: NodeId) -> String {
         let b = base(self.graph, operand);
         if let Some((_, _, name)) = self.slots.iter().find(|(n, w, _)| *n == b && !*w) {
             return name.clone();
@@ -86,7 +86,7 @@ impl<'g> Binder<'g> {
         self.slots.push((b, false, name.to_string()));
     }
 
-    fn write(&mut self, node: NodeId) -> String {
+    pub(crate) fn write(&mut self, node: NodeId) -> String {
         if let Some((_, _, name)) = self.slots.iter().find(|(n, w, _)| *n == node && *w) {
             return name.clone();
         }
@@ -100,7 +100,7 @@ impl<'g> Binder<'g> {
     }
 
     /// Assembles constants, bindings, prelude and body into a kernel.
-    fn finish(self, consts: &[(&str, u64)], body: &str, workgroups: [u32; 3]) -> KernelSrc {
+    pub(crate) fn finish(self, consts: &[(&str, u64)], body: &str, workgroups: [u32; 3]) -> KernelSrc {
         let mut s = String::new();
         for (name, value) in consts {
             let _ = writeln!(s, "const {name}: u32 = {value}u;");
