@@ -37,10 +37,23 @@ pub fn run(loaded: &Loaded, args: &Args, gpu: &Gpu) -> Result<()> {
     if args.steps == 0 {
         miette::bail!("--steps must be at least 1");
     }
-    let modes: Vec<bool> = if args.both { vec![true, false] } else { vec![args.fusion] };
-    let rows = modes.iter().map(|&fusion| time(loaded, args, fusion, gpu)).collect::<Result<Vec<_>>>()?;
-    println!("{} on {}: {} steps after {} warm-up", loaded.spec.name, gpu.info, args.steps, args.warmup);
-    println!("{:<8} {:>12} {:>12} {:>12} {:>12} {:>10}", "plan", "ms/step", "tokens/s", "dispatches", "memory", "GFLOP/s");
+    let modes: Vec<bool> = if args.both {
+        vec![true, false]
+    } else {
+        vec![args.fusion]
+    };
+    let rows = modes
+        .iter()
+        .map(|&fusion| time(loaded, args, fusion, gpu))
+        .collect::<Result<Vec<_>>>()?;
+    println!(
+        "{} on {}: {} steps after {} warm-up",
+        loaded.spec.name, gpu.info, args.steps, args.warmup
+    );
+    println!(
+        "{:<8} {:>12} {:>12} {:>12} {:>12} {:>10}",
+        "plan", "ms/step", "tokens/s", "dispatches", "memory", "GFLOP/s"
+    );
     for r in &rows {
         println!(
             "{:<8} {:>12.2} {:>12.0} {:>12} {:>12} {:>10.3}",
@@ -53,7 +66,10 @@ pub fn run(loaded: &Loaded, args: &Args, gpu: &Gpu) -> Result<()> {
         );
     }
     if let [fused, unfused] = rows.as_slice() {
-        println!("fusion speed-up: {:.2}x", unfused.median_ms / fused.median_ms.max(1e-12));
+        println!(
+            "fusion speed-up: {:.2}x",
+            unfused.median_ms / fused.median_ms.max(1e-12)
+        );
     }
     Ok(())
 }
@@ -61,22 +77,48 @@ pub fn run(loaded: &Loaded, args: &Args, gpu: &Gpu) -> Result<()> {
 fn time(loaded: &Loaded, args: &Args, fusion: bool, gpu: &Gpu) -> Result<Row> {
     let mut spec = loaded.spec.clone();
     let Some(train) = spec.train.as_mut() else {
-        miette::bail!("`{}` has no `train` block; bench times its training step", loaded.path.display());
+        miette::bail!(
+            "`{}` has no `train` block; bench times its training step",
+            loaded.path.display()
+        );
     };
     // Never log, evaluate or checkpoint inside the timed steps: every(0) never fires, and the run
     // is one step longer than timed so the final step's log/eval/checkpoint never happens either.
-    let off = Every { every: 0, batches: train.eval.batches };
+    let off = Every {
+        every: 0,
+        batches: train.eval.batches,
+    };
     (train.log, train.eval, train.checkpoint) = (off, off, off);
     let batch = train.batch;
     let accumulate = train.accumulate;
     let target = gpu.target();
-    let training = moec_compiler::compile_training(&spec, batch, &target, fusion).into_diagnostic()?;
+    let training =
+        moec_compiler::compile_training(&spec, batch, &target, fusion).into_diagnostic()?;
     let forward = compile(&spec, batch, &target, fusion)?;
-    let out_dir = std::env::temp_dir().join(format!("moec-bench-{}-{}", std::process::id(), fusion));
-    let spec_dir = loaded.path.parent().filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-    let options = TrainOptions { out_dir: out_dir.clone(), resume: false, steps: Some(args.warmup + args.steps + 1), spec_dir };
+    let out_dir =
+        std::env::temp_dir().join(format!("moec-bench-{}-{}", std::process::id(), fusion));
+    let spec_dir = loaded
+        .path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let options = TrainOptions {
+        out_dir: out_dir.clone(),
+        resume: false,
+        steps: Some(args.warmup + args.steps + 1),
+        spec_dir,
+    };
     let result = (|| {
-        let mut trainer = Trainer::new(gpu, &spec, &loaded.source, &training.plan, &forward.plan, &options).into_diagnostic()?;
+        let mut trainer = Trainer::new(
+            gpu,
+            &spec,
+            &loaded.source,
+            &training.plan,
+            &forward.plan,
+            &options,
+        )
+        .into_diagnostic()?;
         let mut times = Vec::with_capacity(args.steps);
         for i in 0..args.warmup + args.steps {
             let start = Instant::now();
@@ -87,7 +129,11 @@ fn time(loaded: &Loaded, args: &Args, fusion: bool, gpu: &Gpu) -> Result<Row> {
             }
         }
         times.sort_by(f64::total_cmp);
-        let median = if times.len() % 2 == 1 { times[times.len() / 2] } else { (times[times.len() / 2 - 1] + times[times.len() / 2]) / 2.0 };
+        let median = if times.len() % 2 == 1 {
+            times[times.len() / 2]
+        } else {
+            (times[times.len() / 2 - 1] + times[times.len() / 2]) / 2.0
+        };
         let tokens = trainer.tokens_per_step() as f64;
         let flops = moec_compiler::stats::stats(&spec).flops_train_per_token as f64 * tokens;
         Ok(Row {
@@ -98,7 +144,13 @@ fn time(loaded: &Loaded, args: &Args, fusion: bool, gpu: &Gpu) -> Result<Row> {
             // The eval plan reads the training weights (`Executor::with_shared`): its Param buffers
             // are not allocated again.
             bytes: training.plan.buffers.iter().map(|b| b.size).sum::<u64>()
-                + forward.plan.buffers.iter().filter(|b| !matches!(b.role, BufferRole::Param { .. })).map(|b| b.size).sum::<u64>()
+                + forward
+                    .plan
+                    .buffers
+                    .iter()
+                    .filter(|b| !matches!(b.role, BufferRole::Param { .. }))
+                    .map(|b| b.size)
+                    .sum::<u64>()
                 + trainer.optimizer_bytes(),
             gflops: flops / median.max(1e-12) / 1e9,
         })

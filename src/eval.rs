@@ -24,7 +24,11 @@ pub struct Model {
 impl Model {
     /// Reads `path` (a `checkpoint.safetensors` or a run directory holding one) and checks its spec text.
     pub fn load(path: &Path) -> Result<Model> {
-        let file = if path.is_dir() { path.join(moec_runtime::train::CHECKPOINT_FILE) } else { path.to_path_buf() };
+        let file = if path.is_dir() {
+            path.join(moec_runtime::train::CHECKPOINT_FILE)
+        } else {
+            path.to_path_buf()
+        };
         let ckpt = Checkpoint::load(&file).into_diagnostic()?;
         if ckpt.spec_text.is_empty() {
             miette::bail!("`{}` holds no spec text; only checkpoints written by `moec train` can be evaluated", file.display());
@@ -33,14 +37,25 @@ impl Model {
         // location the checkpoint does not record: try the checkpoint's directory, its parent
         // (`moec train --out DIR` beside the spec) and the working directory; report the first
         // failure when none holds the data.
-        let dir = file.parent().filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        let dir = file
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
         let mut candidates = vec![dir.clone()];
-        candidates.extend(dir.parent().filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf));
+        candidates.extend(
+            dir.parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .map(Path::to_path_buf),
+        );
         candidates.push(PathBuf::from("."));
         let mut first_error = None;
         let mut found = None;
         for spec_dir in candidates {
-            match moec_compiler::check::check(&ckpt.spec_text, &spec_dir.join(file.file_name().unwrap_or_default())) {
+            match moec_compiler::check::check(
+                &ckpt.spec_text,
+                &spec_dir.join(file.file_name().unwrap_or_default()),
+            ) {
                 Ok(spec) => {
                     found = Some((spec, spec_dir));
                     break;
@@ -51,16 +66,28 @@ impl Model {
             }
         }
         let Some((spec, spec_dir)) = found else {
-            return Err(first_error.unwrap_or_else(|| miette::miette!("no directory to check the spec in")));
+            return Err(
+                first_error.unwrap_or_else(|| miette::miette!("no directory to check the spec in"))
+            );
         };
-        Ok(Model { spec, spec_dir, tensors: ckpt.ir_tensors().into_diagnostic()? })
+        Ok(Model {
+            spec,
+            spec_dir,
+            tensors: ckpt.ir_tensors().into_diagnostic()?,
+        })
     }
 
     /// (vocab, context) of a token language model; other families have no token interface.
     pub fn vocab_context(&self) -> Result<(usize, usize)> {
-        match (self.spec.model.family, self.spec.model.vocab, self.spec.model.context) {
+        match (
+            self.spec.model.family,
+            self.spec.model.vocab,
+            self.spec.model.context,
+        ) {
             (Family::Transformer | Family::Lstm, Some(v), Some(c)) => Ok((v, c)),
-            (family, _, _) => miette::bail!("the `{family:?}` family has no token interface to evaluate or sample"),
+            (family, _, _) => miette::bail!(
+                "the `{family:?}` family has no token interface to evaluate or sample"
+            ),
         }
     }
 
@@ -75,20 +102,24 @@ impl Model {
         for buffer in &compiled.plan.buffers {
             match &buffer.role {
                 BufferRole::Param { name, shape, .. } => {
-                    let (stored, data) = self
-                        .tensors
-                        .get(name)
-                        .ok_or_else(|| miette::miette!("the checkpoint has no weight `{name}` that the spec's model needs"))?;
+                    let (stored, data) = self.tensors.get(name).ok_or_else(|| {
+                        miette::miette!(
+                            "the checkpoint has no weight `{name}` that the spec's model needs"
+                        )
+                    })?;
                     if stored.iter().product::<usize>() != shape.iter().product::<usize>() {
                         miette::bail!("weight `{name}` has shape {stored:?} in the checkpoint but {shape:?} in the model");
                     }
                     exec.write_f32(name, data).into_diagnostic()?;
                 }
-                BufferRole::Input { name, shape } if !["tokens", "features", "targets"].contains(&name.as_str()) => {
+                BufferRole::Input { name, shape }
+                    if !["tokens", "features", "targets"].contains(&name.as_str()) =>
+                {
                     if let Some((_, data)) = self.tensors.get(name) {
                         exec.write_f32(name, data).into_diagnostic()?;
                     } else if name.starts_with("jitter.") {
-                        exec.write_f32(name, &vec![1.0; shape.iter().product()]).into_diagnostic()?;
+                        exec.write_f32(name, &vec![1.0; shape.iter().product()])
+                            .into_diagnostic()?;
                     }
                 }
                 _ => {}
@@ -109,24 +140,43 @@ pub struct Args {
 
 pub fn run(checkpoint: &Path, args: &Args, gpu: &Gpu) -> Result<()> {
     let model = Model::load(checkpoint)?;
-    let train = model.spec.train.as_ref().ok_or_else(|| miette::miette!("the checkpoint's spec has no `train` block (data, batch)"))?;
+    let train = model.spec.train.as_ref().ok_or_else(|| {
+        miette::miette!("the checkpoint's spec has no `train` block (data, batch)")
+    })?;
     let (data, dir) = match &args.data {
         Some(_) if model.spec.model.family == Family::Mlp => {
             miette::bail!("--data takes a text file for a language model; a classifier is evaluated on its spec's data")
         }
         // The file's validation part under the spec's split, as training would cut it.
-        Some(path) => (Data::Text { path: path.to_string_lossy().into_owned() }, std::env::current_dir().into_diagnostic()?),
+        Some(path) => (
+            Data::Text {
+                path: path.to_string_lossy().into_owned(),
+            },
+            std::env::current_dir().into_diagnostic()?,
+        ),
         None => (train.data.clone(), model.spec_dir.clone()),
     };
     let dataset = TrainData::load(&data, &dir, &model.spec.model, train.split).into_diagnostic()?;
-    let batches = dataset.val_batches(train.batch, args.batches.unwrap_or(train.eval.batches).max(1));
+    let batches = dataset.val_batches(
+        train.batch,
+        args.batches.unwrap_or(train.eval.batches).max(1),
+    );
     let exec = model.executor(gpu, train.batch, args.fusion)?;
     let e = evaluate_batches(&exec, &batches).into_diagnostic()?;
-    let shape = format!("{} batches of {}x{}", batches.len(), train.batch, dataset.targets_per_row());
+    let shape = format!(
+        "{} batches of {}x{}",
+        batches.len(),
+        train.batch,
+        dataset.targets_per_row()
+    );
     let result = match e.accuracy {
         Some(acc) => format!("loss {:.4} accuracy {:.2}%", e.loss, 100.0 * acc),
         None => format!("loss {:.4} ppl {:.4}", e.loss, e.loss.exp()),
     };
-    println!("{} on {} ({shape}): {result}", model.spec.name, dataset.description());
+    println!(
+        "{} on {} ({shape}): {result}",
+        model.spec.name,
+        dataset.description()
+    );
     Ok(())
 }

@@ -27,8 +27,16 @@ pub fn random_feeds(graph: &Graph, vocab: usize, seed: u64) -> HashMap<String, V
         .into_iter()
         .map(|(_, name, ty)| {
             let value = match ty.dtype {
-                moec_compiler::ir::DType::U32 => Value::U32((0..ty.numel()).map(|_| rng.random_range(0..vocab as u32)).collect()),
-                moec_compiler::ir::DType::F32 => Value::F32((0..ty.numel()).map(|_| rng.random_range(-1.0..1.0)).collect()),
+                moec_compiler::ir::DType::U32 => Value::U32(
+                    (0..ty.numel())
+                        .map(|_| rng.random_range(0..vocab as u32))
+                        .collect(),
+                ),
+                moec_compiler::ir::DType::F32 => Value::F32(
+                    (0..ty.numel())
+                        .map(|_| rng.random_range(-1.0..1.0))
+                        .collect(),
+                ),
             };
             (name, value)
         })
@@ -38,7 +46,10 @@ pub fn random_feeds(graph: &Graph, vocab: usize, seed: u64) -> HashMap<String, V
 /// Largest |a - b| / (|b| + 1e-3) over two equally long slices: relative error that stays meaningful
 /// for entries near zero.
 pub fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs() / (y.abs() + 1e-3)).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() / (y.abs() + 1e-3))
+        .fold(0.0, f32::max)
 }
 
 /// Where the weights come from.
@@ -74,7 +85,11 @@ pub fn run(source: Source<'_>, args: &Args, gpu: &Gpu) -> Result<()> {
             (&checkpoint_model.spec, Some(&checkpoint_model))
         }
     };
-    let batch = if args.tokens.is_some() { 1 } else { batch_of(spec, args.batch) };
+    let batch = if args.tokens.is_some() {
+        1
+    } else {
+        batch_of(spec, args.batch)
+    };
     let compiled = compile(spec, batch, &gpu.target(), args.fusion)?;
     let vocab = spec.model.vocab.or(spec.model.classes).unwrap_or(2);
     let mut feeds = random_feeds(&compiled.graph, vocab, args.seed);
@@ -131,7 +146,10 @@ pub fn run(source: Source<'_>, args: &Args, gpu: &Gpu) -> Result<()> {
         let mut times = exec.profile().into_diagnostic()?;
         let total: f64 = times.iter().map(|(_, t)| t).sum();
         times.sort_by(|a, b| b.1.total_cmp(&a.1));
-        println!("slowest dispatches (of {:.1} ms, one submission each):", total * 1e3);
+        println!(
+            "slowest dispatches (of {:.1} ms, one submission each):",
+            total * 1e3
+        );
         for (name, t) in times.iter().take(15).chain(times.iter().rev().take(3)) {
             println!("  {:>8.2} ms {:>5.1}%  {name}", t * 1e3, 100.0 * t / total);
         }
@@ -161,13 +179,24 @@ pub fn run(source: Source<'_>, args: &Args, gpu: &Gpu) -> Result<()> {
         let diff = max_rel_diff(&ours, &theirs);
         worst = worst.max(diff);
         if ours.len() == 1 {
-            println!("  {name:<10} gpu {:>12.6}  interpreter {:>12.6}  rel diff {diff:.1e}", ours[0], theirs[0]);
+            println!(
+                "  {name:<10} gpu {:>12.6}  interpreter {:>12.6}  rel diff {diff:.1e}",
+                ours[0], theirs[0]
+            );
         } else {
-            println!("  {name:<10} {} values, max rel diff {diff:.1e}", ours.len());
+            println!(
+                "  {name:<10} {} values, max rel diff {diff:.1e}",
+                ours.len()
+            );
         }
     }
     if let Some(path) = &args.dump_logits {
-        dump_logits(&exec, &compiled.graph, args.tokens.as_ref().map(Vec::len), path)?;
+        dump_logits(
+            &exec,
+            &compiled.graph,
+            args.tokens.as_ref().map(Vec::len),
+            path,
+        )?;
     }
     if worst > 1e-3 {
         miette::bail!("GPU and interpreter disagree (max rel diff {worst:.1e} > 1e-3)");
@@ -186,13 +215,21 @@ fn write_feed(exec: &Executor<'_>, name: &str, value: &Value) -> Result<()> {
 /// causal, so the padding never changes the logits of the given positions.
 fn token_row(spec: &Spec, ids: &[u32]) -> Result<Vec<u32>> {
     let (Some(vocab), Some(context)) = (spec.model.vocab, spec.model.context) else {
-        miette::bail!("--tokens needs a token language model; `{}` has no vocab and context", spec.name);
+        miette::bail!(
+            "--tokens needs a token language model; `{}` has no vocab and context",
+            spec.name
+        );
     };
     if spec.model.bidirectional {
-        miette::bail!("--tokens pads the row to the context, which changes a bidirectional model's logits");
+        miette::bail!(
+            "--tokens pads the row to the context, which changes a bidirectional model's logits"
+        );
     }
     if ids.is_empty() || ids.len() > context {
-        miette::bail!("--tokens takes 1 to {context} ids (the context), not {}", ids.len());
+        miette::bail!(
+            "--tokens takes 1 to {context} ids (the context), not {}",
+            ids.len()
+        );
     }
     if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
         miette::bail!("token {bad} is outside the model's vocab of {vocab}");
@@ -204,7 +241,12 @@ fn token_row(spec: &Spec, ids: &[u32]) -> Result<Vec<u32>> {
 
 /// Writes the GPU's `logits` output to `path` as `.npy`: its graph shape, or `[given, vocab]` (the
 /// rows of the given tokens) with `--tokens`.
-fn dump_logits(exec: &Executor<'_>, graph: &Graph, given: Option<usize>, path: &Path) -> Result<()> {
+fn dump_logits(
+    exec: &Executor<'_>,
+    graph: &Graph,
+    given: Option<usize>,
+    path: &Path,
+) -> Result<()> {
     let id = graph
         .outputs
         .iter()
@@ -219,7 +261,9 @@ fn dump_logits(exec: &Executor<'_>, graph: &Graph, given: Option<usize>, path: &
         logits.truncate(rows * width);
         shape = vec![rows, width];
     }
-    std::fs::write(path, npy_f32(&shape, &logits)).into_diagnostic().wrap_err_with(|| format!("cannot write `{}`", path.display()))?;
+    std::fs::write(path, npy_f32(&shape, &logits))
+        .into_diagnostic()
+        .wrap_err_with(|| format!("cannot write `{}`", path.display()))?;
     println!("wrote logits {shape:?} to {}", path.display());
     Ok(())
 }
@@ -227,7 +271,11 @@ fn dump_logits(exec: &Executor<'_>, graph: &Graph, given: Option<usize>, path: &
 /// `data` as a NumPy `.npy` file (format 1.0, little-endian f32, C order), which `numpy.load` reads.
 fn npy_f32(shape: &[usize], data: &[f32]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
-    let tuple = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let tuple = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {tuple}, }}");
     // Magic (6 bytes), version (2) and header length (2), then the header ending in '\n', padded
     // with spaces so the data starts on a 64-byte boundary, as the format asks.
@@ -257,11 +305,19 @@ mod tests {
         assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00");
         let (text, start) = header(&bytes);
         assert_eq!(start % 64, 0);
-        assert!(text.starts_with("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }"), "{text}");
+        assert!(
+            text.starts_with("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }"),
+            "{text}"
+        );
         assert!(text.ends_with('\n'));
-        let data: Vec<f32> = bytes[start..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        let data: Vec<f32> = bytes[start..]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         assert_eq!(data, [1.0, 2.0, 3.0, 4.0, 5.0, -0.5]);
         // A Python 1-tuple needs its trailing comma.
-        assert!(header(&npy_f32(&[4], &[0.0; 4])).0.contains("'shape': (4,), }"));
+        assert!(header(&npy_f32(&[4], &[0.0; 4]))
+            .0
+            .contains("'shape': (4,), }"));
     }
 }

@@ -72,12 +72,19 @@ pub fn run(checkpoint: &Path, args: &Args, gpu: &Gpu) -> Result<()> {
 /// One token from `logits`: argmax at temperature 0 (lowest id on ties), else a draw from the
 /// tempered softmax restricted to its top-`top_p` nucleus.
 fn sample(logits: &[f32], temperature: f64, top_p: f64, rng: &mut ChaCha8Rng) -> u32 {
-    let argmax = logits.iter().enumerate().fold(0, |best, (i, &x)| if x > logits[best] { i } else { best });
+    let argmax = logits
+        .iter()
+        .enumerate()
+        .fold(0, |best, (i, &x)| if x > logits[best] { i } else { best });
     if temperature == 0.0 {
         return argmax as u32;
     }
     let max = logits[argmax] as f64;
-    let mut probs: Vec<(usize, f64)> = logits.iter().map(|&x| ((x as f64 - max) / temperature).exp()).enumerate().collect();
+    let mut probs: Vec<(usize, f64)> = logits
+        .iter()
+        .map(|&x| ((x as f64 - max) / temperature).exp())
+        .enumerate()
+        .collect();
     let total: f64 = probs.iter().map(|p| p.1).sum();
     probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     let mut kept = 0.0;

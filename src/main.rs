@@ -16,7 +16,11 @@ mod report;
 mod train;
 
 #[derive(Parser)]
-#[command(name = "moec", version, about = "Compile a Mixture-of-Experts spec to fused GPU kernels and run it through wgpu")]
+#[command(
+    name = "moec",
+    version,
+    about = "Compile a Mixture-of-Experts spec to fused GPU kernels and run it through wgpu"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -32,7 +36,10 @@ struct AdapterArgs {
 
 impl AdapterArgs {
     fn open(&self) -> Result<Gpu> {
-        Gpu::new(&AdapterChoice { name: self.adapter.clone() }).into_diagnostic()
+        Gpu::new(&AdapterChoice {
+            name: self.adapter.clone(),
+        })
+        .into_diagnostic()
     }
 }
 
@@ -197,9 +204,15 @@ pub struct Loaded {
 }
 
 pub fn load(path: &Path) -> Result<Loaded> {
-    let source = std::fs::read_to_string(path).into_diagnostic().wrap_err_with(|| format!("cannot read spec `{}`", path.display()))?;
+    let source = std::fs::read_to_string(path)
+        .into_diagnostic()
+        .wrap_err_with(|| format!("cannot read spec `{}`", path.display()))?;
     let spec = check::check(&source, path)?;
-    Ok(Loaded { path: path.to_path_buf(), source, spec })
+    Ok(Loaded {
+        path: path.to_path_buf(),
+        source,
+        spec,
+    })
 }
 
 pub fn batch_of(spec: &Spec, batch: Option<usize>) -> usize {
@@ -219,7 +232,11 @@ fn main() -> Result<()> {
     }
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { spec, no_device, adapter } => {
+        Command::Check {
+            spec,
+            no_device,
+            adapter,
+        } => {
             let loaded = load(&spec)?;
             let (target, adapter_name) = if no_device {
                 (Target::default(), "wgpu default limits".to_string())
@@ -239,21 +256,37 @@ fn main() -> Result<()> {
                     human_bytes(*largest_bytes - target.max_storage_binding_size)
                 );
             }
-            println!("fits {adapter_name}: largest tensor {} of {} per binding", human_bytes(*largest_bytes), human_bytes(target.max_storage_binding_size));
+            println!(
+                "fits {adapter_name}: largest tensor {} of {} per binding",
+                human_bytes(*largest_bytes),
+                human_bytes(target.max_storage_binding_size)
+            );
             Ok(())
         }
-        Command::Build { spec, out, no_fuse, emit, batch, adapter } => {
+        Command::Build {
+            spec,
+            out,
+            no_fuse,
+            emit,
+            batch,
+            adapter,
+        } => {
             let loaded = load(&spec)?;
             let batch = batch_of(&loaded.spec, batch);
             let target = match adapter {
-                Some(name) => Gpu::new(&AdapterChoice { name: Some(name) }).into_diagnostic()?.target(),
+                Some(name) => Gpu::new(&AdapterChoice { name: Some(name) })
+                    .into_diagnostic()?
+                    .target(),
                 None => Target::default(),
             };
             if emit.contains(&Stage::Ast) {
                 println!("{:#?}", moec_grammar::parse(&loaded.source)?);
             }
             if emit.contains(&Stage::Spec) {
-                println!("{}", serde_json::to_string_pretty(&loaded.spec).into_diagnostic()?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&loaded.spec).into_diagnostic()?
+                );
             }
             let compiled = compile(&loaded.spec, batch, &target, !no_fuse)?;
             if emit.contains(&Stage::Ir) {
@@ -267,23 +300,53 @@ fn main() -> Result<()> {
                     println!("// ---- {}.wgsl\n{}", k.name, k.wgsl);
                 }
             }
-            let unfused = if no_fuse { compiled.plan.dispatches.len() } else { compile(&loaded.spec, batch, &target, false)?.plan.dispatches.len() };
+            let unfused = if no_fuse {
+                compiled.plan.dispatches.len()
+            } else {
+                compile(&loaded.spec, batch, &target, false)?
+                    .plan
+                    .dispatches
+                    .len()
+            };
             if let Some(dir) = &out {
-                write_build(dir, &compiled).wrap_err_with(|| format!("writing build output to `{}`", dir.display()))?;
+                write_build(dir, &compiled)
+                    .wrap_err_with(|| format!("writing build output to `{}`", dir.display()))?;
             }
             println!(
                 "{}: {} ops -> {} dispatches fused, {} unfused ({} distinct kernels){}",
                 loaded.spec.name,
                 compiled.graph.g.node_count(),
-                if no_fuse { unfused } else { compiled.plan.dispatches.len() },
+                if no_fuse {
+                    unfused
+                } else {
+                    compiled.plan.dispatches.len()
+                },
                 unfused,
                 compiled.plan.kernels.len(),
-                out.map(|d| format!("; wrote {}", d.display())).unwrap_or_default()
+                out.map(|d| format!("; wrote {}", d.display()))
+                    .unwrap_or_default()
             );
             Ok(())
         }
-        Command::Forward { spec, checkpoint, batch, tokens, dump_logits, seed, no_fuse, profile, adapter } => {
-            let args = forward::Args { batch, seed, fusion: !no_fuse, profile, tokens, dump_logits };
+        Command::Forward {
+            spec,
+            checkpoint,
+            batch,
+            tokens,
+            dump_logits,
+            seed,
+            no_fuse,
+            profile,
+            adapter,
+        } => {
+            let args = forward::Args {
+                batch,
+                seed,
+                fusion: !no_fuse,
+                profile,
+                tokens,
+                dump_logits,
+            };
             let loaded = spec.as_deref().map(load).transpose()?;
             let source = match (&loaded, &checkpoint) {
                 (Some(loaded), _) => forward::Source::Spec(loaded),
@@ -293,23 +356,93 @@ fn main() -> Result<()> {
             let gpu = adapter.open()?;
             forward::run(source, &args, &gpu)
         }
-        Command::Train { spec, out, resume, steps, no_fuse, profile, adapter } => {
+        Command::Train {
+            spec,
+            out,
+            resume,
+            steps,
+            no_fuse,
+            profile,
+            adapter,
+        } => {
             let loaded = load(&spec)?;
             let gpu = adapter.open()?;
-            train::run(&loaded, &train::Args { out, resume, steps, fusion: !no_fuse, profile }, &gpu)
+            train::run(
+                &loaded,
+                &train::Args {
+                    out,
+                    resume,
+                    steps,
+                    fusion: !no_fuse,
+                    profile,
+                },
+                &gpu,
+            )
         }
-        Command::Generate { checkpoint, prompt, prompt_ids, tokens, temperature, top_p, seed, no_fuse, adapter } => {
+        Command::Generate {
+            checkpoint,
+            prompt,
+            prompt_ids,
+            tokens,
+            temperature,
+            top_p,
+            seed,
+            no_fuse,
+            adapter,
+        } => {
             let gpu = adapter.open()?;
-            generate::run(&checkpoint, &generate::Args { prompt, prompt_ids, tokens, temperature, top_p, seed, fusion: !no_fuse }, &gpu)
+            generate::run(
+                &checkpoint,
+                &generate::Args {
+                    prompt,
+                    prompt_ids,
+                    tokens,
+                    temperature,
+                    top_p,
+                    seed,
+                    fusion: !no_fuse,
+                },
+                &gpu,
+            )
         }
-        Command::Eval { checkpoint, data, batches, no_fuse, adapter } => {
+        Command::Eval {
+            checkpoint,
+            data,
+            batches,
+            no_fuse,
+            adapter,
+        } => {
             let gpu = adapter.open()?;
-            eval::run(&checkpoint, &eval::Args { data, batches, fusion: !no_fuse }, &gpu)
+            eval::run(
+                &checkpoint,
+                &eval::Args {
+                    data,
+                    batches,
+                    fusion: !no_fuse,
+                },
+                &gpu,
+            )
         }
-        Command::Bench { spec, steps, warmup, no_fuse, both, adapter } => {
+        Command::Bench {
+            spec,
+            steps,
+            warmup,
+            no_fuse,
+            both,
+            adapter,
+        } => {
             let loaded = load(&spec)?;
             let gpu = adapter.open()?;
-            bench::run(&loaded, &bench::Args { steps, warmup, fusion: !no_fuse, both }, &gpu)
+            bench::run(
+                &loaded,
+                &bench::Args {
+                    steps,
+                    warmup,
+                    fusion: !no_fuse,
+                    both,
+                },
+                &gpu,
+            )
         }
         Command::Report { runs, out } => report::run(&runs, &out),
         Command::Devices => {
@@ -333,7 +466,11 @@ fn human_bytes(bytes: u64) -> String {
         value /= 1024.0;
         unit += 1;
     }
-    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", units[unit]) }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", units[unit])
+    }
 }
 
 fn write_build(dir: &Path, compiled: &Compiled) -> Result<()> {
@@ -342,9 +479,14 @@ fn write_build(dir: &Path, compiled: &Compiled) -> Result<()> {
     for k in &compiled.plan.kernels {
         std::fs::write(kernels.join(format!("{}.wgsl", k.name)), &k.wgsl).into_diagnostic()?;
     }
-    std::fs::write(dir.join("plan.json"), serde_json::to_string_pretty(&compiled.plan).into_diagnostic()?).into_diagnostic()?;
+    std::fs::write(
+        dir.join("plan.json"),
+        serde_json::to_string_pretty(&compiled.plan).into_diagnostic()?,
+    )
+    .into_diagnostic()?;
     std::fs::write(dir.join("ir.txt"), compiled.graph.dump()).into_diagnostic()?;
-    std::fs::write(dir.join("fused.txt"), compiled.fused.dump(&compiled.graph)).into_diagnostic()?;
+    std::fs::write(dir.join("fused.txt"), compiled.fused.dump(&compiled.graph))
+        .into_diagnostic()?;
     std::fs::write(dir.join("graph.dot"), compiled.graph.dot()).into_diagnostic()?;
     Ok(())
 }

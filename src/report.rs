@@ -11,6 +11,11 @@ pub fn run(dirs: &[PathBuf], out: &Path) -> Result<()> {
     let runs = load_runs(dirs).into_diagnostic()?;
     let report = write_report(&runs, out).into_diagnostic()?;
     print!("{}", report.table);
-    println!("wrote {} and {} plot files in {}", report.markdown.display(), report.plots.len(), out.display());
+    println!(
+        "wrote {} and {} plot files in {}",
+        report.markdown.display(),
+        report.plots.len(),
+        out.display()
+    );
     Ok(())
 }

@@ -17,7 +17,17 @@ fn temp_dir(name: &str) -> PathBuf {
 }
 
 fn moe(blocks: &[(&str, [u64; 4], f64)]) -> Option<BTreeMap<String, MoeLayerMetrics>> {
-    Some(blocks.iter().map(|(b, counts, dropped)| (b.to_string(), MoeLayerMetrics::from_counts(counts, *dropped, 1.0, 0.01))).collect())
+    Some(
+        blocks
+            .iter()
+            .map(|(b, counts, dropped)| {
+                (
+                    b.to_string(),
+                    MoeLayerMetrics::from_counts(counts, *dropped, 1.0, 0.01),
+                )
+            })
+            .collect(),
+    )
 }
 
 /// `alpha`: steps 10..=100 (every 10), MoE blocks 1 and 3, val at 50 and 100. Only step 100 is in
@@ -49,9 +59,17 @@ fn write_alpha(dir: &Path) {
 fn write_beta(dir: &Path) {
     let mut log = MetricsLog::create(dir).unwrap();
     for step in 1..=20u64 {
-        let loss = if step == 5 { f64::NAN } else { 3.0 - 0.0375 * step as f64 };
+        let loss = if step == 5 {
+            f64::NAN
+        } else {
+            3.0 - 0.0375 * step as f64
+        };
         let mut r = Record::new(step, loss, 1e-3, 200.0);
-        let block0 = if step == 20 { [0, 0, 20, 20] } else { [10, 10, 10, 10] };
+        let block0 = if step == 20 {
+            [0, 0, 20, 20]
+        } else {
+            [10, 10, 10, 10]
+        };
         r.moe = moe(&[("0", block0, 0.0), ("2", [10, 10, 10, 10], 0.0)]);
         if let Some(m) = r.moe.as_mut() {
             let s = step as f64 * 1e-3;
@@ -65,7 +83,11 @@ fn write_beta(dir: &Path) {
         }
         log.write(&r).unwrap();
     }
-    std::fs::write(dir.join("spec.moe"), "# a synthetic spec\nmodel beta_model {\n  dim = 8\n}\n").unwrap();
+    std::fs::write(
+        dir.join("spec.moe"),
+        "# a synthetic spec\nmodel beta_model {\n  dim = 8\n}\n",
+    )
+    .unwrap();
 }
 
 fn close(a: f64, b: f64, tol: f64) {
@@ -81,7 +103,10 @@ fn two_runs_side_by_side() {
     let runs = load_runs(&[alpha, beta]).unwrap();
     assert_eq!(runs[0].name, "alpha");
     assert_eq!(runs[1].model.as_deref(), Some("beta_model"));
-    assert!(runs[1].records[4].loss.is_nan(), "the null loss of a diverged line reads back as NaN");
+    assert!(
+        runs[1].records[4].loss.is_nan(),
+        "the null loss of a diverged line reads back as NaN"
+    );
 
     // Summaries against hand-computed values; 1e-9 covers CV²'s 1e-10 guard in the denominator.
     let a = summarize(&runs[0]);
@@ -112,16 +137,35 @@ fn two_runs_side_by_side() {
     assert!(md.contains("| beta | beta_model | 20 | 2.2500 | 2.4000 | 11.02 | 2.4000 | 0.2500 | 0.1250 | 0.00 | 87.5 | 200 |"), "{md}");
     assert_eq!(report.table.lines().count(), 4, "header, rule, two rows");
 
-    let mut expected = vec!["loss".to_string(), "balance".into(), "bias_beta_block0".into()];
-    expected.extend(["util_alpha_block1", "util_alpha_block3", "util_beta_block0", "util_beta_block2"].map(String::from));
+    let mut expected = vec![
+        "loss".to_string(),
+        "balance".into(),
+        "bias_beta_block0".into(),
+    ];
+    expected.extend(
+        [
+            "util_alpha_block1",
+            "util_alpha_block3",
+            "util_beta_block0",
+            "util_beta_block2",
+        ]
+        .map(String::from),
+    );
     assert_eq!(report.plots.len(), 2 * expected.len(), "{:?}", report.plots);
     for stem in &expected {
         let png = std::fs::read(out.join(format!("{stem}.png"))).unwrap();
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{stem}.png is a PNG");
         assert!(png.len() > 5_000, "{stem}.png has {} bytes", png.len());
         let svg = std::fs::read_to_string(out.join(format!("{stem}.svg"))).unwrap();
-        assert!(svg.contains("<svg") && svg.len() > 2_000, "{stem}.svg has {} bytes", svg.len());
-        assert!(md.contains(&format!("({stem}.png)")), "report.md embeds {stem}.png");
+        assert!(
+            svg.contains("<svg") && svg.len() > 2_000,
+            "{stem}.svg has {} bytes",
+            svg.len()
+        );
+        assert!(
+            md.contains(&format!("({stem}.png)")),
+            "report.md embeds {stem}.png"
+        );
     }
     // Legends and captions are text in the SVG (and drawn with the built-in font in the PNG).
     let loss_svg = std::fs::read_to_string(out.join("loss.svg")).unwrap();
@@ -133,10 +177,19 @@ fn two_runs_side_by_side() {
 fn bad_inputs_are_errors() {
     let root = temp_dir("errors");
     let missing = root.join("nope");
-    assert!(matches!(Run::load(&missing), Err(ReportError::MissingDir(_))));
-    assert!(matches!(Run::load(&root), Err(ReportError::NoMetrics { .. })));
+    assert!(matches!(
+        Run::load(&missing),
+        Err(ReportError::MissingDir(_))
+    ));
+    assert!(matches!(
+        Run::load(&root),
+        Err(ReportError::NoMetrics { .. })
+    ));
     let err = Run::load(&root).unwrap_err().to_string();
-    assert!(err.contains("no metrics log") && err.contains("metrics.jsonl"), "{err}");
+    assert!(
+        err.contains("no metrics log") && err.contains("metrics.jsonl"),
+        "{err}"
+    );
 
     let file = root.join("plain.txt");
     std::fs::write(&file, "x").unwrap();
@@ -146,13 +199,31 @@ fn bad_inputs_are_errors() {
     assert!(matches!(Run::load(&root), Err(ReportError::Empty(_))));
 
     let good = serde_json::to_string(&Record::new(1, 2.0, 1e-3, 10.0)).unwrap();
-    std::fs::write(root.join("metrics.jsonl"), format!("{good}\n\n{{\"step\": 2, \"loss\": \n")).unwrap();
+    std::fs::write(
+        root.join("metrics.jsonl"),
+        format!("{good}\n\n{{\"step\": 2, \"loss\": \n"),
+    )
+    .unwrap();
     let err = Run::load(&root).unwrap_err();
-    assert!(matches!(err, ReportError::Malformed { line: 3, .. }), "{err}");
-    assert!(err.to_string().contains("metrics.jsonl:3: not a metrics record"), "{err}");
-    std::fs::write(root.join("metrics.jsonl"), format!("{good}\n{{\"step\": 2}}\n")).unwrap();
+    assert!(
+        matches!(err, ReportError::Malformed { line: 3, .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("metrics.jsonl:3: not a metrics record"),
+        "{err}"
+    );
+    std::fs::write(
+        root.join("metrics.jsonl"),
+        format!("{good}\n{{\"step\": 2}}\n"),
+    )
+    .unwrap();
     let err = Run::load(&root).unwrap_err().to_string();
-    assert!(err.contains("metrics.jsonl:2:") && err.contains("loss"), "names the missing field: {err}");
+    assert!(
+        err.contains("metrics.jsonl:2:") && err.contains("loss"),
+        "names the missing field: {err}"
+    );
 
     assert!(matches!(load_runs(&[]), Err(ReportError::NoRuns)));
     std::fs::remove_dir_all(&root).unwrap();
@@ -164,15 +235,37 @@ fn cli_reports_and_fails_cleanly() {
     let run = root.join("run");
     write_beta(&run);
     let out = root.join("report");
-    let ok = Command::new(env!("CARGO_BIN_EXE_moec")).arg("report").arg(&run).arg("--out").arg(&out).output().unwrap();
+    let ok = Command::new(env!("CARGO_BIN_EXE_moec"))
+        .arg("report")
+        .arg(&run)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&ok.stdout);
-    assert!(ok.status.success(), "{stdout}{}", String::from_utf8_lossy(&ok.stderr));
-    assert!(stdout.contains("| run | beta_model | 20 | 2.2500 |"), "{stdout}");
+    assert!(
+        ok.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(
+        stdout.contains("| run | beta_model | 20 | 2.2500 |"),
+        "{stdout}"
+    );
     assert!(out.join("report.md").is_file() && out.join("loss.png").is_file());
 
-    let missing = Command::new(env!("CARGO_BIN_EXE_moec")).arg("report").arg(root.join("nope")).arg("--out").arg(&out).output().unwrap();
+    let missing = Command::new(env!("CARGO_BIN_EXE_moec"))
+        .arg("report")
+        .arg(root.join("nope"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&missing.stderr);
     assert!(!missing.status.success());
-    assert!(stderr.contains("does not exist") && !stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains("does not exist") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
     std::fs::remove_dir_all(&root).unwrap();
 }

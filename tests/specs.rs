@@ -13,11 +13,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 fn spec_files() -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("specs"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "moe"))
-        .collect();
+    let mut files: Vec<PathBuf> =
+        std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("specs"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "moe"))
+            .collect();
     files.sort();
     assert!(files.len() >= 4, "specs/ holds the example specs");
     files
@@ -25,7 +26,8 @@ fn spec_files() -> Vec<PathBuf> {
 
 fn load(path: &Path) -> Spec {
     let source = std::fs::read_to_string(path).unwrap();
-    check::check(&source, path).unwrap_or_else(|d| panic!("{} does not check:\n{}", path.display(), d.render()))
+    check::check(&source, path)
+        .unwrap_or_else(|d| panic!("{} does not check:\n{}", path.display(), d.render()))
 }
 
 fn stem(path: &Path) -> String {
@@ -48,7 +50,12 @@ fn every_spec_builds_and_its_ir_and_wgsl_are_pinned() {
         );
         let name = stem(&path);
         insta::assert_snapshot!(format!("{name}.ir"), fused.graph.dump());
-        let wgsl: String = fused.plan.kernels.iter().map(|k| format!("// ---- {}.wgsl\n{}\n", k.name, k.wgsl)).collect();
+        let wgsl: String = fused
+            .plan
+            .kernels
+            .iter()
+            .map(|k| format!("// ---- {}.wgsl\n{}\n", k.name, k.wgsl))
+            .collect();
         insta::assert_snapshot!(format!("{name}.wgsl"), wgsl);
     }
 }
@@ -61,12 +68,27 @@ fn feeds_for(compiled: &Compiled, vocab: u32, seed: u64) -> HashMap<String, Valu
         .into_iter()
         .map(|(_, name, ty)| {
             let value = match ty.dtype {
-                DType::U32 => Value::U32((0..ty.numel()).map(|_| rng.random_range(0..vocab)).collect()),
+                DType::U32 => Value::U32(
+                    (0..ty.numel())
+                        .map(|_| rng.random_range(0..vocab))
+                        .collect(),
+                ),
                 // A classifier's input features.
-                DType::F32 if name == "features" => Value::F32((0..ty.numel()).map(|_| rng.random_range(-1.0..1.0)).collect()),
+                DType::F32 if name == "features" => Value::F32(
+                    (0..ty.numel())
+                        .map(|_| rng.random_range(-1.0..1.0))
+                        .collect(),
+                ),
                 // Routing inputs as in evaluation (docs/DECISIONS.md, "Router state and noise"): no
                 // noise (zeros), no jitter (ones), router state (biases, prices) at its start, zeros.
-                DType::F32 => Value::F32(vec![if name.starts_with("jitter.") { 1.0 } else { 0.0 }; ty.numel()]),
+                DType::F32 => Value::F32(vec![
+                    if name.starts_with("jitter.") {
+                        1.0
+                    } else {
+                        0.0
+                    };
+                    ty.numel()
+                ]),
             };
             (name, value)
         })
@@ -76,7 +98,10 @@ fn feeds_for(compiled: &Compiled, vocab: u32, seed: u64) -> HashMap<String, Valu
 /// Relative error with a floor, so entries near zero compare absolutely: |a - b| / max(|b|, 1e-2).
 fn rel_err(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs() / y.abs().max(1e-2)).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() / y.abs().max(1e-2))
+        .fold(0.0, f32::max)
 }
 
 /// Forward on the GPU vs the interpreter, fused and unfused, with the adapter's own schedule.
@@ -84,7 +109,8 @@ fn rel_err(a: &[f32], b: &[f32]) -> f32 {
 /// dim ≤ 256 and vocab 256).
 #[test]
 fn forward_on_gpu_matches_the_interpreter() {
-    let gpu = Gpu::new(&AdapterChoice::default()).expect("a wgpu adapter (lavapipe: apt-get install mesa-vulkan-drivers)");
+    let gpu = Gpu::new(&AdapterChoice::default())
+        .expect("a wgpu adapter (lavapipe: apt-get install mesa-vulkan-drivers)");
     for path in spec_files() {
         let spec = load(&path);
         // Token ids of a language model, or labels of a classifier.
@@ -107,12 +133,19 @@ fn forward_on_gpu_matches_the_interpreter() {
             let mut all = interp::param_feeds(&params);
             all.extend(feeds);
             let reference = interp::run_outputs(&compiled.graph, &all).unwrap();
-            assert!(compiled.graph.output("logits").is_some() && compiled.graph.output("loss").is_some());
+            assert!(
+                compiled.graph.output("logits").is_some()
+                    && compiled.graph.output("loss").is_some()
+            );
             for (name, _) in &compiled.graph.outputs {
                 let ours = exec.read_f32(name).unwrap();
                 let theirs = reference[name].to_f32();
                 let err = rel_err(&ours, &theirs);
-                assert!(err < 1e-3, "{} (fusion {fusion}) output `{name}`: rel err {err:e}", path.display());
+                assert!(
+                    err < 1e-3,
+                    "{} (fusion {fusion}) output `{name}`: rel err {err:e}",
+                    path.display()
+                );
             }
         }
     }

@@ -71,13 +71,27 @@ pub enum EmitError {
     #[error("kernel `{kernel}` failed WGSL validation:\n{message}")]
     Invalid { kernel: String, message: String },
     #[error("buffer `{label}` needs {size} bytes but the adapter binds at most {limit} per storage buffer")]
-    BindingTooLarge { label: String, size: u64, limit: u64 },
-    #[error("kernel `{kernel}` binds {count} storage buffers but the adapter allows {limit} per stage")]
-    TooManyBindings { kernel: String, count: usize, limit: u32 },
+    BindingTooLarge {
+        label: String,
+        size: u64,
+        limit: u64,
+    },
+    #[error(
+        "kernel `{kernel}` binds {count} storage buffers but the adapter allows {limit} per stage"
+    )]
+    TooManyBindings {
+        kernel: String,
+        count: usize,
+        limit: u32,
+    },
     #[error("kernel `{kernel}`: the emitter has no kernel for `{op}` yet")]
     Unsupported { kernel: String, op: String },
     #[error("kernel `{kernel}` needs {workgroups} workgroups, more than a {limit}³ grid holds")]
-    GridTooLarge { kernel: String, workgroups: u64, limit: u32 },
+    GridTooLarge {
+        kernel: String,
+        workgroups: u64,
+        limit: u32,
+    },
 }
 
 /// What a kernel generator hands back: the shader, the buffers it binds (by owning node, in binding
@@ -91,11 +105,16 @@ pub(crate) struct KernelSrc {
 /// Parses and validates WGSL with naga, as wgpu will when it creates the pipeline.
 pub fn validate_wgsl(wgsl: &str) -> Result<(), String> {
     let module = naga::front::wgsl::parse_str(wgsl).map_err(|e| e.emit_to_string(wgsl))?;
-    naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::SUBGROUP)
-        .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
-        .subgroup_operations(naga::valid::SubgroupOperationSet::BASIC | naga::valid::SubgroupOperationSet::BALLOT)
-        .validate(&module)
-        .map_err(|e| e.emit_to_string(wgsl))?;
+    naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::SUBGROUP,
+    )
+    .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
+    .subgroup_operations(
+        naga::valid::SubgroupOperationSet::BASIC | naga::valid::SubgroupOperationSet::BALLOT,
+    )
+    .validate(&module)
+    .map_err(|e| e.emit_to_string(wgsl))?;
     Ok(())
 }
 
@@ -147,11 +166,32 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
             _ => unreachable!("Graph::params lists Param nodes"),
         };
         value_of.insert(id, values.len());
-        values.push(Value { node: id, role: BufferRole::Param { name, shape: ty.shape.clone(), init }, size: ty.size_bytes() as u64, dtype: ty.dtype, def: None, last_use: None });
+        values.push(Value {
+            node: id,
+            role: BufferRole::Param {
+                name,
+                shape: ty.shape.clone(),
+                init,
+            },
+            size: ty.size_bytes() as u64,
+            dtype: ty.dtype,
+            def: None,
+            last_use: None,
+        });
     }
     for (id, name, ty) in graph.data_inputs() {
         value_of.insert(id, values.len());
-        values.push(Value { node: id, role: BufferRole::Input { name, shape: ty.shape.clone() }, size: ty.size_bytes() as u64, dtype: ty.dtype, def: None, last_use: None });
+        values.push(Value {
+            node: id,
+            role: BufferRole::Input {
+                name,
+                shape: ty.shape.clone(),
+            },
+            size: ty.size_bytes() as u64,
+            dtype: ty.dtype,
+            def: None,
+            last_use: None,
+        });
     }
     let n_groups = fused.groups.len();
     let mut dispatch_values: Vec<Vec<usize>> = Vec::with_capacity(srcs.len());
@@ -162,21 +202,44 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
                 // A copy kernel's destination: always a fresh Output buffer.
                 let (name, id) = &copies[di - n_groups];
                 let ty = graph.ty(*id);
-                values.push(Value { node, role: BufferRole::Output { name: name.clone(), shape: ty.shape.clone() }, size: ty.size_bytes() as u64, dtype: ty.dtype, def: Some(di), last_use: None });
+                values.push(Value {
+                    node,
+                    role: BufferRole::Output {
+                        name: name.clone(),
+                        shape: ty.shape.clone(),
+                    },
+                    size: ty.size_bytes() as u64,
+                    dtype: ty.dtype,
+                    def: Some(di),
+                    last_use: None,
+                });
                 values.len() - 1
             } else if writes {
                 let ty = graph.ty(node);
                 let role = match output_name.get(&node) {
-                    Some((name, shape)) => BufferRole::Output { name: name.clone(), shape: shape.clone() },
+                    Some((name, shape)) => BufferRole::Output {
+                        name: name.clone(),
+                        shape: shape.clone(),
+                    },
                     None => BufferRole::Scratch,
                 };
-                values.push(Value { node, role, size: ty.size_bytes() as u64, dtype: ty.dtype, def: Some(di), last_use: None });
+                values.push(Value {
+                    node,
+                    role,
+                    size: ty.size_bytes() as u64,
+                    dtype: ty.dtype,
+                    def: Some(di),
+                    last_use: None,
+                });
                 value_of.insert(node, values.len() - 1);
                 values.len() - 1
             } else {
                 let v = *value_of.get(&node).ok_or_else(|| EmitError::Invalid {
                     kernel: srcs[di].0.clone(),
-                    message: format!("binding {slot} reads %{} before any dispatch writes it", node.index()),
+                    message: format!(
+                        "binding {slot} reads %{} before any dispatch writes it",
+                        node.index()
+                    ),
                 })?;
                 values[v].last_use = Some(di);
                 v
@@ -190,7 +253,12 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
     let mut buffers: Vec<BufferSpec> = Vec::new();
     let mut buffer_of: Vec<Option<BufferId>> = vec![None; values.len()];
     let new_buffer = |buffers: &mut Vec<BufferSpec>, v: &Value| {
-        buffers.push(BufferSpec { size: v.size.max(4), dtype: v.dtype, role: v.role.clone(), label: graph.node(v.node).label.clone() });
+        buffers.push(BufferSpec {
+            size: v.size.max(4),
+            dtype: v.dtype,
+            role: v.role.clone(),
+            label: graph.node(v.node).label.clone(),
+        });
         buffers.len() - 1
     };
     for (vi, v) in values.iter().enumerate() {
@@ -217,7 +285,9 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
             };
             buffer_of[vi] = Some(match reused {
                 Some(b) => {
-                    buffers[b].label.push_str(&format!(" | {}", graph.node(v.node).label));
+                    buffers[b]
+                        .label
+                        .push_str(&format!(" | {}", graph.node(v.node).label));
                     b
                 }
                 None => new_buffer(&mut buffers, v),
@@ -231,7 +301,11 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
     }
     for b in &buffers {
         if b.size > target.max_storage_binding_size {
-            return Err(EmitError::BindingTooLarge { label: b.label.clone(), size: b.size, limit: target.max_storage_binding_size });
+            return Err(EmitError::BindingTooLarge {
+                label: b.label.clone(),
+                size: b.size,
+                limit: target.max_storage_binding_size,
+            });
         }
     }
 
@@ -241,33 +315,69 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
     let mut dispatches = Vec::with_capacity(srcs.len());
     for ((name, src), vs) in srcs.into_iter().zip(dispatch_values) {
         if src.bindings.len() > target.max_storage_buffers_per_stage as usize {
-            return Err(EmitError::TooManyBindings { kernel: name, count: src.bindings.len(), limit: target.max_storage_buffers_per_stage });
+            return Err(EmitError::TooManyBindings {
+                kernel: name,
+                count: src.bindings.len(),
+                limit: target.max_storage_buffers_per_stage,
+            });
         }
         let writes: Vec<bool> = src.bindings.iter().map(|(_, w)| *w).collect();
         let key = format!("{writes:?}\n{}", src.wgsl);
         let kernel = match kernel_of.get(&key) {
             Some(&k) => k,
             None => {
-                validate_wgsl(&src.wgsl).map_err(|message| EmitError::Invalid { kernel: name.clone(), message })?;
-                kernels.push(Kernel { name, wgsl: src.wgsl, entry_point: "main".into(), writes });
+                validate_wgsl(&src.wgsl).map_err(|message| EmitError::Invalid {
+                    kernel: name.clone(),
+                    message,
+                })?;
+                kernels.push(Kernel {
+                    name,
+                    wgsl: src.wgsl,
+                    entry_point: "main".into(),
+                    writes,
+                });
                 kernel_of.insert(key, kernels.len() - 1);
                 kernels.len() - 1
             }
         };
-        let bindings = vs.iter().map(|&vi| buffer_of[vi].expect("every bound value has a buffer")).collect();
-        dispatches.push(Dispatch { kernel, bindings, workgroups: src.workgroups });
+        let bindings = vs
+            .iter()
+            .map(|&vi| buffer_of[vi].expect("every bound value has a buffer"))
+            .collect();
+        dispatches.push(Dispatch {
+            kernel,
+            bindings,
+            workgroups: src.workgroups,
+        });
     }
-    Ok(Plan { buffers, kernels, dispatches })
+    Ok(Plan {
+        buffers,
+        kernels,
+        dispatches,
+    })
 }
 
 /// `003_matmul_blocks_0_attn_q`: dispatch index, anchor op, anchor label.
 fn kernel_name(graph: &Graph, index: usize, anchor: NodeId) -> String {
     let node = graph.node(anchor);
-    format!("{index:03}_{}_{}", node.op.mnemonic(), sanitize(&node.label))
+    format!(
+        "{index:03}_{}_{}",
+        node.op.mnemonic(),
+        sanitize(&node.label)
+    )
 }
 
 fn sanitize(label: &str) -> String {
-    let s: String = label.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).collect();
+    let s: String = label
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
     s.chars().take(48).collect()
 }
 

@@ -49,8 +49,8 @@
 use crate::emit::Target;
 use crate::ir::{Graph, NodeId, Op};
 use serde::Serialize;
-use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
 
 /// Knobs of the fusion pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,10 +63,16 @@ pub struct FuseOptions {
 
 impl FuseOptions {
     pub fn for_target(target: &Target) -> Self {
-        FuseOptions { enabled: true, max_bindings: target.max_storage_buffers_per_stage }
+        FuseOptions {
+            enabled: true,
+            max_bindings: target.max_storage_buffers_per_stage,
+        }
     }
     pub fn unfused(target: &Target) -> Self {
-        FuseOptions { enabled: false, max_bindings: target.max_storage_buffers_per_stage }
+        FuseOptions {
+            enabled: false,
+            max_bindings: target.max_storage_buffers_per_stage,
+        }
     }
 }
 
@@ -110,8 +116,19 @@ impl Fused {
     pub fn dump(&self, graph: &Graph) -> String {
         let mut s = String::new();
         for (i, g) in self.groups.iter().enumerate() {
-            let names = |ids: &[NodeId]| ids.iter().map(|n| format!("%{}:{}", n.index(), graph.node(*n).op.mnemonic())).collect::<Vec<_>>().join(" ");
-            s += &format!("group {i} {:?} {:?}: [{}] -> [{}]\n", g.kind, g.domain, names(&g.nodes), names(&g.outputs));
+            let names = |ids: &[NodeId]| {
+                ids.iter()
+                    .map(|n| format!("%{}:{}", n.index(), graph.node(*n).op.mnemonic()))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            s += &format!(
+                "group {i} {:?} {:?}: [{}] -> [{}]\n",
+                g.kind,
+                g.domain,
+                names(&g.nodes),
+                names(&g.outputs)
+            );
         }
         s
     }
@@ -134,8 +151,14 @@ pub fn strided_view(graph: &Graph, x: NodeId) -> Option<(NodeId, Vec<usize>, Vec
         Op::Permute { perm } => {
             let src = graph.inputs(x)[0];
             let shape = &graph.ty(src).shape;
-            let strides: Vec<usize> = (0..shape.len()).map(|i| shape[i + 1..].iter().product()).collect();
-            Some((src, graph.ty(x).shape.clone(), perm.iter().map(|&p| strides[p]).collect()))
+            let strides: Vec<usize> = (0..shape.len())
+                .map(|i| shape[i + 1..].iter().product())
+                .collect();
+            Some((
+                src,
+                graph.ty(x).shape.clone(),
+                perm.iter().map(|&p| strides[p]).collect(),
+            ))
         }
         Op::Reshape { shape } => {
             let (src, from, strides) = strided_view(graph, graph.inputs(x)[0])?;
@@ -149,7 +172,12 @@ pub fn strided_view(graph: &Graph, x: NodeId) -> Option<(NodeId, Vec<usize>, Vec
 /// size-1 axes are free; otherwise each run of target axes must cover a run of source axes that is
 /// contiguous relative to itself.
 fn reshape_strides(from: &[usize], strides: &[usize], to: &[usize]) -> Option<Vec<usize>> {
-    let src: Vec<(usize, usize)> = from.iter().zip(strides).filter(|(d, _)| **d != 1).map(|(d, s)| (*d, *s)).collect();
+    let src: Vec<(usize, usize)> = from
+        .iter()
+        .zip(strides)
+        .filter(|(d, _)| **d != 1)
+        .map(|(d, s)| (*d, *s))
+        .collect();
     let tgt: Vec<usize> = (0..to.len()).filter(|&t| to[t] != 1).collect();
     let mut out = vec![1usize; to.len()];
     let (mut i, mut j) = (0usize, 0usize);
@@ -232,7 +260,14 @@ pub fn fuse(graph: &Graph, options: FuseOptions) -> Fused {
     // strides by each consumer, so it never gets a kernel or a buffer: it joins every consuming group
     // as a prologue member.
     let absorbed: HashSet<NodeId> = if options.enabled {
-        order.iter().copied().filter(|&p| matches!(graph.node(p).op, Op::Permute { .. }) && read_in_place(graph, &st.graph_outputs, p)).collect()
+        order
+            .iter()
+            .copied()
+            .filter(|&p| {
+                matches!(graph.node(p).op, Op::Permute { .. })
+                    && read_in_place(graph, &st.graph_outputs, p)
+            })
+            .collect()
     } else {
         HashSet::new()
     };
@@ -249,13 +284,25 @@ pub fn fuse(graph: &Graph, options: FuseOptions) -> Fused {
             op if is_elementwise(op) => (GroupKind::Elementwise, node.ty.shape.clone()),
             Op::Reduce(_) => (GroupKind::Row, graph.ty(graph.inputs(n)[0]).shape.clone()),
             Op::Softmax { .. } => (GroupKind::Row, node.ty.shape.clone()),
-            Op::MatMul { .. } | Op::GroupedMatMul { .. } | Op::GroupedMatMulGradX { .. } => (GroupKind::Matmul, node.ty.shape.clone()),
+            Op::MatMul { .. } | Op::GroupedMatMul { .. } | Op::GroupedMatMulGradX { .. } => {
+                (GroupKind::Matmul, node.ty.shape.clone())
+            }
             _ => (GroupKind::Single, node.ty.shape.clone()),
         };
         let gi = st.groups.len();
         let mut nodes = vec![n];
-        nodes.extend(graph.inputs(n).into_iter().map(|a| base(graph, a)).filter(|a| absorbed.contains(a)));
-        st.groups.push(Builder { kind, domain, nodes });
+        nodes.extend(
+            graph
+                .inputs(n)
+                .into_iter()
+                .map(|a| base(graph, a))
+                .filter(|a| absorbed.contains(a)),
+        );
+        st.groups.push(Builder {
+            kind,
+            domain,
+            nodes,
+        });
         st.deps.push(HashSet::new());
         st.group_of.insert(n, gi);
         st.add_deps(gi, n);
@@ -305,19 +352,39 @@ impl State<'_> {
         let node = g.node(n);
         let args = g.inputs(n);
         let candidates: Vec<usize> = match &node.op {
-            op if is_elementwise(op) => args.iter().filter_map(|a| self.group_of.get(a).copied()).collect(),
-            Op::Permute { .. } => self.group_of.get(&base(g, args[0])).copied().into_iter().collect(),
-            Op::Reduce(_) | Op::Softmax { .. } => args.iter().take(1).filter_map(|a| self.group_of.get(a).copied()).collect(),
+            op if is_elementwise(op) => args
+                .iter()
+                .filter_map(|a| self.group_of.get(a).copied())
+                .collect(),
+            Op::Permute { .. } => self
+                .group_of
+                .get(&base(g, args[0]))
+                .copied()
+                .into_iter()
+                .collect(),
+            Op::Reduce(_) | Op::Softmax { .. } => args
+                .iter()
+                .take(1)
+                .filter_map(|a| self.group_of.get(a).copied())
+                .collect(),
             _ => Vec::new(),
         };
         for gi in candidates {
-            if self.accepts(gi, n) && !self.creates_cycle(gi, n) && self.bindings_with(gi, n) <= self.max_bindings {
+            if self.accepts(gi, n)
+                && !self.creates_cycle(gi, n)
+                && self.bindings_with(gi, n) <= self.max_bindings
+            {
                 let b = &mut self.groups[gi];
                 if matches!(node.op, Op::Reduce(_) | Op::Softmax { .. }) {
                     b.kind = GroupKind::Row;
                 }
                 b.nodes.push(n);
-                for a in self.graph.inputs(n).into_iter().map(|a| base(self.graph, a)) {
+                for a in self
+                    .graph
+                    .inputs(n)
+                    .into_iter()
+                    .map(|a| base(self.graph, a))
+                {
                     if self.absorbed.contains(&a) && !b.nodes.contains(&a) {
                         b.nodes.push(a);
                     }
@@ -335,13 +402,20 @@ impl State<'_> {
         let node = self.graph.node(n);
         let shape = &node.ty.shape;
         // An epilogue permute's value is not indexed by the domain: no member may read it.
-        if self.graph.inputs(n).iter().any(|&a| self.is_epilogue_permute(gi, base(self.graph, a))) {
+        if self
+            .graph
+            .inputs(n)
+            .iter()
+            .any(|&a| self.is_epilogue_permute(gi, base(self.graph, a)))
+        {
             return false;
         }
         match &node.op {
             Op::Permute { .. } => {
                 let x = base(self.graph, self.graph.inputs(n)[0]);
-                matches!(b.kind, GroupKind::Elementwise | GroupKind::Matmul) && self.group_of.get(&x) == Some(&gi) && self.graph.ty(x).shape == b.domain
+                matches!(b.kind, GroupKind::Elementwise | GroupKind::Matmul)
+                    && self.group_of.get(&x) == Some(&gi)
+                    && self.graph.ty(x).shape == b.domain
             }
             op if is_elementwise(op) => match b.kind {
                 GroupKind::Elementwise => *shape == b.domain,
@@ -349,12 +423,17 @@ impl State<'_> {
                 // kernel than materialised by the matmul: keep it out of the epilogue.
                 GroupKind::Matmul => *shape == b.domain && !self.feeds_row_op(n),
                 // A one-column domain cannot tell row scalars from elements: keep such rows alone.
-                GroupKind::Row => b.domain.last().copied().unwrap_or(1) > 1 && (*shape == b.domain || *shape == row_shape(&b.domain)),
+                GroupKind::Row => {
+                    b.domain.last().copied().unwrap_or(1) > 1
+                        && (*shape == b.domain || *shape == row_shape(&b.domain))
+                }
                 GroupKind::Single => false,
             },
             Op::Reduce(_) | Op::Softmax { .. } => {
                 let x = self.graph.ty(self.graph.inputs(n)[0]);
-                matches!(b.kind, GroupKind::Elementwise | GroupKind::Row) && x.shape == b.domain && x.last() > 1
+                matches!(b.kind, GroupKind::Elementwise | GroupKind::Row)
+                    && x.shape == b.domain
+                    && x.last() > 1
             }
             _ => false,
         }
@@ -367,7 +446,10 @@ impl State<'_> {
 
     /// Is `n` an operand of a reduction or softmax (which would start a row kernel)?
     fn feeds_row_op(&self, n: NodeId) -> bool {
-        self.graph.users(n).iter().any(|&u| matches!(self.graph.node(u).op, Op::Reduce(_) | Op::Softmax { .. }))
+        self.graph
+            .users(n)
+            .iter()
+            .any(|&u| matches!(self.graph.node(u).op, Op::Reduce(_) | Op::Softmax { .. }))
     }
 
     /// Would adding `n` to group `gi` make the group graph cyclic? True when an operand of `n` from
@@ -421,7 +503,11 @@ impl State<'_> {
     }
 
     /// External input buffers (by owning node) and materialised members of a member set.
-    fn io(&self, members: &HashSet<NodeId>, nodes: impl Iterator<Item = NodeId>) -> (BTreeSet<NodeId>, BTreeSet<NodeId>) {
+    fn io(
+        &self,
+        members: &HashSet<NodeId>,
+        nodes: impl Iterator<Item = NodeId>,
+    ) -> (BTreeSet<NodeId>, BTreeSet<NodeId>) {
         let mut inputs = BTreeSet::new();
         let mut outputs = BTreeSet::new();
         for m in nodes {
@@ -439,7 +525,9 @@ impl State<'_> {
 
     fn materialised(&self, members: &HashSet<NodeId>, m: NodeId) -> bool {
         let users = self.graph.users(m);
-        users.is_empty() || self.graph_outputs.contains(&m) || users.iter().any(|&u| self.escapes(members, u))
+        users.is_empty()
+            || self.graph_outputs.contains(&m)
+            || users.iter().any(|&u| self.escapes(members, u))
     }
 
     /// Does a use by `u` need the value in memory? Not when `u` is a member, nor when it is a
@@ -451,7 +539,9 @@ impl State<'_> {
         match self.graph.node(u).op {
             Op::Reshape { .. } => {
                 let users = self.graph.users(u);
-                users.is_empty() || self.graph_outputs.contains(&u) || users.iter().any(|&v| self.escapes(members, v))
+                users.is_empty()
+                    || self.graph_outputs.contains(&u)
+                    || users.iter().any(|&v| self.escapes(members, v))
             }
             _ => true,
         }
@@ -468,13 +558,26 @@ impl State<'_> {
             let mut inputs = Vec::new();
             for &m in &nodes {
                 for a in g.inputs(m) {
-                    if !members.contains(&a) && !members.contains(&self.producer(a)) && !inputs.contains(&a) {
+                    if !members.contains(&a)
+                        && !members.contains(&self.producer(a))
+                        && !inputs.contains(&a)
+                    {
                         inputs.push(a);
                     }
                 }
             }
-            let outputs = nodes.iter().copied().filter(|&m| !self.absorbed.contains(&m) && self.materialised(&members, m)).collect();
-            groups.push(Group { kind: b.kind, domain: b.domain.clone(), nodes, inputs, outputs });
+            let outputs = nodes
+                .iter()
+                .copied()
+                .filter(|&m| !self.absorbed.contains(&m) && self.materialised(&members, m))
+                .collect();
+            groups.push(Group {
+                kind: b.kind,
+                domain: b.domain.clone(),
+                nodes,
+                inputs,
+                outputs,
+            });
         }
         // Kahn's algorithm over group dependencies, lowest creation index first (deterministic).
         let mut deps: Vec<HashSet<usize>> = vec![HashSet::new(); groups.len()];
@@ -489,7 +592,10 @@ impl State<'_> {
             }
         }
         let mut missing: Vec<usize> = deps.iter().map(|d| d.len()).collect();
-        let mut ready: BinaryHeap<Reverse<usize>> = (0..groups.len()).filter(|&i| missing[i] == 0).map(Reverse).collect();
+        let mut ready: BinaryHeap<Reverse<usize>> = (0..groups.len())
+            .filter(|&i| missing[i] == 0)
+            .map(Reverse)
+            .collect();
         let mut order = Vec::with_capacity(groups.len());
         while let Some(Reverse(i)) = ready.pop() {
             order.push(i);
@@ -500,9 +606,15 @@ impl State<'_> {
                 }
             }
         }
-        assert_eq!(order.len(), groups.len(), "fusion produced a cyclic group graph (creates_cycle is wrong)");
+        assert_eq!(
+            order.len(),
+            groups.len(),
+            "fusion produced a cyclic group graph (creates_cycle is wrong)"
+        );
         let mut slots: Vec<Option<Group>> = groups.into_iter().map(Some).collect();
-        Fused { groups: order.into_iter().filter_map(|i| slots[i].take()).collect() }
+        Fused {
+            groups: order.into_iter().filter_map(|i| slots[i].take()).collect(),
+        }
     }
 }
 
@@ -513,12 +625,21 @@ mod tests {
     #[test]
     fn reshapes_of_strided_views() {
         // Dropping a size-1 axis keeps the strides.
-        assert_eq!(reshape_strides(&[2, 4, 1, 8], &[32, 1, 1, 4], &[2, 4, 8]), Some(vec![32, 1, 4]));
+        assert_eq!(
+            reshape_strides(&[2, 4, 1, 8], &[32, 1, 1, 4], &[2, 4, 8]),
+            Some(vec![32, 1, 4])
+        );
         // Merging axes that are contiguous relative to each other.
-        assert_eq!(reshape_strides(&[2, 3, 4], &[1, 8, 2], &[2, 12]), Some(vec![1, 2]));
+        assert_eq!(
+            reshape_strides(&[2, 3, 4], &[1, 8, 2], &[2, 12]),
+            Some(vec![1, 2])
+        );
         // Merging a transposed pair is not a view.
         assert_eq!(reshape_strides(&[3, 4], &[1, 3], &[12]), None);
         // Splitting an axis.
-        assert_eq!(reshape_strides(&[6, 5], &[1, 6], &[2, 3, 5]), Some(vec![3, 1, 6]));
+        assert_eq!(
+            reshape_strides(&[6, 5], &[1, 6], &[2, 3, 5]),
+            Some(vec![3, 1, 6])
+        );
     }
 }

@@ -43,10 +43,16 @@ pub struct TensorType {
 
 impl TensorType {
     pub fn f32(shape: &[usize]) -> Self {
-        TensorType { shape: shape.to_vec(), dtype: DType::F32 }
+        TensorType {
+            shape: shape.to_vec(),
+            dtype: DType::F32,
+        }
     }
     pub fn u32(shape: &[usize]) -> Self {
-        TensorType { shape: shape.to_vec(), dtype: DType::U32 }
+        TensorType {
+            shape: shape.to_vec(),
+            dtype: DType::U32,
+        }
     }
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
@@ -153,7 +159,13 @@ impl RouteLayout {
     pub const NONE: u32 = u32::MAX;
     /// A layout whose experts keep every slot routed to them.
     pub fn dropless(tokens: usize, k: usize, experts: usize, tile: usize) -> Self {
-        RouteLayout { tokens, k, experts, tile, capacity: tokens * k }
+        RouteLayout {
+            tokens,
+            k,
+            experts,
+            tile,
+            capacity: tokens * k,
+        }
     }
     /// Whether some slot can be left without a row (capacity below `tokens * k`).
     pub fn drops(&self) -> bool {
@@ -161,7 +173,8 @@ impl RouteLayout {
     }
     /// Upper bound of padded rows: the static row count of gathered activations.
     pub fn rows(&self) -> usize {
-        (self.tokens * self.k).min(self.experts.saturating_mul(self.capacity)) + self.experts * (self.tile - 1)
+        (self.tokens * self.k).min(self.experts.saturating_mul(self.capacity))
+            + self.experts * (self.tile - 1)
     }
     /// `counts[e]`: token slots routed to (and kept by) expert `e`.
     pub fn counts_at(&self) -> usize {
@@ -191,106 +204,171 @@ impl RouteLayout {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Op {
     /// Data fed each step (token ids, targets). `name` is the key the runtime binds it by.
-    Input { name: String },
+    Input {
+        name: String,
+    },
     /// A trainable parameter; `name` is its checkpoint name (HF layout, see DESIGN.md).
-    Param { name: String, init: Init },
+    Param {
+        name: String,
+        init: Init,
+    },
     /// Elementwise `x * mul + add` (scales, epsilons, `1 - x`).
-    Affine { mul: f32, add: f32 },
+    Affine {
+        mul: f32,
+        add: f32,
+    },
     Unary(UnaryOp),
     /// Elementwise with numpy broadcasting (trailing axes aligned, size-1 axes stretched).
     Binary(BinaryOp),
     /// Reduce the last axis, keeping it with size 1 (so the result broadcasts back).
     Reduce(ReduceOp),
     /// Same elements, new shape. Free: no kernel.
-    Reshape { shape: Vec<usize> },
+    Reshape {
+        shape: Vec<usize>,
+    },
     /// Materialised axis permutation: `out.shape[i] = in.shape[perm[i]]`.
-    Permute { perm: Vec<usize> },
+    Permute {
+        perm: Vec<usize>,
+    },
     /// `A[..., M, K] · B` where B is `[..., K, N]`, or `[..., N, K]` read transposed when `trans_b`
     /// (PyTorch `[out, in]` weights). B's batch axes equal A's, or B has none (shared weight).
-    MatMul { trans_b: bool },
+    MatMul {
+        trans_b: bool,
+    },
     /// Rows of `table[V, D]` picked by u32 `ids[...]`: out `[..., D]`.
     Embedding,
     /// Rotary embedding, HF "rotate_half" convention, on `x[B, T, H, hd]`; position = index along T.
-    Rope { theta: f32 },
+    Rope {
+        theta: f32,
+    },
     /// Softmax over the last axis. With `causal`, row r of the trailing `[R, S]` matrix attends to
     /// columns `c <= r % S`: plain causal attention when R == S, and grouped-query attention when the
     /// heads sharing a KV head are stacked along rows (R = group·S).
-    Softmax { causal: bool },
+    Softmax {
+        causal: bool,
+    },
     /// Mean token cross-entropy of `logits[N, V]` against u32 `targets[N]`: a `[1]` tensor.
     CrossEntropy,
     /// Indices of the `k` largest entries of each row of `scores[T, E]` (u32 `[T, k]`), in descending
     /// score order; ties go to the lower index. Not differentiable.
-    TopK { k: usize },
+    TopK {
+        k: usize,
+    },
     /// `out[t, j] = x[t, idx[t, j]]` for `x[T, E]` and u32 `idx[T, k]`; 0 where `idx` is `NONE`
     /// (an unassigned slot, see [`RouteLayout::NONE`]).
     GatherCols,
     /// Selection mask: f32 `[T, experts]` with 1 where `e` is among `idx[t, :]` (`NONE` entries mark
     /// nothing). Not differentiable.
-    TopKMask { experts: usize },
+    TopKMask {
+        experts: usize,
+    },
     /// Routing table (see [`RouteLayout`]) from u32 `idx[T, k]` (`NONE` entries stay unassigned).
     /// With a second operand `prio[T, k]` (f32) an expert over capacity keeps its `capacity` slots of
     /// highest priority (ties to the lower slot); without it, its first `capacity` slots in slot order
     /// (token order). Not differentiable.
-    MoeRoute { layout: RouteLayout },
+    MoeRoute {
+        layout: RouteLayout,
+    },
     /// Columns `start..start + len` of a u32 index tensor `[R, C]` (a slice of a top-k or auction
     /// result). Not differentiable (indices).
-    SliceCols { start: usize, len: usize },
+    SliceCols {
+        start: usize,
+        len: usize,
+    },
     /// `load[e]` = token slots expert `e` keeps, as f32 `[E]`, read from a routing table (after
     /// capacity): the per-expert load that metrics and the `bias` update use.
-    RouteLoad { layout: RouteLayout },
+    RouteLoad {
+        layout: RouteLayout,
+    },
     /// Expert choice (Zhou et al. 2022): from `scores[T, E]`, each expert takes its `capacity` tokens
     /// of highest score (ties to the lower token). Out: u32 `[T, E]` with `e` at `[t, e]` when expert
     /// `e` took token `t`, else `NONE`: a token-slot index tensor with k = E. Not differentiable.
-    ExpertChoice { capacity: usize },
+    ExpertChoice {
+        capacity: usize,
+    },
     /// Sinkhorn balancing (Megatron-LM) of `logits[T, E]` with `iters` fixed iterations on
     /// `c = exp(logits − rowmax)` (row scalings cancel in the normalisation): `d1 = 1`, then
     /// `d0[t] = (1/T) / (Σ_e d1[e]·c[t,e] + 1e-8)`, `d1[e] = (1/E) / (Σ_t d0[t]·c[t,e] + 1e-8)`;
     /// out `d1[e]·c[t,e]·d0[t]`. Used for selection only, so not differentiated (a stop-gradient).
-    Sinkhorn { iters: usize },
+    Sinkhorn {
+        iters: usize,
+    },
     /// The auction router (LANGUAGE.md `gate = auction`): values `v[T, E]` and start prices `[E]` →
     /// u32 `[T, k + E]`. Row `t` holds, in its first `k` entries, the experts token `t` won in
     /// ascending order followed by `NONE`; the last `E` entries are the auction's working state (the
     /// f32 bits of `t`'s standing bid per expert) and carry no meaning for consumers. See
     /// `interp::auction` for the exact rounds. Not differentiable.
-    Auction { rounds: usize, epsilon: f32, budget: f32, capacity: usize, k: usize },
+    Auction {
+        rounds: usize,
+        epsilon: f32,
+        budget: f32,
+        capacity: usize,
+        k: usize,
+    },
     /// Gather token rows into expert-sorted padded rows: `x[T, D]`, `route` → `[rows, D]`, zero padding.
-    MoeGather { layout: RouteLayout },
+    MoeGather {
+        layout: RouteLayout,
+    },
     /// Per-expert matmul on padded rows: `xp[rows, K]`, `w[E, N, K]` (PyTorch `[out, in]` per expert),
     /// `route` → `[rows, N]`; row r uses expert `row_expert[r]`.
-    GroupedMatMul { layout: RouteLayout },
+    GroupedMatMul {
+        layout: RouteLayout,
+    },
     /// Weighted scatter back to tokens: `yp[rows, D]`, `weights[T, k]`, `route` →
     /// `y[t] = Σ_j weights[t, j] · yp[slot_row[t·k + j]]` (skipping unassigned slots).
-    MoeCombine { layout: RouteLayout },
+    MoeCombine {
+        layout: RouteLayout,
+    },
 
     // Gradient ops: produced by `autodiff`, each the adjoint of one forward op above.
     /// Sum `x` down to `shape`, the inverse of broadcasting (`shape` broadcasts to x's shape).
-    SumTo { shape: Vec<usize> },
+    SumTo {
+        shape: Vec<usize>,
+    },
     /// Broadcast `x` up to `shape` (numpy rules): the adjoint of `Reduce` and of `SumTo`.
-    BroadcastTo { shape: Vec<usize> },
+    BroadcastTo {
+        shape: Vec<usize>,
+    },
     /// Adjoint of `Embedding`: u32 `ids[...]`, `g[..., D]` → `[vocab, D]` with rows scatter-added.
-    EmbeddingGrad { vocab: usize },
+    EmbeddingGrad {
+        vocab: usize,
+    },
     /// Adjoint of `Rope`: the inverse rotation.
-    RopeGrad { theta: f32 },
+    RopeGrad {
+        theta: f32,
+    },
     /// Adjoint of `CrossEntropy`: `logits[N, V]`, u32 `targets[N]`, `g[1]` →
     /// `(softmax(logits) − onehot(targets)) · g / N`.
     CrossEntropyGrad,
     /// Adjoint of `GatherCols`: `g[T, k]`, u32 `idx[T, k]` → `[T, cols]`, zero where not gathered
     /// (`NONE` entries scatter nothing). Also a forward op: the dense `[T, E]` gate matrix of the
     /// selected weights (Importance, hierarchical gates); its adjoint is `GatherCols`.
-    ScatterCols { cols: usize },
+    ScatterCols {
+        cols: usize,
+    },
     /// Adjoint of `MoeGather`: `gp[rows, D]`, `route` → `[T, D]`, `dx[t] = Σ_j gp[slot_row[t·k + j]]`.
-    MoeGatherGrad { layout: RouteLayout },
+    MoeGatherGrad {
+        layout: RouteLayout,
+    },
     /// Adjoint of `GroupedMatMul` for x: `g[rows, N]`, `w[E, N, K]`, `route` → `[rows, K]` = g · w[e].
-    GroupedMatMulGradX { layout: RouteLayout },
+    GroupedMatMulGradX {
+        layout: RouteLayout,
+    },
     /// Adjoint of `GroupedMatMul` for w: `g[rows, N]`, `x[rows, K]`, `route` → `[E, N, K]`,
     /// `dw[e] = Σ_{rows r of e} g[r]ᵀ · x[r]`.
-    GroupedMatMulGradW { layout: RouteLayout },
+    GroupedMatMulGradW {
+        layout: RouteLayout,
+    },
     /// Adjoint of `MoeCombine` for the rows: `dy[T, D]`, `weights[T, k]`, `route` → `[rows, D]`,
     /// `dyp[slot_row[t·k + j]] = weights[t, j] · dy[t]`, zero on padding rows.
-    MoeCombineGradRows { layout: RouteLayout },
+    MoeCombineGradRows {
+        layout: RouteLayout,
+    },
     /// Adjoint of `MoeCombine` for the weights: `dy[T, D]`, `yp[rows, D]`, `route` → `[T, k]`,
     /// `dw[t, j] = dy[t] · yp[slot_row[t·k + j]]` (0 for an unassigned slot).
-    MoeCombineGradWeights { layout: RouteLayout },
+    MoeCombineGradWeights {
+        layout: RouteLayout,
+    },
 }
 
 impl Op {
@@ -342,7 +420,10 @@ impl Op {
 
     /// Ops that produce no kernel of their own.
     pub fn is_free(&self) -> bool {
-        matches!(self, Op::Input { .. } | Op::Param { .. } | Op::Reshape { .. })
+        matches!(
+            self,
+            Op::Input { .. } | Op::Param { .. } | Op::Reshape { .. }
+        )
     }
 }
 
@@ -386,15 +467,22 @@ impl Graph {
 
     /// Arguments of `id`, in slot order.
     pub fn inputs(&self, id: NodeId) -> Vec<NodeId> {
-        let mut edges: Vec<(usize, NodeId)> =
-            self.g.edges_directed(id, Direction::Incoming).map(|e| (*e.weight(), e.source())).collect();
+        let mut edges: Vec<(usize, NodeId)> = self
+            .g
+            .edges_directed(id, Direction::Incoming)
+            .map(|e| (*e.weight(), e.source()))
+            .collect();
         edges.sort_by_key(|(slot, _)| *slot);
         edges.into_iter().map(|(_, src)| src).collect()
     }
 
     /// Consumers of `id` (one entry per use).
     pub fn users(&self, id: NodeId) -> Vec<NodeId> {
-        let mut users: Vec<NodeId> = self.g.edges_directed(id, Direction::Outgoing).map(|e| e.target()).collect();
+        let mut users: Vec<NodeId> = self
+            .g
+            .edges_directed(id, Direction::Outgoing)
+            .map(|e| e.target())
+            .collect();
         users.sort();
         users
     }
@@ -413,7 +501,10 @@ impl Graph {
     }
 
     pub fn output(&self, name: &str) -> Option<NodeId> {
-        self.outputs.iter().find(|(n, _)| n == name).map(|(_, id)| *id)
+        self.outputs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, id)| *id)
     }
 
     pub fn set_output(&mut self, name: &str, id: NodeId) {
@@ -422,10 +513,19 @@ impl Graph {
     }
 
     /// Adds a node after inferring its type; the single entry point every builder goes through.
-    pub fn add(&mut self, op: Op, args: &[NodeId], label: impl Into<String>) -> Result<NodeId, IrError> {
+    pub fn add(
+        &mut self,
+        op: Op,
+        args: &[NodeId],
+        label: impl Into<String>,
+    ) -> Result<NodeId, IrError> {
         let label = label.into();
         let arg_types: Vec<&TensorType> = args.iter().map(|&a| &self.g[a].ty).collect();
-        let ty = infer(&op, &arg_types).map_err(|message| IrError { op: op.mnemonic(), label: label.clone(), message })?;
+        let ty = infer(&op, &arg_types).map_err(|message| IrError {
+            op: op.mnemonic(),
+            label: label.clone(),
+            message,
+        })?;
         let id = self.g.add_node(Node { op, ty, label });
         for (slot, &arg) in args.iter().enumerate() {
             self.g.add_edge(arg, id, slot);
@@ -435,11 +535,22 @@ impl Graph {
 
     /// Leaves carry their type explicitly.
     pub fn input(&mut self, name: &str, ty: TensorType) -> NodeId {
-        self.g.add_node(Node { op: Op::Input { name: name.into() }, ty, label: name.into() })
+        self.g.add_node(Node {
+            op: Op::Input { name: name.into() },
+            ty,
+            label: name.into(),
+        })
     }
 
     pub fn param(&mut self, name: &str, shape: &[usize], init: Init) -> NodeId {
-        self.g.add_node(Node { op: Op::Param { name: name.into(), init }, ty: TensorType::f32(shape), label: name.into() })
+        self.g.add_node(Node {
+            op: Op::Param {
+                name: name.into(),
+                init,
+            },
+            ty: TensorType::f32(shape),
+            label: name.into(),
+        })
     }
 
     /// Parameters in creation order with their names and types.
@@ -476,16 +587,32 @@ impl Graph {
         let mut out = String::new();
         for id in self.topo_order() {
             let n = &self.g[id];
-            let args: Vec<String> = self.inputs(id).iter().map(|a| format!("%{}", a.index())).collect();
+            let args: Vec<String> = self
+                .inputs(id)
+                .iter()
+                .map(|a| format!("%{}", a.index()))
+                .collect();
             let attrs = match &n.op {
                 Op::Input { name } => format!(" \"{name}\""),
                 Op::Param { name, init } => format!(" \"{name}\" {init:?}"),
                 Op::Affine { mul, add } => format!(" mul={mul} add={add}"),
                 Op::Reshape { shape } => format!(" {shape:?}"),
                 Op::Permute { perm } => format!(" {perm:?}"),
-                Op::MatMul { trans_b } => if *trans_b { " trans_b".into() } else { String::new() },
+                Op::MatMul { trans_b } => {
+                    if *trans_b {
+                        " trans_b".into()
+                    } else {
+                        String::new()
+                    }
+                }
                 Op::Rope { theta } => format!(" theta={theta}"),
-                Op::Softmax { causal } => if *causal { " causal".into() } else { String::new() },
+                Op::Softmax { causal } => {
+                    if *causal {
+                        " causal".into()
+                    } else {
+                        String::new()
+                    }
+                }
                 Op::TopK { k } => format!(" k={k}"),
                 Op::TopKMask { experts } => format!(" experts={experts}"),
                 Op::SumTo { shape } | Op::BroadcastTo { shape } => format!(" {shape:?}"),
@@ -495,11 +622,20 @@ impl Graph {
                 Op::SliceCols { start, len } => format!(" start={start} len={len}"),
                 Op::ExpertChoice { capacity } => format!(" capacity={capacity}"),
                 Op::Sinkhorn { iters } => format!(" iters={iters}"),
-                Op::Auction { rounds, epsilon, budget, capacity, k } => {
+                Op::Auction {
+                    rounds,
+                    epsilon,
+                    budget,
+                    capacity,
+                    k,
+                } => {
                     format!(" rounds={rounds} epsilon={epsilon} budget={budget} capacity={capacity} k={k}")
                 }
                 Op::MoeRoute { layout } if layout.drops() => {
-                    format!(" tokens={} k={} experts={} tile={} capacity={}", layout.tokens, layout.k, layout.experts, layout.tile, layout.capacity)
+                    format!(
+                        " tokens={} k={} experts={} tile={} capacity={}",
+                        layout.tokens, layout.k, layout.experts, layout.tile, layout.capacity
+                    )
                 }
                 Op::MoeRoute { layout }
                 | Op::RouteLoad { layout }
@@ -511,11 +647,22 @@ impl Graph {
                 | Op::GroupedMatMulGradW { layout }
                 | Op::MoeCombineGradRows { layout }
                 | Op::MoeCombineGradWeights { layout } => {
-                    format!(" tokens={} k={} experts={} tile={}", layout.tokens, layout.k, layout.experts, layout.tile)
+                    format!(
+                        " tokens={} k={} experts={} tile={}",
+                        layout.tokens, layout.k, layout.experts, layout.tile
+                    )
                 }
                 _ => String::new(),
             };
-            out += &format!("%{} = {}{}({}) : {}  # {}\n", id.index(), n.op.mnemonic(), attrs, args.join(", "), n.ty, n.label);
+            out += &format!(
+                "%{} = {}{}({}) : {}  # {}\n",
+                id.index(),
+                n.op.mnemonic(),
+                attrs,
+                args.join(", "),
+                n.ty,
+                n.label
+            );
         }
         for (name, id) in &self.outputs {
             out += &format!("output {name} = %{}\n", id.index());
@@ -532,14 +679,30 @@ impl Graph {
         let mut out = String::from("digraph moec {\n  rankdir=TB;\n  node [shape=box, fontname=\"monospace\", fontsize=10];\n");
         for id in self.topo_order() {
             let n = &self.g[id];
-            let shape = if matches!(n.op, Op::Param { .. } | Op::Input { .. }) { ", shape=ellipse" } else { "" };
-            out += &format!("  n{} [label=\"%{} {}\\n{}\\n{}\"{}];\n", id.index(), id.index(), escape(&n.op.mnemonic()), n.ty, escape(&n.label), shape);
+            let shape = if matches!(n.op, Op::Param { .. } | Op::Input { .. }) {
+                ", shape=ellipse"
+            } else {
+                ""
+            };
+            out += &format!(
+                "  n{} [label=\"%{} {}\\n{}\\n{}\"{}];\n",
+                id.index(),
+                id.index(),
+                escape(&n.op.mnemonic()),
+                n.ty,
+                escape(&n.label),
+                shape
+            );
         }
         for e in self.g.edge_references() {
             out += &format!("  n{} -> n{};\n", e.source().index(), e.target().index());
         }
         for (name, id) in &self.outputs {
-            out += &format!("  out_{0} [label=\"{0}\", shape=doublecircle];\n  n{1} -> out_{0};\n", escape(name).replace('.', "_"), id.index());
+            out += &format!(
+                "  out_{0} [label=\"{0}\", shape=doublecircle];\n  n{1} -> out_{0};\n",
+                escape(name).replace('.', "_"),
+                id.index()
+            );
         }
         out + "}\n"
     }
@@ -550,8 +713,16 @@ pub fn broadcast_shapes(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     let n = a.len().max(b.len());
     let mut out = vec![0; n];
     for i in 0..n {
-        let da = if i + a.len() >= n { a[i + a.len() - n] } else { 1 };
-        let db = if i + b.len() >= n { b[i + b.len() - n] } else { 1 };
+        let da = if i + a.len() >= n {
+            a[i + a.len() - n]
+        } else {
+            1
+        };
+        let db = if i + b.len() >= n {
+            b[i + b.len() - n]
+        } else {
+            1
+        };
         out[i] = match (da, db) {
             (x, y) if x == y => x,
             (1, y) => y,
@@ -581,7 +752,9 @@ fn expect_dtype(t: &TensorType, dtype: DType, what: &str) -> Result<(), String> 
 /// Output type of `op` applied to arguments of the given types.
 pub fn infer(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
     match op {
-        Op::Input { .. } | Op::Param { .. } => Err("leaves are created with Graph::input / Graph::param".into()),
+        Op::Input { .. } | Op::Param { .. } => {
+            Err("leaves are created with Graph::input / Graph::param".into())
+        }
         Op::Affine { .. } | Op::Unary(_) => {
             expect_args(args, 1)?;
             expect_dtype(args[0], DType::F32, "operand")?;
@@ -609,19 +782,32 @@ pub fn infer(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
             expect_args(args, 1)?;
             let numel: usize = shape.iter().product();
             if numel != args[0].numel() {
-                return Err(format!("reshape of {} to {shape:?} changes the element count", args[0]));
+                return Err(format!(
+                    "reshape of {} to {shape:?} changes the element count",
+                    args[0]
+                ));
             }
-            Ok(TensorType { shape: shape.clone(), dtype: args[0].dtype })
+            Ok(TensorType {
+                shape: shape.clone(),
+                dtype: args[0].dtype,
+            })
         }
         Op::Permute { perm } => {
             expect_args(args, 1)?;
             let rank = args[0].shape.len();
             let mut seen = vec![false; rank];
-            if perm.len() != rank || perm.iter().any(|&p| p >= rank || std::mem::replace(&mut seen[p], true)) {
+            if perm.len() != rank
+                || perm
+                    .iter()
+                    .any(|&p| p >= rank || std::mem::replace(&mut seen[p], true))
+            {
                 return Err(format!("{perm:?} is not a permutation of {rank} axes"));
             }
             let shape: Vec<usize> = perm.iter().map(|&p| args[0].shape[p]).collect();
-            Ok(TensorType { shape, dtype: args[0].dtype })
+            Ok(TensorType {
+                shape,
+                dtype: args[0].dtype,
+            })
         }
         Op::MatMul { trans_b } => {
             expect_args(args, 2)?;
@@ -637,9 +823,15 @@ pub fn infer(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
                 return Err(format!("batch axes differ: {a} vs {b}"));
             }
             let (m, k) = (am[0], am[1]);
-            let (kb, n) = if *trans_b { (bm[1], bm[0]) } else { (bm[0], bm[1]) };
+            let (kb, n) = if *trans_b {
+                (bm[1], bm[0])
+            } else {
+                (bm[0], bm[1])
+            };
             if k != kb {
-                return Err(format!("contracted axes differ: {a} vs {b} (trans_b = {trans_b})"));
+                return Err(format!(
+                    "contracted axes differ: {a} vs {b} (trans_b = {trans_b})"
+                ));
             }
             let mut shape = ab.to_vec();
             shape.extend([m, n]);
@@ -660,7 +852,10 @@ pub fn infer(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
             expect_args(args, 1)?;
             expect_dtype(args[0], DType::F32, "operand")?;
             if args[0].shape.len() != 4 || args[0].shape[3] % 2 != 0 {
-                return Err(format!("rope wants [B, T, H, hd] with even hd, got {}", args[0]));
+                return Err(format!(
+                    "rope wants [B, T, H, hd] with even hd, got {}",
+                    args[0]
+                ));
             }
             Ok(args[0].clone())
         }
@@ -674,7 +869,10 @@ pub fn infer(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
             expect_dtype(args[0], DType::F32, "logits")?;
             expect_dtype(args[1], DType::U32, "targets")?;
             if args[0].shape.len() != 2 || args[1].shape != [args[0].shape[0]] {
-                return Err(format!("cross entropy wants logits [N, V] and targets [N], got {} and {}", args[0], args[1]));
+                return Err(format!(
+                    "cross entropy wants logits [N, V] and targets [N], got {} and {}",
+                    args[0], args[1]
+                ));
             }
             Ok(TensorType::f32(&[1]))
         }
@@ -690,8 +888,14 @@ pub fn infer(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
             expect_args(args, 2)?;
             expect_dtype(args[0], DType::F32, "x")?;
             expect_dtype(args[1], DType::U32, "idx")?;
-            if args[0].shape.len() != 2 || args[1].shape.len() != 2 || args[0].shape[0] != args[1].shape[0] {
-                return Err(format!("gather_cols wants x [T, E] and idx [T, k], got {} and {}", args[0], args[1]));
+            if args[0].shape.len() != 2
+                || args[1].shape.len() != 2
+                || args[0].shape[0] != args[1].shape[0]
+            {
+                return Err(format!(
+                    "gather_cols wants x [T, E] and idx [T, k], got {} and {}",
+                    args[0], args[1]
+                ));
             }
             Ok(TensorType::f32(&args[1].shape))
         }
@@ -705,7 +909,10 @@ pub fn infer(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
         }
         Op::MoeRoute { layout } => {
             if args.len() != 1 && args.len() != 2 {
-                return Err(format!("expected idx and an optional prio, got {} arguments", args.len()));
+                return Err(format!(
+                    "expected idx and an optional prio, got {} arguments",
+                    args.len()
+                ));
             }
             expect_dtype(args[0], DType::U32, "idx")?;
             if args[0].shape != [layout.tokens, layout.k] {
@@ -714,11 +921,16 @@ pub fn infer(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
             if let Some(prio) = args.get(1) {
                 expect_dtype(prio, DType::F32, "prio")?;
                 if prio.shape != args[0].shape {
-                    return Err(format!("prio {prio} must have the shape of idx {}", args[0]));
+                    return Err(format!(
+                        "prio {prio} must have the shape of idx {}",
+                        args[0]
+                    ));
                 }
             }
             if layout.tile == 0 || layout.capacity == 0 {
-                return Err(format!("route layout {layout:?} needs tile and capacity ≥ 1"));
+                return Err(format!(
+                    "route layout {layout:?} needs tile and capacity ≥ 1"
+                ));
             }
             Ok(TensorType::u32(&[layout.len()]))
         }
@@ -739,7 +951,10 @@ pub fn infer(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
             expect_args(args, 1)?;
             expect_dtype(args[0], DType::F32, "scores")?;
             if args[0].shape.len() != 2 || *capacity == 0 || *capacity > args[0].shape[0] {
-                return Err(format!("expert choice of {capacity} tokens from {}", args[0]));
+                return Err(format!(
+                    "expert choice of {capacity} tokens from {}",
+                    args[0]
+                ));
             }
             Ok(TensorType::u32(&args[0].shape))
         }
@@ -756,7 +971,12 @@ pub fn infer(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
             expect_dtype(args[0], DType::F32, "values")?;
             expect_dtype(args[1], DType::F32, "prices")?;
             let (v, p) = (args[0], args[1]);
-            if v.shape.len() != 2 || p.shape != [v.shape[1]] || *k == 0 || *k > v.shape[1] || *capacity == 0 {
+            if v.shape.len() != 2
+                || p.shape != [v.shape[1]]
+                || *k == 0
+                || *k > v.shape[1]
+                || *capacity == 0
+            {
                 return Err(format!("auction of {k} slots per token, capacity {capacity}, wants values [T, E] and prices [E], got {v} and {p}"));
             }
             Ok(TensorType::u32(&[v.shape[0], k + v.shape[1]]))
@@ -766,7 +986,10 @@ pub fn infer(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
             expect_dtype(args[0], DType::F32, "x")?;
             expect_route(args[1], layout)?;
             if args[0].shape.len() != 2 || args[0].shape[0] != layout.tokens {
-                return Err(format!("moe_gather wants x [{}, D], got {}", layout.tokens, args[0]));
+                return Err(format!(
+                    "moe_gather wants x [{}, D], got {}",
+                    layout.tokens, args[0]
+                ));
             }
             Ok(TensorType::f32(&[layout.rows(), args[0].shape[1]]))
         }
@@ -776,8 +999,17 @@ pub fn infer(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
             expect_dtype(x, DType::F32, "x")?;
             expect_dtype(w, DType::F32, "w")?;
             expect_route(args[2], layout)?;
-            if x.shape.len() != 2 || x.shape[0] != layout.rows() || w.shape.len() != 3 || w.shape[0] != layout.experts || w.shape[2] != x.shape[1] {
-                return Err(format!("grouped_matmul wants x [{}, K] and w [{}, N, K], got {x} and {w}", layout.rows(), layout.experts));
+            if x.shape.len() != 2
+                || x.shape[0] != layout.rows()
+                || w.shape.len() != 3
+                || w.shape[0] != layout.experts
+                || w.shape[2] != x.shape[1]
+            {
+                return Err(format!(
+                    "grouped_matmul wants x [{}, K] and w [{}, N, K], got {x} and {w}",
+                    layout.rows(),
+                    layout.experts
+                ));
             }
             Ok(TensorType::f32(&[layout.rows(), w.shape[1]]))
         }
@@ -787,8 +1019,16 @@ pub fn infer(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
             expect_dtype(yp, DType::F32, "yp")?;
             expect_dtype(wt, DType::F32, "weights")?;
             expect_route(args[2], layout)?;
-            if yp.shape.len() != 2 || yp.shape[0] != layout.rows() || wt.shape != [layout.tokens, layout.k] {
-                return Err(format!("moe_combine wants yp [{}, D] and weights [{}, {}], got {yp} and {wt}", layout.rows(), layout.tokens, layout.k));
+            if yp.shape.len() != 2
+                || yp.shape[0] != layout.rows()
+                || wt.shape != [layout.tokens, layout.k]
+            {
+                return Err(format!(
+                    "moe_combine wants yp [{}, D] and weights [{}, {}], got {yp} and {wt}",
+                    layout.rows(),
+                    layout.tokens,
+                    layout.k
+                ));
             }
             Ok(TensorType::f32(&[layout.tokens, yp.shape[1]]))
         }
@@ -829,8 +1069,13 @@ fn infer_grad(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
             expect_args(args, 2)?;
             expect_dtype(args[0], DType::U32, "ids")?;
             expect_dtype(args[1], DType::F32, "g")?;
-            if args[1].shape.len() != args[0].shape.len() + 1 || args[1].shape[..args[0].shape.len()] != args[0].shape[..] {
-                return Err(format!("embedding_grad wants ids [...] and g [..., D], got {} and {}", args[0], args[1]));
+            if args[1].shape.len() != args[0].shape.len() + 1
+                || args[1].shape[..args[0].shape.len()] != args[0].shape[..]
+            {
+                return Err(format!(
+                    "embedding_grad wants ids [...] and g [..., D], got {} and {}",
+                    args[0], args[1]
+                ));
             }
             Ok(TensorType::f32(&[*vocab, args[1].last()]))
         }
@@ -839,7 +1084,10 @@ fn infer_grad(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
             expect_args(args, 3)?;
             infer(&Op::CrossEntropy, &args[..2])?;
             if args[2].shape != [1] || args[2].dtype != DType::F32 {
-                return Err(format!("cross_entropy_grad wants g f32[1], got {}", args[2]));
+                return Err(format!(
+                    "cross_entropy_grad wants g f32[1], got {}",
+                    args[2]
+                ));
             }
             Ok(args[0].clone())
         }
@@ -848,7 +1096,10 @@ fn infer_grad(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
             expect_dtype(args[0], DType::F32, "g")?;
             expect_dtype(args[1], DType::U32, "idx")?;
             if args[0].shape.len() != 2 || args[0].shape != args[1].shape {
-                return Err(format!("scatter_cols wants g [T, k] and idx [T, k], got {} and {}", args[0], args[1]));
+                return Err(format!(
+                    "scatter_cols wants g [T, k] and idx [T, k], got {} and {}",
+                    args[0], args[1]
+                ));
             }
             Ok(TensorType::f32(&[args[0].shape[0], *cols]))
         }
@@ -857,7 +1108,11 @@ fn infer_grad(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
             expect_dtype(args[0], DType::F32, "gp")?;
             expect_route(args[1], layout)?;
             if args[0].shape.len() != 2 || args[0].shape[0] != layout.rows() {
-                return Err(format!("moe_gather_grad wants gp [{}, D], got {}", layout.rows(), args[0]));
+                return Err(format!(
+                    "moe_gather_grad wants gp [{}, D], got {}",
+                    layout.rows(),
+                    args[0]
+                ));
             }
             Ok(TensorType::f32(&[layout.tokens, args[0].shape[1]]))
         }
@@ -867,8 +1122,17 @@ fn infer_grad(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
             expect_dtype(g, DType::F32, "g")?;
             expect_dtype(w, DType::F32, "w")?;
             expect_route(args[2], layout)?;
-            if g.shape.len() != 2 || g.shape[0] != layout.rows() || w.shape.len() != 3 || w.shape[0] != layout.experts || w.shape[1] != g.shape[1] {
-                return Err(format!("grouped_matmul_grad_x wants g [{}, N] and w [{}, N, K], got {g} and {w}", layout.rows(), layout.experts));
+            if g.shape.len() != 2
+                || g.shape[0] != layout.rows()
+                || w.shape.len() != 3
+                || w.shape[0] != layout.experts
+                || w.shape[1] != g.shape[1]
+            {
+                return Err(format!(
+                    "grouped_matmul_grad_x wants g [{}, N] and w [{}, N, K], got {g} and {w}",
+                    layout.rows(),
+                    layout.experts
+                ));
             }
             Ok(TensorType::f32(&[layout.rows(), w.shape[2]]))
         }
@@ -878,8 +1142,15 @@ fn infer_grad(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
             expect_dtype(g, DType::F32, "g")?;
             expect_dtype(x, DType::F32, "x")?;
             expect_route(args[2], layout)?;
-            if g.shape.len() != 2 || x.shape.len() != 2 || g.shape[0] != layout.rows() || x.shape[0] != layout.rows() {
-                return Err(format!("grouped_matmul_grad_w wants g [{0}, N] and x [{0}, K], got {g} and {x}", layout.rows()));
+            if g.shape.len() != 2
+                || x.shape.len() != 2
+                || g.shape[0] != layout.rows()
+                || x.shape[0] != layout.rows()
+            {
+                return Err(format!(
+                    "grouped_matmul_grad_w wants g [{0}, N] and x [{0}, K], got {g} and {x}",
+                    layout.rows()
+                ));
             }
             Ok(TensorType::f32(&[layout.experts, g.shape[1], x.shape[1]]))
         }
@@ -889,7 +1160,10 @@ fn infer_grad(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
             expect_dtype(dy, DType::F32, "dy")?;
             expect_dtype(w, DType::F32, "weights")?;
             expect_route(args[2], layout)?;
-            if dy.shape.len() != 2 || dy.shape[0] != layout.tokens || w.shape != [layout.tokens, layout.k] {
+            if dy.shape.len() != 2
+                || dy.shape[0] != layout.tokens
+                || w.shape != [layout.tokens, layout.k]
+            {
                 return Err(format!("moe_combine_grad_rows wants dy [{0}, D] and weights [{0}, {1}], got {dy} and {w}", layout.tokens, layout.k));
             }
             Ok(TensorType::f32(&[layout.rows(), dy.shape[1]]))
@@ -900,8 +1174,15 @@ fn infer_grad(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
             expect_dtype(dy, DType::F32, "dy")?;
             expect_dtype(yp, DType::F32, "yp")?;
             expect_route(args[2], layout)?;
-            if dy.shape.len() != 2 || dy.shape[0] != layout.tokens || yp.shape != [layout.rows(), dy.shape[1]] {
-                return Err(format!("moe_combine_grad_weights wants dy [{}, D] and yp [{}, D], got {dy} and {yp}", layout.tokens, layout.rows()));
+            if dy.shape.len() != 2
+                || dy.shape[0] != layout.tokens
+                || yp.shape != [layout.rows(), dy.shape[1]]
+            {
+                return Err(format!(
+                    "moe_combine_grad_weights wants dy [{}, D] and yp [{}, D], got {dy} and {yp}",
+                    layout.tokens,
+                    layout.rows()
+                ));
             }
             Ok(TensorType::f32(&[layout.tokens, layout.k]))
         }
@@ -913,6 +1194,9 @@ fn expect_route(t: &TensorType, layout: &RouteLayout) -> Result<(), String> {
     if t.dtype == DType::U32 && t.shape == [layout.len()] {
         Ok(())
     } else {
-        Err(format!("route table must be u32[{}], got {t}", layout.len()))
+        Err(format!(
+            "route table must be u32[{}], got {t}",
+            layout.len()
+        ))
     }
 }

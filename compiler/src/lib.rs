@@ -40,9 +40,18 @@ pub struct Compiled {
 
 /// Spec → Graph → kernel groups → Plan: the whole compiler after `check`, as every command and test
 /// runs it. `fusion = false` gives one kernel per op (`--no-fuse`).
-pub fn compile(spec: &Spec, batch: usize, target: &Target, fusion: bool) -> Result<Compiled, CompileError> {
+pub fn compile(
+    spec: &Spec,
+    batch: usize,
+    target: &Target,
+    fusion: bool,
+) -> Result<Compiled, CompileError> {
     let graph = lower::lower(spec, batch)?;
-    let options = if fusion { FuseOptions::for_target(target) } else { FuseOptions::unfused(target) };
+    let options = if fusion {
+        FuseOptions::for_target(target)
+    } else {
+        FuseOptions::unfused(target)
+    };
     let fused = fuse::fuse(&graph, options);
     let plan = emit::emit(&graph, &fused, target)?;
     Ok(Compiled { graph, fused, plan })
@@ -53,10 +62,19 @@ pub fn compile(spec: &Spec, batch: usize, target: &Target, fusion: bool) -> Resu
 /// the input `grad_seed` and one output `grad.<param>` per parameter that reaches the loss; the
 /// optimizer update is not in the plan (the runtime's optimizer kernels run after it in the same
 /// submission, with state the plan does not know about).
-pub fn compile_training(spec: &Spec, batch: usize, target: &Target, fusion: bool) -> Result<Compiled, CompileError> {
+pub fn compile_training(
+    spec: &Spec,
+    batch: usize,
+    target: &Target,
+    fusion: bool,
+) -> Result<Compiled, CompileError> {
     let forward = lower::lower(spec, batch)?;
     let graph = autodiff::training_graph(&forward)?;
-    let options = if fusion { FuseOptions::for_target(target) } else { FuseOptions::unfused(target) };
+    let options = if fusion {
+        FuseOptions::for_target(target)
+    } else {
+        FuseOptions::unfused(target)
+    };
     let fused = fuse::fuse(&graph, options);
     let plan = emit::emit(&graph, &fused, target)?;
     Ok(Compiled { graph, fused, plan })

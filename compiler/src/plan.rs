@@ -31,7 +31,11 @@ pub struct BufferSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum BufferRole {
     /// Uploaded once, kept across steps; `name` is the checkpoint name.
-    Param { name: String, shape: Vec<usize>, init: Init },
+    Param {
+        name: String,
+        shape: Vec<usize>,
+        init: Init,
+    },
     /// Written by the host before a run.
     Input { name: String, shape: Vec<usize> },
     /// Read back by the host after a run.
@@ -61,7 +65,9 @@ pub struct Dispatch {
 impl Plan {
     pub fn buffer_named(&self, wanted: &str) -> Option<BufferId> {
         self.buffers.iter().position(|b| match &b.role {
-            BufferRole::Param { name, .. } | BufferRole::Input { name, .. } | BufferRole::Output { name, .. } => name == wanted,
+            BufferRole::Param { name, .. }
+            | BufferRole::Input { name, .. }
+            | BufferRole::Output { name, .. } => name == wanted,
             BufferRole::Scratch => false,
         })
     }

@@ -114,13 +114,26 @@ impl Moe {
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum Gate {
-    Softmax { renorm: bool },
+    Softmax {
+        renorm: bool,
+    },
     Sigmoid,
-    NoisyTopK { noise: f64 },
+    NoisyTopK {
+        noise: f64,
+    },
     Switch,
-    ExpertChoice { capacity: f64 },
-    Sinkhorn { iters: usize },
-    Auction { rounds: usize, epsilon: f64, budget: f64, price_rate: f64 },
+    ExpertChoice {
+        capacity: f64,
+    },
+    Sinkhorn {
+        iters: usize,
+    },
+    Auction {
+        rounds: usize,
+        epsilon: f64,
+        budget: f64,
+        price_rate: f64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,10 +191,20 @@ pub struct Train {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Data {
     /// Raw bytes, vocab 256. The path is as written, relative to the spec file's directory.
-    Text { path: String },
-    Tokens { path: String, dtype: TokenDtype },
-    Cifar10 { dir: String },
-    Synthetic { kind: SyntheticKind, seed: u64 },
+    Text {
+        path: String,
+    },
+    Tokens {
+        path: String,
+        dtype: TokenDtype,
+    },
+    Cifar10 {
+        dir: String,
+    },
+    Synthetic {
+        kind: SyntheticKind,
+        seed: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -199,10 +222,27 @@ pub enum SyntheticKind {
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum Optimizer {
-    AdamW { lr: f64, betas: (f64, f64), eps: f64, weight_decay: f64 },
-    Sgd { lr: f64, momentum: f64 },
-    Adafactor { lr: f64, decay: f64, eps: f64 },
-    ScheduleFreeAdamW { lr: f64, betas: (f64, f64), eps: f64, weight_decay: f64 },
+    AdamW {
+        lr: f64,
+        betas: (f64, f64),
+        eps: f64,
+        weight_decay: f64,
+    },
+    Sgd {
+        lr: f64,
+        momentum: f64,
+    },
+    Adafactor {
+        lr: f64,
+        decay: f64,
+        eps: f64,
+    },
+    ScheduleFreeAdamW {
+        lr: f64,
+        betas: (f64, f64),
+        eps: f64,
+        weight_decay: f64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -22,7 +22,6 @@ use std::path::Path;
 mod support;
 use support::*;
 
-
 const MOE: &str = r#"
 model tiny_moe {
   vocab = 16

@@ -21,7 +21,6 @@ use std::collections::HashMap;
 mod support;
 use support::*;
 
-
 /// A one-block MoE transformer with the given `moe { ... }` body.
 fn spec_src(moe: &str) -> String {
     format!("model tiny {{\n vocab = 16\n dim = 8\n layers = 1\n heads = 2\n context = 4\n moe {{\n expert = swiglu(hidden = 6)\n {moe}\n }}\n}}\n")

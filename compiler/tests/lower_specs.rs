@@ -13,7 +13,9 @@ use std::path::Path;
 fn example_specs_lower_and_start_near_ln_vocab() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../specs");
     let mut seen = 0;
-    let entries = std::fs::read_dir(&dir).expect("specs/ exists").chain(std::fs::read_dir(dir.join("compare")).expect("specs/compare/ exists"));
+    let entries = std::fs::read_dir(&dir)
+        .expect("specs/ exists")
+        .chain(std::fs::read_dir(dir.join("compare")).expect("specs/compare/ exists"));
     for entry in entries {
         let path = entry.unwrap().path();
         if path.extension().and_then(|e| e.to_str()) != Some("moe") {
@@ -27,9 +29,14 @@ fn example_specs_lower_and_start_near_ln_vocab() {
             // varied features, labels cycling through the classes.
             (Some(n), Some(classes)) => {
                 let rows = 64;
-                let x = (0..rows * n).map(|j| ((j * 7 + 3) % 11) as f32 / 5.0 - 1.0).collect();
+                let x = (0..rows * n)
+                    .map(|j| ((j * 7 + 3) % 11) as f32 / 5.0 - 1.0)
+                    .collect();
                 feeds.insert("features".to_string(), Value::F32(x));
-                feeds.insert("targets".to_string(), Value::U32((0..rows as u32).map(|i| i % classes as u32).collect()));
+                feeds.insert(
+                    "targets".to_string(),
+                    Value::U32((0..rows as u32).map(|i| i % classes as u32).collect()),
+                );
                 (lower(&spec, rows), classes)
             }
             _ => {
@@ -47,8 +54,15 @@ fn example_specs_lower_and_start_near_ln_vocab() {
         feeds.extend(param_feeds(&init_params(&g, 0)));
         // Eval-mode feeds of the routing inputs: no noise, no jitter, fresh router state.
         for (_, name, ty) in g.data_inputs() {
-            let fill = if name.starts_with("jitter.") { 1.0 } else { 0.0 };
-            if name.starts_with("noise.") || name.starts_with("jitter.") || name.starts_with("router_state.") {
+            let fill = if name.starts_with("jitter.") {
+                1.0
+            } else {
+                0.0
+            };
+            if name.starts_with("noise.")
+                || name.starts_with("jitter.")
+                || name.starts_with("router_state.")
+            {
                 feeds.insert(name, Value::F32(vec![fill; ty.numel()]));
             }
         }

@@ -11,7 +11,10 @@ use moec_runtime::{AdapterChoice, Executor, Gpu};
 use std::time::Instant;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
     let (m, n, k) = match args[..] {
         [m, n, k] => (m, n, k),
         _ => (1024, 1024, 1024),
@@ -26,7 +29,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let y = g.add(Op::MatMul { trans_b }, &[x, w], "y")?;
         g.set_output("y", y);
         for variant in [MatmulVariant::RegisterBlocked, MatmulVariant::SharedTiled] {
-            let target = Target { matmul: variant, ..gpu.target() };
+            let target = Target {
+                matmul: variant,
+                ..gpu.target()
+            };
             let plan = emit(&g, &fuse(&g, FuseOptions::for_target(&target)), &target)?;
             let exec = Executor::new(&gpu, &plan)?;
             exec.write_f32("x", &vec![0.5; m * k])?;
@@ -46,7 +52,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 return Err(format!("wrong result {} (want {want})", y[0]).into());
             }
             let gflops = 2.0 * (m * n * k) as f64 / best / 1e9;
-            println!("{m}x{n}x{k} trans_b={trans_b:<5} {variant:?}: {:.1} ms, {gflops:.1} GFLOP/s", best * 1e3);
+            println!(
+                "{m}x{n}x{k} trans_b={trans_b:<5} {variant:?}: {:.1} ms, {gflops:.1} GFLOP/s",
+                best * 1e3
+            );
         }
     }
     Ok(())

@@ -28,7 +28,9 @@
 //! the target and fsyncs the directory: a crash at any point leaves either the old checkpoint or the
 //! new one, never a half-written file, and never a stray temporary file on success or error.
 
-use moec_compiler::spec::{Activation, Balance, Capacity, Family, Gate, Norm, Precision, Spec, NORM_EPS};
+use moec_compiler::spec::{
+    Activation, Balance, Capacity, Family, Gate, Norm, Precision, Spec, NORM_EPS,
+};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use std::borrow::Cow;
@@ -54,15 +56,32 @@ const STATE_PREFIXES: [&str; 2] = ["optim.", "router_state."];
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error("cannot {action} checkpoint `{path}`: {source}")]
-    Io { path: PathBuf, action: &'static str, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        action: &'static str,
+        source: std::io::Error,
+    },
     #[error("`{path}` is not a valid safetensors file: {message}")]
     Format { path: PathBuf, message: String },
     #[error("tensor `{name}` in `{path}` has dtype {dtype}; moec reads F32, F16, BF16 and F64")]
-    Dtype { path: PathBuf, name: String, dtype: String },
+    Dtype {
+        path: PathBuf,
+        name: String,
+        dtype: String,
+    },
     #[error("metadata `{key}` of `{path}` is `{value}`, not a step number")]
-    Step { path: PathBuf, key: String, value: String },
+    Step {
+        path: PathBuf,
+        key: String,
+        value: String,
+    },
     #[error("tensor `{name}` has shape {shape:?} ({expected} values) but {actual} values of data")]
-    ShapeData { name: String, shape: Vec<usize>, expected: usize, actual: usize },
+    ShapeData {
+        name: String,
+        shape: Vec<usize>,
+        expected: usize,
+        actual: usize,
+    },
     #[error("metadata key `{0}` is reserved for moec (format, moec.step, moec.spec)")]
     ReservedKey(String),
     #[error("checkpoint metadata `{key}` is not the expected JSON: {message}")]
@@ -103,17 +122,32 @@ impl Checkpoint {
     }
 
     /// Stores `value` as JSON under metadata key `key` (e.g. the batcher state).
-    pub fn put_json<T: serde::Serialize>(&mut self, key: &str, value: &T) -> Result<(), CheckpointError> {
-        let text = serde_json::to_string(value).map_err(|e| CheckpointError::Meta { key: key.into(), message: e.to_string() })?;
+    pub fn put_json<T: serde::Serialize>(
+        &mut self,
+        key: &str,
+        value: &T,
+    ) -> Result<(), CheckpointError> {
+        let text = serde_json::to_string(value).map_err(|e| CheckpointError::Meta {
+            key: key.into(),
+            message: e.to_string(),
+        })?;
         self.meta.insert(key.to_string(), text);
         Ok(())
     }
 
     /// Reads metadata key `key` as JSON; `Ok(None)` when the checkpoint has no such key.
-    pub fn get_json<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, CheckpointError> {
+    pub fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, CheckpointError> {
         self.meta
             .get(key)
-            .map(|text| serde_json::from_str(text).map_err(|e| CheckpointError::Meta { key: key.into(), message: e.to_string() }))
+            .map(|text| {
+                serde_json::from_str(text).map_err(|e| CheckpointError::Meta {
+                    key: key.into(),
+                    message: e.to_string(),
+                })
+            })
             .transpose()
     }
 
@@ -134,7 +168,12 @@ impl Checkpoint {
         for (name, (shape, data)) in &self.tensors {
             let expected: usize = shape.iter().product();
             if expected != data.len() {
-                return Err(CheckpointError::ShapeData { name: name.clone(), shape: shape.clone(), expected, actual: data.len() });
+                return Err(CheckpointError::ShapeData {
+                    name: name.clone(),
+                    shape: shape.clone(),
+                    expected,
+                    actual: data.len(),
+                });
             }
             bytes.push((name, shape, le_bytes(data)));
         }
@@ -143,11 +182,17 @@ impl Checkpoint {
             .map(|(name, shape, b)| {
                 TensorView::new(Dtype::F32, shape.to_vec(), b)
                     .map(|v| (name.as_str(), v))
-                    .map_err(|e| CheckpointError::Format { path: path.into(), message: e.to_string() })
+                    .map_err(|e| CheckpointError::Format {
+                        path: path.into(),
+                        message: e.to_string(),
+                    })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let buffer = safetensors::serialize(views, Some(metadata))
-            .map_err(|e| CheckpointError::Format { path: path.into(), message: e.to_string() })?;
+        let buffer =
+            safetensors::serialize(views, Some(metadata)).map_err(|e| CheckpointError::Format {
+                path: path.into(),
+                message: e.to_string(),
+            })?;
         write_atomic(path, &buffer)
     }
 
@@ -155,24 +200,46 @@ impl Checkpoint {
     /// directory of `path`, the checkpoint file this checkpoint was saved to: the index maps every
     /// model weight (not the `optim.` / `router_state.` state) to that file. Both are written
     /// atomically.
-    pub fn save_hf_files(&self, path: &Path, config: &serde_json::Value) -> Result<(), CheckpointError> {
-        let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let weights = self.tensors.iter().filter(|(name, _)| !STATE_PREFIXES.iter().any(|p| name.starts_with(p)));
+    pub fn save_hf_files(
+        &self,
+        path: &Path,
+        config: &serde_json::Value,
+    ) -> Result<(), CheckpointError> {
+        let file_name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let weights = self
+            .tensors
+            .iter()
+            .filter(|(name, _)| !STATE_PREFIXES.iter().any(|p| name.starts_with(p)));
         let total_size: usize = weights.clone().map(|(_, (_, data))| data.len() * 4).sum();
-        let weight_map: serde_json::Map<String, serde_json::Value> = weights.map(|(name, _)| (name.clone(), file_name.clone().into())).collect();
+        let weight_map: serde_json::Map<String, serde_json::Value> = weights
+            .map(|(name, _)| (name.clone(), file_name.clone().into()))
+            .collect();
         let index = serde_json::json!({ "metadata": { "total_size": total_size }, "weight_map": weight_map });
         let dir = path.parent().unwrap_or(Path::new(""));
         for (name, value) in [(HF_CONFIG_FILE, config), (HF_INDEX_FILE, &index)] {
             let target = dir.join(name);
-            let text = serde_json::to_string_pretty(value).map_err(|e| CheckpointError::Json { path: target.clone(), message: e.to_string() })?;
+            let text = serde_json::to_string_pretty(value).map_err(|e| CheckpointError::Json {
+                path: target.clone(),
+                message: e.to_string(),
+            })?;
             write_atomic(&target, format!("{text}\n").as_bytes())?;
         }
         Ok(())
     }
 
     pub fn load(path: &Path) -> Result<Checkpoint, CheckpointError> {
-        let bytes = std::fs::read(path).map_err(|source| CheckpointError::Io { path: path.into(), action: "read", source })?;
-        let format_err = |e: safetensors::SafeTensorError| CheckpointError::Format { path: path.into(), message: e.to_string() };
+        let bytes = std::fs::read(path).map_err(|source| CheckpointError::Io {
+            path: path.into(),
+            action: "read",
+            source,
+        })?;
+        let format_err = |e: safetensors::SafeTensorError| CheckpointError::Format {
+            path: path.into(),
+            message: e.to_string(),
+        };
         let (_, header) = SafeTensors::read_metadata(&bytes).map_err(format_err)?;
         let file = SafeTensors::deserialize(&bytes).map_err(format_err)?;
         let mut tensors = BTreeMap::new();
@@ -184,14 +251,28 @@ impl Checkpoint {
             })?;
             tensors.insert(name, (view.shape().to_vec(), data));
         }
-        let mut meta: BTreeMap<String, String> = header.metadata().clone().unwrap_or_default().into_iter().collect();
+        let mut meta: BTreeMap<String, String> = header
+            .metadata()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         meta.remove(META_FORMAT);
         let step = match meta.remove(META_STEP) {
-            Some(value) => value.parse().map_err(|_| CheckpointError::Step { path: path.into(), key: META_STEP.into(), value })?,
+            Some(value) => value.parse().map_err(|_| CheckpointError::Step {
+                path: path.into(),
+                key: META_STEP.into(),
+                value,
+            })?,
             None => 0,
         };
         let spec_text = meta.remove(META_SPEC).unwrap_or_default();
-        Ok(Checkpoint { tensors, step, spec_text, meta })
+        Ok(Checkpoint {
+            tensors,
+            step,
+            spec_text,
+            meta,
+        })
     }
 }
 
@@ -204,7 +285,10 @@ pub fn hf_config(spec: &Spec) -> Result<serde_json::Value, CheckpointError> {
     let not = |what: String| Err(CheckpointError::NotHf(what));
     let m = &spec.model;
     let (Family::Transformer, Some(vocab), Some(context)) = (m.family, m.vocab, m.context) else {
-        return not(format!("family `{:?}` is not a token transformer", m.family));
+        return not(format!(
+            "family `{:?}` is not a token transformer",
+            m.family
+        ));
     };
     if m.norm != Norm::RmsNorm {
         return not("norm = layernorm (Mixtral and Llama use RMSNorm)".into());
@@ -239,7 +323,10 @@ pub fn hf_config(spec: &Spec) -> Result<serde_json::Value, CheckpointError> {
     let extra = match &spec.moe {
         None => {
             if m.ffn.activation != Activation::SwiGlu {
-                return not(format!("ffn = {:?} (Llama's MLP is SwiGLU)", m.ffn.activation));
+                return not(format!(
+                    "ffn = {:?} (Llama's MLP is SwiGLU)",
+                    m.ffn.activation
+                ));
             }
             serde_json::json!({
                 "architectures": ["LlamaForCausalLM"],
@@ -252,21 +339,38 @@ pub fn hf_config(spec: &Spec) -> Result<serde_json::Value, CheckpointError> {
         }
         Some(moe) => {
             if moe.blocks.len() != m.layers {
-                return not(format!("MoE on {} of {} blocks (Mixtral's blocks are all MoE)", moe.blocks.len(), m.layers));
+                return not(format!(
+                    "MoE on {} of {} blocks (Mixtral's blocks are all MoE)",
+                    moe.blocks.len(),
+                    m.layers
+                ));
             }
             if moe.expert.activation != Activation::SwiGlu {
-                return not(format!("expert = {:?} (Mixtral's experts are SwiGLU)", moe.expert.activation));
+                return not(format!(
+                    "expert = {:?} (Mixtral's experts are SwiGLU)",
+                    moe.expert.activation
+                ));
             }
             if moe.gate != (Gate::Softmax { renorm: true }) {
-                return not(format!("gate = {:?} (Mixtral's gate is softmax renormalised over the top k)", moe.gate));
+                return not(format!(
+                    "gate = {:?} (Mixtral's gate is softmax renormalised over the top k)",
+                    moe.gate
+                ));
             }
             if moe.shared_experts > 0 || moe.groups.is_some() {
-                return not("shared experts or expert groups (Mixtral has one flat set of routed experts)".into());
+                return not(
+                    "shared experts or expert groups (Mixtral has one flat set of routed experts)"
+                        .into(),
+                );
             }
             if moe.capacity != Capacity::Dropless {
                 return not("a capacity factor (Mixtral drops no tokens)".into());
             }
-            if moe.balance.iter().any(|b| matches!(b, Balance::Bias { .. })) {
+            if moe
+                .balance
+                .iter()
+                .any(|b| matches!(b, Balance::Bias { .. }))
+            {
                 return not("bias balancing (a selection bias Mixtral's router lacks)".into());
             }
             if moe.router_precision != Precision::F32 {
@@ -275,7 +379,17 @@ pub fn hf_config(spec: &Spec) -> Result<serde_json::Value, CheckpointError> {
             // moec's aux(c) is c·E·Σ f_e·P_e with f_e the share of the T·k choices; HF's
             // load_balancing_loss_func counts f per choice slot without dividing by k, so c / k
             // gives the same scale (HF pools all layers' tokens where moec sums per layer).
-            let aux = moe.balance.iter().find_map(|b| if let Balance::Aux(c) = b { Some(*c) } else { None }).unwrap_or(0.0);
+            let aux = moe
+                .balance
+                .iter()
+                .find_map(|b| {
+                    if let Balance::Aux(c) = b {
+                        Some(*c)
+                    } else {
+                        None
+                    }
+                })
+                .unwrap_or(0.0);
             serde_json::json!({
                 "architectures": ["MixtralForCausalLM"],
                 "model_type": "mixtral",
@@ -307,10 +421,22 @@ fn le_bytes(data: &[f32]) -> Cow<'_, [u8]> {
 
 fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     Some(match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        Dtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        Dtype::F64 => bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f32).collect(),
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::F64 => bytes
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f32)
+            .collect(),
         _ => return None,
     })
 }
@@ -318,15 +444,29 @@ fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
 /// Temp file in the same directory + fsync + rename + directory fsync; the temp file is removed on
 /// any error.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
-    let io = |action: &'static str| move |source| CheckpointError::Io { path: path.into(), action, source };
+    let io = |action: &'static str| {
+        move |source| CheckpointError::Io {
+            path: path.into(),
+            action,
+            source,
+        }
+    };
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let file_name =
-        path.file_name().ok_or_else(|| io("write")(std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path names no file")))?;
+    let file_name = path.file_name().ok_or_else(|| {
+        io("write")(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the path names no file",
+        ))
+    })?;
     std::fs::create_dir_all(&dir).map_err(io("create the directory of"))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
     let write = || -> std::io::Result<()> {
         let mut file = std::fs::File::create(&tmp)?;
         file.write_all(bytes)?;
@@ -351,7 +491,8 @@ fn parse_hf_expert(name: &str) -> Option<(&str, usize, &str)> {
     let (head, proj) = rest.rsplit_once('.')?;
     let (prefix, expert) = head.rsplit_once('.')?;
     let expert = expert.parse().ok()?;
-    (is_stack_prefix(prefix) && matches!(proj, "w1" | "w2" | "w3")).then_some((prefix, expert, proj))
+    (is_stack_prefix(prefix) && matches!(proj, "w1" | "w2" | "w3"))
+        .then_some((prefix, expert, proj))
 }
 
 fn is_stack_prefix(prefix: &str) -> bool {
@@ -364,12 +505,24 @@ fn is_stack_prefix(prefix: &str) -> bool {
 /// anything else (including `optim.` and `router_state.` entries, and a tensor whose data does not
 /// match its shape, which `save` then reports) is returned unchanged.
 pub fn to_hf(name: &str, shape: &[usize], data: &[f32]) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let stacked = name.rsplit_once('.').filter(|(prefix, proj)| is_stack_prefix(prefix) && matches!(*proj, "w1" | "w2" | "w3"));
+    let stacked = name
+        .rsplit_once('.')
+        .filter(|(prefix, proj)| is_stack_prefix(prefix) && matches!(*proj, "w1" | "w2" | "w3"));
     match stacked {
-        Some((prefix, proj)) if shape.len() == 3 && shape.iter().product::<usize>() == data.len() && shape[0] > 0 => {
+        Some((prefix, proj))
+            if shape.len() == 3
+                && shape.iter().product::<usize>() == data.len()
+                && shape[0] > 0 =>
+        {
             let per = shape[1] * shape[2];
             (0..shape[0])
-                .map(|e| (format!("{prefix}.{e}.{proj}.weight"), shape[1..].to_vec(), data[e * per..(e + 1) * per].to_vec()))
+                .map(|e| {
+                    (
+                        format!("{prefix}.{e}.{proj}.weight"),
+                        shape[1..].to_vec(),
+                        data[e * per..(e + 1) * per].to_vec(),
+                    )
+                })
                 .collect()
         }
         _ => vec![(name.to_string(), shape.to_vec(), data.to_vec())],
@@ -379,13 +532,18 @@ pub fn to_hf(name: &str, shape: &[usize], data: &[f32]) -> Vec<(String, Vec<usiz
 /// The inverse of [`to_hf`] over a whole tensor map: every group of HF per-expert weights
 /// `...experts.{0..E}.wK.weight` becomes one stacked `...experts.wK` `[E, a, b]`; other tensors pass
 /// through. Experts must be numbered 0..E without gaps and share one 2-D shape.
-pub fn from_hf(tensors: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, CheckpointError> {
+pub fn from_hf(
+    tensors: BTreeMap<String, Tensor>,
+) -> Result<BTreeMap<String, Tensor>, CheckpointError> {
     let mut out = BTreeMap::new();
     let mut groups: BTreeMap<String, BTreeMap<usize, Tensor>> = BTreeMap::new();
     for (name, tensor) in tensors {
         match parse_hf_expert(&name) {
             Some((prefix, expert, proj)) => {
-                groups.entry(format!("{prefix}.{proj}")).or_default().insert(expert, tensor);
+                groups
+                    .entry(format!("{prefix}.{proj}"))
+                    .or_default()
+                    .insert(expert, tensor);
             }
             None => {
                 out.insert(name, tensor);
@@ -398,17 +556,26 @@ pub fn from_hf(tensors: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Ten
         let mut data = Vec::new();
         for (i, (e, (s, d))) in experts.into_iter().enumerate() {
             if e != i {
-                return Err(CheckpointError::Stack { name, message: format!("expert {i} is missing (found expert {e} next)") });
+                return Err(CheckpointError::Stack {
+                    name,
+                    message: format!("expert {i} is missing (found expert {e} next)"),
+                });
             }
             if s.len() != 2 || s.iter().product::<usize>() != d.len() {
                 return Err(CheckpointError::Stack {
                     name,
-                    message: format!("expert {e} has shape {s:?} with {} values, not a matrix", d.len()),
+                    message: format!(
+                        "expert {e} has shape {s:?} with {} values, not a matrix",
+                        d.len()
+                    ),
                 });
             }
             match &shape {
                 Some(first) if *first != s => {
-                    return Err(CheckpointError::Stack { name, message: format!("expert {e} has shape {s:?} but expert 0 has {first:?}") })
+                    return Err(CheckpointError::Stack {
+                        name,
+                        message: format!("expert {e} has shape {s:?} but expert 0 has {first:?}"),
+                    })
                 }
                 Some(_) => {}
                 None => shape = Some(s),
@@ -450,7 +617,10 @@ pub fn diff_specs(a: &str, b: &str) -> Option<String> {
         }
     }
     if edits.len() > MAX_DIFF_LINES {
-        out.push_str(&format!("... and {} more differing lines\n", edits.len() - MAX_DIFF_LINES));
+        out.push_str(&format!(
+            "... and {} more differing lines\n",
+            edits.len() - MAX_DIFF_LINES
+        ));
     }
     Some(out.trim_end().to_string())
 }
@@ -466,18 +636,30 @@ enum Edit {
 /// large for it (over 16M cells, far beyond any spec) is reported as all removed then all added.
 fn line_diff(a: &[String], b: &[String]) -> Vec<Edit> {
     let prefix = a.iter().zip(b).take_while(|(x, y)| x == y).count();
-    let suffix = a[prefix..].iter().rev().zip(b[prefix..].iter().rev()).take_while(|(x, y)| x == y).count();
+    let suffix = a[prefix..]
+        .iter()
+        .rev()
+        .zip(b[prefix..].iter().rev())
+        .take_while(|(x, y)| x == y)
+        .count();
     let (am, bm) = (&a[prefix..a.len() - suffix], &b[prefix..b.len() - suffix]);
     let (n, m) = (am.len(), bm.len());
     if n * m > 16 << 20 {
-        return (0..n).map(|i| Edit::Removed(prefix + i)).chain((0..m).map(|j| Edit::Added(prefix + j))).collect();
+        return (0..n)
+            .map(|i| Edit::Removed(prefix + i))
+            .chain((0..m).map(|j| Edit::Added(prefix + j)))
+            .collect();
     }
     // lcs[i][j] = LCS length of am[i..] and bm[j..].
     let mut lcs = vec![0u32; (n + 1) * (m + 1)];
     let at = |i: usize, j: usize| i * (m + 1) + j;
     for i in (0..n).rev() {
         for j in (0..m).rev() {
-            lcs[at(i, j)] = if am[i] == bm[j] { lcs[at(i + 1, j + 1)] + 1 } else { lcs[at(i + 1, j)].max(lcs[at(i, j + 1)]) };
+            lcs[at(i, j)] = if am[i] == bm[j] {
+                lcs[at(i + 1, j + 1)] + 1
+            } else {
+                lcs[at(i + 1, j)].max(lcs[at(i, j + 1)])
+            };
         }
     }
     let (mut i, mut j) = (0, 0);

@@ -68,54 +68,116 @@ pub const CLASS_NOISE: f64 = 0.25;
 pub const CIFAR_INPUTS: usize = 3072;
 pub const CIFAR_CLASSES: usize = 10;
 /// The CIFAR-10 training batches, in the order their records are concatenated.
-pub const CIFAR_TRAIN_FILES: [&str; 5] = ["data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin"];
+pub const CIFAR_TRAIN_FILES: [&str; 5] = [
+    "data_batch_1.bin",
+    "data_batch_2.bin",
+    "data_batch_3.bin",
+    "data_batch_4.bin",
+    "data_batch_5.bin",
+];
 /// The CIFAR-10 test batch: the validation part.
 pub const CIFAR_TEST_FILE: &str = "test_batch.bin";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("cannot read data file `{path}`: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{what} data is not token data for a language model; it is meant for the `mlp` (classifier) family")]
     NotForLm { what: String },
     #[error("{what} data is token data for a language model; an `mlp` classifier trains on `cifar10(\"dir\")` or `synthetic(kind = classes)`")]
     NotForClassifier { what: String },
     #[error("the `{family}` model has no `{field}`, which its data needs")]
-    ModelField { family: &'static str, field: &'static str },
+    ModelField {
+        family: &'static str,
+        field: &'static str,
+    },
     #[error("a classifier needs inputs >= 1 and classes >= 2, but the model has inputs = {inputs}, classes = {classes}")]
     ClassifierShape { inputs: usize, classes: usize },
     #[error("CIFAR-10 images are {expected}, but the model has {field} = {actual}; set {field} = {wanted}")]
-    CifarShape { field: &'static str, actual: usize, wanted: usize, expected: &'static str },
+    CifarShape {
+        field: &'static str,
+        actual: usize,
+        wanted: usize,
+        expected: &'static str,
+    },
     #[error(
         "the CIFAR-10 directory `{dir}` lacks {missing}; point at the extracted `cifar-10-batches-bin` \
          (data_batch_1.bin ... data_batch_5.bin, test_batch.bin)"
     )]
     CifarMissing { dir: PathBuf, missing: String },
     #[error("`{path}` holds {bytes} bytes, not a whole number of {record}-byte CIFAR-10 records; the file is truncated or not a CIFAR-10 batch")]
-    CifarRecords { path: PathBuf, bytes: usize, record: usize },
+    CifarRecords {
+        path: PathBuf,
+        bytes: usize,
+        record: usize,
+    },
     #[error("{source_name}: label {value} of sample {position} is not below the model's classes = {classes}")]
-    LabelOutOfRange { source_name: String, position: usize, value: u32, classes: usize },
+    LabelOutOfRange {
+        source_name: String,
+        position: usize,
+        value: u32,
+        classes: usize,
+    },
     #[error("{source_name} leaves no sample for its {part} part: {total} samples in all, split = {split}")]
-    EmptyPart { source_name: String, part: &'static str, total: usize, split: f64 },
+    EmptyPart {
+        source_name: String,
+        part: &'static str,
+        total: usize,
+        split: f64,
+    },
     #[error("text data is raw bytes (256 token ids), but the model's vocab is {vocab}; set vocab = 256 or more")]
     TextVocab { vocab: usize },
     #[error("the model's vocab is 0; synthetic data needs at least one token id")]
     EmptyVocab,
     #[error("`{path}` holds {bytes} bytes of token data, not a multiple of {width} ({dtype} tokens); is the dtype right?")]
-    Misaligned { path: PathBuf, bytes: usize, width: usize, dtype: &'static str },
+    Misaligned {
+        path: PathBuf,
+        bytes: usize,
+        width: usize,
+        dtype: &'static str,
+    },
     #[error("`{path}` has a token-shard header for {header} tokens, but the spec says dtype = {spec}; write dtype = {header}")]
-    HeaderDtype { path: PathBuf, header: &'static str, spec: &'static str },
+    HeaderDtype {
+        path: PathBuf,
+        header: &'static str,
+        spec: &'static str,
+    },
     #[error("`{path}` has a token-shard header (magic {magic}) with version {version}; expected version {expected}")]
-    HeaderVersion { path: PathBuf, magic: i32, version: i32, expected: i32 },
+    HeaderVersion {
+        path: PathBuf,
+        magic: i32,
+        version: i32,
+        expected: i32,
+    },
     #[error("`{path}`: its header says {header} tokens but the file holds {actual}; the file is truncated or not a token shard")]
-    HeaderCount { path: PathBuf, header: i64, actual: usize },
+    HeaderCount {
+        path: PathBuf,
+        header: i64,
+        actual: usize,
+    },
     #[error("{source_name}: token {value} at position {position} is not below the model's vocab = {vocab}")]
-    TokenOutOfRange { source_name: String, position: usize, value: u32, vocab: usize },
+    TokenOutOfRange {
+        source_name: String,
+        position: usize,
+        value: u32,
+        vocab: usize,
+    },
     #[error(
         "{source_name} is too short for context = {context}: its {part} part has {have} tokens, but each part needs at least {needed} \
          (context + 1); {total} tokens in all, split = {split}"
     )]
-    TooShort { source_name: String, part: &'static str, have: usize, needed: usize, total: usize, context: usize, split: f64 },
+    TooShort {
+        source_name: String,
+        part: &'static str,
+        have: usize,
+        needed: usize,
+        total: usize,
+        context: usize,
+        split: f64,
+    },
     #[error(
         "the saved batcher state is for {saved} training tokens (samples for a classifier), but this data set has {actual}; the data changed since the checkpoint"
     )]
@@ -149,7 +211,10 @@ pub enum Batch {
     /// Language models: `[batch, context]` row-major input tokens and next-token targets.
     Tokens { tokens: Vec<u32>, targets: Vec<u32> },
     /// Classifiers: `[batch, inputs]` row-major features and `[batch]` class labels.
-    Samples { features: Vec<f32>, targets: Vec<u32> },
+    Samples {
+        features: Vec<f32>,
+        targets: Vec<u32>,
+    },
 }
 
 /// Index `j` of `total` picks spread evenly over `count` items, the first and the last included:
@@ -165,7 +230,13 @@ fn spread(j: usize, total: usize, count: usize) -> usize {
 impl Dataset {
     /// Reads or generates `data` for a model of `vocab` token ids and sequence length `context`, and
     /// splits it (module docs). `spec_dir` is the directory of the spec file.
-    pub fn load(data: &Data, spec_dir: &Path, vocab: usize, context: usize, split: f64) -> Result<Dataset, DataError> {
+    pub fn load(
+        data: &Data,
+        spec_dir: &Path,
+        vocab: usize,
+        context: usize,
+        split: f64,
+    ) -> Result<Dataset, DataError> {
         let (tokens, layout, description) = match data {
             Data::Text { path } => {
                 if vocab < 256 {
@@ -173,7 +244,11 @@ impl Dataset {
                 }
                 let full = spec_dir.join(path);
                 let bytes = read(&full)?;
-                (bytes.into_iter().map(u32::from).collect(), Layout::Stream, format!("`{}`", full.display()))
+                (
+                    bytes.into_iter().map(u32::from).collect(),
+                    Layout::Stream,
+                    format!("`{}`", full.display()),
+                )
             }
             Data::Tokens { path, dtype } => {
                 let full = spec_dir.join(path);
@@ -182,33 +257,62 @@ impl Dataset {
                 check_range(&tokens, vocab, &description)?;
                 (tokens, Layout::Stream, description)
             }
-            Data::Cifar10 { dir } => return Err(DataError::NotForLm { what: format!("cifar10(\"{dir}\")") }),
-            Data::Synthetic { kind: SyntheticKind::Classes, .. } => {
-                return Err(DataError::NotForLm { what: "synthetic(kind = classes)".into() })
+            Data::Cifar10 { dir } => {
+                return Err(DataError::NotForLm {
+                    what: format!("cifar10(\"{dir}\")"),
+                })
             }
-            Data::Synthetic { kind: SyntheticKind::Markov, seed } => {
+            Data::Synthetic {
+                kind: SyntheticKind::Classes,
+                ..
+            } => {
+                return Err(DataError::NotForLm {
+                    what: "synthetic(kind = classes)".into(),
+                })
+            }
+            Data::Synthetic {
+                kind: SyntheticKind::Markov,
+                seed,
+            } => {
                 if vocab == 0 {
                     return Err(DataError::EmptyVocab);
                 }
                 let chain = MarkovChain::new(vocab, *seed);
                 let n = MARKOV_TOKENS.max(64 * (context + 1));
                 let tokens = chain.generate(n, *seed);
-                let mut ds = split_into(tokens, Layout::Stream, format!("synthetic(kind = markov, seed = {seed})"), vocab, context, split)?;
+                let mut ds = split_into(
+                    tokens,
+                    Layout::Stream,
+                    format!("synthetic(kind = markov, seed = {seed})"),
+                    vocab,
+                    context,
+                    split,
+                )?;
                 ds.conditional_entropy = Some(chain.conditional_entropy(&ds.train));
                 return Ok(ds);
             }
-            Data::Synthetic { kind: SyntheticKind::Copy, seed } => {
+            Data::Synthetic {
+                kind: SyntheticKind::Copy,
+                seed,
+            } => {
                 if vocab == 0 {
                     return Err(DataError::EmptyVocab);
                 }
                 let len = context + 1;
                 let tokens = copy_sequences(vocab, len, (COPY_TOKENS / len).max(16), *seed);
-                let mut ds =
-                    split_into(tokens, Layout::Sequences, format!("synthetic(kind = copy, seed = {seed})"), vocab, context, split)?;
+                let mut ds = split_into(
+                    tokens,
+                    Layout::Sequences,
+                    format!("synthetic(kind = copy, seed = {seed})"),
+                    vocab,
+                    context,
+                    split,
+                )?;
                 // Targets 1..h-1 of each sequence are fresh uniform tokens; targets h.. repeat the first
                 // half, which the model has seen: the best achievable loss is (h-1)/context · ln V.
                 let h = len.div_ceil(2);
-                ds.conditional_entropy = Some((h - 1) as f64 / context.max(1) as f64 * (vocab as f64).ln());
+                ds.conditional_entropy =
+                    Some((h - 1) as f64 / context.max(1) as f64 * (vocab as f64).ln());
                 return Ok(ds);
             }
         };
@@ -217,9 +321,22 @@ impl Dataset {
 
     /// A stream data set from tokens already in memory (e.g. tokenised elsewhere, or built by a test):
     /// checked against `vocab` and split like a file. `description` names the source in errors.
-    pub fn from_tokens(tokens: Vec<u32>, description: &str, vocab: usize, context: usize, split: f64) -> Result<Dataset, DataError> {
+    pub fn from_tokens(
+        tokens: Vec<u32>,
+        description: &str,
+        vocab: usize,
+        context: usize,
+        split: f64,
+    ) -> Result<Dataset, DataError> {
         check_range(&tokens, vocab, description)?;
-        split_into(tokens, Layout::Stream, description.to_string(), vocab, context, split)
+        split_into(
+            tokens,
+            Layout::Stream,
+            description.to_string(),
+            vocab,
+            context,
+            split,
+        )
     }
 
     pub fn vocab(&self) -> usize {
@@ -251,7 +368,12 @@ impl Dataset {
             counts[t as usize] += 1;
         }
         let n = self.train.len() as f64;
-        counts.iter().filter(|&&c| c > 0).map(|&c| c as f64 / n).map(|p| -p * p.ln()).sum()
+        counts
+            .iter()
+            .filter(|&&c| c > 0)
+            .map(|&c| c as f64 / n)
+            .map(|p| -p * p.ln())
+            .sum()
     }
 
     /// The best achievable next-token loss (nats/token) where it is known exactly: for `markov` the
@@ -280,7 +402,10 @@ impl Dataset {
     /// The windows at `indices` of `part`, as one batch.
     fn window_batch(&self, part: &[u32], indices: impl ExactSizeIterator<Item = usize>) -> Batch {
         let rows = indices.len();
-        let (mut tokens, mut targets) = (Vec::with_capacity(rows * self.context), Vec::with_capacity(rows * self.context));
+        let (mut tokens, mut targets) = (
+            Vec::with_capacity(rows * self.context),
+            Vec::with_capacity(rows * self.context),
+        );
         for index in indices {
             let start = self.window_start(index);
             tokens.extend_from_slice(&part[start..start + self.context]);
@@ -294,12 +419,22 @@ impl Dataset {
     /// losses are comparable across steps and runs.
     pub fn val_batches(&self, batch: usize, n: usize) -> Vec<Batch> {
         let windows = self.windows(&self.val);
-        (0..n).map(|b| self.window_batch(&self.val, (b * batch..(b + 1) * batch).map(|j| spread(j, batch * n, windows)))).collect()
+        (0..n)
+            .map(|b| {
+                self.window_batch(
+                    &self.val,
+                    (b * batch..(b + 1) * batch).map(|j| spread(j, batch * n, windows)),
+                )
+            })
+            .collect()
     }
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, DataError> {
-    std::fs::read(path).map_err(|source| DataError::Read { path: path.to_path_buf(), source })
+    std::fs::read(path).map_err(|source| DataError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn dtype_name(dtype: TokenDtype) -> &'static str {
@@ -311,7 +446,14 @@ fn dtype_name(dtype: TokenDtype) -> &'static str {
 
 /// Decodes a token file: an llm.c shard when it starts with one of the two magics, else a flat array.
 fn parse_tokens(bytes: &[u8], dtype: TokenDtype, path: &Path) -> Result<Vec<u32>, DataError> {
-    let header_i32 = |i: usize| i32::from_le_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]]);
+    let header_i32 = |i: usize| {
+        i32::from_le_bytes([
+            bytes[4 * i],
+            bytes[4 * i + 1],
+            bytes[4 * i + 2],
+            bytes[4 * i + 3],
+        ])
+    };
     let mut body = bytes;
     if bytes.len() >= FINEWEB_HEADER_BYTES {
         let magic = header_i32(0);
@@ -323,32 +465,68 @@ fn parse_tokens(bytes: &[u8], dtype: TokenDtype, path: &Path) -> Result<Vec<u32>
         if let Some((header_dtype, expected)) = shard {
             let version = header_i32(1);
             if version != expected {
-                return Err(DataError::HeaderVersion { path: path.into(), magic, version, expected });
+                return Err(DataError::HeaderVersion {
+                    path: path.into(),
+                    magic,
+                    version,
+                    expected,
+                });
             }
             if header_dtype != dtype {
-                return Err(DataError::HeaderDtype { path: path.into(), header: dtype_name(header_dtype), spec: dtype_name(dtype) });
+                return Err(DataError::HeaderDtype {
+                    path: path.into(),
+                    header: dtype_name(header_dtype),
+                    spec: dtype_name(dtype),
+                });
             }
             body = &bytes[FINEWEB_HEADER_BYTES..];
-            let width = if header_dtype == TokenDtype::U16 { 2 } else { 4 };
+            let width = if header_dtype == TokenDtype::U16 {
+                2
+            } else {
+                4
+            };
             let count = header_i32(2) as i64;
-            if count < 0 || count as u64 != (body.len() / width) as u64 || !body.len().is_multiple_of(width) {
-                return Err(DataError::HeaderCount { path: path.into(), header: count, actual: body.len() / width });
+            if count < 0
+                || count as u64 != (body.len() / width) as u64
+                || !body.len().is_multiple_of(width)
+            {
+                return Err(DataError::HeaderCount {
+                    path: path.into(),
+                    header: count,
+                    actual: body.len() / width,
+                });
             }
         }
     }
     let width = if dtype == TokenDtype::U16 { 2 } else { 4 };
     if !body.len().is_multiple_of(width) {
-        return Err(DataError::Misaligned { path: path.into(), bytes: body.len(), width, dtype: dtype_name(dtype) });
+        return Err(DataError::Misaligned {
+            path: path.into(),
+            bytes: body.len(),
+            width,
+            dtype: dtype_name(dtype),
+        });
     }
     Ok(match dtype {
-        TokenDtype::U16 => body.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32).collect(),
-        TokenDtype::U32 => body.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        TokenDtype::U16 => body
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32)
+            .collect(),
+        TokenDtype::U32 => body
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
     })
 }
 
 fn check_range(tokens: &[u32], vocab: usize, source_name: &str) -> Result<(), DataError> {
     match tokens.iter().position(|&t| t as usize >= vocab) {
-        Some(position) => Err(DataError::TokenOutOfRange { source_name: source_name.into(), position, value: tokens[position], vocab }),
+        Some(position) => Err(DataError::TokenOutOfRange {
+            source_name: source_name.into(),
+            position,
+            value: tokens[position],
+            vocab,
+        }),
         None => Ok(()),
     }
 }
@@ -375,7 +553,9 @@ fn split_into(
     let needed = context + 1;
     let cut = match layout {
         Layout::Stream => (total as f64 * split_fraction(split)).floor() as usize,
-        Layout::Sequences => ((total / needed) as f64 * split_fraction(split)).floor() as usize * needed,
+        Layout::Sequences => {
+            ((total / needed) as f64 * split_fraction(split)).floor() as usize * needed
+        }
     };
     let usable = match layout {
         Layout::Stream => total,
@@ -383,13 +563,29 @@ fn split_into(
     };
     for (part, have) in [("training", cut), ("validation", usable - cut)] {
         if have < needed {
-            return Err(DataError::TooShort { source_name: description, part, have, needed, total, context, split });
+            return Err(DataError::TooShort {
+                source_name: description,
+                part,
+                have,
+                needed,
+                total,
+                context,
+                split,
+            });
         }
     }
     let mut train = tokens;
     train.truncate(usable);
     let val = train.split_off(cut);
-    Ok(Dataset { vocab, context, layout, train, val, description, conditional_entropy: None })
+    Ok(Dataset {
+        vocab,
+        context,
+        layout,
+        train,
+        val,
+        description,
+        conditional_entropy: None,
+    })
 }
 
 /// A first-order chain in which every token has [`MARKOV_SUCCESSORS`] successors with
@@ -422,10 +618,16 @@ impl MarkovChain {
                         succ.push(s);
                     }
                 }
-                let weights: Vec<f64> = succ.iter().map(|_| -(1.0 - rng.random::<f64>()).ln()).collect();
+                let weights: Vec<f64> = succ
+                    .iter()
+                    .map(|_| -(1.0 - rng.random::<f64>()).ln())
+                    .collect();
                 let sum: f64 = weights.iter().sum();
                 // All-zero weights (every draw exactly 1.0) cannot happen in practice; fall back to uniform.
-                succ.into_iter().zip(weights).map(|(s, w)| (s, if sum > 0.0 { w / sum } else { 1.0 / k as f64 })).collect()
+                succ.into_iter()
+                    .zip(weights)
+                    .map(|(s, w)| (s, if sum > 0.0 { w / sum } else { 1.0 / k as f64 }))
+                    .collect()
             })
             .collect();
         MarkovChain { rows }
@@ -457,7 +659,16 @@ impl MarkovChain {
 
     /// Σ_c freq(c) · H(row c) over the positions of `tokens` that have a successor.
     fn conditional_entropy(&self, tokens: &[u32]) -> f64 {
-        let row_h: Vec<f64> = self.rows.iter().map(|r| r.iter().filter(|(_, p)| *p > 0.0).map(|(_, p)| -p * p.ln()).sum()).collect();
+        let row_h: Vec<f64> = self
+            .rows
+            .iter()
+            .map(|r| {
+                r.iter()
+                    .filter(|(_, p)| *p > 0.0)
+                    .map(|(_, p)| -p * p.ln())
+                    .sum()
+            })
+            .collect();
         let n = tokens.len().saturating_sub(1);
         if n == 0 {
             return 0.0;
@@ -508,34 +719,70 @@ pub struct Samples {
 impl Samples {
     /// Reads or generates classifier data for a model of `inputs` features and `classes` classes and
     /// splits it (module docs). `spec_dir` is the directory of the spec file.
-    pub fn load(data: &Data, spec_dir: &Path, inputs: usize, classes: usize, split: f64) -> Result<Samples, DataError> {
+    pub fn load(
+        data: &Data,
+        spec_dir: &Path,
+        inputs: usize,
+        classes: usize,
+        split: f64,
+    ) -> Result<Samples, DataError> {
         if inputs == 0 || classes < 2 {
             return Err(DataError::ClassifierShape { inputs, classes });
         }
         let (features, labels, cut, description) = match data {
-            Data::Synthetic { kind: SyntheticKind::Classes, seed } => {
+            Data::Synthetic {
+                kind: SyntheticKind::Classes,
+                seed,
+            } => {
                 let (features, labels) = class_clusters(inputs, classes, CLASS_SAMPLES, *seed);
                 let description = format!("synthetic(kind = classes, seed = {seed})");
                 let cut = (labels.len() as f64 * split_fraction(split)).floor() as usize;
                 for (part, have) in [("training", cut), ("validation", labels.len() - cut)] {
                     if have == 0 {
-                        return Err(DataError::EmptyPart { source_name: description, part, total: labels.len(), split });
+                        return Err(DataError::EmptyPart {
+                            source_name: description,
+                            part,
+                            total: labels.len(),
+                            split,
+                        });
                     }
                 }
                 (Features::F32(features), labels, cut, description)
             }
             Data::Cifar10 { dir } => {
-                let (pixels, labels, cut, description) = read_cifar10(&spec_dir.join(dir), inputs, classes)?;
+                let (pixels, labels, cut, description) =
+                    read_cifar10(&spec_dir.join(dir), inputs, classes)?;
                 (Features::Bytes(pixels), labels, cut, description)
             }
-            Data::Text { path } => return Err(DataError::NotForClassifier { what: format!("text(\"{path}\")") }),
-            Data::Tokens { path, .. } => return Err(DataError::NotForClassifier { what: format!("tokens(\"{path}\")") }),
+            Data::Text { path } => {
+                return Err(DataError::NotForClassifier {
+                    what: format!("text(\"{path}\")"),
+                })
+            }
+            Data::Tokens { path, .. } => {
+                return Err(DataError::NotForClassifier {
+                    what: format!("tokens(\"{path}\")"),
+                })
+            }
             Data::Synthetic { kind, .. } => {
-                let kind = if *kind == SyntheticKind::Copy { "copy" } else { "markov" };
-                return Err(DataError::NotForClassifier { what: format!("synthetic(kind = {kind})") });
+                let kind = if *kind == SyntheticKind::Copy {
+                    "copy"
+                } else {
+                    "markov"
+                };
+                return Err(DataError::NotForClassifier {
+                    what: format!("synthetic(kind = {kind})"),
+                });
             }
         };
-        Ok(Samples { inputs, classes, features, labels, cut, description })
+        Ok(Samples {
+            inputs,
+            classes,
+            features,
+            labels,
+            cut,
+            description,
+        })
     }
 
     pub fn inputs(&self) -> usize {
@@ -575,13 +822,21 @@ impl Samples {
             counts[l as usize] += 1;
         }
         let n = self.cut as f64;
-        counts.iter().filter(|&&c| c > 0).map(|&c| c as f64 / n).map(|p| -p * p.ln()).sum()
+        counts
+            .iter()
+            .filter(|&&c| c > 0)
+            .map(|&c| c as f64 / n)
+            .map(|p| -p * p.ln())
+            .sum()
     }
 
     /// The samples at `indices` (of the whole set), as one batch.
     fn sample_batch(&self, indices: impl ExactSizeIterator<Item = usize>) -> Batch {
         let rows = indices.len();
-        let (mut features, mut targets) = (Vec::with_capacity(rows * self.inputs), Vec::with_capacity(rows));
+        let (mut features, mut targets) = (
+            Vec::with_capacity(rows * self.inputs),
+            Vec::with_capacity(rows),
+        );
         for index in indices {
             features.extend(self.features(index));
             targets.push(self.labels[index]);
@@ -592,7 +847,13 @@ impl Samples {
     /// `n` validation batches of `batch` samples each, fixed and spread like [`Dataset::val_batches`].
     pub fn val_batches(&self, batch: usize, n: usize) -> Vec<Batch> {
         let count = self.labels.len() - self.cut;
-        (0..n).map(|b| self.sample_batch((b * batch..(b + 1) * batch).map(|j| self.cut + spread(j, batch * n, count)))).collect()
+        (0..n)
+            .map(|b| {
+                self.sample_batch(
+                    (b * batch..(b + 1) * batch).map(|j| self.cut + spread(j, batch * n, count)),
+                )
+            })
+            .collect()
     }
 }
 
@@ -603,7 +864,9 @@ impl Samples {
 /// Returns the features (`[n, inputs]` row-major) and the labels.
 pub fn class_clusters(inputs: usize, classes: usize, n: usize, seed: u64) -> (Vec<f32>, Vec<u32>) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let centres: Vec<f64> = (0..classes * CLUSTERS_PER_CLASS * inputs).map(|_| standard_normal(&mut rng)).collect();
+    let centres: Vec<f64> = (0..classes * CLUSTERS_PER_CLASS * inputs)
+        .map(|_| standard_normal(&mut rng))
+        .collect();
     let sigma = CLASS_NOISE * (inputs as f64).sqrt();
     let scale = 1.0 / (1.0 + sigma * sigma).sqrt();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -612,9 +875,14 @@ pub fn class_clusters(inputs: usize, classes: usize, n: usize, seed: u64) -> (Ve
     let mut labels = Vec::with_capacity(n);
     for _ in 0..n {
         let class = rng.random_range(0..classes as u64) as usize;
-        let cluster = class * CLUSTERS_PER_CLASS + rng.random_range(0..CLUSTERS_PER_CLASS as u64) as usize;
+        let cluster =
+            class * CLUSTERS_PER_CLASS + rng.random_range(0..CLUSTERS_PER_CLASS as u64) as usize;
         let centre = &centres[cluster * inputs..(cluster + 1) * inputs];
-        features.extend(centre.iter().map(|&m| ((m + sigma * standard_normal(&mut rng)) * scale) as f32));
+        features.extend(
+            centre
+                .iter()
+                .map(|&m| ((m + sigma * standard_normal(&mut rng)) * scale) as f32),
+        );
         labels.push(class as u32);
     }
     (features, labels)
@@ -629,18 +897,39 @@ pub fn standard_normal(rng: &mut impl Rng) -> f64 {
 
 /// Reads a CIFAR-10 directory (module docs): (pixel bytes, labels, training samples, description).
 /// The shape and the files are checked before anything is read.
-fn read_cifar10(dir: &Path, inputs: usize, classes: usize) -> Result<(Vec<u8>, Vec<u32>, usize, String), DataError> {
-    for (field, actual, wanted, expected) in
-        [("inputs", inputs, CIFAR_INPUTS, "32×32×3 = 3072 pixel bytes"), ("classes", classes, CIFAR_CLASSES, "in 10 classes")]
-    {
+fn read_cifar10(
+    dir: &Path,
+    inputs: usize,
+    classes: usize,
+) -> Result<(Vec<u8>, Vec<u32>, usize, String), DataError> {
+    for (field, actual, wanted, expected) in [
+        ("inputs", inputs, CIFAR_INPUTS, "32×32×3 = 3072 pixel bytes"),
+        ("classes", classes, CIFAR_CLASSES, "in 10 classes"),
+    ] {
         if actual != wanted {
-            return Err(DataError::CifarShape { field, actual, wanted, expected });
+            return Err(DataError::CifarShape {
+                field,
+                actual,
+                wanted,
+                expected,
+            });
         }
     }
-    let files: Vec<&str> = CIFAR_TRAIN_FILES.iter().copied().chain([CIFAR_TEST_FILE]).collect();
-    let missing: Vec<&str> = files.iter().copied().filter(|f| !dir.join(f).is_file()).collect();
+    let files: Vec<&str> = CIFAR_TRAIN_FILES
+        .iter()
+        .copied()
+        .chain([CIFAR_TEST_FILE])
+        .collect();
+    let missing: Vec<&str> = files
+        .iter()
+        .copied()
+        .filter(|f| !dir.join(f).is_file())
+        .collect();
     if !missing.is_empty() {
-        return Err(DataError::CifarMissing { dir: dir.to_path_buf(), missing: missing.join(", ") });
+        return Err(DataError::CifarMissing {
+            dir: dir.to_path_buf(),
+            missing: missing.join(", "),
+        });
     }
     let record = 1 + CIFAR_INPUTS;
     let (mut pixels, mut labels, mut cut) = (Vec::new(), Vec::new(), 0);
@@ -652,7 +941,11 @@ fn read_cifar10(dir: &Path, inputs: usize, classes: usize) -> Result<(Vec<u8>, V
         let path = dir.join(file);
         let bytes = read(&path)?;
         if bytes.is_empty() || !bytes.len().is_multiple_of(record) {
-            return Err(DataError::CifarRecords { path, bytes: bytes.len(), record });
+            return Err(DataError::CifarRecords {
+                path,
+                bytes: bytes.len(),
+                record,
+            });
         }
         for r in bytes.chunks_exact(record) {
             let label = r[0] as u32;
@@ -681,16 +974,33 @@ pub enum TrainData {
 impl TrainData {
     /// Loads `data` as the model's family reads it: [`Dataset::load`] for `transformer` / `lstm`,
     /// [`Samples::load`] for `mlp`. `spec_dir` is the directory of the spec file.
-    pub fn load(data: &Data, spec_dir: &Path, model: &Model, split: f64) -> Result<TrainData, DataError> {
-        let field = |value: Option<usize>, family: &'static str, field: &'static str| value.ok_or(DataError::ModelField { family, field });
+    pub fn load(
+        data: &Data,
+        spec_dir: &Path,
+        model: &Model,
+        split: f64,
+    ) -> Result<TrainData, DataError> {
+        let field = |value: Option<usize>, family: &'static str, field: &'static str| {
+            value.ok_or(DataError::ModelField { family, field })
+        };
         Ok(match model.family {
             Family::Transformer | Family::Lstm => {
-                let family = if model.family == Family::Lstm { "lstm" } else { "transformer" };
-                let (vocab, context) = (field(model.vocab, family, "vocab")?, field(model.context, family, "context")?);
+                let family = if model.family == Family::Lstm {
+                    "lstm"
+                } else {
+                    "transformer"
+                };
+                let (vocab, context) = (
+                    field(model.vocab, family, "vocab")?,
+                    field(model.context, family, "context")?,
+                );
                 TrainData::Tokens(Dataset::load(data, spec_dir, vocab, context, split)?)
             }
             Family::Mlp => {
-                let (inputs, classes) = (field(model.inputs, "mlp", "inputs")?, field(model.classes, "mlp", "classes")?);
+                let (inputs, classes) = (
+                    field(model.inputs, "mlp", "inputs")?,
+                    field(model.classes, "mlp", "classes")?,
+                );
                 TrainData::Samples(Samples::load(data, spec_dir, inputs, classes, split)?)
             }
         })
@@ -797,25 +1107,38 @@ pub struct Batcher<'d> {
 
 impl<'d> Batcher<'d> {
     pub fn new(data: &'d TrainData, seed: u64) -> Batcher<'d> {
-        Batcher { data, seed, rng: ChaCha8Rng::seed_from_u64(seed) }
+        Batcher {
+            data,
+            seed,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        }
     }
 
     /// The next `batch` training rows.
     pub fn next_train_batch(&mut self, batch: usize) -> Batch {
         let rows = self.data.train_rows() as u64;
-        let indices: Vec<usize> = (0..batch).map(|_| self.rng.random_range(0..rows) as usize).collect();
+        let indices: Vec<usize> = (0..batch)
+            .map(|_| self.rng.random_range(0..rows) as usize)
+            .collect();
         self.data.train_batch(&indices)
     }
 
     pub fn state(&self) -> BatcherState {
-        BatcherState { seed: self.seed, word_pos: self.rng.get_word_pos(), train_tokens: self.data.train_len() }
+        BatcherState {
+            seed: self.seed,
+            word_pos: self.rng.get_word_pos(),
+            train_tokens: self.data.train_len(),
+        }
     }
 
     /// Continues from a saved state: the following batches equal those the saved batcher would have
     /// drawn next.
     pub fn restore(&mut self, state: &BatcherState) -> Result<(), DataError> {
         if state.train_tokens != self.data.train_len() {
-            return Err(DataError::StateMismatch { saved: state.train_tokens, actual: self.data.train_len() });
+            return Err(DataError::StateMismatch {
+                saved: state.train_tokens,
+                actual: self.data.train_len(),
+            });
         }
         self.seed = state.seed;
         self.rng = ChaCha8Rng::seed_from_u64(state.seed);

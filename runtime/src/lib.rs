@@ -17,13 +17,22 @@ pub enum RuntimeError {
     #[error("could not open the GPU device on `{adapter}`: {message}")]
     Device { adapter: String, message: String },
     #[error("the plan needs {what}, but adapter `{adapter}` allows {limit}")]
-    Limit { adapter: String, what: String, limit: String },
+    Limit {
+        adapter: String,
+        what: String,
+        limit: String,
+    },
     #[error("kernel `{kernel}` was rejected by the GPU driver: {message}")]
     Pipeline { kernel: String, message: String },
     #[error("no buffer named `{0}` in the plan")]
     UnknownBuffer(String),
     #[error("buffer `{name}` holds {expected} bytes of {dtype:?}, got {got} bytes")]
-    SizeMismatch { name: String, expected: u64, got: u64, dtype: DType },
+    SizeMismatch {
+        name: String,
+        expected: u64,
+        got: u64,
+        dtype: DType,
+    },
     #[error("GPU error while running the plan: {0}")]
     Execution(String),
 }
@@ -60,7 +69,12 @@ fn summary(info: &wgpu::AdapterInfo) -> AdapterSummary {
         name: info.name.clone(),
         backend: format!("{:?}", info.backend),
         device_type: format!("{:?}", info.device_type),
-        driver: [info.driver.as_str(), info.driver_info.as_str()].iter().filter(|s| !s.is_empty()).cloned().collect::<Vec<_>>().join(" "),
+        driver: [info.driver.as_str(), info.driver_info.as_str()]
+            .iter()
+            .filter(|s| !s.is_empty())
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(" "),
     }
 }
 
@@ -75,7 +89,12 @@ fn instance() -> wgpu::Instance {
 /// Every adapter wgpu can see (all backends enabled by `WGPU_BACKEND`, or all).
 pub fn list_adapters() -> Vec<AdapterSummary> {
     let instance = instance();
-    pollster::block_on(instance.enumerate_adapters(wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY))).iter().map(|a| summary(&a.get_info())).collect()
+    pollster::block_on(
+        instance.enumerate_adapters(wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY)),
+    )
+    .iter()
+    .map(|a| summary(&a.get_info()))
+    .collect()
 }
 
 /// An open device plus what the compiler needs to know about it.
@@ -118,13 +137,28 @@ impl Gpu {
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         }))
-        .map_err(|e| RuntimeError::Device { adapter: info.name.clone(), message: e.to_string() })?;
+        .map_err(|e| RuntimeError::Device {
+            adapter: info.name.clone(),
+            message: e.to_string(),
+        })?;
         let is_cpu = info.device_type == wgpu::DeviceType::Cpu;
         // Only CPU adapters are known to lay lanes out by `local_invocation_index` (llvmpipe: one SIMD
         // vector of consecutive invocations); GPUs take the shared-memory schedule instead.
-        let fixed_subgroups = adapter.features().contains(wgpu::Features::SUBGROUP) && info.subgroup_min_size == info.subgroup_max_size;
-        let subgroup_size = if is_cpu && fixed_subgroups { info.subgroup_min_size } else { 0 };
-        Ok(Gpu { device, queue, is_cpu, info: summary(&info), limits, subgroup_size })
+        let fixed_subgroups = adapter.features().contains(wgpu::Features::SUBGROUP)
+            && info.subgroup_min_size == info.subgroup_max_size;
+        let subgroup_size = if is_cpu && fixed_subgroups {
+            info.subgroup_min_size
+        } else {
+            0
+        };
+        Ok(Gpu {
+            device,
+            queue,
+            is_cpu,
+            info: summary(&info),
+            limits,
+            subgroup_size,
+        })
     }
 
     /// The compile target for this adapter: its real limits, and the matmul schedule that is fast on
@@ -136,7 +170,11 @@ impl Gpu {
             max_workgroups_per_dim: self.limits.max_compute_workgroups_per_dimension,
             max_invocations_per_workgroup: self.limits.max_compute_invocations_per_workgroup,
             max_workgroup_storage_bytes: self.limits.max_compute_workgroup_storage_size,
-            matmul: if self.is_cpu { MatmulVariant::RegisterBlocked } else { MatmulVariant::SharedTiled },
+            matmul: if self.is_cpu {
+                MatmulVariant::RegisterBlocked
+            } else {
+                MatmulVariant::SharedTiled
+            },
             subgroup_size: self.subgroup_size,
         }
     }
@@ -151,7 +189,9 @@ impl Gpu {
         self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size: bytes.max(4).next_multiple_of(4),
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         })
     }
@@ -159,11 +199,21 @@ impl Gpu {
     /// Records one compute pass with `record` and submits it, so several executors (the training plan,
     /// the optimizer) share one submission with no host round trip between them. Does not wait;
     /// returns the submission to wait for with [`Gpu::wait_for`].
-    pub fn run_pass(&self, record: impl FnOnce(&mut wgpu::ComputePass<'_>)) -> Result<wgpu::SubmissionIndex, RuntimeError> {
+    pub fn run_pass(
+        &self,
+        record: impl FnOnce(&mut wgpu::ComputePass<'_>),
+    ) -> Result<wgpu::SubmissionIndex, RuntimeError> {
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let mut encoder = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("moec step") });
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("moec step"),
+            });
         {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("moec"), timestamp_writes: None });
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("moec"),
+                timestamp_writes: None,
+            });
             record(&mut pass);
         }
         let index = self.queue.submit([encoder.finish()]);
@@ -176,7 +226,11 @@ impl Gpu {
     /// Submits whole-buffer copies `(from, to)` (equal sizes), ordered after everything submitted
     /// before. Does not wait.
     pub fn copy_buffers(&self, copies: &[(&wgpu::Buffer, &wgpu::Buffer)]) {
-        let mut encoder = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("moec copy") });
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("moec copy"),
+            });
         for (from, to) in copies {
             encoder.copy_buffer_to_buffer(from, 0, to, 0, from.size().min(to.size()));
         }
@@ -186,14 +240,20 @@ impl Gpu {
     /// Waits until one submission has finished (and lets wgpu reclaim what it used).
     pub fn wait_for(&self, index: wgpu::SubmissionIndex) -> Result<(), RuntimeError> {
         self.device
-            .poll(wgpu::PollType::Wait { submission_index: Some(index), timeout: None })
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(index),
+                timeout: None,
+            })
             .map(|_| ())
             .map_err(|e| RuntimeError::Execution(e.to_string()))
     }
 
     /// Waits for all submitted work.
     pub fn wait(&self) -> Result<(), RuntimeError> {
-        self.device.poll(wgpu::PollType::wait_indefinitely()).map(|_| ()).map_err(|e| RuntimeError::Execution(e.to_string()))
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| RuntimeError::Execution(e.to_string()))
     }
 
     /// Copies the first `size` bytes of `buffer` back to the host (waits for the GPU). `size` must be
@@ -206,7 +266,11 @@ impl Gpu {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        let mut encoder = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("moec readback") });
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("moec readback"),
+            });
         encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, padded);
         self.queue.submit([encoder.finish()]);
         let (tx, rx) = std::sync::mpsc::channel();
@@ -217,13 +281,22 @@ impl Gpu {
         rx.recv()
             .map_err(|e| RuntimeError::Execution(e.to_string()))?
             .map_err(|e| RuntimeError::Execution(format!("mapping a buffer for readback: {e}")))?;
-        let bytes = staging.get_mapped_range(..).map_err(|e| RuntimeError::Execution(e.to_string()))?[..size as usize].to_vec();
+        let bytes = staging
+            .get_mapped_range(..)
+            .map_err(|e| RuntimeError::Execution(e.to_string()))?[..size as usize]
+            .to_vec();
         staging.unmap();
         Ok(bytes)
     }
 
-    pub fn read_buffer_f32(&self, buffer: &wgpu::Buffer, len: usize) -> Result<Vec<f32>, RuntimeError> {
-        Ok(bytemuck::pod_collect_to_vec(&self.read_buffer(buffer, 4 * len as u64)?))
+    pub fn read_buffer_f32(
+        &self,
+        buffer: &wgpu::Buffer,
+        len: usize,
+    ) -> Result<Vec<f32>, RuntimeError> {
+        Ok(bytemuck::pod_collect_to_vec(
+            &self.read_buffer(buffer, 4 * len as u64)?,
+        ))
     }
 }
 
@@ -245,8 +318,16 @@ impl fmt::Display for NonFinite {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // A reused scratch buffer's label lists every tensor it ever holds; two name it well enough.
         let parts: Vec<&str> = self.buffer.split(" | ").collect();
-        let buffer = if parts.len() > 2 { format!("{} | {} | ...", parts[0], parts[1]) } else { self.buffer.clone() };
-        write!(f, "dispatch {} (kernel `{}`) wrote {} at element {} of buffer `{buffer}`", self.dispatch, self.kernel, self.value, self.index)
+        let buffer = if parts.len() > 2 {
+            format!("{} | {} | ...", parts[0], parts[1])
+        } else {
+            self.buffer.clone()
+        };
+        write!(
+            f,
+            "dispatch {} (kernel `{}`) wrote {} at element {} of buffer `{buffer}`",
+            self.dispatch, self.kernel, self.value, self.index
+        )
     }
 }
 
@@ -268,7 +349,11 @@ impl<'g> Executor<'g> {
     /// Like [`Executor::new`], but every Param or Input buffer whose name is a key of `shared` is that
     /// buffer instead of a fresh one (it must have the plan's size). This is how the forward-only eval
     /// plan reads the weights (and router state) the training plan updates, with no copy.
-    pub fn with_shared(gpu: &'g Gpu, plan: &Plan, shared: &HashMap<String, wgpu::Buffer>) -> Result<Executor<'g>, RuntimeError> {
+    pub fn with_shared(
+        gpu: &'g Gpu,
+        plan: &Plan,
+        shared: &HashMap<String, wgpu::Buffer>,
+    ) -> Result<Executor<'g>, RuntimeError> {
         let device = &gpu.device;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let mut buffers = Vec::with_capacity(plan.buffers.len());
@@ -277,7 +362,12 @@ impl<'g> Executor<'g> {
                 if let Some(buffer) = shared.get(name) {
                     let expected = spec.size.max(4).next_multiple_of(4);
                     if buffer.size() != expected {
-                        return Err(RuntimeError::SizeMismatch { name: name.clone(), expected, got: buffer.size(), dtype: spec.dtype });
+                        return Err(RuntimeError::SizeMismatch {
+                            name: name.clone(),
+                            expected,
+                            got: buffer.size(),
+                            dtype: spec.dtype,
+                        });
                     }
                     buffers.push(buffer.clone());
                     continue;
@@ -295,7 +385,10 @@ impl<'g> Executor<'g> {
         let mut pipelines = Vec::with_capacity(plan.kernels.len());
         let mut layouts = Vec::with_capacity(plan.kernels.len());
         for kernel in &plan.kernels {
-            let descriptor = wgpu::ShaderModuleDescriptor { label: Some(&kernel.name), source: wgpu::ShaderSource::Wgsl(kernel.wgsl.as_str().into()) };
+            let descriptor = wgpu::ShaderModuleDescriptor {
+                label: Some(&kernel.name),
+                source: wgpu::ShaderSource::Wgsl(kernel.wgsl.as_str().into()),
+            };
             // SAFETY: every index a generated kernel computes is guarded by its own bounds check
             // against the shape constants it was specialised for, and the plan binds buffers of
             // exactly those sizes (checked in `write_bytes` and by construction in `emit`), so
@@ -303,7 +396,12 @@ impl<'g> Executor<'g> {
             let module = if std::env::var_os("MOEC_CHECKED_SHADERS").is_some() {
                 device.create_shader_module(descriptor)
             } else {
-                unsafe { device.create_shader_module_trusted(descriptor, wgpu::ShaderRuntimeChecks::unchecked()) }
+                unsafe {
+                    device.create_shader_module_trusted(
+                        descriptor,
+                        wgpu::ShaderRuntimeChecks::unchecked(),
+                    )
+                }
             };
             let entries: Vec<wgpu::BindGroupLayoutEntry> = kernel
                 .writes
@@ -320,20 +418,25 @@ impl<'g> Executor<'g> {
                     count: None,
                 })
                 .collect();
-            let bgl = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some(&kernel.name), entries: &entries });
+            let bgl = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: Some(&kernel.name),
+                entries: &entries,
+            });
             let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
                 label: Some(&kernel.name),
                 bind_group_layouts: &[Some(&bgl)],
                 immediate_size: 0,
             });
-            pipelines.push(device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(&kernel.name),
-                layout: Some(&layout),
-                module: &module,
-                entry_point: Some(&kernel.entry_point),
-                compilation_options: Default::default(),
-                cache: None,
-            }));
+            pipelines.push(
+                device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(&kernel.name),
+                    layout: Some(&layout),
+                    module: &module,
+                    entry_point: Some(&kernel.entry_point),
+                    compilation_options: Default::default(),
+                    cache: None,
+                }),
+            );
             layouts.push(bgl);
         }
         let bind_groups = plan
@@ -344,24 +447,43 @@ impl<'g> Executor<'g> {
                     .bindings
                     .iter()
                     .enumerate()
-                    .map(|(i, &b)| wgpu::BindGroupEntry { binding: i as u32, resource: buffers[b].as_entire_binding() })
+                    .map(|(i, &b)| wgpu::BindGroupEntry {
+                        binding: i as u32,
+                        resource: buffers[b].as_entire_binding(),
+                    })
                     .collect();
-                device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &layouts[d.kernel], entries: &entries })
+                device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: None,
+                    layout: &layouts[d.kernel],
+                    entries: &entries,
+                })
             })
             .collect();
         if let Some(error) = pollster::block_on(scope.pop()) {
-            return Err(RuntimeError::Pipeline { kernel: "(plan)".into(), message: error.to_string() });
+            return Err(RuntimeError::Pipeline {
+                kernel: "(plan)".into(),
+                message: error.to_string(),
+            });
         }
         let by_name = plan
             .buffers
             .iter()
             .enumerate()
             .filter_map(|(i, b)| match &b.role {
-                BufferRole::Param { name, .. } | BufferRole::Input { name, .. } | BufferRole::Output { name, .. } => Some((name.clone(), i)),
+                BufferRole::Param { name, .. }
+                | BufferRole::Input { name, .. }
+                | BufferRole::Output { name, .. } => Some((name.clone(), i)),
                 BufferRole::Scratch => None,
             })
             .collect();
-        Ok(Executor { gpu, plan: plan.clone(), buffers, pipelines, bind_groups, by_name })
+        Ok(Executor {
+            gpu,
+            plan: plan.clone(),
+            buffers,
+            pipelines,
+            bind_groups,
+            by_name,
+        })
     }
 
     pub fn plan(&self) -> &Plan {
@@ -369,7 +491,10 @@ impl<'g> Executor<'g> {
     }
 
     fn named(&self, name: &str) -> Result<usize, RuntimeError> {
-        self.by_name.get(name).copied().ok_or_else(|| RuntimeError::UnknownBuffer(name.to_string()))
+        self.by_name
+            .get(name)
+            .copied()
+            .ok_or_else(|| RuntimeError::UnknownBuffer(name.to_string()))
     }
 
     /// Writes raw bytes into a named buffer; the length must match the buffer exactly.
@@ -377,7 +502,12 @@ impl<'g> Executor<'g> {
         let id = self.named(name)?;
         let spec = &self.plan.buffers[id];
         if bytes.len() as u64 != spec.size {
-            return Err(RuntimeError::SizeMismatch { name: name.into(), expected: spec.size, got: bytes.len() as u64, dtype: spec.dtype });
+            return Err(RuntimeError::SizeMismatch {
+                name: name.into(),
+                expected: spec.size,
+                got: bytes.len() as u64,
+                dtype: spec.dtype,
+            });
         }
         self.gpu.queue.write_buffer(&self.buffers[id], 0, bytes);
         Ok(())
@@ -429,14 +559,25 @@ impl<'g> Executor<'g> {
     /// be blamed on a kernel that only writes part of its buffer. Slow (a readback per dispatch): this
     /// is the diagnosis path after a NaN, not a training path.
     pub fn first_non_finite(&self) -> Result<Option<NonFinite>, RuntimeError> {
-        let mut encoder = self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("moec clear") });
+        let mut encoder = self
+            .gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("moec clear"),
+            });
         for (spec, buffer) in self.plan.buffers.iter().zip(&self.buffers) {
             if matches!(spec.role, BufferRole::Scratch | BufferRole::Output { .. }) {
                 encoder.clear_buffer(buffer, 0, None);
             }
         }
         self.gpu.queue.submit([encoder.finish()]);
-        for (i, (d, bind_group)) in self.plan.dispatches.iter().zip(&self.bind_groups).enumerate() {
+        for (i, (d, bind_group)) in self
+            .plan
+            .dispatches
+            .iter()
+            .zip(&self.bind_groups)
+            .enumerate()
+        {
             self.gpu.run_pass(|pass| {
                 pass.set_pipeline(&self.pipelines[d.kernel]);
                 pass.set_bind_group(0, bind_group, &[]);
@@ -448,9 +589,17 @@ impl<'g> Executor<'g> {
                 if !writes || spec.dtype != DType::F32 {
                     continue;
                 }
-                let values = self.gpu.read_buffer_f32(&self.buffers[b], (spec.size / 4) as usize)?;
+                let values = self
+                    .gpu
+                    .read_buffer_f32(&self.buffers[b], (spec.size / 4) as usize)?;
                 if let Some(index) = values.iter().position(|v| !v.is_finite()) {
-                    return Ok(Some(NonFinite { dispatch: i, kernel: kernel.name.clone(), buffer: spec.label.clone(), index, value: values[index] }));
+                    return Ok(Some(NonFinite {
+                        dispatch: i,
+                        kernel: kernel.name.clone(),
+                        buffer: spec.label.clone(),
+                        index,
+                        value: values[index],
+                    }));
                 }
             }
         }
@@ -465,16 +614,27 @@ impl<'g> Executor<'g> {
         self.wait()?;
         for (d, bind_group) in self.plan.dispatches.iter().zip(&self.bind_groups) {
             let started = std::time::Instant::now();
-            let mut encoder = self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("moec profile") });
+            let mut encoder =
+                self.gpu
+                    .device
+                    .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                        label: Some("moec profile"),
+                    });
             {
-                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: None,
+                    timestamp_writes: None,
+                });
                 pass.set_pipeline(&self.pipelines[d.kernel]);
                 pass.set_bind_group(0, bind_group, &[]);
                 pass.dispatch_workgroups(d.workgroups[0], d.workgroups[1], d.workgroups[2]);
             }
             self.gpu.queue.submit([encoder.finish()]);
             self.wait()?;
-            times.push((self.plan.kernels[d.kernel].name.clone(), started.elapsed().as_secs_f64()));
+            times.push((
+                self.plan.kernels[d.kernel].name.clone(),
+                started.elapsed().as_secs_f64(),
+            ));
         }
         Ok(times)
     }
@@ -487,7 +647,8 @@ impl<'g> Executor<'g> {
     /// Copies a named buffer back to the host (waits for the GPU).
     pub fn read_bytes(&self, name: &str) -> Result<Vec<u8>, RuntimeError> {
         let id = self.named(name)?;
-        self.gpu.read_buffer(&self.buffers[id], self.plan.buffers[id].size)
+        self.gpu
+            .read_buffer(&self.buffers[id], self.plan.buffers[id].size)
     }
 
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>, RuntimeError> {

@@ -61,7 +61,12 @@ pub struct MoeLayerMetrics {
 impl MoeLayerMetrics {
     /// All derived metrics from the per-expert counts; `dropped` is a percentage (see
     /// [`dropped_percent`]), `router_z` and `aux` are passed through.
-    pub fn from_counts(tokens_per_expert: &[u64], dropped: f64, router_z: f64, aux: f64) -> MoeLayerMetrics {
+    pub fn from_counts(
+        tokens_per_expert: &[u64],
+        dropped: f64,
+        router_z: f64,
+        aux: f64,
+    ) -> MoeLayerMetrics {
         let fraction = fractions(tokens_per_expert);
         MoeLayerMetrics {
             cv2: cv2(&fraction),
@@ -116,7 +121,11 @@ pub fn gini(x: &[f64]) -> f64 {
     let mut sorted = x.to_vec();
     sorted.sort_by(f64::total_cmp);
     let e = sorted.len() as f64;
-    let weighted: f64 = sorted.iter().enumerate().map(|(i, v)| (2.0 * (i + 1) as f64 - e - 1.0) * v).sum();
+    let weighted: f64 = sorted
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (2.0 * (i + 1) as f64 - e - 1.0) * v)
+        .sum();
     weighted / (e * total)
 }
 
@@ -130,7 +139,11 @@ pub fn normalized_entropy(fraction: &[f64]) -> f64 {
         return 1.0;
     }
     // Σ f·ln(1/f) rather than −Σ f·ln f: a one-hot gives +0, not −0 (which would print as "-0.000").
-    let h: f64 = fraction.iter().filter(|&&f| f > 0.0).map(|&f| f * (1.0 / f).ln()).sum();
+    let h: f64 = fraction
+        .iter()
+        .filter(|&&f| f > 0.0)
+        .map(|&f| f * (1.0 / f).ln())
+        .sum();
     h / (fraction.len() as f64).ln()
 }
 
@@ -188,7 +201,17 @@ pub struct Record {
 impl Record {
     /// A training line with only the always-present fields set.
     pub fn new(step: u64, loss: f64, lr: f64, tokens_per_s: f64) -> Record {
-        Record { step, loss, lr, tokens_per_s, aux: None, val_loss: None, val_ppl: None, val_acc: None, moe: None }
+        Record {
+            step,
+            loss,
+            lr,
+            tokens_per_s,
+            aux: None,
+            val_loss: None,
+            val_ppl: None,
+            val_acc: None,
+            moe: None,
+        }
     }
 
     /// Adds the validation loss and its perplexity exp(val_loss).
@@ -202,9 +225,15 @@ impl Record {
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
     #[error("cannot open the metrics log `{path}`: {source}")]
-    Open { path: PathBuf, source: std::io::Error },
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot write to the metrics log `{path}`: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Appends [`Record`]s to `DIR/metrics.jsonl`, one flushed line each, so a crashed or interrupted run
@@ -230,7 +259,10 @@ impl MetricsLog {
 
     fn open_with(dir: &Path, append: bool) -> Result<MetricsLog, MetricsError> {
         let path = dir.join(Self::FILE_NAME);
-        std::fs::create_dir_all(dir).map_err(|source| MetricsError::Open { path: path.clone(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| MetricsError::Open {
+            path: path.clone(),
+            source,
+        })?;
         let mut options = OpenOptions::new();
         options.create(true);
         if append {
@@ -238,7 +270,10 @@ impl MetricsLog {
         } else {
             options.write(true).truncate(true);
         }
-        let file = options.open(&path).map_err(|source| MetricsError::Open { path: path.clone(), source })?;
+        let file = options.open(&path).map_err(|source| MetricsError::Open {
+            path: path.clone(),
+            source,
+        })?;
         Ok(MetricsLog { path, file })
     }
 
@@ -253,20 +288,27 @@ impl MetricsLog {
         self.file
             .write_all(line.as_bytes())
             .and_then(|_| self.file.flush())
-            .map_err(|source| MetricsError::Write { path: self.path.clone(), source })
+            .map_err(|source| MetricsError::Write {
+                path: self.path.clone(),
+                source,
+            })
     }
 }
 
 /// The JSON text of one record (no newline). Serialising this plain struct cannot fail: every map key
 /// is a string and non-finite floats become `null`.
 pub fn to_json_line(record: &Record) -> String {
-    serde_json::to_string(record).unwrap_or_else(|e| format!("{{\"step\":{},\"error\":\"{e}\"}}", record.step))
+    serde_json::to_string(record)
+        .unwrap_or_else(|e| format!("{{\"step\":{},\"error\":\"{e}\"}}", record.step))
 }
 
 /// The console line, e.g. `step 100 | loss 3.2415 | aux 0.0234 | lr 3.00e-04 | 2,950 tok/s`, with
 /// `| val_loss 3.1000 | val_ppl 22.20` (and `val_acc`) appended on eval steps.
 pub fn console_line(record: &Record) -> String {
-    let mut parts = vec![format!("step {}", record.step), format!("loss {:.4}", record.loss)];
+    let mut parts = vec![
+        format!("step {}", record.step),
+        format!("loss {:.4}", record.loss),
+    ];
     if let Some(aux) = record.aux {
         parts.push(format!("aux {aux:.4}"));
     }
@@ -287,7 +329,9 @@ pub fn console_line(record: &Record) -> String {
 /// The per-layer utilisation summary printed under an eval step's log line, one line per MoE block:
 /// `  block 1 | cv2 0.0123 | gini 0.051 | entropy 0.998 | used 100% | max/mean 1.21 | dropped 0.0% | z 4.21`.
 pub fn moe_summary_lines(record: &Record) -> Vec<String> {
-    let Some(moe) = &record.moe else { return Vec::new() };
+    let Some(moe) = &record.moe else {
+        return Vec::new();
+    };
     let mut blocks: Vec<(&String, &MoeLayerMetrics)> = moe.iter().collect();
     blocks.sort_by_key(|(block, _)| block.parse::<u64>().unwrap_or(u64::MAX));
     blocks
@@ -413,9 +457,15 @@ mod tests {
     fn console_format() {
         let mut r = Record::new(100, 3.24151, 3e-4, 2950.4);
         r.aux = Some(0.0234);
-        assert_eq!(console_line(&r), "step 100 | loss 3.2415 | aux 0.0234 | lr 3.00e-04 | 2,950 tok/s");
+        assert_eq!(
+            console_line(&r),
+            "step 100 | loss 3.2415 | aux 0.0234 | lr 3.00e-04 | 2,950 tok/s"
+        );
         let r = Record::new(7, 2.0, 1.0, 1234567.0).with_val_loss(1.0);
-        assert_eq!(console_line(&r), "step 7 | loss 2.0000 | lr 1.00e+00 | 1,234,567 tok/s | val_loss 1.0000 | val_ppl 2.72");
+        assert_eq!(
+            console_line(&r),
+            "step 7 | loss 2.0000 | lr 1.00e+00 | 1,234,567 tok/s | val_loss 1.0000 | val_ppl 2.72"
+        );
         assert_eq!(sci(1.5e-12), "1.50e-12");
         assert_eq!(sci(12345.0), "1.23e+04");
         assert_eq!(thousands(999.0), "999");
@@ -428,8 +478,14 @@ mod tests {
     fn moe_summary_one_line_per_block_in_block_order() {
         let mut r = Record::new(100, 3.0, 1e-3, 100.0).with_val_loss(2.0);
         let mut moe = BTreeMap::new();
-        moe.insert("10".to_string(), MoeLayerMetrics::from_counts(&[2, 2, 2, 2], 0.0, 1.0, 0.01));
-        moe.insert("2".to_string(), MoeLayerMetrics::from_counts(&[0, 0, 0, 8], 0.0, 4.2, 0.0));
+        moe.insert(
+            "10".to_string(),
+            MoeLayerMetrics::from_counts(&[2, 2, 2, 2], 0.0, 1.0, 0.01),
+        );
+        moe.insert(
+            "2".to_string(),
+            MoeLayerMetrics::from_counts(&[0, 0, 0, 8], 0.0, 4.2, 0.0),
+        );
         r.moe = Some(moe);
         assert_eq!(
             moe_summary_lines(&r),
@@ -445,15 +501,30 @@ mod tests {
     fn json_line_fields() {
         let mut r = Record::new(10, 2.5, 1e-3, 100.0);
         let mut moe = BTreeMap::new();
-        moe.insert("1".to_string(), MoeLayerMetrics::from_counts(&[1, 3], 0.0, 0.5, 0.02));
+        moe.insert(
+            "1".to_string(),
+            MoeLayerMetrics::from_counts(&[1, 3], 0.0, 0.5, 0.02),
+        );
         r.moe = Some(moe);
         let v: serde_json::Value = serde_json::from_str(&to_json_line(&r)).unwrap();
         assert_eq!(v["step"], 10);
         assert_eq!(v["loss"], 2.5);
         assert!(v.get("val_loss").is_none());
-        assert_eq!(v["moe"]["1"]["tokens_per_expert"], serde_json::json!([1, 3]));
+        assert_eq!(
+            v["moe"]["1"]["tokens_per_expert"],
+            serde_json::json!([1, 3])
+        );
         assert_eq!(v["moe"]["1"]["fraction"], serde_json::json!([0.25, 0.75]));
-        for key in ["cv2", "gini", "entropy", "experts_used", "max_over_mean", "dropped", "router_z", "aux"] {
+        for key in [
+            "cv2",
+            "gini",
+            "entropy",
+            "experts_used",
+            "max_over_mean",
+            "dropped",
+            "router_z",
+            "aux",
+        ] {
             assert!(v["moe"]["1"].get(key).is_some(), "missing {key}");
         }
         // A diverged loss still writes a valid line.
@@ -466,7 +537,8 @@ mod tests {
         // Router state is optional both ways: absent when None, and lines without it still parse.
         assert!(v.get("moe").is_none());
         let mut layer = MoeLayerMetrics::from_counts(&[1, 3], 0.0, 0.5, 0.02);
-        let plain: MoeLayerMetrics = serde_json::from_str(&serde_json::to_string(&layer).unwrap()).unwrap();
+        let plain: MoeLayerMetrics =
+            serde_json::from_str(&serde_json::to_string(&layer).unwrap()).unwrap();
         assert_eq!(plain, layer);
         assert!(!serde_json::to_string(&layer).unwrap().contains("bias"));
         layer.bias = Some(vec![0.5, -0.5]);
@@ -479,15 +551,22 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("moec-metrics-test-{}", std::process::id()));
         let mut log = MetricsLog::create(&dir).unwrap();
         log.write(&Record::new(1, 1.0, 1.0, 1.0)).unwrap();
-        log.write(&Record::new(2, 0.5, 1.0, 1.0).with_val_loss(0.25)).unwrap();
+        log.write(&Record::new(2, 0.5, 1.0, 1.0).with_val_loss(0.25))
+            .unwrap();
         drop(log);
         let mut log = MetricsLog::append(&dir).unwrap();
         log.write(&Record::new(3, 0.25, 1.0, 1.0)).unwrap();
         let text = std::fs::read_to_string(dir.join(MetricsLog::FILE_NAME)).unwrap();
-        let steps: Vec<u64> = text.lines().map(|l| serde_json::from_str::<Record>(l).unwrap().step).collect();
+        let steps: Vec<u64> = text
+            .lines()
+            .map(|l| serde_json::from_str::<Record>(l).unwrap().step)
+            .collect();
         assert_eq!(steps, vec![1, 2, 3]);
         MetricsLog::create(&dir).unwrap();
-        assert_eq!(std::fs::read_to_string(dir.join(MetricsLog::FILE_NAME)).unwrap(), "");
+        assert_eq!(
+            std::fs::read_to_string(dir.join(MetricsLog::FILE_NAME)).unwrap(),
+            ""
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

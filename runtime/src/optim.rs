@@ -442,7 +442,10 @@ impl<'g> Optimizer<'g> {
                         lit(CLIP_THRESHOLD)
                     ),
                     vec![
-                        ("optim_adafactor_moments", format!("{WORKGROUP_SUM}{ADAFACTOR_MOMENTS}")),
+                        (
+                            "optim_adafactor_moments",
+                            format!("{WORKGROUP_SUM}{ADAFACTOR_MOMENTS}"),
+                        ),
                         (
                             "optim_adafactor_rms",
                             format!("{WORKGROUP_SUM}{ADAFACTOR_COMMON}{ADAFACTOR_RMS}"),

@@ -40,13 +40,23 @@ pub enum ReportError {
     #[error("no metrics log in `{dir}`: expected `{}` (written by `moec train`)", dir.join(MetricsLog::FILE_NAME).display())]
     NoMetrics { dir: PathBuf },
     #[error("cannot read `{path}`: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}:{line}: not a metrics record: {message}")]
-    Malformed { path: PathBuf, line: usize, message: String },
+    Malformed {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
     #[error("`{0}` holds no records yet")]
     Empty(PathBuf),
     #[error("cannot write `{path}`: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot draw `{path}`: {message}")]
     Plot { path: PathBuf, message: String },
 }
@@ -74,34 +84,66 @@ impl Run {
         }
         let path = dir.join(MetricsLog::FILE_NAME);
         if !path.is_file() {
-            return Err(ReportError::NoMetrics { dir: dir.to_path_buf() });
+            return Err(ReportError::NoMetrics {
+                dir: dir.to_path_buf(),
+            });
         }
-        let text = std::fs::read_to_string(&path).map_err(|source| ReportError::Read { path: path.clone(), source })?;
+        let text = std::fs::read_to_string(&path).map_err(|source| ReportError::Read {
+            path: path.clone(),
+            source,
+        })?;
         let mut records = Vec::new();
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
-            let record = serde_json::from_str::<Record>(line).map_err(|e| ReportError::Malformed { path: path.clone(), line: i + 1, message: e.to_string() })?;
+            let record =
+                serde_json::from_str::<Record>(line).map_err(|e| ReportError::Malformed {
+                    path: path.clone(),
+                    line: i + 1,
+                    message: e.to_string(),
+                })?;
             records.push(record);
         }
         if records.is_empty() {
             return Err(ReportError::Empty(path));
         }
-        let model = std::fs::read_to_string(dir.join("spec.moe")).ok().and_then(|s| model_name(&s));
-        Ok(Run { name: dir_name(dir), dir: dir.to_path_buf(), model, records })
+        let model = std::fs::read_to_string(dir.join("spec.moe"))
+            .ok()
+            .and_then(|s| model_name(&s));
+        Ok(Run {
+            name: dir_name(dir),
+            dir: dir.to_path_buf(),
+            model,
+            records,
+        })
     }
 
     /// The MoE block indices the log mentions, in numeric order.
     pub fn blocks(&self) -> Vec<String> {
-        let mut blocks: Vec<String> = self.records.iter().filter_map(|r| r.moe.as_ref()).flat_map(|m| m.keys().cloned()).collect::<HashSet<_>>().into_iter().collect();
+        let mut blocks: Vec<String> = self
+            .records
+            .iter()
+            .filter_map(|r| r.moe.as_ref())
+            .flat_map(|m| m.keys().cloned())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
         blocks.sort_by_key(|b| (b.parse::<u64>().unwrap_or(u64::MAX), b.clone()));
         blocks
     }
 
     /// (step, that block's metrics) for every line that has the block.
     fn block_series(&self, block: &str) -> Vec<(u64, &MoeLayerMetrics)> {
-        self.records.iter().filter_map(|r| r.moe.as_ref().and_then(|m| m.get(block)).map(|m| (r.step, m))).collect()
+        self.records
+            .iter()
+            .filter_map(|r| {
+                r.moe
+                    .as_ref()
+                    .and_then(|m| m.get(block))
+                    .map(|m| (r.step, m))
+            })
+            .collect()
     }
 }
 
@@ -110,15 +152,25 @@ impl Run {
 fn dir_name(dir: &Path) -> String {
     dir.file_name()
         .map(|n| n.to_string_lossy().into_owned())
-        .or_else(|| std::fs::canonicalize(dir).ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())))
+        .or_else(|| {
+            std::fs::canonicalize(dir)
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        })
         .unwrap_or_else(|| dir.display().to_string())
 }
 
 /// The identifier after `model` in a `.moe` text (comments skipped); `None` when there is none.
 fn model_name(source: &str) -> Option<String> {
-    let mut words = source.lines().map(|l| l.split('#').next().unwrap_or("")).flat_map(|l| l.split(|c: char| c.is_whitespace() || c == '{'));
+    let mut words = source
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or(""))
+        .flat_map(|l| l.split(|c: char| c.is_whitespace() || c == '{'));
     words.find(|w| *w == "model")?;
-    words.find(|w| !w.is_empty()).filter(|w| w.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')).map(str::to_string)
+    words
+        .find(|w| !w.is_empty())
+        .filter(|w| w.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .map(str::to_string)
 }
 
 /// Load balance over the end of a run (see the module docs for the window).
@@ -156,17 +208,43 @@ pub fn summarize(run: &Run) -> Summary {
     let records = &run.records;
     let last = records.last().map(|r| r.step).unwrap_or(0);
     let first = records.first().map(|r| r.step).unwrap_or(0);
-    let last_val = records.iter().rev().find(|r| r.val_loss.is_some() || r.val_acc.is_some());
-    let best_val_loss = records.iter().filter_map(|r| r.val_loss).filter(|v| v.is_finite()).min_by(f64::total_cmp);
-    let moe_lines: Vec<(u64, &BTreeMap<String, MoeLayerMetrics>)> = records.iter().filter_map(|r| r.moe.as_ref().filter(|m| !m.is_empty()).map(|m| (r.step, m))).collect();
+    let last_val = records
+        .iter()
+        .rev()
+        .find(|r| r.val_loss.is_some() || r.val_acc.is_some());
+    let best_val_loss = records
+        .iter()
+        .filter_map(|r| r.val_loss)
+        .filter(|v| v.is_finite())
+        .min_by(f64::total_cmp);
+    let moe_lines: Vec<(u64, &BTreeMap<String, MoeLayerMetrics>)> = records
+        .iter()
+        .filter_map(|r| {
+            r.moe
+                .as_ref()
+                .filter(|m| !m.is_empty())
+                .map(|m| (r.step, m))
+        })
+        .collect();
     let cutoff = last as f64 - (last - first.min(last)) as f64 / 10.0;
-    let mut window: Vec<&BTreeMap<String, MoeLayerMetrics>> = moe_lines.iter().filter(|(s, _)| *s as f64 >= cutoff).map(|(_, m)| *m).collect();
+    let mut window: Vec<&BTreeMap<String, MoeLayerMetrics>> = moe_lines
+        .iter()
+        .filter(|(s, _)| *s as f64 >= cutoff)
+        .map(|(_, m)| *m)
+        .collect();
     if window.is_empty() {
         window.extend(moe_lines.last().map(|(_, m)| *m));
     }
     let load = (!window.is_empty()).then(|| {
-        let mean_over = |f: fn(&MoeLayerMetrics) -> f64| mean(window.iter().map(|m| mean(m.values().map(f))));
-        LoadSummary { cv2: mean_over(|m| m.cv2), gini: mean_over(|m| m.gini), dropped: mean_over(|m| m.dropped), experts_used: mean_over(|m| m.experts_used), steps_averaged: window.len() }
+        let mean_over =
+            |f: fn(&MoeLayerMetrics) -> f64| mean(window.iter().map(|m| mean(m.values().map(f))));
+        LoadSummary {
+            cv2: mean_over(|m| m.cv2),
+            gini: mean_over(|m| m.gini),
+            dropped: mean_over(|m| m.dropped),
+            experts_used: mean_over(|m| m.experts_used),
+            steps_averaged: window.len(),
+        }
     });
     Summary {
         steps: last,
@@ -176,7 +254,13 @@ pub fn summarize(run: &Run) -> Summary {
         final_val_acc: last_val.and_then(|r| r.val_acc),
         best_val_loss,
         load,
-        tokens_per_s: median(records.iter().map(|r| r.tokens_per_s).filter(|t| t.is_finite() && *t > 0.0).collect()),
+        tokens_per_s: median(
+            records
+                .iter()
+                .map(|r| r.tokens_per_s)
+                .filter(|t| t.is_finite() && *t > 0.0)
+                .collect(),
+        ),
     }
 }
 
@@ -195,7 +279,11 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
     }
     values.sort_by(f64::total_cmp);
     let n = values.len();
-    Some(if n % 2 == 1 { values[n / 2] } else { (values[n / 2 - 1] + values[n / 2]) / 2.0 })
+    Some(if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    })
 }
 
 /// What [`write_report`] wrote.
@@ -213,7 +301,10 @@ pub fn load_runs(dirs: &[PathBuf]) -> Result<Vec<Run>, ReportError> {
     if dirs.is_empty() {
         return Err(ReportError::NoRuns);
     }
-    let mut runs = dirs.iter().map(|d| Run::load(d)).collect::<Result<Vec<_>, _>>()?;
+    let mut runs = dirs
+        .iter()
+        .map(|d| Run::load(d))
+        .collect::<Result<Vec<_>, _>>()?;
     // Two runs with the same directory name (a/run, b/run) are told apart by their path as given.
     let names: Vec<String> = runs.iter().map(|r| r.name.clone()).collect();
     for run in &mut runs {
@@ -229,7 +320,10 @@ pub fn write_report(runs: &[Run], out: &Path) -> Result<Report, ReportError> {
     if runs.is_empty() {
         return Err(ReportError::NoRuns);
     }
-    std::fs::create_dir_all(out).map_err(|source| ReportError::Write { path: out.to_path_buf(), source })?;
+    std::fs::create_dir_all(out).map_err(|source| ReportError::Write {
+        path: out.to_path_buf(),
+        source,
+    })?;
     let summaries: Vec<Summary> = runs.iter().map(summarize).collect();
     let stems = unique_stems(runs);
     let mut plots = Vec::new();
@@ -250,9 +344,27 @@ pub fn write_report(runs: &[Run], out: &Path) -> Result<Report, ReportError> {
             .iter()
             .zip(&colors)
             .flat_map(|(run, &color)| {
-                let train = Line { label: Some(format!("{} train", run.name)), color, points: run.records.iter().map(|r| (r.step as f64, r.loss)).collect(), markers: false };
-                let val: Vec<(f64, f64)> = run.records.iter().filter_map(|r| r.val_loss.map(|v| (r.step as f64, v))).collect();
-                let val = (!val.is_empty()).then(|| Line { label: Some(format!("{} val", run.name)), color, points: val, markers: true });
+                let train = Line {
+                    label: Some(format!("{} train", run.name)),
+                    color,
+                    points: run
+                        .records
+                        .iter()
+                        .map(|r| (r.step as f64, r.loss))
+                        .collect(),
+                    markers: false,
+                };
+                let val: Vec<(f64, f64)> = run
+                    .records
+                    .iter()
+                    .filter_map(|r| r.val_loss.map(|v| (r.step as f64, v)))
+                    .collect();
+                let val = (!val.is_empty()).then(|| Line {
+                    label: Some(format!("{} val", run.name)),
+                    color,
+                    points: val,
+                    markers: true,
+                });
                 std::iter::once(train).chain(val)
             })
             .collect(),
@@ -261,17 +373,43 @@ pub fn write_report(runs: &[Run], out: &Path) -> Result<Report, ReportError> {
     md.push_str("\n## Loss\n\nTraining loss (lines) and validation loss (lines with markers) against step.\n\n");
     md.push_str(&embed("loss", "loss"));
 
-    let moe_runs: Vec<usize> = (0..runs.len()).filter(|&i| !runs[i].blocks().is_empty()).collect();
+    let moe_runs: Vec<usize> = (0..runs.len())
+        .filter(|&i| !runs[i].blocks().is_empty())
+        .collect();
     if !moe_runs.is_empty() {
         let per_step = |run: &Run, f: fn(&MoeLayerMetrics) -> f64| -> Vec<(f64, f64)> {
-            run.records.iter().filter_map(|r| r.moe.as_ref().filter(|m| !m.is_empty()).map(|m| (r.step as f64, mean(m.values().map(f))))).collect()
+            run.records
+                .iter()
+                .filter_map(|r| {
+                    r.moe
+                        .as_ref()
+                        .filter(|m| !m.is_empty())
+                        .map(|m| (r.step as f64, mean(m.values().map(f))))
+                })
+                .collect()
         };
         let lines = |f: fn(&MoeLayerMetrics) -> f64| -> Vec<Line> {
-            moe_runs.iter().map(|&i| Line { label: Some(runs[i].name.clone()), color: colors[i], points: per_step(&runs[i], f), markers: false }).collect()
+            moe_runs
+                .iter()
+                .map(|&i| Line {
+                    label: Some(runs[i].name.clone()),
+                    color: colors[i],
+                    points: per_step(&runs[i], f),
+                    markers: false,
+                })
+                .collect()
         };
         let balance = Panels(vec![
-            LineFigure { caption: "Load CV² (mean over MoE blocks)".into(), y_desc: "CV²".into(), lines: lines(|m| m.cv2) },
-            LineFigure { caption: "Gini (mean over MoE blocks)".into(), y_desc: "Gini".into(), lines: lines(|m| m.gini) },
+            LineFigure {
+                caption: "Load CV² (mean over MoE blocks)".into(),
+                y_desc: "CV²".into(),
+                lines: lines(|m| m.cv2),
+            },
+            LineFigure {
+                caption: "Gini (mean over MoE blocks)".into(),
+                y_desc: "Gini".into(),
+                lines: lines(|m| m.gini),
+            },
         ]);
         plots.extend(render(&balance, (1400, 560), out, "balance")?);
         md.push_str("\n## Load balance\n\nCV² and Gini of the experts' load fractions against step, each averaged over the run's MoE blocks (0 = perfectly even).\n\n");
@@ -292,7 +430,10 @@ pub fn write_report(runs: &[Run], out: &Path) -> Result<Report, ReportError> {
                 let stem = format!("util_{}_block{}", stems[i], sanitize(&block));
                 plots.extend(render(&heat, (1000, 560), out, &stem)?);
                 md.push_str(&format!("\n#### Block {block}\n\n"));
-                md.push_str(&embed(&stem, &format!("{} block {block} utilisation", run.name)));
+                md.push_str(&embed(
+                    &stem,
+                    &format!("{} block {block} utilisation", run.name),
+                ));
             }
         }
 
@@ -301,8 +442,19 @@ pub fn write_report(runs: &[Run], out: &Path) -> Result<Report, ReportError> {
             let run = &runs[i];
             for block in run.blocks() {
                 let series = run.block_series(&block);
-                for (kind, what, get) in [("bias", "selection bias", (|m: &MoeLayerMetrics| m.bias.clone()) as fn(&MoeLayerMetrics) -> Option<Vec<f64>>), ("prices", "auction price", |m| m.prices.clone())] {
-                    let values: Vec<(u64, Vec<f64>)> = series.iter().filter_map(|(s, m)| get(m).map(|v| (*s, v))).collect();
+                for (kind, what, get) in [
+                    (
+                        "bias",
+                        "selection bias",
+                        (|m: &MoeLayerMetrics| m.bias.clone())
+                            as fn(&MoeLayerMetrics) -> Option<Vec<f64>>,
+                    ),
+                    ("prices", "auction price", |m| m.prices.clone()),
+                ] {
+                    let values: Vec<(u64, Vec<f64>)> = series
+                        .iter()
+                        .filter_map(|(s, m)| get(m).map(|v| (*s, v)))
+                        .collect();
                     if values.is_empty() {
                         continue;
                     }
@@ -313,15 +465,25 @@ pub fn write_report(runs: &[Run], out: &Path) -> Result<Report, ReportError> {
                         lines: (0..experts)
                             .map(|e| Line {
                                 label: (experts <= 16).then(|| format!("expert {e}")),
-                                color: ViridisRGB::get_color_normalized(e as f64, 0.0, (experts.max(2) - 1) as f64),
-                                points: values.iter().filter_map(|(s, v)| v.get(e).map(|x| (*s as f64, *x))).collect(),
+                                color: ViridisRGB::get_color_normalized(
+                                    e as f64,
+                                    0.0,
+                                    (experts.max(2) - 1) as f64,
+                                ),
+                                points: values
+                                    .iter()
+                                    .filter_map(|(s, v)| v.get(e).map(|x| (*s as f64, *x)))
+                                    .collect(),
                                 markers: false,
                             })
                             .collect(),
                     };
                     let stem = format!("{kind}_{}_block{}", stems[i], sanitize(&block));
                     plots.extend(render(&figure, (1000, 560), out, &stem)?);
-                    state_md.push_str(&format!("\n### {}, block {block}: {what}\n\n", md_escape(&run.name)));
+                    state_md.push_str(&format!(
+                        "\n### {}, block {block}: {what}\n\n",
+                        md_escape(&run.name)
+                    ));
                     state_md.push_str(&embed(&stem, &format!("{} block {block} {kind}", run.name)));
                 }
             }
@@ -333,8 +495,15 @@ pub fn write_report(runs: &[Run], out: &Path) -> Result<Report, ReportError> {
     }
 
     let markdown = out.join("report.md");
-    std::fs::write(&markdown, md).map_err(|source| ReportError::Write { path: markdown.clone(), source })?;
-    Ok(Report { markdown, plots, table })
+    std::fs::write(&markdown, md).map_err(|source| ReportError::Write {
+        path: markdown.clone(),
+        source,
+    })?;
+    Ok(Report {
+        markdown,
+        plots,
+        table,
+    })
 }
 
 /// The Markdown comparison table (columns for model and val accuracy only when some run has them).
@@ -345,22 +514,60 @@ pub fn table(runs: &[Run], summaries: &[Summary]) -> String {
     if with_model {
         header.push("model");
     }
-    header.extend(["steps", "final train loss", "final val loss", "final val ppl"]);
+    header.extend([
+        "steps",
+        "final train loss",
+        "final val loss",
+        "final val ppl",
+    ]);
     if with_acc {
         header.push("final val acc");
     }
-    header.extend(["best val loss", "load CV²", "Gini", "dropped %", "experts used %", "tokens/s (median)"]);
+    header.extend([
+        "best val loss",
+        "load CV²",
+        "Gini",
+        "dropped %",
+        "experts used %",
+        "tokens/s (median)",
+    ]);
     let mut out = String::new();
     let _ = writeln!(out, "| {} |", header.join(" | "));
-    let _ = writeln!(out, "|{}", header.iter().enumerate().map(|(i, _)| if i == 0 || (with_model && i == 1) { "---|" } else { "---:|" }).collect::<String>());
+    let _ = writeln!(
+        out,
+        "|{}",
+        header
+            .iter()
+            .enumerate()
+            .map(|(i, _)| if i == 0 || (with_model && i == 1) {
+                "---|"
+            } else {
+                "---:|"
+            })
+            .collect::<String>()
+    );
     for (run, s) in runs.iter().zip(summaries) {
         let mut row = vec![md_escape(&run.name)];
         if with_model {
-            row.push(run.model.as_deref().map(md_escape).unwrap_or_else(|| DASH.into()));
+            row.push(
+                run.model
+                    .as_deref()
+                    .map(md_escape)
+                    .unwrap_or_else(|| DASH.into()),
+            );
         }
-        row.extend([s.steps.to_string(), fixed(Some(s.final_loss), 4), fixed(s.final_val_loss, 4), fixed(s.final_val_ppl, 2)]);
+        row.extend([
+            s.steps.to_string(),
+            fixed(Some(s.final_loss), 4),
+            fixed(s.final_val_loss, 4),
+            fixed(s.final_val_ppl, 2),
+        ]);
         if with_acc {
-            row.push(s.final_val_acc.map(|a| format!("{:.2}%", 100.0 * a)).unwrap_or_else(|| DASH.into()));
+            row.push(
+                s.final_val_acc
+                    .map(|a| format!("{:.2}%", 100.0 * a))
+                    .unwrap_or_else(|| DASH.into()),
+            );
         }
         let load = s.load.as_ref();
         row.extend([
@@ -391,12 +598,24 @@ fn md_escape(s: &str) -> String {
 }
 
 fn embed(stem: &str, alt: &str) -> String {
-    format!("![{}]({stem}.png)\n\n[SVG]({stem}.svg)\n", alt.replace(['[', ']'], ""))
+    format!(
+        "![{}]({stem}.png)\n\n[SVG]({stem}.svg)\n",
+        alt.replace(['[', ']'], "")
+    )
 }
 
 /// A file-name-safe form of a run or block name.
 fn sanitize(name: &str) -> String {
-    let s: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
     if s.is_empty() {
         "run".into()
     } else {
@@ -407,13 +626,33 @@ fn sanitize(name: &str) -> String {
 /// File stems for the runs: sanitised names, with the run's position appended where two collide.
 fn unique_stems(runs: &[Run]) -> Vec<String> {
     let stems: Vec<String> = runs.iter().map(|r| sanitize(&r.name)).collect();
-    stems.iter().enumerate().map(|(i, s)| if stems.iter().filter(|t| *t == s).count() > 1 { format!("{s}_{i}") } else { s.clone() }).collect()
+    stems
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            if stems.iter().filter(|t| *t == s).count() > 1 {
+                format!("{s}_{i}")
+            } else {
+                s.clone()
+            }
+        })
+        .collect()
 }
 
 /// Distinct colours for runs (Tableau 10: readable on white, unlike palettes with yellow).
 fn run_color(i: usize) -> RGBColor {
-    const COLORS: [(u8, u8, u8); 10] =
-        [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)];
+    const COLORS: [(u8, u8, u8); 10] = [
+        (31, 119, 180),
+        (255, 127, 14),
+        (44, 160, 44),
+        (214, 39, 40),
+        (148, 103, 189),
+        (140, 86, 75),
+        (227, 119, 194),
+        (127, 127, 127),
+        (188, 189, 34),
+        (23, 190, 207),
+    ];
     let (r, g, b) = COLORS[i % COLORS.len()];
     RGBColor(r, g, b)
 }
@@ -442,19 +681,33 @@ const FONT: &str = "sans-serif";
 fn register_font() -> Result<(), String> {
     static REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
     REGISTERED
-        .get_or_init(|| plotters::style::register_font(FONT, FontStyle::Normal, ttf_noto_sans::REGULAR).map_err(|_| "the built-in font (Noto Sans) did not load".to_string()))
+        .get_or_init(|| {
+            plotters::style::register_font(FONT, FontStyle::Normal, ttf_noto_sans::REGULAR)
+                .map_err(|_| "the built-in font (Noto Sans) did not load".to_string())
+        })
         .clone()
 }
 
 /// Draws `figure` into `out/stem.png` and `out/stem.svg`.
-fn render<F: Figure>(figure: &F, size: (u32, u32), out: &Path, stem: &str) -> Result<Vec<PathBuf>, ReportError> {
+fn render<F: Figure>(
+    figure: &F,
+    size: (u32, u32),
+    out: &Path,
+    stem: &str,
+) -> Result<Vec<PathBuf>, ReportError> {
     let png = out.join(format!("{stem}.png"));
     let svg = out.join(format!("{stem}.svg"));
     let failed = |path: &Path| {
         let path = path.to_path_buf();
-        move |e: Box<dyn std::error::Error>| ReportError::Plot { path, message: e.to_string() }
+        move |e: Box<dyn std::error::Error>| ReportError::Plot {
+            path,
+            message: e.to_string(),
+        }
     };
-    register_font().map_err(|message| ReportError::Plot { path: png.clone(), message })?;
+    register_font().map_err(|message| ReportError::Plot {
+        path: png.clone(),
+        message,
+    })?;
     {
         let area = BitMapBackend::new(&png, size).into_drawing_area();
         draw_on(figure, &area, Joins::Segments).map_err(failed(&png))?;
@@ -466,7 +719,11 @@ fn render<F: Figure>(figure: &F, size: (u32, u32), out: &Path, stem: &str) -> Re
     Ok(vec![png, svg])
 }
 
-fn draw_on<F: Figure, DB: DrawingBackend>(figure: &F, area: &DrawingArea<DB, Shift>, joins: Joins) -> DrawResult
+fn draw_on<F: Figure, DB: DrawingBackend>(
+    figure: &F,
+    area: &DrawingArea<DB, Shift>,
+    joins: Joins,
+) -> DrawResult
 where
     DB::ErrorType: 'static,
 {
@@ -507,11 +764,19 @@ impl Figure for Panels {
 
 /// `lo..hi` padded by 5% (at least ±0.5 around a single value), from the finite values only.
 fn padded_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
-    let (lo, hi) = values.filter(|v| v.is_finite()).fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let (lo, hi) = values
+        .filter(|v| v.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+            (lo.min(v), hi.max(v))
+        });
     if !lo.is_finite() {
         return (0.0, 1.0);
     }
-    let pad = if hi > lo { 0.05 * (hi - lo) } else { 0.5_f64.max(0.05 * lo.abs()) };
+    let pad = if hi > lo {
+        0.05 * (hi - lo)
+    } else {
+        0.5_f64.max(0.05 * lo.abs())
+    };
     (lo - pad, hi + pad)
 }
 
@@ -526,12 +791,19 @@ fn thin(points: &[(f64, f64)], max: usize) -> Vec<(f64, f64)> {
     if group == 1 {
         return points.to_vec();
     }
-    points.chunks(group).map(|c| (mean(c.iter().map(|p| p.0)), mean(c.iter().map(|p| p.1)))).collect()
+    points
+        .chunks(group)
+        .map(|c| (mean(c.iter().map(|p| p.0)), mean(c.iter().map(|p| p.1))))
+        .collect()
 }
 
 /// Maximal runs of finite points.
 fn segments(points: &[(f64, f64)]) -> Vec<Vec<(f64, f64)>> {
-    points.split(|(x, y)| !(x.is_finite() && y.is_finite())).filter(|s| !s.is_empty()).map(<[_]>::to_vec).collect()
+    points
+        .split(|(x, y)| !(x.is_finite() && y.is_finite()))
+        .filter(|s| !s.is_empty())
+        .map(<[_]>::to_vec)
+        .collect()
 }
 
 impl Figure for LineFigure {
@@ -541,8 +813,19 @@ impl Figure for LineFigure {
     {
         let all = || self.lines.iter().flat_map(|l| l.points.iter());
         // Steps span exactly first..last (no padding: step 0 and the last step are the natural ends).
-        let (x0, x1) = all().map(|p| p.0).filter(|x| x.is_finite()).fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| (lo.min(x), hi.max(x)));
-        let (x0, x1) = if !x0.is_finite() { (0.0, 1.0) } else if x1 > x0 { (x0, x1) } else { (x0 - 0.5, x0 + 0.5) };
+        let (x0, x1) = all()
+            .map(|p| p.0)
+            .filter(|x| x.is_finite())
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
+                (lo.min(x), hi.max(x))
+            });
+        let (x0, x1) = if !x0.is_finite() {
+            (0.0, 1.0)
+        } else if x1 > x0 {
+            (x0, x1)
+        } else {
+            (x0 - 0.5, x0 + 0.5)
+        };
         let (y0, y1) = padded_range(all().map(|p| p.1));
         let mut chart = ChartBuilder::on(area)
             .caption(&self.caption, (FONT, 24))
@@ -562,21 +845,31 @@ impl Figure for LineFigure {
         let mut labelled = false;
         for line in &self.lines {
             let color = line.color;
-            for (k, segment) in segments(&thin(&line.points, MAX_LINE_POINTS)).into_iter().enumerate() {
+            for (k, segment) in segments(&thin(&line.points, MAX_LINE_POINTS))
+                .into_iter()
+                .enumerate()
+            {
                 let style = color.stroke_width(2);
                 // A lone point (between NaNs, or a single eval) gets a marker so it is visible.
                 if line.markers || segment.len() == 1 {
-                    chart.draw_series(segment.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+                    chart
+                        .draw_series(segment.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
                 }
                 let drawn = match joins {
                     Joins::Polyline => chart.draw_series(LineSeries::new(segment, style))?,
-                    Joins::Segments => chart.draw_series(segment.windows(2).map(|w| PathElement::new(vec![w[0], w[1]], style)))?,
+                    Joins::Segments => chart.draw_series(
+                        segment
+                            .windows(2)
+                            .map(|w| PathElement::new(vec![w[0], w[1]], style)),
+                    )?,
                 };
                 if let (0, Some(label)) = (k, &line.label) {
                     labelled = true;
                     let markers = line.markers;
                     drawn.label(label.as_str()).legend(move |(x, y)| {
-                        EmptyElement::at((x, y)) + PathElement::new(vec![(0, 0), (22, 0)], color.stroke_width(2)) + Circle::new((11, 0), if markers { 4 } else { 0 }, color.filled())
+                        EmptyElement::at((x, y))
+                            + PathElement::new(vec![(0, 0), (22, 0)], color.stroke_width(2))
+                            + Circle::new((11, 0), if markers { 4 } else { 0 }, color.filled())
                     });
                 }
             }
@@ -611,26 +904,56 @@ impl Heatmap {
     /// Each log step's cell spans half-way to its neighbours (±0.5 when there is a single step);
     /// with more than `max_columns` steps, consecutive steps are merged into equal groups whose
     /// cell is the union of their cells and whose fractions are their mean.
-    fn new(caption: String, steps: &[u64], fractions: Vec<Vec<f64>>, max_columns: usize) -> Heatmap {
+    fn new(
+        caption: String,
+        steps: &[u64],
+        fractions: Vec<Vec<f64>>,
+        max_columns: usize,
+    ) -> Heatmap {
         let s: Vec<f64> = steps.iter().map(|&s| s as f64).collect();
         let cells: Vec<(f64, f64)> = (0..s.len())
             .map(|i| {
-                let left = if i > 0 { (s[i] - s[i - 1]) / 2.0 } else if s.len() > 1 { (s[1] - s[0]) / 2.0 } else { 0.5 };
-                let right = if i + 1 < s.len() { (s[i + 1] - s[i]) / 2.0 } else { left };
+                let left = if i > 0 {
+                    (s[i] - s[i - 1]) / 2.0
+                } else if s.len() > 1 {
+                    (s[1] - s[0]) / 2.0
+                } else {
+                    0.5
+                };
+                let right = if i + 1 < s.len() {
+                    (s[i + 1] - s[i]) / 2.0
+                } else {
+                    left
+                };
                 (s[i] - left, s[i] + right)
             })
             .collect();
         let group = cells.len().div_ceil(max_columns.max(1)).max(1);
         if group == 1 {
-            return Heatmap { caption, cells, fractions };
+            return Heatmap {
+                caption,
+                cells,
+                fractions,
+            };
         }
         let experts = fractions.iter().map(Vec::len).max().unwrap_or(0);
         let merged = fractions
             .chunks(group)
-            .map(|rows| (0..experts).map(|e| mean(rows.iter().map(|r| r.get(e).copied().unwrap_or(f64::NAN)))).collect())
+            .map(|rows| {
+                (0..experts)
+                    .map(|e| mean(rows.iter().map(|r| r.get(e).copied().unwrap_or(f64::NAN))))
+                    .collect()
+            })
             .collect();
-        let cells = cells.chunks(group).map(|c| (c[0].0, c[c.len() - 1].1)).collect();
-        Heatmap { caption, cells, fractions: merged }
+        let cells = cells
+            .chunks(group)
+            .map(|c| (c[0].0, c[c.len() - 1].1))
+            .collect();
+        Heatmap {
+            caption,
+            cells,
+            fractions: merged,
+        }
     }
 }
 
@@ -639,8 +962,20 @@ impl Figure for Heatmap {
     where
         DB::ErrorType: 'static,
     {
-        let experts = self.fractions.iter().map(Vec::len).max().unwrap_or(0).max(1) as u32;
-        let vmax = self.fractions.iter().flatten().copied().filter(|f| f.is_finite()).fold(0.0, f64::max);
+        let experts = self
+            .fractions
+            .iter()
+            .map(Vec::len)
+            .max()
+            .unwrap_or(0)
+            .max(1) as u32;
+        let vmax = self
+            .fractions
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|f| f.is_finite())
+            .fold(0.0, f64::max);
         let vmax = if vmax > 0.0 { vmax } else { 1.0 };
         let cells = &self.cells;
         let x0 = cells.first().map(|c| c.0).unwrap_or(0.0);
@@ -665,12 +1000,27 @@ impl Figure for Heatmap {
             .y_labels(experts.min(16) as usize)
             .x_label_formatter(&|x| format!("{}", x.round() as i64))
             .draw()?;
-        chart.draw_series(self.fractions.iter().zip(cells).flat_map(|(row, &(c0, c1))| {
-            row.iter().enumerate().map(move |(e, &f)| {
-                let color = if f.is_finite() { ViridisRGB::get_color_normalized(f, 0.0, vmax) } else { RGBColor(200, 200, 200) };
-                Rectangle::new([(c0, SegmentValue::Exact(e as u32)), (c1, SegmentValue::Exact(e as u32 + 1))], color.filled())
-            })
-        }))?;
+        chart.draw_series(
+            self.fractions
+                .iter()
+                .zip(cells)
+                .flat_map(|(row, &(c0, c1))| {
+                    row.iter().enumerate().map(move |(e, &f)| {
+                        let color = if f.is_finite() {
+                            ViridisRGB::get_color_normalized(f, 0.0, vmax)
+                        } else {
+                            RGBColor(200, 200, 200)
+                        };
+                        Rectangle::new(
+                            [
+                                (c0, SegmentValue::Exact(e as u32)),
+                                (c1, SegmentValue::Exact(e as u32 + 1)),
+                            ],
+                            color.filled(),
+                        )
+                    })
+                }),
+        )?;
         // Colour bar, aligned with the plot area by the same caption, margin and label sizes; its six
         // labels get enough decimals to differ (64 experts: fractions around 0.016).
         let decimals = ((-(vmax / 5.0).log10()).ceil() as usize).clamp(2, 6);
@@ -690,8 +1040,14 @@ impl Figure for Heatmap {
             .draw()?;
         const STEPS: usize = 64;
         scale.draw_series((0..STEPS).map(|i| {
-            let (a, b) = (vmax * i as f64 / STEPS as f64, vmax * (i + 1) as f64 / STEPS as f64);
-            Rectangle::new([(0.0, a), (1.0, b)], ViridisRGB::get_color_normalized((a + b) / 2.0, 0.0, vmax).filled())
+            let (a, b) = (
+                vmax * i as f64 / STEPS as f64,
+                vmax * (i + 1) as f64 / STEPS as f64,
+            );
+            Rectangle::new(
+                [(0.0, a), (1.0, b)],
+                ViridisRGB::get_color_normalized((a + b) / 2.0, 0.0, vmax).filled(),
+            )
         }))?;
         Ok(())
     }
@@ -703,7 +1059,10 @@ mod tests {
 
     #[test]
     fn model_name_skips_comments() {
-        assert_eq!(model_name("# model fake\nmodel tiny_moe {\n dim = 8 }"), Some("tiny_moe".into()));
+        assert_eq!(
+            model_name("# model fake\nmodel tiny_moe {\n dim = 8 }"),
+            Some("tiny_moe".into())
+        );
         assert_eq!(model_name("model\n  lstm_lm{ }"), Some("lstm_lm".into()));
         assert_eq!(model_name("model \"quoted\" { }"), None);
         assert_eq!(model_name("train { }"), None);
@@ -716,15 +1075,36 @@ mod tests {
         assert_eq!(padded_range(std::iter::empty()), (0.0, 1.0));
         let heat = Heatmap::new(String::new(), &[10, 20, 40], vec![vec![0.5]; 3], 10);
         assert_eq!(heat.cells, vec![(5.0, 15.0), (15.0, 30.0), (30.0, 50.0)]);
-        assert_eq!(Heatmap::new(String::new(), &[7], vec![vec![1.0]], 10).cells, vec![(6.5, 7.5)]);
+        assert_eq!(
+            Heatmap::new(String::new(), &[7], vec![vec![1.0]], 10).cells,
+            vec![(6.5, 7.5)]
+        );
         // 5 steps into at most 2 columns: groups of 3 and 2, fractions averaged per expert.
-        let fractions = vec![vec![0.0, 1.0], vec![0.5, 0.5], vec![1.0, 0.0], vec![0.25, 0.75], vec![0.75, 0.25]];
+        let fractions = vec![
+            vec![0.0, 1.0],
+            vec![0.5, 0.5],
+            vec![1.0, 0.0],
+            vec![0.25, 0.75],
+            vec![0.75, 0.25],
+        ];
         let binned = Heatmap::new(String::new(), &[10, 20, 30, 40, 50], fractions, 2);
         assert_eq!(binned.cells, vec![(5.0, 35.0), (35.0, 55.0)]);
         assert_eq!(binned.fractions, vec![vec![0.5, 0.5], vec![0.5, 0.5]]);
-        assert_eq!(segments(&[(0.0, 1.0), (1.0, f64::NAN), (2.0, 3.0), (3.0, 4.0)]), vec![vec![(0.0, 1.0)], vec![(2.0, 3.0), (3.0, 4.0)]]);
+        assert_eq!(
+            segments(&[(0.0, 1.0), (1.0, f64::NAN), (2.0, 3.0), (3.0, 4.0)]),
+            vec![vec![(0.0, 1.0)], vec![(2.0, 3.0), (3.0, 4.0)]]
+        );
         // 5 points into at most 3: pairs averaged, the NaN pair stays a gap.
-        let thinned = thin(&[(0.0, 1.0), (1.0, 3.0), (2.0, 5.0), (3.0, f64::NAN), (4.0, 2.0)], 3);
+        let thinned = thin(
+            &[
+                (0.0, 1.0),
+                (1.0, 3.0),
+                (2.0, 5.0),
+                (3.0, f64::NAN),
+                (4.0, 2.0),
+            ],
+            3,
+        );
         assert_eq!(thinned.len(), 3);
         assert_eq!(thinned[0], (0.5, 2.0));
         assert!(thinned[1].0 == 2.5 && thinned[1].1.is_nan());
@@ -740,7 +1120,16 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let heat = Heatmap::new("one".into(), &[3], vec![vec![1.0]], MAX_HEATMAP_COLUMNS);
         assert_eq!(render(&heat, (400, 300), &dir, "heat").unwrap().len(), 2);
-        let lines = LineFigure { caption: "nan".into(), y_desc: "loss".into(), lines: vec![Line { label: Some("x".into()), color: run_color(0), points: vec![(1.0, f64::NAN)], markers: true }] };
+        let lines = LineFigure {
+            caption: "nan".into(),
+            y_desc: "loss".into(),
+            lines: vec![Line {
+                label: Some("x".into()),
+                color: run_color(0),
+                points: vec![(1.0, f64::NAN)],
+                markers: true,
+            }],
+        };
         assert_eq!(render(&lines, (400, 300), &dir, "lines").unwrap().len(), 2);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -29,7 +29,11 @@ pub fn lr_at(schedule: &Schedule, base_lr: f64, step: usize, total_steps: usize)
             // Steps W..=last map to progress 0..=1; with no room to decay (last == W) the one
             // post-warmup step is the last step and gets `min_lr`.
             let span = last.saturating_sub(warmup);
-            let progress = if span == 0 { 1.0 } else { (step - warmup) as f64 / span as f64 };
+            let progress = if span == 0 {
+                1.0
+            } else {
+                (step - warmup) as f64 / span as f64
+            };
             min_lr + (base_lr - min_lr) * 0.5 * (1.0 + (PI * progress).cos())
         }
         Schedule::Linear { warmup } => {
@@ -66,7 +70,10 @@ mod tests {
     #[test]
     fn cosine_hand_values() {
         // base 1.0, W = 10, min 0.1, 111 steps: decay over steps 10..=110 (span 100).
-        let s = Schedule::Cosine { warmup: 10, min_lr: 0.1 };
+        let s = Schedule::Cosine {
+            warmup: 10,
+            min_lr: 0.1,
+        };
         close(lr_at(&s, 1.0, 0, 111), 0.1); // 1/10
         close(lr_at(&s, 1.0, 4, 111), 0.5); // 5/10
         close(lr_at(&s, 1.0, 9, 111), 1.0); // 10/10
@@ -80,7 +87,10 @@ mod tests {
 
     #[test]
     fn cosine_without_warmup_starts_at_base() {
-        let s = Schedule::Cosine { warmup: 0, min_lr: 0.0 };
+        let s = Schedule::Cosine {
+            warmup: 0,
+            min_lr: 0.0,
+        };
         close(lr_at(&s, 2.0, 0, 3), 2.0);
         close(lr_at(&s, 2.0, 1, 3), 1.0);
         close(lr_at(&s, 2.0, 2, 3), 0.0);
@@ -104,7 +114,10 @@ mod tests {
     fn warmup_longer_than_the_run_never_divides_by_zero() {
         let s = Schedule::Linear { warmup: 50 };
         close(lr_at(&s, 1.0, 9, 10), 0.2);
-        let s = Schedule::Cosine { warmup: 50, min_lr: 0.0 };
+        let s = Schedule::Cosine {
+            warmup: 50,
+            min_lr: 0.0,
+        };
         close(lr_at(&s, 1.0, 0, 10), 0.02);
         assert_eq!(lr_at(&Schedule::Constant, 1.0, 0, 0), 1.0);
     }

@@ -1,6 +1,9 @@
 //! Checkpoints: safetensors round trip, HF split/stack of expert params, atomic writes, spec diffs.
 
-use moec_runtime::checkpoint::{diff_specs, from_hf, hf_config, to_hf, Checkpoint, CheckpointError, HF_CONFIG_FILE, HF_INDEX_FILE};
+use moec_runtime::checkpoint::{
+    diff_specs, from_hf, hf_config, to_hf, Checkpoint, CheckpointError, HF_CONFIG_FILE,
+    HF_INDEX_FILE,
+};
 use moec_runtime::data::BatcherState;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::BTreeMap;
@@ -10,16 +13,44 @@ fn ramp(n: usize, scale: f32) -> Vec<f32> {
 }
 
 fn sample() -> Checkpoint {
-    let mut ck = Checkpoint { step: 1234, spec_text: "model m {\n  dim = 8\n}\n".into(), ..Default::default() };
+    let mut ck = Checkpoint {
+        step: 1234,
+        spec_text: "model m {\n  dim = 8\n}\n".into(),
+        ..Default::default()
+    };
     ck.insert_ir("model.embed_tokens.weight", &[5, 4], &ramp(20, 0.25));
     // Stacked experts: E = 3, hidden = 2, dim = 4.
-    ck.insert_ir("model.layers.0.block_sparse_moe.experts.w1", &[3, 2, 4], &ramp(24, 0.5));
-    ck.insert_ir("model.layers.0.block_sparse_moe.experts.w2", &[3, 4, 2], &ramp(24, -0.5));
-    ck.insert_ir("model.layers.0.block_sparse_moe.gate.weight", &[3, 4], &ramp(12, 1.0));
+    ck.insert_ir(
+        "model.layers.0.block_sparse_moe.experts.w1",
+        &[3, 2, 4],
+        &ramp(24, 0.5),
+    );
+    ck.insert_ir(
+        "model.layers.0.block_sparse_moe.experts.w2",
+        &[3, 4, 2],
+        &ramp(24, -0.5),
+    );
+    ck.insert_ir(
+        "model.layers.0.block_sparse_moe.gate.weight",
+        &[3, 4],
+        &ramp(12, 1.0),
+    );
     // Optimizer state of a stacked param keeps its IR name and shape.
-    ck.insert_ir("optim.exp_avg.model.layers.0.block_sparse_moe.experts.w1", &[3, 2, 4], &ramp(24, 0.125));
-    ck.insert_ir("router_state.model.layers.0.bias", &[3], &[0.1, -0.2, f32::MIN_POSITIVE]);
-    let state = BatcherState { seed: 1, word_pos: (1u128 << 70) + 3, train_tokens: 10 };
+    ck.insert_ir(
+        "optim.exp_avg.model.layers.0.block_sparse_moe.experts.w1",
+        &[3, 2, 4],
+        &ramp(24, 0.125),
+    );
+    ck.insert_ir(
+        "router_state.model.layers.0.bias",
+        &[3],
+        &[0.1, -0.2, f32::MIN_POSITIVE],
+    );
+    let state = BatcherState {
+        seed: 1,
+        word_pos: (1u128 << 70) + 3,
+        train_tokens: 10,
+    };
     ck.put_json("batcher", &state).unwrap();
     ck
 }
@@ -31,7 +62,14 @@ fn json_metadata_round_trips() {
     sample().save(&path).unwrap();
     let back = Checkpoint::load(&path).unwrap();
     let state: BatcherState = back.get_json("batcher").unwrap().unwrap();
-    assert_eq!(state, BatcherState { seed: 1, word_pos: (1u128 << 70) + 3, train_tokens: 10 });
+    assert_eq!(
+        state,
+        BatcherState {
+            seed: 1,
+            word_pos: (1u128 << 70) + 3,
+            train_tokens: 10
+        }
+    );
     assert_eq!(back.get_json::<BatcherState>("absent").unwrap(), None);
     let err = back.get_json::<u32>("batcher").unwrap_err();
     assert!(matches!(err, CheckpointError::Meta { .. }), "{err}");
@@ -46,8 +84,10 @@ fn round_trip_is_exact() {
     let back = Checkpoint::load(&path).unwrap();
     assert_eq!(back, ck); // bit-exact f32, shapes, step, spec text, meta
                           // No temporary file is left next to the checkpoint.
-    let names: Vec<String> =
-        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     assert_eq!(names, vec!["ck.safetensors".to_string()]);
 }
 
@@ -62,57 +102,111 @@ fn file_is_hf_shaped_f32_with_pt_format() {
     assert_eq!(meta["format"], "pt");
     assert_eq!(meta["moec.step"], "1234");
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let w1_2 = st.tensor("model.layers.0.block_sparse_moe.experts.2.w1.weight").unwrap();
+    let w1_2 = st
+        .tensor("model.layers.0.block_sparse_moe.experts.2.w1.weight")
+        .unwrap();
     assert_eq!(w1_2.dtype(), Dtype::F32);
     assert_eq!(w1_2.shape(), &[2, 4]);
     // Expert 2's slice of the stack: elements 16..24 of the ramp.
     let first = f32::from_le_bytes(w1_2.data()[..4].try_into().unwrap());
     assert_eq!(first, 16.0 * 0.5 - 1.5);
-    assert_eq!(st.tensor("model.layers.0.block_sparse_moe.experts.1.w2.weight").unwrap().shape(), &[4, 2]);
-    assert!(st.tensor("model.layers.0.block_sparse_moe.experts.w1").is_err());
-    assert_eq!(st.tensor("optim.exp_avg.model.layers.0.block_sparse_moe.experts.w1").unwrap().shape(), &[3, 2, 4]);
+    assert_eq!(
+        st.tensor("model.layers.0.block_sparse_moe.experts.1.w2.weight")
+            .unwrap()
+            .shape(),
+        &[4, 2]
+    );
+    assert!(st
+        .tensor("model.layers.0.block_sparse_moe.experts.w1")
+        .is_err());
+    assert_eq!(
+        st.tensor("optim.exp_avg.model.layers.0.block_sparse_moe.experts.w1")
+            .unwrap()
+            .shape(),
+        &[3, 2, 4]
+    );
 }
 
 #[test]
 fn hf_split_and_stack_are_inverse() {
     let data = ramp(24, 1.0);
-    let split = to_hf("model.layers.3.block_sparse_moe.experts.w3", &[2, 3, 4], &data);
+    let split = to_hf(
+        "model.layers.3.block_sparse_moe.experts.w3",
+        &[2, 3, 4],
+        &data,
+    );
     assert_eq!(split.len(), 2);
-    assert_eq!(split[1].0, "model.layers.3.block_sparse_moe.experts.1.w3.weight");
+    assert_eq!(
+        split[1].0,
+        "model.layers.3.block_sparse_moe.experts.1.w3.weight"
+    );
     assert_eq!(split[1].1, vec![3, 4]);
     assert_eq!(split[1].2, data[12..]);
     // Non-stacked names pass through.
     let same = to_hf("model.norm.weight", &[4], &[1.0; 4]);
-    assert_eq!(same, vec![("model.norm.weight".to_string(), vec![4], vec![1.0; 4])]);
+    assert_eq!(
+        same,
+        vec![("model.norm.weight".to_string(), vec![4], vec![1.0; 4])]
+    );
 
-    let map: BTreeMap<String, (Vec<usize>, Vec<f32>)> =
-        split.into_iter().map(|(n, s, d)| (n, (s, d))).chain([("lm_head.weight".to_string(), (vec![1], vec![2.0]))]).collect();
+    let map: BTreeMap<String, (Vec<usize>, Vec<f32>)> = split
+        .into_iter()
+        .map(|(n, s, d)| (n, (s, d)))
+        .chain([("lm_head.weight".to_string(), (vec![1], vec![2.0]))])
+        .collect();
     let stacked = from_hf(map).unwrap();
-    assert_eq!(stacked["model.layers.3.block_sparse_moe.experts.w3"], (vec![2, 3, 4], data));
+    assert_eq!(
+        stacked["model.layers.3.block_sparse_moe.experts.w3"],
+        (vec![2, 3, 4], data)
+    );
     assert_eq!(stacked["lm_head.weight"], (vec![1], vec![2.0]));
     assert_eq!(stacked.len(), 2);
 
     // More than 10 experts: numeric, not lexicographic, order.
     let data = ramp(12 * 2, 1.0);
-    let map: BTreeMap<_, _> =
-        to_hf("model.layers.0.block_sparse_moe.experts.w1", &[12, 1, 2], &data).into_iter().map(|(n, s, d)| (n, (s, d))).collect();
-    assert_eq!(from_hf(map).unwrap()["model.layers.0.block_sparse_moe.experts.w1"].1, data);
+    let map: BTreeMap<_, _> = to_hf(
+        "model.layers.0.block_sparse_moe.experts.w1",
+        &[12, 1, 2],
+        &data,
+    )
+    .into_iter()
+    .map(|(n, s, d)| (n, (s, d)))
+    .collect();
+    assert_eq!(
+        from_hf(map).unwrap()["model.layers.0.block_sparse_moe.experts.w1"].1,
+        data
+    );
 
     let ck = sample();
     let ir = ck.ir_tensors().unwrap();
-    assert_eq!(ir["model.layers.0.block_sparse_moe.experts.w2"], (vec![3, 4, 2], ramp(24, -0.5)));
+    assert_eq!(
+        ir["model.layers.0.block_sparse_moe.experts.w2"],
+        (vec![3, 4, 2], ramp(24, -0.5))
+    );
 }
 
 #[test]
 fn stacking_reports_gaps_and_shape_mismatches() {
     let mut map = BTreeMap::new();
-    map.insert("model.layers.0.block_sparse_moe.experts.0.w1.weight".to_string(), (vec![1, 2], vec![0.0; 2]));
-    map.insert("model.layers.0.block_sparse_moe.experts.2.w1.weight".to_string(), (vec![1, 2], vec![0.0; 2]));
+    map.insert(
+        "model.layers.0.block_sparse_moe.experts.0.w1.weight".to_string(),
+        (vec![1, 2], vec![0.0; 2]),
+    );
+    map.insert(
+        "model.layers.0.block_sparse_moe.experts.2.w1.weight".to_string(),
+        (vec![1, 2], vec![0.0; 2]),
+    );
     let err = from_hf(map.clone()).unwrap_err();
     assert!(err.to_string().contains("expert 1 is missing"), "{err}");
-    map.insert("model.layers.0.block_sparse_moe.experts.1.w1.weight".to_string(), (vec![2, 1], vec![0.0; 2]));
+    map.insert(
+        "model.layers.0.block_sparse_moe.experts.1.w1.weight".to_string(),
+        (vec![2, 1], vec![0.0; 2]),
+    );
     let err = from_hf(map).unwrap_err();
-    assert!(err.to_string().contains("expert 1 has shape [2, 1]"), "{err}");
+    assert!(
+        err.to_string().contains("expert 1 has shape [2, 1]"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -121,10 +215,20 @@ fn save_refuses_bad_input_and_leaves_no_file() {
     let path = dir.path().join("bad.safetensors");
     let mut ck = Checkpoint::default();
     ck.tensors.insert("x".into(), (vec![2, 2], vec![1.0; 3]));
-    assert!(matches!(ck.save(&path).unwrap_err(), CheckpointError::ShapeData { expected: 4, actual: 3, .. }));
+    assert!(matches!(
+        ck.save(&path).unwrap_err(),
+        CheckpointError::ShapeData {
+            expected: 4,
+            actual: 3,
+            ..
+        }
+    ));
     let mut ck = Checkpoint::default();
     ck.meta.insert("moec.step".into(), "7".into());
-    assert!(matches!(ck.save(&path).unwrap_err(), CheckpointError::ReservedKey(_)));
+    assert!(matches!(
+        ck.save(&path).unwrap_err(),
+        CheckpointError::ReservedKey(_)
+    ));
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
 
@@ -138,27 +242,49 @@ fn overwrite_replaces_whole_file() {
     ck.tensors.retain(|n, _| n.starts_with("model.embed"));
     ck.save(&path).unwrap();
     assert_eq!(Checkpoint::load(&path).unwrap(), ck);
-    assert_eq!(std::fs::read_dir(dir.path().join("sub")).unwrap().count(), 1);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("sub")).unwrap().count(),
+        1
+    );
 }
 
 #[test]
 fn load_errors_are_values() {
     let dir = tempfile::tempdir().unwrap();
     let err = Checkpoint::load(&dir.path().join("missing.safetensors")).unwrap_err();
-    assert!(matches!(err, CheckpointError::Io { .. }) && err.to_string().contains("missing.safetensors"), "{err}");
+    assert!(
+        matches!(err, CheckpointError::Io { .. })
+            && err.to_string().contains("missing.safetensors"),
+        "{err}"
+    );
     std::fs::write(dir.path().join("junk"), b"not a safetensors file at all").unwrap();
-    assert!(matches!(Checkpoint::load(&dir.path().join("junk")).unwrap_err(), CheckpointError::Format { .. }));
+    assert!(matches!(
+        Checkpoint::load(&dir.path().join("junk")).unwrap_err(),
+        CheckpointError::Format { .. }
+    ));
 }
 
 #[test]
 fn loads_hf_half_precision_tensors() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("hf.safetensors");
-    let bf: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect();
-    let f16: Vec<u8> = [0.25f32].iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
+    let bf: Vec<u8> = [1.5f32, -2.0]
+        .iter()
+        .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+        .collect();
+    let f16: Vec<u8> = [0.25f32]
+        .iter()
+        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+        .collect();
     let views = vec![
-        ("a", safetensors::tensor::TensorView::new(Dtype::BF16, vec![2], &bf).unwrap()),
-        ("b", safetensors::tensor::TensorView::new(Dtype::F16, vec![1], &f16).unwrap()),
+        (
+            "a",
+            safetensors::tensor::TensorView::new(Dtype::BF16, vec![2], &bf).unwrap(),
+        ),
+        (
+            "b",
+            safetensors::tensor::TensorView::new(Dtype::F16, vec![1], &f16).unwrap(),
+        ),
     ];
     std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
     let ck = Checkpoint::load(&path).unwrap();
@@ -172,7 +298,14 @@ fn spec_diff_names_lines() {
     let a = "model m {\n  dim = 64\n  layers = 2\n  moe {\n    experts = 8\n  }\n}\n";
     assert_eq!(diff_specs(a, a), None);
     // Trailing whitespace and trailing blank lines do not count.
-    assert_eq!(diff_specs(a, &a.replace("= 64\n", "= 64   \n").replace("}\n}\n", "}\n}\n\n\n")), None);
+    assert_eq!(
+        diff_specs(
+            a,
+            &a.replace("= 64\n", "= 64   \n")
+                .replace("}\n}\n", "}\n}\n\n\n")
+        ),
+        None
+    );
     let b = a.replace("experts = 8", "experts = 16");
     let d = diff_specs(a, &b).unwrap();
     assert!(d.contains("-   5 |     experts = 8"), "{d}");
@@ -227,12 +360,42 @@ fn hf_config_of_mixtral_spec_is_a_mixtral_config() {
 fn hf_config_refuses_what_mixtral_does_not_compute() {
     for (edit, what) in [
         (("norm = rmsnorm", "norm = layernorm"), "norm = layernorm"),
-        (("gate = softmax(renorm = true)", "gate = softmax(renorm = false)"), "gate = Softmax { renorm: false }"),
-        (("gate = softmax(renorm = true)", "gate = sigmoid"), "gate = Sigmoid"),
-        (("expert = swiglu(hidden = 256)", "expert = gelu(hidden = 256)"), "expert = Gelu"),
-        (("capacity = dropless", "capacity = factor(1.25, drop = position)"), "capacity factor"),
-        (("balance = aux(0.01)", "balance = bias(rate = 0.001) + aux(0.01)"), "bias balancing"),
-        (("experts = 8", "experts = 8\n    every = 2"), "MoE on 1 of 2 blocks"),
+        (
+            (
+                "gate = softmax(renorm = true)",
+                "gate = softmax(renorm = false)",
+            ),
+            "gate = Softmax { renorm: false }",
+        ),
+        (
+            ("gate = softmax(renorm = true)", "gate = sigmoid"),
+            "gate = Sigmoid",
+        ),
+        (
+            (
+                "expert = swiglu(hidden = 256)",
+                "expert = gelu(hidden = 256)",
+            ),
+            "expert = Gelu",
+        ),
+        (
+            (
+                "capacity = dropless",
+                "capacity = factor(1.25, drop = position)",
+            ),
+            "capacity factor",
+        ),
+        (
+            (
+                "balance = aux(0.01)",
+                "balance = bias(rate = 0.001) + aux(0.01)",
+            ),
+            "bias balancing",
+        ),
+        (
+            ("experts = 8", "experts = 8\n    every = 2"),
+            "MoE on 1 of 2 blocks",
+        ),
     ] {
         let err = hf_config(&mixtral_with(edit)).unwrap_err();
         assert!(matches!(err, CheckpointError::NotHf(_)), "{edit:?}: {err}");
@@ -248,16 +411,26 @@ fn hf_files_point_every_weight_at_the_checkpoint() {
     ck.save(&path).unwrap();
     let config = serde_json::json!({ "model_type": "mixtral" });
     ck.save_hf_files(&path, &config).unwrap();
-    let read = |name: &str| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(dir.path().join(name)).unwrap()).unwrap() };
+    let read = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join(name)).unwrap()).unwrap()
+    };
     assert_eq!(read(HF_CONFIG_FILE), config);
     let index = read(HF_INDEX_FILE);
     let map = index["weight_map"].as_object().unwrap();
     // The model weights, split per expert as in the file; no optimizer or router state.
-    let expected: Vec<&str> = ck.tensors.keys().map(String::as_str).filter(|n| n.starts_with("model.")).collect();
+    let expected: Vec<&str> = ck
+        .tensors
+        .keys()
+        .map(String::as_str)
+        .filter(|n| n.starts_with("model."))
+        .collect();
     assert_eq!(map.keys().map(String::as_str).collect::<Vec<_>>(), expected);
     assert!(map.values().all(|v| v == "checkpoint.safetensors"));
     // 20 + 3·(8 + 8) + 12 f32 values.
     assert_eq!(index["metadata"]["total_size"], (20 + 48 + 12) * 4);
-    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     assert_eq!(names.len(), 3, "no temporary files left: {names:?}");
 }

@@ -3,8 +3,8 @@
 
 use moec_compiler::spec::{Data, SyntheticKind, TokenDtype};
 use moec_runtime::data::{
-    class_clusters, Batch, Batcher, BatcherState, DataError, Dataset, Samples, TrainData, CIFAR_TEST_FILE, CIFAR_TRAIN_FILES,
-    CLASS_SAMPLES, FINEWEB_MAGIC_U16, FINEWEB_MAGIC_U32,
+    class_clusters, Batch, Batcher, BatcherState, DataError, Dataset, Samples, TrainData,
+    CIFAR_TEST_FILE, CIFAR_TRAIN_FILES, CLASS_SAMPLES, FINEWEB_MAGIC_U16, FINEWEB_MAGIC_U32,
 };
 use std::path::Path;
 
@@ -25,11 +25,17 @@ fn samples(batch: &Batch) -> (&[f32], &[u32]) {
 }
 
 fn tokens(path: &str, dtype: TokenDtype) -> Data {
-    Data::Tokens { path: path.into(), dtype }
+    Data::Tokens {
+        path: path.into(),
+        dtype,
+    }
 }
 
 fn markov(seed: u64) -> Data {
-    Data::Synthetic { kind: SyntheticKind::Markov, seed }
+    Data::Synthetic {
+        kind: SyntheticKind::Markov,
+        seed,
+    }
 }
 
 fn write_u16(path: &Path, header: Option<(i32, i32, i32)>, toks: &[u16]) {
@@ -48,10 +54,22 @@ fn write_u16(path: &Path, header: Option<(i32, i32, i32)>, toks: &[u16]) {
 #[test]
 fn missing_file_names_the_resolved_path() {
     let dir = tempfile::tempdir().unwrap();
-    let err = Dataset::load(&Data::Text { path: "nope.txt".into() }, dir.path(), 256, 8, 0.9).unwrap_err();
+    let err = Dataset::load(
+        &Data::Text {
+            path: "nope.txt".into(),
+        },
+        dir.path(),
+        256,
+        8,
+        0.9,
+    )
+    .unwrap_err();
     assert!(matches!(err, DataError::Read { .. }));
     let msg = err.to_string();
-    assert!(msg.contains(&dir.path().join("nope.txt").display().to_string()), "{msg}");
+    assert!(
+        msg.contains(&dir.path().join("nope.txt").display().to_string()),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -59,14 +77,32 @@ fn text_is_bytes_and_splits_first_part_train() {
     let dir = tempfile::tempdir().unwrap();
     let text: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
     std::fs::write(dir.path().join("t.txt"), &text).unwrap();
-    let ds = Dataset::load(&Data::Text { path: "t.txt".into() }, dir.path(), 256, 16, 0.9).unwrap();
+    let ds = Dataset::load(
+        &Data::Text {
+            path: "t.txt".into(),
+        },
+        dir.path(),
+        256,
+        16,
+        0.9,
+    )
+    .unwrap();
     assert_eq!(ds.train_tokens().len(), 900);
     assert_eq!(ds.val_tokens().len(), 100);
     assert_eq!(ds.train_tokens()[..5], [0, 1, 2, 3, 4]);
     assert_eq!(ds.val_tokens()[0], 900 % 251);
     assert!(ds.conditional_entropy().is_none());
 
-    let err = Dataset::load(&Data::Text { path: "t.txt".into() }, dir.path(), 100, 16, 0.9).unwrap_err();
+    let err = Dataset::load(
+        &Data::Text {
+            path: "t.txt".into(),
+        },
+        dir.path(),
+        100,
+        16,
+        0.9,
+    )
+    .unwrap_err();
     assert!(matches!(err, DataError::TextVocab { vocab: 100 }), "{err}");
 }
 
@@ -75,16 +111,53 @@ fn too_short_says_which_part_and_how_many() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("t.txt"), vec![b'a'; 100]).unwrap();
     // 100 tokens, split 0.9: train 90, val 10; context 16 needs 17 per part.
-    let err = Dataset::load(&Data::Text { path: "t.txt".into() }, dir.path(), 256, 16, 0.9).unwrap_err();
+    let err = Dataset::load(
+        &Data::Text {
+            path: "t.txt".into(),
+        },
+        dir.path(),
+        256,
+        16,
+        0.9,
+    )
+    .unwrap_err();
     match &err {
-        DataError::TooShort { part, have, needed, total, .. } => {
+        DataError::TooShort {
+            part,
+            have,
+            needed,
+            total,
+            ..
+        } => {
             assert_eq!((*part, *have, *needed, *total), ("validation", 10, 17, 100));
         }
         other => panic!("{other}"),
     }
-    assert!(err.to_string().contains("validation part has 10 tokens"), "{err}");
-    let err = Dataset::load(&Data::Text { path: "t.txt".into() }, dir.path(), 256, 16, 0.1).unwrap_err();
-    assert!(matches!(err, DataError::TooShort { part: "training", have: 10, .. }), "{err}");
+    assert!(
+        err.to_string().contains("validation part has 10 tokens"),
+        "{err}"
+    );
+    let err = Dataset::load(
+        &Data::Text {
+            path: "t.txt".into(),
+        },
+        dir.path(),
+        256,
+        16,
+        0.1,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DataError::TooShort {
+                part: "training",
+                have: 10,
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -93,13 +166,28 @@ fn flat_u16_and_u32_files() {
     let toks: Vec<u16> = (0..200).map(|i| (i * 7 % 300) as u16).collect();
     write_u16(&dir.path().join("a.bin"), None, &toks);
     let ds = Dataset::load(&tokens("a.bin", TokenDtype::U16), dir.path(), 300, 8, 0.5).unwrap();
-    let all: Vec<u32> = ds.train_tokens().iter().chain(ds.val_tokens()).copied().collect();
+    let all: Vec<u32> = ds
+        .train_tokens()
+        .iter()
+        .chain(ds.val_tokens())
+        .copied()
+        .collect();
     assert_eq!(all, toks.iter().map(|&t| t as u32).collect::<Vec<_>>());
     assert_eq!(ds.train_tokens().len(), 100);
 
-    let wide: Vec<u8> = [70_000u32, 3, 5, 9, 1, 2, 3, 4].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let wide: Vec<u8> = [70_000u32, 3, 5, 9, 1, 2, 3, 4]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
     std::fs::write(dir.path().join("w.bin"), &wide).unwrap();
-    let ds = Dataset::load(&tokens("w.bin", TokenDtype::U32), dir.path(), 100_000, 2, 0.5).unwrap();
+    let ds = Dataset::load(
+        &tokens("w.bin", TokenDtype::U32),
+        dir.path(),
+        100_000,
+        2,
+        0.5,
+    )
+    .unwrap();
     assert_eq!(ds.train_tokens(), &[70_000, 3, 5, 9]);
 }
 
@@ -107,17 +195,47 @@ fn flat_u16_and_u32_files() {
 fn odd_byte_length_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("odd.bin"), [1u8, 0, 2, 0, 3]).unwrap();
-    let err = Dataset::load(&tokens("odd.bin", TokenDtype::U16), dir.path(), 300, 1, 0.5).unwrap_err();
-    assert!(matches!(err, DataError::Misaligned { bytes: 5, width: 2, .. }), "{err}");
-    assert!(err.to_string().contains("5 bytes") && err.to_string().contains("u16"), "{err}");
+    let err =
+        Dataset::load(&tokens("odd.bin", TokenDtype::U16), dir.path(), 300, 1, 0.5).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DataError::Misaligned {
+                bytes: 5,
+                width: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("5 bytes") && err.to_string().contains("u16"),
+        "{err}"
+    );
 }
 
 #[test]
 fn token_out_of_range_names_position_and_value() {
     let dir = tempfile::tempdir().unwrap();
-    write_u16(&dir.path().join("a.bin"), None, &[1, 2, 3, 500, 4, 900, 1, 1]);
-    let err = Dataset::load(&tokens("a.bin", TokenDtype::U16), dir.path(), 256, 2, 0.5).unwrap_err();
-    assert!(matches!(err, DataError::TokenOutOfRange { position: 3, value: 500, vocab: 256, .. }), "{err}");
+    write_u16(
+        &dir.path().join("a.bin"),
+        None,
+        &[1, 2, 3, 500, 4, 900, 1, 1],
+    );
+    let err =
+        Dataset::load(&tokens("a.bin", TokenDtype::U16), dir.path(), 256, 2, 0.5).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DataError::TokenOutOfRange {
+                position: 3,
+                value: 500,
+                vocab: 256,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("token 500 at position 3"), "{err}");
 }
 
@@ -125,40 +243,145 @@ fn token_out_of_range_names_position_and_value() {
 fn fineweb_header_files() {
     let dir = tempfile::tempdir().unwrap();
     let toks: Vec<u16> = (0..64).map(|i| 50_000 + i).collect();
-    write_u16(&dir.path().join("fw.bin"), Some((FINEWEB_MAGIC_U16, 1, 64)), &toks);
-    let ds = Dataset::load(&tokens("fw.bin", TokenDtype::U16), dir.path(), 50_257, 4, 0.75).unwrap();
+    write_u16(
+        &dir.path().join("fw.bin"),
+        Some((FINEWEB_MAGIC_U16, 1, 64)),
+        &toks,
+    );
+    let ds = Dataset::load(
+        &tokens("fw.bin", TokenDtype::U16),
+        dir.path(),
+        50_257,
+        4,
+        0.75,
+    )
+    .unwrap();
     assert_eq!(ds.train_tokens().len(), 48);
     assert_eq!(ds.train_tokens()[0], 50_000);
     assert_eq!(ds.val_tokens()[15], 50_063);
 
     // Header count disagrees with the body (truncated file).
-    write_u16(&dir.path().join("cut.bin"), Some((FINEWEB_MAGIC_U16, 1, 100)), &toks);
-    let err = Dataset::load(&tokens("cut.bin", TokenDtype::U16), dir.path(), 50_257, 4, 0.75).unwrap_err();
-    assert!(matches!(err, DataError::HeaderCount { header: 100, actual: 64, .. }), "{err}");
+    write_u16(
+        &dir.path().join("cut.bin"),
+        Some((FINEWEB_MAGIC_U16, 1, 100)),
+        &toks,
+    );
+    let err = Dataset::load(
+        &tokens("cut.bin", TokenDtype::U16),
+        dir.path(),
+        50_257,
+        4,
+        0.75,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DataError::HeaderCount {
+                header: 100,
+                actual: 64,
+                ..
+            }
+        ),
+        "{err}"
+    );
 
     // A u16 shard read as u32, and a u32 (Llama-3) shard read as u16.
-    let err = Dataset::load(&tokens("fw.bin", TokenDtype::U32), dir.path(), 50_257, 4, 0.75).unwrap_err();
-    assert!(matches!(err, DataError::HeaderDtype { header: "u16", spec: "u32", .. }), "{err}");
-    let mut bytes: Vec<u8> = [FINEWEB_MAGIC_U32, 7, 8].iter().chain([0i32; 253].iter()).flat_map(|v| v.to_le_bytes()).collect();
+    let err = Dataset::load(
+        &tokens("fw.bin", TokenDtype::U32),
+        dir.path(),
+        50_257,
+        4,
+        0.75,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DataError::HeaderDtype {
+                header: "u16",
+                spec: "u32",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let mut bytes: Vec<u8> = [FINEWEB_MAGIC_U32, 7, 8]
+        .iter()
+        .chain([0i32; 253].iter())
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
     bytes.extend((0..8u32).flat_map(|v| (100_000 + v).to_le_bytes()));
     std::fs::write(dir.path().join("llama.bin"), &bytes).unwrap();
-    let err = Dataset::load(&tokens("llama.bin", TokenDtype::U16), dir.path(), 128_256, 2, 0.5).unwrap_err();
-    assert!(matches!(err, DataError::HeaderDtype { header: "u32", .. }), "{err}");
-    let ds = Dataset::load(&tokens("llama.bin", TokenDtype::U32), dir.path(), 128_256, 2, 0.5).unwrap();
+    let err = Dataset::load(
+        &tokens("llama.bin", TokenDtype::U16),
+        dir.path(),
+        128_256,
+        2,
+        0.5,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, DataError::HeaderDtype { header: "u32", .. }),
+        "{err}"
+    );
+    let ds = Dataset::load(
+        &tokens("llama.bin", TokenDtype::U32),
+        dir.path(),
+        128_256,
+        2,
+        0.5,
+    )
+    .unwrap();
     assert_eq!(ds.train_tokens(), &[100_000, 100_001, 100_002, 100_003]);
 
     // Unknown version.
-    write_u16(&dir.path().join("v9.bin"), Some((FINEWEB_MAGIC_U16, 9, 64)), &toks);
-    let err = Dataset::load(&tokens("v9.bin", TokenDtype::U16), dir.path(), 50_257, 4, 0.75).unwrap_err();
-    assert!(matches!(err, DataError::HeaderVersion { version: 9, expected: 1, .. }), "{err}");
+    write_u16(
+        &dir.path().join("v9.bin"),
+        Some((FINEWEB_MAGIC_U16, 9, 64)),
+        &toks,
+    );
+    let err = Dataset::load(
+        &tokens("v9.bin", TokenDtype::U16),
+        dir.path(),
+        50_257,
+        4,
+        0.75,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DataError::HeaderVersion {
+                version: 9,
+                expected: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
 fn classifier_data_is_refused_for_lms() {
     let dir = tempfile::tempdir().unwrap();
-    let err = Dataset::load(&Data::Synthetic { kind: SyntheticKind::Classes, seed: 0 }, dir.path(), 256, 8, 0.9).unwrap_err();
-    assert!(err.to_string().contains("synthetic(kind = classes)") && err.to_string().contains("mlp"), "{err}");
-    let err = Dataset::load(&Data::Cifar10 { dir: "c".into() }, dir.path(), 256, 8, 0.9).unwrap_err();
+    let err = Dataset::load(
+        &Data::Synthetic {
+            kind: SyntheticKind::Classes,
+            seed: 0,
+        },
+        dir.path(),
+        256,
+        8,
+        0.9,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("synthetic(kind = classes)") && err.to_string().contains("mlp"),
+        "{err}"
+    );
+    let err =
+        Dataset::load(&Data::Cifar10 { dir: "c".into() }, dir.path(), 256, 8, 0.9).unwrap_err();
     assert!(matches!(err, DataError::NotForLm { .. }), "{err}");
 }
 
@@ -177,7 +400,10 @@ fn markov_is_deterministic_and_predictable() {
     let h_cond = a.conditional_entropy().unwrap();
     // Every token is visited (the chain is irreducible), so the unigram entropy is near ln 64 = 4.16,
     // while each row has 4 successors: H(next | cur) <= ln 4 = 1.39.
-    assert!(h_uni > 3.5 && h_uni <= 64f64.ln() + 1e-12, "unigram {h_uni}");
+    assert!(
+        h_uni > 3.5 && h_uni <= 64f64.ln() + 1e-12,
+        "unigram {h_uni}"
+    );
     assert!(h_cond > 0.5 && h_cond < 4f64.ln(), "conditional {h_cond}");
 
     // The stated conditional entropy matches the empirical bigram entropy of the sample (~940k
@@ -190,14 +416,31 @@ fn markov_is_deterministic_and_predictable() {
         row[w[0] as usize] += 1;
     }
     let total = (t.len() - 1) as f64;
-    let empirical: f64 =
-        counts.iter().enumerate().filter(|(_, &c)| c > 0).map(|(i, &c)| -(c as f64 / total) * (c as f64 / row[i / 64] as f64).ln()).sum();
-    assert!((empirical - h_cond).abs() < 0.01, "empirical {empirical} vs stated {h_cond}");
+    let empirical: f64 = counts
+        .iter()
+        .enumerate()
+        .filter(|(_, &c)| c > 0)
+        .map(|(i, &c)| -(c as f64 / total) * (c as f64 / row[i / 64] as f64).ln())
+        .sum();
+    assert!(
+        (empirical - h_cond).abs() < 0.01,
+        "empirical {empirical} vs stated {h_cond}"
+    );
 }
 
 #[test]
 fn copy_windows_repeat_their_first_half() {
-    let ds = Dataset::load(&Data::Synthetic { kind: SyntheticKind::Copy, seed: 3 }, Path::new("."), 50, 9, 0.9).unwrap();
+    let ds = Dataset::load(
+        &Data::Synthetic {
+            kind: SyntheticKind::Copy,
+            seed: 3,
+        },
+        Path::new("."),
+        50,
+        9,
+        0.9,
+    )
+    .unwrap();
     // Sequences of 10 tokens: first half 5, then those 5 again; the split is on sequence boundaries.
     assert_eq!(ds.train_tokens().len() % 10, 0);
     assert_eq!(ds.val_tokens().len() % 10, 0);
@@ -239,7 +482,11 @@ fn batcher_is_deterministic_and_resumes_exactly() {
     }
     // Every window comes from the training part: its 17 tokens appear there contiguously.
     let (tokens, targets) = lm(&first[0]);
-    let row: Vec<u32> = tokens[..16].iter().chain(&targets[15..16]).copied().collect();
+    let row: Vec<u32> = tokens[..16]
+        .iter()
+        .chain(&targets[15..16])
+        .copied()
+        .collect();
     assert!(t.windows(17).any(|w| w == row.as_slice()));
 
     let saved = serde_json::to_string(&a.state()).unwrap();
@@ -250,7 +497,10 @@ fn batcher_is_deterministic_and_resumes_exactly() {
     for batch in &expected {
         assert_eq!(*batch, resumed.next_train_batch(4));
     }
-    assert_ne!(Batcher::new(&ds, 43).next_train_batch(4), Batcher::new(&ds, 42).next_train_batch(4));
+    assert_ne!(
+        Batcher::new(&ds, 43).next_train_batch(4),
+        Batcher::new(&ds, 42).next_train_batch(4)
+    );
 
     // A state taken on different data is refused.
     let other = TrainData::Tokens(Dataset::load(&markov(1), Path::new("."), 128, 16, 0.8).unwrap());
@@ -263,7 +513,16 @@ fn val_batches_are_fixed_and_span_the_validation_part() {
     let dir = tempfile::tempdir().unwrap();
     let text: Vec<u8> = (0..=255u8).cycle().take(2000).collect();
     std::fs::write(dir.path().join("t.txt"), &text).unwrap();
-    let ds = Dataset::load(&Data::Text { path: "t.txt".into() }, dir.path(), 256, 8, 0.9).unwrap();
+    let ds = Dataset::load(
+        &Data::Text {
+            path: "t.txt".into(),
+        },
+        dir.path(),
+        256,
+        8,
+        0.9,
+    )
+    .unwrap();
     let v1 = ds.val_batches(2, 3);
     assert_eq!(v1, ds.val_batches(2, 3));
     assert_eq!(v1.len(), 3);
@@ -278,14 +537,22 @@ fn val_batches_are_fixed_and_span_the_validation_part() {
 
 #[test]
 fn in_memory_tokens_are_checked_and_split() {
-    let ds = Dataset::from_tokens((0..40).map(|i| i % 10).collect(), "test tokens", 10, 3, 0.5).unwrap();
+    let ds =
+        Dataset::from_tokens((0..40).map(|i| i % 10).collect(), "test tokens", 10, 3, 0.5).unwrap();
     assert_eq!((ds.train_tokens().len(), ds.val_tokens().len()), (20, 20));
     let err = Dataset::from_tokens(vec![1, 2, 10], "test tokens", 10, 1, 0.5).unwrap_err();
-    assert!(err.to_string().starts_with("test tokens: token 10 at position 2"), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("test tokens: token 10 at position 2"),
+        "{err}"
+    );
 }
 
 fn classes(seed: u64) -> Data {
-    Data::Synthetic { kind: SyntheticKind::Classes, seed }
+    Data::Synthetic {
+        kind: SyntheticKind::Classes,
+        seed,
+    }
 }
 
 /// Nearest-class-mean accuracy on the validation part with means from the training part: a
@@ -309,7 +576,13 @@ fn nearest_mean_accuracy(s: &Samples) -> f64 {
         .enumerate()
         .filter(|(j, &l)| {
             let x = s.features(cut + j);
-            let dist = |c: usize| -> f64 { means[c * d..][..d].iter().zip(&x).map(|(m, &v)| (m - v as f64).powi(2)).sum() };
+            let dist = |c: usize| -> f64 {
+                means[c * d..][..d]
+                    .iter()
+                    .zip(&x)
+                    .map(|(m, &v)| (m - v as f64).powi(2))
+                    .sum()
+            };
             (0..k).min_by(|&a, &b| dist(a).total_cmp(&dist(b))) == Some(l as usize)
         })
         .count();
@@ -324,7 +597,10 @@ fn synthetic_classes_are_deterministic_split_and_learnable() {
     let c = Samples::load(&classes(4), here, 32, 10, 0.9).unwrap();
     // Positional split of CLASS_SAMPLES samples.
     assert_eq!(CLASS_SAMPLES, 20_000);
-    assert_eq!((a.train_labels().len(), a.val_labels().len()), (18_000, 2_000));
+    assert_eq!(
+        (a.train_labels().len(), a.val_labels().len()),
+        (18_000, 2_000)
+    );
     assert_eq!(a.train_labels(), b.train_labels());
     assert_eq!(a.features(123), b.features(123));
     assert_eq!(a.features(19_999), b.features(19_999));
@@ -337,8 +613,15 @@ fn synthetic_classes_are_deterministic_split_and_learnable() {
     // Labels uniform over the 10 classes: each within 5 standard deviations of 2000 (sd ≈ 42).
     let mut counts = [0usize; 10];
     l.iter().for_each(|&c| counts[c as usize] += 1);
-    assert!(counts.iter().all(|&n| n.abs_diff(2_000) < 212), "{counts:?}");
-    assert!((a.label_entropy() - 10f64.ln()).abs() < 0.01, "{}", a.label_entropy());
+    assert!(
+        counts.iter().all(|&n| n.abs_diff(2_000) < 212),
+        "{counts:?}"
+    );
+    assert!(
+        (a.label_entropy() - 10f64.ln()).abs() < 0.01,
+        "{}",
+        a.label_entropy()
+    );
     // Features have unit variance by construction ((1 + σ²) / (1 + σ²) in expectation; the 40
     // centres are a small sample of N(0, 1), so the tolerance is loose).
     let var = f.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / f.len() as f64;
@@ -349,11 +632,24 @@ fn synthetic_classes_are_deterministic_split_and_learnable() {
     assert!((0.3..0.9).contains(&acc), "nearest-mean accuracy {acc}");
 
     let err = Samples::load(&classes(3), here, 32, 10, 1.0).unwrap_err();
-    assert!(matches!(err, DataError::EmptyPart { part: "validation", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            DataError::EmptyPart {
+                part: "validation",
+                ..
+            }
+        ),
+        "{err}"
+    );
     let err = Samples::load(&classes(3), here, 32, 1, 0.9).unwrap_err();
     assert!(err.to_string().contains("classes = 1"), "{err}");
     let err = Samples::load(&markov(1), here, 32, 10, 0.9).unwrap_err();
-    assert!(matches!(err, DataError::NotForClassifier { .. }) && err.to_string().contains("synthetic(kind = markov)"), "{err}");
+    assert!(
+        matches!(err, DataError::NotForClassifier { .. })
+            && err.to_string().contains("synthetic(kind = markov)"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -370,7 +666,15 @@ fn sample_batches_are_fixed_seeded_and_resume_exactly() {
     assert_eq!(samples(&val[1]).0[16..], s.features(CLASS_SAMPLES - 1)[..]);
 
     let data = TrainData::Samples(s.clone());
-    assert_eq!((data.train_len(), data.val_len(), data.targets_per_row(), data.unit()), (18_000, 2_000, 1, "samples"));
+    assert_eq!(
+        (
+            data.train_len(),
+            data.val_len(),
+            data.targets_per_row(),
+            data.unit()
+        ),
+        (18_000, 2_000, 1, "samples")
+    );
     let mut a = Batcher::new(&data, 9);
     let first = a.next_train_batch(6);
     assert_eq!(first, Batcher::new(&data, 9).next_train_batch(6));
@@ -378,7 +682,9 @@ fn sample_batches_are_fixed_seeded_and_resume_exactly() {
     // Every row is a training sample, features and label together.
     let (features, labels) = samples(&first);
     for (row, &label) in features.chunks(4).zip(labels) {
-        let i = (0..cut).find(|&i| s.features(i) == row).expect("a training sample");
+        let i = (0..cut)
+            .find(|&i| s.features(i) == row)
+            .expect("a training sample");
         assert_eq!(s.train_labels()[i], label);
     }
     let state = a.state();
@@ -438,11 +744,32 @@ fn cifar10_errors_name_the_problem() {
     let dir = cifar_dir();
     let data = Data::Cifar10 { dir: "c".into() };
     let err = Samples::load(&data, dir.path(), 3000, 10, 0.9).unwrap_err();
-    assert!(err.to_string().contains("inputs = 3000") && err.to_string().contains("inputs = 3072"), "{err}");
+    assert!(
+        err.to_string().contains("inputs = 3000") && err.to_string().contains("inputs = 3072"),
+        "{err}"
+    );
     let err = Samples::load(&data, dir.path(), 3072, 100, 0.9).unwrap_err();
-    assert!(err.to_string().contains("classes = 100") && err.to_string().contains("classes = 10"), "{err}");
-    let err = Samples::load(&Data::Cifar10 { dir: "nowhere".into() }, dir.path(), 3072, 10, 0.9).unwrap_err();
-    assert!(matches!(err, DataError::CifarMissing { .. }) && err.to_string().contains("data_batch_1.bin, data_batch_2.bin"), "{err}");
+    assert!(
+        err.to_string().contains("classes = 100") && err.to_string().contains("classes = 10"),
+        "{err}"
+    );
+    let err = Samples::load(
+        &Data::Cifar10 {
+            dir: "nowhere".into(),
+        },
+        dir.path(),
+        3072,
+        10,
+        0.9,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, DataError::CifarMissing { .. })
+            && err
+                .to_string()
+                .contains("data_batch_1.bin, data_batch_2.bin"),
+        "{err}"
+    );
 
     std::fs::remove_file(dir.path().join("c").join(CIFAR_TEST_FILE)).unwrap();
     let err = Samples::load(&data, dir.path(), 3072, 10, 0.9).unwrap_err();
@@ -450,14 +777,37 @@ fn cifar10_errors_name_the_problem() {
 
     write_cifar(&dir.path().join("c").join(CIFAR_TEST_FILE), &[1, 10]);
     let err = Samples::load(&data, dir.path(), 3072, 10, 0.9).unwrap_err();
-    assert!(matches!(err, DataError::LabelOutOfRange { value: 10, position: 11, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            DataError::LabelOutOfRange {
+                value: 10,
+                position: 11,
+                ..
+            }
+        ),
+        "{err}"
+    );
 
     let bad = dir.path().join("c").join(CIFAR_TRAIN_FILES[2]);
     std::fs::write(&bad, vec![0u8; 3073 * 2 - 1]).unwrap();
     let err = Samples::load(&data, dir.path(), 3072, 10, 0.9).unwrap_err();
-    assert!(matches!(err, DataError::CifarRecords { bytes: 6145, .. }) && err.to_string().contains("data_batch_3.bin"), "{err}");
+    assert!(
+        matches!(err, DataError::CifarRecords { bytes: 6145, .. })
+            && err.to_string().contains("data_batch_3.bin"),
+        "{err}"
+    );
 
-    let err = Samples::load(&Data::Text { path: "t.txt".into() }, dir.path(), 3072, 10, 0.9).unwrap_err();
+    let err = Samples::load(
+        &Data::Text {
+            path: "t.txt".into(),
+        },
+        dir.path(),
+        3072,
+        10,
+        0.9,
+    )
+    .unwrap_err();
     assert!(matches!(err, DataError::NotForClassifier { .. }), "{err}");
 }
 
@@ -475,5 +825,8 @@ fn train_data_follows_the_model_family() {
     let mut model = mlp.model.clone();
     model.classes = None;
     let err = TrainData::load(&train.data, Path::new("."), &model, train.split).unwrap_err();
-    assert_eq!(err.to_string(), "the `mlp` model has no `classes`, which its data needs");
+    assert_eq!(
+        err.to_string(),
+        "the `mlp` model has no `classes`, which its data needs"
+    );
 }

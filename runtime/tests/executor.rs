@@ -16,20 +16,47 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
 "#;
 
 fn axpy_plan() -> Plan {
-    let buffer = |role, label: &str| BufferSpec { size: 400, dtype: DType::F32, role, label: label.into() };
+    let buffer = |role, label: &str| BufferSpec {
+        size: 400,
+        dtype: DType::F32,
+        role,
+        label: label.into(),
+    };
     Plan {
         buffers: vec![
-            buffer(BufferRole::Input { name: "x".into(), shape: vec![100] }, "x"),
-            buffer(BufferRole::Output { name: "y".into(), shape: vec![100] }, "y"),
+            buffer(
+                BufferRole::Input {
+                    name: "x".into(),
+                    shape: vec![100],
+                },
+                "x",
+            ),
+            buffer(
+                BufferRole::Output {
+                    name: "y".into(),
+                    shape: vec![100],
+                },
+                "y",
+            ),
         ],
-        kernels: vec![Kernel { name: "axpy".into(), wgsl: AXPY.into(), entry_point: "main".into(), writes: vec![false, true] }],
-        dispatches: vec![Dispatch { kernel: 0, bindings: vec![0, 1], workgroups: [2, 1, 1] }],
+        kernels: vec![Kernel {
+            name: "axpy".into(),
+            wgsl: AXPY.into(),
+            entry_point: "main".into(),
+            writes: vec![false, true],
+        }],
+        dispatches: vec![Dispatch {
+            kernel: 0,
+            bindings: vec![0, 1],
+            workgroups: [2, 1, 1],
+        }],
     }
 }
 
 #[test]
 fn runs_a_plan_and_reads_back() {
-    let gpu = Gpu::new(&AdapterChoice::default()).expect("a wgpu adapter (lavapipe: apt-get install mesa-vulkan-drivers)");
+    let gpu = Gpu::new(&AdapterChoice::default())
+        .expect("a wgpu adapter (lavapipe: apt-get install mesa-vulkan-drivers)");
     let exec = Executor::new(&gpu, &axpy_plan()).unwrap();
     let x: Vec<f32> = (0..100).map(|i| i as f32 * 0.5).collect();
     exec.write_f32("x", &x).unwrap();
@@ -44,8 +71,18 @@ fn runs_a_plan_and_reads_back() {
 fn rejects_wrong_sizes_and_names() {
     let gpu = Gpu::new(&AdapterChoice::default()).unwrap();
     let exec = Executor::new(&gpu, &axpy_plan()).unwrap();
-    assert!(matches!(exec.write_f32("x", &[1.0; 99]), Err(RuntimeError::SizeMismatch { expected: 400, got: 396, .. })));
-    assert!(matches!(exec.read_f32("nope"), Err(RuntimeError::UnknownBuffer(_))));
+    assert!(matches!(
+        exec.write_f32("x", &[1.0; 99]),
+        Err(RuntimeError::SizeMismatch {
+            expected: 400,
+            got: 396,
+            ..
+        })
+    ));
+    assert!(matches!(
+        exec.read_f32("nope"),
+        Err(RuntimeError::UnknownBuffer(_))
+    ));
 }
 
 #[test]
@@ -58,6 +95,10 @@ fn invalid_shader_is_an_error_not_a_panic() {
 
 #[test]
 fn unknown_adapter_name_lists_the_known_ones() {
-    let err = Gpu::new(&AdapterChoice { name: Some("no-such-gpu-xyz".into()) }).err().expect("no adapter matches");
+    let err = Gpu::new(&AdapterChoice {
+        name: Some("no-such-gpu-xyz".into()),
+    })
+    .err()
+    .expect("no adapter matches");
     assert!(err.to_string().contains("no-such-gpu-xyz"), "{err}");
 }

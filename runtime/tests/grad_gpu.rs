@@ -49,7 +49,11 @@ fn uniform(rng: &mut ChaCha8Rng, n: usize, bound: f32) -> Value {
 
 /// Random f32 feeds U(-2, 2) for every f32 leaf of `graph` not already in `feeds`.
 fn fill_f32(graph: &Graph, feeds: &mut HashMap<String, Value>, rng: &mut ChaCha8Rng) {
-    let leaves = graph.params().into_iter().map(|(_, n, t)| (n, t)).chain(graph.data_inputs().into_iter().map(|(_, n, t)| (n, t)));
+    let leaves = graph
+        .params()
+        .into_iter()
+        .map(|(_, n, t)| (n, t))
+        .chain(graph.data_inputs().into_iter().map(|(_, n, t)| (n, t)));
     for (name, ty) in leaves {
         if ty.dtype == DType::F32 && !feeds.contains_key(&name) {
             let v = uniform(rng, ty.numel(), 2.0);
@@ -62,7 +66,17 @@ fn fill_f32(graph: &Graph, feeds: &mut HashMap<String, Value>, rng: &mut ChaCha8
 fn sum_to_and_broadcast_to() {
     let mut g = Graph::new();
     let x = g.input("x", TensorType::f32(&[3, 1, 37, 5]));
-    for (i, to) in [vec![5], vec![37, 1], vec![3, 1, 1, 5], vec![1, 1], vec![1, 37, 5], vec![3, 1, 37, 1]].into_iter().enumerate() {
+    for (i, to) in [
+        vec![5],
+        vec![37, 1],
+        vec![3, 1, 1, 5],
+        vec![1, 1],
+        vec![1, 37, 5],
+        vec![3, 1, 37, 1],
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let s = add(&mut g, Op::SumTo { shape: to }, &[x], &format!("sum_to{i}"));
         g.set_output(&format!("sum_to{i}"), s);
     }
@@ -72,7 +86,12 @@ fn sum_to_and_broadcast_to() {
     g.set_output("bias", s);
     let r = g.input("r", TensorType::f32(&[37, 1]));
     for (i, to) in [vec![3, 37, 5], vec![37, 9]].into_iter().enumerate() {
-        let b = add(&mut g, Op::BroadcastTo { shape: to }, &[r], &format!("bcast{i}"));
+        let b = add(
+            &mut g,
+            Op::BroadcastTo { shape: to },
+            &[r],
+            &format!("bcast{i}"),
+        );
         g.set_output(&format!("bcast{i}"), b);
     }
     let mut feeds = HashMap::new();
@@ -88,25 +107,46 @@ fn embedding_rope_cross_entropy_and_scatter_cols() {
     // 123 ids over a 37-row vocabulary: every row gets several contributions, some none.
     let ids = g.input("ids", TensorType::u32(&[3, 41]));
     let gemb = g.input("gemb", TensorType::f32(&[3, 41, 19]));
-    let eg = add(&mut g, Op::EmbeddingGrad { vocab: 37 }, &[ids, gemb], "emb_grad");
+    let eg = add(
+        &mut g,
+        Op::EmbeddingGrad { vocab: 37 },
+        &[ids, gemb],
+        "emb_grad",
+    );
     let q = g.input("q", TensorType::f32(&[2, 9, 3, 10]));
     let rg = add(&mut g, Op::RopeGrad { theta: 10000.0 }, &[q], "rope_grad");
     let logits = g.input("logits", TensorType::f32(&[67, 131]));
     let targets = g.input("targets", TensorType::u32(&[67]));
     let seed = g.input("seed", TensorType::f32(&[1]));
-    let ceg = add(&mut g, Op::CrossEntropyGrad, &[logits, targets, seed], "ce_grad");
+    let ceg = add(
+        &mut g,
+        Op::CrossEntropyGrad,
+        &[logits, targets, seed],
+        "ce_grad",
+    );
     // Scatter of top-k gate gradients back to the expert columns.
     let scores = g.input("scores", TensorType::f32(&[29, 7]));
     let idx = add(&mut g, Op::TopK { k: 2 }, &[scores], "idx");
     let gk = g.input("gk", TensorType::f32(&[29, 2]));
     let sc = add(&mut g, Op::ScatterCols { cols: 7 }, &[gk, idx], "scatter");
-    for (name, id) in [("emb_grad", eg), ("rope_grad", rg), ("ce_grad", ceg), ("scatter", sc)] {
+    for (name, id) in [
+        ("emb_grad", eg),
+        ("rope_grad", rg),
+        ("ce_grad", ceg),
+        ("scatter", sc),
+    ] {
         g.set_output(name, id);
     }
     let mut feeds = HashMap::new();
     // Ids avoid the last 4 vocabulary rows, whose gradient must then be exactly zero.
-    feeds.insert("ids".into(), Value::U32((0..123).map(|_| rng.random_range(0..33)).collect()));
-    feeds.insert("targets".into(), Value::U32((0..67).map(|_| rng.random_range(0..131)).collect()));
+    feeds.insert(
+        "ids".into(),
+        Value::U32((0..123).map(|_| rng.random_range(0..33)).collect()),
+    );
+    feeds.insert(
+        "targets".into(),
+        Value::U32((0..67).map(|_| rng.random_range(0..131)).collect()),
+    );
     feeds.insert("seed".into(), Value::F32(vec![0.7]));
     // Large logits: the softmax must be computed stably.
     feeds.insert("logits".into(), uniform(&mut rng, 67 * 131, 30.0));
@@ -114,7 +154,10 @@ fn embedding_rope_cross_entropy_and_scatter_cols() {
     let worst = compare(&g, &feeds, &op_tol);
     eprintln!("embedding/rope/ce/scatter max abs errors: {worst:?}");
     let got = run_gpu(&g, &feeds, &gpu().target(), true);
-    assert!(got["emb_grad"][33 * 19..].iter().all(|&v| v == 0.0), "unused vocabulary rows get zero gradient");
+    assert!(
+        got["emb_grad"][33 * 19..].iter().all(|&v| v == 0.0),
+        "unused vocabulary rows get zero gradient"
+    );
 }
 
 /// A realistic routing: `TopK` (k = 2) of random scores `[tokens, experts]` with the last expert's
@@ -122,7 +165,12 @@ fn embedding_rope_cross_entropy_and_scatter_cols() {
 fn routed(g: &mut Graph, layout: RouteLayout) -> NodeId {
     let scores = g.input("scores", TensorType::f32(&[layout.tokens, layout.experts]));
     let bias = g.param("bias", &[layout.experts], Init::Constant(0.0));
-    let biased = add(g, Op::Binary(moec_compiler::ir::BinaryOp::Add), &[scores, bias], "biased");
+    let biased = add(
+        g,
+        Op::Binary(moec_compiler::ir::BinaryOp::Add),
+        &[scores, bias],
+        "biased",
+    );
     let idx = add(g, Op::TopK { k: layout.k }, &[biased], "idx");
     add(g, Op::MoeRoute { layout }, &[idx], "route")
 }
@@ -137,12 +185,44 @@ fn moe_adjoints(layout: RouteLayout, d: usize, hidden: usize, seed: u64) {
     let gp = g.input("gp", TensorType::f32(&[rows, d]));
     let dy = g.input("dy", TensorType::f32(&[layout.tokens, d]));
     let gates = g.input("gates", TensorType::f32(&[layout.tokens, layout.k]));
-    let gx = add(&mut g, Op::GroupedMatMulGradX { layout }, &[gh, w, route], "grad_x");
-    let gw = add(&mut g, Op::GroupedMatMulGradW { layout }, &[gh, xp, route], "grad_w");
-    let gg = add(&mut g, Op::MoeGatherGrad { layout }, &[gp, route], "gather_grad");
-    let cr = add(&mut g, Op::MoeCombineGradRows { layout }, &[dy, gates, route], "combine_rows");
-    let cw = add(&mut g, Op::MoeCombineGradWeights { layout }, &[dy, xp, route], "combine_weights");
-    for (name, id) in [("route", route), ("grad_x", gx), ("grad_w", gw), ("gather_grad", gg), ("combine_rows", cr), ("combine_weights", cw)] {
+    let gx = add(
+        &mut g,
+        Op::GroupedMatMulGradX { layout },
+        &[gh, w, route],
+        "grad_x",
+    );
+    let gw = add(
+        &mut g,
+        Op::GroupedMatMulGradW { layout },
+        &[gh, xp, route],
+        "grad_w",
+    );
+    let gg = add(
+        &mut g,
+        Op::MoeGatherGrad { layout },
+        &[gp, route],
+        "gather_grad",
+    );
+    let cr = add(
+        &mut g,
+        Op::MoeCombineGradRows { layout },
+        &[dy, gates, route],
+        "combine_rows",
+    );
+    let cw = add(
+        &mut g,
+        Op::MoeCombineGradWeights { layout },
+        &[dy, xp, route],
+        "combine_weights",
+    );
+    for (name, id) in [
+        ("route", route),
+        ("grad_x", gx),
+        ("grad_w", gw),
+        ("gather_grad", gg),
+        ("combine_rows", cr),
+        ("combine_weights", cw),
+    ] {
         g.set_output(name, id);
     }
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -156,7 +236,12 @@ fn moe_adjoints(layout: RouteLayout, d: usize, hidden: usize, seed: u64) {
     // The last expert is empty: its weight gradient is exactly zero.
     let got = run_gpu(&g, &feeds, &gpu().target(), true);
     let per_expert = hidden * d;
-    assert!(got["grad_w"][(layout.experts - 1) * per_expert..].iter().all(|&v| v == 0.0), "empty expert gets zero gradient");
+    assert!(
+        got["grad_w"][(layout.experts - 1) * per_expert..]
+            .iter()
+            .all(|&v| v == 0.0),
+        "empty expert gets zero gradient"
+    );
 }
 
 #[test]
@@ -174,7 +259,10 @@ fn moe_adjoints_tile_4_wide() {
 fn moe_adjoints_with_capacity_drops() {
     // 82 slots, at most 15 per expert: over-capacity slots are dropped (slot_row = NONE) and the
     // padded row bound shrinks to 4 · 15 + 4 · 7.
-    let layout = RouteLayout { capacity: 15, ..RouteLayout::dropless(41, 2, 4, 8) };
+    let layout = RouteLayout {
+        capacity: 15,
+        ..RouteLayout::dropless(41, 2, 4, 8)
+    };
     assert!(layout.drops());
     moe_adjoints(layout, 13, 21, 5);
 }
@@ -219,17 +307,35 @@ fn model_feeds(g: &Graph, vocab: u32, seed: u64) -> HashMap<String, Value> {
     let mut feeds = HashMap::new();
     for (id, name, ty) in g.params() {
         let v: Vec<f32> = match g.node(id).op {
-            Op::Param { init: Init::Constant(c), .. } => (0..ty.numel()).map(|_| c + rng.random_range(-0.3..0.3)).collect(),
+            Op::Param {
+                init: Init::Constant(c),
+                ..
+            } => (0..ty.numel())
+                .map(|_| c + rng.random_range(-0.3..0.3))
+                .collect(),
             _ => {
                 let bound = (3.0 / ty.last() as f32).sqrt();
-                (0..ty.numel()).map(|_| rng.random_range(-bound..bound)).collect()
+                (0..ty.numel())
+                    .map(|_| rng.random_range(-bound..bound))
+                    .collect()
             }
         };
         feeds.insert(name, Value::F32(v));
     }
     for (_, name, ty) in g.data_inputs() {
-        assert_eq!(ty.dtype, DType::U32, "{name}: transformer inputs are token ids");
-        feeds.insert(name, Value::U32((0..ty.numel()).map(|_| rng.random_range(0..vocab)).collect()));
+        assert_eq!(
+            ty.dtype,
+            DType::U32,
+            "{name}: transformer inputs are token ids"
+        );
+        feeds.insert(
+            name,
+            Value::U32(
+                (0..ty.numel())
+                    .map(|_| rng.random_range(0..vocab))
+                    .collect(),
+            ),
+        );
     }
     feeds
 }
@@ -261,9 +367,19 @@ fn check_training(what: &str, source: &str, vocab: u32) {
         .find(|f| selection_margin(&forward, f) >= 1e-3)
         .expect("a seed with well-separated router scores");
     feeds.insert(SEED.into(), Value::F32(vec![1.0]));
-    let grads = train.outputs.iter().filter(|(n, _)| n.starts_with("grad.")).count();
-    assert_eq!(grads, forward.params().len(), "{what}: every parameter reaches the loss");
-    let worst = compare(&train, &feeds, &|reference, scale| MODEL_REL * reference + MODEL_FLOOR * scale);
+    let grads = train
+        .outputs
+        .iter()
+        .filter(|(n, _)| n.starts_with("grad."))
+        .count();
+    assert_eq!(
+        grads,
+        forward.params().len(),
+        "{what}: every parameter reaches the loss"
+    );
+    let worst = compare(&train, &feeds, &|reference, scale| {
+        MODEL_REL * reference + MODEL_FLOOR * scale
+    });
     let mut names: Vec<_> = worst.into_iter().collect();
     names.sort_by(|a, b| a.0.cmp(&b.0));
     eprintln!("{what}: {} outputs; max abs error per output:", names.len());

@@ -9,7 +9,9 @@
 use moec_compiler::emit::{emit, MatmulVariant, Target};
 use moec_compiler::fuse::{fuse, FuseOptions};
 use moec_compiler::interp::{self, Value};
-use moec_compiler::ir::{BinaryOp, DType, Graph, Init, NodeId, Op, ReduceOp, RouteLayout, TensorType, UnaryOp};
+use moec_compiler::ir::{
+    BinaryOp, DType, Graph, Init, NodeId, Op, ReduceOp, RouteLayout, TensorType, UnaryOp,
+};
 use moec_runtime::{AdapterChoice, Executor, Gpu};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -21,20 +23,39 @@ const REL: f64 = 1e-4;
 
 fn gpu() -> &'static Gpu {
     static GPU: OnceLock<Gpu> = OnceLock::new();
-    GPU.get_or_init(|| Gpu::new(&AdapterChoice::default()).expect("a wgpu adapter (lavapipe: apt-get install mesa-vulkan-drivers)"))
+    GPU.get_or_init(|| {
+        Gpu::new(&AdapterChoice::default())
+            .expect("a wgpu adapter (lavapipe: apt-get install mesa-vulkan-drivers)")
+    })
 }
 
 /// Random feeds for every Param and Input: f32 ~ U(-2, 2), u32 < `bound` (per name, else 7).
 fn feeds(graph: &Graph, seed: u64, bounds: &[(&str, u32)]) -> HashMap<String, Value> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut out = HashMap::new();
-    let leaves = graph.params().into_iter().map(|(_, n, t)| (n, t)).chain(graph.data_inputs().into_iter().map(|(_, n, t)| (n, t)));
+    let leaves = graph
+        .params()
+        .into_iter()
+        .map(|(_, n, t)| (n, t))
+        .chain(graph.data_inputs().into_iter().map(|(_, n, t)| (n, t)));
     for (name, ty) in leaves {
         let v = match ty.dtype {
-            DType::F32 => Value::F32((0..ty.numel()).map(|_| rng.random_range(-2.0f32..2.0)).collect()),
+            DType::F32 => Value::F32(
+                (0..ty.numel())
+                    .map(|_| rng.random_range(-2.0f32..2.0))
+                    .collect(),
+            ),
             DType::U32 => {
-                let bound = bounds.iter().find(|(n, _)| *n == name).map(|(_, b)| *b).unwrap_or(7);
-                Value::U32((0..ty.numel()).map(|_| rng.random_range(0..bound)).collect())
+                let bound = bounds
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, b)| *b)
+                    .unwrap_or(7);
+                Value::U32(
+                    (0..ty.numel())
+                        .map(|_| rng.random_range(0..bound))
+                        .collect(),
+                )
             }
         };
         out.insert(name, v);
@@ -43,12 +64,23 @@ fn feeds(graph: &Graph, seed: u64, bounds: &[(&str, u32)]) -> HashMap<String, Va
 }
 
 fn target(variant: MatmulVariant) -> Target {
-    Target { matmul: variant, ..gpu().target() }
+    Target {
+        matmul: variant,
+        ..gpu().target()
+    }
 }
 
 /// Runs `graph` on the GPU under `target` and returns every named output as f64.
-fn run_gpu(graph: &Graph, feeds: &HashMap<String, Value>, target: &Target, fused: bool) -> HashMap<String, Vec<f64>> {
-    let opts = FuseOptions { enabled: fused, max_bindings: target.max_storage_buffers_per_stage };
+fn run_gpu(
+    graph: &Graph,
+    feeds: &HashMap<String, Value>,
+    target: &Target,
+    fused: bool,
+) -> HashMap<String, Vec<f64>> {
+    let opts = FuseOptions {
+        enabled: fused,
+        max_bindings: target.max_storage_buffers_per_stage,
+    };
     let plan = emit(graph, &fuse(graph, opts), target).unwrap_or_else(|e| panic!("{e}"));
     let exec = Executor::new(gpu(), &plan).unwrap_or_else(|e| panic!("{e}"));
     for (name, value) in feeds {
@@ -65,8 +97,18 @@ fn run_gpu(graph: &Graph, feeds: &HashMap<String, Value>, target: &Target, fused
         .iter()
         .map(|(name, id)| {
             let v = match graph.ty(*id).dtype {
-                DType::F32 => exec.read_f32(name).unwrap().into_iter().map(f64::from).collect(),
-                DType::U32 => exec.read_u32(name).unwrap().into_iter().map(f64::from).collect(),
+                DType::F32 => exec
+                    .read_f32(name)
+                    .unwrap()
+                    .into_iter()
+                    .map(f64::from)
+                    .collect(),
+                DType::U32 => exec
+                    .read_u32(name)
+                    .unwrap()
+                    .into_iter()
+                    .map(f64::from)
+                    .collect(),
             };
             (name.clone(), v)
         })
@@ -76,7 +118,14 @@ fn run_gpu(graph: &Graph, feeds: &HashMap<String, Value>, target: &Target, fused
 /// The adapter's targets for both matmul variants, plus register blocking without subgroup sharing
 /// (what GPUs run for grouped matmuls, and CPU adapters without fixed-size subgroups).
 fn targets() -> [Target; 3] {
-    [target(MatmulVariant::RegisterBlocked), Target { subgroup_size: 0, ..target(MatmulVariant::RegisterBlocked) }, target(MatmulVariant::SharedTiled)]
+    [
+        target(MatmulVariant::RegisterBlocked),
+        Target {
+            subgroup_size: 0,
+            ..target(MatmulVariant::RegisterBlocked)
+        },
+        target(MatmulVariant::SharedTiled),
+    ]
 }
 
 /// Compares every output of `graph` on the GPU (each of [`targets`], fused and unfused) with the f64
@@ -84,10 +133,15 @@ fn targets() -> [Target; 3] {
 fn check(graph: &Graph, feeds: &HashMap<String, Value>) {
     let wide: HashMap<String, Value> = feeds
         .iter()
-        .map(|(k, v)| (k.clone(), match v {
-            Value::F32(x) => Value::F64(x.iter().map(|&a| f64::from(a)).collect()),
-            other => other.clone(),
-        }))
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                match v {
+                    Value::F32(x) => Value::F64(x.iter().map(|&a| f64::from(a)).collect()),
+                    other => other.clone(),
+                },
+            )
+        })
         .collect();
     let expected = interp::run_outputs(graph, &wide).unwrap();
     for t in targets() {
@@ -99,7 +153,11 @@ fn check(graph: &Graph, feeds: &HashMap<String, Value>) {
                 assert_eq!(want.len(), have.len(), "{name}");
                 let exact = graph.ty(*id).dtype == DType::U32;
                 for (i, (w, h)) in want.iter().zip(have).enumerate() {
-                    let ok = if exact { w == h } else { (w - h).abs() <= ABS + REL * w.abs() };
+                    let ok = if exact {
+                        w == h
+                    } else {
+                        (w - h).abs() <= ABS + REL * w.abs()
+                    };
                     assert!(ok, "{name}[{i}]: gpu {h} vs reference {w} ({:?}, subgroups {}, fused = {fused})", t.matmul, t.subgroup_size);
                 }
             }
@@ -120,16 +178,47 @@ fn elementwise_ops_with_broadcasting() {
     let one = g.param("one", &[1], Init::Constant(0.0));
     let mid = g.param("mid", &[3, 1, 5], Init::Constant(0.0));
     let pos = add(&mut g, Op::Unary(UnaryOp::Square), &[x], "sq");
-    let pos = add(&mut g, Op::Affine { mul: 1.5, add: 0.25 }, &[pos], "pos");
+    let pos = add(
+        &mut g,
+        Op::Affine {
+            mul: 1.5,
+            add: 0.25,
+        },
+        &[pos],
+        "pos",
+    );
     let mut outs = Vec::new();
     for u in [UnaryOp::Log, UnaryOp::Sqrt, UnaryOp::Rsqrt, UnaryOp::Recip] {
         outs.push(add(&mut g, Op::Unary(u), &[pos], &format!("{u:?}")));
     }
-    for u in [UnaryOp::Neg, UnaryOp::Exp, UnaryOp::Tanh, UnaryOp::Relu, UnaryOp::Silu, UnaryOp::Gelu, UnaryOp::Sigmoid, UnaryOp::Softplus] {
+    for u in [
+        UnaryOp::Neg,
+        UnaryOp::Exp,
+        UnaryOp::Tanh,
+        UnaryOp::Relu,
+        UnaryOp::Silu,
+        UnaryOp::Gelu,
+        UnaryOp::Sigmoid,
+        UnaryOp::Softplus,
+    ] {
         outs.push(add(&mut g, Op::Unary(u), &[x], &format!("{u:?}")));
     }
-    for (i, (bop, other)) in [(BinaryOp::Add, row), (BinaryOp::Sub, col), (BinaryOp::Mul, one), (BinaryOp::Div, pos), (BinaryOp::Max, mid)].into_iter().enumerate() {
-        outs.push(add(&mut g, Op::Binary(bop), &[x, other], &format!("bin{i}")));
+    for (i, (bop, other)) in [
+        (BinaryOp::Add, row),
+        (BinaryOp::Sub, col),
+        (BinaryOp::Mul, one),
+        (BinaryOp::Div, pos),
+        (BinaryOp::Max, mid),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        outs.push(add(
+            &mut g,
+            Op::Binary(bop),
+            &[x, other],
+            &format!("bin{i}"),
+        ));
     }
     // Broadcast the other way round: the smaller operand first.
     outs.push(add(&mut g, Op::Binary(BinaryOp::Sub), &[row, x], "rev"));
@@ -145,14 +234,31 @@ fn elementwise_grid_past_65535_workgroups() {
     let n = 65_536 * 256 + 77;
     let mut g = Graph::new();
     let x = g.input("x", TensorType::f32(&[n]));
-    let y = add(&mut g, Op::Affine { mul: 2.0, add: -1.0 }, &[x], "y");
+    let y = add(
+        &mut g,
+        Op::Affine {
+            mul: 2.0,
+            add: -1.0,
+        },
+        &[x],
+        "y",
+    );
     let y = add(&mut g, Op::Unary(UnaryOp::Relu), &[y], "relu");
     g.set_output("y", y);
     let xs: Vec<f32> = (0..n).map(|i| ((i % 1013) as f32) / 1013.0).collect();
     let t = target(MatmulVariant::RegisterBlocked);
     let plan = emit(&g, &fuse(&g, FuseOptions::for_target(&t)), &t).unwrap();
-    assert!(plan.dispatches[0].workgroups[1] > 1, "grid {:?} was not folded", plan.dispatches[0].workgroups);
-    let got = run_gpu(&g, &HashMap::from([("x".to_string(), Value::F32(xs.clone()))]), &t, true);
+    assert!(
+        plan.dispatches[0].workgroups[1] > 1,
+        "grid {:?} was not folded",
+        plan.dispatches[0].workgroups
+    );
+    let got = run_gpu(
+        &g,
+        &HashMap::from([("x".to_string(), Value::F32(xs.clone()))]),
+        &t,
+        true,
+    );
     for (i, (&a, &h)) in xs.iter().zip(&got["y"]).enumerate() {
         assert_eq!(h as f32, (a * 2.0 - 1.0).max(0.0), "y[{i}]");
     }
@@ -170,14 +276,23 @@ fn grids_fold_into_z_on_small_limits() {
     g.set_output("s", s);
     g.set_output("r", r);
     let f = feeds(&g, 2, &[]);
-    let wide: HashMap<String, Value> = f.iter().map(|(k, v)| (k.clone(), Value::F64(v.to_f64()))).collect();
+    let wide: HashMap<String, Value> = f
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::F64(v.to_f64())))
+        .collect();
     let want = interp::run_outputs(&g, &wide).unwrap();
     for variant in [MatmulVariant::RegisterBlocked, MatmulVariant::SharedTiled] {
-        let t = Target { max_workgroups_per_dim: 7, ..target(variant) };
+        let t = Target {
+            max_workgroups_per_dim: 7,
+            ..target(variant)
+        };
         let got = run_gpu(&g, &f, &t, false);
         for name in ["s", "r"] {
             for (w, h) in want[name].to_f64().iter().zip(&got[name]) {
-                assert!((w - h).abs() <= ABS + REL * w.abs(), "{name}: {h} vs {w} ({variant:?})");
+                assert!(
+                    (w - h).abs() <= ABS + REL * w.abs(),
+                    "{name}: {h} vs {w} ({variant:?})"
+                );
             }
         }
     }
@@ -188,7 +303,10 @@ fn reductions_and_fused_rmsnorm() {
     let mut g = Graph::new();
     let x = g.input("x", TensorType::f32(&[3, 5, 67]));
     let w = g.param("w", &[67], Init::Constant(1.0));
-    for (i, r) in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max].into_iter().enumerate() {
+    for (i, r) in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max]
+        .into_iter()
+        .enumerate()
+    {
         let y = add(&mut g, Op::Reduce(r), &[x], &format!("r{i}"));
         g.set_output(&format!("r{i}"), y);
     }
@@ -197,7 +315,15 @@ fn reductions_and_fused_rmsnorm() {
     let h = add(&mut g, Op::Binary(BinaryOp::Add), &[x, res], "h");
     let sq = add(&mut g, Op::Unary(UnaryOp::Square), &[h], "sq");
     let ms = add(&mut g, Op::Reduce(ReduceOp::Mean), &[sq], "ms");
-    let eps = add(&mut g, Op::Affine { mul: 1.0, add: 1e-5 }, &[ms], "eps");
+    let eps = add(
+        &mut g,
+        Op::Affine {
+            mul: 1.0,
+            add: 1e-5,
+        },
+        &[ms],
+        "eps",
+    );
     let rs = add(&mut g, Op::Unary(UnaryOp::Rsqrt), &[eps], "rs");
     let xn = add(&mut g, Op::Binary(BinaryOp::Mul), &[h, rs], "xn");
     let y = add(&mut g, Op::Binary(BinaryOp::Mul), &[xn, w], "y");
@@ -216,7 +342,15 @@ fn softmax_plain_causal_and_grouped_query() {
     let s = g.input("s", TensorType::f32(&[2, 3, 9, 9]));
     let gq = g.input("gq", TensorType::f32(&[2, 18, 9]));
     let wide = g.input("wide", TensorType::f32(&[5, 131]));
-    let scaled = add(&mut g, Op::Affine { mul: 0.35, add: 0.0 }, &[s], "scaled");
+    let scaled = add(
+        &mut g,
+        Op::Affine {
+            mul: 0.35,
+            add: 0.0,
+        },
+        &[s],
+        "scaled",
+    );
     let p = add(&mut g, Op::Softmax { causal: true }, &[scaled], "p");
     let pg = add(&mut g, Op::Softmax { causal: true }, &[gq], "pg");
     let pw = add(&mut g, Op::Softmax { causal: false }, &[wide], "pw");
@@ -267,8 +401,22 @@ fn matmuls_batched_shared_transposed_with_epilogues() {
 fn layout_and_nn_composites() {
     let mut g = Graph::new();
     let x = g.input("x", TensorType::f32(&[2, 3, 4, 5]));
-    let p1 = add(&mut g, Op::Permute { perm: vec![0, 2, 1, 3] }, &[x], "p1");
-    let p2 = add(&mut g, Op::Permute { perm: vec![3, 1, 0, 2] }, &[x], "p2");
+    let p1 = add(
+        &mut g,
+        Op::Permute {
+            perm: vec![0, 2, 1, 3],
+        },
+        &[x],
+        "p1",
+    );
+    let p2 = add(
+        &mut g,
+        Op::Permute {
+            perm: vec![3, 1, 0, 2],
+        },
+        &[x],
+        "p2",
+    );
     let ids = g.input("ids", TensorType::u32(&[3, 7]));
     let pu = add(&mut g, Op::Permute { perm: vec![1, 0] }, &[ids], "pu");
     let table = g.param("table", &[11, 6], Init::Constant(0.0));
@@ -278,7 +426,14 @@ fn layout_and_nn_composites() {
     let logits = g.input("logits", TensorType::f32(&[37, 13]));
     let tg = g.input("targets", TensorType::u32(&[37]));
     let ce = add(&mut g, Op::CrossEntropy, &[logits, tg], "ce");
-    for (name, id) in [("p1", p1), ("p2", p2), ("pu", pu), ("emb", e), ("rope", r), ("ce", ce)] {
+    for (name, id) in [
+        ("p1", p1),
+        ("p2", p2),
+        ("pu", pu),
+        ("emb", e),
+        ("rope", r),
+        ("ce", ce),
+    ] {
         g.set_output(name, id);
     }
     check(&g, &feeds(&g, 6, &[("ids", 11), ("targets", 13)]));
@@ -322,7 +477,13 @@ fn moe_route_gather_grouped_matmul_combine() {
     let h = add(&mut g, Op::Binary(BinaryOp::Mul), &[sa, b], "h");
     let y = add(&mut g, Op::GroupedMatMul { layout }, &[h, w2, route], "y");
     let out = add(&mut g, Op::MoeCombine { layout }, &[y, gates, route], "out");
-    for (name, id) in [("route", route), ("xp", xp), ("h", h), ("y", y), ("out", out)] {
+    for (name, id) in [
+        ("route", route),
+        ("xp", xp),
+        ("h", h),
+        ("y", y),
+        ("out", out),
+    ] {
         g.set_output(name, id);
     }
     // Expert 4 gets no token: an empty segment.
@@ -343,7 +504,11 @@ fn moe_route_gather_grouped_matmul_combine() {
         }
         exec.run().unwrap();
         let want = interp::run_outputs(&g, &f).unwrap();
-        assert_eq!(exec.read_u32("route").unwrap(), want["route"].as_u32().unwrap(), "seed {seed}");
+        assert_eq!(
+            exec.read_u32("route").unwrap(),
+            want["route"].as_u32().unwrap(),
+            "seed {seed}"
+        );
     }
 }
 
@@ -351,23 +516,44 @@ fn moe_route_gather_grouped_matmul_combine() {
 fn gradient_ops() {
     let mut g = Graph::new();
     let x = g.input("x", TensorType::f32(&[3, 5, 7]));
-    for (i, to) in [vec![5, 1], vec![7], vec![1], vec![3, 1, 7]].into_iter().enumerate() {
+    for (i, to) in [vec![5, 1], vec![7], vec![1], vec![3, 1, 7]]
+        .into_iter()
+        .enumerate()
+    {
         let s = add(&mut g, Op::SumTo { shape: to }, &[x], &format!("sum_to{i}"));
         g.set_output(&format!("sum_to{i}"), s);
     }
     let r = g.input("r", TensorType::f32(&[5, 1]));
-    let bt = add(&mut g, Op::BroadcastTo { shape: vec![3, 5, 7] }, &[r], "bcast");
+    let bt = add(
+        &mut g,
+        Op::BroadcastTo {
+            shape: vec![3, 5, 7],
+        },
+        &[r],
+        "bcast",
+    );
     // Fused: the broadcast joins an elementwise chain.
     let bx = add(&mut g, Op::Binary(BinaryOp::Mul), &[bt, x], "bx");
     let st = add(&mut g, Op::Unary(UnaryOp::Step), &[x], "step");
     let gg = add(&mut g, Op::Unary(UnaryOp::GeluGrad), &[x], "gelu_grad");
     let ge = add(&mut g, Op::Binary(BinaryOp::Ge), &[x, r], "ge");
-    for (name, id) in [("bcast", bt), ("bx", bx), ("step", st), ("gelu_grad", gg), ("ge", ge)] {
+    for (name, id) in [
+        ("bcast", bt),
+        ("bx", bx),
+        ("step", st),
+        ("gelu_grad", gg),
+        ("ge", ge),
+    ] {
         g.set_output(name, id);
     }
     let ids = g.input("ids", TensorType::u32(&[3, 7]));
     let gemb = g.input("gemb", TensorType::f32(&[3, 7, 6]));
-    let eg = add(&mut g, Op::EmbeddingGrad { vocab: 11 }, &[ids, gemb], "emb_grad");
+    let eg = add(
+        &mut g,
+        Op::EmbeddingGrad { vocab: 11 },
+        &[ids, gemb],
+        "emb_grad",
+    );
     let q = g.input("q", TensorType::f32(&[2, 7, 3, 6]));
     let rg = add(&mut g, Op::RopeGrad { theta: 500.0 }, &[q], "rope_grad");
     let logits = g.input("logits", TensorType::f32(&[37, 13]));
@@ -377,10 +563,18 @@ fn gradient_ops() {
     let gk = g.input("gk", TensorType::f32(&[29, 3]));
     let idx = g.input("idx", TensorType::u32(&[29, 3]));
     let sc = add(&mut g, Op::ScatterCols { cols: 7 }, &[gk, idx], "scatter");
-    for (name, id) in [("emb_grad", eg), ("rope_grad", rg), ("ce_grad", ceg), ("scatter", sc)] {
+    for (name, id) in [
+        ("emb_grad", eg),
+        ("rope_grad", rg),
+        ("ce_grad", ceg),
+        ("scatter", sc),
+    ] {
         g.set_output(name, id);
     }
-    check(&g, &feeds(&g, 11, &[("ids", 11), ("targets", 13), ("idx", 7)]));
+    check(
+        &g,
+        &feeds(&g, 11, &[("ids", 11), ("targets", 13), ("idx", 7)]),
+    );
 }
 
 #[test]
@@ -396,13 +590,45 @@ fn moe_gradient_ops() {
     let w = g.param("w", &[e, hidden, d], Init::Constant(0.0));
     let dy = g.input("dy", TensorType::f32(&[t, d]));
     let wt = g.input("wt", TensorType::f32(&[t, k]));
-    let gx = add(&mut g, Op::GroupedMatMulGradX { layout }, &[gh, w, route], "grad_x");
+    let gx = add(
+        &mut g,
+        Op::GroupedMatMulGradX { layout },
+        &[gh, w, route],
+        "grad_x",
+    );
     let gx2 = add(&mut g, Op::Unary(UnaryOp::Neg), &[gx], "grad_x_neg");
-    let gw = add(&mut g, Op::GroupedMatMulGradW { layout }, &[gh, xp, route], "grad_w");
-    let gg = add(&mut g, Op::MoeGatherGrad { layout }, &[gp, route], "gather_grad");
-    let cr = add(&mut g, Op::MoeCombineGradRows { layout }, &[dy, wt, route], "combine_rows");
-    let cw = add(&mut g, Op::MoeCombineGradWeights { layout }, &[dy, xp, route], "combine_w");
-    for (name, id) in [("grad_x", gx), ("grad_x_neg", gx2), ("grad_w", gw), ("gather_grad", gg), ("combine_rows", cr), ("combine_w", cw)] {
+    let gw = add(
+        &mut g,
+        Op::GroupedMatMulGradW { layout },
+        &[gh, xp, route],
+        "grad_w",
+    );
+    let gg = add(
+        &mut g,
+        Op::MoeGatherGrad { layout },
+        &[gp, route],
+        "gather_grad",
+    );
+    let cr = add(
+        &mut g,
+        Op::MoeCombineGradRows { layout },
+        &[dy, wt, route],
+        "combine_rows",
+    );
+    let cw = add(
+        &mut g,
+        Op::MoeCombineGradWeights { layout },
+        &[dy, xp, route],
+        "combine_w",
+    );
+    for (name, id) in [
+        ("grad_x", gx),
+        ("grad_x_neg", gx2),
+        ("grad_w", gw),
+        ("gather_grad", gg),
+        ("combine_rows", cr),
+        ("combine_w", cw),
+    ] {
         g.set_output(name, id);
     }
     check(&g, &feeds(&g, 12, &[("idx", 4)]));
@@ -414,8 +640,22 @@ fn matmuls_read_permuted_operands_in_place() {
     // Batch axes permuted in A, last two axes swapped in B.
     let a_src = g.input("a_src", TensorType::f32(&[5, 3, 7]));
     let b_src = g.input("b_src", TensorType::f32(&[3, 6, 7]));
-    let a = add(&mut g, Op::Permute { perm: vec![1, 0, 2] }, &[a_src], "a");
-    let b = add(&mut g, Op::Permute { perm: vec![0, 2, 1] }, &[b_src], "b");
+    let a = add(
+        &mut g,
+        Op::Permute {
+            perm: vec![1, 0, 2],
+        },
+        &[a_src],
+        "a",
+    );
+    let b = add(
+        &mut g,
+        Op::Permute {
+            perm: vec![0, 2, 1],
+        },
+        &[b_src],
+        "b",
+    );
     let ab = add(&mut g, Op::MatMul { trans_b: false }, &[a, b], "ab");
     // A weight gradient: gᵀ · x.
     let gr = g.input("g", TensorType::f32(&[13, 9]));
@@ -433,22 +673,62 @@ fn matmuls_read_permuted_operands_in_place() {
     let vr = add(&mut g, Op::Unary(UnaryOp::Relu), &[vw], "relu");
     // Through a reshape that drops a size-1 axis (a view: absorbed).
     let q_src = g.input("q_src", TensorType::f32(&[2, 5, 1, 3, 4]));
-    let q = add(&mut g, Op::Permute { perm: vec![0, 3, 2, 1, 4] }, &[q_src], "q");
-    let q4 = add(&mut g, Op::Reshape { shape: vec![2, 3, 5, 4] }, &[q], "q4");
+    let q = add(
+        &mut g,
+        Op::Permute {
+            perm: vec![0, 3, 2, 1, 4],
+        },
+        &[q_src],
+        "q",
+    );
+    let q4 = add(
+        &mut g,
+        Op::Reshape {
+            shape: vec![2, 3, 5, 4],
+        },
+        &[q],
+        "q4",
+    );
     let kb = g.input("kb", TensorType::f32(&[2, 3, 4, 6]));
     let qk = add(&mut g, Op::MatMul { trans_b: false }, &[q4, kb], "qk");
     // Through a reshape that merges transposed axes (not a view: the permute is materialised).
     let o_src = g.input("o_src", TensorType::f32(&[2, 3, 5, 4]));
-    let o = add(&mut g, Op::Permute { perm: vec![0, 2, 1, 3] }, &[o_src], "o");
-    let o2 = add(&mut g, Op::Reshape { shape: vec![10, 12] }, &[o], "o2");
+    let o = add(
+        &mut g,
+        Op::Permute {
+            perm: vec![0, 2, 1, 3],
+        },
+        &[o_src],
+        "o",
+    );
+    let o2 = add(
+        &mut g,
+        Op::Reshape {
+            shape: vec![10, 12],
+        },
+        &[o],
+        "o2",
+    );
     let wo = g.param("wo", &[7, 12], Init::Constant(0.0));
     let ow = add(&mut g, Op::MatMul { trans_b: true }, &[o2, wo], "ow");
-    for (name, id) in [("ab", ab), ("dw", dw), ("dw2", dw2), ("relu", vr), ("qk", qk), ("ow", ow)] {
+    for (name, id) in [
+        ("ab", ab),
+        ("dw", dw),
+        ("dw2", dw2),
+        ("relu", vr),
+        ("qk", qk),
+        ("ow", ow),
+    ] {
         g.set_output(name, id);
     }
     let t = target(MatmulVariant::RegisterBlocked);
     let fused = fuse(&g, FuseOptions::for_target(&t));
-    assert_eq!(fused.len(), 7, "every permute but the last is absorbed:\n{}", fused.dump(&g));
+    assert_eq!(
+        fused.len(),
+        7,
+        "every permute but the last is absorbed:\n{}",
+        fused.dump(&g)
+    );
     check(&g, &feeds(&g, 13, &[]));
 }
 
@@ -457,26 +737,50 @@ fn elementwise_and_row_kernels_read_permuted_operands_in_place() {
     let mut g = Graph::new();
     // A mean over a non-last axis (lowered as permute + last-axis reduce), as the balancing losses do.
     let load = g.input("load", TensorType::f32(&[1, 37, 5]));
-    let by_expert = add(&mut g, Op::Permute { perm: vec![0, 2, 1] }, &[load], "by_expert");
+    let by_expert = add(
+        &mut g,
+        Op::Permute {
+            perm: vec![0, 2, 1],
+        },
+        &[load],
+        "by_expert",
+    );
     let mean = add(&mut g, Op::Reduce(ReduceOp::Mean), &[by_expert], "mean");
     // A softmax over a permuted operand.
     let probs = add(&mut g, Op::Softmax { causal: false }, &[by_expert], "probs");
     // An elementwise consumer with a broadcast operand, through a reshape that drops a size-1 axis.
-    let flat = add(&mut g, Op::Reshape { shape: vec![5, 37] }, &[by_expert], "flat");
+    let flat = add(
+        &mut g,
+        Op::Reshape { shape: vec![5, 37] },
+        &[by_expert],
+        "flat",
+    );
     let bias = g.input("bias", TensorType::f32(&[37]));
     let shifted = add(&mut g, Op::Binary(BinaryOp::Add), &[flat, bias], "shifted");
     // A permuted operand broadcast along a leading axis of the consumer.
     let small = g.input("small", TensorType::f32(&[3, 4]));
-    let small_t = add(&mut g, Op::Permute { perm: vec![1, 0] }, &[small], "small_t");
+    let small_t = add(
+        &mut g,
+        Op::Permute { perm: vec![1, 0] },
+        &[small],
+        "small_t",
+    );
     let big = g.input("big", TensorType::f32(&[2, 4, 3]));
     let scaled = add(&mut g, Op::Binary(BinaryOp::Mul), &[big, small_t], "scaled");
-    for (name, id) in [("mean", mean), ("probs", probs), ("shifted", shifted), ("scaled", scaled)] {
+    for (name, id) in [
+        ("mean", mean),
+        ("probs", probs),
+        ("shifted", shifted),
+        ("scaled", scaled),
+    ] {
         g.set_output(name, id);
     }
     let t = target(MatmulVariant::RegisterBlocked);
     let fused = fuse(&g, FuseOptions::for_target(&t));
     assert!(
-        fused.groups.iter().all(|grp| grp.nodes.len() > 1 || !matches!(g.node(grp.nodes[0]).op, Op::Permute { .. })),
+        fused.groups.iter().all(
+            |grp| grp.nodes.len() > 1 || !matches!(g.node(grp.nodes[0]).op, Op::Permute { .. })
+        ),
         "no permute gets a kernel of its own:\n{}",
         fused.dump(&g)
     );
@@ -490,8 +794,22 @@ fn matmul_and_elementwise_groups_write_permuted_outputs() {
     let probs = g.input("probs", TensorType::f32(&[2, 3, 5, 5]));
     let v = g.input("v", TensorType::f32(&[2, 3, 5, 4]));
     let ctx = add(&mut g, Op::MatMul { trans_b: false }, &[probs, v], "ctx");
-    let ctx5 = add(&mut g, Op::Reshape { shape: vec![2, 3, 1, 5, 4] }, &[ctx], "ctx5");
-    let unstack = add(&mut g, Op::Permute { perm: vec![0, 3, 1, 2, 4] }, &[ctx5], "unstack");
+    let ctx5 = add(
+        &mut g,
+        Op::Reshape {
+            shape: vec![2, 3, 1, 5, 4],
+        },
+        &[ctx],
+        "ctx5",
+    );
+    let unstack = add(
+        &mut g,
+        Op::Permute {
+            perm: vec![0, 3, 1, 2, 4],
+        },
+        &[ctx5],
+        "unstack",
+    );
     // An elementwise value both permuted and used as it is.
     let x = g.input("x", TensorType::f32(&[7, 6]));
     let e = add(&mut g, Op::Unary(UnaryOp::Exp), &[x], "e");
@@ -502,7 +820,12 @@ fn matmul_and_elementwise_groups_write_permuted_outputs() {
     }
     let t = target(MatmulVariant::RegisterBlocked);
     let fused = fuse(&g, FuseOptions::for_target(&t));
-    assert_eq!(fused.len(), 2, "both permutes are epilogues:\n{}", fused.dump(&g));
+    assert_eq!(
+        fused.len(),
+        2,
+        "both permutes are epilogues:\n{}",
+        fused.dump(&g)
+    );
     check(&g, &feeds(&g, 19, &[]));
 }
 
@@ -515,15 +838,37 @@ fn routing_variants_capacity_priority_expert_choice_sinkhorn() {
     let idx = add(&mut g, Op::SliceCols { start: 1, len: k }, &[both], "idx");
     let prio = add(&mut g, Op::GatherCols, &[s, idx], "prio");
     // capacity 7 < 19·2/4: some experts drop slots, first-come and by priority.
-    let cap = RouteLayout { capacity: 7, ..RouteLayout::dropless(t, k, e, 4) };
+    let cap = RouteLayout {
+        capacity: 7,
+        ..RouteLayout::dropless(t, k, e, 4)
+    };
     let r_first = add(&mut g, Op::MoeRoute { layout: cap }, &[idx], "route_first");
-    let r_prio = add(&mut g, Op::MoeRoute { layout: cap }, &[idx, prio], "route_prio");
+    let r_prio = add(
+        &mut g,
+        Op::MoeRoute { layout: cap },
+        &[idx, prio],
+        "route_prio",
+    );
     let load = add(&mut g, Op::RouteLoad { layout: cap }, &[r_prio], "load");
-    let ec = add(&mut g, Op::ExpertChoice { capacity: 5 }, &[s], "expert_choice");
+    let ec = add(
+        &mut g,
+        Op::ExpertChoice { capacity: 5 },
+        &[s],
+        "expert_choice",
+    );
     let sk = add(&mut g, Op::Sinkhorn { iters: 3 }, &[s], "sinkhorn");
     let cdf = add(&mut g, Op::Unary(UnaryOp::NormalCdf), &[s], "cdf");
     let pdf = add(&mut g, Op::Unary(UnaryOp::NormalPdf), &[s], "pdf");
-    for (name, id) in [("idx", idx), ("route_first", r_first), ("route_prio", r_prio), ("load", load), ("expert_choice", ec), ("sinkhorn", sk), ("cdf", cdf), ("pdf", pdf)] {
+    for (name, id) in [
+        ("idx", idx),
+        ("route_first", r_first),
+        ("route_prio", r_prio),
+        ("load", load),
+        ("expert_choice", ec),
+        ("sinkhorn", sk),
+        ("cdf", cdf),
+        ("pdf", pdf),
+    ] {
         g.set_output(name, id);
     }
     check(&g, &feeds(&g, 14, &[]));
@@ -537,14 +882,29 @@ fn auction_router_matches_the_interpreter() {
     let mut g = Graph::new();
     let v = g.input("v", TensorType::f32(&[t, e]));
     let p = g.input("p", TensorType::f32(&[e]));
-    let a = add(&mut g, Op::Auction { rounds: 6, epsilon: 0.02, budget: 1.0, capacity: 5, k: 2 }, &[v, p], "auction");
+    let a = add(
+        &mut g,
+        Op::Auction {
+            rounds: 6,
+            epsilon: 0.02,
+            budget: 1.0,
+            capacity: 5,
+            k: 2,
+        },
+        &[v, p],
+        "auction",
+    );
     g.set_output("auction", a);
     for seed in [15, 16] {
         let f = feeds(&g, seed, &[]);
         let want = interp::run_outputs(&g, &f).unwrap();
         for variant in [MatmulVariant::RegisterBlocked, MatmulVariant::SharedTiled] {
             let got = run_gpu(&g, &f, &target(variant), true);
-            assert_eq!(got["auction"], want["auction"].to_f64(), "seed {seed}, {variant:?}");
+            assert_eq!(
+                got["auction"],
+                want["auction"].to_f64(),
+                "seed {seed}, {variant:?}"
+            );
         }
     }
 }

@@ -32,10 +32,17 @@ fn model_feeds(g: &Graph, seed: u64) -> HashMap<String, Value> {
     let mut feeds = HashMap::new();
     for (id, name, ty) in g.params() {
         let v: Vec<f32> = match g.node(id).op {
-            Op::Param { init: Init::Constant(c), .. } => (0..ty.numel()).map(|_| c + rng.random_range(-0.3..0.3)).collect(),
+            Op::Param {
+                init: Init::Constant(c),
+                ..
+            } => (0..ty.numel())
+                .map(|_| c + rng.random_range(-0.3..0.3))
+                .collect(),
             _ => {
                 let bound = (3.0 / ty.last() as f32).sqrt();
-                (0..ty.numel()).map(|_| rng.random_range(-bound..bound)).collect()
+                (0..ty.numel())
+                    .map(|_| rng.random_range(-bound..bound))
+                    .collect()
             }
         };
         feeds.insert(name, Value::F32(v));
@@ -44,8 +51,12 @@ fn model_feeds(g: &Graph, seed: u64) -> HashMap<String, Value> {
         let n = ty.numel();
         let v = match ty.dtype {
             DType::U32 => Value::U32((0..n).map(|_| rng.random_range(0..16)).collect()),
-            DType::F32 if name.starts_with("noise.") => Value::F32((0..n).map(|_| rng.random_range(-1.5..1.5)).collect()),
-            DType::F32 if name.starts_with("jitter.") => Value::F32((0..n).map(|_| rng.random_range(0.9..1.1)).collect()),
+            DType::F32 if name.starts_with("noise.") => {
+                Value::F32((0..n).map(|_| rng.random_range(-1.5..1.5)).collect())
+            }
+            DType::F32 if name.starts_with("jitter.") => {
+                Value::F32((0..n).map(|_| rng.random_range(0.9..1.1)).collect())
+            }
             DType::F32 => Value::F32((0..n).map(|_| rng.random_range(-0.2..0.2)).collect()),
         };
         feeds.insert(name, v);
@@ -100,7 +111,10 @@ fn check_routing(what: &str, moe: &str) {
     compare(&forward, &feeds, &tol);
     feeds.insert(SEED.into(), Value::F32(vec![1.0]));
     let worst = compare(&train, &feeds, &tol);
-    let mut names: Vec<_> = worst.into_iter().filter(|(n, _)| !n.starts_with("grad.")).collect();
+    let mut names: Vec<_> = worst
+        .into_iter()
+        .filter(|(n, _)| !n.starts_with("grad."))
+        .collect();
     names.sort_by(|a, b| a.0.cmp(&b.0));
     eprintln!("{what}: {names:?}");
 }
@@ -128,13 +142,22 @@ fn group_limited_sigmoid_with_bias_on_gpu() {
 #[test]
 fn capacity_policies_and_jitter_on_gpu() {
     check_routing("switch + probability drop + jitter", "experts = 4\n gate = switch\n capacity = factor(1.0, drop = probability)\n jitter = 0.1\n balance = aux(0.5) + z(0.1)");
-    check_routing("softmax + position drop", "experts = 4\n top_k = 2\n capacity = factor(0.75)\n balance = aux(0.5)");
+    check_routing(
+        "softmax + position drop",
+        "experts = 4\n top_k = 2\n capacity = factor(0.75)\n balance = aux(0.5)",
+    );
 }
 
 #[test]
 fn expert_choice_and_sinkhorn_on_gpu() {
-    check_routing("expert_choice", "experts = 4\n gate = expert_choice(capacity = 1.5)\n balance = aux(0.5) + z(0.1)");
-    check_routing("sinkhorn", "experts = 4\n top_k = 2\n gate = sinkhorn(iters = 4)\n balance = z(0.1)");
+    check_routing(
+        "expert_choice",
+        "experts = 4\n gate = expert_choice(capacity = 1.5)\n balance = aux(0.5) + z(0.1)",
+    );
+    check_routing(
+        "sinkhorn",
+        "experts = 4\n top_k = 2\n gate = sinkhorn(iters = 4)\n balance = z(0.1)",
+    );
 }
 
 #[test]

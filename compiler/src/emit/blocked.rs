@@ -73,15 +73,26 @@ impl Schedule {
     pub(crate) fn new(target: &Target, m: usize, n: usize, row_align: Option<usize>) -> Schedule {
         let fits = |rows: usize| row_align.is_none_or(|t| t % rows == 0);
         let lanes = target.subgroup_size;
-        let shared = (lanes > 1 && (lanes as usize) <= SHARED_ROWS && lanes <= target.max_invocations_per_workgroup)
+        let shared = (lanes > 1
+            && (lanes as usize) <= SHARED_ROWS
+            && lanes <= target.max_invocations_per_workgroup)
             .then(|| {
                 let want = m.next_multiple_of(lanes as usize).min(SHARED_ROWS);
-                (1..=want / lanes as usize).rev().map(|q| q * lanes as usize).find(|&r| fits(r))
+                (1..=want / lanes as usize)
+                    .rev()
+                    .map(|q| q * lanes as usize)
+                    .find(|&r| fits(r))
             })
             .flatten();
         let (rows, lanes) = match shared {
             Some(rows) => (rows, lanes),
-            None => ((1..=PLAIN_ROWS.min(m.max(1))).rev().find(|&r| fits(r)).unwrap_or(1), 1),
+            None => (
+                (1..=PLAIN_ROWS.min(m.max(1)))
+                    .rev()
+                    .find(|&r| fits(r))
+                    .unwrap_or(1),
+                1,
+            ),
         };
         let cols = COLS.min(n.div_ceil(8).max(1));
         // Narrow outputs (router logits, small heads) get narrower workgroups instead of idle lanes.
@@ -90,7 +101,12 @@ impl Schedule {
             .max(8)
             .max(lanes)
             .min(target.max_invocations_per_workgroup.max(1));
-        Schedule { rows, cols, wg, lanes }
+        Schedule {
+            rows,
+            cols,
+            wg,
+            lanes,
+        }
     }
 
     /// Lanes that share rows and split the columns of a block between them.
@@ -110,32 +126,76 @@ impl Schedule {
 
 /// The kernel's `put` helper and entry point.
 pub(crate) fn body(mm: &Blocked, p: Schedule) -> String {
-    let Schedule { rows, cols, wg, lanes } = p;
+    let Schedule {
+        rows,
+        cols,
+        wg,
+        lanes,
+    } = p;
     let group = p.group();
     let (mt, ct) = (mm.m.div_ceil(rows), mm.n.div_ceil(cols * wg as usize));
-    let mut s = format!("fn put(bi: u32, row: u32, col: u32, acc: f32) {{\n{}}}\n\n", mm.put);
-    let lane_arg = if lanes > 1 { ", @builtin(subgroup_invocation_id) lane: u32" } else { "" };
+    let mut s = format!(
+        "fn put(bi: u32, row: u32, col: u32, acc: f32) {{\n{}}}\n\n",
+        mm.put
+    );
+    let lane_arg = if lanes > 1 {
+        ", @builtin(subgroup_invocation_id) lane: u32"
+    } else {
+        ""
+    };
     let _ = writeln!(s, "@compute @workgroup_size({wg})\nfn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32{lane_arg}) {{");
-    let _ = writeln!(s, "    let w = {WORKGROUP};\n    if (w >= {}u) {{\n        return;\n    }}", mm.batch * mt * ct);
-    let _ = writeln!(s, "    let bi = w / {}u;\n    let m0 = ((w / {ct}u) % {mt}u) * {rows}u;", mt * ct);
-    let _ = writeln!(s, "    let n0 = (w % {ct}u) * {}u + (lid / {group}u) * {}u + lid % {group}u;", cols * wg as usize, group as usize * cols);
+    let _ = writeln!(
+        s,
+        "    let w = {WORKGROUP};\n    if (w >= {}u) {{\n        return;\n    }}",
+        mm.batch * mt * ct
+    );
+    let _ = writeln!(
+        s,
+        "    let bi = w / {}u;\n    let m0 = ((w / {ct}u) % {mt}u) * {rows}u;",
+        mt * ct
+    );
+    let _ = writeln!(
+        s,
+        "    let n0 = (w % {ct}u) * {}u + (lid / {group}u) * {}u + lid % {group}u;",
+        cols * wg as usize,
+        group as usize * cols
+    );
     s += &mm.setup;
     let (last_row, last_col) = (mm.m - 1, mm.n - 1);
     // Rows this lane loads: all of the block's, or its share of them.
     let loads = rows / lanes as usize;
     for q in 0..loads {
-        let row = if lanes > 1 { format!("m0 + lane + {}u", q * lanes as usize) } else { format!("m0 + {q}u") };
-        let _ = writeln!(s, "    let ar{q} = abase + min({row}, {last_row}u) * {}u;", mm.sam);
+        let row = if lanes > 1 {
+            format!("m0 + lane + {}u", q * lanes as usize)
+        } else {
+            format!("m0 + {q}u")
+        };
+        let _ = writeln!(
+            s,
+            "    let ar{q} = abase + min({row}, {last_row}u) * {}u;",
+            mm.sam
+        );
     }
     for j in 0..cols {
-        let _ = writeln!(s, "    let bc{j} = bbase + min(n0 + {}u, {last_col}u) * {}u;", j * group as usize, mm.sbn);
+        let _ = writeln!(
+            s,
+            "    let bc{j} = bbase + min(n0 + {}u, {last_col}u) * {}u;",
+            j * group as usize,
+            mm.sbn
+        );
     }
     for i in 0..rows {
         for j in 0..cols {
             let _ = writeln!(s, "    var c{i}_{j} = 0.0;");
         }
     }
-    let scaled = |stride: usize| if stride == 1 { "k".to_string() } else { format!("k * {stride}u") };
+    let scaled = |stride: usize| {
+        if stride == 1 {
+            "k".to_string()
+        } else {
+            format!("k * {stride}u")
+        }
+    };
     let (ak, bk) = (scaled(mm.sak), scaled(mm.sbk));
     s += "    for (var k = kbeg; k < kend; k = k + 1u) {\n";
     // Without subgroups the lane's own loads are the row values (`av`); with them, its share (`al`).
@@ -148,7 +208,12 @@ pub(crate) fn body(mm: &Blocked, p: Schedule) -> String {
     }
     for i in 0..rows {
         if lanes > 1 {
-            let _ = writeln!(s, "        let av{i} = subgroupBroadcast(al{}, {}u);", i / lanes as usize, i % lanes as usize);
+            let _ = writeln!(
+                s,
+                "        let av{i} = subgroupBroadcast(al{}, {}u);",
+                i / lanes as usize,
+                i % lanes as usize
+            );
         }
         for j in 0..cols {
             let _ = writeln!(s, "        c{i}_{j} = fma(av{i}, bv{j}, c{i}_{j});");
@@ -166,7 +231,10 @@ pub(crate) fn body(mm: &Blocked, p: Schedule) -> String {
         }
     }
     let _ = writeln!(s, "    for (var t = 0u; t < {block}u; t = t + 1u) {{");
-    let _ = writeln!(s, "        let row = m0 + t / {cols}u;\n        let col = n0 + (t % {cols}u) * {group}u;");
+    let _ = writeln!(
+        s,
+        "        let row = m0 + t / {cols}u;\n        let col = n0 + (t % {cols}u) * {group}u;"
+    );
     let _ = writeln!(s, "        if (row < {}u && col < {}u) {{\n            put(bi, row, col, tile[t]);\n        }}\n    }}", mm.m, mm.n);
     s += "}\n";
     s
@@ -177,21 +245,64 @@ mod tests {
     use super::*;
 
     fn target(subgroup_size: u32) -> Target {
-        Target { subgroup_size, ..Target::default() }
+        Target {
+            subgroup_size,
+            ..Target::default()
+        }
     }
 
     #[test]
     fn subgroup_blocks_are_multiples_of_the_subgroup_and_respect_the_row_alignment() {
-        assert_eq!(Schedule::new(&target(8), 2048, 512, None), Schedule { rows: 32, cols: 8, wg: 64, lanes: 8 });
+        assert_eq!(
+            Schedule::new(&target(8), 2048, 512, None),
+            Schedule {
+                rows: 32,
+                cols: 8,
+                wg: 64,
+                lanes: 8
+            }
+        );
         assert_eq!(Schedule::new(&target(8), 2048, 512, Some(16)).rows, 16);
         assert_eq!(Schedule::new(&target(8), 2048, 512, Some(24)).rows, 24);
         // No multiple of 8 divides 12: plain blocking with a row count that does.
-        assert_eq!(Schedule::new(&target(8), 2048, 512, Some(12)), Schedule { rows: 6, cols: 8, wg: 64, lanes: 1 });
-        assert_eq!(Schedule::new(&target(0), 2048, 512, None), Schedule { rows: 8, cols: 8, wg: 64, lanes: 1 });
+        assert_eq!(
+            Schedule::new(&target(8), 2048, 512, Some(12)),
+            Schedule {
+                rows: 6,
+                cols: 8,
+                wg: 64,
+                lanes: 1
+            }
+        );
+        assert_eq!(
+            Schedule::new(&target(0), 2048, 512, None),
+            Schedule {
+                rows: 8,
+                cols: 8,
+                wg: 64,
+                lanes: 1
+            }
+        );
         // Small outputs: small blocks; 8 lanes still make one whole subgroup.
         assert_eq!(Schedule::new(&target(8), 13, 512, None).rows, 16);
         assert_eq!(Schedule::new(&target(0), 5, 512, None).rows, 5);
-        assert_eq!(Schedule::new(&target(8), 64, 3, None), Schedule { rows: 32, cols: 1, wg: 8, lanes: 8 });
-        assert_eq!(Schedule::new(&target(0), 64, 20, None), Schedule { rows: 8, cols: 3, wg: 8, lanes: 1 });
+        assert_eq!(
+            Schedule::new(&target(8), 64, 3, None),
+            Schedule {
+                rows: 32,
+                cols: 1,
+                wg: 8,
+                lanes: 8
+            }
+        );
+        assert_eq!(
+            Schedule::new(&target(0), 64, 20, None),
+            Schedule {
+                rows: 8,
+                cols: 3,
+                wg: 8,
+                lanes: 1
+            }
+        );
     }
 }

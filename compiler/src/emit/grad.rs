@@ -28,7 +28,13 @@ pub(crate) fn grad_kernel(
 /// `GroupedMatMulGradW`: `dw[e, n, k] = Σ_{r ∈ [offsets[e], offsets[e+1])} g[r, n] · x[r, k]`, the
 /// rows of expert `e` in ascending order: per expert, the blocked matmul `gᵀ · x` over that expert's
 /// segment of rows (the schedule of [`super::blocked`]).
-fn grad_w(graph: &Graph, n: NodeId, args: &[NodeId], layout: &RouteLayout, target: &Target) -> Result<KernelSrc, KernelError> {
+fn grad_w(
+    graph: &Graph,
+    n: NodeId,
+    args: &[NodeId],
+    layout: &RouteLayout,
+    target: &Target,
+) -> Result<KernelSrc, KernelError> {
     let mut b = Binder::new(graph);
     let g = b.read(args[0]);
     let x = b.read(args[1]);

@@ -38,8 +38,15 @@ pub(crate) enum KernelError {
 impl KernelError {
     pub(crate) fn named(self, kernel: &str) -> EmitError {
         match self {
-            KernelError::Grid { workgroups, limit } => EmitError::GridTooLarge { kernel: kernel.to_string(), workgroups, limit },
-            KernelError::Unsupported(op) => EmitError::Unsupported { kernel: kernel.to_string(), op },
+            KernelError::Grid { workgroups, limit } => EmitError::GridTooLarge {
+                kernel: kernel.to_string(),
+                workgroups,
+                limit,
+            },
+            KernelError::Unsupported(op) => EmitError::Unsupported {
+                kernel: kernel.to_string(),
+                op,
+            },
         }
     }
 }
@@ -54,7 +61,10 @@ pub(crate) fn fold(total: u64, target: &Target) -> Result<[u32; 3], KernelError>
     let y = rest.min(max);
     let z = rest.div_ceil(y);
     if z > max {
-        return Err(KernelError::Grid { workgroups: total, limit: target.max_workgroups_per_dim });
+        return Err(KernelError::Grid {
+            workgroups: total,
+            limit: target.max_workgroups_per_dim,
+        });
     }
     Ok([x as u32, y as u32, z as u32])
 }
@@ -67,7 +77,10 @@ pub(crate) struct Binder<'g> {
 
 impl<'g> Binder<'g> {
     pub(crate) fn new(graph: &'g Graph) -> Self {
-        Binder { graph, slots: Vec::new() }
+        Binder {
+            graph,
+            slots: Vec::new(),
+        }
     }
 
     /// Name of the read-only binding holding `operand` (its Reshape base's buffer).
@@ -100,21 +113,37 @@ impl<'g> Binder<'g> {
     }
 
     /// Assembles constants, bindings, prelude and body into a kernel.
-    pub(crate) fn finish(self, consts: &[(&str, u64)], body: &str, workgroups: [u32; 3]) -> KernelSrc {
+    pub(crate) fn finish(
+        self,
+        consts: &[(&str, u64)],
+        body: &str,
+        workgroups: [u32; 3],
+    ) -> KernelSrc {
         let mut s = String::new();
         for (name, value) in consts {
             let _ = writeln!(s, "const {name}: u32 = {value}u;");
         }
-        let _ = writeln!(s, "const GX: u32 = {}u;\nconst GY: u32 = {}u;", workgroups[0], workgroups[1]);
+        let _ = writeln!(
+            s,
+            "const GX: u32 = {}u;\nconst GY: u32 = {}u;",
+            workgroups[0], workgroups[1]
+        );
         for (i, (node, writes, name)) in self.slots.iter().enumerate() {
             let access = if *writes { "read_write" } else { "read" };
             let ty = self.graph.ty(*node).dtype.wgsl();
-            let _ = writeln!(s, "@group(0) @binding({i}) var<storage, {access}> {name}: array<{ty}>;");
+            let _ = writeln!(
+                s,
+                "@group(0) @binding({i}) var<storage, {access}> {name}: array<{ty}>;"
+            );
         }
         s.push_str(PRELUDE);
         s.push('\n');
         s.push_str(body);
-        KernelSrc { wgsl: s, bindings: self.slots.into_iter().map(|(n, w, _)| (n, w)).collect(), workgroups }
+        KernelSrc {
+            wgsl: s,
+            bindings: self.slots.into_iter().map(|(n, w, _)| (n, w)).collect(),
+            workgroups,
+        }
     }
 }
 
@@ -138,7 +167,9 @@ pub(crate) fn bcast_index(domain: &[usize], src: &[usize], lin: &str) -> String 
         return lin.to_string();
     }
     let pad = n - src.len();
-    let s: Vec<usize> = (0..n).map(|i| if i < pad { 1 } else { src[i - pad] }).collect();
+    let s: Vec<usize> = (0..n)
+        .map(|i| if i < pad { 1 } else { src[i - pad] })
+        .collect();
     if s == domain {
         return lin.to_string();
     }
@@ -157,7 +188,11 @@ pub(crate) fn bcast_index(domain: &[usize], src: &[usize], lin: &str) -> String 
         }
         let size: usize = domain[i..=j].iter().product();
         if size > 1 {
-            let mut t = if dstride[j] == 1 { lin.to_string() } else { format!("({lin} / {}u)", dstride[j]) };
+            let mut t = if dstride[j] == 1 {
+                lin.to_string()
+            } else {
+                format!("({lin} / {}u)", dstride[j])
+            };
             if i > 0 {
                 t = format!("({t} % {size}u)");
             }
@@ -229,12 +264,20 @@ fn strided_index(domain: &[usize], shape: &[usize], strides: &[usize], lin: &str
     let mut rest = 1usize;
     for i in (0..domain.len()).rev() {
         if i >= pad && shape[i - pad] > 1 {
-            let mut coord = if rest == 1 { lin.to_string() } else { format!("({lin} / {rest}u)") };
+            let mut coord = if rest == 1 {
+                lin.to_string()
+            } else {
+                format!("({lin} / {rest}u)")
+            };
             if i > 0 {
                 coord = format!("({coord} % {}u)", domain[i]);
             }
             let stride = strides[i - pad];
-            terms.push(if stride == 1 { coord } else { format!("{coord} * {stride}u") });
+            terms.push(if stride == 1 {
+                coord
+            } else {
+                format!("{coord} * {stride}u")
+            });
         }
         rest *= domain[i];
     }
@@ -267,7 +310,15 @@ struct Walker<'g> {
 
 impl<'g> Walker<'g> {
     fn new(graph: &'g Graph, group: &Group) -> Self {
-        Walker { graph, local: group.nodes.iter().enumerate().map(|(i, &n)| (n, i)).collect() }
+        Walker {
+            graph,
+            local: group
+                .nodes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| (n, i))
+                .collect(),
+        }
     }
 
     /// Kernel-local number of a group member.
@@ -285,36 +336,77 @@ impl<'g> Walker<'g> {
         match &graph.node(o).op {
             Op::Permute { perm } => {
                 let x = graph.inputs(o)[0];
-                format!("{name}[{}] = {};", permuted_index(&graph.ty(x).shape, perm, lin), self.var(base(graph, x)))
+                format!(
+                    "{name}[{}] = {};",
+                    permuted_index(&graph.ty(x).shape, perm, lin),
+                    self.var(base(graph, x))
+                )
             }
             _ => format!("{name}[{lin}] = {};", self.var(o)),
         }
     }
 
-    fn operand(&self, b: &mut Binder, env: &HashMap<NodeId, String>, q: NodeId, domain: &[usize], lin: &str) -> String {
+    fn operand(
+        &self,
+        b: &mut Binder,
+        env: &HashMap<NodeId, String>,
+        q: NodeId,
+        domain: &[usize],
+        lin: &str,
+    ) -> String {
         if let Some(v) = env.get(&q) {
             return v.clone();
         }
         // A member that is not a value is an absorbed permute prologue: read its source in place.
         if self.local.contains_key(&base(self.graph, q)) {
             if let Some((src, shape, strides)) = crate::fuse::strided_view(self.graph, q) {
-                return format!("{}[{}]", b.read(src), strided_index(domain, &shape, &strides, lin));
+                return format!(
+                    "{}[{}]",
+                    b.read(src),
+                    strided_index(domain, &shape, &strides, lin)
+                );
             }
         }
-        format!("{}[{}]", b.read(q), bcast_index(domain, &self.graph.ty(q).shape, lin))
+        format!(
+            "{}[{}]",
+            b.read(q),
+            bcast_index(domain, &self.graph.ty(q).shape, lin)
+        )
     }
 
     /// `let v<n> = <op>(operands);` for an elementwise node; records `v<n>` in `env`.
-    fn elementwise(&self, b: &mut Binder, env: &mut HashMap<NodeId, String>, n: NodeId, domain: &[usize], lin: &str, out: &mut String, indent: &str) {
-        let args: Vec<String> = self.graph.inputs(n).into_iter().map(|q| self.operand(b, env, q, domain, lin)).collect();
+    fn elementwise(
+        &self,
+        b: &mut Binder,
+        env: &mut HashMap<NodeId, String>,
+        n: NodeId,
+        domain: &[usize],
+        lin: &str,
+        out: &mut String,
+        indent: &str,
+    ) {
+        let args: Vec<String> = self
+            .graph
+            .inputs(n)
+            .into_iter()
+            .map(|q| self.operand(b, env, q, domain, lin))
+            .collect();
         let v = self.var(n);
-        let _ = writeln!(out, "{indent}let {v} = {};", op_expr(&self.graph.node(n).op, &args));
+        let _ = writeln!(
+            out,
+            "{indent}let {v} = {};",
+            op_expr(&self.graph.node(n).op, &args)
+        );
         env.insert(n, v);
     }
 }
 
 /// Kernel for one fused group.
-pub(crate) fn group_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc, KernelError> {
+pub(crate) fn group_kernel(
+    graph: &Graph,
+    group: &Group,
+    target: &Target,
+) -> Result<KernelSrc, KernelError> {
     match group.kind {
         GroupKind::Elementwise => elementwise_kernel(graph, group, target),
         GroupKind::Row => row_kernel(graph, group, target),
@@ -334,7 +426,11 @@ fn per_item_main(wg: u32, total: usize) -> String {
     )
 }
 
-fn elementwise_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc, KernelError> {
+fn elementwise_kernel(
+    graph: &Graph,
+    group: &Group,
+    target: &Target,
+) -> Result<KernelSrc, KernelError> {
     let wg = wg_size(target);
     let total: usize = group.domain.iter().product();
     let mut b = Binder::new(graph);
@@ -373,11 +469,27 @@ fn row_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc
     };
     let tpr = match target.matmul {
         MatmulVariant::RegisterBlocked => 1,
-        MatmulVariant::SharedTiled => ROW_THREADS.min(l.next_power_of_two() as u32).min(target.max_invocations_per_workgroup.max(1)),
+        MatmulVariant::SharedTiled => ROW_THREADS
+            .min(l.next_power_of_two() as u32)
+            .min(target.max_invocations_per_workgroup.max(1)),
     };
-    let (wg, start, step, rows_per_wg) = if tpr == 1 { (64u32.min(target.max_invocations_per_workgroup.max(1)), "0u".to_string(), "1u".to_string(), None) } else { (tpr, "lid".into(), format!("{tpr}u"), Some(())) };
+    let (wg, start, step, rows_per_wg) = if tpr == 1 {
+        (
+            64u32.min(target.max_invocations_per_workgroup.max(1)),
+            "0u".to_string(),
+            "1u".to_string(),
+            None,
+        )
+    } else {
+        (tpr, "lid".into(), format!("{tpr}u"), Some(()))
+    };
     // Members that compute values (permute prologues are read in place by the walker).
-    let members: HashSet<NodeId> = group.nodes.iter().copied().filter(|&n| !is_prologue(graph, n)).collect();
+    let members: HashSet<NodeId> = group
+        .nodes
+        .iter()
+        .copied()
+        .filter(|&n| !is_prologue(graph, n))
+        .collect();
     let is_row = |n: NodeId| match graph.node(n).op {
         Op::Reduce(_) => true,
         ref op if is_elementwise(op) => graph.ty(n).shape != *d,
@@ -408,12 +520,26 @@ fn row_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc
 
     // Emits a column loop computing `targets` (in-group full nodes or external operands) and calling
     // `each(values)` on them; returns the loop text.
-    let column_loop = |b: &mut Binder, env_row: &HashMap<NodeId, String>, softmax: &HashMap<NodeId, (String, String, bool)>, targets: &[NodeId], each: &dyn Fn(&[String]) -> String| -> String {
+    let column_loop = |b: &mut Binder,
+                       env_row: &HashMap<NodeId, String>,
+                       softmax: &HashMap<NodeId, (String, String, bool)>,
+                       targets: &[NodeId],
+                       each: &dyn Fn(&[String]) -> String|
+     -> String {
         let mut needed: HashSet<NodeId> = HashSet::new();
-        let mut stack: Vec<NodeId> = targets.iter().copied().filter(|t| members.contains(t) && !env_row.contains_key(t)).collect();
+        let mut stack: Vec<NodeId> = targets
+            .iter()
+            .copied()
+            .filter(|t| members.contains(t) && !env_row.contains_key(t))
+            .collect();
         while let Some(x) = stack.pop() {
             if needed.insert(x) {
-                stack.extend(graph.inputs(x).into_iter().filter(|q| members.contains(q) && !env_row.contains_key(q)));
+                stack.extend(
+                    graph
+                        .inputs(x)
+                        .into_iter()
+                        .filter(|q| members.contains(q) && !env_row.contains_key(q)),
+                );
             }
         }
         let mut s = format!("    for (var c = {start}; c < {l}u; c = c + {step}) {{\n        let lin = row * {l}u + c;\n");
@@ -423,15 +549,25 @@ fn row_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc
                 Op::Softmax { .. } => {
                     let x = walker.operand(b, &env, graph.inputs(n)[0], d, "lin");
                     let (m, sum, causal) = &softmax[&n];
-                    let valid = if *causal { format!("c <= (row % {causal_rows}u) % {l}u") } else { "true".into() };
+                    let valid = if *causal {
+                        format!("c <= (row % {causal_rows}u) % {l}u")
+                    } else {
+                        "true".into()
+                    };
                     let v = walker.var(n);
-                    let _ = writeln!(s, "        let {v} = select(0.0, exp({x} - {m}) / {sum}, {valid});");
+                    let _ = writeln!(
+                        s,
+                        "        let {v} = select(0.0, exp({x} - {m}) / {sum}, {valid});"
+                    );
                     env.insert(n, v);
                 }
                 _ => walker.elementwise(b, &mut env, n, d, "lin", &mut s, "        "),
             }
         }
-        let vals: Vec<String> = targets.iter().map(|&t| walker.operand(b, &env, t, d, "lin")).collect();
+        let vals: Vec<String> = targets
+            .iter()
+            .map(|&t| walker.operand(b, &env, t, d, "lin"))
+            .collect();
         s += &each(&vals);
         s += "    }\n";
         s
@@ -465,20 +601,40 @@ fn row_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc
                     ReduceOp::Max => ("-FLT_MAX", &max),
                 };
                 let _ = writeln!(body, "    var a{id} = {init};");
-                body += &column_loop(&mut b, &env_row, &softmax, &[x], &|v| format!("        a{id} = {};\n", comb(&format!("a{id}"), &v[0])));
+                body += &column_loop(&mut b, &env_row, &softmax, &[x], &|v| {
+                    format!("        a{id} = {};\n", comb(&format!("a{id}"), &v[0]))
+                });
                 body += &finish_reduce(&format!("r{id}"), &format!("a{id}"), comb);
-                let value = if *r == ReduceOp::Mean { format!("r{id} / {}", lit(l as f32)) } else { format!("r{id}") };
+                let value = if *r == ReduceOp::Mean {
+                    format!("r{id} / {}", lit(l as f32))
+                } else {
+                    format!("r{id}")
+                };
                 let _ = writeln!(body, "    let v{id} = {value};");
                 env_row.insert(n, format!("v{id}"));
             }
             Op::Softmax { causal } => {
                 let x = graph.inputs(n)[0];
-                let valid = if *causal { format!("c <= (row % {causal_rows}u) % {l}u") } else { "true".into() };
+                let valid = if *causal {
+                    format!("c <= (row % {causal_rows}u) % {l}u")
+                } else {
+                    "true".into()
+                };
                 let _ = writeln!(body, "    var am{id} = -FLT_MAX;");
-                body += &column_loop(&mut b, &env_row, &softmax, &[x], &|v| format!("        am{id} = select(am{id}, max(am{id}, {}), {valid});\n", v[0]));
+                body += &column_loop(&mut b, &env_row, &softmax, &[x], &|v| {
+                    format!(
+                        "        am{id} = select(am{id}, max(am{id}, {}), {valid});\n",
+                        v[0]
+                    )
+                });
                 body += &finish_reduce(&format!("m{id}"), &format!("am{id}"), &max);
                 let _ = writeln!(body, "    var as{id} = 0.0;");
-                body += &column_loop(&mut b, &env_row, &softmax, &[x], &|v| format!("        as{id} = as{id} + select(0.0, exp({} - m{id}), {valid});\n", v[0]));
+                body += &column_loop(&mut b, &env_row, &softmax, &[x], &|v| {
+                    format!(
+                        "        as{id} = as{id} + select(0.0, exp({} - m{id}), {valid});\n",
+                        v[0]
+                    )
+                });
                 body += &finish_reduce(&format!("s{id}"), &format!("as{id}"), &add);
                 softmax.insert(n, (format!("m{id}"), format!("s{id}"), *causal));
             }
@@ -486,16 +642,34 @@ fn row_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc
         }
         if outputs.contains(&n) && env_row.contains_key(&n) {
             let name = b.write(n);
-            let _ = writeln!(body, "    {row_write_guard}{{\n        {name}[row] = v{id};\n    }}");
+            let _ = writeln!(
+                body,
+                "    {row_write_guard}{{\n        {name}[row] = v{id};\n    }}"
+            );
         }
     }
-    let full_outputs: Vec<NodeId> = group.nodes.iter().copied().filter(|n| outputs.contains(n) && !env_row.contains_key(n)).collect();
+    let full_outputs: Vec<NodeId> = group
+        .nodes
+        .iter()
+        .copied()
+        .filter(|n| outputs.contains(n) && !env_row.contains_key(n))
+        .collect();
     if !full_outputs.is_empty() {
         let names: Vec<String> = full_outputs.iter().map(|&o| b.write(o)).collect();
-        body += &column_loop(&mut b, &env_row, &softmax, &full_outputs, &|v| names.iter().zip(v).map(|(name, val)| format!("        {name}[lin] = {val};\n")).collect());
+        body += &column_loop(&mut b, &env_row, &softmax, &full_outputs, &|v| {
+            names
+                .iter()
+                .zip(v)
+                .map(|(name, val)| format!("        {name}[lin] = {val};\n"))
+                .collect()
+        });
     }
     body.push_str("}\n");
-    let groups = if tpr == 1 { rows.div_ceil(wg as usize) } else { rows };
+    let groups = if tpr == 1 {
+        rows.div_ceil(wg as usize)
+    } else {
+        rows
+    };
     let grid = fold(groups as u64, target)?;
     Ok(b.finish(&[], &body, grid))
 }
@@ -519,14 +693,20 @@ struct Mm {
 
 /// Logical shape and element strides of a matmul operand: the operand itself, or, when it is an
 /// absorbed `Permute` member (possibly seen through reshapes), its source read in place.
-fn operand_view(graph: &Graph, members: &HashSet<NodeId>, x: NodeId) -> (NodeId, Vec<usize>, Vec<usize>) {
+fn operand_view(
+    graph: &Graph,
+    members: &HashSet<NodeId>,
+    x: NodeId,
+) -> (NodeId, Vec<usize>, Vec<usize>) {
     if members.contains(&base(graph, x)) {
         if let Some(view) = crate::fuse::strided_view(graph, x) {
             return view;
         }
     }
     let shape = graph.ty(x).shape.clone();
-    let strides = (0..shape.len()).map(|i| shape[i + 1..].iter().product()).collect();
+    let strides = (0..shape.len())
+        .map(|i| shape[i + 1..].iter().product())
+        .collect();
     (x, shape, strides)
 }
 
@@ -536,7 +716,11 @@ fn batch_offset(dims: &[usize], strides: &[usize]) -> String {
     let mut rest = 1usize;
     for i in (0..dims.len()).rev() {
         if dims[i] > 1 {
-            let coord = if i == 0 { format!("(bi / {rest}u)") } else { format!("((bi / {rest}u) % {}u)", dims[i]) };
+            let coord = if i == 0 {
+                format!("(bi / {rest}u)")
+            } else {
+                format!("((bi / {rest}u) % {}u)", dims[i])
+            };
             terms.push(format!("{coord} * {}u", strides[i]));
         }
         rest *= dims[i];
@@ -551,7 +735,12 @@ fn batch_offset(dims: &[usize], strides: &[usize]) -> String {
 /// The node a group is named after and, for a Matmul group, its matmul: the first member that is not
 /// an absorbed permute prologue.
 pub(crate) fn anchor(graph: &Graph, group: &Group) -> NodeId {
-    group.nodes.iter().copied().find(|&n| !is_prologue(graph, n)).unwrap_or(group.nodes[0])
+    group
+        .nodes
+        .iter()
+        .copied()
+        .find(|&n| !is_prologue(graph, n))
+        .unwrap_or(group.nodes[0])
 }
 
 /// Is group member `n` an absorbed `Permute` (read in place by its consumers, no code of its own)?
@@ -578,22 +767,68 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             let (m, k) = (a_shape[ra - 2], a_shape[ra - 1]);
             let n = out.last();
             let batch: usize = a_shape[..ra - 2].iter().product();
-            let (sbk, sbn) = if *trans_b { (b_str[rb - 1], b_str[rb - 2]) } else { (b_str[rb - 2], b_str[rb - 1]) };
+            let (sbk, sbn) = if *trans_b {
+                (b_str[rb - 1], b_str[rb - 2])
+            } else {
+                (b_str[rb - 2], b_str[rb - 1])
+            };
             let a_batch = batch_offset(&a_shape[..ra - 2], &a_str[..ra - 2]);
             let b_batch = batch_offset(&b_shape[..rb - 2], &b_str[..rb - 2]);
-            (Mm { batch, m, n, k, sam: a_str[ra - 2], sak: a_str[ra - 1], sbk, sbn, a_batch, b_batch }, None)
+            (
+                Mm {
+                    batch,
+                    m,
+                    n,
+                    k,
+                    sam: a_str[ra - 2],
+                    sak: a_str[ra - 1],
+                    sbk,
+                    sbn,
+                    a_batch,
+                    b_batch,
+                },
+                None,
+            )
         }
         Op::GroupedMatMul { layout } => {
             // w[e] is [N, K] read transposed.
             let (m, k, n) = (a_shape[0], a_shape[1], out.last());
             let route = b.read(args[2]);
-            (Mm { batch: 1, m, n, k, sam: k, sak: 1, sbk: 1, sbn: k, a_batch: "0u".into(), b_batch: "0u".into() }, Some((*layout, route)))
+            (
+                Mm {
+                    batch: 1,
+                    m,
+                    n,
+                    k,
+                    sam: k,
+                    sak: 1,
+                    sbk: 1,
+                    sbn: k,
+                    a_batch: "0u".into(),
+                    b_batch: "0u".into(),
+                },
+                Some((*layout, route)),
+            )
         }
         Op::GroupedMatMulGradX { layout } => {
             // g[rows, N] · w[e] with w[e] read as [N, K]: a grouped matmul contracting over N.
             let (m, k, n) = (a_shape[0], a_shape[1], out.last());
             let route = b.read(args[2]);
-            (Mm { batch: 1, m, n, k, sam: k, sak: 1, sbk: n, sbn: 1, a_batch: "0u".into(), b_batch: "0u".into() }, Some((*layout, route)))
+            (
+                Mm {
+                    batch: 1,
+                    m,
+                    n,
+                    k,
+                    sam: k,
+                    sak: 1,
+                    sbk: n,
+                    sbn: 1,
+                    a_batch: "0u".into(),
+                    b_batch: "0u".into(),
+                },
+                Some((*layout, route)),
+            )
         }
         other => unreachable!("{} anchors a matmul group", other.mnemonic()),
     };
@@ -602,9 +837,26 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
     let walker = Walker::new(graph, group);
     let mut env = HashMap::new();
     env.insert(anchor, walker.var(anchor));
-    let mut store = format!("fn store(lin: u32, acc: f32) {{\n    let {} = acc;\n", walker.var(anchor));
-    for &n in group.nodes.iter().skip_while(|&&n| n != anchor).skip(1).filter(|&&n| !is_prologue(graph, n)) {
-        walker.elementwise(&mut b, &mut env, n, &group.domain, "lin", &mut store, "    ");
+    let mut store = format!(
+        "fn store(lin: u32, acc: f32) {{\n    let {} = acc;\n",
+        walker.var(anchor)
+    );
+    for &n in group
+        .nodes
+        .iter()
+        .skip_while(|&&n| n != anchor)
+        .skip(1)
+        .filter(|&&n| !is_prologue(graph, n))
+    {
+        walker.elementwise(
+            &mut b,
+            &mut env,
+            n,
+            &group.domain,
+            "lin",
+            &mut store,
+            "    ",
+        );
     }
     for &o in &group.outputs {
         let name = b.write(o);
@@ -612,8 +864,16 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
     }
     store.push_str("}\n\n");
 
-    let tiled = target.matmul == MatmulVariant::SharedTiled && grouped.is_none() && target.max_invocations_per_workgroup >= 256 && target.max_workgroup_storage_bytes >= 8192;
-    let consts: Vec<(&str, u64)> = vec![("M", mm.m as u64), ("N", mm.n as u64), ("K", mm.k as u64), ("BATCH", mm.batch as u64)];
+    let tiled = target.matmul == MatmulVariant::SharedTiled
+        && grouped.is_none()
+        && target.max_invocations_per_workgroup >= 256
+        && target.max_workgroup_storage_bytes >= 8192;
+    let consts: Vec<(&str, u64)> = vec![
+        ("M", mm.m as u64),
+        ("N", mm.n as u64),
+        ("K", mm.k as u64),
+        ("BATCH", mm.batch as u64),
+    ];
     let (body, groups) = if tiled {
         let loads = format!(
             "fn load_a(bi: u32, m: u32, k: u32) -> f32 {{\n    if (m < M && k < K) {{\n        return {a_name}[{} + m * {}u + k * {}u];\n    }}\n    return 0.0;\n}}\n\nfn load_b(bi: u32, k: u32, n: u32) -> f32 {{\n    if (n < N && k < K) {{\n        return {b_name}[{} + k * {}u + n * {}u];\n    }}\n    return 0.0;\n}}\n\n",
@@ -645,8 +905,16 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             setup,
             put: "    store((bi * M + row) * N + col, acc);\n".into(),
         };
-        let schedule = Schedule::new(target, mm.m, mm.n, grouped.as_ref().map(|(layout, _)| layout.tile));
-        (format!("{store}{}", blocked::body(&blocked, schedule)), schedule.workgroups(&blocked))
+        let schedule = Schedule::new(
+            target,
+            mm.m,
+            mm.n,
+            grouped.as_ref().map(|(layout, _)| layout.tile),
+        );
+        (
+            format!("{store}{}", blocked::body(&blocked, schedule)),
+            schedule.workgroups(&blocked),
+        )
     };
     let grid = fold(groups as u64, target)?;
     Ok(b.finish(&consts, &body, grid))
@@ -672,16 +940,25 @@ fn single_kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc,
         Op::Permute { perm } => {
             let x = b.read(args[0]);
             let in_shape = &graph.ty(args[0]).shape;
-            let in_stride: Vec<usize> = (0..in_shape.len()).map(|a| in_shape[a + 1..].iter().product()).collect();
+            let in_stride: Vec<usize> = (0..in_shape.len())
+                .map(|a| in_shape[a + 1..].iter().product())
+                .collect();
             let mut terms = Vec::new();
             let mut rest = 1usize;
             for axis in (0..shape.len()).rev() {
                 if shape[axis] > 1 {
-                    terms.push(format!("((i / {rest}u) % {}u) * {}u", shape[axis], in_stride[perm[axis]]));
+                    terms.push(format!(
+                        "((i / {rest}u) % {}u) * {}u",
+                        shape[axis], in_stride[perm[axis]]
+                    ));
                 }
                 rest *= shape[axis];
             }
-            let index = if terms.is_empty() { "0u".to_string() } else { terms.join(" + ") };
+            let index = if terms.is_empty() {
+                "0u".to_string()
+            } else {
+                terms.join(" + ")
+            };
             per_item(b, format!("    let v = {x}[{index}];\n"))
         }
         Op::Embedding => {
@@ -692,7 +969,11 @@ fn single_kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc,
         }
         Op::Rope { theta } | Op::RopeGrad { theta } => {
             // The adjoint rotates by the negated angle.
-            let sign = if matches!(node.op, Op::RopeGrad { .. }) { "-" } else { "" };
+            let sign = if matches!(node.op, Op::RopeGrad { .. }) {
+                "-"
+            } else {
+                ""
+            };
             let x = b.read(args[0]);
             let (t, h, hd) = (shape[1], shape[2], shape[3]);
             let half = hd / 2;
@@ -754,7 +1035,16 @@ fn single_kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc,
             b.write_as(n, "out");
             let (t, e) = (graph.ty(args[0]).shape[0], graph.ty(args[0]).shape[1]);
             let grid = fold(t.div_ceil(wg as usize) as u64, target)?;
-            Ok(b.finish(&[("T", t as u64), ("E", e as u64), ("KK", *k as u64), ("WG", u64::from(wg))], TOPK, grid))
+            Ok(b.finish(
+                &[
+                    ("T", t as u64),
+                    ("E", e as u64),
+                    ("KK", *k as u64),
+                    ("WG", u64::from(wg)),
+                ],
+                TOPK,
+                grid,
+            ))
         }
         Op::CrossEntropy => {
             b.read_as(args[0], "logits");
@@ -763,7 +1053,15 @@ fn single_kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc,
             let (rows, v) = (graph.ty(args[0]).shape[0], graph.ty(args[0]).shape[1]);
             // The tree reduction needs a power-of-two workgroup.
             let ce_wg = 1u32 << (31 - wg.leading_zeros());
-            Ok(b.finish(&[("N", rows as u64), ("V", v as u64), ("WG", u64::from(ce_wg))], CROSS_ENTROPY, [1, 1, 1]))
+            Ok(b.finish(
+                &[
+                    ("N", rows as u64),
+                    ("V", v as u64),
+                    ("WG", u64::from(ce_wg)),
+                ],
+                CROSS_ENTROPY,
+                [1, 1, 1],
+            ))
         }
         Op::MoeRoute { layout } => {
             b.read_as(args[0], "idx");
@@ -782,7 +1080,10 @@ fn single_kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc,
                 ("E", layout.experts as u64),
                 ("TILE", layout.tile as u64),
                 ("ROWS", layout.rows() as u64),
-                ("CAPACITY", layout.capacity.min(layout.tokens * layout.k) as u64),
+                (
+                    "CAPACITY",
+                    layout.capacity.min(layout.tokens * layout.k) as u64,
+                ),
                 ("WG", u64::from(wg)),
                 ("COUNTS_AT", layout.counts_at() as u64),
                 ("OFFSETS_AT", layout.offsets_at() as u64),
@@ -798,9 +1099,15 @@ fn single_kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc,
             let x = b.read(args[0]);
             let from = &graph.ty(args[0]).shape;
             let pad = from.len() - to.len();
-            let t: Vec<usize> = (0..from.len()).map(|i| if i < pad { 1 } else { to[i - pad] }).collect();
-            let xstride: Vec<usize> = (0..from.len()).map(|i| from[i + 1..].iter().product()).collect();
-            let reduced: Vec<usize> = (0..from.len()).filter(|&i| t[i] == 1 && from[i] > 1).collect();
+            let t: Vec<usize> = (0..from.len())
+                .map(|i| if i < pad { 1 } else { to[i - pad] })
+                .collect();
+            let xstride: Vec<usize> = (0..from.len())
+                .map(|i| from[i + 1..].iter().product())
+                .collect();
+            let reduced: Vec<usize> = (0..from.len())
+                .filter(|&i| t[i] == 1 && from[i] > 1)
+                .collect();
             let count: usize = reduced.iter().map(|&i| from[i]).product();
             // Base index in x of output element i: its kept coordinates, reduced coordinates zero.
             let mut base_terms = Vec::new();
@@ -817,8 +1124,16 @@ fn single_kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc,
                 red_terms.push(format!("((r / {rest}u) % {}u) * {}u", from[a], xstride[a]));
                 rest *= from[a];
             }
-            let base_expr = if base_terms.is_empty() { "0u".to_string() } else { base_terms.join(" + ") };
-            let red_expr = if red_terms.is_empty() { "0u".to_string() } else { red_terms.join(" + ") };
+            let base_expr = if base_terms.is_empty() {
+                "0u".to_string()
+            } else {
+                base_terms.join(" + ")
+            };
+            let red_expr = if red_terms.is_empty() {
+                "0u".to_string()
+            } else {
+                red_terms.join(" + ")
+            };
             per_item(b, format!("    let base = {base_expr};\n    var v = 0.0;\n    for (var r = 0u; r < {count}u; r = r + 1u) {{\n        v = v + {x}[base + {red_expr}];\n    }}\n"))
         }
         // Register-blocked / workgroup-uniform kernels of their own (emit::grad).
@@ -906,11 +1221,17 @@ fn single_kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc,
         Op::SliceCols { start, len } => {
             let x = b.read(args[0]);
             let cols = graph.ty(args[0]).shape[1];
-            per_item(b, format!("    let v = {x}[(i / {len}u) * {cols}u + {start}u + i % {len}u];\n"))
+            per_item(
+                b,
+                format!("    let v = {x}[(i / {len}u) * {cols}u + {start}u + i % {len}u];\n"),
+            )
         }
         Op::RouteLoad { layout } => {
             let route = b.read(args[0]);
-            per_item(b, format!("    let v = f32({route}[{}u + i]);\n", layout.counts_at()))
+            per_item(
+                b,
+                format!("    let v = f32({route}[{}u + i]);\n", layout.counts_at()),
+            )
         }
         Op::ExpertChoice { capacity } => {
             // Invocation (t, e): expert e takes token t when fewer than `capacity` tokens outrank it in
@@ -929,15 +1250,42 @@ fn single_kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc,
             b.read_as(args[0], "logits");
             b.write_as(n, "out");
             let (t, e) = (shape[0], shape[1]);
-            Ok(b.finish(&[("T", t as u64), ("E", e as u64), ("ITERS", *iters as u64), ("WG", u64::from(wg))], SINKHORN, [1, 1, 1]))
+            Ok(b.finish(
+                &[
+                    ("T", t as u64),
+                    ("E", e as u64),
+                    ("ITERS", *iters as u64),
+                    ("WG", u64::from(wg)),
+                ],
+                SINKHORN,
+                [1, 1, 1],
+            ))
         }
-        Op::Auction { rounds, epsilon, budget, capacity, k } => {
+        Op::Auction {
+            rounds,
+            epsilon,
+            budget,
+            capacity,
+            k,
+        } => {
             b.read_as(args[0], "values");
             b.read_as(args[1], "start_prices");
             b.write_as(n, "out");
             let (t, e) = (graph.ty(args[0]).shape[0], graph.ty(args[0]).shape[1]);
-            let consts = [("T", t as u64), ("E", e as u64), ("KK", *k as u64), ("ROUNDS", *rounds as u64), ("CAP", *capacity as u64), ("WG", u64::from(wg)), ("NONE", u64::from(RouteLayout::NONE))];
-            let floats = format!("const EPS: f32 = {};\nconst BUDGET: f32 = {};\n", lit(*epsilon), lit(*budget));
+            let consts = [
+                ("T", t as u64),
+                ("E", e as u64),
+                ("KK", *k as u64),
+                ("ROUNDS", *rounds as u64),
+                ("CAP", *capacity as u64),
+                ("WG", u64::from(wg)),
+                ("NONE", u64::from(RouteLayout::NONE)),
+            ];
+            let floats = format!(
+                "const EPS: f32 = {};\nconst BUDGET: f32 = {};\n",
+                lit(*epsilon),
+                lit(*budget)
+            );
             Ok(b.finish(&consts, &format!("{floats}{AUCTION}"), [1, 1, 1]))
         }
         other => return Err(KernelError::Unsupported(other.mnemonic())),
@@ -946,7 +1294,11 @@ fn single_kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc,
 
 /// Copies the buffer of `id` into a fresh buffer (a graph output that names a Param, an Input, or a
 /// value already exported under another name).
-pub(crate) fn copy_kernel(graph: &Graph, id: NodeId, target: &Target) -> Result<KernelSrc, KernelError> {
+pub(crate) fn copy_kernel(
+    graph: &Graph,
+    id: NodeId,
+    target: &Target,
+) -> Result<KernelSrc, KernelError> {
     let wg = wg_size(target);
     let total = graph.ty(id).numel();
     let mut b = Binder::new(graph);

@@ -6,7 +6,11 @@ use crate::fuse::{fuse, FuseOptions, GroupKind};
 use crate::ir::{BinaryOp, Init, ReduceOp, RouteLayout, TensorType, UnaryOp};
 
 fn targets() -> Vec<Target> {
-    let rb = Target { matmul: MatmulVariant::RegisterBlocked, max_storage_buffers_per_stage: 32, ..Target::default() };
+    let rb = Target {
+        matmul: MatmulVariant::RegisterBlocked,
+        max_storage_buffers_per_stage: 32,
+        ..Target::default()
+    };
     vec![Target::default(), rb]
 }
 
@@ -33,45 +37,130 @@ pub(crate) fn every_op_graph() -> Graph {
     let x = add(&mut g, Op::Embedding, &[emb, ids], "x");
     let sq = add(&mut g, Op::Unary(UnaryOp::Square), &[x], "sq");
     let ms = add(&mut g, Op::Reduce(ReduceOp::Mean), &[sq], "ms");
-    let eps = add(&mut g, Op::Affine { mul: 1.0, add: 1e-5 }, &[ms], "eps");
+    let eps = add(
+        &mut g,
+        Op::Affine {
+            mul: 1.0,
+            add: 1e-5,
+        },
+        &[ms],
+        "eps",
+    );
     let rs = add(&mut g, Op::Unary(UnaryOp::Rsqrt), &[eps], "rs");
     let xn = add(&mut g, Op::Binary(BinaryOp::Mul), &[x, rs], "xn");
     let xw = add(&mut g, Op::Binary(BinaryOp::Mul), &[xn, nw], "xw");
     let q = add(&mut g, Op::MatMul { trans_b: true }, &[xw, wq], "q");
-    let q4 = add(&mut g, Op::Reshape { shape: vec![b, t, h, hd] }, &[q], "q4");
+    let q4 = add(
+        &mut g,
+        Op::Reshape {
+            shape: vec![b, t, h, hd],
+        },
+        &[q],
+        "q4",
+    );
     let qr = add(&mut g, Op::Rope { theta: 10000.0 }, &[q4], "qr");
-    let qp = add(&mut g, Op::Permute { perm: vec![0, 2, 1, 3] }, &[qr], "qp");
-    let kt = add(&mut g, Op::Permute { perm: vec![0, 1, 3, 2] }, &[qp], "kt");
+    let qp = add(
+        &mut g,
+        Op::Permute {
+            perm: vec![0, 2, 1, 3],
+        },
+        &[qr],
+        "qp",
+    );
+    let kt = add(
+        &mut g,
+        Op::Permute {
+            perm: vec![0, 1, 3, 2],
+        },
+        &[qp],
+        "kt",
+    );
     let s = add(&mut g, Op::MatMul { trans_b: false }, &[qp, kt], "scores");
     let ss = add(&mut g, Op::Affine { mul: 0.5, add: 0.0 }, &[s], "scaled");
     let p = add(&mut g, Op::Softmax { causal: true }, &[ss], "probs");
     let o = add(&mut g, Op::MatMul { trans_b: false }, &[p, qp], "attn");
-    let op = add(&mut g, Op::Permute { perm: vec![0, 2, 1, 3] }, &[o], "attn_t");
-    let o2 = add(&mut g, Op::Reshape { shape: vec![tokens, dim] }, &[op], "attn_flat");
-    let x2 = add(&mut g, Op::Reshape { shape: vec![tokens, dim] }, &[x], "x_flat");
+    let op = add(
+        &mut g,
+        Op::Permute {
+            perm: vec![0, 2, 1, 3],
+        },
+        &[o],
+        "attn_t",
+    );
+    let o2 = add(
+        &mut g,
+        Op::Reshape {
+            shape: vec![tokens, dim],
+        },
+        &[op],
+        "attn_flat",
+    );
+    let x2 = add(
+        &mut g,
+        Op::Reshape {
+            shape: vec![tokens, dim],
+        },
+        &[x],
+        "x_flat",
+    );
     let h1 = add(&mut g, Op::Binary(BinaryOp::Add), &[x2, o2], "resid");
     // MoE
     let logits_r = add(&mut g, Op::MatMul { trans_b: true }, &[h1, wg], "router");
-    let pr = add(&mut g, Op::Softmax { causal: false }, &[logits_r], "router_p");
+    let pr = add(
+        &mut g,
+        Op::Softmax { causal: false },
+        &[logits_r],
+        "router_p",
+    );
     let idx = add(&mut g, Op::TopK { k }, &[pr], "topk");
     let gw = add(&mut g, Op::GatherCols, &[pr, idx], "gates");
     let mask = add(&mut g, Op::TopKMask { experts: e }, &[idx], "mask");
     let layout = RouteLayout::dropless(tokens, k, e, 4);
     let route = add(&mut g, Op::MoeRoute { layout }, &[idx], "route");
     let xp = add(&mut g, Op::MoeGather { layout }, &[h1, route], "xp");
-    let a = add(&mut g, Op::GroupedMatMul { layout }, &[xp, w1, route], "w1x");
-    let c = add(&mut g, Op::GroupedMatMul { layout }, &[xp, w3, route], "w3x");
+    let a = add(
+        &mut g,
+        Op::GroupedMatMul { layout },
+        &[xp, w1, route],
+        "w1x",
+    );
+    let c = add(
+        &mut g,
+        Op::GroupedMatMul { layout },
+        &[xp, w3, route],
+        "w3x",
+    );
     let sa = add(&mut g, Op::Unary(UnaryOp::Silu), &[a], "silu");
     let hh = add(&mut g, Op::Binary(BinaryOp::Mul), &[sa, c], "swiglu");
-    let y = add(&mut g, Op::GroupedMatMul { layout }, &[hh, w2, route], "w2x");
-    let yc = add(&mut g, Op::MoeCombine { layout }, &[y, gw, route], "combine");
+    let y = add(
+        &mut g,
+        Op::GroupedMatMul { layout },
+        &[hh, w2, route],
+        "w2x",
+    );
+    let yc = add(
+        &mut g,
+        Op::MoeCombine { layout },
+        &[y, gw, route],
+        "combine",
+    );
     let h2 = add(&mut g, Op::Binary(BinaryOp::Add), &[h1, yc], "resid2");
     let logits = add(&mut g, Op::MatMul { trans_b: true }, &[h2, head], "logits");
     let mx = add(&mut g, Op::Reduce(ReduceOp::Max), &[logits], "maxlogit");
     let sm = add(&mut g, Op::Reduce(ReduceOp::Sum), &[mask], "kcount");
     let ce = add(&mut g, Op::CrossEntropy, &[logits, targets], "ce");
     let th = add(&mut g, Op::Unary(UnaryOp::Tanh), &[mx], "tanh");
-    let misc = [UnaryOp::Neg, UnaryOp::Exp, UnaryOp::Log, UnaryOp::Sqrt, UnaryOp::Recip, UnaryOp::Relu, UnaryOp::Gelu, UnaryOp::Sigmoid, UnaryOp::Softplus];
+    let misc = [
+        UnaryOp::Neg,
+        UnaryOp::Exp,
+        UnaryOp::Log,
+        UnaryOp::Sqrt,
+        UnaryOp::Recip,
+        UnaryOp::Relu,
+        UnaryOp::Gelu,
+        UnaryOp::Sigmoid,
+        UnaryOp::Softplus,
+    ];
     let mut z = add(&mut g, Op::Unary(UnaryOp::Square), &[th], "z0");
     for (i, u) in misc.iter().enumerate() {
         z = add(&mut g, Op::Unary(*u), &[z], format!("z{}", i + 1).as_str());
@@ -81,11 +170,24 @@ pub(crate) fn every_op_graph() -> Graph {
     let zs = add(&mut g, Op::Binary(BinaryOp::Sub), &[zd, mx], "zsub");
     // Routing variants: capacity with priorities, expert choice, Sinkhorn, the normal CDF/PDF.
     let idx1 = add(&mut g, Op::SliceCols { start: 0, len: 1 }, &[idx], "idx1");
-    let cap = RouteLayout { capacity: 3, ..RouteLayout::dropless(tokens, 1, e, 4) };
+    let cap = RouteLayout {
+        capacity: 3,
+        ..RouteLayout::dropless(tokens, 1, e, 4)
+    };
     let prio = add(&mut g, Op::GatherCols, &[pr, idx1], "prio");
-    let route_c = add(&mut g, Op::MoeRoute { layout: cap }, &[idx1, prio], "route_cap");
+    let route_c = add(
+        &mut g,
+        Op::MoeRoute { layout: cap },
+        &[idx1, prio],
+        "route_cap",
+    );
     let load = add(&mut g, Op::RouteLoad { layout: cap }, &[route_c], "load");
-    let ec = add(&mut g, Op::ExpertChoice { capacity: 2 }, &[pr], "expert_choice");
+    let ec = add(
+        &mut g,
+        Op::ExpertChoice { capacity: 2 },
+        &[pr],
+        "expert_choice",
+    );
     let sk = add(&mut g, Op::Sinkhorn { iters: 2 }, &[logits_r], "sinkhorn");
     let cdf = add(&mut g, Op::Unary(UnaryOp::NormalCdf), &[sk], "cdf");
     let pdf = add(&mut g, Op::Unary(UnaryOp::NormalPdf), &[cdf], "pdf");
@@ -104,7 +206,13 @@ fn every_kernel_of_every_op_validates_fused_and_unfused() {
     let g = every_op_graph();
     for target in targets() {
         for enabled in [false, true] {
-            let fused = fuse(&g, FuseOptions { enabled, max_bindings: target.max_storage_buffers_per_stage });
+            let fused = fuse(
+                &g,
+                FuseOptions {
+                    enabled,
+                    max_bindings: target.max_storage_buffers_per_stage,
+                },
+            );
             let plan = emit(&g, &fused, &target).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(plan.dispatches.len(), fused.len());
             for k in &plan.kernels {
@@ -122,7 +230,11 @@ fn fusion_cuts_dispatches() {
     let fused = emit(&g, &fuse(&g, FuseOptions::for_target(&t)), &t).unwrap();
     // 57 non-free nodes; fusion merges rmsnorm (6 → 1), scale+softmax, residuals, SwiGLU, the z chain.
     assert_eq!(unfused.dispatches.len(), 57);
-    assert!(fused.dispatches.len() <= 35, "{} fused dispatches", fused.dispatches.len());
+    assert!(
+        fused.dispatches.len() <= 35,
+        "{} fused dispatches",
+        fused.dispatches.len()
+    );
 }
 
 #[test]
@@ -139,7 +251,10 @@ fn grid_folds_past_65535_workgroups() {
     assert!(wgsl.contains("const GX: u32 = 65535u;"));
     assert!(wgsl.contains(&format!("if (i >= {n}u)")));
     // A count too large even for a folded grid is an error, not a panic.
-    let small = Target { max_workgroups_per_dim: 4, ..Target::default() };
+    let small = Target {
+        max_workgroups_per_dim: 4,
+        ..Target::default()
+    };
     match emit(&g, &fuse(&g, FuseOptions::for_target(&small)), &small) {
         Err(EmitError::GridTooLarge { workgroups, .. }) => assert_eq!(workgroups, 70_001),
         other => panic!("expected GridTooLarge, got {other:?}"),
@@ -152,7 +267,10 @@ fn broadcast_indices_collapse_runs() {
     assert_eq!(kernels::bcast_index(&[4, 8], &[8], "i"), "(i % 8u)");
     assert_eq!(kernels::bcast_index(&[4, 8], &[4, 1], "i"), "(i / 8u)");
     assert_eq!(kernels::bcast_index(&[4, 8], &[1], "i"), "0u");
-    assert_eq!(kernels::bcast_index(&[2, 3, 4, 5], &[3, 1, 5], "i"), "((i / 20u) % 3u) * 5u + (i % 5u)");
+    assert_eq!(
+        kernels::bcast_index(&[2, 3, 4, 5], &[3, 1, 5], "i"),
+        "((i / 20u) % 3u) * 5u + (i % 5u)"
+    );
 }
 
 #[test]
@@ -161,18 +279,27 @@ fn scratch_buffers_are_reused_and_never_alias_within_a_dispatch() {
     let mut g = Graph::new();
     let mut x = g.input("x", TensorType::f32(&[100]));
     for i in 0..6 {
-        x = g.add(Op::Unary(UnaryOp::Relu), &[x], format!("r{i}")).unwrap();
+        x = g
+            .add(Op::Unary(UnaryOp::Relu), &[x], format!("r{i}"))
+            .unwrap();
     }
     g.set_output("y", x);
     let t = Target::default();
     let plan = emit(&g, &fuse(&g, FuseOptions::unfused(&t)), &t).unwrap();
-    let scratch = plan.buffers.iter().filter(|b| b.role == BufferRole::Scratch).count();
+    let scratch = plan
+        .buffers
+        .iter()
+        .filter(|b| b.role == BufferRole::Scratch)
+        .count();
     assert_eq!(scratch, 2);
     assert_eq!(plan.buffers.len(), 4);
     for d in &plan.dispatches {
         assert_ne!(d.bindings[0], d.bindings[1]);
     }
-    assert!(matches!(plan.buffers[*plan.dispatches[5].bindings.last().unwrap()].role, BufferRole::Output { .. }));
+    assert!(matches!(
+        plan.buffers[*plan.dispatches[5].bindings.last().unwrap()].role,
+        BufferRole::Output { .. }
+    ));
 }
 
 #[test]
@@ -196,55 +323,106 @@ fn rmsnorm_is_one_row_kernel_and_ffn_epilogues_fuse() {
     let g = every_op_graph();
     let t = Target::default();
     let fused = fuse(&g, FuseOptions::for_target(&t));
-    let first = &fused.groups.iter().find(|gr| gr.kind == GroupKind::Row).unwrap();
-    let labels: Vec<&str> = first.nodes.iter().map(|n| g.node(*n).label.as_str()).collect();
+    let first = &fused
+        .groups
+        .iter()
+        .find(|gr| gr.kind == GroupKind::Row)
+        .unwrap();
+    let labels: Vec<&str> = first
+        .nodes
+        .iter()
+        .map(|n| g.node(*n).label.as_str())
+        .collect();
     assert_eq!(labels, ["sq", "ms", "eps", "rs", "xn", "xw"]);
-    let outs: Vec<&str> = first.outputs.iter().map(|n| g.node(*n).label.as_str()).collect();
+    let outs: Vec<&str> = first
+        .outputs
+        .iter()
+        .map(|n| g.node(*n).label.as_str())
+        .collect();
     assert_eq!(outs, ["xw"]);
     // SwiGLU: silu(w1x) * w3x fuses into the second grouped matmul's epilogue.
-    let swiglu = fused.groups.iter().find(|gr| gr.nodes.iter().any(|n| g.node(*n).label == "swiglu")).unwrap();
-    let labels: Vec<&str> = swiglu.nodes.iter().map(|n| g.node(*n).label.as_str()).collect();
+    let swiglu = fused
+        .groups
+        .iter()
+        .find(|gr| gr.nodes.iter().any(|n| g.node(*n).label == "swiglu"))
+        .unwrap();
+    let labels: Vec<&str> = swiglu
+        .nodes
+        .iter()
+        .map(|n| g.node(*n).label.as_str())
+        .collect();
     assert_eq!(swiglu.kind, GroupKind::Matmul);
-    assert!(labels == ["w1x", "silu", "swiglu"] || labels == ["w3x", "swiglu"], "{labels:?}");
+    assert!(
+        labels == ["w1x", "silu", "swiglu"] || labels == ["w3x", "swiglu"],
+        "{labels:?}"
+    );
 }
 
 /// Every example spec lowers, fuses and emits naga-valid kernels for both matmul variants.
 #[test]
 fn example_specs_emit_valid_kernels() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../specs");
-    let mut paths: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "moe")).collect();
+    let mut paths: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "moe"))
+        .collect();
     paths.sort();
     assert!(!paths.is_empty());
     for path in paths {
         let source = std::fs::read_to_string(&path).unwrap();
-        let spec = crate::check::check(&source, &path).unwrap_or_else(|e| panic!("{}: {e:?}", path.display()));
-        let graph = crate::lower::lower(&spec, 2).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let spec = crate::check::check(&source, &path)
+            .unwrap_or_else(|e| panic!("{}: {e:?}", path.display()));
+        let graph =
+            crate::lower::lower(&spec, 2).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         for target in targets() {
-            let unfused = emit(&graph, &fuse(&graph, FuseOptions::unfused(&target)), &target).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let unfused = emit(
+                &graph,
+                &fuse(&graph, FuseOptions::unfused(&target)),
+                &target,
+            )
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             let fused_groups = fuse(&graph, FuseOptions::for_target(&target));
-            let fused = emit(&graph, &fused_groups, &target).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            eprintln!("{}: {:?} {} unfused / {} fused dispatches, {} kernels", path.display(), target.matmul, unfused.dispatches.len(), fused.dispatches.len(), fused.kernels.len());
+            let fused = emit(&graph, &fused_groups, &target)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            eprintln!(
+                "{}: {:?} {} unfused / {} fused dispatches, {} kernels",
+                path.display(),
+                target.matmul,
+                unfused.dispatches.len(),
+                fused.dispatches.len(),
+                fused.kernels.len()
+            );
             assert!(fused.dispatches.len() < unfused.dispatches.len());
         }
     }
 }
-
 
 /// Training graphs (forward + backward) of every example spec emit valid kernels, and fusion cuts
 /// the dispatch count.
 #[test]
 fn example_training_graphs_emit_valid_kernels() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../specs");
-    let mut paths: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "moe")).collect();
+    let mut paths: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "moe"))
+        .collect();
     paths.sort();
     for path in paths {
         let source = std::fs::read_to_string(&path).unwrap();
         let spec = crate::check::check(&source, &path).unwrap();
         for target in targets() {
-            let unfused = crate::compile_training(&spec, 2, &target, false).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            let fused = crate::compile_training(&spec, 2, &target, true).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let unfused = crate::compile_training(&spec, 2, &target, false)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let fused = crate::compile_training(&spec, 2, &target, true)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             let (u, f) = (unfused.plan.dispatches.len(), fused.plan.dispatches.len());
-            eprintln!("{}: {:?} training {u} unfused / {f} fused dispatches", path.display(), target.matmul);
+            eprintln!(
+                "{}: {:?} training {u} unfused / {f} fused dispatches",
+                path.display(),
+                target.matmul
+            );
             assert!(f < u);
         }
     }

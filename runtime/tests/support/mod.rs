@@ -12,7 +12,10 @@ use std::sync::OnceLock;
 
 pub fn gpu() -> &'static Gpu {
     static GPU: OnceLock<Gpu> = OnceLock::new();
-    GPU.get_or_init(|| Gpu::new(&AdapterChoice::default()).expect("a wgpu adapter (lavapipe: apt-get install mesa-vulkan-drivers)"))
+    GPU.get_or_init(|| {
+        Gpu::new(&AdapterChoice::default())
+            .expect("a wgpu adapter (lavapipe: apt-get install mesa-vulkan-drivers)")
+    })
 }
 
 pub fn widen(feeds: &HashMap<String, Value>) -> HashMap<String, Value> {
@@ -29,8 +32,16 @@ pub fn widen(feeds: &HashMap<String, Value>) -> HashMap<String, Value> {
 }
 
 /// Runs `graph` on the GPU and returns every named output as f64.
-pub fn run_gpu(graph: &Graph, feeds: &HashMap<String, Value>, target: &Target, fused: bool) -> HashMap<String, Vec<f64>> {
-    let opts = FuseOptions { enabled: fused, max_bindings: target.max_storage_buffers_per_stage };
+pub fn run_gpu(
+    graph: &Graph,
+    feeds: &HashMap<String, Value>,
+    target: &Target,
+    fused: bool,
+) -> HashMap<String, Vec<f64>> {
+    let opts = FuseOptions {
+        enabled: fused,
+        max_bindings: target.max_storage_buffers_per_stage,
+    };
     let plan = emit(graph, &fuse(graph, opts), target).unwrap_or_else(|e| panic!("{e}"));
     let exec = Executor::new(gpu(), &plan).unwrap_or_else(|e| panic!("{e}"));
     for (name, value) in feeds {
@@ -47,8 +58,18 @@ pub fn run_gpu(graph: &Graph, feeds: &HashMap<String, Value>, target: &Target, f
         .iter()
         .map(|(name, id)| {
             let v = match graph.ty(*id).dtype {
-                DType::F32 => exec.read_f32(name).unwrap().into_iter().map(f64::from).collect(),
-                DType::U32 => exec.read_u32(name).unwrap().into_iter().map(f64::from).collect(),
+                DType::F32 => exec
+                    .read_f32(name)
+                    .unwrap()
+                    .into_iter()
+                    .map(f64::from)
+                    .collect(),
+                DType::U32 => exec
+                    .read_u32(name)
+                    .unwrap()
+                    .into_iter()
+                    .map(f64::from)
+                    .collect(),
             };
             (name.clone(), v)
         })
@@ -60,7 +81,13 @@ pub fn configs() -> Vec<(Target, bool)> {
     let mut out = Vec::new();
     for variant in [MatmulVariant::RegisterBlocked, MatmulVariant::SharedTiled] {
         for fused in [true, false] {
-            out.push((Target { matmul: variant, ..gpu().target() }, fused));
+            out.push((
+                Target {
+                    matmul: variant,
+                    ..gpu().target()
+                },
+                fused,
+            ));
         }
     }
     out
@@ -69,7 +96,11 @@ pub fn configs() -> Vec<(Target, bool)> {
 /// Compares every output of `graph` on the GPU with the f64 interpreter, u32 outputs exactly, f32
 /// outputs within `tol(reference, max |reference| of that output)`; returns the largest absolute
 /// error per output over all configurations.
-pub fn compare(graph: &Graph, feeds: &HashMap<String, Value>, tol: &dyn Fn(f64, f64) -> f64) -> HashMap<String, f64> {
+pub fn compare(
+    graph: &Graph,
+    feeds: &HashMap<String, Value>,
+    tol: &dyn Fn(f64, f64) -> f64,
+) -> HashMap<String, f64> {
     let expected = interp::run_outputs_in(graph, &widen(feeds), Precision::F64).unwrap();
     let mut worst: HashMap<String, f64> = HashMap::new();
     for (target, fused) in configs() {
@@ -82,8 +113,16 @@ pub fn compare(graph: &Graph, feeds: &HashMap<String, Value>, tol: &dyn Fn(f64, 
             let exact = graph.ty(*id).dtype == DType::U32;
             for (i, (w, h)) in want.iter().zip(have).enumerate() {
                 let err = (w - h).abs();
-                let ok = if exact { err == 0.0 } else { err <= tol(w.abs(), scale) };
-                assert!(ok, "{name}[{i}]: gpu {h} vs reference {w} ({:?}, fused = {fused})", target.matmul);
+                let ok = if exact {
+                    err == 0.0
+                } else {
+                    err <= tol(w.abs(), scale)
+                };
+                assert!(
+                    ok,
+                    "{name}[{i}]: gpu {h} vs reference {w} ({:?}, fused = {fused})",
+                    target.matmul
+                );
                 let e = worst.entry(name.clone()).or_default();
                 *e = e.max(err);
             }
