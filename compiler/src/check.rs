@@ -17,7 +17,10 @@
 //! - Optimizers: `adamw(lr = 3e-4, betas = (0.9, 0.999), eps = 1e-8, weight_decay = 0.0)` (PyTorch's
 //!   betas and eps, HF Trainer's weight decay); `schedule_free_adamw` the same with `lr = 0.0025`
 //!   (the reference implementation's default); `sgd(lr, momentum = 0.0)` needs `lr`;
-//!   `adafactor(lr = 0.001, decay = -0.8, eps = 1e-30)` (HF's `decay_rate` and `eps[0]`).
+//!   `adafactor(lr = 0.001, decay = -0.8, eps = 1e-30)` (HF's `decay_rate` and `eps[0]`);
+//!   `shampoo(lr, ...)` and `muon(lr, ...)` need `lr` (their other defaults are LANGUAGE.md's); muon's
+//!   `adamw = adamw(...)` takes `adamw`'s defaults except `lr`, which defaults to muon's `lr`
+//!   (Moonlight: the 0.2·√max(rows, cols) scale matches AdamW's update RMS, so one lr serves both).
 //! - `expert_lr = adaptive()` uses the optimizer's `lr` as `base`.
 //! - `schedule`: `cosine(warmup = 0, min_lr = 0.0)`, `linear(warmup = 0)`.
 //! - `synthetic(...)`: `kind = classes` for `mlp`, `copy` for language models; `seed` = the train `seed`.
@@ -1088,12 +1091,7 @@ impl Checker {
                 weight_decay: 0.0,
             },
         };
-        let lr = match optimizer {
-            Optimizer::AdamW { lr, .. }
-            | Optimizer::Sgd { lr, .. }
-            | Optimizer::Adafactor { lr, .. }
-            | Optimizer::ScheduleFreeAdamW { lr, .. } => lr,
-        };
+        let lr = optimizer.lr();
         let expert_lr = match fs.get("expert_lr") {
             Some(f) => Some(self.expert_lr(&f.value, lr, env)?),
             None => None,
@@ -1358,44 +1356,37 @@ impl Checker {
         let c = self.call_form(
             e,
             "optimizer",
-            &["adamw", "sgd", "adafactor", "schedule_free_adamw"],
+            &[
+                "adamw",
+                "sgd",
+                "adafactor",
+                "schedule_free_adamw",
+                "shampoo",
+                "muon",
+            ],
         )?;
         let lr_ok = |v: f64| v > 0.0;
         Ok(match c.name {
-            "adamw" | "schedule_free_adamw" => {
-                let [lr, betas, eps, wd] =
-                    self.bind(&c, &["lr", "betas", "eps", "weight_decay"])?;
-                let default_lr = if c.name == "adamw" { 3e-4 } else { 2.5e-3 };
-                let lr = self.opt_float(lr, "lr", env, default_lr, lr_ok, "must be positive")?;
-                let betas = match betas {
-                    Some(b) => self.betas(b, env)?,
-                    None => (0.9, 0.999),
-                };
-                let eps = self.opt_float(eps, "eps", env, 1e-8, |v| v > 0.0, "must be positive")?;
-                let weight_decay = self.opt_float(
-                    wd,
-                    "weight_decay",
-                    env,
-                    0.0,
-                    |v| v >= 0.0,
-                    "must not be negative",
-                )?;
-                if c.name == "adamw" {
-                    Optimizer::AdamW {
-                        lr,
-                        betas,
-                        eps,
-                        weight_decay,
-                    }
-                } else {
-                    Optimizer::ScheduleFreeAdamW {
-                        lr,
-                        betas,
-                        eps,
-                        weight_decay,
-                    }
+            "adamw" => {
+                let a = self.adam_args(&c, 3e-4, env)?;
+                Optimizer::AdamW {
+                    lr: a.lr,
+                    betas: a.betas,
+                    eps: a.eps,
+                    weight_decay: a.weight_decay,
                 }
             }
+            "schedule_free_adamw" => {
+                let a = self.adam_args(&c, 2.5e-3, env)?;
+                Optimizer::ScheduleFreeAdamW {
+                    lr: a.lr,
+                    betas: a.betas,
+                    eps: a.eps,
+                    weight_decay: a.weight_decay,
+                }
+            }
+            "shampoo" => self.shampoo(&c, env)?,
+            "muon" => self.muon(&c, env)?,
             "sgd" => {
                 let [lr, momentum] = self.bind(&c, &["lr", "momentum"])?;
                 let lr = self.required_arg(lr, &c, "lr", "sgd(lr = 0.1, momentum = 0.9)")?;
@@ -1426,6 +1417,120 @@ impl Checker {
                     eps: self.opt_float(eps, "eps", env, 1e-30, |v| v > 0.0, "must be positive")?,
                 }
             }
+        })
+    }
+
+    /// `adamw(lr, betas, eps, weight_decay)` (and `schedule_free_adamw`), `lr` defaulting to
+    /// `default_lr`.
+    fn adam_args(&self, c: &CallView, default_lr: f64, env: &Env) -> Result<AdamArgs> {
+        let [lr, betas, eps, wd] = self.bind(c, &["lr", "betas", "eps", "weight_decay"])?;
+        Ok(AdamArgs {
+            lr: self.opt_float(lr, "lr", env, default_lr, |v| v > 0.0, "must be positive")?,
+            betas: match betas {
+                Some(b) => self.betas(b, env)?,
+                None => (0.9, 0.999),
+            },
+            eps: self.opt_float(eps, "eps", env, 1e-8, |v| v > 0.0, "must be positive")?,
+            weight_decay: self.non_negative(wd, "weight_decay", env)?,
+        })
+    }
+
+    fn non_negative(&self, e: Option<&Expr>, what: &str, env: &Env) -> Result<f64> {
+        self.opt_float(e, what, env, 0.0, |v| v >= 0.0, "must not be negative")
+    }
+
+    /// `shampoo(lr, betas = (0.9, 0.999), eps = 1e-8, decay = 0.9, root_every = 10, max_dim = 1024,
+    /// weight_decay = 0)`; `lr` is required.
+    fn shampoo(&self, c: &CallView, env: &Env) -> Result<Optimizer> {
+        let [lr, betas, eps, decay, root_every, max_dim, wd] = self.bind(
+            c,
+            &[
+                "lr",
+                "betas",
+                "eps",
+                "decay",
+                "root_every",
+                "max_dim",
+                "weight_decay",
+            ],
+        )?;
+        let lr = self.required_arg(lr, c, "lr", "shampoo(lr = 1e-3)")?;
+        Ok(Optimizer::Shampoo {
+            lr: self.float_where(lr, "lr", env, |v| v > 0.0, "must be positive")?,
+            betas: match betas {
+                Some(b) => self.betas(b, env)?,
+                None => (0.9, 0.999),
+            },
+            eps: self.opt_float(eps, "eps", env, 1e-8, |v| v > 0.0, "must be positive")?,
+            decay: self.opt_float(
+                decay,
+                "decay",
+                env,
+                0.9,
+                |v| (0.0..1.0).contains(&v),
+                "must be in [0, 1)",
+            )?,
+            root_every: match root_every {
+                Some(e) => self.positive(e, "root_every", env)?,
+                None => 10,
+            },
+            max_dim: match max_dim {
+                Some(e) => self.positive(e, "max_dim", env)?,
+                None => 1024,
+            },
+            weight_decay: self.non_negative(wd, "weight_decay", env)?,
+        })
+    }
+
+    /// `muon(lr, momentum = 0.95, nesterov = true, ns_steps = 5, weight_decay = 0, adamw = adamw(...))`;
+    /// `lr` is required and the nested `adamw`'s `lr` defaults to it (Moonlight's update scale makes
+    /// one learning rate fit both).
+    fn muon(&self, c: &CallView, env: &Env) -> Result<Optimizer> {
+        let [lr, momentum, nesterov, ns_steps, wd, adamw] = self.bind(
+            c,
+            &[
+                "lr",
+                "momentum",
+                "nesterov",
+                "ns_steps",
+                "weight_decay",
+                "adamw",
+            ],
+        )?;
+        let lr = self.required_arg(lr, c, "lr", "muon(lr = 0.02)")?;
+        let lr = self.float_where(lr, "lr", env, |v| v > 0.0, "must be positive")?;
+        let adamw = match adamw {
+            Some(e) => {
+                let inner = self.call_form(e, "adamw", &["adamw"])?;
+                self.adam_args(&inner, lr, env)?
+            }
+            None => AdamArgs {
+                lr,
+                betas: (0.9, 0.999),
+                eps: 1e-8,
+                weight_decay: 0.0,
+            },
+        };
+        Ok(Optimizer::Muon {
+            lr,
+            momentum: self.opt_float(
+                momentum,
+                "momentum",
+                env,
+                0.95,
+                |v| (0.0..1.0).contains(&v),
+                "must be in [0, 1)",
+            )?,
+            nesterov: match nesterov {
+                Some(e) => self.boolean(e, "nesterov")?,
+                None => true,
+            },
+            ns_steps: match ns_steps {
+                Some(e) => self.positive(e, "ns_steps", env)?,
+                None => 5,
+            },
+            weight_decay: self.non_negative(wd, "weight_decay", env)?,
+            adamw,
         })
     }
 
@@ -2284,6 +2389,46 @@ train {
                 betas: (0.9, 0.999),
                 eps: 1e-8,
                 weight_decay: 0.0
+            }
+        );
+        assert_eq!(
+            t("optimizer = shampoo(1e-3, root_every = 5, max_dim = 512)").optimizer,
+            Optimizer::Shampoo {
+                lr: 1e-3,
+                betas: (0.9, 0.999),
+                eps: 1e-8,
+                decay: 0.9,
+                root_every: 5,
+                max_dim: 512,
+                weight_decay: 0.0
+            }
+        );
+        let adam = |lr| AdamArgs {
+            lr,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.0,
+        };
+        assert_eq!(
+            t("optimizer = muon(lr = 0.02)").optimizer,
+            Optimizer::Muon {
+                lr: 0.02,
+                momentum: 0.95,
+                nesterov: true,
+                ns_steps: 5,
+                weight_decay: 0.0,
+                adamw: adam(0.02)
+            }
+        );
+        assert_eq!(
+            t("optimizer = muon(0.02, nesterov = false, adamw = adamw(lr = 3e-4))").optimizer,
+            Optimizer::Muon {
+                lr: 0.02,
+                momentum: 0.95,
+                nesterov: false,
+                ns_steps: 5,
+                weight_decay: 0.0,
+                adamw: adam(3e-4)
             }
         );
         assert_eq!(t("expert_lr = 1e-3").expert_lr, Some(ExpertLr::Fixed(1e-3)));

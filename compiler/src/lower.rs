@@ -9,8 +9,10 @@
 //! every MoE block `N` that has balancing terms (the sum of that block's terms, `[1]`), and `loss` =
 //! `ce` + Σ `aux.N` (`[1]`). `loss` is always its own node (an identity affine of `ce` when there are no
 //! balancing terms) so that every output name owns one buffer. Every MoE block also has the metrics
-//! `moe.N.load` `[E]`, `moe.N.dropped` `[1]`, `moe.N.router_z` `[1]`, and, with `bias(...)` or
-//! `auction`, the router-state update `router_state.N.bias.next` / `router_state.N.prices.next`.
+//! `moe.N.load` `[E]`, `moe.N.dropped` `[1]`, `moe.N.router_z` `[1]`, `moe.N.router_logits`
+//! `[T, E]` (the clean expert-level gate logits, for LANGUAGE.md's router-logit statistics), and,
+//! with `bias(...)` or `auction`, the router-state update `router_state.N.bias.next` /
+//! `router_state.N.prices.next`.
 //!
 //! # Inputs besides the data
 //! `noise.N` (`[T, E]`, ε of `noisy_top_k`; `noise.N.groups` `[T, G]` for a `two_level` primary gate),
@@ -534,6 +536,8 @@ impl Lower<'_> {
         self.metrics.push((format!("moe.{block}.dropped"), dropped));
         self.metrics
             .push((format!("moe.{block}.router_z"), router_z));
+        self.metrics
+            .push((format!("moe.{block}.router_logits"), r.logits));
 
         let mut terms = Vec::new();
         let mut mask = None;

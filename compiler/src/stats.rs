@@ -18,7 +18,10 @@
 //! - *Memory for one step* (`train.batch` sequences, 1 without a `train` block; `batch` is per micro
 //!   step under `accumulate`): f32 weights, f32 gradients, optimizer state (AdamW and schedule-free
 //!   AdamW 2× the weights, SGD with momentum 1×, without 0×, Adafactor one row and one column vector
-//!   per matrix), and activations bounded above by the sum of every tensor of the lowered forward
+//!   per matrix; Shampoo Adam's 2× plus, per matrix with both sides ≤ `max_dim`, L, R and their roots
+//!   and two weight-sized working buffers; Muon for each matrix its momentum, two weight-sized
+//!   Newton–Schulz buffers and two `min(rows, cols)²` products, Adam's 2× for the rest, the LM head
+//!   and router counted as matrices), and activations bounded above by the sum of every tensor of the lowered forward
 //!   graph (an upper bound on what backward keeps: reshapes are free views and not counted, buffer
 //!   reuse would lower it). The largest single tensor (params included) bounds the storage binding
 //!   size the adapter must allow.
@@ -313,6 +316,44 @@ fn adafactor_state(ps: &[P]) -> u64 {
         .sum()
 }
 
+/// The stacked `(matrices, rows, cols)` view of a parameter with two or more axes.
+fn matrices(p: &P) -> Option<(u64, u64, u64)> {
+    match p.shape.as_slice() {
+        [lead @ .., rows, cols] => Some((
+            lead.iter().product::<usize>() as u64,
+            *rows as u64,
+            *cols as u64,
+        )),
+        _ => None,
+    }
+}
+
+/// Shampoo: Adam's m and v for everything; per matrix with both sides ≤ `max_dim`, L, R, their
+/// inverse fourth roots and two weight-sized working buffers (G·P_R and the preconditioned update).
+fn shampoo_state(ps: &[P], max_dim: usize) -> u64 {
+    ps.iter()
+        .map(|p| match matrices(p) {
+            Some((m, r, c)) if r <= max_dim as u64 && c <= max_dim as u64 => {
+                2 * p.numel() + 2 * m * (r * r + c * c) + 2 * p.numel()
+            }
+            _ => 2 * p.numel(),
+        })
+        .sum()
+}
+
+/// Muon: per matrix its momentum, two weight-sized Newton–Schulz buffers and two `s × s` products
+/// (s = min(rows, cols)); Adam's m and v for the embedding, norms and vectors.
+fn muon_state(ps: &[P]) -> u64 {
+    ps.iter()
+        .map(|p| match matrices(p) {
+            Some((m, r, c)) if p.kind != Kind::Embedding => {
+                3 * p.numel() + 2 * m * r.min(c) * r.min(c)
+            }
+            _ => 2 * p.numel(),
+        })
+        .sum()
+}
+
 pub fn stats(spec: &Spec) -> Stats {
     let m = &spec.model;
     let (ps, moe_blocks) = param_shapes(spec);
@@ -351,6 +392,8 @@ pub fn stats(spec: &Spec) -> Stats {
         }
         Some(Optimizer::Sgd { .. }) => ("SGD".into(), 0),
         Some(Optimizer::Adafactor { .. }) => ("Adafactor".into(), adafactor_state(&ps)),
+        Some(Optimizer::Shampoo { max_dim, .. }) => ("Shampoo".into(), shampoo_state(&ps, max_dim)),
+        Some(Optimizer::Muon { .. }) => ("Muon".into(), muon_state(&ps)),
     };
     let largest_param = ps.iter().map(|p| p.numel() * 4).max().unwrap_or(0);
     let (activations, largest_tensor) = match lower(spec, batch) {
