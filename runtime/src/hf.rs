@@ -1,5 +1,5 @@
 //! The HF transformers architecture that computes a spec exactly, as a `config.json`, and the
-//! names its weights take there (DESIGN.md "Into the ecosystem").
+//! names its weights take there (docs/DECISIONS.md, "Export to Megatron-Core and HF").
 //!
 //! | spec | architecture |
 //! |---|---|

@@ -1,5 +1,5 @@
-//! `moec export megatron`: a spec as a Megatron-Core training run (DESIGN.md "Scale": beyond one
-//! device, hand the model to an engine people trust).
+//! `moec export megatron`: a spec as a Megatron-Core training run (beyond one device moec hands the
+//! model to an engine people trust rather than grow a cluster runtime; docs/DECISIONS.md, "Export").
 //!
 //! Every feature of the spec becomes one [`Row`]: the `pretrain_gpt.py` flags that express it (names
 //! from Megatron-LM's `megatron/training/arguments.py`, whose network flags are the
@@ -15,7 +15,7 @@
 //!   their sum for k > 1 but the raw score for k = 1 (moec's weight is then 1): k = 1 is refused.
 //! - Megatron's aux and seq-aux losses count f_e on a plain top-k of the scores, not on the actual
 //!   selection, so with a selection bias or group-limited routing moec's `aux` / `seq_aux` (on the
-//!   actual selection, LANGUAGE.md) are approximations.
+//!   actual selection, docs/language.md) are approximations.
 //! - Group-limited routing scores a group by the sum of its top `top_k / top_groups` scores; moec by
 //!   its top 2 (DeepSeek-V3): exact when `top_k / top_groups` is 2 (or 1 for one-expert groups).
 //!   Under `softmax(renorm = true)` Megatron limits groups on the logits, moec on the
