@@ -103,7 +103,7 @@ pub fn dump(
         let kept = kept_slots(&layout, &values[&route]);
         let path = dir.join(format!("block{block}.kept.npy"));
         std::fs::write(
-            &path,
+            path,
             crate::forward::npy_u32(&[layout.tokens, layout.k], &kept),
         )
         .into_diagnostic()?;
@@ -118,7 +118,7 @@ pub fn dump(
         "blocks": moe.blocks,
     });
     let path = dir.join("router.json");
-    std::fs::write(&path, format!("{manifest:#}\n")).into_diagnostic()?;
+    std::fs::write(path, format!("{manifest:#}\n")).into_diagnostic()?;
     println!(
         "wrote the routing of {} MoE blocks to {}",
         moe.blocks.len(),
