@@ -27,6 +27,10 @@
 //!   attention context `[B, H, T, D] → [B, T, H, D]` and its adjoints) joins that group, which writes
 //!   the value straight to its permuted position instead of materialising it for a copy kernel.
 //!   Members never read such a permute (its value is not indexed by the group's domain).
+//! - **RoPE prologues**: a `Rope` or `RopeGrad` whose every use reaches a matmul operand through
+//!   reshapes and absorbed permutes only (attention's `q`, `k` and their adjoints) is never
+//!   materialised: each consuming matmul computes the rotated element from the rotation's operand
+//!   when it loads it (two loads and a sine/cosine instead of one load), like a permute prologue.
 //! - Everything else is its own [`GroupKind::Single`] group.
 //!
 //! A node with users outside its group (or that is a graph output) is materialised: it is listed in
@@ -271,6 +275,30 @@ pub fn fuse(graph: &Graph, options: FuseOptions) -> Fused {
     } else {
         HashSet::new()
     };
+    // RoPE rotations read only by matmuls are recomputed by each of them (see the module doc).
+    let absorbed: HashSet<NodeId> = if options.enabled {
+        let computed: Vec<NodeId> = order
+            .iter()
+            .copied()
+            .filter(|&r| {
+                // The rotating loads read the operand's buffer: it may not be a prologue itself.
+                !st.graph_outputs.contains(&r)
+                    && graph
+                        .inputs(r)
+                        .iter()
+                        .all(|&a| !absorbed.contains(&base(graph, a)))
+                    && match graph.node(r).op {
+                        Op::Rope { .. } | Op::RopeGrad { .. } => {
+                            only_matmul_operand(graph, &absorbed, r)
+                        }
+                        _ => false,
+                    }
+            })
+            .collect();
+        absorbed.into_iter().chain(computed).collect()
+    } else {
+        absorbed
+    };
     st.absorbed = absorbed.clone();
     for &n in &order {
         let node = graph.node(n);
@@ -291,13 +319,13 @@ pub fn fuse(graph: &Graph, options: FuseOptions) -> Fused {
         };
         let gi = st.groups.len();
         let mut nodes = vec![n];
-        nodes.extend(
-            graph
-                .inputs(n)
-                .into_iter()
-                .map(|a| base(graph, a))
-                .filter(|a| absorbed.contains(a)),
-        );
+        for a in graph.inputs(n) {
+            for p in st.prologue(a) {
+                if !nodes.contains(&p) {
+                    nodes.push(p);
+                }
+            }
+        }
         st.groups.push(Builder {
             kind,
             domain,
@@ -317,6 +345,19 @@ fn row_shape(domain: &[usize]) -> Vec<usize> {
         *l = 1;
     }
     s
+}
+
+/// Does every use of `x` reach, through reshapes and absorbed permutes only, an operand of a `MatMul`
+/// (which can compute the value as it loads it)?
+fn only_matmul_operand(graph: &Graph, absorbed: &HashSet<NodeId>, x: NodeId) -> bool {
+    let users = graph.users(x);
+    !users.is_empty()
+        && users.iter().all(|&u| match &graph.node(u).op {
+            Op::Reshape { .. } => only_matmul_operand(graph, absorbed, u),
+            Op::Permute { .. } => absorbed.contains(&u) && only_matmul_operand(graph, absorbed, u),
+            Op::MatMul { .. } => true,
+            _ => false,
+        })
 }
 
 /// Does every use of `x` (a permute, or a reshape of one) reach, through reshapes only and as a
@@ -342,6 +383,20 @@ impl State<'_> {
             if !self.absorbed.contains(&a) {
                 return a;
             }
+            a = self.graph.inputs(a)[0];
+        }
+    }
+
+    /// The absorbed prologue nodes a group reads operand `a` through (a permute, a RoPE behind it...),
+    /// outermost first: they join every group that reads `a`.
+    fn prologue(&self, mut a: NodeId) -> Vec<NodeId> {
+        let mut chain = Vec::new();
+        loop {
+            a = base(self.graph, a);
+            if !self.absorbed.contains(&a) {
+                return chain;
+            }
+            chain.push(a);
             a = self.graph.inputs(a)[0];
         }
     }
@@ -379,14 +434,16 @@ impl State<'_> {
                     b.kind = GroupKind::Row;
                 }
                 b.nodes.push(n);
-                for a in self
+                let prologue: Vec<NodeId> = self
                     .graph
                     .inputs(n)
                     .into_iter()
-                    .map(|a| base(self.graph, a))
-                {
-                    if self.absorbed.contains(&a) && !b.nodes.contains(&a) {
-                        b.nodes.push(a);
+                    .flat_map(|a| self.prologue(a))
+                    .collect();
+                let b = &mut self.groups[gi];
+                for p in prologue {
+                    if !b.nodes.contains(&p) {
+                        b.nodes.push(p);
                     }
                 }
                 self.group_of.insert(n, gi);

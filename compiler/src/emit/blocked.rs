@@ -27,14 +27,46 @@ use std::fmt::Write;
 /// Linear workgroup index of a folded grid.
 const WORKGROUP: &str = "wid.x + wid.y * GX + wid.z * (GX * GY)";
 
+/// How a kernel reads element `i` of a matmul operand: `name[i]` from a buffer, or `name(i)` from a
+/// WGSL function that computes it (a fused prologue such as RoPE).
+pub(crate) struct Load {
+    name: String,
+    computed: bool,
+}
+
+impl Load {
+    pub(crate) fn buffer(name: &str) -> Load {
+        Load {
+            name: name.to_string(),
+            computed: false,
+        }
+    }
+
+    pub(crate) fn computed(name: &str) -> Load {
+        Load {
+            name: name.to_string(),
+            computed: true,
+        }
+    }
+
+    /// The WGSL expression of the element at index expression `i`.
+    pub(crate) fn at(&self, i: &str) -> String {
+        if self.computed {
+            format!("{}({i})", self.name)
+        } else {
+            format!("{}[{i}]", self.name)
+        }
+    }
+}
+
 /// `out[bi][row, col] = Σ_{k ∈ [kbeg, kend)} A[row, k] · B[k, col]` for `bi < batch`, where A and B
 /// are read in place from `a` and `b` through element strides, after per-block offsets.
 pub(crate) struct Blocked<'a> {
     pub batch: usize,
     pub m: usize,
     pub n: usize,
-    pub a: &'a str,
-    pub b: &'a str,
+    pub a: &'a Load,
+    pub b: &'a Load,
     pub sam: usize,
     pub sak: usize,
     pub sbk: usize,
@@ -201,10 +233,18 @@ pub(crate) fn body(mm: &Blocked, p: Schedule) -> String {
     // Without subgroups the lane's own loads are the row values (`av`); with them, its share (`al`).
     let loaded = if lanes > 1 { "al" } else { "av" };
     for q in 0..loads {
-        let _ = writeln!(s, "        let {loaded}{q} = {}[ar{q} + {ak}];", mm.a);
+        let _ = writeln!(
+            s,
+            "        let {loaded}{q} = {};",
+            mm.a.at(&format!("ar{q} + {ak}"))
+        );
     }
     for j in 0..cols {
-        let _ = writeln!(s, "        let bv{j} = {}[bc{j} + {bk}];", mm.b);
+        let _ = writeln!(
+            s,
+            "        let bv{j} = {};",
+            mm.b.at(&format!("bc{j} + {bk}"))
+        );
     }
     for i in 0..rows {
         if lanes > 1 {

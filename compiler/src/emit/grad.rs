@@ -7,7 +7,7 @@
 //! sums its contributions in a fixed order, so results never depend on scheduling. Shapes and
 //! routing-table offsets are baked in as literals and grids are folded with [`fold`].
 
-use super::blocked::{self, Blocked, Schedule};
+use super::blocked::{self, Blocked, Load, Schedule};
 use super::kernels::{fold, Binder, KernelError};
 use super::{KernelSrc, Target};
 use crate::ir::{Graph, NodeId, Op, RouteLayout};
@@ -46,8 +46,8 @@ fn grad_w(
         batch: layout.experts,
         m: nn,
         n: k,
-        a: &g,
-        b: &x,
+        a: &Load::buffer(&g),
+        b: &Load::buffer(&x),
         sam: 1,
         sak: nn,
         sbk: k,
