@@ -31,6 +31,10 @@
 //!   reshapes and absorbed permutes only (attention's `q`, `k` and their adjoints) is never
 //!   materialised: each consuming matmul computes the rotated element from the rotation's operand
 //!   when it loads it (two loads and a sine/cosine instead of one load), like a permute prologue.
+//! - **Gather prologues**: a `MoeGather` (or its weighted adjoint twin `MoeCombineGradRows`) read
+//!   only as the padded-row operand of grouped matmuls (forward, input and weight gradients) is never
+//!   materialised as a `[rows, dim]` buffer: the grouped matmul maps each padded row through the
+//!   routing table to its token row (zero for padding, times the gate weight for the adjoint).
 //! - Everything else is its own [`GroupKind::Single`] group.
 //!
 //! A node with users outside its group (or that is a graph output) is materialised: it is listed in
@@ -275,13 +279,14 @@ pub fn fuse(graph: &Graph, options: FuseOptions) -> Fused {
     } else {
         HashSet::new()
     };
-    // RoPE rotations read only by matmuls are recomputed by each of them (see the module doc).
+    // RoPE rotations read only by matmuls, and gathers read only by grouped matmuls, are computed by
+    // each consumer as it loads them (see the module doc).
     let absorbed: HashSet<NodeId> = if options.enabled {
         let computed: Vec<NodeId> = order
             .iter()
             .copied()
             .filter(|&r| {
-                // The rotating loads read the operand's buffer: it may not be a prologue itself.
+                // The computing loads read the operands' buffers: none may be a prologue itself.
                 !st.graph_outputs.contains(&r)
                     && graph
                         .inputs(r)
@@ -290,6 +295,9 @@ pub fn fuse(graph: &Graph, options: FuseOptions) -> Fused {
                     && match graph.node(r).op {
                         Op::Rope { .. } | Op::RopeGrad { .. } => {
                             only_matmul_operand(graph, &absorbed, r)
+                        }
+                        Op::MoeGather { .. } | Op::MoeCombineGradRows { .. } => {
+                            only_grouped_rows(graph, r)
                         }
                         _ => false,
                     }
@@ -357,6 +365,25 @@ fn only_matmul_operand(graph: &Graph, absorbed: &HashSet<NodeId>, x: NodeId) -> 
             Op::Permute { .. } => absorbed.contains(&u) && only_matmul_operand(graph, absorbed, u),
             Op::MatMul { .. } => true,
             _ => false,
+        })
+}
+
+/// Is every use of `x` (a gather of token rows into padded rows) the padded-row operand of a grouped
+/// matmul over the same routing table: the rows of the forward and input-gradient products, either
+/// operand of the weight gradient?
+fn only_grouped_rows(graph: &Graph, x: NodeId) -> bool {
+    let args = graph.inputs(x);
+    let route = args[args.len() - 1];
+    let users = graph.users(x);
+    !users.is_empty()
+        && users.iter().all(|&u| {
+            let a = graph.inputs(u);
+            let slot_ok = match graph.node(u).op {
+                Op::GroupedMatMul { .. } | Op::GroupedMatMulGradX { .. } => a[0] == x && a[1] != x,
+                Op::GroupedMatMulGradW { .. } => true,
+                _ => false,
+            };
+            slot_ok && a[2] == route
         })
 }
 
@@ -541,7 +568,15 @@ impl State<'_> {
 
     /// Records that group `gi` reads the operands of its new member `n`.
     fn add_deps(&mut self, gi: usize, n: NodeId) {
+        // A prologue member's own operands (a gather's route and gate weights) are read too.
+        let mut reads = Vec::new();
         for a in self.graph.inputs(n) {
+            reads.push(a);
+            for p in self.prologue(a) {
+                reads.extend(self.graph.inputs(p));
+            }
+        }
+        for a in reads {
             if let Some(&h) = self.group_of.get(&self.producer(a)) {
                 if h != gi {
                     self.deps[gi].insert(h);
@@ -573,7 +608,8 @@ impl State<'_> {
                     inputs.insert(self.producer(a));
                 }
             }
-            if self.materialised(members, m) {
+            // A prologue member is computed by its readers, never written.
+            if !self.absorbed.contains(&m) && self.materialised(members, m) {
                 outputs.insert(m);
             }
         }

@@ -855,7 +855,7 @@ fn matmuls_compute_rope_prologues_in_their_loads() {
         &[dq],
         "dq_rows",
     );
-    let w = g.param("w", &[7, h * hd], Init::Constant(0.0));
+    let w = g.param("w", &[h * hd, 7], Init::Constant(0.0));
     let dh = add(&mut g, Op::MatMul { trans_b: false }, &[dq2, w], "dh");
     let x = g.input("x", TensorType::f32(&[b * t, 4]));
     let dqt = add(&mut g, Op::Permute { perm: vec![1, 0] }, &[dq2], "dq_t");
@@ -893,6 +893,55 @@ fn matmuls_compute_rope_prologues_in_their_loads() {
         fused.dump(&g)
     );
     check(&g, &feeds(&g, 23, &[]));
+}
+
+#[test]
+fn grouped_matmuls_gather_their_rows_in_their_loads() {
+    // An expert layer and its adjoint as training has them: the gathered token rows are read by the
+    // forward product and the weight gradient, the gate-weighted output gradient rows by the input and
+    // weight gradients; none of them is materialised. Expert 4 gets no token (an empty segment).
+    let (t, k, e, d, hidden) = (23, 2, 5, 9, 13);
+    let layout = RouteLayout::dropless(t, k, e, 4);
+    let mut g = Graph::new();
+    let x = g.input("x", TensorType::f32(&[t, d]));
+    let idx = g.input("idx", TensorType::u32(&[t, k]));
+    let wt = g.input("wt", TensorType::f32(&[t, k]));
+    let dy = g.input("dy", TensorType::f32(&[t, hidden]));
+    let w = g.param("w", &[e, hidden, d], Init::Constant(0.0));
+    let route = add(&mut g, Op::MoeRoute { layout }, &[idx], "route");
+    let xp = add(&mut g, Op::MoeGather { layout }, &[x, route], "xp");
+    let yp = add(&mut g, Op::GroupedMatMul { layout }, &[xp, w, route], "yp");
+    let y = add(&mut g, Op::MoeCombine { layout }, &[yp, wt, route], "y");
+    let dyp = add(
+        &mut g,
+        Op::MoeCombineGradRows { layout },
+        &[dy, wt, route],
+        "dyp",
+    );
+    let dxp = add(
+        &mut g,
+        Op::GroupedMatMulGradX { layout },
+        &[dyp, w, route],
+        "dxp",
+    );
+    let dw = add(
+        &mut g,
+        Op::GroupedMatMulGradW { layout },
+        &[dyp, xp, route],
+        "dw",
+    );
+    for (name, id) in [("y", y), ("dxp", dxp), ("dw", dw)] {
+        g.set_output(name, id);
+    }
+    let t_ = target(MatmulVariant::RegisterBlocked);
+    let fused = fuse(&g, FuseOptions::for_target(&t_));
+    assert_eq!(
+        fused.len(),
+        5,
+        "route, product, combine, input and weight gradients:\n{}",
+        fused.dump(&g)
+    );
+    check(&g, &feeds(&g, 29, &[("idx", 4)]));
 }
 
 #[test]

@@ -5,7 +5,7 @@
 //! produced by walking the group's nodes: each elementwise node becomes one `let v<id> = ...;`, an
 //! operand from outside the group becomes a load with a broadcasting index.
 
-use super::blocked::{self, Blocked, Load, Schedule};
+use super::blocked::{self, Blocked, Gathered, Load, Schedule};
 use super::{EmitError, KernelSrc, MatmulVariant, Target};
 use crate::fuse::{base, Group, GroupKind};
 use crate::ir::{BinaryOp, Graph, NodeId, Op, ReduceOp, RouteLayout, UnaryOp};
@@ -411,7 +411,7 @@ pub(crate) fn group_kernel(
         GroupKind::Elementwise => elementwise_kernel(graph, group, target),
         GroupKind::Row => row_kernel(graph, group, target),
         GroupKind::Matmul => matmul_kernel(graph, group, target),
-        GroupKind::Single => single_kernel(graph, group.nodes[0], target),
+        GroupKind::Single => single_kernel(graph, group, target),
     }
 }
 
@@ -744,13 +744,47 @@ pub(crate) fn anchor(graph: &Graph, group: &Group) -> NodeId {
 }
 
 /// Is group member `n` an absorbed `Permute` (read in place by its consumers, no code of its own) or
-/// a RoPE prologue (computed by the matmul's operand loads)? Only fusion puts these ops into a
-/// multi-node group; a lone one is a `Single` group.
+/// a RoPE or gather prologue (computed by the matmul's operand loads)? Only fusion puts these ops
+/// into a multi-node group; a lone one is a `Single` group.
 fn is_prologue(graph: &Graph, n: NodeId) -> bool {
     matches!(
         graph.node(n).op,
-        Op::Permute { .. } | Op::Rope { .. } | Op::RopeGrad { .. }
+        Op::Permute { .. }
+            | Op::Rope { .. }
+            | Op::RopeGrad { .. }
+            | Op::MoeGather { .. }
+            | Op::MoeCombineGradRows { .. }
     )
+}
+
+/// When grouped-matmul operand `x` is a gather prologue member (`MoeGather`, or `MoeCombineGradRows`
+/// with its gate weights), the load of its source's token rows and how padded rows map to them.
+pub(crate) fn gathered(
+    graph: &Graph,
+    members: &HashSet<NodeId>,
+    b: &mut Binder,
+    x: NodeId,
+) -> Option<(Load, Gathered)> {
+    if !members.contains(&x) {
+        return None;
+    }
+    let args = graph.inputs(x);
+    let (layout, weights) = match graph.node(x).op {
+        Op::MoeGather { layout } => (layout, None),
+        Op::MoeCombineGradRows { layout } => (layout, Some(args[1])),
+        _ => return None,
+    };
+    let load = Load::buffer(&b.read(args[0]));
+    Some((
+        load,
+        Gathered {
+            route: b.read(args[args.len() - 1]),
+            row_slot_at: layout.row_slot_at(),
+            k: layout.k,
+            slots: layout.tokens * layout.k,
+            weights: weights.map(|w| b.read(w)),
+        },
+    ))
 }
 
 /// How a matmul reads operand `src` (the buffer-owning node behind its view): from its buffer, or,
@@ -805,7 +839,14 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
     let (a_src, a_shape, a_str) = operand_view(graph, &members, args[0]);
     let (b_src, b_shape, b_str) = operand_view(graph, &members, args[1]);
     let mut funcs = String::new();
-    let a_load = matmul_load(graph, &members, &mut b, a_src, "rope_a", &mut funcs);
+    // A grouped matmul's rows may be gathered token rows (a gather prologue).
+    let (a_load, a_rows) = match gathered(graph, &members, &mut b, args[0]) {
+        Some((load, rows)) => (load, Some(rows)),
+        None => (
+            matmul_load(graph, &members, &mut b, a_src, "rope_a", &mut funcs),
+            None,
+        ),
+    };
     let b_load = matmul_load(graph, &members, &mut b, b_src, "rope_b", &mut funcs);
     let (mm, grouped) = match &graph.node(anchor).op {
         Op::MatMul { trans_b } => {
@@ -951,6 +992,9 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             sbn: mm.sbn,
             setup,
             put: "    store((bi * M + row) * N + col, acc);\n".into(),
+            a_rows,
+            a_k: None,
+            b_k: None,
         };
         let schedule = Schedule::new(
             target,
@@ -967,8 +1011,10 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
     Ok(b.finish(&consts, &body, grid))
 }
 
-/// Kernels of ops that are never fused (layout changes, NN composites, MoE routing).
-fn single_kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc, KernelError> {
+/// Kernels of ops that are never fused (layout changes, NN composites, MoE routing); a weight
+/// gradient's group may hold gather prologues of its operands.
+fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc, KernelError> {
+    let n = anchor(graph, group);
     let node = graph.node(n);
     let args = graph.inputs(n);
     let shape = &node.ty.shape;
@@ -1192,7 +1238,7 @@ fn single_kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc,
             let grid = fold(vocab.div_ceil(wg as usize) as u64, target)?;
             Ok(b.finish(&[], &body, grid))
         }
-        Op::GroupedMatMulGradW { .. } => super::grad::grad_kernel(graph, n, target),
+        Op::GroupedMatMulGradW { .. } => super::grad::grad_kernel(graph, group, target),
         Op::CrossEntropyGrad => {
             // One invocation per row: logsumexp, then (softmax - onehot) · g / N.
             let logits = b.read(args[0]);
