@@ -42,17 +42,18 @@
 //! may not both feed and consume another) or when the group would bind more storage buffers than the
 //! target allows (then the node starts a new group, i.e. the group is split).
 //!
-//! ## How the MoE fusions fit later
-//! The kinds are anchors plus elementwise satellites, so MoE fusions are new anchors, not new machinery:
+//! ## MoE fusions still open
+//! The kinds are anchors plus elementwise satellites (and computed prologues), so the remaining MoE
+//! fusions are new anchors, not new machinery:
 //! - *Router* (`matmul → softmax → top-k` on `[T, E]`, E small): a `Row`-like group whose row values
 //!   come from a matmul row computed in registers instead of a load; `TopK` joins as a row-scalar
 //!   consumer. It would be a new `GroupKind::Router` whose emitter reuses the row-kernel walker.
-//! - *Gather → grouped matmul*: `MoeGather` as a prologue of the `Matmul` anchor: the A-row load goes
-//!   through `row_slot` (zero for `NONE`) instead of a materialised `[rows, D]` buffer. Expressed as a
-//!   `Matmul` group whose `nodes` start with the `MoeGather`.
+//! - *Horizontal q/k/v*: three matmuls of one operand as one dispatch whose workgroups pick their
+//!   product; it needs the blocked and tiled bodies parametrised by name (one function per product).
 //! - *Grouped matmul → weighted combine*: `MoeCombine` reads `k` rows per token, so it cannot be a
 //!   per-element epilogue without atomics; it stays a consumer, but the SwiGLU of two grouped matmuls
-//!   (`silu(gm1) · gm2`) is already an ordinary `Matmul` epilogue.
+//!   (`silu(gm1) · gm2`) is already an ordinary `Matmul` epilogue. The token gather and the combine's
+//!   row adjoint are prologues (above).
 
 use crate::emit::Target;
 use crate::ir::{Graph, NodeId, Op};

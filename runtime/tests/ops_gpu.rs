@@ -861,7 +861,7 @@ fn matmuls_compute_rope_prologues_in_their_loads() {
     let dqt = add(&mut g, Op::Permute { perm: vec![1, 0] }, &[dq2], "dq_t");
     let dw = add(&mut g, Op::MatMul { trans_b: false }, &[dqt, x], "dw");
     // A rotation that is also an output stays a kernel of its own; its matmul reads the buffer.
-    let r_src = g.input("r", TensorType::f32(&[1, t, 1, hd]));
+    let r_src = g.input("r_src", TensorType::f32(&[1, t, 1, hd]));
     let r = add(&mut g, Op::Rope { theta: 10000.0 }, &[r_src], "r_rope");
     let r2 = add(&mut g, Op::Reshape { shape: vec![t, hd] }, &[r], "r_rows");
     let rr = add(&mut g, Op::MatMul { trans_b: true }, &[r2, r2], "rr");
