@@ -117,10 +117,20 @@ fn scan_adjoints_match_finite_differences() {
     let wts = g.input("wts", TensorType::f32(&[b, t, 2 * h]));
     let y = g.add(Op::Unary(UnaryOp::Tanh), &[hid], "tanh").unwrap();
     let y = g
-        .add(Op::Binary(moec_compiler::ir::BinaryOp::Mul), &[y, wts], "weighted")
+        .add(
+            Op::Binary(moec_compiler::ir::BinaryOp::Mul),
+            &[y, wts],
+            "weighted",
+        )
         .unwrap();
     let y = g
-        .add(Op::Reshape { shape: vec![1, b * t * 2 * h] }, &[y], "row")
+        .add(
+            Op::Reshape {
+                shape: vec![1, b * t * 2 * h],
+            },
+            &[y],
+            "row",
+        )
         .unwrap();
     let s = g
         .add(Op::Reduce(moec_compiler::ir::ReduceOp::Sum), &[y], "sum")
@@ -162,8 +172,12 @@ fn scan_follows_the_pytorch_cell() {
     let xg = g.input("xg", TensorType::f32(&[b, t, 4 * h]));
     let xr = g.input("xg_reversed", TensorType::f32(&[b, t, 4 * h]));
     let w = g.input("w", TensorType::f32(&[4 * h, h]));
-    let fwd = g.add(Op::LstmScan { reverse: false }, &[xg, w], "f").unwrap();
-    let rev = g.add(Op::LstmScan { reverse: true }, &[xr, w], "r").unwrap();
+    let fwd = g
+        .add(Op::LstmScan { reverse: false }, &[xg, w], "f")
+        .unwrap();
+    let rev = g
+        .add(Op::LstmScan { reverse: true }, &[xr, w], "r")
+        .unwrap();
     let hf = g.add(Op::LstmHidden, &[fwd], "hf").unwrap();
     let hr = g.add(Op::LstmHidden, &[rev], "hr").unwrap();
     g.set_output("hf", hf);
@@ -196,10 +210,7 @@ fn scan_follows_the_pytorch_cell() {
         }
         for ti in 0..t {
             for j in 0..h {
-                let (f, r) = (
-                    hf[(bi * t + ti) * h + j],
-                    hr[(bi * t + t - 1 - ti) * h + j],
-                );
+                let (f, r) = (hf[(bi * t + ti) * h + j], hr[(bi * t + t - 1 - ti) * h + j]);
                 assert!((f - r).abs() < 1e-12, "b {bi} t {ti} unit {j}: {f} vs {r}");
             }
         }
@@ -234,7 +245,9 @@ fn lowering_uses_pytorch_names_and_widths() {
     ] {
         assert_eq!(shapes.get(&name), Some(&shape), "{name}");
     }
-    assert!(!shapes.keys().any(|n| n.contains("layers.1.block_sparse_moe")));
+    assert!(!shapes
+        .keys()
+        .any(|n| n.contains("layers.1.block_sparse_moe")));
     let total: usize = shapes.values().map(|s| s.iter().product::<usize>()).sum();
     assert_eq!(stats(&spec).total_params as usize, total);
     assert_eq!(g.ty(g.output("logits").unwrap()).shape, vec![2, 4]);
@@ -252,7 +265,10 @@ fn lstm_rules() {
         format!("model m {{\n family = lstm\n vocab = 16\n dim = 8\n layers = 3\n context = 4\n {extra}\n moe {{\n experts = 2\n top_k = 1\n {moe}\n }}\n}}\n")
     };
     assert_eq!(spec_of(&lm("", "")).moe.unwrap().blocks, vec![0, 1]);
-    assert_eq!(spec_of(&lm("", "every = 1")).moe.unwrap().blocks, vec![0, 1, 2]);
+    assert_eq!(
+        spec_of(&lm("", "every = 1")).moe.unwrap().blocks,
+        vec![0, 1, 2]
+    );
     let err = |src: &str| match check(src, Path::new("t.moe")) {
         Ok(_) => panic!("accepted:\n{src}"),
         Err(d) => d.render(),

@@ -79,10 +79,29 @@ fn scan_graph(b: usize, t: usize, h: usize) -> Graph {
     let wl = g.input("wts_last", TensorType::f32(&[b, 2 * h]));
     let y = add(&mut g, Op::Unary(UnaryOp::Tanh), &[hid], "tanh");
     let y = add(&mut g, Op::Binary(BinaryOp::Mul), &[y, wts], "weighted");
-    let y = add(&mut g, Op::Reshape { shape: vec![1, b * t * 2 * h] }, &[y], "row");
+    let y = add(
+        &mut g,
+        Op::Reshape {
+            shape: vec![1, b * t * 2 * h],
+        },
+        &[y],
+        "row",
+    );
     let s = add(&mut g, Op::Reduce(ReduceOp::Sum), &[y], "sum");
-    let z = add(&mut g, Op::Binary(BinaryOp::Mul), &[last, wl], "weighted_last");
-    let z = add(&mut g, Op::Reshape { shape: vec![1, b * 2 * h] }, &[z], "row_last");
+    let z = add(
+        &mut g,
+        Op::Binary(BinaryOp::Mul),
+        &[last, wl],
+        "weighted_last",
+    );
+    let z = add(
+        &mut g,
+        Op::Reshape {
+            shape: vec![1, b * 2 * h],
+        },
+        &[z],
+        "row_last",
+    );
     let z = add(&mut g, Op::Reduce(ReduceOp::Sum), &[z], "sum_last");
     let s = add(&mut g, Op::Binary(BinaryOp::Add), &[s, z], "total");
     let s = add(&mut g, Op::Reshape { shape: vec![1] }, &[s], "loss");

@@ -46,13 +46,25 @@ pub(crate) fn kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<Kernel
         Op::LstmHidden => {
             let (w, h) = (node.ty.last(), hidden_of(graph.ty(args[0])));
             let recs: Vec<String> = args.iter().map(|&a| b.read(a)).collect();
-            let pick = |r: &String| format!("{r}[(i / {w}u) * {}u + {}u + c % {h}u]", PARTS * h, PART_H * h);
+            let pick = |r: &String| {
+                format!(
+                    "{r}[(i / {w}u) * {}u + {}u + c % {h}u]",
+                    PARTS * h,
+                    PART_H * h
+                )
+            };
             let v = match &recs[..] {
                 [r] => pick(r),
                 [r0, r1] => format!("select({}, {}, c >= {h}u)", pick(r0), pick(r1)),
                 _ => return Err(KernelError::Unsupported(node.op.mnemonic())),
             };
-            per_item(b, n, graph, target, &format!("    let c = i % {w}u;\n    let v = {v};\n"))
+            per_item(
+                b,
+                n,
+                graph,
+                target,
+                &format!("    let c = i % {w}u;\n    let v = {v};\n"),
+            )
         }
         Op::LstmLast { dirs } => {
             let x = b.read(args[0]);
@@ -97,7 +109,9 @@ fn scan(
             target.max_workgroup_storage_bytes
         )));
     }
-    let wg = SCAN_WG.min(h).min(target.max_invocations_per_workgroup.max(1) as usize);
+    let wg = SCAN_WG
+        .min(h)
+        .min(target.max_invocations_per_workgroup.max(1) as usize);
     let mut consts = vec![
         ("B", batch as u64),
         ("T", steps as u64),

@@ -49,7 +49,11 @@ pub(super) fn eval<F: Float>(
         Op::LstmScanGradW { reverse } => {
             ctx.argc(2, args.len())?;
             let (dg, rec) = (ctx.f(args[0])?, ctx.f(args[1])?);
-            let (b, t, h) = (arg_tys[1].shape[0], arg_tys[1].shape[1], hidden_of(arg_tys[1]));
+            let (b, t, h) = (
+                arg_tys[1].shape[0],
+                arg_tys[1].shape[1],
+                hidden_of(arg_tys[1]),
+            );
             let mut out = vec![F::ZERO; 4 * h * h];
             for bi in 0..b {
                 let order = steps(t, *reverse);

@@ -114,7 +114,9 @@ pub(super) fn infer(op: &Op, args: &[&TensorType]) -> Result<TensorType, String>
             let x = args[0];
             expect_dtype(x, DType::F32, "x")?;
             if x.shape.len() != 3 || !matches!(dirs, 1 | 2) || x.last() % dirs != 0 {
-                return Err(format!("lstm_last of {dirs} directions wants x [B, T, dirs·H], got {x}"));
+                return Err(format!(
+                    "lstm_last of {dirs} directions wants x [B, T, dirs·H], got {x}"
+                ));
             }
             Ok(TensorType::f32(&[x.shape[0], x.last()]))
         }
@@ -123,7 +125,9 @@ pub(super) fn infer(op: &Op, args: &[&TensorType]) -> Result<TensorType, String>
             let g = args[0];
             expect_dtype(g, DType::F32, "g")?;
             if g.shape.len() != 2 || !matches!(dirs, 1 | 2) || g.last() % dirs != 0 || *steps == 0 {
-                return Err(format!("lstm_last_grad of {dirs} directions wants g [B, dirs·H], got {g}"));
+                return Err(format!(
+                    "lstm_last_grad of {dirs} directions wants g [B, dirs·H], got {g}"
+                ));
             }
             Ok(TensorType::f32(&[g.shape[0], *steps, g.last()]))
         }

@@ -85,11 +85,19 @@ impl Lower<'_> {
         let mut records = Vec::new();
         for d in 0..dirs {
             let sfx = if d == 1 { "_reverse" } else { "" };
-            let w_ih = self.g.param(&format!("{p}.weight_ih_l0{sfx}"), &[4 * h, inp], init);
-            let w_hh = self.g.param(&format!("{p}.weight_hh_l0{sfx}"), &[4 * h, h], init);
+            let w_ih = self
+                .g
+                .param(&format!("{p}.weight_ih_l0{sfx}"), &[4 * h, inp], init);
+            let w_hh = self
+                .g
+                .param(&format!("{p}.weight_hh_l0{sfx}"), &[4 * h, h], init);
             let zero = Init::Constant(0.0);
-            let b_ih = self.g.param(&format!("{p}.bias_ih_l0{sfx}"), &[4 * h], zero);
-            let b_hh = self.g.param(&format!("{p}.bias_hh_l0{sfx}"), &[4 * h], zero);
+            let b_ih = self
+                .g
+                .param(&format!("{p}.bias_ih_l0{sfx}"), &[4 * h], zero);
+            let b_hh = self
+                .g
+                .param(&format!("{p}.bias_hh_l0{sfx}"), &[4 * h], zero);
             let xg = self.add(
                 Op::MatMul { trans_b: true },
                 &[rows, w_ih],
@@ -106,13 +114,7 @@ impl Lower<'_> {
     }
 
     /// `x + MoE(x)` when block `i` is an MoE block, else `x` unchanged; `x[B, T, W]`.
-    fn lstm_moe(
-        &mut self,
-        x: NodeId,
-        i: usize,
-        b: usize,
-        t: usize,
-    ) -> Result<NodeId, LowerError> {
+    fn lstm_moe(&mut self, x: NodeId, i: usize, b: usize, t: usize) -> Result<NodeId, LowerError> {
         let spec = self.spec;
         let Some(moe) = spec.moe.as_ref().filter(|moe| moe.is_moe_block(i)) else {
             return Ok(x);
