@@ -13,8 +13,8 @@
 
 use moec_compiler::autodiff::{training_graph, SEED};
 use moec_compiler::check::check;
-use moec_compiler::interp::{run_in, run_outputs_in, Precision, Value};
-use moec_compiler::ir::{Graph, NodeId, Op};
+use moec_compiler::interp::{run_outputs_in, Precision, Value};
+use moec_compiler::ir::NodeId;
 use moec_compiler::lower::lower;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;

@@ -12,7 +12,7 @@
 //! parameters; the seeds are fixed, and a flip under a ±h step would show as a gross error.
 
 use moec_compiler::autodiff::{differentiate, SEED};
-use moec_compiler::interp::{run_in, run_outputs_in, Precision, Value};
+use moec_compiler::interp::{run_outputs_in, Precision, Value};
 use moec_compiler::ir::{BinaryOp, Graph, Init, Op, ReduceOp, TensorType, UnaryOp};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -19,7 +19,7 @@
 
 use moec_compiler::autodiff::{training_graph, SEED};
 use moec_compiler::check::check;
-use moec_compiler::interp::{self, Precision, Value};
+use moec_compiler::interp::Value;
 use moec_compiler::ir::{DType, Graph, Init, NodeId, Op, RouteLayout, TensorType};
 use moec_compiler::lower::lower;
 use rand::{Rng, SeedableRng};
