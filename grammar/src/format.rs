@@ -241,8 +241,9 @@ impl Formatter<'_> {
             ExprKind::Neg(x) => format!("-{}", self.operand(x, precedence(x) < ATOM)),
             ExprKind::Groups { groups, members } => format!(
                 "{} x {}",
-                self.operand(groups, precedence(groups) <= GROUPS),
-                self.operand(members, precedence(members) <= GROUPS)
+                // `G x M` does not nest without parentheses (nothing binds looser).
+                self.operand(groups, precedence(groups) == GROUPS),
+                self.operand(members, precedence(members) == GROUPS)
             ),
         }
     }
