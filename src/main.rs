@@ -462,6 +462,9 @@ fn main() -> Result<()> {
             }
             for (i, a) in adapters.iter().enumerate() {
                 println!("{i}: {a}");
+                if let Some(hint) = a.slow_driver_hint() {
+                    println!("   {hint}");
+                }
             }
             Ok(())
         }
