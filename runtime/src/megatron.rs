@@ -243,12 +243,12 @@ fn layer_pattern(layers: usize, moe: &Moe) -> String {
     format!("[{}]", bits.join(","))
 }
 
-/// Megatron's name of an activation and whether it is gated (SwiGLU), or why it has none.
-fn activation(a: Activation) -> Result<(&'static str, bool), String> {
+/// Megatron's name of an activation (`silu` is gated: SwiGLU), or why it has none.
+fn activation(a: Activation) -> Result<&'static str, String> {
     match a {
-        Activation::SwiGlu => Ok(("silu", true)),
+        Activation::SwiGlu => Ok("silu"),
         // moec's gelu is the tanh approximation, which is Megatron's `--openai-gelu`.
-        Activation::Gelu => Ok(("openai_gelu", false)),
+        Activation::Gelu => Ok("openai_gelu"),
         Activation::Relu => Err(
             "pretrain_gpt.py has no flag for a plain ReLU FFN (gelu, openai-gelu, squared-relu, swiglu, quick-geglu)"
                 .into(),
@@ -258,11 +258,11 @@ fn activation(a: Activation) -> Result<(&'static str, bool), String> {
 
 fn activation_flags(row: Row, a: Activation) -> Row {
     match activation(a) {
-        Ok(("silu", _)) => row
+        Ok("silu") => row
             .switch("--swiglu")
             .field("gated_linear_unit", json!(true))
             .field("activation_func", json!("silu")),
-        Ok((name, _)) => row
+        Ok(name) => row
             .switch("--openai-gelu")
             .field("gated_linear_unit", json!(false))
             .field("activation_func", json!(name)),
@@ -1021,9 +1021,13 @@ fn weight_commands(spec: &Spec, run: Option<&str>) -> String {
             let arch = config["architectures"][0].as_str().unwrap_or("?").to_string();
             let dir = run.unwrap_or("RUN_DIR");
             format!(
-                "A moec run directory loads in HF transformers as `{arch}` (its `config.json`), so Megatron-Bridge converts it to a Megatron checkpoint:\n\n```\npython -c \"from megatron.bridge import AutoBridge; AutoBridge.import_ckpt('{dir}', 'megatron_ckpt')\"\n```\n\nthen start from it with `./launch.sh --load megatron_ckpt --finetune --no-load-optim --no-load-rng`{}. Router state moec keeps beside the weights (`router_state.N.bias`) is not an HF weight{}.\n",
+                "A moec run directory loads in HF transformers as `{arch}` (its `config.json`), so Megatron-Bridge converts it to a Megatron checkpoint:\n\n```\npython -c \"from megatron.bridge import AutoBridge; AutoBridge.import_ckpt('{dir}', 'megatron_ckpt')\"\n```\n\nthen start from it with `./launch.sh --load megatron_ckpt --finetune --no-load-optim --no-load-rng`{}. {}\n",
                 if run.is_some() { " (already in `launch.sh`)" } else { "" },
-                if config["model_type"] == "glm4_moe" { "; as GLM-4-MoE's `e_score_correction_bias` it is one" } else { "" },
+                if config["model_type"] == "glm4_moe" {
+                    "moec's expert-bias state (`router_state.N.bias`) travels as GLM-4-MoE's `e_score_correction_bias`."
+                } else {
+                    "moec's router state (`router_state.N.*`) is not an HF weight; Megatron starts it afresh."
+                },
             )
         }
         Err(e) => format!("No checkpoint conversion: {e}. Megatron-Bridge converts HF checkpoints, and this spec has no HF architecture that computes it exactly.\n"),
