@@ -689,6 +689,8 @@ impl<'g> Executor<'g> {
 
 pub mod checkpoint;
 pub mod data;
+pub mod hf;
+pub mod megatron;
 pub mod metrics;
 pub mod optim;
 pub mod report;
