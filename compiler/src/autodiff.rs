@@ -411,12 +411,10 @@ impl Backward {
             Op::LinearCrossEntropy => {
                 let operands = [args[0], args[1], args[2], g];
                 if want[0] {
-                    grads[0] =
-                        Some(self.add(Op::LinearCrossEntropyGradH, &operands, l(".dh"))?);
+                    grads[0] = Some(self.add(Op::LinearCrossEntropyGradH, &operands, l(".dh"))?);
                 }
                 if want[1] {
-                    grads[1] =
-                        Some(self.add(Op::LinearCrossEntropyGradW, &operands, l(".dw"))?);
+                    grads[1] = Some(self.add(Op::LinearCrossEntropyGradW, &operands, l(".dw"))?);
                 }
             }
             Op::GatherCols => {

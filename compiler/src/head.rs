@@ -93,9 +93,8 @@ fn rebuild(graph: &Graph, rows_for: &dyn Fn(usize, usize) -> usize) -> Result<Gr
                     .into_iter()
                     .filter(|&u| is_head_grad(&graph.node(u).op) && graph.inputs(u) == old_args)
                     .collect();
-                let find = |want: fn(&Op) -> bool| {
-                    pair.iter().copied().find(|&u| want(&graph.node(u).op))
-                };
+                let find =
+                    |want: fn(&Op) -> bool| pair.iter().copied().find(|&u| want(&graph.node(u).op));
                 let dh_old = find(|op| matches!(op, Op::LinearCrossEntropyGradH));
                 let dw_old = find(|op| matches!(op, Op::LinearCrossEntropyGradW));
                 let prefix = node.label.rsplit_once('.').map_or(&node.label[..], |p| p.0);
@@ -225,15 +224,15 @@ impl Chunks<'_> {
                 .g
                 .add(Op::CrossEntropyGrad, &[logits, t, g], l("dlogits"))?;
             if want_h {
-                let part = self
-                    .g
-                    .add(Op::MatMul { trans_b: false }, &[dlogits, args[1]], l("dh"))?;
+                let part =
+                    self.g
+                        .add(Op::MatMul { trans_b: false }, &[dlogits, args[1]], l("dh"))?;
                 dh = Some(self.fold(dh, part, Op::ConcatRows, l("dh_rows"))?);
             }
             if want_w {
-                let gt = self
-                    .g
-                    .add(Op::Permute { perm: vec![1, 0] }, &[dlogits], l("dlogits_t"))?;
+                let gt =
+                    self.g
+                        .add(Op::Permute { perm: vec![1, 0] }, &[dlogits], l("dlogits_t"))?;
                 let part = self
                     .g
                     .add(Op::MatMul { trans_b: false }, &[gt, h], l("dw"))?;

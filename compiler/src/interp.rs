@@ -765,13 +765,19 @@ fn eval_grad_op<F: Float>(
             ctx.argc(3, args.len())?;
             let (logits, targets, g) = (ctx.f(args[0])?, ctx.u(args[1])?, ctx.f(args[2])?);
             let v = arg_tys[0].shape[1];
-            Ok(Tensor::F(cross_entropy_grad(ctx, logits, targets, v, g[0])?))
+            Ok(Tensor::F(cross_entropy_grad(
+                ctx, logits, targets, v, g[0],
+            )?))
         }
         Op::LinearCrossEntropyGradH | Op::LinearCrossEntropyGradW => {
             ctx.argc(4, args.len())?;
             let logits = head_logits(ctx, args, arg_tys)?;
             let (h, w, g) = (ctx.f(args[0])?, ctx.f(args[1])?, ctx.f(args[3])?);
-            let (n, v, d) = (arg_tys[0].shape[0], arg_tys[1].shape[0], arg_tys[0].shape[1]);
+            let (n, v, d) = (
+                arg_tys[0].shape[0],
+                arg_tys[1].shape[0],
+                arg_tys[0].shape[1],
+            );
             let dlogits = cross_entropy_grad(ctx, &logits, ctx.u(args[2])?, v, g[0])?;
             if matches!(ctx.op, Op::LinearCrossEntropyGradH) {
                 // dh = G · w

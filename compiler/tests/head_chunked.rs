@@ -50,12 +50,22 @@ fn outputs(g: &Graph, feeds: &HashMap<String, Value>) -> HashMap<String, Vec<f64
 
 /// Asserts every output of `want` is in `got` within `rel`·max|want| and returns the largest
 /// such relative error.
-fn assert_close(what: &str, got: &HashMap<String, Vec<f64>>, want: &HashMap<String, Vec<f64>>, rel: f64) -> f64 {
+fn assert_close(
+    what: &str,
+    got: &HashMap<String, Vec<f64>>,
+    want: &HashMap<String, Vec<f64>>,
+    rel: f64,
+) -> f64 {
     let mut worst = 0.0f64;
     for (name, w) in want {
-        let g = got.get(name).unwrap_or_else(|| panic!("{what}: no output {name}"));
+        let g = got
+            .get(name)
+            .unwrap_or_else(|| panic!("{what}: no output {name}"));
         assert_eq!(g.len(), w.len(), "{what}: {name}");
-        let scale = w.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(f64::MIN_POSITIVE);
+        let scale = w
+            .iter()
+            .fold(0.0f64, |m, x| m.max(x.abs()))
+            .max(f64::MIN_POSITIVE);
         for (i, (a, b)) in g.iter().zip(w).enumerate() {
             let err = (a - b).abs() / scale;
             assert!(err <= rel, "{what}: {name}[{i}] = {a} vs {b} (rel {err:e})");
@@ -99,7 +109,12 @@ fn chunked_head_gradients_match_finite_differences() {
         let feeds = support::random_feeds(&forward, 5);
         let train = legalize_in_chunks(&training_graph(&forward).unwrap(), 5).unwrap();
         let chunked = legalize_in_chunks(&forward, 5).unwrap();
-        support::check_graphs(&format!("chunked head, tied = {tied}"), &chunked, &train, &feeds);
+        support::check_graphs(
+            &format!("chunked head, tied = {tied}"),
+            &chunked,
+            &train,
+            &feeds,
+        );
     }
 }
 
@@ -155,6 +170,9 @@ fn sampled_head_gives_the_logits_of_the_chosen_rows() {
     assert_eq!(picked.len(), rows.len() * vocab);
     for (i, &r) in rows.iter().enumerate() {
         let r = r as usize;
-        assert_eq!(picked[i * vocab..(i + 1) * vocab], all[r * vocab..(r + 1) * vocab]);
+        assert_eq!(
+            picked[i * vocab..(i + 1) * vocab],
+            all[r * vocab..(r + 1) * vocab]
+        );
     }
 }

@@ -1,17 +1,19 @@
 //! The fused, chunked LM head and loss on the GPU (lavapipe where there is none) against the
-//! interpreter's unchunked `LinearCrossEntropy` and its adjoints in f64, under both matmul variants,
-//! fused and unfused.
+//! interpreter's unchunked `LinearCrossEntropy` and its adjoints in f64, fused and unfused, with the
+//! adapter's own matmul schedule (the head's kernels are the ordinary matmul and cross-entropy
+//! kernels, whose other schedules grad_gpu.rs and ops_gpu.rs cover).
 //!
-//! - The head alone: `h[23, 12]`, `w[101, 12]`, chunks of 5 rows (5 + 5 + 5 + 5 + 3, so the chunk
-//!   count does not divide the tokens), and the same with `w` tied to an embedding of the tokens.
+//! - The head alone: `h[23, 12]`, `w[101, 12]`, chunks of 9 rows (9 + 9 + 5, so the chunk size
+//!   does not divide the tokens), and the same with `w` tied to an embedding of the tokens.
 //!   Loss and gradients: |gpu − ref| ≤ 1e-5·max|ref| per output (f32 sums of ≤ 101 terms).
-//! - Whole training graphs of a tiny transformer, untied and tied, chunks of 5 of
+//! - Whole training graphs of a tiny transformer, untied and tied, chunks of 9 of
 //!   the 16 tokens: the model tolerance of grad_gpu.rs, |gpu − ref| ≤ 1e-3·|ref| + 1e-4·max|ref|.
 
 mod support;
 
 use moec_compiler::autodiff::{training_graph, SEED};
 use moec_compiler::check::check;
+use moec_compiler::emit::Target;
 use moec_compiler::head::legalize_in_chunks;
 use moec_compiler::interp::Value;
 use moec_compiler::ir::{BinaryOp, Graph, Init, Op, TensorType};
@@ -22,7 +24,14 @@ use std::collections::HashMap;
 use std::path::Path;
 use support::compare_lowered;
 
-const ROWS: usize = 5;
+const ROWS: usize = 9;
+
+/// Fused and unfused, with the adapter's matmul schedule.
+fn configs() -> Vec<(Target, bool)> {
+    [true, false]
+        .map(|fused| (support::gpu().target(), fused))
+        .to_vec()
+}
 
 fn uniform(rng: &mut ChaCha8Rng, n: usize, bound: f32) -> Value {
     Value::F32((0..n).map(|_| rng.random_range(-bound..bound)).collect())
@@ -67,7 +76,7 @@ fn chunked_head_matches_the_unchunked_interpreter() {
             feeds.insert(name, Value::U32(ids));
         }
         feeds.insert(SEED.into(), Value::F32(vec![1.0]));
-        let worst = compare_lowered(&train, &chunked, &feeds, &|_, scale| 1e-5 * scale);
+        let worst = compare_lowered(&train, &chunked, &feeds, &|_, scale| 1e-5 * scale, &configs());
         eprintln!("head, tied = {tied}: max abs error per output {worst:?}");
     }
 }
@@ -94,7 +103,11 @@ fn chunked_training_graphs_match_the_interpreter() {
                 Op::Param {
                     init: Init::Constant(c),
                     ..
-                } => Value::F32((0..ty.numel()).map(|_| c + rng.random_range(-0.3..0.3)).collect()),
+                } => Value::F32(
+                    (0..ty.numel())
+                        .map(|_| c + rng.random_range(-0.3..0.3))
+                        .collect(),
+                ),
                 _ => uniform(&mut rng, ty.numel(), (3.0 / ty.last() as f32).sqrt()),
             };
             feeds.insert(name, value);
@@ -104,9 +117,8 @@ fn chunked_training_graphs_match_the_interpreter() {
             feeds.insert(name, Value::U32(ids));
         }
         feeds.insert(SEED.into(), Value::F32(vec![1.0]));
-        let worst = compare_lowered(&train, &chunked, &feeds, &|reference, scale| {
-            1e-3 * reference + 1e-4 * scale
-        });
+        let tol = |reference: f64, scale: f64| 1e-3 * reference + 1e-4 * scale;
+        let worst = compare_lowered(&train, &chunked, &feeds, &tol, &configs());
         let loss = worst["loss"];
         eprintln!("model tied = {tied}: loss error {loss:.1e}");
     }
