@@ -5,8 +5,8 @@
 //! (`flops_train_per_token` × tokens per step / median time).
 
 use crate::Loaded;
-use moec_compiler::lower::Head;
 use miette::{IntoDiagnostic, Result};
+use moec_compiler::lower::Head;
 use moec_compiler::plan::BufferRole;
 use moec_compiler::spec::Every;
 use moec_runtime::train::{TrainOptions, Trainer};

@@ -60,7 +60,12 @@ pub fn run(checkpoint: &Path, args: &Args, gpu: &Gpu) -> Result<()> {
             .into_diagnostic()?;
         exec.run().into_diagnostic()?;
         let logits = exec.read_f32("logits").into_diagnostic()?;
-        tokens.push(sample(&logits[..vocab], args.temperature, args.top_p, &mut rng));
+        tokens.push(sample(
+            &logits[..vocab],
+            args.temperature,
+            args.top_p,
+            &mut rng,
+        ));
     }
     if vocab == 256 && args.prompt_ids.is_none() {
         let bytes: Vec<u8> = tokens.iter().map(|&t| t as u8).collect();

@@ -4,9 +4,9 @@
 //! learned more than token frequencies.
 
 use crate::Loaded;
-use moec_compiler::lower::Head;
 use indicatif::{ProgressBar, ProgressStyle};
 use miette::{IntoDiagnostic, Result};
+use moec_compiler::lower::Head;
 use moec_runtime::data::TrainData;
 use moec_runtime::metrics::{console_line, moe_summary_lines, sci, Record};
 use moec_runtime::train::{TrainOptions, Trainer};
