@@ -10,9 +10,11 @@ use std::path::{Path, PathBuf};
 
 mod bench;
 mod eval;
+mod export;
 mod forward;
 mod generate;
 mod report;
+mod router_dump;
 mod train;
 
 #[derive(Parser)]
@@ -90,6 +92,10 @@ enum Command {
         /// positions with --tokens), e.g. for scripts/hf_parity.py.
         #[arg(long, value_name = "FILE")]
         dump_logits: Option<PathBuf>,
+        /// Write every MoE block's router input, logits, selected experts, gate weights, kept slots
+        /// and balancing terms to DIR as NumPy .npy files, e.g. for scripts/megatron_parity.py.
+        #[arg(long, value_name = "DIR")]
+        dump_router: Option<PathBuf>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         #[arg(long)]
@@ -184,6 +190,12 @@ enum Command {
         runs: Vec<PathBuf>,
         #[arg(short, long, value_name = "DIR", default_value = "report")]
         out: PathBuf,
+    },
+    /// Hand a spec to another engine: `moec export megatron SPEC -o DIR` writes a Megatron-Core
+    /// launch script, its TransformerConfig fields and EXPORT.md.
+    Export {
+        #[command(subcommand)]
+        target: export::Target,
     },
 }
 
@@ -334,6 +346,7 @@ fn main() -> Result<()> {
             batch,
             tokens,
             dump_logits,
+            dump_router,
             seed,
             no_fuse,
             profile,
@@ -346,6 +359,7 @@ fn main() -> Result<()> {
                 profile,
                 tokens,
                 dump_logits,
+                dump_router,
             };
             let loaded = spec.as_deref().map(load).transpose()?;
             let source = match (&loaded, &checkpoint) {
@@ -445,6 +459,7 @@ fn main() -> Result<()> {
             )
         }
         Command::Report { runs, out } => report::run(&runs, &out),
+        Command::Export { target } => export::run(target),
         Command::Devices => {
             let adapters = moec_runtime::list_adapters();
             if adapters.is_empty() {
@@ -452,6 +467,9 @@ fn main() -> Result<()> {
             }
             for (i, a) in adapters.iter().enumerate() {
                 println!("{i}: {a}");
+                if let Some(hint) = a.slow_driver_hint() {
+                    println!("   {hint}");
+                }
             }
             Ok(())
         }
