@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 mod bench;
 mod eval;
 mod export;
+mod fmt;
 mod forward;
 mod generate;
 mod report;
@@ -55,6 +56,14 @@ enum Command {
         no_device: bool,
         #[command(flatten)]
         adapter: AdapterArgs,
+    },
+    /// Rewrite specs in the canonical layout (comments kept); a directory means every .moe below it.
+    Fmt {
+        #[arg(required = true, value_name = "SPEC")]
+        specs: Vec<PathBuf>,
+        /// Write nothing; list the specs whose layout differs and fail if there are any.
+        #[arg(long)]
+        check: bool,
     },
     /// Compile a spec: kernels (*.wgsl), plan.json, ir.txt, fused.txt and graph.dot into DIR.
     Build {
@@ -275,6 +284,7 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
+        Command::Fmt { specs, check } => fmt::run(&specs, check),
         Command::Build {
             spec,
             out,

@@ -44,8 +44,9 @@
 //! `gate_level`; `two_level`, `expert_choice`, `sinkhorn` and `auction` have their own. Dispatch,
 //! capacity, balancing and metrics are common to all of them.
 //!
-//! # What is not lowered yet
-//! The `lstm` family: it returns [`LowerError::Unsupported`] naming the feature.
+//! # The `lstm` family
+//! See [`lstm`]: LSTM layers as `LstmScan` recurrences, MoE layers with a residual after the MoE
+//! blocks, and the same MoE, head and loss lowering as the transformer.
 
 use crate::ir::{
     BinaryOp, Graph, Init, IrError, NodeId, Op, ReduceOp, RouteLayout, TensorType, UnaryOp,
@@ -54,6 +55,8 @@ use crate::spec::{
     Activation, Balance, Capacity, DropPolicy, Family, Ffn, Gate, Hierarchy, Moe, Norm, Spec,
     NORM_EPS,
 };
+
+mod lstm;
 
 /// Rows per tile of the MoE routing table: every expert's segment of gathered rows is padded to a
 /// multiple of this, so one grouped-matmul tile never straddles two experts. 32 is the row block of
@@ -79,12 +82,6 @@ pub enum LowerError {
     Invalid(String),
     #[error(transparent)]
     Ir(#[from] IrError),
-}
-
-fn unsupported(feature: impl Into<String>) -> LowerError {
-    LowerError::Unsupported {
-        feature: feature.into(),
-    }
 }
 
 /// How a language model's graph ends: what it computes from the final hidden states `h[B*T, D]`.
@@ -133,7 +130,10 @@ pub fn lower_with(spec: &Spec, batch: usize, head: Head) -> Result<Graph, LowerE
             let (logits, ce) = l.mlp(batch)?;
             (Some(logits), Some(ce))
         }
-        Family::Lstm => return Err(unsupported("the `lstm` family")),
+        Family::Lstm => {
+            let (logits, ce) = l.lstm(batch)?;
+            (Some(logits), Some(ce))
+        }
     };
     l.finish(logits, ce)?;
     Ok(l.g)
@@ -1345,7 +1345,22 @@ impl Lower<'_> {
             x = self.binary(BinaryOp::Add, x, y, format!("{p}.ffn_residual"))?;
         }
         let h = self.norm(x, "model.norm")?;
-        let w = if m.tie_embeddings {
+        self.lm_head(h, emb, targets, batch, head)
+    }
+
+    /// The LM head and loss of `h[N, dim]` against `targets` (`[B, T]`, N = B·T) as `head` asks:
+    /// `lm_head`, or the embedding matrix with `tie_embeddings`; `(logits, ce)`.
+    fn lm_head(
+        &mut self,
+        h: NodeId,
+        emb: NodeId,
+        targets: NodeId,
+        batch: usize,
+        head: Head,
+    ) -> Result<(Option<NodeId>, Option<NodeId>), LowerError> {
+        let n = self.g.ty(h).rows();
+        let (vocab, d) = (self.g.ty(emb).shape[0], self.g.ty(h).last());
+        let w = if self.spec.model.tie_embeddings {
             emb
         } else {
             let normal = Init::Normal { std: INIT_STD };

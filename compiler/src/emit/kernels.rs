@@ -97,7 +97,7 @@ impl<'g> Binder<'g> {
         name
     }
 
-    fn read_as(&mut self, operand: NodeId, name: &str) {
+    pub(crate) fn read_as(&mut self, operand: NodeId, name: &str) {
         let b = base(self.graph, operand);
         self.slots.push((b, false, name.to_string()));
     }
@@ -111,7 +111,7 @@ impl<'g> Binder<'g> {
         name
     }
 
-    fn write_as(&mut self, node: NodeId, name: &str) {
+    pub(crate) fn write_as(&mut self, node: NodeId, name: &str) {
         self.slots.push((node, true, name.to_string()));
     }
 
@@ -420,12 +420,12 @@ pub(crate) fn group_kernel(
     }
 }
 
-fn wg_size(target: &Target) -> u32 {
+pub(crate) fn wg_size(target: &Target) -> u32 {
     WG.min(target.max_invocations_per_workgroup.max(1))
 }
 
 /// Entry point of a kernel with one invocation per linear item `i < total`.
-fn per_item_main(wg: u32, total: usize) -> String {
+pub(crate) fn per_item_main(wg: u32, total: usize) -> String {
     format!(
         "@compute @workgroup_size({wg})\nfn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{\n    let i = (wid.x + wid.y * GX + wid.z * (GX * GY)) * {wg}u + lid;\n    if (i >= {total}u) {{\n        return;\n    }}\n"
     )
@@ -1159,6 +1159,12 @@ fn single_kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc,
             Ok(b.finish(&[], &body, grid))
         }
         Op::GroupedMatMulGradW { .. } => super::grad::grad_kernel(graph, n, target),
+        Op::LstmScan { .. }
+        | Op::LstmHidden
+        | Op::LstmScanGrad { .. }
+        | Op::LstmScanGradW { .. }
+        | Op::LstmLast { .. }
+        | Op::LstmLastGrad { .. } => super::lstm::kernel(graph, n, target),
         Op::CrossEntropyGrad => {
             // One invocation per row: logsumexp, then (softmax - onehot) · g / N.
             let logits = b.read(args[0]);
