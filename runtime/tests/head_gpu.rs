@@ -76,7 +76,13 @@ fn chunked_head_matches_the_unchunked_interpreter() {
             feeds.insert(name, Value::U32(ids));
         }
         feeds.insert(SEED.into(), Value::F32(vec![1.0]));
-        let worst = compare_lowered(&train, &chunked, &feeds, &|_, scale| 1e-5 * scale, &configs());
+        let worst = compare_lowered(
+            &train,
+            &chunked,
+            &feeds,
+            &|_, scale| 1e-5 * scale,
+            &configs(),
+        );
         eprintln!("head, tied = {tied}: max abs error per output {worst:?}");
     }
 }
