@@ -4,8 +4,9 @@
 //! the optimizer's state) and achieved GFLOP/s
 //! (`flops_train_per_token` × tokens per step / median time).
 
-use crate::{compile, Loaded};
+use crate::Loaded;
 use miette::{IntoDiagnostic, Result};
+use moec_compiler::lower::Head;
 use moec_compiler::plan::BufferRole;
 use moec_compiler::spec::Every;
 use moec_runtime::train::{TrainOptions, Trainer};
@@ -94,7 +95,8 @@ fn time(loaded: &Loaded, args: &Args, fusion: bool, gpu: &Gpu) -> Result<Row> {
     let target = gpu.target();
     let training =
         moec_compiler::compile_training(&spec, batch, &target, fusion).into_diagnostic()?;
-    let forward = compile(&spec, batch, &target, fusion)?;
+    let forward = moec_compiler::compile_forward(&spec, batch, &target, fusion, Head::Loss)
+        .into_diagnostic()?;
     let out_dir =
         std::env::temp_dir().join(format!("moec-bench-{}-{}", std::process::id(), fusion));
     let spec_dir = loaded

@@ -4,8 +4,8 @@
 //! Param buffers hold the checkpoint's weights (HF names stacked back to IR names by
 //! [`Checkpoint::ir_tensors`]).
 
-use crate::compile;
 use miette::{IntoDiagnostic, Result};
+use moec_compiler::lower::Head;
 use moec_compiler::plan::BufferRole;
 use moec_compiler::spec::{Data, Family, Spec};
 use moec_runtime::checkpoint::Checkpoint;
@@ -91,13 +91,22 @@ impl Model {
         }
     }
 
-    /// A forward executor for `batch` rows with the checkpoint's weights written into its Param
-    /// buffers. Inputs other than the data (tokens or features, targets) are set as evaluation
+    /// A forward executor for `batch` rows ending in `head` (the loss for evaluation, sampled
+    /// logits for generation, all logits for `moec forward`) with the checkpoint's weights written
+    /// into its Param buffers. Inputs other than the data (tokens or features, targets) are set as evaluation
     /// feeds them: router state
     /// from the checkpoint when it holds one, `jitter.*` multipliers to ones (no jitter); the rest
     /// (`noise.*`) stay zero, as fresh GPU buffers are.
-    pub fn executor<'g>(&self, gpu: &'g Gpu, batch: usize, fusion: bool) -> Result<Executor<'g>> {
-        let compiled = compile(&self.spec, batch, &gpu.target(), fusion)?;
+    pub fn executor<'g>(
+        &self,
+        gpu: &'g Gpu,
+        batch: usize,
+        fusion: bool,
+        head: Head,
+    ) -> Result<Executor<'g>> {
+        let compiled =
+            moec_compiler::compile_forward(&self.spec, batch, &gpu.target(), fusion, head)
+                .into_diagnostic()?;
         let exec = Executor::new(gpu, &compiled.plan).into_diagnostic()?;
         for buffer in &compiled.plan.buffers {
             match &buffer.role {
@@ -161,7 +170,7 @@ pub fn run(checkpoint: &Path, args: &Args, gpu: &Gpu) -> Result<()> {
         train.batch,
         args.batches.unwrap_or(train.eval.batches).max(1),
     );
-    let exec = model.executor(gpu, train.batch, args.fusion)?;
+    let exec = model.executor(gpu, train.batch, args.fusion, Head::Loss)?;
     let e = evaluate_batches(&exec, &batches).into_diagnostic()?;
     let shape = format!(
         "{} batches of {}x{}",

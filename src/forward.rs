@@ -13,6 +13,7 @@ use crate::{batch_of, compile, Loaded};
 use miette::{Context, IntoDiagnostic, Result};
 use moec_compiler::interp::{self, Value};
 use moec_compiler::ir::Graph;
+use moec_compiler::lower::Head;
 use moec_compiler::spec::Spec;
 use moec_runtime::{Executor, Gpu};
 use rand::{Rng, SeedableRng};
@@ -115,7 +116,7 @@ pub fn run(source: Source<'_>, args: &Args, gpu: &Gpu) -> Result<()> {
             (exec, params)
         }
         Some(model) => {
-            let exec = model.executor(gpu, batch, args.fusion)?;
+            let exec = model.executor(gpu, batch, args.fusion, Head::Logits)?;
             for (_, name, ty) in compiled.graph.data_inputs() {
                 if BATCH_INPUTS.contains(&name.as_str()) {
                     write_feed(&exec, &name, &feeds[&name])?;

@@ -1,11 +1,13 @@
 //! `moec generate`: sample tokens from a checkpoint. The forward plan is compiled for one row of
 //! the model's static context; the tokens are left-aligned and the rest padded with 0. Attention is
 //! causal, so the padding never changes the logits of the last real position, which are the ones
-//! sampled from. When the sequence outgrows the context, the window slides to its last `context`
+//! sampled from, and the only ones the plan computes ([`Head::Sampled`]: the LM head runs on that
+//! row alone). When the sequence outgrows the context, the window slides to its last `context`
 //! tokens.
 
 use crate::eval::Model;
 use miette::{IntoDiagnostic, Result};
+use moec_compiler::lower::{Head, LOGIT_ROWS};
 use moec_runtime::Gpu;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -46,7 +48,7 @@ pub fn run(checkpoint: &Path, args: &Args, gpu: &Gpu) -> Result<()> {
     if !(temperature_ok && top_p_ok) {
         miette::bail!("--temperature must be ≥ 0 and --top-p in (0, 1]");
     }
-    let exec = model.executor(gpu, 1, args.fusion)?;
+    let exec = model.executor(gpu, 1, args.fusion, Head::Sampled)?;
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
     let prompt_len = tokens.len();
     for _ in 0..args.tokens {
@@ -54,10 +56,16 @@ pub fn run(checkpoint: &Path, args: &Args, gpu: &Gpu) -> Result<()> {
         let mut input = window.to_vec();
         input.resize(context, 0);
         exec.write_u32("tokens", &input).into_diagnostic()?;
+        exec.write_u32(LOGIT_ROWS, &[window.len() as u32 - 1])
+            .into_diagnostic()?;
         exec.run().into_diagnostic()?;
         let logits = exec.read_f32("logits").into_diagnostic()?;
-        let row = &logits[(window.len() - 1) * vocab..window.len() * vocab];
-        tokens.push(sample(row, args.temperature, args.top_p, &mut rng));
+        tokens.push(sample(
+            &logits[..vocab],
+            args.temperature,
+            args.top_p,
+            &mut rng,
+        ));
     }
     if vocab == 256 && args.prompt_ids.is_none() {
         let bytes: Vec<u8> = tokens.iter().map(|&t| t as u8).collect();

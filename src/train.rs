@@ -3,9 +3,10 @@
 //! that puts the final losses next to the data's unigram entropy, so a user sees whether the model
 //! learned more than token frequencies.
 
-use crate::{compile, Loaded};
+use crate::Loaded;
 use indicatif::{ProgressBar, ProgressStyle};
 use miette::{IntoDiagnostic, Result};
+use moec_compiler::lower::Head;
 use moec_runtime::data::TrainData;
 use moec_runtime::metrics::{console_line, moe_summary_lines, sci, Record};
 use moec_runtime::train::{TrainOptions, Trainer};
@@ -37,7 +38,10 @@ pub fn run(loaded: &Loaded, args: &Args, gpu: &Gpu) -> Result<()> {
     let target = gpu.target();
     let training = moec_compiler::compile_training(spec, train.batch, &target, args.fusion)
         .into_diagnostic()?;
-    let forward = compile(spec, train.batch, &target, args.fusion)?;
+    // Evaluation computes the loss as training does, through the chunked head (no logits).
+    let forward =
+        moec_compiler::compile_forward(spec, train.batch, &target, args.fusion, Head::Loss)
+            .into_diagnostic()?;
     let out_dir = args
         .out
         .clone()

@@ -25,7 +25,10 @@
 //! conventions: `Max(x, y)` sends the gradient to `x` where `x ≥ y`; `Reduce(Max)` sends it to every
 //! element equal to the row max. The gradient ops themselves (second order) are not differentiated,
 //! except `SumTo`/`BroadcastTo`, which are each other's adjoint, and `ScatterCols`, whose adjoint is
-//! `GatherCols` (lowering uses it forward to build dense gate matrices).
+//! `GatherCols` (lowering uses it forward to build dense gate matrices). `LinearCrossEntropy` gets the
+//! pair `LinearCrossEntropyGradH`/`GradW` on the same operands, which `head::legalize` later runs as
+//! one chunked loop; `SliceRows` and `ConcatRows` only appear after autodiff (that legalization) and
+//! have no adjoint.
 //!
 //! # Shape of the backward graph
 //! A reverse topological sweep over the nodes that both depend on a parameter and reach the loss;
@@ -158,7 +161,7 @@ fn differentiable(op: &Op, slot: usize, arg: &TensorType) -> bool {
         | Op::GatherCols
         | Op::ScatterCols { .. }
         | Op::MoeGather { .. } => slot == 0,
-        Op::GroupedMatMul { .. } | Op::MoeCombine { .. } => slot < 2,
+        Op::GroupedMatMul { .. } | Op::MoeCombine { .. } | Op::LinearCrossEntropy => slot < 2,
         _ => true,
     }
 }
@@ -403,6 +406,17 @@ impl Backward {
             Op::CrossEntropy => {
                 grads[0] = Some(self.add(Op::CrossEntropyGrad, &[args[0], args[1], g], l(""))?);
             }
+            // Both adjoints read the same operands and each recomputes the logits it needs, chunk
+            // by chunk (`head::legalize` runs the pair as one loop over the chunks).
+            Op::LinearCrossEntropy => {
+                let operands = [args[0], args[1], args[2], g];
+                if want[0] {
+                    grads[0] = Some(self.add(Op::LinearCrossEntropyGradH, &operands, l(".dh"))?);
+                }
+                if want[1] {
+                    grads[1] = Some(self.add(Op::LinearCrossEntropyGradW, &operands, l(".dw"))?);
+                }
+            }
             Op::GatherCols => {
                 let cols = self.g.ty(args[0]).shape[1];
                 grads[0] = Some(self.add(Op::ScatterCols { cols }, &[g, args[1]], l(""))?);
@@ -478,6 +492,10 @@ impl Backward {
             | Op::Sinkhorn { .. }
             | Op::Auction { .. }
             | Op::CrossEntropyGrad
+            | Op::SliceRows { .. }
+            | Op::ConcatRows
+            | Op::LinearCrossEntropyGradH
+            | Op::LinearCrossEntropyGradW
             | Op::MoeGatherGrad { .. }
             | Op::GroupedMatMulGradX { .. }
             | Op::GroupedMatMulGradW { .. }

@@ -514,18 +514,28 @@ fn eval_node<F: Float>(
         Op::CrossEntropy => {
             ctx.argc(2, args.len())?;
             let (logits, targets) = (ctx.f(args[0])?, ctx.u(args[1])?);
-            let v = arg_tys[0].shape[1];
-            let mut total = F::ZERO;
-            for (i, &t) in targets.iter().enumerate() {
-                if t as usize >= v {
-                    return Err(ctx.out_of_range("target", t as u64, v as u64));
-                }
-                let row = &logits[i * v..(i + 1) * v];
-                total += logsumexp(row) - row[t as usize];
-            }
-            Ok(Tensor::F(vec![
-                total / F::from_f64(targets.len().max(1) as f64),
-            ]))
+            let ce = cross_entropy(ctx, logits, targets, arg_tys[0].shape[1])?;
+            Ok(Tensor::F(vec![ce]))
+        }
+        Op::LinearCrossEntropy => {
+            ctx.argc(3, args.len())?;
+            let logits = head_logits(ctx, args, arg_tys)?;
+            let v = arg_tys[1].shape[0];
+            let ce = cross_entropy(ctx, &logits, ctx.u(args[2])?, v)?;
+            Ok(Tensor::F(vec![ce]))
+        }
+        Op::SliceRows { start, .. } => {
+            ctx.argc(1, args.len())?;
+            let row = arg_tys[0].numel() / arg_tys[0].shape[0].max(1);
+            let range = start * row..start * row + ty.numel();
+            Ok(match args[0] {
+                Tensor::F(x) => Tensor::F(x[range].to_vec()),
+                Tensor::U(x) => Tensor::U(x[range].to_vec()),
+            })
+        }
+        Op::ConcatRows => {
+            ctx.argc(2, args.len())?;
+            Ok(Tensor::F([ctx.f(args[0])?, ctx.f(args[1])?].concat()))
         }
         Op::TopK { k } => {
             ctx.argc(1, args.len())?;
@@ -763,20 +773,37 @@ fn eval_grad_op<F: Float>(
             ctx.argc(3, args.len())?;
             let (logits, targets, g) = (ctx.f(args[0])?, ctx.u(args[1])?, ctx.f(args[2])?);
             let v = arg_tys[0].shape[1];
-            let scale = g[0] / F::from_f64(targets.len().max(1) as f64);
-            let mut out = Vec::with_capacity(logits.len());
-            for (i, &t) in targets.iter().enumerate() {
-                if t as usize >= v {
-                    return Err(ctx.out_of_range("target", t as u64, v as u64));
+            Ok(Tensor::F(cross_entropy_grad(
+                ctx, logits, targets, v, g[0],
+            )?))
+        }
+        Op::LinearCrossEntropyGradH | Op::LinearCrossEntropyGradW => {
+            ctx.argc(4, args.len())?;
+            let logits = head_logits(ctx, args, arg_tys)?;
+            let (h, w, g) = (ctx.f(args[0])?, ctx.f(args[1])?, ctx.f(args[3])?);
+            let (n, v, d) = (
+                arg_tys[0].shape[0],
+                arg_tys[1].shape[0],
+                arg_tys[0].shape[1],
+            );
+            let dlogits = cross_entropy_grad(ctx, &logits, ctx.u(args[2])?, v, g[0])?;
+            if matches!(ctx.op, Op::LinearCrossEntropyGradH) {
+                // dh = G · w
+                let gt = TensorType::f32(&[n, v]);
+                Ok(Tensor::F(matmul(&dlogits, &gt, w, arg_tys[1], false)))
+            } else {
+                // dw = Gᵀ · h, summed over rows in ascending order.
+                let mut dw = vec![F::ZERO; v * d];
+                for (r, grow) in dlogits.chunks_exact(v).enumerate() {
+                    let hrow = &h[r * d..(r + 1) * d];
+                    for (c, &gv) in grow.iter().enumerate() {
+                        for (o, &hv) in dw[c * d..(c + 1) * d].iter_mut().zip(hrow) {
+                            *o += gv * hv;
+                        }
+                    }
                 }
-                let row = &logits[i * v..(i + 1) * v];
-                let lse = logsumexp(row);
-                for (j, &x) in row.iter().enumerate() {
-                    let onehot = if j == t as usize { F::ONE } else { F::ZERO };
-                    out.push(((x - lse).exp() - onehot) * scale);
-                }
+                Ok(Tensor::F(dw))
             }
-            Ok(Tensor::F(out))
         }
         Op::ScatterCols { cols } => {
             ctx.argc(2, args.len())?;
@@ -978,6 +1005,60 @@ fn sum<F: Float>(xs: &[F]) -> F {
 
 fn dot<F: Float>(a: &[F], b: &[F]) -> F {
     a.iter().zip(b).fold(F::ZERO, |s, (&x, &y)| s + x * y)
+}
+
+/// Logits `h · wᵀ` of the fused LM head (operands `h, w, ...`), computed whole: the interpreter
+/// is the unchunked reference of `head::legalize`.
+fn head_logits<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+) -> Result<Vec<F>, InterpError> {
+    let (h, w) = (ctx.f(args[0])?, ctx.f(args[1])?);
+    Ok(matmul(h, arg_tys[0], w, arg_tys[1], true))
+}
+
+/// Mean over rows of `logsumexp(row) − row[target]` for `logits[N, V]`.
+fn cross_entropy<F: Float>(
+    ctx: &Ctx,
+    logits: &[F],
+    targets: &[u32],
+    v: usize,
+) -> Result<F, InterpError> {
+    let mut total = F::ZERO;
+    for (i, &t) in targets.iter().enumerate() {
+        if t as usize >= v {
+            return Err(ctx.out_of_range("target", t as u64, v as u64));
+        }
+        let row = &logits[i * v..(i + 1) * v];
+        total += logsumexp(row) - row[t as usize];
+    }
+    Ok(total / F::from_f64(targets.len().max(1) as f64))
+}
+
+/// The logits' adjoint of [`cross_entropy`] under the loss adjoint `g`:
+/// `(softmax(row) − onehot(target)) · g / N`.
+fn cross_entropy_grad<F: Float>(
+    ctx: &Ctx,
+    logits: &[F],
+    targets: &[u32],
+    v: usize,
+    g: F,
+) -> Result<Vec<F>, InterpError> {
+    let scale = g / F::from_f64(targets.len().max(1) as f64);
+    let mut out = Vec::with_capacity(logits.len());
+    for (i, &t) in targets.iter().enumerate() {
+        if t as usize >= v {
+            return Err(ctx.out_of_range("target", t as u64, v as u64));
+        }
+        let row = &logits[i * v..(i + 1) * v];
+        let lse = logsumexp(row);
+        for (j, &x) in row.iter().enumerate() {
+            let onehot = if j == t as usize { F::ONE } else { F::ZERO };
+            out.push(((x - lse).exp() - onehot) * scale);
+        }
+    }
+    Ok(out)
 }
 
 fn logsumexp<F: Float>(row: &[F]) -> F {

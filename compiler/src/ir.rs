@@ -252,6 +252,20 @@ pub enum Op {
     },
     /// Mean token cross-entropy of `logits[N, V]` against u32 `targets[N]`: a `[1]` tensor.
     CrossEntropy,
+    /// The LM head fused with its loss: [`Op::CrossEntropy`] of the logits `h · wᵀ` for `h[N, D]`,
+    /// `w[V, D]` (PyTorch `[out, in]`, or the tied embedding table) and u32 `targets[N]`: `[1]`.
+    /// The `[N, V]` logits are never a value of the graph: `head::legalize` runs this op and its
+    /// adjoints chunk by chunk over the rows, so only a `[rows, V]` chunk of them ever exists.
+    LinearCrossEntropy,
+    /// Rows `start..start + len` of `x[R, ...]` (f32 or u32): a chunk of tokens (`head::legalize`).
+    /// Not differentiated (it only appears after autodiff).
+    SliceRows {
+        start: usize,
+        len: usize,
+    },
+    /// `a[Ra, ...]` with `b[Rb, ...]` appended below it: `[Ra + Rb, ...]` (f32), the chunks of a
+    /// gradient put back together (`head::legalize`). Not differentiated.
+    ConcatRows,
     /// Indices of the `k` largest entries of each row of `scores[T, E]` (u32 `[T, k]`), in descending
     /// score order; ties go to the lower index. Not differentiable.
     TopK {
@@ -343,6 +357,11 @@ pub enum Op {
     /// Adjoint of `CrossEntropy`: `logits[N, V]`, u32 `targets[N]`, `g[1]` →
     /// `(softmax(logits) − onehot(targets)) · g / N`.
     CrossEntropyGrad,
+    /// Adjoint of `LinearCrossEntropy` for `h`: `h, w, targets, g[1]` → `[N, D]` = `G · w`, where
+    /// `G = (softmax(h · wᵀ) − onehot(targets)) · g / N` is the logits' adjoint.
+    LinearCrossEntropyGradH,
+    /// Adjoint of `LinearCrossEntropy` for `w`: `h, w, targets, g[1]` → `[V, D]` = `Gᵀ · h`.
+    LinearCrossEntropyGradW,
     /// Adjoint of `GatherCols`: `g[T, k]`, u32 `idx[T, k]` → `[T, cols]`, zero where not gathered
     /// (`NONE` entries scatter nothing). Also a forward op: the dense `[T, E]` gate matrix of the
     /// selected weights (Importance, hierarchical gates); its adjoint is `GatherCols`.
@@ -428,6 +447,9 @@ impl Op {
             Op::Rope { .. } => "rope".into(),
             Op::Softmax { .. } => "softmax".into(),
             Op::CrossEntropy => "cross_entropy".into(),
+            Op::LinearCrossEntropy => "linear_cross_entropy".into(),
+            Op::SliceRows { .. } => "slice_rows".into(),
+            Op::ConcatRows => "concat_rows".into(),
             Op::TopK { .. } => "topk".into(),
             Op::GatherCols => "gather_cols".into(),
             Op::TopKMask { .. } => "topk_mask".into(),
@@ -445,6 +467,8 @@ impl Op {
             Op::EmbeddingGrad { .. } => "embedding_grad".into(),
             Op::RopeGrad { .. } => "rope_grad".into(),
             Op::CrossEntropyGrad => "cross_entropy_grad".into(),
+            Op::LinearCrossEntropyGradH => "linear_cross_entropy_grad_h".into(),
+            Op::LinearCrossEntropyGradW => "linear_cross_entropy_grad_w".into(),
             Op::ScatterCols { .. } => "scatter_cols".into(),
             Op::MoeGatherGrad { .. } => "moe_gather_grad".into(),
             Op::GroupedMatMulGradX { .. } => "grouped_matmul_grad_x".into(),
@@ -665,7 +689,9 @@ impl Graph {
                 Op::EmbeddingGrad { vocab } => format!(" vocab={vocab}"),
                 Op::RopeGrad { theta } => format!(" theta={theta}"),
                 Op::ScatterCols { cols } => format!(" cols={cols}"),
-                Op::SliceCols { start, len } => format!(" start={start} len={len}"),
+                Op::SliceCols { start, len } | Op::SliceRows { start, len } => {
+                    format!(" start={start} len={len}")
+                }
                 Op::ExpertChoice { capacity } => format!(" capacity={capacity}"),
                 Op::Sinkhorn { iters } => format!(" iters={iters}"),
                 Op::LstmScan { reverse } | Op::LstmScanGradW { reverse } if *reverse => {
@@ -930,6 +956,39 @@ pub fn infer(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
             }
             Ok(TensorType::f32(&[1]))
         }
+        Op::LinearCrossEntropy => {
+            expect_args(args, 3)?;
+            linear_cross_entropy_operands(args)?;
+            Ok(TensorType::f32(&[1]))
+        }
+        Op::SliceRows { start, len } => {
+            expect_args(args, 1)?;
+            let rows = args[0].shape.first().copied().unwrap_or(0);
+            if *len == 0 || start + len > rows {
+                return Err(format!("rows {start}..{} of {}", start + len, args[0]));
+            }
+            let mut shape = args[0].shape.clone();
+            shape[0] = *len;
+            Ok(TensorType {
+                shape,
+                dtype: args[0].dtype,
+            })
+        }
+        Op::ConcatRows => {
+            expect_args(args, 2)?;
+            expect_dtype(args[0], DType::F32, "upper rows")?;
+            expect_dtype(args[1], DType::F32, "lower rows")?;
+            let (a, b) = (&args[0].shape, &args[1].shape);
+            if a.is_empty() || b.len() != a.len() || a[1..] != b[1..] {
+                return Err(format!(
+                    "concat_rows wants [Ra, ...] and [Rb, ...], got {} and {}",
+                    args[0], args[1]
+                ));
+            }
+            let mut shape = a.clone();
+            shape[0] += b[0];
+            Ok(TensorType::f32(&shape))
+        }
         Op::TopK { k } => {
             expect_args(args, 1)?;
             expect_dtype(args[0], DType::F32, "scores")?;
@@ -1091,6 +1150,8 @@ pub fn infer(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
         | Op::EmbeddingGrad { .. }
         | Op::RopeGrad { .. }
         | Op::CrossEntropyGrad
+        | Op::LinearCrossEntropyGradH
+        | Op::LinearCrossEntropyGradW
         | Op::ScatterCols { .. }
         | Op::MoeGatherGrad { .. }
         | Op::GroupedMatMulGradX { .. }
@@ -1150,6 +1211,19 @@ fn infer_grad(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
                 ));
             }
             Ok(args[0].clone())
+        }
+        Op::LinearCrossEntropyGradH | Op::LinearCrossEntropyGradW => {
+            expect_args(args, 4)?;
+            let (n, v, d) = linear_cross_entropy_operands(&args[..3])?;
+            if args[3].shape != [1] || args[3].dtype != DType::F32 {
+                return Err(format!("the adjoint g must be f32[1], got {}", args[3]));
+            }
+            let rows = if matches!(op, Op::LinearCrossEntropyGradH) {
+                n
+            } else {
+                v
+            };
+            Ok(TensorType::f32(&[rows, d]))
         }
         Op::ScatterCols { cols } => {
             expect_args(args, 2)?;
@@ -1248,6 +1322,21 @@ fn infer_grad(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
         }
         other => Err(format!("`{}` is not a gradient op", other.mnemonic())),
     }
+}
+
+/// `(N, V, D)` of the operands `h[N, D]`, `w[V, D]`, `targets[N]` of the fused LM head and loss.
+fn linear_cross_entropy_operands(args: &[&TensorType]) -> Result<(usize, usize, usize), String> {
+    expect_dtype(args[0], DType::F32, "h")?;
+    expect_dtype(args[1], DType::F32, "w")?;
+    expect_dtype(args[2], DType::U32, "targets")?;
+    let (h, w, t) = (&args[0].shape, &args[1].shape, &args[2].shape);
+    if h.len() != 2 || w.len() != 2 || h[1] != w[1] || t[..] != [h[0]] {
+        return Err(format!(
+            "linear cross entropy wants h [N, D], w [V, D] and targets [N], got {}, {} and {}",
+            args[0], args[1], args[2]
+        ));
+    }
+    Ok((h[0], w[0], h[1]))
 }
 
 fn expect_route(t: &TensorType, layout: &RouteLayout) -> Result<(), String> {

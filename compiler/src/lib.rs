@@ -1,12 +1,14 @@
 //! moec's compiler passes, in pipeline order (docs/DECISIONS.md, "Architecture"):
-//! `check` (AST → [`spec::Spec`]) → `lower` (Spec → [`ir::Graph`]) → `fuse` (Graph → kernel groups)
-//! → `emit` (groups → WGSL + [`plan::Plan`]), plus `interp`, the reference interpreter every kernel
+//! `check` (AST → [`spec::Spec`]) → `lower` (Spec → [`ir::Graph`]) → (`autodiff`) → `head`
+//! (the fused LM head in chunks for the target) → `fuse` (Graph → kernel groups) → `emit`
+//! (groups → WGSL + [`plan::Plan`]), plus `interp`, the reference interpreter every kernel
 //! is tested against, and `stats`, the numbers `moec check` prints.
 
 pub mod autodiff;
 pub mod check;
 pub mod emit;
 pub mod fuse;
+pub mod head;
 pub mod interp;
 pub mod ir;
 pub mod lower;
@@ -17,6 +19,7 @@ pub mod stats;
 use emit::Target;
 use fuse::{FuseOptions, Fused};
 use ir::Graph;
+use lower::Head;
 use plan::Plan;
 use spec::Spec;
 
@@ -29,6 +32,8 @@ pub enum CompileError {
     Emit(#[from] emit::EmitError),
     #[error(transparent)]
     Autodiff(#[from] autodiff::AutodiffError),
+    #[error(transparent)]
+    Ir(#[from] ir::IrError),
 }
 
 /// The stages of one compilation, kept so callers can dump or test any of them.
@@ -38,38 +43,51 @@ pub struct Compiled {
     pub plan: Plan,
 }
 
-/// Spec → Graph → kernel groups → Plan: the whole compiler after `check`, as every command and test
-/// runs it. `fusion = false` gives one kernel per op (`--no-fuse`).
+/// Spec → Graph (with the full `logits`, [`Head::Logits`]) → kernel groups → Plan: the forward
+/// pass as `moec build` and `moec forward` run it. `fusion = false` gives one kernel per op
+/// (`--no-fuse`).
 pub fn compile(
     spec: &Spec,
     batch: usize,
     target: &Target,
     fusion: bool,
 ) -> Result<Compiled, CompileError> {
-    let graph = lower::lower(spec, batch)?;
-    let options = if fusion {
-        FuseOptions::for_target(target)
-    } else {
-        FuseOptions::unfused(target)
-    };
-    let fused = fuse::fuse(&graph, options);
-    let plan = emit::emit(&graph, &fused, target)?;
-    Ok(Compiled { graph, fused, plan })
+    compile_forward(spec, batch, target, fusion, Head::Logits)
 }
 
-/// Spec → forward Graph → training graph (forward + backward, [`autodiff::training_graph`]) → kernel
-/// groups → Plan: what `moec train` runs each micro-step. Besides the forward outputs the plan has
-/// the input `grad_seed` and one output `grad.<param>` per parameter that reaches the loss; the
-/// optimizer update is not in the plan (the runtime's optimizer kernels run after it in the same
-/// submission, with state the plan does not know about).
+/// [`compile`] with the graph ending in `head`: [`Head::Loss`] for evaluation (the loss through
+/// the chunked head, no logits), [`Head::Sampled`] for generation.
+pub fn compile_forward(
+    spec: &Spec,
+    batch: usize,
+    target: &Target,
+    fusion: bool,
+    head: Head,
+) -> Result<Compiled, CompileError> {
+    let graph = lower::lower_with(spec, batch, head)?;
+    backend(graph, target, fusion)
+}
+
+/// Spec → forward Graph ([`Head::Loss`]) → training graph (forward + backward,
+/// [`autodiff::training_graph`]) → kernel groups → Plan: what `moec train` runs each micro-step.
+/// Besides the forward outputs the plan has the input `grad_seed` and one output `grad.<param>`
+/// per parameter that reaches the loss; the optimizer update is not in the plan (the runtime's
+/// optimizer kernels run after it in the same submission, with state the plan does not know about).
 pub fn compile_training(
     spec: &Spec,
     batch: usize,
     target: &Target,
     fusion: bool,
 ) -> Result<Compiled, CompileError> {
-    let forward = lower::lower(spec, batch)?;
+    let forward = lower::lower_with(spec, batch, Head::Loss)?;
     let graph = autodiff::training_graph(&forward)?;
+    backend(graph, target, fusion)
+}
+
+/// The target-dependent passes: the fused head in chunks ([`head::legalize`]), fusion, emission.
+/// The returned graph is the legalized one, the graph the plan computes.
+fn backend(graph: Graph, target: &Target, fusion: bool) -> Result<Compiled, CompileError> {
+    let graph = head::legalize(&graph, target)?;
     let options = if fusion {
         FuseOptions::for_target(target)
     } else {

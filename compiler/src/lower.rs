@@ -5,7 +5,8 @@
 //! (softmax, RoPE, cross-entropy, the MoE routing ops).
 //!
 //! # Outputs
-//! `logits` (`[B*T, V]`, or `[B, classes]` for `mlp`), `ce` (mean cross-entropy, `[1]`), `aux.N` for
+//! `logits` (`[B*T, V]`, or `[B, classes]` for `mlp`; a language model has it only with
+//! [`Head::Logits`], and `[B, V]` with [`Head::Sampled`]), `ce` (mean cross-entropy, `[1]`), `aux.N` for
 //! every MoE block `N` that has balancing terms (the sum of that block's terms, `[1]`), and `loss` =
 //! `ce` + Σ `aux.N` (`[1]`). `loss` is always its own node (an identity affine of `ce` when there are no
 //! balancing terms) so that every output name owns one buffer. Every MoE block also has the metrics
@@ -85,8 +86,34 @@ pub enum LowerError {
     Ir(#[from] IrError),
 }
 
-/// Lowers `spec` to its forward graph for `batch` sequences (or samples, for `mlp`).
+/// How a language model's graph ends: what it computes from the final hidden states `h[B*T, D]`.
+/// The `mlp` family always has [`Head::Logits`]: a classifier's `[B, classes]` logits are small
+/// and its evaluation reads them (accuracy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Head {
+    /// The `logits` output `[B*T, V]` and `ce` computed from it: `moec forward --dump-logits`, HF
+    /// parity, `moec build`, and the unchunked reference of the tests.
+    Logits,
+    /// No `logits`: `ce` is the fused [`Op::LinearCrossEntropy`], which `head::legalize` runs chunk
+    /// by chunk over the tokens, so the `[B*T, V]` logits never exist. Training and evaluation.
+    Loss,
+    /// The logits of one row per sequence only: `logits` `[B, V]` of the rows of `h` named by the
+    /// u32 input [`LOGIT_ROWS`] `[B]` (flat indices into the `B*T` tokens); no `ce` or `loss`.
+    /// Generation, which samples one position per sequence.
+    Sampled,
+}
+
+/// The input of [`Head::Sampled`]: which token row's logits each sequence gets.
+pub const LOGIT_ROWS: &str = "logit_rows";
+
+/// Lowers `spec` to its forward graph for `batch` sequences (or samples, for `mlp`), with the full
+/// `logits` output ([`Head::Logits`]).
 pub fn lower(spec: &Spec, batch: usize) -> Result<Graph, LowerError> {
+    lower_with(spec, batch, Head::Logits)
+}
+
+/// Lowers `spec` to its forward graph for `batch` sequences, ending in `head`.
+pub fn lower_with(spec: &Spec, batch: usize, head: Head) -> Result<Graph, LowerError> {
     if batch == 0 {
         return Err(LowerError::Invalid("batch must be at least 1".into()));
     }
@@ -100,9 +127,15 @@ pub fn lower(spec: &Spec, batch: usize) -> Result<Graph, LowerError> {
         metrics: Vec::new(),
     };
     let (logits, ce) = match spec.model.family {
-        Family::Transformer => l.transformer(batch)?,
-        Family::Mlp => l.mlp(batch)?,
-        Family::Lstm => l.lstm(batch)?,
+        Family::Transformer => l.transformer(batch, head)?,
+        Family::Mlp => {
+            let (logits, ce) = l.mlp(batch)?;
+            (Some(logits), Some(ce))
+        }
+        Family::Lstm => {
+            let (logits, ce) = l.lstm(batch)?;
+            (Some(logits), Some(ce))
+        }
     };
     l.finish(logits, ce)?;
     Ok(l.g)
@@ -1280,8 +1313,12 @@ impl Lower<'_> {
         self.reshape(mean, &[1], format!("{p}.router_z"))
     }
 
-    /// Llama/Mixtral decoder: returns `(logits[B*T, V], ce)`.
-    fn transformer(&mut self, batch: usize) -> Result<(NodeId, NodeId), LowerError> {
+    /// Llama/Mixtral decoder: returns `(logits, ce)` as `head` asks for them.
+    fn transformer(
+        &mut self,
+        batch: usize,
+        head: Head,
+    ) -> Result<(Option<NodeId>, Option<NodeId>), LowerError> {
         let spec = self.spec;
         let m = &spec.model;
         let vocab = m.vocab.ok_or(LowerError::Missing {
@@ -1312,26 +1349,48 @@ impl Lower<'_> {
             x = self.binary(BinaryOp::Add, x, y, format!("{p}.ffn_residual"))?;
         }
         let h = self.norm(x, "model.norm")?;
-        self.lm_head(h, emb, targets)
+        self.lm_head(h, emb, targets, batch, head)
     }
 
-    /// The LM head and loss of `h[N, dim]` against `targets` (`[B, T]`, N = B·T): `lm_head`, or the
-    /// embedding matrix with `tie_embeddings`, and the mean cross-entropy; `(logits, ce)`.
+    /// The LM head and loss of `h[N, dim]` against `targets` (`[B, T]`, N = B·T) as `head` asks:
+    /// `lm_head`, or the embedding matrix with `tie_embeddings`; `(logits, ce)`.
     fn lm_head(
         &mut self,
         h: NodeId,
         emb: NodeId,
         targets: NodeId,
-    ) -> Result<(NodeId, NodeId), LowerError> {
+        batch: usize,
+        head: Head,
+    ) -> Result<(Option<NodeId>, Option<NodeId>), LowerError> {
         let n = self.g.ty(h).rows();
-        let vocab = self.g.ty(emb).shape[0];
-        let logits = if self.spec.model.tie_embeddings {
-            self.add(Op::MatMul { trans_b: true }, &[h, emb], "lm_head")?
+        let (vocab, d) = (self.g.ty(emb).shape[0], self.g.ty(h).last());
+        let w = if self.spec.model.tie_embeddings {
+            emb
         } else {
-            self.linear(h, "lm_head", vocab, false)?
+            let normal = Init::Normal { std: INIT_STD };
+            self.g.param("lm_head.weight", &[vocab, d], normal)
+        };
+        let head_rows = match head {
+            Head::Sampled => {
+                let rows = self.g.input(LOGIT_ROWS, TensorType::u32(&[batch]));
+                self.add(Op::Embedding, &[h, rows], "lm_head.rows")?
+            }
+            Head::Logits | Head::Loss => h,
+        };
+        let logits = match head {
+            Head::Logits | Head::Sampled => {
+                Some(self.add(Op::MatMul { trans_b: true }, &[head_rows, w], "lm_head")?)
+            }
+            Head::Loss => None,
         };
         let targets = self.reshape(targets, &[n], "targets_flat")?;
-        let ce = self.add(Op::CrossEntropy, &[logits, targets], "ce")?;
+        let ce = match (head, logits) {
+            (Head::Logits, Some(logits)) => {
+                Some(self.add(Op::CrossEntropy, &[logits, targets], "ce")?)
+            }
+            (Head::Loss, _) => Some(self.add(Op::LinearCrossEntropy, &[h, w, targets], "ce")?),
+            _ => None,
+        };
         Ok((logits, ce))
     }
 
@@ -1376,20 +1435,28 @@ impl Lower<'_> {
         }
     }
 
-    fn finish(&mut self, logits: NodeId, ce: NodeId) -> Result<(), LowerError> {
-        self.g.set_output("logits", logits);
-        self.g.set_output("ce", ce);
-        let terms = std::mem::take(&mut self.aux);
-        let mut loss = if terms.is_empty() {
-            self.affine(ce, 1.0, 0.0, "loss")?
-        } else {
-            ce
-        };
-        for (block, term) in terms {
-            self.g.set_output(&format!("aux.{block}"), term);
-            loss = self.binary(BinaryOp::Add, loss, term, "loss")?;
+    fn finish(&mut self, logits: Option<NodeId>, ce: Option<NodeId>) -> Result<(), LowerError> {
+        if let Some(logits) = logits {
+            self.g.set_output("logits", logits);
         }
-        self.g.set_output("loss", loss);
+        if let Some(ce) = ce {
+            self.g.set_output("ce", ce);
+        }
+        let terms = std::mem::take(&mut self.aux);
+        for &(block, term) in &terms {
+            self.g.set_output(&format!("aux.{block}"), term);
+        }
+        if let Some(ce) = ce {
+            let mut loss = if terms.is_empty() {
+                self.affine(ce, 1.0, 0.0, "loss")?
+            } else {
+                ce
+            };
+            for &(_, term) in &terms {
+                loss = self.binary(BinaryOp::Add, loss, term, "loss")?;
+            }
+            self.g.set_output("loss", loss);
+        }
         for (name, id) in std::mem::take(&mut self.metrics) {
             self.g.set_output(&name, id);
         }

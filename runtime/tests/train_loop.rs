@@ -1,9 +1,16 @@
 //! The training loop end to end on tiny specs with synthetic markov data: the loss falls, gradient
-//! accumulation equals a bigger batch, kill-and-resume reproduces an uninterrupted run, resume
+//! accumulation equals a bigger batch, kill-and-resume reproduces an uninterrupted run (also with
+//! the LM head and loss in chunks that do not divide the tokens), resume
 //! refuses a changed spec, and a poisoned weight is caught by the non-finite guard.
 
+use moec_compiler::autodiff::training_graph;
 use moec_compiler::check::check;
-use moec_compiler::emit::Target;
+use moec_compiler::emit::{emit, Target};
+use moec_compiler::fuse::{fuse, FuseOptions};
+use moec_compiler::head::legalize_in_chunks;
+use moec_compiler::ir::Graph;
+use moec_compiler::lower::{lower_with, Head};
+use moec_compiler::plan::Plan;
 use moec_compiler::spec::Spec;
 use moec_compiler::{compile, compile_training};
 use moec_runtime::metrics::Record;
@@ -62,13 +69,51 @@ fn trainer<'g>(
     let target = gpu.target();
     let training = compile_training(&spec, batch, &target, true).expect("compiles for training");
     let forward = compile(&spec, batch, &target, true).expect("compiles");
+    start(gpu, &spec, text, dir, resume, &training.plan, &forward.plan)
+}
+
+/// A trainer whose training and evaluation plans run the LM head in chunks of `rows` tokens
+/// (`head::legalize_in_chunks`) instead of the target's chunk size (one chunk at these sizes).
+fn chunked_trainer<'g>(
+    gpu: &'g Gpu,
+    text: &str,
+    dir: &Path,
+    resume: bool,
+    rows: usize,
+) -> Result<Trainer<'g>, TrainError> {
+    let spec = spec_of(text);
+    let batch = spec.train.as_ref().unwrap().batch;
+    let target = gpu.target();
+    let plan = |graph: &Graph| {
+        let graph = legalize_in_chunks(graph, rows).unwrap();
+        emit(
+            &graph,
+            &fuse(&graph, FuseOptions::for_target(&target)),
+            &target,
+        )
+        .unwrap()
+    };
+    let forward = lower_with(&spec, batch, Head::Loss).unwrap();
+    let training = plan(&training_graph(&forward).unwrap());
+    start(gpu, &spec, text, dir, resume, &training, &plan(&forward))
+}
+
+fn start<'g>(
+    gpu: &'g Gpu,
+    spec: &Spec,
+    text: &str,
+    dir: &Path,
+    resume: bool,
+    training: &Plan,
+    forward: &Plan,
+) -> Result<Trainer<'g>, TrainError> {
     let options = TrainOptions {
         out_dir: dir.to_path_buf(),
         resume,
         steps: None,
         spec_dir: ".".into(),
     };
-    Trainer::new(gpu, &spec, text, &training.plan, &forward.plan, &options)
+    Trainer::new(gpu, spec, text, training, forward, &options)
 }
 
 fn run(t: &mut Trainer, until: usize) -> Vec<Record> {
@@ -140,20 +185,34 @@ fn loss_falls_on_markov_data() {
 /// round-off (in practice bit for bit; asserted to 1e-6 relative).
 #[test]
 fn resume_continues_exactly() {
+    resume_is_exact(None);
+}
+
+/// [`resume_continues_exactly`] with the LM head and loss in chunks of 24 of the 64 tokens.
+#[test]
+fn resume_continues_exactly_with_a_chunked_head() {
+    resume_is_exact(Some(24));
+}
+
+fn resume_is_exact(chunk: Option<usize>) {
     let gpu = gpu();
     let text = tiny_spec(
         12,
         "log = every(1)\n  eval = every(6, batches = 1)\n  checkpoint = every(6)",
     );
+    let make = |dir: &Path, resume: bool| match chunk {
+        None => trainer(&gpu, &text, dir, resume),
+        Some(rows) => chunked_trainer(&gpu, &text, dir, resume, rows),
+    };
     let straight_dir = tempfile::tempdir().unwrap();
-    let mut straight = trainer(&gpu, &text, straight_dir.path(), false).unwrap();
+    let mut straight = make(straight_dir.path(), false).unwrap();
     let all = run(&mut straight, 12);
 
     let dir = tempfile::tempdir().unwrap();
-    let mut first = trainer(&gpu, &text, dir.path(), false).unwrap();
+    let mut first = make(dir.path(), false).unwrap();
     let head = run(&mut first, 8); // steps 7 and 8 are lost with the "kill"
     drop(first);
-    let mut resumed = trainer(&gpu, &text, dir.path(), true).unwrap();
+    let mut resumed = make(dir.path(), true).unwrap();
     assert_eq!(resumed.step_count(), 6);
     let tail = run(&mut resumed, 12);
 

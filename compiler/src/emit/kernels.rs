@@ -1314,6 +1314,20 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
                 ),
             )
         }
+        Op::SliceRows { start, .. } => {
+            let x = b.read(args[0]);
+            let row: usize = shape[1..].iter().product();
+            per_item(b, format!("    let v = {x}[{}u + i];\n", start * row))
+        }
+        Op::ConcatRows => {
+            let upper = b.read(args[0]);
+            let lower = b.read(args[1]);
+            let split = graph.ty(args[0]).numel();
+            per_item(
+                b,
+                format!("    var v = 0.0;\n    if (i < {split}u) {{\n        v = {upper}[i];\n    }} else {{\n        v = {lower}[i - {split}u];\n    }}\n"),
+            )
+        }
         Op::SliceCols { start, len } => {
             let x = b.read(args[0]);
             let cols = graph.ty(args[0]).shape[1];

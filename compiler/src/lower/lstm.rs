@@ -62,7 +62,11 @@ impl Lower<'_> {
         match head {
             Head::Lm { emb, targets } => {
                 let h = self.reshape(x, &[batch * t, width], "model.rows")?;
-                self.lm_head(h, emb, targets)
+                let (logits, ce) = self.lm_head(h, emb, targets, batch, super::Head::Logits)?;
+                Ok((
+                    logits.expect("Head::Logits has logits"),
+                    ce.expect("and a loss"),
+                ))
             }
             Head::Classes { classes, targets } => {
                 let last = self.add(Op::LstmLast { dirs }, &[x], "model.final_states")?;

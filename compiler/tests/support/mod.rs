@@ -80,6 +80,7 @@ pub fn id_bound(g: &Graph, name: &str) -> u32 {
             match g.node(user).op {
                 Op::Embedding => return g.ty(g.inputs(user)[0]).shape[0] as u32,
                 Op::CrossEntropy => return g.ty(g.inputs(user)[0]).last() as u32,
+                Op::LinearCrossEntropy => return g.ty(g.inputs(user)[1]).shape[0] as u32,
                 _ => frontier.push(user),
             }
         }
@@ -95,9 +96,15 @@ pub fn loss_of(g: &Graph, feeds: &HashMap<String, Value>) -> f64 {
 /// absolute error and the largest relative error among gradients of magnitude ≥ 1e-3.
 pub fn check_model(what: &str, g: &Graph, feeds: &HashMap<String, Value>) {
     let train = training_graph(g).unwrap_or_else(|e| panic!("{what}: {e}"));
+    check_graphs(what, g, &train, feeds);
+}
+
+/// [`check_model`] with the training graph given: the gradients of `train` against finite
+/// differences of the loss of `g` (e.g. both legalized by `head::legalize`).
+pub fn check_graphs(what: &str, g: &Graph, train: &Graph, feeds: &HashMap<String, Value>) {
     let mut tfeeds = feeds.clone();
     tfeeds.insert(SEED.into(), Value::F64(vec![1.0]));
-    let outs = run_outputs_in(&train, &tfeeds, Precision::F64).unwrap();
+    let outs = run_outputs_in(train, &tfeeds, Precision::F64).unwrap();
     let (mut worst_abs, mut worst_rel, mut coords) = (0.0f64, 0.0f64, 0);
     for (_, name, ty) in g.params() {
         let analytic = outs

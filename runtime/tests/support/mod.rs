@@ -101,9 +101,22 @@ pub fn compare(
     feeds: &HashMap<String, Value>,
     tol: &dyn Fn(f64, f64) -> f64,
 ) -> HashMap<String, f64> {
-    let expected = interp::run_outputs_in(graph, &widen(feeds), Precision::F64).unwrap();
+    compare_lowered(graph, graph, feeds, tol, &configs())
+}
+
+/// [`compare`] of `graph` on the GPU, in the given (target, fused) configurations, against another
+/// graph with the same outputs in the interpreter: `reference` before a lowering pass (e.g.
+/// `head::legalize`) that made `graph`.
+pub fn compare_lowered(
+    reference: &Graph,
+    graph: &Graph,
+    feeds: &HashMap<String, Value>,
+    tol: &dyn Fn(f64, f64) -> f64,
+    configs: &[(Target, bool)],
+) -> HashMap<String, f64> {
+    let expected = interp::run_outputs_in(reference, &widen(feeds), Precision::F64).unwrap();
     let mut worst: HashMap<String, f64> = HashMap::new();
-    for (target, fused) in configs() {
+    for (target, fused) in configs.iter().cloned() {
         let got = run_gpu(graph, feeds, &target, fused);
         for (name, id) in &graph.outputs {
             let want = expected[name].to_f64();

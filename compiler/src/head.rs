@@ -1,0 +1,244 @@
+//! Head legalization: the fused LM head and loss ([`Op::LinearCrossEntropy`] and its adjoints
+//! [`Op::LinearCrossEntropyGradH`] / [`Op::LinearCrossEntropyGradW`]) become a loop over chunks of
+//! token rows made of ordinary ops, so the `[tokens, vocab]` logits never exist whole.
+//!
+//! A graph-to-graph pass between autodiff and fusion (DESIGN.md, "Scale"). For chunk `i` of rows
+//! `start..start + len`:
+//! - forward: `logits_i = h[rows] · wᵀ` (`[len, V]`), `ce_i = CrossEntropy(logits_i, t[rows])`,
+//!   and `ce = Σ_i ce_i · len / N` (each chunk's mean weighted by its share of the rows);
+//! - backward (both adjoints in one loop, sharing the chunk's logits): the logits are recomputed,
+//!   `G_i = CrossEntropyGrad(logits_i, t[rows], g · len / N)` (= `(softmax − onehot) · g / N`),
+//!   `dh[rows] = G_i · w` (the chunks stacked with `ConcatRows`) and `dw = Σ_i G_iᵀ · h[rows]`
+//!   (the transpose is read in place by the matmul and the sum is its epilogue).
+//!
+//! The rebuilt graph lists every chunk's nodes after the previous chunk's, so kernels run chunk by
+//! chunk and a chunk's `[len, V]` buffers are free (and reused by exact size) before the next
+//! chunk's are allocated: the head's scratch is two `[len, V]` buffers (logits and their adjoint),
+//! whatever the token count. The backward recomputes the logits instead of keeping them, which
+//! costs one more `[N, D] · [D, V]` matmul per step.
+//!
+//! The chunk size comes from the target ([`chunk_rows`]); the interpreter runs the fused ops
+//! unchunked, which is what the chunked kernels are tested against.
+
+use crate::emit::Target;
+use crate::ir::{BinaryOp, Graph, IrError, NodeId, Op};
+use std::collections::HashMap;
+
+/// Most bytes one `[rows, V]` chunk of logits takes, below the adapter's binding limit: the memory
+/// budget of the head's scratch (two such buffers), small next to a model that needs a chunked head.
+pub const CHUNK_BYTES: u64 = 64 << 20;
+
+/// Token rows per chunk for `vocab` logits per row over `tokens` rows: as many as fit the target's
+/// storage binding and [`CHUNK_BYTES`], in whole 32-row matmul tiles when more than one fits.
+pub fn chunk_rows(target: &Target, vocab: usize, tokens: usize) -> usize {
+    let bytes = target.max_storage_binding_size.min(CHUNK_BYTES);
+    let rows = (bytes / (vocab.max(1) as u64 * 4)) as usize;
+    let rows = if rows > 32 { rows / 32 * 32 } else { rows };
+    rows.clamp(1, tokens.max(1))
+}
+
+/// `graph` with every fused head legalized for `target` ([`chunk_rows`]); a graph without one is
+/// returned as it is.
+pub fn legalize(graph: &Graph, target: &Target) -> Result<Graph, IrError> {
+    rebuild(graph, &|vocab, tokens| chunk_rows(target, vocab, tokens))
+}
+
+/// `graph` with every fused head legalized in chunks of `rows` token rows (the last one shorter
+/// when `rows` does not divide the tokens).
+pub fn legalize_in_chunks(graph: &Graph, rows: usize) -> Result<Graph, IrError> {
+    rebuild(graph, &|_, tokens| rows.clamp(1, tokens.max(1)))
+}
+
+fn is_head_grad(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::LinearCrossEntropyGradH | Op::LinearCrossEntropyGradW
+    )
+}
+
+/// Copies `graph` node by node in topological order, expanding the fused head ops in place.
+fn rebuild(graph: &Graph, rows_for: &dyn Fn(usize, usize) -> usize) -> Result<Graph, IrError> {
+    let fused = |op: &Op| matches!(op, Op::LinearCrossEntropy) || is_head_grad(op);
+    if !graph.g.node_weights().any(|n| fused(&n.op)) {
+        return Ok(graph.clone());
+    }
+    let mut out = Graph::new();
+    let mut map: HashMap<NodeId, NodeId> = HashMap::new();
+    for id in graph.topo_order() {
+        if map.contains_key(&id) {
+            continue; // the second adjoint of a pair, expanded with the first
+        }
+        let node = graph.node(id);
+        let old_args = graph.inputs(id);
+        let args: Vec<NodeId> = old_args.iter().map(|a| map[a]).collect();
+        // Operands `h[N, D]`, `w[V, D]`, ...: N rows of V logits.
+        let (n, v) = match old_args.as_slice() {
+            [h, w, ..] if fused(&node.op) => (graph.ty(*h).shape[0], graph.ty(*w).shape[0]),
+            _ => (0, 0),
+        };
+        let mut chunks = Chunks {
+            g: &mut out,
+            n,
+            rows: rows_for(v, n),
+        };
+        match node.op {
+            Op::LinearCrossEntropy => {
+                let ce = chunks.forward(&args, &node.label)?;
+                map.insert(id, ce);
+            }
+            ref op if is_head_grad(op) => {
+                // Both adjoints of one forward op share their operands; run them as one loop.
+                let pair: Vec<NodeId> = graph
+                    .users(old_args[0])
+                    .into_iter()
+                    .filter(|&u| is_head_grad(&graph.node(u).op) && graph.inputs(u) == old_args)
+                    .collect();
+                let find =
+                    |want: fn(&Op) -> bool| pair.iter().copied().find(|&u| want(&graph.node(u).op));
+                let dh_old = find(|op| matches!(op, Op::LinearCrossEntropyGradH));
+                let dw_old = find(|op| matches!(op, Op::LinearCrossEntropyGradW));
+                let prefix = node.label.rsplit_once('.').map_or(&node.label[..], |p| p.0);
+                let (dh, dw) =
+                    chunks.backward(&args, dh_old.is_some(), dw_old.is_some(), prefix)?;
+                for (old, new) in [(dh_old, dh), (dw_old, dw)] {
+                    if let (Some(old), Some(new)) = (old, new) {
+                        map.insert(old, new);
+                    }
+                }
+            }
+            _ => {
+                let new = out.g.add_node(node.clone());
+                for (slot, &a) in args.iter().enumerate() {
+                    out.g.add_edge(a, new, slot);
+                }
+                map.insert(id, new);
+            }
+        }
+    }
+    out.outputs = graph
+        .outputs
+        .iter()
+        .map(|(name, id)| (name.clone(), map[id]))
+        .collect();
+    Ok(out)
+}
+
+/// The graph being rebuilt and the chunking of one fused head over `n` token rows.
+struct Chunks<'g> {
+    g: &'g mut Graph,
+    n: usize,
+    rows: usize,
+}
+
+impl Chunks<'_> {
+    /// `(index, start, len)` of every chunk.
+    fn each(&self) -> Vec<(usize, usize, usize)> {
+        (0..self.n)
+            .step_by(self.rows)
+            .enumerate()
+            .map(|(i, start)| (i, start, self.rows.min(self.n - start)))
+            .collect()
+    }
+
+    /// Rows `start..start + len` of `x` (`x` itself when that is all of it).
+    fn rows_of(
+        &mut self,
+        x: NodeId,
+        start: usize,
+        len: usize,
+        label: String,
+    ) -> Result<NodeId, IrError> {
+        if len == self.n {
+            return Ok(x);
+        }
+        self.g.add(Op::SliceRows { start, len }, &[x], label)
+    }
+
+    /// `x · len / N`: a chunk's share of a mean over all rows (`x` itself for a single chunk).
+    fn share(&mut self, x: NodeId, len: usize, label: String) -> Result<NodeId, IrError> {
+        if len == self.n {
+            return Ok(x);
+        }
+        let mul = (len as f64 / self.n as f64) as f32;
+        self.g.add(Op::Affine { mul, add: 0.0 }, &[x], label)
+    }
+
+    /// `acc ∘ part`, or `part` for the first chunk.
+    fn fold(
+        &mut self,
+        acc: Option<NodeId>,
+        part: NodeId,
+        op: Op,
+        label: String,
+    ) -> Result<NodeId, IrError> {
+        match acc {
+            None => Ok(part),
+            Some(acc) => self.g.add(op, &[acc, part], label),
+        }
+    }
+
+    /// The chunk's `(h rows, target rows, logits)`.
+    fn logits(
+        &mut self,
+        args: &[NodeId],
+        start: usize,
+        len: usize,
+        l: &dyn Fn(&str) -> String,
+    ) -> Result<(NodeId, NodeId, NodeId), IrError> {
+        let h = self.rows_of(args[0], start, len, l("h"))?;
+        let t = self.rows_of(args[2], start, len, l("targets"))?;
+        let logits = self
+            .g
+            .add(Op::MatMul { trans_b: true }, &[h, args[1]], l("logits"))?;
+        Ok((h, t, logits))
+    }
+
+    /// `LinearCrossEntropy(h, w, targets)` as the weighted sum of the chunks' mean losses.
+    fn forward(&mut self, args: &[NodeId], label: &str) -> Result<NodeId, IrError> {
+        let mut ce = None;
+        for (i, start, len) in self.each() {
+            let l = |part: &str| format!("{label}.chunk{i}.{part}");
+            let (_, t, logits) = self.logits(args, start, len, &l)?;
+            let part = self.g.add(Op::CrossEntropy, &[logits, t], l("ce"))?;
+            let part = self.share(part, len, l("share"))?;
+            ce = Some(self.fold(ce, part, Op::Binary(BinaryOp::Add), l("sum"))?);
+        }
+        Ok(ce.expect("a fused head has at least one row"))
+    }
+
+    /// The adjoints `(dh, dw)` of `LinearCrossEntropy(h, w, targets)` under `g` (`args` =
+    /// `h, w, targets, g`), each only when wanted.
+    fn backward(
+        &mut self,
+        args: &[NodeId],
+        want_h: bool,
+        want_w: bool,
+        label: &str,
+    ) -> Result<(Option<NodeId>, Option<NodeId>), IrError> {
+        let (mut dh, mut dw) = (None, None);
+        for (i, start, len) in self.each() {
+            let l = |part: &str| format!("{label}.chunk{i}.{part}");
+            let (h, t, logits) = self.logits(args, start, len, &l)?;
+            let g = self.share(args[3], len, l("seed"))?;
+            let dlogits = self
+                .g
+                .add(Op::CrossEntropyGrad, &[logits, t, g], l("dlogits"))?;
+            if want_h {
+                let part =
+                    self.g
+                        .add(Op::MatMul { trans_b: false }, &[dlogits, args[1]], l("dh"))?;
+                dh = Some(self.fold(dh, part, Op::ConcatRows, l("dh_rows"))?);
+            }
+            if want_w {
+                let gt =
+                    self.g
+                        .add(Op::Permute { perm: vec![1, 0] }, &[dlogits], l("dlogits_t"))?;
+                let part = self
+                    .g
+                    .add(Op::MatMul { trans_b: false }, &[gt, h], l("dw"))?;
+                dw = Some(self.fold(dw, part, Op::Binary(BinaryOp::Add), l("dw_sum"))?);
+            }
+        }
+        Ok((dh, dw))
+    }
+}
