@@ -11,6 +11,7 @@ pub mod interp;
 pub mod ir;
 pub mod lower;
 pub mod plan;
+pub mod recompute;
 pub mod spec;
 pub mod stats;
 
@@ -18,7 +19,7 @@ use emit::Target;
 use fuse::{FuseOptions, Fused};
 use ir::Graph;
 use plan::Plan;
-use spec::Spec;
+use spec::{Recompute, Spec};
 
 /// Everything after `check` failed: lowering or emitting.
 #[derive(Debug, thiserror::Error)]
@@ -57,8 +58,9 @@ pub fn compile(
     Ok(Compiled { graph, fused, plan })
 }
 
-/// Spec → forward Graph → training graph (forward + backward, [`autodiff::training_graph`]) → kernel
-/// groups → Plan: what `moec train` runs each micro-step. Besides the forward outputs the plan has
+/// Spec → forward Graph → training graph (forward + backward, [`autodiff::training_graph`]; with
+/// `train.recompute`, the chosen activations recomputed in the backward, [`recompute::recompute`]) →
+/// kernel groups → Plan: what `moec train` runs each micro-step. Besides the forward outputs the plan has
 /// the input `grad_seed` and one output `grad.<param>` per parameter that reaches the loss; the
 /// optimizer update is not in the plan (the runtime's optimizer kernels run after it in the same
 /// submission, with state the plan does not know about).
@@ -70,6 +72,8 @@ pub fn compile_training(
 ) -> Result<Compiled, CompileError> {
     let forward = lower::lower(spec, batch)?;
     let graph = autodiff::training_graph(&forward)?;
+    let level = spec.train.as_ref().map_or(Recompute::None, |t| t.recompute);
+    let graph = recompute::recompute(graph, forward.g.node_count(), level);
     let options = if fusion {
         FuseOptions::for_target(target)
     } else {

@@ -135,6 +135,7 @@ fn optimizer_state_and_unlowered_families() {
         schedule: Schedule::Constant,
         clip: None,
         precision: Precision::F32,
+        recompute: Recompute::None,
         seed: 0,
         eval: Every {
             every: 100,
@@ -174,7 +175,7 @@ fn optimizer_state_and_unlowered_families() {
     // embed 40 + 2 layers · (4·4·4 + 4·4·4 + 8·4) + head 40
     assert_eq!(st.total_params, 40 + 2 * 160 + 40);
     assert!(st.memory.activations.as_ref().unwrap_err().contains("lstm"));
-    assert!(st.to_string().contains("unknown"));
+    assert!(st.memory.to_string().contains("unknown"));
 }
 
 #[test]

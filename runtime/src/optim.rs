@@ -135,6 +135,30 @@ impl OptimSettings {
         }
     }
 
+    /// Bytes [`Optimizer`] allocates for one trained parameter of this shape: its state (m and v,
+    /// momentum, x z v, Adafactor's moments and scratch), the accumulated gradient with
+    /// `accumulate > 1`, and its info block. The memory report (`crate::memory`) adds these up
+    /// before any buffer exists.
+    pub fn param_bytes(&self, shape: &[usize]) -> u64 {
+        let numel = shape.iter().product::<usize>() as u64;
+        let state = match Layout::of(&self.optimizer) {
+            Layout::Elementwise(suffixes) => 4 * numel * suffixes.len() as u64,
+            Layout::Adafactor => {
+                let (matrices, rows, cols, _) = factoring(shape);
+                let chunks = ((rows * cols) as u64)
+                    .div_ceil(SUMSQ_CHUNK)
+                    .clamp(1, MAX_RMS_CHUNKS);
+                let moments: usize = adafactor_states(shape)
+                    .iter()
+                    .map(|(_, s)| s.iter().product::<usize>())
+                    .sum();
+                4 * moments as u64 + 4 * matrices as u64 * (1 + chunks)
+            }
+        };
+        let accumulated = if self.accumulate > 1 { 4 * numel } else { 0 };
+        state + accumulated + std::mem::size_of::<ParamInfo>() as u64
+    }
+
     /// The optimizer's base learning rate.
     pub fn base_lr(&self) -> f64 {
         match self.optimizer {
@@ -289,6 +313,20 @@ enum Layout {
     Adafactor,
 }
 
+impl Layout {
+    fn of(optimizer: &OptimizerSpec) -> Layout {
+        match optimizer {
+            OptimizerSpec::AdamW { .. } => Layout::Elementwise(&["m", "v"]),
+            OptimizerSpec::Sgd { momentum, .. } if *momentum != 0.0 => {
+                Layout::Elementwise(&["momentum_buffer"])
+            }
+            OptimizerSpec::Sgd { .. } => Layout::Elementwise(&[]),
+            OptimizerSpec::ScheduleFreeAdamW { .. } => Layout::Elementwise(&["x", "z", "v"]),
+            OptimizerSpec::Adafactor { .. } => Layout::Adafactor,
+        }
+    }
+}
+
 /// The optimizer of one training run, bound to the plan's parameter and gradient buffers.
 pub struct Optimizer<'g> {
     gpu: &'g Gpu,
@@ -399,7 +437,8 @@ impl<'g> Optimizer<'g> {
                 lit(eps)
             )
         };
-        let (consts, stages, layout, wd): (String, Vec<(&str, String)>, Layout, f64) =
+        let layout = Layout::of(&settings.optimizer);
+        let (consts, stages, wd): (String, Vec<(&str, String)>, f64) =
             match settings.optimizer {
                 OptimizerSpec::AdamW {
                     betas,
@@ -409,19 +448,16 @@ impl<'g> Optimizer<'g> {
                 } => (
                     adam_consts(betas, eps),
                     vec![("optim_adamw", ADAMW.into())],
-                    Layout::Elementwise(&["m", "v"]),
                     weight_decay,
                 ),
                 OptimizerSpec::Sgd { momentum, .. } if momentum != 0.0 => (
                     format!("const MOMENTUM: f32 = {};\n", lit(momentum)),
                     vec![("optim_sgd", SGD.into())],
-                    Layout::Elementwise(&["momentum_buffer"]),
                     0.0,
                 ),
                 OptimizerSpec::Sgd { .. } => (
                     String::new(),
                     vec![("optim_sgd_plain", SGD_PLAIN.into())],
-                    Layout::Elementwise(&[]),
                     0.0,
                 ),
                 OptimizerSpec::ScheduleFreeAdamW {
@@ -432,7 +468,6 @@ impl<'g> Optimizer<'g> {
                 } => (
                     adam_consts(betas, eps),
                     vec![("optim_schedule_free", SCHEDULE_FREE.into())],
-                    Layout::Elementwise(&["x", "z", "v"]),
                     weight_decay,
                 ),
                 OptimizerSpec::Adafactor { eps, .. } => (
@@ -452,7 +487,6 @@ impl<'g> Optimizer<'g> {
                         ),
                         ("optim_adafactor", format!("{ADAFACTOR_COMMON}{ADAFACTOR}")),
                     ],
-                    Layout::Adafactor,
                     0.0,
                 ),
             };
@@ -748,25 +782,6 @@ impl<'g> Optimizer<'g> {
 
     pub fn settings(&self) -> &OptimSettings {
         &self.settings
-    }
-
-    /// Bytes of the optimizer's per-parameter GPU buffers: its state tensors (m, v, momentum, x, z,
-    /// Adafactor's moments) and, with `accumulate > 1`, the accumulated gradients. The scalars, stats, info and clip-partials
-    /// buffers (bytes to kilobytes) are left out.
-    pub fn buffer_bytes(&self) -> u64 {
-        let accumulated = if self.settings.accumulate > 1 { 1 } else { 0 };
-        self.slots
-            .iter()
-            .filter(|s| s.kernels.is_some())
-            .map(|s| {
-                4 * (s
-                    .state
-                    .iter()
-                    .map(|st| st.shape.iter().product::<usize>())
-                    .sum::<usize>()
-                    + accumulated * s.numel) as u64
-            })
-            .sum()
     }
 
     fn is_schedule_free(&self) -> bool {
