@@ -144,12 +144,7 @@ fn time(loaded: &Loaded, args: &Args, fusion: bool, gpu: &Gpu) -> Result<Row> {
             median_ms: median * 1e3,
             tokens_per_s: tokens / median.max(1e-12),
             dispatches: training.plan.dispatches.len() * accumulate,
-            bytes: MemoryReport::training(
-                &training.plan,
-                &forward.plan,
-                &settings,
-            )
-            .total(),
+            bytes: MemoryReport::training(&training.plan, &forward.plan, &settings).total(),
             gflops: flops / median.max(1e-12) / 1e9,
         })
     })();

@@ -34,9 +34,9 @@ pub fn run(loaded: &Loaded, adapter: &Adapter) -> Result<()> {
             return Ok(());
         }
         Err(e) => {
-            return Err(e).into_diagnostic().map_err(|e| {
-                e.wrap_err(format!("`{}` cannot run on {}", spec.name, adapter.name))
-            })
+            return Err(e)
+                .into_diagnostic()
+                .map_err(|e| e.wrap_err(format!("`{}` cannot run on {}", spec.name, adapter.name)))
         }
     };
     let m = &st.memory;

@@ -457,7 +457,8 @@ fn main() -> Result<()> {
 
 /// `16GiB`, `512 MiB`, `2e9`: a size in bytes for `--memory`.
 fn parse_bytes(text: &str) -> std::result::Result<u64, String> {
-    parse_size::parse_size(text).map_err(|e| format!("`{text}` is not a size ({e}); write e.g. 16GiB"))
+    parse_size::parse_size(text)
+        .map_err(|e| format!("`{text}` is not a size ({e}); write e.g. 16GiB"))
 }
 
 fn write_build(dir: &Path, compiled: &Compiled) -> Result<()> {

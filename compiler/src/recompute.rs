@@ -33,7 +33,9 @@ pub fn recompute(graph: Graph, forward_nodes: usize, level: Recompute) -> Graph 
     let region_of: HashMap<NodeId, String> = graph
         .g
         .node_indices()
-        .filter(|&n| is_forward(n) && !matches!(graph.node(n).op, Op::Param { .. } | Op::Input { .. }))
+        .filter(|&n| {
+            is_forward(n) && !matches!(graph.node(n).op, Op::Param { .. } | Op::Input { .. })
+        })
         .filter_map(|n| region(&graph.node(n).label, level).map(|r| (n, r)))
         .collect();
     let recomputable: HashSet<NodeId> = region_of
@@ -168,6 +170,9 @@ mod tests {
         );
         assert_eq!(region("model.norm.scale", Recompute::Block), None);
         assert_eq!(region("model.layers.x.foo", Recompute::Block), None);
-        assert_eq!(region("model.layers.1.self_attnx.q", Recompute::Attention), None);
+        assert_eq!(
+            region("model.layers.1.self_attnx.q", Recompute::Attention),
+            None
+        );
     }
 }

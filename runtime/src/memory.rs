@@ -106,11 +106,7 @@ impl fmt::Display for MemoryReport {
 
 /// The report for `spec` as `moec train` would run it on `target` (fused), batch `batch`: the
 /// training and eval plans when the spec has a `train` block, else the forward plan alone.
-pub fn for_spec(
-    spec: &Spec,
-    batch: usize,
-    target: &Target,
-) -> Result<MemoryReport, CompileError> {
+pub fn for_spec(spec: &Spec, batch: usize, target: &Target) -> Result<MemoryReport, CompileError> {
     let forward = moec_compiler::compile(spec, batch, target, true)?.plan;
     Ok(match &spec.train {
         Some(train) => {

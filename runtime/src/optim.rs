@@ -438,58 +438,57 @@ impl<'g> Optimizer<'g> {
             )
         };
         let layout = Layout::of(&settings.optimizer);
-        let (consts, stages, wd): (String, Vec<(&str, String)>, f64) =
-            match settings.optimizer {
-                OptimizerSpec::AdamW {
-                    betas,
-                    eps,
-                    weight_decay,
-                    ..
-                } => (
-                    adam_consts(betas, eps),
-                    vec![("optim_adamw", ADAMW.into())],
-                    weight_decay,
+        let (consts, stages, wd): (String, Vec<(&str, String)>, f64) = match settings.optimizer {
+            OptimizerSpec::AdamW {
+                betas,
+                eps,
+                weight_decay,
+                ..
+            } => (
+                adam_consts(betas, eps),
+                vec![("optim_adamw", ADAMW.into())],
+                weight_decay,
+            ),
+            OptimizerSpec::Sgd { momentum, .. } if momentum != 0.0 => (
+                format!("const MOMENTUM: f32 = {};\n", lit(momentum)),
+                vec![("optim_sgd", SGD.into())],
+                0.0,
+            ),
+            OptimizerSpec::Sgd { .. } => (
+                String::new(),
+                vec![("optim_sgd_plain", SGD_PLAIN.into())],
+                0.0,
+            ),
+            OptimizerSpec::ScheduleFreeAdamW {
+                betas,
+                eps,
+                weight_decay,
+                ..
+            } => (
+                adam_consts(betas, eps),
+                vec![("optim_schedule_free", SCHEDULE_FREE.into())],
+                weight_decay,
+            ),
+            OptimizerSpec::Adafactor { eps, .. } => (
+                format!(
+                    "const EPS: f32 = {};\nconst CLIP_THRESHOLD: f32 = {};\n",
+                    lit(eps),
+                    lit(CLIP_THRESHOLD)
                 ),
-                OptimizerSpec::Sgd { momentum, .. } if momentum != 0.0 => (
-                    format!("const MOMENTUM: f32 = {};\n", lit(momentum)),
-                    vec![("optim_sgd", SGD.into())],
-                    0.0,
-                ),
-                OptimizerSpec::Sgd { .. } => (
-                    String::new(),
-                    vec![("optim_sgd_plain", SGD_PLAIN.into())],
-                    0.0,
-                ),
-                OptimizerSpec::ScheduleFreeAdamW {
-                    betas,
-                    eps,
-                    weight_decay,
-                    ..
-                } => (
-                    adam_consts(betas, eps),
-                    vec![("optim_schedule_free", SCHEDULE_FREE.into())],
-                    weight_decay,
-                ),
-                OptimizerSpec::Adafactor { eps, .. } => (
-                    format!(
-                        "const EPS: f32 = {};\nconst CLIP_THRESHOLD: f32 = {};\n",
-                        lit(eps),
-                        lit(CLIP_THRESHOLD)
+                vec![
+                    (
+                        "optim_adafactor_moments",
+                        format!("{WORKGROUP_SUM}{ADAFACTOR_MOMENTS}"),
                     ),
-                    vec![
-                        (
-                            "optim_adafactor_moments",
-                            format!("{WORKGROUP_SUM}{ADAFACTOR_MOMENTS}"),
-                        ),
-                        (
-                            "optim_adafactor_rms",
-                            format!("{WORKGROUP_SUM}{ADAFACTOR_COMMON}{ADAFACTOR_RMS}"),
-                        ),
-                        ("optim_adafactor", format!("{ADAFACTOR_COMMON}{ADAFACTOR}")),
-                    ],
-                    0.0,
-                ),
-            };
+                    (
+                        "optim_adafactor_rms",
+                        format!("{WORKGROUP_SUM}{ADAFACTOR_COMMON}{ADAFACTOR_RMS}"),
+                    ),
+                    ("optim_adafactor", format!("{ADAFACTOR_COMMON}{ADAFACTOR}")),
+                ],
+                0.0,
+            ),
+        };
 
         // `expert_lr = adaptive`: each layer's multipliers at Stats.lr_scale[offset..offset + E],
         // after the constant 1 at index 0.

@@ -327,7 +327,9 @@ fn model_feeds(g: &Graph, vocab: u32, seed: u64) -> HashMap<String, Value> {
     for (_, name, ty) in g.data_inputs() {
         if name.starts_with("jitter.") {
             // Switch jitter: U(1 - ε, 1 + ε), ε = 0.1.
-            let v = (0..ty.numel()).map(|_| rng.random_range(0.9..1.1)).collect();
+            let v = (0..ty.numel())
+                .map(|_| rng.random_range(0.9..1.1))
+                .collect();
             feeds.insert(name, Value::F32(v));
             continue;
         }
@@ -409,7 +411,10 @@ fn moe_training_graph_matches_interpreter() {
 /// `MOE` with Switch jitter on the router input: a random graph input the recomputed router must
 /// read exactly as the forward pass did.
 fn moe_with_jitter() -> String {
-    MOE.replace("balance = aux(0.5) + z(0.1)", "balance = aux(0.5) + z(0.1)\n    jitter = 0.1")
+    MOE.replace(
+        "balance = aux(0.5) + z(0.1)",
+        "balance = aux(0.5) + z(0.1)\n    jitter = 0.1",
+    )
 }
 
 /// Every recompute level: the recomputed training graph against the interpreter (as above), and
@@ -433,11 +438,10 @@ fn recomputed_training_graphs_match_interpreter_and_no_recompute() {
         .into();
     for level in [Recompute::Attention, Recompute::Moe, Recompute::Block] {
         let g = recompute(plain.clone(), forward.g.node_count(), level);
-        let clones = g
-            .g
-            .node_indices()
-            .filter(|&n| g.node(n).label.starts_with("recompute."))
-            .count();
+        let clones =
+            g.g.node_indices()
+                .filter(|&n| g.node(n).label.starts_with("recompute."))
+                .count();
         assert!(clones > 0, "{level:?}: nothing recomputed");
         compare(&g, &feeds, &|reference, scale| {
             MODEL_REL * reference + MODEL_FLOOR * scale
@@ -450,7 +454,10 @@ fn recomputed_training_graphs_match_interpreter_and_no_recompute() {
                 for (w, h) in want.iter().zip(&got[name]) {
                     let diff = (w - h).abs();
                     largest = largest.max(diff / scale.max(f64::MIN_POSITIVE));
-                    assert!(diff <= 1e-6 * scale, "{level:?} {name} (fused = {fused}): {h} vs {w}");
+                    assert!(
+                        diff <= 1e-6 * scale,
+                        "{level:?} {name} (fused = {fused}): {h} vs {w}"
+                    );
                 }
             }
         }

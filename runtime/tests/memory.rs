@@ -116,7 +116,10 @@ fn reported_peak_is_what_the_runtime_allocates() {
             (none.weights, none.grads, none.optimizer),
             "{what}"
         );
-        assert!(r.activations < none.activations, "{what}: {r:?} vs {none:?}");
+        assert!(
+            r.activations < none.activations,
+            "{what}: {r:?} vs {none:?}"
+        );
     }
 }
 
@@ -138,7 +141,11 @@ fn the_seed_sized_moe_fits_the_issue_budget() {
         let mut s = spec.clone();
         s.train.as_mut().unwrap().recompute = level;
         let r = moec_runtime::memory::for_spec(&s, 2, &target).unwrap();
-        eprintln!("recompute {}: {:.2} GiB ({r:?})", level.name(), gib(r.total()));
+        eprintln!(
+            "recompute {}: {:.2} GiB ({r:?})",
+            level.name(),
+            gib(r.total())
+        );
         assert!(gib(r.total()) <= budget, "{}: {r:?}", level.name());
         assert!(gib(r.weights + r.grads + r.optimizer) < 7.95, "{r:?}");
     }
