@@ -31,8 +31,12 @@
 //!   needs `top_k <= top_groups * M`.
 //! - `cv2(load = b)` with `b > 0` needs `gate = noisy_top_k` (the smooth load estimator uses the noise);
 //!   `bias(...)` needs a token-choice gate.
-//! - `text(...)` needs `vocab >= 256`; `cifar10(...)` needs `family = mlp`, `inputs = 3072` and
-//!   `classes = 10`; the data must hold at least one sequence of `context + 1` tokens.
+//! - `text(...)` needs `vocab >= 256`; `cifar10(...)` needs `family = mlp`, `inputs = 3072` (or
+//!   `family = lstm`, `inputs = 96`, `context = 32`: rows of pixels) and `classes = 10`; the data must
+//!   hold at least one sequence of `context + 1` tokens.
+//! - An `lstm` model with `vocab` is a language model (no `inputs`/`classes`, no `bidirectional`: it
+//!   would see the token it predicts); without one it is a sequence classifier (`inputs`, `classes`,
+//!   `context` steps). Its default MoE placement is after every LSTM layer but the last.
 //!
 //! Arithmetic (`hidden = 4 * dim`) may use `+ - * /`, parentheses and the model's numeric fields
 //! written as plain numbers.
@@ -86,6 +90,7 @@ const MODEL_FIELDS: &[&str] = &[
     "ffn",
     "bidirectional",
     "tie_embeddings",
+    "qk_norm",
 ];
 const MOE_FIELDS: &[&str] = &[
     "every",
@@ -288,7 +293,12 @@ impl Checker {
             Family::Lstm => "lstm",
             Family::Mlp => "mlp",
         };
-        let is_lm = family != Family::Mlp;
+        // An `lstm` model is a language model when it has a vocabulary, else a sequence classifier.
+        let is_lm = match family {
+            Family::Transformer => true,
+            Family::Lstm => fs.get("vocab").is_some() || fs.get("inputs").is_none(),
+            Family::Mlp => false,
+        };
         // Fields a family does not use, with the families that do.
         let only: &[(&str, &[Family], &str)] = &[
             ("heads", &[Family::Transformer], "`family = transformer`"),
@@ -299,6 +309,7 @@ impl Checker {
                 "`family = transformer`",
             ),
             ("bidirectional", &[Family::Lstm], "`family = lstm`"),
+            ("qk_norm", &[Family::Transformer], "`family = transformer`"),
             (
                 "vocab",
                 &[Family::Transformer, Family::Lstm],
@@ -314,8 +325,16 @@ impl Checker {
                 &[Family::Transformer, Family::Lstm],
                 "language models (`transformer`, `lstm`)",
             ),
-            ("inputs", &[Family::Mlp], "`family = mlp`"),
-            ("classes", &[Family::Mlp], "`family = mlp`"),
+            (
+                "inputs",
+                &[Family::Mlp, Family::Lstm],
+                "classifiers (`mlp`, `lstm`)",
+            ),
+            (
+                "classes",
+                &[Family::Mlp, Family::Lstm],
+                "classifiers (`mlp`, `lstm`)",
+            ),
         ];
         for (name, families, who) in only {
             if let Some(f) = fs.get(name) {
@@ -345,14 +364,21 @@ impl Checker {
                 )
                 .with_label("too many blocks"));
         }
-        let (vocab, context) = if is_lm {
-            let v = self.positive(&req("vocab", "vocab = 256")?.value, "vocab", env)?;
-            let c = self.positive(&req("context", "context = 128")?.value, "context", env)?;
-            (Some(v), Some(c))
+        if let (Family::Lstm, true) = (family, is_lm) {
+            self.lstm_lm_fields(fs)?;
+        }
+        let vocab = if is_lm {
+            Some(self.positive(&req("vocab", "vocab = 256")?.value, "vocab", env)?)
         } else {
-            (None, None)
+            None
         };
-        let (inputs, classes) = if family == Family::Mlp {
+        // Sequence length: of every LM, and the time steps of an `lstm` classifier.
+        let context = if is_lm || family == Family::Lstm {
+            Some(self.positive(&req("context", "context = 128")?.value, "context", env)?)
+        } else {
+            None
+        };
+        let (inputs, classes) = if !is_lm {
             let i = self.positive(&req("inputs", "inputs = 3072")?.value, "inputs", env)?;
             let f = req("classes", "classes = 10")?;
             let c = self.positive(&f.value, "classes", env)?;
@@ -445,6 +471,10 @@ impl Checker {
             Some(f) => self.boolean(&f.value, "tie_embeddings")?,
             None => false,
         };
+        let qk_norm = match fs.get("qk_norm") {
+            Some(f) => self.boolean(&f.value, "qk_norm")?,
+            None => false,
+        };
         Ok(Model {
             family,
             vocab,
@@ -460,7 +490,30 @@ impl Checker {
             ffn,
             bidirectional,
             tie_embeddings,
+            qk_norm,
         })
+    }
+
+    /// Fields an `lstm` language model must not have: classifier fields, and `bidirectional = true`
+    /// (the reverse direction would read the very token each position predicts).
+    fn lstm_lm_fields(&self, fs: &Fields) -> Result<()> {
+        for name in ["inputs", "classes"] {
+            if let Some(f) = fs.get(name) {
+                return Err(self
+                    .err(f.name.span, format!("`{name}` is a classifier field, but this `lstm` model has a `vocab`"))
+                    .with_label("an `lstm` model is a language model (`vocab`) or a sequence classifier (`inputs`, `classes`), not both")
+                    .with_help("remove `vocab` for a classifier, or this field for a language model"));
+            }
+        }
+        if let Some(f) = fs.get("bidirectional") {
+            if let ExprKind::Bool(true) = f.value.kind {
+                return Err(self
+                    .err(f.value.span, "a bidirectional language model would see the token it predicts")
+                    .with_label("the reverse direction reads position t + 1, the target of position t")
+                    .with_help("use `bidirectional = true` for sequence classifiers (`inputs`, `classes`), or remove it"));
+            }
+        }
+        Ok(())
     }
 
     /// `swiglu(hidden = H)`, `gelu(H)`, `relu` (default hidden).
@@ -616,9 +669,21 @@ impl Checker {
                             .with_help("use `experts = 0` for a dense model"));
                     }
                 }
-                let b: Vec<usize> = (first_dense..model.layers)
+                // The `lstm` family's default (LANGUAGE.md): an MoE after every LSTM layer but the last.
+                let last = if model.family == Family::Lstm && every_field.is_none() {
+                    model.layers - 1
+                } else {
+                    model.layers
+                };
+                let b: Vec<usize> = (first_dense..last)
                     .filter(|i| (i + 1) % every == 0)
                     .collect();
+                if b.is_empty() && last < model.layers {
+                    return Err(self
+                        .err(block.header, format!("an `lstm` model places its MoE layers between LSTM layers by default, which leaves none here ({} layers, `first_dense = {first_dense}`)", model.layers))
+                        .with_label("no MoE layer")
+                        .with_help("name the blocks with `layers = [...]` (an MoE after LSTM layer i), or add layers"));
+                }
                 if b.is_empty() {
                     let span = every_field.map_or(block.header, |f| f.value.span);
                     return Err(self
@@ -1169,14 +1234,23 @@ impl Checker {
 
     fn data(&self, e: &Expr, model: &Model, seed: u64, env: &Env) -> Result<Data> {
         let c = self.call_form(e, "data", &["text", "tokens", "cifar10", "synthetic"])?;
+        // Classifiers: `mlp`, and `lstm` without a vocabulary (a sequence classifier).
+        let classifier = model.vocab.is_none();
         let lm_only = |kind: &str| -> Result<()> {
-            if model.family == Family::Mlp {
+            if classifier {
                 return Err(self
                     .err(
                         c.span,
-                        format!("`{kind}(...)` is language-model data, but this is an `mlp` model"),
+                        format!(
+                            "`{kind}(...)` is language-model data, but this is {}",
+                            if model.family == Family::Mlp {
+                                "an `mlp` model"
+                            } else {
+                                "an `lstm` sequence classifier (no `vocab`)"
+                            }
+                        ),
                     )
-                    .with_label("needs `family = transformer` or `lstm`")
+                    .with_label("needs `family = transformer` or `lstm` with a `vocab`")
                     .with_help(
                         "an `mlp` trains on `cifar10(\"dir\")` or `synthetic(kind = classes)`",
                     ));
@@ -1246,12 +1320,15 @@ impl Checker {
                 let dir =
                     self.required_arg(dir, &c, "dir", "cifar10(\"data/cifar-10-batches-bin\")")?;
                 let (text, span) = (self.string(dir, "dir")?, dir.span);
-                if model.family != Family::Mlp
-                    || model.inputs != Some(3072)
-                    || model.classes != Some(10)
-                {
+                // An `lstm` reads each image row by row: 32 steps of 32 pixels × RGB.
+                let fits = match model.family {
+                    Family::Mlp => model.inputs == Some(3072),
+                    Family::Lstm => model.inputs == Some(96) && model.context == Some(32),
+                    Family::Transformer => false,
+                };
+                if !fits || model.classes != Some(10) {
                     return Err(self
-                        .err(c.span, "`cifar10(...)` needs `family = mlp` with `inputs = 3072` (32×32×3) and `classes = 10`")
+                        .err(c.span, "`cifar10(...)` needs `family = mlp` with `inputs = 3072` (32×32×3), or `family = lstm` with `inputs = 96` and `context = 32` (rows of 32 RGB pixels), and `classes = 10`")
                         .with_label("does not match the model")
                         .with_help("set `family = mlp`, `inputs = 3072` and `classes = 10` in the `model` block"));
                 }
@@ -1271,10 +1348,9 @@ impl Checker {
                                 ("classes", SyntheticKind::Classes),
                             ],
                         )?;
-                        let is_mlp = model.family == Family::Mlp;
-                        if is_mlp != (kind == SyntheticKind::Classes) {
-                            let want = if is_mlp {
-                                "`classes` for an `mlp`"
+                        if classifier != (kind == SyntheticKind::Classes) {
+                            let want = if classifier {
+                                "`classes` for a classifier"
                             } else {
                                 "`copy` or `markov` for a language model"
                             };
@@ -1284,7 +1360,7 @@ impl Checker {
                         }
                         kind
                     }
-                    None if model.family == Family::Mlp => SyntheticKind::Classes,
+                    None if classifier => SyntheticKind::Classes,
                     None => SyntheticKind::Copy,
                 };
                 let seed = match data_seed {
@@ -1957,6 +2033,7 @@ model full {
   rope_theta = 500000
   ffn = gelu(hidden = 4 * dim)
   tie_embeddings = true
+  qk_norm = true
   moe {
     layers = [5, 1, 3]
     first_dense = 1
@@ -2015,6 +2092,7 @@ train {
                 },
                 bidirectional: false,
                 tie_embeddings: true,
+                qk_norm: true,
             },
             moe: Some(Moe {
                 blocks: vec![1, 3, 5],

@@ -21,6 +21,7 @@ mod alloc;
 mod blocked;
 mod grad;
 mod kernels;
+mod lstm;
 
 use crate::fuse::{base, Fused};
 use crate::ir::{DType, Graph, NodeId, Op};

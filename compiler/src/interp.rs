@@ -17,6 +17,8 @@ use std::collections::HashMap;
 use std::fmt::Debug;
 use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
 
+mod lstm;
+
 /// A host tensor: the flat, row-major elements of one node's value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
@@ -695,6 +697,12 @@ fn eval_node<F: Float>(
             }
             Ok(Tensor::F(out))
         }
+        Op::LstmScan { .. }
+        | Op::LstmHidden
+        | Op::LstmScanGrad { .. }
+        | Op::LstmScanGradW { .. }
+        | Op::LstmLast { .. }
+        | Op::LstmLastGrad { .. } => lstm::eval(ctx, ty, args, arg_tys),
         _ => eval_grad_op(ctx, ty, args, arg_tys),
     }
 }
@@ -1142,7 +1150,7 @@ pub fn route_with(
     layout: &RouteLayout,
 ) -> Result<Vec<u32>, u32> {
     let (e_n, tile) = (layout.experts, layout.tile.max(1));
-    let mut table = vec![0u32; layout.len()];
+    let mut table = vec![0u32; layout.table_len()];
     let mut slots: Vec<Vec<usize>> = vec![Vec::new(); e_n];
     for (s, &e) in idx.iter().enumerate() {
         if e == RouteLayout::NONE {

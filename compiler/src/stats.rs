@@ -262,37 +262,45 @@ fn param_shapes(spec: &Spec) -> (Vec<P>, Vec<MoeBlockStats>) {
                 kind: Kind::Matmul,
             });
         }
-        // Not lowered yet: PyTorch LSTM layers (weight_ih, weight_hh, two biases per direction),
-        // MoE after block i at width `dim`, an LM head. An estimate until `lower` defines the layout.
+        // PyTorch LSTM layers (lower/lstm.rs): W_ih, W_hh and two biases per direction, an MoE at the
+        // layer's output width after each MoE block, then the LM head or the classifier.
         Family::Lstm => {
             let dirs = if m.bidirectional { 2 } else { 1 };
-            ps.push(P {
-                shape: vec![m.vocab.unwrap_or(0), d],
-                kind: Kind::Embedding,
-            });
+            let first_in = match m.vocab {
+                Some(v) => {
+                    ps.push(P {
+                        shape: vec![v, d],
+                        kind: Kind::Embedding,
+                    });
+                    d
+                }
+                None => m.inputs.unwrap_or(0),
+            };
             for i in 0..m.layers {
-                let inp = if i == 0 { d } else { d * dirs };
+                let inp = if i == 0 { first_in } else { d * dirs };
                 for _ in 0..dirs {
-                    ps.push(P {
-                        shape: vec![4 * d, inp],
-                        kind: Kind::Matmul,
-                    });
-                    ps.push(P {
-                        shape: vec![4 * d, d],
-                        kind: Kind::Matmul,
-                    });
-                    ps.push(P {
-                        shape: vec![8 * d],
-                        kind: Kind::Norm,
-                    });
+                    for shape in [vec![4 * d, inp], vec![4 * d, d], vec![4 * d], vec![4 * d]] {
+                        ps.push(P {
+                            shape,
+                            kind: Kind::Matmul,
+                        });
+                    }
                 }
                 if is_moe(i) {
-                    ffn_or_moe(i, d, &mut ps);
+                    ffn_or_moe(i, d * dirs, &mut ps);
                 }
             }
-            if !m.tie_embeddings {
+            let head = match m.vocab {
+                Some(_) if m.tie_embeddings => vec![],
+                Some(v) => vec![vec![v, d * dirs]],
+                None => {
+                    let classes = m.classes.unwrap_or(0);
+                    vec![vec![classes, d * dirs], vec![classes]]
+                }
+            };
+            for shape in head {
                 ps.push(P {
-                    shape: vec![m.vocab.unwrap_or(0), d * dirs],
+                    shape,
                     kind: Kind::Matmul,
                 });
             }

@@ -1,6 +1,6 @@
 //! Gradient check of whole lowered models: `autodiff::training_graph` of small specs (MoE
 //! transformers with GQA, shared experts and aux + z / seq_aux balancing, a dense transformer, a
-//! top-1 Switch MoE classifier), run in the f64 interpreter, against central finite differences of
+//! top-1 Switch MoE classifier, a QK-norm transformer), run in the f64 interpreter, against central finite differences of
 //! the forward graph on EVERY coordinate of every parameter (the models are small enough: a few
 //! thousand coordinates each, well under a second of interpreter time per model).
 //!
@@ -13,8 +13,8 @@
 
 use moec_compiler::autodiff::{training_graph, SEED};
 use moec_compiler::check::check;
-use moec_compiler::interp::{run_in, run_outputs_in, Precision, Value};
-use moec_compiler::ir::{Graph, NodeId, Op};
+use moec_compiler::interp::{run_outputs_in, Precision, Value};
+use moec_compiler::ir::NodeId;
 use moec_compiler::lower::lower;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -77,6 +77,30 @@ model tiny_dense {
 }
 "#;
 
+/// QK-norm (Qwen3) with GQA, a dense first block and an MoE second block, under LayerNorm blocks
+/// (QK-norm stays RMSNorm).
+const QK_NORM: &str = r#"
+model tiny_qk_norm {
+  vocab = 16
+  dim = 8
+  layers = 2
+  heads = 2
+  kv_heads = 1
+  context = 4
+  norm = layernorm
+  qk_norm = true
+  ffn = swiglu(hidden = 8)
+  moe {
+    every = 2
+    experts = 4
+    top_k = 2
+    expert = swiglu(hidden = 8)
+    gate = softmax(renorm = true)
+    balance = aux(0.5)
+  }
+}
+"#;
+
 const MLP_MOE: &str = r#"
 model tiny_classifier {
   family = mlp
@@ -92,38 +116,6 @@ model tiny_classifier {
   }
 }
 "#;
-
-/// Smallest margin, over every `TopK` node and row, between the k-th and (k+1)-th score.
-fn selection_margin(g: &Graph, feeds: &HashMap<String, Value>) -> f64 {
-    let vals = run_in(g, feeds, Precision::F64).expect("forward runs");
-    let mut margin = f64::INFINITY;
-    for id in g.topo_order() {
-        if let Op::TopK { k } = g.node(id).op {
-            let scores_id = g.inputs(id)[0];
-            let e = g.ty(scores_id).last();
-            if k == e {
-                continue;
-            }
-            for row in vals[&scores_id].to_f64().chunks(e) {
-                let mut s = row.to_vec();
-                s.sort_by(|a, b| b.total_cmp(a));
-                margin = margin.min(s[k - 1] - s[k]);
-            }
-        }
-    }
-    margin
-}
-
-/// Feeds whose routing is robust to the FD steps (see the module doc).
-fn robust_feeds(g: &Graph, first_seed: u64) -> HashMap<String, Value> {
-    for seed in first_seed..first_seed + 50 {
-        let feeds = random_feeds(g, seed);
-        if selection_margin(g, &feeds) > 1e-4 {
-            return feeds;
-        }
-    }
-    panic!("no seed gives well-separated router scores")
-}
 
 #[test]
 fn moe_transformer_gradients_match_finite_differences() {
@@ -144,6 +136,20 @@ fn dense_transformer_gradients_match_finite_differences() {
     let g = graph(DENSE, 2);
     let feeds = random_feeds(&g, 200);
     check_model("dense transformer", &g, &feeds);
+}
+
+#[test]
+fn qk_norm_transformer_gradients_match_finite_differences() {
+    let g = graph(QK_NORM, 2);
+    for name in ["q_norm", "k_norm"] {
+        for block in 0..2 {
+            let param = format!("model.layers.{block}.self_attn.{name}.weight");
+            let found = g.params().into_iter().find(|(_, n, _)| *n == param);
+            assert_eq!(found.map(|(_, _, ty)| ty.shape), Some(vec![4]), "{param}");
+        }
+    }
+    let feeds = robust_feeds(&g, 400);
+    check_model("qk_norm transformer", &g, &feeds);
 }
 
 #[test]

@@ -24,6 +24,9 @@ const AUCTION: &str = include_str!("../../../shaders/auction.wgsl");
 
 /// Invocations per workgroup of one-invocation-per-element kernels.
 const WG: u32 = 256;
+
+/// A reduction's combining step: `comb(accumulator, value)` as WGSL text.
+type Combine = dyn Fn(&str, &str) -> String;
 /// Invocations per row of the workgroup-per-row reduction (SharedTiled targets).
 const ROW_THREADS: u32 = 64;
 
@@ -94,7 +97,7 @@ impl<'g> Binder<'g> {
         name
     }
 
-    fn read_as(&mut self, operand: NodeId, name: &str) {
+    pub(crate) fn read_as(&mut self, operand: NodeId, name: &str) {
         let b = base(self.graph, operand);
         self.slots.push((b, false, name.to_string()));
     }
@@ -108,7 +111,7 @@ impl<'g> Binder<'g> {
         name
     }
 
-    fn write_as(&mut self, node: NodeId, name: &str) {
+    pub(crate) fn write_as(&mut self, node: NodeId, name: &str) {
         self.slots.push((node, true, name.to_string()));
     }
 
@@ -375,6 +378,8 @@ impl<'g> Walker<'g> {
     }
 
     /// `let v<n> = <op>(operands);` for an elementwise node; records `v<n>` in `env`.
+    // The index domain (`domain`, `lin`) and the output position (`out`, `indent`) differ per caller.
+    #[allow(clippy::too_many_arguments)]
     fn elementwise(
         &self,
         b: &mut Binder,
@@ -415,12 +420,12 @@ pub(crate) fn group_kernel(
     }
 }
 
-fn wg_size(target: &Target) -> u32 {
+pub(crate) fn wg_size(target: &Target) -> u32 {
     WG.min(target.max_invocations_per_workgroup.max(1))
 }
 
 /// Entry point of a kernel with one invocation per linear item `i < total`.
-fn per_item_main(wg: u32, total: usize) -> String {
+pub(crate) fn per_item_main(wg: u32, total: usize) -> String {
     format!(
         "@compute @workgroup_size({wg})\nfn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{\n    let i = (wid.x + wid.y * GX + wid.z * (GX * GY)) * {wg}u + lid;\n    if (i >= {total}u) {{\n        return;\n    }}\n"
     )
@@ -596,7 +601,7 @@ fn row_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc
             }
             Op::Reduce(r) => {
                 let x = graph.inputs(n)[0];
-                let (init, comb): (&str, &dyn Fn(&str, &str) -> String) = match r {
+                let (init, comb): (&str, &Combine) = match r {
                     ReduceOp::Sum | ReduceOp::Mean => ("0.0", &add),
                     ReduceOp::Max => ("-FLT_MAX", &max),
                 };
@@ -1154,6 +1159,12 @@ fn single_kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc,
             Ok(b.finish(&[], &body, grid))
         }
         Op::GroupedMatMulGradW { .. } => super::grad::grad_kernel(graph, n, target),
+        Op::LstmScan { .. }
+        | Op::LstmHidden
+        | Op::LstmScanGrad { .. }
+        | Op::LstmScanGradW { .. }
+        | Op::LstmLast { .. }
+        | Op::LstmLastGrad { .. } => super::lstm::kernel(graph, n, target),
         Op::CrossEntropyGrad => {
             // One invocation per row: logsumexp, then (softmax - onehot) · g / N.
             let logits = b.read(args[0]);
@@ -1288,7 +1299,7 @@ fn single_kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc,
             );
             Ok(b.finish(&consts, &format!("{floats}{AUCTION}"), [1, 1, 1]))
         }
-        other => return Err(KernelError::Unsupported(other.mnemonic())),
+        other => Err(KernelError::Unsupported(other.mnemonic())),
     }
 }
 
