@@ -6,7 +6,8 @@
 
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let n = arrayLength(&grad);
+    // The gradient's own length: its buffer may be larger (the plan shares it with activations).
+    let n = info.matrices * info.rows * info.cols;
     let stride = info.partials * WG;
     var s = 0.0;
     for (var i = wg.x * WG + lid; i < n; i = i + stride) {

@@ -1,14 +1,16 @@
 //! `moec bench`: training-step timing through the [`Trainer`]'s own step (no second training loop):
 //! median milliseconds per optimizer step over `steps` steps after `warmup`, tokens/s, kernel
-//! dispatches per step, memory (the plans' buffers, the eval plan sharing the training weights, plus
-//! the optimizer's state) and achieved GFLOP/s
+//! dispatches per step, memory (the planned peak, [`MemoryReport`]: what the run allocates) and
+//! achieved GFLOP/s
 //! (`flops_train_per_token` × tokens per step / median time).
 
 use crate::Loaded;
 use miette::{IntoDiagnostic, Result};
 use moec_compiler::lower::Head;
-use moec_compiler::plan::BufferRole;
 use moec_compiler::spec::Every;
+use moec_compiler::stats::human_bytes;
+use moec_runtime::memory::MemoryReport;
+use moec_runtime::optim::OptimSettings;
 use moec_runtime::train::{TrainOptions, Trainer};
 use moec_runtime::Gpu;
 use std::path::{Path, PathBuf};
@@ -62,7 +64,7 @@ pub fn run(loaded: &Loaded, args: &Args, gpu: &Gpu) -> Result<()> {
             r.median_ms,
             r.tokens_per_s,
             r.dispatches,
-            crate::human_bytes(r.bytes),
+            human_bytes(r.bytes),
             r.gflops
         );
     }
@@ -92,6 +94,7 @@ fn time(loaded: &Loaded, args: &Args, fusion: bool, gpu: &Gpu) -> Result<Row> {
     (train.log, train.eval, train.checkpoint) = (off, off, off);
     let batch = train.batch;
     let accumulate = train.accumulate;
+    let settings = OptimSettings::from_train(train);
     let target = gpu.target();
     let training =
         moec_compiler::compile_training(&spec, batch, &target, fusion).into_diagnostic()?;
@@ -143,17 +146,7 @@ fn time(loaded: &Loaded, args: &Args, fusion: bool, gpu: &Gpu) -> Result<Row> {
             median_ms: median * 1e3,
             tokens_per_s: tokens / median.max(1e-12),
             dispatches: training.plan.dispatches.len() * accumulate,
-            // The eval plan reads the training weights (`Executor::with_shared`): its Param buffers
-            // are not allocated again.
-            bytes: training.plan.buffers.iter().map(|b| b.size).sum::<u64>()
-                + forward
-                    .plan
-                    .buffers
-                    .iter()
-                    .filter(|b| !matches!(b.role, BufferRole::Param { .. }))
-                    .map(|b| b.size)
-                    .sum::<u64>()
-                + trainer.optimizer_bytes(),
+            bytes: MemoryReport::training(&training.plan, &forward.plan, &settings).total(),
             gflops: flops / median.max(1e-12) / 1e9,
         })
     })();

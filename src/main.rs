@@ -4,11 +4,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 use miette::{Context, IntoDiagnostic, Result};
 use moec_compiler::emit::Target;
 use moec_compiler::spec::Spec;
-use moec_compiler::{check, Compiled};
+use moec_compiler::Compiled;
 use moec_runtime::{AdapterChoice, Gpu};
 use std::path::{Path, PathBuf};
 
 mod bench;
+mod check;
 mod eval;
 mod export;
 mod fmt;
@@ -51,9 +52,13 @@ enum Command {
     /// Validate a spec and print what it will cost: parameters, FLOPs, memory against the adapter.
     Check {
         spec: PathBuf,
-        /// Skip opening a GPU; compare memory against wgpu's portable default limits instead.
+        /// Skip opening a GPU; compile for wgpu's portable default limits instead.
         #[arg(long)]
         no_device: bool,
+        /// Memory the run may use (e.g. `16GiB`), to compare the peak with: by default the
+        /// machine's memory for a CPU adapter such as lavapipe, unknown for GPUs.
+        #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
+        memory: Option<u64>,
         #[command(flatten)]
         adapter: AdapterArgs,
     },
@@ -228,7 +233,7 @@ pub fn load(path: &Path) -> Result<Loaded> {
     let source = std::fs::read_to_string(path)
         .into_diagnostic()
         .wrap_err_with(|| format!("cannot read spec `{}`", path.display()))?;
-    let spec = check::check(&source, path)?;
+    let spec = moec_compiler::check::check(&source, path)?;
     Ok(Loaded {
         path: path.to_path_buf(),
         source,
@@ -256,33 +261,25 @@ fn main() -> Result<()> {
         Command::Check {
             spec,
             no_device,
+            memory,
             adapter,
         } => {
             let loaded = load(&spec)?;
-            let (target, adapter_name) = if no_device {
-                (Target::default(), "wgpu default limits".to_string())
+            let adapter = if no_device {
+                check::Adapter {
+                    target: Target::default(),
+                    name: "wgpu default limits".to_string(),
+                    memory,
+                }
             } else {
                 let gpu = adapter.open()?;
-                (gpu.target(), gpu.info.to_string())
+                check::Adapter {
+                    target: gpu.target(),
+                    name: gpu.info.to_string(),
+                    memory: memory.or_else(|| gpu.is_cpu().then(check::machine_memory).flatten()),
+                }
             };
-            let stats = moec_compiler::stats::stats(&loaded.spec);
-            println!("{} ({}): ok", loaded.spec.name, spec.display());
-            print!("{stats}");
-            let (largest, largest_bytes) = &stats.memory.largest_tensor;
-            if *largest_bytes > target.max_storage_binding_size {
-                miette::bail!(
-                    "the largest tensor, {largest}, needs {} in one storage binding, but {adapter_name} allows {} ({} over)",
-                    human_bytes(*largest_bytes),
-                    human_bytes(target.max_storage_binding_size),
-                    human_bytes(*largest_bytes - target.max_storage_binding_size)
-                );
-            }
-            println!(
-                "fits {adapter_name}: largest tensor {} of {} per binding",
-                human_bytes(*largest_bytes),
-                human_bytes(target.max_storage_binding_size)
-            );
-            Ok(())
+            check::run(&loaded, &adapter)
         }
         Command::Fmt { specs, check } => fmt::run(&specs, check),
         Command::Build {
@@ -486,19 +483,10 @@ fn main() -> Result<()> {
     }
 }
 
-fn human_bytes(bytes: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < units.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", units[unit])
-    }
+/// `16GiB`, `512 MiB`, `2e9`: a size in bytes for `--memory`.
+fn parse_bytes(text: &str) -> std::result::Result<u64, String> {
+    parse_size::parse_size(text)
+        .map_err(|e| format!("`{text}` is not a size ({e}); write e.g. 16GiB"))
 }
 
 fn write_build(dir: &Path, compiled: &Compiled) -> Result<()> {

@@ -7,8 +7,11 @@ use crate::Loaded;
 use indicatif::{ProgressBar, ProgressStyle};
 use miette::{IntoDiagnostic, Result};
 use moec_compiler::lower::Head;
+use moec_compiler::stats::human_bytes;
 use moec_runtime::data::TrainData;
+use moec_runtime::memory::MemoryReport;
 use moec_runtime::metrics::{console_line, moe_summary_lines, sci, Record};
+use moec_runtime::optim::OptimSettings;
 use moec_runtime::train::{TrainOptions, Trainer};
 use moec_runtime::Gpu;
 use std::path::{Path, PathBuf};
@@ -67,13 +70,23 @@ pub fn run(loaded: &Loaded, args: &Args, gpu: &Gpu) -> Result<()> {
         &options,
     )
     .into_diagnostic()?;
+    let memory = MemoryReport::training(
+        &training.plan,
+        &forward.plan,
+        &OptimSettings::from_train(train),
+    );
     println!(
-        "{} on {}: {} dispatches per micro-step ({} kernels), eval {} dispatches; ready in {:.2?}",
+        "{} on {}: {} dispatches per micro-step ({} kernels), eval {} dispatches, planned peak {} (weights {}, gradients {}, optimizer {}, activations {}); ready in {:.2?}",
         spec.name,
         gpu.info,
         training.plan.dispatches.len(),
         training.plan.kernels.len(),
         forward.plan.dispatches.len(),
+        human_bytes(memory.total()),
+        human_bytes(memory.weights),
+        human_bytes(memory.grads),
+        human_bytes(memory.optimizer),
+        human_bytes(memory.activations),
         started.elapsed()
     );
     if let Some(hint) = gpu.info.slow_driver_hint() {

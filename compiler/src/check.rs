@@ -123,6 +123,7 @@ const TRAIN_FIELDS: &[&str] = &[
     "schedule",
     "clip",
     "precision",
+    "recompute",
     "seed",
     "eval",
     "checkpoint",
@@ -1180,6 +1181,15 @@ impl Checker {
             )?,
             None => Precision::F32,
         };
+        let recompute = match fs.get("recompute") {
+            Some(f) if matches!(f.value.kind, ExprKind::None) => Recompute::None,
+            Some(f) => self.enum_of(
+                &f.value,
+                "recompute",
+                &Recompute::ALL.map(|r| (r.name(), r)),
+            )?,
+            None => Recompute::None,
+        };
         let eval = match fs.get("eval") {
             Some(f) => self.every(&f.value, "eval", true, env)?,
             None => Every {
@@ -1212,6 +1222,7 @@ impl Checker {
             schedule,
             clip,
             precision,
+            recompute,
             seed,
             eval,
             checkpoint,
@@ -2157,6 +2168,7 @@ train {
   schedule = cosine(warmup = 100, min_lr = 1e-5)
   clip = 1.0
   precision = f16
+  recompute = block
   seed = 18446744073709551615
   eval = every(50, batches = 2)
   checkpoint = every(200)
@@ -2235,6 +2247,7 @@ train {
                 },
                 clip: Some(1.0),
                 precision: Precision::F16,
+                recompute: Recompute::Block,
                 seed: u64::MAX,
                 eval: Every {
                     every: 50,

@@ -5,17 +5,19 @@
 //! [`kernels`]; fixed-function kernels (tiled matmul, routing, top-k, cross-entropy) are hand-written
 //! templates in `shaders/` that read constants and bindings the generator declares in front of them.
 //!
-//! Buffer plan: Params and Inputs get their roles, graph outputs get `Output` buffers, `Reshape` is
-//! free (it aliases its operand's buffer), and every other materialised value gets a `Scratch` buffer
-//! that is reused, by exact size, once the last dispatch reading its previous value has run. A
-//! dispatch never binds one buffer both for reading and writing, because a group's outputs are
-//! allocated before the buffers of its dead inputs are released.
+//! Buffer plan: Params and Inputs get their own buffers, `Reshape` is free (it aliases its operand's
+//! buffer), and every other materialised value (activations, scratch, graph outputs such as the
+//! gradients) shares a buffer with values whose lifetimes over the whole plan are disjoint from its
+//! own ([`alloc`]: greedy by size). A buffer that holds a graph output is that output's `Output`
+//! buffer (it may be larger than the output, which the runtime reads by its shape). A dispatch never
+//! binds one buffer both for reading and writing, because lifetimes are inclusive.
 //!
 //! Grids: every kernel computes a linear workgroup index from a grid folded into x/y/z (each at most
 //! `target.max_workgroups_per_dim`) and bounds-checks it.
 
 use serde::{Deserialize, Serialize};
 
+mod alloc;
 mod blocked;
 mod grad;
 mod kernels;
@@ -250,64 +252,73 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
         dispatch_values.push(vs);
     }
 
-    // 3. Buffers: one per Param/Input/Output value; Scratch values share buffers by exact size once dead.
+    if let Some(v) = values
+        .iter()
+        .find(|v| v.size > target.max_storage_binding_size)
+    {
+        return Err(EmitError::BindingTooLarge {
+            label: graph.node(v.node).label.clone(),
+            size: v.size,
+            limit: target.max_storage_binding_size,
+        });
+    }
+
+    // 3. Buffers: one per Param/Input value; every value a dispatch writes shares a buffer with values
+    //    whose lifetimes are disjoint from its own ([`alloc`]). Outputs live to the end of the plan.
     let mut buffers: Vec<BufferSpec> = Vec::new();
     let mut buffer_of: Vec<Option<BufferId>> = vec![None; values.len()];
-    let new_buffer = |buffers: &mut Vec<BufferSpec>, v: &Value| {
-        buffers.push(BufferSpec {
-            size: v.size.max(4),
-            dtype: v.dtype,
-            role: v.role.clone(),
-            label: graph.node(v.node).label.clone(),
-        });
-        buffers.len() - 1
-    };
     for (vi, v) in values.iter().enumerate() {
         if v.def.is_none() {
-            buffer_of[vi] = Some(new_buffer(&mut buffers, v));
+            buffers.push(BufferSpec {
+                size: v.size.max(4),
+                dtype: v.dtype,
+                role: v.role.clone(),
+                label: graph.node(v.node).label.clone(),
+            });
+            buffer_of[vi] = Some(buffers.len() - 1);
         }
     }
-    let mut free: HashMap<u64, Vec<BufferId>> = HashMap::new();
-    let mut dying: Vec<Vec<usize>> = vec![Vec::new(); srcs.len()];
-    for (vi, v) in values.iter().enumerate() {
-        if let (Some(def), BufferRole::Scratch) = (v.def, &v.role) {
-            dying[v.last_use.unwrap_or(def).max(def)].push(vi);
-        }
-    }
-    for (di, vs) in dispatch_values.iter().enumerate() {
-        for &vi in vs {
+    let written: Vec<usize> = (0..values.len())
+        .filter(|&vi| values[vi].def.is_some())
+        .collect();
+    let requests: Vec<alloc::Request> = written
+        .iter()
+        .map(|&vi| {
             let v = &values[vi];
-            if v.def != Some(di) || buffer_of[vi].is_some() {
-                continue;
-            }
-            let reused = match v.role {
-                BufferRole::Scratch => free.get_mut(&v.size.max(4)).and_then(|pool| pool.pop()),
-                _ => None,
+            let first = v.def.expect("written values have a def");
+            let last = match v.role {
+                BufferRole::Scratch => v.last_use.unwrap_or(first).max(first),
+                _ => srcs.len(),
             };
-            buffer_of[vi] = Some(match reused {
-                Some(b) => {
-                    buffers[b]
-                        .label
-                        .push_str(&format!(" | {}", graph.node(v.node).label));
-                    b
-                }
-                None => new_buffer(&mut buffers, v),
-            });
-        }
-        for &vi in &dying[di] {
-            if let Some(b) = buffer_of[vi] {
-                free.entry(buffers[b].size).or_default().push(b);
+            alloc::Request {
+                size: v.size.max(4),
+                dtype: v.dtype,
+                first,
+                last,
             }
-        }
+        })
+        .collect();
+    let sharing = alloc::share(&requests);
+    let shared_base = buffers.len();
+    for (&size, dtype) in sharing.sizes.iter().zip(shared_dtypes(&sharing, &requests)) {
+        buffers.push(BufferSpec {
+            size,
+            dtype,
+            role: BufferRole::Scratch,
+            label: String::new(),
+        });
     }
-    for b in &buffers {
-        if b.size > target.max_storage_binding_size {
-            return Err(EmitError::BindingTooLarge {
-                label: b.label.clone(),
-                size: b.size,
-                limit: target.max_storage_binding_size,
-            });
+    // Labels list the buffer's values in dispatch order; an Output names its buffer.
+    for (&vi, &s) in written.iter().zip(&sharing.buffer_of) {
+        let b = &mut buffers[shared_base + s];
+        if !b.label.is_empty() {
+            b.label.push_str(" | ");
         }
+        b.label.push_str(&graph.node(values[vi].node).label);
+        if let BufferRole::Output { .. } = values[vi].role {
+            b.role = values[vi].role.clone();
+        }
+        buffer_of[vi] = Some(shared_base + s);
     }
 
     // 4. Kernels (validated, deduplicated by source) and dispatches.
@@ -356,6 +367,15 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
         kernels,
         dispatches,
     })
+}
+
+/// The element type of each shared buffer (all its values have the same one).
+fn shared_dtypes(sharing: &alloc::Sharing, requests: &[alloc::Request]) -> Vec<DType> {
+    let mut dtypes = vec![DType::F32; sharing.sizes.len()];
+    for (r, &s) in requests.iter().zip(&sharing.buffer_of) {
+        dtypes[s] = r.dtype;
+    }
+    dtypes
 }
 
 /// `003_matmul_blocks_0_attn_q`: dispatch index, anchor op, anchor label.

@@ -1,5 +1,5 @@
 //! moec's compiler passes, in pipeline order (docs/DECISIONS.md, "Architecture"):
-//! `check` (AST → [`spec::Spec`]) → `lower` (Spec → [`ir::Graph`]) → (`autodiff`) → `head`
+//! `check` (AST → [`spec::Spec`]) → `lower` (Spec → [`ir::Graph`]) → (`autodiff`, `recompute`) → `head`
 //! (the fused LM head in chunks for the target) → `fuse` (Graph → kernel groups) → `emit`
 //! (groups → WGSL + [`plan::Plan`]), plus `interp`, the reference interpreter every kernel
 //! is tested against, and `stats`, the numbers `moec check` prints.
@@ -13,6 +13,7 @@ pub mod interp;
 pub mod ir;
 pub mod lower;
 pub mod plan;
+pub mod recompute;
 pub mod spec;
 pub mod stats;
 
@@ -21,7 +22,7 @@ use fuse::{FuseOptions, Fused};
 use ir::Graph;
 use lower::Head;
 use plan::Plan;
-use spec::Spec;
+use spec::{Recompute, Spec};
 
 /// Everything after `check` failed: lowering or emitting.
 #[derive(Debug, thiserror::Error)]
@@ -68,11 +69,12 @@ pub fn compile_forward(
     backend(graph, target, fusion)
 }
 
-/// Spec → forward Graph ([`Head::Loss`]) → training graph (forward + backward,
-/// [`autodiff::training_graph`]) → kernel groups → Plan: what `moec train` runs each micro-step.
-/// Besides the forward outputs the plan has the input `grad_seed` and one output `grad.<param>`
-/// per parameter that reaches the loss; the optimizer update is not in the plan (the runtime's
-/// optimizer kernels run after it in the same submission, with state the plan does not know about).
+/// Spec → forward Graph ([`Head::Loss`]) → training graph (forward + backward, [`autodiff::training_graph`]; with
+/// `train.recompute`, the chosen activations recomputed in the backward, [`recompute::recompute`]) →
+/// kernel groups → Plan: what `moec train` runs each micro-step. Besides the forward outputs the plan has
+/// the input `grad_seed` and one output `grad.<param>` per parameter that reaches the loss; the
+/// optimizer update is not in the plan (the runtime's optimizer kernels run after it in the same
+/// submission, with state the plan does not know about).
 pub fn compile_training(
     spec: &Spec,
     batch: usize,
@@ -81,6 +83,8 @@ pub fn compile_training(
 ) -> Result<Compiled, CompileError> {
     let forward = lower::lower_with(spec, batch, Head::Loss)?;
     let graph = autodiff::training_graph(&forward)?;
+    let level = spec.train.as_ref().map_or(Recompute::None, |t| t.recompute);
+    let graph = recompute::recompute(graph, forward.g.node_count(), level);
     backend(graph, target, fusion)
 }
 

@@ -44,6 +44,32 @@ pub enum BufferRole {
     Scratch,
 }
 
+impl BufferSpec {
+    /// Bytes the runtime allocates for it: `size` rounded up to a multiple of 4 (wgpu's rule).
+    pub fn allocated(&self) -> u64 {
+        self.size.max(4).next_multiple_of(4)
+    }
+
+    /// Bytes of the named tensor it holds (Param, Input, Output): its shape's. An Output's buffer may
+    /// be larger, because values that are dead before the output is written share it.
+    pub fn tensor_bytes(&self) -> Option<u64> {
+        match &self.role {
+            BufferRole::Param { shape, .. }
+            | BufferRole::Input { shape, .. }
+            | BufferRole::Output { shape, .. } => {
+                Some((shape.iter().product::<usize>() * self.dtype.size_bytes()) as u64)
+            }
+            BufferRole::Scratch => None,
+        }
+    }
+
+    /// Holds only values of one run (Scratch, Output): its contents are dead once the host has read
+    /// the outputs, so another plan run later may use it ([`Plan::lend`]).
+    pub fn is_transient(&self) -> bool {
+        matches!(self.role, BufferRole::Scratch | BufferRole::Output { .. })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Kernel {
     /// Unique, file-name safe (`003_matmul_blocks_0_attn_q`); the build writes `<name>.wgsl`.
@@ -63,6 +89,38 @@ pub struct Dispatch {
 }
 
 impl Plan {
+    /// Bytes the runtime allocates for every buffer of the plan.
+    pub fn allocated(&self) -> u64 {
+        self.buffers.iter().map(BufferSpec::allocated).sum()
+    }
+
+    /// For each buffer of `guest`, the buffer of `self` it can live in, when both plans run one after
+    /// the other and never interleave (the training step, then evaluation): each transient buffer of
+    /// `guest` gets a distinct transient buffer of `self` of the same dtype and at least its size
+    /// (largest first, best fit), or `None` (a buffer of its own). Params and Inputs are never lent:
+    /// they hold state across runs.
+    pub fn lend(&self, guest: &Plan) -> Vec<Option<BufferId>> {
+        let mut free: Vec<BufferId> = (0..self.buffers.len())
+            .filter(|&b| self.buffers[b].is_transient())
+            .collect();
+        free.sort_by_key(|&b| (self.buffers[b].allocated(), b));
+        let mut wanted: Vec<BufferId> = (0..guest.buffers.len())
+            .filter(|&b| guest.buffers[b].is_transient())
+            .collect();
+        wanted.sort_by_key(|&b| (std::cmp::Reverse(guest.buffers[b].allocated()), b));
+        let mut lent = vec![None; guest.buffers.len()];
+        for g in wanted {
+            let need = &guest.buffers[g];
+            if let Some(k) = free.iter().position(|&h| {
+                let host = &self.buffers[h];
+                host.dtype == need.dtype && host.allocated() >= need.allocated()
+            }) {
+                lent[g] = Some(free.remove(k));
+            }
+        }
+        lent
+    }
+
     pub fn buffer_named(&self, wanted: &str) -> Option<BufferId> {
         self.buffers.iter().position(|b| match &b.role {
             BufferRole::Param { name, .. }

@@ -173,6 +173,39 @@ pub enum Precision {
     F16,
 }
 
+/// Which forward activations the training step drops after the forward pass and recomputes in the
+/// backward pass (LANGUAGE.md `recompute`; `compiler/src/recompute.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Recompute {
+    #[default]
+    None,
+    /// Inside each block's attention (`model.layers.N.self_attn.*`).
+    Attention,
+    /// Inside each block's MoE layer (`model.layers.N.block_sparse_moe.*`).
+    Moe,
+    /// Everything inside each block (`model.layers.N.*`): only the blocks' inputs are kept.
+    Block,
+}
+
+impl Recompute {
+    pub const ALL: [Recompute; 4] = [
+        Recompute::None,
+        Recompute::Attention,
+        Recompute::Moe,
+        Recompute::Block,
+    ];
+
+    /// The spelling in a spec.
+    pub fn name(self) -> &'static str {
+        match self {
+            Recompute::None => "none",
+            Recompute::Attention => "attention",
+            Recompute::Moe => "moe",
+            Recompute::Block => "block",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Train {
     pub data: Data,
@@ -186,6 +219,8 @@ pub struct Train {
     pub schedule: Schedule,
     pub clip: Option<f64>,
     pub precision: Precision,
+    #[serde(default)]
+    pub recompute: Recompute,
     pub seed: u64,
     pub eval: Every,
     pub checkpoint: Every,

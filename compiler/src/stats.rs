@@ -1,5 +1,6 @@
 //! Stats: what `moec check` prints about a model: parameters (total and active per token), the MoE
-//! blocks, FLOPs per token and a memory estimate for one training step.
+//! blocks, FLOPs per token and an analytic memory estimate for one training step (printed only when
+//! the plan cannot be compiled; otherwise `moec check` prints the exact plan, `moec_runtime::memory`).
 //!
 //! Parameter counts are analytic (from the [`Spec`] alone), so they exist for every family, including
 //! those `lower` does not handle yet; for the families it does, a test checks them against the
@@ -544,7 +545,15 @@ impl fmt::Display for Stats {
             "  FLOPs/token, training    {}",
             count(self.flops_train_per_token)
         )?;
-        let m = &self.memory;
+        Ok(())
+    }
+}
+
+/// The analytic estimate, for `moec check` on specs the compiler cannot lower yet (otherwise it
+/// prints the exact plan, `moec_runtime::memory`).
+impl fmt::Display for Memory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self;
         writeln!(
             f,
             "  memory, one step (batch {}, {} tokens, {}):",

@@ -9,6 +9,7 @@ use moec_compiler::ir::DType;
 use moec_compiler::plan::{BufferRole, Plan};
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -134,6 +135,9 @@ pub struct Gpu {
     /// [`Target::subgroup_size`]: lanes of the adapter's fixed-size subgroups, 0 where kernels must
     /// not rely on them.
     subgroup_size: u32,
+    /// Bytes of every buffer [`Gpu::storage_buffer`] has created: what the memory report
+    /// (`moec_runtime::memory`) must match.
+    allocated: AtomicU64,
 }
 
 impl Gpu {
@@ -185,6 +189,7 @@ impl Gpu {
             info: summary(&info),
             limits,
             subgroup_size,
+            allocated: AtomicU64::new(0),
         })
     }
 
@@ -206,6 +211,17 @@ impl Gpu {
         }
     }
 
+    /// Bytes of all storage buffers created so far (buffers are never freed while a run lasts; the
+    /// transient readback buffers are not counted).
+    pub fn allocated_bytes(&self) -> u64 {
+        self.allocated.load(Ordering::Relaxed)
+    }
+
+    /// A CPU adapter (lavapipe): its buffers live in the machine's memory.
+    pub fn is_cpu(&self) -> bool {
+        self.is_cpu
+    }
+
     pub fn max_buffer_size(&self) -> u64 {
         self.limits.max_buffer_size
     }
@@ -213,9 +229,11 @@ impl Gpu {
     /// A storage buffer that can also be written by the host and read back (the usage every moec
     /// buffer has). `bytes` is rounded up to a multiple of 4, at least 4.
     pub fn storage_buffer(&self, label: &str, bytes: u64) -> wgpu::Buffer {
+        let size = bytes.max(4).next_multiple_of(4);
+        self.allocated.fetch_add(size, Ordering::Relaxed);
         self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
-            size: bytes.max(4).next_multiple_of(4),
+            size,
             usage: wgpu::BufferUsages::STORAGE
                 | wgpu::BufferUsages::COPY_SRC
                 | wgpu::BufferUsages::COPY_DST,
@@ -370,21 +388,30 @@ pub struct Executor<'g> {
 
 impl<'g> Executor<'g> {
     pub fn new(gpu: &'g Gpu, plan: &Plan) -> Result<Executor<'g>, RuntimeError> {
-        Self::with_shared(gpu, plan, &HashMap::new())
+        Self::with_shared(gpu, plan, &HashMap::new(), None)
     }
 
     /// Like [`Executor::new`], but every Param or Input buffer whose name is a key of `shared` is that
-    /// buffer instead of a fresh one (it must have the plan's size). This is how the forward-only eval
-    /// plan reads the weights (and router state) the training plan updates, with no copy.
+    /// buffer instead of a fresh one (it must have the plan's size), and with a `host` executor
+    /// whose runs never interleave with this one's, every transient buffer [`Plan::lend`] finds
+    /// room for lives in one of the host's. This is how the forward-only eval plan reads the weights
+    /// (and router state) the training plan updates, with no copy, and runs in the training step's
+    /// activation buffers, with no memory of its own.
     pub fn with_shared(
         gpu: &'g Gpu,
         plan: &Plan,
         shared: &HashMap<String, wgpu::Buffer>,
+        host: Option<&Executor<'_>>,
     ) -> Result<Executor<'g>, RuntimeError> {
         let device = &gpu.device;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let lent = host.map_or_else(|| vec![None; plan.buffers.len()], |h| h.plan.lend(plan));
         let mut buffers = Vec::with_capacity(plan.buffers.len());
-        for spec in &plan.buffers {
+        for (spec, lent) in plan.buffers.iter().zip(lent) {
+            if let (Some(h), Some(b)) = (host, lent) {
+                buffers.push(h.buffers[b].clone());
+                continue;
+            }
             if let BufferRole::Param { name, .. } | BufferRole::Input { name, .. } = &spec.role {
                 if let Some(buffer) = shared.get(name) {
                     let expected = spec.size.max(4).next_multiple_of(4);
@@ -524,14 +551,15 @@ impl<'g> Executor<'g> {
             .ok_or_else(|| RuntimeError::UnknownBuffer(name.to_string()))
     }
 
-    /// Writes raw bytes into a named buffer; the length must match the buffer exactly.
+    /// Writes raw bytes into a named buffer; the length must match its tensor exactly.
     pub fn write_bytes(&self, name: &str, bytes: &[u8]) -> Result<(), RuntimeError> {
         let id = self.named(name)?;
         let spec = &self.plan.buffers[id];
-        if bytes.len() as u64 != spec.size {
+        let expected = spec.tensor_bytes().unwrap_or(spec.size);
+        if bytes.len() as u64 != expected {
             return Err(RuntimeError::SizeMismatch {
                 name: name.into(),
-                expected: spec.size,
+                expected,
                 got: bytes.len() as u64,
                 dtype: spec.dtype,
             });
@@ -671,11 +699,12 @@ impl<'g> Executor<'g> {
         self.gpu.wait()
     }
 
-    /// Copies a named buffer back to the host (waits for the GPU).
+    /// Copies a named tensor back to the host (waits for the GPU).
     pub fn read_bytes(&self, name: &str) -> Result<Vec<u8>, RuntimeError> {
         let id = self.named(name)?;
+        let spec = &self.plan.buffers[id];
         self.gpu
-            .read_buffer(&self.buffers[id], self.plan.buffers[id].size)
+            .read_buffer(&self.buffers[id], spec.tensor_bytes().unwrap_or(spec.size))
     }
 
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>, RuntimeError> {
@@ -691,6 +720,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod hf;
 pub mod megatron;
+pub mod memory;
 pub mod metrics;
 pub mod optim;
 pub mod report;

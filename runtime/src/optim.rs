@@ -142,6 +142,35 @@ impl OptimSettings {
         }
     }
 
+    /// Bytes [`Optimizer`] allocates for one trained parameter `name` of this shape: its state (m and
+    /// v, momentum, x z v, Adafactor's moments and scratch, Shampoo's statistics and roots), the
+    /// working buffers of Shampoo's and Muon's matrix updates, the accumulated gradient with
+    /// `accumulate > 1`, and its info block. The memory report (`crate::memory`) adds these up
+    /// before any buffer exists; `runtime/tests/memory.rs` checks the sum against the allocation.
+    pub fn param_bytes(&self, name: &str, shape: &[usize]) -> u64 {
+        let numel = shape.iter().product::<usize>() as u64;
+        let layout = Layout::of(&self.optimizer);
+        let state = match (layout, ParamKind::of(layout, name, shape)) {
+            (Layout::Elementwise(suffixes), _) => 4 * numel * suffixes.len() as u64,
+            (Layout::Adafactor, _) => {
+                let (matrices, rows, cols, _) = factoring(shape);
+                let chunks = ((rows * cols) as u64)
+                    .div_ceil(SUMSQ_CHUNK)
+                    .clamp(1, MAX_RMS_CHUNKS);
+                let moments: usize = adafactor_states(shape)
+                    .iter()
+                    .map(|(_, s)| s.iter().product::<usize>())
+                    .sum();
+                4 * moments as u64 + 4 * matrices as u64 * (1 + chunks)
+            }
+            (Layout::Shampoo { .. } | Layout::Muon { .. }, ParamKind::Adam) => 4 * numel * 2,
+            (Layout::Shampoo { .. }, _) => 4 * matrix::shampoo_elements(shape) as u64,
+            (Layout::Muon { .. }, _) => 4 * matrix::muon_elements(shape) as u64,
+        };
+        let accumulated = if self.accumulate > 1 { 4 * numel } else { 0 };
+        state + accumulated + std::mem::size_of::<ParamInfo>() as u64
+    }
+
     /// The optimizer's base learning rate.
     pub fn base_lr(&self) -> f64 {
         self.optimizer.lr()
@@ -262,8 +291,6 @@ struct Slot {
     param: wgpu::Buffer,
     /// Optimizer state, in checkpoint order; empty for a parameter without gradient.
     state: Vec<State>,
-    /// Bytes of working buffers beyond the state (Shampoo's and Muon's intermediate products).
-    scratch_bytes: u64,
     /// `None` for a parameter without gradient.
     kernels: Option<SlotKernels>,
 }
@@ -324,6 +351,27 @@ enum Layout {
         ns_steps: usize,
         adam_decay: f64,
     },
+}
+
+impl Layout {
+    fn of(optimizer: &OptimizerSpec) -> Layout {
+        match optimizer {
+            OptimizerSpec::AdamW { .. } => Layout::Elementwise(&["m", "v"]),
+            OptimizerSpec::Sgd { momentum, .. } if *momentum != 0.0 => {
+                Layout::Elementwise(&["momentum_buffer"])
+            }
+            OptimizerSpec::Sgd { .. } => Layout::Elementwise(&[]),
+            OptimizerSpec::ScheduleFreeAdamW { .. } => Layout::Elementwise(&["x", "z", "v"]),
+            OptimizerSpec::Adafactor { .. } => Layout::Adafactor,
+            OptimizerSpec::Shampoo { max_dim, .. } => Layout::Shampoo { max_dim: *max_dim },
+            OptimizerSpec::Muon {
+                ns_steps, adamw, ..
+            } => Layout::Muon {
+                ns_steps: *ns_steps,
+                adam_decay: adamw.weight_decay,
+            },
+        }
+    }
 }
 
 /// The optimizer of one training run, bound to the plan's parameter and gradient buffers.
@@ -440,11 +488,10 @@ pub fn is_hidden_matrix(name: &str, shape: &[usize]) -> bool {
     shape.len() >= 2 && !router && !outer.iter().any(|o| name.contains(o))
 }
 
-/// A parameter's optimizer state, update stages and working-buffer bytes.
+/// A parameter's optimizer state and update stages.
 struct Built {
     state: Vec<State>,
     update: Vec<Stage>,
-    scratch_bytes: u64,
 }
 
 /// What the update kernels of one parameter bind, and helpers to make its buffers and stages.
@@ -509,7 +556,6 @@ impl SlotContext<'_> {
         Built {
             state,
             update,
-            scratch_bytes: 0,
         }
     }
 
@@ -562,7 +608,6 @@ impl SlotContext<'_> {
             state,
             update,
             // Bytes to kilobytes, like the clip partials.
-            scratch_bytes: 0,
         }
     }
 }
@@ -622,107 +667,95 @@ impl<'g> Optimizer<'g> {
                 lit(eps)
             )
         };
-        let (consts, stages, layout, wd): (String, Vec<(&str, String)>, Layout, f64) =
-            match settings.optimizer {
-                OptimizerSpec::AdamW {
-                    betas,
-                    eps,
-                    weight_decay,
-                    ..
-                } => (
+        let layout = Layout::of(&settings.optimizer);
+        let (consts, stages, wd): (String, Vec<(&str, String)>, f64) = match settings.optimizer {
+            OptimizerSpec::AdamW {
+                betas,
+                eps,
+                weight_decay,
+                ..
+            } => (
+                adam_consts(betas, eps),
+                vec![("optim_adamw", ADAMW.into())],
+                weight_decay,
+            ),
+            OptimizerSpec::Sgd { momentum, .. } if momentum != 0.0 => (
+                format!("const MOMENTUM: f32 = {};\n", lit(momentum)),
+                vec![("optim_sgd", SGD.into())],
+                0.0,
+            ),
+            OptimizerSpec::Sgd { .. } => (
+                String::new(),
+                vec![("optim_sgd_plain", SGD_PLAIN.into())],
+                0.0,
+            ),
+            OptimizerSpec::ScheduleFreeAdamW {
+                betas,
+                eps,
+                weight_decay,
+                ..
+            } => (
+                adam_consts(betas, eps),
+                vec![("optim_schedule_free", SCHEDULE_FREE.into())],
+                weight_decay,
+            ),
+            OptimizerSpec::Adafactor { eps, .. } => (
+                format!(
+                    "const EPS: f32 = {};\nconst CLIP_THRESHOLD: f32 = {};\n",
+                    lit(eps),
+                    lit(CLIP_THRESHOLD)
+                ),
+                vec![
+                    (
+                        "optim_adafactor_moments",
+                        format!("{WORKGROUP_SUM}{ADAFACTOR_MOMENTS}"),
+                    ),
+                    (
+                        "optim_adafactor_rms",
+                        format!("{WORKGROUP_SUM}{ADAFACTOR_COMMON}{ADAFACTOR_RMS}"),
+                    ),
+                    ("optim_adafactor", format!("{ADAFACTOR_COMMON}{ADAFACTOR}")),
+                ],
+                0.0,
+            ),
+            OptimizerSpec::Shampoo {
+                betas,
+                eps,
+                decay,
+                weight_decay,
+                ..
+            } => (
+                format!(
+                    "{}const DECAY: f32 = {};\n",
                     adam_consts(betas, eps),
-                    vec![("optim_adamw", ADAMW.into())],
-                    Layout::Elementwise(&["m", "v"]),
-                    weight_decay,
+                    lit(decay)
                 ),
-                OptimizerSpec::Sgd { momentum, .. } if momentum != 0.0 => (
-                    format!("const MOMENTUM: f32 = {};\n", lit(momentum)),
-                    vec![("optim_sgd", SGD.into())],
-                    Layout::Elementwise(&["momentum_buffer"]),
-                    0.0,
+                matrix::SHAMPOO_STAGES
+                    .iter()
+                    .map(|(name, body)| (*name, body.to_string()))
+                    .collect(),
+                weight_decay,
+            ),
+            OptimizerSpec::Muon {
+                momentum,
+                nesterov,
+                weight_decay,
+                adamw,
+                ..
+            } => (
+                format!(
+                    "{}const MOMENTUM: f32 = {};\nconst NESTEROV: bool = {nesterov};\n{}",
+                    adam_consts(adamw.betas, adamw.eps),
+                    lit(momentum),
+                    matrix::ns_consts()
                 ),
-                OptimizerSpec::Sgd { .. } => (
-                    String::new(),
-                    vec![("optim_sgd_plain", SGD_PLAIN.into())],
-                    Layout::Elementwise(&[]),
-                    0.0,
-                ),
-                OptimizerSpec::ScheduleFreeAdamW {
-                    betas,
-                    eps,
-                    weight_decay,
-                    ..
-                } => (
-                    adam_consts(betas, eps),
-                    vec![("optim_schedule_free", SCHEDULE_FREE.into())],
-                    Layout::Elementwise(&["x", "z", "v"]),
-                    weight_decay,
-                ),
-                OptimizerSpec::Adafactor { eps, .. } => (
-                    format!(
-                        "const EPS: f32 = {};\nconst CLIP_THRESHOLD: f32 = {};\n",
-                        lit(eps),
-                        lit(CLIP_THRESHOLD)
-                    ),
-                    vec![
-                        (
-                            "optim_adafactor_moments",
-                            format!("{WORKGROUP_SUM}{ADAFACTOR_MOMENTS}"),
-                        ),
-                        (
-                            "optim_adafactor_rms",
-                            format!("{WORKGROUP_SUM}{ADAFACTOR_COMMON}{ADAFACTOR_RMS}"),
-                        ),
-                        ("optim_adafactor", format!("{ADAFACTOR_COMMON}{ADAFACTOR}")),
-                    ],
-                    Layout::Adafactor,
-                    0.0,
-                ),
-                OptimizerSpec::Shampoo {
-                    betas,
-                    eps,
-                    decay,
-                    max_dim,
-                    weight_decay,
-                    ..
-                } => (
-                    format!(
-                        "{}const DECAY: f32 = {};\n",
-                        adam_consts(betas, eps),
-                        lit(decay)
-                    ),
-                    matrix::SHAMPOO_STAGES
-                        .iter()
-                        .map(|(name, body)| (*name, body.to_string()))
-                        .collect(),
-                    Layout::Shampoo { max_dim },
-                    weight_decay,
-                ),
-                OptimizerSpec::Muon {
-                    momentum,
-                    nesterov,
-                    ns_steps,
-                    weight_decay,
-                    adamw,
-                    ..
-                } => (
-                    format!(
-                        "{}const MOMENTUM: f32 = {};\nconst NESTEROV: bool = {nesterov};\n{}",
-                        adam_consts(adamw.betas, adamw.eps),
-                        lit(momentum),
-                        matrix::ns_consts()
-                    ),
-                    matrix::MUON_STAGES
-                        .iter()
-                        .map(|(name, body)| (*name, body.to_string()))
-                        .collect(),
-                    Layout::Muon {
-                        ns_steps,
-                        adam_decay: adamw.weight_decay,
-                    },
-                    weight_decay,
-                ),
-            };
+                matrix::MUON_STAGES
+                    .iter()
+                    .map(|(name, body)| (*name, body.to_string()))
+                    .collect(),
+                weight_decay,
+            ),
+        };
 
         // `expert_lr = adaptive`: each layer's multipliers at Stats.lr_scale[offset..offset + E],
         // after the constant 1 at index 0.
@@ -841,8 +874,7 @@ impl<'g> Optimizer<'g> {
                     numel,
                     param: p.param.clone(),
                     state: Vec::new(),
-                    scratch_bytes: 0,
-                    kernels: None,
+                            kernels: None,
                 });
                 continue;
             };
@@ -920,7 +952,6 @@ impl<'g> Optimizer<'g> {
                 numel,
                 param: p.param.clone(),
                 state: built.state,
-                scratch_bytes: built.scratch_bytes,
                 kernels: Some(kernels),
             });
         }
@@ -959,27 +990,6 @@ impl<'g> Optimizer<'g> {
 
     pub fn settings(&self) -> &OptimSettings {
         &self.settings
-    }
-
-    /// Bytes of the optimizer's per-parameter GPU buffers: its state tensors (m, v, momentum, x, z,
-    /// Adafactor's moments, Shampoo's statistics and roots), working buffers (Shampoo's and Muon's
-    /// products) and, with `accumulate > 1`, the accumulated gradients. The scalars, stats, info and
-    /// clip-partials buffers (bytes to kilobytes) are left out.
-    pub fn buffer_bytes(&self) -> u64 {
-        let accumulated = if self.settings.accumulate > 1 { 1 } else { 0 };
-        self.slots
-            .iter()
-            .filter(|s| s.kernels.is_some())
-            .map(|s| {
-                4 * (s
-                    .state
-                    .iter()
-                    .map(|st| st.shape.iter().product::<usize>())
-                    .sum::<usize>()
-                    + accumulated * s.numel) as u64
-                    + s.scratch_bytes
-            })
-            .sum()
     }
 
     fn is_schedule_free(&self) -> bool {

@@ -52,6 +52,7 @@
 
 use crate::checkpoint::{diff_specs, hf_config, Checkpoint, CheckpointError};
 use crate::data::{standard_normal, Batch, Batcher, BatcherState, DataError, TrainData};
+use crate::memory::eval_shares_input;
 use crate::metrics::{MetricsError, MetricsLog, MoeLayerMetrics, Record, RouterLogitStats};
 use crate::optim::{
     ExpertLoad, HostState, OptimError, OptimSettings, Optimizer, ParamBinding, StepStats,
@@ -277,14 +278,15 @@ impl<'g> Trainer<'g> {
         let mut router_state = Vec::new();
         for b in &training.buffers {
             if let BufferRole::Input { name, shape } = &b.role {
-                if name.starts_with("router_state.") {
+                if eval_shares_input(name) {
                     shared.insert(name.clone(), exec.buffer(name)?.clone());
                     need(training, "training", "output", &format!("{name}.next"))?;
                     router_state.push((name.clone(), shape.clone()));
                 }
             }
         }
-        let eval = Executor::with_shared(gpu, forward, &shared)?;
+        // Evaluation never interleaves with a step, so it runs in the step's activation buffers.
+        let eval = Executor::with_shared(gpu, forward, &shared, Some(&exec))?;
         // Training-only randomness: evaluation feeds no noise (zeros) and no jitter (ones).
         let jitter = spec.moe.as_ref().map_or(0.0, |m| m.jitter);
         for b in &forward.buffers {
@@ -390,12 +392,6 @@ impl<'g> Trainer<'g> {
 
     pub fn data(&self) -> &TrainData {
         &self.data
-    }
-
-    /// Bytes of the optimizer's own GPU buffers beyond the plans' (state such as Adam's m and v,
-    /// accumulated gradients): [`Optimizer::buffer_bytes`].
-    pub fn optimizer_bytes(&self) -> u64 {
-        self.optim.buffer_bytes()
     }
 
     /// The last logged record (with `val_loss` if that step evaluated).

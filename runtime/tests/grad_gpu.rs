@@ -22,6 +22,8 @@ use moec_compiler::check::check;
 use moec_compiler::interp::Value;
 use moec_compiler::ir::{DType, Graph, Init, NodeId, Op, RouteLayout, TensorType};
 use moec_compiler::lower::lower;
+use moec_compiler::recompute::recompute;
+use moec_compiler::spec::Recompute;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
@@ -323,6 +325,14 @@ fn model_feeds(g: &Graph, vocab: u32, seed: u64) -> HashMap<String, Value> {
         feeds.insert(name, Value::F32(v));
     }
     for (_, name, ty) in g.data_inputs() {
+        if name.starts_with("jitter.") {
+            // Switch jitter: U(1 - ε, 1 + ε), ε = 0.1.
+            let v = (0..ty.numel())
+                .map(|_| rng.random_range(0.9..1.1))
+                .collect();
+            feeds.insert(name, Value::F32(v));
+            continue;
+        }
         assert_eq!(
             ty.dtype,
             DType::U32,
@@ -400,4 +410,61 @@ fn dense_training_graph_matches_interpreter() {
 #[test]
 fn moe_training_graph_matches_interpreter() {
     check_training("moe", MOE, 32);
+}
+
+/// `MOE` with Switch jitter on the router input: a random graph input the recomputed router must
+/// read exactly as the forward pass did.
+fn moe_with_jitter() -> String {
+    MOE.replace(
+        "balance = aux(0.5) + z(0.1)",
+        "balance = aux(0.5) + z(0.1)\n    jitter = 0.1",
+    )
+}
+
+/// Every recompute level: the recomputed training graph against the interpreter (as above), and
+/// against the GPU run of the same graph without recomputation, output by output, in the fused and
+/// unfused plans: equal within 1e-6 relative to the output's largest entry (the largest difference
+/// is printed; the recomputed kernels are the forward's, so it is expected to be 0).
+#[test]
+fn recomputed_training_graphs_match_interpreter_and_no_recompute() {
+    let source = moe_with_jitter();
+    let spec = check(&source, Path::new("test.moe")).unwrap_or_else(|d| panic!("{d:?}"));
+    let forward = lower(&spec, 2).expect("lowers");
+    let plain = training_graph(&forward).expect("differentiates");
+    let mut feeds = (1..50)
+        .map(|seed| model_feeds(&forward, 32, seed))
+        .find(|f| selection_margin(&forward, f) >= 1e-3)
+        .expect("a seed with well-separated router scores");
+    feeds.insert(SEED.into(), Value::F32(vec![1.0]));
+    let target = gpu().target();
+    let baseline: Vec<_> = [true, false]
+        .map(|fused| run_gpu(&plain, &feeds, &target, fused))
+        .into();
+    for level in [Recompute::Attention, Recompute::Moe, Recompute::Block] {
+        let g = recompute(plain.clone(), forward.g.node_count(), level);
+        let clones =
+            g.g.node_indices()
+                .filter(|&n| g.node(n).label.starts_with("recompute."))
+                .count();
+        assert!(clones > 0, "{level:?}: nothing recomputed");
+        compare(&g, &feeds, &|reference, scale| {
+            MODEL_REL * reference + MODEL_FLOOR * scale
+        });
+        let mut largest = 0.0f64;
+        for (fused, base) in [true, false].into_iter().zip(&baseline) {
+            let got = run_gpu(&g, &feeds, &target, fused);
+            for (name, want) in base {
+                let scale = want.iter().fold(0.0f64, |m, w| m.max(w.abs()));
+                for (w, h) in want.iter().zip(&got[name]) {
+                    let diff = (w - h).abs();
+                    largest = largest.max(diff / scale.max(f64::MIN_POSITIVE));
+                    assert!(
+                        diff <= 1e-6 * scale,
+                        "{level:?} {name} (fused = {fused}): {h} vs {w}"
+                    );
+                }
+            }
+        }
+        eprintln!("{level:?}: {clones} recomputed nodes; largest difference to no recompute {largest:.1e}");
+    }
 }

@@ -185,24 +185,38 @@ fn loss_falls_on_markov_data() {
 /// round-off (in practice bit for bit; asserted to 1e-6 relative).
 #[test]
 fn resume_continues_exactly() {
-    resume_is_exact(None);
+    resume_is_exact(&resume_spec(""), None);
 }
 
 /// [`resume_continues_exactly`] with the LM head and loss in chunks of 24 of the 64 tokens.
 #[test]
 fn resume_continues_exactly_with_a_chunked_head() {
-    resume_is_exact(Some(24));
+    resume_is_exact(&resume_spec(""), Some(24));
 }
 
-fn resume_is_exact(chunk: Option<usize>) {
-    let gpu = gpu();
-    let text = tiny_spec(
+/// [`resume_continues_exactly`] with activation recomputation and router jitter: the recomputed
+/// blocks read the step's jitter again, and resume stays exact.
+#[test]
+fn resume_continues_exactly_with_recompute() {
+    let text = resume_spec("\n  recompute = block")
+        .replace("balance = aux(0.01)", "balance = aux(0.01)\n    jitter = 0.05");
+    assert!(text.contains("jitter"), "the tiny spec has an aux-balanced MoE");
+    resume_is_exact(&text, None);
+}
+
+/// 12 steps, logged every step, evaluated and checkpointed every 6; `extra` adds train fields.
+fn resume_spec(extra: &str) -> String {
+    tiny_spec(
         12,
-        "log = every(1)\n  eval = every(6, batches = 1)\n  checkpoint = every(6)",
-    );
+        &format!("log = every(1)\n  eval = every(6, batches = 1)\n  checkpoint = every(6){extra}"),
+    )
+}
+
+fn resume_is_exact(text: &str, chunk: Option<usize>) {
+    let gpu = gpu();
     let make = |dir: &Path, resume: bool| match chunk {
-        None => trainer(&gpu, &text, dir, resume),
-        Some(rows) => chunked_trainer(&gpu, &text, dir, resume, rows),
+        None => trainer(&gpu, text, dir, resume),
+        Some(rows) => chunked_trainer(&gpu, text, dir, resume, rows),
     };
     let straight_dir = tempfile::tempdir().unwrap();
     let mut straight = make(straight_dir.path(), false).unwrap();

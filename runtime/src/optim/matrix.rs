@@ -114,6 +114,23 @@ pub(super) fn ns_consts() -> String {
     )
 }
 
+/// Elements [`SlotContext::shampoo`] allocates for a parameter of this shape: m and v, L and R and
+/// their roots, and the working buffers G·P_R, the update and the graft ratios.
+pub(super) fn shampoo_elements(shape: &[usize]) -> usize {
+    let (matrices, rows, cols, _) = factoring(shape);
+    let numel: usize = shape.iter().product();
+    2 * numel + 2 * matrices * (rows * rows + cols * cols) + 2 * numel + matrices
+}
+
+/// Elements [`SlotContext::muon`] allocates for a parameter of this shape: the momentum, the two
+/// Newton–Schulz iterates and the two Gram-sized products.
+pub(super) fn muon_elements(shape: &[usize]) -> usize {
+    let (matrices, rows, cols, _) = factoring(shape);
+    let numel: usize = shape.iter().product();
+    let small = matrices * rows.min(cols) * rows.min(cols);
+    numel + 2 * numel + 2 * small
+}
+
 impl SlotContext<'_> {
     /// `(matrices, rows, cols)` of the parameter and its state shape `[.., n, n]`.
     fn square(&self, n: usize) -> Vec<usize> {
@@ -162,11 +179,7 @@ impl SlotContext<'_> {
         for stage in &mut update[2..] {
             stage.after_roots = true;
         }
-        Built {
-            state,
-            update,
-            scratch_bytes: 4 * (2 * numel + matrices) as u64,
-        }
+        Built { state, update }
     }
 
     /// A Muon matrix: state momentum_buffer; momentum, `ns_steps` × (gram, polynomial, apply)
@@ -201,11 +214,7 @@ impl SlotContext<'_> {
             &[info, self.scalars, stats, self.param, &x[ns_steps % 2]],
             all,
         ));
-        Built {
-            state,
-            update,
-            scratch_bytes: 4 * (2 * numel + 2 * small) as u64,
-        }
+        Built { state, update }
     }
 }
 

@@ -1,0 +1,134 @@
+//! Buffer sharing by liveness over the whole plan (for a training plan: the whole step, forward,
+//! backward and gradients).
+//!
+//! Every value a dispatch writes lives from that dispatch to the last dispatch that reads it, both
+//! inclusive; a value the host reads after the run (an `Output`: loss, gradients, metrics) lives to
+//! the end of the plan. Two values may share a buffer when their lifetimes are disjoint and they have
+//! the same dtype (so a buffer is always read as one element type, e.g. by the NaN diagnosis).
+//! Because lifetimes are inclusive, a dispatch never binds one buffer both for a value it reads and a
+//! value it writes.
+//!
+//! The assignment is greedy by size, the shared-object strategy of TFLite's memory planner: values in
+//! decreasing size, each into the smallest existing buffer that is free for its whole lifetime, or
+//! else a new buffer of its size. Processing large values first means every buffer is as large as its
+//! first (largest) value, so the bytes allocated are the sum of those first values, and a gradient
+//! can live in the buffer a dead forward activation held (and the other way round).
+
+use crate::ir::DType;
+
+/// One value's request: its size, element type and inclusive lifetime in dispatch indices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Request {
+    pub size: u64,
+    pub dtype: DType,
+    pub first: usize,
+    pub last: usize,
+}
+
+/// The shared buffers: the size of each, and for every request the buffer it lives in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Sharing {
+    pub sizes: Vec<u64>,
+    pub buffer_of: Vec<usize>,
+}
+
+/// Greedy by size (module doc). Buffers are numbered by their earliest value, so the plan reads in
+/// dispatch order and the result does not depend on the sort's tie-breaking.
+pub(crate) fn share(requests: &[Request]) -> Sharing {
+    let mut order: Vec<usize> = (0..requests.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(requests[i].size), requests[i].first, i));
+    // Per buffer: size, dtype and the lifetimes it holds, sorted by start.
+    let mut slots: Vec<(u64, DType, Vec<(usize, usize)>)> = Vec::new();
+    let mut slot_of = vec![0usize; requests.len()];
+    for i in order {
+        let r = requests[i];
+        let free = |held: &[(usize, usize)]| {
+            // First held lifetime ending at or after `r.first`: it must start after `r.last`.
+            let k = held.partition_point(|&(_, end)| end < r.first);
+            held.get(k).is_none_or(|&(start, _)| start > r.last)
+        };
+        let best = slots
+            .iter()
+            .enumerate()
+            .filter(|(_, (size, dtype, held))| *dtype == r.dtype && *size >= r.size && free(held))
+            .min_by_key(|(s, (size, _, _))| (*size, *s))
+            .map(|(s, _)| s);
+        let s = best.unwrap_or_else(|| {
+            slots.push((r.size, r.dtype, Vec::new()));
+            slots.len() - 1
+        });
+        let held = &mut slots[s].2;
+        let at = held.partition_point(|&(start, _)| start < r.first);
+        held.insert(at, (r.first, r.last));
+        slot_of[i] = s;
+    }
+    // Renumber by each buffer's earliest value (ties: lower request index).
+    let mut first_use: Vec<(usize, usize, usize)> = slots
+        .iter()
+        .enumerate()
+        .map(|(s, _)| (usize::MAX, usize::MAX, s))
+        .collect();
+    for (i, r) in requests.iter().enumerate() {
+        let f = &mut first_use[slot_of[i]];
+        if (r.first, i) < (f.0, f.1) {
+            *f = (r.first, i, f.2);
+        }
+    }
+    first_use.sort();
+    let mut renumber = vec![0usize; slots.len()];
+    for (new, &(_, _, old)) in first_use.iter().enumerate() {
+        renumber[old] = new;
+    }
+    let mut sizes = vec![0u64; slots.len()];
+    for (old, (size, _, _)) in slots.iter().enumerate() {
+        sizes[renumber[old]] = *size;
+    }
+    Sharing {
+        sizes,
+        buffer_of: slot_of.iter().map(|&s| renumber[s]).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(size: u64, first: usize, last: usize) -> Request {
+        Request {
+            size,
+            dtype: DType::F32,
+            first,
+            last,
+        }
+    }
+
+    #[test]
+    fn disjoint_lifetimes_share_and_overlapping_ones_do_not() {
+        // a [0,1] and c [2,3] are disjoint; b [1,2] overlaps both.
+        let rs = [req(16, 0, 1), req(8, 1, 2), req(12, 2, 3)];
+        let s = share(&rs);
+        assert_eq!(s.buffer_of[0], s.buffer_of[2]);
+        assert_ne!(s.buffer_of[0], s.buffer_of[1]);
+        assert_eq!(s.sizes.iter().sum::<u64>(), 24);
+    }
+
+    #[test]
+    fn a_value_read_by_the_dispatch_that_writes_another_keeps_its_own_buffer() {
+        // Read last at dispatch 3, and a value first written at 3: inclusive lifetimes overlap.
+        let s = share(&[req(4, 0, 3), req(4, 3, 4)]);
+        assert_ne!(s.buffer_of[0], s.buffer_of[1]);
+    }
+
+    #[test]
+    fn dtypes_never_share_and_smaller_values_fill_larger_buffers() {
+        let u = Request {
+            dtype: DType::U32,
+            ..req(4, 0, 0)
+        };
+        let s = share(&[req(100, 0, 0), u, req(40, 1, 1), req(60, 2, 2)]);
+        assert_ne!(s.buffer_of[0], s.buffer_of[1]);
+        assert_eq!(s.buffer_of[0], s.buffer_of[2]);
+        assert_eq!(s.buffer_of[0], s.buffer_of[3]);
+        assert_eq!(s.sizes, vec![100, 4]);
+    }
+}
