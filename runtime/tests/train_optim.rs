@@ -1230,8 +1230,8 @@ fn shampoo64(s: &OptimSettings, i: usize, step: usize, g: &[f64], st: &mut Ref64
             for (x, p) in stat.iter_mut().zip(prod) {
                 *x = d * *x + (1.0 - d) * p;
             }
-            if step % root_every == 0 {
-                let root = root64(&stat.to_vec(), n, eps);
+            if step.is_multiple_of(root_every) {
+                let root = root64(stat, n, eps);
                 let name = if name == "left" {
                     "left_root"
                 } else {
