@@ -2537,14 +2537,14 @@ train {
 
     #[test]
     fn other_families() {
-        let lstm = ok("model l {\n family = lstm; vocab = 256; dim = 32; layers = 2; context = 8; bidirectional = true\n moe { experts = 4; layers = [1]; groups = 2 x 2; gate = noisy_top_k; top_k = 2; balance = cv2 }\n}\n");
+        let lstm = ok("model l {\n family = lstm; vocab = 256; dim = 32; layers = 2; context = 8\n moe { experts = 4; layers = [1]; groups = 2 x 2; gate = noisy_top_k; top_k = 2; balance = cv2 }\n}\n");
         assert_eq!(
             (
                 lstm.model.family,
                 lstm.model.bidirectional,
                 lstm.model.heads
             ),
-            (Family::Lstm, true, 1)
+            (Family::Lstm, false, 1)
         );
         let moe = lstm.moe.unwrap();
         assert_eq!(

@@ -35,7 +35,7 @@ pub fn hidden_of(record: &TensorType) -> usize {
 
 fn expect_record(t: &TensorType) -> Result<(), String> {
     expect_dtype(t, DType::F32, "record")?;
-    if t.shape.len() != 3 || t.last() == 0 || t.last() % PARTS != 0 {
+    if t.shape.len() != 3 || t.last() == 0 || !t.last().is_multiple_of(PARTS) {
         return Err(format!("an LSTM record is [B, T, {PARTS}·H], got {t}"));
     }
     Ok(())
@@ -56,7 +56,7 @@ pub(super) fn infer(op: &Op, args: &[&TensorType]) -> Result<TensorType, String>
             expect_args(args, 2)?;
             let xg = args[0];
             expect_dtype(xg, DType::F32, "xg")?;
-            if xg.shape.len() != 3 || xg.last() == 0 || xg.last() % 4 != 0 {
+            if xg.shape.len() != 3 || xg.last() == 0 || !xg.last().is_multiple_of(4) {
                 return Err(format!("lstm_scan wants xg [B, T, 4·H], got {xg}"));
             }
             let h = xg.last() / 4;
@@ -113,7 +113,7 @@ pub(super) fn infer(op: &Op, args: &[&TensorType]) -> Result<TensorType, String>
             expect_args(args, 1)?;
             let x = args[0];
             expect_dtype(x, DType::F32, "x")?;
-            if x.shape.len() != 3 || !matches!(dirs, 1 | 2) || x.last() % dirs != 0 {
+            if x.shape.len() != 3 || !matches!(dirs, 1 | 2) || !x.last().is_multiple_of(*dirs) {
                 return Err(format!(
                     "lstm_last of {dirs} directions wants x [B, T, dirs·H], got {x}"
                 ));
@@ -124,7 +124,11 @@ pub(super) fn infer(op: &Op, args: &[&TensorType]) -> Result<TensorType, String>
             expect_args(args, 1)?;
             let g = args[0];
             expect_dtype(g, DType::F32, "g")?;
-            if g.shape.len() != 2 || !matches!(dirs, 1 | 2) || g.last() % dirs != 0 || *steps == 0 {
+            if g.shape.len() != 2
+                || !matches!(dirs, 1 | 2)
+                || !g.last().is_multiple_of(*dirs)
+                || *steps == 0
+            {
                 return Err(format!(
                     "lstm_last_grad of {dirs} directions wants g [B, dirs·H], got {g}"
                 ));
