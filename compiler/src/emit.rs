@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 mod alloc;
 mod blocked;
+pub use blocked::{Strided, StridedMatmul};
 mod grad;
 mod kernels;
 mod lstm;
