@@ -17,10 +17,10 @@
 use crate::optim::OptimSettings;
 use moec_compiler::autodiff::GRAD_PREFIX;
 use moec_compiler::emit::Target;
+use moec_compiler::lower::Head;
 use moec_compiler::plan::{BufferRole, Plan};
 use moec_compiler::spec::Spec;
 use moec_compiler::stats::human_bytes;
-use moec_compiler::lower::Head;
 use moec_compiler::{compile_forward, CompileError};
 use std::fmt;
 

@@ -581,10 +581,7 @@ impl SlotContext<'_> {
         let mut buffers = vec![self.info, self.scalars, self.stats, self.param, self.grad];
         buffers.extend(state.iter().map(|s| &s.buffer));
         let update = vec![self.stage(0, &buffers, grid(self.numel(), self.max_dim))];
-        Built {
-            state,
-            update,
-        }
+        Built { state, update }
     }
 
     /// Adafactor's three stages; its row and column moments share one buffer.
@@ -909,7 +906,7 @@ impl<'g> Optimizer<'g> {
                     numel,
                     param: p.param.clone(),
                     state: Vec::new(),
-                            kernels: None,
+                    kernels: None,
                 });
                 continue;
             };

@@ -5,8 +5,8 @@
 //! (in practice a few hundred bytes).
 
 use moec_compiler::check::check;
-use moec_compiler::spec::Recompute;
 use moec_compiler::lower::Head;
+use moec_compiler::spec::Recompute;
 use moec_compiler::{compile_forward, compile_training};
 use moec_runtime::memory::MemoryReport;
 use moec_runtime::optim::OptimSettings;

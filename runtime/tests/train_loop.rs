@@ -198,9 +198,14 @@ fn resume_continues_exactly_with_a_chunked_head() {
 /// blocks read the step's jitter again, and resume stays exact.
 #[test]
 fn resume_continues_exactly_with_recompute() {
-    let text = resume_spec("\n  recompute = block")
-        .replace("balance = aux(0.01)", "balance = aux(0.01)\n    jitter = 0.05");
-    assert!(text.contains("jitter"), "the tiny spec has an aux-balanced MoE");
+    let text = resume_spec("\n  recompute = block").replace(
+        "balance = aux(0.01)",
+        "balance = aux(0.01)\n    jitter = 0.05",
+    );
+    assert!(
+        text.contains("jitter"),
+        "the tiny spec has an aux-balanced MoE"
+    );
     resume_is_exact(&text, None);
 }
 
