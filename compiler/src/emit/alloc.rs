@@ -32,13 +32,20 @@ pub(crate) struct Sharing {
     pub buffer_of: Vec<usize>,
 }
 
+/// One shared buffer while it is being filled: its size (its first, largest value's), element type
+/// and the inclusive lifetimes it holds, sorted by start.
+struct Slot {
+    size: u64,
+    dtype: DType,
+    held: Vec<(usize, usize)>,
+}
+
 /// Greedy by size (module doc). Buffers are numbered by their earliest value, so the plan reads in
 /// dispatch order and the result does not depend on the sort's tie-breaking.
 pub(crate) fn share(requests: &[Request]) -> Sharing {
     let mut order: Vec<usize> = (0..requests.len()).collect();
     order.sort_by_key(|&i| (std::cmp::Reverse(requests[i].size), requests[i].first, i));
-    // Per buffer: size, dtype and the lifetimes it holds, sorted by start.
-    let mut slots: Vec<(u64, DType, Vec<(usize, usize)>)> = Vec::new();
+    let mut slots: Vec<Slot> = Vec::new();
     let mut slot_of = vec![0usize; requests.len()];
     for i in order {
         let r = requests[i];
@@ -50,14 +57,18 @@ pub(crate) fn share(requests: &[Request]) -> Sharing {
         let best = slots
             .iter()
             .enumerate()
-            .filter(|(_, (size, dtype, held))| *dtype == r.dtype && *size >= r.size && free(held))
-            .min_by_key(|(s, (size, _, _))| (*size, *s))
+            .filter(|(_, slot)| slot.dtype == r.dtype && slot.size >= r.size && free(&slot.held))
+            .min_by_key(|(s, slot)| (slot.size, *s))
             .map(|(s, _)| s);
         let s = best.unwrap_or_else(|| {
-            slots.push((r.size, r.dtype, Vec::new()));
+            slots.push(Slot {
+                size: r.size,
+                dtype: r.dtype,
+                held: Vec::new(),
+            });
             slots.len() - 1
         });
-        let held = &mut slots[s].2;
+        let held = &mut slots[s].held;
         let at = held.partition_point(|&(start, _)| start < r.first);
         held.insert(at, (r.first, r.last));
         slot_of[i] = s;
@@ -80,8 +91,8 @@ pub(crate) fn share(requests: &[Request]) -> Sharing {
         renumber[old] = new;
     }
     let mut sizes = vec![0u64; slots.len()];
-    for (old, (size, _, _)) in slots.iter().enumerate() {
-        sizes[renumber[old]] = *size;
+    for (old, slot) in slots.iter().enumerate() {
+        sizes[renumber[old]] = slot.size;
     }
     Sharing {
         sizes,
