@@ -81,7 +81,7 @@ fn feeds_for(compiled: &Compiled, vocab: u32, seed: u64) -> HashMap<String, Valu
                 ),
                 // Routing inputs as in evaluation (docs/DECISIONS.md, "Router state and noise"): no
                 // noise (zeros), no jitter (ones), router state (biases, prices) at its start, zeros.
-                DType::F32 => Value::F32(vec![
+                DType::F32 | DType::F16 => Value::F32(vec![
                     if name.starts_with("jitter.") {
                         1.0
                     } else {

@@ -21,6 +21,7 @@
 //! Edge blocks clamp their load indices into the matrix (no branches in the loop, every lane stays
 //! active for the broadcasts) and drop out-of-range results at the store.
 
+use super::kernels::Access;
 use super::Target;
 use std::fmt::Write;
 
@@ -29,12 +30,12 @@ const WORKGROUP: &str = "wid.x + wid.y * GX + wid.z * (GX * GY)";
 
 /// `out[bi][row, col] = Σ_{k ∈ [kbeg, kend)} A[row, k] · B[k, col]` for `bi < batch`, where A and B
 /// are read in place from `a` and `b` through element strides, after per-block offsets.
-pub(crate) struct Blocked<'a> {
+pub(crate) struct Blocked {
     pub batch: usize,
     pub m: usize,
     pub n: usize,
-    pub a: &'a str,
-    pub b: &'a str,
+    pub a: Access,
+    pub b: Access,
     pub sam: usize,
     pub sak: usize,
     pub sbk: usize,
@@ -201,10 +202,18 @@ pub(crate) fn body(mm: &Blocked, p: Schedule) -> String {
     // Without subgroups the lane's own loads are the row values (`av`); with them, its share (`al`).
     let loaded = if lanes > 1 { "al" } else { "av" };
     for q in 0..loads {
-        let _ = writeln!(s, "        let {loaded}{q} = {}[ar{q} + {ak}];", mm.a);
+        let _ = writeln!(
+            s,
+            "        let {loaded}{q} = {};",
+            mm.a.at(&format!("ar{q} + {ak}"))
+        );
     }
     for j in 0..cols {
-        let _ = writeln!(s, "        let bv{j} = {}[bc{j} + {bk}];", mm.b);
+        let _ = writeln!(
+            s,
+            "        let bv{j} = {};",
+            mm.b.at(&format!("bc{j} + {bk}"))
+        );
     }
     for i in 0..rows {
         if lanes > 1 {

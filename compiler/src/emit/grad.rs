@@ -46,8 +46,8 @@ fn grad_w(
         batch: layout.experts,
         m: nn,
         n: k,
-        a: &g,
-        b: &x,
+        a: b.access(&g),
+        b: b.access(&x),
         sam: 1,
         sak: nn,
         sbk: k,
@@ -56,7 +56,10 @@ fn grad_w(
             "    let abase = 0u;\n    let bbase = 0u;\n    let kbeg = {route}[{off}u + bi];\n    let kend = min({route}[{off}u + bi + 1u], {}u);\n",
             layout.rows()
         ),
-        put: format!("    {out}[(bi * {nn}u + row) * {k}u + col] = acc;\n"),
+        put: format!(
+            "    {}\n",
+            b.put(&out, &format!("(bi * {nn}u + row) * {k}u + col"), "acc")
+        ),
     };
     let schedule = Schedule::new(target, nn, k, None);
     let grid = fold(schedule.workgroups(&blocked) as u64, target)?;
