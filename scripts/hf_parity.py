@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """HF parity: do a moec checkpoint's logits equal those of HF transformers' MixtralForCausalLM?
 
-DESIGN.md asks that a checkpoint of a Mixtral-shaped spec (softmax top-k renormalised, SwiGLU
-experts, RMSNorm, RoPE rotate_half) give the same logits in `MixtralForCausalLM` as in moec. PyTorch
+moec promises (README, "HF parity") that a checkpoint of a Mixtral-shaped spec (softmax top-k
+renormalised, SwiGLU experts, RMSNorm, RoPE rotate_half) gives the same logits in `MixtralForCausalLM` as in moec. PyTorch
 is not needed here: this file re-implements the forward pass of `transformers`'
 `models/mixtral/modeling_mixtral.py` (and, for dense specs, `models/llama/modeling_llama.py`) in
 numpy, module by module with HF's names, reading only what `from_pretrained` would read: the

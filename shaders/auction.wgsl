@@ -1,4 +1,4 @@
-// The auction router (ir::Op::Auction, LANGUAGE.md `gate = auction`), one workgroup, Jacobi rounds
+// The auction router (ir::Op::Auction, docs/language.md `gate = auction`), one workgroup, Jacobi rounds
 // exactly as `interp::auction` documents them:
 // 1. bids: every token with open slots bids on its best candidates (net value v - price, ties to the
 //    lower expert) the amount min(price + (net - net_next) + EPS, v + BUDGET), never below -BUDGET;

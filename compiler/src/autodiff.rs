@@ -1,4 +1,4 @@
-//! Autodiff: a graph-to-graph pass (DESIGN.md) that appends the backward pass to a forward graph.
+//! Autodiff: a graph-to-graph pass (docs/DECISIONS.md, "Architecture") that appends the backward pass to a forward graph.
 //!
 //! [`differentiate`] returns ONE graph: the forward graph unchanged (same node ids, same outputs) plus
 //! backward nodes built from the IR's ordinary ops and its gradient ops, so fusion, planning and

@@ -1,8 +1,8 @@
-//! `check`: AST → [`Spec`]. Fills every default of LANGUAGE.md and enforces every semantic rule, so
+//! `check`: AST → [`Spec`]. Fills every default of docs/language.md and enforces every semantic rule, so
 //! that later passes never re-validate. Every error is a [`Diagnostic`] pointing at the field name
 //! or value that is wrong (or at the block header when a required field is missing).
 //!
-//! Defaults LANGUAGE.md leaves open, chosen here (what a user of HF transformers / PyTorch expects):
+//! Defaults chosen here (what a user of HF transformers / PyTorch expects; docs/language.md lists all):
 //! - `ffn`: `swiglu` with hidden = ⌊8·dim/3⌋ rounded up to a multiple of 64 (Llama); `gelu`/`relu`
 //!   written without `hidden` get 4·dim. `moe.expert` defaults to the model's `ffn`.
 //! - Non-transformer families have `heads = kv_heads = 1` (no attention).
@@ -24,7 +24,7 @@
 //! - `tokens(...)`: `dtype = u16`.
 //! - `checkpoint` and `log` carry `batches = 0` (only `eval` uses it).
 //!
-//! Rules beyond LANGUAGE.md's list, each because a later pass could not do anything sensible otherwise:
+//! Rules beyond the obvious ones, each because a later pass could not do anything sensible otherwise:
 //! - Fields that a family does not use (`heads` on an `lstm`, `vocab` on an `mlp`...) are errors.
 //! - `groups` works with the token-choice gates (`softmax`, `sigmoid`, `noisy_top_k`, `switch`);
 //!   `two_level` needs `top_k <= M` (the secondary gate picks inside one group), `group_limited`

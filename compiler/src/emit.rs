@@ -44,8 +44,8 @@ pub struct Target {
     pub subgroup_size: u32,
 }
 
-/// Matmul schedule. DESIGN.md: on lavapipe (a CPU) a register-blocked kernel with no workgroup memory
-/// is ~16x faster than a shared-memory tile; real GPUs want the tile.
+/// Matmul schedule (docs/DECISIONS.md, Runtime): on lavapipe (a CPU) a register-blocked kernel with
+/// no workgroup memory is ~12x faster than a shared-memory tile; real GPUs want the tile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MatmulVariant {
     RegisterBlocked,

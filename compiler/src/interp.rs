@@ -1,7 +1,7 @@
 //! The reference interpreter: a plain-Rust CPU evaluator of the whole Graph IR, forward and gradient ops.
 //!
 //! It is the oracle every WGSL kernel, every gradient and every balancing formula is checked against
-//! (DESIGN.md), so it is written to be obviously right, not fast: one loop nest per op, no fusion, no
+//! (docs/DECISIONS.md, "Architecture"), so it is written to be obviously right, not fast: one loop nest per op, no fusion, no
 //! reuse of buffers. It runs in f32 (to mirror the GPU) or in f64 (for finite-difference gradient
 //! checks); the arithmetic is the same generic code, instantiated for the [`Float`] trait. Values a
 //! graph stores in f16 (`precision = f16`, [`crate::precision::mark_f16`]) are rounded to f16 where
@@ -1285,7 +1285,7 @@ pub struct AuctionParams {
 /// Standing-bid sentinel of the auction: "token does not hold this expert" (−FLT_MAX, as on the GPU).
 const NO_BID: f64 = -3.402_823_466e38;
 
-/// [`Op::Auction`]: the Jacobi auction of LANGUAGE.md, steps 1–2, from values `v[T, E]` and start
+/// [`Op::Auction`]: the Jacobi auction of docs/language.md, steps 1–2, from values `v[T, E]` and start
 /// prices `[E]`. Returns u32 `[T, k + E]`: per token the won experts ascending, then `NONE`, then `E`
 /// zeros (the GPU's working space, cleared).
 ///

@@ -224,7 +224,7 @@ pub enum Op {
     Input {
         name: String,
     },
-    /// A trainable parameter; `name` is its checkpoint name (HF layout, see DESIGN.md).
+    /// A trainable parameter; `name` is its checkpoint name (HF layout, docs/language.md "What a run writes").
     Param {
         name: String,
         init: Init,
@@ -310,7 +310,7 @@ pub enum Op {
     Sinkhorn {
         iters: usize,
     },
-    /// The auction router (LANGUAGE.md `gate = auction`): values `v[T, E]` and start prices `[E]` →
+    /// The auction router (docs/language.md `gate = auction`): values `v[T, E]` and start prices `[E]` →
     /// u32 `[T, k + E]`. Row `t` holds, in its first `k` entries, the experts token `t` won in
     /// ascending order followed by `NONE`; the last `E` entries are the auction's working state (the
     /// f32 bits of `t`'s standing bid per expert) and carry no meaning for consumers. See

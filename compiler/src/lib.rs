@@ -1,4 +1,4 @@
-//! moec's compiler passes, in pipeline order (DESIGN.md):
+//! moec's compiler passes, in pipeline order (docs/DECISIONS.md, "Architecture"):
 //! `check` (AST → [`spec::Spec`]) → `lower` (Spec → [`ir::Graph`]) → `fuse` (Graph → kernel groups)
 //! → `emit` (groups → WGSL + [`plan::Plan`]), plus `interp`, the reference interpreter every kernel
 //! is tested against, and `stats`, the numbers `moec check` prints.

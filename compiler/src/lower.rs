@@ -18,7 +18,7 @@
 //! runtime feeds is docs/DECISIONS.md, "Router state and noise".
 //!
 //! # Parameter names and layouts
-//! HF Mixtral/Llama names (DESIGN.md), `[out, in]` linear weights read with `MatMul { trans_b }`:
+//! HF Mixtral/Llama names (docs/language.md, "What a run writes"), `[out, in]` linear weights read with `MatMul { trans_b }`:
 //! - dense FFN `swiglu`: `mlp.{gate,up,down}_proj.weight`; `gelu` / `relu` have no gate, so they use
 //!   `mlp.up_proj.weight` and `mlp.down_proj.weight` only (as GPT-style blocks under Llama names).
 //! - LayerNorm adds `.bias` next to each norm's `.weight`.
@@ -1022,7 +1022,7 @@ impl Lower<'_> {
         })
     }
 
-    /// The auction router (LANGUAGE.md): values = softmax(x·Wg), prices from the router state; the
+    /// The auction router (docs/language.md): values = softmax(x·Wg), prices from the router state; the
     /// won experts' probabilities renormalised are the weights; demand at the start prices feeds the
     /// price update.
     fn auction_router(
@@ -1131,7 +1131,7 @@ impl Lower<'_> {
         self.reshape(r, &[1], label)
     }
 
-    /// LANGUAGE.md `cv2(importance = a, load = b)`: `a·CV²(Importance) + b·CV²(Load)`.
+    /// docs/language.md `cv2(importance = a, load = b)`: `a·CV²(Importance) + b·CV²(Load)`.
     fn cv2_loss(&mut self, r: &Routing, a: f64, b: f64, p: &str) -> Result<NodeId, LowerError> {
         let importance = self.column_sums(r.gates, &format!("{p}.importance"))?;
         let cv_i = self.cv2(importance, &format!("{p}.importance_cv2"))?;
@@ -1206,7 +1206,7 @@ impl Lower<'_> {
         )
     }
 
-    /// LANGUAGE.md `aux(c)`: `c · E · Σ_e f_e · P_e` with `f_e = Σ_t sel[t,e] / (T·k)` and
+    /// docs/language.md `aux(c)`: `c · E · Σ_e f_e · P_e` with `f_e = Σ_t sel[t,e] / (T·k)` and
     /// `P_e = Σ_t p[t,e] / T`, over `groups = (G, T)` sequences of T tokens, averaged over the G
     /// sequences (G = 1 is `aux`, G = B is `seq_aux`).
     fn aux_loss(
@@ -1243,7 +1243,7 @@ impl Lower<'_> {
     }
 
     /// `mean_t (logsumexp_e logits[t,e])²` as `[1]` (logsumexp shifted by the row max): the
-    /// `moe.N.router_z` metric, and the `z(c)` loss of LANGUAGE.md times `c`.
+    /// `moe.N.router_z` metric, and the `z(c)` loss of docs/language.md times `c`.
     fn router_z(&mut self, logits: NodeId, p: &str) -> Result<NodeId, LowerError> {
         let n = self.g.ty(logits).rows();
         let m = self.reduce(ReduceOp::Max, logits, format!("{p}.z_max"))?;

@@ -1,8 +1,8 @@
 //! The typed, checked model description: what `check` produces from the AST and every later pass reads.
 //!
-//! Every default of LANGUAGE.md is already filled in here, and every semantic rule already holds, so
+//! Every default of docs/language.md is already filled in here, and every semantic rule already holds, so
 //! passes after `check` never re-validate and never see an `Option` that means "use the default".
-//! Choices LANGUAGE.md leaves open are documented on the field that carries them.
+//! Choices the literature leaves open are documented on the field that carries them.
 
 use serde::{Deserialize, Serialize};
 

@@ -1,4 +1,4 @@
-//! Gradient check of the routing and balancing methods (LANGUAGE.md) through whole lowered layers:
+//! Gradient check of the routing and balancing methods (docs/language.md) through whole lowered layers:
 //! `autodiff::training_graph` of tiny one-MoE-block transformers, one per gate kind and balancing
 //! term, in the f64 interpreter, against central finite differences of the forward graph on EVERY
 //! coordinate of every parameter; plus the new elementwise ops (`NormalCdf`, `NormalPdf`) and the

@@ -1,4 +1,4 @@
-//! Mutation fuzzing of `check`: valid specs covering LANGUAGE.md's fields are damaged thousands of
+//! Mutation fuzzing of `check`: valid specs covering docs/language.md's fields are damaged thousands of
 //! times (characters deleted, inserted, replaced; tokens swapped; lines duplicated; truncation) and
 //! `check` must return `Ok` or `Err` every time, never panic, and every error must render with a
 //! location inside the source.

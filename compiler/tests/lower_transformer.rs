@@ -350,7 +350,7 @@ fn moe_layer_and_balancing_match_naive_formulas() {
     for (i, (a, w)) in got.iter().zip(&y).enumerate() {
         assert!((a - w).abs() < 1e-12, "moe output {i}: {a} vs {w}");
     }
-    // LANGUAGE.md formulas, over tokens [lo, hi).
+    // docs/language.md formulas, over tokens [lo, hi).
     let aux = |c: f64, lo: usize, hi: usize| {
         let tn = (hi - lo) as f64;
         c * e as f64

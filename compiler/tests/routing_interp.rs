@@ -1,4 +1,4 @@
-//! The routing and balancing methods of LANGUAGE.md in the reference interpreter, against values
+//! The routing and balancing methods of docs/language.md in the reference interpreter, against values
 //! computed by hand or by naive re-implementations of the pinned formulas in this file.
 //!
 //! Ops are checked on constructed inputs whose answers are worked out in the comments; whole MoE

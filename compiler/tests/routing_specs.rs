@@ -1,5 +1,5 @@
 //! Every routing and balancing method through lowering, the interpreter and autodiff, on the example
-//! specs of specs/ (each one exercises a gate of LANGUAGE.md): the metrics and router-state outputs
+//! specs of specs/ (each one exercises a gate of docs/language.md): the metrics and router-state outputs
 //! exist and agree with the routing, the forward pass runs with the runtime's feeds (noise, jitter,
 //! router state), and the training graph differentiates and runs.
 

@@ -1,4 +1,4 @@
-//! Parser tests: every value form of LANGUAGE.md, spans, separators, and syntax-error translation.
+//! Parser tests: every value form of docs/language.md, spans, separators, and syntax-error translation.
 
 use moec_grammar::{parse, BinOp, Expr, ExprKind, Number};
 

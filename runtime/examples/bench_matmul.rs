@@ -1,4 +1,4 @@
-//! Matmul throughput of the emitted kernels on the default adapter (DESIGN.md: lavapipe f32 1024³).
+//! Matmul throughput of the emitted kernels on the default adapter (docs/DECISIONS.md, Runtime: lavapipe f32 1024³).
 //!
 //! `cargo run --release -p moec-runtime --example bench_matmul [-- M N K]`: times the register-blocked
 //! and the shared-tiled schedules, for `x · wᵀ` (PyTorch `[out, in]` weights, the common case) and

@@ -1,5 +1,5 @@
 //! Checkpoints: one safetensors file holding the weights, optimizer and router state, the step, the
-//! spec text and any other resumable state (DESIGN.md "Checkpoints and data").
+//! spec text and any other resumable state (docs/language.md, "What a run writes").
 //!
 //! # File layout
 //! - Tensors are F32 with their shapes. Model weights use HF Mixtral/Llama names and `[out, in]`

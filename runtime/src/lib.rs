@@ -166,7 +166,7 @@ impl Gpu {
     }
 
     /// The compile target for this adapter: its real limits, and the matmul schedule that is fast on
-    /// it (DESIGN.md: CPU adapters such as lavapipe want register blocking, GPUs want shared tiles).
+    /// it (docs/DECISIONS.md, Runtime: CPU adapters such as lavapipe want register blocking, GPUs want shared tiles).
     pub fn target(&self) -> Target {
         Target {
             max_storage_buffers_per_stage: self.limits.max_storage_buffers_per_shader_stage,

@@ -1,6 +1,6 @@
 //! The training log: one JSON object per line in `DIR/metrics.jsonl`, plus the console line.
 //!
-//! The JSON-lines log is a stable interface (LANGUAGE.md): users script against it, so field names
+//! The JSON-lines log is a stable interface (docs/language.md, "Metrics"): users script against it, so field names
 //! never change and fields are only ever added. Every line carries `step`, `loss`, `lr` and
 //! `tokens_per_s`; `aux`, `val_loss`, `val_ppl`, `val_acc` and `moe` appear only when they have a
 //! value (an eval step adds `val_*` to that step's line). `moe` maps the block index (as a string,
@@ -8,7 +8,7 @@
 //! is written as `null`, which every JSON reader accepts (and [`Record`] reads back as NaN). A
 //! layer's optional `bias` / `prices` arrays carry per-expert router state (plotted by `moec report`).
 //!
-//! The utilisation formulas are pinned by LANGUAGE.md ("Utilisation metrics"); the functions below
+//! The utilisation formulas are pinned by docs/language.md ("Metrics"); the functions below
 //! are exactly those, and the unit tests check them on hand-computed cases.
 
 use serde::{Deserialize, Serialize};

@@ -36,7 +36,7 @@
 //! cosine's `min_lr` stays the absolute floor of both groups).
 //!
 //! `expert_lr = adaptive(base = X)` does the same with X, and multiplies expert e's learning rate by
-//! min(mean_load / load_e, E) (LANGUAGE.md's mean_load / load_e, capped at E so that an expert with
+//! min(mean_load / load_e, E) (docs/language.md's mean_load / load_e, capped at E so that an expert with
 //! little or no load does not get an unbounded rate; 1 when the layer had no load at all). load is
 //! the step's `moe.N.load` of the parameter's MoE layer summed over the micro-steps
 //! (`shaders/optim_expert_lr.wgsl`, after each micro-step's plan), and slice e of the stacked

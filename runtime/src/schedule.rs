@@ -1,6 +1,6 @@
 //! Learning-rate schedules of the `train` block (`schedule = constant | cosine(...) | linear(...)`).
 //!
-//! Conventions (LANGUAGE.md leaves them open; these are the ones written down for users):
+//! Conventions (docs/language.md states them for users):
 //! - `step` is the 0-based index of the optimizer step about to be taken; a run has steps
 //!   `0..total_steps`. Steps past the end keep the value of the last step.
 //! - Warmup is linear and never gives a zero learning rate: step `s < W` uses `base · (s + 1) / W`, so

@@ -85,7 +85,7 @@ const META_LOSS_SCALE: &str = "loss_scale";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
-    #[error("the spec has no `train` block; add one (see LANGUAGE.md) to train this model")]
+    #[error("the spec has no `train` block; add one (see docs/language.md) to train this model")]
     NoTrainBlock,
     #[error("the {which} plan has no {what} `{name}`; was it compiled for training?")]
     Plan {
@@ -569,7 +569,7 @@ impl<'g> Trainer<'g> {
         Ok(())
     }
 
-    /// Per-MoE-layer utilisation of the last micro-step (LANGUAGE.md "Utilisation metrics"), from the
+    /// Per-MoE-layer utilisation of the last micro-step (docs/language.md "Metrics"), from the
     /// metric outputs lowering gives every MoE block (`moe.N.load`, `moe.N.dropped`, `moe.N.router_z`)
     /// and its `aux.N`. `None` when the plan has no such outputs.
     fn moe_metrics(&self) -> Result<Option<BTreeMap<String, MoeLayerMetrics>>, TrainError> {

@@ -1,4 +1,4 @@
-//! Every routing method of LANGUAGE.md on the GPU (lavapipe where there is none) against the f64
+//! Every routing method of docs/language.md on the GPU (lavapipe where there is none) against the f64
 //! reference interpreter: forward and training graphs of tiny one-MoE-block transformers, one per
 //! gate kind, hierarchy, capacity policy and balancing term, fused and unfused under both matmul
 //! variants. Every output is compared: logits, losses, every `grad.<param>`, the metrics

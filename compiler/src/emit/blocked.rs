@@ -1,5 +1,5 @@
 //! The register-blocked matmul body shared by the plain matmul, the grouped matmul (forward and
-//! input gradient) and the grouped weight gradient on CPU-like adapters (DESIGN.md: no workgroup
+//! input gradient) and the grouped weight gradient on CPU-like adapters (docs/DECISIONS.md, Runtime: no workgroup
 //! memory, no barriers).
 //!
 //! Why it looks like this (measured on lavapipe, Mesa 22.3; numbers in docs/DECISIONS.md, Runtime):
