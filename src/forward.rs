@@ -5,7 +5,8 @@
 //! The weights are a spec's seeded initialisation, or a checkpoint's (`--checkpoint`); the batch is
 //! seeded random data, or one row of given token ids (`--tokens`). `--dump-logits` writes the GPU's
 //! logits as a NumPy `.npy` file, which is how `scripts/hf_parity.py` compares moec with an
-//! independent HF Mixtral forward pass.
+//! independent HF Mixtral forward pass; `--dump-router` writes every MoE block's routing
+//! ([`crate::router_dump`]) for `scripts/megatron_parity.py`.
 
 use crate::eval::Model;
 use crate::{batch_of, compile, Loaded};
@@ -70,6 +71,8 @@ pub struct Args {
     pub tokens: Option<Vec<u32>>,
     /// Where to write the GPU's `logits` as `.npy`.
     pub dump_logits: Option<PathBuf>,
+    /// Where to write every MoE block's routing ([`crate::router_dump`]).
+    pub dump_router: Option<PathBuf>,
 }
 
 /// The graph inputs that carry the batch; every other input is model state (router state, noise).
@@ -160,6 +163,9 @@ pub fn run(source: Source<'_>, args: &Args, gpu: &Gpu) -> Result<()> {
     let t0 = Instant::now();
     let reference = interp::run_outputs(&compiled.graph, &all_feeds).into_diagnostic()?;
     let cpu_time = t0.elapsed();
+    if let Some(dir) = &args.dump_router {
+        crate::router_dump::dump(spec, &compiled.graph, &all_feeds, batch, dir)?;
+    }
 
     println!(
         "{} on {}: {} dispatches, {} kernels (compiled in {:.2?}); GPU forward {:.2?} first, {:.2?} warm; interpreter {:.2?}",
@@ -268,15 +274,26 @@ fn dump_logits(
     Ok(())
 }
 
-/// `data` as a NumPy `.npy` file (format 1.0, little-endian f32, C order), which `numpy.load` reads.
-fn npy_f32(shape: &[usize], data: &[f32]) -> Vec<u8> {
+/// `data` as a NumPy `.npy` file of little-endian f32.
+pub(crate) fn npy_f32(shape: &[usize], data: &[f32]) -> Vec<u8> {
+    npy("<f4", shape, data.iter().flat_map(|v| v.to_le_bytes()))
+}
+
+/// `data` as a NumPy `.npy` file of little-endian u32.
+pub(crate) fn npy_u32(shape: &[usize], data: &[u32]) -> Vec<u8> {
+    npy("<u4", shape, data.iter().flat_map(|v| v.to_le_bytes()))
+}
+
+/// A NumPy `.npy` file (format 1.0, C order) of element type `descr` holding `data`'s bytes, which
+/// `numpy.load` reads.
+fn npy(descr: &str, shape: &[usize], data: impl Iterator<Item = u8>) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
     let tuple = if dims.len() == 1 {
         format!("({},)", dims[0])
     } else {
         format!("({})", dims.join(", "))
     };
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {tuple}, }}");
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {tuple}, }}");
     // Magic (6 bytes), version (2) and header length (2), then the header ending in '\n', padded
     // with spaces so the data starts on a 64-byte boundary, as the format asks.
     let unpadded = 10 + header.len() + 1;
@@ -285,7 +302,7 @@ fn npy_f32(shape: &[usize], data: &[f32]) -> Vec<u8> {
     let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
     bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
     bytes.extend_from_slice(header.as_bytes());
-    bytes.extend(data.iter().flat_map(|v| v.to_le_bytes()));
+    bytes.extend(data);
     bytes
 }
 

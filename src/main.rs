@@ -10,9 +10,12 @@ use std::path::{Path, PathBuf};
 
 mod bench;
 mod eval;
+mod export;
+mod fmt;
 mod forward;
 mod generate;
 mod report;
+mod router_dump;
 mod train;
 
 #[derive(Parser)]
@@ -54,6 +57,14 @@ enum Command {
         #[command(flatten)]
         adapter: AdapterArgs,
     },
+    /// Rewrite specs in the canonical layout (comments kept); a directory means every .moe below it.
+    Fmt {
+        #[arg(required = true, value_name = "SPEC")]
+        specs: Vec<PathBuf>,
+        /// Write nothing; list the specs whose layout differs and fail if there are any.
+        #[arg(long)]
+        check: bool,
+    },
     /// Compile a spec: kernels (*.wgsl), plan.json, ir.txt, fused.txt and graph.dot into DIR.
     Build {
         spec: PathBuf,
@@ -90,6 +101,10 @@ enum Command {
         /// positions with --tokens), e.g. for scripts/hf_parity.py.
         #[arg(long, value_name = "FILE")]
         dump_logits: Option<PathBuf>,
+        /// Write every MoE block's router input, logits, selected experts, gate weights, kept slots
+        /// and balancing terms to DIR as NumPy .npy files, e.g. for scripts/megatron_parity.py.
+        #[arg(long, value_name = "DIR")]
+        dump_router: Option<PathBuf>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         #[arg(long)]
@@ -185,6 +200,12 @@ enum Command {
         #[arg(short, long, value_name = "DIR", default_value = "report")]
         out: PathBuf,
     },
+    /// Hand a spec to another engine: `moec export megatron SPEC -o DIR` writes a Megatron-Core
+    /// launch script, its TransformerConfig fields and EXPORT.md.
+    Export {
+        #[command(subcommand)]
+        target: export::Target,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -263,6 +284,7 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
+        Command::Fmt { specs, check } => fmt::run(&specs, check),
         Command::Build {
             spec,
             out,
@@ -334,6 +356,7 @@ fn main() -> Result<()> {
             batch,
             tokens,
             dump_logits,
+            dump_router,
             seed,
             no_fuse,
             profile,
@@ -346,6 +369,7 @@ fn main() -> Result<()> {
                 profile,
                 tokens,
                 dump_logits,
+                dump_router,
             };
             let loaded = spec.as_deref().map(load).transpose()?;
             let source = match (&loaded, &checkpoint) {
@@ -445,6 +469,7 @@ fn main() -> Result<()> {
             )
         }
         Command::Report { runs, out } => report::run(&runs, &out),
+        Command::Export { target } => export::run(target),
         Command::Devices => {
             let adapters = moec_runtime::list_adapters();
             if adapters.is_empty() {
@@ -452,6 +477,9 @@ fn main() -> Result<()> {
             }
             for (i, a) in adapters.iter().enumerate() {
                 println!("{i}: {a}");
+                if let Some(hint) = a.slow_driver_hint() {
+                    println!("   {hint}");
+                }
             }
             Ok(())
         }

@@ -72,6 +72,9 @@ pub fn run(loaded: &Loaded, args: &Args, gpu: &Gpu) -> Result<()> {
         forward.plan.dispatches.len(),
         started.elapsed()
     );
+    if let Some(hint) = gpu.info.slow_driver_hint() {
+        println!("{hint}");
+    }
     let data = trainer.data();
     println!(
         "data: {} ({} training / {} validation {}), {} entropy {:.4} nats{}",

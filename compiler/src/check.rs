@@ -86,6 +86,7 @@ const MODEL_FIELDS: &[&str] = &[
     "ffn",
     "bidirectional",
     "tie_embeddings",
+    "qk_norm",
 ];
 const MOE_FIELDS: &[&str] = &[
     "every",
@@ -298,6 +299,7 @@ impl Checker {
                 "`family = transformer`",
             ),
             ("bidirectional", &[Family::Lstm], "`family = lstm`"),
+            ("qk_norm", &[Family::Transformer], "`family = transformer`"),
             (
                 "vocab",
                 &[Family::Transformer, Family::Lstm],
@@ -444,6 +446,10 @@ impl Checker {
             Some(f) => self.boolean(&f.value, "tie_embeddings")?,
             None => false,
         };
+        let qk_norm = match fs.get("qk_norm") {
+            Some(f) => self.boolean(&f.value, "qk_norm")?,
+            None => false,
+        };
         Ok(Model {
             family,
             vocab,
@@ -459,6 +465,7 @@ impl Checker {
             ffn,
             bidirectional,
             tie_embeddings,
+            qk_norm,
         })
     }
 
@@ -1946,6 +1953,7 @@ model full {
   rope_theta = 500000
   ffn = gelu(hidden = 4 * dim)
   tie_embeddings = true
+  qk_norm = true
   moe {
     layers = [5, 1, 3]
     first_dense = 1
@@ -2003,6 +2011,7 @@ train {
                 },
                 bidirectional: false,
                 tie_embeddings: true,
+                qk_norm: true,
             },
             moe: Some(Moe {
                 blocks: vec![1, 3, 5],

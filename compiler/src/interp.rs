@@ -1161,7 +1161,7 @@ pub fn route_with(
     layout: &RouteLayout,
 ) -> Result<Vec<u32>, u32> {
     let (e_n, tile) = (layout.experts, layout.tile.max(1));
-    let mut table = vec![0u32; layout.len()];
+    let mut table = vec![0u32; layout.table_len()];
     let mut slots: Vec<Vec<usize>> = vec![Vec::new(); e_n];
     for (s, &e) in idx.iter().enumerate() {
         if e == RouteLayout::NONE {

@@ -213,7 +213,8 @@ impl RouteLayout {
     pub fn row_expert_at(&self) -> usize {
         self.row_slot_at() + self.rows()
     }
-    pub fn len(&self) -> usize {
+    /// Words in the whole route table (its `u32` tensor's length).
+    pub fn table_len(&self) -> usize {
         self.row_expert_at() + self.rows()
     }
 }
@@ -868,7 +869,7 @@ pub fn infer(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
         Op::Rope { .. } => {
             expect_args(args, 1)?;
             expect_dtype(args[0], DType::F32, "operand")?;
-            if args[0].shape.len() != 4 || args[0].shape[3] % 2 != 0 {
+            if args[0].shape.len() != 4 || !args[0].shape[3].is_multiple_of(2) {
                 return Err(format!(
                     "rope wants [B, T, H, hd] with even hd, got {}",
                     args[0]
@@ -949,7 +950,7 @@ pub fn infer(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
                     "route layout {layout:?} needs tile and capacity ≥ 1"
                 ));
             }
-            Ok(TensorType::u32(&[layout.len()]))
+            Ok(TensorType::u32(&[layout.table_len()]))
         }
         Op::SliceCols { start, len } => {
             expect_args(args, 1)?;
@@ -1208,12 +1209,12 @@ fn infer_grad(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
 }
 
 fn expect_route(t: &TensorType, layout: &RouteLayout) -> Result<(), String> {
-    if t.dtype == DType::U32 && t.shape == [layout.len()] {
+    if t.dtype == DType::U32 && t.shape == [layout.table_len()] {
         Ok(())
     } else {
         Err(format!(
             "route table must be u32[{}], got {t}",
-            layout.len()
+            layout.table_len()
         ))
     }
 }

@@ -22,6 +22,7 @@
 //! - dense FFN `swiglu`: `mlp.{gate,up,down}_proj.weight`; `gelu` / `relu` have no gate, so they use
 //!   `mlp.up_proj.weight` and `mlp.down_proj.weight` only (as GPT-style blocks under Llama names).
 //! - LayerNorm adds `.bias` next to each norm's `.weight`.
+//! - `qk_norm = true`: `self_attn.q_norm.weight` and `self_attn.k_norm.weight` `[head_dim]` (Qwen3).
 //! - routed experts are ONE parameter per projection, stacked over experts, because `GroupedMatMul`
 //!   reads `[E, N, K]`: `block_sparse_moe.experts.w1` `[E, hidden, dim]` (SwiGLU gate, or the up
 //!   projection of gelu/relu experts), `...experts.w3` `[E, hidden, dim]` (SwiGLU up) and
@@ -307,8 +308,13 @@ impl Lower<'_> {
     /// RMSNorm `x · rsqrt(mean(x²) + eps) · w`, or LayerNorm `(x - μ) · rsqrt(var + eps) · w + b`,
     /// over the last axis.
     fn norm(&mut self, x: NodeId, name: &str) -> Result<NodeId, LowerError> {
+        self.norm_of(self.spec.model.norm, x, name)
+    }
+
+    /// [`Self::norm`] of the given kind (QK-norm is RMSNorm whatever the model's `norm`).
+    fn norm_of(&mut self, kind: Norm, x: NodeId, name: &str) -> Result<NodeId, LowerError> {
         let d = self.last_dim(x);
-        let centred = match self.spec.model.norm {
+        let centred = match kind {
             Norm::RmsNorm => x,
             Norm::LayerNorm => {
                 let mu = self.reduce(ReduceOp::Mean, x, format!("{name}.mean"))?;
@@ -324,7 +330,7 @@ impl Lower<'_> {
             .g
             .param(&format!("{name}.weight"), &[d], Init::Constant(1.0));
         let y = self.binary(BinaryOp::Mul, y, w, format!("{name}.scale"))?;
-        match self.spec.model.norm {
+        match kind {
             Norm::RmsNorm => Ok(y),
             Norm::LayerNorm => {
                 let b = self
@@ -366,7 +372,8 @@ impl Lower<'_> {
         self.linear(h, &format!("{prefix}.down_proj"), d, false)
     }
 
-    /// Causal multi-head attention with RoPE and grouped-query heads on `h[B*T, dim]`.
+    /// Causal multi-head attention with RoPE, grouped-query heads and optional QK-norm (before RoPE)
+    /// on `h[B*T, dim]`.
     ///
     /// The G query heads that share a KV head are stacked along rows (`[B, KV, G*T, hd]`), so one
     /// batched matmul against `k[B, KV, T, hd]` serves the whole group and `Softmax { causal }` masks
@@ -395,12 +402,14 @@ impl Lower<'_> {
         let v = self.linear(h, &format!("{p}.v_proj"), kv * hd, false)?;
 
         let q = self.reshape(q, &[b, t, heads, hd], format!("{p}.q_heads"))?;
+        let q = self.qk_norm(q, &format!("{p}.q_norm"))?;
         let q = self.add(Op::Rope { theta }, &[q], format!("{p}.q_rope"))?;
         let q = self.reshape(q, &[b, t, kv, g, hd], format!("{p}.q_groups"))?;
         let q = self.permute(q, &[0, 2, 3, 1, 4], format!("{p}.q_stack"))?;
         let q = self.reshape(q, &[b, kv, g * t, hd], format!("{p}.q_rows"))?;
 
         let k = self.reshape(k, &[b, t, kv, hd], format!("{p}.k_heads"))?;
+        let k = self.qk_norm(k, &format!("{p}.k_norm"))?;
         let k = self.add(Op::Rope { theta }, &[k], format!("{p}.k_rope"))?;
         let k = self.permute(k, &[0, 2, 1, 3], format!("{p}.k_t"))?;
         let v = self.reshape(v, &[b, t, kv, hd], format!("{p}.v_heads"))?;
@@ -418,6 +427,16 @@ impl Lower<'_> {
         let c = self.permute(c, &[0, 3, 1, 2, 4], format!("{p}.ctx_unstack"))?;
         let c = self.reshape(c, &[b * t, heads * hd], format!("{p}.ctx_rows"))?;
         self.linear(c, &format!("{p}.o_proj"), d, false)
+    }
+
+    /// `qk_norm = true`: RMSNorm over the last axis (head_dim) of `x[B, T, heads, hd]`, one `[hd]`
+    /// scale `{name}.weight` shared by the heads (Qwen3's `q_norm` / `k_norm`); else `x`.
+    fn qk_norm(&mut self, x: NodeId, name: &str) -> Result<NodeId, LowerError> {
+        if self.spec.model.qk_norm {
+            self.norm_of(Norm::RmsNorm, x, name)
+        } else {
+            Ok(x)
+        }
     }
 
     /// A routed MoE layer on `x[N, dim]` for block `block`; `seqs = (B, T)` groups tokens into
@@ -548,11 +567,12 @@ impl Lower<'_> {
                             format!("{p}.mask"),
                         )?),
                     };
-                    let groups = match (*bal, seqs) {
-                        (Balance::SeqAux(_), Some(bt)) => bt,
-                        _ => (1, n),
+                    let (groups, name) = match (*bal, seqs) {
+                        (Balance::SeqAux(_), Some(bt)) => (bt, "seq_aux"),
+                        (Balance::SeqAux(_), None) => ((1, n), "seq_aux"),
+                        _ => ((1, n), "aux"),
                     };
-                    self.aux_loss(mask, r.probs, c, r.k_eff, groups, &p)?
+                    self.aux_loss(mask, r.probs, c, r.k_eff, groups, &format!("{p}.{name}"))?
                 }
                 Balance::Z(c) => self.affine(router_z, c as f32, 0.0, format!("{p}.z"))?,
                 Balance::Cv2 { importance, load } => self.cv2_loss(&r, importance, load, &p)?,
@@ -1208,7 +1228,7 @@ impl Lower<'_> {
 
     /// docs/language.md `aux(c)`: `c · E · Σ_e f_e · P_e` with `f_e = Σ_t sel[t,e] / (T·k)` and
     /// `P_e = Σ_t p[t,e] / T`, over `groups = (G, T)` sequences of T tokens, averaged over the G
-    /// sequences (G = 1 is `aux`, G = B is `seq_aux`).
+    /// sequences (G = 1 is `aux`, G = B is `seq_aux`). The term is labelled `label`.
     fn aux_loss(
         &mut self,
         mask: NodeId,
@@ -1216,8 +1236,9 @@ impl Lower<'_> {
         c: f64,
         k: f64,
         groups: (usize, usize),
-        p: &str,
+        label: &str,
     ) -> Result<NodeId, LowerError> {
+        let p = label.rsplit_once('.').map_or(label, |(prefix, _)| prefix);
         let (gn, t) = groups;
         let e = self.last_dim(mask);
         let mut col_means = Vec::new();
@@ -1239,7 +1260,7 @@ impl Lower<'_> {
             s = self.reduce(ReduceOp::Mean, s, format!("{p}.aux_seq_mean"))?;
         }
         let s = self.reshape(s, &[1], format!("{p}.aux_scalar"))?;
-        self.affine(s, (c * e as f64 / k) as f32, 0.0, format!("{p}.aux"))
+        self.affine(s, (c * e as f64 / k) as f32, 0.0, label)
     }
 
     /// `mean_t (logsumexp_e logits[t,e])²` as `[1]` (logsumexp shifted by the row max): the

@@ -50,6 +50,10 @@ pub struct Model {
     pub ffn: Ffn,
     pub bidirectional: bool,
     pub tie_embeddings: bool,
+    /// Qwen3 / OLMoE QK-norm: RMSNorm over each head's q and k before RoPE, with one learned scale
+    /// per head dimension shared by all heads (`self_attn.{q,k}_norm.weight` `[head_dim]`). Always
+    /// RMSNorm, whatever `norm` says, because that is what the models that have it do.
+    pub qk_norm: bool,
 }
 
 impl Model {

@@ -1,6 +1,6 @@
 //! Gradient check of whole lowered models: `autodiff::training_graph` of small specs (MoE
 //! transformers with GQA, shared experts and aux + z / seq_aux balancing, a dense transformer, a
-//! top-1 Switch MoE classifier), run in the f64 interpreter, against central finite differences of
+//! top-1 Switch MoE classifier, a QK-norm transformer), run in the f64 interpreter, against central finite differences of
 //! the forward graph on EVERY coordinate of every parameter (the models are small enough: a few
 //! thousand coordinates each, well under a second of interpreter time per model).
 //!
@@ -77,6 +77,30 @@ model tiny_dense {
 }
 "#;
 
+/// QK-norm (Qwen3) with GQA, a dense first block and an MoE second block, under LayerNorm blocks
+/// (QK-norm stays RMSNorm).
+const QK_NORM: &str = r#"
+model tiny_qk_norm {
+  vocab = 16
+  dim = 8
+  layers = 2
+  heads = 2
+  kv_heads = 1
+  context = 4
+  norm = layernorm
+  qk_norm = true
+  ffn = swiglu(hidden = 8)
+  moe {
+    every = 2
+    experts = 4
+    top_k = 2
+    expert = swiglu(hidden = 8)
+    gate = softmax(renorm = true)
+    balance = aux(0.5)
+  }
+}
+"#;
+
 const MLP_MOE: &str = r#"
 model tiny_classifier {
   family = mlp
@@ -144,6 +168,20 @@ fn dense_transformer_gradients_match_finite_differences() {
     let g = graph(DENSE, 2);
     let feeds = random_feeds(&g, 200);
     check_model("dense transformer", &g, &feeds);
+}
+
+#[test]
+fn qk_norm_transformer_gradients_match_finite_differences() {
+    let g = graph(QK_NORM, 2);
+    for name in ["q_norm", "k_norm"] {
+        for block in 0..2 {
+            let param = format!("model.layers.{block}.self_attn.{name}.weight");
+            let found = g.params().into_iter().find(|(_, n, _)| *n == param);
+            assert_eq!(found.map(|(_, _, ty)| ty.shape), Some(vec![4]), "{param}");
+        }
+    }
+    let feeds = robust_feeds(&g, 400);
+    check_model("qk_norm transformer", &g, &feeds);
 }
 
 #[test]

@@ -365,7 +365,7 @@ fn route_table_by_hand() {
         &[0, 3, 1, 2, 4, N, 5, N, N]
     );
     assert_eq!(
-        &got[layout.row_expert_at()..layout.len()],
+        &got[layout.row_expert_at()..layout.table_len()],
         &[0, 0, 1, 1, 1, 1, 2, 2, N]
     );
 }

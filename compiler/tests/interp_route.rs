@@ -26,7 +26,7 @@ proptest! {
     #[test]
     fn route_layout_invariants((layout, idx) in routing()) {
         let t = route(&idx, &layout).unwrap();
-        prop_assert_eq!(t.len(), layout.len());
+        prop_assert_eq!(t.len(), layout.table_len());
         let e_n = layout.experts;
         let counts = &t[layout.counts_at()..layout.counts_at() + e_n];
         let offsets = &t[layout.offsets_at()..layout.offsets_at() + e_n + 1];

@@ -26,6 +26,7 @@ fn small(moe: Option<Moe>) -> Spec {
             },
             bidirectional: false,
             tie_embeddings: false,
+            qk_norm: false,
         },
         moe,
         train: None,

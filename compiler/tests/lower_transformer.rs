@@ -34,6 +34,7 @@ fn model(
         },
         bidirectional: false,
         tie_embeddings: false,
+        qk_norm: false,
     }
 }
 

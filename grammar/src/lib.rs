@@ -10,8 +10,10 @@
 
 pub mod ast;
 pub mod diagnostic;
+mod format;
 mod parser;
 
 pub use ast::*;
 pub use diagnostic::{did_you_mean, one_of, Diagnostic};
+pub use format::format;
 pub use parser::{parse, MAX_BRACKET_DEPTH, MAX_EXPR_DEPTH};

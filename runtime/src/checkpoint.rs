@@ -12,12 +12,13 @@
 //!   [`Checkpoint::meta`] under its own key (e.g. the batcher state as JSON).
 //!
 //! # HF transformers
-//! For a spec whose forward pass HF's `MixtralForCausalLM` (or, without experts,
-//! `LlamaForCausalLM`) computes exactly, [`hf_config`] gives its `config.json` and
+//! For a spec whose forward pass an HF model computes exactly (Mixtral, Llama, Qwen3(-MoE),
+//! GLM-4-MoE: [`crate::hf`]), [`hf_config`] gives its `config.json` and
 //! [`Checkpoint::save_hf_files`] writes it beside the checkpoint with a
-//! `model.safetensors.index.json` that points every weight at the checkpoint file: the index is how
-//! transformers' loader finds weights in a file not named `model.safetensors`, so
-//! `from_pretrained(run_dir)` can take the run directory as it is. `scripts/hf_parity.py` checks
+//! `model.safetensors.index.json` that points every weight at the checkpoint file (or, for the
+//! architectures that name weights otherwise, at a renamed copy): the index is how transformers'
+//! loader finds weights in a file not named `model.safetensors`, so `from_pretrained(run_dir)` can
+//! take the run directory as it is. `scripts/hf_parity.py` checks
 //! that an independent implementation of HF's forward pass gives moec's logits.
 //!
 //! Loading also accepts F16, BF16 and F64 tensors (converted to f32), so HF checkpoints load too; a
@@ -28,9 +29,8 @@
 //! the target and fsyncs the directory: a crash at any point leaves either the old checkpoint or the
 //! new one, never a half-written file, and never a stray temporary file on success or error.
 
-use moec_compiler::spec::{
-    Activation, Balance, Capacity, Family, Gate, Norm, Precision, Spec, NORM_EPS,
-};
+pub use crate::hf::hf_config;
+use crate::hf::hf_weight_name;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use std::borrow::Cow;
@@ -50,8 +50,9 @@ pub const META_SPEC: &str = "moec.spec";
 pub const HF_CONFIG_FILE: &str = "config.json";
 /// The HF weight index [`Checkpoint::save_hf_files`] writes beside a checkpoint.
 pub const HF_INDEX_FILE: &str = "model.safetensors.index.json";
-/// Tensor name prefixes of state that is not a model weight (HF ignores them).
-const STATE_PREFIXES: [&str; 2] = ["optim.", "router_state."];
+/// The renamed weights [`Checkpoint::save_hf_files`] writes for architectures whose weight names
+/// are not moec's.
+pub const HF_WEIGHTS_FILE: &str = "model.safetensors";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -198,27 +199,46 @@ impl Checkpoint {
 
     /// Writes [`HF_CONFIG_FILE`] (`config`, from [`hf_config`]) and [`HF_INDEX_FILE`] into the
     /// directory of `path`, the checkpoint file this checkpoint was saved to: the index maps every
-    /// model weight (not the `optim.` / `router_state.` state) to that file. Both are written
+    /// model weight (not the `optim.` / `router_state.` state) to that file. Architectures that name
+    /// weights otherwise ([`crate::hf::hf_weight_name`]: Qwen3-MoE, GLM-4-MoE) get the renamed
+    /// weights in [`HF_WEIGHTS_FILE`] beside it, and the index points there. All are written
     /// atomically.
     pub fn save_hf_files(
         &self,
         path: &Path,
         config: &serde_json::Value,
     ) -> Result<(), CheckpointError> {
-        let file_name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let weights = self
+        let model_type = config["model_type"].as_str().unwrap_or_default();
+        let weights: BTreeMap<String, &Tensor> = self
             .tensors
             .iter()
-            .filter(|(name, _)| !STATE_PREFIXES.iter().any(|p| name.starts_with(p)));
-        let total_size: usize = weights.clone().map(|(_, (_, data))| data.len() * 4).sum();
+            .filter_map(|(name, t)| Some((hf_weight_name(model_type, name)?, t)))
+            .collect();
+        let dir = path.parent().unwrap_or(Path::new(""));
+        let renamed = weights.keys().any(|hf| !self.tensors.contains_key(hf));
+        let file_name = if renamed {
+            let copy = Checkpoint {
+                tensors: weights
+                    .iter()
+                    .map(|(name, t)| (name.clone(), (*t).clone()))
+                    .collect(),
+                step: self.step,
+                spec_text: self.spec_text.clone(),
+                meta: BTreeMap::new(),
+            };
+            copy.save(&dir.join(HF_WEIGHTS_FILE))?;
+            HF_WEIGHTS_FILE.to_string()
+        } else {
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        let total_size: usize = weights.values().map(|(_, data)| data.len() * 4).sum();
         let weight_map: serde_json::Map<String, serde_json::Value> = weights
-            .map(|(name, _)| (name.clone(), file_name.clone().into()))
+            .keys()
+            .map(|name| (name.clone(), file_name.clone().into()))
             .collect();
         let index = serde_json::json!({ "metadata": { "total_size": total_size }, "weight_map": weight_map });
-        let dir = path.parent().unwrap_or(Path::new(""));
         for (name, value) in [(HF_CONFIG_FILE, config), (HF_INDEX_FILE, &index)] {
             let target = dir.join(name);
             let text = serde_json::to_string_pretty(value).map_err(|e| CheckpointError::Json {
@@ -274,140 +294,6 @@ impl Checkpoint {
             meta,
         })
     }
-}
-
-/// The HF transformers `config.json` of `spec`: a `MixtralConfig` when every block is MoE, a
-/// `LlamaConfig` without experts. Only specs whose logits those models reproduce map: a causal
-/// RMSNorm transformer with SwiGLU FFNs and, for MoE, a softmax gate renormalised over the top k
-/// (Mixtral's routing), all experts kept (`dropless`) and no selection bias. Anything else is
-/// `NotHf` naming the first feature HF's model lacks.
-pub fn hf_config(spec: &Spec) -> Result<serde_json::Value, CheckpointError> {
-    let not = |what: String| Err(CheckpointError::NotHf(what));
-    let m = &spec.model;
-    let (Family::Transformer, Some(vocab), Some(context)) = (m.family, m.vocab, m.context) else {
-        return not(format!(
-            "family `{:?}` is not a token transformer",
-            m.family
-        ));
-    };
-    if m.norm != Norm::RmsNorm {
-        return not("norm = layernorm (Mixtral and Llama use RMSNorm)".into());
-    }
-    if m.bidirectional {
-        return not("bidirectional attention (Mixtral and Llama are causal)".into());
-    }
-    // The f32 eps as written (1e-5), not its binary value widened to f64.
-    let eps: f64 = NORM_EPS.to_string().parse().unwrap_or(f64::from(NORM_EPS));
-    let mut config = serde_json::json!({
-        "vocab_size": vocab,
-        "hidden_size": m.dim,
-        "num_hidden_layers": m.layers,
-        "num_attention_heads": m.heads,
-        "num_key_value_heads": m.kv_heads,
-        "head_dim": m.head_dim(),
-        "hidden_act": "silu",
-        "max_position_embeddings": context,
-        "rms_norm_eps": eps,
-        "rope_theta": m.rope_theta,
-        "tie_word_embeddings": m.tie_embeddings,
-        "attention_dropout": 0.0,
-        // moec's `Normal { std: 0.02 }` init.
-        "initializer_range": 0.02,
-        "use_cache": true,
-        // moec's vocabularies have no special tokens.
-        "bos_token_id": null,
-        "eos_token_id": null,
-        "pad_token_id": null,
-        "torch_dtype": "float32",
-    });
-    let extra = match &spec.moe {
-        None => {
-            if m.ffn.activation != Activation::SwiGlu {
-                return not(format!(
-                    "ffn = {:?} (Llama's MLP is SwiGLU)",
-                    m.ffn.activation
-                ));
-            }
-            serde_json::json!({
-                "architectures": ["LlamaForCausalLM"],
-                "model_type": "llama",
-                "intermediate_size": m.ffn.hidden,
-                "attention_bias": false,
-                "mlp_bias": false,
-                "pretraining_tp": 1,
-            })
-        }
-        Some(moe) => {
-            if moe.blocks.len() != m.layers {
-                return not(format!(
-                    "MoE on {} of {} blocks (Mixtral's blocks are all MoE)",
-                    moe.blocks.len(),
-                    m.layers
-                ));
-            }
-            if moe.expert.activation != Activation::SwiGlu {
-                return not(format!(
-                    "expert = {:?} (Mixtral's experts are SwiGLU)",
-                    moe.expert.activation
-                ));
-            }
-            if moe.gate != (Gate::Softmax { renorm: true }) {
-                return not(format!(
-                    "gate = {:?} (Mixtral's gate is softmax renormalised over the top k)",
-                    moe.gate
-                ));
-            }
-            if moe.shared_experts > 0 || moe.groups.is_some() {
-                return not(
-                    "shared experts or expert groups (Mixtral has one flat set of routed experts)"
-                        .into(),
-                );
-            }
-            if moe.capacity != Capacity::Dropless {
-                return not("a capacity factor (Mixtral drops no tokens)".into());
-            }
-            if moe
-                .balance
-                .iter()
-                .any(|b| matches!(b, Balance::Bias { .. }))
-            {
-                return not("bias balancing (a selection bias Mixtral's router lacks)".into());
-            }
-            if moe.router_precision != Precision::F32 {
-                return not("router_precision = f16 (Mixtral routes in the model's dtype)".into());
-            }
-            // moec's aux(c) is c·E·Σ f_e·P_e with f_e the share of the T·k choices; HF's
-            // load_balancing_loss_func counts f per choice slot without dividing by k, so c / k
-            // gives the same scale (HF pools all layers' tokens where moec sums per layer).
-            let aux = moe
-                .balance
-                .iter()
-                .find_map(|b| {
-                    if let Balance::Aux(c) = b {
-                        Some(*c)
-                    } else {
-                        None
-                    }
-                })
-                .unwrap_or(0.0);
-            serde_json::json!({
-                "architectures": ["MixtralForCausalLM"],
-                "model_type": "mixtral",
-                "intermediate_size": moe.expert.hidden,
-                "num_local_experts": moe.experts,
-                "num_experts_per_tok": moe.top_k,
-                // Training only; HF jitters the experts' input too, moec only the router's.
-                "router_jitter_noise": moe.jitter,
-                "router_aux_loss_coef": aux / moe.top_k as f64,
-                "output_router_logits": false,
-                "sliding_window": null,
-            })
-        }
-    };
-    if let (Some(config), serde_json::Value::Object(extra)) = (config.as_object_mut(), extra) {
-        config.extend(extra);
-    }
-    Ok(config)
 }
 
 /// f32 data as little-endian bytes (safetensors' byte order), without a copy on little-endian hosts.

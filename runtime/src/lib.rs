@@ -66,6 +66,33 @@ impl fmt::Display for AdapterSummary {
     }
 }
 
+impl AdapterSummary {
+    /// A one-line upgrade hint when this is Mesa's llvmpipe older than Mesa 24: the same kernels run
+    /// 2-5x slower there and compile about 5x more slowly (README "Setup"), which users otherwise
+    /// take for moec being slow.
+    pub fn slow_driver_hint(&self) -> Option<String> {
+        if !self.name.to_lowercase().contains("llvmpipe") {
+            return None;
+        }
+        let major = mesa_major_version(&self.driver)?;
+        (major < 24).then(|| {
+            format!(
+                "hint: this lavapipe is Mesa {major}; Mesa >= 25 runs moec 2-5x faster and compiles its kernels ~5x faster \
+                 (Debian 12: apt-get install -t bookworm-backports mesa-vulkan-drivers; or run scripts/install-lavapipe.sh)"
+            )
+        })
+    }
+}
+
+/// The major version in a driver string such as `Mesa 22.3.6 (LLVM 15.0.6)`.
+fn mesa_major_version(driver: &str) -> Option<u32> {
+    let rest = &driver[driver.find("Mesa ")? + "Mesa ".len()..];
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
 fn summary(info: &wgpu::AdapterInfo) -> AdapterSummary {
     AdapterSummary {
         name: info.name.clone(),
@@ -696,8 +723,41 @@ fn floats(bytes: &[u8], dtype: DType) -> Vec<f32> {
 
 pub mod checkpoint;
 pub mod data;
+pub mod hf;
+pub mod megatron;
 pub mod metrics;
 pub mod optim;
 pub mod report;
 pub mod schedule;
 pub mod train;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llvmpipe(driver: &str) -> AdapterSummary {
+        AdapterSummary {
+            name: "llvmpipe (LLVM 15.0.6, 256 bits)".into(),
+            backend: "Vulkan".into(),
+            device_type: "Cpu".into(),
+            driver: driver.into(),
+        }
+    }
+
+    #[test]
+    fn old_lavapipe_gets_an_upgrade_hint_and_new_ones_do_not() {
+        let old = llvmpipe("llvmpipe Mesa 22.3.6 (LLVM 15.0.6)").slow_driver_hint();
+        assert!(old.unwrap().contains("Mesa 22"));
+        assert_eq!(
+            llvmpipe("llvmpipe Mesa 25.0.7-2~bpo12+1 (LLVM 19.1.7)").slow_driver_hint(),
+            None
+        );
+        assert_eq!(llvmpipe("llvmpipe Mesa 24.0.1").slow_driver_hint(), None);
+        assert_eq!(llvmpipe("no version here").slow_driver_hint(), None);
+        let gpu = AdapterSummary {
+            name: "NVIDIA H200".into(),
+            ..llvmpipe("Mesa 22.3.6")
+        };
+        assert_eq!(gpu.slow_driver_hint(), None);
+    }
+}

@@ -2,7 +2,7 @@
 
 use moec_runtime::checkpoint::{
     diff_specs, from_hf, hf_config, to_hf, Checkpoint, CheckpointError, HF_CONFIG_FILE,
-    HF_INDEX_FILE,
+    HF_INDEX_FILE, HF_WEIGHTS_FILE,
 };
 use moec_runtime::data::BatcherState;
 use safetensors::{Dtype, SafeTensors};
@@ -433,4 +433,148 @@ fn hf_files_point_every_weight_at_the_checkpoint() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     assert_eq!(names.len(), 3, "no temporary files left: {names:?}");
+}
+
+#[test]
+fn renamed_architectures_get_a_renamed_copy_of_the_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("checkpoint.safetensors");
+    let mut ck = sample();
+    ck.insert_ir("router_state.0.bias", &[3], &[0.5, -0.5, 0.25]);
+    ck.save(&path).unwrap();
+    let config = serde_json::json!({ "model_type": "glm4_moe" });
+    ck.save_hf_files(&path, &config).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join(HF_INDEX_FILE)).unwrap())
+            .unwrap();
+    let map = index["weight_map"].as_object().unwrap();
+    assert!(map.values().all(|v| v == HF_WEIGHTS_FILE));
+    let copy = Checkpoint::load(&dir.path().join(HF_WEIGHTS_FILE)).unwrap();
+    assert_eq!(
+        copy.tensors.keys().collect::<Vec<_>>(),
+        map.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(
+        copy.tensors["model.layers.0.mlp.experts.2.gate_proj.weight"],
+        ck.tensors["model.layers.0.block_sparse_moe.experts.2.w1.weight"]
+    );
+    assert_eq!(
+        copy.tensors["model.layers.0.mlp.gate.e_score_correction_bias"].1,
+        vec![0.5, -0.5, 0.25]
+    );
+    assert!(copy.tensors.keys().all(|n| n.starts_with("model.")));
+}
+
+/// `specs/export/NAME.moe`.
+fn export_spec(name: &str) -> moec_compiler::spec::Spec {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("../specs/export/{name}.moe"));
+    let source = std::fs::read_to_string(&path).unwrap();
+    moec_compiler::check::check(&source, &path).unwrap()
+}
+
+#[test]
+fn hf_config_of_a_qwen3_moe_shaped_spec() {
+    let config = hf_config(&export_spec("qwen3-moe")).unwrap();
+    assert_eq!(config["architectures"][0], "Qwen3MoeForCausalLM");
+    assert_eq!(config["decoder_sparse_step"], 2);
+    assert_eq!(config["mlp_only_layers"], serde_json::json!([]));
+    assert_eq!(config["norm_topk_prob"], true);
+    assert_eq!(config["num_experts"], 8);
+    assert_eq!(config["moe_intermediate_size"], 64);
+    assert_eq!(config["intermediate_size"], 128);
+    assert_eq!(config["num_key_value_heads"], 2);
+    // renorm = false, and a first dense block under `every = 1`.
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../specs/export/qwen3-moe.moe");
+    let source = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("renorm = true", "renorm = false")
+        .replace("every = 2", "first_dense = 1");
+    let spec = moec_compiler::check::check(&source, &path).unwrap();
+    let config = hf_config(&spec).unwrap();
+    assert_eq!(config["norm_topk_prob"], false);
+    assert_eq!(config["decoder_sparse_step"], 1);
+    assert_eq!(config["mlp_only_layers"], serde_json::json!([0]));
+}
+
+#[test]
+fn hf_config_of_a_glm4_moe_shaped_spec() {
+    let config = hf_config(&export_spec("glm4-moe")).unwrap();
+    assert_eq!(config["architectures"][0], "Glm4MoeForCausalLM");
+    assert_eq!(config["first_k_dense_replace"], 1);
+    assert_eq!(config["n_group"], 4);
+    assert_eq!(config["topk_group"], 2);
+    assert_eq!(config["n_shared_experts"], 1);
+    assert_eq!(config["n_routed_experts"], 8);
+    assert_eq!(config["num_experts_per_tok"], 4);
+    assert_eq!(config["norm_topk_prob"], true);
+    assert_eq!(config["use_qk_norm"], false);
+    assert_eq!(config["partial_rotary_factor"], 1.0);
+}
+
+#[test]
+fn qk_norm_dense_spec_is_qwen3_and_qk_norm_is_not_mixtral() {
+    let qk = hf_config(&mixtral_with((
+        "context = 64",
+        "context = 64\n  qk_norm = true",
+    )));
+    assert_eq!(qk.unwrap()["model_type"], "qwen3_moe");
+    let dense = mixtral_with(("experts = 8", "experts = 0"));
+    let mut qk_dense = dense.clone();
+    qk_dense.model.qk_norm = true;
+    assert_eq!(hf_config(&dense).unwrap()["model_type"], "llama");
+    assert_eq!(hf_config(&qk_dense).unwrap()["model_type"], "qwen3");
+}
+
+#[test]
+fn hf_config_refuses_what_qwen3_and_glm_do_not_compute() {
+    let qwen = |edit: (&str, &str)| {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../specs/export/qwen3-moe.moe");
+        let source = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace(edit.0, edit.1);
+        hf_config(&moec_compiler::check::check(&source, &path).unwrap())
+    };
+    let glm = |edit: (&str, &str)| {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../specs/export/glm4-moe.moe");
+        let source = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace(edit.0, edit.1);
+        hf_config(&moec_compiler::check::check(&source, &path).unwrap())
+    };
+    for (result, what) in [
+        (
+            qwen(("    balance = aux(0.01)", "    shared_experts = 1")),
+            "Qwen3-MoE has one flat set",
+        ),
+        (
+            qwen(("qk_norm = true", "qk_norm = false")),
+            "MoE on 2 of 4 blocks",
+        ),
+        (
+            glm(("shared_experts = 1", "shared_experts = 0")),
+            "always has them",
+        ),
+        (glm(("first_dense = 1", "every = 2")), "MoE blocks [1]"),
+        (
+            glm((
+                "groups = 4 x 2\n    hierarchy = group_limited\n    top_groups = 2",
+                "groups = 8 x 1\n    hierarchy = group_limited\n    top_groups = 4",
+            )),
+            "top 2 experts",
+        ),
+        (
+            glm((
+                "top_k = 4\n    groups = 4 x 2\n    hierarchy = group_limited",
+                "top_k = 2\n    groups = 4 x 2\n    hierarchy = two_level",
+            )),
+            "two-level",
+        ),
+    ] {
+        let err = result.unwrap_err();
+        assert!(err.to_string().contains(what), "{err}");
+    }
 }

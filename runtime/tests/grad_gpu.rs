@@ -9,7 +9,7 @@
 //! magnitude ≤ 4).
 //!
 //! Training graphs: `autodiff::training_graph(lower(spec))` of a tiny dense and a tiny MoE
-//! transformer (GQA, shared expert, aux + z balancing), fused and unfused, `grad_seed` = 1. Every
+//! transformer (GQA, shared expert, aux + z balancing) and a one-block QK-norm one, fused and unfused, `grad_seed` = 1. Every
 //! output (`loss`, the balancing terms, every `grad.<param>`) is compared with the interpreter:
 //! |gpu − ref| ≤ 1e-3·|ref| + 1e-4·max|ref| (the floor is relative to the largest entry of the same
 //! tensor, for entries that are near zero through cancellation). Parameters are drawn at
@@ -386,6 +386,28 @@ fn check_training(what: &str, source: &str, vocab: u32) {
     for (name, err) in names {
         eprintln!("  {name}: {err:.2e}");
     }
+}
+
+/// QK-norm (Qwen3: RMSNorm over each head's q and k before RoPE) with GQA, one dense block (the
+/// MoE interplay is covered by the interpreter's finite-difference check; lavapipe is slow).
+const QK_NORM: &str = r#"
+model tiny_qk_norm {
+  vocab = 32
+  dim = 16
+  layers = 1
+  heads = 4
+  kv_heads = 2
+  context = 8
+  qk_norm = true
+  moe {
+    experts = 0
+  }
+}
+"#;
+
+#[test]
+fn qk_norm_training_graph_matches_interpreter() {
+    check_training("qk_norm", QK_NORM, 32);
 }
 
 #[test]

@@ -24,6 +24,9 @@ const AUCTION: &str = include_str!("../../../shaders/auction.wgsl");
 
 /// Invocations per workgroup of one-invocation-per-element kernels.
 const WG: u32 = 256;
+
+/// A reduction's combining step: `comb(accumulator, value)` as WGSL text.
+type Combine = dyn Fn(&str, &str) -> String;
 /// Invocations per row of the workgroup-per-row reduction (SharedTiled targets).
 const ROW_THREADS: u32 = 64;
 
@@ -429,6 +432,8 @@ impl<'g> Walker<'g> {
     }
 
     /// `let v<n> = <op>(operands);` for an elementwise node; records `v<n>` in `env`.
+    // The index domain (`domain`, `lin`) and the output position (`out`, `indent`) differ per caller.
+    #[allow(clippy::too_many_arguments)]
     fn elementwise(
         &self,
         b: &mut Binder,
@@ -650,7 +655,7 @@ fn row_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc
             }
             Op::Reduce(r) => {
                 let x = graph.inputs(n)[0];
-                let (init, comb): (&str, &dyn Fn(&str, &str) -> String) = match r {
+                let (init, comb): (&str, &Combine) = match r {
                     ReduceOp::Sum | ReduceOp::Mean => ("0.0", &add),
                     ReduceOp::Max => ("-FLT_MAX", &max),
                 };
@@ -1369,7 +1374,7 @@ fn single_kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc,
             );
             Ok(b.finish(&consts, &format!("{floats}{AUCTION}"), [1, 1, 1]))
         }
-        other => return Err(KernelError::Unsupported(other.mnemonic())),
+        other => Err(KernelError::Unsupported(other.mnemonic())),
     }
 }
 
