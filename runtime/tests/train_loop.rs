@@ -424,3 +424,103 @@ fn resume_is_exact_with_router_state_and_noise() {
         }
     }
 }
+
+/// `precision = f16` with a balancing term whose gradient overflows f16 at the initial loss scale
+/// (`z(1000)`: the router's input gradient is ~1e5 at scale 2¹⁶): the first steps are skipped on
+/// the GPU and the scale backs off (GradScaler: ×0.5 per skip), then training goes on with finite
+/// losses and no further skips, and the checkpoint holds only finite tensors.
+#[test]
+fn f16_overflow_skips_steps_backs_off_the_scale_and_recovers() {
+    let gpu = gpu();
+    let dir = tempfile::tempdir().unwrap();
+    let text = tiny_spec(
+        10,
+        "log = every(1)\n  checkpoint = every(5)\n  precision = f16",
+    )
+    .replace("balance = aux(0.01)", "balance = z(1000)");
+    let mut t = trainer(&gpu, &text, dir.path(), false).unwrap();
+    let records = run(&mut t, 10);
+    let scales: Vec<f64> = records.iter().map(|r| r.loss_scale.unwrap()).collect();
+    let skipped: Vec<u64> = records.iter().map(|r| r.skipped.unwrap()).collect();
+    eprintln!("loss scale per step: {scales:?}\nskipped so far: {skipped:?}");
+    assert!(skipped[0] >= 1, "step 1 overflows at scale 2^16");
+    assert!(scales[0] < 65536.0, "the scale backed off: {scales:?}");
+    let last = *skipped.last().unwrap();
+    assert_eq!(
+        skipped[5], last,
+        "no skips once the scale fits: {skipped:?}"
+    );
+    assert_eq!(
+        scales[5..]
+            .iter()
+            .map(|s| s.to_bits())
+            .collect::<std::collections::HashSet<_>>()
+            .len(),
+        1,
+        "the scale stays put while it fits (growth needs 2000 finite steps)"
+    );
+    assert!(records.iter().all(|r| r.loss.is_finite()));
+    assert!(
+        records[9].loss < records[last as usize].loss,
+        "training goes on"
+    );
+    let ckpt = moec_runtime::checkpoint::Checkpoint::load(&t.checkpoint_path()).unwrap();
+    for (name, (_, data)) in ckpt.ir_tensors().unwrap() {
+        assert!(data.iter().all(|v| v.is_finite()), "{name} is finite");
+    }
+    let line = moec_runtime::metrics::console_line(&records[0]);
+    assert!(
+        line.contains("scale ") && line.contains("skipped "),
+        "{line}"
+    );
+}
+
+/// `precision = f16`: kill and resume reproduces the uninterrupted run (the checkpoint keeps the
+/// f32 weights and the loss scale's state), and a poisoned weight still stops the run with the
+/// step and the kernel, as in f32: a non-finite loss is not something loss scaling can skip.
+#[test]
+fn f16_resume_is_exact_and_the_guard_still_names_the_kernel() {
+    let gpu = gpu();
+    let text = tiny_spec(
+        8,
+        "log = every(1)\n  checkpoint = every(4)\n  precision = f16",
+    )
+    .replace("balance = aux(0.01)", "balance = aux(0.01) + z(300)");
+    let straight_dir = tempfile::tempdir().unwrap();
+    let mut straight = trainer(&gpu, &text, straight_dir.path(), false).unwrap();
+    let all = run(&mut straight, 8);
+    assert!(
+        all[0].skipped.unwrap() >= 1,
+        "the resumed state includes a backed-off scale"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = trainer(&gpu, &text, dir.path(), false).unwrap();
+    run(&mut first, 6);
+    drop(first);
+    let mut resumed = trainer(&gpu, &text, dir.path(), true).unwrap();
+    assert_eq!(resumed.step_count(), 4);
+    let tail = run(&mut resumed, 8);
+    for (a, b) in tail.iter().zip(&all[4..]) {
+        assert_eq!(a.step, b.step);
+        assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "step {}", a.step);
+        assert_eq!((a.loss_scale, a.skipped), (b.loss_scale, b.skipped));
+    }
+
+    let good = std::fs::read(resumed.checkpoint_path()).unwrap();
+    resumed
+        .write_param("model.norm.weight", &[f32::NAN; 32])
+        .unwrap();
+    let err = run_until_error(&mut resumed);
+    let message = err.to_string();
+    assert!(matches!(err, TrainError::NonFinite { .. }), "{message}");
+    assert!(message.contains("kernel `"), "names the kernel: {message}");
+    assert_eq!(std::fs::read(resumed.checkpoint_path()).unwrap(), good);
+}
+
+fn run_until_error(t: &mut Trainer) -> TrainError {
+    loop {
+        if let Err(e) = t.step() {
+            return e;
+        }
+    }
+}

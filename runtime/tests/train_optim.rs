@@ -81,6 +81,7 @@ fn settings(optimizer: OptimizerSpec) -> OptimSettings {
         total_steps: 10,
         clip: None,
         accumulate: 1,
+        loss_scaling: false,
     }
 }
 
