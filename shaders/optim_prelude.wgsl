@@ -1,12 +1,14 @@
 // Shared by the optimizer, clip and accumulate kernels (runtime/src/optim.rs). The Rust side puts the
-// optimizer's constants (BETA1, BETA2, EPS, MOMENTUM, CLIP, CLIP_THRESHOLD) in front of this file.
+// optimizer's constants (BETA1, BETA2, EPS, MOMENTUM, CLIP, CLIP_THRESHOLD, DECAY, NESTEROV, NS_A,
+// NS_B, NS_C) in front of this file.
 
 // Written by the host once per micro-step (one small write, no readback).
 struct Scalars {
-    // Learning rate of parameter group 0 (everything else) and 1 (experts, `expert_lr`).
-    lr: array<f32, 2>,
-    // AdamW: lr / (1 - beta1^t) per group.
-    step_size: array<f32, 2>,
+    // Learning rate of parameter group 0 (everything else), 1 (experts, `expert_lr`) and 2 (the
+    // parameters muon gives its `adamw`).
+    lr: array<f32, 3>,
+    // AdamW (and the Adam of Shampoo and Muon): lr / (1 - beta1^t) per group.
+    step_size: array<f32, 3>,
     // Schedule-free: the averaging weight c_{t+1} per group.
     ckp1: array<f32, 2>,
     // AdamW: sqrt(1 - beta2^t).
@@ -17,6 +19,8 @@ struct Scalars {
     step: u32,
     // Adafactor: the second-moment decay 1 - t^decay of this step.
     beta2t: f32,
+    // Shampoo: 1 - beta1^t (Adam's direction for grafting).
+    bc1: f32,
 }
 
 // Written by the GPU: the step's tracked losses, the gradient norm and the gradient multiplier
@@ -52,9 +56,10 @@ struct ParamInfo {
     // Element i's lr multiplier is Stats.lr_scale[lr_scale + i / expert_size] (lr_scale_index).
     lr_scale: u32,
     expert_size: u32,
-    // Adafactor's view of the parameter: `matrices` stacked [rows, cols] matrices (the last two axes)
-    // when `factored`, else one vector (matrices = 1, rows = its length, cols = 1); `chunks`
-    // workgroups per matrix write the partial sums of the squared update (its RMS).
+    // Adafactor's, Shampoo's and Muon's view of the parameter: `matrices` stacked [rows, cols]
+    // matrices (the last two axes) when `factored`, else one vector (matrices = 1, rows = its
+    // length, cols = 1); Adafactor's `chunks` workgroups per matrix write the partial sums of the
+    // squared update (its RMS).
     matrices: u32,
     rows: u32,
     cols: u32,

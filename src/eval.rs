@@ -144,7 +144,7 @@ pub fn run(checkpoint: &Path, args: &Args, gpu: &Gpu) -> Result<()> {
         miette::miette!("the checkpoint's spec has no `train` block (data, batch)")
     })?;
     let (data, dir) = match &args.data {
-        Some(_) if model.spec.model.family == Family::Mlp => {
+        Some(_) if model.spec.model.vocab.is_none() => {
             miette::bail!("--data takes a text file for a language model; a classifier is evaluated on its spec's data")
         }
         // The file's validation part under the spec's split, as training would cut it.

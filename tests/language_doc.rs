@@ -13,7 +13,7 @@
 
 use moec_compiler::check::check;
 use moec_grammar::Diagnostic;
-use moec_runtime::metrics::{MoeLayerMetrics, Record};
+use moec_runtime::metrics::{MoeLayerMetrics, Record, RouterLogitStats};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -229,6 +229,7 @@ fn every_metrics_key_is_documented() {
     let mut layer = MoeLayerMetrics::from_counts(&[3, 1], 0.0, 1.0, 0.01);
     layer.bias = Some(vec![0.0, 0.0]);
     layer.prices = Some(vec![0.0, 0.0]);
+    layer.router_logits = Some(RouterLogitStats::from_logits(&[0.5, -0.5], 2));
     let mut record = Record::new(1, 2.0, 1e-3, 100.0).with_val_loss(2.0);
     record.aux = Some(0.01);
     record.val_acc = Some(0.5);

@@ -201,3 +201,109 @@ fn the_classifier_spec_learns_above_chance() {
         "{out}"
     );
 }
+
+/// The `loss` of every line of `run/metrics.jsonl`.
+fn logged_losses(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// Shampoo (roots every 2 steps, so the resume at step 3 restarts between root steps) and Muon
+/// (adaptive expert lr, 2 micro-steps, clip) train, learn, and resume exactly; `moec report` on
+/// the two runs draws each block's router-logit bands, and the CSV beside each plot holds exactly
+/// the statistics the runs logged.
+#[test]
+fn shampoo_and_muon_resume_exactly_and_report_router_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let optimizers = [
+        ("shampoo", "optimizer = shampoo(lr = 1e-2, root_every = 2)"),
+        (
+            "muon",
+            "optimizer = muon(lr = 2e-2)\n  expert_lr = adaptive\n  accumulate = 2\n  clip = 1.0",
+        ),
+    ];
+    let mut runs = Vec::new();
+    for (name, line) in optimizers {
+        let text = SPEC
+            .replace("optimizer = adamw(lr = 1e-2)", line)
+            .replace("log = every(2)", "log = every(1)");
+        let spec = write(dir.path(), &format!("{name}.moe"), &text);
+        let full = dir.path().join(format!("{name}_full"));
+        let (ok, out) = moec(&["train", &spec, "--out", full.to_str().unwrap()]);
+        assert!(ok, "{out}");
+        let losses = logged_losses(&full);
+        assert_eq!(losses.len(), 6, "{out}");
+        assert!(
+            losses[4] + losses[5] < losses[0] + losses[1],
+            "{name}: loss does not decrease: {losses:?}"
+        );
+        let resumed = dir.path().join(format!("{name}_resumed"));
+        let resumed = resumed.to_str().unwrap();
+        let (ok, out) = moec(&["train", &spec, "--out", resumed, "--steps", "3"]);
+        assert!(ok, "{out}");
+        let (ok, out) = moec(&["train", &spec, "--out", resumed, "--resume"]);
+        assert!(ok, "{out}");
+        assert_eq!(logged_losses(Path::new(resumed)), losses, "{name}");
+        runs.push(full);
+    }
+
+    let report = dir.path().join("report");
+    let mut args = vec!["report".to_string()];
+    args.extend(runs.iter().map(|r| r.to_string_lossy().into_owned()));
+    args.extend(["--out".into(), report.to_string_lossy().into_owned()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, out) = moec(&args);
+    assert!(ok, "{out}");
+    let md = std::fs::read_to_string(report.join("report.md")).unwrap();
+    assert!(md.contains("## Router logits"), "{md}");
+    for (name, _) in optimizers {
+        let records: Vec<serde_json::Value> =
+            std::fs::read_to_string(dir.path().join(format!("{name}_full/metrics.jsonl")))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+        // The tiny spec has one MoE block, block 0, of 4 experts.
+        let stem = format!("router_logits_{name}_full_block0");
+        for ext in ["png", "svg"] {
+            let plot = report.join(format!("{stem}.{ext}"));
+            assert!(
+                std::fs::metadata(&plot).is_ok_and(|m| m.len() > 1000),
+                "{}",
+                plot.display()
+            );
+        }
+        let csv = std::fs::read_to_string(report.join(format!("{stem}.csv"))).unwrap();
+        let mut lines = csv.lines();
+        assert_eq!(
+            lines.next(),
+            Some("step,expert,mean,std,min,max,p5,p50,p95")
+        );
+        let rows: Vec<Vec<f64>> = lines
+            .map(|l| l.split(',').map(|v| v.parse().unwrap()).collect())
+            .collect();
+        assert_eq!(rows.len(), records.len() * 4, "every logged step × expert");
+        for row in rows {
+            let record = records
+                .iter()
+                .find(|r| r["step"].as_f64() == Some(row[0]))
+                .unwrap();
+            let stats = &record["moe"]["0"]["router_logits"];
+            for (k, key) in ["mean", "std", "min", "max", "p5", "p50", "p95"]
+                .iter()
+                .enumerate()
+            {
+                let logged = stats[key][row[1] as usize].as_f64().unwrap();
+                assert_eq!(row[2 + k], logged, "{name} step {} {key}", row[0]);
+            }
+            assert!(row[6] <= row[7] && row[7] <= row[8] && row[4] <= row[6] && row[8] <= row[5]);
+        }
+    }
+}

@@ -457,7 +457,17 @@ impl Backward {
                 let shape = self.shape(args[0]);
                 grads[0] = Some(self.sum_to(g, &shape, l(""))?);
             }
-            Op::TopK { .. }
+            Op::LstmHidden => self.lstm_adjoint(&args, g, &want, &node)?,
+            Op::LstmLast { dirs } => {
+                let steps = self.shape(args[0])[1];
+                let op = Op::LstmLastGrad { dirs: *dirs, steps };
+                grads[0] = Some(self.add(op, &[g], l(""))?);
+            }
+            Op::LstmScan { .. }
+            | Op::LstmScanGrad { .. }
+            | Op::LstmScanGradW { .. }
+            | Op::LstmLastGrad { .. }
+            | Op::TopK { .. }
             | Op::TopKMask { .. }
             | Op::MoeRoute { .. }
             | Op::EmbeddingGrad { .. }
@@ -482,6 +492,50 @@ impl Backward {
         for (slot, grad) in grads.into_iter().enumerate() {
             if let (true, Some(grad)) = (want[slot], grad) {
                 self.accumulate(args[slot], grad)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Backpropagation through time: `LstmHidden ∘ LstmScan` is differentiated as one unit, straight
+    /// to each scan's operands (`xg`, `w_hh`), so a record never carries an adjoint of its own (an
+    /// `LstmScan` reached by any other adjoint is an error above). Direction `d` of the hidden
+    /// states is columns `d·H..(d + 1)·H` of `g`.
+    fn lstm_adjoint(
+        &mut self,
+        records: &[NodeId],
+        g: NodeId,
+        want: &[bool],
+        node: &Node,
+    ) -> Result<(), AutodiffError> {
+        for (d, &rec) in records.iter().enumerate() {
+            if !want[d] {
+                continue;
+            }
+            let not_scan = || AutodiffError::NotDifferentiable {
+                label: node.label.clone(),
+                op: node.op.mnemonic(),
+            };
+            let Op::LstmScan { reverse } = self.g.node(rec).op else {
+                return Err(not_scan());
+            };
+            let [xg, w] = self.g.inputs(rec)[..] else {
+                return Err(not_scan());
+            };
+            let h = crate::ir::lstm::hidden_of(self.g.ty(rec));
+            let label = format!("grad.{}", self.g.node(rec).label);
+            let op = Op::LstmScanGrad {
+                reverse,
+                col: d * h,
+            };
+            let dgates = self.add(op, &[g, rec, w], format!("{label}.gates"))?;
+            if self.needed.contains(&w) {
+                let op = Op::LstmScanGradW { reverse };
+                let dw = self.add(op, &[dgates, rec], format!("{label}.w_hh"))?;
+                self.accumulate(w, dw)?;
+            }
+            if self.needed.contains(&xg) {
+                self.accumulate(xg, dgates)?;
             }
         }
         Ok(())

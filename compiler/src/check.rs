@@ -17,7 +17,10 @@
 //! - Optimizers: `adamw(lr = 3e-4, betas = (0.9, 0.999), eps = 1e-8, weight_decay = 0.0)` (PyTorch's
 //!   betas and eps, HF Trainer's weight decay); `schedule_free_adamw` the same with `lr = 0.0025`
 //!   (the reference implementation's default); `sgd(lr, momentum = 0.0)` needs `lr`;
-//!   `adafactor(lr = 0.001, decay = -0.8, eps = 1e-30)` (HF's `decay_rate` and `eps[0]`).
+//!   `adafactor(lr = 0.001, decay = -0.8, eps = 1e-30)` (HF's `decay_rate` and `eps[0]`);
+//!   `shampoo(lr, ...)` and `muon(lr, ...)` need `lr` (their other defaults are LANGUAGE.md's); muon's
+//!   `adamw = adamw(...)` takes `adamw`'s defaults except `lr`, which defaults to muon's `lr`
+//!   (Moonlight: the 0.2·√max(rows, cols) scale matches AdamW's update RMS, so one lr serves both).
 //! - `expert_lr = adaptive()` uses the optimizer's `lr` as `base`.
 //! - `schedule`: `cosine(warmup = 0, min_lr = 0.0)`, `linear(warmup = 0)`.
 //! - `synthetic(...)`: `kind = classes` for `mlp`, `copy` for language models; `seed` = the train `seed`.
@@ -31,8 +34,12 @@
 //!   needs `top_k <= top_groups * M`.
 //! - `cv2(load = b)` with `b > 0` needs `gate = noisy_top_k` (the smooth load estimator uses the noise);
 //!   `bias(...)` needs a token-choice gate.
-//! - `text(...)` needs `vocab >= 256`; `cifar10(...)` needs `family = mlp`, `inputs = 3072` and
-//!   `classes = 10`; the data must hold at least one sequence of `context + 1` tokens.
+//! - `text(...)` needs `vocab >= 256`; `cifar10(...)` needs `family = mlp`, `inputs = 3072` (or
+//!   `family = lstm`, `inputs = 96`, `context = 32`: rows of pixels) and `classes = 10`; the data must
+//!   hold at least one sequence of `context + 1` tokens.
+//! - An `lstm` model with `vocab` is a language model (no `inputs`/`classes`, no `bidirectional`: it
+//!   would see the token it predicts); without one it is a sequence classifier (`inputs`, `classes`,
+//!   `context` steps). Its default MoE placement is after every LSTM layer but the last.
 //!
 //! Arithmetic (`hidden = 4 * dim`) may use `+ - * /`, parentheses and the model's numeric fields
 //! written as plain numbers.
@@ -288,7 +295,12 @@ impl Checker {
             Family::Lstm => "lstm",
             Family::Mlp => "mlp",
         };
-        let is_lm = family != Family::Mlp;
+        // An `lstm` model is a language model when it has a vocabulary, else a sequence classifier.
+        let is_lm = match family {
+            Family::Transformer => true,
+            Family::Lstm => fs.get("vocab").is_some() || fs.get("inputs").is_none(),
+            Family::Mlp => false,
+        };
         // Fields a family does not use, with the families that do.
         let only: &[(&str, &[Family], &str)] = &[
             ("heads", &[Family::Transformer], "`family = transformer`"),
@@ -315,8 +327,16 @@ impl Checker {
                 &[Family::Transformer, Family::Lstm],
                 "language models (`transformer`, `lstm`)",
             ),
-            ("inputs", &[Family::Mlp], "`family = mlp`"),
-            ("classes", &[Family::Mlp], "`family = mlp`"),
+            (
+                "inputs",
+                &[Family::Mlp, Family::Lstm],
+                "classifiers (`mlp`, `lstm`)",
+            ),
+            (
+                "classes",
+                &[Family::Mlp, Family::Lstm],
+                "classifiers (`mlp`, `lstm`)",
+            ),
         ];
         for (name, families, who) in only {
             if let Some(f) = fs.get(name) {
@@ -346,14 +366,21 @@ impl Checker {
                 )
                 .with_label("too many blocks"));
         }
-        let (vocab, context) = if is_lm {
-            let v = self.positive(&req("vocab", "vocab = 256")?.value, "vocab", env)?;
-            let c = self.positive(&req("context", "context = 128")?.value, "context", env)?;
-            (Some(v), Some(c))
+        if let (Family::Lstm, true) = (family, is_lm) {
+            self.lstm_lm_fields(fs)?;
+        }
+        let vocab = if is_lm {
+            Some(self.positive(&req("vocab", "vocab = 256")?.value, "vocab", env)?)
         } else {
-            (None, None)
+            None
         };
-        let (inputs, classes) = if family == Family::Mlp {
+        // Sequence length: of every LM, and the time steps of an `lstm` classifier.
+        let context = if is_lm || family == Family::Lstm {
+            Some(self.positive(&req("context", "context = 128")?.value, "context", env)?)
+        } else {
+            None
+        };
+        let (inputs, classes) = if !is_lm {
             let i = self.positive(&req("inputs", "inputs = 3072")?.value, "inputs", env)?;
             let f = req("classes", "classes = 10")?;
             let c = self.positive(&f.value, "classes", env)?;
@@ -467,6 +494,28 @@ impl Checker {
             tie_embeddings,
             qk_norm,
         })
+    }
+
+    /// Fields an `lstm` language model must not have: classifier fields, and `bidirectional = true`
+    /// (the reverse direction would read the very token each position predicts).
+    fn lstm_lm_fields(&self, fs: &Fields) -> Result<()> {
+        for name in ["inputs", "classes"] {
+            if let Some(f) = fs.get(name) {
+                return Err(self
+                    .err(f.name.span, format!("`{name}` is a classifier field, but this `lstm` model has a `vocab`"))
+                    .with_label("an `lstm` model is a language model (`vocab`) or a sequence classifier (`inputs`, `classes`), not both")
+                    .with_help("remove `vocab` for a classifier, or this field for a language model"));
+            }
+        }
+        if let Some(f) = fs.get("bidirectional") {
+            if let ExprKind::Bool(true) = f.value.kind {
+                return Err(self
+                    .err(f.value.span, "a bidirectional language model would see the token it predicts")
+                    .with_label("the reverse direction reads position t + 1, the target of position t")
+                    .with_help("use `bidirectional = true` for sequence classifiers (`inputs`, `classes`), or remove it"));
+            }
+        }
+        Ok(())
     }
 
     /// `swiglu(hidden = H)`, `gelu(H)`, `relu` (default hidden).
@@ -622,9 +671,21 @@ impl Checker {
                             .with_help("use `experts = 0` for a dense model"));
                     }
                 }
-                let b: Vec<usize> = (first_dense..model.layers)
+                // The `lstm` family's default (LANGUAGE.md): an MoE after every LSTM layer but the last.
+                let last = if model.family == Family::Lstm && every_field.is_none() {
+                    model.layers - 1
+                } else {
+                    model.layers
+                };
+                let b: Vec<usize> = (first_dense..last)
                     .filter(|i| (i + 1) % every == 0)
                     .collect();
+                if b.is_empty() && last < model.layers {
+                    return Err(self
+                        .err(block.header, format!("an `lstm` model places its MoE layers between LSTM layers by default, which leaves none here ({} layers, `first_dense = {first_dense}`)", model.layers))
+                        .with_label("no MoE layer")
+                        .with_help("name the blocks with `layers = [...]` (an MoE after LSTM layer i), or add layers"));
+                }
                 if b.is_empty() {
                     let span = every_field.map_or(block.header, |f| f.value.span);
                     return Err(self
@@ -1095,12 +1156,7 @@ impl Checker {
                 weight_decay: 0.0,
             },
         };
-        let lr = match optimizer {
-            Optimizer::AdamW { lr, .. }
-            | Optimizer::Sgd { lr, .. }
-            | Optimizer::Adafactor { lr, .. }
-            | Optimizer::ScheduleFreeAdamW { lr, .. } => lr,
-        };
+        let lr = optimizer.lr();
         let expert_lr = match fs.get("expert_lr") {
             Some(f) => Some(self.expert_lr(&f.value, lr, env)?),
             None => None,
@@ -1165,14 +1221,23 @@ impl Checker {
 
     fn data(&self, e: &Expr, model: &Model, seed: u64, env: &Env) -> Result<Data> {
         let c = self.call_form(e, "data", &["text", "tokens", "cifar10", "synthetic"])?;
+        // Classifiers: `mlp`, and `lstm` without a vocabulary (a sequence classifier).
+        let classifier = model.vocab.is_none();
         let lm_only = |kind: &str| -> Result<()> {
-            if model.family == Family::Mlp {
+            if classifier {
                 return Err(self
                     .err(
                         c.span,
-                        format!("`{kind}(...)` is language-model data, but this is an `mlp` model"),
+                        format!(
+                            "`{kind}(...)` is language-model data, but this is {}",
+                            if model.family == Family::Mlp {
+                                "an `mlp` model"
+                            } else {
+                                "an `lstm` sequence classifier (no `vocab`)"
+                            }
+                        ),
                     )
-                    .with_label("needs `family = transformer` or `lstm`")
+                    .with_label("needs `family = transformer` or `lstm` with a `vocab`")
                     .with_help(
                         "an `mlp` trains on `cifar10(\"dir\")` or `synthetic(kind = classes)`",
                     ));
@@ -1242,12 +1307,15 @@ impl Checker {
                 let dir =
                     self.required_arg(dir, &c, "dir", "cifar10(\"data/cifar-10-batches-bin\")")?;
                 let (text, span) = (self.string(dir, "dir")?, dir.span);
-                if model.family != Family::Mlp
-                    || model.inputs != Some(3072)
-                    || model.classes != Some(10)
-                {
+                // An `lstm` reads each image row by row: 32 steps of 32 pixels × RGB.
+                let fits = match model.family {
+                    Family::Mlp => model.inputs == Some(3072),
+                    Family::Lstm => model.inputs == Some(96) && model.context == Some(32),
+                    Family::Transformer => false,
+                };
+                if !fits || model.classes != Some(10) {
                     return Err(self
-                        .err(c.span, "`cifar10(...)` needs `family = mlp` with `inputs = 3072` (32×32×3) and `classes = 10`")
+                        .err(c.span, "`cifar10(...)` needs `family = mlp` with `inputs = 3072` (32×32×3), or `family = lstm` with `inputs = 96` and `context = 32` (rows of 32 RGB pixels), and `classes = 10`")
                         .with_label("does not match the model")
                         .with_help("set `family = mlp`, `inputs = 3072` and `classes = 10` in the `model` block"));
                 }
@@ -1267,10 +1335,9 @@ impl Checker {
                                 ("classes", SyntheticKind::Classes),
                             ],
                         )?;
-                        let is_mlp = model.family == Family::Mlp;
-                        if is_mlp != (kind == SyntheticKind::Classes) {
-                            let want = if is_mlp {
-                                "`classes` for an `mlp`"
+                        if classifier != (kind == SyntheticKind::Classes) {
+                            let want = if classifier {
+                                "`classes` for a classifier"
                             } else {
                                 "`copy` or `markov` for a language model"
                             };
@@ -1280,7 +1347,7 @@ impl Checker {
                         }
                         kind
                     }
-                    None if model.family == Family::Mlp => SyntheticKind::Classes,
+                    None if classifier => SyntheticKind::Classes,
                     None => SyntheticKind::Copy,
                 };
                 let seed = match data_seed {
@@ -1365,44 +1432,37 @@ impl Checker {
         let c = self.call_form(
             e,
             "optimizer",
-            &["adamw", "sgd", "adafactor", "schedule_free_adamw"],
+            &[
+                "adamw",
+                "sgd",
+                "adafactor",
+                "schedule_free_adamw",
+                "shampoo",
+                "muon",
+            ],
         )?;
         let lr_ok = |v: f64| v > 0.0;
         Ok(match c.name {
-            "adamw" | "schedule_free_adamw" => {
-                let [lr, betas, eps, wd] =
-                    self.bind(&c, &["lr", "betas", "eps", "weight_decay"])?;
-                let default_lr = if c.name == "adamw" { 3e-4 } else { 2.5e-3 };
-                let lr = self.opt_float(lr, "lr", env, default_lr, lr_ok, "must be positive")?;
-                let betas = match betas {
-                    Some(b) => self.betas(b, env)?,
-                    None => (0.9, 0.999),
-                };
-                let eps = self.opt_float(eps, "eps", env, 1e-8, |v| v > 0.0, "must be positive")?;
-                let weight_decay = self.opt_float(
-                    wd,
-                    "weight_decay",
-                    env,
-                    0.0,
-                    |v| v >= 0.0,
-                    "must not be negative",
-                )?;
-                if c.name == "adamw" {
-                    Optimizer::AdamW {
-                        lr,
-                        betas,
-                        eps,
-                        weight_decay,
-                    }
-                } else {
-                    Optimizer::ScheduleFreeAdamW {
-                        lr,
-                        betas,
-                        eps,
-                        weight_decay,
-                    }
+            "adamw" => {
+                let a = self.adam_args(&c, 3e-4, env)?;
+                Optimizer::AdamW {
+                    lr: a.lr,
+                    betas: a.betas,
+                    eps: a.eps,
+                    weight_decay: a.weight_decay,
                 }
             }
+            "schedule_free_adamw" => {
+                let a = self.adam_args(&c, 2.5e-3, env)?;
+                Optimizer::ScheduleFreeAdamW {
+                    lr: a.lr,
+                    betas: a.betas,
+                    eps: a.eps,
+                    weight_decay: a.weight_decay,
+                }
+            }
+            "shampoo" => self.shampoo(&c, env)?,
+            "muon" => self.muon(&c, env)?,
             "sgd" => {
                 let [lr, momentum] = self.bind(&c, &["lr", "momentum"])?;
                 let lr = self.required_arg(lr, &c, "lr", "sgd(lr = 0.1, momentum = 0.9)")?;
@@ -1433,6 +1493,120 @@ impl Checker {
                     eps: self.opt_float(eps, "eps", env, 1e-30, |v| v > 0.0, "must be positive")?,
                 }
             }
+        })
+    }
+
+    /// `adamw(lr, betas, eps, weight_decay)` (and `schedule_free_adamw`), `lr` defaulting to
+    /// `default_lr`.
+    fn adam_args(&self, c: &CallView, default_lr: f64, env: &Env) -> Result<AdamArgs> {
+        let [lr, betas, eps, wd] = self.bind(c, &["lr", "betas", "eps", "weight_decay"])?;
+        Ok(AdamArgs {
+            lr: self.opt_float(lr, "lr", env, default_lr, |v| v > 0.0, "must be positive")?,
+            betas: match betas {
+                Some(b) => self.betas(b, env)?,
+                None => (0.9, 0.999),
+            },
+            eps: self.opt_float(eps, "eps", env, 1e-8, |v| v > 0.0, "must be positive")?,
+            weight_decay: self.non_negative(wd, "weight_decay", env)?,
+        })
+    }
+
+    fn non_negative(&self, e: Option<&Expr>, what: &str, env: &Env) -> Result<f64> {
+        self.opt_float(e, what, env, 0.0, |v| v >= 0.0, "must not be negative")
+    }
+
+    /// `shampoo(lr, betas = (0.9, 0.999), eps = 1e-8, decay = 0.9, root_every = 10, max_dim = 1024,
+    /// weight_decay = 0)`; `lr` is required.
+    fn shampoo(&self, c: &CallView, env: &Env) -> Result<Optimizer> {
+        let [lr, betas, eps, decay, root_every, max_dim, wd] = self.bind(
+            c,
+            &[
+                "lr",
+                "betas",
+                "eps",
+                "decay",
+                "root_every",
+                "max_dim",
+                "weight_decay",
+            ],
+        )?;
+        let lr = self.required_arg(lr, c, "lr", "shampoo(lr = 1e-3)")?;
+        Ok(Optimizer::Shampoo {
+            lr: self.float_where(lr, "lr", env, |v| v > 0.0, "must be positive")?,
+            betas: match betas {
+                Some(b) => self.betas(b, env)?,
+                None => (0.9, 0.999),
+            },
+            eps: self.opt_float(eps, "eps", env, 1e-8, |v| v > 0.0, "must be positive")?,
+            decay: self.opt_float(
+                decay,
+                "decay",
+                env,
+                0.9,
+                |v| (0.0..1.0).contains(&v),
+                "must be in [0, 1)",
+            )?,
+            root_every: match root_every {
+                Some(e) => self.positive(e, "root_every", env)?,
+                None => 10,
+            },
+            max_dim: match max_dim {
+                Some(e) => self.positive(e, "max_dim", env)?,
+                None => 1024,
+            },
+            weight_decay: self.non_negative(wd, "weight_decay", env)?,
+        })
+    }
+
+    /// `muon(lr, momentum = 0.95, nesterov = true, ns_steps = 5, weight_decay = 0, adamw = adamw(...))`;
+    /// `lr` is required and the nested `adamw`'s `lr` defaults to it (Moonlight's update scale makes
+    /// one learning rate fit both).
+    fn muon(&self, c: &CallView, env: &Env) -> Result<Optimizer> {
+        let [lr, momentum, nesterov, ns_steps, wd, adamw] = self.bind(
+            c,
+            &[
+                "lr",
+                "momentum",
+                "nesterov",
+                "ns_steps",
+                "weight_decay",
+                "adamw",
+            ],
+        )?;
+        let lr = self.required_arg(lr, c, "lr", "muon(lr = 0.02)")?;
+        let lr = self.float_where(lr, "lr", env, |v| v > 0.0, "must be positive")?;
+        let adamw = match adamw {
+            Some(e) => {
+                let inner = self.call_form(e, "adamw", &["adamw"])?;
+                self.adam_args(&inner, lr, env)?
+            }
+            None => AdamArgs {
+                lr,
+                betas: (0.9, 0.999),
+                eps: 1e-8,
+                weight_decay: 0.0,
+            },
+        };
+        Ok(Optimizer::Muon {
+            lr,
+            momentum: self.opt_float(
+                momentum,
+                "momentum",
+                env,
+                0.95,
+                |v| (0.0..1.0).contains(&v),
+                "must be in [0, 1)",
+            )?,
+            nesterov: match nesterov {
+                Some(e) => self.boolean(e, "nesterov")?,
+                None => true,
+            },
+            ns_steps: match ns_steps {
+                Some(e) => self.positive(e, "ns_steps", env)?,
+                None => 5,
+            },
+            weight_decay: self.non_negative(wd, "weight_decay", env)?,
+            adamw,
         })
     }
 
@@ -2295,6 +2469,46 @@ train {
                 weight_decay: 0.0
             }
         );
+        assert_eq!(
+            t("optimizer = shampoo(1e-3, root_every = 5, max_dim = 512)").optimizer,
+            Optimizer::Shampoo {
+                lr: 1e-3,
+                betas: (0.9, 0.999),
+                eps: 1e-8,
+                decay: 0.9,
+                root_every: 5,
+                max_dim: 512,
+                weight_decay: 0.0
+            }
+        );
+        let adam = |lr| AdamArgs {
+            lr,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.0,
+        };
+        assert_eq!(
+            t("optimizer = muon(lr = 0.02)").optimizer,
+            Optimizer::Muon {
+                lr: 0.02,
+                momentum: 0.95,
+                nesterov: true,
+                ns_steps: 5,
+                weight_decay: 0.0,
+                adamw: adam(0.02)
+            }
+        );
+        assert_eq!(
+            t("optimizer = muon(0.02, nesterov = false, adamw = adamw(lr = 3e-4))").optimizer,
+            Optimizer::Muon {
+                lr: 0.02,
+                momentum: 0.95,
+                nesterov: false,
+                ns_steps: 5,
+                weight_decay: 0.0,
+                adamw: adam(3e-4)
+            }
+        );
         assert_eq!(t("expert_lr = 1e-3").expert_lr, Some(ExpertLr::Fixed(1e-3)));
         assert_eq!(
             t("expert_lr = adaptive").expert_lr,
@@ -2323,14 +2537,14 @@ train {
 
     #[test]
     fn other_families() {
-        let lstm = ok("model l {\n family = lstm; vocab = 256; dim = 32; layers = 2; context = 8; bidirectional = true\n moe { experts = 4; layers = [1]; groups = 2 x 2; gate = noisy_top_k; top_k = 2; balance = cv2 }\n}\n");
+        let lstm = ok("model l {\n family = lstm; vocab = 256; dim = 32; layers = 2; context = 8\n moe { experts = 4; layers = [1]; groups = 2 x 2; gate = noisy_top_k; top_k = 2; balance = cv2 }\n}\n");
         assert_eq!(
             (
                 lstm.model.family,
                 lstm.model.bidirectional,
                 lstm.model.heads
             ),
-            (Family::Lstm, true, 1)
+            (Family::Lstm, false, 1)
         );
         let moe = lstm.moe.unwrap();
         assert_eq!(

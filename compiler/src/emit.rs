@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 mod blocked;
 mod grad;
 mod kernels;
+mod lstm;
 
 use crate::fuse::{base, Fused};
 use crate::ir::{DType, Graph, NodeId, Op};

@@ -27,6 +27,14 @@
 //!   attention context `[B, H, T, D] → [B, T, H, D]` and its adjoints) joins that group, which writes
 //!   the value straight to its permuted position instead of materialising it for a copy kernel.
 //!   Members never read such a permute (its value is not indexed by the group's domain).
+//! - **RoPE prologues**: a `Rope` or `RopeGrad` whose every use reaches a matmul operand through
+//!   reshapes and absorbed permutes only (attention's `q`, `k` and their adjoints) is never
+//!   materialised: each consuming matmul computes the rotated element from the rotation's operand
+//!   when it loads it (two loads and a sine/cosine instead of one load), like a permute prologue.
+//! - **Gather prologues**: a `MoeGather` (or its weighted adjoint twin `MoeCombineGradRows`) read
+//!   only as the padded-row operand of grouped matmuls (forward, input and weight gradients) is never
+//!   materialised as a `[rows, dim]` buffer: the grouped matmul maps each padded row through the
+//!   routing table to its token row (zero for padding, times the gate weight for the adjoint).
 //! - Everything else is its own [`GroupKind::Single`] group.
 //!
 //! A node with users outside its group (or that is a graph output) is materialised: it is listed in
@@ -34,17 +42,18 @@
 //! may not both feed and consume another) or when the group would bind more storage buffers than the
 //! target allows (then the node starts a new group, i.e. the group is split).
 //!
-//! ## How the MoE fusions fit later
-//! The kinds are anchors plus elementwise satellites, so MoE fusions are new anchors, not new machinery:
+//! ## MoE fusions still open
+//! The kinds are anchors plus elementwise satellites (and computed prologues), so the remaining MoE
+//! fusions are new anchors, not new machinery:
 //! - *Router* (`matmul → softmax → top-k` on `[T, E]`, E small): a `Row`-like group whose row values
 //!   come from a matmul row computed in registers instead of a load; `TopK` joins as a row-scalar
 //!   consumer. It would be a new `GroupKind::Router` whose emitter reuses the row-kernel walker.
-//! - *Gather → grouped matmul*: `MoeGather` as a prologue of the `Matmul` anchor: the A-row load goes
-//!   through `row_slot` (zero for `NONE`) instead of a materialised `[rows, D]` buffer. Expressed as a
-//!   `Matmul` group whose `nodes` start with the `MoeGather`.
+//! - *Horizontal q/k/v*: three matmuls of one operand as one dispatch whose workgroups pick their
+//!   product; it needs the blocked and tiled bodies parametrised by name (one function per product).
 //! - *Grouped matmul → weighted combine*: `MoeCombine` reads `k` rows per token, so it cannot be a
 //!   per-element epilogue without atomics; it stays a consumer, but the SwiGLU of two grouped matmuls
-//!   (`silu(gm1) · gm2`) is already an ordinary `Matmul` epilogue.
+//!   (`silu(gm1) · gm2`) is already an ordinary `Matmul` epilogue. The token gather and the combine's
+//!   row adjoint are prologues (above).
 
 use crate::emit::Target;
 use crate::ir::{Graph, NodeId, Op};
@@ -271,6 +280,34 @@ pub fn fuse(graph: &Graph, options: FuseOptions) -> Fused {
     } else {
         HashSet::new()
     };
+    // RoPE rotations read only by matmuls, and gathers read only by grouped matmuls, are computed by
+    // each consumer as it loads them (see the module doc).
+    let absorbed: HashSet<NodeId> = if options.enabled {
+        let computed: Vec<NodeId> = order
+            .iter()
+            .copied()
+            .filter(|&r| {
+                // The computing loads read the operands' buffers: none may be a prologue itself.
+                !st.graph_outputs.contains(&r)
+                    && graph
+                        .inputs(r)
+                        .iter()
+                        .all(|&a| !absorbed.contains(&base(graph, a)))
+                    && match graph.node(r).op {
+                        Op::Rope { .. } | Op::RopeGrad { .. } => {
+                            only_matmul_operand(graph, &absorbed, r)
+                        }
+                        Op::MoeGather { .. } | Op::MoeCombineGradRows { .. } => {
+                            only_grouped_rows(graph, r)
+                        }
+                        _ => false,
+                    }
+            })
+            .collect();
+        absorbed.into_iter().chain(computed).collect()
+    } else {
+        absorbed
+    };
     st.absorbed = absorbed.clone();
     for &n in &order {
         let node = graph.node(n);
@@ -291,13 +328,13 @@ pub fn fuse(graph: &Graph, options: FuseOptions) -> Fused {
         };
         let gi = st.groups.len();
         let mut nodes = vec![n];
-        nodes.extend(
-            graph
-                .inputs(n)
-                .into_iter()
-                .map(|a| base(graph, a))
-                .filter(|a| absorbed.contains(a)),
-        );
+        for a in graph.inputs(n) {
+            for p in st.prologue(a) {
+                if !nodes.contains(&p) {
+                    nodes.push(p);
+                }
+            }
+        }
         st.groups.push(Builder {
             kind,
             domain,
@@ -317,6 +354,38 @@ fn row_shape(domain: &[usize]) -> Vec<usize> {
         *l = 1;
     }
     s
+}
+
+/// Does every use of `x` reach, through reshapes and absorbed permutes only, an operand of a `MatMul`
+/// (which can compute the value as it loads it)?
+fn only_matmul_operand(graph: &Graph, absorbed: &HashSet<NodeId>, x: NodeId) -> bool {
+    let users = graph.users(x);
+    !users.is_empty()
+        && users.iter().all(|&u| match &graph.node(u).op {
+            Op::Reshape { .. } => only_matmul_operand(graph, absorbed, u),
+            Op::Permute { .. } => absorbed.contains(&u) && only_matmul_operand(graph, absorbed, u),
+            Op::MatMul { .. } => true,
+            _ => false,
+        })
+}
+
+/// Is every use of `x` (a gather of token rows into padded rows) the padded-row operand of a grouped
+/// matmul over the same routing table: the rows of the forward and input-gradient products, either
+/// operand of the weight gradient?
+fn only_grouped_rows(graph: &Graph, x: NodeId) -> bool {
+    let args = graph.inputs(x);
+    let route = args[args.len() - 1];
+    let users = graph.users(x);
+    !users.is_empty()
+        && users.iter().all(|&u| {
+            let a = graph.inputs(u);
+            let slot_ok = match graph.node(u).op {
+                Op::GroupedMatMul { .. } | Op::GroupedMatMulGradX { .. } => a[0] == x && a[1] != x,
+                Op::GroupedMatMulGradW { .. } => true,
+                _ => false,
+            };
+            slot_ok && a[2] == route
+        })
 }
 
 /// Does every use of `x` (a permute, or a reshape of one) reach, through reshapes only and as a
@@ -342,6 +411,20 @@ impl State<'_> {
             if !self.absorbed.contains(&a) {
                 return a;
             }
+            a = self.graph.inputs(a)[0];
+        }
+    }
+
+    /// The absorbed prologue nodes a group reads operand `a` through (a permute, a RoPE behind it...),
+    /// outermost first: they join every group that reads `a`.
+    fn prologue(&self, mut a: NodeId) -> Vec<NodeId> {
+        let mut chain = Vec::new();
+        loop {
+            a = base(self.graph, a);
+            if !self.absorbed.contains(&a) {
+                return chain;
+            }
+            chain.push(a);
             a = self.graph.inputs(a)[0];
         }
     }
@@ -379,14 +462,16 @@ impl State<'_> {
                     b.kind = GroupKind::Row;
                 }
                 b.nodes.push(n);
-                for a in self
+                let prologue: Vec<NodeId> = self
                     .graph
                     .inputs(n)
                     .into_iter()
-                    .map(|a| base(self.graph, a))
-                {
-                    if self.absorbed.contains(&a) && !b.nodes.contains(&a) {
-                        b.nodes.push(a);
+                    .flat_map(|a| self.prologue(a))
+                    .collect();
+                let b = &mut self.groups[gi];
+                for p in prologue {
+                    if !b.nodes.contains(&p) {
+                        b.nodes.push(p);
                     }
                 }
                 self.group_of.insert(n, gi);
@@ -484,7 +569,15 @@ impl State<'_> {
 
     /// Records that group `gi` reads the operands of its new member `n`.
     fn add_deps(&mut self, gi: usize, n: NodeId) {
+        // A prologue member's own operands (a gather's route and gate weights) are read too.
+        let mut reads = Vec::new();
         for a in self.graph.inputs(n) {
+            reads.push(a);
+            for p in self.prologue(a) {
+                reads.extend(self.graph.inputs(p));
+            }
+        }
+        for a in reads {
             if let Some(&h) = self.group_of.get(&self.producer(a)) {
                 if h != gi {
                     self.deps[gi].insert(h);
@@ -516,7 +609,8 @@ impl State<'_> {
                     inputs.insert(self.producer(a));
                 }
             }
-            if self.materialised(members, m) {
+            // A prologue member is computed by its readers, never written.
+            if !self.absorbed.contains(&m) && self.materialised(members, m) {
                 outputs.insert(m);
             }
         }

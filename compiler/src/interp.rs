@@ -19,6 +19,8 @@ use std::collections::HashMap;
 use std::fmt::Debug;
 use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
 
+mod lstm;
+
 /// A host tensor: the flat, row-major elements of one node's value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
@@ -714,6 +716,12 @@ fn eval_node<F: Float>(
             }
             Ok(Tensor::F(out))
         }
+        Op::LstmScan { .. }
+        | Op::LstmHidden
+        | Op::LstmScanGrad { .. }
+        | Op::LstmScanGradW { .. }
+        | Op::LstmLast { .. }
+        | Op::LstmLastGrad { .. } => lstm::eval(ctx, ty, args, arg_tys),
         _ => eval_grad_op(ctx, ty, args, arg_tys),
     }
 }

@@ -15,6 +15,8 @@ use petgraph::Direction;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+pub mod lstm;
+
 pub type NodeId = NodeIndex<u32>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -387,6 +389,43 @@ pub enum Op {
     MoeCombineGradWeights {
         layout: RouteLayout,
     },
+
+    // The recurrence (the `lstm` family): see [`crate::ir::lstm`] for the record layout.
+    /// One direction of a PyTorch `nn.LSTM` layer over whole sequences: `xg[B, T, 4H]` (the input
+    /// projection of every step, `x·W_ihᵀ + b_ih + b_hh`, gates in PyTorch's (i, f, g, o) order) and
+    /// `w_hh[4H, H]` → the record `[B, T, 6H]` (h, c and the activated gates of every step, what
+    /// backpropagation through time reads). `reverse` runs from `t = T−1` down to 0. `h₀ = c₀ = 0`.
+    /// The record is read only by `LstmHidden`; the pair is differentiated as one unit.
+    LstmScan {
+        reverse: bool,
+    },
+    /// The hidden states of one or two records (forward, then reverse: PyTorch's bidirectional
+    /// layout) side by side: `[B, T, n·H]`.
+    LstmHidden,
+    /// Backpropagation through time of `LstmHidden ∘ LstmScan` for one direction: `g[B, T, W]` (the
+    /// adjoint of the `LstmHidden` output, this direction's h at columns `col..col + H`), the record,
+    /// `w_hh[4H, H]` → the adjoint of the scan's `xg`, `[B, T, 4H]` (the pre-activation gates').
+    LstmScanGrad {
+        reverse: bool,
+        col: usize,
+    },
+    /// The adjoint of `w_hh`: `dgates[B, T, 4H]` (from `LstmScanGrad`), the record →
+    /// `Σ_{b,t} dgates[b,t]ᵀ · h_prev[b,t]` `[4H, H]`, `h_prev` the state before step t (zero at the
+    /// first step of the direction).
+    LstmScanGradW {
+        reverse: bool,
+    },
+    /// PyTorch's `h_n` of a sequence of outputs `x[B, T, dirs·H]`: the forward columns at the last
+    /// step and, when `dirs = 2`, the reverse columns at the first step (where the reverse direction
+    /// ends) → `[B, dirs·H]`.
+    LstmLast {
+        dirs: usize,
+    },
+    /// Adjoint of `LstmLast`: `g[B, dirs·H]` → `[B, T, dirs·H]`, zero off the steps `LstmLast` read.
+    LstmLastGrad {
+        dirs: usize,
+        steps: usize,
+    },
 }
 
 impl Op {
@@ -429,6 +468,12 @@ impl Op {
             Op::GroupedMatMulGradW { .. } => "grouped_matmul_grad_w".into(),
             Op::MoeCombineGradRows { .. } => "moe_combine_grad_rows".into(),
             Op::MoeCombineGradWeights { .. } => "moe_combine_grad_weights".into(),
+            Op::LstmScan { .. } => "lstm_scan".into(),
+            Op::LstmHidden => "lstm_hidden".into(),
+            Op::LstmScanGrad { .. } => "lstm_scan_grad".into(),
+            Op::LstmScanGradW { .. } => "lstm_scan_grad_w".into(),
+            Op::LstmLast { .. } => "lstm_last".into(),
+            Op::LstmLastGrad { .. } => "lstm_last_grad".into(),
         }
     }
 
@@ -640,6 +685,14 @@ impl Graph {
                 Op::SliceCols { start, len } => format!(" start={start} len={len}"),
                 Op::ExpertChoice { capacity } => format!(" capacity={capacity}"),
                 Op::Sinkhorn { iters } => format!(" iters={iters}"),
+                Op::LstmScan { reverse } | Op::LstmScanGradW { reverse } if *reverse => {
+                    " reverse".into()
+                }
+                Op::LstmScanGrad { reverse, col } => {
+                    format!("{} col={col}", if *reverse { " reverse" } else { "" })
+                }
+                Op::LstmLast { dirs } => format!(" dirs={dirs}"),
+                Op::LstmLastGrad { dirs, steps } => format!(" dirs={dirs} steps={steps}"),
                 Op::Auction {
                     rounds,
                     epsilon,
@@ -1061,6 +1114,12 @@ pub fn infer(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
         | Op::GroupedMatMulGradW { .. }
         | Op::MoeCombineGradRows { .. }
         | Op::MoeCombineGradWeights { .. } => infer_grad(op, args),
+        Op::LstmScan { .. }
+        | Op::LstmHidden
+        | Op::LstmScanGrad { .. }
+        | Op::LstmScanGradW { .. }
+        | Op::LstmLast { .. }
+        | Op::LstmLastGrad { .. } => lstm::infer(op, args),
     }
 }
 

@@ -9,8 +9,10 @@
 //! every MoE block `N` that has balancing terms (the sum of that block's terms, `[1]`), and `loss` =
 //! `ce` + Σ `aux.N` (`[1]`). `loss` is always its own node (an identity affine of `ce` when there are no
 //! balancing terms) so that every output name owns one buffer. Every MoE block also has the metrics
-//! `moe.N.load` `[E]`, `moe.N.dropped` `[1]`, `moe.N.router_z` `[1]`, and, with `bias(...)` or
-//! `auction`, the router-state update `router_state.N.bias.next` / `router_state.N.prices.next`.
+//! `moe.N.load` `[E]`, `moe.N.dropped` `[1]`, `moe.N.router_z` `[1]`, `moe.N.router_logits`
+//! `[T, E]` (the clean expert-level gate logits, for LANGUAGE.md's router-logit statistics), and,
+//! with `bias(...)` or `auction`, the router-state update `router_state.N.bias.next` /
+//! `router_state.N.prices.next`.
 //!
 //! # Inputs besides the data
 //! `noise.N` (`[T, E]`, ε of `noisy_top_k`; `noise.N.groups` `[T, G]` for a `two_level` primary gate),
@@ -43,8 +45,9 @@
 //! `gate_level`; `two_level`, `expert_choice`, `sinkhorn` and `auction` have their own. Dispatch,
 //! capacity, balancing and metrics are common to all of them.
 //!
-//! # What is not lowered yet
-//! The `lstm` family: it returns [`LowerError::Unsupported`] naming the feature.
+//! # The `lstm` family
+//! See [`lstm`]: LSTM layers as `LstmScan` recurrences, MoE layers with a residual after the MoE
+//! blocks, and the same MoE, head and loss lowering as the transformer.
 
 use crate::ir::{
     BinaryOp, Graph, Init, IrError, NodeId, Op, ReduceOp, RouteLayout, TensorType, UnaryOp,
@@ -53,6 +56,8 @@ use crate::spec::{
     Activation, Balance, Capacity, DropPolicy, Family, Ffn, Gate, Hierarchy, Moe, Norm, Spec,
     NORM_EPS,
 };
+
+mod lstm;
 
 /// Rows per tile of the MoE routing table: every expert's segment of gathered rows is padded to a
 /// multiple of this, so one grouped-matmul tile never straddles two experts. 32 is the row block of
@@ -80,12 +85,6 @@ pub enum LowerError {
     Ir(#[from] IrError),
 }
 
-fn unsupported(feature: impl Into<String>) -> LowerError {
-    LowerError::Unsupported {
-        feature: feature.into(),
-    }
-}
-
 /// Lowers `spec` to its forward graph for `batch` sequences (or samples, for `mlp`).
 pub fn lower(spec: &Spec, batch: usize) -> Result<Graph, LowerError> {
     if batch == 0 {
@@ -103,7 +102,7 @@ pub fn lower(spec: &Spec, batch: usize) -> Result<Graph, LowerError> {
     let (logits, ce) = match spec.model.family {
         Family::Transformer => l.transformer(batch)?,
         Family::Mlp => l.mlp(batch)?,
-        Family::Lstm => return Err(unsupported("the `lstm` family")),
+        Family::Lstm => l.lstm(batch)?,
     };
     l.finish(logits, ce)?;
     Ok(l.g)
@@ -553,6 +552,8 @@ impl Lower<'_> {
         self.metrics.push((format!("moe.{block}.dropped"), dropped));
         self.metrics
             .push((format!("moe.{block}.router_z"), router_z));
+        self.metrics
+            .push((format!("moe.{block}.router_logits"), r.logits));
 
         let mut terms = Vec::new();
         let mut mask = None;
@@ -1311,7 +1312,20 @@ impl Lower<'_> {
             x = self.binary(BinaryOp::Add, x, y, format!("{p}.ffn_residual"))?;
         }
         let h = self.norm(x, "model.norm")?;
-        let logits = if m.tie_embeddings {
+        self.lm_head(h, emb, targets)
+    }
+
+    /// The LM head and loss of `h[N, dim]` against `targets` (`[B, T]`, N = B·T): `lm_head`, or the
+    /// embedding matrix with `tie_embeddings`, and the mean cross-entropy; `(logits, ce)`.
+    fn lm_head(
+        &mut self,
+        h: NodeId,
+        emb: NodeId,
+        targets: NodeId,
+    ) -> Result<(NodeId, NodeId), LowerError> {
+        let n = self.g.ty(h).rows();
+        let vocab = self.g.ty(emb).shape[0];
+        let logits = if self.spec.model.tie_embeddings {
             self.add(Op::MatMul { trans_b: true }, &[h, emb], "lm_head")?
         } else {
             self.linear(h, "lm_head", vocab, false)?

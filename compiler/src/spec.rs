@@ -247,6 +247,51 @@ pub enum Optimizer {
         eps: f64,
         weight_decay: f64,
     },
+    /// LANGUAGE.md "Optimizer formulas": per-matrix L/R statistics, inverse fourth roots every
+    /// `root_every` steps, grafted to Adam's direction.
+    Shampoo {
+        lr: f64,
+        betas: (f64, f64),
+        eps: f64,
+        decay: f64,
+        root_every: usize,
+        max_dim: usize,
+        weight_decay: f64,
+    },
+    /// LANGUAGE.md "Optimizer formulas": Newton–Schulz-orthogonalised momentum for hidden matrices,
+    /// `adamw` for everything else.
+    Muon {
+        lr: f64,
+        momentum: f64,
+        nesterov: bool,
+        ns_steps: usize,
+        weight_decay: f64,
+        adamw: AdamArgs,
+    },
+}
+
+/// The arguments of `adamw(...)`: the AdamW that `muon` gives the embedding, head, router, norms and
+/// vectors.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AdamArgs {
+    pub lr: f64,
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Optimizer {
+    /// The base learning rate (`lr`; for `muon`, that of its hidden matrices).
+    pub fn lr(&self) -> f64 {
+        match *self {
+            Optimizer::AdamW { lr, .. }
+            | Optimizer::Sgd { lr, .. }
+            | Optimizer::Adafactor { lr, .. }
+            | Optimizer::ScheduleFreeAdamW { lr, .. }
+            | Optimizer::Shampoo { lr, .. }
+            | Optimizer::Muon { lr, .. } => lr,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -18,7 +18,10 @@
 //! - *Memory for one step* (`train.batch` sequences, 1 without a `train` block; `batch` is per micro
 //!   step under `accumulate`): f32 weights, f32 gradients, optimizer state (AdamW and schedule-free
 //!   AdamW 2× the weights, SGD with momentum 1×, without 0×, Adafactor one row and one column vector
-//!   per matrix), and activations bounded above by the sum of every tensor of the lowered forward
+//!   per matrix; Shampoo Adam's 2× plus, per matrix with both sides ≤ `max_dim`, L, R and their roots
+//!   and two weight-sized working buffers; Muon for each matrix its momentum, two weight-sized
+//!   Newton–Schulz buffers and two `min(rows, cols)²` products, Adam's 2× for the rest, the LM head
+//!   and router counted as matrices), and activations bounded above by the sum of every tensor of the lowered forward
 //!   graph (an upper bound on what backward keeps: reshapes are free views and not counted, buffer
 //!   reuse would lower it). The largest single tensor (params included) bounds the storage binding
 //!   size the adapter must allow.
@@ -261,37 +264,45 @@ fn param_shapes(spec: &Spec) -> (Vec<P>, Vec<MoeBlockStats>) {
                 kind: Kind::Matmul,
             });
         }
-        // Not lowered yet: PyTorch LSTM layers (weight_ih, weight_hh, two biases per direction),
-        // MoE after block i at width `dim`, an LM head. An estimate until `lower` defines the layout.
+        // PyTorch LSTM layers (lower/lstm.rs): W_ih, W_hh and two biases per direction, an MoE at the
+        // layer's output width after each MoE block, then the LM head or the classifier.
         Family::Lstm => {
             let dirs = if m.bidirectional { 2 } else { 1 };
-            ps.push(P {
-                shape: vec![m.vocab.unwrap_or(0), d],
-                kind: Kind::Embedding,
-            });
+            let first_in = match m.vocab {
+                Some(v) => {
+                    ps.push(P {
+                        shape: vec![v, d],
+                        kind: Kind::Embedding,
+                    });
+                    d
+                }
+                None => m.inputs.unwrap_or(0),
+            };
             for i in 0..m.layers {
-                let inp = if i == 0 { d } else { d * dirs };
+                let inp = if i == 0 { first_in } else { d * dirs };
                 for _ in 0..dirs {
-                    ps.push(P {
-                        shape: vec![4 * d, inp],
-                        kind: Kind::Matmul,
-                    });
-                    ps.push(P {
-                        shape: vec![4 * d, d],
-                        kind: Kind::Matmul,
-                    });
-                    ps.push(P {
-                        shape: vec![8 * d],
-                        kind: Kind::Norm,
-                    });
+                    for shape in [vec![4 * d, inp], vec![4 * d, d], vec![4 * d], vec![4 * d]] {
+                        ps.push(P {
+                            shape,
+                            kind: Kind::Matmul,
+                        });
+                    }
                 }
                 if is_moe(i) {
-                    ffn_or_moe(i, d, &mut ps);
+                    ffn_or_moe(i, d * dirs, &mut ps);
                 }
             }
-            if !m.tie_embeddings {
+            let head = match m.vocab {
+                Some(_) if m.tie_embeddings => vec![],
+                Some(v) => vec![vec![v, d * dirs]],
+                None => {
+                    let classes = m.classes.unwrap_or(0);
+                    vec![vec![classes, d * dirs], vec![classes]]
+                }
+            };
+            for shape in head {
                 ps.push(P {
-                    shape: vec![m.vocab.unwrap_or(0), d * dirs],
+                    shape,
                     kind: Kind::Matmul,
                 });
             }
@@ -309,6 +320,44 @@ fn adafactor_state(ps: &[P]) -> u64 {
             [rows, cols] => (rows + cols) as u64,
             [e, rows, cols] => (e * (rows + cols)) as u64,
             other => other.iter().product::<usize>() as u64,
+        })
+        .sum()
+}
+
+/// The stacked `(matrices, rows, cols)` view of a parameter with two or more axes.
+fn matrices(p: &P) -> Option<(u64, u64, u64)> {
+    match p.shape.as_slice() {
+        [lead @ .., rows, cols] => Some((
+            lead.iter().product::<usize>() as u64,
+            *rows as u64,
+            *cols as u64,
+        )),
+        _ => None,
+    }
+}
+
+/// Shampoo: Adam's m and v for everything; per matrix with both sides ≤ `max_dim`, L, R, their
+/// inverse fourth roots and two weight-sized working buffers (G·P_R and the preconditioned update).
+fn shampoo_state(ps: &[P], max_dim: usize) -> u64 {
+    ps.iter()
+        .map(|p| match matrices(p) {
+            Some((m, r, c)) if r <= max_dim as u64 && c <= max_dim as u64 => {
+                2 * p.numel() + 2 * m * (r * r + c * c) + 2 * p.numel()
+            }
+            _ => 2 * p.numel(),
+        })
+        .sum()
+}
+
+/// Muon: per matrix its momentum, two weight-sized Newton–Schulz buffers and two `s × s` products
+/// (s = min(rows, cols)); Adam's m and v for the embedding, norms and vectors.
+fn muon_state(ps: &[P]) -> u64 {
+    ps.iter()
+        .map(|p| match matrices(p) {
+            Some((m, r, c)) if p.kind != Kind::Embedding => {
+                3 * p.numel() + 2 * m * r.min(c) * r.min(c)
+            }
+            _ => 2 * p.numel(),
         })
         .sum()
 }
@@ -351,6 +400,8 @@ pub fn stats(spec: &Spec) -> Stats {
         }
         Some(Optimizer::Sgd { .. }) => ("SGD".into(), 0),
         Some(Optimizer::Adafactor { .. }) => ("Adafactor".into(), adafactor_state(&ps)),
+        Some(Optimizer::Shampoo { max_dim, .. }) => ("Shampoo".into(), shampoo_state(&ps, max_dim)),
+        Some(Optimizer::Muon { .. }) => ("Muon".into(), muon_state(&ps)),
     };
     let largest_param = ps.iter().map(|p| p.numel() * 4).max().unwrap_or(0);
     let (activations, largest_tensor) = match lower(spec, batch) {

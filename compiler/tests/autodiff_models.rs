@@ -13,8 +13,8 @@
 
 use moec_compiler::autodiff::{training_graph, SEED};
 use moec_compiler::check::check;
-use moec_compiler::interp::{run_in, run_outputs_in, Precision, Value};
-use moec_compiler::ir::{Graph, NodeId, Op};
+use moec_compiler::interp::{run_outputs_in, Precision, Value};
+use moec_compiler::ir::NodeId;
 use moec_compiler::lower::lower;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -116,38 +116,6 @@ model tiny_classifier {
   }
 }
 "#;
-
-/// Smallest margin, over every `TopK` node and row, between the k-th and (k+1)-th score.
-fn selection_margin(g: &Graph, feeds: &HashMap<String, Value>) -> f64 {
-    let vals = run_in(g, feeds, Precision::F64).expect("forward runs");
-    let mut margin = f64::INFINITY;
-    for id in g.topo_order() {
-        if let Op::TopK { k } = g.node(id).op {
-            let scores_id = g.inputs(id)[0];
-            let e = g.ty(scores_id).last();
-            if k == e {
-                continue;
-            }
-            for row in vals[&scores_id].to_f64().chunks(e) {
-                let mut s = row.to_vec();
-                s.sort_by(|a, b| b.total_cmp(a));
-                margin = margin.min(s[k - 1] - s[k]);
-            }
-        }
-    }
-    margin
-}
-
-/// Feeds whose routing is robust to the FD steps (see the module doc).
-fn robust_feeds(g: &Graph, first_seed: u64) -> HashMap<String, Value> {
-    for seed in first_seed..first_seed + 50 {
-        let feeds = random_feeds(g, seed);
-        if selection_margin(g, &feeds) > 1e-4 {
-            return feeds;
-        }
-    }
-    panic!("no seed gives well-separated router scores")
-}
 
 #[test]
 fn moe_transformer_gradients_match_finite_differences() {

@@ -12,7 +12,7 @@
 //! parameters; the seeds are fixed, and a flip under a ±h step would show as a gross error.
 
 use moec_compiler::autodiff::{differentiate, SEED};
-use moec_compiler::interp::{run_in, run_outputs_in, Precision, Value};
+use moec_compiler::interp::{run_outputs_in, Precision, Value};
 use moec_compiler::ir::{BinaryOp, Graph, Init, Op, ReduceOp, TensorType, UnaryOp};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -24,51 +24,6 @@ use support::*;
 /// A one-block MoE transformer with the given `moe { ... }` body.
 fn spec_src(moe: &str) -> String {
     format!("model tiny {{\n vocab = 16\n dim = 8\n layers = 1\n heads = 2\n context = 4\n moe {{\n expert = swiglu(hidden = 6)\n {moe}\n }}\n}}\n")
-}
-
-/// Smallest margin, over every `TopK` node and row, between the k-th and (k+1)-th score.
-fn selection_margin(g: &Graph, feeds: &HashMap<String, Value>) -> f64 {
-    let vals = run_in(g, feeds, Precision::F64).expect("forward runs");
-    let mut margin = f64::INFINITY;
-    for id in g.topo_order() {
-        if let Op::TopK { k } = g.node(id).op {
-            let scores_id = g.inputs(id)[0];
-            let e = g.ty(scores_id).last();
-            if k == e {
-                continue;
-            }
-            for row in vals[&scores_id].to_f64().chunks(e) {
-                let mut s = row.to_vec();
-                s.sort_by(|a, b| b.total_cmp(a));
-                margin = margin.min(s[k - 1] - s[k]);
-            }
-        }
-        // Expert choice ranks tokens within a column.
-        if let Op::ExpertChoice { capacity } = g.node(id).op {
-            let scores_id = g.inputs(id)[0];
-            let (t, e) = (g.ty(scores_id).shape[0], g.ty(scores_id).shape[1]);
-            let s = vals[&scores_id].to_f64();
-            for c in 0..e {
-                let mut col: Vec<f64> = (0..t).map(|r| s[r * e + c]).collect();
-                col.sort_by(|a, b| b.total_cmp(a));
-                if capacity < t {
-                    margin = margin.min(col[capacity - 1] - col[capacity]);
-                }
-            }
-        }
-    }
-    margin
-}
-
-/// Feeds whose routing is robust to the FD steps (see the module doc).
-fn robust_feeds(g: &Graph, first_seed: u64) -> HashMap<String, Value> {
-    for seed in first_seed..first_seed + 50 {
-        let feeds = random_feeds(g, seed);
-        if selection_margin(g, &feeds) > 1e-4 {
-            return feeds;
-        }
-    }
-    panic!("no seed gives well-separated router scores")
 }
 
 fn check_gate(what: &str, moe: &str, seed: u64) {

@@ -28,6 +28,8 @@ fn example_specs_lower_and_start_near_ln_vocab() {
             // A classifier's ce is per sample, so one sample would be a noisy check: 64 samples with
             // varied features, labels cycling through the classes.
             (Some(n), Some(classes)) => {
+                // An lstm classifier reads `context` steps of `inputs` features per sample.
+                let n = n * spec.model.context.unwrap_or(1);
                 let rows = 64;
                 let x = (0..rows * n)
                     .map(|j| ((j * 7 + 3) % 11) as f32 / 5.0 - 1.0)

@@ -789,6 +789,29 @@ impl Samples {
         self.inputs
     }
 
+    /// CIFAR-10 images as an `lstm` reads them (LANGUAGE.md): row by row, each row's 32 pixels ×
+    /// (R, G, B), i.e. the file's planes (`[3, 32, 32]`) transposed to `[32, 32, 3]`. Other data is
+    /// returned unchanged.
+    pub fn pixel_rows(mut self) -> Samples {
+        if let Features::Bytes(planes) = &self.features {
+            let side = 32;
+            let plane = side * side;
+            let mut rows = vec![0u8; planes.len()];
+            for (src, dst) in planes
+                .chunks_exact(CIFAR_INPUTS)
+                .zip(rows.chunks_exact_mut(CIFAR_INPUTS))
+            {
+                for (p, px) in dst.chunks_exact_mut(3).enumerate() {
+                    for (c, v) in px.iter_mut().enumerate() {
+                        *v = src[c * plane + p];
+                    }
+                }
+            }
+            self.features = Features::Bytes(rows);
+        }
+        self
+    }
+
     pub fn classes(&self) -> usize {
         self.classes
     }
@@ -972,8 +995,10 @@ pub enum TrainData {
 }
 
 impl TrainData {
-    /// Loads `data` as the model's family reads it: [`Dataset::load`] for `transformer` / `lstm`,
-    /// [`Samples::load`] for `mlp`. `spec_dir` is the directory of the spec file.
+    /// Loads `data` as the model's family reads it: [`Dataset::load`] for language models
+    /// (`transformer`, `lstm` with a vocabulary), [`Samples::load`] for classifiers (`mlp`, and `lstm`
+    /// without one, whose samples are `context · inputs` features). `spec_dir` is the directory of the
+    /// spec file.
     pub fn load(
         data: &Data,
         spec_dir: &Path,
@@ -984,6 +1009,16 @@ impl TrainData {
             value.ok_or(DataError::ModelField { family, field })
         };
         Ok(match model.family {
+            // A sequence classifier: each sample is `context` steps of `inputs` features, flat.
+            Family::Lstm if model.vocab.is_none() => {
+                let (inputs, classes, steps) = (
+                    field(model.inputs, "lstm", "inputs")?,
+                    field(model.classes, "lstm", "classes")?,
+                    field(model.context, "lstm", "context")?,
+                );
+                let samples = Samples::load(data, spec_dir, steps * inputs, classes, split)?;
+                TrainData::Samples(samples.pixel_rows())
+            }
             Family::Transformer | Family::Lstm => {
                 let family = if model.family == Family::Lstm {
                     "lstm"

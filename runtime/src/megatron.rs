@@ -775,6 +775,14 @@ fn optimizer_row(o: &Optimizer) -> Row {
                 .flag("--lr", lr)
                 .inexpressible("Megatron has no schedule-free AdamW (substitute: Adam)")
         }
+        Optimizer::Shampoo { lr, .. } => Row::new("train.optimizer = shampoo(...)")
+            .flag("--optimizer", "adam")
+            .flag("--lr", lr)
+            .inexpressible("Megatron has no Shampoo (substitute: Adam)"),
+        Optimizer::Muon { lr, .. } => Row::new("train.optimizer = muon(...)")
+            .flag("--optimizer", "adam")
+            .flag("--lr", lr)
+            .inexpressible("Megatron has no Muon (substitute: Adam)"),
     }
 }
 

@@ -56,6 +56,92 @@ pub struct MoeLayerMetrics {
     /// Absent for other routers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prices: Option<Vec<f64>>,
+    /// Per-expert statistics of the router logits over the step's tokens (LANGUAGE.md "Router-logit
+    /// statistics"). Absent when the plan has no `moe.N.router_logits` output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_logits: Option<RouterLogitStats>,
+}
+
+/// LANGUAGE.md's router-logit statistics of one MoE block at one log step: for each expert e
+/// (index e of every vector), over the T tokens of the step's last micro-step, the mean, the
+/// population standard deviation (divide by T), the minimum and maximum, and the 5th, 50th and 95th
+/// percentiles with numpy's default linear interpolation (rank q/100·(T − 1) between the sorted
+/// values). The logits are the router's clean `x·Wg` (no noise or bias; the expert-level gate of a
+/// hierarchy). A non-finite logit makes its expert's statistics NaN (`null` in the log).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RouterLogitStats {
+    #[serde(deserialize_with = "nan_vec_if_null")]
+    pub mean: Vec<f64>,
+    #[serde(deserialize_with = "nan_vec_if_null")]
+    pub std: Vec<f64>,
+    #[serde(deserialize_with = "nan_vec_if_null")]
+    pub min: Vec<f64>,
+    #[serde(deserialize_with = "nan_vec_if_null")]
+    pub max: Vec<f64>,
+    #[serde(deserialize_with = "nan_vec_if_null")]
+    pub p5: Vec<f64>,
+    #[serde(deserialize_with = "nan_vec_if_null")]
+    pub p50: Vec<f64>,
+    #[serde(deserialize_with = "nan_vec_if_null")]
+    pub p95: Vec<f64>,
+}
+
+impl RouterLogitStats {
+    /// The statistics of `logits` (`[T, experts]`, row-major, as the plan's output).
+    pub fn from_logits(logits: &[f32], experts: usize) -> RouterLogitStats {
+        let experts = experts.max(1);
+        let tokens = logits.len() / experts;
+        let mut out = RouterLogitStats {
+            mean: Vec::with_capacity(experts),
+            std: Vec::with_capacity(experts),
+            min: Vec::with_capacity(experts),
+            max: Vec::with_capacity(experts),
+            p5: Vec::with_capacity(experts),
+            p50: Vec::with_capacity(experts),
+            p95: Vec::with_capacity(experts),
+        };
+        for e in 0..experts {
+            let mut x: Vec<f64> = (0..tokens)
+                .map(|t| logits[t * experts + e] as f64)
+                .collect();
+            let finite = x.iter().all(|v| v.is_finite()) && tokens > 0;
+            let n = tokens.max(1) as f64;
+            let mean = x.iter().sum::<f64>() / n;
+            let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n;
+            x.sort_by(f64::total_cmp);
+            let nan_unless = |v: f64| if finite { v } else { f64::NAN };
+            out.mean.push(nan_unless(mean));
+            out.std.push(nan_unless(var.sqrt()));
+            out.min.push(nan_unless(x.first().copied().unwrap_or(0.0)));
+            out.max.push(nan_unless(x.last().copied().unwrap_or(0.0)));
+            out.p5.push(nan_unless(percentile(&x, 5.0)));
+            out.p50.push(nan_unless(percentile(&x, 50.0)));
+            out.p95.push(nan_unless(percentile(&x, 95.0)));
+        }
+        out
+    }
+}
+
+/// The q-th percentile of ascending `sorted` with linear interpolation (numpy's default); 0 when
+/// empty.
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+    let Some(last) = sorted.len().checked_sub(1) else {
+        return 0.0;
+    };
+    let rank = q / 100.0 * last as f64;
+    let lo = rank.floor() as usize;
+    let hi = (lo + 1).min(last);
+    sorted[lo] + (rank - lo as f64) * (sorted[hi] - sorted[lo])
+}
+
+/// [`nan_if_null`] for a vector.
+fn nan_vec_if_null<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<f64>, D::Error> {
+    Ok(Vec::<Option<f64>>::deserialize(deserializer)?
+        .into_iter()
+        .map(|v| v.unwrap_or(f64::NAN))
+        .collect())
 }
 
 impl MoeLayerMetrics {
@@ -81,6 +167,7 @@ impl MoeLayerMetrics {
             aux,
             bias: None,
             prices: None,
+            router_logits: None,
         }
     }
 }
@@ -403,6 +490,27 @@ mod tests {
 
     fn close(a: f64, b: f64) {
         assert!((a - b).abs() <= TOL, "{a} vs {b}");
+    }
+
+    #[test]
+    fn router_logit_statistics_by_hand() {
+        // 5 tokens × 2 experts; expert 0 sees 1..5, expert 1 sees 10, 0, 0, 0, NaN.
+        let logits = [1.0, 10.0, 2.0, 0.0, 3.0, 0.0, 4.0, 0.0, 5.0, f32::NAN];
+        let s = RouterLogitStats::from_logits(&logits, 2);
+        close(s.mean[0], 3.0);
+        close(s.std[0], 2f64.sqrt());
+        close(s.min[0], 1.0);
+        close(s.max[0], 5.0);
+        // numpy.percentile([1..5], 5) = 1 + 0.05·4·(2 − 1) = 1.2; 95 → 4.8.
+        close(s.p5[0], 1.2);
+        close(s.p50[0], 3.0);
+        close(s.p95[0], 4.8);
+        assert!(s.mean[1].is_nan() && s.p50[1].is_nan());
+        // NaN is logged as null and read back as NaN.
+        let line = serde_json::to_string(&s).unwrap();
+        let back: RouterLogitStats = serde_json::from_str(&line).unwrap();
+        assert_eq!(back.p95[0], s.p95[0]);
+        assert!(back.max[1].is_nan());
     }
 
     #[test]

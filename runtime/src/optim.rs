@@ -26,8 +26,9 @@
 //! step.
 //!
 //! Per-step scalars (learning rates from the schedule, bias corrections, the schedule-free averaging
-//! weight, Adafactor's decay, the micro-step index) live in one 40-byte storage buffer written by the
-//! host per micro-step (a write, never a read).
+//! weight, Adafactor's decay, the micro-step index) live in one 52-byte storage buffer written by the
+//! host per micro-step (a write, never a read). The one exception to "no readback" is Shampoo's root
+//! step ([`Optimizer::finish_step`]).
 //!
 //! # Parameter groups
 //! Weight decay is not applied to parameters with a 1-D shape (norm weights, biases), as nanoGPT and
@@ -61,6 +62,8 @@
 //!   State `exp_avg_sq_row` `[E, R]`/`[R]` and `exp_avg_sq_col` `[E, C]`/`[C]`, or `exp_avg_sq` (1-D),
 //!   HF's names. Three kernels (`shaders/optim_adafactor*.wgsl`): the moments (one workgroup per row or
 //!   column, fixed-order reductions), per-matrix partial sums of u² for the RMS, then the update.
+//! - `shampoo` and `muon`: LANGUAGE.md's pinned formulas; kernels, state names and the host roots
+//!   are described in [`matrix`].
 
 use crate::checkpoint::Tensor;
 use crate::schedule::lr_at;
@@ -93,6 +96,8 @@ pub const INITIAL_LOSS_SCALE: f32 = 65536.0;
 /// GradScaler's `growth_interval`: finite steps in a row after which the scale doubles.
 pub const GROWTH_INTERVAL: u32 = 2000;
 
+mod matrix;
+
 /// Invocations per workgroup of every kernel here (`WG` in the prelude).
 const WG: u64 = 256;
 /// Gradient elements per workgroup of `clip_sumsq` (each invocation sums 16 with a grid stride), and
@@ -119,6 +124,8 @@ pub enum OptimError {
     },
     #[error("accumulate must be at least 1")]
     Accumulate,
+    #[error("shampoo: the {side} statistics of `{name}` are not finite or have no eigendecomposition; the step's gradients were too large for f32")]
+    Root { name: String, side: &'static str },
     #[error("`expert_lr = adaptive` needs the per-expert load of the MoE layer of `{0}` (the training plan's `moe.N.load` output)")]
     NoExpertLoad(String),
     #[error("`expert_lr = adaptive`: expert parameter `{name}` has shape {shape:?}, not [{experts}, ...] like its MoE layer's other experts and `moe.N.load`")]
@@ -158,11 +165,17 @@ impl OptimSettings {
 
     /// The optimizer's base learning rate.
     pub fn base_lr(&self) -> f64 {
+        self.optimizer.lr()
+    }
+
+    /// The learning rate of `muon`'s `adamw` parameters at 0-based step `step` (the schedule of
+    /// `lr` applied to its own base); the non-expert rate of any other optimizer.
+    pub fn adam_lr_at(&self, step: usize) -> f64 {
         match self.optimizer {
-            OptimizerSpec::AdamW { lr, .. }
-            | OptimizerSpec::Sgd { lr, .. }
-            | OptimizerSpec::Adafactor { lr, .. }
-            | OptimizerSpec::ScheduleFreeAdamW { lr, .. } => lr,
+            OptimizerSpec::Muon { adamw, .. } => {
+                lr_at(&self.schedule, adamw.lr, step, self.total_steps)
+            }
+            _ => self.lrs_at(step)[0],
         }
     }
 
@@ -241,13 +254,14 @@ pub struct LossScaleState {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, Pod, Zeroable)]
 struct Scalars {
-    lr: [f32; 2],
-    step_size: [f32; 2],
+    lr: [f32; 3],
+    step_size: [f32; 3],
     ckp1: [f32; 2],
     bc2_sqrt: f32,
     micro: u32,
     step: u32,
     beta2t: f32,
+    bc1: f32,
 }
 
 #[repr(C)]
@@ -285,6 +299,8 @@ struct Slot {
     param: wgpu::Buffer,
     /// Optimizer state, in checkpoint order; empty for a parameter without gradient.
     state: Vec<State>,
+    /// Bytes of working buffers beyond the state (Shampoo's and Muon's intermediate products).
+    scratch_bytes: u64,
     /// `None` for a parameter without gradient.
     kernels: Option<SlotKernels>,
 }
@@ -302,9 +318,19 @@ struct SlotKernels {
     accumulate: Option<wgpu::BindGroup>,
     sumsq: wgpu::BindGroup,
     sumsq_groups: u32,
-    /// One bind group and grid per update stage (`Pipelines::update`).
-    update: Vec<(wgpu::BindGroup, [u32; 3])>,
+    /// The update kernels of this parameter, in order.
+    update: Vec<Stage>,
     grid: [u32; 3],
+}
+
+/// One dispatch of a parameter's update.
+struct Stage {
+    /// Index into `Pipelines::update`.
+    pipeline: usize,
+    group: wgpu::BindGroup,
+    grid: [u32; 3],
+    /// Runs after Shampoo's host roots: in a second submission on root steps.
+    after_roots: bool,
 }
 
 struct Pipelines {
@@ -313,17 +339,28 @@ struct Pipelines {
     sumsq: wgpu::ComputePipeline,
     finalize: wgpu::ComputePipeline,
     expert_lr: wgpu::ComputePipeline,
-    /// The update kernels, run in order over every parameter: one for AdamW, SGD and schedule-free,
-    /// three for Adafactor (moments, RMS partial sums, update).
+    /// Every update kernel of the optimizer: one for AdamW, SGD and schedule-free, three for
+    /// Adafactor (moments, RMS partial sums, update), AdamW's first then their own for Shampoo and
+    /// Muon. Each parameter runs its [`Stage`]s.
     update: Vec<wgpu::ComputePipeline>,
 }
 
 /// The per-parameter state and update bindings of an optimizer.
+#[derive(Clone, Copy)]
 enum Layout {
     /// One elementwise kernel whose bindings after the gradient are these states, each shaped like
     /// the parameter.
     Elementwise(&'static [&'static str]),
     Adafactor,
+    /// Matrices with both sides ≤ `max_dim` preconditioned, the rest AdamW (pipeline 0).
+    Shampoo {
+        max_dim: usize,
+    },
+    /// Hidden matrices orthogonalised, the rest AdamW (pipeline 0) with weight decay `adam_decay`.
+    Muon {
+        ns_steps: usize,
+        adam_decay: f64,
+    },
 }
 
 /// The optimizer of one training run, bound to the plan's parameter and gradient buffers.
@@ -403,6 +440,192 @@ fn adafactor_states(shape: &[usize]) -> Vec<(&'static str, Vec<usize>)> {
         ("exp_avg_sq_row", shape[..n - 1].to_vec()),
         ("exp_avg_sq_col", col),
     ]
+}
+
+/// How an optimizer treats one parameter.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum ParamKind {
+    /// The optimizer's own update (every parameter of AdamW, SGD, schedule-free and Adafactor).
+    Own,
+    /// Shampoo's or Muon's preconditioned matrix update.
+    Matrix,
+    /// AdamW: Shampoo's vectors and matrices over `max_dim`, Muon's non-hidden parameters.
+    Adam,
+}
+
+impl ParamKind {
+    fn of(layout: Layout, name: &str, shape: &[usize]) -> ParamKind {
+        let matrix = match layout {
+            Layout::Elementwise(_) | Layout::Adafactor => return ParamKind::Own,
+            Layout::Shampoo { max_dim } => {
+                shape.len() >= 2 && shape[shape.len() - 2..].iter().all(|&n| n <= max_dim)
+            }
+            Layout::Muon { .. } => is_hidden_matrix(name, shape),
+        };
+        if matrix {
+            ParamKind::Matrix
+        } else {
+            ParamKind::Adam
+        }
+    }
+}
+
+/// Whether Muon orthogonalises a parameter: every matrix (each expert of a stack) except the
+/// embedding, the LM head, the `mlp` family's input projection and classifier, and the routers
+/// (`block_sparse_moe.*` outside the experts), which take Muon's `adamw` (LANGUAGE.md).
+pub fn is_hidden_matrix(name: &str, shape: &[usize]) -> bool {
+    let outer = ["embed_tokens", "lm_head", "input_proj", "classifier"];
+    let router =
+        name.contains("block_sparse_moe.") && !is_expert(name) && !name.contains("shared_expert");
+    shape.len() >= 2 && !router && !outer.iter().any(|o| name.contains(o))
+}
+
+/// A parameter's optimizer state, update stages and working-buffer bytes.
+struct Built {
+    state: Vec<State>,
+    update: Vec<Stage>,
+    scratch_bytes: u64,
+}
+
+/// What the update kernels of one parameter bind, and helpers to make its buffers and stages.
+struct SlotContext<'a> {
+    gpu: &'a Gpu,
+    pipelines: &'a [wgpu::ComputePipeline],
+    name: &'a str,
+    shape: &'a [usize],
+    info: &'a wgpu::Buffer,
+    scalars: &'a wgpu::Buffer,
+    stats: &'a wgpu::Buffer,
+    param: &'a wgpu::Buffer,
+    /// The gradient the update reads (the accumulation buffer under `accumulate > 1`).
+    grad: &'a wgpu::Buffer,
+    max_dim: u32,
+}
+
+impl SlotContext<'_> {
+    fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// A stage of pipeline `pipeline` binding `buffers` in order, run before any host roots.
+    fn stage(&self, pipeline: usize, buffers: &[&wgpu::Buffer], grid: [u32; 3]) -> Stage {
+        Stage {
+            pipeline,
+            group: bind_group(&self.gpu.device, &self.pipelines[pipeline], buffers),
+            grid,
+            after_roots: false,
+        }
+    }
+
+    /// A zeroed state tensor `optim.<name>.<suffix>` of `shape`.
+    fn state(&self, suffix: &'static str, shape: Vec<usize>) -> State {
+        let n: usize = shape.iter().product();
+        State {
+            suffix,
+            buffer: self
+                .gpu
+                .storage_buffer(&format!("optim.{}.{suffix}", self.name), 4 * n as u64),
+            shape,
+            offset: 0,
+        }
+    }
+
+    /// A working buffer of `elements` f32 (not checkpointed).
+    fn scratch(&self, what: &str, elements: usize) -> wgpu::Buffer {
+        self.gpu
+            .storage_buffer(&format!("{} {what}", self.name), 4 * elements.max(1) as u64)
+    }
+
+    /// One elementwise kernel (pipeline 0) whose bindings after the gradient are these states, each
+    /// shaped like the parameter.
+    fn elementwise(&self, suffixes: &'static [&'static str]) -> Built {
+        let state: Vec<State> = suffixes
+            .iter()
+            .map(|s| self.state(s, self.shape.to_vec()))
+            .collect();
+        let mut buffers = vec![self.info, self.scalars, self.stats, self.param, self.grad];
+        buffers.extend(state.iter().map(|s| &s.buffer));
+        let update = vec![self.stage(0, &buffers, grid(self.numel(), self.max_dim))];
+        Built {
+            state,
+            update,
+            scratch_bytes: 0,
+        }
+    }
+
+    /// Adafactor's three stages; its row and column moments share one buffer.
+    fn adafactor(&self, chunks: usize) -> Built {
+        let (matrices, _, _, _) = factoring(self.shape);
+        let shapes = adafactor_states(self.shape);
+        let entries: usize = shapes
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum();
+        let moments = self.gpu.storage_buffer(
+            &format!("optim.{}.exp_avg_sq", self.name),
+            4 * entries as u64,
+        );
+        let scratch = self.scratch("adafactor scratch", matrices * (1 + chunks));
+        let mut offset = 0;
+        let state = shapes
+            .into_iter()
+            .map(|(suffix, shape)| {
+                let s = State {
+                    suffix,
+                    buffer: moments.clone(),
+                    offset,
+                    shape,
+                };
+                offset += s.shape.iter().product::<usize>();
+                s
+            })
+            .collect();
+        let (info, scalars, stats, grad) = (self.info, self.scalars, self.stats, self.grad);
+        let update = vec![
+            self.stage(
+                0,
+                &[info, scalars, stats, grad, &moments],
+                fold(entries as u64, self.max_dim),
+            ),
+            self.stage(
+                1,
+                &[info, stats, grad, &moments, &scratch],
+                fold((matrices * chunks) as u64, self.max_dim),
+            ),
+            self.stage(
+                2,
+                &[info, scalars, stats, self.param, grad, &moments, &scratch],
+                grid(self.numel(), self.max_dim),
+            ),
+        ];
+        Built {
+            state,
+            update,
+            // Bytes to kilobytes, like the clip partials.
+            scratch_bytes: 0,
+        }
+    }
+}
+
+/// A bind group of `pipeline`'s group 0: binding i is `buffers[i]`.
+fn bind_group(
+    device: &wgpu::Device,
+    pipeline: &wgpu::ComputePipeline,
+    buffers: &[&wgpu::Buffer],
+) -> wgpu::BindGroup {
+    let entries: Vec<wgpu::BindGroupEntry> = buffers
+        .iter()
+        .enumerate()
+        .map(|(i, b)| wgpu::BindGroupEntry {
+            binding: i as u32,
+            resource: b.as_entire_binding(),
+        })
+        .collect();
+    device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: None,
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &entries,
+    })
 }
 
 impl<'g> Optimizer<'g> {
@@ -494,6 +717,50 @@ impl<'g> Optimizer<'g> {
                     ],
                     Layout::Adafactor,
                     0.0,
+                ),
+                OptimizerSpec::Shampoo {
+                    betas,
+                    eps,
+                    decay,
+                    max_dim,
+                    weight_decay,
+                    ..
+                } => (
+                    format!(
+                        "{}const DECAY: f32 = {};\n",
+                        adam_consts(betas, eps),
+                        lit(decay)
+                    ),
+                    matrix::SHAMPOO_STAGES
+                        .iter()
+                        .map(|(name, body)| (*name, body.to_string()))
+                        .collect(),
+                    Layout::Shampoo { max_dim },
+                    weight_decay,
+                ),
+                OptimizerSpec::Muon {
+                    momentum,
+                    nesterov,
+                    ns_steps,
+                    weight_decay,
+                    adamw,
+                    ..
+                } => (
+                    format!(
+                        "{}const MOMENTUM: f32 = {};\nconst NESTEROV: bool = {nesterov};\n{}",
+                        adam_consts(adamw.betas, adamw.eps),
+                        lit(momentum),
+                        matrix::ns_consts()
+                    ),
+                    matrix::MUON_STAGES
+                        .iter()
+                        .map(|(name, body)| (*name, body.to_string()))
+                        .collect(),
+                    Layout::Muon {
+                        ns_steps,
+                        adam_decay: adamw.weight_decay,
+                    },
+                    weight_decay,
                 ),
             };
 
@@ -597,19 +864,7 @@ impl<'g> Optimizer<'g> {
         write_loss_scale(gpu, &stats, &initial);
         let max_dim = gpu.target().max_workgroups_per_dim.max(1);
         let bind = |pipeline: &wgpu::ComputePipeline, buffers: &[&wgpu::Buffer]| {
-            let entries: Vec<wgpu::BindGroupEntry> = buffers
-                .iter()
-                .enumerate()
-                .map(|(i, b)| wgpu::BindGroupEntry {
-                    binding: i as u32,
-                    resource: b.as_entire_binding(),
-                })
-                .collect();
-            device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: None,
-                layout: &pipeline.get_bind_group_layout(0),
-                entries: &entries,
-            })
+            bind_group(device, pipeline, buffers)
         };
 
         // Partial-sum slots first: the partials buffer's length is their total.
@@ -641,6 +896,7 @@ impl<'g> Optimizer<'g> {
                     numel,
                     param: p.param.clone(),
                     state: Vec::new(),
+                    scratch_bytes: 0,
                     kernels: None,
                 });
                 continue;
@@ -650,9 +906,22 @@ impl<'g> Optimizer<'g> {
                 .div_ceil(SUMSQ_CHUNK)
                 .clamp(1, MAX_RMS_CHUNKS);
             let (lr_scale, experts) = expert_of.get(p.name.as_str()).copied().unwrap_or((0, 1));
+            let kind = ParamKind::of(layout, &p.name, &p.shape);
+            let adam_of_muon = matches!(layout, Layout::Muon { .. }) && kind == ParamKind::Adam;
+            let group = if is_expert(&p.name) {
+                1
+            } else if adam_of_muon {
+                2
+            } else {
+                0
+            };
+            let decay = match layout {
+                Layout::Muon { adam_decay, .. } if adam_of_muon => adam_decay,
+                _ => wd,
+            };
             let info = ParamInfo {
-                group: is_expert(&p.name) as u32,
-                decay: if decays(&p.shape) { wd as f32 } else { 0.0 },
+                group,
+                decay: if decays(&p.shape) { decay as f32 } else { 0.0 },
                 slot: slot as u32,
                 partials: groups as u32,
                 lr_scale,
@@ -672,83 +941,24 @@ impl<'g> Optimizer<'g> {
             let acc = (settings.accumulate > 1)
                 .then(|| gpu.storage_buffer(&format!("{} accumulated grad", p.name), bytes));
             let grad = acc.as_ref().unwrap_or(plan_grad);
-            let (state, update) = match layout {
-                Layout::Elementwise(suffixes) => {
-                    let state: Vec<State> = suffixes
-                        .iter()
-                        .map(|s| State {
-                            suffix: s,
-                            shape: p.shape.clone(),
-                            buffer: gpu.storage_buffer(&format!("optim.{}.{s}", p.name), bytes),
-                            offset: 0,
-                        })
-                        .collect();
-                    let mut buffers = vec![&info_buffer, &scalars, &stats, &p.param, grad];
-                    buffers.extend(state.iter().map(|s| &s.buffer));
-                    let update = vec![(bind(&pipelines.update[0], &buffers), grid(numel, max_dim))];
-                    (state, update)
-                }
-                Layout::Adafactor => {
-                    let shapes = adafactor_states(&p.shape);
-                    let entries: usize = shapes
-                        .iter()
-                        .map(|(_, s)| s.iter().product::<usize>())
-                        .sum();
-                    let moments = gpu.storage_buffer(
-                        &format!("optim.{}.exp_avg_sq", p.name),
-                        4 * entries as u64,
-                    );
-                    let scratch = gpu.storage_buffer(
-                        &format!("{} adafactor scratch", p.name),
-                        4 * (matrices as u64) * (1 + chunks),
-                    );
-                    let mut offset = 0;
-                    let state = shapes
-                        .into_iter()
-                        .map(|(suffix, shape)| {
-                            let s = State {
-                                suffix,
-                                buffer: moments.clone(),
-                                offset,
-                                shape,
-                            };
-                            offset += s.shape.iter().product::<usize>();
-                            s
-                        })
-                        .collect();
-                    let update = vec![
-                        (
-                            bind(
-                                &pipelines.update[0],
-                                &[&info_buffer, &scalars, &stats, grad, &moments],
-                            ),
-                            fold(entries as u64, max_dim),
-                        ),
-                        (
-                            bind(
-                                &pipelines.update[1],
-                                &[&info_buffer, &stats, grad, &moments, &scratch],
-                            ),
-                            fold(matrices as u64 * chunks, max_dim),
-                        ),
-                        (
-                            bind(
-                                &pipelines.update[2],
-                                &[
-                                    &info_buffer,
-                                    &scalars,
-                                    &stats,
-                                    &p.param,
-                                    grad,
-                                    &moments,
-                                    &scratch,
-                                ],
-                            ),
-                            grid(numel, max_dim),
-                        ),
-                    ];
-                    (state, update)
-                }
+            let ctx = SlotContext {
+                gpu,
+                pipelines: &pipelines.update,
+                name: &p.name,
+                shape: &p.shape,
+                info: &info_buffer,
+                scalars: &scalars,
+                stats: &stats,
+                param: &p.param,
+                grad,
+                max_dim,
+            };
+            let built = match (layout, kind) {
+                (Layout::Elementwise(suffixes), _) => ctx.elementwise(suffixes),
+                (_, ParamKind::Adam) => ctx.elementwise(&["m", "v"]),
+                (Layout::Adafactor, _) => ctx.adafactor(chunks as usize),
+                (Layout::Shampoo { .. }, _) => ctx.shampoo(),
+                (Layout::Muon { ns_steps, .. }, _) => ctx.muon(ns_steps),
             };
             let kernels = SlotKernels {
                 accumulate: acc
@@ -756,7 +966,7 @@ impl<'g> Optimizer<'g> {
                     .map(|a| bind(&pipelines.accumulate, &[&scalars, plan_grad, a])),
                 sumsq: bind(&pipelines.sumsq, &[&info_buffer, grad, &partials]),
                 sumsq_groups: groups as u32,
-                update,
+                update: built.update,
                 grid: grid(numel, max_dim),
             };
             slots.push(Slot {
@@ -764,7 +974,8 @@ impl<'g> Optimizer<'g> {
                 shape: p.shape.clone(),
                 numel,
                 param: p.param.clone(),
-                state,
+                state: built.state,
+                scratch_bytes: built.scratch_bytes,
                 kernels: Some(kernels),
             });
         }
@@ -807,8 +1018,9 @@ impl<'g> Optimizer<'g> {
     }
 
     /// Bytes of the optimizer's per-parameter GPU buffers: its state tensors (m, v, momentum, x, z,
-    /// Adafactor's moments) and, with `accumulate > 1`, the accumulated gradients. The scalars, stats, info and clip-partials
-    /// buffers (bytes to kilobytes) are left out.
+    /// Adafactor's moments, Shampoo's statistics and roots), working buffers (Shampoo's and Muon's
+    /// products) and, with `accumulate > 1`, the accumulated gradients. The scalars, stats, info and
+    /// clip-partials buffers (bytes to kilobytes) are left out.
     pub fn buffer_bytes(&self) -> u64 {
         let accumulated = if self.settings.accumulate > 1 { 1 } else { 0 };
         self.slots
@@ -821,6 +1033,7 @@ impl<'g> Optimizer<'g> {
                     .map(|st| st.shape.iter().product::<usize>())
                     .sum::<usize>()
                     + accumulated * s.numel) as u64
+                    + s.scratch_bytes
             })
             .sum()
     }
@@ -843,13 +1056,7 @@ impl<'g> Optimizer<'g> {
         };
         match self.settings.optimizer {
             OptimizerSpec::AdamW { betas, .. } => {
-                let bc1 = 1.0 - betas.0.powi(t);
-                let bc2 = 1.0 - betas.1.powi(t);
-                for (g, &lr) in lrs.iter().enumerate() {
-                    s.lr[g] = lr as f32;
-                    s.step_size[g] = (lr / bc1) as f32;
-                }
-                s.bc2_sqrt = bc2.sqrt() as f32;
+                adam_scalars(&mut s, [lrs[0], lrs[1], lrs[0]], betas, t);
             }
             OptimizerSpec::ScheduleFreeAdamW { betas, .. } => {
                 let bc2 = 1.0 - betas.1.powi(t);
@@ -867,11 +1074,18 @@ impl<'g> Optimizer<'g> {
                 }
             }
             OptimizerSpec::Adafactor { decay, .. } => {
-                s.lr = lrs.map(|lr| lr as f32);
+                s.lr = [lrs[0] as f32, lrs[1] as f32, 0.0];
                 s.beta2t = (1.0 - (t as f64).powf(decay)) as f32;
             }
             OptimizerSpec::Sgd { .. } => {
-                s.lr = lrs.map(|lr| lr as f32);
+                s.lr = [lrs[0] as f32, lrs[1] as f32, 0.0];
+            }
+            OptimizerSpec::Shampoo { betas, .. } => {
+                adam_scalars(&mut s, [lrs[0], lrs[1], lrs[0]], betas, t);
+            }
+            OptimizerSpec::Muon { adamw, .. } => {
+                let adam = self.settings.adam_lr_at(step);
+                adam_scalars(&mut s, [lrs[0], lrs[1], adam], adamw.betas, t);
             }
         }
         self.current = s;
@@ -908,6 +1122,8 @@ impl<'g> Optimizer<'g> {
 
     /// Records the gradient norm, clip scale and the update of every parameter (after the last
     /// micro-step's [`Optimizer::encode_micro`]).
+    /// On Shampoo's root steps it stops before the preconditioned updates, which
+    /// [`Optimizer::finish_step`] runs once the roots are computed.
     pub fn encode_update(&self, pass: &mut wgpu::ComputePass<'_>) {
         pass.set_pipeline(&self.pipelines.sumsq);
         for k in self.slots.iter().filter_map(|s| s.kernels.as_ref()) {
@@ -917,14 +1133,48 @@ impl<'g> Optimizer<'g> {
         pass.set_pipeline(&self.pipelines.finalize);
         pass.set_bind_group(0, &self.finalize, &[]);
         pass.dispatch_workgroups(1, 1, 1);
-        for (stage, pipeline) in self.pipelines.update.iter().enumerate() {
-            pass.set_pipeline(pipeline);
-            for k in self.slots.iter().filter_map(|s| s.kernels.as_ref()) {
-                let (group, grid) = &k.update[stage];
-                pass.set_bind_group(0, group, &[]);
-                pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
+        let root_step = self.is_root_step();
+        self.encode_stages(pass, |stage| !(root_step && stage.after_roots));
+    }
+
+    /// Every parameter's update stages that `keep` selects, in order.
+    fn encode_stages(&self, pass: &mut wgpu::ComputePass<'_>, keep: impl Fn(&Stage) -> bool) {
+        for k in self.slots.iter().filter_map(|s| s.kernels.as_ref()) {
+            for stage in k.update.iter().filter(|s| keep(s)) {
+                pass.set_pipeline(&self.pipelines.update[stage.pipeline]);
+                pass.set_bind_group(0, &stage.group, &[]);
+                pass.dispatch_workgroups(stage.grid[0], stage.grid[1], stage.grid[2]);
             }
         }
+    }
+
+    /// Whether the prepared step is a Shampoo root step (0-based step a multiple of `root_every`).
+    fn is_root_step(&self) -> bool {
+        match self.settings.optimizer {
+            OptimizerSpec::Shampoo { root_every, .. } => {
+                (self.current.step as usize).is_multiple_of(root_every)
+            }
+            _ => false,
+        }
+    }
+
+    /// Completes the step after the submission holding [`Optimizer::encode_update`]: on Shampoo's
+    /// root steps reads every L and R, computes their inverse fourth roots in f64 on the host,
+    /// uploads them and submits the preconditioned updates. Does nothing on other steps and for
+    /// other optimizers (no readback).
+    pub fn finish_step(&self) -> Result<(), OptimError> {
+        let OptimizerSpec::Shampoo { eps, .. } = self.settings.optimizer else {
+            return Ok(());
+        };
+        if !self.is_root_step() {
+            return Ok(());
+        }
+        for slot in self.slots.iter().filter(|s| s.kernels.is_some()) {
+            matrix::update_roots(self.gpu, &slot.name, &slot.state, eps)?;
+        }
+        self.gpu
+            .run_pass(|pass| self.encode_stages(pass, |stage| stage.after_roots))?;
+        Ok(())
     }
 
     /// Reads the stats of the last step (waits for the GPU).
@@ -1150,6 +1400,17 @@ fn write_loss_scale(gpu: &Gpu, stats: &wgpu::Buffer, state: &LossScaleState) {
     let words = [state.scale.to_bits(), state.good_steps, state.skipped];
     gpu.queue
         .write_buffer(stats, LOSS_SCALE_AT, bytemuck::cast_slice(&words));
+}
+
+/// Adam's scalars of step `t` (1-based) for the three groups' learning rates `lrs`.
+fn adam_scalars(s: &mut Scalars, lrs: [f64; 3], betas: (f64, f64), t: i32) {
+    let bc1 = 1.0 - betas.0.powi(t);
+    for (g, &lr) in lrs.iter().enumerate() {
+        s.lr[g] = lr as f32;
+        s.step_size[g] = (lr / bc1) as f32;
+    }
+    s.bc1 = bc1 as f32;
+    s.bc2_sqrt = (1.0 - betas.1.powi(t)).sqrt() as f32;
 }
 
 /// Checkpoint name of a state tensor: the weights for schedule-free's x, else `optim.<name>.<suffix>`.

@@ -9,7 +9,11 @@
 //! - `util_<run>_block<b>`: per MoE block a heatmap, x = step, y = expert, colour = the expert's
 //!   fraction of the routed assignments at that log step;
 //! - `bias_<run>_block<b>` / `prices_<run>_block<b>`: the router state (loss-free balancing biases,
-//!   auction prices) per expert against step, for runs whose log carries it.
+//!   auction prices) per expert against step, for runs whose log carries it;
+//! - `router_logits_<run>_block<b>`: per MoE block each expert's router-logit band over steps (the
+//!   5th–95th percentile filled, the median as a line; LANGUAGE.md "Router-logit statistics"), with
+//!   the plotted values in `router_logits_<run>_block<b>.csv` (`step,expert,mean,std,min,max,p5,p50,
+//!   p95`, one row per log step and expert, numbers exactly as logged).
 //!
 //! Text in charts is drawn with a font compiled into the binary (Noto Sans, through plotters'
 //! `ab_glyph` backend), not a system font, so reports render the same on a bare CI machine.
@@ -19,7 +23,7 @@
 //! falls there), each step's value first averaged over the MoE blocks: early routing is usually
 //! unbalanced, and the end state is what a comparison of balancing methods is about.
 
-use crate::metrics::{thousands, MetricsLog, MoeLayerMetrics, Record};
+use crate::metrics::{thousands, MetricsLog, MoeLayerMetrics, Record, RouterLogitStats};
 use plotters::coord::ranged1d::SegmentValue;
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -290,7 +294,7 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
 #[derive(Debug, Clone)]
 pub struct Report {
     pub markdown: PathBuf,
-    /// Every plot file, PNG and SVG.
+    /// Every plot file, PNG and SVG, and the router-logit CSV files.
     pub plots: Vec<PathBuf>,
     /// The table alone (as in `report.md`), for printing.
     pub table: String,
@@ -488,6 +492,9 @@ pub fn write_report(runs: &[Run], out: &Path) -> Result<Report, ReportError> {
                 }
             }
         }
+        md.push_str(&router_logit_plots(
+            runs, &moe_runs, &stems, out, &mut plots,
+        )?);
         if !state_md.is_empty() {
             md.push_str("\n## Router state\n\nPer-expert router state logged with the metrics (loss-free balancing biases, auction prices).\n");
             md.push_str(&state_md);
@@ -504,6 +511,92 @@ pub fn write_report(runs: &[Run], out: &Path) -> Result<Report, ReportError> {
         plots,
         table,
     })
+}
+
+/// The router-logit band charts and their CSV files of every run and block whose log carries
+/// `router_logits`; returns the report's section ("" when none does).
+fn router_logit_plots(
+    runs: &[Run],
+    moe_runs: &[usize],
+    stems: &[String],
+    out: &Path,
+    plots: &mut Vec<PathBuf>,
+) -> Result<String, ReportError> {
+    let mut md = String::new();
+    for &i in moe_runs {
+        let run = &runs[i];
+        for block in run.blocks() {
+            let series: Vec<(u64, &RouterLogitStats)> = run
+                .block_series(&block)
+                .into_iter()
+                .filter_map(|(step, m)| m.router_logits.as_ref().map(|r| (step, r)))
+                .collect();
+            if series.is_empty() {
+                continue;
+            }
+            let stem = format!("router_logits_{}_block{}", stems[i], sanitize(&block));
+            let csv = out.join(format!("{stem}.csv"));
+            std::fs::write(&csv, router_logit_csv(&series)).map_err(|source| {
+                ReportError::Write {
+                    path: csv.clone(),
+                    source,
+                }
+            })?;
+            plots.push(csv);
+            let experts = series.iter().map(|(_, r)| r.p50.len()).max().unwrap_or(0);
+            let figure = Bands {
+                caption: format!("{}: router logits per expert, MoE block {block}", run.name),
+                bands: (0..experts)
+                    .map(|e| Band {
+                        label: (experts <= 16).then(|| format!("expert {e}")),
+                        color: ViridisRGB::get_color_normalized(
+                            e as f64,
+                            0.0,
+                            (experts.max(2) - 1) as f64,
+                        ),
+                        points: series
+                            .iter()
+                            .filter_map(|(step, r)| {
+                                Some((*step as f64, *r.p5.get(e)?, *r.p50.get(e)?, *r.p95.get(e)?))
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            };
+            plots.extend(render(&figure, (1000, 560), out, &stem)?);
+            md.push_str(&format!(
+                "\n### {}, block {block}\n\n",
+                md_escape(&run.name)
+            ));
+            md.push_str(&embed(
+                &stem,
+                &format!("{} block {block} router logits", run.name),
+            ));
+        }
+    }
+    if md.is_empty() {
+        return Ok(md);
+    }
+    Ok(format!(
+        "\n## Router logits\n\nPer MoE block: each expert's router logits over the step's tokens, 5th–95th percentile (band) and median (line), against step; the values are in the `.csv` beside each plot.\n{md}"
+    ))
+}
+
+/// The plotted router-logit statistics as CSV: `step,expert,mean,std,min,max,p5,p50,p95`, numbers in
+/// Rust's shortest round-trip form (reading them back gives the logged f64 exactly).
+pub fn router_logit_csv(series: &[(u64, &RouterLogitStats)]) -> String {
+    let mut csv = String::from("step,expert,mean,std,min,max,p5,p50,p95\n");
+    for (step, r) in series {
+        for e in 0..r.p50.len() {
+            let cols = [&r.mean, &r.std, &r.min, &r.max, &r.p5, &r.p50, &r.p95];
+            let values: Vec<String> = cols
+                .iter()
+                .map(|c| c.get(e).map_or("NaN".into(), |v| format!("{v:?}")))
+                .collect();
+            let _ = writeln!(csv, "{step},{e},{}", values.join(","));
+        }
+    }
+    csv
 }
 
 /// The Markdown comparison table (columns for model and val accuracy only when some run has them).
@@ -887,6 +980,82 @@ impl Figure for LineFigure {
     }
 }
 
+/// One expert's router-logit band: (step, p5, p50, p95) per log step.
+struct Band {
+    label: Option<String>,
+    color: RGBColor,
+    points: Vec<(f64, f64, f64, f64)>,
+}
+
+/// Percentile bands over steps: each band's p5–p95 filled (translucent), its median as a line.
+struct Bands {
+    caption: String,
+    bands: Vec<Band>,
+}
+
+impl Figure for Bands {
+    fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>, _joins: Joins) -> DrawResult
+    where
+        DB::ErrorType: 'static,
+    {
+        let all = || self.bands.iter().flat_map(|b| b.points.iter());
+        let (x0, x1) = padded_range(all().map(|p| p.0));
+        let (y0, y1) = padded_range(all().flat_map(|p| [p.1, p.3]));
+        let mut chart = ChartBuilder::on(area)
+            .caption(&self.caption, (FONT, 24))
+            .margin(12)
+            .x_label_area_size(44)
+            .y_label_area_size(70)
+            .build_cartesian_2d(x0..x1, y0..y1)?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("router logit")
+            .label_style((FONT, 15))
+            .axis_desc_style((FONT, 17))
+            .light_line_style(RGBColor(235, 235, 235))
+            .x_label_formatter(&|x| format!("{}", x.round() as i64))
+            .draw()?;
+        for band in &self.bands {
+            let finite: Vec<_> = band
+                .points
+                .iter()
+                .filter(|p| p.1.is_finite() && p.2.is_finite() && p.3.is_finite())
+                .copied()
+                .collect();
+            let outline: Vec<(f64, f64)> = finite
+                .iter()
+                .map(|p| (p.0, p.3))
+                .chain(finite.iter().rev().map(|p| (p.0, p.1)))
+                .collect();
+            chart.draw_series(std::iter::once(Polygon::new(
+                outline,
+                band.color.mix(0.18).filled(),
+            )))?;
+            let color = band.color;
+            let median = chart.draw_series(LineSeries::new(
+                finite.iter().map(|p| (p.0, p.2)),
+                color.stroke_width(2),
+            ))?;
+            if let Some(label) = &band.label {
+                median.label(label.as_str()).legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 22, y)], color.stroke_width(2))
+                });
+            }
+        }
+        if self.bands.iter().any(|b| b.label.is_some()) {
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .label_font((FONT, 15))
+                .background_style(WHITE.mix(0.85))
+                .border_style(RGBColor(160, 160, 160))
+                .draw()?;
+        }
+        Ok(())
+    }
+}
+
 /// At most this many columns in a heatmap: a long run's log steps are averaged in groups, which
 /// a 1000-pixel-wide chart cannot show anyway, and it keeps the SVG small (one rectangle per cell).
 const MAX_HEATMAP_COLUMNS: usize = 250;
@@ -1131,6 +1300,15 @@ mod tests {
             }],
         };
         assert_eq!(render(&lines, (400, 300), &dir, "lines").unwrap().len(), 2);
+        let bands = Bands {
+            caption: "one step".into(),
+            bands: vec![Band {
+                label: Some("expert 0".into()),
+                color: run_color(0),
+                points: vec![(1.0, -1.0, 0.0, 1.0), (2.0, f64::NAN, 0.0, 1.0)],
+            }],
+        };
+        assert_eq!(render(&bands, (400, 300), &dir, "bands").unwrap().len(), 2);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -59,7 +59,7 @@
 
 use crate::checkpoint::{diff_specs, hf_config, Checkpoint, CheckpointError};
 use crate::data::{standard_normal, Batch, Batcher, BatcherState, DataError, TrainData};
-use crate::metrics::{MetricsError, MetricsLog, MoeLayerMetrics, Record};
+use crate::metrics::{MetricsError, MetricsLog, MoeLayerMetrics, Record, RouterLogitStats};
 use crate::optim::{
     ExpertLoad, HostState, LossScaleState, OptimError, OptimSettings, Optimizer, ParamBinding,
     StepStats, EXPERT_MARKER,
@@ -471,6 +471,8 @@ impl<'g> Trainer<'g> {
             }
             batches.push(batch);
         }
+        // Shampoo's root steps: host roots, then the rest of the update (a no-op otherwise).
+        self.optim.finish_step()?;
         if !self.router_state.is_empty() {
             let copies = self
                 .router_state
@@ -571,7 +573,8 @@ impl<'g> Trainer<'g> {
 
     /// Per-MoE-layer utilisation of the last micro-step (docs/language.md "Metrics"), from the
     /// metric outputs lowering gives every MoE block (`moe.N.load`, `moe.N.dropped`, `moe.N.router_z`)
-    /// and its `aux.N`. `None` when the plan has no such outputs.
+    /// and its `aux.N`, and the router-logit statistics of `moe.N.router_logits` (read back on log
+    /// steps only). `None` when the plan has no such outputs.
     fn moe_metrics(&self) -> Result<Option<BTreeMap<String, MoeLayerMetrics>>, TrainError> {
         let Some(moe) = &self.spec.moe else {
             return Ok(None);
@@ -593,15 +596,15 @@ impl<'g> Trainer<'g> {
             let counts: Vec<u64> = load.iter().map(|&c| c.max(0.0).round() as u64).collect();
             let aux = read(format!("aux.{block}"))?.map_or(0.0, |v| v[0] as f64);
             // `moe.N.dropped` is a fraction; the log's `dropped` is a percentage.
-            layers.insert(
-                block.to_string(),
-                MoeLayerMetrics::from_counts(
-                    &counts,
-                    100.0 * dropped[0] as f64,
-                    router_z[0] as f64,
-                    aux,
-                ),
+            let mut metrics = MoeLayerMetrics::from_counts(
+                &counts,
+                100.0 * dropped[0] as f64,
+                router_z[0] as f64,
+                aux,
             );
+            metrics.router_logits = read(format!("moe.{block}.router_logits"))?
+                .map(|logits| RouterLogitStats::from_logits(&logits, counts.len()));
+            layers.insert(block.to_string(), metrics);
         }
         Ok((!layers.is_empty()).then_some(layers))
     }

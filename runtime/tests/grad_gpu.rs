@@ -19,7 +19,7 @@
 
 use moec_compiler::autodiff::{training_graph, SEED};
 use moec_compiler::check::check;
-use moec_compiler::interp::{self, Precision, Value};
+use moec_compiler::interp::Value;
 use moec_compiler::ir::{DType, Graph, Init, NodeId, Op, RouteLayout, TensorType};
 use moec_compiler::lower::lower;
 use moec_compiler::precision::mark_f16;
@@ -339,24 +339,6 @@ fn model_feeds(g: &Graph, vocab: u32, seed: u64) -> HashMap<String, Value> {
         );
     }
     feeds
-}
-
-/// Smallest gap, over every `TopK` node and row, between the k-th and (k+1)-th score (f64).
-fn selection_margin(g: &Graph, feeds: &HashMap<String, Value>) -> f64 {
-    let vals = interp::run_in(g, &widen(feeds), Precision::F64).expect("forward runs");
-    let mut margin = f64::INFINITY;
-    for id in g.topo_order() {
-        if let Op::TopK { k } = g.node(id).op {
-            let scores = g.inputs(id)[0];
-            let e = g.ty(scores).last();
-            for row in vals[&scores].to_f64().chunks(e).filter(|_| k < e) {
-                let mut s = row.to_vec();
-                s.sort_by(|a, b| b.total_cmp(a));
-                margin = margin.min(s[k - 1] - s[k]);
-            }
-        }
-    }
-    margin
 }
 
 /// How a training graph is compared: its dtypes, the router margin its feeds need, the seed and

@@ -830,6 +830,121 @@ fn matmul_and_elementwise_groups_write_permuted_outputs() {
 }
 
 #[test]
+fn matmuls_compute_rope_prologues_in_their_loads() {
+    // Attention's shape: q and k rotated, stacked by head and multiplied; the adjoint rotation read by
+    // a matmul directly (dh = dq · W) and transposed (dW = dqᵀ · h). Odd sizes, hd = 6.
+    let (b, t, h, hd) = (2, 5, 3, 6);
+    let mut g = Graph::new();
+    let q_src = g.input("q", TensorType::f32(&[b, t, h, hd]));
+    let k_src = g.input("k", TensorType::f32(&[b, t, h, hd]));
+    let q = add(&mut g, Op::Rope { theta: 10000.0 }, &[q_src], "q_rope");
+    let k = add(&mut g, Op::Rope { theta: 500.0 }, &[k_src], "k_rope");
+    let perm = Op::Permute {
+        perm: vec![0, 2, 1, 3],
+    };
+    let qt = add(&mut g, perm.clone(), &[q], "q_t");
+    let kt = add(&mut g, perm, &[k], "k_t");
+    let scores = add(&mut g, Op::MatMul { trans_b: true }, &[qt, kt], "scores");
+    let dq_src = g.input("dq", TensorType::f32(&[b, t, h, hd]));
+    let dq = add(&mut g, Op::RopeGrad { theta: 10000.0 }, &[dq_src], "dq");
+    let dq2 = add(
+        &mut g,
+        Op::Reshape {
+            shape: vec![b * t, h * hd],
+        },
+        &[dq],
+        "dq_rows",
+    );
+    let w = g.param("w", &[h * hd, 7], Init::Constant(0.0));
+    let dh = add(&mut g, Op::MatMul { trans_b: false }, &[dq2, w], "dh");
+    let x = g.input("x", TensorType::f32(&[b * t, 4]));
+    let dqt = add(&mut g, Op::Permute { perm: vec![1, 0] }, &[dq2], "dq_t");
+    let dw = add(&mut g, Op::MatMul { trans_b: false }, &[dqt, x], "dw");
+    // A rotation that is also an output stays a kernel of its own; its matmul reads the buffer.
+    let r_src = g.input("r_src", TensorType::f32(&[1, t, 1, hd]));
+    let r = add(&mut g, Op::Rope { theta: 10000.0 }, &[r_src], "r_rope");
+    let r2 = add(&mut g, Op::Reshape { shape: vec![t, hd] }, &[r], "r_rows");
+    let rr = add(&mut g, Op::MatMul { trans_b: true }, &[r2, r2], "rr");
+    for (name, id) in [
+        ("scores", scores),
+        ("dh", dh),
+        ("dw", dw),
+        ("r", r),
+        ("rr", rr),
+    ] {
+        g.set_output(name, id);
+    }
+    let t_ = target(MatmulVariant::RegisterBlocked);
+    let fused = fuse(&g, FuseOptions::for_target(&t_));
+    let alone = |grp: &moec_compiler::fuse::Group| {
+        grp.nodes.len() == 1
+            && matches!(
+                g.node(grp.nodes[0]).op,
+                Op::Rope { .. } | Op::RopeGrad { .. }
+            )
+    };
+    assert_eq!(
+        (
+            fused.len(),
+            fused.groups.iter().filter(|grp| alone(grp)).count()
+        ),
+        (5, 1),
+        "only the rotation that is an output gets a kernel:\n{}",
+        fused.dump(&g)
+    );
+    check(&g, &feeds(&g, 23, &[]));
+}
+
+#[test]
+fn grouped_matmuls_gather_their_rows_in_their_loads() {
+    // An expert layer and its adjoint as training has them: the gathered token rows are read by the
+    // forward product and the weight gradient, the gate-weighted output gradient rows by the input and
+    // weight gradients; none of them is materialised. Expert 4 gets no token (an empty segment).
+    let (t, k, e, d, hidden) = (23, 2, 5, 9, 13);
+    let layout = RouteLayout::dropless(t, k, e, 4);
+    let mut g = Graph::new();
+    let x = g.input("x", TensorType::f32(&[t, d]));
+    let idx = g.input("idx", TensorType::u32(&[t, k]));
+    let wt = g.input("wt", TensorType::f32(&[t, k]));
+    let dy = g.input("dy", TensorType::f32(&[t, hidden]));
+    let w = g.param("w", &[e, hidden, d], Init::Constant(0.0));
+    let route = add(&mut g, Op::MoeRoute { layout }, &[idx], "route");
+    let xp = add(&mut g, Op::MoeGather { layout }, &[x, route], "xp");
+    let yp = add(&mut g, Op::GroupedMatMul { layout }, &[xp, w, route], "yp");
+    let y = add(&mut g, Op::MoeCombine { layout }, &[yp, wt, route], "y");
+    let dyp = add(
+        &mut g,
+        Op::MoeCombineGradRows { layout },
+        &[dy, wt, route],
+        "dyp",
+    );
+    let dxp = add(
+        &mut g,
+        Op::GroupedMatMulGradX { layout },
+        &[dyp, w, route],
+        "dxp",
+    );
+    let dw = add(
+        &mut g,
+        Op::GroupedMatMulGradW { layout },
+        &[dyp, xp, route],
+        "dw",
+    );
+    for (name, id) in [("y", y), ("dxp", dxp), ("dw", dw)] {
+        g.set_output(name, id);
+    }
+    let t_ = target(MatmulVariant::RegisterBlocked);
+    let fused = fuse(&g, FuseOptions::for_target(&t_));
+    assert_eq!(
+        fused.len(),
+        5,
+        "route, product, combine, input and weight gradients:\n{}",
+        fused.dump(&g)
+    );
+    check(&g, &feeds(&g, 29, &[("idx", 4)]));
+}
+
+#[test]
 fn routing_variants_capacity_priority_expert_choice_sinkhorn() {
     let (t, k, e) = (19, 2, 4);
     let mut g = Graph::new();

@@ -28,14 +28,69 @@ use std::fmt::Write;
 /// Linear workgroup index of a folded grid.
 const WORKGROUP: &str = "wid.x + wid.y * GX + wid.z * (GX * GY)";
 
+/// How a kernel reads element `i` of a matmul operand as f32: from a buffer (widened when it is
+/// f16), or `name(i)` from a WGSL function that computes it (a fused prologue such as RoPE).
+pub(crate) enum Load {
+    Buffer(Access),
+    Computed(String),
+}
+
+impl Load {
+    /// The f32 WGSL expression of the element at index expression `i`.
+    pub(crate) fn at(&self, i: &str) -> String {
+        match self {
+            Load::Buffer(access) => access.at(i),
+            Load::Computed(name) => format!("{name}({i})"),
+        }
+    }
+}
+
+/// An operand whose padded-row index (of a grouped matmul) goes through the routing table to a token
+/// row: a `MoeGather`, or the weighted `MoeCombineGradRows`, computed in the loads. Padded row `r`
+/// reads token row `slot / k` of the source (whose rows are as long as the padded rows), times the
+/// slot's gate weight when `weights` is set; padding rows (`NONE` slots) read 0.
+pub(crate) struct Gathered {
+    pub route: String,
+    pub row_slot_at: usize,
+    pub k: usize,
+    /// Token slots (`tokens · k`): the length of `weights`.
+    pub slots: usize,
+    pub weights: Option<Access>,
+}
+
+impl Gathered {
+    /// Statements that look up padded row `row`: its slot `{v}s` and token row `{v}t`.
+    fn lookup(&self, v: &str, row: &str, indent: &str) -> String {
+        format!(
+            "{indent}let {v}s = {}[{}u + {row}];\n{indent}let {v}t = select({v}s / {}u, 0u, {v}s == {}u);\n",
+            self.route,
+            self.row_slot_at,
+            self.k,
+            crate::ir::RouteLayout::NONE
+        )
+    }
+
+    /// The factor of a row whose slot is `{v}s`: its gate weight (or 1), 0 for padding.
+    fn factor(&self, v: &str) -> String {
+        let w = match &self.weights {
+            Some(w) => w.at(&format!("min({v}s, {}u)", self.slots - 1)),
+            None => "1.0".into(),
+        };
+        format!(
+            "select({w}, 0.0, {v}s == {}u)",
+            crate::ir::RouteLayout::NONE
+        )
+    }
+}
+
 /// `out[bi][row, col] = Σ_{k ∈ [kbeg, kend)} A[row, k] · B[k, col]` for `bi < batch`, where A and B
 /// are read in place from `a` and `b` through element strides, after per-block offsets.
-pub(crate) struct Blocked {
+pub(crate) struct Blocked<'a> {
     pub batch: usize,
     pub m: usize,
     pub n: usize,
-    pub a: Access,
-    pub b: Access,
+    pub a: &'a Load,
+    pub b: &'a Load,
     pub sam: usize,
     pub sak: usize,
     pub sbk: usize,
@@ -46,6 +101,12 @@ pub(crate) struct Blocked {
     pub setup: String,
     /// WGSL body of `fn put(bi: u32, row: u32, col: u32, acc: f32)`, called once per in-range output.
     pub put: String,
+    /// A's rows are gathered padded rows (grouped matmul, input gradient).
+    pub a_rows: Option<Gathered>,
+    /// The contraction index is a padded row gathered in A (weight gradient: the output gradient).
+    pub a_k: Option<Gathered>,
+    /// The contraction index is a padded row gathered in B (weight gradient: the layer input).
+    pub b_k: Option<Gathered>,
 }
 
 /// How a blocked matmul is cut: accumulator block per lane, workgroup size, and how many lanes share
@@ -171,11 +232,17 @@ pub(crate) fn body(mm: &Blocked, p: Schedule) -> String {
         } else {
             format!("m0 + {q}u")
         };
-        let _ = writeln!(
-            s,
-            "    let ar{q} = abase + min({row}, {last_row}u) * {}u;",
-            mm.sam
-        );
+        let row = format!("min({row}, {last_row}u)");
+        let row = match &mm.a_rows {
+            Some(g) => {
+                let v = format!("g{q}");
+                s += &g.lookup(&v, &row, "    ");
+                let _ = writeln!(s, "    let {v}w = {};", g.factor(&v));
+                format!("{v}t")
+            }
+            None => row,
+        };
+        let _ = writeln!(s, "    let ar{q} = abase + {row} * {}u;", mm.sam);
     }
     for j in 0..cols {
         let _ = writeln!(
@@ -190,28 +257,50 @@ pub(crate) fn body(mm: &Blocked, p: Schedule) -> String {
             let _ = writeln!(s, "    var c{i}_{j} = 0.0;");
         }
     }
-    let scaled = |stride: usize| {
+    // A gathered contraction index reads token row `kt` of the source instead of padded row `k`.
+    let scaled = |stride: usize, gathered: bool| {
+        let k = if gathered { "kt" } else { "k" };
         if stride == 1 {
-            "k".to_string()
+            k.to_string()
         } else {
-            format!("k * {stride}u")
+            format!("{k} * {stride}u")
         }
     };
-    let (ak, bk) = (scaled(mm.sak), scaled(mm.sbk));
+    let (ak, bk) = (
+        scaled(mm.sak, mm.a_k.is_some()),
+        scaled(mm.sbk, mm.b_k.is_some()),
+    );
+    // Gathered loads are scaled by their row's factor: the gate weight (or 1), 0 on padding rows.
+    let a_factor = |q: usize| match (&mm.a_rows, &mm.a_k) {
+        (Some(_), _) => format!(" * g{q}w"),
+        (None, Some(_)) => " * kaw".to_string(),
+        _ => String::new(),
+    };
+    let b_factor = if mm.b_k.is_some() { " * kbw" } else { "" };
     s += "    for (var k = kbeg; k < kend; k = k + 1u) {\n";
+    // Both gathers of a weight gradient read one routing table: one lookup per k.
+    if let Some(g) = mm.a_k.as_ref().or(mm.b_k.as_ref()) {
+        s += &g.lookup("k", "k", "        ");
+        for (v, gathered) in [("kaw", &mm.a_k), ("kbw", &mm.b_k)] {
+            if let Some(g) = gathered {
+                let _ = writeln!(s, "        let {v} = {};", g.factor("k"));
+            }
+        }
+    }
     // Without subgroups the lane's own loads are the row values (`av`); with them, its share (`al`).
     let loaded = if lanes > 1 { "al" } else { "av" };
     for q in 0..loads {
         let _ = writeln!(
             s,
-            "        let {loaded}{q} = {};",
-            mm.a.at(&format!("ar{q} + {ak}"))
+            "        let {loaded}{q} = {}{};",
+            mm.a.at(&format!("ar{q} + {ak}")),
+            a_factor(q)
         );
     }
     for j in 0..cols {
         let _ = writeln!(
             s,
-            "        let bv{j} = {};",
+            "        let bv{j} = {}{b_factor};",
             mm.b.at(&format!("bc{j} + {bk}"))
         );
     }

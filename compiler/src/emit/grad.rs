@@ -8,19 +8,23 @@
 //! routing-table offsets are baked in as literals and grids are folded with [`fold`].
 
 use super::blocked::{self, Blocked, Schedule};
-use super::kernels::{fold, Binder, KernelError};
+use super::kernels::{anchor, fold, gathered, Binder, KernelError};
 use super::{KernelSrc, Target};
+use crate::fuse::Group;
 use crate::ir::{Graph, NodeId, Op, RouteLayout};
+use std::collections::HashSet;
 
-/// Kernel of a `GroupedMatMulGradW` node `n` (always its own group).
+/// Kernel of a `GroupedMatMulGradW` group: the node and the gather prologues of its operands.
 pub(crate) fn grad_kernel(
     graph: &Graph,
-    n: NodeId,
+    group: &Group,
     target: &Target,
 ) -> Result<KernelSrc, KernelError> {
+    let n = anchor(graph, group);
     let args = graph.inputs(n);
+    let members: HashSet<NodeId> = group.nodes.iter().copied().collect();
     match &graph.node(n).op {
-        Op::GroupedMatMulGradW { layout } => grad_w(graph, n, &args, layout, target),
+        Op::GroupedMatMulGradW { layout } => grad_w(graph, n, &args, &members, layout, target),
         other => unreachable!("{} has no kernel in emit::grad", other.mnemonic()),
     }
 }
@@ -32,12 +36,18 @@ fn grad_w(
     graph: &Graph,
     n: NodeId,
     args: &[NodeId],
+    members: &HashSet<NodeId>,
     layout: &RouteLayout,
     target: &Target,
 ) -> Result<KernelSrc, KernelError> {
     let mut b = Binder::new(graph);
-    let g = b.read(args[0]);
-    let x = b.read(args[1]);
+    // Either operand may be gathered token rows (a gather prologue) along the contraction.
+    let mut operand = |x: NodeId| match gathered(graph, members, &mut b, x) {
+        Some((load, rows)) => (load, Some(rows)),
+        None => (b.load(x), None),
+    };
+    let (g, a_k) = operand(args[0]);
+    let (x, b_k) = operand(args[1]);
     let route = b.read(args[2]);
     let out = b.write(n);
     let (nn, k) = (graph.ty(args[0]).shape[1], graph.ty(args[1]).shape[1]);
@@ -46,8 +56,8 @@ fn grad_w(
         batch: layout.experts,
         m: nn,
         n: k,
-        a: b.access(&g),
-        b: b.access(&x),
+        a: &g,
+        b: &x,
         sam: 1,
         sak: nn,
         sbk: k,
@@ -60,6 +70,9 @@ fn grad_w(
             "    {}\n",
             b.put(&out, &format!("(bi * {nn}u + row) * {k}u + col"), "acc")
         ),
+        a_rows: None,
+        a_k,
+        b_k,
     };
     let schedule = Schedule::new(target, nn, k, None);
     let grid = fold(schedule.workgroups(&blocked) as u64, target)?;
@@ -70,7 +83,19 @@ fn grad_w(
 mod tests {
     use super::*;
     use crate::emit::validate_wgsl;
+    use crate::fuse::GroupKind;
     use crate::ir::TensorType;
+
+    /// `dw` alone in its group, as the unfused plan has it.
+    fn alone(dw: NodeId) -> Group {
+        Group {
+            kind: GroupKind::Single,
+            domain: Vec::new(),
+            nodes: vec![dw],
+            inputs: Vec::new(),
+            outputs: vec![dw],
+        }
+    }
 
     fn grad_w_graph(layout: RouteLayout, n: usize, k: usize) -> (Graph, NodeId) {
         let mut g = Graph::new();
@@ -99,8 +124,8 @@ mod tests {
                 max_workgroups_per_dim: max_dim,
                 ..Target::default()
             };
-            let src =
-                grad_kernel(&g, dw, &target).unwrap_or_else(|_| panic!("grid of {n}x{k} fits"));
+            let src = grad_kernel(&g, &alone(dw), &target)
+                .unwrap_or_else(|_| panic!("grid of {n}x{k} fits"));
             validate_wgsl(&src.wgsl).unwrap_or_else(|e| panic!("{n}x{k}: {e}"));
             let p = Schedule::new(&target, n, k, None);
             let blocks = layout.experts * n.div_ceil(p.rows) * k.div_ceil(p.cols * p.wg as usize);
@@ -129,7 +154,8 @@ mod tests {
         let dw = g
             .add(Op::GroupedMatMulGradW { layout }, &[x, x, route], "dw")
             .unwrap();
-        let src = grad_kernel(&g, dw, &Target::default()).unwrap_or_else(|_| panic!("fits"));
+        let src =
+            grad_kernel(&g, &alone(dw), &Target::default()).unwrap_or_else(|_| panic!("fits"));
         validate_wgsl(&src.wgsl).unwrap();
         assert_eq!(src.bindings.len(), 3);
     }

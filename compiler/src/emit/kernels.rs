@@ -5,7 +5,7 @@
 //! produced by walking the group's nodes: each elementwise node becomes one `let v<id> = ...;`, an
 //! operand from outside the group becomes a load with a broadcasting index.
 
-use super::blocked::{self, Blocked, Schedule};
+use super::blocked::{self, Blocked, Gathered, Load, Schedule};
 use super::{EmitError, KernelSrc, MatmulVariant, Target};
 use crate::fuse::{base, Group, GroupKind};
 use crate::ir::{BinaryOp, DType, Graph, NodeId, Op, ReduceOp, RouteLayout, UnaryOp};
@@ -97,7 +97,7 @@ impl<'g> Binder<'g> {
         name
     }
 
-    fn read_as(&mut self, operand: NodeId, name: &str) {
+    pub(crate) fn read_as(&mut self, operand: NodeId, name: &str) {
         let b = base(self.graph, operand);
         self.slots.push((b, false, name.to_string()));
     }
@@ -111,7 +111,7 @@ impl<'g> Binder<'g> {
         name
     }
 
-    fn write_as(&mut self, node: NodeId, name: &str) {
+    pub(crate) fn write_as(&mut self, node: NodeId, name: &str) {
         self.slots.push((node, true, name.to_string()));
     }
 
@@ -126,6 +126,12 @@ impl<'g> Binder<'g> {
             name: name.to_string(),
             f16: dtype == DType::F16,
         }
+    }
+
+    /// The read binding of `operand` as a matmul operand load.
+    pub(crate) fn load(&mut self, operand: NodeId) -> Load {
+        let name = self.read(operand);
+        Load::Buffer(self.access(&name))
     }
 
     /// `name[idx]` as a value for f32 arithmetic (an f16 binding is widened).
@@ -470,16 +476,16 @@ pub(crate) fn group_kernel(
         GroupKind::Elementwise => elementwise_kernel(graph, group, target),
         GroupKind::Row => row_kernel(graph, group, target),
         GroupKind::Matmul => matmul_kernel(graph, group, target),
-        GroupKind::Single => single_kernel(graph, group.nodes[0], target),
+        GroupKind::Single => single_kernel(graph, group, target),
     }
 }
 
-fn wg_size(target: &Target) -> u32 {
+pub(crate) fn wg_size(target: &Target) -> u32 {
     WG.min(target.max_invocations_per_workgroup.max(1))
 }
 
 /// Entry point of a kernel with one invocation per linear item `i < total`.
-fn per_item_main(wg: u32, total: usize) -> String {
+pub(crate) fn per_item_main(wg: u32, total: usize) -> String {
     format!(
         "@compute @workgroup_size({wg})\nfn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{\n    let i = (wid.x + wid.y * GX + wid.z * (GX * GY)) * {wg}u + lid;\n    if (i >= {total}u) {{\n        return;\n    }}\n"
     )
@@ -809,10 +815,95 @@ pub(crate) fn anchor(graph: &Graph, group: &Group) -> NodeId {
         .unwrap_or(group.nodes[0])
 }
 
-/// Is group member `n` an absorbed `Permute` (read in place by its consumers, no code of its own)?
-/// Only fusion puts a permute into a multi-node group; a lone permute is a `Single` group.
+/// Is group member `n` an absorbed `Permute` (read in place by its consumers, no code of its own) or
+/// a RoPE or gather prologue (computed by the matmul's operand loads)? Only fusion puts these ops
+/// into a multi-node group; a lone one is a `Single` group.
 fn is_prologue(graph: &Graph, n: NodeId) -> bool {
-    matches!(graph.node(n).op, Op::Permute { .. })
+    matches!(
+        graph.node(n).op,
+        Op::Permute { .. }
+            | Op::Rope { .. }
+            | Op::RopeGrad { .. }
+            | Op::MoeGather { .. }
+            | Op::MoeCombineGradRows { .. }
+    )
+}
+
+/// When grouped-matmul operand `x` is a gather prologue member (`MoeGather`, or `MoeCombineGradRows`
+/// with its gate weights), the load of its source's token rows and how padded rows map to them.
+pub(crate) fn gathered(
+    graph: &Graph,
+    members: &HashSet<NodeId>,
+    b: &mut Binder,
+    x: NodeId,
+) -> Option<(Load, Gathered)> {
+    if !members.contains(&x) {
+        return None;
+    }
+    let args = graph.inputs(x);
+    let (layout, weights) = match graph.node(x).op {
+        Op::MoeGather { layout } => (layout, None),
+        Op::MoeCombineGradRows { layout } => (layout, Some(args[1])),
+        _ => return None,
+    };
+    let load = b.load(args[0]);
+    Some((
+        load,
+        Gathered {
+            route: b.read(args[args.len() - 1]),
+            row_slot_at: layout.row_slot_at(),
+            k: layout.k,
+            slots: layout.tokens * layout.k,
+            weights: weights.map(|w| {
+                let name = b.read(w);
+                b.access(&name)
+            }),
+        },
+    ))
+}
+
+/// How a matmul reads operand `src` (the buffer-owning node behind its view): from its buffer, or,
+/// when `src` is a RoPE prologue member, through a WGSL function `name` (appended to `funcs`) that
+/// rotates the element from the rotation's own operand.
+fn matmul_load(
+    graph: &Graph,
+    members: &HashSet<NodeId>,
+    b: &mut Binder,
+    src: NodeId,
+    name: &str,
+    funcs: &mut String,
+) -> Load {
+    let owner = base(graph, src);
+    if members.contains(&owner)
+        && matches!(graph.node(owner).op, Op::Rope { .. } | Op::RopeGrad { .. })
+    {
+        let x = b.read(graph.inputs(owner)[0]);
+        funcs.push_str(&rope_fn(graph, owner, name, &b.access(&x)));
+        return Load::Computed(name.to_string());
+    }
+    b.load(src)
+}
+
+/// `fn {name}(i: u32) -> f32`: element `i` of `Rope`/`RopeGrad` node `n` (`[B, T, H, hd]`, HF
+/// "rotate_half"), computed from its operand bound as `x`. The adjoint rotates by the negated angle.
+fn rope_fn(graph: &Graph, n: NodeId, name: &str, x: &Access) -> String {
+    let (sign, theta) = match graph.node(n).op {
+        Op::Rope { theta } => ("", theta),
+        Op::RopeGrad { theta } => ("-", theta),
+        ref other => unreachable!("rope_fn on {}", other.mnemonic()),
+    };
+    let shape = &graph.ty(n).shape;
+    let (t, h, hd) = (shape[1], shape[2], shape[3]);
+    let half = hd / 2;
+    format!(
+        "fn {name}(i: u32) -> f32 {{\n    let d = i % {hd}u;\n    let pos = f32((i / {}u) % {t}u);\n    let j = d % {half}u;\n    let inv = exp2(-f32(2u * j) / {} * log2({}));\n    let ang = {sign}pos * inv;\n    let x = {};\n    if (d < {half}u) {{\n        return x * cos(ang) - {} * sin(ang);\n    }}\n    return x * cos(ang) + {} * sin(ang);\n}}\n\n",
+        hd * h,
+        lit(hd as f32),
+        lit(theta),
+        x.at("i"),
+        x.at(&format!("i + {half}u")),
+        x.at(&format!("i - {half}u")),
+    )
 }
 
 /// Matmul or grouped matmul plus its elementwise epilogue. The epilogue is a WGSL function
@@ -825,8 +916,16 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
     let mut b = Binder::new(graph);
     let (a_src, a_shape, a_str) = operand_view(graph, &members, args[0]);
     let (b_src, b_shape, b_str) = operand_view(graph, &members, args[1]);
-    let a_name = b.read(a_src);
-    let b_name = b.read(b_src);
+    let mut funcs = String::new();
+    // A grouped matmul's rows may be gathered token rows (a gather prologue).
+    let (a_load, a_rows) = match gathered(graph, &members, &mut b, args[0]) {
+        Some((load, rows)) => (load, Some(rows)),
+        None => (
+            matmul_load(graph, &members, &mut b, a_src, "rope_a", &mut funcs),
+            None,
+        ),
+    };
+    let b_load = matmul_load(graph, &members, &mut b, b_src, "rope_b", &mut funcs);
     let (mm, grouped) = match &graph.node(anchor).op {
         Op::MatMul { trans_b } => {
             let (ra, rb) = (a_shape.len(), b_shape.len());
@@ -943,11 +1042,11 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
     let (body, groups) = if tiled {
         let loads = format!(
             "fn load_a(bi: u32, m: u32, k: u32) -> f32 {{\n    if (m < M && k < K) {{\n        return {};\n    }}\n    return 0.0;\n}}\n\nfn load_b(bi: u32, k: u32, n: u32) -> f32 {{\n    if (n < N && k < K) {{\n        return {};\n    }}\n    return 0.0;\n}}\n\n",
-            b.at(&a_name, &format!("{} + m * {}u + k * {}u", mm.a_batch, mm.sam, mm.sak)),
-            b.at(&b_name, &format!("{} + k * {}u + n * {}u", mm.b_batch, mm.sbk, mm.sbn)),
+            a_load.at(&format!("{} + m * {}u + k * {}u", mm.a_batch, mm.sam, mm.sak)),
+            b_load.at(&format!("{} + k * {}u + n * {}u", mm.b_batch, mm.sbk, mm.sbn)),
         );
         let tiles = mm.batch * mm.m.div_ceil(64) * mm.n.div_ceil(64);
-        (format!("{store}{loads}{MATMUL_TILED}"), tiles)
+        (format!("{funcs}{store}{loads}{MATMUL_TILED}"), tiles)
     } else {
         let setup = match &grouped {
             Some((layout, route)) => format!(
@@ -963,14 +1062,17 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             batch: mm.batch,
             m: mm.m,
             n: mm.n,
-            a: b.access(&a_name),
-            b: b.access(&b_name),
+            a: &a_load,
+            b: &b_load,
             sam: mm.sam,
             sak: mm.sak,
             sbk: mm.sbk,
             sbn: mm.sbn,
             setup,
             put: "    store((bi * M + row) * N + col, acc);\n".into(),
+            a_rows,
+            a_k: None,
+            b_k: None,
         };
         let schedule = Schedule::new(
             target,
@@ -979,7 +1081,7 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             grouped.as_ref().map(|(layout, _)| layout.tile),
         );
         (
-            format!("{store}{}", blocked::body(&blocked, schedule)),
+            format!("{funcs}{store}{}", blocked::body(&blocked, schedule)),
             schedule.workgroups(&blocked),
         )
     };
@@ -987,8 +1089,10 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
     Ok(b.finish(&consts, &body, grid))
 }
 
-/// Kernels of ops that are never fused (layout changes, NN composites, MoE routing).
-fn single_kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc, KernelError> {
+/// Kernels of ops that are never fused (layout changes, NN composites, MoE routing); a weight
+/// gradient's group may hold gather prologues of its operands.
+fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc, KernelError> {
+    let n = anchor(graph, group);
     let node = graph.node(n);
     let args = graph.inputs(n);
     let shape = &node.ty.shape;
@@ -1046,27 +1150,18 @@ fn single_kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc,
                 )
             })
         }
-        Op::Rope { theta } | Op::RopeGrad { theta } => {
-            // The adjoint rotates by the negated angle.
-            let sign = if matches!(node.op, Op::RopeGrad { .. }) {
-                "-"
-            } else {
-                ""
-            };
+        Op::Rope { .. } | Op::RopeGrad { .. } => {
+            // The rotation a fused matmul computes in its loads (`rope_fn`), here per element.
             let x = b.read(args[0]);
-            let (t, h, hd) = (shape[1], shape[2], shape[3]);
-            let half = hd / 2;
-            per_item(b, &|b| {
-                format!(
-                    "    let d = i % {hd}u;\n    let pos = f32((i / {}u) % {t}u);\n    let j = d % {half}u;\n    let inv = exp2(-f32(2u * j) / {} * log2({}));\n    let ang = {sign}pos * inv;\n    let x = {};\n    var v = 0.0;\n    if (d < {half}u) {{\n        v = x * cos(ang) - {} * sin(ang);\n    }} else {{\n        v = x * cos(ang) + {} * sin(ang);\n    }}\n",
-                    hd * h,
-                    lit(hd as f32),
-                    lit(*theta),
-                    b.at(&x, "i"),
-                    b.at(&x, &format!("i + {half}u")),
-                    b.at(&x, &format!("i - {half}u")),
-                )
-            })
+            let out = b.write(n);
+            let src = format!(
+                "{}{}    {}\n}}\n",
+                rope_fn(graph, n, "rope", &b.access(&x)),
+                per_item_main(wg, total),
+                b.put(&out, "i", "rope(i)")
+            );
+            let grid = fold(total.div_ceil(wg as usize) as u64, target)?;
+            Ok(b.finish(&[], &src, grid))
         }
         Op::GatherCols => {
             let x = b.read(args[0]);
@@ -1239,7 +1334,13 @@ fn single_kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc,
             let grid = fold(vocab.div_ceil(wg as usize) as u64, target)?;
             Ok(b.finish(&[], &body, grid))
         }
-        Op::GroupedMatMulGradW { .. } => super::grad::grad_kernel(graph, n, target),
+        Op::GroupedMatMulGradW { .. } => super::grad::grad_kernel(graph, group, target),
+        Op::LstmScan { .. }
+        | Op::LstmHidden
+        | Op::LstmScanGrad { .. }
+        | Op::LstmScanGradW { .. }
+        | Op::LstmLast { .. }
+        | Op::LstmLastGrad { .. } => super::lstm::kernel(graph, n, target),
         Op::CrossEntropyGrad => {
             // One invocation per row: logsumexp, then (softmax - onehot) · g / N.
             let logits = b.read(args[0]);

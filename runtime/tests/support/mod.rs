@@ -5,7 +5,7 @@
 use moec_compiler::emit::{emit, MatmulVariant, Target};
 use moec_compiler::fuse::{fuse, FuseOptions};
 use moec_compiler::interp::{self, Precision, Value};
-use moec_compiler::ir::{DType, Graph};
+use moec_compiler::ir::{DType, Graph, Op};
 use moec_runtime::{AdapterChoice, Executor, Gpu};
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -129,4 +129,38 @@ pub fn compare(
         }
     }
     worst
+}
+
+/// Smallest gap, over every `TopK` row and `ExpertChoice` column, between the last kept and the
+/// first dropped score (f64).
+pub fn selection_margin(g: &Graph, feeds: &HashMap<String, Value>) -> f64 {
+    let vals = interp::run_in(g, &widen(feeds), Precision::F64).expect("forward runs");
+    let mut margin = f64::INFINITY;
+    let mut gap = |mut s: Vec<f64>, k: usize| {
+        if k < s.len() {
+            s.sort_by(|a, b| b.total_cmp(a));
+            margin = margin.min(s[k - 1] - s[k]);
+        }
+    };
+    for id in g.topo_order() {
+        match g.node(id).op {
+            Op::TopK { k } => {
+                let scores = g.inputs(id)[0];
+                let e = g.ty(scores).last();
+                for row in vals[&scores].to_f64().chunks(e) {
+                    gap(row.to_vec(), k);
+                }
+            }
+            Op::ExpertChoice { capacity } => {
+                let scores = g.inputs(id)[0];
+                let (t, e) = (g.ty(scores).shape[0], g.ty(scores).shape[1]);
+                let s = vals[&scores].to_f64();
+                for c in 0..e {
+                    gap((0..t).map(|r| s[r * e + c]).collect(), capacity);
+                }
+            }
+            _ => {}
+        }
+    }
+    margin
 }

@@ -1,0 +1,174 @@
+//! Kernels of the LSTM ops. The recurrence and its adjoint are persistent kernels
+//! (`shaders/lstm_scan.wgsl`, `shaders/lstm_scan_grad.wgsl`): one workgroup per sequence loops over
+//! every time step on the device, so a layer direction is one dispatch forward and two backward
+//! (gates, then `w_hh`), whatever the context. The input projection of all steps is an ordinary
+//! matmul before the scan. The other LSTM ops are one invocation per output element.
+
+use super::kernels::{fold, per_item_main, wg_size, Binder, KernelError};
+use super::{KernelSrc, Target};
+use crate::ir::lstm::{hidden_of, PARTS, PART_H};
+use crate::ir::{Graph, NodeId, Op};
+
+const SCAN: &str = include_str!("../../../shaders/lstm_scan.wgsl");
+const SCAN_GRAD: &str = include_str!("../../../shaders/lstm_scan_grad.wgsl");
+
+/// Most invocations of a scan workgroup: each owns `⌈H / WG⌉` units. 64 keeps a lavapipe
+/// workgroup (one CPU thread, 8-wide SIMD) to a few lanes' worth of barriers per step.
+const SCAN_WG: usize = 64;
+
+/// Kernel of an LSTM op `n` (always its own group).
+pub(crate) fn kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc, KernelError> {
+    let args = graph.inputs(n);
+    let node = graph.node(n);
+    let mut b = Binder::new(graph);
+    match node.op {
+        Op::LstmScan { reverse } => {
+            let shape = &node.ty.shape;
+            let h = shape[2] / PARTS;
+            b.read_as(args[0], "xg");
+            b.read_as(args[1], "w");
+            b.write_as(n, "rec");
+            scan(b, target, shape[0], shape[1], h, reverse, &[], SCAN, 4 * h)
+        }
+        Op::LstmScanGrad { reverse, col } => {
+            let rec = graph.ty(args[1]);
+            let h = hidden_of(rec);
+            b.read_as(args[0], "g");
+            b.read_as(args[1], "rec");
+            b.read_as(args[2], "w");
+            b.write_as(n, "out");
+            let gw = graph.ty(args[0]).last() as u64;
+            let extra = [("GW", gw), ("COL", col as u64)];
+            let (bs, t) = (rec.shape[0], rec.shape[1]);
+            scan(b, target, bs, t, h, reverse, &extra, SCAN_GRAD, 16 * h)
+        }
+        Op::LstmScanGradW { reverse } => grad_w(b, graph, n, &args, reverse, target),
+        Op::LstmHidden => {
+            let (w, h) = (node.ty.last(), hidden_of(graph.ty(args[0])));
+            let recs: Vec<String> = args.iter().map(|&a| b.read(a)).collect();
+            let pick = |r: &String| {
+                format!(
+                    "{r}[(i / {w}u) * {}u + {}u + c % {h}u]",
+                    PARTS * h,
+                    PART_H * h
+                )
+            };
+            let v = match &recs[..] {
+                [r] => pick(r),
+                [r0, r1] => format!("select({}, {}, c >= {h}u)", pick(r0), pick(r1)),
+                _ => return Err(KernelError::Unsupported(node.op.mnemonic())),
+            };
+            per_item(
+                b,
+                n,
+                graph,
+                target,
+                &format!("    let c = i % {w}u;\n    let v = {v};\n"),
+            )
+        }
+        Op::LstmLast { dirs } => {
+            let x = b.read(args[0]);
+            let (t, w) = (graph.ty(args[0]).shape[1], node.ty.last());
+            let body = format!(
+                "    let c = i % {w}u;\n    let t = select({}u, 0u, c >= {}u);\n    let v = {x}[((i / {w}u) * {t}u + t) * {w}u + c];\n",
+                t - 1,
+                w / dirs
+            );
+            per_item(b, n, graph, target, &body)
+        }
+        Op::LstmLastGrad { dirs, steps } => {
+            let g = b.read(args[0]);
+            let w = node.ty.last();
+            let body = format!(
+                "    let c = i % {w}u;\n    let t = (i / {w}u) % {steps}u;\n    let last = select({}u, 0u, c >= {}u);\n    let v = select(0.0, {g}[(i / ({w}u * {steps}u)) * {w}u + c], t == last);\n",
+                steps - 1,
+                w / dirs
+            );
+            per_item(b, n, graph, target, &body)
+        }
+        _ => Err(KernelError::Unsupported(node.op.mnemonic())),
+    }
+}
+
+/// A persistent scan kernel: one workgroup per sequence, `shared` floats of workgroup memory.
+#[allow(clippy::too_many_arguments)]
+fn scan(
+    b: Binder,
+    target: &Target,
+    batch: usize,
+    steps: usize,
+    h: usize,
+    reverse: bool,
+    extra: &[(&str, u64)],
+    template: &str,
+    shared_bytes: usize,
+) -> Result<KernelSrc, KernelError> {
+    if shared_bytes > target.max_workgroup_storage_bytes as usize {
+        return Err(KernelError::Unsupported(format!(
+            "an LSTM of hidden width {h} ({shared_bytes} bytes of workgroup memory, the adapter has {})",
+            target.max_workgroup_storage_bytes
+        )));
+    }
+    let wg = SCAN_WG
+        .min(h)
+        .min(target.max_invocations_per_workgroup.max(1) as usize);
+    let mut consts = vec![
+        ("B", batch as u64),
+        ("T", steps as u64),
+        ("H", h as u64),
+        ("WG", wg as u64),
+        ("UPT", h.div_ceil(wg) as u64),
+        ("REVERSE", u64::from(reverse)),
+    ];
+    consts.extend_from_slice(extra);
+    let grid = fold(batch as u64, target)?;
+    Ok(b.finish(&consts, template, grid))
+}
+
+/// `LstmScanGradW`: `dw[r, k] = Σ_b Σ_steps dgates[b, t, r] · h[b, t_prev, k]`, one invocation per
+/// element summing in a fixed order (deterministic).
+fn grad_w(
+    mut b: Binder,
+    graph: &Graph,
+    n: NodeId,
+    args: &[NodeId],
+    reverse: bool,
+    target: &Target,
+) -> Result<KernelSrc, KernelError> {
+    let dg = b.read(args[0]);
+    let rec = b.read(args[1]);
+    let rt = graph.ty(args[1]);
+    let (bs, t, h) = (rt.shape[0], rt.shape[1], hidden_of(rt));
+    let order = |s: &str| {
+        if reverse {
+            format!("({} - {s})", t - 1)
+        } else {
+            s.to_string()
+        }
+    };
+    let body = format!(
+        "    let r = i / {h}u;\n    let k = i % {h}u;\n    var v = 0.0;\n    for (var bi = 0u; bi < {bs}u; bi = bi + 1u) {{\n        for (var s = 1u; s < {t}u; s = s + 1u) {{\n            let row = bi * {t}u + {};\n            let prow = bi * {t}u + {};\n            v = v + {dg}[row * {}u + r] * {rec}[prow * {}u + {}u + k];\n        }}\n    }}\n",
+        order("s"),
+        order("(s - 1u)"),
+        4 * h,
+        PARTS * h,
+        PART_H * h
+    );
+    per_item(b, n, graph, target, &body)
+}
+
+/// One invocation per element of `n`'s output: `body` computes `let v = ...;` from `i`.
+fn per_item(
+    mut b: Binder,
+    n: NodeId,
+    graph: &Graph,
+    target: &Target,
+    body: &str,
+) -> Result<KernelSrc, KernelError> {
+    let wg = wg_size(target);
+    let total = graph.ty(n).numel();
+    let out = b.write(n);
+    let src = format!("{}{body}    {out}[i] = v;\n}}\n", per_item_main(wg, total));
+    let grid = fold(total.div_ceil(wg as usize) as u64, target)?;
+    Ok(b.finish(&[], &src, grid))
+}
