@@ -122,6 +122,44 @@ fn f16_plans_halve_activation_buffers_and_enable_f16_in_their_kernels() {
     assert!(uses_f16(&forward.graph));
 }
 
+/// The LSTM kernels (`emit/lstm.rs`, fixed templates over f32 bindings) are deliberately left out of
+/// the marking pass: the scans, their records and adjoints, and every operand they read stay f32,
+/// while the MoE blocks between LSTM layers store their activations in f16; the mixed plan is
+/// valid WGSL (compile validates every kernel).
+#[test]
+fn lstm_scans_and_what_they_read_stay_f32_in_an_f16_plan() {
+    let text = include_str!("../../specs/shazeer-lstm-flat.moe")
+        .replace("  batch = 32\n", "  batch = 2\n  precision = f16\n")
+        .replace("dim = 128", "dim = 16")
+        .replace("hidden = 128", "hidden = 16")
+        .replace("context = 50", "context = 4");
+    let spec = check(&text, Path::new("lstm.moe")).unwrap_or_else(|d| panic!("{d:?}"));
+    let compiled = compile_training(&spec, 2, &Target::default(), true).unwrap();
+    let g = &compiled.graph;
+    let mut scans = 0;
+    for id in g.g.node_indices() {
+        let op = &g.node(id).op;
+        let lstm = matches!(
+            op,
+            Op::LstmScan { .. }
+                | Op::LstmHidden
+                | Op::LstmScanGrad { .. }
+                | Op::LstmScanGradW { .. }
+                | Op::LstmLast { .. }
+                | Op::LstmLastGrad { .. }
+        );
+        if lstm {
+            scans += 1;
+            assert_ne!(g.ty(id).dtype, DType::F16, "{}", g.node(id).label);
+            for arg in g.inputs(id) {
+                assert_ne!(g.ty(arg).dtype, DType::F16, "operand {}", g.node(arg).label);
+            }
+        }
+    }
+    assert!(scans > 0);
+    assert!(uses_f16(g), "the MoE activations are f16");
+}
+
 #[test]
 fn the_interpreter_rounds_values_the_graph_stores_in_f16() {
     let mut g = Graph::new();
