@@ -427,43 +427,41 @@ fn resume_is_exact_with_router_state_and_noise() {
 
 /// `precision = f16` with a balancing term whose gradient overflows f16 at the initial loss scale
 /// (`z(1000)`: the router's input gradient is ~1e5 at scale 2¹⁶): the first steps are skipped on
-/// the GPU and the scale backs off (GradScaler: ×0.5 per skip), then training goes on with finite
-/// losses and no further skips, and the checkpoint holds only finite tensors.
+/// the GPU and the scale backs off (GradScaler: ×0.5 per skip; on lavapipe 7 skips, down to 2⁹),
+/// then training goes on with finite losses (an occasional later overflow is skipped the same way;
+/// lavapipe: one more at step 10 as the router's gradients grow), and the checkpoint holds only
+/// finite tensors.
 #[test]
 fn f16_overflow_skips_steps_backs_off_the_scale_and_recovers() {
     let gpu = gpu();
     let dir = tempfile::tempdir().unwrap();
+    let steps = 12;
     let text = tiny_spec(
-        10,
-        "log = every(1)\n  checkpoint = every(5)\n  precision = f16",
+        steps,
+        "log = every(1)\n  checkpoint = every(6)\n  precision = f16",
     )
     .replace("balance = aux(0.01)", "balance = z(1000)");
     let mut t = trainer(&gpu, &text, dir.path(), false).unwrap();
-    let records = run(&mut t, 10);
+    let records = run(&mut t, steps);
     let scales: Vec<f64> = records.iter().map(|r| r.loss_scale.unwrap()).collect();
     let skipped: Vec<u64> = records.iter().map(|r| r.skipped.unwrap()).collect();
-    eprintln!("loss scale per step: {scales:?}\nskipped so far: {skipped:?}");
+    let losses: Vec<f64> = records.iter().map(|r| r.loss).collect();
+    eprintln!("loss scale per step: {scales:?}\nskipped so far: {skipped:?}\nloss: {losses:?}");
     assert!(skipped[0] >= 1, "step 1 overflows at scale 2^16");
-    assert!(scales[0] < 65536.0, "the scale backed off: {scales:?}");
-    let last = *skipped.last().unwrap();
-    assert_eq!(
-        skipped[5], last,
-        "no skips once the scale fits: {skipped:?}"
-    );
-    assert_eq!(
-        scales[5..]
-            .iter()
-            .map(|s| s.to_bits())
-            .collect::<std::collections::HashSet<_>>()
-            .len(),
-        1,
-        "the scale stays put while it fits (growth needs 2000 finite steps)"
-    );
-    assert!(records.iter().all(|r| r.loss.is_finite()));
+    let mut before = 0;
+    for (i, (&skips, &scale)) in skipped.iter().zip(&scales).enumerate() {
+        assert!(skips <= before + 1, "one skip per step at most: {skipped:?}");
+        // Every skip halved the scale; nothing doubled it (growth needs 2000 finite steps).
+        assert_eq!(scale, 65536.0 / f64::from(1u32 << skips), "step {}", i + 1);
+        before = skips;
+    }
     assert!(
-        records[9].loss < records[last as usize].loss,
-        "training goes on"
+        (before as usize) + 3 <= steps,
+        "the backed-off scale fits: at least 3 steps applied: {skipped:?}"
     );
+    assert!(losses.iter().all(|l| l.is_finite()));
+    // Skipped steps leave the weights alone; the applied ones train.
+    assert!(losses[steps - 1] < losses[0], "training goes on: {losses:?}");
     let ckpt = moec_runtime::checkpoint::Checkpoint::load(&t.checkpoint_path()).unwrap();
     for (name, (_, data)) in ckpt.ir_tensors().unwrap() {
         assert!(data.iter().all(|v| v.is_finite()), "{name} is finite");
