@@ -450,7 +450,10 @@ fn f16_overflow_skips_steps_backs_off_the_scale_and_recovers() {
     assert!(skipped[0] >= 1, "step 1 overflows at scale 2^16");
     let mut before = 0;
     for (i, (&skips, &scale)) in skipped.iter().zip(&scales).enumerate() {
-        assert!(skips <= before + 1, "one skip per step at most: {skipped:?}");
+        assert!(
+            skips <= before + 1,
+            "one skip per step at most: {skipped:?}"
+        );
         // Every skip halved the scale; nothing doubled it (growth needs 2000 finite steps).
         assert_eq!(scale, 65536.0 / f64::from(1u32 << skips), "step {}", i + 1);
         before = skips;
@@ -461,7 +464,10 @@ fn f16_overflow_skips_steps_backs_off_the_scale_and_recovers() {
     );
     assert!(losses.iter().all(|l| l.is_finite()));
     // Skipped steps leave the weights alone; the applied ones train.
-    assert!(losses[steps - 1] < losses[0], "training goes on: {losses:?}");
+    assert!(
+        losses[steps - 1] < losses[0],
+        "training goes on: {losses:?}"
+    );
     let ckpt = moec_runtime::checkpoint::Checkpoint::load(&t.checkpoint_path()).unwrap();
     for (name, (_, data)) in ckpt.ir_tensors().unwrap() {
         assert!(data.iter().all(|v| v.is_finite()), "{name} is finite");
