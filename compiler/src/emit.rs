@@ -111,7 +111,7 @@ pub fn validate_wgsl(wgsl: &str) -> Result<(), String> {
     let module = naga::front::wgsl::parse_str(wgsl).map_err(|e| e.emit_to_string(wgsl))?;
     naga::valid::Validator::new(
         naga::valid::ValidationFlags::all(),
-        naga::valid::Capabilities::SUBGROUP,
+        naga::valid::Capabilities::SUBGROUP | naga::valid::Capabilities::SHADER_FLOAT16,
     )
     .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
     .subgroup_operations(
@@ -177,7 +177,7 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
                 shape: ty.shape.clone(),
                 init,
             },
-            size: ty.size_bytes() as u64,
+            size: ty.buffer_bytes(),
             dtype: ty.dtype,
             def: None,
             last_use: None,
@@ -191,7 +191,7 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
                 name,
                 shape: ty.shape.clone(),
             },
-            size: ty.size_bytes() as u64,
+            size: ty.buffer_bytes(),
             dtype: ty.dtype,
             def: None,
             last_use: None,
@@ -212,7 +212,7 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
                         name: name.clone(),
                         shape: ty.shape.clone(),
                     },
-                    size: ty.size_bytes() as u64,
+                    size: ty.buffer_bytes(),
                     dtype: ty.dtype,
                     def: Some(di),
                     last_use: None,
@@ -230,7 +230,7 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
                 values.push(Value {
                     node,
                     role,
-                    size: ty.size_bytes() as u64,
+                    size: ty.buffer_bytes(),
                     dtype: ty.dtype,
                     def: Some(di),
                     last_use: None,

@@ -13,6 +13,7 @@ pub mod interp;
 pub mod ir;
 pub mod lower;
 pub mod plan;
+pub mod precision;
 pub mod recompute;
 pub mod spec;
 pub mod stats;
@@ -65,13 +66,27 @@ pub fn compile_forward(
     fusion: bool,
     head: Head,
 ) -> Result<Compiled, CompileError> {
-    let graph = lower::lower_with(spec, batch, head)?;
+    let mut graph = lower::lower_with(spec, batch, head)?;
+    apply_precision(spec, &mut graph);
     backend(graph, target, fusion)
 }
 
-/// Spec → forward Graph ([`Head::Loss`]) → training graph (forward + backward, [`autodiff::training_graph`]; with
-/// `train.recompute`, the chosen activations recomputed in the backward, [`recompute::recompute`]) →
-/// kernel groups → Plan: what `moec train` runs each micro-step. Besides the forward outputs the plan has
+/// `precision = f16` in the spec's train block stores activations in f16 ([`precision::mark_f16`]);
+/// the forward plan of evaluation follows the same dtypes as training.
+pub fn apply_precision(spec: &Spec, graph: &mut Graph) {
+    if spec
+        .train
+        .as_ref()
+        .is_some_and(|t| t.precision == spec::Precision::F16)
+    {
+        precision::mark_f16(graph);
+    }
+}
+
+/// Spec → forward Graph ([`Head::Loss`]) → training graph (forward + backward, [`autodiff::training_graph`];
+/// with `precision = f16`, activations marked f16, [`apply_precision`]; with `train.recompute`, the
+/// chosen activations recomputed in the backward, [`recompute::recompute`], whose clones keep the
+/// marked dtypes) → kernel groups → Plan: what `moec train` runs each micro-step. Besides the forward outputs the plan has
 /// the input `grad_seed` and one output `grad.<param>` per parameter that reaches the loss; the
 /// optimizer update is not in the plan (the runtime's optimizer kernels run after it in the same
 /// submission, with state the plan does not know about).
@@ -82,13 +97,15 @@ pub fn compile_training(
     fusion: bool,
 ) -> Result<Compiled, CompileError> {
     let forward = lower::lower_with(spec, batch, Head::Loss)?;
-    let graph = autodiff::training_graph(&forward)?;
+    let mut graph = autodiff::training_graph(&forward)?;
+    apply_precision(spec, &mut graph);
     let level = spec.train.as_ref().map_or(Recompute::None, |t| t.recompute);
     let graph = recompute::recompute(graph, forward.g.node_count(), level);
     backend(graph, target, fusion)
 }
 
-/// The target-dependent passes: the fused head in chunks ([`head::legalize`]), fusion, emission.
+/// The target-dependent passes: the fused head in chunks ([`head::legalize`]; the head's input
+/// stays f32 under `precision = f16`, its fused op reads f32 only), fusion, emission.
 /// The returned graph is the legalized one, the graph the plan computes.
 fn backend(graph: Graph, target: &Target, fusion: bool) -> Result<Compiled, CompileError> {
     let graph = head::legalize(&graph, target)?;
