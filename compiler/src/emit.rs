@@ -296,12 +296,13 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
                 dtype: v.dtype,
                 first,
                 last,
+                transient: matches!(v.role, BufferRole::Scratch),
             }
         })
         .collect();
     let sharing = alloc::share(&requests);
     let shared_base = buffers.len();
-    for (&size, dtype) in sharing.sizes.iter().zip(shared_dtypes(&sharing, &requests)) {
+    for (&size, &dtype) in sharing.sizes.iter().zip(&sharing.dtypes) {
         buffers.push(BufferSpec {
             size,
             dtype,
@@ -368,15 +369,6 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
         kernels,
         dispatches,
     })
-}
-
-/// The element type of each shared buffer (all its values have the same one).
-fn shared_dtypes(sharing: &alloc::Sharing, requests: &[alloc::Request]) -> Vec<DType> {
-    let mut dtypes = vec![DType::F32; sharing.sizes.len()];
-    for (r, &s) in requests.iter().zip(&sharing.buffer_of) {
-        dtypes[s] = r.dtype;
-    }
-    dtypes
 }
 
 /// `003_matmul_blocks_0_attn_q`: dispatch index, anchor op, anchor label.

@@ -75,9 +75,9 @@ fn activations_are_f16_and_router_statistics_loss_and_interfaces_stay_f32() {
     }
 }
 
-/// The planned scratch of an f16 plan shrinks by at least 10%. Not by half: the
-/// whole-step planner (`emit::alloc`) shares buffers only between values of one dtype, so f16 values
-/// cannot reuse the f32 buffers of dead statistics and gradients (docs/DECISIONS.md, mixed precision).
+/// The planned scratch of an f16 plan shrinks by at least a quarter. Not by half at this size: row
+/// statistics, router values and the head stay f32, and the whole-step planner (`emit::alloc`) puts
+/// f16 values into dead f32 buffers only when those are free for their whole lifetime.
 #[test]
 fn f16_plans_halve_activation_buffers_and_enable_f16_in_their_kernels() {
     let mut s32 = spec();
@@ -97,7 +97,7 @@ fn f16_plans_halve_activation_buffers_and_enable_f16_in_their_kernels() {
                 .sum()
         };
         assert!(
-            scratch(&half) < scratch(&full) * 9 / 10,
+            scratch(&half) < scratch(&full) * 3 / 4,
             "fusion {fusion}: {} vs {}",
             scratch(&half),
             scratch(&full)

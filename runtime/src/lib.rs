@@ -234,7 +234,13 @@ impl Gpu {
     /// Refuses a plan that stores f16 values on a device without `shader-f16`, naming the adapter and
     /// the feature, before any shader is compiled.
     pub fn check_plan_features(&self, plan: &Plan) -> Result<(), RuntimeError> {
-        if plan.buffers.iter().any(|b| b.dtype == DType::F16) && !self.has_f16() {
+        // An f16 value may live in an f32 buffer (`emit::alloc`): the kernels say it too.
+        let f16 = plan.buffers.iter().any(|b| b.dtype == DType::F16)
+            || plan
+                .kernels
+                .iter()
+                .any(|k| k.wgsl.starts_with("enable f16;"));
+        if f16 && !self.has_f16() {
             return Err(RuntimeError::NoF16 {
                 adapter: self.info.name.clone(),
             });

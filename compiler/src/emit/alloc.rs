@@ -4,7 +4,11 @@
 //! Every value a dispatch writes lives from that dispatch to the last dispatch that reads it, both
 //! inclusive; a value the host reads after the run (an `Output`: loss, gradients, metrics) lives to
 //! the end of the plan. Two values may share a buffer when their lifetimes are disjoint and they have
-//! the same dtype (so a buffer is always read as one element type, e.g. by the NaN diagnosis).
+//! the same dtype, with one exception: a transient f16 value may live in an f32 buffer. A buffer's
+//! dtype is its first (largest) value's, which is what the host decodes it by (readbacks of
+//! outputs, the NaN diagnosis): f16 pairs read as f32 are non-finite only where the upper half is
+//! an f16 NaN, so the diagnosis never reports a false NaN, while f32 bits read as f16 pairs could;
+//! hence never an f32 value in an f16 buffer, and never an output in a buffer of another dtype.
 //! Because lifetimes are inclusive, a dispatch never binds one buffer both for a value it reads and a
 //! value it writes.
 //!
@@ -23,12 +27,21 @@ pub(crate) struct Request {
     pub dtype: DType,
     pub first: usize,
     pub last: usize,
+    /// Only kernels read it (not the host): an f16 one may live in an f32 buffer.
+    pub transient: bool,
 }
 
-/// The shared buffers: the size of each, and for every request the buffer it lives in.
+impl Request {
+    fn fits_dtype(&self, buffer: DType) -> bool {
+        buffer == self.dtype || (self.transient && self.dtype == DType::F16 && buffer == DType::F32)
+    }
+}
+
+/// The shared buffers: the size and dtype of each, and for every request the buffer it lives in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Sharing {
     pub sizes: Vec<u64>,
+    pub dtypes: Vec<DType>,
     pub buffer_of: Vec<usize>,
 }
 
@@ -57,7 +70,7 @@ pub(crate) fn share(requests: &[Request]) -> Sharing {
         let best = slots
             .iter()
             .enumerate()
-            .filter(|(_, slot)| slot.dtype == r.dtype && slot.size >= r.size && free(&slot.held))
+            .filter(|(_, slot)| r.fits_dtype(slot.dtype) && slot.size >= r.size && free(&slot.held))
             .min_by_key(|(s, slot)| (slot.size, *s))
             .map(|(s, _)| s);
         let s = best.unwrap_or_else(|| {
@@ -91,11 +104,14 @@ pub(crate) fn share(requests: &[Request]) -> Sharing {
         renumber[old] = new;
     }
     let mut sizes = vec![0u64; slots.len()];
+    let mut dtypes = vec![DType::F32; slots.len()];
     for (old, slot) in slots.iter().enumerate() {
         sizes[renumber[old]] = slot.size;
+        dtypes[renumber[old]] = slot.dtype;
     }
     Sharing {
         sizes,
+        dtypes,
         buffer_of: slot_of.iter().map(|&s| renumber[s]).collect(),
     }
 }
@@ -110,6 +126,7 @@ mod tests {
             dtype: DType::F32,
             first,
             last,
+            transient: true,
         }
     }
 
@@ -141,5 +158,27 @@ mod tests {
         assert_eq!(s.buffer_of[0], s.buffer_of[2]);
         assert_eq!(s.buffer_of[0], s.buffer_of[3]);
         assert_eq!(s.sizes, vec![100, 4]);
+    }
+
+    #[test]
+    fn transient_f16_values_fill_dead_f32_buffers_but_not_the_other_way() {
+        let f16 = |size, first, last, transient| Request {
+            dtype: DType::F16,
+            transient,
+            ..req(size, first, last)
+        };
+        // A transient f16 value after a dead f32 one shares its buffer, which stays f32.
+        let s = share(&[req(100, 0, 0), f16(40, 1, 1, true)]);
+        assert_eq!(
+            (s.buffer_of[0], s.sizes.clone()),
+            (s.buffer_of[1], vec![100])
+        );
+        assert_eq!(s.dtypes, vec![DType::F32]);
+        // An f16 output, or an f32 value after a larger dead f16 one, gets its own buffer.
+        let s = share(&[req(100, 0, 0), f16(40, 1, 1, false)]);
+        assert_ne!(s.buffer_of[0], s.buffer_of[1]);
+        let s = share(&[f16(100, 0, 0, true), req(40, 1, 1)]);
+        assert_ne!(s.buffer_of[0], s.buffer_of[1]);
+        assert_eq!(s.dtypes, vec![DType::F16, DType::F32]);
     }
 }
