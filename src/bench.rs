@@ -10,7 +10,6 @@ use moec_compiler::plan::BufferRole;
 use moec_compiler::spec::Every;
 use moec_runtime::train::{TrainOptions, Trainer};
 use moec_runtime::Gpu;
-use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// What to time.
@@ -97,12 +96,7 @@ fn time(loaded: &Loaded, args: &Args, fusion: bool, gpu: &Gpu) -> Result<Row> {
     let forward = compile(&spec, batch, &target, fusion)?;
     let out_dir =
         std::env::temp_dir().join(format!("moec-bench-{}-{}", std::process::id(), fusion));
-    let spec_dir = loaded
-        .path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
+    let spec_dir = loaded.dir();
     let options = TrainOptions {
         out_dir: out_dir.clone(),
         resume: false,
