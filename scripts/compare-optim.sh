@@ -4,11 +4,14 @@
 # loss and balance plots, router-logit bands) to $OUT/report. The table of
 # specs/compare-optim/README.md is that report's table.
 # Usage: scripts/compare-optim.sh [MOEC binary, default target/debug/moec] [OUT, default runs/compare-optim]
+#        [SPECS folder, default specs/compare-optim; specs/compare-optim/shakespeare: the same model on
+#        tiny shakespeare with AdamW, Shampoo and Muon]
 set -euo pipefail
 moec=${1:-target/debug/moec}
 out=${2:-runs/compare-optim}
+specs=${3:-specs/compare-optim}
 mkdir -p "$out"
-for spec in specs/compare-optim/*.moe; do
+for spec in "$specs"/*.moe; do
   name=$(basename "$spec" .moe)
   start=$(date +%s)
   if ! "$moec" train "$spec" --out "$out/$name" > "$out/$name.log" 2>&1; then

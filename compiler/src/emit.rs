@@ -17,6 +17,7 @@
 use serde::{Deserialize, Serialize};
 
 mod blocked;
+pub use blocked::{Strided, StridedMatmul};
 mod grad;
 mod kernels;
 mod lstm;

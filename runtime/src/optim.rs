@@ -57,8 +57,10 @@ use crate::checkpoint::Tensor;
 use crate::schedule::lr_at;
 use crate::{Gpu, RuntimeError};
 use bytemuck::{Pod, Zeroable};
+use moec_compiler::emit::Target;
 use moec_compiler::spec::{ExpertLr, Optimizer as OptimizerSpec, Schedule, Train};
 use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 
 const PRELUDE: &str = include_str!("../../shaders/optim_prelude.wgsl");
@@ -302,10 +304,29 @@ struct Pipelines {
     sumsq: wgpu::ComputePipeline,
     finalize: wgpu::ComputePipeline,
     expert_lr: wgpu::ComputePipeline,
-    /// Every update kernel of the optimizer: one for AdamW, SGD and schedule-free, three for
-    /// Adafactor (moments, RMS partial sums, update), AdamW's first then their own for Shampoo and
-    /// Muon. Each parameter runs its [`Stage`]s.
-    update: Vec<wgpu::ComputePipeline>,
+}
+
+/// Every update kernel of the optimizer, which each parameter's [`Stage`]s index: one for AdamW,
+/// SGD and schedule-free, three for Adafactor (moments, RMS partial sums, update), AdamW's first then
+/// their own for Shampoo and Muon, then the matrix products Shampoo and Muon generate per shape
+/// (added while the parameters are bound, one pipeline per distinct source).
+struct UpdatePipelines<'a> {
+    compile: &'a dyn Fn(&str, &str) -> wgpu::ComputePipeline,
+    list: RefCell<Vec<wgpu::ComputePipeline>>,
+    generated: RefCell<HashMap<String, usize>>,
+}
+
+impl UpdatePipelines<'_> {
+    /// The index of the pipeline of `wgsl` (labelled `name`), compiled on first use.
+    fn generated(&self, name: &str, wgsl: String) -> usize {
+        if let Some(&i) = self.generated.borrow().get(&wgsl) {
+            return i;
+        }
+        let mut list = self.list.borrow_mut();
+        list.push((self.compile)(name, &wgsl));
+        self.generated.borrow_mut().insert(wgsl, list.len() - 1);
+        list.len() - 1
+    }
 }
 
 /// The per-parameter state and update bindings of an optimizer.
@@ -332,6 +353,8 @@ pub struct Optimizer<'g> {
     settings: OptimSettings,
     slots: Vec<Slot>,
     pipelines: Pipelines,
+    /// [`UpdatePipelines`]'s list.
+    update: Vec<wgpu::ComputePipeline>,
     scalars: wgpu::Buffer,
     stats: wgpu::Buffer,
     track: wgpu::BindGroup,
@@ -450,7 +473,8 @@ struct Built {
 /// What the update kernels of one parameter bind, and helpers to make its buffers and stages.
 struct SlotContext<'a> {
     gpu: &'a Gpu,
-    pipelines: &'a [wgpu::ComputePipeline],
+    target: &'a Target,
+    pipelines: &'a UpdatePipelines<'a>,
     name: &'a str,
     shape: &'a [usize],
     info: &'a wgpu::Buffer,
@@ -471,7 +495,11 @@ impl SlotContext<'_> {
     fn stage(&self, pipeline: usize, buffers: &[&wgpu::Buffer], grid: [u32; 3]) -> Stage {
         Stage {
             pipeline,
-            group: bind_group(&self.gpu.device, &self.pipelines[pipeline], buffers),
+            group: bind_group(
+                &self.gpu.device,
+                &self.pipelines.list.borrow()[pipeline],
+                buffers,
+            ),
             grid,
             after_roots: false,
         }
@@ -795,10 +823,16 @@ impl<'g> Optimizer<'g> {
             sumsq: pipeline("clip_sumsq", &format!("{WORKGROUP_SUM}{SUMSQ}")),
             finalize: pipeline("clip_finalize", &format!("{WORKGROUP_SUM}{FINALIZE}")),
             expert_lr: pipeline("optim_expert_lr", EXPERT_LR),
-            update: stages
-                .iter()
-                .map(|(name, body)| pipeline(name, body))
-                .collect(),
+        };
+        let update = UpdatePipelines {
+            compile: &pipeline,
+            list: RefCell::new(
+                stages
+                    .iter()
+                    .map(|(name, body)| pipeline(name, body))
+                    .collect(),
+            ),
+            generated: RefCell::default(),
         };
         let scalars = gpu.storage_buffer("optim scalars", std::mem::size_of::<Scalars>() as u64);
         let stats = gpu.storage_buffer("optim stats", STATS_BYTES + 4 * scales);
@@ -807,7 +841,8 @@ impl<'g> Optimizer<'g> {
             STATS_BYTES,
             bytemuck::cast_slice(&vec![1.0f32; scales as usize]),
         );
-        let max_dim = gpu.target().max_workgroups_per_dim.max(1);
+        let target = gpu.target();
+        let max_dim = target.max_workgroups_per_dim.max(1);
         let bind = |pipeline: &wgpu::ComputePipeline, buffers: &[&wgpu::Buffer]| {
             bind_group(device, pipeline, buffers)
         };
@@ -888,7 +923,8 @@ impl<'g> Optimizer<'g> {
             let grad = acc.as_ref().unwrap_or(plan_grad);
             let ctx = SlotContext {
                 gpu,
-                pipelines: &pipelines.update,
+                target: &target,
+                pipelines: &update,
                 name: &p.name,
                 shape: &p.shape,
                 info: &info_buffer,
@@ -947,6 +983,7 @@ impl<'g> Optimizer<'g> {
             settings: settings.clone(),
             slots,
             pipelines,
+            update: update.list.into_inner(),
             scalars,
             stats,
             track,
@@ -1085,7 +1122,7 @@ impl<'g> Optimizer<'g> {
     fn encode_stages(&self, pass: &mut wgpu::ComputePass<'_>, keep: impl Fn(&Stage) -> bool) {
         for k in self.slots.iter().filter_map(|s| s.kernels.as_ref()) {
             for stage in k.update.iter().filter(|s| keep(s)) {
-                pass.set_pipeline(&self.pipelines.update[stage.pipeline]);
+                pass.set_pipeline(&self.update[stage.pipeline]);
                 pass.set_bind_group(0, &stage.group, &[]);
                 pass.dispatch_workgroups(stage.grid[0], stage.grid[1], stage.grid[2]);
             }

@@ -466,29 +466,24 @@ pub fn write_report(runs: &[Run], out: &Path) -> Result<Report, ReportError> {
                     let figure = LineFigure {
                         caption: format!("{}: {what} per expert, MoE block {block}", run.name),
                         y_desc: kind.into(),
-                        lines: (0..experts)
-                            .map(|e| Line {
-                                label: (experts <= 16).then(|| format!("expert {e}")),
-                                color: ViridisRGB::get_color_normalized(
-                                    e as f64,
-                                    0.0,
-                                    (experts.max(2) - 1) as f64,
-                                ),
-                                points: values
-                                    .iter()
-                                    .filter_map(|(s, v)| v.get(e).map(|x| (*s as f64, *x)))
-                                    .collect(),
+                        lines: per_expert(&values, experts, |s, v, e| Some((s, *v.get(e)?)))
+                            .into_iter()
+                            .map(|(label, color, points)| Line {
+                                label,
+                                color,
+                                points,
                                 markers: false,
                             })
                             .collect(),
                     };
-                    let stem = format!("{kind}_{}_block{}", stems[i], sanitize(&block));
-                    plots.extend(render(&figure, (1000, 560), out, &stem)?);
-                    state_md.push_str(&format!(
-                        "\n### {}, block {block}: {what}\n\n",
-                        md_escape(&run.name)
-                    ));
-                    state_md.push_str(&embed(&stem, &format!("{} block {block} {kind}", run.name)));
+                    state_md.push_str(&block_chart(
+                        &figure,
+                        out,
+                        &format!("{kind}_{}_block{}", stems[i], sanitize(&block)),
+                        &format!("{}, block {block}: {what}", md_escape(&run.name)),
+                        &format!("{} block {block} {kind}", run.name),
+                        &mut plots,
+                    )?);
                 }
             }
         }
@@ -546,32 +541,25 @@ fn router_logit_plots(
             let experts = series.iter().map(|(_, r)| r.p50.len()).max().unwrap_or(0);
             let figure = Bands {
                 caption: format!("{}: router logits per expert, MoE block {block}", run.name),
-                bands: (0..experts)
-                    .map(|e| Band {
-                        label: (experts <= 16).then(|| format!("expert {e}")),
-                        color: ViridisRGB::get_color_normalized(
-                            e as f64,
-                            0.0,
-                            (experts.max(2) - 1) as f64,
-                        ),
-                        points: series
-                            .iter()
-                            .filter_map(|(step, r)| {
-                                Some((*step as f64, *r.p5.get(e)?, *r.p50.get(e)?, *r.p95.get(e)?))
-                            })
-                            .collect(),
-                    })
-                    .collect(),
+                bands: per_expert(&series, experts, |step, r, e| {
+                    Some((step, *r.p5.get(e)?, *r.p50.get(e)?, *r.p95.get(e)?))
+                })
+                .into_iter()
+                .map(|(label, color, points)| Band {
+                    label,
+                    color,
+                    points,
+                })
+                .collect(),
             };
-            plots.extend(render(&figure, (1000, 560), out, &stem)?);
-            md.push_str(&format!(
-                "\n### {}, block {block}\n\n",
-                md_escape(&run.name)
-            ));
-            md.push_str(&embed(
+            md.push_str(&block_chart(
+                &figure,
+                out,
                 &stem,
+                &format!("{}, block {block}", md_escape(&run.name)),
                 &format!("{} block {block} router logits", run.name),
-            ));
+                plots,
+            )?);
         }
     }
     if md.is_empty() {
@@ -580,6 +568,42 @@ fn router_logit_plots(
     Ok(format!(
         "\n## Router logits\n\nPer MoE block: each expert's router logits over the step's tokens, 5th–95th percentile (band) and median (line), against step; the values are in the `.csv` beside each plot.\n{md}"
     ))
+}
+
+/// One styled series per expert of a per-expert chart (router state, router-logit bands): expert
+/// e's points are `point(step, values, e)` over the logged steps (skipped where `None`), its colour
+/// viridis, its legend label `expert e` up to 16 experts (beyond that the legend covers the chart).
+fn per_expert<T, P>(
+    series: &[(u64, T)],
+    experts: usize,
+    point: impl Fn(f64, &T, usize) -> Option<P>,
+) -> Vec<(Option<String>, RGBColor, Vec<P>)> {
+    (0..experts)
+        .map(|e| {
+            (
+                (experts <= 16).then(|| format!("expert {e}")),
+                ViridisRGB::get_color_normalized(e as f64, 0.0, (experts.max(2) - 1) as f64),
+                series
+                    .iter()
+                    .filter_map(|(step, v)| point(*step as f64, v, e))
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+/// Draws a per-block chart into `out/<stem>.{png,svg}` (added to `plots`) and returns its report
+/// entry: a `###` heading and the embedded image.
+fn block_chart<F: Figure>(
+    figure: &F,
+    out: &Path,
+    stem: &str,
+    heading: &str,
+    alt: &str,
+    plots: &mut Vec<PathBuf>,
+) -> Result<String, ReportError> {
+    plots.extend(render(figure, (1000, 560), out, stem)?);
+    Ok(format!("\n### {heading}\n\n{}", embed(stem, alt)))
 }
 
 /// The plotted router-logit statistics as CSV: `step,expert,mean,std,min,max,p5,p50,p95`, numbers in

@@ -25,10 +25,11 @@ fn gpu() -> Gpu {
 }
 
 /// Three parameters covering the groups: a 2-D weight (decays), a 1-D norm (no decay), and a
-/// stacked expert weight (decays, expert lr). 5·70 = 350 elements span two 256-wide workgroups.
+/// stacked expert weight (decays, expert lr). 70·5 = 350 elements span two 256-wide workgroups; the
+/// weight is tall and the experts wide, so Muon's iteration runs both ways (on Xᵀ and on X).
 fn shapes() -> Vec<(&'static str, Vec<usize>)> {
     vec![
-        ("model.layers.0.self_attn.q_proj.weight", vec![5, 70]),
+        ("model.layers.0.self_attn.q_proj.weight", vec![70, 5]),
         ("model.norm.weight", vec![37]),
         (EXPERT, vec![EXPERTS, 3, 50]),
     ]
@@ -1049,14 +1050,12 @@ const MUON_STATE: [&str; 4] = ["", "momentum_buffer", "m", "v"];
 
 #[test]
 fn muon_matches_an_f64_reference() {
-    // [5, 70] runs the iteration as is, each [3, 50] expert too; the norm takes AdamW. A warmup
-    // schedule and a fixed expert lr, 3 steps.
+    // [70, 5] runs the transposed iteration (on Xᵀ), each [3, 50] expert the iteration as is; the
+    // norm takes AdamW. A warmup schedule and a fixed expert lr, 3 steps.
     let s = settings(muon(true));
     compare_f64(&s, 3, None, &MUON_STATE, MUON_TOL, |i, step, g, st| {
         muon64(&s, i, step, g, st)
     });
-    // A tall matrix (rows > cols: the transposed iteration) comes from the same kernels with
-    // rows and cols swapped; checked on its own in `muon_orthogonalises_within_the_quintic_band`.
 }
 
 #[test]
@@ -1251,7 +1250,7 @@ fn shampoo64(s: &OptimSettings, i: usize, step: usize, g: &[f64], st: &mut Ref64
     }
 }
 
-/// Shampoo with eps = 1e-3 rather than the default 1e-8: R of a [3, 50] or [5, 70] matrix has rank
+/// Shampoo with eps = 1e-3 rather than the default 1e-8: R of a [3, 50] or L of a [70, 5] matrix has rank
 /// ≤ 3·steps (≤ 5·steps), and its null space gets (λ + eps)^(−1/4) with λ exactly 0 in f64 but f32
 /// rounding noise (~1e-7·‖R‖ ≫ 1e-8) on the GPU. A gradient of a later, non-root step has most of
 /// its mass in that null space, so with eps = 1e-8 the update is dominated by rounding noise raised
@@ -1276,7 +1275,7 @@ const SHAMPOO_STATE: [&str; 5] = ["", "m", "v", "left", "right"];
 
 #[test]
 fn shampoo_matches_an_f64_reference() {
-    // max_dim = 64: the [5, 70] weight is over it and takes Adam's direction, the norm is a vector
+    // max_dim = 64: the [70, 5] weight is over it and takes Adam's direction, the norm is a vector
     // (Adam), each [3, 50] expert is preconditioned; roots on steps 0 and 2, step 1 reuses step 0's.
     let s = settings(shampoo(2, 64));
     let run = compare_f64(

@@ -123,6 +123,60 @@ pub(crate) struct Blocked<'a> {
     pub b_k: Option<Gathered>,
 }
 
+/// One operand of a [`StridedMatmul`]: element `[bi][i, j]` is `buffer[bi·batch + i·rows + j·cols]`
+/// (any layout a plain buffer has: a transpose is swapped strides).
+#[derive(Debug, Clone, Copy)]
+pub struct Strided<'a> {
+    pub buffer: &'a str,
+    pub batch: usize,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// `[bi][row, col] = Σ_{t < k} A[bi][row, t] · B[bi][t, col]` for `bi < batch` over plain strided
+/// buffers, for kernels built outside a plan (the runtime's Shampoo and Muon products): they get the
+/// register-blocked schedule of the plan's matmuls, so that a multiply-add costs them what it costs
+/// the model (on lavapipe a one-output-per-invocation loop pays two storage loads per multiply-add).
+pub struct StridedMatmul<'a> {
+    pub batch: usize,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: Strided<'a>,
+    pub b: Strided<'a>,
+    /// WGSL body of `fn put(bi: u32, row: u32, col: u32, acc: f32)`, called once per output.
+    pub put: &'a str,
+}
+
+impl StridedMatmul<'_> {
+    /// The WGSL functions `put` and `main` on `target`, and how many workgroups to dispatch. The
+    /// caller declares the buffers and `GX`, `GY` (the grid folded into x and y, as for every kernel).
+    pub fn wgsl(&self, target: &Target) -> (String, usize) {
+        let (a, b) = (Load::buffer(self.a.buffer), Load::buffer(self.b.buffer));
+        let mm = Blocked {
+            batch: self.batch,
+            m: self.m,
+            n: self.n,
+            a: &a,
+            b: &b,
+            sam: self.a.rows,
+            sak: self.a.cols,
+            sbk: self.b.rows,
+            sbn: self.b.cols,
+            setup: format!(
+                "    let kbeg = 0u;\n    let kend = {}u;\n    let abase = bi * {}u;\n    let bbase = bi * {}u;\n",
+                self.k, self.a.batch, self.b.batch
+            ),
+            put: format!("{}\n", self.put.trim_end()),
+            a_rows: None,
+            a_k: None,
+            b_k: None,
+        };
+        let schedule = Schedule::new(target, self.m, self.n, None);
+        (body(&mm, schedule), schedule.workgroups(&mm))
+    }
+}
+
 /// How a blocked matmul is cut: accumulator block per lane, workgroup size, and how many lanes share
 /// their A loads through subgroup broadcasts (1: none).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -416,5 +470,36 @@ mod tests {
                 lanes: 1
             }
         );
+    }
+
+    #[test]
+    fn strided_matmuls_validate_with_and_without_subgroups() {
+        // X·Xᵀ of 3 stacked 5 × 70 matrices (Muon's Gram matrix): B is X read transposed.
+        let mm = StridedMatmul {
+            batch: 3,
+            m: 5,
+            n: 5,
+            k: 70,
+            a: Strided {
+                buffer: "x",
+                batch: 350,
+                rows: 70,
+                cols: 1,
+            },
+            b: Strided {
+                buffer: "x",
+                batch: 350,
+                rows: 1,
+                cols: 70,
+            },
+            put: "    y[(bi * 5u + row) * 5u + col] = acc;",
+        };
+        for lanes in [0, 8] {
+            let (body, groups) = mm.wgsl(&target(lanes));
+            let src = format!("const GX: u32 = {groups}u;\nconst GY: u32 = 1u;\n@group(0) @binding(0) var<storage, read> x: array<f32>;\n@group(0) @binding(1) var<storage, read_write> y: array<f32>;\n{body}");
+            crate::emit::validate_wgsl(&src).unwrap_or_else(|e| panic!("{lanes} lanes: {e}"));
+            // One workgroup per matrix: 5 rows and 5 columns fit one block.
+            assert_eq!(groups, 3, "{src}");
+        }
     }
 }

@@ -8,8 +8,7 @@
 //! A matrix with both sides ≤ `max_dim` also keeps `optim.<name>.left` (L, `[.., rows, rows]`),
 //! `.right` (R, `[.., cols, cols]`) and their inverse fourth roots `.left_root` / `.right_root` (from
 //! the last root step; checkpointed so that `--resume` between root steps is exact). Its stages:
-//! 1. moments: m, v (elementwise); 2. statistics: L ← decay·L + (1 − decay)·G·Gᵀ and R likewise
-//!    (one invocation per entry);
+//! 1. moments: m, v (elementwise); 2. statistics: L ← decay·L + (1 − decay)·G·Gᵀ and R likewise;
 //! 3. on root steps (0-based step a multiple of `root_every`) the host reads L and R, computes
 //!    (L + eps·I)^(−1/4) in f64 ([`inverse_fourth_root`]: nalgebra's symmetric eigendecomposition,
 //!    eigenvalues clamped at 0 against f32 rounding) and uploads the roots;
@@ -29,31 +28,28 @@
 //! cols)·O + wd·W).
 //!
 //! Both scale every use of lr (the decay too) by the expert multiplier of `expert_lr = adaptive`.
+//!
+//! # Matrix products
+//! Every product above (Shampoo's statistics, T and D; Muon's A, B and X') is a kernel generated
+//! per shape with the plan's register-blocked matmul schedule ([`StridedMatmul`]; transposes are
+//! strides), batched over the matrices of a stacked parameter in one dispatch, its epilogue (the EMA,
+//! the clip scale, the polynomial) fused into the store. A one-output-per-invocation loop paid two
+//! storage loads per multiply-add, which on lavapipe made these steps 10–30× slower than AdamW's.
 
-use super::{factoring, fold, grid, lit, Built, OptimError, SlotContext, State};
+use super::{factoring, fold, grid, lit, Built, OptimError, SlotContext, Stage, State};
 use crate::Gpu;
+use moec_compiler::emit::{Strided, StridedMatmul};
 use nalgebra::{DMatrix, SymmetricEigen};
 
 const ADAMW: &str = include_str!("../../../shaders/optim_adamw.wgsl");
 
-/// Shampoo's pipelines, in [`SlotContext::shampoo`]'s stage indices (0: AdamW).
-pub(super) const SHAMPOO_STAGES: [(&str, &str); 7] = [
+/// Shampoo's fixed pipelines, in [`SlotContext::shampoo`]'s stage indices (0: AdamW); its matrix
+/// products are generated per shape ([`SlotContext::product`]).
+pub(super) const SHAMPOO_STAGES: [(&str, &str); 4] = [
     ("optim_adamw", ADAMW),
     (
         "optim_shampoo_moments",
         include_str!("../../../shaders/optim_shampoo_moments.wgsl"),
-    ),
-    (
-        "optim_shampoo_stats",
-        include_str!("../../../shaders/optim_shampoo_stats.wgsl"),
-    ),
-    (
-        "optim_shampoo_right",
-        include_str!("../../../shaders/optim_shampoo_right.wgsl"),
-    ),
-    (
-        "optim_shampoo_left",
-        include_str!("../../../shaders/optim_shampoo_left.wgsl"),
     ),
     (
         "optim_shampoo_graft",
@@ -68,8 +64,9 @@ pub(super) const SHAMPOO_STAGES: [(&str, &str); 7] = [
     ),
 ];
 
-/// Muon's pipelines, in [`SlotContext::muon`]'s stage indices (0: AdamW).
-pub(super) const MUON_STAGES: [(&str, &str); 6] = [
+/// Muon's fixed pipelines, in [`SlotContext::muon`]'s stage indices (0: AdamW); the Newton–Schulz
+/// products are generated per shape ([`SlotContext::product`]).
+pub(super) const MUON_STAGES: [(&str, &str); 3] = [
     ("optim_adamw", ADAMW),
     (
         "optim_muon_momentum",
@@ -77,18 +74,6 @@ pub(super) const MUON_STAGES: [(&str, &str); 6] = [
             include_str!("../../../shaders/optim_workgroup_sum.wgsl"),
             include_str!("../../../shaders/optim_muon_momentum.wgsl")
         ),
-    ),
-    (
-        "optim_muon_gram",
-        include_str!("../../../shaders/optim_muon_gram.wgsl"),
-    ),
-    (
-        "optim_muon_poly",
-        include_str!("../../../shaders/optim_muon_poly.wgsl"),
-    ),
-    (
-        "optim_muon_apply",
-        include_str!("../../../shaders/optim_muon_apply.wgsl"),
     ),
     (
         "optim_muon",
@@ -122,8 +107,37 @@ impl SlotContext<'_> {
         shape
     }
 
-    /// A Shampoo matrix: state m, v, left, right, left_root, right_root; stages 1–6, the last four
-    /// after the host roots.
+    /// A stage of a generated product: `bindings` (WGSL name, writes, buffer) in binding order;
+    /// `stats` is the [`Stats`](super) struct, every other binding an f32 array.
+    fn product(
+        &self,
+        name: &str,
+        bindings: &[(&str, bool, &wgpu::Buffer)],
+        mm: StridedMatmul,
+    ) -> Stage {
+        let (body, groups) = mm.wgsl(self.target);
+        let grid = fold(groups as u64, self.max_dim);
+        let mut wgsl = format!(
+            "const GX: u32 = {}u;\nconst GY: u32 = {}u;\n",
+            grid[0], grid[1]
+        );
+        for (i, (var, writes, _)) in bindings.iter().enumerate() {
+            let access = if *writes { "read_write" } else { "read" };
+            let ty = if *var == "stats" {
+                "Stats"
+            } else {
+                "array<f32>"
+            };
+            wgsl += &format!("@group(0) @binding({i}) var<storage, {access}> {var}: {ty};\n");
+        }
+        wgsl += &body;
+        let pipeline = self.pipelines.generated(name, wgsl);
+        let buffers: Vec<&wgpu::Buffer> = bindings.iter().map(|b| b.2).collect();
+        self.stage(pipeline, &buffers, grid)
+    }
+
+    /// A Shampoo matrix: state m, v, left, right, left_root, right_root; stages moments,
+    /// statistics, then after the host roots T = G·P_R, D = P_L·T, graft, update.
     pub(super) fn shampoo(&self) -> Built {
         let (matrices, rows, cols, _) = factoring(self.shape);
         let numel = self.numel();
@@ -142,24 +156,95 @@ impl SlotContext<'_> {
         let ratio = self.scratch("shampoo graft ratio", matrices);
         let (info, scalars, stats, grad) = (self.info, self.scalars, self.stats, self.grad);
         let all = grid(numel, self.max_dim);
-        let entries = matrices * (rows * rows + cols * cols);
+        let size = rows * cols;
+        let g = stored("g", size, cols);
+        let gt = transposed("g", size, cols);
+        // L ← DECAY·L + (1 − DECAY)·G·Gᵀ and R likewise with Gᵀ·G; G is the clipped gradient.
+        let statistic = |side: &str, n: usize| {
+            format!(
+                "    if (stats.bad != 0u) {{\n        return;\n    }}\n    let i = (bi * {n}u + row) * {n}u + col;\n    {side}[i] = DECAY * {side}[i] + (1.0 - DECAY) * (acc * (stats.scale * stats.scale));"
+            )
+        };
+        let out = format!("(bi * {rows}u + row) * {cols}u + col");
         let mut update = vec![
             self.stage(1, &[stats, grad, m, v], all),
+            self.product(
+                "optim_shampoo_left",
+                &[
+                    ("stats", false, stats),
+                    ("g", false, grad),
+                    ("left", true, left),
+                ],
+                StridedMatmul {
+                    batch: matrices,
+                    m: rows,
+                    n: rows,
+                    k: cols,
+                    a: g,
+                    b: gt,
+                    put: &statistic("left", rows),
+                },
+            ),
+            self.product(
+                "optim_shampoo_right",
+                &[
+                    ("stats", false, stats),
+                    ("g", false, grad),
+                    ("right", true, right),
+                ],
+                StridedMatmul {
+                    batch: matrices,
+                    m: cols,
+                    n: cols,
+                    k: rows,
+                    a: gt,
+                    b: g,
+                    put: &statistic("right", cols),
+                },
+            ),
+            self.product(
+                "optim_shampoo_gpr",
+                &[
+                    ("stats", false, stats),
+                    ("g", false, grad),
+                    ("pr", false, right_root),
+                    ("tmp", true, &tmp),
+                ],
+                StridedMatmul {
+                    batch: matrices,
+                    m: rows,
+                    n: cols,
+                    k: cols,
+                    a: g,
+                    b: stored("pr", cols * cols, cols),
+                    put: &format!("    tmp[{out}] = acc * stats.scale;"),
+                },
+            ),
+            self.product(
+                "optim_shampoo_plt",
+                &[
+                    ("pl", false, left_root),
+                    ("tmp", false, &tmp),
+                    ("d", true, &d),
+                ],
+                StridedMatmul {
+                    batch: matrices,
+                    m: rows,
+                    n: cols,
+                    k: rows,
+                    a: stored("pl", rows * rows, rows),
+                    b: stored("tmp", size, cols),
+                    put: &format!("    d[{out}] = acc;"),
+                },
+            ),
             self.stage(
                 2,
-                &[info, stats, grad, left, right],
-                grid(entries, self.max_dim),
-            ),
-            self.stage(3, &[info, stats, grad, right_root, &tmp], all),
-            self.stage(4, &[info, left_root, &tmp, &d], all),
-            self.stage(
-                5,
                 &[info, scalars, m, v, &d, &ratio],
                 fold(matrices as u64, self.max_dim),
             ),
-            self.stage(6, &[info, scalars, stats, self.param, &d, &ratio], all),
+            self.stage(3, &[info, scalars, stats, self.param, &d, &ratio], all),
         ];
-        for stage in &mut update[2..] {
+        for stage in &mut update[3..] {
             stage.after_roots = true;
         }
         Built {
@@ -169,12 +254,15 @@ impl SlotContext<'_> {
         }
     }
 
-    /// A Muon matrix: state momentum_buffer; momentum, `ns_steps` × (gram, polynomial, apply)
-    /// between two buffers, update.
+    /// A Muon matrix: state momentum_buffer; momentum, `ns_steps` × (A = X·Xᵀ, B = b·A + c·A²,
+    /// X' = a·X + B·X) between two buffers, update. When rows > cols the iteration runs on Xᵀ
+    /// (LANGUAGE.md) without transposing anything: A = XᵀX and X' = a·X + X·B (B is symmetric).
     pub(super) fn muon(&self, ns_steps: usize) -> Built {
         let (matrices, rows, cols, _) = factoring(self.shape);
-        let small = matrices * rows.min(cols) * rows.min(cols);
+        let s = rows.min(cols);
+        let small = matrices * s * s;
         let numel = self.numel();
+        let size = rows * cols;
         let state = vec![self.state("momentum_buffer", self.shape.to_vec())];
         let x = [
             self.scratch("newton-schulz X", numel),
@@ -183,8 +271,36 @@ impl SlotContext<'_> {
         let a = self.scratch("newton-schulz A", small);
         let b = self.scratch("newton-schulz B", small);
         let (info, stats) = (self.info, self.stats);
-        let all = grid(numel, self.max_dim);
-        let products = grid(small, self.max_dim);
+        let wide = rows <= cols;
+        let gram = |from| StridedMatmul {
+            batch: matrices,
+            m: s,
+            n: s,
+            k: rows.max(cols),
+            a: if wide {
+                stored("x", size, cols)
+            } else {
+                transposed("x", size, cols)
+            },
+            b: if wide {
+                transposed("x", size, cols)
+            } else {
+                stored("x", size, cols)
+            },
+            put: from,
+        };
+        let gram_put = format!("    a[(bi * {s}u + row) * {s}u + col] = acc;");
+        let poly_put = format!(
+            "    let i = (bi * {s}u + row) * {s}u + col;\n    b[i] = NS_B * a[i] + NS_C * acc;"
+        );
+        let apply_put = format!(
+            "    let i = (bi * {rows}u + row) * {cols}u + col;\n    y[i] = NS_A * x[i] + acc;"
+        );
+        let (apply_a, apply_b) = if wide {
+            (stored("b", s * s, s), stored("x", size, cols))
+        } else {
+            (stored("x", size, cols), stored("b", s * s, s))
+        };
         let mut update = vec![self.stage(
             1,
             &[info, stats, self.grad, &state[0].buffer, &x[0]],
@@ -192,20 +308,68 @@ impl SlotContext<'_> {
         )];
         for k in 0..ns_steps {
             let (from, to) = (&x[k % 2], &x[(k + 1) % 2]);
-            update.push(self.stage(2, &[info, from, &a], products));
-            update.push(self.stage(3, &[info, &a, &b], products));
-            update.push(self.stage(4, &[info, from, &b, to], all));
+            update.push(self.product(
+                "optim_muon_gram",
+                &[("x", false, from), ("a", true, &a)],
+                gram(&gram_put),
+            ));
+            update.push(self.product(
+                "optim_muon_poly",
+                &[("a", false, &a), ("b", true, &b)],
+                StridedMatmul {
+                    batch: matrices,
+                    m: s,
+                    n: s,
+                    k: s,
+                    a: stored("a", s * s, s),
+                    b: stored("a", s * s, s),
+                    put: &poly_put,
+                },
+            ));
+            update.push(self.product(
+                "optim_muon_apply",
+                &[("x", false, from), ("b", false, &b), ("y", true, to)],
+                StridedMatmul {
+                    batch: matrices,
+                    m: rows,
+                    n: cols,
+                    k: s,
+                    a: apply_a,
+                    b: apply_b,
+                    put: &apply_put,
+                },
+            ));
         }
         update.push(self.stage(
-            5,
+            2,
             &[info, self.scalars, stats, self.param, &x[ns_steps % 2]],
-            all,
+            grid(numel, self.max_dim),
         ));
         Built {
             state,
             update,
             scratch_bytes: 4 * (2 * numel + 2 * small) as u64,
         }
+    }
+}
+
+/// Matrix `[.., rows, cols]` of `buffer` (`size` = rows · cols elements each) as stored.
+fn stored(buffer: &str, size: usize, cols: usize) -> Strided<'_> {
+    Strided {
+        buffer,
+        batch: size,
+        rows: cols,
+        cols: 1,
+    }
+}
+
+/// The transpose of [`stored`]'s matrix, read in place.
+fn transposed(buffer: &str, size: usize, cols: usize) -> Strided<'_> {
+    Strided {
+        buffer,
+        batch: size,
+        rows: 1,
+        cols,
     }
 }
 
