@@ -23,8 +23,11 @@ struct Scalars {
     bc1: f32,
 }
 
-// Written by the GPU: the step's tracked losses, the gradient norm and the clip scale, a sticky
-// flag that stops every later update once a step went non-finite, and the learning-rate multipliers:
+// Written by the GPU: the step's tracked losses, the gradient norm and the gradient multiplier
+// (clip and loss-scale), `bad`: 1 is a sticky flag that stops every later update once a step went
+// non-finite, 2 skips this step's update only (an overflow under loss scaling); the dynamic loss
+// scale (1 without `precision = f16`), its run of finite steps and the count of skipped steps
+// (GradScaler semantics, clip_finalize.wgsl); and the learning-rate multipliers:
 // lr_scale[0] = 1 (every parameter outside `expert_lr = adaptive`), then one per expert of each MoE
 // layer (optim_expert_lr.wgsl). They live here rather than in a buffer of their own because the
 // schedule-free kernel already binds 8 storage buffers, WebGPU's default limit.
@@ -35,6 +38,9 @@ struct Stats {
     scale: f32,
     bad: u32,
     bad_step: u32,
+    loss_scale: f32,
+    good_steps: u32,
+    skipped: u32,
     lr_scale: array<f32>,
 }
 

@@ -33,7 +33,7 @@ pub fn random_feeds(graph: &Graph, vocab: usize, seed: u64) -> HashMap<String, V
                         .map(|_| rng.random_range(0..vocab as u32))
                         .collect(),
                 ),
-                moec_compiler::ir::DType::F32 => Value::F32(
+                moec_compiler::ir::DType::F32 | moec_compiler::ir::DType::F16 => Value::F32(
                     (0..ty.numel())
                         .map(|_| rng.random_range(-1.0..1.0))
                         .collect(),

@@ -233,6 +233,8 @@ fn every_metrics_key_is_documented() {
     let mut record = Record::new(1, 2.0, 1e-3, 100.0).with_val_loss(2.0);
     record.aux = Some(0.01);
     record.val_acc = Some(0.5);
+    record.loss_scale = Some(65536.0);
+    record.skipped = Some(0);
     record.moe = Some(BTreeMap::from([("0".to_string(), layer.clone())]));
     let keys = |v: serde_json::Value| -> Vec<String> {
         v.as_object().expect("an object").keys().cloned().collect()

@@ -81,7 +81,7 @@ fn feeds_for(compiled: &Compiled, vocab: u32, seed: u64) -> HashMap<String, Valu
                 ),
                 // Routing inputs as in evaluation (docs/DECISIONS.md, "Router state and noise"): no
                 // noise (zeros), no jitter (ones), router state (biases, prices) at its start, zeros.
-                DType::F32 => Value::F32(vec![
+                DType::F32 | DType::F16 => Value::F32(vec![
                     if name.starts_with("jitter.") {
                         1.0
                     } else {
@@ -149,4 +149,24 @@ fn forward_on_gpu_matches_the_interpreter() {
             }
         }
     }
+}
+
+/// `precision = f16` on the quick-start spec: the training graph's IR dump (its dtypes say which
+/// values are stored in f16) and its kernels (`enable f16;`, widening loads, rounding stores) are
+/// pinned like every spec's f32 forward pass.
+#[test]
+fn f16_training_ir_and_wgsl_are_pinned() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("specs/quickstart.moe");
+    let mut spec = load(&path);
+    spec.train.as_mut().unwrap().precision = moec_compiler::spec::Precision::F16;
+    let compiled = moec_compiler::compile_training(&spec, 1, &Target::default(), true).unwrap();
+    insta::assert_snapshot!("quickstart-f16-training.ir", compiled.graph.dump());
+    let wgsl: String = compiled
+        .plan
+        .kernels
+        .iter()
+        .map(|k| format!("// ---- {}.wgsl\n{}\n", k.name, k.wgsl))
+        .collect();
+    assert!(wgsl.contains("enable f16;"));
+    insta::assert_snapshot!("quickstart-f16-training.wgsl", wgsl);
 }

@@ -7,7 +7,7 @@
 //!
 //! Buffer plan: Params and Inputs get their roles, graph outputs get `Output` buffers, `Reshape` is
 //! free (it aliases its operand's buffer), and every other materialised value gets a `Scratch` buffer
-//! that is reused, by exact size, once the last dispatch reading its previous value has run. A
+//! that is reused, by exact size (f16 buffers among themselves), once the last dispatch reading its previous value has run. A
 //! dispatch never binds one buffer both for reading and writing, because a group's outputs are
 //! allocated before the buffers of its dead inputs are released.
 //!
@@ -109,7 +109,7 @@ pub fn validate_wgsl(wgsl: &str) -> Result<(), String> {
     let module = naga::front::wgsl::parse_str(wgsl).map_err(|e| e.emit_to_string(wgsl))?;
     naga::valid::Validator::new(
         naga::valid::ValidationFlags::all(),
-        naga::valid::Capabilities::SUBGROUP,
+        naga::valid::Capabilities::SUBGROUP | naga::valid::Capabilities::SHADER_FLOAT16,
     )
     .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
     .subgroup_operations(
@@ -175,7 +175,7 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
                 shape: ty.shape.clone(),
                 init,
             },
-            size: ty.size_bytes() as u64,
+            size: ty.buffer_bytes(),
             dtype: ty.dtype,
             def: None,
             last_use: None,
@@ -189,7 +189,7 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
                 name,
                 shape: ty.shape.clone(),
             },
-            size: ty.size_bytes() as u64,
+            size: ty.buffer_bytes(),
             dtype: ty.dtype,
             def: None,
             last_use: None,
@@ -210,7 +210,7 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
                         name: name.clone(),
                         shape: ty.shape.clone(),
                     },
-                    size: ty.size_bytes() as u64,
+                    size: ty.buffer_bytes(),
                     dtype: ty.dtype,
                     def: Some(di),
                     last_use: None,
@@ -228,7 +228,7 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
                 values.push(Value {
                     node,
                     role,
-                    size: ty.size_bytes() as u64,
+                    size: ty.buffer_bytes(),
                     dtype: ty.dtype,
                     def: Some(di),
                     last_use: None,
@@ -268,7 +268,9 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
             buffer_of[vi] = Some(new_buffer(&mut buffers, v));
         }
     }
-    let mut free: HashMap<u64, Vec<BufferId>> = HashMap::new();
+    // Pools by size and by whether the words hold f16 pairs: an f16 buffer stays f16, which
+    // readbacks decode it by.
+    let mut free: HashMap<(u64, bool), Vec<BufferId>> = HashMap::new();
     let mut dying: Vec<Vec<usize>> = vec![Vec::new(); srcs.len()];
     for (vi, v) in values.iter().enumerate() {
         if let (Some(def), BufferRole::Scratch) = (v.def, &v.role) {
@@ -282,7 +284,9 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
                 continue;
             }
             let reused = match v.role {
-                BufferRole::Scratch => free.get_mut(&v.size.max(4)).and_then(|pool| pool.pop()),
+                BufferRole::Scratch => free
+                    .get_mut(&(v.size.max(4), v.dtype == DType::F16))
+                    .and_then(|pool| pool.pop()),
                 _ => None,
             };
             buffer_of[vi] = Some(match reused {
@@ -297,7 +301,9 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
         }
         for &vi in &dying[di] {
             if let Some(b) = buffer_of[vi] {
-                free.entry(buffers[b].size).or_default().push(b);
+                free.entry((buffers[b].size, buffers[b].dtype == DType::F16))
+                    .or_default()
+                    .push(b);
             }
         }
     }

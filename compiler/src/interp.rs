@@ -3,7 +3,9 @@
 //! It is the oracle every WGSL kernel, every gradient and every balancing formula is checked against
 //! (docs/DECISIONS.md, "Architecture"), so it is written to be obviously right, not fast: one loop nest per op, no fusion, no
 //! reuse of buffers. It runs in f32 (to mirror the GPU) or in f64 (for finite-difference gradient
-//! checks); the arithmetic is the same generic code, instantiated for the [`Float`] trait.
+//! checks); the arithmetic is the same generic code, instantiated for the [`Float`] trait. Values a
+//! graph stores in f16 (`precision = f16`, [`crate::precision::mark_f16`]) are rounded to f16 where
+//! they are computed, which is where the kernels store them: the interpreter's f16 mode.
 //!
 //! Also here: [`init_params`], the deterministic parameter initialisation that both the CPU and the
 //! GPU paths use, so a model trained on either starts from bit-identical weights.
@@ -332,10 +334,27 @@ fn eval<F: Float>(
             label: &node.label,
             op: &node.op,
         };
-        let out = eval_node(&ctx, &node.ty, &arg_vals, &arg_tys, feeds)?;
+        let mut out = eval_node(&ctx, &node.ty, &arg_vals, &arg_tys, feeds)?;
+        if node.ty.dtype == DType::F16 {
+            out = round_f16(out);
+        }
         vals.insert(id, out);
     }
     Ok(vals)
+}
+
+/// The f16 mode: a value the graph stores in f16 (`precision::mark_f16`) is rounded to the nearest
+/// f16 where it is computed, as the kernel that stores it does (values beyond ±65504 become ±inf);
+/// everything else is computed in the run's precision, as the kernels compute in f32.
+fn round_f16<F: Float>(t: Tensor<F>) -> Tensor<F> {
+    match t {
+        Tensor::F(v) => Tensor::F(
+            v.into_iter()
+                .map(|x| F::from_f64(half::f16::from_f64(x.to_f64()).to_f64()))
+                .collect(),
+        ),
+        u => u,
+    }
 }
 
 /// Node identity for error messages.

@@ -23,17 +23,29 @@ pub type NodeId = NodeIndex<u32>;
 pub enum DType {
     F32,
     U32,
+    /// Half-precision storage of an f32 value (`precision = f16`): kernels widen it to f32 on load
+    /// and round to nearest on store, so every computation stays in f32. Only
+    /// [`crate::precision::mark_f16`] creates it; builders and [`infer`] see f32.
+    F16,
 }
 
 impl DType {
     pub fn size_bytes(self) -> usize {
-        4
+        match self {
+            DType::F16 => 2,
+            DType::F32 | DType::U32 => 4,
+        }
     }
     pub fn wgsl(self) -> &'static str {
         match self {
             DType::F32 => "f32",
             DType::U32 => "u32",
+            DType::F16 => "f16",
         }
+    }
+    /// A float value, stored as f32 or f16.
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F32 | DType::F16)
     }
 }
 
@@ -61,6 +73,11 @@ impl TensorType {
     }
     pub fn size_bytes(&self) -> usize {
         self.numel() * self.dtype.size_bytes()
+    }
+    /// Bytes of a storage buffer holding it: WebGPU binds whole 4-byte words and no empty buffers,
+    /// so an f16 tensor of odd length gets a padding half.
+    pub fn buffer_bytes(&self) -> u64 {
+        (self.size_bytes() as u64).next_multiple_of(4).max(4)
     }
     /// Size of the last axis (1 for a scalar).
     pub fn last(&self) -> usize {

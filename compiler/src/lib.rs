@@ -11,6 +11,7 @@ pub mod interp;
 pub mod ir;
 pub mod lower;
 pub mod plan;
+pub mod precision;
 pub mod spec;
 pub mod stats;
 
@@ -46,7 +47,8 @@ pub fn compile(
     target: &Target,
     fusion: bool,
 ) -> Result<Compiled, CompileError> {
-    let graph = lower::lower(spec, batch)?;
+    let mut graph = lower::lower(spec, batch)?;
+    apply_precision(spec, &mut graph);
     let options = if fusion {
         FuseOptions::for_target(target)
     } else {
@@ -55,6 +57,18 @@ pub fn compile(
     let fused = fuse::fuse(&graph, options);
     let plan = emit::emit(&graph, &fused, target)?;
     Ok(Compiled { graph, fused, plan })
+}
+
+/// `precision = f16` in the spec's train block stores activations in f16 ([`precision::mark_f16`]);
+/// the forward plan of evaluation follows the same dtypes as training.
+pub fn apply_precision(spec: &Spec, graph: &mut Graph) {
+    if spec
+        .train
+        .as_ref()
+        .is_some_and(|t| t.precision == spec::Precision::F16)
+    {
+        precision::mark_f16(graph);
+    }
 }
 
 /// Spec → forward Graph → training graph (forward + backward, [`autodiff::training_graph`]) → kernel
@@ -69,7 +83,8 @@ pub fn compile_training(
     fusion: bool,
 ) -> Result<Compiled, CompileError> {
     let forward = lower::lower(spec, batch)?;
-    let graph = autodiff::training_graph(&forward)?;
+    let mut graph = autodiff::training_graph(&forward)?;
+    apply_precision(spec, &mut graph);
     let options = if fusion {
         FuseOptions::for_target(target)
     } else {

@@ -405,7 +405,9 @@ pub fn stats(spec: &Spec) -> Stats {
     };
     let largest_param = ps.iter().map(|p| p.numel() * 4).max().unwrap_or(0);
     let (activations, largest_tensor) = match lower(spec, batch) {
-        Ok(g) => {
+        Ok(mut g) => {
+            // `precision = f16`: activations at the dtypes the kernels store them in.
+            crate::apply_precision(spec, &mut g);
             let mut acts = 0u64;
             let mut largest = (String::from("(none)"), 0u64);
             for id in g.g.node_indices() {

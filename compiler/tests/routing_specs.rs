@@ -70,7 +70,7 @@ fn feeds(
             DType::F32 if name == "features" => {
                 Value::F32((0..n).map(|_| rng.random_range(-1.0..1.0)).collect())
             }
-            DType::F32 => panic!("unexpected f32 input `{name}`"),
+            DType::F32 | DType::F16 => panic!("unexpected float input `{name}`"),
         };
         out.insert(name, v);
     }

@@ -35,6 +35,8 @@ pub enum RuntimeError {
     },
     #[error("GPU error while running the plan: {0}")]
     Execution(String),
+    #[error("the plan stores values in f16 (`precision = f16`) but the adapter `{adapter}` does not have the `shader-f16` feature (wgpu Features::SHADER_F16); use `precision = f32` or another adapter (`moec devices`)")]
+    NoF16 { adapter: String },
 }
 
 /// Which adapter to open. An explicit `name` (case-insensitive substring of the adapter name, as
@@ -158,7 +160,9 @@ impl Gpu {
         let limits = adapter.limits();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("moec"),
-            required_features: adapter.features() & wgpu::Features::SUBGROUP,
+            // shader-f16 when the adapter has it: `precision = f16` plans need it ([`Gpu::has_f16`]).
+            required_features: adapter.features()
+                & (wgpu::Features::SUBGROUP | wgpu::Features::SHADER_F16),
             required_limits: limits.clone(),
             experimental_features: wgpu::ExperimentalFeatures::disabled(),
             memory_hints: wgpu::MemoryHints::Performance,
@@ -204,6 +208,22 @@ impl Gpu {
             },
             subgroup_size: self.subgroup_size,
         }
+    }
+
+    /// Whether kernels may use f16 (`enable f16;`): the device was opened with `shader-f16`.
+    pub fn has_f16(&self) -> bool {
+        self.device.features().contains(wgpu::Features::SHADER_F16)
+    }
+
+    /// Refuses a plan that stores f16 values on a device without `shader-f16`, naming the adapter and
+    /// the feature, before any shader is compiled.
+    pub fn check_plan_features(&self, plan: &Plan) -> Result<(), RuntimeError> {
+        if plan.buffers.iter().any(|b| b.dtype == DType::F16) && !self.has_f16() {
+            return Err(RuntimeError::NoF16 {
+                adapter: self.info.name.clone(),
+            });
+        }
+        Ok(())
     }
 
     pub fn max_buffer_size(&self) -> u64 {
@@ -381,6 +401,7 @@ impl<'g> Executor<'g> {
         plan: &Plan,
         shared: &HashMap<String, wgpu::Buffer>,
     ) -> Result<Executor<'g>, RuntimeError> {
+        gpu.check_plan_features(plan)?;
         let device = &gpu.device;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let mut buffers = Vec::with_capacity(plan.buffers.len());
@@ -613,12 +634,11 @@ impl<'g> Executor<'g> {
             let kernel = &self.plan.kernels[d.kernel];
             for (&b, &writes) in d.bindings.iter().zip(&kernel.writes) {
                 let spec = &self.plan.buffers[b];
-                if !writes || spec.dtype != DType::F32 {
+                if !writes || !spec.dtype.is_float() {
                     continue;
                 }
-                let values = self
-                    .gpu
-                    .read_buffer_f32(&self.buffers[b], (spec.size / 4) as usize)?;
+                let bytes = self.gpu.read_buffer(&self.buffers[b], spec.size)?;
+                let values = floats(&bytes, spec.dtype);
                 if let Some(index) = values.iter().position(|v| !v.is_finite()) {
                     return Ok(Some(NonFinite {
                         dispatch: i,
@@ -678,12 +698,26 @@ impl<'g> Executor<'g> {
             .read_buffer(&self.buffers[id], self.plan.buffers[id].size)
     }
 
+    /// A float buffer's values (an f16 buffer widened).
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>, RuntimeError> {
-        Ok(bytemuck::pod_collect_to_vec(&self.read_bytes(name)?))
+        let dtype = self.plan.buffers[self.named(name)?].dtype;
+        Ok(floats(&self.read_bytes(name)?, dtype))
     }
 
     pub fn read_u32(&self, name: &str) -> Result<Vec<u32>, RuntimeError> {
         Ok(bytemuck::pod_collect_to_vec(&self.read_bytes(name)?))
+    }
+}
+
+/// The f32 values of a float buffer's bytes (f16 halves widened; an odd f16 count's padding half
+/// included).
+fn floats(bytes: &[u8], dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|h| half::f16::from_le_bytes([h[0], h[1]]).to_f32())
+            .collect(),
+        _ => bytemuck::pod_collect_to_vec(bytes),
     }
 }
 

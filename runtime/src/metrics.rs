@@ -283,6 +283,12 @@ pub struct Record {
     /// Block index → that MoE layer's utilisation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moe: Option<BTreeMap<String, MoeLayerMetrics>>,
+    /// `precision = f16`: the dynamic loss scale the next step uses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
+    /// `precision = f16`: steps skipped so far because a scaled gradient overflowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<u64>,
 }
 
 impl Record {
@@ -298,6 +304,8 @@ impl Record {
             val_ppl: None,
             val_acc: None,
             moe: None,
+            loss_scale: None,
+            skipped: None,
         }
     }
 
@@ -400,6 +408,9 @@ pub fn console_line(record: &Record) -> String {
         parts.push(format!("aux {aux:.4}"));
     }
     parts.push(format!("lr {}", sci(record.lr)));
+    if let (Some(scale), Some(skipped)) = (record.loss_scale, record.skipped) {
+        parts.push(format!("scale {} | skipped {skipped}", sci(scale)));
+    }
     parts.push(format!("{} tok/s", thousands(record.tokens_per_s)));
     if let Some(v) = record.val_loss {
         parts.push(format!("val_loss {v:.4}"));

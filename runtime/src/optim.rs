@@ -13,6 +13,18 @@
 //!    buffer that turns every later update into a no-op, so the weights stay those of the last good
 //!    step until the host next reads the stats (on log, eval and checkpoint steps).
 //!
+//! # Loss scaling (`precision = f16`)
+//! torch.amp.GradScaler's dynamic loss scaling, decided on the GPU: the scale (initially
+//! [`INITIAL_LOSS_SCALE`]) lives in the stats buffer; before each micro-step's plan
+//! `optim_loss_seed` writes the plan's `grad_seed` = scale / accumulate, so every gradient is scaled;
+//! `clip_finalize` measures the norm of the scaled gradients, folds 1/scale into the multiplier every
+//! update already applies, and on a non-finite gradient skips the step's update, halves the scale and
+//! counts the skip (a step is never half applied: the decision precedes every update kernel), while
+//! [`GROWTH_INTERVAL`] finite steps in a row double it. The scale, its run of finite steps and the
+//! skip count are read with the stats and saved in checkpoints ([`LossScaleState`]). Schedules and
+//! AdamW's bias corrections count skipped steps as steps: the host never learns of a skip inside a
+//! step.
+//!
 //! Per-step scalars (learning rates from the schedule, bias corrections, the schedule-free averaging
 //! weight, Adafactor's decay, the micro-step index) live in one 52-byte storage buffer written by the
 //! host per micro-step (a write, never a read). The one exception to "no readback" is Shampoo's root
@@ -58,7 +70,7 @@ use crate::schedule::lr_at;
 use crate::{Gpu, RuntimeError};
 use bytemuck::{Pod, Zeroable};
 use moec_compiler::emit::Target;
-use moec_compiler::spec::{ExpertLr, Optimizer as OptimizerSpec, Schedule, Train};
+use moec_compiler::spec::{ExpertLr, Optimizer as OptimizerSpec, Precision, Schedule, Train};
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
@@ -79,6 +91,12 @@ const ADAFACTOR_RMS: &str = include_str!("../../shaders/optim_adafactor_rms.wgsl
 const WORKGROUP_SUM: &str = include_str!("../../shaders/optim_workgroup_sum.wgsl");
 const ADAFACTOR: &str = include_str!("../../shaders/optim_adafactor.wgsl");
 const EXPERT_LR: &str = include_str!("../../shaders/optim_expert_lr.wgsl");
+const LOSS_SEED: &str = include_str!("../../shaders/optim_loss_seed.wgsl");
+
+/// GradScaler's `init_scale`: the first step's loss scale under `precision = f16`.
+pub const INITIAL_LOSS_SCALE: f32 = 65536.0;
+/// GradScaler's `growth_interval`: finite steps in a row after which the scale doubles.
+pub const GROWTH_INTERVAL: u32 = 2000;
 
 mod matrix;
 
@@ -130,6 +148,8 @@ pub struct OptimSettings {
     pub total_steps: usize,
     pub clip: Option<f64>,
     pub accumulate: usize,
+    /// Dynamic loss scaling (`precision = f16`; see the module doc).
+    pub loss_scaling: bool,
 }
 
 impl OptimSettings {
@@ -141,6 +161,7 @@ impl OptimSettings {
             total_steps: train.steps,
             clip: train.clip,
             accumulate: train.accumulate,
+            loss_scaling: train.precision == Precision::F16,
         }
     }
 
@@ -214,8 +235,22 @@ pub struct StepStats {
     pub grad_norm: f32,
     /// The factor the gradient was multiplied by (1 unless clipped).
     pub clip_scale: f32,
-    /// The first 0-based step whose loss or gradient norm was non-finite; no update ran since.
+    /// The first 0-based step whose loss or gradient norm was non-finite (and that loss scaling
+    /// could not skip); no update ran since.
     pub bad_step: Option<u32>,
+    /// The loss scale the next step will use (1 without loss scaling).
+    pub loss_scale: f32,
+    /// Steps skipped so far because a scaled gradient overflowed.
+    pub skipped: u32,
+}
+
+/// The dynamic loss scale's state (GradScaler's `scale` and `_growth_tracker`, plus the skip count),
+/// kept in checkpoints so `--resume` continues it exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LossScaleState {
+    pub scale: f32,
+    pub good_steps: u32,
+    pub skipped: u32,
 }
 
 #[repr(C)]
@@ -254,8 +289,10 @@ struct ExpertLayer {
     experts: u32,
 }
 
-/// Bytes of the stats buffer's scalars (`Stats` in the prelude: 6 words before `lr_scale`).
-const STATS_BYTES: u64 = 24;
+/// Bytes of the stats buffer's scalars (`Stats` in the prelude: 9 words before `lr_scale`).
+const STATS_BYTES: u64 = 36;
+/// Byte offset of `Stats.loss_scale` (followed by `good_steps` and `skipped`).
+const LOSS_SCALE_AT: u64 = 24;
 
 struct Slot {
     name: String,
@@ -361,6 +398,9 @@ pub struct Optimizer<'g> {
     finalize: wgpu::BindGroup,
     /// `expert_lr = adaptive`: one bind group of `optim_expert_lr` per MoE layer.
     expert_lr: Vec<wgpu::BindGroup>,
+    /// Loss scaling: the `optim_loss_seed` kernel bound to the plan's `grad_seed`
+    /// ([`Optimizer::scale_loss_into`]).
+    loss_seed: Option<(wgpu::ComputePipeline, wgpu::BindGroup)>,
     host: HostState,
     current: Scalars,
 }
@@ -800,7 +840,12 @@ impl<'g> Optimizer<'g> {
         let scales = 1 + layers.iter().map(|(l, _)| l.experts as u64).sum::<u64>();
 
         let clip = settings.clip.unwrap_or(0.0);
-        let header = format!("const CLIP: f32 = {};\n{consts}{PRELUDE}\n", lit(clip));
+        let header = format!(
+            "const CLIP: f32 = {};\nconst LOSS_SCALING: u32 = {}u;\nconst GROWTH_INTERVAL: u32 = {GROWTH_INTERVAL}u;\nconst ACCUMULATE: u32 = {}u;\n{consts}{PRELUDE}\n",
+            lit(clip),
+            u32::from(settings.loss_scaling),
+            settings.accumulate
+        );
         let device = &gpu.device;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let pipeline = |name: &str, body: &str| {
@@ -841,6 +886,16 @@ impl<'g> Optimizer<'g> {
             STATS_BYTES,
             bytemuck::cast_slice(&vec![1.0f32; scales as usize]),
         );
+        let initial = LossScaleState {
+            scale: if settings.loss_scaling {
+                INITIAL_LOSS_SCALE
+            } else {
+                1.0
+            },
+            good_steps: 0,
+            skipped: 0,
+        };
+        write_loss_scale(gpu, &stats, &initial);
         let target = gpu.target();
         let max_dim = target.max_workgroups_per_dim.max(1);
         let bind = |pipeline: &wgpu::ComputePipeline, buffers: &[&wgpu::Buffer]| {
@@ -989,6 +1044,7 @@ impl<'g> Optimizer<'g> {
             track,
             finalize,
             expert_lr,
+            loss_seed: None,
             host: HostState::default(),
             current: Scalars::default(),
         })
@@ -1168,8 +1224,86 @@ impl<'g> Optimizer<'g> {
             ce: f32::from_bits(words[1]) / a,
             grad_norm: f32::from_bits(words[2]),
             clip_scale: f32::from_bits(words[3]),
-            bad_step: (words[4] != 0).then_some(words[5]),
+            bad_step: (words[4] == 1).then_some(words[5]),
+            loss_scale: f32::from_bits(words[6]),
+            skipped: words[8],
         })
+    }
+
+    /// The loss scale's state (waits for the GPU), for checkpoints.
+    pub fn loss_scale_state(&self) -> Result<LossScaleState, OptimError> {
+        let words: Vec<u32> =
+            bytemuck::pod_collect_to_vec(&self.gpu.read_buffer(&self.stats, STATS_BYTES)?);
+        Ok(LossScaleState {
+            scale: f32::from_bits(words[6]),
+            good_steps: words[7],
+            skipped: words[8],
+        })
+    }
+
+    /// Restores a checkpoint's loss-scale state.
+    pub fn restore_loss_scale(&self, state: &LossScaleState) {
+        write_loss_scale(self.gpu, &self.stats, state);
+    }
+
+    /// Under loss scaling, binds the kernel that writes the plan's `grad_seed` input (f32`[1]`) from
+    /// the GPU-held scale before every micro-step ([`Optimizer::encode_seed`]); without it, nothing
+    /// (the host writes `1 / accumulate` once).
+    pub fn scale_loss_into(&mut self, grad_seed: &wgpu::Buffer) -> Result<(), OptimError> {
+        if !self.settings.loss_scaling {
+            return Ok(());
+        }
+        let device = &self.gpu.device;
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let header = format!(
+            "const ACCUMULATE: u32 = {}u;\n{PRELUDE}\n",
+            self.settings.accumulate
+        );
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some("optim_loss_seed"),
+            source: wgpu::ShaderSource::Wgsl(format!("{header}{LOSS_SEED}").into()),
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some("optim_loss_seed"),
+            layout: None,
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("optim_loss_seed"),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &[
+                wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: self.stats.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 1,
+                    resource: grad_seed.as_entire_binding(),
+                },
+            ],
+        });
+        if let Some(error) = pollster::block_on(scope.pop()) {
+            return Err(RuntimeError::Pipeline {
+                kernel: "optim_loss_seed".into(),
+                message: error.to_string(),
+            }
+            .into());
+        }
+        self.loss_seed = Some((pipeline, group));
+        Ok(())
+    }
+
+    /// Records the `grad_seed` write of loss scaling (before each micro-step's plan); nothing
+    /// without it.
+    pub fn encode_seed(&self, pass: &mut wgpu::ComputePass<'_>) {
+        if let Some((pipeline, group)) = &self.loss_seed {
+            pass.set_pipeline(pipeline);
+            pass.set_bind_group(0, group, &[]);
+            pass.dispatch_workgroups(1, 1, 1);
+        }
     }
 
     /// The buffers a forward-only plan should read the weights from: x for schedule-free (the
@@ -1296,6 +1430,13 @@ impl<'g> Optimizer<'g> {
         self.host = host.clone();
         Ok(())
     }
+}
+
+/// Writes the loss-scale words of the stats buffer.
+fn write_loss_scale(gpu: &Gpu, stats: &wgpu::Buffer, state: &LossScaleState) {
+    let words = [state.scale.to_bits(), state.good_steps, state.skipped];
+    gpu.queue
+        .write_buffer(stats, LOSS_SCALE_AT, bytemuck::cast_slice(&words));
 }
 
 /// Adam's scalars of step `t` (1-based) for the three groups' learning rates `lrs`.

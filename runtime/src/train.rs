@@ -44,6 +44,13 @@
 //! with the eval plan, receive their `.next` output after every optimizer step (a GPU copy), and are
 //! saved in checkpoints under their own names.
 //!
+//! # Mixed precision
+//! `precision = f16` plans store activations in f16 (`moec_compiler::precision`); the trainer
+//! refuses an adapter without `shader-f16` before anything runs, and the optimizer scales the loss
+//! dynamically ([`crate::optim`]: overflowing steps are skipped on the GPU). Log lines and
+//! `metrics.jsonl` carry `loss_scale` and `skipped`; checkpoints keep the f32 weights and the loss
+//! scale's state, so `--resume` continues it exactly.
+//!
 //! # Non-finite guard
 //! When a stats read finds the sticky non-finite flag (see [`crate::optim`]), no update has run since
 //! the bad step, so the weights are those before it: the trainer replays that step's batches one
@@ -54,8 +61,8 @@ use crate::checkpoint::{diff_specs, hf_config, Checkpoint, CheckpointError};
 use crate::data::{standard_normal, Batch, Batcher, BatcherState, DataError, TrainData};
 use crate::metrics::{MetricsError, MetricsLog, MoeLayerMetrics, Record, RouterLogitStats};
 use crate::optim::{
-    ExpertLoad, HostState, OptimError, OptimSettings, Optimizer, ParamBinding, StepStats,
-    EXPERT_MARKER,
+    ExpertLoad, HostState, LossScaleState, OptimError, OptimSettings, Optimizer, ParamBinding,
+    StepStats, EXPERT_MARKER,
 };
 use crate::{Executor, Gpu, NonFinite, RuntimeError};
 use moec_compiler::interp::init_values;
@@ -73,13 +80,13 @@ pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 const META_BATCHER: &str = "batcher";
 /// Checkpoint metadata key of the optimizer's host state.
 const META_OPTIM: &str = "optim";
+/// Checkpoint metadata key of the loss scale (`precision = f16`).
+const META_LOSS_SCALE: &str = "loss_scale";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
     #[error("the spec has no `train` block; add one (see docs/language.md) to train this model")]
     NoTrainBlock,
-    #[error("`precision = f16` training is not supported yet; use `precision = f32`")]
-    F16,
     #[error("the {which} plan has no {what} `{name}`; was it compiled for training?")]
     Plan {
         which: &'static str,
@@ -181,8 +188,11 @@ impl<'g> Trainer<'g> {
         options: &TrainOptions,
     ) -> Result<Trainer<'g>, TrainError> {
         let train = spec.train.clone().ok_or(TrainError::NoTrainBlock)?;
-        if train.precision == Precision::F16 {
-            return Err(TrainError::F16);
+        if train.precision == Precision::F16 && !gpu.has_f16() {
+            return Err(RuntimeError::NoF16 {
+                adapter: gpu.info.name.clone(),
+            }
+            .into());
         }
         let data = TrainData::load(&train.data, &options.spec_dir, &spec.model, train.split)?;
         let val = data.val_batches(train.batch, train.eval.batches.max(1));
@@ -306,6 +316,7 @@ impl<'g> Trainer<'g> {
             }
         }
         exec.write_f32("grad_seed", &[1.0 / train.accumulate as f32])?;
+        optim.scale_loss_into(exec.buffer("grad_seed")?)?;
 
         let mut batcher = Batcher::new(&data, train.seed).state();
         let mut step = 0;
@@ -333,6 +344,15 @@ impl<'g> Trainer<'g> {
             Batcher::new(&data, train.seed).restore(&state)?;
             let tensors = ckpt.ir_tensors()?;
             optim.restore(&tensors, &host)?;
+            if optim.settings().loss_scaling {
+                let state: LossScaleState =
+                    ckpt.get_json(META_LOSS_SCALE)?
+                        .ok_or(TrainError::CheckpointMeta {
+                            path: path.clone(),
+                            key: META_LOSS_SCALE,
+                        })?;
+                optim.restore_loss_scale(&state);
+            }
             for (name, shape) in &router_state {
                 match tensors.get(name) {
                     Some((s, data)) if s == shape => exec.write_f32(name, data)?,
@@ -437,6 +457,7 @@ impl<'g> Trainer<'g> {
             self.optim.write_micro(micro);
             let (exec, optim) = (&self.exec, &self.optim);
             let submitted = self.gpu.run_pass(|pass| {
+                optim.encode_seed(pass);
                 exec.encode(pass);
                 optim.encode_micro(pass);
                 if micro + 1 == accumulate {
@@ -489,6 +510,10 @@ impl<'g> Trainer<'g> {
                 lrs[0],
                 self.tokens_since as f64 / elapsed.max(1e-9),
             );
+            if self.optim.settings().loss_scaling {
+                r.loss_scale = Some(stats.loss_scale as f64);
+                r.skipped = Some(stats.skipped as u64);
+            }
             if self.spec.moe.is_some() {
                 r.aux = Some((stats.loss - stats.ce) as f64);
                 r.moe = self.moe_metrics()?;
@@ -604,6 +629,9 @@ impl<'g> Trainer<'g> {
         }
         ckpt.put_json(META_BATCHER, &self.batcher)?;
         ckpt.put_json(META_OPTIM, self.optim.host_state())?;
+        if self.optim.settings().loss_scaling {
+            ckpt.put_json(META_LOSS_SCALE, &self.optim.loss_scale_state()?)?;
+        }
         let path = self.checkpoint_path();
         ckpt.save(&path)?;
         // Where HF transformers computes this spec, `from_pretrained(run_dir)` loads the run.

@@ -22,6 +22,7 @@ use moec_compiler::check::check;
 use moec_compiler::interp::Value;
 use moec_compiler::ir::{DType, Graph, Init, NodeId, Op, RouteLayout, TensorType};
 use moec_compiler::lower::lower;
+use moec_compiler::precision::mark_f16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
@@ -340,15 +341,40 @@ fn model_feeds(g: &Graph, vocab: u32, seed: u64) -> HashMap<String, Value> {
     feeds
 }
 
+/// How a training graph is compared: its dtypes, the router margin its feeds need, the seed and
+/// the tolerance `rel·|ref| + floor·max|ref|`.
+struct Mode {
+    f16: bool,
+    margin: f64,
+    seed: f32,
+    rel: f64,
+    floor: f64,
+}
+
+const F32_MODE: Mode = Mode {
+    f16: false,
+    margin: 1e-3,
+    seed: 1.0,
+    rel: MODEL_REL,
+    floor: MODEL_FLOOR,
+};
+
 fn check_training(what: &str, source: &str, vocab: u32) {
+    check_training_in(what, source, vocab, &F32_MODE)
+}
+
+fn check_training_in(what: &str, source: &str, vocab: u32, mode: &Mode) {
     let spec = check(source, Path::new("test.moe")).unwrap_or_else(|d| panic!("{d:?}"));
     let forward = lower(&spec, 2).expect("lowers");
-    let train = training_graph(&forward).expect("differentiates");
-    let mut feeds = (1..50)
+    let mut train = training_graph(&forward).expect("differentiates");
+    if mode.f16 {
+        mark_f16(&mut train);
+    }
+    let mut feeds = (1..200)
         .map(|seed| model_feeds(&forward, vocab, seed))
-        .find(|f| selection_margin(&forward, f) >= 1e-3)
+        .find(|f| selection_margin(&forward, f) >= mode.margin)
         .expect("a seed with well-separated router scores");
-    feeds.insert(SEED.into(), Value::F32(vec![1.0]));
+    feeds.insert(SEED.into(), Value::F32(vec![mode.seed]));
     let grads = train
         .outputs
         .iter()
@@ -360,7 +386,7 @@ fn check_training(what: &str, source: &str, vocab: u32) {
         "{what}: every parameter reaches the loss"
     );
     let worst = compare(&train, &feeds, &|reference, scale| {
-        MODEL_REL * reference + MODEL_FLOOR * scale
+        mode.rel * reference + mode.floor * scale
     });
     let mut names: Vec<_> = worst.into_iter().collect();
     names.sort_by(|a, b| a.0.cmp(&b.0));
@@ -400,4 +426,25 @@ fn dense_training_graph_matches_interpreter() {
 #[test]
 fn moe_training_graph_matches_interpreter() {
     check_training("moe", MOE, 32);
+}
+
+/// `precision = f16`: the marked training graph (activations and their gradients stored in f16)
+/// against the interpreter's f16 mode, fused and unfused, with the seed a loss scale would give
+/// (1024). Tolerance 2⁻⁶·|ref| + 2⁻⁷·max|ref|: fused groups keep values in f32 registers that the
+/// interpreter rounds to f16 (2⁻¹¹ relative each), and those differences add up over two blocks and
+/// their backward pass. Router scores need a margin of 0.01 so both pick the same experts.
+#[test]
+fn moe_f16_training_graph_matches_f16_interpreter() {
+    check_training_in(
+        "moe f16",
+        MOE,
+        32,
+        &Mode {
+            f16: true,
+            margin: 0.01,
+            seed: 1024.0,
+            rel: 1.0 / 64.0,
+            floor: 1.0 / 128.0,
+        },
+    );
 }

@@ -50,7 +50,7 @@ fn feeds(g: &Graph, ids: u32, seed: u64) -> HashMap<String, Value> {
     for (_, name, ty) in g.data_inputs() {
         let v = match ty.dtype {
             DType::U32 => Value::U32((0..ty.numel()).map(|_| rng.random_range(0..ids)).collect()),
-            DType::F32 => Value::F32(
+            DType::F32 | DType::F16 => Value::F32(
                 (0..ty.numel())
                     .map(|_| rng.random_range(-1.0..1.0))
                     .collect(),

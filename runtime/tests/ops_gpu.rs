@@ -40,7 +40,7 @@ fn feeds(graph: &Graph, seed: u64, bounds: &[(&str, u32)]) -> HashMap<String, Va
         .chain(graph.data_inputs().into_iter().map(|(_, n, t)| (n, t)));
     for (name, ty) in leaves {
         let v = match ty.dtype {
-            DType::F32 => Value::F32(
+            DType::F32 | DType::F16 => Value::F32(
                 (0..ty.numel())
                     .map(|_| rng.random_range(-2.0f32..2.0))
                     .collect(),
@@ -97,7 +97,7 @@ fn run_gpu(
         .iter()
         .map(|(name, id)| {
             let v = match graph.ty(*id).dtype {
-                DType::F32 => exec
+                DType::F32 | DType::F16 => exec
                     .read_f32(name)
                     .unwrap()
                     .into_iter()

@@ -57,7 +57,9 @@ fn model_feeds(g: &Graph, seed: u64) -> HashMap<String, Value> {
             DType::F32 if name.starts_with("jitter.") => {
                 Value::F32((0..n).map(|_| rng.random_range(0.9..1.1)).collect())
             }
-            DType::F32 => Value::F32((0..n).map(|_| rng.random_range(-0.2..0.2)).collect()),
+            DType::F32 | DType::F16 => {
+                Value::F32((0..n).map(|_| rng.random_range(-0.2..0.2)).collect())
+            }
         };
         feeds.insert(name, v);
     }

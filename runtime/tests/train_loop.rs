@@ -424,3 +424,107 @@ fn resume_is_exact_with_router_state_and_noise() {
         }
     }
 }
+
+/// `precision = f16` with a balancing term whose gradient overflows f16 at the initial loss scale
+/// (`z(1000)`: the router's input gradient is ~1e5 at scale 2¹⁶): the first steps are skipped on
+/// the GPU and the scale backs off (GradScaler: ×0.5 per skip; on lavapipe 7 skips, down to 2⁹),
+/// then training goes on with finite losses (an occasional later overflow is skipped the same way;
+/// lavapipe: one more at step 10 as the router's gradients grow), and the checkpoint holds only
+/// finite tensors.
+#[test]
+fn f16_overflow_skips_steps_backs_off_the_scale_and_recovers() {
+    let gpu = gpu();
+    let dir = tempfile::tempdir().unwrap();
+    let steps = 12;
+    let text = tiny_spec(
+        steps,
+        "log = every(1)\n  checkpoint = every(6)\n  precision = f16",
+    )
+    .replace("balance = aux(0.01)", "balance = z(1000)");
+    let mut t = trainer(&gpu, &text, dir.path(), false).unwrap();
+    let records = run(&mut t, steps);
+    let scales: Vec<f64> = records.iter().map(|r| r.loss_scale.unwrap()).collect();
+    let skipped: Vec<u64> = records.iter().map(|r| r.skipped.unwrap()).collect();
+    let losses: Vec<f64> = records.iter().map(|r| r.loss).collect();
+    eprintln!("loss scale per step: {scales:?}\nskipped so far: {skipped:?}\nloss: {losses:?}");
+    assert!(skipped[0] >= 1, "step 1 overflows at scale 2^16");
+    let mut before = 0;
+    for (i, (&skips, &scale)) in skipped.iter().zip(&scales).enumerate() {
+        assert!(
+            skips <= before + 1,
+            "one skip per step at most: {skipped:?}"
+        );
+        // Every skip halved the scale; nothing doubled it (growth needs 2000 finite steps).
+        assert_eq!(scale, 65536.0 / f64::from(1u32 << skips), "step {}", i + 1);
+        before = skips;
+    }
+    assert!(
+        (before as usize) + 3 <= steps,
+        "the backed-off scale fits: at least 3 steps applied: {skipped:?}"
+    );
+    assert!(losses.iter().all(|l| l.is_finite()));
+    // Skipped steps leave the weights alone; the applied ones train.
+    assert!(
+        losses[steps - 1] < losses[0],
+        "training goes on: {losses:?}"
+    );
+    let ckpt = moec_runtime::checkpoint::Checkpoint::load(&t.checkpoint_path()).unwrap();
+    for (name, (_, data)) in ckpt.ir_tensors().unwrap() {
+        assert!(data.iter().all(|v| v.is_finite()), "{name} is finite");
+    }
+    let line = moec_runtime::metrics::console_line(&records[0]);
+    assert!(
+        line.contains("scale ") && line.contains("skipped "),
+        "{line}"
+    );
+}
+
+/// `precision = f16`: kill and resume reproduces the uninterrupted run (the checkpoint keeps the
+/// f32 weights and the loss scale's state), and a poisoned weight still stops the run with the
+/// step and the kernel, as in f32: a non-finite loss is not something loss scaling can skip.
+#[test]
+fn f16_resume_is_exact_and_the_guard_still_names_the_kernel() {
+    let gpu = gpu();
+    let text = tiny_spec(
+        8,
+        "log = every(1)\n  checkpoint = every(4)\n  precision = f16",
+    )
+    .replace("balance = aux(0.01)", "balance = aux(0.01) + z(300)");
+    let straight_dir = tempfile::tempdir().unwrap();
+    let mut straight = trainer(&gpu, &text, straight_dir.path(), false).unwrap();
+    let all = run(&mut straight, 8);
+    assert!(
+        all[0].skipped.unwrap() >= 1,
+        "the resumed state includes a backed-off scale"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = trainer(&gpu, &text, dir.path(), false).unwrap();
+    run(&mut first, 6);
+    drop(first);
+    let mut resumed = trainer(&gpu, &text, dir.path(), true).unwrap();
+    assert_eq!(resumed.step_count(), 4);
+    let tail = run(&mut resumed, 8);
+    for (a, b) in tail.iter().zip(&all[4..]) {
+        assert_eq!(a.step, b.step);
+        assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "step {}", a.step);
+        assert_eq!((a.loss_scale, a.skipped), (b.loss_scale, b.skipped));
+    }
+
+    let good = std::fs::read(resumed.checkpoint_path()).unwrap();
+    resumed
+        .write_param("model.norm.weight", &[f32::NAN; 32])
+        .unwrap();
+    let err = run_until_error(&mut resumed);
+    let message = err.to_string();
+    assert!(matches!(err, TrainError::NonFinite { .. }), "{message}");
+    assert!(message.contains("kernel `"), "names the kernel: {message}");
+    assert_eq!(std::fs::read(resumed.checkpoint_path()).unwrap(), good);
+}
+
+fn run_until_error(t: &mut Trainer) -> TrainError {
+    loop {
+        if let Err(e) = t.step() {
+            return e;
+        }
+    }
+}

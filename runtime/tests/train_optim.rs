@@ -82,6 +82,7 @@ fn settings(optimizer: OptimizerSpec) -> OptimSettings {
         total_steps: 10,
         clip: None,
         accumulate: 1,
+        loss_scaling: false,
     }
 }
 

@@ -21,40 +21,26 @@
 //! Edge blocks clamp their load indices into the matrix (no branches in the loop, every lane stays
 //! active for the broadcasts) and drop out-of-range results at the store.
 
+use super::kernels::Access;
 use super::Target;
 use std::fmt::Write;
 
 /// Linear workgroup index of a folded grid.
 const WORKGROUP: &str = "wid.x + wid.y * GX + wid.z * (GX * GY)";
 
-/// How a kernel reads element `i` of a matmul operand: `name[i]` from a buffer, or `name(i)` from a
-/// WGSL function that computes it (a fused prologue such as RoPE).
-pub(crate) struct Load {
-    name: String,
-    computed: bool,
+/// How a kernel reads element `i` of a matmul operand as f32: from a buffer (widened when it is
+/// f16), or `name(i)` from a WGSL function that computes it (a fused prologue such as RoPE).
+pub(crate) enum Load {
+    Buffer(Access),
+    Computed(String),
 }
 
 impl Load {
-    pub(crate) fn buffer(name: &str) -> Load {
-        Load {
-            name: name.to_string(),
-            computed: false,
-        }
-    }
-
-    pub(crate) fn computed(name: &str) -> Load {
-        Load {
-            name: name.to_string(),
-            computed: true,
-        }
-    }
-
-    /// The WGSL expression of the element at index expression `i`.
+    /// The f32 WGSL expression of the element at index expression `i`.
     pub(crate) fn at(&self, i: &str) -> String {
-        if self.computed {
-            format!("{}({i})", self.name)
-        } else {
-            format!("{}[{i}]", self.name)
+        match self {
+            Load::Buffer(access) => access.at(i),
+            Load::Computed(name) => format!("{name}({i})"),
         }
     }
 }
@@ -69,7 +55,7 @@ pub(crate) struct Gathered {
     pub k: usize,
     /// Token slots (`tokens · k`): the length of `weights`.
     pub slots: usize,
-    pub weights: Option<String>,
+    pub weights: Option<Access>,
 }
 
 impl Gathered {
@@ -87,7 +73,7 @@ impl Gathered {
     /// The factor of a row whose slot is `{v}s`: its gate weight (or 1), 0 for padding.
     fn factor(&self, v: &str) -> String {
         let w = match &self.weights {
-            Some(w) => format!("{w}[min({v}s, {}u)]", self.slots - 1),
+            Some(w) => w.at(&format!("min({v}s, {}u)", self.slots - 1)),
             None => "1.0".into(),
         };
         format!(
@@ -152,7 +138,14 @@ impl StridedMatmul<'_> {
     /// The WGSL functions `put` and `main` on `target`, and how many workgroups to dispatch. The
     /// caller declares the buffers and `GX`, `GY` (the grid folded into x and y, as for every kernel).
     pub fn wgsl(&self, target: &Target) -> (String, usize) {
-        let (a, b) = (Load::buffer(self.a.buffer), Load::buffer(self.b.buffer));
+        // The optimizer's matrices are f32 (master weights and their statistics).
+        let f32_buffer = |name: &str| {
+            Load::Buffer(Access {
+                name: name.to_string(),
+                f16: false,
+            })
+        };
+        let (a, b) = (f32_buffer(self.a.buffer), f32_buffer(self.b.buffer));
         let mm = Blocked {
             batch: self.batch,
             m: self.m,

@@ -7,7 +7,7 @@
 //! sums its contributions in a fixed order, so results never depend on scheduling. Shapes and
 //! routing-table offsets are baked in as literals and grids are folded with [`fold`].
 
-use super::blocked::{self, Blocked, Load, Schedule};
+use super::blocked::{self, Blocked, Schedule};
 use super::kernels::{anchor, fold, gathered, Binder, KernelError};
 use super::{KernelSrc, Target};
 use crate::fuse::Group;
@@ -44,7 +44,7 @@ fn grad_w(
     // Either operand may be gathered token rows (a gather prologue) along the contraction.
     let mut operand = |x: NodeId| match gathered(graph, members, &mut b, x) {
         Some((load, rows)) => (load, Some(rows)),
-        None => (Load::buffer(&b.read(x)), None),
+        None => (b.load(x), None),
     };
     let (g, a_k) = operand(args[0]);
     let (x, b_k) = operand(args[1]);
@@ -66,7 +66,10 @@ fn grad_w(
             "    let abase = 0u;\n    let bbase = 0u;\n    let kbeg = {route}[{off}u + bi];\n    let kend = min({route}[{off}u + bi + 1u], {}u);\n",
             layout.rows()
         ),
-        put: format!("    {out}[(bi * {nn}u + row) * {k}u + col] = acc;\n"),
+        put: format!(
+            "    {}\n",
+            b.put(&out, &format!("(bi * {nn}u + row) * {k}u + col"), "acc")
+        ),
         a_rows: None,
         a_k,
         b_k,

@@ -8,7 +8,7 @@
 use super::blocked::{self, Blocked, Gathered, Load, Schedule};
 use super::{EmitError, KernelSrc, MatmulVariant, Target};
 use crate::fuse::{base, Group, GroupKind};
-use crate::ir::{BinaryOp, Graph, NodeId, Op, ReduceOp, RouteLayout, UnaryOp};
+use crate::ir::{BinaryOp, DType, Graph, NodeId, Op, ReduceOp, RouteLayout, UnaryOp};
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write;
 
@@ -115,6 +115,35 @@ impl<'g> Binder<'g> {
         self.slots.push((node, true, name.to_string()));
     }
 
+    /// How the binding `name` is read and written (see [`Access`]).
+    pub(crate) fn access(&self, name: &str) -> Access {
+        let dtype = self
+            .slots
+            .iter()
+            .find(|(_, _, n)| n == name)
+            .map_or(DType::F32, |(node, _, _)| self.graph.ty(*node).dtype);
+        Access {
+            name: name.to_string(),
+            f16: dtype == DType::F16,
+        }
+    }
+
+    /// The read binding of `operand` as a matmul operand load.
+    pub(crate) fn load(&mut self, operand: NodeId) -> Load {
+        let name = self.read(operand);
+        Load::Buffer(self.access(&name))
+    }
+
+    /// `name[idx]` as a value for f32 arithmetic (an f16 binding is widened).
+    pub(crate) fn at(&self, name: &str, idx: &str) -> String {
+        self.access(name).at(idx)
+    }
+
+    /// The statement storing the f32 expression `value` at `name[idx]` (rounded for an f16 binding).
+    pub(crate) fn put(&self, name: &str, idx: &str, value: &str) -> String {
+        self.access(name).put(idx, value)
+    }
+
     /// Assembles constants, bindings, prelude and body into a kernel.
     pub(crate) fn finish(
         self,
@@ -123,6 +152,13 @@ impl<'g> Binder<'g> {
         workgroups: [u32; 3],
     ) -> KernelSrc {
         let mut s = String::new();
+        if self
+            .slots
+            .iter()
+            .any(|(node, _, _)| self.graph.ty(*node).dtype == DType::F16)
+        {
+            s.push_str("enable f16;\n");
+        }
         for (name, value) in consts {
             let _ = writeln!(s, "const {name}: u32 = {value}u;");
         }
@@ -146,6 +182,35 @@ impl<'g> Binder<'g> {
             wgsl: s,
             bindings: self.slots.into_iter().map(|(n, w, _)| (n, w)).collect(),
             workgroups,
+        }
+    }
+}
+
+/// A float binding as kernels use it: every computation is f32 (the accumulators of matmuls and
+/// reductions included), so an f16 binding (`precision = f16`) is widened on load and rounded to
+/// nearest on store, and an f32 binding is used as is.
+#[derive(Debug, Clone)]
+pub(crate) struct Access {
+    pub name: String,
+    pub f16: bool,
+}
+
+impl Access {
+    /// `name[idx]` as an f32 expression.
+    pub(crate) fn at(&self, idx: &str) -> String {
+        if self.f16 {
+            format!("f32({}[{idx}])", self.name)
+        } else {
+            format!("{}[{idx}]", self.name)
+        }
+    }
+
+    /// `name[idx] = value;` for an f32 expression `value`.
+    pub(crate) fn put(&self, idx: &str, value: &str) -> String {
+        if self.f16 {
+            format!("{}[{idx}] = f16({value});", self.name)
+        } else {
+            format!("{}[{idx}] = {value};", self.name)
         }
     }
 }
@@ -335,17 +400,18 @@ impl<'g> Walker<'g> {
 
     /// The statement that writes materialised member `o` at domain index `lin` into `name`; a permute
     /// epilogue writes its operand's value at the permuted position.
-    fn store(&self, graph: &Graph, name: &str, o: NodeId, lin: &str) -> String {
+    fn store(&self, b: &Binder, name: &str, o: NodeId, lin: &str) -> String {
+        let graph = self.graph;
         match &graph.node(o).op {
             Op::Permute { perm } => {
                 let x = graph.inputs(o)[0];
-                format!(
-                    "{name}[{}] = {};",
-                    permuted_index(&graph.ty(x).shape, perm, lin),
-                    self.var(base(graph, x))
+                b.put(
+                    name,
+                    &permuted_index(&graph.ty(x).shape, perm, lin),
+                    &self.var(base(graph, x)),
                 )
             }
-            _ => format!("{name}[{lin}] = {};", self.var(o)),
+            _ => b.put(name, lin, &self.var(o)),
         }
     }
 
@@ -363,18 +429,12 @@ impl<'g> Walker<'g> {
         // A member that is not a value is an absorbed permute prologue: read its source in place.
         if self.local.contains_key(&base(self.graph, q)) {
             if let Some((src, shape, strides)) = crate::fuse::strided_view(self.graph, q) {
-                return format!(
-                    "{}[{}]",
-                    b.read(src),
-                    strided_index(domain, &shape, &strides, lin)
-                );
+                let name = b.read(src);
+                return b.at(&name, &strided_index(domain, &shape, &strides, lin));
             }
         }
-        format!(
-            "{}[{}]",
-            b.read(q),
-            bcast_index(domain, &self.graph.ty(q).shape, lin)
-        )
+        let name = b.read(q);
+        b.at(&name, &bcast_index(domain, &self.graph.ty(q).shape, lin))
     }
 
     /// `let v<n> = <op>(operands);` for an elementwise node; records `v<n>` in `env`.
@@ -447,7 +507,7 @@ fn elementwise_kernel(
     }
     for &o in &group.outputs {
         let name = b.write(o);
-        let _ = writeln!(body, "    {}", walker.store(graph, &name, o, "i"));
+        let _ = writeln!(body, "    {}", walker.store(&b, &name, o, "i"));
     }
     body.push_str("}\n");
     let grid = fold(total.div_ceil(wg as usize) as u64, target)?;
@@ -649,7 +709,8 @@ fn row_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc
             let name = b.write(n);
             let _ = writeln!(
                 body,
-                "    {row_write_guard}{{\n        {name}[row] = v{id};\n    }}"
+                "    {row_write_guard}{{\n        {}\n    }}",
+                b.put(&name, "row", &format!("v{id}"))
             );
         }
     }
@@ -660,12 +721,18 @@ fn row_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc
         .filter(|n| outputs.contains(n) && !env_row.contains_key(n))
         .collect();
     if !full_outputs.is_empty() {
-        let names: Vec<String> = full_outputs.iter().map(|&o| b.write(o)).collect();
+        let names: Vec<Access> = full_outputs
+            .iter()
+            .map(|&o| {
+                let name = b.write(o);
+                b.access(&name)
+            })
+            .collect();
         body += &column_loop(&mut b, &env_row, &softmax, &full_outputs, &|v| {
             names
                 .iter()
                 .zip(v)
-                .map(|(name, val)| format!("        {name}[lin] = {val};\n"))
+                .map(|(name, val)| format!("        {}\n", name.put("lin", val)))
                 .collect()
         });
     }
@@ -779,7 +846,7 @@ pub(crate) fn gathered(
         Op::MoeCombineGradRows { layout } => (layout, Some(args[1])),
         _ => return None,
     };
-    let load = Load::buffer(&b.read(args[0]));
+    let load = b.load(args[0]);
     Some((
         load,
         Gathered {
@@ -787,7 +854,10 @@ pub(crate) fn gathered(
             row_slot_at: layout.row_slot_at(),
             k: layout.k,
             slots: layout.tokens * layout.k,
-            weights: weights.map(|w| b.read(w)),
+            weights: weights.map(|w| {
+                let name = b.read(w);
+                b.access(&name)
+            }),
         },
     ))
 }
@@ -808,15 +878,15 @@ fn matmul_load(
         && matches!(graph.node(owner).op, Op::Rope { .. } | Op::RopeGrad { .. })
     {
         let x = b.read(graph.inputs(owner)[0]);
-        funcs.push_str(&rope_fn(graph, owner, name, &x));
-        return Load::computed(name);
+        funcs.push_str(&rope_fn(graph, owner, name, &b.access(&x)));
+        return Load::Computed(name.to_string());
     }
-    Load::buffer(&b.read(src))
+    b.load(src)
 }
 
 /// `fn {name}(i: u32) -> f32`: element `i` of `Rope`/`RopeGrad` node `n` (`[B, T, H, hd]`, HF
 /// "rotate_half"), computed from its operand bound as `x`. The adjoint rotates by the negated angle.
-fn rope_fn(graph: &Graph, n: NodeId, name: &str, x: &str) -> String {
+fn rope_fn(graph: &Graph, n: NodeId, name: &str, x: &Access) -> String {
     let (sign, theta) = match graph.node(n).op {
         Op::Rope { theta } => ("", theta),
         Op::RopeGrad { theta } => ("-", theta),
@@ -826,10 +896,13 @@ fn rope_fn(graph: &Graph, n: NodeId, name: &str, x: &str) -> String {
     let (t, h, hd) = (shape[1], shape[2], shape[3]);
     let half = hd / 2;
     format!(
-        "fn {name}(i: u32) -> f32 {{\n    let d = i % {hd}u;\n    let pos = f32((i / {}u) % {t}u);\n    let j = d % {half}u;\n    let inv = exp2(-f32(2u * j) / {} * log2({}));\n    let ang = {sign}pos * inv;\n    let x = {x}[i];\n    if (d < {half}u) {{\n        return x * cos(ang) - {x}[i + {half}u] * sin(ang);\n    }}\n    return x * cos(ang) + {x}[i - {half}u] * sin(ang);\n}}\n\n",
+        "fn {name}(i: u32) -> f32 {{\n    let d = i % {hd}u;\n    let pos = f32((i / {}u) % {t}u);\n    let j = d % {half}u;\n    let inv = exp2(-f32(2u * j) / {} * log2({}));\n    let ang = {sign}pos * inv;\n    let x = {};\n    if (d < {half}u) {{\n        return x * cos(ang) - {} * sin(ang);\n    }}\n    return x * cos(ang) + {} * sin(ang);\n}}\n\n",
         hd * h,
         lit(hd as f32),
-        lit(theta)
+        lit(theta),
+        x.at("i"),
+        x.at(&format!("i + {half}u")),
+        x.at(&format!("i - {half}u")),
     )
 }
 
@@ -952,7 +1025,7 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
     }
     for &o in &group.outputs {
         let name = b.write(o);
-        let _ = writeln!(store, "    {}", walker.store(graph, &name, o, "lin"));
+        let _ = writeln!(store, "    {}", walker.store(&b, &name, o, "lin"));
     }
     store.push_str("}\n\n");
 
@@ -1027,13 +1100,19 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
     let wg = wg_size(target);
     let mut b = Binder::new(graph);
     // One invocation per output element: `body` computes `let v = ...;` from `i`.
-    let per_item = |b: Binder, body: String| -> Result<KernelSrc, KernelError> {
-        let mut b = b;
-        let out = b.write(n);
-        let src = format!("{}{body}    {out}[i] = v;\n}}\n", per_item_main(wg, total));
-        let grid = fold(total.div_ceil(wg as usize) as u64, target)?;
-        Ok(b.finish(&[], &src, grid))
-    };
+    let per_item =
+        |b: Binder, body: &dyn Fn(&Binder) -> String| -> Result<KernelSrc, KernelError> {
+            let mut b = b;
+            let body = body(&b);
+            let out = b.write(n);
+            let src = format!(
+                "{}{body}    {}\n}}\n",
+                per_item_main(wg, total),
+                b.put(&out, "i", "v")
+            );
+            let grid = fold(total.div_ceil(wg as usize) as u64, target)?;
+            Ok(b.finish(&[], &src, grid))
+        };
     match &node.op {
         Op::Permute { perm } => {
             let x = b.read(args[0]);
@@ -1057,22 +1136,29 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             } else {
                 terms.join(" + ")
             };
-            per_item(b, format!("    let v = {x}[{index}];\n"))
+            per_item(b, &|b| format!("    let v = {};\n", b.at(&x, &index)))
         }
         Op::Embedding => {
             let table = b.read(args[0]);
             let ids = b.read(args[1]);
             let (v, d) = (graph.ty(args[0]).shape[0], graph.ty(args[0]).shape[1]);
-            per_item(b, format!("    let id = min({ids}[i / {d}u], {}u);\n    let v = {table}[id * {d}u + i % {d}u];\n", v - 1))
+            per_item(b, &|b| {
+                format!(
+                    "    let id = min({ids}[i / {d}u], {}u);\n    let v = {};\n",
+                    v - 1,
+                    b.at(&table, &format!("id * {d}u + i % {d}u"))
+                )
+            })
         }
         Op::Rope { .. } | Op::RopeGrad { .. } => {
             // The rotation a fused matmul computes in its loads (`rope_fn`), here per element.
             let x = b.read(args[0]);
             let out = b.write(n);
             let src = format!(
-                "{}{}    {out}[i] = rope(i);\n}}\n",
-                rope_fn(graph, n, "rope", &x),
-                per_item_main(wg, total)
+                "{}{}    {}\n}}\n",
+                rope_fn(graph, n, "rope", &b.access(&x)),
+                per_item_main(wg, total),
+                b.put(&out, "i", "rope(i)")
             );
             let grid = fold(total.div_ceil(wg as usize) as u64, target)?;
             Ok(b.finish(&[], &src, grid))
@@ -1082,43 +1168,44 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             let idx = b.read(args[1]);
             let (e, k) = (graph.ty(args[0]).shape[1], shape[1]);
             // An unassigned slot (`NONE`) gathers 0.
-            per_item(b, format!("    let c = {idx}[i];\n    let v = select({x}[(i / {k}u) * {e}u + min(c, {}u)], 0.0, c == {}u);\n", e - 1, RouteLayout::NONE))
+            per_item(b, &|_| {
+                format!("    let c = {idx}[i];\n    let v = select({x}[(i / {k}u) * {e}u + min(c, {}u)], 0.0, c == {}u);\n", e - 1, RouteLayout::NONE)
+            })
         }
         Op::TopKMask { experts } => {
             let idx = b.read(args[0]);
             let k = graph.ty(args[0]).shape[1];
-            per_item(
-                b,
-                format!("    let t = i / {experts}u;\n    let e = i % {experts}u;\n    var v = 0.0;\n    for (var j = 0u; j < {k}u; j = j + 1u) {{\n        if ({idx}[t * {k}u + j] == e) {{\n            v = 1.0;\n        }}\n    }}\n"),
-            )
+            per_item(b, &|_| {
+                format!("    let t = i / {experts}u;\n    let e = i % {experts}u;\n    var v = 0.0;\n    for (var j = 0u; j < {k}u; j = j + 1u) {{\n        if ({idx}[t * {k}u + j] == e) {{\n            v = 1.0;\n        }}\n    }}\n")
+            })
         }
         Op::MoeGather { layout } => {
             let x = b.read(args[0]);
             let route = b.read(args[1]);
             let d = shape[1];
-            per_item(
-                b,
+            per_item(b, &|b| {
                 format!(
-                    "    let slot = {route}[{}u + i / {d}u];\n    var v = 0.0;\n    if (slot != {}u) {{\n        v = {x}[(slot / {}u) * {d}u + i % {d}u];\n    }}\n",
+                    "    let slot = {route}[{}u + i / {d}u];\n    var v = 0.0;\n    if (slot != {}u) {{\n        v = {};\n    }}\n",
                     layout.row_slot_at(),
                     RouteLayout::NONE,
-                    layout.k
-                ),
-            )
+                    b.at(&x, &format!("(slot / {}u) * {d}u + i % {d}u", layout.k)),
+                )
+            })
         }
         Op::MoeCombine { layout } => {
             let yp = b.read(args[0]);
             let w = b.read(args[1]);
             let route = b.read(args[2]);
             let (d, k) = (shape[1], layout.k);
-            per_item(
-                b,
+            per_item(b, &|b| {
                 format!(
-                    "    let t = i / {d}u;\n    var v = 0.0;\n    for (var j = 0u; j < {k}u; j = j + 1u) {{\n        let r = {route}[{}u + t * {k}u + j];\n        if (r != {}u) {{\n            v = v + {w}[t * {k}u + j] * {yp}[r * {d}u + i % {d}u];\n        }}\n    }}\n",
+                    "    let t = i / {d}u;\n    var v = 0.0;\n    for (var j = 0u; j < {k}u; j = j + 1u) {{\n        let r = {route}[{}u + t * {k}u + j];\n        if (r != {}u) {{\n            v = v + {} * {};\n        }}\n    }}\n",
                     layout.slot_row_at(),
-                    RouteLayout::NONE
-                ),
-            )
+                    RouteLayout::NONE,
+                    b.at(&w, &format!("t * {k}u + j")),
+                    b.at(&yp, &format!("r * {d}u + i % {d}u")),
+                )
+            })
         }
         Op::TopK { k } => {
             b.read_as(args[0], "x");
@@ -1224,7 +1311,10 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             } else {
                 red_terms.join(" + ")
             };
-            per_item(b, format!("    let base = {base_expr};\n    var v = 0.0;\n    for (var r = 0u; r < {count}u; r = r + 1u) {{\n        v = v + {x}[base + {red_expr}];\n    }}\n"))
+            let term = b.at(&x, &format!("base + {red_expr}"));
+            per_item(b, &|_| {
+                format!("    let base = {base_expr};\n    var v = 0.0;\n    for (var r = 0u; r < {count}u; r = r + 1u) {{\n        v = v + {term};\n    }}\n")
+            })
         }
         // Register-blocked / workgroup-uniform kernels of their own (emit::grad).
         Op::EmbeddingGrad { vocab } => {
@@ -1237,8 +1327,9 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             let n_ids = graph.ty(args[0]).numel();
             let d = graph.ty(args[1]).last();
             let body = format!(
-                "{}    let tok = i;\n    for (var c = 0u; c < {d}u; c = c + 1u) {{\n        {out}[tok * {d}u + c] = 0.0;\n    }}\n    for (var j = 0u; j < {n_ids}u; j = j + 1u) {{\n        if ({ids}[j] == tok) {{\n            for (var c = 0u; c < {d}u; c = c + 1u) {{\n                {out}[tok * {d}u + c] = {out}[tok * {d}u + c] + {g}[j * {d}u + c];\n            }}\n        }}\n    }}\n}}\n",
-                per_item_main(wg, *vocab)
+                "{}    let tok = i;\n    for (var c = 0u; c < {d}u; c = c + 1u) {{\n        {out}[tok * {d}u + c] = 0.0;\n    }}\n    for (var j = 0u; j < {n_ids}u; j = j + 1u) {{\n        if ({ids}[j] == tok) {{\n            for (var c = 0u; c < {d}u; c = c + 1u) {{\n                {out}[tok * {d}u + c] = {out}[tok * {d}u + c] + {};\n            }}\n        }}\n    }}\n}}\n",
+                per_item_main(wg, *vocab),
+                b.at(&g, &format!("j * {d}u + c"))
             );
             let grid = fold(vocab.div_ceil(wg as usize) as u64, target)?;
             Ok(b.finish(&[], &body, grid))
@@ -1269,78 +1360,78 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             let g = b.read(args[0]);
             let idx = b.read(args[1]);
             let k = graph.ty(args[0]).shape[1];
-            per_item(b, format!("    let t = i / {cols}u;\n    let c = i % {cols}u;\n    var v = 0.0;\n    for (var j = 0u; j < {k}u; j = j + 1u) {{\n        if ({idx}[t * {k}u + j] == c) {{\n            v = v + {g}[t * {k}u + j];\n        }}\n    }}\n"))
+            per_item(b, &|_| {
+                format!("    let t = i / {cols}u;\n    let c = i % {cols}u;\n    var v = 0.0;\n    for (var j = 0u; j < {k}u; j = j + 1u) {{\n        if ({idx}[t * {k}u + j] == c) {{\n            v = v + {g}[t * {k}u + j];\n        }}\n    }}\n")
+            })
         }
         Op::MoeGatherGrad { layout } => {
             let gp = b.read(args[0]);
             let route = b.read(args[1]);
             let (d, k) = (shape[1], layout.k);
-            per_item(
-                b,
+            per_item(b, &|b| {
                 format!(
-                    "    let t = i / {d}u;\n    var v = 0.0;\n    for (var j = 0u; j < {k}u; j = j + 1u) {{\n        let r = {route}[{}u + t * {k}u + j];\n        if (r != {}u) {{\n            v = v + {gp}[r * {d}u + i % {d}u];\n        }}\n    }}\n",
+                    "    let t = i / {d}u;\n    var v = 0.0;\n    for (var j = 0u; j < {k}u; j = j + 1u) {{\n        let r = {route}[{}u + t * {k}u + j];\n        if (r != {}u) {{\n            v = v + {};\n        }}\n    }}\n",
                     layout.slot_row_at(),
-                    RouteLayout::NONE
-                ),
-            )
+                    RouteLayout::NONE,
+                    b.at(&gp, &format!("r * {d}u + i % {d}u")),
+                )
+            })
         }
         Op::MoeCombineGradRows { layout } => {
             let dy = b.read(args[0]);
             let w = b.read(args[1]);
             let route = b.read(args[2]);
             let d = shape[1];
-            per_item(
-                b,
+            per_item(b, &|b| {
                 format!(
-                    "    let slot = {route}[{}u + i / {d}u];\n    var v = 0.0;\n    if (slot != {}u) {{\n        v = {w}[slot] * {dy}[(slot / {}u) * {d}u + i % {d}u];\n    }}\n",
+                    "    let slot = {route}[{}u + i / {d}u];\n    var v = 0.0;\n    if (slot != {}u) {{\n        v = {} * {};\n    }}\n",
                     layout.row_slot_at(),
                     RouteLayout::NONE,
-                    layout.k
-                ),
-            )
+                    b.at(&w, "slot"),
+                    b.at(&dy, &format!("(slot / {}u) * {d}u + i % {d}u", layout.k)),
+                )
+            })
         }
         Op::MoeCombineGradWeights { layout } => {
             let dy = b.read(args[0]);
             let yp = b.read(args[1]);
             let route = b.read(args[2]);
             let d = graph.ty(args[0]).shape[1];
-            per_item(
-                b,
+            per_item(b, &|b| {
                 format!(
-                    "    let r = {route}[{}u + i];\n    var v = 0.0;\n    if (r != {}u) {{\n        let t = i / {}u;\n        for (var c = 0u; c < {d}u; c = c + 1u) {{\n            v = v + {dy}[t * {d}u + c] * {yp}[r * {d}u + c];\n        }}\n    }}\n",
+                    "    let r = {route}[{}u + i];\n    var v = 0.0;\n    if (r != {}u) {{\n        let t = i / {}u;\n        for (var c = 0u; c < {d}u; c = c + 1u) {{\n            v = v + {} * {};\n        }}\n    }}\n",
                     layout.slot_row_at(),
                     RouteLayout::NONE,
-                    layout.k
-                ),
-            )
+                    layout.k,
+                    b.at(&dy, &format!("t * {d}u + c")),
+                    b.at(&yp, &format!("r * {d}u + c")),
+                )
+            })
         }
         Op::SliceCols { start, len } => {
             let x = b.read(args[0]);
             let cols = graph.ty(args[0]).shape[1];
-            per_item(
-                b,
-                format!("    let v = {x}[(i / {len}u) * {cols}u + {start}u + i % {len}u];\n"),
-            )
+            per_item(b, &|_| {
+                format!("    let v = {x}[(i / {len}u) * {cols}u + {start}u + i % {len}u];\n")
+            })
         }
         Op::RouteLoad { layout } => {
             let route = b.read(args[0]);
-            per_item(
-                b,
-                format!("    let v = f32({route}[{}u + i]);\n", layout.counts_at()),
-            )
+            per_item(b, &|_| {
+                format!("    let v = f32({route}[{}u + i]);\n", layout.counts_at())
+            })
         }
         Op::ExpertChoice { capacity } => {
             // Invocation (t, e): expert e takes token t when fewer than `capacity` tokens outrank it in
             // column e (higher score, or equal score and lower token).
             let x = b.read(args[0]);
             let (t, e) = (shape[0], shape[1]);
-            per_item(
-                b,
+            per_item(b, &|_| {
                 format!(
                     "    let tok = i / {e}u;\n    let ex = i % {e}u;\n    let s = {x}[i];\n    var rank = 0u;\n    for (var u = 0u; u < {t}u; u = u + 1u) {{\n        let o = {x}[u * {e}u + ex];\n        if (o > s || (o == s && u < tok)) {{\n            rank = rank + 1u;\n        }}\n    }}\n    let v = select({}u, ex, rank < {capacity}u);\n",
                     RouteLayout::NONE
-                ),
-            )
+                )
+            })
         }
         Op::Sinkhorn { iters } => {
             b.read_as(args[0], "logits");
@@ -1401,7 +1492,11 @@ pub(crate) fn copy_kernel(
     let x = b.read(id);
     // The destination is keyed by the output node itself: emit() gives it a fresh Output buffer.
     let out = b.write(id);
-    let src = format!("{}    {out}[i] = {x}[i];\n}}\n", per_item_main(wg, total));
+    let src = format!(
+        "{}    {}\n}}\n",
+        per_item_main(wg, total),
+        b.put(&out, "i", &b.at(&x, "i"))
+    );
     let grid = fold(total.div_ceil(wg as usize) as u64, target)?;
     Ok(b.finish(&[], &src, grid))
 }

@@ -54,7 +54,7 @@ pub fn random_feeds(g: &Graph, seed: u64) -> HashMap<String, Value> {
                         .collect(),
                 )
             }
-            moec_compiler::ir::DType::F32 => Value::F64(
+            moec_compiler::ir::DType::F32 | moec_compiler::ir::DType::F16 => Value::F64(
                 (0..ty.numel())
                     .map(|_| rng.random_range(-1.0..1.0))
                     .collect(),

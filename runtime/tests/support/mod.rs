@@ -58,7 +58,7 @@ pub fn run_gpu(
         .iter()
         .map(|(name, id)| {
             let v = match graph.ty(*id).dtype {
-                DType::F32 => exec
+                DType::F32 | DType::F16 => exec
                     .read_f32(name)
                     .unwrap()
                     .into_iter()
