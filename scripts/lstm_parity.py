@@ -1,16 +1,22 @@
 #!/usr/bin/env python3
-"""LSTM parity: do a moec `family = lstm` language model's logits equal PyTorch's?
+"""LSTM parity: do a moec `family = lstm` model's logits equal PyTorch's?
 
 Builds the model in PyTorch from a moec checkpoint, with code moec does not share: one
-`torch.nn.LSTM(in, dim, num_layers=1, batch_first=True)` per layer loaded from the checkpoint's
-`model.layers.N.lstm.*` tensors as they are, a flat top-k MoE with a residual after the MoE blocks
-(router `block_sparse_moe.gate.weight`, per-expert `experts.E.w{1,2,3}.weight`), and the LM head.
+`torch.nn.LSTM(in, dim, num_layers=1, batch_first=True)` per layer (`bidirectional=True` when the
+checkpoint has `_reverse` weights) loaded from the checkpoint's `model.layers.N.lstm.*` tensors as they
+are, a flat top-k MoE with a residual after the MoE blocks (router `block_sparse_moe.gate.weight`,
+per-expert `experts.E.w{1,2,3}.weight`), and the head: the LM head on every position for a language
+model; for a sequence classifier `classifier.{weight,bias}` on PyTorch's h_n of the last layer's output
+(forward half at the last step, reverse half at the first).
 The router is evaluated as moec evaluates it (no noise): softmax over the experts, top-k, the
 selected probabilities renormalised, which is also `noisy_top_k`'s G = softmax(KeepTopK(H, k)).
-moec's side is `moec forward --checkpoint CKPT --tokens IDS --dump-logits FILE.npy` (the GPU plan).
+moec's side is `moec forward --checkpoint CKPT --dump-logits FILE.npy` (the GPU plan), with
+`--tokens IDS` (random ids) for a language model and `--dump-inputs` for a classifier (moec's seeded
+random features of one training batch, fed to PyTorch as they are).
 Runs in float64; exit status 1 when max |moec - torch| / max |torch| exceeds --tol (1e-4).
 
     /work/venv/bin/python scripts/lstm_parity.py runs/shazeer_lstm_flat --experts-act relu --top-k 2
+    /work/venv/bin/python scripts/lstm_parity.py runs/lstm_bidirectional --experts-act relu --top-k 2
 """
 
 import argparse
@@ -68,24 +74,41 @@ def build(w, act, top_k):
     while f"model.layers.{n}.lstm.weight_ih_l0" in w:
         p = f"model.layers.{n}.lstm"
         four_h, inp = w[f"{p}.weight_ih_l0"].shape
-        lstm = torch.nn.LSTM(inp, four_h // 4, num_layers=1, batch_first=True).double()
-        lstm.load_state_dict({k: w[f"{p}.{k}"] for k in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")})
+        bidirectional = f"{p}.weight_ih_l0_reverse" in w
+        lstm = torch.nn.LSTM(inp, four_h // 4, num_layers=1, batch_first=True, bidirectional=bidirectional)
+        # Every tensor under the layer's prefix, by nn.LSTM's own names (strict: none missing or extra).
+        lstm.double().load_state_dict({k[len(p) + 1 :]: v for k, v in w.items() if k.startswith(f"{p}.")})
         moe_prefix = f"model.layers.{n}.block_sparse_moe"
         moe = Moe(w, moe_prefix, act, top_k) if f"{moe_prefix}.gate.weight" in w else None
         layers.append((lstm, moe))
         n += 1
-    emb = w["model.embed_tokens.weight"]
-    head = w.get("lm_head.weight", emb)
 
-    def forward(ids):
-        x = emb[torch.tensor(ids)][None]
+    def body(x):
         for lstm, moe in layers:
             x, _ = lstm(x)
             if moe is not None:
                 x = x + moe(x)
-        return (x @ head.T)[0]
+        return x
 
-    return forward
+    if "classifier.weight" in w:
+        # h_n of the last layer's output: the forward half after the last step, the reverse half
+        # after its own last step, t = 0.
+        def classify(features):
+            y = body(features)
+            dim = layers[-1][0].hidden_size
+            h_n = y[:, -1, :dim]
+            if layers[-1][0].bidirectional:
+                h_n = torch.cat([h_n, y[:, 0, dim:]], dim=-1)
+            return h_n @ w["classifier.weight"].T + w["classifier.bias"]
+
+        return classify
+    emb = w["model.embed_tokens.weight"]
+    head = w.get("lm_head.weight", emb)
+    return lambda ids: (body(emb[torch.tensor(ids)][None]) @ head.T)[0]
+
+
+def layers_input_width(w):
+    return w["model.layers.0.lstm.weight_ih_l0"].shape[1]
 
 
 def main():
@@ -93,28 +116,42 @@ def main():
     parser.add_argument("checkpoint", help="a moec run directory or its checkpoint.safetensors")
     parser.add_argument("--experts-act", default="relu", choices=["relu", "gelu", "swiglu"])
     parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--length", type=int, default=50, help="random ids to draw (at most the context)")
+    parser.add_argument("--length", type=int, default=50, help="random ids to draw (LM; at most the context)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--moec", default=os.path.join(REPO, "target", "release", "moec"))
     parser.add_argument("--tol", type=float, default=1e-4)
     args = parser.parse_args()
 
     w = {k: v.double() for k, v in load_file(checkpoint_file(args.checkpoint)).items()}
-    vocab = w["model.embed_tokens.weight"].shape[0]
-    ids = np.random.default_rng(args.seed).integers(0, vocab, size=args.length).tolist()
+    model = build(w, args.experts_act, args.top_k)
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "logits.npy")
-        cmd = [args.moec, "forward", "--checkpoint", args.checkpoint, "--tokens", ",".join(map(str, ids)), "--dump-logits", out]
+        out, inputs = os.path.join(tmp, "logits.npy"), os.path.join(tmp, "inputs.npy")
+        cmd = [args.moec, "forward", "--checkpoint", args.checkpoint, "--dump-logits", out]
+        if "classifier.weight" in w:
+            what = "features"
+            cmd += ["--dump-inputs", inputs, "--seed", str(args.seed)]
+        else:
+            vocab = w["model.embed_tokens.weight"].shape[0]
+            ids = np.random.default_rng(args.seed).integers(0, vocab, size=args.length).tolist()
+            what = f"{len(ids)} tokens, vocab {vocab}"
+            cmd += ["--tokens", ",".join(map(str, ids))]
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
         ours = np.load(out).astype(np.float64)
-    with torch.no_grad():
-        theirs = build(w, args.experts_act, args.top_k)(ids).numpy()
+        with torch.no_grad():
+            if "classifier.weight" in w:
+                features = torch.from_numpy(np.load(inputs).astype(np.float64))
+                batch, width = features.shape
+                steps = width // layers_input_width(w)
+                what = f"{batch} sequences of {steps} steps"
+                theirs = model(features.reshape(batch, steps, -1)).numpy()
+            else:
+                theirs = model(ids).numpy()
     if ours.shape != theirs.shape:
         sys.exit(f"moec's logits have shape {ours.shape}, torch's {theirs.shape}")
     diff = np.abs(ours - theirs)
     scale = np.abs(theirs).max()
-    print(f"nn.LSTM + MoE: {len(ids)} tokens, vocab {vocab}, max |logit| {scale:.4f}")
+    print(f"nn.LSTM + MoE: {what}, max |logit| {scale:.4f}")
     print(f"max abs error {diff.max():.3e}, max error / max |logit| {diff.max() / scale:.3e} (tol {args.tol:.0e})")
     print(f"argmax agreement {100 * (ours.argmax(-1) == theirs.argmax(-1)).mean():.1f}%")
     if not diff.max() / scale <= args.tol:

@@ -13,7 +13,6 @@ use moec_runtime::memory::MemoryReport;
 use moec_runtime::optim::OptimSettings;
 use moec_runtime::train::{TrainOptions, Trainer};
 use moec_runtime::Gpu;
-use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// What to time.
@@ -102,12 +101,7 @@ fn time(loaded: &Loaded, args: &Args, fusion: bool, gpu: &Gpu) -> Result<Row> {
         .into_diagnostic()?;
     let out_dir =
         std::env::temp_dir().join(format!("moec-bench-{}-{}", std::process::id(), fusion));
-    let spec_dir = loaded
-        .path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
+    let spec_dir = loaded.dir();
     let options = TrainOptions {
         out_dir: out_dir.clone(),
         resume: false,

@@ -74,6 +74,8 @@ pub struct Args {
     pub dump_logits: Option<PathBuf>,
     /// Where to write every MoE block's routing ([`crate::router_dump`]).
     pub dump_router: Option<PathBuf>,
+    /// Where to write the batch's `tokens` or `features` input.
+    pub dump_inputs: Option<PathBuf>,
 }
 
 /// The graph inputs that carry the batch; every other input is model state (router state, noise).
@@ -164,6 +166,9 @@ pub fn run(source: Source<'_>, args: &Args, gpu: &Gpu) -> Result<()> {
     let t0 = Instant::now();
     let reference = interp::run_outputs(&compiled.graph, &all_feeds).into_diagnostic()?;
     let cpu_time = t0.elapsed();
+    if let Some(path) = &args.dump_inputs {
+        dump_inputs(&compiled.graph, &all_feeds, path)?;
+    }
     if let Some(dir) = &args.dump_router {
         crate::router_dump::dump(spec, &compiled.graph, &all_feeds, batch, dir)?;
     }
@@ -272,6 +277,26 @@ fn dump_logits(
         .into_diagnostic()
         .wrap_err_with(|| format!("cannot write `{}`", path.display()))?;
     println!("wrote logits {shape:?} to {}", path.display());
+    Ok(())
+}
+
+/// Writes the batch's model input (`tokens`, or a classifier's `features`) to `path` as `.npy`, in
+/// its graph shape; the targets are left out (no peer needs them to compare logits).
+fn dump_inputs(graph: &Graph, feeds: &HashMap<String, Value>, path: &Path) -> Result<()> {
+    let (name, ty) = graph
+        .data_inputs()
+        .into_iter()
+        .find(|(_, name, _)| name == "tokens" || name == "features")
+        .map(|(_, name, ty)| (name, ty))
+        .ok_or_else(|| miette::miette!("the model has no `tokens` or `features` input to dump"))?;
+    let bytes = match &feeds[&name] {
+        Value::U32(ids) => npy_u32(&ty.shape, ids),
+        other => npy_f32(&ty.shape, &other.to_f32()),
+    };
+    std::fs::write(path, bytes)
+        .into_diagnostic()
+        .wrap_err_with(|| format!("cannot write `{}`", path.display()))?;
+    println!("wrote {name} {:?} to {}", ty.shape, path.display());
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use miette::{Context, IntoDiagnostic, Result};
 use moec_compiler::emit::Target;
-use moec_compiler::spec::Spec;
+use moec_compiler::spec::{Data, Spec};
 use moec_compiler::Compiled;
 use moec_runtime::{AdapterChoice, Gpu};
 use std::path::{Path, PathBuf};
@@ -110,6 +110,10 @@ enum Command {
         /// and balancing terms to DIR as NumPy .npy files, e.g. for scripts/megatron_parity.py.
         #[arg(long, value_name = "DIR")]
         dump_router: Option<PathBuf>,
+        /// Write the batch fed to the model (`tokens` as u32 or a classifier's `features` as f32) to
+        /// FILE as NumPy .npy, so that a peer model sees the same inputs (scripts/lstm_parity.py).
+        #[arg(long, value_name = "FILE")]
+        dump_inputs: Option<PathBuf>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         #[arg(long)]
@@ -241,6 +245,31 @@ pub fn load(path: &Path) -> Result<Loaded> {
     })
 }
 
+impl Loaded {
+    /// The directory the spec's data paths are relative to.
+    pub fn dir(&self) -> PathBuf {
+        self.path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."))
+    }
+
+    /// Warns when the spec's `cifar10(dir)` directory does not exist: `check` lets such a spec through
+    /// so that it checks and builds without the separate download, but `moec train` will need it.
+    fn warn_missing_data(&self) {
+        if let Some(Data::Cifar10 { dir }) = self.spec.train.as_ref().map(|t| &t.data) {
+            let full = self.dir().join(dir);
+            if !full.exists() {
+                eprintln!(
+                    "warning: the CIFAR-10 directory `{dir}` does not exist ({}); `moec train` needs the extracted `cifar-10-batches-bin` there",
+                    full.display()
+                );
+            }
+        }
+    }
+}
+
 pub fn batch_of(spec: &Spec, batch: Option<usize>) -> usize {
     batch.or(spec.train.as_ref().map(|t| t.batch)).unwrap_or(1)
 }
@@ -265,6 +294,7 @@ fn main() -> Result<()> {
             adapter,
         } => {
             let loaded = load(&spec)?;
+            loaded.warn_missing_data();
             let adapter = if no_device {
                 check::Adapter {
                     target: Target::default(),
@@ -291,6 +321,7 @@ fn main() -> Result<()> {
             adapter,
         } => {
             let loaded = load(&spec)?;
+            loaded.warn_missing_data();
             let batch = batch_of(&loaded.spec, batch);
             let target = match adapter {
                 Some(name) => Gpu::new(&AdapterChoice { name: Some(name) })
@@ -354,6 +385,7 @@ fn main() -> Result<()> {
             tokens,
             dump_logits,
             dump_router,
+            dump_inputs,
             seed,
             no_fuse,
             profile,
@@ -367,6 +399,7 @@ fn main() -> Result<()> {
                 tokens,
                 dump_logits,
                 dump_router,
+                dump_inputs,
             };
             let loaded = spec.as_deref().map(load).transpose()?;
             let source = match (&loaded, &checkpoint) {

@@ -49,12 +49,7 @@ pub fn run(loaded: &Loaded, args: &Args, gpu: &Gpu) -> Result<()> {
         .out
         .clone()
         .unwrap_or_else(|| Path::new("runs").join(&spec.name));
-    let spec_dir = loaded
-        .path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
+    let spec_dir = loaded.dir();
     let options = TrainOptions {
         out_dir: out_dir.clone(),
         resume: args.resume,

@@ -307,3 +307,75 @@ fn shampoo_and_muon_resume_exactly_and_report_router_logits() {
         }
     }
 }
+
+const LSTM_LM: &str = "model lstm_tiny {
+  family = lstm
+  vocab = 32
+  dim = 16
+  layers = 2
+  context = 8
+  moe {
+    experts = 4
+    top_k = 2
+    expert = relu(hidden = 16)
+    gate = noisy_top_k(noise = 1.0)
+    balance = cv2(importance = 0.1, load = 0.1)
+  }
+}
+train {
+  data = synthetic(kind = markov, seed = 5)
+  batch = 4
+  steps = 6
+  optimizer = adamw(lr = 1e-2)
+  log = every(1)
+  eval = every(6, batches = 1)
+  checkpoint = every(3)
+}
+";
+
+/// An LSTM LM with a noisy gate killed after 3 of 6 steps and resumed logs the losses of the run that
+/// was never stopped, bit for bit: the checkpoint holds every LSTM weight and the noise is replayed.
+#[test]
+fn an_lstm_lm_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write(dir.path(), "lstm.moe", LSTM_LM);
+    let full = dir.path().join("full");
+    let (ok, out) = moec(&["train", &spec, "--out", full.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let losses = logged_losses(&full);
+    assert_eq!(losses.len(), 6, "{out}");
+    let resumed = dir.path().join("resumed");
+    let resumed = resumed.to_str().unwrap();
+    let (ok, out) = moec(&["train", &spec, "--out", resumed, "--steps", "3"]);
+    assert!(ok, "{out}");
+    let (ok, out) = moec(&["train", &spec, "--out", resumed, "--resume"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("resuming from step 3 of 6"), "{out}");
+    assert_eq!(logged_losses(Path::new(resumed)), losses);
+}
+
+/// specs/lstm-cifar10.moe checks and builds without the CIFAR-10 download (with a warning), and
+/// training it without the data is an error naming the missing files, not a panic.
+#[test]
+fn the_lstm_cifar10_spec_checks_without_its_data_and_training_says_what_is_missing() {
+    let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("specs/lstm-cifar10.moe");
+    let dir = tempfile::tempdir().unwrap();
+    let copy = write(
+        dir.path(),
+        "lstm-cifar10.moe",
+        &std::fs::read_to_string(&spec).unwrap(),
+    );
+    let (ok, out) = moec(&["check", &copy, "--no-device"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("lstm_cifar10") && out.contains("warning: the CIFAR-10 directory"),
+        "{out}"
+    );
+    let run = dir.path().join("run");
+    let (ok, out) = moec(&["train", &copy, "--out", run.to_str().unwrap()]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("lacks") && out.contains("data_batch_1.bin") && !out.contains("panicked"),
+        "{out}"
+    );
+}

@@ -37,6 +37,10 @@
 //! - `text(...)` needs `vocab >= 256`; `cifar10(...)` needs `family = mlp`, `inputs = 3072` (or
 //!   `family = lstm`, `inputs = 96`, `context = 32`: rows of pixels) and `classes = 10`; the data must
 //!   hold at least one sequence of `context + 1` tokens.
+//! - A `cifar10(dir)` directory that does not exist is accepted (docs/DECISIONS.md, "lstm"): the data
+//!   set is a separate 170 MB download, so a spec must check and build without it; `moec check` and
+//!   `moec build` warn, and training stops with the runtime's missing-files error. A directory that
+//!   exists but holds no batch files is still an error.
 //! - An `lstm` model with `vocab` is a language model (no `inputs`/`classes`, no `bidirectional`: it
 //!   would see the token it predicts); without one it is a sequence classifier (`inputs`, `classes`,
 //!   `context` steps). Its default MoE placement is after every LSTM layer but the last.
@@ -1401,9 +1405,14 @@ impl Checker {
         Ok(usize::try_from(meta.len()).unwrap_or(usize::MAX))
     }
 
+    /// A readable directory with CIFAR-10 batch files, or one that does not exist yet (module docs).
     fn readable_dir(&self, path: &str, span: Span) -> Result<()> {
         let full = self.resolve(path);
-        let entries = std::fs::read_dir(&full).map_err(|e| {
+        let entries = match std::fs::read_dir(&full) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            entries => entries,
+        };
+        let entries = entries.map_err(|e| {
             self.err(
                 span,
                 format!(

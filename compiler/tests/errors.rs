@@ -275,3 +275,33 @@ fn data_files_are_checked_relative_to_the_spec() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// CIFAR-10 is a separate download, so a spec naming a directory that does not exist yet checks (the
+/// CLI warns, training fails on the missing files); an existing directory without batch files is a
+/// wrong path and stays an error (docs/DECISIONS.md, "lstm").
+#[test]
+fn a_missing_cifar10_directory_checks_but_one_without_batches_does_not() {
+    let dir = std::env::temp_dir().join(format!("moec-check-cifar-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("empty")).unwrap();
+    let spec_path = dir.join("spec.moe");
+    let with = |data: &str| {
+        format!(
+            "model c {{\n  family = lstm\n  inputs = 96\n  classes = 10\n  context = 32\n  dim = 8\n  layers = 2\n  moe {{\n    experts = 2\n  }}\n}}\ntrain {{\n  data = cifar10(\"{data}\")\n  batch = 8\n  steps = 1\n}}\n"
+        )
+    };
+    let ok =
+        check(&with("not/downloaded"), &spec_path).unwrap_or_else(|d| panic!("{}", d.render()));
+    assert_eq!(
+        ok.train.unwrap().data,
+        moec_compiler::spec::Data::Cifar10 {
+            dir: "not/downloaded".into()
+        }
+    );
+    let empty = check(&with("empty"), &spec_path).unwrap_err();
+    assert!(
+        empty.message().contains("holds no CIFAR-10 batch files"),
+        "{}",
+        empty.render()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -12,7 +12,7 @@
 //! Init: weights N(0, 1/(3·dim)), the variance of PyTorch's U(±1/√dim); biases 0.
 //! Classifier head: `classifier.{weight,bias}` as the `mlp` family's.
 
-use super::{Lower, LowerError, INIT_STD};
+use super::{Lower, LowerError};
 use crate::ir::{BinaryOp, Init, NodeId, Op, TensorType};
 
 impl Lower<'_> {
@@ -34,10 +34,13 @@ impl Lower<'_> {
                 }
                 let tokens = self.g.input("tokens", TensorType::u32(&[batch, t]));
                 let targets = self.g.input("targets", TensorType::u32(&[batch, t]));
+                // N(0, 1), PyTorch nn.Embedding's init: no normalisation layer rescales the LSTM's
+                // input, and with the transformer's N(0, 0.02) the gates barely see the tokens, so
+                // the model sits at the unigram loss for hundreds of steps (docs/DECISIONS.md).
                 let emb = self.g.param(
                     "model.embed_tokens.weight",
                     &[vocab, m.dim],
-                    Init::Normal { std: INIT_STD },
+                    Init::Normal { std: 1.0 },
                 );
                 let x = self.add(Op::Embedding, &[emb, tokens], "model.embed_tokens")?;
                 (x, Head::Lm { emb, targets })
