@@ -6,9 +6,11 @@
 use crate::Loaded;
 use miette::{IntoDiagnostic, Result};
 use moec_compiler::emit::Target;
+use moec_compiler::plan::BufferRole;
 use moec_compiler::spec::{Recompute, Spec};
 use moec_compiler::stats::{human_bytes, stats, thousands};
 use moec_runtime::memory::{for_spec, MemoryReport};
+use moec_runtime::optim::OptimSettings;
 
 /// The adapter `check` compares against.
 pub struct Adapter {
@@ -76,7 +78,18 @@ pub fn run(loaded: &Loaded, adapter: &Adapter) -> Result<()> {
             },
             human_bytes(r.total())
         ),
-        None => "not even at batch 1 with `recompute = block`".into(),
+        None => {
+            if let Some((name, bytes)) = parameter_over(spec, &adapter.target, budget)? {
+                miette::bail!(
+                    "`{}` cannot fit in {} ({}) at any batch or recompute level: parameter `{name}` alone needs {} (weights, gradient and optimizer state)",
+                    spec.name,
+                    human_bytes(budget),
+                    adapter.name,
+                    human_bytes(bytes)
+                );
+            }
+            "not even at batch 1 with `recompute = block`".into()
+        }
     };
     miette::bail!(
         "`{}` needs {} but {} has {}; it fits {advice}",
@@ -118,6 +131,30 @@ fn what_fits(
         }
     }
     Ok(None)
+}
+
+/// The largest parameter whose weights, gradient and optimizer state alone exceed `budget`: no batch
+/// or recompute level can help then, and the error names the tensor.
+fn parameter_over(spec: &Spec, target: &Target, budget: u64) -> Result<Option<(String, u64)>> {
+    let Some(train) = &spec.train else {
+        return Ok(None);
+    };
+    let plan = moec_compiler::compile_training(spec, 1, target, true)
+        .into_diagnostic()?
+        .plan;
+    let settings = OptimSettings::from_train(train);
+    let largest = plan
+        .buffers
+        .iter()
+        .filter_map(|b| match &b.role {
+            BufferRole::Param { name, shape, .. } => Some((
+                name.clone(),
+                2 * b.allocated() + settings.param_bytes(name, shape),
+            )),
+            _ => None,
+        })
+        .max_by_key(|(_, bytes)| *bytes);
+    Ok(largest.filter(|(_, bytes)| *bytes > budget))
 }
 
 /// Total memory of this machine (`MemTotal` of `/proc/meminfo`), what a CPU adapter allocates from.

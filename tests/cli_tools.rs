@@ -203,3 +203,27 @@ fn byte_level_prompt_and_eval_on_a_given_text_file() {
         "ppl {ppl} vs e^{loss}"
     );
 }
+
+/// `moec check --memory`: the exact peak against a budget; a budget under the peak names the change
+/// that fits, and one under a single parameter's weights, gradient and AdamW state names that tensor.
+#[test]
+fn check_compares_the_peak_with_a_memory_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("tools_tiny.moe");
+    std::fs::write(&spec, SPEC).unwrap();
+    let spec = spec.to_str().unwrap();
+    let (ok, out, err) = moec(&["check", spec, "--no-device", "--memory", "1GiB"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("peak (allocated)") && out.contains("fits"),
+        "{out}"
+    );
+    // An expert stack [4, 32, 32] f32: 16 KiB weights + 16 KiB gradient + 32 KiB AdamW state (and
+    // its info block) is the largest parameter, over a 40 KiB budget on its own.
+    let (ok, _, err) = moec(&["check", spec, "--no-device", "--memory", "40KiB"]);
+    assert!(!ok);
+    assert!(
+        err.contains("block_sparse_moe.experts.w") && err.contains("alone needs 64"),
+        "{err}"
+    );
+}
