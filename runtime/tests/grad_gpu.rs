@@ -307,24 +307,7 @@ model tiny_moe {
 /// biases) c ± 0.3, token ids and targets uniform over the vocabulary.
 fn model_feeds(g: &Graph, vocab: u32, seed: u64) -> HashMap<String, Value> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut feeds = HashMap::new();
-    for (id, name, ty) in g.params() {
-        let v: Vec<f32> = match g.node(id).op {
-            Op::Param {
-                init: Init::Constant(c),
-                ..
-            } => (0..ty.numel())
-                .map(|_| c + rng.random_range(-0.3..0.3))
-                .collect(),
-            _ => {
-                let bound = (3.0 / ty.last() as f32).sqrt();
-                (0..ty.numel())
-                    .map(|_| rng.random_range(-bound..bound))
-                    .collect()
-            }
-        };
-        feeds.insert(name, Value::F32(v));
-    }
+    let mut feeds = unit_variance_params(g, &mut rng);
     for (_, name, ty) in g.data_inputs() {
         if name.starts_with("jitter.") {
             // Switch jitter: U(1 - ε, 1 + ε), ε = 0.1.

@@ -29,24 +29,7 @@ use support::*;
 /// below `ids`, other f32 inputs (features, noise) U(-1, 1).
 fn feeds(g: &Graph, ids: u32, seed: u64) -> HashMap<String, Value> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut out = HashMap::new();
-    for (id, name, ty) in g.params() {
-        let v: Vec<f32> = match g.node(id).op {
-            Op::Param {
-                init: Init::Constant(c),
-                ..
-            } => (0..ty.numel())
-                .map(|_| c + rng.random_range(-0.3..0.3))
-                .collect(),
-            _ => {
-                let bound = (3.0 / ty.last() as f32).sqrt();
-                (0..ty.numel())
-                    .map(|_| rng.random_range(-bound..bound))
-                    .collect()
-            }
-        };
-        out.insert(name, Value::F32(v));
-    }
+    let mut out = unit_variance_params(g, &mut rng);
     for (_, name, ty) in g.data_inputs() {
         let v = match ty.dtype {
             DType::U32 => Value::U32((0..ty.numel()).map(|_| rng.random_range(0..ids)).collect()),

@@ -13,7 +13,7 @@
 use moec_compiler::autodiff::{training_graph, SEED};
 use moec_compiler::check::check;
 use moec_compiler::interp::Value;
-use moec_compiler::ir::{DType, Graph, Init, Op};
+use moec_compiler::ir::{DType, Graph};
 use moec_compiler::lower::lower;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -29,24 +29,7 @@ const MODEL_FLOOR: f64 = 1e-4;
 /// Unit-variance parameters and the routing inputs as the runtime feeds them in training.
 fn model_feeds(g: &Graph, seed: u64) -> HashMap<String, Value> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut feeds = HashMap::new();
-    for (id, name, ty) in g.params() {
-        let v: Vec<f32> = match g.node(id).op {
-            Op::Param {
-                init: Init::Constant(c),
-                ..
-            } => (0..ty.numel())
-                .map(|_| c + rng.random_range(-0.3..0.3))
-                .collect(),
-            _ => {
-                let bound = (3.0 / ty.last() as f32).sqrt();
-                (0..ty.numel())
-                    .map(|_| rng.random_range(-bound..bound))
-                    .collect()
-            }
-        };
-        feeds.insert(name, Value::F32(v));
-    }
+    let mut feeds = unit_variance_params(g, &mut rng);
     for (_, name, ty) in g.data_inputs() {
         let n = ty.numel();
         let v = match ty.dtype {

@@ -5,8 +5,10 @@
 use moec_compiler::emit::{emit, MatmulVariant, Target};
 use moec_compiler::fuse::{fuse, FuseOptions};
 use moec_compiler::interp::{self, Precision, Value};
-use moec_compiler::ir::{DType, Graph, Op};
+use moec_compiler::ir::{DType, Graph, Init, Op};
 use moec_runtime::{AdapterChoice, Executor, Gpu};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
@@ -176,4 +178,29 @@ pub fn selection_margin(g: &Graph, feeds: &HashMap<String, Value>) -> f64 {
         }
     }
     margin
+}
+
+/// Unit-variance parameters, drawn first from `rng` in `g.params()` order: weights U(±√(3/fan_in)),
+/// constant-initialised params (norm weights, biases) c ± 0.3. The 0.02 init would make every
+/// gradient tiny; the callers add their graph's data inputs after these.
+pub fn unit_variance_params(g: &Graph, rng: &mut ChaCha8Rng) -> HashMap<String, Value> {
+    let mut feeds = HashMap::new();
+    for (id, name, ty) in g.params() {
+        let v: Vec<f32> = match g.node(id).op {
+            Op::Param {
+                init: Init::Constant(c),
+                ..
+            } => (0..ty.numel())
+                .map(|_| c + rng.random_range(-0.3..0.3))
+                .collect(),
+            _ => {
+                let bound = (3.0 / ty.last() as f32).sqrt();
+                (0..ty.numel())
+                    .map(|_| rng.random_range(-bound..bound))
+                    .collect()
+            }
+        };
+        feeds.insert(name, Value::F32(v));
+    }
+    feeds
 }
