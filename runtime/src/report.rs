@@ -25,6 +25,7 @@
 
 use crate::metrics::{thousands, MetricsLog, MoeLayerMetrics, Record, RouterLogitStats};
 use plotters::coord::ranged1d::SegmentValue;
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::colors::colormaps::ViridisRGB;
@@ -776,6 +777,39 @@ fn run_color(i: usize) -> RGBColor {
 
 type DrawResult = Result<(), Box<dyn std::error::Error>>;
 
+/// A chart of values over training steps with the report's caption, margins and light mesh, the
+/// mesh already drawn: line figures and router-logit bands look alike.
+fn step_chart<'a, DB: DrawingBackend>(
+    area: &'a DrawingArea<DB, Shift>,
+    caption: &str,
+    y_desc: &str,
+    (x0, x1): (f64, f64),
+    (y0, y1): (f64, f64),
+) -> Result<
+    ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    Box<dyn std::error::Error>,
+>
+where
+    DB::ErrorType: 'static,
+{
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, (FONT, 24))
+        .margin(12)
+        .x_label_area_size(44)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x0..x1, y0..y1)?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc(y_desc)
+        .label_style((FONT, 15))
+        .axis_desc_style((FONT, 17))
+        .light_line_style(RGBColor(235, 235, 235))
+        .x_label_formatter(&|x| format!("{}", x.round() as i64))
+        .draw()?;
+    Ok(chart)
+}
+
 /// How lines are drawn. plotters' bitmap backend turns a thick polyline into one polygon with
 /// unlimited miter joins, so a noisy curve's sharp turns shoot spikes across the whole image; there
 /// each segment is drawn on its own (no joins). SVG viewers join properly: one polyline per line.
@@ -943,22 +977,8 @@ impl Figure for LineFigure {
         } else {
             (x0 - 0.5, x0 + 0.5)
         };
-        let (y0, y1) = padded_range(all().map(|p| p.1));
-        let mut chart = ChartBuilder::on(area)
-            .caption(&self.caption, (FONT, 24))
-            .margin(12)
-            .x_label_area_size(44)
-            .y_label_area_size(70)
-            .build_cartesian_2d(x0..x1, y0..y1)?;
-        chart
-            .configure_mesh()
-            .x_desc("step")
-            .y_desc(self.y_desc.as_str())
-            .label_style((FONT, 15))
-            .axis_desc_style((FONT, 17))
-            .light_line_style(RGBColor(235, 235, 235))
-            .x_label_formatter(&|x| format!("{}", x.round() as i64))
-            .draw()?;
+        let y = padded_range(all().map(|p| p.1));
+        let mut chart = step_chart(area, &self.caption, &self.y_desc, (x0, x1), y)?;
         let mut labelled = false;
         for line in &self.lines {
             let color = line.color;
@@ -1023,23 +1043,9 @@ impl Figure for Bands {
         DB::ErrorType: 'static,
     {
         let all = || self.bands.iter().flat_map(|b| b.points.iter());
-        let (x0, x1) = padded_range(all().map(|p| p.0));
-        let (y0, y1) = padded_range(all().flat_map(|p| [p.1, p.3]));
-        let mut chart = ChartBuilder::on(area)
-            .caption(&self.caption, (FONT, 24))
-            .margin(12)
-            .x_label_area_size(44)
-            .y_label_area_size(70)
-            .build_cartesian_2d(x0..x1, y0..y1)?;
-        chart
-            .configure_mesh()
-            .x_desc("step")
-            .y_desc("router logit")
-            .label_style((FONT, 15))
-            .axis_desc_style((FONT, 17))
-            .light_line_style(RGBColor(235, 235, 235))
-            .x_label_formatter(&|x| format!("{}", x.round() as i64))
-            .draw()?;
+        let x = padded_range(all().map(|p| p.0));
+        let y = padded_range(all().flat_map(|p| [p.1, p.3]));
+        let mut chart = step_chart(area, &self.caption, "router logit", x, y)?;
         for band in &self.bands {
             let finite: Vec<_> = band
                 .points
