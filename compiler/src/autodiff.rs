@@ -162,7 +162,37 @@ fn differentiable(op: &Op, slot: usize, arg: &TensorType) -> bool {
         | Op::ScatterCols { .. }
         | Op::MoeGather { .. } => slot == 0,
         Op::GroupedMatMul { .. } | Op::MoeCombine { .. } | Op::LinearCrossEntropy => slot < 2,
-        _ => true,
+        Op::Input { .. }
+        | Op::Param { .. }
+        | Op::Affine { .. }
+        | Op::Unary(_)
+        | Op::Binary(_)
+        | Op::Reduce(_)
+        | Op::Reshape { .. }
+        | Op::Permute { .. }
+        | Op::MatMul { .. }
+        | Op::Rope { .. }
+        | Op::Softmax { .. }
+        | Op::SliceRows { .. }
+        | Op::ConcatRows
+        | Op::SumTo { .. }
+        | Op::BroadcastTo { .. }
+        | Op::EmbeddingGrad { .. }
+        | Op::RopeGrad { .. }
+        | Op::CrossEntropyGrad
+        | Op::LinearCrossEntropyGradH
+        | Op::LinearCrossEntropyGradW
+        | Op::MoeGatherGrad { .. }
+        | Op::GroupedMatMulGradX { .. }
+        | Op::GroupedMatMulGradW { .. }
+        | Op::MoeCombineGradRows { .. }
+        | Op::MoeCombineGradWeights { .. }
+        | Op::LstmScan { .. }
+        | Op::LstmHidden
+        | Op::LstmScanGrad { .. }
+        | Op::LstmScanGradW { .. }
+        | Op::LstmLast { .. }
+        | Op::LstmLastGrad { .. } => true,
     }
 }
 
@@ -313,7 +343,50 @@ impl Backward {
         match op {
             Op::Affine { .. } | Op::Unary(_) => true,
             Op::Binary(_) => args.iter().all(|&a| self.g.ty(a).shape == out.shape),
-            _ => false,
+            Op::Input { .. }
+            | Op::Param { .. }
+            | Op::Reduce(_)
+            | Op::Reshape { .. }
+            | Op::Permute { .. }
+            | Op::MatMul { .. }
+            | Op::Embedding
+            | Op::Rope { .. }
+            | Op::Softmax { .. }
+            | Op::CrossEntropy
+            | Op::LinearCrossEntropy
+            | Op::SliceRows { .. }
+            | Op::ConcatRows
+            | Op::TopK { .. }
+            | Op::GatherCols
+            | Op::TopKMask { .. }
+            | Op::MoeRoute { .. }
+            | Op::SliceCols { .. }
+            | Op::RouteLoad { .. }
+            | Op::ExpertChoice { .. }
+            | Op::Sinkhorn { .. }
+            | Op::Auction { .. }
+            | Op::MoeGather { .. }
+            | Op::GroupedMatMul { .. }
+            | Op::MoeCombine { .. }
+            | Op::SumTo { .. }
+            | Op::BroadcastTo { .. }
+            | Op::EmbeddingGrad { .. }
+            | Op::RopeGrad { .. }
+            | Op::CrossEntropyGrad
+            | Op::LinearCrossEntropyGradH
+            | Op::LinearCrossEntropyGradW
+            | Op::ScatterCols { .. }
+            | Op::MoeGatherGrad { .. }
+            | Op::GroupedMatMulGradX { .. }
+            | Op::GroupedMatMulGradW { .. }
+            | Op::MoeCombineGradRows { .. }
+            | Op::MoeCombineGradWeights { .. }
+            | Op::LstmScan { .. }
+            | Op::LstmHidden
+            | Op::LstmScanGrad { .. }
+            | Op::LstmScanGradW { .. }
+            | Op::LstmLast { .. }
+            | Op::LstmLastGrad { .. } => false,
         }
     }
 

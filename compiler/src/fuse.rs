@@ -173,7 +173,51 @@ pub fn strided_view(graph: &Graph, x: NodeId) -> Option<(NodeId, Vec<usize>, Vec
             let (src, from, strides) = strided_view(graph, graph.inputs(x)[0])?;
             Some((src, shape.clone(), reshape_strides(&from, &strides, shape)?))
         }
-        _ => None,
+        Op::Input { .. }
+        | Op::Param { .. }
+        | Op::Affine { .. }
+        | Op::Unary(_)
+        | Op::Binary(_)
+        | Op::Reduce(_)
+        | Op::MatMul { .. }
+        | Op::Embedding
+        | Op::Rope { .. }
+        | Op::Softmax { .. }
+        | Op::CrossEntropy
+        | Op::LinearCrossEntropy
+        | Op::SliceRows { .. }
+        | Op::ConcatRows
+        | Op::TopK { .. }
+        | Op::GatherCols
+        | Op::TopKMask { .. }
+        | Op::MoeRoute { .. }
+        | Op::SliceCols { .. }
+        | Op::RouteLoad { .. }
+        | Op::ExpertChoice { .. }
+        | Op::Sinkhorn { .. }
+        | Op::Auction { .. }
+        | Op::MoeGather { .. }
+        | Op::GroupedMatMul { .. }
+        | Op::MoeCombine { .. }
+        | Op::SumTo { .. }
+        | Op::BroadcastTo { .. }
+        | Op::EmbeddingGrad { .. }
+        | Op::RopeGrad { .. }
+        | Op::CrossEntropyGrad
+        | Op::LinearCrossEntropyGradH
+        | Op::LinearCrossEntropyGradW
+        | Op::ScatterCols { .. }
+        | Op::MoeGatherGrad { .. }
+        | Op::GroupedMatMulGradX { .. }
+        | Op::GroupedMatMulGradW { .. }
+        | Op::MoeCombineGradRows { .. }
+        | Op::MoeCombineGradWeights { .. }
+        | Op::LstmScan { .. }
+        | Op::LstmHidden
+        | Op::LstmScanGrad { .. }
+        | Op::LstmScanGradW { .. }
+        | Op::LstmLast { .. }
+        | Op::LstmLastGrad { .. } => None,
     }
 }
 
@@ -215,12 +259,6 @@ fn reshape_strides(from: &[usize], strides: &[usize], to: &[usize]) -> Option<Ve
         j = jj;
     }
     (i == src.len()).then_some(out)
-}
-
-/// Ops the elementwise walkers handle: `Affine`/`Unary`/`Binary`, and `BroadcastTo`, an identity
-/// whose operand is read with a broadcasting index (the adjoint of reductions).
-pub fn is_elementwise(op: &Op) -> bool {
-    op.is_elementwise() || matches!(op, Op::BroadcastTo { .. })
 }
 
 /// Follows free `Reshape` nodes to the node that owns the buffer.
@@ -300,7 +338,49 @@ pub fn fuse(graph: &Graph, options: FuseOptions) -> Fused {
                         Op::MoeGather { .. } | Op::MoeCombineGradRows { .. } => {
                             only_grouped_rows(graph, r)
                         }
-                        _ => false,
+                        Op::Input { .. }
+                        | Op::Param { .. }
+                        | Op::Affine { .. }
+                        | Op::Unary(_)
+                        | Op::Binary(_)
+                        | Op::Reduce(_)
+                        | Op::Reshape { .. }
+                        | Op::Permute { .. }
+                        | Op::MatMul { .. }
+                        | Op::Embedding
+                        | Op::Softmax { .. }
+                        | Op::CrossEntropy
+                        | Op::LinearCrossEntropy
+                        | Op::SliceRows { .. }
+                        | Op::ConcatRows
+                        | Op::TopK { .. }
+                        | Op::GatherCols
+                        | Op::TopKMask { .. }
+                        | Op::MoeRoute { .. }
+                        | Op::SliceCols { .. }
+                        | Op::RouteLoad { .. }
+                        | Op::ExpertChoice { .. }
+                        | Op::Sinkhorn { .. }
+                        | Op::Auction { .. }
+                        | Op::GroupedMatMul { .. }
+                        | Op::MoeCombine { .. }
+                        | Op::SumTo { .. }
+                        | Op::BroadcastTo { .. }
+                        | Op::EmbeddingGrad { .. }
+                        | Op::CrossEntropyGrad
+                        | Op::LinearCrossEntropyGradH
+                        | Op::LinearCrossEntropyGradW
+                        | Op::ScatterCols { .. }
+                        | Op::MoeGatherGrad { .. }
+                        | Op::GroupedMatMulGradX { .. }
+                        | Op::GroupedMatMulGradW { .. }
+                        | Op::MoeCombineGradWeights { .. }
+                        | Op::LstmScan { .. }
+                        | Op::LstmHidden
+                        | Op::LstmScanGrad { .. }
+                        | Op::LstmScanGradW { .. }
+                        | Op::LstmLast { .. }
+                        | Op::LstmLastGrad { .. } => false,
                     }
             })
             .collect();
@@ -318,13 +398,52 @@ pub fn fuse(graph: &Graph, options: FuseOptions) -> Fused {
             continue;
         }
         let (kind, domain) = match &node.op {
-            op if is_elementwise(op) => (GroupKind::Elementwise, node.ty.shape.clone()),
+            Op::Affine { .. } | Op::Unary(_) | Op::Binary(_) | Op::BroadcastTo { .. } => {
+                (GroupKind::Elementwise, node.ty.shape.clone())
+            }
             Op::Reduce(_) => (GroupKind::Row, graph.ty(graph.inputs(n)[0]).shape.clone()),
             Op::Softmax { .. } => (GroupKind::Row, node.ty.shape.clone()),
             Op::MatMul { .. } | Op::GroupedMatMul { .. } | Op::GroupedMatMulGradX { .. } => {
                 (GroupKind::Matmul, node.ty.shape.clone())
             }
-            _ => (GroupKind::Single, node.ty.shape.clone()),
+            Op::Input { .. }
+            | Op::Param { .. }
+            | Op::Reshape { .. }
+            | Op::Permute { .. }
+            | Op::Embedding
+            | Op::Rope { .. }
+            | Op::CrossEntropy
+            | Op::LinearCrossEntropy
+            | Op::SliceRows { .. }
+            | Op::ConcatRows
+            | Op::TopK { .. }
+            | Op::GatherCols
+            | Op::TopKMask { .. }
+            | Op::MoeRoute { .. }
+            | Op::SliceCols { .. }
+            | Op::RouteLoad { .. }
+            | Op::ExpertChoice { .. }
+            | Op::Sinkhorn { .. }
+            | Op::Auction { .. }
+            | Op::MoeGather { .. }
+            | Op::MoeCombine { .. }
+            | Op::SumTo { .. }
+            | Op::EmbeddingGrad { .. }
+            | Op::RopeGrad { .. }
+            | Op::CrossEntropyGrad
+            | Op::LinearCrossEntropyGradH
+            | Op::LinearCrossEntropyGradW
+            | Op::ScatterCols { .. }
+            | Op::MoeGatherGrad { .. }
+            | Op::GroupedMatMulGradW { .. }
+            | Op::MoeCombineGradRows { .. }
+            | Op::MoeCombineGradWeights { .. }
+            | Op::LstmScan { .. }
+            | Op::LstmHidden
+            | Op::LstmScanGrad { .. }
+            | Op::LstmScanGradW { .. }
+            | Op::LstmLast { .. }
+            | Op::LstmLastGrad { .. } => (GroupKind::Single, node.ty.shape.clone()),
         };
         let gi = st.groups.len();
         let mut nodes = vec![n];
@@ -365,7 +484,50 @@ fn only_matmul_operand(graph: &Graph, absorbed: &HashSet<NodeId>, x: NodeId) -> 
             Op::Reshape { .. } => only_matmul_operand(graph, absorbed, u),
             Op::Permute { .. } => absorbed.contains(&u) && only_matmul_operand(graph, absorbed, u),
             Op::MatMul { .. } => true,
-            _ => false,
+            Op::Input { .. }
+            | Op::Param { .. }
+            | Op::Affine { .. }
+            | Op::Unary(_)
+            | Op::Binary(_)
+            | Op::Reduce(_)
+            | Op::Embedding
+            | Op::Rope { .. }
+            | Op::Softmax { .. }
+            | Op::CrossEntropy
+            | Op::LinearCrossEntropy
+            | Op::SliceRows { .. }
+            | Op::ConcatRows
+            | Op::TopK { .. }
+            | Op::GatherCols
+            | Op::TopKMask { .. }
+            | Op::MoeRoute { .. }
+            | Op::SliceCols { .. }
+            | Op::RouteLoad { .. }
+            | Op::ExpertChoice { .. }
+            | Op::Sinkhorn { .. }
+            | Op::Auction { .. }
+            | Op::MoeGather { .. }
+            | Op::GroupedMatMul { .. }
+            | Op::MoeCombine { .. }
+            | Op::SumTo { .. }
+            | Op::BroadcastTo { .. }
+            | Op::EmbeddingGrad { .. }
+            | Op::RopeGrad { .. }
+            | Op::CrossEntropyGrad
+            | Op::LinearCrossEntropyGradH
+            | Op::LinearCrossEntropyGradW
+            | Op::ScatterCols { .. }
+            | Op::MoeGatherGrad { .. }
+            | Op::GroupedMatMulGradX { .. }
+            | Op::GroupedMatMulGradW { .. }
+            | Op::MoeCombineGradRows { .. }
+            | Op::MoeCombineGradWeights { .. }
+            | Op::LstmScan { .. }
+            | Op::LstmHidden
+            | Op::LstmScanGrad { .. }
+            | Op::LstmScanGradW { .. }
+            | Op::LstmLast { .. }
+            | Op::LstmLastGrad { .. } => false,
         })
 }
 
@@ -382,7 +544,50 @@ fn only_grouped_rows(graph: &Graph, x: NodeId) -> bool {
             let slot_ok = match graph.node(u).op {
                 Op::GroupedMatMul { .. } | Op::GroupedMatMulGradX { .. } => a[0] == x && a[1] != x,
                 Op::GroupedMatMulGradW { .. } => true,
-                _ => false,
+                Op::Input { .. }
+                | Op::Param { .. }
+                | Op::Affine { .. }
+                | Op::Unary(_)
+                | Op::Binary(_)
+                | Op::Reduce(_)
+                | Op::Reshape { .. }
+                | Op::Permute { .. }
+                | Op::MatMul { .. }
+                | Op::Embedding
+                | Op::Rope { .. }
+                | Op::Softmax { .. }
+                | Op::CrossEntropy
+                | Op::LinearCrossEntropy
+                | Op::SliceRows { .. }
+                | Op::ConcatRows
+                | Op::TopK { .. }
+                | Op::GatherCols
+                | Op::TopKMask { .. }
+                | Op::MoeRoute { .. }
+                | Op::SliceCols { .. }
+                | Op::RouteLoad { .. }
+                | Op::ExpertChoice { .. }
+                | Op::Sinkhorn { .. }
+                | Op::Auction { .. }
+                | Op::MoeGather { .. }
+                | Op::MoeCombine { .. }
+                | Op::SumTo { .. }
+                | Op::BroadcastTo { .. }
+                | Op::EmbeddingGrad { .. }
+                | Op::RopeGrad { .. }
+                | Op::CrossEntropyGrad
+                | Op::LinearCrossEntropyGradH
+                | Op::LinearCrossEntropyGradW
+                | Op::ScatterCols { .. }
+                | Op::MoeGatherGrad { .. }
+                | Op::MoeCombineGradRows { .. }
+                | Op::MoeCombineGradWeights { .. }
+                | Op::LstmScan { .. }
+                | Op::LstmHidden
+                | Op::LstmScanGrad { .. }
+                | Op::LstmScanGradW { .. }
+                | Op::LstmLast { .. }
+                | Op::LstmLastGrad { .. } => false,
             };
             slot_ok && a[2] == route
         })
@@ -399,7 +604,46 @@ fn read_in_place(graph: &Graph, graph_outputs: &HashSet<NodeId>, x: NodeId) -> b
         && users.iter().all(|&u| match &graph.node(u).op {
             Op::Reshape { .. } => read_in_place(graph, graph_outputs, u),
             Op::MatMul { .. } | Op::Reduce(_) | Op::Softmax { .. } => true,
-            op => is_elementwise(op),
+            Op::Affine { .. } | Op::Unary(_) | Op::Binary(_) | Op::BroadcastTo { .. } => true,
+            Op::Input { .. }
+            | Op::Param { .. }
+            | Op::Permute { .. }
+            | Op::Embedding
+            | Op::Rope { .. }
+            | Op::CrossEntropy
+            | Op::LinearCrossEntropy
+            | Op::SliceRows { .. }
+            | Op::ConcatRows
+            | Op::TopK { .. }
+            | Op::GatherCols
+            | Op::TopKMask { .. }
+            | Op::MoeRoute { .. }
+            | Op::SliceCols { .. }
+            | Op::RouteLoad { .. }
+            | Op::ExpertChoice { .. }
+            | Op::Sinkhorn { .. }
+            | Op::Auction { .. }
+            | Op::MoeGather { .. }
+            | Op::GroupedMatMul { .. }
+            | Op::MoeCombine { .. }
+            | Op::SumTo { .. }
+            | Op::EmbeddingGrad { .. }
+            | Op::RopeGrad { .. }
+            | Op::CrossEntropyGrad
+            | Op::LinearCrossEntropyGradH
+            | Op::LinearCrossEntropyGradW
+            | Op::ScatterCols { .. }
+            | Op::MoeGatherGrad { .. }
+            | Op::GroupedMatMulGradX { .. }
+            | Op::GroupedMatMulGradW { .. }
+            | Op::MoeCombineGradRows { .. }
+            | Op::MoeCombineGradWeights { .. }
+            | Op::LstmScan { .. }
+            | Op::LstmHidden
+            | Op::LstmScanGrad { .. }
+            | Op::LstmScanGradW { .. }
+            | Op::LstmLast { .. }
+            | Op::LstmLastGrad { .. } => false,
         })
 }
 
@@ -435,7 +679,7 @@ impl State<'_> {
         let node = g.node(n);
         let args = g.inputs(n);
         let candidates: Vec<usize> = match &node.op {
-            op if is_elementwise(op) => args
+            Op::Affine { .. } | Op::Unary(_) | Op::Binary(_) | Op::BroadcastTo { .. } => args
                 .iter()
                 .filter_map(|a| self.group_of.get(a).copied())
                 .collect(),
@@ -450,7 +694,46 @@ impl State<'_> {
                 .take(1)
                 .filter_map(|a| self.group_of.get(a).copied())
                 .collect(),
-            _ => Vec::new(),
+            Op::Input { .. }
+            | Op::Param { .. }
+            | Op::Reshape { .. }
+            | Op::MatMul { .. }
+            | Op::Embedding
+            | Op::Rope { .. }
+            | Op::CrossEntropy
+            | Op::LinearCrossEntropy
+            | Op::SliceRows { .. }
+            | Op::ConcatRows
+            | Op::TopK { .. }
+            | Op::GatherCols
+            | Op::TopKMask { .. }
+            | Op::MoeRoute { .. }
+            | Op::SliceCols { .. }
+            | Op::RouteLoad { .. }
+            | Op::ExpertChoice { .. }
+            | Op::Sinkhorn { .. }
+            | Op::Auction { .. }
+            | Op::MoeGather { .. }
+            | Op::GroupedMatMul { .. }
+            | Op::MoeCombine { .. }
+            | Op::SumTo { .. }
+            | Op::EmbeddingGrad { .. }
+            | Op::RopeGrad { .. }
+            | Op::CrossEntropyGrad
+            | Op::LinearCrossEntropyGradH
+            | Op::LinearCrossEntropyGradW
+            | Op::ScatterCols { .. }
+            | Op::MoeGatherGrad { .. }
+            | Op::GroupedMatMulGradX { .. }
+            | Op::GroupedMatMulGradW { .. }
+            | Op::MoeCombineGradRows { .. }
+            | Op::MoeCombineGradWeights { .. }
+            | Op::LstmScan { .. }
+            | Op::LstmHidden
+            | Op::LstmScanGrad { .. }
+            | Op::LstmScanGradW { .. }
+            | Op::LstmLast { .. }
+            | Op::LstmLastGrad { .. } => Vec::new(),
         };
         for gi in candidates {
             if self.accepts(gi, n)
@@ -502,25 +785,66 @@ impl State<'_> {
                     && self.group_of.get(&x) == Some(&gi)
                     && self.graph.ty(x).shape == b.domain
             }
-            op if is_elementwise(op) => match b.kind {
-                GroupKind::Elementwise => *shape == b.domain,
-                // A reduction prologue (`square` before `mean`) is better recomputed inside the row
-                // kernel than materialised by the matmul: keep it out of the epilogue.
-                GroupKind::Matmul => *shape == b.domain && !self.feeds_row_op(n),
-                // A one-column domain cannot tell row scalars from elements: keep such rows alone.
-                GroupKind::Row => {
-                    b.domain.last().copied().unwrap_or(1) > 1
-                        && (*shape == b.domain || *shape == row_shape(&b.domain))
+            Op::Affine { .. } | Op::Unary(_) | Op::Binary(_) | Op::BroadcastTo { .. } => {
+                match b.kind {
+                    GroupKind::Elementwise => *shape == b.domain,
+                    // A reduction prologue (`square` before `mean`) is better recomputed inside the row
+                    // kernel than materialised by the matmul: keep it out of the epilogue.
+                    GroupKind::Matmul => *shape == b.domain && !self.feeds_row_op(n),
+                    // A one-column domain cannot tell row scalars from elements: keep such rows alone.
+                    GroupKind::Row => {
+                        b.domain.last().copied().unwrap_or(1) > 1
+                            && (*shape == b.domain || *shape == row_shape(&b.domain))
+                    }
+                    GroupKind::Single => false,
                 }
-                GroupKind::Single => false,
-            },
+            }
             Op::Reduce(_) | Op::Softmax { .. } => {
                 let x = self.graph.ty(self.graph.inputs(n)[0]);
                 matches!(b.kind, GroupKind::Elementwise | GroupKind::Row)
                     && x.shape == b.domain
                     && x.last() > 1
             }
-            _ => false,
+            Op::Input { .. }
+            | Op::Param { .. }
+            | Op::Reshape { .. }
+            | Op::MatMul { .. }
+            | Op::Embedding
+            | Op::Rope { .. }
+            | Op::CrossEntropy
+            | Op::LinearCrossEntropy
+            | Op::SliceRows { .. }
+            | Op::ConcatRows
+            | Op::TopK { .. }
+            | Op::GatherCols
+            | Op::TopKMask { .. }
+            | Op::MoeRoute { .. }
+            | Op::SliceCols { .. }
+            | Op::RouteLoad { .. }
+            | Op::ExpertChoice { .. }
+            | Op::Sinkhorn { .. }
+            | Op::Auction { .. }
+            | Op::MoeGather { .. }
+            | Op::GroupedMatMul { .. }
+            | Op::MoeCombine { .. }
+            | Op::SumTo { .. }
+            | Op::EmbeddingGrad { .. }
+            | Op::RopeGrad { .. }
+            | Op::CrossEntropyGrad
+            | Op::LinearCrossEntropyGradH
+            | Op::LinearCrossEntropyGradW
+            | Op::ScatterCols { .. }
+            | Op::MoeGatherGrad { .. }
+            | Op::GroupedMatMulGradX { .. }
+            | Op::GroupedMatMulGradW { .. }
+            | Op::MoeCombineGradRows { .. }
+            | Op::MoeCombineGradWeights { .. }
+            | Op::LstmScan { .. }
+            | Op::LstmHidden
+            | Op::LstmScanGrad { .. }
+            | Op::LstmScanGradW { .. }
+            | Op::LstmLast { .. }
+            | Op::LstmLastGrad { .. } => false,
         }
     }
 
@@ -637,7 +961,52 @@ impl State<'_> {
                     || self.graph_outputs.contains(&u)
                     || users.iter().any(|&v| self.escapes(members, v))
             }
-            _ => true,
+            Op::Input { .. }
+            | Op::Param { .. }
+            | Op::Affine { .. }
+            | Op::Unary(_)
+            | Op::Binary(_)
+            | Op::Reduce(_)
+            | Op::Permute { .. }
+            | Op::MatMul { .. }
+            | Op::Embedding
+            | Op::Rope { .. }
+            | Op::Softmax { .. }
+            | Op::CrossEntropy
+            | Op::LinearCrossEntropy
+            | Op::SliceRows { .. }
+            | Op::ConcatRows
+            | Op::TopK { .. }
+            | Op::GatherCols
+            | Op::TopKMask { .. }
+            | Op::MoeRoute { .. }
+            | Op::SliceCols { .. }
+            | Op::RouteLoad { .. }
+            | Op::ExpertChoice { .. }
+            | Op::Sinkhorn { .. }
+            | Op::Auction { .. }
+            | Op::MoeGather { .. }
+            | Op::GroupedMatMul { .. }
+            | Op::MoeCombine { .. }
+            | Op::SumTo { .. }
+            | Op::BroadcastTo { .. }
+            | Op::EmbeddingGrad { .. }
+            | Op::RopeGrad { .. }
+            | Op::CrossEntropyGrad
+            | Op::LinearCrossEntropyGradH
+            | Op::LinearCrossEntropyGradW
+            | Op::ScatterCols { .. }
+            | Op::MoeGatherGrad { .. }
+            | Op::GroupedMatMulGradX { .. }
+            | Op::GroupedMatMulGradW { .. }
+            | Op::MoeCombineGradRows { .. }
+            | Op::MoeCombineGradWeights { .. }
+            | Op::LstmScan { .. }
+            | Op::LstmHidden
+            | Op::LstmScanGrad { .. }
+            | Op::LstmScanGradW { .. }
+            | Op::LstmLast { .. }
+            | Op::LstmLastGrad { .. } => true,
         }
     }
 

@@ -750,7 +750,19 @@ fn eval_node<F: Float>(
         | Op::LstmScanGradW { .. }
         | Op::LstmLast { .. }
         | Op::LstmLastGrad { .. } => lstm::eval(ctx, ty, args, arg_tys),
-        _ => eval_grad_op(ctx, ty, args, arg_tys),
+        Op::SumTo { .. }
+        | Op::BroadcastTo { .. }
+        | Op::EmbeddingGrad { .. }
+        | Op::RopeGrad { .. }
+        | Op::CrossEntropyGrad
+        | Op::LinearCrossEntropyGradH
+        | Op::LinearCrossEntropyGradW
+        | Op::ScatterCols { .. }
+        | Op::MoeGatherGrad { .. }
+        | Op::GroupedMatMulGradX { .. }
+        | Op::GroupedMatMulGradW { .. }
+        | Op::MoeCombineGradRows { .. }
+        | Op::MoeCombineGradWeights { .. } => eval_grad_op(ctx, ty, args, arg_tys),
     }
 }
 
@@ -927,7 +939,40 @@ fn eval_grad_op<F: Float>(
             }
             Ok(Tensor::F(out))
         }
-        other => Err(ctx.malformed(format!(
+        other @ (Op::Input { .. }
+        | Op::Param { .. }
+        | Op::Affine { .. }
+        | Op::Unary(_)
+        | Op::Binary(_)
+        | Op::Reduce(_)
+        | Op::Reshape { .. }
+        | Op::Permute { .. }
+        | Op::MatMul { .. }
+        | Op::Embedding
+        | Op::Rope { .. }
+        | Op::Softmax { .. }
+        | Op::CrossEntropy
+        | Op::LinearCrossEntropy
+        | Op::SliceRows { .. }
+        | Op::ConcatRows
+        | Op::TopK { .. }
+        | Op::GatherCols
+        | Op::TopKMask { .. }
+        | Op::MoeRoute { .. }
+        | Op::SliceCols { .. }
+        | Op::RouteLoad { .. }
+        | Op::ExpertChoice { .. }
+        | Op::Sinkhorn { .. }
+        | Op::Auction { .. }
+        | Op::MoeGather { .. }
+        | Op::GroupedMatMul { .. }
+        | Op::MoeCombine { .. }
+        | Op::LstmScan { .. }
+        | Op::LstmHidden
+        | Op::LstmScanGrad { .. }
+        | Op::LstmScanGradW { .. }
+        | Op::LstmLast { .. }
+        | Op::LstmLastGrad { .. }) => Err(ctx.malformed(format!(
             "`{}` is not an op the interpreter knows",
             other.mnemonic()
         ))),

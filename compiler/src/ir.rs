@@ -749,7 +749,20 @@ impl Graph {
                         layout.tokens, layout.k, layout.experts, layout.tile
                     )
                 }
-                _ => String::new(),
+                Op::Unary(_)
+                | Op::Binary(_)
+                | Op::Reduce(_)
+                | Op::Embedding
+                | Op::CrossEntropy
+                | Op::LinearCrossEntropy
+                | Op::ConcatRows
+                | Op::GatherCols
+                | Op::CrossEntropyGrad
+                | Op::LinearCrossEntropyGradH
+                | Op::LinearCrossEntropyGradW
+                | Op::LstmScan { .. }
+                | Op::LstmHidden
+                | Op::LstmScanGradW { .. } => String::new(),
             };
             out += &format!(
                 "%{} = {}{}({}) : {}  # {}\n",
@@ -1337,7 +1350,40 @@ fn infer_grad(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
             }
             Ok(TensorType::f32(&[layout.tokens, layout.k]))
         }
-        other => Err(format!("`{}` is not a gradient op", other.mnemonic())),
+        other @ (Op::Input { .. }
+        | Op::Param { .. }
+        | Op::Affine { .. }
+        | Op::Unary(_)
+        | Op::Binary(_)
+        | Op::Reduce(_)
+        | Op::Reshape { .. }
+        | Op::Permute { .. }
+        | Op::MatMul { .. }
+        | Op::Embedding
+        | Op::Rope { .. }
+        | Op::Softmax { .. }
+        | Op::CrossEntropy
+        | Op::LinearCrossEntropy
+        | Op::SliceRows { .. }
+        | Op::ConcatRows
+        | Op::TopK { .. }
+        | Op::GatherCols
+        | Op::TopKMask { .. }
+        | Op::MoeRoute { .. }
+        | Op::SliceCols { .. }
+        | Op::RouteLoad { .. }
+        | Op::ExpertChoice { .. }
+        | Op::Sinkhorn { .. }
+        | Op::Auction { .. }
+        | Op::MoeGather { .. }
+        | Op::GroupedMatMul { .. }
+        | Op::MoeCombine { .. }
+        | Op::LstmScan { .. }
+        | Op::LstmHidden
+        | Op::LstmScanGrad { .. }
+        | Op::LstmScanGradW { .. }
+        | Op::LstmLast { .. }
+        | Op::LstmLastGrad { .. }) => Err(format!("`{}` is not a gradient op", other.mnemonic())),
     }
 }
 

@@ -515,10 +515,15 @@ impl Lower<'_> {
             }
             (Gate::Sinkhorn { .. }, _) => self.sinkhorn_router(xr, moe, &p)?,
             (Gate::Auction { .. }, _) => self.auction_router(xr, block, moe, &p)?,
-            (_, Some((groups, m))) if moe.hierarchy == Hierarchy::TwoLevel => {
+            (
+                Gate::Softmax { .. } | Gate::Sigmoid | Gate::NoisyTopK { .. } | Gate::Switch,
+                Some((groups, m)),
+            ) if moe.hierarchy == Hierarchy::TwoLevel => {
                 self.two_level_router(xr, block, moe, groups, m, bias, &p)?
             }
-            _ => self.top_k_router(xr, block, moe, bias, &p)?,
+            (Gate::Softmax { .. } | Gate::Sigmoid | Gate::NoisyTopK { .. } | Gate::Switch, _) => {
+                self.top_k_router(xr, block, moe, bias, &p)?
+            }
         };
 
         let slots = n * r.k;
@@ -604,7 +609,13 @@ impl Lower<'_> {
                     let (groups, name) = match (*bal, seqs) {
                         (Balance::SeqAux(_), Some(bt)) => (bt, "seq_aux"),
                         (Balance::SeqAux(_), None) => ((1, n), "seq_aux"),
-                        _ => ((1, n), "aux"),
+                        (
+                            Balance::Aux(_)
+                            | Balance::Z(_)
+                            | Balance::Cv2 { .. }
+                            | Balance::Bias { .. },
+                            _,
+                        ) => ((1, n), "aux"),
                     };
                     self.aux_loss(mask, r.probs, c, r.k_eff, groups, &format!("{p}.{name}"))?
                 }
@@ -758,7 +769,15 @@ impl Lower<'_> {
                 let probs = self.binary(BinaryOp::Div, s, total, format!("{p}.probs"))?;
                 (s, probs, None)
             }
-            _ => {
+            (
+                Gate::Softmax { .. }
+                | Gate::NoisyTopK { .. }
+                | Gate::Switch
+                | Gate::ExpertChoice { .. }
+                | Gate::Sinkhorn { .. }
+                | Gate::Auction { .. },
+                _,
+            ) => {
                 let probs = softmax(self, logits, format!("{p}.probs"))?;
                 (probs, probs, None)
             }
@@ -793,7 +812,11 @@ impl Lower<'_> {
                 let total = self.reduce(ReduceOp::Sum, picked, format!("{p}.topk_sum"))?;
                 self.binary(BinaryOp::Div, picked, total, format!("{p}.weights"))?
             }
-            _ => picked,
+            Gate::Softmax { renorm: false }
+            | Gate::Switch
+            | Gate::ExpertChoice { .. }
+            | Gate::Sinkhorn { .. }
+            | Gate::Auction { .. } => picked,
         };
         Ok(Level {
             probs,

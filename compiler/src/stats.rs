@@ -196,7 +196,12 @@ fn moe_shapes(block: usize, dim: usize, moe: &Moe, out: &mut Vec<P>) -> MoeBlock
 fn active_experts(moe: &Moe) -> f64 {
     match moe.gate {
         Gate::ExpertChoice { capacity } => capacity.min(moe.experts as f64),
-        _ => moe.top_k as f64,
+        Gate::Softmax { .. }
+        | Gate::Sigmoid
+        | Gate::NoisyTopK { .. }
+        | Gate::Switch
+        | Gate::Sinkhorn { .. }
+        | Gate::Auction { .. } => moe.top_k as f64,
     }
 }
 

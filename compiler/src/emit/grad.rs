@@ -25,7 +25,54 @@ pub(crate) fn grad_kernel(
     let members: HashSet<NodeId> = group.nodes.iter().copied().collect();
     match &graph.node(n).op {
         Op::GroupedMatMulGradW { layout } => grad_w(graph, n, &args, &members, layout, target),
-        other => unreachable!("{} has no kernel in emit::grad", other.mnemonic()),
+        other @ (Op::Input { .. }
+        | Op::Param { .. }
+        | Op::Affine { .. }
+        | Op::Unary(_)
+        | Op::Binary(_)
+        | Op::Reduce(_)
+        | Op::Reshape { .. }
+        | Op::Permute { .. }
+        | Op::MatMul { .. }
+        | Op::Embedding
+        | Op::Rope { .. }
+        | Op::Softmax { .. }
+        | Op::CrossEntropy
+        | Op::LinearCrossEntropy
+        | Op::SliceRows { .. }
+        | Op::ConcatRows
+        | Op::TopK { .. }
+        | Op::GatherCols
+        | Op::TopKMask { .. }
+        | Op::MoeRoute { .. }
+        | Op::SliceCols { .. }
+        | Op::RouteLoad { .. }
+        | Op::ExpertChoice { .. }
+        | Op::Sinkhorn { .. }
+        | Op::Auction { .. }
+        | Op::MoeGather { .. }
+        | Op::GroupedMatMul { .. }
+        | Op::MoeCombine { .. }
+        | Op::SumTo { .. }
+        | Op::BroadcastTo { .. }
+        | Op::EmbeddingGrad { .. }
+        | Op::RopeGrad { .. }
+        | Op::CrossEntropyGrad
+        | Op::LinearCrossEntropyGradH
+        | Op::LinearCrossEntropyGradW
+        | Op::ScatterCols { .. }
+        | Op::MoeGatherGrad { .. }
+        | Op::GroupedMatMulGradX { .. }
+        | Op::MoeCombineGradRows { .. }
+        | Op::MoeCombineGradWeights { .. }
+        | Op::LstmScan { .. }
+        | Op::LstmHidden
+        | Op::LstmScanGrad { .. }
+        | Op::LstmScanGradW { .. }
+        | Op::LstmLast { .. }
+        | Op::LstmLastGrad { .. }) => {
+            unreachable!("{} has no kernel in emit::grad", other.mnemonic())
+        }
     }
 }
 

@@ -12,8 +12,6 @@ use crate::ir::{BinaryOp, DType, Graph, NodeId, Op, ReduceOp, RouteLayout, Unary
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write;
 
-pub(crate) use crate::fuse::is_elementwise;
-
 const PRELUDE: &str = include_str!("../../../shaders/prelude.wgsl");
 const MATMUL_TILED: &str = include_str!("../../../shaders/matmul_tiled.wgsl");
 const MOE_ROUTE: &str = include_str!("../../../shaders/moe_route.wgsl");
@@ -345,7 +343,51 @@ fn op_expr(op: &Op, a: &[String]) -> String {
         }
         // A broadcast is an identity on the operand loaded with a broadcasting index.
         Op::BroadcastTo { .. } => a[0].clone(),
-        other => unreachable!("op_expr on non-elementwise {}", other.mnemonic()),
+        other @ (Op::Input { .. }
+        | Op::Param { .. }
+        | Op::Reduce(_)
+        | Op::Reshape { .. }
+        | Op::Permute { .. }
+        | Op::MatMul { .. }
+        | Op::Embedding
+        | Op::Rope { .. }
+        | Op::Softmax { .. }
+        | Op::CrossEntropy
+        | Op::LinearCrossEntropy
+        | Op::SliceRows { .. }
+        | Op::ConcatRows
+        | Op::TopK { .. }
+        | Op::GatherCols
+        | Op::TopKMask { .. }
+        | Op::MoeRoute { .. }
+        | Op::SliceCols { .. }
+        | Op::RouteLoad { .. }
+        | Op::ExpertChoice { .. }
+        | Op::Sinkhorn { .. }
+        | Op::Auction { .. }
+        | Op::MoeGather { .. }
+        | Op::GroupedMatMul { .. }
+        | Op::MoeCombine { .. }
+        | Op::SumTo { .. }
+        | Op::EmbeddingGrad { .. }
+        | Op::RopeGrad { .. }
+        | Op::CrossEntropyGrad
+        | Op::LinearCrossEntropyGradH
+        | Op::LinearCrossEntropyGradW
+        | Op::ScatterCols { .. }
+        | Op::MoeGatherGrad { .. }
+        | Op::GroupedMatMulGradX { .. }
+        | Op::GroupedMatMulGradW { .. }
+        | Op::MoeCombineGradRows { .. }
+        | Op::MoeCombineGradWeights { .. }
+        | Op::LstmScan { .. }
+        | Op::LstmHidden
+        | Op::LstmScanGrad { .. }
+        | Op::LstmScanGradW { .. }
+        | Op::LstmLast { .. }
+        | Op::LstmLastGrad { .. }) => {
+            unreachable!("op_expr on non-elementwise {}", other.mnemonic())
+        }
     }
 }
 
@@ -439,7 +481,52 @@ impl<'g> Walker<'g> {
                     &self.var(base(graph, x)),
                 )
             }
-            _ => b.put(name, lin, &self.var(o)),
+            Op::Input { .. }
+            | Op::Param { .. }
+            | Op::Affine { .. }
+            | Op::Unary(_)
+            | Op::Binary(_)
+            | Op::Reduce(_)
+            | Op::Reshape { .. }
+            | Op::MatMul { .. }
+            | Op::Embedding
+            | Op::Rope { .. }
+            | Op::Softmax { .. }
+            | Op::CrossEntropy
+            | Op::LinearCrossEntropy
+            | Op::SliceRows { .. }
+            | Op::ConcatRows
+            | Op::TopK { .. }
+            | Op::GatherCols
+            | Op::TopKMask { .. }
+            | Op::MoeRoute { .. }
+            | Op::SliceCols { .. }
+            | Op::RouteLoad { .. }
+            | Op::ExpertChoice { .. }
+            | Op::Sinkhorn { .. }
+            | Op::Auction { .. }
+            | Op::MoeGather { .. }
+            | Op::GroupedMatMul { .. }
+            | Op::MoeCombine { .. }
+            | Op::SumTo { .. }
+            | Op::BroadcastTo { .. }
+            | Op::EmbeddingGrad { .. }
+            | Op::RopeGrad { .. }
+            | Op::CrossEntropyGrad
+            | Op::LinearCrossEntropyGradH
+            | Op::LinearCrossEntropyGradW
+            | Op::ScatterCols { .. }
+            | Op::MoeGatherGrad { .. }
+            | Op::GroupedMatMulGradX { .. }
+            | Op::GroupedMatMulGradW { .. }
+            | Op::MoeCombineGradRows { .. }
+            | Op::MoeCombineGradWeights { .. }
+            | Op::LstmScan { .. }
+            | Op::LstmHidden
+            | Op::LstmScanGrad { .. }
+            | Op::LstmScanGradW { .. }
+            | Op::LstmLast { .. }
+            | Op::LstmLastGrad { .. } => b.put(name, lin, &self.var(o)),
         }
     }
 
@@ -585,8 +672,51 @@ fn row_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc
         .collect();
     let is_row = |n: NodeId| match graph.node(n).op {
         Op::Reduce(_) => true,
-        ref op if is_elementwise(op) => graph.ty(n).shape != *d,
-        _ => false,
+        Op::Affine { .. } | Op::Unary(_) | Op::Binary(_) | Op::BroadcastTo { .. } => {
+            graph.ty(n).shape != *d
+        }
+        Op::Input { .. }
+        | Op::Param { .. }
+        | Op::Reshape { .. }
+        | Op::Permute { .. }
+        | Op::MatMul { .. }
+        | Op::Embedding
+        | Op::Rope { .. }
+        | Op::Softmax { .. }
+        | Op::CrossEntropy
+        | Op::LinearCrossEntropy
+        | Op::SliceRows { .. }
+        | Op::ConcatRows
+        | Op::TopK { .. }
+        | Op::GatherCols
+        | Op::TopKMask { .. }
+        | Op::MoeRoute { .. }
+        | Op::SliceCols { .. }
+        | Op::RouteLoad { .. }
+        | Op::ExpertChoice { .. }
+        | Op::Sinkhorn { .. }
+        | Op::Auction { .. }
+        | Op::MoeGather { .. }
+        | Op::GroupedMatMul { .. }
+        | Op::MoeCombine { .. }
+        | Op::SumTo { .. }
+        | Op::EmbeddingGrad { .. }
+        | Op::RopeGrad { .. }
+        | Op::CrossEntropyGrad
+        | Op::LinearCrossEntropyGradH
+        | Op::LinearCrossEntropyGradW
+        | Op::ScatterCols { .. }
+        | Op::MoeGatherGrad { .. }
+        | Op::GroupedMatMulGradX { .. }
+        | Op::GroupedMatMulGradW { .. }
+        | Op::MoeCombineGradRows { .. }
+        | Op::MoeCombineGradWeights { .. }
+        | Op::LstmScan { .. }
+        | Op::LstmHidden
+        | Op::LstmScanGrad { .. }
+        | Op::LstmScanGradW { .. }
+        | Op::LstmLast { .. }
+        | Op::LstmLastGrad { .. } => false,
     };
     let outputs: HashSet<NodeId> = group.outputs.iter().copied().collect();
     let causal_rows = if d.len() >= 2 { d[d.len() - 2] } else { 1 };
@@ -654,7 +784,54 @@ fn row_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc
                     );
                     env.insert(n, v);
                 }
-                _ => walker.elementwise(b, &mut env, n, d, "lin", &mut s, "        "),
+                Op::Input { .. }
+                | Op::Param { .. }
+                | Op::Affine { .. }
+                | Op::Unary(_)
+                | Op::Binary(_)
+                | Op::Reduce(_)
+                | Op::Reshape { .. }
+                | Op::Permute { .. }
+                | Op::MatMul { .. }
+                | Op::Embedding
+                | Op::Rope { .. }
+                | Op::CrossEntropy
+                | Op::LinearCrossEntropy
+                | Op::SliceRows { .. }
+                | Op::ConcatRows
+                | Op::TopK { .. }
+                | Op::GatherCols
+                | Op::TopKMask { .. }
+                | Op::MoeRoute { .. }
+                | Op::SliceCols { .. }
+                | Op::RouteLoad { .. }
+                | Op::ExpertChoice { .. }
+                | Op::Sinkhorn { .. }
+                | Op::Auction { .. }
+                | Op::MoeGather { .. }
+                | Op::GroupedMatMul { .. }
+                | Op::MoeCombine { .. }
+                | Op::SumTo { .. }
+                | Op::BroadcastTo { .. }
+                | Op::EmbeddingGrad { .. }
+                | Op::RopeGrad { .. }
+                | Op::CrossEntropyGrad
+                | Op::LinearCrossEntropyGradH
+                | Op::LinearCrossEntropyGradW
+                | Op::ScatterCols { .. }
+                | Op::MoeGatherGrad { .. }
+                | Op::GroupedMatMulGradX { .. }
+                | Op::GroupedMatMulGradW { .. }
+                | Op::MoeCombineGradRows { .. }
+                | Op::MoeCombineGradWeights { .. }
+                | Op::LstmScan { .. }
+                | Op::LstmHidden
+                | Op::LstmScanGrad { .. }
+                | Op::LstmScanGradW { .. }
+                | Op::LstmLast { .. }
+                | Op::LstmLastGrad { .. } => {
+                    walker.elementwise(b, &mut env, n, d, "lin", &mut s, "        ")
+                }
             }
         }
         let vals: Vec<String> = targets
@@ -682,7 +859,7 @@ fn row_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc
     for &n in group.nodes.iter().filter(|&&n| !is_prologue(graph, n)) {
         let id = walker.id(n);
         match &graph.node(n).op {
-            op if is_elementwise(op) => {
+            Op::Affine { .. } | Op::Unary(_) | Op::Binary(_) | Op::BroadcastTo { .. } => {
                 if is_row(n) {
                     walker.elementwise(&mut b, &mut env_row, n, &rshape, "row", &mut body, "    ");
                 }
@@ -731,7 +908,47 @@ fn row_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc
                 body += &finish_reduce(&format!("s{id}"), &format!("as{id}"), &add);
                 softmax.insert(n, (format!("m{id}"), format!("s{id}"), *causal));
             }
-            other => unreachable!("{} in a row group", other.mnemonic()),
+            other @ (Op::Input { .. }
+            | Op::Param { .. }
+            | Op::Reshape { .. }
+            | Op::Permute { .. }
+            | Op::MatMul { .. }
+            | Op::Embedding
+            | Op::Rope { .. }
+            | Op::CrossEntropy
+            | Op::LinearCrossEntropy
+            | Op::SliceRows { .. }
+            | Op::ConcatRows
+            | Op::TopK { .. }
+            | Op::GatherCols
+            | Op::TopKMask { .. }
+            | Op::MoeRoute { .. }
+            | Op::SliceCols { .. }
+            | Op::RouteLoad { .. }
+            | Op::ExpertChoice { .. }
+            | Op::Sinkhorn { .. }
+            | Op::Auction { .. }
+            | Op::MoeGather { .. }
+            | Op::GroupedMatMul { .. }
+            | Op::MoeCombine { .. }
+            | Op::SumTo { .. }
+            | Op::EmbeddingGrad { .. }
+            | Op::RopeGrad { .. }
+            | Op::CrossEntropyGrad
+            | Op::LinearCrossEntropyGradH
+            | Op::LinearCrossEntropyGradW
+            | Op::ScatterCols { .. }
+            | Op::MoeGatherGrad { .. }
+            | Op::GroupedMatMulGradX { .. }
+            | Op::GroupedMatMulGradW { .. }
+            | Op::MoeCombineGradRows { .. }
+            | Op::MoeCombineGradWeights { .. }
+            | Op::LstmScan { .. }
+            | Op::LstmHidden
+            | Op::LstmScanGrad { .. }
+            | Op::LstmScanGradW { .. }
+            | Op::LstmLast { .. }
+            | Op::LstmLastGrad { .. }) => unreachable!("{} in a row group", other.mnemonic()),
         }
         if outputs.contains(&n) && env_row.contains_key(&n) {
             let name = b.write(n);
@@ -872,7 +1089,51 @@ pub(crate) fn gathered(
     let (layout, weights) = match graph.node(x).op {
         Op::MoeGather { layout } => (layout, None),
         Op::MoeCombineGradRows { layout } => (layout, Some(args[1])),
-        _ => return None,
+        Op::Input { .. }
+        | Op::Param { .. }
+        | Op::Affine { .. }
+        | Op::Unary(_)
+        | Op::Binary(_)
+        | Op::Reduce(_)
+        | Op::Reshape { .. }
+        | Op::Permute { .. }
+        | Op::MatMul { .. }
+        | Op::Embedding
+        | Op::Rope { .. }
+        | Op::Softmax { .. }
+        | Op::CrossEntropy
+        | Op::LinearCrossEntropy
+        | Op::SliceRows { .. }
+        | Op::ConcatRows
+        | Op::TopK { .. }
+        | Op::GatherCols
+        | Op::TopKMask { .. }
+        | Op::MoeRoute { .. }
+        | Op::SliceCols { .. }
+        | Op::RouteLoad { .. }
+        | Op::ExpertChoice { .. }
+        | Op::Sinkhorn { .. }
+        | Op::Auction { .. }
+        | Op::GroupedMatMul { .. }
+        | Op::MoeCombine { .. }
+        | Op::SumTo { .. }
+        | Op::BroadcastTo { .. }
+        | Op::EmbeddingGrad { .. }
+        | Op::RopeGrad { .. }
+        | Op::CrossEntropyGrad
+        | Op::LinearCrossEntropyGradH
+        | Op::LinearCrossEntropyGradW
+        | Op::ScatterCols { .. }
+        | Op::MoeGatherGrad { .. }
+        | Op::GroupedMatMulGradX { .. }
+        | Op::GroupedMatMulGradW { .. }
+        | Op::MoeCombineGradWeights { .. }
+        | Op::LstmScan { .. }
+        | Op::LstmHidden
+        | Op::LstmScanGrad { .. }
+        | Op::LstmScanGradW { .. }
+        | Op::LstmLast { .. }
+        | Op::LstmLastGrad { .. } => return None,
     };
     let load = b.load(args[0]);
     Some((
@@ -1023,7 +1284,50 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
                 Some((*layout, route)),
             )
         }
-        other => unreachable!("{} anchors a matmul group", other.mnemonic()),
+        other @ (Op::Input { .. }
+        | Op::Param { .. }
+        | Op::Affine { .. }
+        | Op::Unary(_)
+        | Op::Binary(_)
+        | Op::Reduce(_)
+        | Op::Reshape { .. }
+        | Op::Permute { .. }
+        | Op::Embedding
+        | Op::Rope { .. }
+        | Op::Softmax { .. }
+        | Op::CrossEntropy
+        | Op::LinearCrossEntropy
+        | Op::SliceRows { .. }
+        | Op::ConcatRows
+        | Op::TopK { .. }
+        | Op::GatherCols
+        | Op::TopKMask { .. }
+        | Op::MoeRoute { .. }
+        | Op::SliceCols { .. }
+        | Op::RouteLoad { .. }
+        | Op::ExpertChoice { .. }
+        | Op::Sinkhorn { .. }
+        | Op::Auction { .. }
+        | Op::MoeGather { .. }
+        | Op::MoeCombine { .. }
+        | Op::SumTo { .. }
+        | Op::BroadcastTo { .. }
+        | Op::EmbeddingGrad { .. }
+        | Op::RopeGrad { .. }
+        | Op::CrossEntropyGrad
+        | Op::LinearCrossEntropyGradH
+        | Op::LinearCrossEntropyGradW
+        | Op::ScatterCols { .. }
+        | Op::MoeGatherGrad { .. }
+        | Op::GroupedMatMulGradW { .. }
+        | Op::MoeCombineGradRows { .. }
+        | Op::MoeCombineGradWeights { .. }
+        | Op::LstmScan { .. }
+        | Op::LstmHidden
+        | Op::LstmScanGrad { .. }
+        | Op::LstmScanGradW { .. }
+        | Op::LstmLast { .. }
+        | Op::LstmLastGrad { .. }) => unreachable!("{} anchors a matmul group", other.mnemonic()),
     };
 
     // The epilogue: anchor value in, every materialised member out.
@@ -1539,7 +1843,21 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             );
             Ok(b.finish(&consts, &format!("{floats}{AUCTION}"), [1, 1, 1]))
         }
-        other => Err(KernelError::Unsupported(other.mnemonic())),
+        other @ (Op::Input { .. }
+        | Op::Param { .. }
+        | Op::Affine { .. }
+        | Op::Unary(_)
+        | Op::Binary(_)
+        | Op::Reduce(_)
+        | Op::Reshape { .. }
+        | Op::MatMul { .. }
+        | Op::Softmax { .. }
+        | Op::LinearCrossEntropy
+        | Op::GroupedMatMul { .. }
+        | Op::BroadcastTo { .. }
+        | Op::LinearCrossEntropyGradH
+        | Op::LinearCrossEntropyGradW
+        | Op::GroupedMatMulGradX { .. }) => Err(KernelError::Unsupported(other.mnemonic())),
     }
 }
 
