@@ -163,7 +163,11 @@ impl Chunks<'_> {
         self.g.add(Op::Affine { mul, add: 0.0 }, &[x], label)
     }
 
-    /// `acc ∘ part`, or `part` for the first chunk.
+    /// `acc ∘ part`, or `part` for the first chunk. A sum is built as `part + acc`: fusion joins an
+    /// elementwise node to its first operand's group, so chunk `i`'s `dw_sum` becomes the epilogue
+    /// of chunk `i`'s own `dw` matmul and only two `[V, D]` partial sums are ever live. As
+    /// `acc + part`, every sum joined chunk 0's matmul, which then ran last with all the chunks'
+    /// `[V, D]` partials live (three extra `[V, D]` f32 buffers on the seed-sized spec).
     fn fold(
         &mut self,
         acc: Option<NodeId>,
@@ -171,10 +175,14 @@ impl Chunks<'_> {
         op: Op,
         label: String,
     ) -> Result<NodeId, IrError> {
-        match acc {
-            None => Ok(part),
-            Some(acc) => self.g.add(op, &[acc, part], label),
-        }
+        let Some(acc) = acc else {
+            return Ok(part);
+        };
+        let args = match op {
+            Op::ConcatRows => [acc, part],
+            _ => [part, acc],
+        };
+        self.g.add(op, &args, label)
     }
 
     /// The chunk's `(h rows, target rows, logits)`.

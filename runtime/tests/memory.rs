@@ -1,8 +1,8 @@
 //! The memory report (`moec_runtime::memory`, what `moec check` prints) against the bytes the runtime
 //! really allocates ([`Gpu::allocated_bytes`]) when a [`Trainer`] starts: dense, MoE, tied
-//! embeddings, every recompute level, gradient accumulation with another optimizer, Shampoo and Muon. The report
-//! leaves out only the optimizer's scalars, stats and clip partial sums, so it must be within 2%
-//! (in practice a few hundred bytes).
+//! embeddings, every recompute level, gradient accumulation with another optimizer, Shampoo and Muon,
+//! `precision = f16`. The report leaves out only the optimizer's scalars, stats and clip partial
+//! sums, so it must be within 2% (in practice a few hundred bytes).
 
 use moec_compiler::check::check;
 use moec_compiler::lower::Head;
@@ -100,6 +100,12 @@ fn reported_peak_is_what_the_runtime_allocates() {
             spec_text(MOE, &format!("recompute = {}", r.name())),
         ));
     }
+    // f16 plans: transient f16 values share f32 buffers (and make f16 ones f32).
+    let recompute_cases = cases.len() - 5;
+    cases.push((
+        "moe, f16, recompute attention".to_string(),
+        spec_text(MOE, "precision = f16\n  recompute = attention"),
+    ));
     let mut totals = Vec::new();
     for (what, text) in &cases {
         // `optimizer` twice is refused; the accumulate case replaces AdamW.
@@ -119,7 +125,7 @@ fn reported_peak_is_what_the_runtime_allocates() {
     }
     // Recomputation drops activations and changes nothing else.
     let none = &totals[5].1;
-    for (what, r) in &totals[6..] {
+    for (what, r) in &totals[6..5 + recompute_cases] {
         assert_eq!(
             (r.weights, r.grads, r.optimizer),
             (none.weights, none.grads, none.optimizer),
