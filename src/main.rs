@@ -301,8 +301,16 @@ fn main() -> Result<()> {
             let loaded = load(&spec)?;
             loaded.warn_missing_data();
             let adapter = if no_device {
+                let portable = Target::default();
                 check::Adapter {
-                    target: Target::default(),
+                    target: Target {
+                        max_storage_binding_size: adapter
+                            .max_binding
+                            .map_or(portable.max_storage_binding_size, |cap| {
+                                cap.min(portable.max_storage_binding_size)
+                            }),
+                        ..portable
+                    },
                     name: "wgpu default limits".to_string(),
                     memory,
                 }
@@ -333,8 +341,8 @@ fn main() -> Result<()> {
                     name: Some(name),
                     max_binding: None,
                 })
-                    .into_diagnostic()?
-                    .target(),
+                .into_diagnostic()?
+                .target(),
                 None => Target::default(),
             };
             if emit.contains(&Stage::Ast) {

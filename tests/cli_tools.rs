@@ -227,3 +227,35 @@ fn check_compares_the_peak_with_a_memory_budget() {
         "{err}"
     );
 }
+
+/// `moec check --max-binding`: an expert stack over the binding limit is split for AdamW, so the
+/// spec checks on the adapter (lavapipe: 48 bindings per stage; the portable 8 are too few for a
+/// kernel whose three operands are each split); Shampoo must precondition each expert matrix whole, so the same limit is a
+/// check-time error naming the parameter, its size and the limit.
+#[test]
+fn check_refuses_only_matrices_an_optimizer_needs_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("tools_tiny.moe");
+    std::fs::write(&spec, SPEC).unwrap();
+    let spec = spec.to_str().unwrap();
+    let (ok, out, err) = moec(&["check", spec, "--max-binding", "12KiB"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("peak (allocated)"), "{out}");
+    let shampoo = dir.path().join("tools_shampoo.moe");
+    std::fs::write(
+        &shampoo,
+        SPEC.replace("adamw(lr = 1e-2)", "shampoo(lr = 1e-2, root_every = 2)"),
+    )
+    .unwrap();
+    let shampoo = shampoo.to_str().unwrap();
+    let (ok, _, err) = moec(&["check", shampoo, "--no-device", "--max-binding", "12KiB"]);
+    assert!(!ok);
+    assert!(
+        err.contains("block_sparse_moe.experts.w")
+            && err.contains("16384 bytes")
+            && err.contains("12288 bytes"),
+        "{err}"
+    );
+    let (ok, _, err) = moec(&["check", shampoo, "--no-device"]);
+    assert!(ok, "{err}");
+}

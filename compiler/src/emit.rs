@@ -369,7 +369,12 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
             .bindings
             .iter()
             .zip(&vs)
-            .flat_map(|(&(_, w), &vi)| std::iter::repeat_n(w, segments(values[vi].size, target.max_storage_binding_size).len()))
+            .flat_map(|(&(_, w), &vi)| {
+                std::iter::repeat_n(
+                    w,
+                    segments(values[vi].size, target.max_storage_binding_size).len(),
+                )
+            })
             .collect();
         let key = format!("{writes:?}\n{}", src.wgsl);
         let kernel = match kernel_of.get(&key) {

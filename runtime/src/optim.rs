@@ -172,6 +172,15 @@ impl OptimSettings {
         }
     }
 
+    /// Whether the optimizer can update parameter `name` in slices of one storage binding each (its
+    /// elementwise kernels), so that it may exceed the binding limit; Shampoo's, Muon's and
+    /// Adafactor's matrix kernels need the matrix whole.
+    pub fn updates_in_slices(&self, name: &str, shape: &[usize]) -> bool {
+        let layout = Layout::of(&self.optimizer);
+        matches!(layout, Layout::Elementwise(_))
+            || ParamKind::of(layout, name, shape) == ParamKind::Adam
+    }
+
     /// Bytes [`Optimizer`] allocates for one trained parameter `name` of this shape: its state (m and
     /// v, momentum, x z v, Adafactor's moments and scratch, Shampoo's statistics and roots), the
     /// working buffers of Shampoo's and Muon's matrix updates, the accumulated gradient with
@@ -326,6 +335,10 @@ struct ExpertLayer {
     offset: u32,
     experts: u32,
 }
+
+/// Why a preconditioned matrix over one binding cannot be updated (`moec check` says the same).
+pub const MATRIX_WHOLE: &str =
+    "this optimizer's matrix kernels need it whole (AdamW, SGD and schedule-free update it in slices)";
 
 /// Bytes of the stats buffer's scalars (`Stats` in the prelude: 9 words before `lr_scale`).
 const STATS_BYTES: u64 = 36;
@@ -1049,13 +1062,12 @@ impl<'g> Optimizer<'g> {
                 .clamp(1, MAX_RMS_CHUNKS);
             let (lr_scale, experts) = expert_of.get(p.name.as_str()).copied().unwrap_or((0, 1));
             let kind = ParamKind::of(layout, &p.name, &p.shape);
-            let elementwise = matches!(layout, Layout::Elementwise(_)) || kind == ParamKind::Adam;
-            if ranges.len() > 1 && !elementwise {
+            if ranges.len() > 1 && !settings.updates_in_slices(&p.name, &p.shape) {
                 return Err(OptimError::TooLarge {
                     name: p.name.clone(),
                     bytes,
                     limit,
-                    why: "this optimizer's matrix kernels need it whole (AdamW, SGD and schedule-free split it)",
+                    why: MATRIX_WHOLE,
                 });
             }
             let adam_of_muon = matches!(layout, Layout::Muon { .. }) && kind == ParamKind::Adam;
@@ -1092,7 +1104,8 @@ impl<'g> Optimizer<'g> {
                         &format!("{} info", p.name),
                         std::mem::size_of::<ParamInfo>() as u64,
                     );
-                    gpu.queue.write_buffer(&buffer, 0, bytemuck::bytes_of(&info));
+                    gpu.queue
+                        .write_buffer(&buffer, 0, bytemuck::bytes_of(&info));
                     Slice {
                         start,
                         len,

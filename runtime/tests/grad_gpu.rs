@@ -529,7 +529,13 @@ fn split_bindings_match_the_interpreter_and_the_unsplit_plan() {
     assert!(split > 0, "nothing was split");
     let graph = compiled.graph;
     let configs = [(small.clone(), true), (small.clone(), false)];
-    compare_lowered(&graph, &graph, &feeds, &|reference, scale| MODEL_REL * reference + MODEL_FLOOR * scale, &configs);
+    compare_lowered(
+        &graph,
+        &graph,
+        &feeds,
+        &|reference, scale| MODEL_REL * reference + MODEL_FLOOR * scale,
+        &configs,
+    );
     for fused in [true, false] {
         let got = run_gpu(&graph, &feeds, &small, fused);
         let whole = run_gpu(&graph, &feeds, &real, fused);

@@ -1447,7 +1447,10 @@ fn parameters_over_the_binding_limit_update_in_slices_like_whole_ones() {
     for (name, (_, want)) in &whole.tensors {
         let got = &sliced.tensors[name].1;
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            assert!((g - w).abs() <= 1e-6 + 1e-6 * w.abs(), "{name}[{i}]: sliced {g} vs whole {w}");
+            assert!(
+                (g - w).abs() <= 1e-6 + 1e-6 * w.abs(),
+                "{name}[{i}]: sliced {g} vs whole {w}"
+            );
         }
     }
 }

@@ -121,7 +121,10 @@ impl<'g> Binder<'g> {
 
     /// How many bindings the value of `node` takes on this target.
     fn segments(&self, node: NodeId) -> Vec<(u64, u64)> {
-        super::segments(self.graph.ty(node).buffer_bytes(), self.target.max_storage_binding_size)
+        super::segments(
+            self.graph.ty(node).buffer_bytes(),
+            self.target.max_storage_binding_size,
+        )
     }
 
     /// How the binding `name` is read and written (see [`Access`]).
@@ -223,7 +226,10 @@ fn segment_accessors(name: &str, ty: &str, writes: bool, count: usize, per: u64)
     for j in 0..count as u64 {
         let (lo, hi) = (j * per, (j + 1) * per);
         if j + 1 < count as u64 {
-            let _ = writeln!(load, "    if (i < {hi}u) {{\n        return {name}_{j}[i - {lo}u];\n    }}");
+            let _ = writeln!(
+                load,
+                "    if (i < {hi}u) {{\n        return {name}_{j}[i - {lo}u];\n    }}"
+            );
             let _ = writeln!(store, "    if (i < {hi}u) {{\n        {name}_{j}[i - {lo}u] = v;\n        return;\n    }}");
         } else {
             let _ = writeln!(load, "    return {name}_{j}[i - {lo}u];\n}}\n");

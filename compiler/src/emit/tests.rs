@@ -431,7 +431,6 @@ fn example_training_graphs_emit_valid_kernels() {
     }
 }
 
-
 /// The quickstart spec's training step under a 4 KiB binding limit: every value over it (the
 /// embedding and head weights, their gradients, expert stacks, activations) is bound as consecutive
 /// 4 KiB segments at 256-aligned offsets that tile the value exactly, and the kernels reach it
@@ -447,10 +446,15 @@ fn values_over_the_binding_limit_are_split_across_segments() {
             max_storage_buffers_per_stage: 1000,
             ..target.clone()
         };
-        let plan = crate::compile_training(&spec, 2, &small, true).unwrap().plan;
+        let plan = crate::compile_training(&spec, 2, &small, true)
+            .unwrap()
+            .plan;
         let mut split = 0;
         for d in &plan.dispatches {
-            for run in d.bindings.chunk_by(|a, b| a.buffer == b.buffer && b.offset > a.offset) {
+            for run in d
+                .bindings
+                .chunk_by(|a, b| a.buffer == b.buffer && b.offset > a.offset)
+            {
                 assert!(run.iter().all(|b| b.size <= 4096 && b.offset % 256 == 0));
                 for (j, b) in run.iter().enumerate() {
                     assert_eq!(b.offset, 4096 * j as u64, "segments tile the value");
@@ -467,7 +471,9 @@ fn values_over_the_binding_limit_are_split_across_segments() {
             max_storage_buffers_per_stage: 1000,
             ..target
         };
-        let unsplit = crate::compile_training(&spec, 2, &whole, true).unwrap().plan;
+        let unsplit = crate::compile_training(&spec, 2, &whole, true)
+            .unwrap()
+            .plan;
         assert!(unsplit
             .dispatches
             .iter()
