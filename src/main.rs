@@ -12,6 +12,7 @@ mod bench;
 mod check;
 mod eval;
 mod export;
+mod f16_compare;
 mod fmt;
 mod forward;
 mod generate;

@@ -259,3 +259,22 @@ fn check_refuses_only_matrices_an_optimizer_needs_whole() {
     let (ok, _, err) = moec(&["check", shampoo, "--no-device"]);
     assert!(ok, "{err}");
 }
+
+/// `moec forward` on a `precision = f16` spec checks the GPU against the interpreter's f16 mode
+/// (f16's tolerance, on routing-stable rows: src/f16_compare.rs) and passes; the quick-start spec,
+/// whose f16 top-k routing flips on a few near-tied tokens.
+#[test]
+fn forward_checks_an_f16_spec_against_the_f16_interpreter() {
+    let dir = tempfile::tempdir().unwrap();
+    let quickstart = Path::new(env!("CARGO_MANIFEST_DIR")).join("specs/quickstart.moe");
+    let text = std::fs::read_to_string(&quickstart).unwrap();
+    let text = text.replacen("train {", "train {\n  precision = f16", 1);
+    let spec = dir.path().join("quickstart-f16.moe");
+    std::fs::write(&spec, text).unwrap();
+    let (ok, out, err) = moec(&["forward", spec.to_str().unwrap()]);
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        out.contains("f16 plan: errors within the f16 tolerance"),
+        "{out}"
+    );
+}
