@@ -55,8 +55,8 @@
 //!   (`silu(gm1) · gm2`) is already an ordinary `Matmul` epilogue. The token gather and the combine's
 //!   row adjoint are prologues (above).
 
-use crate::emit::Target;
 use crate::ir::{Graph, NodeId, Op};
+use crate::target::Target;
 use serde::Serialize;
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
@@ -68,7 +68,7 @@ pub struct FuseOptions {
     pub enabled: bool,
     /// Storage buffers one kernel may bind (the adapter's per-stage limit).
     pub max_bindings: u32,
-    /// Bytes one binding may hold: a value over it takes several bindings ([`crate::emit::segments`]).
+    /// Bytes one binding may hold: a value over it takes several bindings ([`crate::target::segments`]).
     pub max_binding_bytes: u64,
 }
 
@@ -602,7 +602,8 @@ impl State<'_> {
             .iter()
             .chain(&outputs)
             .map(|&v| {
-                crate::emit::segments(self.graph.ty(v).buffer_bytes(), self.max_binding_bytes).len()
+                crate::target::segments(self.graph.ty(v).buffer_bytes(), self.max_binding_bytes)
+                    .len()
             })
             .sum()
     }
