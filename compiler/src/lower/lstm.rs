@@ -9,7 +9,8 @@
 //!
 //! Names load into one `nn.LSTM(in, dim, num_layers = 1)` per layer:
 //! `model.layers.N.lstm.{weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0}` (+ `_reverse`).
-//! Init: weights N(0, 1/(3·dim)), the variance of PyTorch's U(±1/√dim); biases 0.
+//! Init: PyTorch's defaults: LSTM weights and biases U(±1/√dim), linear layers (experts, routers,
+//! heads) U(±1/√fan_in) (`Lower::weight_init`), the embedding N(0, 1).
 //! Classifier head: `classifier.{weight,bias}` as the `mlp` family's.
 
 use super::{Lower, LowerError};
@@ -86,9 +87,8 @@ impl Lower<'_> {
         let (b, t, inp, h) = (shape[0], shape[1], shape[2], self.spec.model.dim);
         let p = format!("model.layers.{i}.lstm");
         let rows = self.reshape(x, &[b * t, inp], format!("{p}.input_rows"))?;
-        let init = Init::Normal {
-            std: (1.0 / (3.0 * h as f64)).sqrt() as f32,
-        };
+        // nn.LSTM's init: every weight and bias U(±1/√dim).
+        let init = self.weight_init(h);
         let mut records = Vec::new();
         for d in 0..dirs {
             let sfx = if d == 1 { "_reverse" } else { "" };
@@ -98,13 +98,12 @@ impl Lower<'_> {
             let w_hh = self
                 .g
                 .param(&format!("{p}.weight_hh_l0{sfx}"), &[4 * h, h], init);
-            let zero = Init::Constant(0.0);
             let b_ih = self
                 .g
-                .param(&format!("{p}.bias_ih_l0{sfx}"), &[4 * h], zero);
+                .param(&format!("{p}.bias_ih_l0{sfx}"), &[4 * h], init);
             let b_hh = self
                 .g
-                .param(&format!("{p}.bias_hh_l0{sfx}"), &[4 * h], zero);
+                .param(&format!("{p}.bias_hh_l0{sfx}"), &[4 * h], init);
             let xg = self.add(
                 Op::MatMul { trans_b: true },
                 &[rows, w_ih],
