@@ -87,8 +87,8 @@ pub enum LowerError {
 }
 
 /// How a language model's graph ends: what it computes from the final hidden states `h[B*T, D]`.
-/// The `mlp` family always has [`Head::Logits`]: a classifier's `[B, classes]` logits are small
-/// and its evaluation reads them (accuracy).
+/// The `mlp` family and `lstm` classifiers always have [`Head::Logits`]: a classifier's
+/// `[B, classes]` logits are small and its evaluation reads them (accuracy).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Head {
     /// The `logits` output `[B*T, V]` and `ce` computed from it: `moec forward --dump-logits`, HF
@@ -132,10 +132,7 @@ pub fn lower_with(spec: &Spec, batch: usize, head: Head) -> Result<Graph, LowerE
             let (logits, ce) = l.mlp(batch)?;
             (Some(logits), Some(ce))
         }
-        Family::Lstm => {
-            let (logits, ce) = l.lstm(batch)?;
-            (Some(logits), Some(ce))
-        }
+        Family::Lstm => l.lstm(batch, head)?,
     };
     l.finish(logits, ce)?;
     Ok(l.g)

@@ -17,8 +17,13 @@ use super::{Lower, LowerError};
 use crate::ir::{BinaryOp, Init, NodeId, Op, TensorType};
 
 impl Lower<'_> {
-    /// The `lstm` family: `(logits, ce)` of a language model or a sequence classifier.
-    pub(super) fn lstm(&mut self, batch: usize) -> Result<(NodeId, NodeId), LowerError> {
+    /// The `lstm` family: `(logits, ce)` of a language model ending in `head`, or of a sequence
+    /// classifier (always [`super::Head::Logits`]).
+    pub(super) fn lstm(
+        &mut self,
+        batch: usize,
+        head: super::Head,
+    ) -> Result<(Option<NodeId>, Option<NodeId>), LowerError> {
         let m = &self.spec.model;
         let missing = |field| LowerError::Missing {
             field,
@@ -26,7 +31,7 @@ impl Lower<'_> {
         };
         let t = m.context.ok_or(missing("context"))?;
         let dirs = if m.bidirectional { 2 } else { 1 };
-        let (x, head) = match (m.vocab, m.inputs, m.classes) {
+        let (x, out) = match (m.vocab, m.inputs, m.classes) {
             (Some(vocab), _, _) => {
                 if dirs == 2 {
                     return Err(LowerError::Invalid(
@@ -63,20 +68,16 @@ impl Lower<'_> {
             x = self.lstm_moe(x, i, batch, t)?;
         }
         let width = self.last_dim(x);
-        match head {
+        match out {
             Head::Lm { emb, targets } => {
                 let h = self.reshape(x, &[batch * t, width], "model.rows")?;
-                let (logits, ce) = self.lm_head(h, emb, targets, batch, super::Head::Logits)?;
-                Ok((
-                    logits.expect("Head::Logits has logits"),
-                    ce.expect("and a loss"),
-                ))
+                self.lm_head(h, emb, targets, batch, head)
             }
             Head::Classes { classes, targets } => {
                 let last = self.add(Op::LstmLast { dirs }, &[x], "model.final_states")?;
                 let logits = self.linear(last, "classifier", classes, true)?;
                 let ce = self.add(Op::CrossEntropy, &[logits, targets], "ce")?;
-                Ok((logits, ce))
+                Ok((Some(logits), Some(ce)))
             }
         }
     }
