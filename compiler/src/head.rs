@@ -19,9 +19,18 @@
 //!
 //! The chunk size comes from the target ([`chunk_rows`]); the interpreter runs the fused ops
 //! unchunked, which is what the chunked kernels are tested against.
+//!
+//! In a graph that stores anything in f16 (`precision = f16`, [`uses_f16`]) the chunks' logits and
+//! their adjoint are stored in f16, as a matmul output and its gradient are under autocast and in
+//! Liger-Kernel's fused linear cross-entropy: the cross-entropy kernels widen them and compute the
+//! log-softmax, the loss and the adjoint in f32 (LANGUAGE.md: "softmax and loss in f32"), and the
+//! head's input `h`, its weight and `dw` stay f32. It halves the head's scratch, the one activation
+//! buffer pair whose size does not depend on the recompute level. The interpreter's f16 mode
+//! rounds the fused ops' logits and adjoint the same way.
 
 use crate::emit::Target;
-use crate::ir::{BinaryOp, Graph, IrError, NodeId, Op};
+use crate::ir::{BinaryOp, DType, Graph, IrError, NodeId, Op};
+use crate::precision::uses_f16;
 use std::collections::HashMap;
 
 /// Most bytes one `[rows, V]` chunk of logits takes, below the adapter's binding limit: the memory
@@ -62,6 +71,8 @@ fn rebuild(graph: &Graph, rows_for: &dyn Fn(usize, usize) -> usize) -> Result<Gr
     if !graph.g.node_weights().any(|n| fused(&n.op)) {
         return Ok(graph.clone());
     }
+    let f16 = uses_f16(graph);
+    let mut halves = Vec::new();
     let mut out = Graph::new();
     let mut map: HashMap<NodeId, NodeId> = HashMap::new();
     for id in graph.topo_order() {
@@ -80,6 +91,8 @@ fn rebuild(graph: &Graph, rows_for: &dyn Fn(usize, usize) -> usize) -> Result<Gr
             g: &mut out,
             n,
             rows: rows_for(v, n),
+            f16,
+            halves: &mut halves,
         };
         match node.op {
             Op::LinearCrossEntropy => {
@@ -115,6 +128,9 @@ fn rebuild(graph: &Graph, rows_for: &dyn Fn(usize, usize) -> usize) -> Result<Gr
             }
         }
     }
+    for x in halves {
+        out.g[x].ty.dtype = DType::F16;
+    }
     out.outputs = graph
         .outputs
         .iter()
@@ -128,9 +144,22 @@ struct Chunks<'g> {
     g: &'g mut Graph,
     n: usize,
     rows: usize,
+    /// Logits and their adjoint stored in f16 (module doc).
+    f16: bool,
+    /// The values to store in f16, marked once the graph is built: the builder's type inference
+    /// (like every pass before `precision::mark_f16`) wants f32 operands.
+    halves: &'g mut Vec<NodeId>,
 }
 
 impl Chunks<'_> {
+    /// `x`, to be stored in f16 in an f16 graph.
+    fn stored(&mut self, x: NodeId) -> NodeId {
+        if self.f16 {
+            self.halves.push(x);
+        }
+        x
+    }
+
     /// `(index, start, len)` of every chunk.
     fn each(&self) -> Vec<(usize, usize, usize)> {
         (0..self.n)
@@ -163,7 +192,11 @@ impl Chunks<'_> {
         self.g.add(Op::Affine { mul, add: 0.0 }, &[x], label)
     }
 
-    /// `acc ∘ part`, or `part` for the first chunk.
+    /// `acc ∘ part`, or `part` for the first chunk. A sum is built as `part + acc`: fusion joins an
+    /// elementwise node to its first operand's group, so chunk `i`'s `dw_sum` becomes the epilogue
+    /// of chunk `i`'s own `dw` matmul and only two `[V, D]` partial sums are ever live. As
+    /// `acc + part`, every sum joined chunk 0's matmul, which then ran last with all the chunks'
+    /// `[V, D]` partials live (three extra `[V, D]` f32 buffers on the seed-sized spec).
     fn fold(
         &mut self,
         acc: Option<NodeId>,
@@ -171,10 +204,14 @@ impl Chunks<'_> {
         op: Op,
         label: String,
     ) -> Result<NodeId, IrError> {
-        match acc {
-            None => Ok(part),
-            Some(acc) => self.g.add(op, &[acc, part], label),
-        }
+        let Some(acc) = acc else {
+            return Ok(part);
+        };
+        let args = match op {
+            Op::ConcatRows => [acc, part],
+            _ => [part, acc],
+        };
+        self.g.add(op, &args, label)
     }
 
     /// The chunk's `(h rows, target rows, logits)`.
@@ -190,7 +227,7 @@ impl Chunks<'_> {
         let logits = self
             .g
             .add(Op::MatMul { trans_b: true }, &[h, args[1]], l("logits"))?;
-        Ok((h, t, logits))
+        Ok((h, t, self.stored(logits)))
     }
 
     /// `LinearCrossEntropy(h, w, targets)` as the weighted sum of the chunks' mean losses.
@@ -223,6 +260,7 @@ impl Chunks<'_> {
             let dlogits = self
                 .g
                 .add(Op::CrossEntropyGrad, &[logits, t, g], l("dlogits"))?;
+            let dlogits = self.stored(dlogits);
             if want_h {
                 let part =
                     self.g
@@ -233,6 +271,7 @@ impl Chunks<'_> {
                 let gt =
                     self.g
                         .add(Op::Permute { perm: vec![1, 0] }, &[dlogits], l("dlogits_t"))?;
+                let gt = self.stored(gt);
                 let part = self
                     .g
                     .add(Op::MatMul { trans_b: false }, &[gt, h], l("dw"))?;

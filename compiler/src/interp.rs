@@ -5,7 +5,9 @@
 //! reuse of buffers. It runs in f32 (to mirror the GPU) or in f64 (for finite-difference gradient
 //! checks); the arithmetic is the same generic code, instantiated for the [`Float`] trait. Values a
 //! graph stores in f16 (`precision = f16`, [`crate::precision::mark_f16`]) are rounded to f16 where
-//! they are computed, which is where the kernels store them: the interpreter's f16 mode.
+//! they are computed, which is where the kernels store them: the interpreter's f16 mode. In a graph
+//! that stores anything in f16 the fused LM head's logits and their adjoint are rounded too, as
+//! the chunked head (`head::legalize`) stores them in f16.
 //!
 //! Also here: [`init_params`], the deterministic parameter initialisation that both the CPU and the
 //! GPU paths use, so a model trained on either starts from bit-identical weights.
@@ -336,6 +338,7 @@ fn eval<F: Float>(
     feeds: &HashMap<String, Value>,
 ) -> Result<HashMap<NodeId, Tensor<F>>, InterpError> {
     let mut vals: HashMap<NodeId, Tensor<F>> = HashMap::new();
+    let f16 = crate::precision::uses_f16(graph);
     for id in graph.topo_order() {
         let node = graph.node(id);
         let args = graph.inputs(id);
@@ -344,6 +347,7 @@ fn eval<F: Float>(
         let ctx = Ctx {
             label: &node.label,
             op: &node.op,
+            f16,
         };
         let mut out = eval_node(&ctx, &node.ty, &arg_vals, &arg_tys, feeds)?;
         if node.ty.dtype == DType::F16 {
@@ -359,22 +363,36 @@ fn eval<F: Float>(
 /// everything else is computed in the run's precision, as the kernels compute in f32.
 fn round_f16<F: Float>(t: Tensor<F>) -> Tensor<F> {
     match t {
-        Tensor::F(v) => Tensor::F(
-            v.into_iter()
-                .map(|x| F::from_f64(half::f16::from_f64(x.to_f64()).to_f64()))
-                .collect(),
-        ),
+        Tensor::F(v) => Tensor::F(rounded_f16(v)),
         u => u,
     }
 }
 
-/// Node identity for error messages.
+fn rounded_f16<F: Float>(v: Vec<F>) -> Vec<F> {
+    v.into_iter()
+        .map(|x| F::from_f64(half::f16::from_f64(x.to_f64()).to_f64()))
+        .collect()
+}
+
+/// Node identity for error messages, and whether the graph runs in f16 mode.
 struct Ctx<'a> {
     label: &'a str,
     op: &'a Op,
+    /// The graph stores values in f16: the fused head's logits and their adjoint are rounded, as
+    /// `head::legalize` stores them in f16.
+    f16: bool,
 }
 
 impl Ctx<'_> {
+    /// An intermediate of a fused op as its kernels store it: rounded to f16 in f16 mode.
+    fn stored<F: Float>(&self, v: Vec<F>) -> Vec<F> {
+        if self.f16 {
+            rounded_f16(v)
+        } else {
+            v
+        }
+    }
+
     fn malformed(&self, message: impl Into<String>) -> InterpError {
         InterpError::Malformed {
             label: self.label.into(),
@@ -816,7 +834,7 @@ fn eval_grad_op<F: Float>(
                 arg_tys[1].shape[0],
                 arg_tys[0].shape[1],
             );
-            let dlogits = cross_entropy_grad(ctx, &logits, ctx.u(args[2])?, v, g[0])?;
+            let dlogits = ctx.stored(cross_entropy_grad(ctx, &logits, ctx.u(args[2])?, v, g[0])?);
             if matches!(ctx.op, Op::LinearCrossEntropyGradH) {
                 // dh = G · w
                 let gt = TensorType::f32(&[n, v]);
@@ -1045,7 +1063,7 @@ fn head_logits<F: Float>(
     arg_tys: &[&TensorType],
 ) -> Result<Vec<F>, InterpError> {
     let (h, w) = (ctx.f(args[0])?, ctx.f(args[1])?);
-    Ok(matmul(h, arg_tys[0], w, arg_tys[1], true))
+    Ok(ctx.stored(matmul(h, arg_tys[0], w, arg_tys[1], true)))
 }
 
 /// Mean over rows of `logsumexp(row) − row[target]` for `logits[N, V]`.

@@ -21,7 +21,9 @@
 //!    (`…block_sparse_moe.{gate,group_gate,noise,group_noise}.weight`) up to the combine that applies
 //!    the gate weights, and the adjoints of those values;
 //! 5. every consumer's kernel widens f16 operands (the fixed-function templates — top-k,
-//!    cross-entropy, routing, Sinkhorn, auction — read f32 only).
+//!    routing, Sinkhorn, auction — read f32 only). The cross-entropy kernels widen f16 logits, but
+//!    the logits they read here are graph outputs; the chunked head's logits and their adjoint are
+//!    stored in f16 by `head::legalize`, after this pass.
 //!
 //! `Reshape` aliases its operand's buffer, so it takes its base's dtype, and rule 5 counts the
 //! consumers of every reshape of a value.

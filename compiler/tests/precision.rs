@@ -199,3 +199,66 @@ fn the_interpreter_rounds_values_the_graph_stores_in_f16() {
     assert_eq!(rounded[3], 0.0);
     assert_ne!(exact[0], rounded[0]);
 }
+
+/// The chunked head (`head::legalize`) of an f16 graph stores each chunk's logits and their adjoint
+/// in f16, while `h`, the loss, `dh` and the weight gradient stay f32; and the interpreter's f16
+/// mode rounds the unchunked fused head's logits and adjoint the same way, so the legalized graph
+/// (whose chunk nodes the interpreter rounds by dtype) and the fused one agree to f64 round-off.
+#[test]
+fn the_chunked_head_stores_logits_and_their_adjoint_in_f16() {
+    let spec = spec();
+    let forward =
+        moec_compiler::lower::lower_with(&spec, 2, moec_compiler::lower::Head::Loss).unwrap();
+    let mut train = training_graph(&forward).unwrap();
+    let f32_chunked = moec_compiler::head::legalize_in_chunks(&train, 5).unwrap();
+    assert!(!uses_f16(&f32_chunked), "f32 graphs keep an f32 head");
+    // Without the f16 mode's rounding of the fused head the two differ by ~2⁻¹¹ relative.
+    mark_f16(&mut train);
+    let chunked = moec_compiler::head::legalize_in_chunks(&train, 5).unwrap();
+    for chunk in 0..4 {
+        for (part, dtype) in [
+            ("logits", DType::F16),
+            ("ce", DType::F32),
+            ("h", DType::F32),
+        ] {
+            let label = format!("ce.chunk{chunk}.{part}");
+            assert_eq!(by_label(&chunked, &label).dtype, dtype, "{label}");
+        }
+        for (part, dtype) in [
+            ("logits", DType::F16),
+            ("dlogits", DType::F16),
+            ("dlogits_t", DType::F16),
+            ("dh", DType::F32),
+            ("dw", DType::F32),
+        ] {
+            let label = format!("grad.ce.chunk{chunk}.{part}");
+            assert_eq!(by_label(&chunked, &label).dtype, dtype, "{label}");
+        }
+    }
+    let mut feeds: HashMap<String, Value> = HashMap::new();
+    let mut x = 0.37f64;
+    let mut next = || {
+        x = (x * 7919.0 + 0.123).fract();
+        x - 0.5
+    };
+    for (_, name, ty) in forward.params() {
+        feeds.insert(name, Value::F64((0..ty.numel()).map(|_| next()).collect()));
+    }
+    for (_, name, ty) in forward.data_inputs() {
+        let ids = (0..ty.numel()).map(|i| (i * 7 % 32) as u32).collect();
+        feeds.insert(name, Value::U32(ids));
+    }
+    feeds.insert(
+        moec_compiler::autodiff::SEED.into(),
+        Value::F64(vec![1024.0]),
+    );
+    let fused = run_outputs_in(&train, &feeds, Precision::F64).unwrap();
+    let legal = run_outputs_in(&chunked, &feeds, Precision::F64).unwrap();
+    for (name, want) in &fused {
+        let (want, got) = (want.to_f64(), legal[name].to_f64());
+        let scale = want.iter().fold(0.0f64, |m, w| m.max(w.abs()));
+        for (w, g) in want.iter().zip(&got) {
+            assert!((w - g).abs() <= 1e-9 * scale.max(1.0), "{name}: {g} vs {w}");
+        }
+    }
+}

@@ -1,8 +1,8 @@
 //! The memory report (`moec_runtime::memory`, what `moec check` prints) against the bytes the runtime
 //! really allocates ([`Gpu::allocated_bytes`]) when a [`Trainer`] starts: dense, MoE, tied
-//! embeddings, every recompute level, gradient accumulation with another optimizer, Shampoo and Muon. The report
-//! leaves out only the optimizer's scalars, stats and clip partial sums, so it must be within 2%
-//! (in practice a few hundred bytes).
+//! embeddings, every recompute level, gradient accumulation with another optimizer, Shampoo and Muon,
+//! `precision = f16`. The report leaves out only the optimizer's scalars, stats and clip partial
+//! sums, so it must be within 2% (in practice a few hundred bytes).
 
 use moec_compiler::check::check;
 use moec_compiler::lower::Head;
@@ -100,6 +100,12 @@ fn reported_peak_is_what_the_runtime_allocates() {
             spec_text(MOE, &format!("recompute = {}", r.name())),
         ));
     }
+    // f16 plans: transient f16 values share f32 buffers (and make f16 ones f32).
+    let recompute_cases = cases.len() - 5;
+    cases.push((
+        "moe, f16, recompute attention".to_string(),
+        spec_text(MOE, "precision = f16\n  recompute = attention"),
+    ));
     let mut totals = Vec::new();
     for (what, text) in &cases {
         // `optimizer` twice is refused; the accumulate case replaces AdamW.
@@ -119,7 +125,7 @@ fn reported_peak_is_what_the_runtime_allocates() {
     }
     // Recomputation drops activations and changes nothing else.
     let none = &totals[5].1;
-    for (what, r) in &totals[6..] {
+    for (what, r) in &totals[6..5 + recompute_cases] {
         assert_eq!(
             (r.weights, r.grads, r.optimizer),
             (none.weights, none.grads, none.optimizer),
@@ -132,15 +138,20 @@ fn reported_peak_is_what_the_runtime_allocates() {
     }
 }
 
+/// `specs/scale/seed-scale.moe`, checked.
+fn seed_spec() -> moec_compiler::spec::Spec {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../specs/scale/seed-scale.moe");
+    let text = std::fs::read_to_string(&path).unwrap();
+    check(&text, &path).unwrap_or_else(|d| panic!("{d:?}"))
+}
+
 /// The seed-sized MoE (`specs/scale/seed-scale.moe`, issue 8): at batch 2, f32, AdamW, the planned
 /// peak is at most 0.85x HF + PyTorch's 14.5 GiB without recomputation and at most 0.65x with
 /// `recompute = block`. Compiled (no GPU) for wgpu's default limits (128 MiB storage bindings,
 /// which the chunked LM head keeps the `[2048, 32000]` logits under).
 #[test]
 fn the_seed_sized_moe_fits_the_issue_budget() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../specs/scale/seed-scale.moe");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let spec = check(&text, &path).unwrap_or_else(|d| panic!("{d:?}"));
+    let spec = seed_spec();
     let target = moec_compiler::emit::Target::default();
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     for (level, budget) in [(Recompute::None, 12.3), (Recompute::Block, 9.4)] {
@@ -154,5 +165,44 @@ fn the_seed_sized_moe_fits_the_issue_budget() {
         );
         assert!(gib(r.total()) <= budget, "{}: {r:?}", level.name());
         assert!(gib(r.weights + r.grads + r.optimizer) < 7.95, "{r:?}");
+    }
+}
+
+/// Issue 9's memory bullet: on the seed-sized MoE, at every recompute level, the activations (and
+/// scratch) of `precision = f16` are at most half of f32's, and the peak drops by what they save
+/// (weights, gradients and optimizer state are f32 in both).
+#[test]
+fn f16_halves_the_seed_sized_activations_at_every_recompute_level() {
+    let spec = seed_spec();
+    let target = moec_compiler::emit::Target::default();
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    for level in Recompute::ALL {
+        let report = |precision| {
+            let mut s = spec.clone();
+            let train = s.train.as_mut().unwrap();
+            train.recompute = level;
+            train.precision = precision;
+            moec_runtime::memory::for_spec(&s, 2, &target).unwrap()
+        };
+        let half = report(moec_compiler::spec::Precision::F16);
+        let full = report(moec_compiler::spec::Precision::F32);
+        eprintln!(
+            "recompute {}: activations f16 {:.0} MiB, f32 {:.0} MiB ({:.3}); peak {:.0} vs {:.0} MiB",
+            level.name(),
+            mib(half.activations),
+            mib(full.activations),
+            half.activations as f64 / full.activations as f64,
+            mib(half.total()),
+            mib(full.total())
+        );
+        assert!(2 * half.activations <= full.activations, "{}", level.name());
+        assert_eq!(
+            (half.weights, half.grads, half.optimizer),
+            (full.weights, full.grads, full.optimizer)
+        );
+        assert_eq!(
+            full.total() - half.total(),
+            full.activations - half.activations
+        );
     }
 }

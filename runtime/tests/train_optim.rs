@@ -1,7 +1,9 @@
 //! The optimizer kernels against CPU references of the same formulas, on hand-made parameter and
 //! gradient buffers (no plan): AdamW, SGD with and without momentum, schedule-free AdamW, Adafactor,
 //! global-norm clipping, gradient accumulation, parameter groups (no decay on 1-D params, `expert_lr`,
-//! `expert_lr = adaptive` with hand-set loads) and the non-finite flag.
+//! `expert_lr = adaptive` with hand-set loads) and the non-finite flag; Shampoo and Muon against f64
+//! references, and with `MOEC_OPTIM_DUMP=DIR` their runs dumped for the independent numpy reference
+//! `scripts/optim_reference.py`.
 //!
 //! Tolerance: the CPU reference runs the kernels' f32 formulas in the same order; the GPU may fuse
 //! multiply-adds, so values agree to |gpu - cpu| <= 1e-6 + 1e-5 |cpu| per element after 3 steps.
@@ -24,14 +26,20 @@ fn gpu() -> Gpu {
         .expect("a wgpu adapter (lavapipe: apt-get install mesa-vulkan-drivers)")
 }
 
-/// Three parameters covering the groups: a 2-D weight (decays), a 1-D norm (no decay), and a
-/// stacked expert weight (decays, expert lr). 70·5 = 350 elements span two 256-wide workgroups; the
-/// weight is tall and the experts wide, so Muon's iteration runs both ways (on Xᵀ and on X).
+/// Parameters covering the groups: a 2-D weight (decays), a 1-D norm (no decay), a stacked expert
+/// weight (decays, expert lr), and a router and an embedding (Muon hands both to its AdamW; tall and
+/// preconditioned under Shampoo). 70·5 = 350 elements span two 256-wide workgroups; the weight is
+/// tall and the experts wide, so Muon's iteration runs both ways (on Xᵀ and on X).
 fn shapes() -> Vec<(&'static str, Vec<usize>)> {
     vec![
         ("model.layers.0.self_attn.q_proj.weight", vec![70, 5]),
         ("model.norm.weight", vec![37]),
         (EXPERT, vec![EXPERTS, 3, 50]),
+        (
+            "model.layers.0.block_sparse_moe.gate.weight",
+            vec![EXPERTS, 6],
+        ),
+        ("model.embed_tokens.weight", vec![11, 4]),
     ]
 }
 
@@ -107,12 +115,16 @@ struct Cpu {
 /// Hand-set per-expert loads of the expert parameter's layer, by (step, micro-step).
 type Loads = fn(usize, usize) -> Vec<f32>;
 
+type Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// What [`run_gpu`] did: the initial weights and every gradient it fed (`grads[step][param][micro]`),
-/// and the checkpoint tensors and stats at the end.
+/// the checkpoint tensors after each step (`after[step]`, the last one in `tensors`) and the stats
+/// at the end.
 struct GpuRun {
     init: Vec<Vec<f32>>,
     grads: Vec<Vec<Vec<Vec<f32>>>>,
-    tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    after: Vec<Tensors>,
+    tensors: Tensors,
     stats: moec_runtime::optim::StepStats,
 }
 
@@ -146,6 +158,7 @@ fn run_gpu(
         .collect();
     optim.init(&named).unwrap();
     let mut all = Vec::with_capacity(steps);
+    let mut after = Vec::with_capacity(steps);
     for step in 0..steps {
         optim.prepare_step(step);
         let mut grads: Vec<Vec<Vec<f32>>> = vec![Vec::new(); b.params.len()];
@@ -174,11 +187,13 @@ fn run_gpu(
         }
         optim.finish_step().unwrap();
         all.push(grads);
+        after.push(optim.checkpoint_tensors().unwrap().into_iter().collect());
     }
     GpuRun {
         init,
         grads: all,
-        tensors: optim.checkpoint_tensors().unwrap().into_iter().collect(),
+        tensors: after.last().cloned().unwrap_or_default(),
+        after,
         stats: optim.stats().unwrap(),
     }
 }
@@ -331,7 +346,11 @@ fn sgd_without_momentum_has_no_state() {
     });
     let b = bench();
     let optim = Optimizer::new(&b.gpu, &s, &b.params, &b.loss, &b.ce).unwrap();
-    assert_eq!(optim.checkpoint_tensors().unwrap().len(), 3, "weights only");
+    assert_eq!(
+        optim.checkpoint_tensors().unwrap().len(),
+        shapes().len(),
+        "weights only"
+    );
 }
 
 #[test]
@@ -920,6 +939,72 @@ fn compare_f64(
     run
 }
 
+/// The arguments of Shampoo or Muon as [`dump`] writes them (the lr goes per step and group).
+fn optimizer_json(optimizer: &OptimizerSpec) -> serde_json::Value {
+    use serde_json::json;
+    match *optimizer {
+        OptimizerSpec::Shampoo {
+            betas,
+            eps,
+            decay,
+            root_every,
+            max_dim,
+            weight_decay,
+            ..
+        } => json!({"name": "shampoo", "betas": betas, "eps": eps, "decay": decay,
+            "root_every": root_every, "max_dim": max_dim, "weight_decay": weight_decay}),
+        OptimizerSpec::Muon {
+            momentum,
+            nesterov,
+            ns_steps,
+            weight_decay,
+            adamw,
+            ..
+        } => json!({"name": "muon", "momentum": momentum, "nesterov": nesterov,
+            "ns_steps": ns_steps, "weight_decay": weight_decay,
+            "adamw": {"betas": adamw.betas, "eps": adamw.eps, "weight_decay": adamw.weight_decay}}),
+        ref other => panic!("no numpy reference for {other:?}"),
+    }
+}
+
+/// With `MOEC_OPTIM_DUMP=DIR` set, writes `DIR/<label>.json` for the independent numpy reference
+/// `scripts/optim_reference.py`: the optimizer's arguments, each step's learning rates by group
+/// (`[group, experts, adamw]`, Muon's nested AdamW last), the parameters (name, shape, initial
+/// weights), each step's gradients (one per micro-step) and every checkpoint tensor after each step.
+/// f32 values are written in their shortest round-trip form, so the script reads them exactly.
+fn dump(label: &str, s: &OptimSettings, run: &GpuRun) {
+    let Some(dir) = std::env::var_os("MOEC_OPTIM_DUMP") else {
+        return;
+    };
+    use serde_json::json;
+    let optimizer = optimizer_json(&s.optimizer);
+    assert!(
+        s.clip.is_none() && !matches!(s.expert_lr, Some(ExpertLr::Adaptive { .. })),
+        "the numpy reference takes neither clip nor adaptive expert lr"
+    );
+    let lrs: Vec<[f64; 3]> = (0..run.grads.len())
+        .map(|step| {
+            let [group, experts] = s.lrs_at(step);
+            [group, experts, s.adam_lr_at(step)]
+        })
+        .collect();
+    let params: Vec<_> = shapes()
+        .iter()
+        .zip(&run.init)
+        .map(|((name, shape), init)| json!({"name": name, "shape": shape, "init": init}))
+        .collect();
+    let after: Vec<BTreeMap<&String, &Vec<f32>>> = run
+        .after
+        .iter()
+        .map(|t| t.iter().map(|(name, (_, data))| (name, data)).collect())
+        .collect();
+    let out = json!({"optimizer": optimizer, "lr": lrs, "params": params, "grads": run.grads,
+        "after": after});
+    let path = std::path::Path::new(&dir).join(format!("{label}.json"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(&path, out.to_string()).unwrap();
+}
+
 /// One AdamW step in f64 as LANGUAGE.md writes Shampoo's fallback: W ← W − lr·(A + wd·W), A =
 /// m̂/(√v̂ + eps); `lr(j)` is element j's learning rate.
 fn adam64(
@@ -989,7 +1074,8 @@ fn newton_schulz(u: &[f64], rows: usize, cols: usize, steps: usize) -> Vec<f64> 
 }
 
 /// Muon in f64 (LANGUAGE.md) for parameter i of [`shapes`]: the weight and the expert stack are
-/// hidden matrices, the norm takes the nested AdamW (group 2's lr, its own decay).
+/// hidden matrices; the norm, router and embedding take the nested AdamW (its lr group, its own
+/// decay, none for the norm).
 fn muon64(s: &OptimSettings, i: usize, step: usize, g: &[f64], st: &mut Ref64) {
     let OptimizerSpec::Muon {
         momentum: mu,
@@ -1002,10 +1088,11 @@ fn muon64(s: &OptimSettings, i: usize, step: usize, g: &[f64], st: &mut Ref64) {
     else {
         unreachable!()
     };
-    let shape = &shapes()[i].1;
+    let (name, shape) = &shapes()[i];
     let group = lr(s, i, step);
-    if shape.len() < 2 {
-        let a = (adamw.betas.0, adamw.betas.1, adamw.eps, 0.0);
+    if !moec_runtime::optim::is_hidden_matrix(name, shape) {
+        let wd = decay(i, adamw.weight_decay as f32) as f64;
+        let a = (adamw.betas.0, adamw.betas.1, adamw.eps, wd);
         adam64(st, g, step as i32 + 1, a, |_| s.adam_lr_at(step));
         return;
     }
@@ -1052,11 +1139,13 @@ const MUON_STATE: [&str; 4] = ["", "momentum_buffer", "m", "v"];
 #[test]
 fn muon_matches_an_f64_reference() {
     // [70, 5] runs the transposed iteration (on Xᵀ), each [3, 50] expert the iteration as is; the
-    // norm takes AdamW. A warmup schedule and a fixed expert lr, 3 steps.
+    // norm, router and embedding take AdamW. A warmup schedule and a fixed expert lr, 3 steps.
+    // `MOEC_OPTIM_DUMP=DIR` also writes the run for scripts/optim_reference.py.
     let s = settings(muon(true));
-    compare_f64(&s, 3, None, &MUON_STATE, MUON_TOL, |i, step, g, st| {
+    let run = compare_f64(&s, 3, None, &MUON_STATE, MUON_TOL, |i, step, g, st| {
         muon64(&s, i, step, g, st)
     });
+    dump("muon", &s, &run);
 }
 
 #[test]
@@ -1277,7 +1366,9 @@ const SHAMPOO_STATE: [&str; 5] = ["", "m", "v", "left", "right"];
 #[test]
 fn shampoo_matches_an_f64_reference() {
     // max_dim = 64: the [70, 5] weight is over it and takes Adam's direction, the norm is a vector
-    // (Adam), each [3, 50] expert is preconditioned; roots on steps 0 and 2, step 1 reuses step 0's.
+    // (Adam), each [3, 50] expert, the router and the (tall) embedding are preconditioned; roots on
+    // steps 0 and 2, step 1 reuses step 0's. `MOEC_OPTIM_DUMP=DIR` also writes the run for
+    // scripts/optim_reference.py.
     let s = settings(shampoo(2, 64));
     let run = compare_f64(
         &s,
@@ -1287,6 +1378,7 @@ fn shampoo_matches_an_f64_reference() {
         SHAMPOO_TOL,
         |i, step, g, st| shampoo64(&s, i, step, g, st),
     );
+    dump("shampoo", &s, &run);
     assert!(!run
         .tensors
         .contains_key(&format!("optim.{}.left", shapes()[0].0)));

@@ -5,10 +5,14 @@
 //! inclusive; a value the host reads after the run (an `Output`: loss, gradients, metrics) lives to
 //! the end of the plan. Two values may share a buffer when their lifetimes are disjoint and they have
 //! the same dtype, with one exception: a transient f16 value may live in an f32 buffer. A buffer's
-//! dtype is its first (largest) value's, which is what the host decodes it by (readbacks of
-//! outputs, the NaN diagnosis): f16 pairs read as f32 are non-finite only where the upper half is
-//! an f16 NaN, so the diagnosis never reports a false NaN, while f32 bits read as f16 pairs could;
-//! hence never an f32 value in an f16 buffer, and never an output in a buffer of another dtype.
+//! dtype is what the host decodes it by (readbacks of outputs, the NaN diagnosis): f16 pairs read as
+//! f32 are non-finite only where the upper half is an f16 NaN, so the diagnosis never reports a false
+//! NaN, while f32 bits read as f16 pairs could; hence a buffer holding any f32 value is an f32 buffer,
+//! and an output never shares a buffer of another dtype. So a buffer that so far holds only transient
+//! f16 values becomes an f32 buffer when an f32 value joins it: under `precision = f16` the large
+//! activations (attention probabilities, expert hidden states) are f16 and are placed before the
+//! equally large or slightly smaller f32 gradients, which must still be able to reuse their buffers,
+//! or the f16 plan would keep apart what the f32 plan shares and lose much of the halving.
 //! Because lifetimes are inclusive, a dispatch never binds one buffer both for a value it reads and a
 //! value it writes.
 //!
@@ -32,8 +36,9 @@ pub(crate) struct Request {
 }
 
 impl Request {
-    fn fits_dtype(&self, buffer: DType) -> bool {
-        buffer == self.dtype || (self.transient && self.dtype == DType::F16 && buffer == DType::F32)
+    /// A transient f16 value, the one kind that may live in a buffer of another dtype (f32).
+    fn is_guest(&self) -> bool {
+        self.transient && self.dtype == DType::F16
     }
 }
 
@@ -45,12 +50,22 @@ pub(crate) struct Sharing {
     pub buffer_of: Vec<usize>,
 }
 
-/// One shared buffer while it is being filled: its size (its first, largest value's), element type
+/// One shared buffer while it is being filled: its size (its first, largest value's), element type,
+/// whether it holds only transient f16 values so far (then an f32 value may join and make it f32),
 /// and the inclusive lifetimes it holds, sorted by start.
 struct Slot {
     size: u64,
     dtype: DType,
+    only_guests: bool,
     held: Vec<(usize, usize)>,
+}
+
+impl Slot {
+    fn fits_dtype(&self, r: &Request) -> bool {
+        self.dtype == r.dtype
+            || (r.is_guest() && self.dtype == DType::F32)
+            || (r.dtype == DType::F32 && self.only_guests)
+    }
 }
 
 /// Greedy by size (module doc). Buffers are numbered by their earliest value, so the plan reads in
@@ -70,18 +85,24 @@ pub(crate) fn share(requests: &[Request]) -> Sharing {
         let best = slots
             .iter()
             .enumerate()
-            .filter(|(_, slot)| r.fits_dtype(slot.dtype) && slot.size >= r.size && free(&slot.held))
+            .filter(|(_, slot)| slot.fits_dtype(&r) && slot.size >= r.size && free(&slot.held))
             .min_by_key(|(s, slot)| (slot.size, *s))
             .map(|(s, _)| s);
         let s = best.unwrap_or_else(|| {
             slots.push(Slot {
                 size: r.size,
                 dtype: r.dtype,
+                only_guests: true,
                 held: Vec::new(),
             });
             slots.len() - 1
         });
-        let held = &mut slots[s].held;
+        let slot = &mut slots[s];
+        if r.dtype == DType::F32 {
+            slot.dtype = DType::F32;
+        }
+        slot.only_guests &= r.is_guest();
+        let held = &mut slot.held;
         let at = held.partition_point(|&(start, _)| start < r.first);
         held.insert(at, (r.first, r.last));
         slot_of[i] = s;
@@ -174,11 +195,32 @@ mod tests {
             (s.buffer_of[1], vec![100])
         );
         assert_eq!(s.dtypes, vec![DType::F32]);
-        // An f16 output, or an f32 value after a larger dead f16 one, gets its own buffer.
+        // An f16 output gets its own buffer.
         let s = share(&[req(100, 0, 0), f16(40, 1, 1, false)]);
         assert_ne!(s.buffer_of[0], s.buffer_of[1]);
-        let s = share(&[f16(100, 0, 0, true), req(40, 1, 1)]);
+    }
+
+    #[test]
+    fn an_f32_value_turns_a_buffer_of_transient_f16_values_into_an_f32_one() {
+        let f16 = |size, first, last, transient| Request {
+            dtype: DType::F16,
+            transient,
+            ..req(size, first, last)
+        };
+        // The f16 value is larger (placed first); the f32 one still reuses its buffer, now f32.
+        let s = share(&[f16(100, 0, 0, true), req(100, 1, 1), f16(60, 2, 2, true)]);
+        assert_eq!(s.buffer_of, vec![0, 0, 0]);
+        assert_eq!((s.sizes, s.dtypes), (vec![100], vec![DType::F32]));
+        // Not when the buffer holds an f16 output (the host reads it as f16).
+        let s = share(&[f16(100, 0, 0, false), req(40, 1, 1)]);
         assert_ne!(s.buffer_of[0], s.buffer_of[1]);
         assert_eq!(s.dtypes, vec![DType::F16, DType::F32]);
+        // Nor a u32 value: only f32 may hold f16 pairs.
+        let u = Request {
+            dtype: DType::U32,
+            ..req(40, 1, 1)
+        };
+        let s = share(&[f16(100, 0, 0, true), u]);
+        assert_ne!(s.buffer_of[0], s.buffer_of[1]);
     }
 }

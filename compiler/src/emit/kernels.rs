@@ -215,6 +215,34 @@ impl Access {
     }
 }
 
+/// `src` with every read `name[...]` widened to `f32(name[...])`: a fixed-function template written
+/// against an f32 binding, bound to an f16 one. The templates' indices hold no brackets, and they
+/// never write such a binding; comments are left as they are.
+fn widen_reads(src: &str, name: &str) -> String {
+    let open = format!("{name}[");
+    let mut out = String::with_capacity(src.len() + 64);
+    for line in src.split_inclusive('\n') {
+        let (mut rest, comment) = line.split_at(line.find("//").unwrap_or(line.len()));
+        while let Some(at) = rest.find(&open) {
+            let whole_word = rest[..at]
+                .chars()
+                .next_back()
+                .is_none_or(|c| !(c.is_alphanumeric() || c == '_'));
+            let end = rest[at..].find(']').map_or(rest.len(), |e| at + e + 1);
+            out.push_str(&rest[..at]);
+            if whole_word {
+                let _ = write!(out, "f32({})", &rest[at..end]);
+            } else {
+                out.push_str(&rest[at..end]);
+            }
+            rest = &rest[end..];
+        }
+        out.push_str(rest);
+        out.push_str(comment);
+    }
+    out
+}
+
 /// f32 literal that WGSL parses back to the same value.
 fn lit(x: f32) -> String {
     if x.is_finite() {
@@ -1230,13 +1258,20 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             let (rows, v) = (graph.ty(args[0]).shape[0], graph.ty(args[0]).shape[1]);
             // The tree reduction needs a power-of-two workgroup.
             let ce_wg = 1u32 << (31 - wg.leading_zeros());
+            // The template reads f32 logits; f16 ones (the chunked head under `precision = f16`)
+            // are widened on load.
+            let src = if b.access("logits").f16 {
+                widen_reads(CROSS_ENTROPY, "logits")
+            } else {
+                CROSS_ENTROPY.to_string()
+            };
             Ok(b.finish(
                 &[
                     ("N", rows as u64),
                     ("V", v as u64),
                     ("WG", u64::from(ce_wg)),
                 ],
-                CROSS_ENTROPY,
+                &src,
                 [1, 1, 1],
             ))
         }
@@ -1348,8 +1383,15 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             let g = b.read(args[2]);
             let out = b.write(n);
             let (rows, v) = (shape[0], shape[1]);
+            // Logits and the adjoint may be f16 (the chunked head under `precision = f16`).
+            let logit = b.at(&logits, &format!("r * {v}u + c"));
+            let store = b.put(
+                &out,
+                &format!("r * {v}u + c"),
+                &format!("(exp({logit} - lse) - select(0.0, 1.0, c == t)) * scale"),
+            );
             let body = format!(
-                "{}    let r = i;\n    var m = -FLT_MAX;\n    for (var c = 0u; c < {v}u; c = c + 1u) {{\n        m = max(m, {logits}[r * {v}u + c]);\n    }}\n    var s = 0.0;\n    for (var c = 0u; c < {v}u; c = c + 1u) {{\n        s = s + exp({logits}[r * {v}u + c] - m);\n    }}\n    let lse = m + log(s);\n    let scale = {g}[0] / {};\n    let t = {targets}[r];\n    for (var c = 0u; c < {v}u; c = c + 1u) {{\n        {out}[r * {v}u + c] = (exp({logits}[r * {v}u + c] - lse) - select(0.0, 1.0, c == t)) * scale;\n    }}\n}}\n",
+                "{}    let r = i;\n    var m = -FLT_MAX;\n    for (var c = 0u; c < {v}u; c = c + 1u) {{\n        m = max(m, {logit});\n    }}\n    var s = 0.0;\n    for (var c = 0u; c < {v}u; c = c + 1u) {{\n        s = s + exp({logit} - m);\n    }}\n    let lse = m + log(s);\n    let scale = {g}[0] / {};\n    let t = {targets}[r];\n    for (var c = 0u; c < {v}u; c = c + 1u) {{\n        {store}\n    }}\n}}\n",
                 per_item_main(wg, rows),
                 lit(rows.max(1) as f32)
             );
