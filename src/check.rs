@@ -26,6 +26,15 @@ pub fn run(loaded: &Loaded, adapter: &Adapter) -> Result<()> {
     let st = stats(spec);
     println!("{} ({}): ok", spec.name, loaded.path.display());
     print!("{st}");
+    if let Some((name, bytes)) = matrix_over_binding(spec, &adapter.target)? {
+        miette::bail!(
+            "`{}` cannot run on {}: `{name}` ({bytes} bytes) does not fit one storage binding ({} bytes) and {}",
+            spec.name,
+            adapter.name,
+            adapter.target.max_storage_binding_size,
+            moec_runtime::optim::MATRIX_WHOLE
+        );
+    }
     let batch = crate::batch_of(spec, None);
     let report = match for_spec(spec, batch, &adapter.target) {
         Ok(r) => r,
@@ -155,6 +164,25 @@ fn parameter_over(spec: &Spec, target: &Target, budget: u64) -> Result<Option<(S
         })
         .max_by_key(|(_, bytes)| *bytes);
     Ok(largest.filter(|(_, bytes)| *bytes > budget))
+}
+
+/// A parameter over the target's binding limit that the spec's optimizer must update whole
+/// (a Shampoo, Muon or Adafactor matrix), with its bytes: the one thing a split binding cannot serve.
+fn matrix_over_binding(spec: &Spec, target: &Target) -> Result<Option<(String, u64)>> {
+    let Some(train) = &spec.train else {
+        return Ok(None);
+    };
+    let settings = OptimSettings::from_train(train);
+    let graph = moec_compiler::lower::lower(spec, 1).into_diagnostic()?;
+    Ok(graph
+        .params()
+        .into_iter()
+        .map(|(_, name, ty)| (name, ty))
+        .find(|(name, ty)| {
+            ty.size_bytes() as u64 > target.max_storage_binding_size
+                && !settings.updates_in_slices(name, &ty.shape)
+        })
+        .map(|(name, ty)| (name, ty.size_bytes() as u64)))
 }
 
 /// Total memory of this machine (`MemTotal` of `/proc/meminfo`), what a CPU adapter allocates from.

@@ -278,3 +278,54 @@ fn check_compares_the_peak_with_a_memory_budget() {
         "{err}"
     );
 }
+
+/// `moec check --max-binding`: an expert stack over the binding limit is split for AdamW, so the
+/// spec checks on the adapter (lavapipe: 48 bindings per stage; the portable 8 are too few for a
+/// kernel whose three operands are each split); Shampoo must precondition each expert matrix whole, so the same limit is a
+/// check-time error naming the parameter, its size and the limit.
+#[test]
+fn check_refuses_only_matrices_an_optimizer_needs_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("tools_tiny.moe");
+    std::fs::write(&spec, SPEC).unwrap();
+    let spec = spec.to_str().unwrap();
+    let (ok, out, err) = moec(&["check", spec, "--max-binding", "12KiB"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("peak (allocated)"), "{out}");
+    let shampoo = dir.path().join("tools_shampoo.moe");
+    std::fs::write(
+        &shampoo,
+        SPEC.replace("adamw(lr = 1e-2)", "shampoo(lr = 1e-2, root_every = 2)"),
+    )
+    .unwrap();
+    let shampoo = shampoo.to_str().unwrap();
+    let (ok, _, err) = moec(&["check", shampoo, "--no-device", "--max-binding", "12KiB"]);
+    assert!(!ok);
+    assert!(
+        err.contains("block_sparse_moe.experts.w")
+            && err.contains("16384 bytes")
+            && err.contains("12288 bytes"),
+        "{err}"
+    );
+    let (ok, _, err) = moec(&["check", shampoo, "--no-device"]);
+    assert!(ok, "{err}");
+}
+
+/// `moec forward` on a `precision = f16` spec checks the GPU against the interpreter's f16 mode
+/// (f16's tolerance, on routing-stable rows: src/f16_compare.rs) and passes; the quick-start spec,
+/// whose f16 top-k routing flips on a few near-tied tokens.
+#[test]
+fn forward_checks_an_f16_spec_against_the_f16_interpreter() {
+    let dir = tempfile::tempdir().unwrap();
+    let quickstart = Path::new(env!("CARGO_MANIFEST_DIR")).join("specs/quickstart.moe");
+    let text = std::fs::read_to_string(&quickstart).unwrap();
+    let text = text.replacen("train {", "train {\n  precision = f16", 1);
+    let spec = dir.path().join("quickstart-f16.moe");
+    std::fs::write(&spec, text).unwrap();
+    let (ok, out, err) = moec(&["forward", spec.to_str().unwrap()]);
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        out.contains("f16 plan: errors within the f16 tolerance"),
+        "{out}"
+    );
+}
