@@ -256,7 +256,7 @@ fn generate_and_eval_an_lstm_language_model() {
 }
 
 /// `moec check --memory`: the exact peak against a budget; a budget under the peak names the change
-/// that fits, and one under a single parameter's weights, gradient and AdamW state names that tensor.
+/// that fits (a recompute level, then f16, then a smaller batch), and one under a single parameter's weights, gradient and AdamW state names that tensor.
 #[test]
 fn check_compares_the_peak_with_a_memory_budget() {
     let dir = tempfile::tempdir().unwrap();
@@ -268,6 +268,14 @@ fn check_compares_the_peak_with_a_memory_budget() {
     assert!(
         out.contains("peak (allocated)") && out.contains("fits"),
         "{out}"
+    );
+    // Peaks (f32 / f16): 573 / 404 KiB without recompute, 549 / 391 KiB with `recompute = block`:
+    // at 450 KiB no recompute level fits in f32, so the advice is f16.
+    let (ok, _, err) = moec(&["check", spec, "--no-device", "--memory", "450KiB"]);
+    assert!(!ok);
+    assert!(
+        err.contains("recompute = none") && err.contains("precision = f16"),
+        "{err}"
     );
     // An expert stack [4, 32, 32] f32: 16 KiB weights + 16 KiB gradient + 32 KiB AdamW state (and
     // its info block) is the largest parameter, over a 40 KiB budget on its own.
