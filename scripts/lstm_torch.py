@@ -59,8 +59,10 @@ class NoisyTopKMoe(torch.nn.Module):
         super().__init__()
         self.gate = torch.nn.Linear(dim, experts, bias=False)
         self.noise = torch.nn.Linear(dim, experts, bias=False)
-        self.w1 = torch.nn.Parameter(torch.randn(experts, hidden, dim) / math.sqrt(dim))
-        self.w2 = torch.nn.Parameter(torch.randn(experts, dim, hidden) / math.sqrt(hidden))
+        # Each expert as an nn.Linear pair with its default init U(±1/√fan_in), like moec's `lstm` family.
+        bound1, bound2 = 1 / math.sqrt(dim), 1 / math.sqrt(hidden)
+        self.w1 = torch.nn.Parameter(torch.empty(experts, hidden, dim).uniform_(-bound1, bound1))
+        self.w2 = torch.nn.Parameter(torch.empty(experts, dim, hidden).uniform_(-bound2, bound2))
         self.top_k = top_k
 
     def forward(self, x):

@@ -6,8 +6,9 @@
 
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    // The gradient's own length: its buffer may be larger (the plan shares it with activations).
-    let n = info.matrices * info.rows * info.cols;
+    // The binding is exactly the gradient (or its slice): runtime/src/optim.rs binds that byte range
+    // of a buffer the plan may share with larger activations.
+    let n = arrayLength(&grad);
     let stride = info.partials * WG;
     var s = 0.0;
     for (var i = wg.x * WG + lid; i < n; i = i + stride) {

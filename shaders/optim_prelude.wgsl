@@ -65,6 +65,9 @@ struct ParamInfo {
     cols: u32,
     chunks: u32,
     factored: u32,
+    // First element of the slice this block describes (0 unless the parameter is over one storage
+    // binding and its elementwise kernels run per slice, each binding its byte range).
+    base: u32,
 }
 
 const WG: u32 = 256u;
@@ -74,9 +77,9 @@ fn linear_index(wg: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wg.x + wg.y * nwg.x) * WG + lid;
 }
 
-// Index into Stats.lr_scale of element i's learning-rate multiplier.
+// Index into Stats.lr_scale of element i (of the slice) of the parameter's learning-rate multiplier.
 fn lr_scale_index(info: ParamInfo, i: u32) -> u32 {
-    return info.lr_scale + i / info.expert_size;
+    return info.lr_scale + (info.base + i) / info.expert_size;
 }
 
 // No isnan/isinf in WGSL, and fast-math may fold x != x: test the exponent bits instead.

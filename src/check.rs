@@ -7,7 +7,7 @@ use crate::Loaded;
 use miette::{IntoDiagnostic, Result};
 use moec_compiler::emit::Target;
 use moec_compiler::plan::BufferRole;
-use moec_compiler::spec::{Recompute, Spec};
+use moec_compiler::spec::{Precision, Recompute, Spec};
 use moec_compiler::stats::{human_bytes, stats, thousands};
 use moec_runtime::memory::{for_spec, MemoryReport};
 use moec_runtime::optim::OptimSettings;
@@ -26,6 +26,15 @@ pub fn run(loaded: &Loaded, adapter: &Adapter) -> Result<()> {
     let st = stats(spec);
     println!("{} ({}): ok", spec.name, loaded.path.display());
     print!("{st}");
+    if let Some((name, bytes)) = matrix_over_binding(spec, &adapter.target)? {
+        miette::bail!(
+            "`{}` cannot run on {}: `{name}` ({bytes} bytes) does not fit one storage binding ({} bytes) and {}",
+            spec.name,
+            adapter.name,
+            adapter.target.max_storage_binding_size,
+            moec_runtime::optim::MATRIX_WHOLE
+        );
+    }
     let batch = crate::batch_of(spec, None);
     let report = match for_spec(spec, batch, &adapter.target) {
         Ok(r) => r,
@@ -67,16 +76,23 @@ pub fn run(loaded: &Loaded, adapter: &Adapter) -> Result<()> {
         );
         return Ok(());
     }
+    let m_precision = spec.train.as_ref().map_or(Precision::F32, |t| t.precision);
     let advice = match what_fits(spec, &adapter.target, budget)? {
-        Some((recompute, batch, r)) => format!(
-            "with `recompute = {}` and `batch = {batch}`{} it needs {}",
-            recompute.name(),
-            if batch < m.batch {
+        Some(fit) => format!(
+            "with `recompute = {}`{} and `batch = {}`{} it needs {}",
+            fit.recompute.name(),
+            if fit.precision == Precision::F16 && m_precision != Precision::F16 {
+                ", `precision = f16`"
+            } else {
+                ""
+            },
+            fit.batch,
+            if fit.batch < m.batch {
                 format!(" (`accumulate` keeps {} sequences per step)", m.batch)
             } else {
                 String::new()
             },
-            human_bytes(r.total())
+            human_bytes(fit.report.total())
         ),
         None => {
             if let Some((name, bytes)) = parameter_over(spec, &adapter.target, budget)? {
@@ -88,7 +104,7 @@ pub fn run(loaded: &Loaded, adapter: &Adapter) -> Result<()> {
                     human_bytes(bytes)
                 );
             }
-            "not even at batch 1 with `recompute = block`".into()
+            "not even at batch 1 with `recompute = block` and `precision = f16`".into()
         }
     };
     miette::bail!(
@@ -100,34 +116,60 @@ pub fn run(loaded: &Loaded, adapter: &Adapter) -> Result<()> {
     )
 }
 
-/// The least change that fits `budget`: the first recompute level (from the spec's) at the spec's
-/// batch, else the largest halved batch with `recompute = block`.
-fn what_fits(
-    spec: &Spec,
-    target: &Target,
-    budget: u64,
-) -> Result<Option<(Recompute, usize, MemoryReport)>> {
+/// What [`what_fits`] changes: the recompute level, the batch and the precision.
+struct Fit {
+    recompute: Recompute,
+    batch: usize,
+    precision: Precision,
+    report: MemoryReport,
+}
+
+/// The least change that fits `budget`, in this order: a higher recompute level at the spec's batch
+/// (no change to the numbers); then `precision = f16` from the spec's recompute level up; then the
+/// largest halved batch with `recompute = block`, in the spec's precision and then in f16.
+fn what_fits(spec: &Spec, target: &Target, budget: u64) -> Result<Option<Fit>> {
     let Some(train) = &spec.train else {
         return Ok(None);
     };
-    let mut tries: Vec<(Recompute, usize)> = Recompute::ALL
+    let from_spec = |r: &Recompute| *r as u8 >= train.recompute as u8;
+    let mut tries: Vec<(Recompute, usize, Precision)> = Recompute::ALL
         .into_iter()
-        .filter(|&r| r as u8 > train.recompute as u8)
-        .map(|r| (r, train.batch))
+        .filter(|r| *r as u8 > train.recompute as u8)
+        .map(|r| (r, train.batch, train.precision))
         .collect();
+    if train.precision == Precision::F32 {
+        tries.extend(
+            Recompute::ALL
+                .into_iter()
+                .filter(from_spec)
+                .map(|r| (r, train.batch, Precision::F16)),
+        );
+    }
     let mut batch = train.batch;
+    let mut halved = Vec::new();
     while batch > 1 {
         batch /= 2;
-        tries.push((Recompute::Block, batch));
+        halved.push(batch);
     }
-    for (recompute, batch) in tries {
+    for precision in [train.precision, Precision::F16] {
+        tries.extend(halved.iter().map(|&b| (Recompute::Block, b, precision)));
+        if train.precision == Precision::F16 {
+            break;
+        }
+    }
+    for (recompute, batch, precision) in tries {
         let mut s = spec.clone();
         if let Some(t) = s.train.as_mut() {
-            (t.recompute, t.batch) = (recompute, batch);
+            (t.recompute, t.batch, t.precision) = (recompute, batch, precision);
         }
-        let r = for_spec(&s, batch, target).into_diagnostic()?;
-        if r.total() <= budget {
-            return Ok(Some((recompute, batch, r)));
+        let report = for_spec(&s, batch, target).into_diagnostic()?;
+        if report.total() <= budget {
+            return Ok(Some(Fit {
+                recompute,
+                batch,
+                precision,
+                report,
+            }));
         }
     }
     Ok(None)
@@ -155,6 +197,25 @@ fn parameter_over(spec: &Spec, target: &Target, budget: u64) -> Result<Option<(S
         })
         .max_by_key(|(_, bytes)| *bytes);
     Ok(largest.filter(|(_, bytes)| *bytes > budget))
+}
+
+/// A parameter over the target's binding limit that the spec's optimizer must update whole
+/// (a Shampoo, Muon or Adafactor matrix), with its bytes: the one thing a split binding cannot serve.
+fn matrix_over_binding(spec: &Spec, target: &Target) -> Result<Option<(String, u64)>> {
+    let Some(train) = &spec.train else {
+        return Ok(None);
+    };
+    let settings = OptimSettings::from_train(train);
+    let graph = moec_compiler::lower::lower(spec, 1).into_diagnostic()?;
+    Ok(graph
+        .params()
+        .into_iter()
+        .map(|(_, name, ty)| (name, ty))
+        .find(|(name, ty)| {
+            ty.size_bytes() as u64 > target.max_storage_binding_size
+                && !settings.updates_in_slices(name, &ty.shape)
+        })
+        .map(|(name, ty)| (name, ty.size_bytes() as u64)))
 }
 
 /// Total memory of this machine (`MemTotal` of `/proc/meminfo`), what a CPU adapter allocates from.

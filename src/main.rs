@@ -37,12 +37,17 @@ struct AdapterArgs {
     /// wgpu's WGPU_ADAPTER_NAME / WGPU_BACKEND / WGPU_POWER_PREF apply.
     #[arg(long, value_name = "NAME")]
     adapter: Option<String>,
+    /// Bind at most this many bytes per storage buffer (e.g. `64MiB`), below the adapter's own limit:
+    /// compile and run as a GPU with that smaller limit would, splitting larger tensors across bindings.
+    #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
+    max_binding: Option<u64>,
 }
 
 impl AdapterArgs {
     fn open(&self) -> Result<Gpu> {
         Gpu::new(&AdapterChoice {
             name: self.adapter.clone(),
+            max_binding: self.max_binding,
         })
         .into_diagnostic()
     }
@@ -297,8 +302,16 @@ fn main() -> Result<()> {
             let loaded = load(&spec)?;
             loaded.warn_missing_data();
             let adapter = if no_device {
+                let portable = Target::default();
                 check::Adapter {
-                    target: Target::default(),
+                    target: Target {
+                        max_storage_binding_size: adapter
+                            .max_binding
+                            .map_or(portable.max_storage_binding_size, |cap| {
+                                cap.min(portable.max_storage_binding_size)
+                            }),
+                        ..portable
+                    },
                     name: "wgpu default limits".to_string(),
                     memory,
                 }
@@ -325,9 +338,12 @@ fn main() -> Result<()> {
             loaded.warn_missing_data();
             let batch = batch_of(&loaded.spec, batch);
             let target = match adapter {
-                Some(name) => Gpu::new(&AdapterChoice { name: Some(name) })
-                    .into_diagnostic()?
-                    .target(),
+                Some(name) => Gpu::new(&AdapterChoice {
+                    name: Some(name),
+                    max_binding: None,
+                })
+                .into_diagnostic()?
+                .target(),
                 None => Target::default(),
             };
             if emit.contains(&Stage::Ast) {
@@ -517,7 +533,7 @@ fn main() -> Result<()> {
     }
 }
 
-/// `16GiB`, `512 MiB`, `2e9`: a size in bytes for `--memory`.
+/// `16GiB`, `512 MiB`, `2e9`: a size in bytes for `--memory` and `--max-binding`.
 fn parse_bytes(text: &str) -> std::result::Result<u64, String> {
     parse_size::parse_size(text)
         .map_err(|e| format!("`{text}` is not a size ({e}); write e.g. 16GiB"))

@@ -204,8 +204,59 @@ fn byte_level_prompt_and_eval_on_a_given_text_file() {
     );
 }
 
+/// `moec generate` and `moec eval` on an LSTM language model (noisy top-k MoE between its two LSTM
+/// layers): generation runs the sampled-rows head of the recurrent graph, sliding its window past the
+/// context; eval reproduces the trainer's val_loss.
+#[test]
+fn generate_and_eval_an_lstm_language_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("lstm.moe");
+    std::fs::write(
+        &spec,
+        "model lstm_tools {\n  family = lstm\n  vocab = 32\n  dim = 16\n  layers = 2\n  context = 8\n  \
+         moe {\n    experts = 4\n    top_k = 2\n    expert = relu(hidden = 16)\n    gate = noisy_top_k(noise = 1.0)\n  }\n}\n\
+         train {\n  data = synthetic(kind = markov, seed = 5)\n  batch = 4\n  steps = 3\n  optimizer = adamw(lr = 1e-2)\n  log = every(3)\n  eval = every(3, batches = 1)\n  checkpoint = every(3)\n}\n",
+    )
+    .unwrap();
+    let run = dir.path().join("run");
+    let run = run.to_str().unwrap();
+    let (ok, out, err) = moec(&["train", spec.to_str().unwrap(), "--out", run]);
+    assert!(ok, "{out}{err}");
+    let trained_val = field(&out, "val loss ");
+
+    // 3 + 10 tokens > context 8: the window slides. Greedy is deterministic and stays in the vocab.
+    let greedy = [
+        "generate",
+        run,
+        "--prompt-ids",
+        "1,2,3",
+        "--tokens",
+        "10",
+        "--temperature",
+        "0",
+    ];
+    let (ok, first, err) = moec(&greedy);
+    assert!(ok, "{first}{err}");
+    assert_eq!(first, moec(&greedy).1);
+    let ids: Vec<u32> = first
+        .trim()
+        .split(',')
+        .map(|t| t.parse().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 10);
+    assert!(ids.iter().all(|&t| t < 32), "{ids:?}");
+
+    let (ok, out, err) = moec(&["eval", run]);
+    assert!(ok, "{out}{err}");
+    let loss = field(&out, "loss ");
+    assert!(
+        loss.is_finite() && (loss - trained_val).abs() < 1e-3,
+        "eval {loss} vs trained {trained_val}"
+    );
+}
+
 /// `moec check --memory`: the exact peak against a budget; a budget under the peak names the change
-/// that fits, and one under a single parameter's weights, gradient and AdamW state names that tensor.
+/// that fits (a recompute level, then f16, then a smaller batch), and one under a single parameter's weights, gradient and AdamW state names that tensor.
 #[test]
 fn check_compares_the_peak_with_a_memory_budget() {
     let dir = tempfile::tempdir().unwrap();
@@ -218,6 +269,14 @@ fn check_compares_the_peak_with_a_memory_budget() {
         out.contains("peak (allocated)") && out.contains("fits"),
         "{out}"
     );
+    // Peaks (f32 / f16): 573 / 404 KiB without recompute, 549 / 391 KiB with `recompute = block`:
+    // at 450 KiB no recompute level fits in f32, so the advice is f16.
+    let (ok, _, err) = moec(&["check", spec, "--no-device", "--memory", "450KiB"]);
+    assert!(!ok);
+    assert!(
+        err.contains("recompute = none") && err.contains("precision = f16"),
+        "{err}"
+    );
     // An expert stack [4, 32, 32] f32: 16 KiB weights + 16 KiB gradient + 32 KiB AdamW state (and
     // its info block) is the largest parameter, over a 40 KiB budget on its own.
     let (ok, _, err) = moec(&["check", spec, "--no-device", "--memory", "40KiB"]);
@@ -226,6 +285,38 @@ fn check_compares_the_peak_with_a_memory_budget() {
         err.contains("block_sparse_moe.experts.w") && err.contains("alone needs 64"),
         "{err}"
     );
+}
+
+/// `moec check --max-binding`: an expert stack over the binding limit is split for AdamW, so the
+/// spec checks on the adapter (lavapipe: 48 bindings per stage; the portable 8 are too few for a
+/// kernel whose three operands are each split); Shampoo must precondition each expert matrix whole, so the same limit is a
+/// check-time error naming the parameter, its size and the limit.
+#[test]
+fn check_refuses_only_matrices_an_optimizer_needs_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("tools_tiny.moe");
+    std::fs::write(&spec, SPEC).unwrap();
+    let spec = spec.to_str().unwrap();
+    let (ok, out, err) = moec(&["check", spec, "--max-binding", "12KiB"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("peak (allocated)"), "{out}");
+    let shampoo = dir.path().join("tools_shampoo.moe");
+    std::fs::write(
+        &shampoo,
+        SPEC.replace("adamw(lr = 1e-2)", "shampoo(lr = 1e-2, root_every = 2)"),
+    )
+    .unwrap();
+    let shampoo = shampoo.to_str().unwrap();
+    let (ok, _, err) = moec(&["check", shampoo, "--no-device", "--max-binding", "12KiB"]);
+    assert!(!ok);
+    assert!(
+        err.contains("block_sparse_moe.experts.w")
+            && err.contains("16384 bytes")
+            && err.contains("12288 bytes"),
+        "{err}"
+    );
+    let (ok, _, err) = moec(&["check", shampoo, "--no-device"]);
+    assert!(ok, "{err}");
 }
 
 /// `moec forward` on a `precision = f16` spec checks the GPU against the interpreter's f16 mode

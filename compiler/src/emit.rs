@@ -15,7 +15,7 @@
 //! Grids: every kernel computes a linear workgroup index from a grid folded into x/y/z (each at most
 //! `target.max_workgroups_per_dim`) and bounds-checks it.
 
-use serde::{Deserialize, Serialize};
+pub use crate::target::{segments, MatmulVariant, Target};
 
 mod alloc;
 mod blocked;
@@ -26,56 +26,16 @@ mod lstm;
 
 use crate::fuse::{base, Fused};
 use crate::ir::{DType, Graph, NodeId, Op};
-use crate::plan::{BufferId, BufferRole, BufferSpec, Dispatch, Kernel, Plan};
+use crate::plan::{Binding, BufferId, BufferRole, BufferSpec, Dispatch, Kernel, Plan};
 use std::collections::HashMap;
-
-/// What the emitter needs to know about the adapter it compiles for. The runtime fills it from the
-/// wgpu adapter; `Target::default()` is the portable baseline (wgpu's default limits) used by
-/// `moec build` when no adapter is named and by the snapshot tests, so snapshots never depend on the
-/// machine.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Target {
-    pub max_storage_buffers_per_stage: u32,
-    pub max_storage_binding_size: u64,
-    pub max_workgroups_per_dim: u32,
-    pub max_invocations_per_workgroup: u32,
-    pub max_workgroup_storage_bytes: u32,
-    pub matmul: MatmulVariant,
-    /// Lanes per subgroup when the adapter runs fixed-size subgroups that map consecutive
-    /// `local_invocation_index`es to consecutive lanes and the device has subgroups enabled (lavapipe:
-    /// 8, its SIMD width); 0 when kernels must not use subgroup operations.
-    #[serde(default)]
-    pub subgroup_size: u32,
-}
-
-/// Matmul schedule (docs/DECISIONS.md, Runtime): on lavapipe (a CPU) a register-blocked kernel with
-/// no workgroup memory is ~12x faster than a shared-memory tile; real GPUs want the tile.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum MatmulVariant {
-    RegisterBlocked,
-    SharedTiled,
-}
-
-impl Default for Target {
-    fn default() -> Self {
-        Target {
-            max_storage_buffers_per_stage: 8,
-            max_storage_binding_size: 128 << 20,
-            max_workgroups_per_dim: 65535,
-            max_invocations_per_workgroup: 256,
-            max_workgroup_storage_bytes: 16384,
-            matmul: MatmulVariant::SharedTiled,
-            subgroup_size: 0,
-        }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum EmitError {
     #[error("kernel `{kernel}` failed WGSL validation:\n{message}")]
     Invalid { kernel: String, message: String },
-    #[error("buffer `{label}` needs {size} bytes but the adapter binds at most {limit} per storage buffer")]
+    #[error("kernel `{kernel}` addresses `{label}` ({size} bytes) directly, so it cannot split it across bindings of at most {limit} bytes")]
     BindingTooLarge {
+        kernel: String,
         label: String,
         size: u64,
         limit: u64,
@@ -98,12 +58,15 @@ pub enum EmitError {
     },
 }
 
-/// What a kernel generator hands back: the shader, the buffers it binds (by owning node, in binding
-/// order, with write flags) and its folded grid.
+/// What a kernel generator hands back: the shader, the values it binds (by owning node, in slot
+/// order, with write flags; a value over the binding limit takes [`segments`] consecutive bindings)
+/// and its folded grid. `unsplit` names a value over the limit that the kernel indexes directly
+/// (a fixed-function template), which therefore cannot run on this target.
 pub(crate) struct KernelSrc {
     pub wgsl: String,
     pub bindings: Vec<(NodeId, bool)>,
     pub workgroups: [u32; 3],
+    pub unsplit: Option<NodeId>,
 }
 
 /// Parses and validates WGSL with naga, as wgpu will when it creates the pipeline.
@@ -253,17 +216,6 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
         dispatch_values.push(vs);
     }
 
-    if let Some(v) = values
-        .iter()
-        .find(|v| v.size > target.max_storage_binding_size)
-    {
-        return Err(EmitError::BindingTooLarge {
-            label: graph.node(v.node).label.clone(),
-            size: v.size,
-            limit: target.max_storage_binding_size,
-        });
-    }
-
     // 3. Buffers: one per Param/Input value; every value a dispatch writes shares a buffer with values
     //    whose lifetimes are disjoint from its own ([`alloc`]). Outputs live to the end of the plan.
     let mut buffers: Vec<BufferSpec> = Vec::new();
@@ -328,14 +280,45 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
     let mut kernel_of: HashMap<String, usize> = HashMap::new();
     let mut dispatches = Vec::with_capacity(srcs.len());
     for ((name, src), vs) in srcs.into_iter().zip(dispatch_values) {
-        if src.bindings.len() > target.max_storage_buffers_per_stage as usize {
+        if let Some(node) = src.unsplit {
+            return Err(EmitError::BindingTooLarge {
+                kernel: name,
+                label: graph.node(node).label.clone(),
+                size: graph.ty(node).buffer_bytes(),
+                limit: target.max_storage_binding_size,
+            });
+        }
+        let bindings: Vec<Binding> = vs
+            .iter()
+            .flat_map(|&vi| {
+                let buffer = buffer_of[vi].expect("every bound value has a buffer");
+                segments(values[vi].size, target.max_storage_binding_size)
+                    .into_iter()
+                    .map(move |(offset, size)| Binding {
+                        buffer,
+                        offset,
+                        size,
+                    })
+            })
+            .collect();
+        if bindings.len() > target.max_storage_buffers_per_stage as usize {
             return Err(EmitError::TooManyBindings {
                 kernel: name,
-                count: src.bindings.len(),
+                count: bindings.len(),
                 limit: target.max_storage_buffers_per_stage,
             });
         }
-        let writes: Vec<bool> = src.bindings.iter().map(|(_, w)| *w).collect();
+        let writes: Vec<bool> = src
+            .bindings
+            .iter()
+            .zip(&vs)
+            .flat_map(|(&(_, w), &vi)| {
+                std::iter::repeat_n(
+                    w,
+                    segments(values[vi].size, target.max_storage_binding_size).len(),
+                )
+            })
+            .collect();
         let key = format!("{writes:?}\n{}", src.wgsl);
         let kernel = match kernel_of.get(&key) {
             Some(&k) => k,
@@ -354,10 +337,6 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
                 kernels.len() - 1
             }
         };
-        let bindings = vs
-            .iter()
-            .map(|&vi| buffer_of[vi].expect("every bound value has a buffer"))
-            .collect();
         dispatches.push(Dispatch {
             kernel,
             bindings,

@@ -55,8 +55,8 @@
 //!   (`silu(gm1) · gm2`) is already an ordinary `Matmul` epilogue. The token gather and the combine's
 //!   row adjoint are prologues (above).
 
-use crate::emit::Target;
 use crate::ir::{Graph, NodeId, Op};
+use crate::target::Target;
 use serde::Serialize;
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
@@ -68,6 +68,8 @@ pub struct FuseOptions {
     pub enabled: bool,
     /// Storage buffers one kernel may bind (the adapter's per-stage limit).
     pub max_bindings: u32,
+    /// Bytes one binding may hold: a value over it takes several bindings ([`crate::target::segments`]).
+    pub max_binding_bytes: u64,
 }
 
 impl FuseOptions {
@@ -75,12 +77,14 @@ impl FuseOptions {
         FuseOptions {
             enabled: true,
             max_bindings: target.max_storage_buffers_per_stage,
+            max_binding_bytes: target.max_storage_binding_size,
         }
     }
     pub fn unfused(target: &Target) -> Self {
         FuseOptions {
             enabled: false,
             max_bindings: target.max_storage_buffers_per_stage,
+            max_binding_bytes: target.max_storage_binding_size,
         }
     }
 }
@@ -286,6 +290,7 @@ struct State<'g> {
     absorbed: HashSet<NodeId>,
     graph_outputs: HashSet<NodeId>,
     max_bindings: usize,
+    max_binding_bytes: u64,
 }
 
 /// Splits `graph` into kernel groups. Never fails: any well-typed graph has the trivial grouping.
@@ -301,6 +306,7 @@ pub fn fuse(graph: &Graph, options: FuseOptions) -> Fused {
         absorbed: HashSet::new(),
         graph_outputs: graph.outputs.iter().map(|(_, id)| *id).collect(),
         max_bindings: options.max_bindings.max(2) as usize,
+        max_binding_bytes: options.max_binding_bytes,
     };
     // A permute whose every use reads it element by element (a matmul operand, an elementwise or row
     // op, possibly through reshapes that keep it a strided view) is read in place with permuted
@@ -916,7 +922,14 @@ impl State<'_> {
         let mut members: HashSet<NodeId> = self.groups[gi].nodes.iter().copied().collect();
         members.insert(n);
         let (inputs, outputs) = self.io(&members, members.iter().copied());
-        inputs.len() + outputs.len()
+        inputs
+            .iter()
+            .chain(&outputs)
+            .map(|&v| {
+                crate::target::segments(self.graph.ty(v).buffer_bytes(), self.max_binding_bytes)
+                    .len()
+            })
+            .sum()
     }
 
     /// External input buffers (by owning node) and materialised members of a member set.

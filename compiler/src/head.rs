@@ -28,9 +28,9 @@
 //! buffer pair whose size does not depend on the recompute level. The interpreter's f16 mode
 //! rounds the fused ops' logits and adjoint the same way.
 
-use crate::emit::Target;
 use crate::ir::{BinaryOp, DType, Graph, IrError, NodeId, Op};
 use crate::precision::uses_f16;
+use crate::target::Target;
 use std::collections::HashMap;
 
 /// Most bytes one `[rows, V]` chunk of logits takes, below the adapter's binding limit: the memory

@@ -272,7 +272,7 @@ pub fn param_feeds(params: &HashMap<String, Vec<f32>>) -> HashMap<String, Value>
 /// Each parameter draws from its own ChaCha8 stream, seeded from `seed` and a stable (FNV-1a) hash
 /// of its name, so adding or reordering parameters never changes the others, and the CPU and GPU
 /// paths (both call this) start from identical weights. Normals come from Box-Muller on 53-bit
-/// uniforms, computed in f64 and rounded to f32.
+/// uniforms, uniforms from one 53-bit uniform each, computed in f64 and rounded to f32.
 pub fn init_params(graph: &Graph, seed: u64) -> HashMap<String, Vec<f32>> {
     graph
         .g
@@ -292,10 +292,7 @@ pub fn init_values(name: &str, init: Init, numel: usize, seed: u64) -> Vec<f32> 
     match init {
         Init::Constant(c) => vec![c; numel],
         Init::Normal { std } => {
-            let mut key = [0u8; 32];
-            key[..8].copy_from_slice(&seed.to_le_bytes());
-            key[8..16].copy_from_slice(&fnv1a(name.as_bytes()).to_le_bytes());
-            let mut rng = ChaCha8Rng::from_seed(key);
+            let mut rng = param_rng(name, seed);
             let mut out = Vec::with_capacity(numel);
             while out.len() < numel {
                 let u1 = 1.0 - unit_f64(&mut rng); // (0, 1]: ln is finite
@@ -309,7 +306,21 @@ pub fn init_values(name: &str, init: Init, numel: usize, seed: u64) -> Vec<f32> 
             }
             out
         }
+        Init::Uniform { bound } => {
+            let mut rng = param_rng(name, seed);
+            (0..numel)
+                .map(|_| ((2.0 * unit_f64(&mut rng) - 1.0) * bound as f64) as f32)
+                .collect()
+        }
     }
+}
+
+/// The parameter's own stream: keyed by the seed and the FNV-1a hash of its name.
+fn param_rng(name: &str, seed: u64) -> ChaCha8Rng {
+    let mut key = [0u8; 32];
+    key[..8].copy_from_slice(&seed.to_le_bytes());
+    key[8..16].copy_from_slice(&fnv1a(name.as_bytes()).to_le_bytes());
+    ChaCha8Rng::from_seed(key)
 }
 
 fn unit_f64(rng: &mut ChaCha8Rng) -> f64 {

@@ -101,6 +101,8 @@ impl fmt::Display for TensorType {
 pub enum Init {
     /// N(0, std²).
     Normal { std: f32 },
+    /// U(−bound, bound): PyTorch's `nn.Linear`/`nn.LSTM` default, bound = 1/√fan_in.
+    Uniform { bound: f32 },
     /// All elements equal (norm weights = 1, biases = 0).
     Constant(f32),
 }

@@ -17,13 +17,14 @@ pub mod precision;
 pub mod recompute;
 pub mod spec;
 pub mod stats;
+pub mod target;
 
-use emit::Target;
 use fuse::{FuseOptions, Fused};
 use ir::Graph;
 use lower::Head;
 use plan::Plan;
 use spec::{Recompute, Spec};
+use target::Target;
 
 /// Everything after `check` failed: lowering or emitting.
 #[derive(Debug, thiserror::Error)]

@@ -87,8 +87,8 @@ pub enum LowerError {
 }
 
 /// How a language model's graph ends: what it computes from the final hidden states `h[B*T, D]`.
-/// The `mlp` family always has [`Head::Logits`]: a classifier's `[B, classes]` logits are small
-/// and its evaluation reads them (accuracy).
+/// The `mlp` family and `lstm` classifiers always have [`Head::Logits`]: a classifier's
+/// `[B, classes]` logits are small and its evaluation reads them (accuracy).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Head {
     /// The `logits` output `[B*T, V]` and `ce` computed from it: `moec forward --dump-logits`, HF
@@ -132,10 +132,7 @@ pub fn lower_with(spec: &Spec, batch: usize, head: Head) -> Result<Graph, LowerE
             let (logits, ce) = l.mlp(batch)?;
             (Some(logits), Some(ce))
         }
-        Family::Lstm => {
-            let (logits, ce) = l.lstm(batch)?;
-            (Some(logits), Some(ce))
-        }
+        Family::Lstm => l.lstm(batch, head)?,
     };
     l.finish(logits, ce)?;
     Ok(l.g)
@@ -313,6 +310,27 @@ impl Lower<'_> {
         self.g.ty(x).last()
     }
 
+    /// Init of a weight with `fan_in` inputs: N(0, 0.02²) (HF `initializer_range`), or for the
+    /// `lstm` family PyTorch's `nn.Linear` default U(±1/√fan_in): with no normalisation layer, the
+    /// small normal keeps an LSTM LM at the unigram loss for hundreds of steps (docs/DECISIONS.md).
+    fn weight_init(&self, fan_in: usize) -> Init {
+        match self.spec.model.family {
+            Family::Lstm => Init::Uniform {
+                bound: (1.0 / fan_in as f64).sqrt() as f32,
+            },
+            Family::Transformer | Family::Mlp => Init::Normal { std: INIT_STD },
+        }
+    }
+
+    /// Init of a bias of a layer with `fan_in` inputs: 0, or for the `lstm` family PyTorch's
+    /// U(±1/√fan_in) (see [`Self::weight_init`]).
+    fn bias_init(&self, fan_in: usize) -> Init {
+        match self.spec.model.family {
+            Family::Lstm => self.weight_init(fan_in),
+            Family::Transformer | Family::Mlp => Init::Constant(0.0),
+        }
+    }
+
     /// `x · Wᵀ (+ b)` with `W` `[out, in]` named `{name}.weight` (and `{name}.bias`).
     fn linear(
         &mut self,
@@ -322,18 +340,14 @@ impl Lower<'_> {
         bias: bool,
     ) -> Result<NodeId, LowerError> {
         let inp = self.last_dim(x);
-        let w = self.g.param(
-            &format!("{name}.weight"),
-            &[out, inp],
-            Init::Normal { std: INIT_STD },
-        );
+        let init = self.weight_init(inp);
+        let w = self.g.param(&format!("{name}.weight"), &[out, inp], init);
         let y = self.add(Op::MatMul { trans_b: true }, &[x, w], name)?;
         if !bias {
             return Ok(y);
         }
-        let b = self
-            .g
-            .param(&format!("{name}.bias"), &[out], Init::Constant(0.0));
+        let init = self.bias_init(inp);
+        let b = self.g.param(&format!("{name}.bias"), &[out], init);
         self.binary(BinaryOp::Add, y, b, format!("{name}.bias_add"))
     }
 
@@ -1255,8 +1269,8 @@ impl Lower<'_> {
         ffn: Ffn,
     ) -> Result<NodeId, LowerError> {
         let (e, d, h) = (layout.experts, self.last_dim(xp), ffn.hidden);
-        let normal = Init::Normal { std: INIT_STD };
-        let w1 = self.g.param(&format!("{p}.w1"), &[e, h, d], normal);
+        let (init_in, init_out) = (self.weight_init(d), self.weight_init(h));
+        let w1 = self.g.param(&format!("{p}.w1"), &[e, h, d], init_in);
         let a = self.add(
             Op::GroupedMatMul { layout },
             &[xp, w1, route],
@@ -1265,7 +1279,7 @@ impl Lower<'_> {
         let a = self.activation(ffn.activation, a, format!("{p}.act"))?;
         let a = match ffn.activation {
             Activation::SwiGlu => {
-                let w3 = self.g.param(&format!("{p}.w3"), &[e, h, d], normal);
+                let w3 = self.g.param(&format!("{p}.w3"), &[e, h, d], init_in);
                 let up = self.add(
                     Op::GroupedMatMul { layout },
                     &[xp, w3, route],
@@ -1275,7 +1289,7 @@ impl Lower<'_> {
             }
             Activation::Gelu | Activation::Relu => a,
         };
-        let w2 = self.g.param(&format!("{p}.w2"), &[e, d, h], normal);
+        let w2 = self.g.param(&format!("{p}.w2"), &[e, d, h], init_out);
         self.add(
             Op::GroupedMatMul { layout },
             &[a, w2, route],
@@ -1390,8 +1404,8 @@ impl Lower<'_> {
         let w = if self.spec.model.tie_embeddings {
             emb
         } else {
-            let normal = Init::Normal { std: INIT_STD };
-            self.g.param("lm_head.weight", &[vocab, d], normal)
+            let init = self.weight_init(d);
+            self.g.param("lm_head.weight", &[vocab, d], init)
         };
         let head_rows = match head {
             Head::Sampled => {

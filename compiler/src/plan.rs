@@ -2,7 +2,7 @@
 //!
 //! It is plain data (serde), written next to the kernels by `moec build`, so the runtime is a loop over
 //! `dispatches` with no knowledge of the IR. Shapes are baked into each kernel's WGSL, so a dispatch
-//! binds only storage buffers: binding `i` of group 0 is `dispatch.bindings[i]`.
+//! binds only storage buffers: binding `i` of group 0 is the byte range `dispatch.bindings[i]`.
 
 use crate::ir::{DType, Init};
 use serde::{Deserialize, Serialize};
@@ -83,9 +83,22 @@ pub struct Kernel {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Dispatch {
     pub kernel: usize,
-    pub bindings: Vec<BufferId>,
+    pub bindings: Vec<Binding>,
     /// Workgroup counts, each ≤ 65535 (large grids are folded into y and z by the emitter).
     pub workgroups: [u32; 3],
+}
+
+/// One storage binding: a byte range of a buffer. A value bound whole is one range at offset 0; a
+/// value larger than the adapter's binding limit is bound as several consecutive segments
+/// ([`crate::emit::segments`]), and a buffer shared by values of different sizes is bound only as far
+/// as the value a dispatch reads or writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Binding {
+    pub buffer: BufferId,
+    /// Bytes; a multiple of 256 (every adapter's `min_storage_buffer_offset_alignment` divides it).
+    pub offset: u64,
+    /// Bytes; a multiple of 4, at least 4.
+    pub size: u64,
 }
 
 impl Plan {

@@ -113,3 +113,30 @@ fn init_normal_has_the_requested_moments() {
         "P(|x| < σ) = {within_1sd}"
     );
 }
+
+#[test]
+fn init_uniform_stays_in_its_bounds_with_the_uniform_moments() {
+    // U(±b): mean 0, variance b²/3. 40_000 draws: the mean's standard error is b/√3/200 ≈ 2.9e-3·b,
+    // the variance's ≈ b²·√(4/45)/200 ≈ 1.5e-3·b²; tolerances are 4 standard errors.
+    let b = 0.125f32;
+    let v = init_values("lm_head.weight", Init::Uniform { bound: b }, 40_000, 0);
+    assert!(v.iter().all(|&x| x.abs() <= b), "a draw outside ±{b}");
+    let n = v.len() as f64;
+    let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+    let b = b as f64;
+    assert!(mean.abs() < 0.012 * b, "mean {mean}");
+    assert!((var - b * b / 3.0).abs() < 0.006 * b * b, "variance {var}");
+    // Each quarter of the interval gets a quarter of the draws (standard error 2.2e-3).
+    let low = v.iter().filter(|&&x| (x as f64) < -b / 2.0).count() as f64 / n;
+    assert!((low - 0.25).abs() < 0.009, "P(x < -b/2) = {low}");
+    // Deterministic per name and seed, like the normal.
+    assert_eq!(
+        v,
+        init_values("lm_head.weight", Init::Uniform { bound: 0.125 }, 40_000, 0)
+    );
+    assert_ne!(
+        v,
+        init_values("lm_head.weight", Init::Uniform { bound: 0.125 }, 40_000, 1)
+    );
+}

@@ -6,7 +6,7 @@
 
 use moec_compiler::emit::{MatmulVariant, Target};
 use moec_compiler::ir::DType;
-use moec_compiler::plan::{BufferRole, Plan};
+use moec_compiler::plan::{BufferId, BufferRole, Plan};
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,6 +46,10 @@ pub enum RuntimeError {
 #[derive(Debug, Clone, Default)]
 pub struct AdapterChoice {
     pub name: Option<String>,
+    /// Bind at most this many bytes per storage binding, below the adapter's own limit: compiles and
+    /// runs what an adapter with that smaller limit would (values over it split across bindings),
+    /// so the split path is tested on any machine.
+    pub max_binding: Option<u64>,
 }
 
 /// One adapter as `moec devices` lists it.
@@ -191,7 +195,14 @@ impl Gpu {
             queue,
             is_cpu,
             info: summary(&info),
-            limits,
+            limits: wgpu::Limits {
+                max_storage_buffer_binding_size: choice
+                    .max_binding
+                    .map_or(limits.max_storage_buffer_binding_size, |cap| {
+                        cap.min(limits.max_storage_buffer_binding_size)
+                    }),
+                ..limits
+            },
             subgroup_size,
             allocated: AtomicU64::new(0),
         })
@@ -528,9 +539,13 @@ impl<'g> Executor<'g> {
                     .bindings
                     .iter()
                     .enumerate()
-                    .map(|(i, &b)| wgpu::BindGroupEntry {
+                    .map(|(i, b)| wgpu::BindGroupEntry {
                         binding: i as u32,
-                        resource: buffers[b].as_entire_binding(),
+                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: &buffers[b.buffer],
+                            offset: b.offset,
+                            size: std::num::NonZeroU64::new(b.size),
+                        }),
                     })
                     .collect();
                 device.create_bind_group(&wgpu::BindGroupDescriptor {
@@ -666,9 +681,17 @@ impl<'g> Executor<'g> {
                 pass.dispatch_workgroups(d.workgroups[0], d.workgroups[1], d.workgroups[2]);
             })?;
             let kernel = &self.plan.kernels[d.kernel];
-            for (&b, &writes) in d.bindings.iter().zip(&kernel.writes) {
+            let mut written: Vec<BufferId> = d
+                .bindings
+                .iter()
+                .zip(&kernel.writes)
+                .filter(|&(_, &writes)| writes)
+                .map(|(b, _)| b.buffer)
+                .collect();
+            written.dedup();
+            for b in written {
                 let spec = &self.plan.buffers[b];
-                if !writes || !spec.dtype.is_float() {
+                if !spec.dtype.is_float() {
                     continue;
                 }
                 let bytes = self.gpu.read_buffer(&self.buffers[b], spec.size)?;

@@ -69,7 +69,7 @@ use crate::checkpoint::Tensor;
 use crate::schedule::lr_at;
 use crate::{Gpu, RuntimeError};
 use bytemuck::{Pod, Zeroable};
-use moec_compiler::emit::Target;
+use moec_compiler::emit::{segments, Target};
 use moec_compiler::spec::{ExpertLr, Optimizer as OptimizerSpec, Precision, Schedule, Train};
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
@@ -128,6 +128,13 @@ pub enum OptimError {
     Accumulate,
     #[error("shampoo: the {side} statistics of `{name}` are not finite or have no eigendecomposition; the step's gradients were too large for f32")]
     Root { name: String, side: &'static str },
+    #[error("`{name}` ({bytes} bytes) does not fit one storage binding of this adapter ({limit} bytes) and {why}")]
+    TooLarge {
+        name: String,
+        bytes: u64,
+        limit: u64,
+        why: &'static str,
+    },
     #[error("`expert_lr = adaptive` needs the per-expert load of the MoE layer of `{0}` (the training plan's `moe.N.load` output)")]
     NoExpertLoad(String),
     #[error("`expert_lr = adaptive`: expert parameter `{name}` has shape {shape:?}, not [{experts}, ...] like its MoE layer's other experts and `moe.N.load`")]
@@ -163,6 +170,15 @@ impl OptimSettings {
             accumulate: train.accumulate,
             loss_scaling: train.precision == Precision::F16,
         }
+    }
+
+    /// Whether the optimizer can update parameter `name` in slices of one storage binding each (its
+    /// elementwise kernels), so that it may exceed the binding limit; Shampoo's, Muon's and
+    /// Adafactor's matrix kernels need the matrix whole.
+    pub fn updates_in_slices(&self, name: &str, shape: &[usize]) -> bool {
+        let layout = Layout::of(&self.optimizer);
+        matches!(layout, Layout::Elementwise(_))
+            || ParamKind::of(layout, name, shape) == ParamKind::Adam
     }
 
     /// Bytes [`Optimizer`] allocates for one trained parameter `name` of this shape: its state (m and
@@ -309,6 +325,8 @@ struct ParamInfo {
     cols: u32,
     chunks: u32,
     factored: u32,
+    /// First element of the slice (see the prelude).
+    base: u32,
 }
 
 #[repr(C)]
@@ -317,6 +335,10 @@ struct ExpertLayer {
     offset: u32,
     experts: u32,
 }
+
+/// Why a preconditioned matrix over one binding cannot be updated (`moec check` says the same).
+pub const MATRIX_WHOLE: &str =
+    "this optimizer's matrix kernels need it whole (AdamW, SGD and schedule-free update it in slices)";
 
 /// Bytes of the stats buffer's scalars (`Stats` in the prelude: 9 words before `lr_scale`).
 const STATS_BYTES: u64 = 36;
@@ -334,6 +356,28 @@ struct Slot {
     kernels: Option<SlotKernels>,
 }
 
+/// A range of a parameter that fits one storage binding: the elementwise kernels (accumulate,
+/// clip's sums of squares, AdamW, SGD, schedule-free) run once per slice on that byte range of the parameter, its gradient and its
+/// state, so no parameter is limited by one binding.
+struct Slice {
+    /// First element and element count.
+    start: usize,
+    len: usize,
+    /// The slice's info block (its partial-sum slots and expert lr index).
+    info: wgpu::Buffer,
+}
+
+/// The `(first element, count)` ranges of a parameter of `shape` (f32) under a binding limit of
+/// `limit` bytes: the byte segments the compiler's kernels use for split values
+/// ([`moec_compiler::emit::segments`]: 256-aligned offsets, which every adapter accepts).
+fn slice_ranges(shape: &[usize], limit: u64) -> Vec<(usize, usize)> {
+    let bytes = 4 * shape.iter().product::<usize>() as u64;
+    segments(bytes, limit)
+        .into_iter()
+        .map(|(offset, size)| ((offset / 4) as usize, (size / 4) as usize))
+        .collect()
+}
+
 /// One optimizer state tensor: `optim.<name>.<suffix>` (or the weights, for schedule-free's `x`),
 /// stored at element `offset` of `buffer` (Adafactor keeps its row and column moments in one buffer).
 struct State {
@@ -344,11 +388,16 @@ struct State {
 }
 
 struct SlotKernels {
+    /// Per [`Slice`]: accumulation and clip's sums of squares.
+    slices: Vec<SliceKernels>,
+    /// The update kernels of this parameter, in order.
+    update: Vec<Stage>,
+}
+
+struct SliceKernels {
     accumulate: Option<wgpu::BindGroup>,
     sumsq: wgpu::BindGroup,
     sumsq_groups: u32,
-    /// The update kernels of this parameter, in order.
-    update: Vec<Stage>,
     grid: [u32; 3],
 }
 
@@ -564,7 +613,10 @@ struct SlotContext<'a> {
     pipelines: &'a UpdatePipelines<'a>,
     name: &'a str,
     shape: &'a [usize],
+    /// The info block of the first slice: the whole parameter's unless it is sliced, which only the
+    /// elementwise kernels allow.
     info: &'a wgpu::Buffer,
+    slices: &'a [Slice],
     scalars: &'a wgpu::Buffer,
     stats: &'a wgpu::Buffer,
     param: &'a wgpu::Buffer,
@@ -578,14 +630,23 @@ impl SlotContext<'_> {
         self.shape.iter().product()
     }
 
-    /// A stage of pipeline `pipeline` binding `buffers` in order, run before any host roots.
+    /// A stage of pipeline `pipeline` binding `buffers` whole, in order, run before any host roots.
     fn stage(&self, pipeline: usize, buffers: &[&wgpu::Buffer], grid: [u32; 3]) -> Stage {
+        let whole: Vec<wgpu::BufferBinding> = buffers
+            .iter()
+            .map(|b| b.as_entire_buffer_binding())
+            .collect();
+        self.stage_of(pipeline, &whole, grid)
+    }
+
+    /// [`SlotContext::stage`] of buffer ranges.
+    fn stage_of(&self, pipeline: usize, ranges: &[wgpu::BufferBinding], grid: [u32; 3]) -> Stage {
         Stage {
             pipeline,
             group: bind_group(
                 &self.gpu.device,
                 &self.pipelines.list.borrow()[pipeline],
-                buffers,
+                ranges,
             ),
             grid,
             after_roots: false,
@@ -612,15 +673,28 @@ impl SlotContext<'_> {
     }
 
     /// One elementwise kernel (pipeline 0) whose bindings after the gradient are these states, each
-    /// shaped like the parameter.
+    /// shaped like the parameter; one dispatch per slice, on its range of each.
     fn elementwise(&self, suffixes: &'static [&'static str]) -> Built {
         let state: Vec<State> = suffixes
             .iter()
             .map(|s| self.state(s, self.shape.to_vec()))
             .collect();
-        let mut buffers = vec![self.info, self.scalars, self.stats, self.param, self.grad];
-        buffers.extend(state.iter().map(|s| &s.buffer));
-        let update = vec![self.stage(0, &buffers, grid(self.numel(), self.max_dim))];
+        let update = self
+            .slices
+            .iter()
+            .map(|slice| {
+                let mut ranges = vec![
+                    slice.info.as_entire_buffer_binding(),
+                    self.scalars.as_entire_buffer_binding(),
+                    self.stats.as_entire_buffer_binding(),
+                ];
+                let per_element = [self.param, self.grad]
+                    .into_iter()
+                    .chain(state.iter().map(|s| &s.buffer));
+                ranges.extend(per_element.map(|b| range_of(b, slice)));
+                self.stage_of(0, &ranges, grid(slice.len, self.max_dim))
+            })
+            .collect();
         Built { state, update }
     }
 
@@ -677,18 +751,27 @@ impl SlotContext<'_> {
     }
 }
 
-/// A bind group of `pipeline`'s group 0: binding i is `buffers[i]`.
+/// The byte range of `slice` in a buffer of f32 elements shaped like its parameter.
+fn range_of<'b>(buffer: &'b wgpu::Buffer, slice: &Slice) -> wgpu::BufferBinding<'b> {
+    wgpu::BufferBinding {
+        buffer,
+        offset: 4 * slice.start as u64,
+        size: std::num::NonZeroU64::new(4 * slice.len.max(1) as u64),
+    }
+}
+
+/// A bind group of `pipeline`'s group 0: binding i is `ranges[i]`.
 fn bind_group(
     device: &wgpu::Device,
     pipeline: &wgpu::ComputePipeline,
-    buffers: &[&wgpu::Buffer],
+    ranges: &[wgpu::BufferBinding],
 ) -> wgpu::BindGroup {
-    let entries: Vec<wgpu::BindGroupEntry> = buffers
+    let entries: Vec<wgpu::BindGroupEntry> = ranges
         .iter()
         .enumerate()
         .map(|(i, b)| wgpu::BindGroupEntry {
             binding: i as u32,
-            resource: b.as_entire_binding(),
+            resource: wgpu::BindingResource::Buffer(b.clone()),
         })
         .collect();
     device.create_bind_group(&wgpu::BindGroupDescriptor {
@@ -929,29 +1012,37 @@ impl<'g> Optimizer<'g> {
         let target = gpu.target();
         let max_dim = target.max_workgroups_per_dim.max(1);
         let bind = |pipeline: &wgpu::ComputePipeline, buffers: &[&wgpu::Buffer]| {
-            bind_group(device, pipeline, buffers)
+            let whole: Vec<wgpu::BufferBinding> = buffers
+                .iter()
+                .map(|b| b.as_entire_buffer_binding())
+                .collect();
+            bind_group(device, pipeline, &whole)
         };
 
-        // Partial-sum slots first: the partials buffer's length is their total.
-        let mut first_slot = Vec::with_capacity(params.len());
+        // Slices (ranges within one binding) and their partial-sum slots first:
+        // the partials buffer's length is their total.
+        let limit = target.max_storage_binding_size;
+        let mut ranges = Vec::with_capacity(params.len());
         let mut total_partials = 0u64;
         for p in params {
-            let numel: usize = p.shape.iter().product();
-            let groups = if p.grad.is_some() {
-                (numel as u64)
-                    .div_ceil(SUMSQ_CHUNK)
-                    .clamp(1, max_dim as u64)
-            } else {
-                0
-            };
-            first_slot.push((total_partials, groups));
-            total_partials += groups;
+            let sliced = slice_ranges(&p.shape, limit);
+            let mut slots = Vec::with_capacity(sliced.len());
+            for (start, len) in sliced {
+                let groups = if p.grad.is_some() {
+                    (len as u64).div_ceil(SUMSQ_CHUNK).clamp(1, max_dim as u64)
+                } else {
+                    0
+                };
+                slots.push((start, len, total_partials, groups));
+                total_partials += groups;
+            }
+            ranges.push(slots);
         }
         // At least one slot, so the finalize kernel has a buffer to bind when nothing has a gradient.
         let partials = gpu.storage_buffer("clip partial sums", 4 * total_partials.max(1));
 
         let mut slots = Vec::with_capacity(params.len());
-        for (p, &(slot, groups)) in params.iter().zip(&first_slot) {
+        for (p, ranges) in params.iter().zip(&ranges) {
             let numel: usize = p.shape.iter().product();
             let bytes = 4 * numel as u64;
             let Some(plan_grad) = &p.grad else {
@@ -971,6 +1062,14 @@ impl<'g> Optimizer<'g> {
                 .clamp(1, MAX_RMS_CHUNKS);
             let (lr_scale, experts) = expert_of.get(p.name.as_str()).copied().unwrap_or((0, 1));
             let kind = ParamKind::of(layout, &p.name, &p.shape);
+            if ranges.len() > 1 && !settings.updates_in_slices(&p.name, &p.shape) {
+                return Err(OptimError::TooLarge {
+                    name: p.name.clone(),
+                    bytes,
+                    limit,
+                    why: MATRIX_WHOLE,
+                });
+            }
             let adam_of_muon = matches!(layout, Layout::Muon { .. }) && kind == ParamKind::Adam;
             let group = if is_expert(&p.name) {
                 1
@@ -983,25 +1082,37 @@ impl<'g> Optimizer<'g> {
                 Layout::Muon { adam_decay, .. } if adam_of_muon => adam_decay,
                 _ => wd,
             };
-            let info = ParamInfo {
-                group,
-                decay: if decays(&p.shape) { decay as f32 } else { 0.0 },
-                slot: slot as u32,
-                partials: groups as u32,
-                lr_scale,
-                expert_size: (numel / experts).max(1) as u32,
-                matrices: matrices as u32,
-                rows: rows as u32,
-                cols: cols as u32,
-                chunks: chunks as u32,
-                factored: factored as u32,
-            };
-            let info_buffer = gpu.storage_buffer(
-                &format!("{} info", p.name),
-                std::mem::size_of::<ParamInfo>() as u64,
-            );
-            gpu.queue
-                .write_buffer(&info_buffer, 0, bytemuck::bytes_of(&info));
+            let expert_size = (numel / experts).max(1);
+            let slices: Vec<Slice> = ranges
+                .iter()
+                .map(|&(start, len, slot, groups)| {
+                    let info = ParamInfo {
+                        group,
+                        decay: if decays(&p.shape) { decay as f32 } else { 0.0 },
+                        slot: slot as u32,
+                        partials: groups as u32,
+                        lr_scale,
+                        expert_size: expert_size as u32,
+                        matrices: matrices as u32,
+                        rows: rows as u32,
+                        cols: cols as u32,
+                        chunks: chunks as u32,
+                        factored: factored as u32,
+                        base: start as u32,
+                    };
+                    let buffer = gpu.storage_buffer(
+                        &format!("{} info", p.name),
+                        std::mem::size_of::<ParamInfo>() as u64,
+                    );
+                    gpu.queue
+                        .write_buffer(&buffer, 0, bytemuck::bytes_of(&info));
+                    Slice {
+                        start,
+                        len,
+                        info: buffer,
+                    }
+                })
+                .collect();
             let acc = (settings.accumulate > 1)
                 .then(|| gpu.storage_buffer(&format!("{} accumulated grad", p.name), bytes));
             let grad = acc.as_ref().unwrap_or(plan_grad);
@@ -1011,7 +1122,8 @@ impl<'g> Optimizer<'g> {
                 pipelines: &update,
                 name: &p.name,
                 shape: &p.shape,
-                info: &info_buffer,
+                info: &slices[0].info,
+                slices: &slices,
                 scalars: &scalars,
                 stats: &stats,
                 param: &p.param,
@@ -1025,22 +1137,44 @@ impl<'g> Optimizer<'g> {
                 (Layout::Shampoo { .. }, _) => ctx.shampoo(),
                 (Layout::Muon { ns_steps, .. }, _) => ctx.muon(ns_steps),
             };
-            let kernels = SlotKernels {
-                accumulate: acc
-                    .as_ref()
-                    .map(|a| bind(&pipelines.accumulate, &[&scalars, plan_grad, a])),
-                sumsq: bind(&pipelines.sumsq, &[&info_buffer, grad, &partials]),
-                sumsq_groups: groups as u32,
-                update: built.update,
-                grid: grid(numel, max_dim),
-            };
+            let slice_kernels = slices
+                .iter()
+                .zip(ranges)
+                .map(|(slice, &(_, _, _, groups))| SliceKernels {
+                    accumulate: acc.as_ref().map(|a| {
+                        bind_group(
+                            device,
+                            &pipelines.accumulate,
+                            &[
+                                scalars.as_entire_buffer_binding(),
+                                range_of(plan_grad, slice),
+                                range_of(a, slice),
+                            ],
+                        )
+                    }),
+                    sumsq: bind_group(
+                        device,
+                        &pipelines.sumsq,
+                        &[
+                            slice.info.as_entire_buffer_binding(),
+                            range_of(grad, slice),
+                            partials.as_entire_buffer_binding(),
+                        ],
+                    ),
+                    sumsq_groups: groups as u32,
+                    grid: grid(slice.len, max_dim),
+                })
+                .collect();
             slots.push(Slot {
                 name: p.name.clone(),
                 shape: p.shape.clone(),
                 numel,
                 param: p.param.clone(),
                 state: built.state,
-                kernels: Some(kernels),
+                kernels: Some(SlotKernels {
+                    slices: slice_kernels,
+                    update: built.update,
+                }),
             });
         }
         let track = bind(&pipelines.track, &[&scalars, loss, ce, &stats]);
@@ -1155,7 +1289,7 @@ impl<'g> Optimizer<'g> {
             pass.set_bind_group(0, group, &[]);
             pass.dispatch_workgroups(1, 1, 1);
         }
-        for k in self.slots.iter().filter_map(|s| s.kernels.as_ref()) {
+        for k in self.slices() {
             if let Some(group) = &k.accumulate {
                 pass.set_pipeline(&self.pipelines.accumulate);
                 pass.set_bind_group(0, group, &[]);
@@ -1170,7 +1304,7 @@ impl<'g> Optimizer<'g> {
     /// [`Optimizer::finish_step`] runs once the roots are computed.
     pub fn encode_update(&self, pass: &mut wgpu::ComputePass<'_>) {
         pass.set_pipeline(&self.pipelines.sumsq);
-        for k in self.slots.iter().filter_map(|s| s.kernels.as_ref()) {
+        for k in self.slices() {
             pass.set_bind_group(0, &k.sumsq, &[]);
             pass.dispatch_workgroups(k.sumsq_groups, 1, 1);
         }
@@ -1179,6 +1313,14 @@ impl<'g> Optimizer<'g> {
         pass.dispatch_workgroups(1, 1, 1);
         let root_step = self.is_root_step();
         self.encode_stages(pass, |stage| !(root_step && stage.after_roots));
+    }
+
+    /// The slices of every parameter with a gradient, in order.
+    fn slices(&self) -> impl Iterator<Item = &SliceKernels> {
+        self.slots
+            .iter()
+            .filter_map(|s| s.kernels.as_ref())
+            .flat_map(|k| &k.slices)
     }
 
     /// Every parameter's update stages that `keep` selects, in order.

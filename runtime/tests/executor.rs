@@ -2,7 +2,7 @@
 //! the emitter.
 
 use moec_compiler::ir::DType;
-use moec_compiler::plan::{BufferRole, BufferSpec, Dispatch, Kernel, Plan};
+use moec_compiler::plan::{Binding, BufferRole, BufferSpec, Dispatch, Kernel, Plan};
 use moec_runtime::{AdapterChoice, Executor, Gpu, RuntimeError};
 
 const AXPY: &str = r#"
@@ -47,7 +47,13 @@ fn axpy_plan() -> Plan {
         }],
         dispatches: vec![Dispatch {
             kernel: 0,
-            bindings: vec![0, 1],
+            bindings: [0, 1]
+                .map(|buffer| Binding {
+                    buffer,
+                    offset: 0,
+                    size: 400,
+                })
+                .to_vec(),
             workgroups: [2, 1, 1],
         }],
     }
@@ -97,6 +103,7 @@ fn invalid_shader_is_an_error_not_a_panic() {
 fn unknown_adapter_name_lists_the_known_ones() {
     let err = Gpu::new(&AdapterChoice {
         name: Some("no-such-gpu-xyz".into()),
+        max_binding: None,
     })
     .err()
     .expect("no adapter matches");

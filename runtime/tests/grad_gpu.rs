@@ -498,3 +498,50 @@ fn moe_f16_training_graph_matches_f16_interpreter() {
         },
     );
 }
+
+/// Split bindings: the MoE training step compiled as `moec train` compiles it (chunked head) for
+/// a 1.5 KiB binding limit (the route table, which its template indexes directly, just fits), so
+/// the embedding, every expert stack and their gradients are each bound
+/// as several segments, against the interpreter (fused and unfused, the tolerance above), and
+/// against the same graph on the adapter's real limit (nothing split): bit-identical, since
+/// splitting changes only how a kernel addresses its buffers.
+#[test]
+fn split_bindings_match_the_interpreter_and_the_unsplit_plan() {
+    let spec = check(MOE, Path::new("test.moe")).unwrap_or_else(|d| panic!("{d:?}"));
+    let forward = lower(&spec, 2).expect("lowers");
+    let mut feeds = (1..200)
+        .map(|seed| model_feeds(&forward, 32, seed))
+        .find(|f| selection_margin(&forward, f) >= 1e-3)
+        .expect("a seed with well-separated router scores");
+    feeds.insert(SEED.into(), Value::F32(vec![1.0]));
+    let real = gpu().target();
+    let small = moec_compiler::emit::Target {
+        max_storage_binding_size: 1536,
+        ..real.clone()
+    };
+    let compiled = moec_compiler::compile_training(&spec, 2, &small, true).expect("compiles");
+    let split = compiled
+        .plan
+        .dispatches
+        .iter()
+        .filter(|d| d.bindings.iter().any(|b| b.offset > 0))
+        .count();
+    assert!(split > 0, "nothing was split");
+    let graph = compiled.graph;
+    let configs = [(small.clone(), true), (small.clone(), false)];
+    compare_lowered(
+        &graph,
+        &graph,
+        &feeds,
+        &|reference, scale| MODEL_REL * reference + MODEL_FLOOR * scale,
+        &configs,
+    );
+    for fused in [true, false] {
+        let got = run_gpu(&graph, &feeds, &small, fused);
+        let whole = run_gpu(&graph, &feeds, &real, fused);
+        for (name, want) in &whole {
+            assert_eq!(&got[name], want, "{name} (fused = {fused})");
+        }
+    }
+    eprintln!("{split} dispatches bind split values");
+}

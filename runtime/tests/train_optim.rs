@@ -51,7 +51,10 @@ struct Bench {
 }
 
 fn bench() -> Bench {
-    let gpu = gpu();
+    bench_on(gpu())
+}
+
+fn bench_on(gpu: Gpu) -> Bench {
     let params = shapes()
         .into_iter()
         .map(|(name, shape)| {
@@ -136,7 +139,17 @@ fn run_gpu(
     grad_scale: f32,
     loads: Option<Loads>,
 ) -> GpuRun {
-    let b = bench();
+    run_gpu_on(bench(), settings, steps, grad_scale, loads)
+}
+
+/// [`run_gpu`] on the parameters of `b`.
+fn run_gpu_on(
+    b: Bench,
+    settings: &OptimSettings,
+    steps: usize,
+    grad_scale: f32,
+    loads: Option<Loads>,
+) -> GpuRun {
     let load = b.gpu.storage_buffer("moe.0.load", 4 * EXPERTS as u64);
     let layers = [ExpertLoad {
         load: load.clone(),
@@ -1404,4 +1417,40 @@ fn shampoo_with_accumulation_clip_and_adaptive_expert_lr() {
         SHAMPOO_TOL,
         |i, step, g, st| shampoo64(&s, i, step, g, st),
     );
+}
+
+/// Parameters over the binding limit (capped at 512 bytes: the weight, the experts and the
+/// embedding each split into 256-aligned slices of 128 elements, the last shorter) take AdamW with
+/// clipping, accumulation and adaptive expert lr slice by slice: the same weights and state as
+/// the whole-parameter update of the same gradients, within 1e-6 + 1e-6·|x| (clip's partial sums
+/// are grouped per slice, which may change the norm's last bit).
+#[test]
+fn parameters_over_the_binding_limit_update_in_slices_like_whole_ones() {
+    let mut s = settings(OptimizerSpec::AdamW {
+        lr: 0.01,
+        betas: (0.9, 0.95),
+        eps: 1e-8,
+        weight_decay: 0.1,
+    });
+    s.clip = Some(0.05);
+    s.accumulate = 2;
+    s.expert_lr = Some(ExpertLr::Adaptive { base: 0.05 });
+    let whole = run_gpu(&s, 3, 1.0, Some(hand_set_loads));
+    let capped = Gpu::new(&AdapterChoice {
+        name: None,
+        max_binding: Some(512),
+    })
+    .expect("a wgpu adapter");
+    let sliced = run_gpu_on(bench_on(capped), &s, 3, 1.0, Some(hand_set_loads));
+    assert!(whole.stats.clip_scale < 1.0, "the clip is active");
+    assert_eq!(whole.tensors.len(), sliced.tensors.len());
+    for (name, (_, want)) in &whole.tensors {
+        let got = &sliced.tensors[name].1;
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-6 + 1e-6 * w.abs(),
+                "{name}[{i}]: sliced {g} vs whole {w}"
+            );
+        }
+    }
 }

@@ -143,6 +143,7 @@ impl StridedMatmul<'_> {
             Load::Buffer(Access {
                 name: name.to_string(),
                 f16: false,
+                split: false,
             })
         };
         let (a, b) = (f32_buffer(self.a.buffer), f32_buffer(self.b.buffer));

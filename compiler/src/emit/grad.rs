@@ -87,7 +87,7 @@ fn grad_w(
     layout: &RouteLayout,
     target: &Target,
 ) -> Result<KernelSrc, KernelError> {
-    let mut b = Binder::new(graph);
+    let mut b = Binder::new(graph, target);
     // Either operand may be gathered token rows (a gather prologue) along the contraction.
     let mut operand = |x: NodeId| match gathered(graph, members, &mut b, x) {
         Some((load, rows)) => (load, Some(rows)),

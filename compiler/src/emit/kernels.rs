@@ -70,16 +70,20 @@ pub(crate) fn fold(total: u64, target: &Target) -> Result<[u32; 3], KernelError>
     Ok([x as u32, y as u32, z as u32])
 }
 
-/// Storage bindings of one kernel, in binding order; reads are deduplicated by owning buffer.
+/// Storage bindings of one kernel, in slot order; reads are deduplicated by owning buffer. A value
+/// larger than the target's binding limit takes several bindings ([`super::segments`]), which the
+/// kernel reaches through the accessor functions [`Access`] names.
 pub(crate) struct Binder<'g> {
     graph: &'g Graph,
+    target: &'g Target,
     slots: Vec<(NodeId, bool, String)>,
 }
 
 impl<'g> Binder<'g> {
-    pub(crate) fn new(graph: &'g Graph) -> Self {
+    pub(crate) fn new(graph: &'g Graph, target: &'g Target) -> Self {
         Binder {
             graph,
+            target,
             slots: Vec::new(),
         }
     }
@@ -113,16 +117,22 @@ impl<'g> Binder<'g> {
         self.slots.push((node, true, name.to_string()));
     }
 
+    /// How many bindings the value of `node` takes on this target.
+    fn segments(&self, node: NodeId) -> Vec<(u64, u64)> {
+        super::segments(
+            self.graph.ty(node).buffer_bytes(),
+            self.target.max_storage_binding_size,
+        )
+    }
+
     /// How the binding `name` is read and written (see [`Access`]).
     pub(crate) fn access(&self, name: &str) -> Access {
-        let dtype = self
-            .slots
-            .iter()
-            .find(|(_, _, n)| n == name)
-            .map_or(DType::F32, |(node, _, _)| self.graph.ty(*node).dtype);
+        let slot = self.slots.iter().find(|(_, _, n)| n == name);
+        let dtype = slot.map_or(DType::F32, |(node, _, _)| self.graph.ty(*node).dtype);
         Access {
             name: name.to_string(),
             f16: dtype == DType::F16,
+            split: slot.is_some_and(|(node, _, _)| self.segments(*node).len() > 1),
         }
     }
 
@@ -165,48 +175,117 @@ impl<'g> Binder<'g> {
             "const GX: u32 = {}u;\nconst GY: u32 = {}u;",
             workgroups[0], workgroups[1]
         );
-        for (i, (node, writes, name)) in self.slots.iter().enumerate() {
+        let mut binding = 0;
+        let mut accessors = String::new();
+        let mut unsplit = None;
+        for (node, writes, name) in &self.slots {
             let access = if *writes { "read_write" } else { "read" };
             let ty = self.graph.ty(*node).dtype.wgsl();
-            let _ = writeln!(
-                s,
-                "@group(0) @binding({i}) var<storage, {access}> {name}: array<{ty}>;"
-            );
+            let segments = self.segments(*node);
+            if segments.len() == 1 {
+                let _ = writeln!(
+                    s,
+                    "@group(0) @binding({binding}) var<storage, {access}> {name}: array<{ty}>;"
+                );
+                binding += 1;
+                continue;
+            }
+            for j in 0..segments.len() {
+                let _ = writeln!(
+                    s,
+                    "@group(0) @binding({binding}) var<storage, {access}> {name}_{j}: array<{ty}>;"
+                );
+                binding += 1;
+            }
+            let per = segments[0].1 / self.graph.ty(*node).dtype.size_bytes() as u64;
+            accessors.push_str(&segment_accessors(name, ty, *writes, segments.len(), per));
+            if indexes_directly(body, name) {
+                unsplit = Some(*node);
+            }
         }
         s.push_str(PRELUDE);
         s.push('\n');
+        s.push_str(&accessors);
         s.push_str(body);
         KernelSrc {
             wgsl: s,
             bindings: self.slots.into_iter().map(|(n, w, _)| (n, w)).collect(),
             workgroups,
+            unsplit,
         }
     }
 }
 
+/// `NAME_ld(i)` and (for a written value) `NAME_st(i, v)` over the `count` segment bindings
+/// `NAME_0..` of `per` elements each: element `i` lives in segment `i / per`.
+fn segment_accessors(name: &str, ty: &str, writes: bool, count: usize, per: u64) -> String {
+    let mut load = format!("fn {name}_ld(i: u32) -> {ty} {{\n");
+    let mut store = format!("fn {name}_st(i: u32, v: {ty}) {{\n");
+    for j in 0..count as u64 {
+        let (lo, hi) = (j * per, (j + 1) * per);
+        if j + 1 < count as u64 {
+            let _ = writeln!(
+                load,
+                "    if (i < {hi}u) {{\n        return {name}_{j}[i - {lo}u];\n    }}"
+            );
+            let _ = writeln!(store, "    if (i < {hi}u) {{\n        {name}_{j}[i - {lo}u] = v;\n        return;\n    }}");
+        } else {
+            let _ = writeln!(load, "    return {name}_{j}[i - {lo}u];\n}}\n");
+            let _ = writeln!(store, "    {name}_{j}[i - {lo}u] = v;\n}}\n");
+        }
+    }
+    if writes {
+        load.push_str(&store);
+    }
+    load
+}
+
+/// Whether `body` indexes the array `name` itself (`name[`), which a split value cannot serve.
+fn indexes_directly(body: &str, name: &str) -> bool {
+    let pattern = format!("{name}[");
+    body.match_indices(&pattern).any(|(at, _)| {
+        !body[..at]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+    })
+}
+
 /// A float binding as kernels use it: every computation is f32 (the accumulators of matmuls and
 /// reductions included), so an f16 binding (`precision = f16`) is widened on load and rounded to
-/// nearest on store, and an f32 binding is used as is.
+/// nearest on store, and an f32 binding is used as is. A binding split across segments is reached
+/// through its `NAME_ld` / `NAME_st` accessors.
 #[derive(Debug, Clone)]
 pub(crate) struct Access {
     pub name: String,
     pub f16: bool,
+    pub split: bool,
 }
 
 impl Access {
     /// `name[idx]` as an f32 expression.
     pub(crate) fn at(&self, idx: &str) -> String {
-        if self.f16 {
-            format!("f32({}[{idx}])", self.name)
+        let raw = if self.split {
+            format!("{}_ld({idx})", self.name)
         } else {
             format!("{}[{idx}]", self.name)
+        };
+        if self.f16 {
+            format!("f32({raw})")
+        } else {
+            raw
         }
     }
 
     /// `name[idx] = value;` for an f32 expression `value`.
     pub(crate) fn put(&self, idx: &str, value: &str) -> String {
-        if self.f16 {
-            format!("{}[{idx}] = f16({value});", self.name)
+        let value = if self.f16 {
+            format!("f16({value})")
+        } else {
+            value.to_string()
+        };
+        if self.split {
+            format!("{}_st({idx}, {value});", self.name)
         } else {
             format!("{}[{idx}] = {value};", self.name)
         }
@@ -613,7 +692,7 @@ fn elementwise_kernel(
 ) -> Result<KernelSrc, KernelError> {
     let wg = wg_size(target);
     let total: usize = group.domain.iter().product();
-    let mut b = Binder::new(graph);
+    let mut b = Binder::new(graph, target);
     let walker = Walker::new(graph, group);
     let mut env = HashMap::new();
     let mut body = per_item_main(wg, total);
@@ -721,7 +800,7 @@ fn row_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc
     let outputs: HashSet<NodeId> = group.outputs.iter().copied().collect();
     let causal_rows = if d.len() >= 2 { d[d.len() - 2] } else { 1 };
 
-    let mut b = Binder::new(graph);
+    let mut b = Binder::new(graph, target);
     let walker = Walker::new(graph, group);
     let mut body = String::new();
     if tpr > 1 {
@@ -1202,7 +1281,7 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
     let members: HashSet<NodeId> = group.nodes.iter().copied().collect();
     let args = graph.inputs(anchor);
     let out = graph.ty(anchor);
-    let mut b = Binder::new(graph);
+    let mut b = Binder::new(graph, target);
     let (a_src, a_shape, a_str) = operand_view(graph, &members, args[0]);
     let (b_src, b_shape, b_str) = operand_view(graph, &members, args[1]);
     let mut funcs = String::new();
@@ -1430,7 +1509,7 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
     let shape = &node.ty.shape;
     let total = node.ty.numel();
     let wg = wg_size(target);
-    let mut b = Binder::new(graph);
+    let mut b = Binder::new(graph, target);
     // One invocation per output element: `body` computes `let v = ...;` from `i`.
     let per_item =
         |b: Binder, body: &dyn Fn(&Binder) -> String| -> Result<KernelSrc, KernelError> {
@@ -1665,10 +1744,16 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             let out = b.write(n);
             let n_ids = graph.ty(args[0]).numel();
             let d = graph.ty(args[1]).last();
+            let at = format!("tok * {d}u + c");
             let body = format!(
-                "{}    let tok = i;\n    for (var c = 0u; c < {d}u; c = c + 1u) {{\n        {out}[tok * {d}u + c] = 0.0;\n    }}\n    for (var j = 0u; j < {n_ids}u; j = j + 1u) {{\n        if ({ids}[j] == tok) {{\n            for (var c = 0u; c < {d}u; c = c + 1u) {{\n                {out}[tok * {d}u + c] = {out}[tok * {d}u + c] + {};\n            }}\n        }}\n    }}\n}}\n",
+                "{}    let tok = i;\n    for (var c = 0u; c < {d}u; c = c + 1u) {{\n        {}\n    }}\n    for (var j = 0u; j < {n_ids}u; j = j + 1u) {{\n        if ({ids}[j] == tok) {{\n            for (var c = 0u; c < {d}u; c = c + 1u) {{\n                {}\n            }}\n        }}\n    }}\n}}\n",
                 per_item_main(wg, *vocab),
-                b.at(&g, &format!("j * {d}u + c"))
+                b.put(&out, &at, "0.0"),
+                b.put(
+                    &out,
+                    &at,
+                    &format!("{} + {}", b.at(&out, &at), b.at(&g, &format!("j * {d}u + c")))
+                )
             );
             let grid = fold(vocab.div_ceil(wg as usize) as u64, target)?;
             Ok(b.finish(&[], &body, grid))
@@ -1870,7 +1955,7 @@ pub(crate) fn copy_kernel(
 ) -> Result<KernelSrc, KernelError> {
     let wg = wg_size(target);
     let total = graph.ty(id).numel();
-    let mut b = Binder::new(graph);
+    let mut b = Binder::new(graph, target);
     let x = b.read(id);
     // The destination is keyed by the output node itself: emit() gives it a fresh Output buffer.
     let out = b.write(id);

@@ -20,7 +20,7 @@ const SCAN_WG: usize = 64;
 pub(crate) fn kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<KernelSrc, KernelError> {
     let args = graph.inputs(n);
     let node = graph.node(n);
-    let mut b = Binder::new(graph);
+    let mut b = Binder::new(graph, target);
     match node.op {
         Op::LstmScan { reverse } => {
             let shape = &node.ty.shape;

@@ -211,6 +211,7 @@ fn every_kernel_of_every_op_validates_fused_and_unfused() {
                 FuseOptions {
                     enabled,
                     max_bindings: target.max_storage_buffers_per_stage,
+                    max_binding_bytes: target.max_storage_binding_size,
                 },
             );
             let plan = emit(&g, &fused, &target).unwrap_or_else(|e| panic!("{e}"));
@@ -295,10 +296,10 @@ fn scratch_buffers_are_reused_and_never_alias_within_a_dispatch() {
     assert_eq!(scratch, 1);
     assert_eq!(plan.buffers.len(), 3);
     for d in &plan.dispatches {
-        assert_ne!(d.bindings[0], d.bindings[1]);
+        assert_ne!(d.bindings[0].buffer, d.bindings[1].buffer);
     }
     assert!(matches!(
-        plan.buffers[*plan.dispatches[5].bindings.last().unwrap()].role,
+        plan.buffers[plan.dispatches[5].bindings.last().unwrap().buffer].role,
         BufferRole::Output { .. }
     ));
 }
@@ -428,4 +429,76 @@ fn example_training_graphs_emit_valid_kernels() {
             assert!(f < u);
         }
     }
+}
+
+/// The quickstart spec's training step under a 4 KiB binding limit: every value over it (the
+/// embedding and head weights, their gradients, expert stacks, activations) is bound as consecutive
+/// 4 KiB segments at 256-aligned offsets that tile the value exactly, and the kernels reach it
+/// through accessors; with the adapter's real limit nothing is split.
+#[test]
+fn values_over_the_binding_limit_are_split_across_segments() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../specs/quickstart.moe");
+    let source = std::fs::read_to_string(&path).unwrap();
+    let spec = crate::check::check(&source, &path).unwrap();
+    for target in targets() {
+        let small = Target {
+            max_storage_binding_size: 4096,
+            max_storage_buffers_per_stage: 1000,
+            ..target.clone()
+        };
+        let plan = crate::compile_training(&spec, 2, &small, true)
+            .unwrap()
+            .plan;
+        let mut split = 0;
+        for d in &plan.dispatches {
+            for run in d
+                .bindings
+                .chunk_by(|a, b| a.buffer == b.buffer && b.offset > a.offset)
+            {
+                assert!(run.iter().all(|b| b.size <= 4096 && b.offset % 256 == 0));
+                for (j, b) in run.iter().enumerate() {
+                    assert_eq!(b.offset, 4096 * j as u64, "segments tile the value");
+                }
+                if run.len() > 1 {
+                    split += 1;
+                    assert!(plan.buffers[run[0].buffer].size > 4096);
+                }
+            }
+        }
+        assert!(split > 0, "{:?}: nothing was split", small.matmul);
+        assert!(plan.kernels.iter().any(|k| k.wgsl.contains("_ld(")));
+        let whole = Target {
+            max_storage_buffers_per_stage: 1000,
+            ..target
+        };
+        let unsplit = crate::compile_training(&spec, 2, &whole, true)
+            .unwrap()
+            .plan;
+        assert!(unsplit
+            .dispatches
+            .iter()
+            .all(|d| d.bindings.iter().all(|b| b.offset == 0)));
+    }
+}
+
+/// A fixed-function kernel that indexes its arrays directly (the MoE route template) cannot take a
+/// split value: emit refuses with the kernel, the value, its size and the limit.
+#[test]
+fn a_template_over_the_binding_limit_is_refused_by_name() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../specs/mixtral.moe");
+    let source = std::fs::read_to_string(&path).unwrap();
+    let spec = crate::check::check(&source, &path).unwrap();
+    let target = Target {
+        max_storage_binding_size: 4096,
+        max_storage_buffers_per_stage: 1000,
+        ..Target::default()
+    };
+    let err = crate::compile_training(&spec, 2, &target, true)
+        .err()
+        .expect("the route does not fit")
+        .to_string();
+    assert!(
+        err.contains("moe_route") && err.contains("bytes") && err.contains("4096"),
+        "{err}"
+    );
 }

@@ -9,15 +9,21 @@
 //!
 //! Names load into one `nn.LSTM(in, dim, num_layers = 1)` per layer:
 //! `model.layers.N.lstm.{weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0}` (+ `_reverse`).
-//! Init: weights N(0, 1/(3·dim)), the variance of PyTorch's U(±1/√dim); biases 0.
+//! Init: PyTorch's defaults: LSTM weights and biases U(±1/√dim), linear layers (experts, routers,
+//! heads) U(±1/√fan_in) (`Lower::weight_init`), the embedding N(0, 1).
 //! Classifier head: `classifier.{weight,bias}` as the `mlp` family's.
 
 use super::{Lower, LowerError};
 use crate::ir::{BinaryOp, Init, NodeId, Op, TensorType};
 
 impl Lower<'_> {
-    /// The `lstm` family: `(logits, ce)` of a language model or a sequence classifier.
-    pub(super) fn lstm(&mut self, batch: usize) -> Result<(NodeId, NodeId), LowerError> {
+    /// The `lstm` family: `(logits, ce)` of a language model ending in `head`, or of a sequence
+    /// classifier (always [`super::Head::Logits`]).
+    pub(super) fn lstm(
+        &mut self,
+        batch: usize,
+        head: super::Head,
+    ) -> Result<(Option<NodeId>, Option<NodeId>), LowerError> {
         let m = &self.spec.model;
         let missing = |field| LowerError::Missing {
             field,
@@ -25,7 +31,7 @@ impl Lower<'_> {
         };
         let t = m.context.ok_or(missing("context"))?;
         let dirs = if m.bidirectional { 2 } else { 1 };
-        let (x, head) = match (m.vocab, m.inputs, m.classes) {
+        let (x, out) = match (m.vocab, m.inputs, m.classes) {
             (Some(vocab), _, _) => {
                 if dirs == 2 {
                     return Err(LowerError::Invalid(
@@ -62,20 +68,16 @@ impl Lower<'_> {
             x = self.lstm_moe(x, i, batch, t)?;
         }
         let width = self.last_dim(x);
-        match head {
+        match out {
             Head::Lm { emb, targets } => {
                 let h = self.reshape(x, &[batch * t, width], "model.rows")?;
-                let (logits, ce) = self.lm_head(h, emb, targets, batch, super::Head::Logits)?;
-                Ok((
-                    logits.expect("Head::Logits has logits"),
-                    ce.expect("and a loss"),
-                ))
+                self.lm_head(h, emb, targets, batch, head)
             }
             Head::Classes { classes, targets } => {
                 let last = self.add(Op::LstmLast { dirs }, &[x], "model.final_states")?;
                 let logits = self.linear(last, "classifier", classes, true)?;
                 let ce = self.add(Op::CrossEntropy, &[logits, targets], "ce")?;
-                Ok((logits, ce))
+                Ok((Some(logits), Some(ce)))
             }
         }
     }
@@ -86,9 +88,8 @@ impl Lower<'_> {
         let (b, t, inp, h) = (shape[0], shape[1], shape[2], self.spec.model.dim);
         let p = format!("model.layers.{i}.lstm");
         let rows = self.reshape(x, &[b * t, inp], format!("{p}.input_rows"))?;
-        let init = Init::Normal {
-            std: (1.0 / (3.0 * h as f64)).sqrt() as f32,
-        };
+        // nn.LSTM's init: every weight and bias U(±1/√dim).
+        let init = self.weight_init(h);
         let mut records = Vec::new();
         for d in 0..dirs {
             let sfx = if d == 1 { "_reverse" } else { "" };
@@ -98,13 +99,12 @@ impl Lower<'_> {
             let w_hh = self
                 .g
                 .param(&format!("{p}.weight_hh_l0{sfx}"), &[4 * h, h], init);
-            let zero = Init::Constant(0.0);
             let b_ih = self
                 .g
-                .param(&format!("{p}.bias_ih_l0{sfx}"), &[4 * h], zero);
+                .param(&format!("{p}.bias_ih_l0{sfx}"), &[4 * h], init);
             let b_hh = self
                 .g
-                .param(&format!("{p}.bias_hh_l0{sfx}"), &[4 * h], zero);
+                .param(&format!("{p}.bias_hh_l0{sfx}"), &[4 * h], init);
             let xg = self.add(
                 Op::MatMul { trans_b: true },
                 &[rows, w_ih],

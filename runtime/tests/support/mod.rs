@@ -43,6 +43,7 @@ pub fn run_gpu(
     let opts = FuseOptions {
         enabled: fused,
         max_bindings: target.max_storage_buffers_per_stage,
+        max_binding_bytes: target.max_storage_binding_size,
     };
     let plan = emit(graph, &fuse(graph, opts), target).unwrap_or_else(|e| panic!("{e}"));
     let exec = Executor::new(gpu(), &plan).unwrap_or_else(|e| panic!("{e}"));
