@@ -151,11 +151,12 @@ fn what_fits(spec: &Spec, target: &Target, budget: u64) -> Result<Option<Fit>> {
         batch /= 2;
         halved.push(batch);
     }
-    for precision in [train.precision, Precision::F16] {
+    let precisions = match train.precision {
+        Precision::F32 => vec![Precision::F32, Precision::F16],
+        Precision::F16 => vec![Precision::F16],
+    };
+    for precision in precisions {
         tries.extend(halved.iter().map(|&b| (Recompute::Block, b, precision)));
-        if train.precision == Precision::F16 {
-            break;
-        }
     }
     for (recompute, batch, precision) in tries {
         let mut s = spec.clone();

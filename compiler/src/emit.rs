@@ -288,19 +288,25 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
                 limit: target.max_storage_binding_size,
             });
         }
-        let bindings: Vec<Binding> = vs
+        // One binding per segment of each bound value, with its slot's write flag.
+        let (bindings, writes): (Vec<Binding>, Vec<bool>) = src
+            .bindings
             .iter()
-            .flat_map(|&vi| {
+            .zip(&vs)
+            .flat_map(|(&(_, writes), &vi)| {
                 let buffer = buffer_of[vi].expect("every bound value has a buffer");
                 segments(values[vi].size, target.max_storage_binding_size)
                     .into_iter()
-                    .map(move |(offset, size)| Binding {
-                        buffer,
-                        offset,
-                        size,
+                    .map(move |(offset, size)| {
+                        let binding = Binding {
+                            buffer,
+                            offset,
+                            size,
+                        };
+                        (binding, writes)
                     })
             })
-            .collect();
+            .unzip();
         if bindings.len() > target.max_storage_buffers_per_stage as usize {
             return Err(EmitError::TooManyBindings {
                 kernel: name,
@@ -308,17 +314,6 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
                 limit: target.max_storage_buffers_per_stage,
             });
         }
-        let writes: Vec<bool> = src
-            .bindings
-            .iter()
-            .zip(&vs)
-            .flat_map(|(&(_, w), &vi)| {
-                std::iter::repeat_n(
-                    w,
-                    segments(values[vi].size, target.max_storage_binding_size).len(),
-                )
-            })
-            .collect();
         let key = format!("{writes:?}\n{}", src.wgsl);
         let kernel = match kernel_of.get(&key) {
             Some(&k) => k,

@@ -632,11 +632,7 @@ impl SlotContext<'_> {
 
     /// A stage of pipeline `pipeline` binding `buffers` whole, in order, run before any host roots.
     fn stage(&self, pipeline: usize, buffers: &[&wgpu::Buffer], grid: [u32; 3]) -> Stage {
-        let whole: Vec<wgpu::BufferBinding> = buffers
-            .iter()
-            .map(|b| b.as_entire_buffer_binding())
-            .collect();
-        self.stage_of(pipeline, &whole, grid)
+        self.stage_of(pipeline, &whole(buffers), grid)
     }
 
     /// [`SlotContext::stage`] of buffer ranges.
@@ -758,6 +754,14 @@ fn range_of<'b>(buffer: &'b wgpu::Buffer, slice: &Slice) -> wgpu::BufferBinding<
         offset: 4 * slice.start as u64,
         size: std::num::NonZeroU64::new(4 * slice.len.max(1) as u64),
     }
+}
+
+/// Each buffer bound whole.
+fn whole<'b>(buffers: &[&'b wgpu::Buffer]) -> Vec<wgpu::BufferBinding<'b>> {
+    buffers
+        .iter()
+        .map(|b| b.as_entire_buffer_binding())
+        .collect()
 }
 
 /// A bind group of `pipeline`'s group 0: binding i is `ranges[i]`.
@@ -1012,11 +1016,7 @@ impl<'g> Optimizer<'g> {
         let target = gpu.target();
         let max_dim = target.max_workgroups_per_dim.max(1);
         let bind = |pipeline: &wgpu::ComputePipeline, buffers: &[&wgpu::Buffer]| {
-            let whole: Vec<wgpu::BufferBinding> = buffers
-                .iter()
-                .map(|b| b.as_entire_buffer_binding())
-                .collect();
-            bind_group(device, pipeline, &whole)
+            bind_group(device, pipeline, &whole(buffers))
         };
 
         // Slices (ranges within one binding) and their partial-sum slots first:
