@@ -2,7 +2,11 @@
 //!
 //! `cargo run --release -p moec-runtime --example bench_matmul [-- M N K]`: times the register-blocked
 //! and the shared-tiled schedules, for `x · wᵀ` (PyTorch `[out, in]` weights, the common case) and
-//! `x · w`, and prints GFLOP/s (best of 5 runs after a warm-up).
+//! `x · w`, and prints GFLOP/s (best of 15 runs after a warm-up).
+//!
+//! `PROBE_WGSL_true=FILE` / `PROBE_WGSL_false=FILE` with `PROBE_WG=X,Y,Z` time a hand-written kernel
+//! (same bindings: x, w, y) in place of the emitted register-blocked one, checked the same way
+//! (`scripts/matmul_probe.py` writes such kernels).
 
 use moec_compiler::emit::{emit, MatmulVariant, Target};
 use moec_compiler::fuse::{fuse, FuseOptions};
@@ -33,23 +37,54 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 matmul: variant,
                 ..gpu.target()
             };
-            let plan = emit(&g, &fuse(&g, FuseOptions::for_target(&target)), &target)?;
+            let mut plan = emit(&g, &fuse(&g, FuseOptions::for_target(&target)), &target)?;
+            if let Ok(dir) = std::env::var("PROBE_DUMP") {
+                std::fs::write(
+                    format!("{dir}/mm_{trans_b}_{variant:?}.wgsl"),
+                    &plan.kernels[0].wgsl,
+                )?;
+                println!("wg {:?}", plan.dispatches[0].workgroups);
+            }
+            if let (Ok(f), true) = (
+                std::env::var(format!("PROBE_WGSL_{trans_b}")),
+                variant == MatmulVariant::RegisterBlocked,
+            ) {
+                plan.kernels[0].wgsl = std::fs::read_to_string(f)?;
+                let wg: Vec<u32> = std::env::var("PROBE_WG")?
+                    .split(',')
+                    .map(|x| x.parse().unwrap())
+                    .collect();
+                plan.dispatches[0].workgroups = [wg[0], wg[1], wg[2]];
+            }
             let exec = Executor::new(&gpu, &plan)?;
-            exec.write_f32("x", &vec![0.5; m * k])?;
-            exec.write_f32("w", &vec![0.25; n * k])?;
+            // Inputs that differ along every axis, so a kernel that mixes up a layout fails the check.
+            let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.125).collect();
+            let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.25).collect();
+            exec.write_f32("x", &x)?;
+            exec.write_f32("w", &w)?;
             exec.run()?;
             exec.wait()?;
             let mut best = f64::INFINITY;
-            for _ in 0..5 {
+            for _ in 0..15 {
                 let t = Instant::now();
                 exec.run()?;
                 exec.wait()?;
                 best = best.min(t.elapsed().as_secs_f64());
             }
             let y = exec.read_f32("y")?;
-            let want = 0.125 * k as f32;
-            if (y[0] - want).abs() > 1e-3 * want || (y[m * n - 1] - want).abs() > 1e-3 * want {
-                return Err(format!("wrong result {} (want {want})", y[0]).into());
+            let w_at = |t: usize, c: usize| if trans_b { w[c * k + t] } else { w[t * n + c] };
+            for (r, c) in [
+                (0, 0),
+                (m / 3, n / 2 + 1),
+                (m - 1, n - 1),
+                (m / 2 + 3, 5 % n),
+            ] {
+                let want: f32 = (0..k).map(|t| x[r * k + t] * w_at(t, c)).sum();
+                if (y[r * n + c] - want).abs() > 1e-4 * want.abs().max(1.0) {
+                    return Err(
+                        format!("wrong y[{r}, {c}] = {} (want {want})", y[r * n + c]).into(),
+                    );
+                }
             }
             let gflops = 2.0 * (m * n * k) as f64 / best / 1e9;
             println!(

@@ -7,6 +7,7 @@
 use moec_compiler::emit::{MatmulVariant, Target};
 use moec_compiler::ir::DType;
 use moec_compiler::plan::{BufferId, BufferRole, Plan};
+use pipeline_cache::DiskPipelineCache;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -144,6 +145,7 @@ pub struct Gpu {
     /// Bytes of every buffer [`Gpu::storage_buffer`] has created: what the memory report
     /// (`moec_runtime::memory`) must match.
     allocated: AtomicU64,
+    pipeline_cache: Option<DiskPipelineCache>,
 }
 
 impl Gpu {
@@ -170,7 +172,9 @@ impl Gpu {
             label: Some("moec"),
             // shader-f16 when the adapter has it: `precision = f16` plans need it ([`Gpu::has_f16`]).
             required_features: adapter.features()
-                & (wgpu::Features::SUBGROUP | wgpu::Features::SHADER_F16),
+                & (wgpu::Features::SUBGROUP
+                    | wgpu::Features::SHADER_F16
+                    | DiskPipelineCache::FEATURE),
             required_limits: limits.clone(),
             experimental_features: wgpu::ExperimentalFeatures::disabled(),
             memory_hints: wgpu::MemoryHints::Performance,
@@ -190,7 +194,9 @@ impl Gpu {
         } else {
             0
         };
+        let pipeline_cache = DiskPipelineCache::open(&device, &info);
         Ok(Gpu {
+            pipeline_cache,
             device,
             queue,
             is_cpu,
@@ -223,6 +229,20 @@ impl Gpu {
                 MatmulVariant::SharedTiled
             },
             subgroup_size: self.subgroup_size,
+        }
+    }
+
+    /// The pipeline cache every compute pipeline is created with, where the adapter has one.
+    pub fn pipeline_cache(&self) -> Option<&wgpu::PipelineCache> {
+        self.pipeline_cache.as_ref().map(DiskPipelineCache::cache)
+    }
+
+    /// Saves the pipeline cache after a batch of pipelines was created, so the next run on this
+    /// adapter finds them compiled. Best effort: failing to write a cache only costs the next run
+    /// its compile time, so the error is not the caller's concern.
+    pub fn save_pipeline_cache(&self) {
+        if let Some(cache) = &self.pipeline_cache {
+            let _ = cache.save();
         }
     }
 
@@ -526,7 +546,7 @@ impl<'g> Executor<'g> {
                     module: &module,
                     entry_point: Some(&kernel.entry_point),
                     compilation_options: Default::default(),
-                    cache: None,
+                    cache: gpu.pipeline_cache(),
                 }),
             );
             layouts.push(bgl);
@@ -572,6 +592,7 @@ impl<'g> Executor<'g> {
                 BufferRole::Scratch => None,
             })
             .collect();
+        gpu.save_pipeline_cache();
         Ok(Executor {
             gpu,
             plan: plan.clone(),
@@ -786,6 +807,7 @@ pub mod megatron;
 pub mod memory;
 pub mod metrics;
 pub mod optim;
+mod pipeline_cache;
 pub mod report;
 pub mod schedule;
 pub mod train;

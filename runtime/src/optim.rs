@@ -976,7 +976,7 @@ impl<'g> Optimizer<'g> {
                 module: &module,
                 entry_point: Some("main"),
                 compilation_options: Default::default(),
-                cache: None,
+                cache: gpu.pipeline_cache(),
             })
         };
         let pipelines = Pipelines {
@@ -1418,7 +1418,7 @@ impl<'g> Optimizer<'g> {
             module: &module,
             entry_point: Some("main"),
             compilation_options: Default::default(),
-            cache: None,
+            cache: self.gpu.pipeline_cache(),
         });
         let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some("optim_loss_seed"),

@@ -1,0 +1,74 @@
+//! The on-disk pipeline cache (docs/DECISIONS.md, Runtime: cold start): a run saves it, the next run
+//! on the same adapter loads it, and a damaged file is ignored instead of failing the run. A test
+//! binary of its own because it sets `MOEC_CACHE_DIR`, which every `Gpu` of the process reads.
+
+use moec_compiler::emit::emit;
+use moec_compiler::fuse::{fuse, FuseOptions};
+use moec_compiler::ir::{Graph, Init, Op, TensorType};
+use moec_compiler::plan::Plan;
+use moec_runtime::{AdapterChoice, Executor, Gpu};
+use std::path::Path;
+
+const M: usize = 5;
+const N: usize = 3;
+const K: usize = 4;
+
+fn matmul_plan(gpu: &Gpu) -> Plan {
+    let mut g = Graph::new();
+    let x = g.input("x", TensorType::f32(&[M, K]));
+    let w = g.param("w", &[N, K], Init::Constant(0.0));
+    let y = g.add(Op::MatMul { trans_b: true }, &[x, w], "y").unwrap();
+    g.set_output("y", y);
+    let target = gpu.target();
+    emit(&g, &fuse(&g, FuseOptions::for_target(&target)), &target).unwrap()
+}
+
+/// Opens the adapter afresh (loading the cache), runs `y = x · wᵀ` and checks it on the host;
+/// returns whether the adapter has a pipeline cache.
+fn run_once() -> bool {
+    let gpu = Gpu::new(&AdapterChoice::default()).unwrap();
+    let plan = matmul_plan(&gpu);
+    let exec = Executor::new(&gpu, &plan).unwrap();
+    let x: Vec<f32> = (0..M * K).map(|i| i as f32 * 0.25).collect();
+    let w: Vec<f32> = (0..N * K).map(|i| 1.0 - i as f32 * 0.125).collect();
+    exec.write_f32("x", &x).unwrap();
+    exec.write_f32("w", &w).unwrap();
+    exec.run().unwrap();
+    let y = exec.read_f32("y").unwrap();
+    for (r, c) in (0..M).flat_map(|r| (0..N).map(move |c| (r, c))) {
+        let want: f32 = (0..K).map(|k| x[r * K + k] * w[c * K + k]).sum();
+        assert!((y[r * N + c] - want).abs() <= 1e-5 * want.abs().max(1.0));
+    }
+    gpu.pipeline_cache().is_some()
+}
+
+fn cache_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|entries| entries.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_run_saves_the_pipeline_cache_and_the_next_loads_it_or_drops_a_damaged_one() {
+    let dir = tempfile::tempdir().unwrap();
+    std::env::set_var("MOEC_CACHE_DIR", dir.path());
+    let has_cache = run_once();
+    let backend = Gpu::new(&AdapterChoice::default()).unwrap().info.backend;
+    if !has_cache {
+        assert_ne!(backend, "Vulkan", "wgpu has pipeline caches on Vulkan");
+        assert!(cache_files(dir.path()).is_empty());
+        return;
+    }
+    let files = cache_files(dir.path());
+    assert_eq!(files.len(), 1, "one cache file per adapter: {files:?}");
+    let saved = std::fs::read(&files[0]).unwrap();
+    assert!(!saved.is_empty());
+    assert!(run_once(), "the second run loads the saved cache");
+    std::fs::write(&files[0], b"not a pipeline cache").unwrap();
+    assert!(run_once(), "a damaged cache is replaced by an empty one");
+    assert_ne!(
+        std::fs::read(&files[0]).unwrap(),
+        b"not a pipeline cache",
+        "and saved again"
+    );
+}
