@@ -20,6 +20,7 @@ pub use crate::target::{segments, MatmulVariant, Target};
 
 mod alloc;
 mod blocked;
+mod expr;
 mod frame;
 pub use blocked::{Strided, StridedMatmul};
 pub use frame::validate_wgsl;
