@@ -343,3 +343,47 @@ pub fn validate_wgsl(wgsl: &str) -> Result<(), String> {
     .map_err(|e| e.emit_to_string(wgsl))?;
     Ok(())
 }
+
+/// `template` (a kernel body from `shaders/`) with every `{key}` replaced by its value in `values`.
+/// WGSL's own braces never enclose a bare identifier, so they pass through. A placeholder with no
+/// value is a generator bug (every template is exercised by the kernel tests), hence the panic.
+pub(crate) fn fill(template: &str, values: &[(&str, &dyn std::fmt::Display)]) -> String {
+    let mut out = String::with_capacity(template.len() + 64);
+    let mut rest = template;
+    while let Some(at) = rest.find('{') {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        let key = rest[1..].find('}').map(|end| &rest[1..=end]).filter(|k| {
+            k.starts_with(|c: char| c.is_ascii_lowercase())
+                && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        });
+        match key {
+            Some(key) => {
+                let (_, value) = values
+                    .iter()
+                    .find(|(k, _)| *k == key)
+                    .unwrap_or_else(|| panic!("no value for template placeholder `{{{key}}}`"));
+                let _ = write!(out, "{value}");
+                rest = &rest[key.len() + 2..];
+            }
+            None => {
+                out.push('{');
+                rest = &rest[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fill;
+
+    #[test]
+    fn fill_replaces_placeholders_and_keeps_wgsl_braces() {
+        let t = "fn {name}(i: u32) -> f32 {\n    return x[i % {n}u];\n}\n";
+        let got = fill(t, &[("name", &"f"), ("n", &4usize)]);
+        assert_eq!(got, "fn f(i: u32) -> f32 {\n    return x[i % 4u];\n}\n");
+    }
+}

@@ -9,7 +9,8 @@
 use super::blocked::{self, gathered, Blocked, Schedule};
 use super::expr::{bcast_index, lit, op_expr, permuted_index, strided_index};
 use super::frame::{
-    anchor, fold, is_prologue, per_item_main, wg_size, Access, Binder, KernelError, KernelSrc, Load,
+    anchor, fill, fold, is_prologue, per_item_main, wg_size, Access, Binder, KernelError,
+    KernelSrc, Load,
 };
 use crate::fuse::{base, Group, GroupKind};
 use crate::ir::{Graph, NodeId, Op, ReduceOp, RouteLayout};
@@ -23,6 +24,26 @@ const TOPK: &str = include_str!("../../../shaders/topk.wgsl");
 const CROSS_ENTROPY: &str = include_str!("../../../shaders/cross_entropy.wgsl");
 const SINKHORN: &str = include_str!("../../../shaders/sinkhorn.wgsl");
 const AUCTION: &str = include_str!("../../../shaders/auction.wgsl");
+
+// Kernel bodies with `{placeholder}`s that the generators fill ([`fill`]): shapes and offsets baked
+// in as literals, binding names, and load/store expressions (which depend on the binding's dtype and
+// split). Per-item bodies start inside `main` (after `per_item_main`) and leave the value in `v`.
+const TOPK_MASK: &str = include_str!("../../../shaders/topk_mask.wgsl");
+const MOE_GATHER: &str = include_str!("../../../shaders/moe_gather.wgsl");
+const MOE_COMBINE: &str = include_str!("../../../shaders/moe_combine.wgsl");
+const SUM_TO: &str = include_str!("../../../shaders/sum_to.wgsl");
+const EMBEDDING_GRAD: &str = include_str!("../../../shaders/embedding_grad.wgsl");
+const CROSS_ENTROPY_GRAD: &str = include_str!("../../../shaders/cross_entropy_grad.wgsl");
+const SCATTER_COLS: &str = include_str!("../../../shaders/scatter_cols.wgsl");
+const MOE_GATHER_GRAD: &str = include_str!("../../../shaders/moe_gather_grad.wgsl");
+const MOE_COMBINE_GRAD_ROWS: &str = include_str!("../../../shaders/moe_combine_grad_rows.wgsl");
+const MOE_COMBINE_GRAD_WEIGHTS: &str =
+    include_str!("../../../shaders/moe_combine_grad_weights.wgsl");
+const CONCAT_ROWS: &str = include_str!("../../../shaders/concat_rows.wgsl");
+const EXPERT_CHOICE: &str = include_str!("../../../shaders/expert_choice.wgsl");
+const ROPE: &str = include_str!("../../../shaders/rope.wgsl");
+const MOE_ROUTE_KEPT_PRIO: &str = include_str!("../../../shaders/moe_route_kept_prio.wgsl");
+const MOE_ROUTE_KEPT_SEEN: &str = include_str!("../../../shaders/moe_route_kept_seen.wgsl");
 
 /// A reduction's combining step: `comb(accumulator, value)` as WGSL text.
 type Combine = dyn Fn(&str, &str) -> String;
@@ -691,14 +712,21 @@ fn rope_fn(graph: &Graph, n: NodeId, name: &str, x: &Access) -> String {
     let shape = &graph.ty(n).shape;
     let (t, h, hd) = (shape[1], shape[2], shape[3]);
     let half = hd / 2;
-    format!(
-        "fn {name}(i: u32) -> f32 {{\n    let d = i % {hd}u;\n    let pos = f32((i / {}u) % {t}u);\n    let j = d % {half}u;\n    let inv = exp2(-f32(2u * j) / {} * log2({}));\n    let ang = {sign}pos * inv;\n    let x = {};\n    if (d < {half}u) {{\n        return x * cos(ang) - {} * sin(ang);\n    }}\n    return x * cos(ang) + {} * sin(ang);\n}}\n\n",
-        hd * h,
-        lit(hd as f32),
-        lit(theta),
-        x.at("i"),
-        x.at(&format!("i + {half}u")),
-        x.at(&format!("i - {half}u")),
+    fill(
+        ROPE,
+        &[
+            ("name", &name),
+            ("hd", &hd),
+            ("row", &(hd * h)),
+            ("t", &t),
+            ("half", &half),
+            ("hd_f", &lit(hd as f32)),
+            ("theta", &lit(theta)),
+            ("sign", &sign),
+            ("x", &x.at("i")),
+            ("x_hi", &x.at(&format!("i + {half}u"))),
+            ("x_lo", &x.at(&format!("i - {half}u"))),
+        ],
     )
 }
 
@@ -1015,7 +1043,7 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             let idx = b.read(args[0]);
             let k = graph.ty(args[0]).shape[1];
             per_item(b, &|_| {
-                format!("    let t = i / {experts}u;\n    let e = i % {experts}u;\n    var v = 0.0;\n    for (var j = 0u; j < {k}u; j = j + 1u) {{\n        if ({idx}[t * {k}u + j] == e) {{\n            v = 1.0;\n        }}\n    }}\n")
+                fill(TOPK_MASK, &[("experts", experts), ("k", &k), ("idx", &idx)])
             })
         }
         Op::MoeGather { layout } => {
@@ -1023,11 +1051,18 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             let route = b.read(args[1]);
             let d = shape[1];
             per_item(b, &|b| {
-                format!(
-                    "    let slot = {route}[{}u + i / {d}u];\n    var v = 0.0;\n    if (slot != {}u) {{\n        v = {};\n    }}\n",
-                    layout.row_slot_at(),
-                    RouteLayout::NONE,
-                    b.at(&x, &format!("(slot / {}u) * {d}u + i % {d}u", layout.k)),
+                fill(
+                    MOE_GATHER,
+                    &[
+                        ("route", &route),
+                        ("row_slot_at", &layout.row_slot_at()),
+                        ("d", &d),
+                        ("none", &RouteLayout::NONE),
+                        (
+                            "x_at",
+                            &b.at(&x, &format!("(slot / {}u) * {d}u + i % {d}u", layout.k)),
+                        ),
+                    ],
                 )
             })
         }
@@ -1037,12 +1072,17 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             let route = b.read(args[2]);
             let (d, k) = (shape[1], layout.k);
             per_item(b, &|b| {
-                format!(
-                    "    let t = i / {d}u;\n    var v = 0.0;\n    for (var j = 0u; j < {k}u; j = j + 1u) {{\n        let r = {route}[{}u + t * {k}u + j];\n        if (r != {}u) {{\n            v = v + {} * {};\n        }}\n    }}\n",
-                    layout.slot_row_at(),
-                    RouteLayout::NONE,
-                    b.at(&w, &format!("t * {k}u + j")),
-                    b.at(&yp, &format!("r * {d}u + i % {d}u")),
+                fill(
+                    MOE_COMBINE,
+                    &[
+                        ("d", &d),
+                        ("k", &k),
+                        ("route", &route),
+                        ("slot_row_at", &layout.slot_row_at()),
+                        ("none", &RouteLayout::NONE),
+                        ("w_at", &b.at(&w, &format!("t * {k}u + j"))),
+                        ("yp_at", &b.at(&yp, &format!("r * {d}u + i % {d}u"))),
+                    ],
                 )
             })
         }
@@ -1092,9 +1132,9 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
                 // Kept when fewer than CAPACITY of the expert's slots outrank it (higher priority, or
                 // equal priority and a lower slot).
                 b.read_as(args[1], "prio");
-                "fn kept(e: u32, s: u32, seen: u32) -> bool {\n    var rank = 0u;\n    for (var o = 0u; o < T * KK; o = o + 1u) {\n        if (idx[o] == e && (prio[o] > prio[s] || (prio[o] == prio[s] && o < s))) {\n            rank = rank + 1u;\n        }\n    }\n    return rank < CAPACITY;\n}\n\n"
+                MOE_ROUTE_KEPT_PRIO
             } else {
-                "fn kept(e: u32, s: u32, seen: u32) -> bool {\n    return seen < CAPACITY;\n}\n\n"
+                MOE_ROUTE_KEPT_SEEN
             };
             b.write_as(n, "route");
             let consts = [
@@ -1159,7 +1199,14 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             };
             let term = b.at(&x, &format!("base + {red_expr}"));
             per_item(b, &|_| {
-                format!("    let base = {base_expr};\n    var v = 0.0;\n    for (var r = 0u; r < {count}u; r = r + 1u) {{\n        v = v + {term};\n    }}\n")
+                fill(
+                    SUM_TO,
+                    &[
+                        ("base_expr", &base_expr),
+                        ("count", &count),
+                        ("term", &term),
+                    ],
+                )
             })
         }
         // Register-blocked / workgroup-uniform kernels of their own (emit::grad).
@@ -1173,15 +1220,27 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             let n_ids = graph.ty(args[0]).numel();
             let d = graph.ty(args[1]).last();
             let at = format!("tok * {d}u + c");
-            let body = format!(
-                "{}    let tok = i;\n    for (var c = 0u; c < {d}u; c = c + 1u) {{\n        {}\n    }}\n    for (var j = 0u; j < {n_ids}u; j = j + 1u) {{\n        if ({ids}[j] == tok) {{\n            for (var c = 0u; c < {d}u; c = c + 1u) {{\n                {}\n            }}\n        }}\n    }}\n}}\n",
-                per_item_main(wg, *vocab),
-                b.put(&out, &at, "0.0"),
-                b.put(
-                    &out,
-                    &at,
-                    &format!("{} + {}", b.at(&out, &at), b.at(&g, &format!("j * {d}u + c")))
-                )
+            let body = fill(
+                EMBEDDING_GRAD,
+                &[
+                    ("main", &per_item_main(wg, *vocab)),
+                    ("d", &d),
+                    ("zero", &b.put(&out, &at, "0.0")),
+                    ("n_ids", &n_ids),
+                    ("ids", &ids),
+                    (
+                        "acc",
+                        &b.put(
+                            &out,
+                            &at,
+                            &format!(
+                                "{} + {}",
+                                b.at(&out, &at),
+                                b.at(&g, &format!("j * {d}u + c"))
+                            ),
+                        ),
+                    ),
+                ],
             );
             let grid = fold(vocab.div_ceil(wg as usize) as u64, target)?;
             Ok(b.finish(&[], &body, grid))
@@ -1207,10 +1266,17 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
                 &format!("r * {v}u + c"),
                 &format!("(exp({logit} - lse) - select(0.0, 1.0, c == t)) * scale"),
             );
-            let body = format!(
-                "{}    let r = i;\n    var m = -FLT_MAX;\n    for (var c = 0u; c < {v}u; c = c + 1u) {{\n        m = max(m, {logit});\n    }}\n    var s = 0.0;\n    for (var c = 0u; c < {v}u; c = c + 1u) {{\n        s = s + exp({logit} - m);\n    }}\n    let lse = m + log(s);\n    let scale = {g}[0] / {};\n    let t = {targets}[r];\n    for (var c = 0u; c < {v}u; c = c + 1u) {{\n        {store}\n    }}\n}}\n",
-                per_item_main(wg, rows),
-                lit(rows.max(1) as f32)
+            let body = fill(
+                CROSS_ENTROPY_GRAD,
+                &[
+                    ("main", &per_item_main(wg, rows)),
+                    ("v", &v),
+                    ("logit", &logit),
+                    ("g", &g),
+                    ("n", &lit(rows.max(1) as f32)),
+                    ("targets", &targets),
+                    ("store", &store),
+                ],
             );
             let grid = fold(rows.div_ceil(wg as usize) as u64, target)?;
             Ok(b.finish(&[], &body, grid))
@@ -1220,7 +1286,10 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             let idx = b.read(args[1]);
             let k = graph.ty(args[0]).shape[1];
             per_item(b, &|_| {
-                format!("    let t = i / {cols}u;\n    let c = i % {cols}u;\n    var v = 0.0;\n    for (var j = 0u; j < {k}u; j = j + 1u) {{\n        if ({idx}[t * {k}u + j] == c) {{\n            v = v + {g}[t * {k}u + j];\n        }}\n    }}\n")
+                fill(
+                    SCATTER_COLS,
+                    &[("cols", cols), ("k", &k), ("idx", &idx), ("g", &g)],
+                )
             })
         }
         Op::MoeGatherGrad { layout } => {
@@ -1228,11 +1297,16 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             let route = b.read(args[1]);
             let (d, k) = (shape[1], layout.k);
             per_item(b, &|b| {
-                format!(
-                    "    let t = i / {d}u;\n    var v = 0.0;\n    for (var j = 0u; j < {k}u; j = j + 1u) {{\n        let r = {route}[{}u + t * {k}u + j];\n        if (r != {}u) {{\n            v = v + {};\n        }}\n    }}\n",
-                    layout.slot_row_at(),
-                    RouteLayout::NONE,
-                    b.at(&gp, &format!("r * {d}u + i % {d}u")),
+                fill(
+                    MOE_GATHER_GRAD,
+                    &[
+                        ("d", &d),
+                        ("k", &k),
+                        ("route", &route),
+                        ("slot_row_at", &layout.slot_row_at()),
+                        ("none", &RouteLayout::NONE),
+                        ("gp_at", &b.at(&gp, &format!("r * {d}u + i % {d}u"))),
+                    ],
                 )
             })
         }
@@ -1242,12 +1316,19 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             let route = b.read(args[2]);
             let d = shape[1];
             per_item(b, &|b| {
-                format!(
-                    "    let slot = {route}[{}u + i / {d}u];\n    var v = 0.0;\n    if (slot != {}u) {{\n        v = {} * {};\n    }}\n",
-                    layout.row_slot_at(),
-                    RouteLayout::NONE,
-                    b.at(&w, "slot"),
-                    b.at(&dy, &format!("(slot / {}u) * {d}u + i % {d}u", layout.k)),
+                fill(
+                    MOE_COMBINE_GRAD_ROWS,
+                    &[
+                        ("route", &route),
+                        ("row_slot_at", &layout.row_slot_at()),
+                        ("d", &d),
+                        ("none", &RouteLayout::NONE),
+                        ("w_at", &b.at(&w, "slot")),
+                        (
+                            "dy_at",
+                            &b.at(&dy, &format!("(slot / {}u) * {d}u + i % {d}u", layout.k)),
+                        ),
+                    ],
                 )
             })
         }
@@ -1257,13 +1338,17 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             let route = b.read(args[2]);
             let d = graph.ty(args[0]).shape[1];
             per_item(b, &|b| {
-                format!(
-                    "    let r = {route}[{}u + i];\n    var v = 0.0;\n    if (r != {}u) {{\n        let t = i / {}u;\n        for (var c = 0u; c < {d}u; c = c + 1u) {{\n            v = v + {} * {};\n        }}\n    }}\n",
-                    layout.slot_row_at(),
-                    RouteLayout::NONE,
-                    layout.k,
-                    b.at(&dy, &format!("t * {d}u + c")),
-                    b.at(&yp, &format!("r * {d}u + c")),
+                fill(
+                    MOE_COMBINE_GRAD_WEIGHTS,
+                    &[
+                        ("route", &route),
+                        ("slot_row_at", &layout.slot_row_at()),
+                        ("none", &RouteLayout::NONE),
+                        ("k", &layout.k),
+                        ("d", &d),
+                        ("dy_at", &b.at(&dy, &format!("t * {d}u + c"))),
+                        ("yp_at", &b.at(&yp, &format!("r * {d}u + c"))),
+                    ],
                 )
             })
         }
@@ -1282,10 +1367,13 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             let lower = b.read(args[1]);
             let split = graph.ty(args[0]).numel();
             per_item(b, &|b| {
-                format!(
-                    "    var v = 0.0;\n    if (i < {split}u) {{\n        v = {};\n    }} else {{\n        v = {};\n    }}\n",
-                    b.at(&upper, "i"),
-                    b.at(&lower, &format!("i - {split}u"))
+                fill(
+                    CONCAT_ROWS,
+                    &[
+                        ("split", &split),
+                        ("upper_at", &b.at(&upper, "i")),
+                        ("lower_at", &b.at(&lower, &format!("i - {split}u"))),
+                    ],
                 )
             })
         }
@@ -1308,9 +1396,15 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             let x = b.read(args[0]);
             let (t, e) = (shape[0], shape[1]);
             per_item(b, &|_| {
-                format!(
-                    "    let tok = i / {e}u;\n    let ex = i % {e}u;\n    let s = {x}[i];\n    var rank = 0u;\n    for (var u = 0u; u < {t}u; u = u + 1u) {{\n        let o = {x}[u * {e}u + ex];\n        if (o > s || (o == s && u < tok)) {{\n            rank = rank + 1u;\n        }}\n    }}\n    let v = select({}u, ex, rank < {capacity}u);\n",
-                    RouteLayout::NONE
+                fill(
+                    EXPERT_CHOICE,
+                    &[
+                        ("e", &e),
+                        ("x", &x),
+                        ("t", &t),
+                        ("none", &RouteLayout::NONE),
+                        ("capacity", capacity),
+                    ],
                 )
             })
         }
