@@ -4,7 +4,9 @@
 //! baked in as constants, so a dispatch binds only storage buffers. Kernel generators live in
 //! [`kernels`] (with [`blocked`], [`grad`] and [`lstm`]), on the frame every kernel shares
 //! ([`frame`]: bindings, constants, prelude, folded grid); fixed-function kernels (tiled matmul, routing, top-k, cross-entropy) are hand-written
-//! templates in `shaders/` that read constants and bindings the generator declares in front of them.
+//! templates in `shaders/` that read constants and bindings the generator declares in front of them;
+//! the bodies of small single-op kernels are `shaders/` templates too, with `{placeholders}` the
+//! generator fills with literals and load/store expressions (`frame::fill`).
 //!
 //! Buffer plan: Params and Inputs get their own buffers, `Reshape` is free (it aliases its operand's
 //! buffer), and every other materialised value (activations, scratch, graph outputs such as the
