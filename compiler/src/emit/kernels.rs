@@ -1,18 +1,23 @@
 //! WGSL generators, one per [`GroupKind`] and per composite op.
 //!
-//! Every kernel has the same frame: constants (shapes and the folded grid `GX`, `GY`), the storage
-//! bindings `@group(0) @binding(i)`, the prelude (`shaders/prelude.wgsl`), then the body. Bodies are
+//! Every kernel has the same frame ([`super::frame`]): constants (shapes and the folded grid `GX`,
+//! `GY`), the storage bindings `@group(0) @binding(i)`, the prelude (`shaders/prelude.wgsl`), then
+//! the body. Bodies are
 //! produced by walking the group's nodes: each elementwise node becomes one `let v<id> = ...;`, an
 //! operand from outside the group becomes a load with a broadcasting index.
 
-use super::blocked::{self, Blocked, Gathered, Load, Schedule};
-use super::{EmitError, KernelSrc, MatmulVariant, Target};
+use super::blocked::{self, gathered, Blocked, Schedule};
+use super::expr::{bcast_index, lit, op_expr, permuted_index, strided_index};
+use super::frame::{
+    anchor, fill, fold, is_prologue, per_item_main, wg_size, Access, Binder, KernelError,
+    KernelSrc, Load,
+};
 use crate::fuse::{base, Group, GroupKind};
-use crate::ir::{BinaryOp, DType, Graph, NodeId, Op, ReduceOp, RouteLayout, UnaryOp};
+use crate::ir::{Graph, NodeId, Op, ReduceOp, RouteLayout};
+use crate::target::{MatmulVariant, Target};
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write;
 
-const PRELUDE: &str = include_str!("../../../shaders/prelude.wgsl");
 const MATMUL_TILED: &str = include_str!("../../../shaders/matmul_tiled.wgsl");
 const MOE_ROUTE: &str = include_str!("../../../shaders/moe_route.wgsl");
 const TOPK: &str = include_str!("../../../shaders/topk.wgsl");
@@ -20,277 +25,30 @@ const CROSS_ENTROPY: &str = include_str!("../../../shaders/cross_entropy.wgsl");
 const SINKHORN: &str = include_str!("../../../shaders/sinkhorn.wgsl");
 const AUCTION: &str = include_str!("../../../shaders/auction.wgsl");
 
-/// Invocations per workgroup of one-invocation-per-element kernels.
-const WG: u32 = 256;
+// Kernel bodies with `{placeholder}`s that the generators fill ([`fill`]): shapes and offsets baked
+// in as literals, binding names, and load/store expressions (which depend on the binding's dtype and
+// split). Per-item bodies start inside `main` (after `per_item_main`) and leave the value in `v`.
+const TOPK_MASK: &str = include_str!("../../../shaders/topk_mask.wgsl");
+const MOE_GATHER: &str = include_str!("../../../shaders/moe_gather.wgsl");
+const MOE_COMBINE: &str = include_str!("../../../shaders/moe_combine.wgsl");
+const SUM_TO: &str = include_str!("../../../shaders/sum_to.wgsl");
+const EMBEDDING_GRAD: &str = include_str!("../../../shaders/embedding_grad.wgsl");
+const CROSS_ENTROPY_GRAD: &str = include_str!("../../../shaders/cross_entropy_grad.wgsl");
+const SCATTER_COLS: &str = include_str!("../../../shaders/scatter_cols.wgsl");
+const MOE_GATHER_GRAD: &str = include_str!("../../../shaders/moe_gather_grad.wgsl");
+const MOE_COMBINE_GRAD_ROWS: &str = include_str!("../../../shaders/moe_combine_grad_rows.wgsl");
+const MOE_COMBINE_GRAD_WEIGHTS: &str =
+    include_str!("../../../shaders/moe_combine_grad_weights.wgsl");
+const CONCAT_ROWS: &str = include_str!("../../../shaders/concat_rows.wgsl");
+const EXPERT_CHOICE: &str = include_str!("../../../shaders/expert_choice.wgsl");
+const ROPE: &str = include_str!("../../../shaders/rope.wgsl");
+const MOE_ROUTE_KEPT_PRIO: &str = include_str!("../../../shaders/moe_route_kept_prio.wgsl");
+const MOE_ROUTE_KEPT_SEEN: &str = include_str!("../../../shaders/moe_route_kept_seen.wgsl");
 
 /// A reduction's combining step: `comb(accumulator, value)` as WGSL text.
 type Combine = dyn Fn(&str, &str) -> String;
 /// Invocations per row of the workgroup-per-row reduction (SharedTiled targets).
 const ROW_THREADS: u32 = 64;
-
-/// Why a kernel could not be generated; named by the caller.
-pub(crate) enum KernelError {
-    /// A grid that does not fit the target even folded.
-    Grid { workgroups: u64, limit: u32 },
-    /// An op with no kernel yet (its mnemonic).
-    Unsupported(String),
-}
-
-impl KernelError {
-    pub(crate) fn named(self, kernel: &str) -> EmitError {
-        match self {
-            KernelError::Grid { workgroups, limit } => EmitError::GridTooLarge {
-                kernel: kernel.to_string(),
-                workgroups,
-                limit,
-            },
-            KernelError::Unsupported(op) => EmitError::Unsupported {
-                kernel: kernel.to_string(),
-                op,
-            },
-        }
-    }
-}
-
-/// Folds a linear count of workgroups into `[x, y, z]`, each at most the target's limit. Kernels
-/// recompute the linear index as `x + y·GX + z·GX·GY` and bounds-check it.
-pub(crate) fn fold(total: u64, target: &Target) -> Result<[u32; 3], KernelError> {
-    let max = u64::from(target.max_workgroups_per_dim.max(1));
-    let total = total.max(1);
-    let x = total.min(max);
-    let rest = total.div_ceil(x);
-    let y = rest.min(max);
-    let z = rest.div_ceil(y);
-    if z > max {
-        return Err(KernelError::Grid {
-            workgroups: total,
-            limit: target.max_workgroups_per_dim,
-        });
-    }
-    Ok([x as u32, y as u32, z as u32])
-}
-
-/// Storage bindings of one kernel, in slot order; reads are deduplicated by owning buffer. A value
-/// larger than the target's binding limit takes several bindings ([`super::segments`]), which the
-/// kernel reaches through the accessor functions [`Access`] names.
-pub(crate) struct Binder<'g> {
-    graph: &'g Graph,
-    target: &'g Target,
-    slots: Vec<(NodeId, bool, String)>,
-}
-
-impl<'g> Binder<'g> {
-    pub(crate) fn new(graph: &'g Graph, target: &'g Target) -> Self {
-        Binder {
-            graph,
-            target,
-            slots: Vec::new(),
-        }
-    }
-
-    /// Name of the read-only binding holding `operand` (its Reshape base's buffer).
-    pub(crate) fn read(&mut self, operand: NodeId) -> String {
-        let b = base(self.graph, operand);
-        if let Some((_, _, name)) = self.slots.iter().find(|(n, w, _)| *n == b && !*w) {
-            return name.clone();
-        }
-        let name = format!("b{}", self.slots.len());
-        self.slots.push((b, false, name.clone()));
-        name
-    }
-
-    pub(crate) fn read_as(&mut self, operand: NodeId, name: &str) {
-        let b = base(self.graph, operand);
-        self.slots.push((b, false, name.to_string()));
-    }
-
-    pub(crate) fn write(&mut self, node: NodeId) -> String {
-        if let Some((_, _, name)) = self.slots.iter().find(|(n, w, _)| *n == node && *w) {
-            return name.clone();
-        }
-        let name = format!("b{}", self.slots.len());
-        self.slots.push((node, true, name.clone()));
-        name
-    }
-
-    pub(crate) fn write_as(&mut self, node: NodeId, name: &str) {
-        self.slots.push((node, true, name.to_string()));
-    }
-
-    /// How many bindings the value of `node` takes on this target.
-    fn segments(&self, node: NodeId) -> Vec<(u64, u64)> {
-        super::segments(
-            self.graph.ty(node).buffer_bytes(),
-            self.target.max_storage_binding_size,
-        )
-    }
-
-    /// How the binding `name` is read and written (see [`Access`]).
-    pub(crate) fn access(&self, name: &str) -> Access {
-        let slot = self.slots.iter().find(|(_, _, n)| n == name);
-        let dtype = slot.map_or(DType::F32, |(node, _, _)| self.graph.ty(*node).dtype);
-        Access {
-            name: name.to_string(),
-            f16: dtype == DType::F16,
-            split: slot.is_some_and(|(node, _, _)| self.segments(*node).len() > 1),
-        }
-    }
-
-    /// The read binding of `operand` as a matmul operand load.
-    pub(crate) fn load(&mut self, operand: NodeId) -> Load {
-        let name = self.read(operand);
-        Load::Buffer(self.access(&name))
-    }
-
-    /// `name[idx]` as a value for f32 arithmetic (an f16 binding is widened).
-    pub(crate) fn at(&self, name: &str, idx: &str) -> String {
-        self.access(name).at(idx)
-    }
-
-    /// The statement storing the f32 expression `value` at `name[idx]` (rounded for an f16 binding).
-    pub(crate) fn put(&self, name: &str, idx: &str, value: &str) -> String {
-        self.access(name).put(idx, value)
-    }
-
-    /// Assembles constants, bindings, prelude and body into a kernel.
-    pub(crate) fn finish(
-        self,
-        consts: &[(&str, u64)],
-        body: &str,
-        workgroups: [u32; 3],
-    ) -> KernelSrc {
-        let mut s = String::new();
-        if self
-            .slots
-            .iter()
-            .any(|(node, _, _)| self.graph.ty(*node).dtype == DType::F16)
-        {
-            s.push_str("enable f16;\n");
-        }
-        for (name, value) in consts {
-            let _ = writeln!(s, "const {name}: u32 = {value}u;");
-        }
-        let _ = writeln!(
-            s,
-            "const GX: u32 = {}u;\nconst GY: u32 = {}u;",
-            workgroups[0], workgroups[1]
-        );
-        let mut binding = 0;
-        let mut accessors = String::new();
-        let mut unsplit = None;
-        for (node, writes, name) in &self.slots {
-            let access = if *writes { "read_write" } else { "read" };
-            let ty = self.graph.ty(*node).dtype.wgsl();
-            let segments = self.segments(*node);
-            if segments.len() == 1 {
-                let _ = writeln!(
-                    s,
-                    "@group(0) @binding({binding}) var<storage, {access}> {name}: array<{ty}>;"
-                );
-                binding += 1;
-                continue;
-            }
-            for j in 0..segments.len() {
-                let _ = writeln!(
-                    s,
-                    "@group(0) @binding({binding}) var<storage, {access}> {name}_{j}: array<{ty}>;"
-                );
-                binding += 1;
-            }
-            let per = segments[0].1 / self.graph.ty(*node).dtype.size_bytes() as u64;
-            accessors.push_str(&segment_accessors(name, ty, *writes, segments.len(), per));
-            if indexes_directly(body, name) {
-                unsplit = Some(*node);
-            }
-        }
-        s.push_str(PRELUDE);
-        s.push('\n');
-        s.push_str(&accessors);
-        s.push_str(body);
-        KernelSrc {
-            wgsl: s,
-            bindings: self.slots.into_iter().map(|(n, w, _)| (n, w)).collect(),
-            workgroups,
-            unsplit,
-        }
-    }
-}
-
-/// `NAME_ld(i)` and (for a written value) `NAME_st(i, v)` over the `count` segment bindings
-/// `NAME_0..` of `per` elements each: element `i` lives in segment `i / per`.
-fn segment_accessors(name: &str, ty: &str, writes: bool, count: usize, per: u64) -> String {
-    let mut load = format!("fn {name}_ld(i: u32) -> {ty} {{\n");
-    let mut store = format!("fn {name}_st(i: u32, v: {ty}) {{\n");
-    for j in 0..count as u64 {
-        let (lo, hi) = (j * per, (j + 1) * per);
-        if j + 1 < count as u64 {
-            let _ = writeln!(
-                load,
-                "    if (i < {hi}u) {{\n        return {name}_{j}[i - {lo}u];\n    }}"
-            );
-            let _ = writeln!(store, "    if (i < {hi}u) {{\n        {name}_{j}[i - {lo}u] = v;\n        return;\n    }}");
-        } else {
-            let _ = writeln!(load, "    return {name}_{j}[i - {lo}u];\n}}\n");
-            let _ = writeln!(store, "    {name}_{j}[i - {lo}u] = v;\n}}\n");
-        }
-    }
-    if writes {
-        load.push_str(&store);
-    }
-    load
-}
-
-/// Whether `body` indexes the array `name` itself (`name[`), which a split value cannot serve.
-fn indexes_directly(body: &str, name: &str) -> bool {
-    let pattern = format!("{name}[");
-    body.match_indices(&pattern).any(|(at, _)| {
-        !body[..at]
-            .chars()
-            .next_back()
-            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
-    })
-}
-
-/// A float binding as kernels use it: every computation is f32 (the accumulators of matmuls and
-/// reductions included), so an f16 binding (`precision = f16`) is widened on load and rounded to
-/// nearest on store, and an f32 binding is used as is. A binding split across segments is reached
-/// through its `NAME_ld` / `NAME_st` accessors.
-#[derive(Debug, Clone)]
-pub(crate) struct Access {
-    pub name: String,
-    pub f16: bool,
-    pub split: bool,
-}
-
-impl Access {
-    /// `name[idx]` as an f32 expression.
-    pub(crate) fn at(&self, idx: &str) -> String {
-        let raw = if self.split {
-            format!("{}_ld({idx})", self.name)
-        } else {
-            format!("{}[{idx}]", self.name)
-        };
-        if self.f16 {
-            format!("f32({raw})")
-        } else {
-            raw
-        }
-    }
-
-    /// `name[idx] = value;` for an f32 expression `value`.
-    pub(crate) fn put(&self, idx: &str, value: &str) -> String {
-        let value = if self.f16 {
-            format!("f16({value})")
-        } else {
-            value.to_string()
-        };
-        if self.split {
-            format!("{}_st({idx}, {value});", self.name)
-        } else {
-            format!("{}[{idx}] = {value};", self.name)
-        }
-    }
-}
 
 /// `src` with every read `name[...]` widened to `f32(name[...])`: a fixed-function template written
 /// against an f32 binding, bound to an f16 one. The templates' indices hold no brackets, and they
@@ -318,202 +76,6 @@ fn widen_reads(src: &str, name: &str) -> String {
         out.push_str(comment);
     }
     out
-}
-
-/// f32 literal that WGSL parses back to the same value.
-fn lit(x: f32) -> String {
-    if x.is_finite() {
-        format!("{x:?}f")
-    } else {
-        format!("bitcast<f32>({}u)", x.to_bits())
-    }
-}
-
-/// Index into a tensor of shape `src` broadcast (numpy rules) over `domain`, at linear index `lin`
-/// of `domain`. Runs of axes that are not broadcast collapse into one div/mod term.
-pub(crate) fn bcast_index(domain: &[usize], src: &[usize], lin: &str) -> String {
-    let n = domain.len();
-    if src.iter().product::<usize>() == 1 {
-        return "0u".into();
-    }
-    if src.len() > n {
-        return lin.to_string();
-    }
-    let pad = n - src.len();
-    let s: Vec<usize> = (0..n)
-        .map(|i| if i < pad { 1 } else { src[i - pad] })
-        .collect();
-    if s == domain {
-        return lin.to_string();
-    }
-    let dstride: Vec<usize> = (0..n).map(|i| domain[i + 1..].iter().product()).collect();
-    let sstride: Vec<usize> = (0..n).map(|i| s[i + 1..].iter().product()).collect();
-    let mut terms = Vec::new();
-    let mut i = 0;
-    while i < n {
-        if s[i] != domain[i] {
-            i += 1;
-            continue;
-        }
-        let mut j = i;
-        while j + 1 < n && s[j + 1] == domain[j + 1] {
-            j += 1;
-        }
-        let size: usize = domain[i..=j].iter().product();
-        if size > 1 {
-            let mut t = if dstride[j] == 1 {
-                lin.to_string()
-            } else {
-                format!("({lin} / {}u)", dstride[j])
-            };
-            if i > 0 {
-                t = format!("({t} % {size}u)");
-            }
-            if sstride[j] != 1 {
-                t = format!("{t} * {}u", sstride[j]);
-            }
-            terms.push(t);
-        }
-        i = j + 1;
-    }
-    if terms.is_empty() {
-        "0u".into()
-    } else {
-        terms.join(" + ")
-    }
-}
-
-/// WGSL expression of an elementwise op applied to operand expressions.
-fn op_expr(op: &Op, a: &[String]) -> String {
-    match op {
-        Op::Affine { mul, add } => format!("({} * {} + {})", a[0], lit(*mul), lit(*add)),
-        Op::Unary(u) => {
-            let x = &a[0];
-            match u {
-                UnaryOp::Neg => format!("(-{x})"),
-                UnaryOp::Exp => format!("exp({x})"),
-                UnaryOp::Log => format!("log({x})"),
-                UnaryOp::Sqrt => format!("sqrt({x})"),
-                UnaryOp::Rsqrt => format!("inverseSqrt({x})"),
-                UnaryOp::Recip => format!("(1.0 / {x})"),
-                UnaryOp::Square => format!("({x} * {x})"),
-                UnaryOp::Tanh => format!("tanh_({x})"),
-                UnaryOp::Relu => format!("max({x}, 0.0)"),
-                UnaryOp::Silu => format!("silu_({x})"),
-                UnaryOp::Gelu => format!("gelu_({x})"),
-                UnaryOp::Sigmoid => format!("sigmoid_({x})"),
-                UnaryOp::Softplus => format!("softplus_({x})"),
-                UnaryOp::Step => format!("select(0.0, 1.0, {x} > 0.0)"),
-                UnaryOp::GeluGrad => format!("gelu_grad_({x})"),
-                UnaryOp::NormalCdf => format!("normal_cdf_({x})"),
-                UnaryOp::NormalPdf => format!("normal_pdf_({x})"),
-            }
-        }
-        Op::Binary(b) => {
-            let (x, y) = (&a[0], &a[1]);
-            match b {
-                BinaryOp::Add => format!("({x} + {y})"),
-                BinaryOp::Sub => format!("({x} - {y})"),
-                BinaryOp::Mul => format!("({x} * {y})"),
-                BinaryOp::Div => format!("({x} / {y})"),
-                BinaryOp::Max => format!("max({x}, {y})"),
-                BinaryOp::Ge => format!("select(0.0, 1.0, {x} >= {y})"),
-            }
-        }
-        // A broadcast is an identity on the operand loaded with a broadcasting index.
-        Op::BroadcastTo { .. } => a[0].clone(),
-        other @ (Op::Input { .. }
-        | Op::Param { .. }
-        | Op::Reduce(_)
-        | Op::Reshape { .. }
-        | Op::Permute { .. }
-        | Op::MatMul { .. }
-        | Op::Embedding
-        | Op::Rope { .. }
-        | Op::Softmax { .. }
-        | Op::CrossEntropy
-        | Op::LinearCrossEntropy
-        | Op::SliceRows { .. }
-        | Op::ConcatRows
-        | Op::TopK { .. }
-        | Op::GatherCols
-        | Op::TopKMask { .. }
-        | Op::MoeRoute { .. }
-        | Op::SliceCols { .. }
-        | Op::RouteLoad { .. }
-        | Op::ExpertChoice { .. }
-        | Op::Sinkhorn { .. }
-        | Op::Auction { .. }
-        | Op::MoeGather { .. }
-        | Op::GroupedMatMul { .. }
-        | Op::MoeCombine { .. }
-        | Op::SumTo { .. }
-        | Op::EmbeddingGrad { .. }
-        | Op::RopeGrad { .. }
-        | Op::CrossEntropyGrad
-        | Op::LinearCrossEntropyGradH
-        | Op::LinearCrossEntropyGradW
-        | Op::ScatterCols { .. }
-        | Op::MoeGatherGrad { .. }
-        | Op::GroupedMatMulGradX { .. }
-        | Op::GroupedMatMulGradW { .. }
-        | Op::MoeCombineGradRows { .. }
-        | Op::MoeCombineGradWeights { .. }
-        | Op::LstmScan { .. }
-        | Op::LstmHidden
-        | Op::LstmScanGrad { .. }
-        | Op::LstmScanGradW { .. }
-        | Op::LstmLast { .. }
-        | Op::LstmLastGrad { .. }) => {
-            unreachable!("op_expr on non-elementwise {}", other.mnemonic())
-        }
-    }
-}
-
-/// Index into a strided view (logical `shape`, element `strides`) broadcast over `domain` (numpy
-/// rules: `shape` right-aligned, size-1 axes repeat), at linear index `lin` of the domain.
-fn strided_index(domain: &[usize], shape: &[usize], strides: &[usize], lin: &str) -> String {
-    // Leading size-1 axes beyond the domain's rank carry no index.
-    let extra = shape.len().saturating_sub(domain.len());
-    let (shape, strides) = (&shape[extra..], &strides[extra..]);
-    let pad = domain.len() - shape.len();
-    let mut terms = Vec::new();
-    let mut rest = 1usize;
-    for i in (0..domain.len()).rev() {
-        if i >= pad && shape[i - pad] > 1 {
-            let mut coord = if rest == 1 {
-                lin.to_string()
-            } else {
-                format!("({lin} / {rest}u)")
-            };
-            if i > 0 {
-                coord = format!("({coord} % {}u)", domain[i]);
-            }
-            let stride = strides[i - pad];
-            terms.push(if stride == 1 {
-                coord
-            } else {
-                format!("{coord} * {stride}u")
-            });
-        }
-        rest *= domain[i];
-    }
-    if terms.is_empty() {
-        "0u".into()
-    } else {
-        terms.join(" + ")
-    }
-}
-
-/// Linear index, in `permute(x, perm)`, of the element at linear index `lin` of `x` (shape `shape`):
-/// `x` read through the strides its axes have in the permuted layout.
-fn permuted_index(shape: &[usize], perm: &[usize], lin: &str) -> String {
-    let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
-    let mut strides = vec![0usize; shape.len()];
-    for (i, &p) in perm.iter().enumerate() {
-        strides[p] = out_shape[i + 1..].iter().product();
-    }
-    strided_index(shape, shape, &strides, lin)
 }
 
 /// Walks group nodes into `let` statements; operands not in `env` are loaded with broadcasting.
@@ -672,17 +234,6 @@ pub(crate) fn group_kernel(
         GroupKind::Matmul => matmul_kernel(graph, group, target),
         GroupKind::Single => single_kernel(graph, group, target),
     }
-}
-
-pub(crate) fn wg_size(target: &Target) -> u32 {
-    WG.min(target.max_invocations_per_workgroup.max(1))
-}
-
-/// Entry point of a kernel with one invocation per linear item `i < total`.
-pub(crate) fn per_item_main(wg: u32, total: usize) -> String {
-    format!(
-        "@compute @workgroup_size({wg})\nfn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{\n    let i = (wid.x + wid.y * GX + wid.z * (GX * GY)) * {wg}u + lid;\n    if (i >= {total}u) {{\n        return;\n    }}\n"
-    )
 }
 
 fn elementwise_kernel(
@@ -1128,108 +679,6 @@ fn batch_offset(dims: &[usize], strides: &[usize]) -> String {
     }
 }
 
-/// The node a group is named after and, for a Matmul group, its matmul: the first member that is not
-/// an absorbed permute prologue.
-pub(crate) fn anchor(graph: &Graph, group: &Group) -> NodeId {
-    group
-        .nodes
-        .iter()
-        .copied()
-        .find(|&n| !is_prologue(graph, n))
-        .unwrap_or(group.nodes[0])
-}
-
-/// Is group member `n` an absorbed `Permute` (read in place by its consumers, no code of its own) or
-/// a RoPE or gather prologue (computed by the matmul's operand loads)? Only fusion puts these ops
-/// into a multi-node group; a lone one is a `Single` group.
-fn is_prologue(graph: &Graph, n: NodeId) -> bool {
-    matches!(
-        graph.node(n).op,
-        Op::Permute { .. }
-            | Op::Rope { .. }
-            | Op::RopeGrad { .. }
-            | Op::MoeGather { .. }
-            | Op::MoeCombineGradRows { .. }
-    )
-}
-
-/// When grouped-matmul operand `x` is a gather prologue member (`MoeGather`, or `MoeCombineGradRows`
-/// with its gate weights), the load of its source's token rows and how padded rows map to them.
-pub(crate) fn gathered(
-    graph: &Graph,
-    members: &HashSet<NodeId>,
-    b: &mut Binder,
-    x: NodeId,
-) -> Option<(Load, Gathered)> {
-    if !members.contains(&x) {
-        return None;
-    }
-    let args = graph.inputs(x);
-    let (layout, weights) = match graph.node(x).op {
-        Op::MoeGather { layout } => (layout, None),
-        Op::MoeCombineGradRows { layout } => (layout, Some(args[1])),
-        Op::Input { .. }
-        | Op::Param { .. }
-        | Op::Affine { .. }
-        | Op::Unary(_)
-        | Op::Binary(_)
-        | Op::Reduce(_)
-        | Op::Reshape { .. }
-        | Op::Permute { .. }
-        | Op::MatMul { .. }
-        | Op::Embedding
-        | Op::Rope { .. }
-        | Op::Softmax { .. }
-        | Op::CrossEntropy
-        | Op::LinearCrossEntropy
-        | Op::SliceRows { .. }
-        | Op::ConcatRows
-        | Op::TopK { .. }
-        | Op::GatherCols
-        | Op::TopKMask { .. }
-        | Op::MoeRoute { .. }
-        | Op::SliceCols { .. }
-        | Op::RouteLoad { .. }
-        | Op::ExpertChoice { .. }
-        | Op::Sinkhorn { .. }
-        | Op::Auction { .. }
-        | Op::GroupedMatMul { .. }
-        | Op::MoeCombine { .. }
-        | Op::SumTo { .. }
-        | Op::BroadcastTo { .. }
-        | Op::EmbeddingGrad { .. }
-        | Op::RopeGrad { .. }
-        | Op::CrossEntropyGrad
-        | Op::LinearCrossEntropyGradH
-        | Op::LinearCrossEntropyGradW
-        | Op::ScatterCols { .. }
-        | Op::MoeGatherGrad { .. }
-        | Op::GroupedMatMulGradX { .. }
-        | Op::GroupedMatMulGradW { .. }
-        | Op::MoeCombineGradWeights { .. }
-        | Op::LstmScan { .. }
-        | Op::LstmHidden
-        | Op::LstmScanGrad { .. }
-        | Op::LstmScanGradW { .. }
-        | Op::LstmLast { .. }
-        | Op::LstmLastGrad { .. } => return None,
-    };
-    let load = b.load(args[0]);
-    Some((
-        load,
-        Gathered {
-            route: b.read(args[args.len() - 1]),
-            row_slot_at: layout.row_slot_at(),
-            k: layout.k,
-            slots: layout.tokens * layout.k,
-            weights: weights.map(|w| {
-                let name = b.read(w);
-                b.access(&name)
-            }),
-        },
-    ))
-}
-
 /// How a matmul reads operand `src` (the buffer-owning node behind its view): from its buffer, or,
 /// when `src` is a RoPE prologue member, through a WGSL function `name` (appended to `funcs`) that
 /// rotates the element from the rotation's own operand.
@@ -1263,14 +712,21 @@ fn rope_fn(graph: &Graph, n: NodeId, name: &str, x: &Access) -> String {
     let shape = &graph.ty(n).shape;
     let (t, h, hd) = (shape[1], shape[2], shape[3]);
     let half = hd / 2;
-    format!(
-        "fn {name}(i: u32) -> f32 {{\n    let d = i % {hd}u;\n    let pos = f32((i / {}u) % {t}u);\n    let j = d % {half}u;\n    let inv = exp2(-f32(2u * j) / {} * log2({}));\n    let ang = {sign}pos * inv;\n    let x = {};\n    if (d < {half}u) {{\n        return x * cos(ang) - {} * sin(ang);\n    }}\n    return x * cos(ang) + {} * sin(ang);\n}}\n\n",
-        hd * h,
-        lit(hd as f32),
-        lit(theta),
-        x.at("i"),
-        x.at(&format!("i + {half}u")),
-        x.at(&format!("i - {half}u")),
+    fill(
+        ROPE,
+        &[
+            ("name", &name),
+            ("hd", &hd),
+            ("row", &(hd * h)),
+            ("t", &t),
+            ("half", &half),
+            ("hd_f", &lit(hd as f32)),
+            ("theta", &lit(theta)),
+            ("sign", &sign),
+            ("x", &x.at("i")),
+            ("x_hi", &x.at(&format!("i + {half}u"))),
+            ("x_lo", &x.at(&format!("i - {half}u"))),
+        ],
     )
 }
 
@@ -1587,7 +1043,7 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             let idx = b.read(args[0]);
             let k = graph.ty(args[0]).shape[1];
             per_item(b, &|_| {
-                format!("    let t = i / {experts}u;\n    let e = i % {experts}u;\n    var v = 0.0;\n    for (var j = 0u; j < {k}u; j = j + 1u) {{\n        if ({idx}[t * {k}u + j] == e) {{\n            v = 1.0;\n        }}\n    }}\n")
+                fill(TOPK_MASK, &[("experts", experts), ("k", &k), ("idx", &idx)])
             })
         }
         Op::MoeGather { layout } => {
@@ -1595,11 +1051,18 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             let route = b.read(args[1]);
             let d = shape[1];
             per_item(b, &|b| {
-                format!(
-                    "    let slot = {route}[{}u + i / {d}u];\n    var v = 0.0;\n    if (slot != {}u) {{\n        v = {};\n    }}\n",
-                    layout.row_slot_at(),
-                    RouteLayout::NONE,
-                    b.at(&x, &format!("(slot / {}u) * {d}u + i % {d}u", layout.k)),
+                fill(
+                    MOE_GATHER,
+                    &[
+                        ("route", &route),
+                        ("row_slot_at", &layout.row_slot_at()),
+                        ("d", &d),
+                        ("none", &RouteLayout::NONE),
+                        (
+                            "x_at",
+                            &b.at(&x, &format!("(slot / {}u) * {d}u + i % {d}u", layout.k)),
+                        ),
+                    ],
                 )
             })
         }
@@ -1609,12 +1072,17 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             let route = b.read(args[2]);
             let (d, k) = (shape[1], layout.k);
             per_item(b, &|b| {
-                format!(
-                    "    let t = i / {d}u;\n    var v = 0.0;\n    for (var j = 0u; j < {k}u; j = j + 1u) {{\n        let r = {route}[{}u + t * {k}u + j];\n        if (r != {}u) {{\n            v = v + {} * {};\n        }}\n    }}\n",
-                    layout.slot_row_at(),
-                    RouteLayout::NONE,
-                    b.at(&w, &format!("t * {k}u + j")),
-                    b.at(&yp, &format!("r * {d}u + i % {d}u")),
+                fill(
+                    MOE_COMBINE,
+                    &[
+                        ("d", &d),
+                        ("k", &k),
+                        ("route", &route),
+                        ("slot_row_at", &layout.slot_row_at()),
+                        ("none", &RouteLayout::NONE),
+                        ("w_at", &b.at(&w, &format!("t * {k}u + j"))),
+                        ("yp_at", &b.at(&yp, &format!("r * {d}u + i % {d}u"))),
+                    ],
                 )
             })
         }
@@ -1664,9 +1132,9 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
                 // Kept when fewer than CAPACITY of the expert's slots outrank it (higher priority, or
                 // equal priority and a lower slot).
                 b.read_as(args[1], "prio");
-                "fn kept(e: u32, s: u32, seen: u32) -> bool {\n    var rank = 0u;\n    for (var o = 0u; o < T * KK; o = o + 1u) {\n        if (idx[o] == e && (prio[o] > prio[s] || (prio[o] == prio[s] && o < s))) {\n            rank = rank + 1u;\n        }\n    }\n    return rank < CAPACITY;\n}\n\n"
+                MOE_ROUTE_KEPT_PRIO
             } else {
-                "fn kept(e: u32, s: u32, seen: u32) -> bool {\n    return seen < CAPACITY;\n}\n\n"
+                MOE_ROUTE_KEPT_SEEN
             };
             b.write_as(n, "route");
             let consts = [
@@ -1731,7 +1199,14 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             };
             let term = b.at(&x, &format!("base + {red_expr}"));
             per_item(b, &|_| {
-                format!("    let base = {base_expr};\n    var v = 0.0;\n    for (var r = 0u; r < {count}u; r = r + 1u) {{\n        v = v + {term};\n    }}\n")
+                fill(
+                    SUM_TO,
+                    &[
+                        ("base_expr", &base_expr),
+                        ("count", &count),
+                        ("term", &term),
+                    ],
+                )
             })
         }
         // Register-blocked / workgroup-uniform kernels of their own (emit::grad).
@@ -1745,15 +1220,27 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             let n_ids = graph.ty(args[0]).numel();
             let d = graph.ty(args[1]).last();
             let at = format!("tok * {d}u + c");
-            let body = format!(
-                "{}    let tok = i;\n    for (var c = 0u; c < {d}u; c = c + 1u) {{\n        {}\n    }}\n    for (var j = 0u; j < {n_ids}u; j = j + 1u) {{\n        if ({ids}[j] == tok) {{\n            for (var c = 0u; c < {d}u; c = c + 1u) {{\n                {}\n            }}\n        }}\n    }}\n}}\n",
-                per_item_main(wg, *vocab),
-                b.put(&out, &at, "0.0"),
-                b.put(
-                    &out,
-                    &at,
-                    &format!("{} + {}", b.at(&out, &at), b.at(&g, &format!("j * {d}u + c")))
-                )
+            let body = fill(
+                EMBEDDING_GRAD,
+                &[
+                    ("main", &per_item_main(wg, *vocab)),
+                    ("d", &d),
+                    ("zero", &b.put(&out, &at, "0.0")),
+                    ("n_ids", &n_ids),
+                    ("ids", &ids),
+                    (
+                        "acc",
+                        &b.put(
+                            &out,
+                            &at,
+                            &format!(
+                                "{} + {}",
+                                b.at(&out, &at),
+                                b.at(&g, &format!("j * {d}u + c"))
+                            ),
+                        ),
+                    ),
+                ],
             );
             let grid = fold(vocab.div_ceil(wg as usize) as u64, target)?;
             Ok(b.finish(&[], &body, grid))
@@ -1779,10 +1266,17 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
                 &format!("r * {v}u + c"),
                 &format!("(exp({logit} - lse) - select(0.0, 1.0, c == t)) * scale"),
             );
-            let body = format!(
-                "{}    let r = i;\n    var m = -FLT_MAX;\n    for (var c = 0u; c < {v}u; c = c + 1u) {{\n        m = max(m, {logit});\n    }}\n    var s = 0.0;\n    for (var c = 0u; c < {v}u; c = c + 1u) {{\n        s = s + exp({logit} - m);\n    }}\n    let lse = m + log(s);\n    let scale = {g}[0] / {};\n    let t = {targets}[r];\n    for (var c = 0u; c < {v}u; c = c + 1u) {{\n        {store}\n    }}\n}}\n",
-                per_item_main(wg, rows),
-                lit(rows.max(1) as f32)
+            let body = fill(
+                CROSS_ENTROPY_GRAD,
+                &[
+                    ("main", &per_item_main(wg, rows)),
+                    ("v", &v),
+                    ("logit", &logit),
+                    ("g", &g),
+                    ("n", &lit(rows.max(1) as f32)),
+                    ("targets", &targets),
+                    ("store", &store),
+                ],
             );
             let grid = fold(rows.div_ceil(wg as usize) as u64, target)?;
             Ok(b.finish(&[], &body, grid))
@@ -1792,7 +1286,10 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             let idx = b.read(args[1]);
             let k = graph.ty(args[0]).shape[1];
             per_item(b, &|_| {
-                format!("    let t = i / {cols}u;\n    let c = i % {cols}u;\n    var v = 0.0;\n    for (var j = 0u; j < {k}u; j = j + 1u) {{\n        if ({idx}[t * {k}u + j] == c) {{\n            v = v + {g}[t * {k}u + j];\n        }}\n    }}\n")
+                fill(
+                    SCATTER_COLS,
+                    &[("cols", cols), ("k", &k), ("idx", &idx), ("g", &g)],
+                )
             })
         }
         Op::MoeGatherGrad { layout } => {
@@ -1800,11 +1297,16 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             let route = b.read(args[1]);
             let (d, k) = (shape[1], layout.k);
             per_item(b, &|b| {
-                format!(
-                    "    let t = i / {d}u;\n    var v = 0.0;\n    for (var j = 0u; j < {k}u; j = j + 1u) {{\n        let r = {route}[{}u + t * {k}u + j];\n        if (r != {}u) {{\n            v = v + {};\n        }}\n    }}\n",
-                    layout.slot_row_at(),
-                    RouteLayout::NONE,
-                    b.at(&gp, &format!("r * {d}u + i % {d}u")),
+                fill(
+                    MOE_GATHER_GRAD,
+                    &[
+                        ("d", &d),
+                        ("k", &k),
+                        ("route", &route),
+                        ("slot_row_at", &layout.slot_row_at()),
+                        ("none", &RouteLayout::NONE),
+                        ("gp_at", &b.at(&gp, &format!("r * {d}u + i % {d}u"))),
+                    ],
                 )
             })
         }
@@ -1814,12 +1316,19 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             let route = b.read(args[2]);
             let d = shape[1];
             per_item(b, &|b| {
-                format!(
-                    "    let slot = {route}[{}u + i / {d}u];\n    var v = 0.0;\n    if (slot != {}u) {{\n        v = {} * {};\n    }}\n",
-                    layout.row_slot_at(),
-                    RouteLayout::NONE,
-                    b.at(&w, "slot"),
-                    b.at(&dy, &format!("(slot / {}u) * {d}u + i % {d}u", layout.k)),
+                fill(
+                    MOE_COMBINE_GRAD_ROWS,
+                    &[
+                        ("route", &route),
+                        ("row_slot_at", &layout.row_slot_at()),
+                        ("d", &d),
+                        ("none", &RouteLayout::NONE),
+                        ("w_at", &b.at(&w, "slot")),
+                        (
+                            "dy_at",
+                            &b.at(&dy, &format!("(slot / {}u) * {d}u + i % {d}u", layout.k)),
+                        ),
+                    ],
                 )
             })
         }
@@ -1829,13 +1338,17 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             let route = b.read(args[2]);
             let d = graph.ty(args[0]).shape[1];
             per_item(b, &|b| {
-                format!(
-                    "    let r = {route}[{}u + i];\n    var v = 0.0;\n    if (r != {}u) {{\n        let t = i / {}u;\n        for (var c = 0u; c < {d}u; c = c + 1u) {{\n            v = v + {} * {};\n        }}\n    }}\n",
-                    layout.slot_row_at(),
-                    RouteLayout::NONE,
-                    layout.k,
-                    b.at(&dy, &format!("t * {d}u + c")),
-                    b.at(&yp, &format!("r * {d}u + c")),
+                fill(
+                    MOE_COMBINE_GRAD_WEIGHTS,
+                    &[
+                        ("route", &route),
+                        ("slot_row_at", &layout.slot_row_at()),
+                        ("none", &RouteLayout::NONE),
+                        ("k", &layout.k),
+                        ("d", &d),
+                        ("dy_at", &b.at(&dy, &format!("t * {d}u + c"))),
+                        ("yp_at", &b.at(&yp, &format!("r * {d}u + c"))),
+                    ],
                 )
             })
         }
@@ -1854,10 +1367,13 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             let lower = b.read(args[1]);
             let split = graph.ty(args[0]).numel();
             per_item(b, &|b| {
-                format!(
-                    "    var v = 0.0;\n    if (i < {split}u) {{\n        v = {};\n    }} else {{\n        v = {};\n    }}\n",
-                    b.at(&upper, "i"),
-                    b.at(&lower, &format!("i - {split}u"))
+                fill(
+                    CONCAT_ROWS,
+                    &[
+                        ("split", &split),
+                        ("upper_at", &b.at(&upper, "i")),
+                        ("lower_at", &b.at(&lower, &format!("i - {split}u"))),
+                    ],
                 )
             })
         }
@@ -1880,9 +1396,15 @@ fn single_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             let x = b.read(args[0]);
             let (t, e) = (shape[0], shape[1]);
             per_item(b, &|_| {
-                format!(
-                    "    let tok = i / {e}u;\n    let ex = i % {e}u;\n    let s = {x}[i];\n    var rank = 0u;\n    for (var u = 0u; u < {t}u; u = u + 1u) {{\n        let o = {x}[u * {e}u + ex];\n        if (o > s || (o == s && u < tok)) {{\n            rank = rank + 1u;\n        }}\n    }}\n    let v = select({}u, ex, rank < {capacity}u);\n",
-                    RouteLayout::NONE
+                fill(
+                    EXPERT_CHOICE,
+                    &[
+                        ("e", &e),
+                        ("x", &x),
+                        ("t", &t),
+                        ("none", &RouteLayout::NONE),
+                        ("capacity", capacity),
+                    ],
                 )
             })
         }
