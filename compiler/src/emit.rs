@@ -2,7 +2,7 @@
 //!
 //! One compute shader per [`Group`] (identical shaders are shared by several dispatches). Shapes are
 //! baked in as constants, so a dispatch binds only storage buffers. Kernel generators live in
-//! [`kernels`] (with [`blocked`], [`grad`] and [`lstm`]), on the frame every kernel shares
+//! [`kernels`] (with [`single`], [`blocked`], [`grad`] and [`lstm`]), on the frame every kernel shares
 //! ([`frame`]: bindings, constants, prelude, folded grid); fixed-function kernels (tiled matmul, routing, top-k, cross-entropy) are hand-written
 //! templates in `shaders/` that read constants and bindings the generator declares in front of them;
 //! the bodies of small single-op kernels are `shaders/` templates too, with `{placeholders}` the
@@ -29,6 +29,7 @@ pub use frame::validate_wgsl;
 mod grad;
 mod kernels;
 mod lstm;
+mod single;
 
 use crate::fuse::{base, Fused};
 use crate::ir::{DType, Graph, NodeId, Op};

@@ -2,7 +2,11 @@
 //! index arithmetic of broadcast, strided and permuted reads. Pure text functions of shapes and
 //! ops, shared by every generator (so none imports another for them).
 
-use crate::ir::{BinaryOp, Op, UnaryOp};
+use super::frame::{fill, Access};
+use crate::ir::{BinaryOp, Graph, NodeId, Op, UnaryOp};
+
+/// The body of [`rope_fn`].
+const ROPE: &str = include_str!("../../../shaders/rope.wgsl");
 
 /// f32 literal that WGSL parses back to the same value.
 pub(crate) fn lit(x: f32) -> String {
@@ -203,4 +207,33 @@ pub(crate) fn permuted_index(shape: &[usize], perm: &[usize], lin: &str) -> Stri
         strides[p] = out_shape[i + 1..].iter().product();
     }
     strided_index(shape, shape, &strides, lin)
+}
+
+/// `fn {name}(i: u32) -> f32`: element `i` of `Rope`/`RopeGrad` node `n` (`[B, T, H, hd]`, HF
+/// "rotate_half"), computed from its operand bound as `x`. The adjoint rotates by the negated angle.
+pub(crate) fn rope_fn(graph: &Graph, n: NodeId, name: &str, x: &Access) -> String {
+    let (sign, theta) = match graph.node(n).op {
+        Op::Rope { theta } => ("", theta),
+        Op::RopeGrad { theta } => ("-", theta),
+        ref other => unreachable!("rope_fn on {}", other.mnemonic()),
+    };
+    let shape = &graph.ty(n).shape;
+    let (t, h, hd) = (shape[1], shape[2], shape[3]);
+    let half = hd / 2;
+    fill(
+        ROPE,
+        &[
+            ("name", &name),
+            ("hd", &hd),
+            ("row", &(hd * h)),
+            ("t", &t),
+            ("half", &half),
+            ("hd_f", &lit(hd as f32)),
+            ("theta", &lit(theta)),
+            ("sign", &sign),
+            ("x", &x.at("i")),
+            ("x_hi", &x.at(&format!("i + {half}u"))),
+            ("x_lo", &x.at(&format!("i - {half}u"))),
+        ],
+    )
 }
