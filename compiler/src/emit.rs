@@ -23,6 +23,7 @@ pub use blocked::{Strided, StridedMatmul};
 mod grad;
 mod kernels;
 mod lstm;
+mod router;
 
 use crate::fuse::{base, Fused};
 use crate::ir::{DType, Graph, NodeId, Op};

@@ -35,6 +35,12 @@
 //!   only as the padded-row operand of grouped matmuls (forward, input and weight gradients) is never
 //!   materialised as a `[rows, dim]` buffer: the grouped matmul maps each padded row through the
 //!   routing table to its token row (zero for padding, times the gate weight for the adjoint).
+//! - **Router kernels** ([`GroupKind::Router`], `fuse/router.rs`): a narrow matmul `[T, C ≤ 64]`
+//!   read by a softmax or a sigmoid, and the row-local ops after it (softmax or sigmoid, top-k,
+//!   gathered and renormalised gate weights, their dense scatter, the top-k mask, the z-loss row
+//!   statistic), one invocation per token row. A narrow elementwise or row group read by a selection
+//!   op (top-k, column gather or scatter, mask) becomes one too: the gate-weight adjoint of the
+//!   backward pass. `noisy_top_k` keeps its matmul kernel (it selects on `logits + noise`).
 //! - Everything else is its own [`GroupKind::Single`] group.
 //!
 //! A node with users outside its group (or that is a graph output) is materialised: it is listed in
@@ -45,9 +51,6 @@
 //! ## MoE fusions still open
 //! The kinds are anchors plus elementwise satellites (and computed prologues), so the remaining MoE
 //! fusions are new anchors, not new machinery:
-//! - *Router* (`matmul → softmax → top-k` on `[T, E]`, E small): a `Row`-like group whose row values
-//!   come from a matmul row computed in registers instead of a load; `TopK` joins as a row-scalar
-//!   consumer. It would be a new `GroupKind::Router` whose emitter reuses the row-kernel walker.
 //! - *Horizontal q/k/v*: three matmuls of one operand as one dispatch whose workgroups pick their
 //!   product; it needs the blocked and tiled bodies parametrised by name (one function per product).
 //! - *Grouped matmul → weighted combine*: `MoeCombine` reads `k` rows per token, so it cannot be a
@@ -60,6 +63,8 @@ use crate::target::Target;
 use serde::Serialize;
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
+
+mod router;
 
 /// Knobs of the fusion pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +105,9 @@ pub enum GroupKind {
     Matmul,
     /// One op with its own kernel (permute, embedding, rope, cross-entropy, top-k, MoE routing...).
     Single,
+    /// A narrow router matmul `[T, E]` and the row-local ops after it (softmax or sigmoid, top-k,
+    /// gate weights, row statistics), one invocation per token row (`fuse/router.rs`).
+    Router,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -409,6 +417,9 @@ pub fn fuse(graph: &Graph, options: FuseOptions) -> Fused {
             }
             Op::Reduce(_) => (GroupKind::Row, graph.ty(graph.inputs(n)[0]).shape.clone()),
             Op::Softmax { .. } => (GroupKind::Row, node.ty.shape.clone()),
+            Op::MatMul { .. } if options.enabled && st.router_anchor(n) => {
+                (GroupKind::Router, node.ty.shape.clone())
+            }
             Op::MatMul { .. } | Op::GroupedMatMul { .. } | Op::GroupedMatMulGradX { .. } => {
                 (GroupKind::Matmul, node.ty.shape.clone())
             }
@@ -700,6 +711,11 @@ impl State<'_> {
                 .take(1)
                 .filter_map(|a| self.group_of.get(a).copied())
                 .collect(),
+            // Only router groups take these (row-local selection ops).
+            Op::TopK { .. } | Op::GatherCols | Op::TopKMask { .. } | Op::ScatterCols { .. } => args
+                .iter()
+                .filter_map(|a| self.group_of.get(a).copied())
+                .collect(),
             Op::Input { .. }
             | Op::Param { .. }
             | Op::Reshape { .. }
@@ -710,9 +726,6 @@ impl State<'_> {
             | Op::LinearCrossEntropy
             | Op::SliceRows { .. }
             | Op::ConcatRows
-            | Op::TopK { .. }
-            | Op::GatherCols
-            | Op::TopKMask { .. }
             | Op::MoeRoute { .. }
             | Op::SliceCols { .. }
             | Op::RouteLoad { .. }
@@ -728,7 +741,6 @@ impl State<'_> {
             | Op::CrossEntropyGrad
             | Op::LinearCrossEntropyGradH
             | Op::LinearCrossEntropyGradW
-            | Op::ScatterCols { .. }
             | Op::MoeGatherGrad { .. }
             | Op::GroupedMatMulGradX { .. }
             | Op::GroupedMatMulGradW { .. }
@@ -746,8 +758,13 @@ impl State<'_> {
                 && !self.creates_cycle(gi, n)
                 && self.bindings_with(gi, n) <= self.max_bindings
             {
+                if self.becomes_router(gi, n) {
+                    self.groups[gi].kind = GroupKind::Router;
+                }
                 let b = &mut self.groups[gi];
-                if matches!(node.op, Op::Reduce(_) | Op::Softmax { .. }) {
+                if b.kind == GroupKind::Elementwise
+                    && matches!(node.op, Op::Reduce(_) | Op::Softmax { .. })
+                {
                     b.kind = GroupKind::Row;
                 }
                 b.nodes.push(n);
@@ -784,6 +801,9 @@ impl State<'_> {
         {
             return false;
         }
+        if b.kind == GroupKind::Router || self.becomes_router(gi, n) {
+            return self.router_accepts(gi, n);
+        }
         match &node.op {
             Op::Permute { .. } => {
                 let x = base(self.graph, self.graph.inputs(n)[0]);
@@ -802,7 +822,7 @@ impl State<'_> {
                         b.domain.last().copied().unwrap_or(1) > 1
                             && (*shape == b.domain || *shape == row_shape(&b.domain))
                     }
-                    GroupKind::Single => false,
+                    GroupKind::Single | GroupKind::Router => false,
                 }
             }
             Op::Reduce(_) | Op::Softmax { .. } => {

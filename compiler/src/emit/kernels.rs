@@ -384,7 +384,7 @@ pub(crate) fn bcast_index(domain: &[usize], src: &[usize], lin: &str) -> String 
 }
 
 /// WGSL expression of an elementwise op applied to operand expressions.
-fn op_expr(op: &Op, a: &[String]) -> String {
+pub(crate) fn op_expr(op: &Op, a: &[String]) -> String {
     match op {
         Op::Affine { mul, add } => format!("({} * {} + {})", a[0], lit(*mul), lit(*add)),
         Op::Unary(u) => {
@@ -472,7 +472,12 @@ fn op_expr(op: &Op, a: &[String]) -> String {
 
 /// Index into a strided view (logical `shape`, element `strides`) broadcast over `domain` (numpy
 /// rules: `shape` right-aligned, size-1 axes repeat), at linear index `lin` of the domain.
-fn strided_index(domain: &[usize], shape: &[usize], strides: &[usize], lin: &str) -> String {
+pub(crate) fn strided_index(
+    domain: &[usize],
+    shape: &[usize],
+    strides: &[usize],
+    lin: &str,
+) -> String {
     // Leading size-1 axes beyond the domain's rank carry no index.
     let extra = shape.len().saturating_sub(domain.len());
     let (shape, strides) = (&shape[extra..], &strides[extra..]);
@@ -671,6 +676,7 @@ pub(crate) fn group_kernel(
         GroupKind::Row => row_kernel(graph, group, target),
         GroupKind::Matmul => matmul_kernel(graph, group, target),
         GroupKind::Single => single_kernel(graph, group, target),
+        GroupKind::Router => super::router::router_kernel(graph, group, target),
     }
 }
 
