@@ -21,6 +21,7 @@ mod alloc;
 mod blocked;
 pub use blocked::{Strided, StridedMatmul};
 mod grad;
+mod horizontal;
 mod kernels;
 mod lstm;
 mod router;

@@ -41,6 +41,9 @@
 //!   statistic), one invocation per token row. A narrow elementwise or row group read by a selection
 //!   op (top-k, column gather or scatter, mask) becomes one too: the gate-weight adjoint of the
 //!   backward pass. `noisy_top_k` keeps its matmul kernel (it selects on `logits + noise`).
+//! - **Horizontal matmuls** (`fuse/horizontal.rs`): plain 2-D products of one A operand with
+//!   weights of one shape and no epilogue (attention's q, k and v projections) are one `Matmul`
+//!   group, stacked on the batch axis of one kernel; no epilogue joins such a group.
 //! - Everything else is its own [`GroupKind::Single`] group.
 //!
 //! A node with users outside its group (or that is a graph output) is materialised: it is listed in
@@ -51,8 +54,10 @@
 //! ## MoE fusions still open
 //! The kinds are anchors plus elementwise satellites (and computed prologues), so the remaining MoE
 //! fusions are new anchors, not new machinery:
-//! - *Horizontal q/k/v*: three matmuls of one operand as one dispatch whose workgroups pick their
-//!   product; it needs the blocked and tiled bodies parametrised by name (one function per product).
+//! - *Horizontal weight gradients* (`dWq`, `dWk`, `dWv` share their B operand, the normed input)
+//!   and *input gradients* (`dq·Wq + dk·Wk + dv·Wv`, one contraction over the stacked products):
+//!   their A operands are RoPE-adjoint and permute prologues, which the stacked load does not
+//!   compose with yet.
 //! - *Grouped matmul → weighted combine*: `MoeCombine` reads `k` rows per token, so it cannot be a
 //!   per-element epilogue without atomics; it stays a consumer, but the SwiGLU of two grouped matmuls
 //!   (`silu(gm1) · gm2`) is already an ordinary `Matmul` epilogue. The token gather and the combine's
@@ -64,6 +69,7 @@ use serde::Serialize;
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
 
+mod horizontal;
 mod router;
 
 /// Knobs of the fusion pass.
@@ -711,6 +717,8 @@ impl State<'_> {
                 .take(1)
                 .filter_map(|a| self.group_of.get(a).copied())
                 .collect(),
+            // Another product of a matmul's operand (horizontal fusion).
+            Op::MatMul { .. } => self.siblings(n),
             // Only router groups take these (row-local selection ops).
             Op::TopK { .. } | Op::GatherCols | Op::TopKMask { .. } | Op::ScatterCols { .. } => args
                 .iter()
@@ -719,7 +727,6 @@ impl State<'_> {
             Op::Input { .. }
             | Op::Param { .. }
             | Op::Reshape { .. }
-            | Op::MatMul { .. }
             | Op::Embedding
             | Op::Rope { .. }
             | Op::CrossEntropy
@@ -805,9 +812,11 @@ impl State<'_> {
             return self.router_accepts(gi, n);
         }
         match &node.op {
+            Op::MatMul { .. } => self.horizontal_accepts(gi, n),
             Op::Permute { .. } => {
                 let x = base(self.graph, self.graph.inputs(n)[0]);
                 matches!(b.kind, GroupKind::Elementwise | GroupKind::Matmul)
+                    && !self.is_horizontal(gi)
                     && self.group_of.get(&x) == Some(&gi)
                     && self.graph.ty(x).shape == b.domain
             }
@@ -816,7 +825,9 @@ impl State<'_> {
                     GroupKind::Elementwise => *shape == b.domain,
                     // A reduction prologue (`square` before `mean`) is better recomputed inside the row
                     // kernel than materialised by the matmul: keep it out of the epilogue.
-                    GroupKind::Matmul => *shape == b.domain && !self.feeds_row_op(n),
+                    GroupKind::Matmul => {
+                        *shape == b.domain && !self.feeds_row_op(n) && !self.is_horizontal(gi)
+                    }
                     // A one-column domain cannot tell row scalars from elements: keep such rows alone.
                     GroupKind::Row => {
                         b.domain.last().copied().unwrap_or(1) > 1
@@ -834,7 +845,6 @@ impl State<'_> {
             Op::Input { .. }
             | Op::Param { .. }
             | Op::Reshape { .. }
-            | Op::MatMul { .. }
             | Op::Embedding
             | Op::Rope { .. }
             | Op::CrossEntropy

@@ -1280,6 +1280,33 @@ fn rope_fn(graph: &Graph, n: NodeId, name: &str, x: &Access) -> String {
     )
 }
 
+/// `fn store(lin, acc)` of a matmul group: the anchor value in, its elementwise epilogue, every
+/// materialised member out.
+fn epilogue(graph: &Graph, group: &Group, anchor: NodeId, b: &mut Binder) -> String {
+    let walker = Walker::new(graph, group);
+    let mut env = HashMap::new();
+    env.insert(anchor, walker.var(anchor));
+    let mut store = format!(
+        "fn store(lin: u32, acc: f32) {{\n    let {} = acc;\n",
+        walker.var(anchor)
+    );
+    for &n in group
+        .nodes
+        .iter()
+        .skip_while(|&&n| n != anchor)
+        .skip(1)
+        .filter(|&&n| !is_prologue(graph, n))
+    {
+        walker.elementwise(b, &mut env, n, &group.domain, "lin", &mut store, "    ");
+    }
+    for &o in &group.outputs {
+        let name = b.write(o);
+        let _ = writeln!(store, "    {}", walker.store(b, &name, o, "lin"));
+    }
+    store.push_str("}\n\n");
+    store
+}
+
 /// Matmul or grouped matmul plus its elementwise epilogue. The epilogue is a WGSL function
 /// `store(lin, v)` the matmul body calls once per output element.
 fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc, KernelError> {
@@ -1300,7 +1327,7 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
         ),
     };
     let b_load = matmul_load(graph, &members, &mut b, b_src, "rope_b", &mut funcs);
-    let (mm, grouped) = match &graph.node(anchor).op {
+    let (mut mm, grouped) = match &graph.node(anchor).op {
         Op::MatMul { trans_b } => {
             let (ra, rb) = (a_shape.len(), b_shape.len());
             let (m, k) = (a_shape[ra - 2], a_shape[ra - 1]);
@@ -1415,36 +1442,17 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
         | Op::LstmLastGrad { .. }) => unreachable!("{} anchors a matmul group", other.mnemonic()),
     };
 
-    // The epilogue: anchor value in, every materialised member out.
-    let walker = Walker::new(graph, group);
-    let mut env = HashMap::new();
-    env.insert(anchor, walker.var(anchor));
-    let mut store = format!(
-        "fn store(lin: u32, acc: f32) {{\n    let {} = acc;\n",
-        walker.var(anchor)
-    );
-    for &n in group
-        .nodes
-        .iter()
-        .skip_while(|&&n| n != anchor)
-        .skip(1)
-        .filter(|&&n| !is_prologue(graph, n))
-    {
-        walker.elementwise(
-            &mut b,
-            &mut env,
-            n,
-            &group.domain,
-            "lin",
-            &mut store,
-            "    ",
-        );
-    }
-    for &o in &group.outputs {
-        let name = b.write(o);
-        let _ = writeln!(store, "    {}", walker.store(&b, &name, o, "lin"));
-    }
-    store.push_str("}\n\n");
+    // Several products of one operand (horizontal fusion) are the batch axis of one matmul that
+    // reads each product's weights and writes its output through `hb` and `store`.
+    let (b_load, store) =
+        match super::horizontal::horizontal(graph, group, &mut b, (mm.m, mm.k, mm.n)) {
+            Some(h) => {
+                mm.batch = h.batch;
+                mm.b_batch = h.b_batch;
+                (h.load, h.funcs)
+            }
+            None => (b_load, epilogue(graph, group, anchor, &mut b)),
+        };
 
     let tiled = target.matmul == MatmulVariant::SharedTiled
         && grouped.is_none()
