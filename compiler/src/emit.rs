@@ -2,8 +2,11 @@
 //!
 //! One compute shader per [`Group`] (identical shaders are shared by several dispatches). Shapes are
 //! baked in as constants, so a dispatch binds only storage buffers. Kernel generators live in
-//! [`kernels`]; fixed-function kernels (tiled matmul, routing, top-k, cross-entropy) are hand-written
-//! templates in `shaders/` that read constants and bindings the generator declares in front of them.
+//! [`kernels`] (with [`single`], [`blocked`], [`grad`] and [`lstm`]), on the frame every kernel shares
+//! ([`frame`]: bindings, constants, prelude, folded grid); fixed-function kernels (tiled matmul, routing, top-k, cross-entropy) are hand-written
+//! templates in `shaders/` that read constants and bindings the generator declares in front of them;
+//! the bodies of small single-op kernels are `shaders/` templates too, with `{placeholders}` the
+//! generator fills with literals and load/store expressions (`frame::fill`).
 //!
 //! Buffer plan: Params and Inputs get their own buffers, `Reshape` is free (it aliases its operand's
 //! buffer), and every other materialised value (activations, scratch, graph outputs such as the
@@ -19,16 +22,21 @@ pub use crate::target::{segments, MatmulVariant, Target};
 
 mod alloc;
 mod blocked;
+mod expr;
+mod frame;
 pub use blocked::{Strided, StridedMatmul};
+pub use frame::validate_wgsl;
 mod grad;
 mod horizontal;
 mod kernels;
 mod lstm;
 mod router;
+mod single;
 
 use crate::fuse::{base, Fused};
 use crate::ir::{DType, Graph, NodeId, Op};
 use crate::plan::{Binding, BufferId, BufferRole, BufferSpec, Dispatch, Kernel, Plan};
+use frame::{KernelError, KernelSrc};
 use std::collections::HashMap;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -60,31 +68,20 @@ pub enum EmitError {
     },
 }
 
-/// What a kernel generator hands back: the shader, the values it binds (by owning node, in slot
-/// order, with write flags; a value over the binding limit takes [`segments`] consecutive bindings)
-/// and its folded grid. `unsplit` names a value over the limit that the kernel indexes directly
-/// (a fixed-function template), which therefore cannot run on this target.
-pub(crate) struct KernelSrc {
-    pub wgsl: String,
-    pub bindings: Vec<(NodeId, bool)>,
-    pub workgroups: [u32; 3],
-    pub unsplit: Option<NodeId>,
-}
-
-/// Parses and validates WGSL with naga, as wgpu will when it creates the pipeline.
-pub fn validate_wgsl(wgsl: &str) -> Result<(), String> {
-    let module = naga::front::wgsl::parse_str(wgsl).map_err(|e| e.emit_to_string(wgsl))?;
-    naga::valid::Validator::new(
-        naga::valid::ValidationFlags::all(),
-        naga::valid::Capabilities::SUBGROUP | naga::valid::Capabilities::SHADER_FLOAT16,
-    )
-    .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
-    .subgroup_operations(
-        naga::valid::SubgroupOperationSet::BASIC | naga::valid::SubgroupOperationSet::BALLOT,
-    )
-    .validate(&module)
-    .map_err(|e| e.emit_to_string(wgsl))?;
-    Ok(())
+/// A kernel generator's error as the [`EmitError`] of the kernel `kernel` it was generating (the
+/// generators do not know the names their kernels get).
+fn named(e: KernelError, kernel: &str) -> EmitError {
+    match e {
+        KernelError::Grid { workgroups, limit } => EmitError::GridTooLarge {
+            kernel: kernel.to_string(),
+            workgroups,
+            limit,
+        },
+        KernelError::Unsupported(op) => EmitError::Unsupported {
+            kernel: kernel.to_string(),
+            op,
+        },
+    }
 }
 
 /// A materialised value's buffer request, before scratch reuse.
@@ -104,8 +101,8 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
     // 1. Kernel sources, in dispatch order.
     let mut srcs: Vec<(String, KernelSrc)> = Vec::new();
     for (gi, group) in fused.groups.iter().enumerate() {
-        let name = kernel_name(graph, gi, kernels::anchor(graph, group));
-        let src = kernels::group_kernel(graph, group, target).map_err(|e| e.named(&name))?;
+        let name = kernel_name(graph, gi, frame::anchor(graph, group));
+        let src = kernels::group_kernel(graph, group, target).map_err(|e| named(e, &name))?;
         srcs.push((name, src));
     }
     // Graph outputs that are Params/Inputs, or a second name for an already named value, get a copy.
@@ -116,7 +113,7 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
         let free = graph.node(b).op.is_free();
         if free || output_name.contains_key(&b) {
             let name_k = format!("{:03}_copy_{}", srcs.len(), sanitize(name));
-            let src = kernels::copy_kernel(graph, *id, target).map_err(|e| e.named(&name_k))?;
+            let src = kernels::copy_kernel(graph, *id, target).map_err(|e| named(e, &name_k))?;
             // The copy kernel writes a value owned by no node; it is keyed by the output's node, made
             // unique below through `copies`.
             copies.push((name.clone(), *id));

@@ -21,29 +21,14 @@
 //! Edge blocks clamp their load indices into the matrix (no branches in the loop, every lane stays
 //! active for the broadcasts) and drop out-of-range results at the store.
 
-use super::kernels::Access;
-use super::Target;
+use super::frame::{Access, Binder, Load};
+use crate::ir::{Graph, NodeId, Op};
+use crate::target::Target;
+use std::collections::HashSet;
 use std::fmt::Write;
 
 /// Linear workgroup index of a folded grid.
 const WORKGROUP: &str = "wid.x + wid.y * GX + wid.z * (GX * GY)";
-
-/// How a kernel reads element `i` of a matmul operand as f32: from a buffer (widened when it is
-/// f16), or `name(i)` from a WGSL function that computes it (a fused prologue such as RoPE).
-pub(crate) enum Load {
-    Buffer(Access),
-    Computed(String),
-}
-
-impl Load {
-    /// The f32 WGSL expression of the element at index expression `i`.
-    pub(crate) fn at(&self, i: &str) -> String {
-        match self {
-            Load::Buffer(access) => access.at(i),
-            Load::Computed(name) => format!("{name}({i})"),
-        }
-    }
-}
 
 /// An operand whose padded-row index (of a grouped matmul) goes through the routing table to a token
 /// row: a `MoeGather`, or the weighted `MoeCombineGradRows`, computed in the loads. Padded row `r`
@@ -81,6 +66,83 @@ impl Gathered {
             crate::ir::RouteLayout::NONE
         )
     }
+}
+
+/// When grouped-matmul operand `x` is a gather prologue member (`MoeGather`, or `MoeCombineGradRows`
+/// with its gate weights), the load of its source's token rows and how padded rows map to them.
+pub(crate) fn gathered(
+    graph: &Graph,
+    members: &HashSet<NodeId>,
+    b: &mut Binder,
+    x: NodeId,
+) -> Option<(Load, Gathered)> {
+    if !members.contains(&x) {
+        return None;
+    }
+    let args = graph.inputs(x);
+    let (layout, weights) = match graph.node(x).op {
+        Op::MoeGather { layout } => (layout, None),
+        Op::MoeCombineGradRows { layout } => (layout, Some(args[1])),
+        Op::Input { .. }
+        | Op::Param { .. }
+        | Op::Affine { .. }
+        | Op::Unary(_)
+        | Op::Binary(_)
+        | Op::Reduce(_)
+        | Op::Reshape { .. }
+        | Op::Permute { .. }
+        | Op::MatMul { .. }
+        | Op::Embedding
+        | Op::Rope { .. }
+        | Op::Softmax { .. }
+        | Op::CrossEntropy
+        | Op::LinearCrossEntropy
+        | Op::SliceRows { .. }
+        | Op::ConcatRows
+        | Op::TopK { .. }
+        | Op::GatherCols
+        | Op::TopKMask { .. }
+        | Op::MoeRoute { .. }
+        | Op::SliceCols { .. }
+        | Op::RouteLoad { .. }
+        | Op::ExpertChoice { .. }
+        | Op::Sinkhorn { .. }
+        | Op::Auction { .. }
+        | Op::GroupedMatMul { .. }
+        | Op::MoeCombine { .. }
+        | Op::SumTo { .. }
+        | Op::BroadcastTo { .. }
+        | Op::EmbeddingGrad { .. }
+        | Op::RopeGrad { .. }
+        | Op::CrossEntropyGrad
+        | Op::LinearCrossEntropyGradH
+        | Op::LinearCrossEntropyGradW
+        | Op::ScatterCols { .. }
+        | Op::MoeGatherGrad { .. }
+        | Op::GroupedMatMulGradX { .. }
+        | Op::GroupedMatMulGradW { .. }
+        | Op::MoeCombineGradWeights { .. }
+        | Op::LstmScan { .. }
+        | Op::LstmHidden
+        | Op::LstmScanGrad { .. }
+        | Op::LstmScanGradW { .. }
+        | Op::LstmLast { .. }
+        | Op::LstmLastGrad { .. } => return None,
+    };
+    let load = b.load(args[0]);
+    Some((
+        load,
+        Gathered {
+            route: b.read(args[args.len() - 1]),
+            row_slot_at: layout.row_slot_at(),
+            k: layout.k,
+            slots: layout.tokens * layout.k,
+            weights: weights.map(|w| {
+                let name = b.read(w);
+                b.access(&name)
+            }),
+        },
+    ))
 }
 
 /// `out[bi][row, col] = Σ_{k ∈ [kbeg, kend)} A[row, k] · B[k, col]` for `bi < batch`, where A and B
@@ -491,7 +553,8 @@ mod tests {
         for lanes in [0, 8] {
             let (body, groups) = mm.wgsl(&target(lanes));
             let src = format!("const GX: u32 = {groups}u;\nconst GY: u32 = 1u;\n@group(0) @binding(0) var<storage, read> x: array<f32>;\n@group(0) @binding(1) var<storage, read_write> y: array<f32>;\n{body}");
-            crate::emit::validate_wgsl(&src).unwrap_or_else(|e| panic!("{lanes} lanes: {e}"));
+            crate::emit::frame::validate_wgsl(&src)
+                .unwrap_or_else(|e| panic!("{lanes} lanes: {e}"));
             // One workgroup per matrix: 5 rows and 5 columns fit one block.
             assert_eq!(groups, 3, "{src}");
         }

@@ -7,11 +7,11 @@
 //! sums its contributions in a fixed order, so results never depend on scheduling. Shapes and
 //! routing-table offsets are baked in as literals and grids are folded with [`fold`].
 
-use super::blocked::{self, Blocked, Schedule};
-use super::kernels::{anchor, fold, gathered, Binder, KernelError};
-use super::{KernelSrc, Target};
+use super::blocked::{self, gathered, Blocked, Schedule};
+use super::frame::{anchor, fold, Binder, KernelError, KernelSrc};
 use crate::fuse::Group;
 use crate::ir::{Graph, NodeId, Op, RouteLayout};
+use crate::target::Target;
 use std::collections::HashSet;
 
 /// Kernel of a `GroupedMatMulGradW` group: the node and the gather prologues of its operands.
@@ -129,7 +129,7 @@ fn grad_w(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::emit::validate_wgsl;
+    use crate::emit::frame::validate_wgsl;
     use crate::fuse::GroupKind;
     use crate::ir::TensorType;
 

@@ -4,8 +4,7 @@
 //! `p`'s output, so both matmul schedules run unchanged: a workgroup computes one block of one
 //! product, and A's batch offset is 0 for every product.
 
-use super::blocked::Load;
-use super::kernels::Binder;
+use super::frame::{Binder, Load};
 use crate::fuse::Group;
 use crate::ir::{Graph, NodeId, Op};
 use std::fmt::Write;

@@ -4,10 +4,10 @@
 //! (gates, then `w_hh`), whatever the context. The input projection of all steps is an ordinary
 //! matmul before the scan. The other LSTM ops are one invocation per output element.
 
-use super::kernels::{fold, per_item_main, wg_size, Binder, KernelError};
-use super::{KernelSrc, Target};
+use super::frame::{fold, per_item_main, wg_size, Binder, KernelError, KernelSrc};
 use crate::ir::lstm::{hidden_of, PARTS, PART_H};
 use crate::ir::{Graph, NodeId, Op};
+use crate::target::Target;
 
 const SCAN: &str = include_str!("../../../shaders/lstm_scan.wgsl");
 const SCAN_GRAD: &str = include_str!("../../../shaders/lstm_scan_grad.wgsl");

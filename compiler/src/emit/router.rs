@@ -8,12 +8,11 @@
 //! Each member is computed as its own kernel computes it (the top-k is the same selection as
 //! `shaders/topk.wgsl`: descending, ties to the lower index), so fused and unfused agree.
 
-use super::kernels::{
-    bcast_index, fold, op_expr, per_item_main, strided_index, Binder, KernelError,
-};
-use super::{KernelSrc, Target};
+use super::expr::{bcast_index, op_expr, strided_index};
+use super::frame::{fold, per_item_main, Binder, KernelError, KernelSrc};
 use crate::fuse::{base, strided_view, Group};
 use crate::ir::{DType, Graph, NodeId, Op, ReduceOp};
+use crate::target::Target;
 use std::collections::HashSet;
 use std::fmt::Write;
 

@@ -264,12 +264,12 @@ fn grid_folds_past_65535_workgroups() {
 
 #[test]
 fn broadcast_indices_collapse_runs() {
-    assert_eq!(kernels::bcast_index(&[4, 8], &[4, 8], "i"), "i");
-    assert_eq!(kernels::bcast_index(&[4, 8], &[8], "i"), "(i % 8u)");
-    assert_eq!(kernels::bcast_index(&[4, 8], &[4, 1], "i"), "(i / 8u)");
-    assert_eq!(kernels::bcast_index(&[4, 8], &[1], "i"), "0u");
+    assert_eq!(expr::bcast_index(&[4, 8], &[4, 8], "i"), "i");
+    assert_eq!(expr::bcast_index(&[4, 8], &[8], "i"), "(i % 8u)");
+    assert_eq!(expr::bcast_index(&[4, 8], &[4, 1], "i"), "(i / 8u)");
+    assert_eq!(expr::bcast_index(&[4, 8], &[1], "i"), "0u");
     assert_eq!(
-        kernels::bcast_index(&[2, 3, 4, 5], &[3, 1, 5], "i"),
+        expr::bcast_index(&[2, 3, 4, 5], &[3, 1, 5], "i"),
         "((i / 20u) % 3u) * 5u + (i % 5u)"
     );
 }
