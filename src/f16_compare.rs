@@ -80,7 +80,50 @@ pub fn stable_rows(
             }
             Op::ExpertChoice { .. } | Op::Auction { .. } => unknown = true,
             Op::MoeRoute { layout } => coupled |= layout.capacity < layout.tokens * layout.k,
-            _ => {}
+            // Routing decided elsewhere, or not routing at all.
+            Op::Input { .. }
+            | Op::Param { .. }
+            | Op::Affine { .. }
+            | Op::Unary(_)
+            | Op::Binary(_)
+            | Op::Reduce(_)
+            | Op::Reshape { .. }
+            | Op::Permute { .. }
+            | Op::MatMul { .. }
+            | Op::Embedding
+            | Op::Rope { .. }
+            | Op::Softmax { .. }
+            | Op::CrossEntropy
+            | Op::LinearCrossEntropy
+            | Op::SliceRows { .. }
+            | Op::ConcatRows
+            | Op::GatherCols
+            | Op::TopKMask { .. }
+            | Op::SliceCols { .. }
+            | Op::RouteLoad { .. }
+            | Op::Sinkhorn { .. }
+            | Op::MoeGather { .. }
+            | Op::GroupedMatMul { .. }
+            | Op::MoeCombine { .. }
+            | Op::SumTo { .. }
+            | Op::BroadcastTo { .. }
+            | Op::EmbeddingGrad { .. }
+            | Op::RopeGrad { .. }
+            | Op::CrossEntropyGrad
+            | Op::LinearCrossEntropyGradH
+            | Op::LinearCrossEntropyGradW
+            | Op::ScatterCols { .. }
+            | Op::MoeGatherGrad { .. }
+            | Op::GroupedMatMulGradX { .. }
+            | Op::GroupedMatMulGradW { .. }
+            | Op::MoeCombineGradRows { .. }
+            | Op::MoeCombineGradWeights { .. }
+            | Op::LstmScan { .. }
+            | Op::LstmHidden
+            | Op::LstmScanGrad { .. }
+            | Op::LstmScanGradW { .. }
+            | Op::LstmLast { .. }
+            | Op::LstmLastGrad { .. } => {}
         }
     }
     let unsafe_rows = unsafe_rows?;

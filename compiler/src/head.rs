@@ -58,17 +58,76 @@ pub fn legalize_in_chunks(graph: &Graph, rows: usize) -> Result<Graph, IrError> 
     rebuild(graph, &|_, tokens| rows.clamp(1, tokens.max(1)))
 }
 
-fn is_head_grad(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::LinearCrossEntropyGradH | Op::LinearCrossEntropyGradW
-    )
+/// What [`rebuild`] does with a node of the source graph.
+#[derive(Clone, Copy, PartialEq)]
+enum Expand {
+    /// The fused forward head: a loop over chunks ([`Chunks::forward`]).
+    Forward,
+    /// One of the fused head's adjoints: expanded with its partner in one loop ([`Chunks::backward`]).
+    Adjoint,
+    /// Any other op: copied as it is.
+    Copy,
+}
+
+/// How `op` is rebuilt; every op names its case, so a new op decides whether it is a fused head.
+fn expand(op: &Op) -> Expand {
+    match op {
+        Op::LinearCrossEntropy => Expand::Forward,
+        Op::LinearCrossEntropyGradH | Op::LinearCrossEntropyGradW => Expand::Adjoint,
+        Op::Input { .. }
+        | Op::Param { .. }
+        | Op::Affine { .. }
+        | Op::Unary(_)
+        | Op::Binary(_)
+        | Op::Reduce(_)
+        | Op::Reshape { .. }
+        | Op::Permute { .. }
+        | Op::MatMul { .. }
+        | Op::Embedding
+        | Op::Rope { .. }
+        | Op::Softmax { .. }
+        | Op::CrossEntropy
+        | Op::SliceRows { .. }
+        | Op::ConcatRows
+        | Op::TopK { .. }
+        | Op::GatherCols
+        | Op::TopKMask { .. }
+        | Op::MoeRoute { .. }
+        | Op::SliceCols { .. }
+        | Op::RouteLoad { .. }
+        | Op::ExpertChoice { .. }
+        | Op::Sinkhorn { .. }
+        | Op::Auction { .. }
+        | Op::MoeGather { .. }
+        | Op::GroupedMatMul { .. }
+        | Op::MoeCombine { .. }
+        | Op::SumTo { .. }
+        | Op::BroadcastTo { .. }
+        | Op::EmbeddingGrad { .. }
+        | Op::RopeGrad { .. }
+        | Op::CrossEntropyGrad
+        | Op::ScatterCols { .. }
+        | Op::MoeGatherGrad { .. }
+        | Op::GroupedMatMulGradX { .. }
+        | Op::GroupedMatMulGradW { .. }
+        | Op::MoeCombineGradRows { .. }
+        | Op::MoeCombineGradWeights { .. }
+        | Op::LstmScan { .. }
+        | Op::LstmHidden
+        | Op::LstmScanGrad { .. }
+        | Op::LstmScanGradW { .. }
+        | Op::LstmLast { .. }
+        | Op::LstmLastGrad { .. } => Expand::Copy,
+    }
 }
 
 /// Copies `graph` node by node in topological order, expanding the fused head ops in place.
 fn rebuild(graph: &Graph, rows_for: &dyn Fn(usize, usize) -> usize) -> Result<Graph, IrError> {
-    let fused = |op: &Op| matches!(op, Op::LinearCrossEntropy) || is_head_grad(op);
-    if !graph.g.node_weights().any(|n| fused(&n.op)) {
+    if !graph
+        .g
+        .node_weights()
+        .any(|n| expand(&n.op) != Expand::Copy)
+    {
         return Ok(graph.clone());
     }
     let f16 = uses_f16(graph);
@@ -82,44 +141,35 @@ fn rebuild(graph: &Graph, rows_for: &dyn Fn(usize, usize) -> usize) -> Result<Gr
         let node = graph.node(id);
         let old_args = graph.inputs(id);
         let args: Vec<NodeId> = old_args.iter().map(|a| map[a]).collect();
-        // Operands `h[N, D]`, `w[V, D]`, ...: N rows of V logits.
-        let (n, v) = match old_args.as_slice() {
-            [h, w, ..] if fused(&node.op) => (graph.ty(*h).shape[0], graph.ty(*w).shape[0]),
-            _ => (0, 0),
-        };
-        let mut chunks = Chunks {
-            g: &mut out,
-            n,
-            rows: rows_for(v, n),
-            f16,
-            halves: &mut halves,
-        };
-        match node.op {
-            Op::LinearCrossEntropy => {
-                let ce = chunks.forward(&args, &node.label)?;
+        match expand(&node.op) {
+            Expand::Forward => {
+                let ce = Chunks::new(graph, &old_args, rows_for, f16, &mut out, &mut halves)
+                    .forward(&args, &node.label)?;
                 map.insert(id, ce);
             }
-            ref op if is_head_grad(op) => {
+            Expand::Adjoint => {
                 // Both adjoints of one forward op share their operands; run them as one loop.
                 let pair: Vec<NodeId> = graph
                     .users(old_args[0])
                     .into_iter()
-                    .filter(|&u| is_head_grad(&graph.node(u).op) && graph.inputs(u) == old_args)
+                    .filter(|&u| {
+                        expand(&graph.node(u).op) == Expand::Adjoint && graph.inputs(u) == old_args
+                    })
                     .collect();
                 let find =
                     |want: fn(&Op) -> bool| pair.iter().copied().find(|&u| want(&graph.node(u).op));
                 let dh_old = find(|op| matches!(op, Op::LinearCrossEntropyGradH));
                 let dw_old = find(|op| matches!(op, Op::LinearCrossEntropyGradW));
                 let prefix = node.label.rsplit_once('.').map_or(&node.label[..], |p| p.0);
-                let (dh, dw) =
-                    chunks.backward(&args, dh_old.is_some(), dw_old.is_some(), prefix)?;
+                let (dh, dw) = Chunks::new(graph, &old_args, rows_for, f16, &mut out, &mut halves)
+                    .backward(&args, dh_old.is_some(), dw_old.is_some(), prefix)?;
                 for (old, new) in [(dh_old, dh), (dw_old, dw)] {
                     if let (Some(old), Some(new)) = (old, new) {
                         map.insert(old, new);
                     }
                 }
             }
-            _ => {
+            Expand::Copy => {
                 let new = out.g.add_node(node.clone());
                 for (slot, &a) in args.iter().enumerate() {
                     out.g.add_edge(a, new, slot);
@@ -139,6 +189,14 @@ fn rebuild(graph: &Graph, rows_for: &dyn Fn(usize, usize) -> usize) -> Result<Gr
     Ok(out)
 }
 
+/// How [`Chunks::fold`] puts the chunks' parts together.
+enum Fold {
+    /// Summed (`Binary(Add)`): a loss or a weight's adjoint over all rows.
+    Sum,
+    /// Stacked (`ConcatRows`): a per-row adjoint.
+    Stack,
+}
+
 /// The graph being rebuilt and the chunking of one fused head over `n` token rows.
 struct Chunks<'g> {
     g: &'g mut Graph,
@@ -151,7 +209,30 @@ struct Chunks<'g> {
     halves: &'g mut Vec<NodeId>,
 }
 
-impl Chunks<'_> {
+impl<'g> Chunks<'g> {
+    /// The chunking of a fused head op of `graph` with operands `h[N, D]`, `w[V, D]`, ...: N rows
+    /// of V logits, `rows_for(V, N)` rows per chunk.
+    fn new(
+        graph: &Graph,
+        old_args: &[NodeId],
+        rows_for: &dyn Fn(usize, usize) -> usize,
+        f16: bool,
+        g: &'g mut Graph,
+        halves: &'g mut Vec<NodeId>,
+    ) -> Self {
+        let (n, v) = (
+            graph.ty(old_args[0]).shape[0],
+            graph.ty(old_args[1]).shape[0],
+        );
+        Chunks {
+            g,
+            n,
+            rows: rows_for(v, n),
+            f16,
+            halves,
+        }
+    }
+
     /// `x`, to be stored in f16 in an f16 graph.
     fn stored(&mut self, x: NodeId) -> NodeId {
         if self.f16 {
@@ -201,15 +282,15 @@ impl Chunks<'_> {
         &mut self,
         acc: Option<NodeId>,
         part: NodeId,
-        op: Op,
+        fold: Fold,
         label: String,
     ) -> Result<NodeId, IrError> {
         let Some(acc) = acc else {
             return Ok(part);
         };
-        let args = match op {
-            Op::ConcatRows => [acc, part],
-            _ => [part, acc],
+        let (op, args) = match fold {
+            Fold::Stack => (Op::ConcatRows, [acc, part]),
+            Fold::Sum => (Op::Binary(BinaryOp::Add), [part, acc]),
         };
         self.g.add(op, &args, label)
     }
@@ -238,7 +319,7 @@ impl Chunks<'_> {
             let (_, t, logits) = self.logits(args, start, len, &l)?;
             let part = self.g.add(Op::CrossEntropy, &[logits, t], l("ce"))?;
             let part = self.share(part, len, l("share"))?;
-            ce = Some(self.fold(ce, part, Op::Binary(BinaryOp::Add), l("sum"))?);
+            ce = Some(self.fold(ce, part, Fold::Sum, l("sum"))?);
         }
         Ok(ce.expect("a fused head has at least one row"))
     }
@@ -265,7 +346,7 @@ impl Chunks<'_> {
                 let part =
                     self.g
                         .add(Op::MatMul { trans_b: false }, &[dlogits, args[1]], l("dh"))?;
-                dh = Some(self.fold(dh, part, Op::ConcatRows, l("dh_rows"))?);
+                dh = Some(self.fold(dh, part, Fold::Stack, l("dh_rows"))?);
             }
             if want_w {
                 let gt =
@@ -275,7 +356,7 @@ impl Chunks<'_> {
                 let part = self
                     .g
                     .add(Op::MatMul { trans_b: false }, &[gt, h], l("dw"))?;
-                dw = Some(self.fold(dw, part, Op::Binary(BinaryOp::Add), l("dw_sum"))?);
+                dw = Some(self.fold(dw, part, Fold::Sum, l("dw_sum"))?);
             }
         }
         Ok((dh, dw))

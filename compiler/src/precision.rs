@@ -153,7 +153,51 @@ fn router_values(graph: &Graph) -> HashSet<NodeId> {
             Op::Param { name, .. } => is_router_param(name),
             Op::MoeCombine { .. } => false,
             // Only float values carry the router's numbers; routing tables (u32) go everywhere.
-            _ => graph
+            Op::Input { .. }
+            | Op::Affine { .. }
+            | Op::Unary(_)
+            | Op::Binary(_)
+            | Op::Reduce(_)
+            | Op::Reshape { .. }
+            | Op::Permute { .. }
+            | Op::MatMul { .. }
+            | Op::Embedding
+            | Op::Rope { .. }
+            | Op::Softmax { .. }
+            | Op::CrossEntropy
+            | Op::LinearCrossEntropy
+            | Op::SliceRows { .. }
+            | Op::ConcatRows
+            | Op::TopK { .. }
+            | Op::GatherCols
+            | Op::TopKMask { .. }
+            | Op::MoeRoute { .. }
+            | Op::SliceCols { .. }
+            | Op::RouteLoad { .. }
+            | Op::ExpertChoice { .. }
+            | Op::Sinkhorn { .. }
+            | Op::Auction { .. }
+            | Op::MoeGather { .. }
+            | Op::GroupedMatMul { .. }
+            | Op::SumTo { .. }
+            | Op::BroadcastTo { .. }
+            | Op::EmbeddingGrad { .. }
+            | Op::RopeGrad { .. }
+            | Op::CrossEntropyGrad
+            | Op::LinearCrossEntropyGradH
+            | Op::LinearCrossEntropyGradW
+            | Op::ScatterCols { .. }
+            | Op::MoeGatherGrad { .. }
+            | Op::GroupedMatMulGradX { .. }
+            | Op::GroupedMatMulGradW { .. }
+            | Op::MoeCombineGradRows { .. }
+            | Op::MoeCombineGradWeights { .. }
+            | Op::LstmScan { .. }
+            | Op::LstmHidden
+            | Op::LstmScanGrad { .. }
+            | Op::LstmScanGradW { .. }
+            | Op::LstmLast { .. }
+            | Op::LstmLastGrad { .. } => graph
                 .inputs(id)
                 .iter()
                 .any(|&a| region.contains(&a) && graph.ty(a).dtype.is_float()),

@@ -141,7 +141,7 @@ fn moe_shapes(block: usize, dim: usize, moe: &Moe, out: &mut Vec<P>) -> MoeBlock
             shape: vec![g + e, dim],
             kind: Kind::Matmul,
         }),
-        _ => out.push(P {
+        (None, _) | (Some(_), Hierarchy::GroupLimited) => out.push(P {
             shape: vec![e, dim],
             kind: Kind::Matmul,
         }),

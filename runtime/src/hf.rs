@@ -75,7 +75,12 @@ pub fn hf_config(spec: &Spec) -> Result<Value, CheckpointError> {
             match moe.gate {
                 Gate::Sigmoid => glm4_moe(spec, moe)?,
                 Gate::Softmax { .. } | Gate::Switch if m.qk_norm => qwen3_moe(spec, moe)?,
-                _ => mixtral(spec, moe)?,
+                Gate::Softmax { .. }
+                | Gate::Switch
+                | Gate::NoisyTopK { .. }
+                | Gate::ExpertChoice { .. }
+                | Gate::Sinkhorn { .. }
+                | Gate::Auction { .. } => mixtral(spec, moe)?,
             }
         }
     };

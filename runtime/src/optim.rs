@@ -222,7 +222,11 @@ impl OptimSettings {
             OptimizerSpec::Muon { adamw, .. } => {
                 lr_at(&self.schedule, adamw.lr, step, self.total_steps)
             }
-            _ => self.lrs_at(step)[0],
+            OptimizerSpec::AdamW { .. }
+            | OptimizerSpec::Sgd { .. }
+            | OptimizerSpec::Adafactor { .. }
+            | OptimizerSpec::ScheduleFreeAdamW { .. }
+            | OptimizerSpec::Shampoo { .. } => self.lrs_at(step)[0],
         }
     }
 
@@ -1070,18 +1074,22 @@ impl<'g> Optimizer<'g> {
                     why: MATRIX_WHOLE,
                 });
             }
-            let adam_of_muon = matches!(layout, Layout::Muon { .. }) && kind == ParamKind::Adam;
+            // Muon's AdamW parameters: their own group (learning rate) and weight decay.
+            let adam_of_muon = match layout {
+                Layout::Muon { adam_decay, .. } if kind == ParamKind::Adam => Some(adam_decay),
+                Layout::Muon { .. }
+                | Layout::Elementwise(_)
+                | Layout::Adafactor
+                | Layout::Shampoo { .. } => None,
+            };
             let group = if is_expert(&p.name) {
                 1
-            } else if adam_of_muon {
+            } else if adam_of_muon.is_some() {
                 2
             } else {
                 0
             };
-            let decay = match layout {
-                Layout::Muon { adam_decay, .. } if adam_of_muon => adam_decay,
-                _ => wd,
-            };
+            let decay = adam_of_muon.unwrap_or(wd);
             let expert_size = (numel / experts).max(1);
             let slices: Vec<Slice> = ranges
                 .iter()
@@ -1340,7 +1348,11 @@ impl<'g> Optimizer<'g> {
             OptimizerSpec::Shampoo { root_every, .. } => {
                 (self.current.step as usize).is_multiple_of(root_every)
             }
-            _ => false,
+            OptimizerSpec::AdamW { .. }
+            | OptimizerSpec::Sgd { .. }
+            | OptimizerSpec::Adafactor { .. }
+            | OptimizerSpec::ScheduleFreeAdamW { .. }
+            | OptimizerSpec::Muon { .. } => false,
         }
     }
 
