@@ -27,8 +27,10 @@ mod frame;
 pub use blocked::{Strided, StridedMatmul};
 pub use frame::validate_wgsl;
 mod grad;
+mod horizontal;
 mod kernels;
 mod lstm;
+mod router;
 mod single;
 
 use crate::fuse::{base, Fused};
@@ -94,9 +96,41 @@ struct Value {
     last_use: Option<usize>,
 }
 
-/// Compiles the fused groups of `graph` into a [`Plan`] for `target`.
+/// Compiles the fused groups of `graph` into a [`Plan`] for `target`, in four steps: kernel sources
+/// in dispatch order, the values they bind with their lifetimes, buffers shared by disjoint
+/// lifetimes, then validated, deduplicated kernels and their dispatches.
 pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitError> {
-    // 1. Kernel sources, in dispatch order.
+    let sources = sources(graph, fused, target)?;
+    let (values, dispatch_values) = values(graph, fused.groups.len(), &sources)?;
+    let (buffers, buffer_of) = buffers(graph, &values, sources.srcs.len());
+    let (kernels, dispatches) = dispatches(
+        graph,
+        target,
+        sources.srcs,
+        dispatch_values,
+        &values,
+        &buffer_of,
+    )?;
+    Ok(Plan {
+        buffers,
+        kernels,
+        dispatches,
+    })
+}
+
+/// The kernel sources of a plan, in dispatch order: one per group, then the copies.
+struct Sources {
+    /// Kernel name and source of each dispatch.
+    srcs: Vec<(String, KernelSrc)>,
+    /// Output name and shape of each graph output a group writes (keyed by its buffer's node).
+    output_name: HashMap<NodeId, (String, Vec<usize>)>,
+    /// Output name and node of each copy dispatch, in order after the groups' dispatches.
+    copies: Vec<(String, NodeId)>,
+}
+
+/// Step 1: kernel sources, in dispatch order. Graph outputs that are Params/Inputs, or a second
+/// name for an already named value, get a copy kernel.
+fn sources(graph: &Graph, fused: &Fused, target: &Target) -> Result<Sources, EmitError> {
     let mut srcs: Vec<(String, KernelSrc)> = Vec::new();
     for (gi, group) in fused.groups.iter().enumerate() {
         let name = kernel_name(graph, gi, frame::anchor(graph, group));
@@ -120,8 +154,26 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
             output_name.insert(b, (name.clone(), graph.ty(*id).shape.clone()));
         }
     }
+    Ok(Sources {
+        srcs,
+        output_name,
+        copies,
+    })
+}
 
-    // 2. Values and their lifetimes. Copies write fresh Output buffers keyed by their index.
+/// Step 2: the values the dispatches bind, with their lifetimes (the dispatch that writes each and
+/// the last that reads it), and each dispatch's values in binding order. Params and Inputs come
+/// first (written by the host); a copy kernel writes a fresh Output value keyed by its index.
+fn values(
+    graph: &Graph,
+    n_groups: usize,
+    sources: &Sources,
+) -> Result<(Vec<Value>, Vec<Vec<usize>>), EmitError> {
+    let Sources {
+        srcs,
+        output_name,
+        copies,
+    } = sources;
     let mut values: Vec<Value> = Vec::new();
     let mut value_of: HashMap<NodeId, usize> = HashMap::new();
     for (id, name, ty) in graph.params() {
@@ -157,7 +209,6 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
             last_use: None,
         });
     }
-    let n_groups = fused.groups.len();
     let mut dispatch_values: Vec<Vec<usize>> = Vec::with_capacity(srcs.len());
     for (di, (_, src)) in srcs.iter().enumerate() {
         let mut vs = Vec::with_capacity(src.bindings.len());
@@ -212,9 +263,17 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
         }
         dispatch_values.push(vs);
     }
+    Ok((values, dispatch_values))
+}
 
-    // 3. Buffers: one per Param/Input value; every value a dispatch writes shares a buffer with values
-    //    whose lifetimes are disjoint from its own ([`alloc`]). Outputs live to the end of the plan.
+/// Step 3: buffers. One per Param/Input value; every value a dispatch writes shares a buffer with
+/// values whose lifetimes are disjoint from its own ([`alloc`]). Outputs live to the end of the plan
+/// (`dispatches` long).
+fn buffers(
+    graph: &Graph,
+    values: &[Value],
+    dispatches: usize,
+) -> (Vec<BufferSpec>, Vec<Option<BufferId>>) {
     let mut buffers: Vec<BufferSpec> = Vec::new();
     let mut buffer_of: Vec<Option<BufferId>> = vec![None; values.len()];
     for (vi, v) in values.iter().enumerate() {
@@ -238,7 +297,7 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
             let first = v.def.expect("written values have a def");
             let last = match v.role {
                 BufferRole::Scratch => v.last_use.unwrap_or(first).max(first),
-                _ => srcs.len(),
+                _ => dispatches,
             };
             alloc::Request {
                 size: v.size.max(4),
@@ -271,8 +330,19 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
         }
         buffer_of[vi] = Some(shared_base + s);
     }
+    (buffers, buffer_of)
+}
 
-    // 4. Kernels (validated, deduplicated by source) and dispatches.
+/// Step 4: kernels (validated with naga, deduplicated by source and write flags) and dispatches,
+/// each binding one segment per binding-limit slice of its values.
+fn dispatches(
+    graph: &Graph,
+    target: &Target,
+    srcs: Vec<(String, KernelSrc)>,
+    dispatch_values: Vec<Vec<usize>>,
+    values: &[Value],
+    buffer_of: &[Option<BufferId>],
+) -> Result<(Vec<Kernel>, Vec<Dispatch>), EmitError> {
     let mut kernels: Vec<Kernel> = Vec::new();
     let mut kernel_of: HashMap<String, usize> = HashMap::new();
     let mut dispatches = Vec::with_capacity(srcs.len());
@@ -335,11 +405,7 @@ pub fn emit(graph: &Graph, fused: &Fused, target: &Target) -> Result<Plan, EmitE
             workgroups: src.workgroups,
         });
     }
-    Ok(Plan {
-        buffers,
-        kernels,
-        dispatches,
-    })
+    Ok((kernels, dispatches))
 }
 
 /// `003_matmul_blocks_0_attn_q`: dispatch index, anchor op, anchor label.

@@ -35,6 +35,15 @@
 //!   only as the padded-row operand of grouped matmuls (forward, input and weight gradients) is never
 //!   materialised as a `[rows, dim]` buffer: the grouped matmul maps each padded row through the
 //!   routing table to its token row (zero for padding, times the gate weight for the adjoint).
+//! - **Router kernels** ([`GroupKind::Router`], `fuse/router.rs`): a narrow matmul `[T, C ≤ 64]`
+//!   read by a softmax or a sigmoid, and the row-local ops after it (softmax or sigmoid, top-k,
+//!   gathered and renormalised gate weights, their dense scatter, the top-k mask, the z-loss row
+//!   statistic), one invocation per token row. A narrow elementwise or row group read by a selection
+//!   op (top-k, column gather or scatter, mask) becomes one too: the gate-weight adjoint of the
+//!   backward pass. `noisy_top_k` keeps its matmul kernel (it selects on `logits + noise`).
+//! - **Horizontal matmuls** (`fuse/horizontal.rs`): plain 2-D products of one A operand with
+//!   weights of one shape and no epilogue (attention's q, k and v projections) are one `Matmul`
+//!   group, stacked on the batch axis of one kernel; no epilogue joins such a group.
 //! - Everything else is its own [`GroupKind::Single`] group.
 //!
 //! A node with users outside its group (or that is a graph output) is materialised: it is listed in
@@ -45,11 +54,10 @@
 //! ## MoE fusions still open
 //! The kinds are anchors plus elementwise satellites (and computed prologues), so the remaining MoE
 //! fusions are new anchors, not new machinery:
-//! - *Router* (`matmul → softmax → top-k` on `[T, E]`, E small): a `Row`-like group whose row values
-//!   come from a matmul row computed in registers instead of a load; `TopK` joins as a row-scalar
-//!   consumer. It would be a new `GroupKind::Router` whose emitter reuses the row-kernel walker.
-//! - *Horizontal q/k/v*: three matmuls of one operand as one dispatch whose workgroups pick their
-//!   product; it needs the blocked and tiled bodies parametrised by name (one function per product).
+//! - *Horizontal weight gradients* (`dWq`, `dWk`, `dWv` share their B operand, the normed input)
+//!   and *input gradients* (`dq·Wq + dk·Wk + dv·Wv`, one contraction over the stacked products):
+//!   their A operands are RoPE-adjoint and permute prologues, which the stacked load does not
+//!   compose with yet.
 //! - *Grouped matmul → weighted combine*: `MoeCombine` reads `k` rows per token, so it cannot be a
 //!   per-element epilogue without atomics; it stays a consumer, but the SwiGLU of two grouped matmuls
 //!   (`silu(gm1) · gm2`) is already an ordinary `Matmul` epilogue. The token gather and the combine's
@@ -60,6 +68,9 @@ use crate::target::Target;
 use serde::Serialize;
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
+
+mod horizontal;
+mod router;
 
 /// Knobs of the fusion pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +111,9 @@ pub enum GroupKind {
     Matmul,
     /// One op with its own kernel (permute, embedding, rope, cross-entropy, top-k, MoE routing...).
     Single,
+    /// A narrow router matmul `[T, E]` and the row-local ops after it (softmax or sigmoid, top-k,
+    /// gate weights, row statistics), one invocation per token row (`fuse/router.rs`).
+    Router,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -409,6 +423,9 @@ pub fn fuse(graph: &Graph, options: FuseOptions) -> Fused {
             }
             Op::Reduce(_) => (GroupKind::Row, graph.ty(graph.inputs(n)[0]).shape.clone()),
             Op::Softmax { .. } => (GroupKind::Row, node.ty.shape.clone()),
+            Op::MatMul { .. } if options.enabled && st.router_anchor(n) => {
+                (GroupKind::Router, node.ty.shape.clone())
+            }
             Op::MatMul { .. } | Op::GroupedMatMul { .. } | Op::GroupedMatMulGradX { .. } => {
                 (GroupKind::Matmul, node.ty.shape.clone())
             }
@@ -700,19 +717,22 @@ impl State<'_> {
                 .take(1)
                 .filter_map(|a| self.group_of.get(a).copied())
                 .collect(),
+            // Another product of a matmul's operand (horizontal fusion).
+            Op::MatMul { .. } => self.siblings(n),
+            // Only router groups take these (row-local selection ops).
+            Op::TopK { .. } | Op::GatherCols | Op::TopKMask { .. } | Op::ScatterCols { .. } => args
+                .iter()
+                .filter_map(|a| self.group_of.get(a).copied())
+                .collect(),
             Op::Input { .. }
             | Op::Param { .. }
             | Op::Reshape { .. }
-            | Op::MatMul { .. }
             | Op::Embedding
             | Op::Rope { .. }
             | Op::CrossEntropy
             | Op::LinearCrossEntropy
             | Op::SliceRows { .. }
             | Op::ConcatRows
-            | Op::TopK { .. }
-            | Op::GatherCols
-            | Op::TopKMask { .. }
             | Op::MoeRoute { .. }
             | Op::SliceCols { .. }
             | Op::RouteLoad { .. }
@@ -728,7 +748,6 @@ impl State<'_> {
             | Op::CrossEntropyGrad
             | Op::LinearCrossEntropyGradH
             | Op::LinearCrossEntropyGradW
-            | Op::ScatterCols { .. }
             | Op::MoeGatherGrad { .. }
             | Op::GroupedMatMulGradX { .. }
             | Op::GroupedMatMulGradW { .. }
@@ -746,8 +765,13 @@ impl State<'_> {
                 && !self.creates_cycle(gi, n)
                 && self.bindings_with(gi, n) <= self.max_bindings
             {
+                if self.becomes_router(gi, n) {
+                    self.groups[gi].kind = GroupKind::Router;
+                }
                 let b = &mut self.groups[gi];
-                if matches!(node.op, Op::Reduce(_) | Op::Softmax { .. }) {
+                if b.kind == GroupKind::Elementwise
+                    && matches!(node.op, Op::Reduce(_) | Op::Softmax { .. })
+                {
                     b.kind = GroupKind::Row;
                 }
                 b.nodes.push(n);
@@ -784,10 +808,15 @@ impl State<'_> {
         {
             return false;
         }
+        if b.kind == GroupKind::Router || self.becomes_router(gi, n) {
+            return self.router_accepts(gi, n);
+        }
         match &node.op {
+            Op::MatMul { .. } => self.horizontal_accepts(gi, n),
             Op::Permute { .. } => {
                 let x = base(self.graph, self.graph.inputs(n)[0]);
                 matches!(b.kind, GroupKind::Elementwise | GroupKind::Matmul)
+                    && !self.is_horizontal(gi)
                     && self.group_of.get(&x) == Some(&gi)
                     && self.graph.ty(x).shape == b.domain
             }
@@ -796,13 +825,15 @@ impl State<'_> {
                     GroupKind::Elementwise => *shape == b.domain,
                     // A reduction prologue (`square` before `mean`) is better recomputed inside the row
                     // kernel than materialised by the matmul: keep it out of the epilogue.
-                    GroupKind::Matmul => *shape == b.domain && !self.feeds_row_op(n),
+                    GroupKind::Matmul => {
+                        *shape == b.domain && !self.feeds_row_op(n) && !self.is_horizontal(gi)
+                    }
                     // A one-column domain cannot tell row scalars from elements: keep such rows alone.
                     GroupKind::Row => {
                         b.domain.last().copied().unwrap_or(1) > 1
                             && (*shape == b.domain || *shape == row_shape(&b.domain))
                     }
-                    GroupKind::Single => false,
+                    GroupKind::Single | GroupKind::Router => false,
                 }
             }
             Op::Reduce(_) | Op::Softmax { .. } => {
@@ -814,7 +845,6 @@ impl State<'_> {
             Op::Input { .. }
             | Op::Param { .. }
             | Op::Reshape { .. }
-            | Op::MatMul { .. }
             | Op::Embedding
             | Op::Rope { .. }
             | Op::CrossEntropy

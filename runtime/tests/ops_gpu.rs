@@ -7,7 +7,7 @@
 //! f32 with a different summation order), exact equality for u32 outputs (indices, routing table).
 
 use moec_compiler::emit::{emit, MatmulVariant, Target};
-use moec_compiler::fuse::{fuse, FuseOptions};
+use moec_compiler::fuse::{fuse, FuseOptions, GroupKind};
 use moec_compiler::interp::{self, Value};
 use moec_compiler::ir::{
     BinaryOp, DType, Graph, Init, NodeId, Op, ReduceOp, RouteLayout, TensorType, UnaryOp,
@@ -1023,4 +1023,146 @@ fn auction_router_matches_the_interpreter() {
             );
         }
     }
+}
+
+#[test]
+fn routers_run_as_one_kernel_per_token_row() {
+    // A softmax gate (renormalised top-k weights, dense gates, the z-loss row statistic, the top-k
+    // mask) and a sigmoid gate (scores over their sum, a bias on the selection only), each one router
+    // kernel.
+    let (t, d, e, k) = (37, 11, 6, 2);
+    let mut g = Graph::new();
+    let x = g.input("x", TensorType::f32(&[t, d]));
+    let w = g.param("w", &[e, d], Init::Constant(0.0));
+    let logits = add(&mut g, Op::MatMul { trans_b: true }, &[x, w], "logits");
+    let probs = add(&mut g, Op::Softmax { causal: false }, &[logits], "probs");
+    let idx = add(&mut g, Op::TopK { k }, &[probs], "idx");
+    let picked = add(&mut g, Op::GatherCols, &[probs, idx], "picked");
+    let total = add(&mut g, Op::Reduce(ReduceOp::Sum), &[picked], "total");
+    let weights = add(
+        &mut g,
+        Op::Binary(BinaryOp::Div),
+        &[picked, total],
+        "weights",
+    );
+    let gates = add(
+        &mut g,
+        Op::ScatterCols { cols: e },
+        &[weights, idx],
+        "gates",
+    );
+    let m = add(&mut g, Op::Reduce(ReduceOp::Max), &[logits], "max");
+    let centred = add(&mut g, Op::Binary(BinaryOp::Sub), &[logits, m], "centred");
+    let ex = add(&mut g, Op::Unary(UnaryOp::Exp), &[centred], "exp");
+    let se = add(&mut g, Op::Reduce(ReduceOp::Sum), &[ex], "sum_exp");
+    let lse = add(&mut g, Op::Unary(UnaryOp::Log), &[se], "log");
+    let z = add(&mut g, Op::Binary(BinaryOp::Add), &[lse, m], "lse");
+    let z2 = add(&mut g, Op::Unary(UnaryOp::Square), &[z], "z2");
+    let mask = add(&mut g, Op::TopKMask { experts: e }, &[idx], "mask");
+    let w2 = g.param("w2", &[e, d], Init::Constant(0.0));
+    let bias = g.input("bias", TensorType::f32(&[e]));
+    let l2 = add(&mut g, Op::MatMul { trans_b: true }, &[x, w2], "logits2");
+    let s = add(&mut g, Op::Unary(UnaryOp::Sigmoid), &[l2], "scores");
+    let ssum = add(&mut g, Op::Reduce(ReduceOp::Mean), &[s], "scores_mean");
+    let p2 = add(&mut g, Op::Binary(BinaryOp::Div), &[s, ssum], "probs2");
+    let sel = add(&mut g, Op::Binary(BinaryOp::Add), &[s, bias], "biased");
+    let idx2 = add(&mut g, Op::TopK { k }, &[sel], "idx2");
+    let pick2 = add(&mut g, Op::GatherCols, &[s, idx2], "picked2");
+    for (name, id) in [
+        ("probs", probs),
+        ("idx", idx),
+        ("weights", weights),
+        ("gates", gates),
+        ("z2", z2),
+        ("mask", mask),
+        ("probs2", p2),
+        ("idx2", idx2),
+        ("picked2", pick2),
+    ] {
+        g.set_output(name, id);
+    }
+    let fused = fuse(&g, FuseOptions::for_target(&gpu().target()));
+    assert!(
+        fused.len() == 2 && fused.groups.iter().all(|gr| gr.kind == GroupKind::Router),
+        "two router kernels:\n{}",
+        fused.dump(&g)
+    );
+    check(&g, &feeds(&g, 31, &[]));
+}
+
+#[test]
+fn gate_weight_adjoints_run_as_one_router_kernel() {
+    // The backward of renormalised top-k weights through the softmax, as training has it: a row
+    // group (the weights' adjoint) becomes a router kernel when the scatter to expert columns reads
+    // it, and the softmax adjoint joins, reading the balance term's gradient through a permute.
+    let (t, e, k) = (41, 7, 3);
+    let mut g = Graph::new();
+    let dw = g.input("dw", TensorType::f32(&[t, k]));
+    let total = g.input("total", TensorType::f32(&[t, 1]));
+    let weights = g.input("weights", TensorType::f32(&[t, k]));
+    let idx = g.input("idx", TensorType::u32(&[t, k]));
+    let probs = g.input("probs", TensorType::f32(&[t, e]));
+    let by_expert = g.input("by_expert", TensorType::f32(&[1, e, t]));
+    let q = add(&mut g, Op::Binary(BinaryOp::Div), &[dw, total], "q");
+    let r = add(&mut g, Op::Binary(BinaryOp::Mul), &[q, weights], "r");
+    let rs = add(&mut g, Op::Reduce(ReduceOp::Sum), &[r], "rs");
+    let nrs = add(&mut g, Op::Unary(UnaryOp::Neg), &[rs], "nrs");
+    let dpick = add(&mut g, Op::Binary(BinaryOp::Add), &[q, nrs], "dpick");
+    let dprobs = add(&mut g, Op::ScatterCols { cols: e }, &[dpick, idx], "dprobs");
+    let p = add(
+        &mut g,
+        Op::Permute {
+            perm: vec![0, 2, 1],
+        },
+        &[by_expert],
+        "by_token",
+    );
+    let p = add(
+        &mut g,
+        Op::Reshape { shape: vec![t, e] },
+        &[p],
+        "by_token_rows",
+    );
+    let gy = add(&mut g, Op::Binary(BinaryOp::Add), &[p, dprobs], "gy");
+    let gp = add(&mut g, Op::Binary(BinaryOp::Mul), &[gy, probs], "gp");
+    let dot = add(&mut g, Op::Reduce(ReduceOp::Sum), &[gp], "dot");
+    let c = add(&mut g, Op::Binary(BinaryOp::Sub), &[gy, dot], "centred");
+    let dl = add(&mut g, Op::Binary(BinaryOp::Mul), &[probs, c], "dlogits");
+    g.set_output("dlogits", dl);
+    let fused = fuse(&g, FuseOptions::for_target(&gpu().target()));
+    assert!(
+        fused.len() == 1 && fused.groups[0].kind == GroupKind::Router,
+        "one router kernel:\n{}",
+        fused.dump(&g)
+    );
+    check(&g, &feeds(&g, 37, &[("idx", e as u32)]));
+}
+
+#[test]
+fn products_of_one_operand_share_one_dispatch() {
+    // q, k and v of one normed input (one transposed): one horizontal kernel; a product with an
+    // epilogue and one of another width keep their own kernels.
+    let (m, k, n) = (37, 19, 13);
+    let mut g = Graph::new();
+    let x = g.input("x", TensorType::f32(&[m, k]));
+    let mut outs = Vec::new();
+    for name in ["q", "k", "v"] {
+        let w = g.param(&format!("w{name}"), &[n, k], Init::Constant(0.0));
+        outs.push((
+            name,
+            add(&mut g, Op::MatMul { trans_b: true }, &[x, w], name),
+        ));
+    }
+    let wg = g.param("wg", &[n, k], Init::Constant(0.0));
+    let gate = add(&mut g, Op::MatMul { trans_b: true }, &[x, wg], "gate");
+    let act = add(&mut g, Op::Unary(UnaryOp::Silu), &[gate], "act");
+    let wo = g.param("wo", &[k, 5], Init::Constant(0.0));
+    let o = add(&mut g, Op::MatMul { trans_b: false }, &[x, wo], "o");
+    outs.extend([("act", act), ("o", o)]);
+    for (name, id) in outs {
+        g.set_output(name, id);
+    }
+    let fused = fuse(&g, FuseOptions::for_target(&gpu().target()));
+    assert_eq!(fused.len(), 3, "q/k/v, gate + silu, o:\n{}", fused.dump(&g));
+    check(&g, &feeds(&g, 41, &[]));
 }

@@ -381,6 +381,20 @@ pub(crate) fn body(mm: &Blocked, p: Schedule) -> String {
             let _ = writeln!(s, "    var c{i}_{j} = 0.0;");
         }
     }
+    s += &contraction(mm, p, loads);
+    s += &store_block(mm, p);
+    s += "}\n";
+    s
+}
+
+/// The contraction loop over `k ∈ [kbeg, kend)`: per k, this lane's `loads` values of A (gathered
+/// and scaled where a gather prologue was absorbed), its `cols` values of B, and with subgroups the
+/// broadcasts that hand the block's rows round, into the `rows × cols` accumulators.
+fn contraction(mm: &Blocked, p: Schedule, loads: usize) -> String {
+    let Schedule {
+        rows, cols, lanes, ..
+    } = p;
+    let mut s = String::new();
     // A gathered contraction index reads token row `kt` of the source instead of padded row `k`.
     let scaled = |stride: usize, gathered: bool| {
         let k = if gathered { "kt" } else { "k" };
@@ -442,6 +456,14 @@ pub(crate) fn body(mm: &Blocked, p: Schedule) -> String {
         }
     }
     s += "    }\n";
+    s
+}
+
+/// The accumulators written through `put`, each in-range output once.
+fn store_block(mm: &Blocked, p: Schedule) -> String {
+    let Schedule { rows, cols, .. } = p;
+    let group = p.group();
+    let mut s = String::new();
     // The epilogue (`put`, with its loads and elementwise code) appears once, in a loop over the block
     // spilled to a private array, instead of once per accumulator: inlined `rows × cols` times it
     // made fused kernels large enough to thrash the CPU's instruction cache.
@@ -458,7 +480,6 @@ pub(crate) fn body(mm: &Blocked, p: Schedule) -> String {
         "        let row = m0 + t / {cols}u;\n        let col = n0 + (t % {cols}u) * {group}u;"
     );
     let _ = writeln!(s, "        if (row < {}u && col < {}u) {{\n            put(bi, row, col, tile[t]);\n        }}\n    }}", mm.m, mm.n);
-    s += "}\n";
     s
 }
 

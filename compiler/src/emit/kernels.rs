@@ -11,7 +11,7 @@ use super::frame::{
     anchor, fold, is_prologue, per_item_main, wg_size, Access, Binder, KernelError, KernelSrc, Load,
 };
 use crate::fuse::{base, Group, GroupKind};
-use crate::ir::{Graph, NodeId, Op, ReduceOp};
+use crate::ir::{Graph, NodeId, Op, ReduceOp, RouteLayout};
 use crate::target::{MatmulVariant, Target};
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write;
@@ -177,6 +177,7 @@ pub(crate) fn group_kernel(
         GroupKind::Row => row_kernel(graph, group, target),
         GroupKind::Matmul => matmul_kernel(graph, group, target),
         GroupKind::Single => super::single::kernel(graph, group, target),
+        GroupKind::Router => super::router::router_kernel(graph, group, target),
     }
 }
 
@@ -651,7 +652,6 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
     let anchor = anchor(graph, group);
     let members: HashSet<NodeId> = group.nodes.iter().copied().collect();
     let args = graph.inputs(anchor);
-    let out = graph.ty(anchor);
     let mut b = Binder::new(graph, target);
     let (a_src, a_shape, a_str) = operand_view(graph, &members, args[0]);
     let (b_src, b_shape, b_str) = operand_view(graph, &members, args[1]);
@@ -665,7 +665,98 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
         ),
     };
     let b_load = matmul_load(graph, &members, &mut b, b_src, "rope_b", &mut funcs);
-    let (mm, grouped) = match &graph.node(anchor).op {
+    let (mut mm, grouped) = geometry(
+        graph,
+        anchor,
+        &mut b,
+        (&a_shape, &a_str),
+        (&b_shape, &b_str),
+    );
+
+    // Several products of one operand (horizontal fusion) are the batch axis of one matmul that
+    // reads each product's weights and writes its output through `hb` and `store`.
+    let (b_load, store) =
+        match super::horizontal::horizontal(graph, group, &mut b, (mm.m, mm.k, mm.n)) {
+            Some(h) => {
+                mm.batch = h.batch;
+                mm.b_batch = h.b_batch;
+                (h.load, h.funcs)
+            }
+            None => (b_load, epilogue(graph, group, anchor, &mut b)),
+        };
+
+    let tiled = target.matmul == MatmulVariant::SharedTiled
+        && grouped.is_none()
+        && target.max_invocations_per_workgroup >= 256
+        && target.max_workgroup_storage_bytes >= 8192;
+    let consts: Vec<(&str, u64)> = vec![
+        ("M", mm.m as u64),
+        ("N", mm.n as u64),
+        ("K", mm.k as u64),
+        ("BATCH", mm.batch as u64),
+    ];
+    let (body, groups) = if tiled {
+        let loads = format!(
+            "fn load_a(bi: u32, m: u32, k: u32) -> f32 {{\n    if (m < M && k < K) {{\n        return {};\n    }}\n    return 0.0;\n}}\n\nfn load_b(bi: u32, k: u32, n: u32) -> f32 {{\n    if (n < N && k < K) {{\n        return {};\n    }}\n    return 0.0;\n}}\n\n",
+            a_load.at(&format!("{} + m * {}u + k * {}u", mm.a_batch, mm.sam, mm.sak)),
+            b_load.at(&format!("{} + k * {}u + n * {}u", mm.b_batch, mm.sbk, mm.sbn)),
+        );
+        let tiles = mm.batch * mm.m.div_ceil(64) * mm.n.div_ceil(64);
+        (format!("{funcs}{store}{loads}{MATMUL_TILED}"), tiles)
+    } else {
+        let setup = match &grouped {
+            Some((layout, route)) => format!(
+                "    let live = m0 < {route}[{}u];\n    let e = min({route}[{}u + min(m0, {}u)], {}u);\n    let kbeg = 0u;\n    let kend = select(0u, K, live);\n    let abase = 0u;\n    let bbase = e * N * K;\n",
+                layout.offsets_at() + layout.experts,
+                layout.row_expert_at(),
+                mm.m - 1,
+                layout.experts - 1
+            ),
+            None => format!("    let kbeg = 0u;\n    let kend = K;\n    let abase = {};\n    let bbase = {};\n", mm.a_batch, mm.b_batch),
+        };
+        let blocked = Blocked {
+            batch: mm.batch,
+            m: mm.m,
+            n: mm.n,
+            a: &a_load,
+            b: &b_load,
+            sam: mm.sam,
+            sak: mm.sak,
+            sbk: mm.sbk,
+            sbn: mm.sbn,
+            setup,
+            put: "    store((bi * M + row) * N + col, acc);\n".into(),
+            a_rows,
+            a_k: None,
+            b_k: None,
+        };
+        let schedule = Schedule::new(
+            target,
+            mm.m,
+            mm.n,
+            grouped.as_ref().map(|(layout, _)| layout.tile),
+        );
+        (
+            format!("{funcs}{store}{}", blocked::body(&blocked, schedule)),
+            schedule.workgroups(&blocked),
+        )
+    };
+    let grid = fold(groups as u64, target)?;
+    Ok(b.finish(&consts, &body, grid))
+}
+
+/// The geometry of the matmul `anchor` over its operands' views (logical shape, element strides),
+/// and for a grouped matmul its routing layout and routing-table binding.
+fn geometry(
+    graph: &Graph,
+    anchor: NodeId,
+    b: &mut Binder,
+    (a_shape, a_str): (&[usize], &[usize]),
+    (b_shape, b_str): (&[usize], &[usize]),
+) -> (Mm, Option<(RouteLayout, String)>) {
+    let args = graph.inputs(anchor);
+    let out = graph.ty(anchor);
+    match &graph.node(anchor).op {
         Op::MatMul { trans_b } => {
             let (ra, rb) = (a_shape.len(), b_shape.len());
             let (m, k) = (a_shape[ra - 2], a_shape[ra - 1]);
@@ -778,9 +869,12 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
         | Op::LstmScanGradW { .. }
         | Op::LstmLast { .. }
         | Op::LstmLastGrad { .. }) => unreachable!("{} anchors a matmul group", other.mnemonic()),
-    };
+    }
+}
 
-    // The epilogue: anchor value in, every materialised member out.
+/// The epilogue `fn store(lin, acc)`: the anchor's value in, the group's elementwise members after
+/// it computed, every materialised member written.
+fn epilogue(graph: &Graph, group: &Group, anchor: NodeId, b: &mut Binder) -> String {
     let walker = Walker::new(graph, group);
     let mut env = HashMap::new();
     env.insert(anchor, walker.var(anchor));
@@ -795,80 +889,14 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
         .skip(1)
         .filter(|&&n| !is_prologue(graph, n))
     {
-        walker.elementwise(
-            &mut b,
-            &mut env,
-            n,
-            &group.domain,
-            "lin",
-            &mut store,
-            "    ",
-        );
+        walker.elementwise(b, &mut env, n, &group.domain, "lin", &mut store, "    ");
     }
     for &o in &group.outputs {
         let name = b.write(o);
-        let _ = writeln!(store, "    {}", walker.store(&b, &name, o, "lin"));
+        let _ = writeln!(store, "    {}", walker.store(b, &name, o, "lin"));
     }
     store.push_str("}\n\n");
-
-    let tiled = target.matmul == MatmulVariant::SharedTiled
-        && grouped.is_none()
-        && target.max_invocations_per_workgroup >= 256
-        && target.max_workgroup_storage_bytes >= 8192;
-    let consts: Vec<(&str, u64)> = vec![
-        ("M", mm.m as u64),
-        ("N", mm.n as u64),
-        ("K", mm.k as u64),
-        ("BATCH", mm.batch as u64),
-    ];
-    let (body, groups) = if tiled {
-        let loads = format!(
-            "fn load_a(bi: u32, m: u32, k: u32) -> f32 {{\n    if (m < M && k < K) {{\n        return {};\n    }}\n    return 0.0;\n}}\n\nfn load_b(bi: u32, k: u32, n: u32) -> f32 {{\n    if (n < N && k < K) {{\n        return {};\n    }}\n    return 0.0;\n}}\n\n",
-            a_load.at(&format!("{} + m * {}u + k * {}u", mm.a_batch, mm.sam, mm.sak)),
-            b_load.at(&format!("{} + k * {}u + n * {}u", mm.b_batch, mm.sbk, mm.sbn)),
-        );
-        let tiles = mm.batch * mm.m.div_ceil(64) * mm.n.div_ceil(64);
-        (format!("{funcs}{store}{loads}{MATMUL_TILED}"), tiles)
-    } else {
-        let setup = match &grouped {
-            Some((layout, route)) => format!(
-                "    let live = m0 < {route}[{}u];\n    let e = min({route}[{}u + min(m0, {}u)], {}u);\n    let kbeg = 0u;\n    let kend = select(0u, K, live);\n    let abase = 0u;\n    let bbase = e * N * K;\n",
-                layout.offsets_at() + layout.experts,
-                layout.row_expert_at(),
-                mm.m - 1,
-                layout.experts - 1
-            ),
-            None => format!("    let kbeg = 0u;\n    let kend = K;\n    let abase = {};\n    let bbase = {};\n", mm.a_batch, mm.b_batch),
-        };
-        let blocked = Blocked {
-            batch: mm.batch,
-            m: mm.m,
-            n: mm.n,
-            a: &a_load,
-            b: &b_load,
-            sam: mm.sam,
-            sak: mm.sak,
-            sbk: mm.sbk,
-            sbn: mm.sbn,
-            setup,
-            put: "    store((bi * M + row) * N + col, acc);\n".into(),
-            a_rows,
-            a_k: None,
-            b_k: None,
-        };
-        let schedule = Schedule::new(
-            target,
-            mm.m,
-            mm.n,
-            grouped.as_ref().map(|(layout, _)| layout.tile),
-        );
-        (
-            format!("{funcs}{store}{}", blocked::body(&blocked, schedule)),
-            schedule.workgroups(&blocked),
-        )
-    };
-    let grid = fold(groups as u64, target)?;
-    Ok(b.finish(&consts, &body, grid))
+    store
 }
 
 /// Copies the buffer of `id` into a fresh buffer (a graph output that names a Param, an Input, or a

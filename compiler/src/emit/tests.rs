@@ -14,31 +14,85 @@ fn targets() -> Vec<Target> {
     vec![Target::default(), rb]
 }
 
-/// A graph touching every op of ir.rs, with odd sizes: embedding → rmsnorm → rope'd attention with a
-/// causal softmax → MoE (router softmax, top-k, route, gather, grouped SwiGLU, combine) → logits → CE.
-pub(crate) fn every_op_graph() -> Graph {
-    let (b, t, h, hd, v, e, k) = (2, 5, 2, 4, 11, 3, 2);
-    let dim = h * hd;
-    let hidden = 6;
-    let tokens = b * t;
-    let mut g = Graph::new();
-    let ids = g.input("ids", TensorType::u32(&[b, t]));
-    let targets = g.input("targets", TensorType::u32(&[tokens]));
-    let emb = g.param("embed", &[v, dim], Init::Normal { std: 0.02 });
-    let nw = g.param("norm", &[dim], Init::Constant(1.0));
-    let wq = g.param("wq", &[dim, dim], Init::Normal { std: 0.02 });
-    let wg = g.param("gate", &[e, dim], Init::Normal { std: 0.02 });
-    let w1 = g.param("w1", &[e, hidden, dim], Init::Normal { std: 0.02 });
-    let w3 = g.param("w3", &[e, hidden, dim], Init::Normal { std: 0.02 });
-    let w2 = g.param("w2", &[e, dim, hidden], Init::Normal { std: 0.02 });
-    let head = g.param("head", &[v, dim], Init::Normal { std: 0.02 });
-    let add = |g: &mut Graph, op: Op, args: &[NodeId], l: &str| g.add(op, args, l).unwrap();
+/// Sizes of [`every_op_graph`] (odd, so no size hides another): batch, context, heads, head size,
+/// vocabulary, experts, experts per token, expert hidden size.
+const B: usize = 2;
+const T: usize = 5;
+const H: usize = 2;
+const HD: usize = 4;
+const V: usize = 11;
+const E: usize = 3;
+const K: usize = 2;
+const HIDDEN: usize = 6;
+const DIM: usize = H * HD;
+const TOKENS: usize = B * T;
 
-    let x = add(&mut g, Op::Embedding, &[emb, ids], "x");
-    let sq = add(&mut g, Op::Unary(UnaryOp::Square), &[x], "sq");
-    let ms = add(&mut g, Op::Reduce(ReduceOp::Mean), &[sq], "ms");
+/// Inputs and parameters of [`every_op_graph`], created before any op (the graph's node order).
+struct Leaves {
+    ids: NodeId,
+    targets: NodeId,
+    emb: NodeId,
+    nw: NodeId,
+    wq: NodeId,
+    wg: NodeId,
+    w1: NodeId,
+    w3: NodeId,
+    w2: NodeId,
+    head: NodeId,
+}
+
+/// The MoE section's nodes that later sections read.
+struct Moe {
+    logits_r: NodeId,
+    pr: NodeId,
+    idx: NodeId,
+    mask: NodeId,
+    route: NodeId,
+    h2: NodeId,
+}
+
+fn add(g: &mut Graph, op: Op, args: &[NodeId], l: &str) -> NodeId {
+    g.add(op, args, l).unwrap()
+}
+
+/// A graph touching every op of ir.rs, with odd sizes: embedding → rmsnorm → rope'd attention with a
+/// causal softmax → MoE (router softmax, top-k, route, gather, grouped SwiGLU, combine) → logits → CE,
+/// then every unary and binary op and the routing variants. Built by section.
+pub(crate) fn every_op_graph() -> Graph {
+    let mut g = Graph::new();
+    let l = Leaves {
+        ids: g.input("ids", TensorType::u32(&[B, T])),
+        targets: g.input("targets", TensorType::u32(&[TOKENS])),
+        emb: g.param("embed", &[V, DIM], Init::Normal { std: 0.02 }),
+        nw: g.param("norm", &[DIM], Init::Constant(1.0)),
+        wq: g.param("wq", &[DIM, DIM], Init::Normal { std: 0.02 }),
+        wg: g.param("gate", &[E, DIM], Init::Normal { std: 0.02 }),
+        w1: g.param("w1", &[E, HIDDEN, DIM], Init::Normal { std: 0.02 }),
+        w3: g.param("w3", &[E, HIDDEN, DIM], Init::Normal { std: 0.02 }),
+        w2: g.param("w2", &[E, DIM, HIDDEN], Init::Normal { std: 0.02 }),
+        head: g.param("head", &[V, DIM], Init::Normal { std: 0.02 }),
+    };
+    let h1 = attention_section(&mut g, &l);
+    let m = moe_section(&mut g, &l, h1);
+    let (logits, ce, zs) = head_section(&mut g, &l, &m);
+    let (load, ec, pdf) = routing_section(&mut g, &m);
+    g.set_output("load", load);
+    g.set_output("expert_choice", ec);
+    g.set_output("pdf", pdf);
+    g.set_output("ce", ce);
+    g.set_output("logits", logits);
+    g.set_output("z", zs);
+    g.set_output("route", m.route);
+    g
+}
+
+/// Embedding, rmsnorm, a RoPE'd causal self-attention (one projection for q and k) and its residual.
+fn attention_section(g: &mut Graph, l: &Leaves) -> NodeId {
+    let x = add(g, Op::Embedding, &[l.emb, l.ids], "x");
+    let sq = add(g, Op::Unary(UnaryOp::Square), &[x], "sq");
+    let ms = add(g, Op::Reduce(ReduceOp::Mean), &[sq], "ms");
     let eps = add(
-        &mut g,
+        g,
         Op::Affine {
             mul: 1.0,
             add: 1e-5,
@@ -46,21 +100,21 @@ pub(crate) fn every_op_graph() -> Graph {
         &[ms],
         "eps",
     );
-    let rs = add(&mut g, Op::Unary(UnaryOp::Rsqrt), &[eps], "rs");
-    let xn = add(&mut g, Op::Binary(BinaryOp::Mul), &[x, rs], "xn");
-    let xw = add(&mut g, Op::Binary(BinaryOp::Mul), &[xn, nw], "xw");
-    let q = add(&mut g, Op::MatMul { trans_b: true }, &[xw, wq], "q");
+    let rs = add(g, Op::Unary(UnaryOp::Rsqrt), &[eps], "rs");
+    let xn = add(g, Op::Binary(BinaryOp::Mul), &[x, rs], "xn");
+    let xw = add(g, Op::Binary(BinaryOp::Mul), &[xn, l.nw], "xw");
+    let q = add(g, Op::MatMul { trans_b: true }, &[xw, l.wq], "q");
     let q4 = add(
-        &mut g,
+        g,
         Op::Reshape {
-            shape: vec![b, t, h, hd],
+            shape: vec![B, T, H, HD],
         },
         &[q],
         "q4",
     );
-    let qr = add(&mut g, Op::Rope { theta: 10000.0 }, &[q4], "qr");
+    let qr = add(g, Op::Rope { theta: 10000.0 }, &[q4], "qr");
     let qp = add(
-        &mut g,
+        g,
         Op::Permute {
             perm: vec![0, 2, 1, 3],
         },
@@ -68,19 +122,19 @@ pub(crate) fn every_op_graph() -> Graph {
         "qp",
     );
     let kt = add(
-        &mut g,
+        g,
         Op::Permute {
             perm: vec![0, 1, 3, 2],
         },
         &[qp],
         "kt",
     );
-    let s = add(&mut g, Op::MatMul { trans_b: false }, &[qp, kt], "scores");
-    let ss = add(&mut g, Op::Affine { mul: 0.5, add: 0.0 }, &[s], "scaled");
-    let p = add(&mut g, Op::Softmax { causal: true }, &[ss], "probs");
-    let o = add(&mut g, Op::MatMul { trans_b: false }, &[p, qp], "attn");
+    let s = add(g, Op::MatMul { trans_b: false }, &[qp, kt], "scores");
+    let ss = add(g, Op::Affine { mul: 0.5, add: 0.0 }, &[s], "scaled");
+    let p = add(g, Op::Softmax { causal: true }, &[ss], "probs");
+    let o = add(g, Op::MatMul { trans_b: false }, &[p, qp], "attn");
     let op = add(
-        &mut g,
+        g,
         Op::Permute {
             perm: vec![0, 2, 1, 3],
         },
@@ -88,68 +142,59 @@ pub(crate) fn every_op_graph() -> Graph {
         "attn_t",
     );
     let o2 = add(
-        &mut g,
+        g,
         Op::Reshape {
-            shape: vec![tokens, dim],
+            shape: vec![TOKENS, DIM],
         },
         &[op],
         "attn_flat",
     );
     let x2 = add(
-        &mut g,
+        g,
         Op::Reshape {
-            shape: vec![tokens, dim],
+            shape: vec![TOKENS, DIM],
         },
         &[x],
         "x_flat",
     );
-    let h1 = add(&mut g, Op::Binary(BinaryOp::Add), &[x2, o2], "resid");
-    // MoE
-    let logits_r = add(&mut g, Op::MatMul { trans_b: true }, &[h1, wg], "router");
-    let pr = add(
-        &mut g,
-        Op::Softmax { causal: false },
-        &[logits_r],
-        "router_p",
-    );
-    let idx = add(&mut g, Op::TopK { k }, &[pr], "topk");
-    let gw = add(&mut g, Op::GatherCols, &[pr, idx], "gates");
-    let mask = add(&mut g, Op::TopKMask { experts: e }, &[idx], "mask");
-    let layout = RouteLayout::dropless(tokens, k, e, 4);
-    let route = add(&mut g, Op::MoeRoute { layout }, &[idx], "route");
-    let xp = add(&mut g, Op::MoeGather { layout }, &[h1, route], "xp");
-    let a = add(
-        &mut g,
-        Op::GroupedMatMul { layout },
-        &[xp, w1, route],
-        "w1x",
-    );
-    let c = add(
-        &mut g,
-        Op::GroupedMatMul { layout },
-        &[xp, w3, route],
-        "w3x",
-    );
-    let sa = add(&mut g, Op::Unary(UnaryOp::Silu), &[a], "silu");
-    let hh = add(&mut g, Op::Binary(BinaryOp::Mul), &[sa, c], "swiglu");
-    let y = add(
-        &mut g,
-        Op::GroupedMatMul { layout },
-        &[hh, w2, route],
-        "w2x",
-    );
-    let yc = add(
-        &mut g,
-        Op::MoeCombine { layout },
-        &[y, gw, route],
-        "combine",
-    );
-    let h2 = add(&mut g, Op::Binary(BinaryOp::Add), &[h1, yc], "resid2");
-    let logits = add(&mut g, Op::MatMul { trans_b: true }, &[h2, head], "logits");
-    let mx = add(&mut g, Op::Reduce(ReduceOp::Max), &[logits], "maxlogit");
-    let sm = add(&mut g, Op::Reduce(ReduceOp::Sum), &[mask], "kcount");
-    let ce = add(&mut g, Op::CrossEntropy, &[logits, targets], "ce");
-    let th = add(&mut g, Op::Unary(UnaryOp::Tanh), &[mx], "tanh");
+    add(g, Op::Binary(BinaryOp::Add), &[x2, o2], "resid")
+}
+
+/// Router softmax, top-k, gate weights and mask, the routing table, gather, grouped SwiGLU experts,
+/// combine and the residual.
+fn moe_section(g: &mut Graph, l: &Leaves, h1: NodeId) -> Moe {
+    let logits_r = add(g, Op::MatMul { trans_b: true }, &[h1, l.wg], "router");
+    let pr = add(g, Op::Softmax { causal: false }, &[logits_r], "router_p");
+    let idx = add(g, Op::TopK { k: K }, &[pr], "topk");
+    let gw = add(g, Op::GatherCols, &[pr, idx], "gates");
+    let mask = add(g, Op::TopKMask { experts: E }, &[idx], "mask");
+    let layout = RouteLayout::dropless(TOKENS, K, E, 4);
+    let route = add(g, Op::MoeRoute { layout }, &[idx], "route");
+    let xp = add(g, Op::MoeGather { layout }, &[h1, route], "xp");
+    let a = add(g, Op::GroupedMatMul { layout }, &[xp, l.w1, route], "w1x");
+    let c = add(g, Op::GroupedMatMul { layout }, &[xp, l.w3, route], "w3x");
+    let sa = add(g, Op::Unary(UnaryOp::Silu), &[a], "silu");
+    let hh = add(g, Op::Binary(BinaryOp::Mul), &[sa, c], "swiglu");
+    let y = add(g, Op::GroupedMatMul { layout }, &[hh, l.w2, route], "w2x");
+    let yc = add(g, Op::MoeCombine { layout }, &[y, gw, route], "combine");
+    let h2 = add(g, Op::Binary(BinaryOp::Add), &[h1, yc], "resid2");
+    Moe {
+        logits_r,
+        pr,
+        idx,
+        mask,
+        route,
+        h2,
+    }
+}
+
+/// Logits, cross-entropy, row reductions and a chain through every unary and binary op.
+fn head_section(g: &mut Graph, l: &Leaves, m: &Moe) -> (NodeId, NodeId, NodeId) {
+    let logits = add(g, Op::MatMul { trans_b: true }, &[m.h2, l.head], "logits");
+    let mx = add(g, Op::Reduce(ReduceOp::Max), &[logits], "maxlogit");
+    let sm = add(g, Op::Reduce(ReduceOp::Sum), &[m.mask], "kcount");
+    let ce = add(g, Op::CrossEntropy, &[logits, l.targets], "ce");
+    let th = add(g, Op::Unary(UnaryOp::Tanh), &[mx], "tanh");
     let misc = [
         UnaryOp::Neg,
         UnaryOp::Exp,
@@ -161,44 +206,36 @@ pub(crate) fn every_op_graph() -> Graph {
         UnaryOp::Sigmoid,
         UnaryOp::Softplus,
     ];
-    let mut z = add(&mut g, Op::Unary(UnaryOp::Square), &[th], "z0");
+    let mut z = add(g, Op::Unary(UnaryOp::Square), &[th], "z0");
     for (i, u) in misc.iter().enumerate() {
-        z = add(&mut g, Op::Unary(*u), &[z], format!("z{}", i + 1).as_str());
+        z = add(g, Op::Unary(*u), &[z], format!("z{}", i + 1).as_str());
     }
-    let zz = add(&mut g, Op::Binary(BinaryOp::Max), &[z, sm], "zmax");
-    let zd = add(&mut g, Op::Binary(BinaryOp::Div), &[zz, th], "zdiv");
-    let zs = add(&mut g, Op::Binary(BinaryOp::Sub), &[zd, mx], "zsub");
-    // Routing variants: capacity with priorities, expert choice, Sinkhorn, the normal CDF/PDF.
-    let idx1 = add(&mut g, Op::SliceCols { start: 0, len: 1 }, &[idx], "idx1");
+    let zz = add(g, Op::Binary(BinaryOp::Max), &[z, sm], "zmax");
+    let zd = add(g, Op::Binary(BinaryOp::Div), &[zz, th], "zdiv");
+    let zs = add(g, Op::Binary(BinaryOp::Sub), &[zd, mx], "zsub");
+    (logits, ce, zs)
+}
+
+/// Routing variants: capacity with priorities, expert choice, Sinkhorn, the normal CDF/PDF.
+fn routing_section(g: &mut Graph, m: &Moe) -> (NodeId, NodeId, NodeId) {
+    let idx1 = add(g, Op::SliceCols { start: 0, len: 1 }, &[m.idx], "idx1");
     let cap = RouteLayout {
         capacity: 3,
-        ..RouteLayout::dropless(tokens, 1, e, 4)
+        ..RouteLayout::dropless(TOKENS, 1, E, 4)
     };
-    let prio = add(&mut g, Op::GatherCols, &[pr, idx1], "prio");
-    let route_c = add(
-        &mut g,
-        Op::MoeRoute { layout: cap },
-        &[idx1, prio],
-        "route_cap",
-    );
-    let load = add(&mut g, Op::RouteLoad { layout: cap }, &[route_c], "load");
+    let prio = add(g, Op::GatherCols, &[m.pr, idx1], "prio");
+    let route_c = add(g, Op::MoeRoute { layout: cap }, &[idx1, prio], "route_cap");
+    let load = add(g, Op::RouteLoad { layout: cap }, &[route_c], "load");
     let ec = add(
-        &mut g,
+        g,
         Op::ExpertChoice { capacity: 2 },
-        &[pr],
+        &[m.pr],
         "expert_choice",
     );
-    let sk = add(&mut g, Op::Sinkhorn { iters: 2 }, &[logits_r], "sinkhorn");
-    let cdf = add(&mut g, Op::Unary(UnaryOp::NormalCdf), &[sk], "cdf");
-    let pdf = add(&mut g, Op::Unary(UnaryOp::NormalPdf), &[cdf], "pdf");
-    g.set_output("load", load);
-    g.set_output("expert_choice", ec);
-    g.set_output("pdf", pdf);
-    g.set_output("ce", ce);
-    g.set_output("logits", logits);
-    g.set_output("z", zs);
-    g.set_output("route", route);
-    g
+    let sk = add(g, Op::Sinkhorn { iters: 2 }, &[m.logits_r], "sinkhorn");
+    let cdf = add(g, Op::Unary(UnaryOp::NormalCdf), &[sk], "cdf");
+    let pdf = add(g, Op::Unary(UnaryOp::NormalPdf), &[cdf], "pdf");
+    (load, ec, pdf)
 }
 
 #[test]

@@ -27,19 +27,7 @@ pub(super) fn eval<F: Float>(
             let (xg, w) = (ctx.f(args[0])?, ctx.f(args[1])?);
             Ok(Tensor::F(scan(xg, w, &ty.shape, *reverse)))
         }
-        Op::LstmHidden => {
-            let (b, t, width) = (ty.shape[0], ty.shape[1], ty.shape[2]);
-            let h = hidden_of(arg_tys[0]);
-            let mut out = vec![F::ZERO; ty.numel()];
-            for (d, rec) in args.iter().enumerate() {
-                let rec = ctx.f(rec)?;
-                for bt in 0..b * t {
-                    let src = &rec[bt * PARTS * h + PART_H * h..][..h];
-                    out[bt * width + d * h..][..h].copy_from_slice(src);
-                }
-            }
-            Ok(Tensor::F(out))
-        }
+        Op::LstmHidden => hidden(ctx, ty, args, arg_tys[0]),
         Op::LstmScanGrad { reverse, col } => {
             ctx.argc(3, args.len())?;
             let (g, rec, w) = (ctx.f(args[0])?, ctx.f(args[1])?, ctx.f(args[2])?);
@@ -49,26 +37,7 @@ pub(super) fn eval<F: Float>(
         Op::LstmScanGradW { reverse } => {
             ctx.argc(2, args.len())?;
             let (dg, rec) = (ctx.f(args[0])?, ctx.f(args[1])?);
-            let (b, t, h) = (
-                arg_tys[1].shape[0],
-                arg_tys[1].shape[1],
-                hidden_of(arg_tys[1]),
-            );
-            let mut out = vec![F::ZERO; 4 * h * h];
-            for bi in 0..b {
-                let order = steps(t, *reverse);
-                for w in order.windows(2) {
-                    let (prev, ti) = (w[0], w[1]);
-                    let hp = &rec[(bi * t + prev) * PARTS * h + PART_H * h..][..h];
-                    let d = &dg[(bi * t + ti) * 4 * h..][..4 * h];
-                    for (r, &dr) in d.iter().enumerate() {
-                        for (o, &x) in out[r * h..(r + 1) * h].iter_mut().zip(hp) {
-                            *o += dr * x;
-                        }
-                    }
-                }
-            }
-            Ok(Tensor::F(out))
+            Ok(Tensor::F(scan_grad_w(dg, rec, arg_tys[1], *reverse)))
         }
         Op::LstmLast { dirs } => {
             ctx.argc(1, args.len())?;
@@ -137,6 +106,47 @@ pub(super) fn eval<F: Float>(
             Err(ctx.malformed(format!("`{}` is not an LSTM op", other.mnemonic())))
         }
     }
+}
+
+/// `LstmHidden`: the h part of each record (of type `record`), side by side.
+fn hidden<F: Float>(
+    ctx: &Ctx,
+    ty: &TensorType,
+    args: &[&Tensor<F>],
+    record: &TensorType,
+) -> Result<Tensor<F>, InterpError> {
+    let (b, t, width) = (ty.shape[0], ty.shape[1], ty.shape[2]);
+    let h = hidden_of(record);
+    let mut out = vec![F::ZERO; ty.numel()];
+    for (d, rec) in args.iter().enumerate() {
+        let rec = ctx.f(rec)?;
+        for bt in 0..b * t {
+            let src = &rec[bt * PARTS * h + PART_H * h..][..h];
+            out[bt * width + d * h..][..h].copy_from_slice(src);
+        }
+    }
+    Ok(Tensor::F(out))
+}
+
+/// `LstmScanGradW`: `Σ_{b,t} dgates[b,t]ᵀ · h_prev[b,t]` over the steps of one direction, from the
+/// records (of type `record`) of the forward scan.
+fn scan_grad_w<F: Float>(dg: &[F], rec: &[F], record: &TensorType, reverse: bool) -> Vec<F> {
+    let (b, t, h) = (record.shape[0], record.shape[1], hidden_of(record));
+    let mut out = vec![F::ZERO; 4 * h * h];
+    for bi in 0..b {
+        let order = steps(t, reverse);
+        for w in order.windows(2) {
+            let (prev, ti) = (w[0], w[1]);
+            let hp = &rec[(bi * t + prev) * PARTS * h + PART_H * h..][..h];
+            let d = &dg[(bi * t + ti) * 4 * h..][..4 * h];
+            for (r, &dr) in d.iter().enumerate() {
+                for (o, &x) in out[r * h..(r + 1) * h].iter_mut().zip(hp) {
+                    *o += dr * x;
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The forward recurrence: the record `[B, T, 6H]` of `xg[B, T, 4H]` and `w[4H, H]`.

@@ -80,35 +80,8 @@ pub(super) fn infer(op: &Op, args: &[&TensorType]) -> Result<TensorType, String>
                 args.len() * hidden_of(r),
             ]))
         }
-        Op::LstmScanGrad { col, .. } => {
-            expect_args(args, 3)?;
-            let (g, rec) = (args[0], args[1]);
-            expect_record(rec)?;
-            let h = hidden_of(rec);
-            expect_dtype(g, DType::F32, "g")?;
-            if g.shape.len() != 3 || g.shape[..2] != rec.shape[..2] || col + h > g.last() {
-                return Err(format!(
-                    "lstm_scan_grad wants g [B, T, ≥ {}] beside the record {rec}, got {g}",
-                    col + h
-                ));
-            }
-            expect_whh(args[2], h)?;
-            Ok(TensorType::f32(&[rec.shape[0], rec.shape[1], 4 * h]))
-        }
-        Op::LstmScanGradW { .. } => {
-            expect_args(args, 2)?;
-            let (dg, rec) = (args[0], args[1]);
-            expect_record(rec)?;
-            let h = hidden_of(rec);
-            expect_dtype(dg, DType::F32, "dgates")?;
-            if dg.shape != [rec.shape[0], rec.shape[1], 4 * h] {
-                return Err(format!(
-                    "lstm_scan_grad_w wants dgates [B, T, {}] beside the record {rec}, got {dg}",
-                    4 * h
-                ));
-            }
-            Ok(TensorType::f32(&[4 * h, h]))
-        }
+        Op::LstmScanGrad { col, .. } => scan_grad(*col, args),
+        Op::LstmScanGradW { .. } => scan_grad_w(args),
         Op::LstmLast { dirs } => {
             expect_args(args, 1)?;
             let x = args[0];
@@ -120,21 +93,7 @@ pub(super) fn infer(op: &Op, args: &[&TensorType]) -> Result<TensorType, String>
             }
             Ok(TensorType::f32(&[x.shape[0], x.last()]))
         }
-        Op::LstmLastGrad { dirs, steps } => {
-            expect_args(args, 1)?;
-            let g = args[0];
-            expect_dtype(g, DType::F32, "g")?;
-            if g.shape.len() != 2
-                || !matches!(dirs, 1 | 2)
-                || !g.last().is_multiple_of(*dirs)
-                || *steps == 0
-            {
-                return Err(format!(
-                    "lstm_last_grad of {dirs} directions wants g [B, dirs·H], got {g}"
-                ));
-            }
-            Ok(TensorType::f32(&[g.shape[0], *steps, g.last()]))
-        }
+        Op::LstmLastGrad { dirs, steps } => last_grad(*dirs, *steps, args),
         other @ (Op::Input { .. }
         | Op::Param { .. }
         | Op::Affine { .. }
@@ -179,4 +138,52 @@ pub(super) fn infer(op: &Op, args: &[&TensorType]) -> Result<TensorType, String>
             Err(format!("`{}` is not an LSTM op", other.mnemonic()))
         }
     }
+}
+
+/// `LstmScanGrad`'s type: the adjoint of the pre-activation gates, `[B, T, 4H]` (split from
+/// [`infer`] so each op's rule reads on its own).
+fn scan_grad(col: usize, args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 3)?;
+    let (g, rec) = (args[0], args[1]);
+    expect_record(rec)?;
+    let h = hidden_of(rec);
+    expect_dtype(g, DType::F32, "g")?;
+    if g.shape.len() != 3 || g.shape[..2] != rec.shape[..2] || col + h > g.last() {
+        return Err(format!(
+            "lstm_scan_grad wants g [B, T, ≥ {}] beside the record {rec}, got {g}",
+            col + h
+        ));
+    }
+    expect_whh(args[2], h)?;
+    Ok(TensorType::f32(&[rec.shape[0], rec.shape[1], 4 * h]))
+}
+
+/// `LstmScanGradW`'s type: the adjoint of `w_hh`, `[4H, H]`.
+fn scan_grad_w(args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 2)?;
+    let (dg, rec) = (args[0], args[1]);
+    expect_record(rec)?;
+    let h = hidden_of(rec);
+    expect_dtype(dg, DType::F32, "dgates")?;
+    if dg.shape != [rec.shape[0], rec.shape[1], 4 * h] {
+        return Err(format!(
+            "lstm_scan_grad_w wants dgates [B, T, {}] beside the record {rec}, got {dg}",
+            4 * h
+        ));
+    }
+    Ok(TensorType::f32(&[4 * h, h]))
+}
+
+/// `LstmLastGrad`'s type: `g` spread back over `steps` steps, `[B, steps, dirs·H]`.
+fn last_grad(dirs: usize, steps: usize, args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 1)?;
+    let g = args[0];
+    expect_dtype(g, DType::F32, "g")?;
+    if g.shape.len() != 2 || !matches!(dirs, 1 | 2) || !g.last().is_multiple_of(dirs) || steps == 0
+    {
+        return Err(format!(
+            "lstm_last_grad of {dirs} directions wants g [B, dirs·H], got {g}"
+        ));
+    }
+    Ok(TensorType::f32(&[g.shape[0], steps, g.last()]))
 }
