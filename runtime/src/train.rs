@@ -59,7 +59,6 @@
 
 use crate::checkpoint::{diff_specs, hf_config, Checkpoint, CheckpointError};
 use crate::data::{standard_normal, Batch, Batcher, BatcherState, DataError, TrainData};
-use crate::memory::eval_shares_input;
 use crate::metrics::{MetricsError, MetricsLog, MoeLayerMetrics, Record, RouterLogitStats};
 use crate::optim::{
     ExpertLoad, HostState, LossScaleState, OptimError, OptimSettings, Optimizer, ParamBinding,
@@ -67,6 +66,7 @@ use crate::optim::{
 };
 use crate::{Executor, Gpu, NonFinite, RuntimeError};
 use moec_compiler::interp::init_values;
+use moec_compiler::ir::InputRole;
 use moec_compiler::plan::{BufferRole, Plan};
 use moec_compiler::spec::{Every, Precision, Spec, Train};
 use rand::{Rng, SeedableRng};
@@ -165,10 +165,19 @@ pub struct Trainer<'g> {
     in_flight: Option<wgpu::SubmissionIndex>,
     /// Persistent router state inputs (`router_state.N.bias` / `.prices`) and their shapes.
     router_state: Vec<(String, Vec<usize>)>,
-    /// Training-only random inputs (`noise.N...`, `jitter.N`) and their element counts.
-    noise: Vec<(String, usize)>,
+    /// Training-only random inputs (`noise.N...`, `jitter.N`), their element counts and distributions.
+    noise: Vec<(String, usize, Draw)>,
     /// The spec's `jitter` (ε of U(1 − ε, 1 + ε)).
     jitter: f64,
+}
+
+/// The distribution of a training-only random input ([`InputRole::Noise`], [`InputRole::Jitter`]).
+#[derive(Debug, Clone, Copy)]
+enum Draw {
+    /// i.i.d. N(0, 1).
+    Normal,
+    /// i.i.d. U(1 − ε, 1 + ε), ε the spec's `jitter`.
+    Jitter,
 }
 
 fn every(n: usize, e: &Every) -> bool {
@@ -286,12 +295,20 @@ impl<'g> Trainer<'g> {
         // plan's state buffers, and each step copies the `.next` outputs into them.
         let mut shared = optim.eval_params();
         let mut router_state = Vec::new();
+        let mut noise = Vec::new();
         for b in &training.buffers {
-            if let BufferRole::Input { name, shape } = &b.role {
-                if eval_shares_input(name) {
-                    shared.insert(name.clone(), exec.buffer(name)?.clone());
-                    need(training, "training", "output", &format!("{name}.next"))?;
-                    router_state.push((name.clone(), shape.clone()));
+            if let BufferRole::Input { name, shape, role } = &b.role {
+                let n = shape.iter().product();
+                match role {
+                    InputRole::RouterState => {
+                        shared.insert(name.clone(), exec.buffer(name)?.clone());
+                        need(training, "training", "output", &format!("{name}.next"))?;
+                        router_state.push((name.clone(), shape.clone()));
+                    }
+                    InputRole::Noise => noise.push((name.clone(), n, Draw::Normal)),
+                    InputRole::Jitter => noise.push((name.clone(), n, Draw::Jitter)),
+                    // Fed per micro-step (`feed`), once (`grad_seed`, below), or not in training.
+                    InputRole::Data | InputRole::LossSeed | InputRole::LogitRows => {}
                 }
             }
         }
@@ -300,20 +317,16 @@ impl<'g> Trainer<'g> {
         // Training-only randomness: evaluation feeds no noise (zeros) and no jitter (ones).
         let jitter = spec.moe.as_ref().map_or(0.0, |m| m.jitter);
         for b in &forward.buffers {
-            if let BufferRole::Input { name, shape } = &b.role {
+            if let BufferRole::Input { name, shape, role } = &b.role {
                 let n: usize = shape.iter().product();
-                if name.starts_with("noise.") {
-                    eval.write_f32(name, &vec![0.0; n])?;
-                } else if name.starts_with("jitter.") {
-                    eval.write_f32(name, &vec![1.0; n])?;
-                }
-            }
-        }
-        let mut noise = Vec::new();
-        for b in &training.buffers {
-            if let BufferRole::Input { name, shape } = &b.role {
-                if name.starts_with("noise.") || name.starts_with("jitter.") {
-                    noise.push((name.clone(), shape.iter().product()));
+                match role {
+                    InputRole::Noise => eval.write_f32(name, &vec![0.0; n])?,
+                    InputRole::Jitter => eval.write_f32(name, &vec![1.0; n])?,
+                    // Shared with training (router state) or fed per batch.
+                    InputRole::RouterState
+                    | InputRole::Data
+                    | InputRole::LossSeed
+                    | InputRole::LogitRows => {}
                 }
             }
         }
@@ -554,13 +567,12 @@ impl<'g> Trainer<'g> {
         }
         let mut rng = ChaCha8Rng::seed_from_u64(self.train.seed ^ 0x6e6f_6973_6500_0000);
         rng.set_stream((step * self.train.accumulate + micro) as u64);
-        for (name, n) in &self.noise {
-            let values: Vec<f32> = if name.starts_with("jitter.") {
-                (0..*n)
+        for (name, n, draw) in &self.noise {
+            let values: Vec<f32> = match draw {
+                Draw::Jitter => (0..*n)
                     .map(|_| (1.0 + self.jitter * (2.0 * rng.random::<f64>() - 1.0)) as f32)
-                    .collect()
-            } else {
-                (0..*n).map(|_| standard_normal(&mut rng) as f32).collect()
+                    .collect(),
+                Draw::Normal => (0..*n).map(|_| standard_normal(&mut rng) as f32).collect(),
             };
             self.exec.write_f32(name, &values)?;
         }
