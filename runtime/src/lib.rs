@@ -6,7 +6,7 @@
 
 use moec_compiler::emit::{MatmulVariant, Target};
 use moec_compiler::ir::DType;
-use moec_compiler::plan::{BufferId, BufferRole, Plan};
+use moec_compiler::plan::{BufferId, BufferRole, Dispatch, Kernel, Plan};
 use pipeline_cache::DiskPipelineCache;
 use std::collections::HashMap;
 use std::fmt;
@@ -443,6 +443,128 @@ pub struct Executor<'g> {
     by_name: HashMap<String, usize>,
 }
 
+/// The plan's buffers in order: lent by `host`, taken from `shared`, or fresh.
+fn plan_buffers(
+    gpu: &Gpu,
+    plan: &Plan,
+    shared: &HashMap<String, wgpu::Buffer>,
+    host: Option<&Executor<'_>>,
+) -> Result<Vec<wgpu::Buffer>, RuntimeError> {
+    let lent = host.map_or_else(|| vec![None; plan.buffers.len()], |h| h.plan.lend(plan));
+    let mut buffers = Vec::with_capacity(plan.buffers.len());
+    for (spec, lent) in plan.buffers.iter().zip(lent) {
+        if let (Some(h), Some(b)) = (host, lent) {
+            buffers.push(h.buffers[b].clone());
+            continue;
+        }
+        if let BufferRole::Param { name, .. } | BufferRole::Input { name, .. } = &spec.role {
+            if let Some(buffer) = shared.get(name) {
+                let expected = spec.size.max(4).next_multiple_of(4);
+                if buffer.size() != expected {
+                    return Err(RuntimeError::SizeMismatch {
+                        name: name.clone(),
+                        expected,
+                        got: buffer.size(),
+                        dtype: spec.dtype,
+                    });
+                }
+                buffers.push(buffer.clone());
+                continue;
+            }
+        }
+        if spec.size > gpu.max_buffer_size() {
+            return Err(RuntimeError::Limit {
+                adapter: gpu.info.name.clone(),
+                what: format!("a {} byte buffer for `{}`", spec.size, spec.label),
+                limit: format!("{} bytes", gpu.max_buffer_size()),
+            });
+        }
+        buffers.push(gpu.storage_buffer(&spec.label, spec.size));
+    }
+    Ok(buffers)
+}
+
+/// A kernel's pipeline and its bind group layout, explicit so that each binding is read-only
+/// unless the kernel writes it.
+fn kernel_pipeline(gpu: &Gpu, kernel: &Kernel) -> (wgpu::ComputePipeline, wgpu::BindGroupLayout) {
+    let device = &gpu.device;
+    let descriptor = wgpu::ShaderModuleDescriptor {
+        label: Some(&kernel.name),
+        source: wgpu::ShaderSource::Wgsl(kernel.wgsl.as_str().into()),
+    };
+    // SAFETY: every index a generated kernel computes is guarded by its own bounds check
+    // against the shape constants it was specialised for, and the plan binds buffers of
+    // exactly those sizes (checked in `write_bytes` and by construction in `emit`), so
+    // wgpu's per-access clamping only costs time (MOEC_CHECKED_SHADERS=1 turns it back on).
+    let module = if std::env::var_os("MOEC_CHECKED_SHADERS").is_some() {
+        device.create_shader_module(descriptor)
+    } else {
+        unsafe {
+            device.create_shader_module_trusted(descriptor, wgpu::ShaderRuntimeChecks::unchecked())
+        }
+    };
+    let entries: Vec<wgpu::BindGroupLayoutEntry> = kernel
+        .writes
+        .iter()
+        .enumerate()
+        .map(|(i, &writes)| wgpu::BindGroupLayoutEntry {
+            binding: i as u32,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Storage { read_only: !writes },
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        })
+        .collect();
+    let bgl = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+        label: Some(&kernel.name),
+        entries: &entries,
+    });
+    let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+        label: Some(&kernel.name),
+        bind_group_layouts: &[Some(&bgl)],
+        immediate_size: 0,
+    });
+    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(&kernel.name),
+        layout: Some(&layout),
+        module: &module,
+        entry_point: Some(&kernel.entry_point),
+        compilation_options: Default::default(),
+        cache: gpu.pipeline_cache(),
+    });
+    (pipeline, bgl)
+}
+
+/// A dispatch's bind group: each binding its range of the plan's buffers.
+fn dispatch_bind_group(
+    device: &wgpu::Device,
+    dispatch: &Dispatch,
+    buffers: &[wgpu::Buffer],
+    layout: &wgpu::BindGroupLayout,
+) -> wgpu::BindGroup {
+    let entries: Vec<wgpu::BindGroupEntry> = dispatch
+        .bindings
+        .iter()
+        .enumerate()
+        .map(|(i, b)| wgpu::BindGroupEntry {
+            binding: i as u32,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &buffers[b.buffer],
+                offset: b.offset,
+                size: std::num::NonZeroU64::new(b.size),
+            }),
+        })
+        .collect();
+    device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: None,
+        layout,
+        entries: &entries,
+    })
+}
+
 impl<'g> Executor<'g> {
     pub fn new(gpu: &'g Gpu, plan: &Plan) -> Result<Executor<'g>, RuntimeError> {
         Self::with_shared(gpu, plan, &HashMap::new(), None)
@@ -463,117 +585,16 @@ impl<'g> Executor<'g> {
         gpu.check_plan_features(plan)?;
         let device = &gpu.device;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let lent = host.map_or_else(|| vec![None; plan.buffers.len()], |h| h.plan.lend(plan));
-        let mut buffers = Vec::with_capacity(plan.buffers.len());
-        for (spec, lent) in plan.buffers.iter().zip(lent) {
-            if let (Some(h), Some(b)) = (host, lent) {
-                buffers.push(h.buffers[b].clone());
-                continue;
-            }
-            if let BufferRole::Param { name, .. } | BufferRole::Input { name, .. } = &spec.role {
-                if let Some(buffer) = shared.get(name) {
-                    let expected = spec.size.max(4).next_multiple_of(4);
-                    if buffer.size() != expected {
-                        return Err(RuntimeError::SizeMismatch {
-                            name: name.clone(),
-                            expected,
-                            got: buffer.size(),
-                            dtype: spec.dtype,
-                        });
-                    }
-                    buffers.push(buffer.clone());
-                    continue;
-                }
-            }
-            if spec.size > gpu.max_buffer_size() {
-                return Err(RuntimeError::Limit {
-                    adapter: gpu.info.name.clone(),
-                    what: format!("a {} byte buffer for `{}`", spec.size, spec.label),
-                    limit: format!("{} bytes", gpu.max_buffer_size()),
-                });
-            }
-            buffers.push(gpu.storage_buffer(&spec.label, spec.size));
-        }
-        let mut pipelines = Vec::with_capacity(plan.kernels.len());
-        let mut layouts = Vec::with_capacity(plan.kernels.len());
-        for kernel in &plan.kernels {
-            let descriptor = wgpu::ShaderModuleDescriptor {
-                label: Some(&kernel.name),
-                source: wgpu::ShaderSource::Wgsl(kernel.wgsl.as_str().into()),
-            };
-            // SAFETY: every index a generated kernel computes is guarded by its own bounds check
-            // against the shape constants it was specialised for, and the plan binds buffers of
-            // exactly those sizes (checked in `write_bytes` and by construction in `emit`), so
-            // wgpu's per-access clamping only costs time (MOEC_CHECKED_SHADERS=1 turns it back on).
-            let module = if std::env::var_os("MOEC_CHECKED_SHADERS").is_some() {
-                device.create_shader_module(descriptor)
-            } else {
-                unsafe {
-                    device.create_shader_module_trusted(
-                        descriptor,
-                        wgpu::ShaderRuntimeChecks::unchecked(),
-                    )
-                }
-            };
-            let entries: Vec<wgpu::BindGroupLayoutEntry> = kernel
-                .writes
-                .iter()
-                .enumerate()
-                .map(|(i, &writes)| wgpu::BindGroupLayoutEntry {
-                    binding: i as u32,
-                    visibility: wgpu::ShaderStages::COMPUTE,
-                    ty: wgpu::BindingType::Buffer {
-                        ty: wgpu::BufferBindingType::Storage { read_only: !writes },
-                        has_dynamic_offset: false,
-                        min_binding_size: None,
-                    },
-                    count: None,
-                })
-                .collect();
-            let bgl = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-                label: Some(&kernel.name),
-                entries: &entries,
-            });
-            let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-                label: Some(&kernel.name),
-                bind_group_layouts: &[Some(&bgl)],
-                immediate_size: 0,
-            });
-            pipelines.push(
-                device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                    label: Some(&kernel.name),
-                    layout: Some(&layout),
-                    module: &module,
-                    entry_point: Some(&kernel.entry_point),
-                    compilation_options: Default::default(),
-                    cache: gpu.pipeline_cache(),
-                }),
-            );
-            layouts.push(bgl);
-        }
+        let buffers = plan_buffers(gpu, plan, shared, host)?;
+        let (pipelines, layouts): (Vec<_>, Vec<_>) = plan
+            .kernels
+            .iter()
+            .map(|kernel| kernel_pipeline(gpu, kernel))
+            .unzip();
         let bind_groups = plan
             .dispatches
             .iter()
-            .map(|d| {
-                let entries: Vec<wgpu::BindGroupEntry> = d
-                    .bindings
-                    .iter()
-                    .enumerate()
-                    .map(|(i, b)| wgpu::BindGroupEntry {
-                        binding: i as u32,
-                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                            buffer: &buffers[b.buffer],
-                            offset: b.offset,
-                            size: std::num::NonZeroU64::new(b.size),
-                        }),
-                    })
-                    .collect();
-                device.create_bind_group(&wgpu::BindGroupDescriptor {
-                    label: None,
-                    layout: &layouts[d.kernel],
-                    entries: &entries,
-                })
-            })
+            .map(|d| dispatch_bind_group(device, d, &buffers, &layouts[d.kernel]))
             .collect();
         if let Some(error) = pollster::block_on(scope.pop()) {
             return Err(RuntimeError::Pipeline {

@@ -39,7 +39,7 @@ pub struct MemoryReport {
 
 /// Whether the eval plan reads the training plan's buffer for an input of this role rather than its
 /// own: the router state, which the training step updates.
-fn eval_shares_input(role: InputRole) -> bool {
+pub fn eval_shares_input(role: InputRole) -> bool {
     match role {
         InputRole::RouterState => true,
         InputRole::Data

@@ -815,158 +815,9 @@ impl<'g> Optimizer<'g> {
         if settings.accumulate == 0 {
             return Err(OptimError::Accumulate);
         }
-        let adam_consts = |betas: (f64, f64), eps: f64| {
-            format!(
-                "const BETA1: f32 = {};\nconst BETA2: f32 = {};\nconst EPS: f32 = {};\n",
-                lit(betas.0),
-                lit(betas.1),
-                lit(eps)
-            )
-        };
-        let layout = Layout::of(&settings.optimizer);
-        let (consts, stages, wd): (String, Vec<(&str, String)>, f64) = match settings.optimizer {
-            OptimizerSpec::AdamW {
-                betas,
-                eps,
-                weight_decay,
-                ..
-            } => (
-                adam_consts(betas, eps),
-                vec![("optim_adamw", ADAMW.into())],
-                weight_decay,
-            ),
-            OptimizerSpec::Sgd { momentum, .. } if momentum != 0.0 => (
-                format!("const MOMENTUM: f32 = {};\n", lit(momentum)),
-                vec![("optim_sgd", SGD.into())],
-                0.0,
-            ),
-            OptimizerSpec::Sgd { .. } => (
-                String::new(),
-                vec![("optim_sgd_plain", SGD_PLAIN.into())],
-                0.0,
-            ),
-            OptimizerSpec::ScheduleFreeAdamW {
-                betas,
-                eps,
-                weight_decay,
-                ..
-            } => (
-                adam_consts(betas, eps),
-                vec![("optim_schedule_free", SCHEDULE_FREE.into())],
-                weight_decay,
-            ),
-            OptimizerSpec::Adafactor { eps, .. } => (
-                format!(
-                    "const EPS: f32 = {};\nconst CLIP_THRESHOLD: f32 = {};\n",
-                    lit(eps),
-                    lit(CLIP_THRESHOLD)
-                ),
-                vec![
-                    (
-                        "optim_adafactor_moments",
-                        format!("{WORKGROUP_SUM}{ADAFACTOR_MOMENTS}"),
-                    ),
-                    (
-                        "optim_adafactor_rms",
-                        format!("{WORKGROUP_SUM}{ADAFACTOR_COMMON}{ADAFACTOR_RMS}"),
-                    ),
-                    ("optim_adafactor", format!("{ADAFACTOR_COMMON}{ADAFACTOR}")),
-                ],
-                0.0,
-            ),
-            OptimizerSpec::Shampoo {
-                betas,
-                eps,
-                decay,
-                weight_decay,
-                ..
-            } => (
-                format!(
-                    "{}const DECAY: f32 = {};\n",
-                    adam_consts(betas, eps),
-                    lit(decay)
-                ),
-                matrix::SHAMPOO_STAGES
-                    .iter()
-                    .map(|(name, body)| (*name, body.to_string()))
-                    .collect(),
-                weight_decay,
-            ),
-            OptimizerSpec::Muon {
-                momentum,
-                nesterov,
-                weight_decay,
-                adamw,
-                ..
-            } => (
-                format!(
-                    "{}const MOMENTUM: f32 = {};\nconst NESTEROV: bool = {nesterov};\n{}",
-                    adam_consts(adamw.betas, adamw.eps),
-                    lit(momentum),
-                    matrix::ns_consts()
-                ),
-                matrix::MUON_STAGES
-                    .iter()
-                    .map(|(name, body)| (*name, body.to_string()))
-                    .collect(),
-                weight_decay,
-            ),
-        };
-
-        // `expert_lr = adaptive`: each layer's multipliers at Stats.lr_scale[offset..offset + E],
-        // after the constant 1 at index 0.
-        let adaptive = matches!(settings.expert_lr, Some(ExpertLr::Adaptive { .. }));
-        let mut layers: Vec<(ExpertLayer, &wgpu::Buffer)> = Vec::new();
-        let mut expert_of: HashMap<&str, (u32, usize)> = HashMap::new();
-        if adaptive {
-            let mut next = 1u32;
-            for layer in loads {
-                let shapes: Vec<&ParamBinding> = params
-                    .iter()
-                    .filter(|p| layer.params.contains(&p.name))
-                    .collect();
-                let Some(first) = shapes.first() else {
-                    continue;
-                };
-                let experts = first.shape.first().copied().unwrap_or(0);
-                for p in &shapes {
-                    if p.shape.len() < 2
-                        || p.shape[0] != experts
-                        || experts == 0
-                        || layer.load.size() < 4 * experts as u64
-                    {
-                        return Err(OptimError::ExpertCount {
-                            name: p.name.clone(),
-                            shape: p.shape.clone(),
-                            experts,
-                        });
-                    }
-                    expert_of.insert(&p.name, (next, experts));
-                }
-                layers.push((
-                    ExpertLayer {
-                        offset: next,
-                        experts: experts as u32,
-                    },
-                    &layer.load,
-                ));
-                next += experts as u32;
-            }
-            if let Some(p) = params.iter().find(|p| {
-                p.grad.is_some() && is_expert(&p.name) && !expert_of.contains_key(p.name.as_str())
-            }) {
-                return Err(OptimError::NoExpertLoad(p.name.clone()));
-            }
-        }
-        let scales = 1 + layers.iter().map(|(l, _)| l.experts as u64).sum::<u64>();
-
-        let clip = settings.clip.unwrap_or(0.0);
-        let header = format!(
-            "const CLIP: f32 = {};\nconst LOSS_SCALING: u32 = {}u;\nconst GROWTH_INTERVAL: u32 = {GROWTH_INTERVAL}u;\nconst ACCUMULATE: u32 = {}u;\n{consts}{PRELUDE}\n",
-            lit(clip),
-            u32::from(settings.loss_scaling),
-            settings.accumulate
-        );
+        let kernels = UpdateKernels::of(&settings.optimizer);
+        let experts = ExpertScales::new(settings, params, loads)?;
+        let header = kernel_header(settings, &kernels.consts);
         let device = &gpu.device;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let pipeline = |name: &str, body: &str| {
@@ -993,7 +844,8 @@ impl<'g> Optimizer<'g> {
         let update = UpdatePipelines {
             compile: &pipeline,
             list: RefCell::new(
-                stages
+                kernels
+                    .stages
                     .iter()
                     .map(|(name, body)| pipeline(name, body))
                     .collect(),
@@ -1001,193 +853,39 @@ impl<'g> Optimizer<'g> {
             generated: RefCell::default(),
         };
         let scalars = gpu.storage_buffer("optim scalars", std::mem::size_of::<Scalars>() as u64);
-        let stats = gpu.storage_buffer("optim stats", STATS_BYTES + 4 * scales);
-        gpu.queue.write_buffer(
-            &stats,
-            STATS_BYTES,
-            bytemuck::cast_slice(&vec![1.0f32; scales as usize]),
-        );
-        let initial = LossScaleState {
-            scale: if settings.loss_scaling {
-                INITIAL_LOSS_SCALE
-            } else {
-                1.0
-            },
-            good_steps: 0,
-            skipped: 0,
-        };
-        write_loss_scale(gpu, &stats, &initial);
+        let stats = stats_buffer(gpu, settings, experts.count());
         let target = gpu.target();
         let max_dim = target.max_workgroups_per_dim.max(1);
+        let (ranges, total_partials) =
+            slice_ranges_of(params, target.max_storage_binding_size, max_dim);
+        // At least one slot, so the finalize kernel has a buffer to bind when nothing has a gradient.
+        let partials = gpu.storage_buffer("clip partial sums", 4 * total_partials.max(1));
+        let binder = SlotBinder {
+            gpu,
+            settings,
+            layout: Layout::of(&settings.optimizer),
+            weight_decay: kernels.weight_decay,
+            expert_of: &experts.expert_of,
+            target: &target,
+            pipelines: &pipelines,
+            update: &update,
+            scalars: &scalars,
+            stats: &stats,
+            partials: &partials,
+            max_dim,
+        };
+        let slots = params
+            .iter()
+            .zip(&ranges)
+            .map(|(p, ranges)| binder.slot(p, ranges))
+            .collect::<Result<Vec<Slot>, OptimError>>()?;
         let bind = |pipeline: &wgpu::ComputePipeline, buffers: &[&wgpu::Buffer]| {
             bind_group(device, pipeline, &whole(buffers))
         };
-
-        // Slices (ranges within one binding) and their partial-sum slots first:
-        // the partials buffer's length is their total.
-        let limit = target.max_storage_binding_size;
-        let mut ranges = Vec::with_capacity(params.len());
-        let mut total_partials = 0u64;
-        for p in params {
-            let sliced = slice_ranges(&p.shape, limit);
-            let mut slots = Vec::with_capacity(sliced.len());
-            for (start, len) in sliced {
-                let groups = if p.grad.is_some() {
-                    (len as u64).div_ceil(SUMSQ_CHUNK).clamp(1, max_dim as u64)
-                } else {
-                    0
-                };
-                slots.push((start, len, total_partials, groups));
-                total_partials += groups;
-            }
-            ranges.push(slots);
-        }
-        // At least one slot, so the finalize kernel has a buffer to bind when nothing has a gradient.
-        let partials = gpu.storage_buffer("clip partial sums", 4 * total_partials.max(1));
-
-        let mut slots = Vec::with_capacity(params.len());
-        for (p, ranges) in params.iter().zip(&ranges) {
-            let numel: usize = p.shape.iter().product();
-            let bytes = 4 * numel as u64;
-            let Some(plan_grad) = &p.grad else {
-                slots.push(Slot {
-                    name: p.name.clone(),
-                    shape: p.shape.clone(),
-                    numel,
-                    param: p.param.clone(),
-                    state: Vec::new(),
-                    kernels: None,
-                });
-                continue;
-            };
-            let (matrices, rows, cols, factored) = factoring(&p.shape);
-            let chunks = ((rows * cols) as u64)
-                .div_ceil(SUMSQ_CHUNK)
-                .clamp(1, MAX_RMS_CHUNKS);
-            let (lr_scale, experts) = expert_of.get(p.name.as_str()).copied().unwrap_or((0, 1));
-            let kind = ParamKind::of(layout, &p.name, &p.shape);
-            if ranges.len() > 1 && !settings.updates_in_slices(&p.name, &p.shape) {
-                return Err(OptimError::TooLarge {
-                    name: p.name.clone(),
-                    bytes,
-                    limit,
-                    why: MATRIX_WHOLE,
-                });
-            }
-            // Muon's AdamW parameters: their own group (learning rate) and weight decay.
-            let adam_of_muon = match layout {
-                Layout::Muon { adam_decay, .. } if kind == ParamKind::Adam => Some(adam_decay),
-                Layout::Muon { .. }
-                | Layout::Elementwise(_)
-                | Layout::Adafactor
-                | Layout::Shampoo { .. } => None,
-            };
-            let group = if is_expert(&p.name) {
-                1
-            } else if adam_of_muon.is_some() {
-                2
-            } else {
-                0
-            };
-            let decay = adam_of_muon.unwrap_or(wd);
-            let expert_size = (numel / experts).max(1);
-            let slices: Vec<Slice> = ranges
-                .iter()
-                .map(|&(start, len, slot, groups)| {
-                    let info = ParamInfo {
-                        group,
-                        decay: if decays(&p.shape) { decay as f32 } else { 0.0 },
-                        slot: slot as u32,
-                        partials: groups as u32,
-                        lr_scale,
-                        expert_size: expert_size as u32,
-                        matrices: matrices as u32,
-                        rows: rows as u32,
-                        cols: cols as u32,
-                        chunks: chunks as u32,
-                        factored: factored as u32,
-                        base: start as u32,
-                    };
-                    let buffer = gpu.storage_buffer(
-                        &format!("{} info", p.name),
-                        std::mem::size_of::<ParamInfo>() as u64,
-                    );
-                    gpu.queue
-                        .write_buffer(&buffer, 0, bytemuck::bytes_of(&info));
-                    Slice {
-                        start,
-                        len,
-                        info: buffer,
-                    }
-                })
-                .collect();
-            let acc = (settings.accumulate > 1)
-                .then(|| gpu.storage_buffer(&format!("{} accumulated grad", p.name), bytes));
-            let grad = acc.as_ref().unwrap_or(plan_grad);
-            let ctx = SlotContext {
-                gpu,
-                target: &target,
-                pipelines: &update,
-                name: &p.name,
-                shape: &p.shape,
-                info: &slices[0].info,
-                slices: &slices,
-                scalars: &scalars,
-                stats: &stats,
-                param: &p.param,
-                grad,
-                max_dim,
-            };
-            let built = match (layout, kind) {
-                (Layout::Elementwise(suffixes), _) => ctx.elementwise(suffixes),
-                (_, ParamKind::Adam) => ctx.elementwise(&["m", "v"]),
-                (Layout::Adafactor, _) => ctx.adafactor(chunks as usize),
-                (Layout::Shampoo { .. }, _) => ctx.shampoo(),
-                (Layout::Muon { ns_steps, .. }, _) => ctx.muon(ns_steps),
-            };
-            let slice_kernels = slices
-                .iter()
-                .zip(ranges)
-                .map(|(slice, &(_, _, _, groups))| SliceKernels {
-                    accumulate: acc.as_ref().map(|a| {
-                        bind_group(
-                            device,
-                            &pipelines.accumulate,
-                            &[
-                                scalars.as_entire_buffer_binding(),
-                                range_of(plan_grad, slice),
-                                range_of(a, slice),
-                            ],
-                        )
-                    }),
-                    sumsq: bind_group(
-                        device,
-                        &pipelines.sumsq,
-                        &[
-                            slice.info.as_entire_buffer_binding(),
-                            range_of(grad, slice),
-                            partials.as_entire_buffer_binding(),
-                        ],
-                    ),
-                    sumsq_groups: groups as u32,
-                    grid: grid(slice.len, max_dim),
-                })
-                .collect();
-            slots.push(Slot {
-                name: p.name.clone(),
-                shape: p.shape.clone(),
-                numel,
-                param: p.param.clone(),
-                state: built.state,
-                kernels: Some(SlotKernels {
-                    slices: slice_kernels,
-                    update: built.update,
-                }),
-            });
-        }
         let track = bind(&pipelines.track, &[&scalars, loss, ce, &stats]);
         let finalize = bind(&pipelines.finalize, &[&scalars, &partials, &stats]);
-        let expert_lr = layers
+        let expert_lr = experts
+            .layers
             .iter()
             .map(|(layer, load)| {
                 let info = gpu.storage_buffer("expert lr layer", 8);
@@ -1590,6 +1288,472 @@ impl<'g> Optimizer<'g> {
         }
         self.host = host.clone();
         Ok(())
+    }
+}
+
+/// The optimizer's own part of its update kernels.
+struct UpdateKernels {
+    /// WGSL constants of its hyperparameters.
+    consts: String,
+    /// Its update stages (label, body), in pipeline order.
+    stages: Vec<(&'static str, String)>,
+    /// The weight decay of the parameters it updates itself.
+    weight_decay: f64,
+}
+
+/// The constants of an Adam-style moment update.
+fn adam_consts(betas: (f64, f64), eps: f64) -> String {
+    format!(
+        "const BETA1: f32 = {};\nconst BETA2: f32 = {};\nconst EPS: f32 = {};\n",
+        lit(betas.0),
+        lit(betas.1),
+        lit(eps)
+    )
+}
+
+impl UpdateKernels {
+    fn of(optimizer: &OptimizerSpec) -> UpdateKernels {
+        let (consts, stages, weight_decay) = match *optimizer {
+            OptimizerSpec::AdamW {
+                betas,
+                eps,
+                weight_decay,
+                ..
+            } => (
+                adam_consts(betas, eps),
+                vec![("optim_adamw", ADAMW.into())],
+                weight_decay,
+            ),
+            OptimizerSpec::Sgd { momentum, .. } if momentum != 0.0 => (
+                format!("const MOMENTUM: f32 = {};\n", lit(momentum)),
+                vec![("optim_sgd", SGD.into())],
+                0.0,
+            ),
+            OptimizerSpec::Sgd { .. } => (
+                String::new(),
+                vec![("optim_sgd_plain", SGD_PLAIN.into())],
+                0.0,
+            ),
+            OptimizerSpec::ScheduleFreeAdamW {
+                betas,
+                eps,
+                weight_decay,
+                ..
+            } => (
+                adam_consts(betas, eps),
+                vec![("optim_schedule_free", SCHEDULE_FREE.into())],
+                weight_decay,
+            ),
+            OptimizerSpec::Adafactor { eps, .. } => (
+                format!(
+                    "const EPS: f32 = {};\nconst CLIP_THRESHOLD: f32 = {};\n",
+                    lit(eps),
+                    lit(CLIP_THRESHOLD)
+                ),
+                vec![
+                    (
+                        "optim_adafactor_moments",
+                        format!("{WORKGROUP_SUM}{ADAFACTOR_MOMENTS}"),
+                    ),
+                    (
+                        "optim_adafactor_rms",
+                        format!("{WORKGROUP_SUM}{ADAFACTOR_COMMON}{ADAFACTOR_RMS}"),
+                    ),
+                    ("optim_adafactor", format!("{ADAFACTOR_COMMON}{ADAFACTOR}")),
+                ],
+                0.0,
+            ),
+            OptimizerSpec::Shampoo {
+                betas,
+                eps,
+                decay,
+                weight_decay,
+                ..
+            } => (
+                format!(
+                    "{}const DECAY: f32 = {};\n",
+                    adam_consts(betas, eps),
+                    lit(decay)
+                ),
+                matrix::SHAMPOO_STAGES
+                    .iter()
+                    .map(|(name, body)| (*name, body.to_string()))
+                    .collect(),
+                weight_decay,
+            ),
+            OptimizerSpec::Muon {
+                momentum,
+                nesterov,
+                weight_decay,
+                adamw,
+                ..
+            } => (
+                format!(
+                    "{}const MOMENTUM: f32 = {};\nconst NESTEROV: bool = {nesterov};\n{}",
+                    adam_consts(adamw.betas, adamw.eps),
+                    lit(momentum),
+                    matrix::ns_consts()
+                ),
+                matrix::MUON_STAGES
+                    .iter()
+                    .map(|(name, body)| (*name, body.to_string()))
+                    .collect(),
+                weight_decay,
+            ),
+        };
+        UpdateKernels {
+            consts,
+            stages,
+            weight_decay,
+        }
+    }
+}
+
+/// What every optimizer kernel starts with: the run's settings as constants, the optimizer's
+/// constants and the shared prelude.
+fn kernel_header(settings: &OptimSettings, consts: &str) -> String {
+    format!(
+        "const CLIP: f32 = {};\nconst LOSS_SCALING: u32 = {}u;\nconst GROWTH_INTERVAL: u32 = {GROWTH_INTERVAL}u;\nconst ACCUMULATE: u32 = {}u;\n{consts}{PRELUDE}\n",
+        lit(settings.clip.unwrap_or(0.0)),
+        u32::from(settings.loss_scaling),
+        settings.accumulate
+    )
+}
+
+/// `expert_lr = adaptive`: each MoE layer's multipliers sit at Stats.lr_scale[offset..offset + E],
+/// after the constant 1 at index 0. Empty for any other `expert_lr`.
+#[derive(Default)]
+struct ExpertScales<'a> {
+    /// Each layer and its load output.
+    layers: Vec<(ExpertLayer, &'a wgpu::Buffer)>,
+    /// Each expert parameter's layer offset and expert count.
+    expert_of: HashMap<&'a str, (u32, usize)>,
+}
+
+impl<'a> ExpertScales<'a> {
+    /// Refuses an expert stack whose leading dimension is not its layer's expert count, and an
+    /// expert parameter with a gradient but no load output to adapt its rate to.
+    fn new(
+        settings: &OptimSettings,
+        params: &'a [ParamBinding],
+        loads: &'a [ExpertLoad],
+    ) -> Result<ExpertScales<'a>, OptimError> {
+        let mut scales = ExpertScales::default();
+        if !matches!(settings.expert_lr, Some(ExpertLr::Adaptive { .. })) {
+            return Ok(scales);
+        }
+        let mut next = 1u32;
+        for layer in loads {
+            let shapes: Vec<&ParamBinding> = params
+                .iter()
+                .filter(|p| layer.params.contains(&p.name))
+                .collect();
+            let Some(first) = shapes.first() else {
+                continue;
+            };
+            let experts = first.shape.first().copied().unwrap_or(0);
+            for p in &shapes {
+                if p.shape.len() < 2
+                    || p.shape[0] != experts
+                    || experts == 0
+                    || layer.load.size() < 4 * experts as u64
+                {
+                    return Err(OptimError::ExpertCount {
+                        name: p.name.clone(),
+                        shape: p.shape.clone(),
+                        experts,
+                    });
+                }
+                scales.expert_of.insert(&p.name, (next, experts));
+            }
+            scales.layers.push((
+                ExpertLayer {
+                    offset: next,
+                    experts: experts as u32,
+                },
+                &layer.load,
+            ));
+            next += experts as u32;
+        }
+        if let Some(p) = params.iter().find(|p| {
+            p.grad.is_some()
+                && is_expert(&p.name)
+                && !scales.expert_of.contains_key(p.name.as_str())
+        }) {
+            return Err(OptimError::NoExpertLoad(p.name.clone()));
+        }
+        Ok(scales)
+    }
+
+    /// The length of Stats.lr_scale.
+    fn count(&self) -> u64 {
+        1 + self
+            .layers
+            .iter()
+            .map(|(l, _)| l.experts as u64)
+            .sum::<u64>()
+    }
+}
+
+/// The stats buffer with its `scales` learning-rate multipliers at 1 and the loss scale at its
+/// start: the first step reads both before any kernel writes them.
+fn stats_buffer(gpu: &Gpu, settings: &OptimSettings, scales: u64) -> wgpu::Buffer {
+    let stats = gpu.storage_buffer("optim stats", STATS_BYTES + 4 * scales);
+    gpu.queue.write_buffer(
+        &stats,
+        STATS_BYTES,
+        bytemuck::cast_slice(&vec![1.0f32; scales as usize]),
+    );
+    let initial = LossScaleState {
+        scale: if settings.loss_scaling {
+            INITIAL_LOSS_SCALE
+        } else {
+            1.0
+        },
+        good_steps: 0,
+        skipped: 0,
+    };
+    write_loss_scale(gpu, &stats, &initial);
+    stats
+}
+
+/// One slice of a parameter and its slots in the clip's partial-sums buffer.
+#[derive(Clone, Copy)]
+struct SliceRange {
+    start: usize,
+    len: usize,
+    /// Its first partial-sum slot.
+    slot: u64,
+    /// Its partial sums of squares (0 for a parameter without gradient).
+    groups: u64,
+}
+
+/// Every parameter's slices and the total of their partial sums, planned before any slot is
+/// bound because that total sizes the partials buffer they all bind.
+fn slice_ranges_of(
+    params: &[ParamBinding],
+    limit: u64,
+    max_dim: u32,
+) -> (Vec<Vec<SliceRange>>, u64) {
+    let mut ranges = Vec::with_capacity(params.len());
+    let mut total_partials = 0u64;
+    for p in params {
+        let sliced = slice_ranges(&p.shape, limit);
+        let mut slots = Vec::with_capacity(sliced.len());
+        for (start, len) in sliced {
+            let groups = if p.grad.is_some() {
+                (len as u64).div_ceil(SUMSQ_CHUNK).clamp(1, max_dim as u64)
+            } else {
+                0
+            };
+            slots.push(SliceRange {
+                start,
+                len,
+                slot: total_partials,
+                groups,
+            });
+            total_partials += groups;
+        }
+        ranges.push(slots);
+    }
+    (ranges, total_partials)
+}
+
+/// What every parameter's slot binds besides its own buffers, while the optimizer is built.
+struct SlotBinder<'a> {
+    gpu: &'a Gpu,
+    settings: &'a OptimSettings,
+    layout: Layout,
+    /// The optimizer's own weight decay ([`UpdateKernels::weight_decay`]).
+    weight_decay: f64,
+    expert_of: &'a HashMap<&'a str, (u32, usize)>,
+    target: &'a Target,
+    pipelines: &'a Pipelines,
+    update: &'a UpdatePipelines<'a>,
+    scalars: &'a wgpu::Buffer,
+    stats: &'a wgpu::Buffer,
+    partials: &'a wgpu::Buffer,
+    max_dim: u32,
+}
+
+impl SlotBinder<'_> {
+    /// A parameter's state and kernels over its slices `ranges`; refuses a sliced parameter the
+    /// optimizer's matrix kernels need whole.
+    fn slot(&self, p: &ParamBinding, ranges: &[SliceRange]) -> Result<Slot, OptimError> {
+        let numel: usize = p.shape.iter().product();
+        let bytes = 4 * numel as u64;
+        let Some(plan_grad) = &p.grad else {
+            return Ok(Slot {
+                name: p.name.clone(),
+                shape: p.shape.clone(),
+                numel,
+                param: p.param.clone(),
+                state: Vec::new(),
+                kernels: None,
+            });
+        };
+        let kind = ParamKind::of(self.layout, &p.name, &p.shape);
+        if ranges.len() > 1 && !self.settings.updates_in_slices(&p.name, &p.shape) {
+            return Err(OptimError::TooLarge {
+                name: p.name.clone(),
+                bytes,
+                limit: self.target.max_storage_binding_size,
+                why: MATRIX_WHOLE,
+            });
+        }
+        let info = self.param_info(p, kind);
+        let slices = self.slices(p, ranges, info);
+        let acc = (self.settings.accumulate > 1).then(|| {
+            self.gpu
+                .storage_buffer(&format!("{} accumulated grad", p.name), bytes)
+        });
+        let grad = acc.as_ref().unwrap_or(plan_grad);
+        let ctx = SlotContext {
+            gpu: self.gpu,
+            target: self.target,
+            pipelines: self.update,
+            name: &p.name,
+            shape: &p.shape,
+            info: &slices[0].info,
+            slices: &slices,
+            scalars: self.scalars,
+            stats: self.stats,
+            param: &p.param,
+            grad,
+            max_dim: self.max_dim,
+        };
+        let built = match (self.layout, kind) {
+            (Layout::Elementwise(suffixes), _) => ctx.elementwise(suffixes),
+            (_, ParamKind::Adam) => ctx.elementwise(&["m", "v"]),
+            (Layout::Adafactor, _) => ctx.adafactor(info.chunks as usize),
+            (Layout::Shampoo { .. }, _) => ctx.shampoo(),
+            (Layout::Muon { ns_steps, .. }, _) => ctx.muon(ns_steps),
+        };
+        let slice_kernels = slices
+            .iter()
+            .zip(ranges)
+            .map(|(slice, range)| self.slice_kernels(slice, range, plan_grad, acc.as_ref(), grad))
+            .collect();
+        Ok(Slot {
+            name: p.name.clone(),
+            shape: p.shape.clone(),
+            numel,
+            param: p.param.clone(),
+            state: built.state,
+            kernels: Some(SlotKernels {
+                slices: slice_kernels,
+                update: built.update,
+            }),
+        })
+    }
+
+    /// The info block of a parameter updated as `kind`, before its slice fields are set.
+    fn param_info(&self, p: &ParamBinding, kind: ParamKind) -> ParamInfo {
+        let numel: usize = p.shape.iter().product();
+        let (matrices, rows, cols, factored) = factoring(&p.shape);
+        let chunks = ((rows * cols) as u64)
+            .div_ceil(SUMSQ_CHUNK)
+            .clamp(1, MAX_RMS_CHUNKS);
+        let (lr_scale, experts) = self
+            .expert_of
+            .get(p.name.as_str())
+            .copied()
+            .unwrap_or((0, 1));
+        // Muon's AdamW parameters: their own group (learning rate) and weight decay.
+        let adam_of_muon = match self.layout {
+            Layout::Muon { adam_decay, .. } if kind == ParamKind::Adam => Some(adam_decay),
+            Layout::Muon { .. }
+            | Layout::Elementwise(_)
+            | Layout::Adafactor
+            | Layout::Shampoo { .. } => None,
+        };
+        let group = if is_expert(&p.name) {
+            1
+        } else if adam_of_muon.is_some() {
+            2
+        } else {
+            0
+        };
+        let decay = adam_of_muon.unwrap_or(self.weight_decay);
+        ParamInfo {
+            group,
+            decay: if decays(&p.shape) { decay as f32 } else { 0.0 },
+            slot: 0,
+            partials: 0,
+            lr_scale,
+            expert_size: (numel / experts).max(1) as u32,
+            matrices: matrices as u32,
+            rows: rows as u32,
+            cols: cols as u32,
+            chunks: chunks as u32,
+            factored: factored as u32,
+            base: 0,
+        }
+    }
+
+    /// Each slice of the parameter with its own info block: `info` with the slice's partial-sum
+    /// slots and first element.
+    fn slices(&self, p: &ParamBinding, ranges: &[SliceRange], info: ParamInfo) -> Vec<Slice> {
+        ranges
+            .iter()
+            .map(|range| {
+                let info = ParamInfo {
+                    slot: range.slot as u32,
+                    partials: range.groups as u32,
+                    base: range.start as u32,
+                    ..info
+                };
+                let buffer = self.gpu.storage_buffer(
+                    &format!("{} info", p.name),
+                    std::mem::size_of::<ParamInfo>() as u64,
+                );
+                self.gpu
+                    .queue
+                    .write_buffer(&buffer, 0, bytemuck::bytes_of(&info));
+                Slice {
+                    start: range.start,
+                    len: range.len,
+                    info: buffer,
+                }
+            })
+            .collect()
+    }
+
+    /// One slice's accumulation (into `acc`, under `accumulate > 1`) and clip sums of squares of
+    /// `grad`, the gradient the update reads.
+    fn slice_kernels(
+        &self,
+        slice: &Slice,
+        range: &SliceRange,
+        plan_grad: &wgpu::Buffer,
+        acc: Option<&wgpu::Buffer>,
+        grad: &wgpu::Buffer,
+    ) -> SliceKernels {
+        let device = &self.gpu.device;
+        SliceKernels {
+            accumulate: acc.map(|a| {
+                bind_group(
+                    device,
+                    &self.pipelines.accumulate,
+                    &[
+                        self.scalars.as_entire_buffer_binding(),
+                        range_of(plan_grad, slice),
+                        range_of(a, slice),
+                    ],
+                )
+            }),
+            sumsq: bind_group(
+                device,
+                &self.pipelines.sumsq,
+                &[
+                    slice.info.as_entire_buffer_binding(),
+                    range_of(grad, slice),
+                    self.partials.as_entire_buffer_binding(),
+                ],
+            ),
+            sumsq_groups: range.groups as u32,
+            grid: grid(slice.len, self.max_dim),
+        }
     }
 }
 

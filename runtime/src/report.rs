@@ -342,12 +342,50 @@ pub fn write_report(runs: &[Run], out: &Path) -> Result<Report, ReportError> {
     );
 
     let colors: Vec<RGBColor> = (0..runs.len()).map(run_color).collect();
+    md.push_str(&loss_section(runs, &colors, out, &mut plots)?);
+    let moe_runs: Vec<usize> = (0..runs.len())
+        .filter(|&i| !runs[i].blocks().is_empty())
+        .collect();
+    if !moe_runs.is_empty() {
+        md.push_str(&balance_section(runs, &moe_runs, &colors, out, &mut plots)?);
+        md.push_str(&utilisation_section(
+            runs, &moe_runs, &stems, out, &mut plots,
+        )?);
+        let state_md = router_state_charts(runs, &moe_runs, &stems, out, &mut plots)?;
+        md.push_str(&router_logit_plots(
+            runs, &moe_runs, &stems, out, &mut plots,
+        )?);
+        if !state_md.is_empty() {
+            md.push_str("\n## Router state\n\nPer-expert router state logged with the metrics (loss-free balancing biases, auction prices).\n");
+            md.push_str(&state_md);
+        }
+    }
+
+    let markdown = out.join("report.md");
+    std::fs::write(&markdown, md).map_err(|source| ReportError::Write {
+        path: markdown.clone(),
+        source,
+    })?;
+    Ok(Report {
+        markdown,
+        plots,
+        table,
+    })
+}
+
+/// The training and validation loss chart of every run; returns the report's section.
+fn loss_section(
+    runs: &[Run],
+    colors: &[RGBColor],
+    out: &Path,
+    plots: &mut Vec<PathBuf>,
+) -> Result<String, ReportError> {
     let loss = LineFigure {
         caption: "Loss".into(),
         y_desc: "loss".into(),
         lines: runs
             .iter()
-            .zip(&colors)
+            .zip(colors)
             .flat_map(|(run, &color)| {
                 let train = Line {
                     label: Some(format!("{} train", run.name)),
@@ -375,138 +413,149 @@ pub fn write_report(runs: &[Run], out: &Path) -> Result<Report, ReportError> {
             .collect(),
     };
     plots.extend(render(&loss, (1000, 600), out, "loss")?);
-    md.push_str("\n## Loss\n\nTraining loss (lines) and validation loss (lines with markers) against step.\n\n");
+    let mut md = String::from(
+        "\n## Loss\n\nTraining loss (lines) and validation loss (lines with markers) against step.\n\n",
+    );
     md.push_str(&embed("loss", "loss"));
+    Ok(md)
+}
 
-    let moe_runs: Vec<usize> = (0..runs.len())
-        .filter(|&i| !runs[i].blocks().is_empty())
-        .collect();
-    if !moe_runs.is_empty() {
-        let per_step = |run: &Run, f: fn(&MoeLayerMetrics) -> f64| -> Vec<(f64, f64)> {
-            run.records
-                .iter()
-                .filter_map(|r| {
-                    r.moe
-                        .as_ref()
-                        .filter(|m| !m.is_empty())
-                        .map(|m| (r.step as f64, mean(m.values().map(f))))
-                })
-                .collect()
-        };
-        let lines = |f: fn(&MoeLayerMetrics) -> f64| -> Vec<Line> {
-            moe_runs
-                .iter()
-                .map(|&i| Line {
-                    label: Some(runs[i].name.clone()),
-                    color: colors[i],
-                    points: per_step(&runs[i], f),
-                    markers: false,
-                })
-                .collect()
-        };
-        let balance = Panels(vec![
-            LineFigure {
-                caption: "Load CV² (mean over MoE blocks)".into(),
-                y_desc: "CV²".into(),
-                lines: lines(|m| m.cv2),
-            },
-            LineFigure {
-                caption: "Gini (mean over MoE blocks)".into(),
-                y_desc: "Gini".into(),
-                lines: lines(|m| m.gini),
-            },
-        ]);
-        plots.extend(render(&balance, (1400, 560), out, "balance")?);
-        md.push_str("\n## Load balance\n\nCV² and Gini of the experts' load fractions against step, each averaged over the run's MoE blocks (0 = perfectly even).\n\n");
-        md.push_str(&embed("balance", "load balance"));
+/// The CV² and Gini charts of the MoE runs `moe_runs`; returns the report's section.
+fn balance_section(
+    runs: &[Run],
+    moe_runs: &[usize],
+    colors: &[RGBColor],
+    out: &Path,
+    plots: &mut Vec<PathBuf>,
+) -> Result<String, ReportError> {
+    let per_step = |run: &Run, f: fn(&MoeLayerMetrics) -> f64| -> Vec<(f64, f64)> {
+        run.records
+            .iter()
+            .filter_map(|r| {
+                r.moe
+                    .as_ref()
+                    .filter(|m| !m.is_empty())
+                    .map(|m| (r.step as f64, mean(m.values().map(f))))
+            })
+            .collect()
+    };
+    let lines = |f: fn(&MoeLayerMetrics) -> f64| -> Vec<Line> {
+        moe_runs
+            .iter()
+            .map(|&i| Line {
+                label: Some(runs[i].name.clone()),
+                color: colors[i],
+                points: per_step(&runs[i], f),
+                markers: false,
+            })
+            .collect()
+    };
+    let balance = Panels(vec![
+        LineFigure {
+            caption: "Load CV² (mean over MoE blocks)".into(),
+            y_desc: "CV²".into(),
+            lines: lines(|m| m.cv2),
+        },
+        LineFigure {
+            caption: "Gini (mean over MoE blocks)".into(),
+            y_desc: "Gini".into(),
+            lines: lines(|m| m.gini),
+        },
+    ]);
+    plots.extend(render(&balance, (1400, 560), out, "balance")?);
+    let mut md = String::from("\n## Load balance\n\nCV² and Gini of the experts' load fractions against step, each averaged over the run's MoE blocks (0 = perfectly even).\n\n");
+    md.push_str(&embed("balance", "load balance"));
+    Ok(md)
+}
 
-        md.push_str("\n## Expert utilisation\n\nPer MoE block: each expert's fraction of the routed assignments (colour) at each log step; an even split is 1/experts.\n");
-        for &i in &moe_runs {
-            let run = &runs[i];
-            md.push_str(&format!("\n### {}\n", md_escape(&run.name)));
-            for block in run.blocks() {
-                let series = run.block_series(&block);
-                let heat = Heatmap::new(
-                    format!("{}: expert load, MoE block {block}", run.name),
-                    &series.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
-                    series.iter().map(|(_, m)| m.fraction.clone()).collect(),
-                    MAX_HEATMAP_COLUMNS,
-                );
-                let stem = format!("util_{}_block{}", stems[i], sanitize(&block));
-                plots.extend(render(&heat, (1000, 560), out, &stem)?);
-                md.push_str(&format!("\n#### Block {block}\n\n"));
-                md.push_str(&embed(
-                    &stem,
-                    &format!("{} block {block} utilisation", run.name),
-                ));
-            }
-        }
-
-        let mut state_md = String::new();
-        for &i in &moe_runs {
-            let run = &runs[i];
-            for block in run.blocks() {
-                let series = run.block_series(&block);
-                for (kind, what, get) in [
-                    (
-                        "bias",
-                        "selection bias",
-                        (|m: &MoeLayerMetrics| m.bias.clone())
-                            as fn(&MoeLayerMetrics) -> Option<Vec<f64>>,
-                    ),
-                    ("prices", "auction price", |m| m.prices.clone()),
-                ] {
-                    let values: Vec<(u64, Vec<f64>)> = series
-                        .iter()
-                        .filter_map(|(s, m)| get(m).map(|v| (*s, v)))
-                        .collect();
-                    if values.is_empty() {
-                        continue;
-                    }
-                    let experts = values.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
-                    let figure = LineFigure {
-                        caption: format!("{}: {what} per expert, MoE block {block}", run.name),
-                        y_desc: kind.into(),
-                        lines: per_expert(&values, experts, |s, v, e| Some((s, *v.get(e)?)))
-                            .into_iter()
-                            .map(|(label, color, points)| Line {
-                                label,
-                                color,
-                                points,
-                                markers: false,
-                            })
-                            .collect(),
-                    };
-                    state_md.push_str(&block_chart(
-                        &figure,
-                        out,
-                        &format!("{kind}_{}_block{}", stems[i], sanitize(&block)),
-                        &format!("{}, block {block}: {what}", md_escape(&run.name)),
-                        &format!("{} block {block} {kind}", run.name),
-                        &mut plots,
-                    )?);
-                }
-            }
-        }
-        md.push_str(&router_logit_plots(
-            runs, &moe_runs, &stems, out, &mut plots,
-        )?);
-        if !state_md.is_empty() {
-            md.push_str("\n## Router state\n\nPer-expert router state logged with the metrics (loss-free balancing biases, auction prices).\n");
-            md.push_str(&state_md);
+/// The expert-load heatmap of every block of the MoE runs `moe_runs`; returns the report's section.
+fn utilisation_section(
+    runs: &[Run],
+    moe_runs: &[usize],
+    stems: &[String],
+    out: &Path,
+    plots: &mut Vec<PathBuf>,
+) -> Result<String, ReportError> {
+    let mut md = String::from("\n## Expert utilisation\n\nPer MoE block: each expert's fraction of the routed assignments (colour) at each log step; an even split is 1/experts.\n");
+    for &i in moe_runs {
+        let run = &runs[i];
+        md.push_str(&format!("\n### {}\n", md_escape(&run.name)));
+        for block in run.blocks() {
+            let series = run.block_series(&block);
+            let heat = Heatmap::new(
+                format!("{}: expert load, MoE block {block}", run.name),
+                &series.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+                series.iter().map(|(_, m)| m.fraction.clone()).collect(),
+                MAX_HEATMAP_COLUMNS,
+            );
+            let stem = format!("util_{}_block{}", stems[i], sanitize(&block));
+            plots.extend(render(&heat, (1000, 560), out, &stem)?);
+            md.push_str(&format!("\n#### Block {block}\n\n"));
+            md.push_str(&embed(
+                &stem,
+                &format!("{} block {block} utilisation", run.name),
+            ));
         }
     }
+    Ok(md)
+}
 
-    let markdown = out.join("report.md");
-    std::fs::write(&markdown, md).map_err(|source| ReportError::Write {
-        path: markdown.clone(),
-        source,
-    })?;
-    Ok(Report {
-        markdown,
-        plots,
-        table,
-    })
+/// The per-expert bias and price charts of every block whose log carries them; returns their
+/// markdown without a heading ("" when no block has router state).
+fn router_state_charts(
+    runs: &[Run],
+    moe_runs: &[usize],
+    stems: &[String],
+    out: &Path,
+    plots: &mut Vec<PathBuf>,
+) -> Result<String, ReportError> {
+    let mut state_md = String::new();
+    for &i in moe_runs {
+        let run = &runs[i];
+        for block in run.blocks() {
+            let series = run.block_series(&block);
+            for (kind, what, get) in [
+                (
+                    "bias",
+                    "selection bias",
+                    (|m: &MoeLayerMetrics| m.bias.clone())
+                        as fn(&MoeLayerMetrics) -> Option<Vec<f64>>,
+                ),
+                ("prices", "auction price", |m| m.prices.clone()),
+            ] {
+                let values: Vec<(u64, Vec<f64>)> = series
+                    .iter()
+                    .filter_map(|(s, m)| get(m).map(|v| (*s, v)))
+                    .collect();
+                if values.is_empty() {
+                    continue;
+                }
+                let experts = values.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
+                let figure = LineFigure {
+                    caption: format!("{}: {what} per expert, MoE block {block}", run.name),
+                    y_desc: kind.into(),
+                    lines: per_expert(&values, experts, |s, v, e| Some((s, *v.get(e)?)))
+                        .into_iter()
+                        .map(|(label, color, points)| Line {
+                            label,
+                            color,
+                            points,
+                            markers: false,
+                        })
+                        .collect(),
+                };
+                state_md.push_str(&block_chart(
+                    &figure,
+                    out,
+                    &format!("{kind}_{}_block{}", stems[i], sanitize(&block)),
+                    &format!("{}, block {block}: {what}", md_escape(&run.name)),
+                    &format!("{} block {block} {kind}", run.name),
+                    plots,
+                )?);
+            }
+        }
+    }
+    Ok(state_md)
 }
 
 /// The router-logit band charts and their CSV files of every run and block whose log carries

@@ -59,6 +59,7 @@
 
 use crate::checkpoint::{diff_specs, hf_config, Checkpoint, CheckpointError};
 use crate::data::{standard_normal, Batch, Batcher, BatcherState, DataError, TrainData};
+use crate::memory::eval_shares_input;
 use crate::metrics::{MetricsError, MetricsLog, MoeLayerMetrics, Record, RouterLogitStats};
 use crate::optim::{
     ExpertLoad, HostState, LossScaleState, OptimError, OptimSettings, Optimizer, ParamBinding,
@@ -209,178 +210,46 @@ impl<'g> Trainer<'g> {
         let total = options.steps.unwrap_or(train.steps);
 
         let exec = Executor::new(gpu, training)?;
-        let need = |plan: &Plan, which: &'static str, what: &'static str, name: &str| {
-            plan.buffer_named(name)
-                .map(|_| ())
-                .ok_or_else(|| TrainError::Plan {
-                    which,
-                    what,
-                    name: name.to_string(),
-                })
-        };
-        let inputs = match data {
-            TrainData::Tokens(_) => "tokens",
-            TrainData::Samples(_) => "features",
-        };
-        for input in [inputs, "targets", "grad_seed"] {
-            need(training, "training", "input", input)?;
-        }
-        for output in ["loss", "ce"] {
-            need(training, "training", "output", output)?;
-        }
-        for name in [inputs, "targets", "ce"] {
-            need(forward, "forward", "buffer", name)?;
-        }
-        if let TrainData::Samples(_) = data {
-            need(forward, "forward", "output", "logits")?;
-        }
-        let mut bindings = Vec::new();
-        let mut init = HashMap::new();
-        for spec_buffer in &training.buffers {
-            if let BufferRole::Param {
-                name,
-                shape,
-                init: how,
-            } = &spec_buffer.role
-            {
-                if !options.resume {
-                    init.insert(
-                        name.clone(),
-                        init_values(name, *how, shape.iter().product(), train.seed),
-                    );
-                }
-                // No `grad.<name>` output: the parameter does not reach the loss (autodiff's contract).
-                let grad = exec.buffer(&format!("grad.{name}")).ok().cloned();
-                bindings.push(ParamBinding {
-                    name: name.clone(),
-                    shape: shape.clone(),
-                    param: exec.buffer(name)?.clone(),
-                    grad,
-                });
-            }
-        }
-        if bindings.iter().all(|b| b.grad.is_none()) {
-            return Err(TrainError::Plan {
-                which: "training",
-                what: "output",
-                name: "grad.*".into(),
-            });
-        }
+        require_data_buffers(training, forward, &data)?;
+        let bindings = param_bindings(training, &exec)?;
         let mut settings = OptimSettings::from_train(&train);
         settings.total_steps = total;
-        // Each MoE block's load output and its stacked experts, for `expert_lr = adaptive`.
-        let mut loads = Vec::new();
-        for &block in spec.moe.as_ref().map_or(&[][..], |m| &m.blocks[..]) {
-            if let Ok(load) = exec.buffer(&format!("moe.{block}.load")) {
-                let prefix = format!("model.layers.{block}.{EXPERT_MARKER}.");
-                loads.push(ExpertLoad {
-                    load: load.clone(),
-                    params: bindings
-                        .iter()
-                        .filter(|b| b.name.starts_with(&prefix))
-                        .map(|b| b.name.clone())
-                        .collect(),
-                });
-            }
-        }
         let mut optim = Optimizer::with_expert_loads(
             gpu,
             &settings,
             &bindings,
             exec.buffer("loss")?,
             exec.buffer("ce")?,
-            &loads,
+            &expert_loads(spec, &exec, &bindings),
         )?;
         // Router state (`router_state.N.*`, docs/DECISIONS.md): the eval plan reads the training
         // plan's state buffers, and each step copies the `.next` outputs into them.
+        let router_state = router_state_inputs(training)?;
         let mut shared = optim.eval_params();
-        let mut router_state = Vec::new();
-        let mut noise = Vec::new();
-        for b in &training.buffers {
-            if let BufferRole::Input { name, shape, role } = &b.role {
-                let n = shape.iter().product();
-                match role {
-                    InputRole::RouterState => {
-                        shared.insert(name.clone(), exec.buffer(name)?.clone());
-                        need(training, "training", "output", &format!("{name}.next"))?;
-                        router_state.push((name.clone(), shape.clone()));
-                    }
-                    InputRole::Noise => noise.push((name.clone(), n, Draw::Normal)),
-                    InputRole::Jitter => noise.push((name.clone(), n, Draw::Jitter)),
-                    // Fed per micro-step (`feed`), once (`grad_seed`, below), or not in training.
-                    InputRole::Data | InputRole::LossSeed | InputRole::LogitRows => {}
-                }
-            }
+        for (name, _) in &router_state {
+            shared.insert(name.clone(), exec.buffer(name)?.clone());
         }
         // Evaluation never interleaves with a step, so it runs in the step's activation buffers.
         let eval = Executor::with_shared(gpu, forward, &shared, Some(&exec))?;
-        // Training-only randomness: evaluation feeds no noise (zeros) and no jitter (ones).
-        let jitter = spec.moe.as_ref().map_or(0.0, |m| m.jitter);
-        for b in &forward.buffers {
-            if let BufferRole::Input { name, shape, role } = &b.role {
-                let n: usize = shape.iter().product();
-                match role {
-                    InputRole::Noise => eval.write_f32(name, &vec![0.0; n])?,
-                    InputRole::Jitter => eval.write_f32(name, &vec![1.0; n])?,
-                    // Shared with training (router state) or fed per batch.
-                    InputRole::RouterState
-                    | InputRole::Data
-                    | InputRole::LossSeed
-                    | InputRole::LogitRows => {}
-                }
-            }
-        }
+        feed_eval_randomness(forward, &eval)?;
+        let noise = training_random_inputs(training);
         exec.write_f32("grad_seed", &[1.0 / train.accumulate as f32])?;
         optim.scale_loss_into(exec.buffer("grad_seed")?)?;
 
-        let mut batcher = Batcher::new(&data, train.seed).state();
-        let mut step = 0;
-        let metrics = if options.resume {
-            let path = options.out_dir.join(CHECKPOINT_FILE);
-            if !path.exists() {
-                return Err(TrainError::NoCheckpoint(path));
-            }
-            let ckpt = Checkpoint::load(&path)?;
-            if let Some(diff) = diff_specs(&ckpt.spec_text, spec_text) {
-                return Err(TrainError::SpecChanged { path, diff });
-            }
-            let host: HostState = ckpt
-                .get_json(META_OPTIM)?
-                .ok_or(TrainError::CheckpointMeta {
-                    path: path.clone(),
-                    key: META_OPTIM,
-                })?;
-            let state: BatcherState =
-                ckpt.get_json(META_BATCHER)?
-                    .ok_or(TrainError::CheckpointMeta {
-                        path: path.clone(),
-                        key: META_BATCHER,
-                    })?;
-            Batcher::new(&data, train.seed).restore(&state)?;
-            let tensors = ckpt.ir_tensors()?;
-            optim.restore(&tensors, &host)?;
-            if optim.settings().loss_scaling {
-                let state: LossScaleState =
-                    ckpt.get_json(META_LOSS_SCALE)?
-                        .ok_or(TrainError::CheckpointMeta {
-                            path: path.clone(),
-                            key: META_LOSS_SCALE,
-                        })?;
-                optim.restore_loss_scale(&state);
-            }
-            for (name, shape) in &router_state {
-                match tensors.get(name) {
-                    Some((s, data)) if s == shape => exec.write_f32(name, data)?,
-                    _ => return Err(OptimError::Missing(name.clone()).into()),
-                }
-            }
-            batcher = state;
-            step = ckpt.step as usize;
-            truncate_metrics(&options.out_dir, ckpt.step)?;
-            MetricsLog::append(&options.out_dir)?
+        let (batcher, step, metrics) = if options.resume {
+            resume(
+                &options.out_dir,
+                spec_text,
+                &data,
+                train.seed,
+                &exec,
+                &mut optim,
+                &router_state,
+            )?
         } else {
-            optim.init(&init)?;
-            MetricsLog::create(&options.out_dir)?
+            optim.init(&initial_weights(training, train.seed))?;
+            let batcher = Batcher::new(&data, train.seed).state();
+            (batcher, 0, MetricsLog::create(&options.out_dir)?)
         };
         Ok(Trainer {
             gpu,
@@ -405,7 +274,7 @@ impl<'g> Trainer<'g> {
             in_flight: None,
             router_state,
             noise,
-            jitter,
+            jitter: spec.moe.as_ref().map_or(0.0, |m| m.jitter),
         })
     }
 
@@ -741,6 +610,220 @@ pub fn evaluate_batches(
     Ok(Evaluation {
         loss: sum / batches.len().max(1) as f64,
         accuracy: classifier.then(|| correct as f64 / rows.max(1) as f64),
+    })
+}
+
+/// Refuses a plan without the buffer `name`, naming the plan (`which`) and the buffer's kind.
+fn require(
+    plan: &Plan,
+    which: &'static str,
+    what: &'static str,
+    name: &str,
+) -> Result<(), TrainError> {
+    plan.buffer_named(name)
+        .map(|_| ())
+        .ok_or_else(|| TrainError::Plan {
+            which,
+            what,
+            name: name.to_string(),
+        })
+}
+
+/// Checks up front that both plans have the buffers the loop feeds and reads, so a plan compiled
+/// without training fails with its missing buffer's name rather than inside the first step.
+fn require_data_buffers(
+    training: &Plan,
+    forward: &Plan,
+    data: &TrainData,
+) -> Result<(), TrainError> {
+    let inputs = match data {
+        TrainData::Tokens(_) => "tokens",
+        TrainData::Samples(_) => "features",
+    };
+    for input in [inputs, "targets", "grad_seed"] {
+        require(training, "training", "input", input)?;
+    }
+    for output in ["loss", "ce"] {
+        require(training, "training", "output", output)?;
+    }
+    for name in [inputs, "targets", "ce"] {
+        require(forward, "forward", "buffer", name)?;
+    }
+    if let TrainData::Samples(_) = data {
+        require(forward, "forward", "output", "logits")?;
+    }
+    Ok(())
+}
+
+/// The training plan's parameters with their gradients; refuses a plan where no parameter has
+/// one, since its optimizer would never move anything.
+fn param_bindings(training: &Plan, exec: &Executor<'_>) -> Result<Vec<ParamBinding>, TrainError> {
+    let mut bindings = Vec::new();
+    for buffer in &training.buffers {
+        if let BufferRole::Param { name, shape, .. } = &buffer.role {
+            // No `grad.<name>` output: the parameter does not reach the loss (autodiff's contract).
+            let grad = exec.buffer(&format!("grad.{name}")).ok().cloned();
+            bindings.push(ParamBinding {
+                name: name.clone(),
+                shape: shape.clone(),
+                param: exec.buffer(name)?.clone(),
+                grad,
+            });
+        }
+    }
+    if bindings.iter().all(|b| b.grad.is_none()) {
+        return Err(TrainError::Plan {
+            which: "training",
+            what: "output",
+            name: "grad.*".into(),
+        });
+    }
+    Ok(bindings)
+}
+
+/// Each MoE block's load output and its stacked experts, for `expert_lr = adaptive`.
+fn expert_loads(spec: &Spec, exec: &Executor<'_>, bindings: &[ParamBinding]) -> Vec<ExpertLoad> {
+    let mut loads = Vec::new();
+    for &block in spec.moe.as_ref().map_or(&[][..], |m| &m.blocks[..]) {
+        if let Ok(load) = exec.buffer(&format!("moe.{block}.load")) {
+            let prefix = format!("model.layers.{block}.{EXPERT_MARKER}.");
+            loads.push(ExpertLoad {
+                load: load.clone(),
+                params: bindings
+                    .iter()
+                    .filter(|b| b.name.starts_with(&prefix))
+                    .map(|b| b.name.clone())
+                    .collect(),
+            });
+        }
+    }
+    loads
+}
+
+/// The training plan's persistent router state inputs and their shapes; each must have the
+/// `.next` output the step copies back into it.
+fn router_state_inputs(training: &Plan) -> Result<Vec<(String, Vec<usize>)>, TrainError> {
+    let mut router_state = Vec::new();
+    for b in &training.buffers {
+        if let BufferRole::Input { name, shape, role } = &b.role {
+            if eval_shares_input(*role) {
+                require(training, "training", "output", &format!("{name}.next"))?;
+                router_state.push((name.clone(), shape.clone()));
+            }
+        }
+    }
+    Ok(router_state)
+}
+
+/// Training-only randomness is off in evaluation: its noise inputs hold zeros and its jitter
+/// inputs ones, written once since nothing else writes them.
+fn feed_eval_randomness(forward: &Plan, eval: &Executor<'_>) -> Result<(), TrainError> {
+    for b in &forward.buffers {
+        if let BufferRole::Input { name, shape, role } = &b.role {
+            let n: usize = shape.iter().product();
+            match role {
+                InputRole::Noise => eval.write_f32(name, &vec![0.0; n])?,
+                InputRole::Jitter => eval.write_f32(name, &vec![1.0; n])?,
+                // Shared with training (router state) or fed per batch.
+                InputRole::RouterState
+                | InputRole::Data
+                | InputRole::LossSeed
+                | InputRole::LogitRows => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The training plan's noise and jitter inputs, their element counts and distributions, redrawn
+/// every micro-step.
+fn training_random_inputs(training: &Plan) -> Vec<(String, usize, Draw)> {
+    let mut noise = Vec::new();
+    for b in &training.buffers {
+        if let BufferRole::Input { name, shape, role } = &b.role {
+            let n = shape.iter().product();
+            match role {
+                InputRole::Noise => noise.push((name.clone(), n, Draw::Normal)),
+                InputRole::Jitter => noise.push((name.clone(), n, Draw::Jitter)),
+                // Fed per micro-step (`feed`), once (`grad_seed`), kept (router state), or absent
+                // from a training plan (logit rows).
+                InputRole::Data
+                | InputRole::LossSeed
+                | InputRole::RouterState
+                | InputRole::LogitRows => {}
+            }
+        }
+    }
+    noise
+}
+
+/// A fresh run's weights: each parameter's `init_params` formula seeded by `seed`.
+fn initial_weights(training: &Plan, seed: u64) -> HashMap<String, Vec<f32>> {
+    let mut init = HashMap::new();
+    for buffer in &training.buffers {
+        if let BufferRole::Param {
+            name,
+            shape,
+            init: how,
+        } = &buffer.role
+        {
+            init.insert(
+                name.clone(),
+                init_values(name, *how, shape.iter().product(), seed),
+            );
+        }
+    }
+    init
+}
+
+/// Restores a run from `OUT_DIR/checkpoint.safetensors` (weights, optimizer and loss-scale
+/// state, router state) and returns the batcher position, the step and the metrics log to append
+/// to; refuses a checkpoint of a different spec.
+fn resume(
+    out_dir: &Path,
+    spec_text: &str,
+    data: &TrainData,
+    seed: u64,
+    exec: &Executor<'_>,
+    optim: &mut Optimizer<'_>,
+    router_state: &[(String, Vec<usize>)],
+) -> Result<(BatcherState, usize, MetricsLog), TrainError> {
+    let path = out_dir.join(CHECKPOINT_FILE);
+    if !path.exists() {
+        return Err(TrainError::NoCheckpoint(path));
+    }
+    let ckpt = Checkpoint::load(&path)?;
+    if let Some(diff) = diff_specs(&ckpt.spec_text, spec_text) {
+        return Err(TrainError::SpecChanged { path, diff });
+    }
+    let host: HostState = checkpoint_meta(&ckpt, &path, META_OPTIM)?;
+    let batcher: BatcherState = checkpoint_meta(&ckpt, &path, META_BATCHER)?;
+    Batcher::new(data, seed).restore(&batcher)?;
+    let tensors = ckpt.ir_tensors()?;
+    optim.restore(&tensors, &host)?;
+    if optim.settings().loss_scaling {
+        let state: LossScaleState = checkpoint_meta(&ckpt, &path, META_LOSS_SCALE)?;
+        optim.restore_loss_scale(&state);
+    }
+    for (name, shape) in router_state {
+        match tensors.get(name) {
+            Some((s, data)) if s == shape => exec.write_f32(name, data)?,
+            _ => return Err(OptimError::Missing(name.clone()).into()),
+        }
+    }
+    truncate_metrics(out_dir, ckpt.step)?;
+    Ok((batcher, ckpt.step as usize, MetricsLog::append(out_dir)?))
+}
+
+/// The checkpoint's JSON metadata under `key`, which `moec train` always writes.
+fn checkpoint_meta<T: serde::de::DeserializeOwned>(
+    ckpt: &Checkpoint,
+    path: &Path,
+    key: &'static str,
+) -> Result<T, TrainError> {
+    ckpt.get_json(key)?.ok_or(TrainError::CheckpointMeta {
+        path: path.to_path_buf(),
+        key,
     })
 }
 

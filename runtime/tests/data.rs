@@ -239,41 +239,37 @@ fn token_out_of_range_names_position_and_value() {
     assert!(err.to_string().contains("token 500 at position 3"), "{err}");
 }
 
-#[test]
-fn fineweb_header_files() {
+/// A directory holding `NAME` (a u16 FineWeb shard of the 64 tokens 50 000..50 063) with header
+/// `version` and token count `count`, and the result of loading it as `dtype` (vocab 50 257,
+/// context 4, 75 % train).
+fn load_fineweb_u16(
+    name: &str,
+    version: i32,
+    count: i32,
+    dtype: TokenDtype,
+) -> Result<Dataset, DataError> {
     let dir = tempfile::tempdir().unwrap();
     let toks: Vec<u16> = (0..64).map(|i| 50_000 + i).collect();
     write_u16(
-        &dir.path().join("fw.bin"),
-        Some((FINEWEB_MAGIC_U16, 1, 64)),
+        &dir.path().join(name),
+        Some((FINEWEB_MAGIC_U16, version, count)),
         &toks,
     );
-    let ds = Dataset::load(
-        &tokens("fw.bin", TokenDtype::U16),
-        dir.path(),
-        50_257,
-        4,
-        0.75,
-    )
-    .unwrap();
+    Dataset::load(&tokens(name, dtype), dir.path(), 50_257, 4, 0.75)
+}
+
+#[test]
+fn fineweb_header_files() {
+    let ds = load_fineweb_u16("fw.bin", 1, 64, TokenDtype::U16).unwrap();
     assert_eq!(ds.train_tokens().len(), 48);
     assert_eq!(ds.train_tokens()[0], 50_000);
     assert_eq!(ds.val_tokens()[15], 50_063);
+}
 
-    // Header count disagrees with the body (truncated file).
-    write_u16(
-        &dir.path().join("cut.bin"),
-        Some((FINEWEB_MAGIC_U16, 1, 100)),
-        &toks,
-    );
-    let err = Dataset::load(
-        &tokens("cut.bin", TokenDtype::U16),
-        dir.path(),
-        50_257,
-        4,
-        0.75,
-    )
-    .unwrap_err();
+#[test]
+fn fineweb_header_count_must_match_the_body() {
+    // A truncated file: the header counts more tokens than follow it.
+    let err = load_fineweb_u16("cut.bin", 1, 100, TokenDtype::U16).unwrap_err();
     assert!(
         matches!(
             err,
@@ -285,16 +281,12 @@ fn fineweb_header_files() {
         ),
         "{err}"
     );
+}
 
+#[test]
+fn fineweb_header_dtype_must_match_the_spec() {
     // A u16 shard read as u32, and a u32 (Llama-3) shard read as u16.
-    let err = Dataset::load(
-        &tokens("fw.bin", TokenDtype::U32),
-        dir.path(),
-        50_257,
-        4,
-        0.75,
-    )
-    .unwrap_err();
+    let err = load_fineweb_u16("fw.bin", 1, 64, TokenDtype::U32).unwrap_err();
     assert!(
         matches!(
             err,
@@ -306,6 +298,7 @@ fn fineweb_header_files() {
         ),
         "{err}"
     );
+    let dir = tempfile::tempdir().unwrap();
     let mut bytes: Vec<u8> = [FINEWEB_MAGIC_U32, 7, 8]
         .iter()
         .chain([0i32; 253].iter())
@@ -334,21 +327,11 @@ fn fineweb_header_files() {
     )
     .unwrap();
     assert_eq!(ds.train_tokens(), &[100_000, 100_001, 100_002, 100_003]);
+}
 
-    // Unknown version.
-    write_u16(
-        &dir.path().join("v9.bin"),
-        Some((FINEWEB_MAGIC_U16, 9, 64)),
-        &toks,
-    );
-    let err = Dataset::load(
-        &tokens("v9.bin", TokenDtype::U16),
-        dir.path(),
-        50_257,
-        4,
-        0.75,
-    )
-    .unwrap_err();
+#[test]
+fn fineweb_header_version_is_checked() {
+    let err = load_fineweb_u16("v9.bin", 9, 64, TokenDtype::U16).unwrap_err();
     assert!(
         matches!(
             err,
