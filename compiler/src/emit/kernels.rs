@@ -18,7 +18,7 @@ use std::fmt::Write;
 
 const MATMUL_TILED: &str = include_str!("../../../shaders/matmul_tiled.wgsl");
 /// A reduction's combining step: `comb(accumulator, value)` as WGSL text.
-type Combine = dyn Fn(&str, &str) -> String;
+type Combine = fn(&str, &str) -> String;
 /// Invocations per row of the workgroup-per-row reduction (SharedTiled targets).
 const ROW_THREADS: u32 = 64;
 
@@ -212,277 +212,120 @@ fn elementwise_kernel(
 /// (CPU-like) targets one invocation owns a row and loops serially, with no barriers; elsewhere a
 /// workgroup owns a row and reduces through workgroup memory with a fixed tree (deterministic).
 fn row_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc, KernelError> {
-    let d = &group.domain;
-    let l = d.last().copied().unwrap_or(1);
-    let rows = d.iter().product::<usize>() / l.max(1);
-    let rshape = {
-        let mut s = d.clone();
-        if let Some(x) = s.last_mut() {
+    let mut kernel = RowKernel::new(graph, group, target);
+    kernel.header();
+    for &n in group.nodes.iter().filter(|&&n| !is_prologue(graph, n)) {
+        kernel.member(n);
+    }
+    kernel.full_outputs();
+    kernel.finish(target)
+}
+
+/// A row kernel while its body is written: the row geometry, the bindings, the per-row values
+/// computed so far and the body text. Members are visited in group order ([`RowKernel::member`]).
+struct RowKernel<'g> {
+    graph: &'g Graph,
+    group: &'g Group,
+    walker: Walker<'g>,
+    b: Binder<'g>,
+    /// Row length (the domain's last axis) and number of rows.
+    l: usize,
+    rows: usize,
+    /// Shape of a per-row scalar: the domain with its last axis 1.
+    rshape: Vec<usize>,
+    /// Rows of a causal mask's square (the domain's second-to-last axis).
+    causal_rows: usize,
+    /// Invocations per row (1: one invocation owns a row) and per workgroup.
+    tpr: u32,
+    wg: u32,
+    /// Members that compute values (permute prologues are read in place by the walker).
+    members: HashSet<NodeId>,
+    /// Per-row values computed so far.
+    env_row: HashMap<NodeId, String>,
+    /// Softmax nodes whose row max/sum have been computed: (max var, sum var, causal).
+    softmax: HashMap<NodeId, (String, String, bool)>,
+    body: String,
+}
+
+impl<'g> RowKernel<'g> {
+    fn new(graph: &'g Graph, group: &'g Group, target: &'g Target) -> Self {
+        let d = &group.domain;
+        let l = d.last().copied().unwrap_or(1);
+        let mut rshape = d.clone();
+        if let Some(x) = rshape.last_mut() {
             *x = 1;
         }
-        s
-    };
-    let tpr = match target.matmul {
-        MatmulVariant::RegisterBlocked => 1,
-        MatmulVariant::SharedTiled => ROW_THREADS
-            .min(l.next_power_of_two() as u32)
-            .min(target.max_invocations_per_workgroup.max(1)),
-    };
-    let (wg, start, step, rows_per_wg) = if tpr == 1 {
-        (
-            64u32.min(target.max_invocations_per_workgroup.max(1)),
-            "0u".to_string(),
-            "1u".to_string(),
-            None,
-        )
-    } else {
-        (tpr, "lid".into(), format!("{tpr}u"), Some(()))
-    };
-    // Members that compute values (permute prologues are read in place by the walker).
-    let members: HashSet<NodeId> = group
-        .nodes
-        .iter()
-        .copied()
-        .filter(|&n| !is_prologue(graph, n))
-        .collect();
-    let is_row = |n: NodeId| match graph.node(n).op {
-        Op::Reduce(_) => true,
-        Op::Affine { .. } | Op::Unary(_) | Op::Binary(_) | Op::BroadcastTo { .. } => {
-            graph.ty(n).shape != *d
+        let tpr = match target.matmul {
+            MatmulVariant::RegisterBlocked => 1,
+            MatmulVariant::SharedTiled => ROW_THREADS
+                .min(l.next_power_of_two() as u32)
+                .min(target.max_invocations_per_workgroup.max(1)),
+        };
+        let wg = if tpr == 1 {
+            64u32.min(target.max_invocations_per_workgroup.max(1))
+        } else {
+            tpr
+        };
+        RowKernel {
+            graph,
+            group,
+            walker: Walker::new(graph, group),
+            b: Binder::new(graph, target),
+            l,
+            rows: d.iter().product::<usize>() / l.max(1),
+            rshape,
+            causal_rows: if d.len() >= 2 { d[d.len() - 2] } else { 1 },
+            tpr,
+            wg,
+            members: group
+                .nodes
+                .iter()
+                .copied()
+                .filter(|&n| !is_prologue(graph, n))
+                .collect(),
+            env_row: HashMap::new(),
+            softmax: HashMap::new(),
+            body: String::new(),
         }
-        Op::Input { .. }
-        | Op::Param { .. }
-        | Op::Reshape { .. }
-        | Op::Permute { .. }
-        | Op::MatMul { .. }
-        | Op::Embedding
-        | Op::Rope { .. }
-        | Op::Softmax { .. }
-        | Op::CrossEntropy
-        | Op::LinearCrossEntropy
-        | Op::SliceRows { .. }
-        | Op::ConcatRows
-        | Op::TopK { .. }
-        | Op::GatherCols
-        | Op::TopKMask { .. }
-        | Op::MoeRoute { .. }
-        | Op::SliceCols { .. }
-        | Op::RouteLoad { .. }
-        | Op::ExpertChoice { .. }
-        | Op::Sinkhorn { .. }
-        | Op::Auction { .. }
-        | Op::MoeGather { .. }
-        | Op::GroupedMatMul { .. }
-        | Op::MoeCombine { .. }
-        | Op::SumTo { .. }
-        | Op::EmbeddingGrad { .. }
-        | Op::RopeGrad { .. }
-        | Op::CrossEntropyGrad
-        | Op::LinearCrossEntropyGradH
-        | Op::LinearCrossEntropyGradW
-        | Op::ScatterCols { .. }
-        | Op::MoeGatherGrad { .. }
-        | Op::GroupedMatMulGradX { .. }
-        | Op::GroupedMatMulGradW { .. }
-        | Op::MoeCombineGradRows { .. }
-        | Op::MoeCombineGradWeights { .. }
-        | Op::LstmScan { .. }
-        | Op::LstmHidden
-        | Op::LstmScanGrad { .. }
-        | Op::LstmScanGradW { .. }
-        | Op::LstmLast { .. }
-        | Op::LstmLastGrad { .. } => false,
-    };
-    let outputs: HashSet<NodeId> = group.outputs.iter().copied().collect();
-    let causal_rows = if d.len() >= 2 { d[d.len() - 2] } else { 1 };
-
-    let mut b = Binder::new(graph, target);
-    let walker = Walker::new(graph, group);
-    let mut body = String::new();
-    if tpr > 1 {
-        let _ = writeln!(body, "var<workgroup> red: array<f32, {tpr}>;\n");
     }
-    let _ = writeln!(body, "@compute @workgroup_size({wg})\nfn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{");
-    let _ = writeln!(body, "    let wg = wid.x + wid.y * GX + wid.z * (GX * GY);");
-    if rows_per_wg.is_none() {
-        let _ = writeln!(body, "    let row = wg * {wg}u + lid;");
-    } else {
-        let _ = writeln!(body, "    let row = wg;");
-    }
-    let _ = writeln!(body, "    if (row >= {rows}u) {{\n        return;\n    }}");
-    let row_write_guard = if tpr > 1 { "if (lid == 0u) " } else { "" };
 
-    let mut env_row: HashMap<NodeId, String> = HashMap::new();
-    // Softmax nodes whose row max/sum have been computed: (max var, sum var, causal).
-    let mut softmax: HashMap<NodeId, (String, String, bool)> = HashMap::new();
-
-    // Emits a column loop computing `targets` (in-group full nodes or external operands) and calling
-    // `each(values)` on them; returns the loop text.
-    let column_loop = |b: &mut Binder,
-                       env_row: &HashMap<NodeId, String>,
-                       softmax: &HashMap<NodeId, (String, String, bool)>,
-                       targets: &[NodeId],
-                       each: &dyn Fn(&[String]) -> String|
-     -> String {
-        let mut needed: HashSet<NodeId> = HashSet::new();
-        let mut stack: Vec<NodeId> = targets
-            .iter()
-            .copied()
-            .filter(|t| members.contains(t) && !env_row.contains_key(t))
-            .collect();
-        while let Some(x) = stack.pop() {
-            if needed.insert(x) {
-                stack.extend(
-                    graph
-                        .inputs(x)
-                        .into_iter()
-                        .filter(|q| members.contains(q) && !env_row.contains_key(q)),
-                );
-            }
+    /// The entry point: the row this invocation (or workgroup) owns, bounds-checked.
+    fn header(&mut self) {
+        let (tpr, wg, rows) = (self.tpr, self.wg, self.rows);
+        let body = &mut self.body;
+        if tpr > 1 {
+            let _ = writeln!(body, "var<workgroup> red: array<f32, {tpr}>;\n");
         }
-        let mut s = format!("    for (var c = {start}; c < {l}u; c = c + {step}) {{\n        let lin = row * {l}u + c;\n");
-        let mut env = env_row.clone();
-        for &n in group.nodes.iter().filter(|n| needed.contains(n)) {
-            match &graph.node(n).op {
-                Op::Softmax { .. } => {
-                    let x = walker.operand(b, &env, graph.inputs(n)[0], d, "lin");
-                    let (m, sum, causal) = &softmax[&n];
-                    let valid = if *causal {
-                        format!("c <= (row % {causal_rows}u) % {l}u")
-                    } else {
-                        "true".into()
-                    };
-                    let v = walker.var(n);
-                    let _ = writeln!(
-                        s,
-                        "        let {v} = select(0.0, exp({x} - {m}) / {sum}, {valid});"
-                    );
-                    env.insert(n, v);
-                }
-                Op::Input { .. }
-                | Op::Param { .. }
-                | Op::Affine { .. }
-                | Op::Unary(_)
-                | Op::Binary(_)
-                | Op::Reduce(_)
-                | Op::Reshape { .. }
-                | Op::Permute { .. }
-                | Op::MatMul { .. }
-                | Op::Embedding
-                | Op::Rope { .. }
-                | Op::CrossEntropy
-                | Op::LinearCrossEntropy
-                | Op::SliceRows { .. }
-                | Op::ConcatRows
-                | Op::TopK { .. }
-                | Op::GatherCols
-                | Op::TopKMask { .. }
-                | Op::MoeRoute { .. }
-                | Op::SliceCols { .. }
-                | Op::RouteLoad { .. }
-                | Op::ExpertChoice { .. }
-                | Op::Sinkhorn { .. }
-                | Op::Auction { .. }
-                | Op::MoeGather { .. }
-                | Op::GroupedMatMul { .. }
-                | Op::MoeCombine { .. }
-                | Op::SumTo { .. }
-                | Op::BroadcastTo { .. }
-                | Op::EmbeddingGrad { .. }
-                | Op::RopeGrad { .. }
-                | Op::CrossEntropyGrad
-                | Op::LinearCrossEntropyGradH
-                | Op::LinearCrossEntropyGradW
-                | Op::ScatterCols { .. }
-                | Op::MoeGatherGrad { .. }
-                | Op::GroupedMatMulGradX { .. }
-                | Op::GroupedMatMulGradW { .. }
-                | Op::MoeCombineGradRows { .. }
-                | Op::MoeCombineGradWeights { .. }
-                | Op::LstmScan { .. }
-                | Op::LstmHidden
-                | Op::LstmScanGrad { .. }
-                | Op::LstmScanGradW { .. }
-                | Op::LstmLast { .. }
-                | Op::LstmLastGrad { .. } => {
-                    walker.elementwise(b, &mut env, n, d, "lin", &mut s, "        ")
-                }
-            }
-        }
-        let vals: Vec<String> = targets
-            .iter()
-            .map(|&t| walker.operand(b, &env, t, d, "lin"))
-            .collect();
-        s += &each(&vals);
-        s += "    }\n";
-        s
-    };
-    // Reduces `acc` (per-invocation partial) across the workgroup into `let <name>`.
-    let finish_reduce = |name: &str, acc: &str, combine: &dyn Fn(&str, &str) -> String| -> String {
+        let _ = writeln!(body, "@compute @workgroup_size({wg})\nfn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{");
+        let _ = writeln!(body, "    let wg = wid.x + wid.y * GX + wid.z * (GX * GY);");
         if tpr == 1 {
-            return format!("    let {name} = {acc};\n");
+            let _ = writeln!(body, "    let row = wg * {wg}u + lid;");
+        } else {
+            let _ = writeln!(body, "    let row = wg;");
         }
-        format!(
-            "    red[lid] = {acc};\n    workgroupBarrier();\n    for (var s = {half}u; s > 0u; s = s >> 1u) {{\n        if (lid < s) {{\n            red[lid] = {comb};\n        }}\n        workgroupBarrier();\n    }}\n    let {name} = red[0];\n    workgroupBarrier();\n",
-            half = tpr / 2,
-            comb = combine("red[lid]", "red[lid + s]")
-        )
-    };
-    let add = |x: &str, y: &str| format!("{x} + {y}");
-    let max = |x: &str, y: &str| format!("max({x}, {y})");
+        let _ = writeln!(body, "    if (row >= {rows}u) {{\n        return;\n    }}");
+    }
 
-    for &n in group.nodes.iter().filter(|&&n| !is_prologue(graph, n)) {
-        let id = walker.id(n);
+    /// What member `n` computes once per row (full-width elementwise members wait for the column
+    /// loops that use them), then its store when it is a per-row output.
+    fn member(&mut self, n: NodeId) {
+        let graph = self.graph;
         match &graph.node(n).op {
             Op::Affine { .. } | Op::Unary(_) | Op::Binary(_) | Op::BroadcastTo { .. } => {
-                if is_row(n) {
-                    walker.elementwise(&mut b, &mut env_row, n, &rshape, "row", &mut body, "    ");
+                if graph.ty(n).shape != self.group.domain {
+                    self.walker.elementwise(
+                        &mut self.b,
+                        &mut self.env_row,
+                        n,
+                        &self.rshape,
+                        "row",
+                        &mut self.body,
+                        "    ",
+                    );
                 }
             }
-            Op::Reduce(r) => {
-                let x = graph.inputs(n)[0];
-                let (init, comb): (&str, &Combine) = match r {
-                    ReduceOp::Sum | ReduceOp::Mean => ("0.0", &add),
-                    ReduceOp::Max => ("-FLT_MAX", &max),
-                };
-                let _ = writeln!(body, "    var a{id} = {init};");
-                body += &column_loop(&mut b, &env_row, &softmax, &[x], &|v| {
-                    format!("        a{id} = {};\n", comb(&format!("a{id}"), &v[0]))
-                });
-                body += &finish_reduce(&format!("r{id}"), &format!("a{id}"), comb);
-                let value = if *r == ReduceOp::Mean {
-                    format!("r{id} / {}", lit(l as f32))
-                } else {
-                    format!("r{id}")
-                };
-                let _ = writeln!(body, "    let v{id} = {value};");
-                env_row.insert(n, format!("v{id}"));
-            }
-            Op::Softmax { causal } => {
-                let x = graph.inputs(n)[0];
-                let valid = if *causal {
-                    format!("c <= (row % {causal_rows}u) % {l}u")
-                } else {
-                    "true".into()
-                };
-                let _ = writeln!(body, "    var am{id} = -FLT_MAX;");
-                body += &column_loop(&mut b, &env_row, &softmax, &[x], &|v| {
-                    format!(
-                        "        am{id} = select(am{id}, max(am{id}, {}), {valid});\n",
-                        v[0]
-                    )
-                });
-                body += &finish_reduce(&format!("m{id}"), &format!("am{id}"), &max);
-                let _ = writeln!(body, "    var as{id} = 0.0;");
-                body += &column_loop(&mut b, &env_row, &softmax, &[x], &|v| {
-                    format!(
-                        "        as{id} = as{id} + select(0.0, exp({} - m{id}), {valid});\n",
-                        v[0]
-                    )
-                });
-                body += &finish_reduce(&format!("s{id}"), &format!("as{id}"), &add);
-                softmax.insert(n, (format!("m{id}"), format!("s{id}"), *causal));
-            }
+            Op::Reduce(r) => self.reduce(n, *r),
+            Op::Softmax { causal } => self.softmax(n, *causal),
             other @ (Op::Input { .. }
             | Op::Param { .. }
             | Op::Reshape { .. }
@@ -525,30 +368,219 @@ fn row_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc
             | Op::LstmLast { .. }
             | Op::LstmLastGrad { .. }) => unreachable!("{} in a row group", other.mnemonic()),
         }
-        if outputs.contains(&n) && env_row.contains_key(&n) {
-            let name = b.write(n);
-            let _ = writeln!(
-                body,
-                "    {row_write_guard}{{\n        {}\n    }}",
-                b.put(&name, "row", &format!("v{id}"))
-            );
+        if self.group.outputs.contains(&n) && self.env_row.contains_key(&n) {
+            let name = self.b.write(n);
+            let guard = if self.tpr > 1 { "if (lid == 0u) " } else { "" };
+            let put = self.b.put(&name, "row", &self.walker.var(n));
+            let _ = writeln!(self.body, "    {guard}{{\n        {put}\n    }}");
         }
     }
-    let full_outputs: Vec<NodeId> = group
-        .nodes
-        .iter()
-        .copied()
-        .filter(|n| outputs.contains(n) && !env_row.contains_key(n))
-        .collect();
-    if !full_outputs.is_empty() {
-        let names: Vec<Access> = full_outputs
+
+    /// A reduction over the row: a column loop accumulates `a<id>`, the workgroup combines the
+    /// partials into `r<id>`, and `v<id>` is the row's value (divided by the row length for a mean).
+    fn reduce(&mut self, n: NodeId, r: ReduceOp) {
+        let id = self.walker.id(n);
+        let x = self.graph.inputs(n)[0];
+        let (init, comb): (&str, Combine) = match r {
+            ReduceOp::Sum | ReduceOp::Mean => ("0.0", add),
+            ReduceOp::Max => ("-FLT_MAX", maximum),
+        };
+        let _ = writeln!(self.body, "    var a{id} = {init};");
+        self.column_loop(&[x], &|v| {
+            format!("        a{id} = {};\n", comb(&format!("a{id}"), &v[0]))
+        });
+        self.finish_reduce(&format!("r{id}"), &format!("a{id}"), comb);
+        let value = if r == ReduceOp::Mean {
+            format!("r{id} / {}", lit(self.l as f32))
+        } else {
+            format!("r{id}")
+        };
+        let _ = writeln!(self.body, "    let v{id} = {value};");
+        self.env_row.insert(n, format!("v{id}"));
+    }
+
+    /// A softmax's row max `m<id>` and its row sum `s<id>` of `exp(x - m)`, each a column loop
+    /// reduced across the workgroup; its values are computed in the column loops that use them.
+    fn softmax(&mut self, n: NodeId, causal: bool) {
+        let id = self.walker.id(n);
+        let x = self.graph.inputs(n)[0];
+        let valid = self.valid(causal);
+        let _ = writeln!(self.body, "    var am{id} = -FLT_MAX;");
+        self.column_loop(&[x], &|v| {
+            format!(
+                "        am{id} = select(am{id}, max(am{id}, {}), {valid});\n",
+                v[0]
+            )
+        });
+        self.finish_reduce(&format!("m{id}"), &format!("am{id}"), maximum);
+        let _ = writeln!(self.body, "    var as{id} = 0.0;");
+        self.column_loop(&[x], &|v| {
+            format!(
+                "        as{id} = as{id} + select(0.0, exp({} - m{id}), {valid});\n",
+                v[0]
+            )
+        });
+        self.finish_reduce(&format!("s{id}"), &format!("as{id}"), add);
+        self.softmax
+            .insert(n, (format!("m{id}"), format!("s{id}"), causal));
+    }
+
+    /// Whether column `c` of the row is inside a causal mask (`true` for a softmax without one).
+    fn valid(&self, causal: bool) -> String {
+        if causal {
+            format!("c <= (row % {}u) % {}u", self.causal_rows, self.l)
+        } else {
+            "true".into()
+        }
+    }
+
+    /// Appends a column loop computing `targets` (in-group full-width nodes or external operands)
+    /// and the statements `each(values)` on them.
+    fn column_loop(&mut self, targets: &[NodeId], each: &dyn Fn(&[String]) -> String) {
+        let (group, l) = (self.group, self.l);
+        let needed = self.needed(targets);
+        let (start, step) = if self.tpr == 1 {
+            ("0u".to_string(), "1u".to_string())
+        } else {
+            ("lid".to_string(), format!("{}u", self.tpr))
+        };
+        let mut s = format!("    for (var c = {start}; c < {l}u; c = c + {step}) {{\n        let lin = row * {l}u + c;\n");
+        let mut env = self.env_row.clone();
+        for &n in group.nodes.iter().filter(|n| needed.contains(n)) {
+            self.column_value(&mut env, n, &mut s);
+        }
+        let vals: Vec<String> = targets
             .iter()
-            .map(|&o| {
-                let name = b.write(o);
-                b.access(&name)
+            .map(|&t| {
+                self.walker
+                    .operand(&mut self.b, &env, t, &group.domain, "lin")
             })
             .collect();
-        body += &column_loop(&mut b, &env_row, &softmax, &full_outputs, &|v| {
+        s += &each(&vals);
+        s += "    }\n";
+        self.body += &s;
+    }
+
+    /// The members a column loop over `targets` computes: those targets and the members they
+    /// depend on that are not per-row values already.
+    fn needed(&self, targets: &[NodeId]) -> HashSet<NodeId> {
+        let pending = |q: &NodeId| self.members.contains(q) && !self.env_row.contains_key(q);
+        let mut needed = HashSet::new();
+        let mut stack: Vec<NodeId> = targets.iter().copied().filter(|q| pending(q)).collect();
+        while let Some(x) = stack.pop() {
+            if needed.insert(x) {
+                stack.extend(self.graph.inputs(x).into_iter().filter(|q| pending(q)));
+            }
+        }
+        needed
+    }
+
+    /// Appends to the loop text `s` the column value of member `n` (recorded in `env`): a softmax
+    /// from its row max and sum, any other member elementwise.
+    fn column_value(&mut self, env: &mut HashMap<NodeId, String>, n: NodeId, s: &mut String) {
+        let (graph, group) = (self.graph, self.group);
+        match &graph.node(n).op {
+            Op::Softmax { .. } => {
+                let x =
+                    self.walker
+                        .operand(&mut self.b, env, graph.inputs(n)[0], &group.domain, "lin");
+                let (m, sum, causal) = &self.softmax[&n];
+                let valid = self.valid(*causal);
+                let v = self.walker.var(n);
+                let _ = writeln!(
+                    s,
+                    "        let {v} = select(0.0, exp({x} - {m}) / {sum}, {valid});"
+                );
+                env.insert(n, v);
+            }
+            Op::Input { .. }
+            | Op::Param { .. }
+            | Op::Affine { .. }
+            | Op::Unary(_)
+            | Op::Binary(_)
+            | Op::Reduce(_)
+            | Op::Reshape { .. }
+            | Op::Permute { .. }
+            | Op::MatMul { .. }
+            | Op::Embedding
+            | Op::Rope { .. }
+            | Op::CrossEntropy
+            | Op::LinearCrossEntropy
+            | Op::SliceRows { .. }
+            | Op::ConcatRows
+            | Op::TopK { .. }
+            | Op::GatherCols
+            | Op::TopKMask { .. }
+            | Op::MoeRoute { .. }
+            | Op::SliceCols { .. }
+            | Op::RouteLoad { .. }
+            | Op::ExpertChoice { .. }
+            | Op::Sinkhorn { .. }
+            | Op::Auction { .. }
+            | Op::MoeGather { .. }
+            | Op::GroupedMatMul { .. }
+            | Op::MoeCombine { .. }
+            | Op::SumTo { .. }
+            | Op::BroadcastTo { .. }
+            | Op::EmbeddingGrad { .. }
+            | Op::RopeGrad { .. }
+            | Op::CrossEntropyGrad
+            | Op::LinearCrossEntropyGradH
+            | Op::LinearCrossEntropyGradW
+            | Op::ScatterCols { .. }
+            | Op::MoeGatherGrad { .. }
+            | Op::GroupedMatMulGradX { .. }
+            | Op::GroupedMatMulGradW { .. }
+            | Op::MoeCombineGradRows { .. }
+            | Op::MoeCombineGradWeights { .. }
+            | Op::LstmScan { .. }
+            | Op::LstmHidden
+            | Op::LstmScanGrad { .. }
+            | Op::LstmScanGradW { .. }
+            | Op::LstmLast { .. }
+            | Op::LstmLastGrad { .. } => {
+                self.walker
+                    .elementwise(&mut self.b, env, n, &group.domain, "lin", s, "        ")
+            }
+        }
+    }
+
+    /// Appends `let <name>`: `acc` (each invocation's partial) reduced across the workgroup through
+    /// a fixed tree (deterministic); with one invocation per row the partial is the row's value.
+    fn finish_reduce(&mut self, name: &str, acc: &str, combine: Combine) {
+        let tpr = self.tpr;
+        if tpr == 1 {
+            let _ = writeln!(self.body, "    let {name} = {acc};");
+            return;
+        }
+        let _ = write!(
+            self.body,
+            "    red[lid] = {acc};\n    workgroupBarrier();\n    for (var s = {half}u; s > 0u; s = s >> 1u) {{\n        if (lid < s) {{\n            red[lid] = {comb};\n        }}\n        workgroupBarrier();\n    }}\n    let {name} = red[0];\n    workgroupBarrier();\n",
+            half = tpr / 2,
+            comb = combine("red[lid]", "red[lid + s]")
+        );
+    }
+
+    /// The final column loop writing the group's full-width outputs.
+    fn full_outputs(&mut self) {
+        let group = self.group;
+        let full: Vec<NodeId> = group
+            .nodes
+            .iter()
+            .copied()
+            .filter(|n| group.outputs.contains(n) && !self.env_row.contains_key(n))
+            .collect();
+        if full.is_empty() {
+            return;
+        }
+        let names: Vec<Access> = full
+            .iter()
+            .map(|&o| {
+                let name = self.b.write(o);
+                self.b.access(&name)
+            })
+            .collect();
+        self.column_loop(&full, &|v| {
             names
                 .iter()
                 .zip(v)
@@ -556,14 +588,28 @@ fn row_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<KernelSrc
                 .collect()
         });
     }
-    body.push_str("}\n");
-    let groups = if tpr == 1 {
-        rows.div_ceil(wg as usize)
-    } else {
-        rows
-    };
-    let grid = fold(groups as u64, target)?;
-    Ok(b.finish(&[], &body, grid))
+
+    /// Closes the entry point and assembles the kernel: one workgroup per row, or per `wg` rows.
+    fn finish(mut self, target: &Target) -> Result<KernelSrc, KernelError> {
+        self.body.push_str("}\n");
+        let groups = if self.tpr == 1 {
+            self.rows.div_ceil(self.wg as usize)
+        } else {
+            self.rows
+        };
+        let grid = fold(groups as u64, target)?;
+        Ok(self.b.finish(&[], &self.body, grid))
+    }
+}
+
+/// Sum as a reduction's combining step.
+fn add(x: &str, y: &str) -> String {
+    format!("{x} + {y}")
+}
+
+/// Maximum as a reduction's combining step.
+fn maximum(x: &str, y: &str) -> String {
+    format!("max({x}, {y})")
 }
 
 /// Matmul geometry shared by the variants. Operands are addressed through strides, so a transpose
@@ -757,73 +803,21 @@ fn geometry(
     let args = graph.inputs(anchor);
     let out = graph.ty(anchor);
     match &graph.node(anchor).op {
-        Op::MatMul { trans_b } => {
-            let (ra, rb) = (a_shape.len(), b_shape.len());
-            let (m, k) = (a_shape[ra - 2], a_shape[ra - 1]);
-            let n = out.last();
-            let batch: usize = a_shape[..ra - 2].iter().product();
-            let (sbk, sbn) = if *trans_b {
-                (b_str[rb - 1], b_str[rb - 2])
-            } else {
-                (b_str[rb - 2], b_str[rb - 1])
-            };
-            let a_batch = batch_offset(&a_shape[..ra - 2], &a_str[..ra - 2]);
-            let b_batch = batch_offset(&b_shape[..rb - 2], &b_str[..rb - 2]);
-            (
-                Mm {
-                    batch,
-                    m,
-                    n,
-                    k,
-                    sam: a_str[ra - 2],
-                    sak: a_str[ra - 1],
-                    sbk,
-                    sbn,
-                    a_batch,
-                    b_batch,
-                },
-                None,
-            )
-        }
+        Op::MatMul { trans_b } => (
+            plain_geometry(out.last(), *trans_b, (a_shape, a_str), (b_shape, b_str)),
+            None,
+        ),
         Op::GroupedMatMul { layout } => {
             // w[e] is [N, K] read transposed.
             let (m, k, n) = (a_shape[0], a_shape[1], out.last());
             let route = b.read(args[2]);
-            (
-                Mm {
-                    batch: 1,
-                    m,
-                    n,
-                    k,
-                    sam: k,
-                    sak: 1,
-                    sbk: 1,
-                    sbn: k,
-                    a_batch: "0u".into(),
-                    b_batch: "0u".into(),
-                },
-                Some((*layout, route)),
-            )
+            (grouped_geometry(m, k, n, (1, k)), Some((*layout, route)))
         }
         Op::GroupedMatMulGradX { layout } => {
             // g[rows, N] · w[e] with w[e] read as [N, K]: a grouped matmul contracting over N.
             let (m, k, n) = (a_shape[0], a_shape[1], out.last());
             let route = b.read(args[2]);
-            (
-                Mm {
-                    batch: 1,
-                    m,
-                    n,
-                    k,
-                    sam: k,
-                    sak: 1,
-                    sbk: n,
-                    sbn: 1,
-                    a_batch: "0u".into(),
-                    b_batch: "0u".into(),
-                },
-                Some((*layout, route)),
-            )
+            (grouped_geometry(m, k, n, (n, 1)), Some((*layout, route)))
         }
         other @ (Op::Input { .. }
         | Op::Param { .. }
@@ -869,6 +863,51 @@ fn geometry(
         | Op::LstmScanGradW { .. }
         | Op::LstmLast { .. }
         | Op::LstmLastGrad { .. }) => unreachable!("{} anchors a matmul group", other.mnemonic()),
+    }
+}
+
+/// A (batched) matmul `A[.., m, k] · B[.., k, n]` (`B` read as `[.., n, k]` when `trans_b`) over its
+/// operands' views; `n` is the output's last axis.
+fn plain_geometry(
+    n: usize,
+    trans_b: bool,
+    (a_shape, a_str): (&[usize], &[usize]),
+    (b_shape, b_str): (&[usize], &[usize]),
+) -> Mm {
+    let (ra, rb) = (a_shape.len(), b_shape.len());
+    let (sbk, sbn) = if trans_b {
+        (b_str[rb - 1], b_str[rb - 2])
+    } else {
+        (b_str[rb - 2], b_str[rb - 1])
+    };
+    Mm {
+        batch: a_shape[..ra - 2].iter().product(),
+        m: a_shape[ra - 2],
+        n,
+        k: a_shape[ra - 1],
+        sam: a_str[ra - 2],
+        sak: a_str[ra - 1],
+        sbk,
+        sbn,
+        a_batch: batch_offset(&a_shape[..ra - 2], &a_str[..ra - 2]),
+        b_batch: batch_offset(&b_shape[..rb - 2], &b_str[..rb - 2]),
+    }
+}
+
+/// A grouped matmul of contiguous `[m, k]` rows by one expert's weights, which it reads with the
+/// element strides `(sbk, sbn)`; the expert's offset comes from the routing table, not a batch.
+fn grouped_geometry(m: usize, k: usize, n: usize, (sbk, sbn): (usize, usize)) -> Mm {
+    Mm {
+        batch: 1,
+        m,
+        n,
+        k,
+        sam: k,
+        sak: 1,
+        sbk,
+        sbn,
+        a_batch: "0u".into(),
+        b_batch: "0u".into(),
     }
 }
 
