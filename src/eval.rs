@@ -5,6 +5,7 @@
 //! [`Checkpoint::ir_tensors`]).
 
 use miette::{IntoDiagnostic, Result};
+use moec_compiler::ir::InputRole;
 use moec_compiler::lower::Head;
 use moec_compiler::plan::BufferRole;
 use moec_compiler::spec::{Data, Family, Spec};
@@ -121,16 +122,21 @@ impl Model {
                     }
                     exec.write_f32(name, data).into_diagnostic()?;
                 }
-                BufferRole::Input { name, shape }
-                    if !["tokens", "features", "targets"].contains(&name.as_str()) =>
-                {
-                    if let Some((_, data)) = self.tensors.get(name) {
-                        exec.write_f32(name, data).into_diagnostic()?;
-                    } else if name.starts_with("jitter.") {
-                        exec.write_f32(name, &vec![1.0; shape.iter().product()])
-                            .into_diagnostic()?;
+                BufferRole::Input { name, shape, role } => match role {
+                    // Checkpointed under its own name.
+                    InputRole::RouterState => {
+                        if let Some((_, data)) = self.tensors.get(name) {
+                            exec.write_f32(name, data).into_diagnostic()?;
+                        }
                     }
-                }
+                    // Evaluation draws no jitter (ones) and no noise (the new buffer's zeros).
+                    InputRole::Jitter => exec
+                        .write_f32(name, &vec![1.0; shape.iter().product()])
+                        .into_diagnostic()?,
+                    InputRole::Noise => {}
+                    // Fed per batch or per call by the caller (a forward plan has no loss seed).
+                    InputRole::Data | InputRole::LogitRows | InputRole::LossSeed => {}
+                },
                 _ => {}
             }
         }

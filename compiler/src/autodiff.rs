@@ -45,7 +45,9 @@
 //! Constants are f32 as everywhere in the IR (`Affine { mul }`): the `Reduce(Mean)` adjoint scales by
 //! f32(1/n), exact when n is a power of two. Backward nodes are labelled `grad.<forward label>[.part]`.
 
-use crate::ir::{BinaryOp, DType, Graph, IrError, Node, NodeId, Op, ReduceOp, TensorType, UnaryOp};
+use crate::ir::{
+    BinaryOp, DType, Graph, InputRole, IrError, Node, NodeId, Op, ReduceOp, TensorType, UnaryOp,
+};
 use std::collections::{HashMap, HashSet};
 
 /// Name of the seed input: the adjoint of the loss, f32`[1]` (see the module doc).
@@ -100,7 +102,8 @@ pub fn differentiate(forward: &Graph, loss: &str) -> Result<Graph, AutodiffError
         adj: HashMap::new(),
         needed,
     };
-    let mut seed = b.g.input(SEED, TensorType::f32(&[1]));
+    let mut seed =
+        b.g.input_as(SEED, InputRole::LossSeed, TensorType::f32(&[1]));
     if loss_ty.shape != [1] {
         seed = b.g.add(
             Op::Reshape {

@@ -195,13 +195,14 @@ fn values(
             last_use: None,
         });
     }
-    for (id, name, ty) in graph.data_inputs() {
+    for (id, name, role, ty) in graph.inputs_with_roles() {
         value_of.insert(id, values.len());
         values.push(Value {
             node: id,
             role: BufferRole::Input {
                 name,
                 shape: ty.shape.clone(),
+                role,
             },
             size: ty.buffer_bytes(),
             dtype: ty.dtype,

@@ -464,7 +464,7 @@ fn eval_node<F: Float>(
     feeds: &HashMap<String, Value>,
 ) -> Result<Tensor<F>, InterpError> {
     match ctx.op {
-        Op::Input { name } | Op::Param { name, .. } => feed(name, ty, feeds),
+        Op::Input { name, .. } | Op::Param { name, .. } => feed(name, ty, feeds),
         Op::Affine { mul, add } => {
             ctx.argc(1, args.len())?;
             let (m, a) = (F::from_f64(*mul as f64), F::from_f64(*add as f64));

@@ -223,11 +223,36 @@ impl RouteLayout {
     }
 }
 
+/// What the host writes into an [`Op::Input`], so the runtime never decodes it from the name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InputRole {
+    /// The batch the caller feeds each run: token ids, features, targets (and the operands of
+    /// hand-built test graphs).
+    Data,
+    /// Flat indices of the token rows whose logits a [`crate::lower::Head::Logits`] graph computes
+    /// ([`crate::lower::LOGIT_ROWS`]), chosen by the caller (generation).
+    LogitRows,
+    /// The adjoint of the loss ([`crate::autodiff::SEED`]): the trainer writes `1 / accumulate` once.
+    LossSeed,
+    /// Standard-normal noise of a noisy top-k router (`noise.N`, `noise.N.group`): drawn afresh for
+    /// each training micro-step; zero in evaluation.
+    Noise,
+    /// Switch-style multiplicative router jitter (`jitter.N`): U(1 − ε, 1 + ε) for each training
+    /// micro-step; one in evaluation.
+    Jitter,
+    /// Router state the training step updates (`router_state.N.bias`, `router_state.N.prices`): kept
+    /// across steps and checkpointed; each step copies the graph's output `{name}.next` into it, and
+    /// evaluation reads the training buffer.
+    RouterState,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Op {
-    /// Data fed each step (token ids, targets). `name` is the key the runtime binds it by.
+    /// A value the host writes before a run. `name` is the key the runtime binds it by (and, for
+    /// router state, the checkpoint key); `role` says what the host writes there.
     Input {
         name: String,
+        role: InputRole,
     },
     /// A trainable parameter; `name` is its checkpoint name (HF layout, docs/language.md "What a run writes").
     Param {
@@ -622,10 +647,18 @@ impl Graph {
         Ok(id)
     }
 
-    /// Leaves carry their type explicitly.
+    /// A [`InputRole::Data`] input. Leaves carry their type explicitly.
     pub fn input(&mut self, name: &str, ty: TensorType) -> NodeId {
+        self.input_as(name, InputRole::Data, ty)
+    }
+
+    /// An input the host fills as `role` says.
+    pub fn input_as(&mut self, name: &str, role: InputRole, ty: TensorType) -> NodeId {
         self.g.add_node(Node {
-            op: Op::Input { name: name.into() },
+            op: Op::Input {
+                name: name.into(),
+                role,
+            },
             ty,
             label: name.into(),
         })
@@ -658,15 +691,23 @@ impl Graph {
 
     /// Inputs in creation order with their names and types.
     pub fn data_inputs(&self) -> Vec<(NodeId, String, TensorType)> {
+        self.inputs_with_roles()
+            .into_iter()
+            .map(|(id, name, _, ty)| (id, name, ty))
+            .collect()
+    }
+
+    /// Inputs in creation order with their names, roles and types.
+    pub fn inputs_with_roles(&self) -> Vec<(NodeId, String, InputRole, TensorType)> {
         let mut xs: Vec<_> = self
             .g
             .node_indices()
             .filter_map(|id| match &self.g[id].op {
-                Op::Input { name } => Some((id, name.clone(), self.g[id].ty.clone())),
+                Op::Input { name, role } => Some((id, name.clone(), *role, self.g[id].ty.clone())),
                 _ => None,
             })
             .collect();
-        xs.sort_by_key(|(id, _, _)| *id);
+        xs.sort_by_key(|(id, _, _, _)| *id);
         xs
     }
 
@@ -682,7 +723,7 @@ impl Graph {
                 .map(|a| format!("%{}", a.index()))
                 .collect();
             let attrs = match &n.op {
-                Op::Input { name } => format!(" \"{name}\""),
+                Op::Input { name, .. } => format!(" \"{name}\""),
                 Op::Param { name, init } => format!(" \"{name}\" {init:?}"),
                 Op::Affine { mul, add } => format!(" mul={mul} add={add}"),
                 Op::Reshape { shape } => format!(" {shape:?}"),

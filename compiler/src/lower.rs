@@ -51,7 +51,8 @@
 //! blocks, and the same MoE, head and loss lowering as the transformer.
 
 use crate::ir::{
-    BinaryOp, Graph, Init, IrError, NodeId, Op, ReduceOp, RouteLayout, TensorType, UnaryOp,
+    BinaryOp, Graph, Init, InputRole, IrError, NodeId, Op, ReduceOp, RouteLayout, TensorType,
+    UnaryOp,
 };
 use crate::spec::{
     Activation, Balance, Capacity, DropPolicy, Family, Ffn, Gate, Hierarchy, Moe, Norm, Spec,
@@ -504,9 +505,11 @@ impl Lower<'_> {
         // Switch-style multiplicative jitter on the router's input only.
         let xr = if moe.jitter != 0.0 {
             let d = self.last_dim(x);
-            let j = self
-                .g
-                .input(&format!("jitter.{block}"), TensorType::f32(&[n, d]));
+            let j = self.g.input_as(
+                &format!("jitter.{block}"),
+                InputRole::Jitter,
+                TensorType::f32(&[n, d]),
+            );
             self.binary(BinaryOp::Mul, x, j, format!("{p}.jittered"))?
         } else {
             x
@@ -516,10 +519,11 @@ impl Lower<'_> {
             .iter()
             .any(|b| matches!(b, Balance::Bias { .. }))
         {
-            Some(
-                self.g
-                    .input(&format!("router_state.{block}.bias"), TensorType::f32(&[e])),
-            )
+            Some(self.g.input_as(
+                &format!("router_state.{block}.bias"),
+                InputRole::RouterState,
+                TensorType::f32(&[e]),
+            ))
         } else {
             None
         };
@@ -739,7 +743,9 @@ impl Lower<'_> {
         } else {
             format!("noise.{block}.{suffix}")
         };
-        let eps = self.g.input(&input, TensorType::f32(&[n, cols]));
+        let eps = self
+            .g
+            .input_as(&input, InputRole::Noise, TensorType::f32(&[n, cols]));
         Ok(Some(Noise {
             logits,
             eps,
@@ -1146,8 +1152,9 @@ impl Lower<'_> {
             &[logits],
             format!("{p}.probs"),
         )?;
-        let prices = self.g.input(
+        let prices = self.g.input_as(
             &format!("router_state.{block}.prices"),
+            InputRole::RouterState,
             TensorType::f32(&[e]),
         );
         let op = Op::Auction {
@@ -1409,7 +1416,9 @@ impl Lower<'_> {
         };
         let head_rows = match head {
             Head::Sampled => {
-                let rows = self.g.input(LOGIT_ROWS, TensorType::u32(&[batch]));
+                let rows =
+                    self.g
+                        .input_as(LOGIT_ROWS, InputRole::LogitRows, TensorType::u32(&[batch]));
                 self.add(Op::Embedding, &[h, rows], "lm_head.rows")?
             }
             Head::Logits | Head::Loss => h,

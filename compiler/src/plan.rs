@@ -4,7 +4,7 @@
 //! `dispatches` with no knowledge of the IR. Shapes are baked into each kernel's WGSL, so a dispatch
 //! binds only storage buffers: binding `i` of group 0 is the byte range `dispatch.bindings[i]`.
 
-use crate::ir::{DType, Init};
+use crate::ir::{DType, Init, InputRole};
 use serde::{Deserialize, Serialize};
 
 pub type BufferId = usize;
@@ -36,8 +36,12 @@ pub enum BufferRole {
         shape: Vec<usize>,
         init: Init,
     },
-    /// Written by the host before a run.
-    Input { name: String, shape: Vec<usize> },
+    /// Written by the host before a run, as `role` says.
+    Input {
+        name: String,
+        shape: Vec<usize>,
+        role: InputRole,
+    },
     /// Read back by the host after a run.
     Output { name: String, shape: Vec<usize> },
     /// Intermediate; may be shared by tensors whose lifetimes do not overlap.

@@ -6,7 +6,7 @@
 use moec_compiler::autodiff::{training_graph, SEED};
 use moec_compiler::check::check;
 use moec_compiler::interp::{init_params, param_feeds, run_outputs, Value};
-use moec_compiler::ir::{DType, Graph};
+use moec_compiler::ir::{DType, Graph, InputRole};
 use moec_compiler::lower::lower;
 use moec_compiler::spec::Spec;
 use rand::{Rng, SeedableRng};
@@ -38,8 +38,10 @@ fn labels(spec: &Spec) -> u32 {
     spec.model.vocab.or(spec.model.classes).unwrap() as u32
 }
 
-/// Feeds as the runtime fills them in training: token ids, ε ~ N(0, 1) noise, jitter U(0.99, 1.01),
-/// router state from `state` (zeros by default), the gradient seed 1.
+/// Feeds as the runtime fills them in training, by input role: token ids, ε ~ N(0, 1) noise, jitter
+/// U(0.99, 1.01), router state from `state` (zeros by default), the gradient seed 1. Also checks that
+/// each role's input carries its documented name prefix (docs/DECISIONS.md "Router state and noise":
+/// the checkpoint keys and the HF/Megatron exports rely on them).
 fn feeds(
     graph: &Graph,
     vocab: u32,
@@ -48,11 +50,24 @@ fn feeds(
 ) -> HashMap<String, Value> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut out = param_feeds(&init_params(graph, 1));
-    for (_, name, ty) in graph.data_inputs() {
+    for (_, name, role, ty) in graph.inputs_with_roles() {
         let n = ty.numel();
-        let v = match ty.dtype {
-            DType::U32 => Value::U32((0..n).map(|_| rng.random_range(0..vocab)).collect()),
-            DType::F32 if name.starts_with("noise.") => Value::F32(
+        let prefix = match role {
+            InputRole::Noise => "noise.",
+            InputRole::Jitter => "jitter.",
+            InputRole::RouterState => "router_state.",
+            InputRole::LossSeed => SEED,
+            InputRole::Data | InputRole::LogitRows => "",
+        };
+        assert!(name.starts_with(prefix), "{role:?} input `{name}`");
+        let v = match role {
+            InputRole::Data if ty.dtype == DType::U32 => {
+                Value::U32((0..n).map(|_| rng.random_range(0..vocab)).collect())
+            }
+            InputRole::Data if name == "features" => {
+                Value::F32((0..n).map(|_| rng.random_range(-1.0..1.0)).collect())
+            }
+            InputRole::Noise => Value::F32(
                 (0..n)
                     .map(|_| {
                         let (u1, u2): (f64, f64) = (1.0 - rng.random::<f64>(), rng.random());
@@ -60,17 +75,12 @@ fn feeds(
                     })
                     .collect(),
             ),
-            DType::F32 if name.starts_with("jitter.") => {
-                Value::F32((0..n).map(|_| rng.random_range(0.99..1.01)).collect())
-            }
-            DType::F32 if name.starts_with("router_state.") => {
+            InputRole::Jitter => Value::F32((0..n).map(|_| rng.random_range(0.99..1.01)).collect()),
+            InputRole::RouterState => {
                 Value::F32(state.get(&name).cloned().unwrap_or_else(|| vec![0.0; n]))
             }
-            DType::F32 if name == SEED => Value::F32(vec![1.0]),
-            DType::F32 if name == "features" => {
-                Value::F32((0..n).map(|_| rng.random_range(-1.0..1.0)).collect())
-            }
-            DType::F32 | DType::F16 => panic!("unexpected float input `{name}`"),
+            InputRole::LossSeed => Value::F32(vec![1.0]),
+            InputRole::Data | InputRole::LogitRows => panic!("unexpected input `{name}`"),
         };
         out.insert(name, v);
     }

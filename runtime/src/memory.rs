@@ -17,6 +17,7 @@
 use crate::optim::OptimSettings;
 use moec_compiler::autodiff::GRAD_PREFIX;
 use moec_compiler::emit::Target;
+use moec_compiler::ir::InputRole;
 use moec_compiler::lower::Head;
 use moec_compiler::plan::{BufferRole, Plan};
 use moec_compiler::spec::Spec;
@@ -36,10 +37,17 @@ pub struct MemoryReport {
     pub activations: u64,
 }
 
-/// Whether the eval plan reads the training plan's buffer for this input rather than its own: the
-/// router state (`router_state.*`), which the training step updates.
-pub fn eval_shares_input(name: &str) -> bool {
-    name.starts_with("router_state.")
+/// Whether the eval plan reads the training plan's buffer for an input of this role rather than its
+/// own: the router state, which the training step updates.
+pub fn eval_shares_input(role: InputRole) -> bool {
+    match role {
+        InputRole::RouterState => true,
+        InputRole::Data
+        | InputRole::LogitRows
+        | InputRole::LossSeed
+        | InputRole::Noise
+        | InputRole::Jitter => false,
+    }
 }
 
 impl MemoryReport {
@@ -67,7 +75,7 @@ impl MemoryReport {
         for (b, lent) in forward.buffers.iter().zip(training.lend(forward)) {
             let shared = match &b.role {
                 BufferRole::Param { .. } => true,
-                BufferRole::Input { name, .. } => eval_shares_input(name),
+                BufferRole::Input { role, .. } => eval_shares_input(*role),
                 _ => lent.is_some(),
             };
             if !shared {

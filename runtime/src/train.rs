@@ -67,6 +67,7 @@ use crate::optim::{
 };
 use crate::{Executor, Gpu, NonFinite, RuntimeError};
 use moec_compiler::interp::init_values;
+use moec_compiler::ir::InputRole;
 use moec_compiler::plan::{BufferRole, Plan};
 use moec_compiler::spec::{Every, Precision, Spec, Train};
 use rand::{Rng, SeedableRng};
@@ -165,10 +166,19 @@ pub struct Trainer<'g> {
     in_flight: Option<wgpu::SubmissionIndex>,
     /// Persistent router state inputs (`router_state.N.bias` / `.prices`) and their shapes.
     router_state: Vec<(String, Vec<usize>)>,
-    /// Training-only random inputs (`noise.N...`, `jitter.N`) and their element counts.
-    noise: Vec<(String, usize)>,
+    /// Training-only random inputs (`noise.N...`, `jitter.N`), their element counts and distributions.
+    noise: Vec<(String, usize, Draw)>,
     /// The spec's `jitter` (ε of U(1 − ε, 1 + ε)).
     jitter: f64,
+}
+
+/// The distribution of a training-only random input ([`InputRole::Noise`], [`InputRole::Jitter`]).
+#[derive(Debug, Clone, Copy)]
+enum Draw {
+    /// i.i.d. N(0, 1).
+    Normal,
+    /// i.i.d. U(1 − ε, 1 + ε), ε the spec's `jitter`.
+    Jitter,
 }
 
 fn every(n: usize, e: &Every) -> bool {
@@ -426,13 +436,12 @@ impl<'g> Trainer<'g> {
         }
         let mut rng = ChaCha8Rng::seed_from_u64(self.train.seed ^ 0x6e6f_6973_6500_0000);
         rng.set_stream((step * self.train.accumulate + micro) as u64);
-        for (name, n) in &self.noise {
-            let values: Vec<f32> = if name.starts_with("jitter.") {
-                (0..*n)
+        for (name, n, draw) in &self.noise {
+            let values: Vec<f32> = match draw {
+                Draw::Jitter => (0..*n)
                     .map(|_| (1.0 + self.jitter * (2.0 * rng.random::<f64>() - 1.0)) as f32)
-                    .collect()
-            } else {
-                (0..*n).map(|_| standard_normal(&mut rng) as f32).collect()
+                    .collect(),
+                Draw::Normal => (0..*n).map(|_| standard_normal(&mut rng) as f32).collect(),
             };
             self.exec.write_f32(name, &values)?;
         }
@@ -696,8 +705,8 @@ fn expert_loads(spec: &Spec, exec: &Executor<'_>, bindings: &[ParamBinding]) -> 
 fn router_state_inputs(training: &Plan) -> Result<Vec<(String, Vec<usize>)>, TrainError> {
     let mut router_state = Vec::new();
     for b in &training.buffers {
-        if let BufferRole::Input { name, shape } = &b.role {
-            if eval_shares_input(name) {
+        if let BufferRole::Input { name, shape, role } = &b.role {
+            if eval_shares_input(*role) {
                 require(training, "training", "output", &format!("{name}.next"))?;
                 router_state.push((name.clone(), shape.clone()));
             }
@@ -710,26 +719,38 @@ fn router_state_inputs(training: &Plan) -> Result<Vec<(String, Vec<usize>)>, Tra
 /// inputs ones, written once since nothing else writes them.
 fn feed_eval_randomness(forward: &Plan, eval: &Executor<'_>) -> Result<(), TrainError> {
     for b in &forward.buffers {
-        if let BufferRole::Input { name, shape } = &b.role {
+        if let BufferRole::Input { name, shape, role } = &b.role {
             let n: usize = shape.iter().product();
-            if name.starts_with("noise.") {
-                eval.write_f32(name, &vec![0.0; n])?;
-            } else if name.starts_with("jitter.") {
-                eval.write_f32(name, &vec![1.0; n])?;
+            match role {
+                InputRole::Noise => eval.write_f32(name, &vec![0.0; n])?,
+                InputRole::Jitter => eval.write_f32(name, &vec![1.0; n])?,
+                // Shared with training (router state) or fed per batch.
+                InputRole::RouterState
+                | InputRole::Data
+                | InputRole::LossSeed
+                | InputRole::LogitRows => {}
             }
         }
     }
     Ok(())
 }
 
-/// The training plan's noise and jitter inputs and their element counts, redrawn every
-/// micro-step.
-fn training_random_inputs(training: &Plan) -> Vec<(String, usize)> {
+/// The training plan's noise and jitter inputs, their element counts and distributions, redrawn
+/// every micro-step.
+fn training_random_inputs(training: &Plan) -> Vec<(String, usize, Draw)> {
     let mut noise = Vec::new();
     for b in &training.buffers {
-        if let BufferRole::Input { name, shape } = &b.role {
-            if name.starts_with("noise.") || name.starts_with("jitter.") {
-                noise.push((name.clone(), shape.iter().product()));
+        if let BufferRole::Input { name, shape, role } = &b.role {
+            let n = shape.iter().product();
+            match role {
+                InputRole::Noise => noise.push((name.clone(), n, Draw::Normal)),
+                InputRole::Jitter => noise.push((name.clone(), n, Draw::Jitter)),
+                // Fed per micro-step (`feed`), once (`grad_seed`), kept (router state), or absent
+                // from a training plan (logit rows).
+                InputRole::Data
+                | InputRole::LossSeed
+                | InputRole::RouterState
+                | InputRole::LogitRows => {}
             }
         }
     }

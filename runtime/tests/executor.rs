@@ -1,7 +1,7 @@
 //! The executor on a hand-written plan: buffer roles, bindings, dispatch and readback, independent of
 //! the emitter.
 
-use moec_compiler::ir::DType;
+use moec_compiler::ir::{DType, InputRole};
 use moec_compiler::plan::{Binding, BufferRole, BufferSpec, Dispatch, Kernel, Plan};
 use moec_runtime::{AdapterChoice, Executor, Gpu, RuntimeError};
 
@@ -28,6 +28,7 @@ fn axpy_plan() -> Plan {
                 BufferRole::Input {
                     name: "x".into(),
                     shape: vec![100],
+                    role: InputRole::Data,
                 },
                 "x",
             ),
