@@ -166,6 +166,27 @@ struct CallView<'a> {
     args: &'a [Arg],
 }
 
+/// Where a `moe` block puts its MoE layers: its `layers`, `every` and `first_dense` fields.
+struct Placement<'a> {
+    /// The listed block indices with their spans.
+    layers: Option<(&'a Field, Vec<(usize, Span)>)>,
+    every: usize,
+    every_field: Option<&'a Field>,
+    first_dense: usize,
+    first_dense_field: Option<&'a Field>,
+}
+
+/// A `moe` block's hierarchical routing fields, kept with their fields for the spans of errors.
+#[derive(Clone, Copy)]
+struct Grouping<'a> {
+    groups: Option<(usize, usize)>,
+    groups_field: Option<&'a Field>,
+    hierarchy: Hierarchy,
+    hierarchy_field: Option<&'a Field>,
+    top_groups: usize,
+    top_groups_field: Option<&'a Field>,
+}
+
 /// Numeric names arithmetic may refer to (the model's fields written as plain numbers).
 type Env = HashMap<String, f64>;
 
@@ -588,6 +609,40 @@ impl Checker {
             Some(f) => self.balance(&f.value, &gate, env)?,
             None => vec![Balance::Aux(0.01)],
         };
+        let placement = self.placement(&fs, env)?;
+        let top_k = match fs.get("top_k") {
+            Some(f) => Some((f, self.positive(&f.value, "top_k", env)?)),
+            None => None,
+        };
+        let grouping = self.grouping(&fs, env)?;
+
+        if experts == 0 {
+            // A dense model: the rest of the block only had to be well-formed.
+            return Ok(None);
+        }
+        let blocks = self.moe_blocks(&placement, block, model)?;
+        let top_k_field = top_k.map(|(f, _)| f);
+        let top_k = self.top_k(&gate, top_k, experts)?;
+        self.check_grouping(&grouping, &gate, experts, top_k, top_k_field)?;
+        Ok(Some(Moe {
+            blocks,
+            experts,
+            top_k,
+            expert,
+            shared_experts,
+            gate,
+            groups: grouping.groups,
+            hierarchy: grouping.hierarchy,
+            top_groups: grouping.top_groups,
+            capacity,
+            balance,
+            jitter,
+            router_precision,
+        }))
+    }
+
+    /// A `moe` block's `every`, `first_dense` and `layers` fields.
+    fn placement<'a>(&self, fs: &Fields<'a>, env: &Env) -> Result<Placement<'a>> {
         let every_field = fs.get("every");
         let every = match every_field {
             Some(f) => self.positive(&f.value, "every", env)?,
@@ -598,15 +653,21 @@ impl Checker {
             Some(f) => self.uint(&f.value, "first_dense", env)?,
             None => 0,
         };
-        let explicit = match fs.get("layers") {
+        let layers = match fs.get("layers") {
             Some(f) => Some((f, self.index_list(&f.value, env)?)),
             None => None,
         };
-        let top_k_field = fs.get("top_k");
-        let top_k = match top_k_field {
-            Some(f) => Some((f, self.positive(&f.value, "top_k", env)?)),
-            None => None,
-        };
+        Ok(Placement {
+            layers,
+            every,
+            every_field,
+            first_dense,
+            first_dense_field,
+        })
+    }
+
+    /// A `moe` block's `groups`, `hierarchy` and `top_groups` fields.
+    fn grouping<'a>(&self, fs: &Fields<'a>, env: &Env) -> Result<Grouping<'a>> {
         let groups_field = fs.get("groups");
         let groups = match groups_field {
             Some(f) => Some(self.groups(&f.value, env)?),
@@ -629,102 +690,117 @@ impl Checker {
             Some(f) => self.positive(&f.value, "top_groups", env)?,
             None => 1,
         };
+        Ok(Grouping {
+            groups,
+            groups_field,
+            hierarchy,
+            hierarchy_field,
+            top_groups,
+            top_groups_field,
+        })
+    }
 
-        if experts == 0 {
-            // A dense model: the rest of the block only had to be well-formed.
-            return Ok(None);
-        }
-
-        // Which blocks are MoE.
-        let blocks: Vec<usize> = match &explicit {
-            Some((f, list)) => {
-                if list.is_empty() {
-                    return Err(self
-                        .err(f.value.span, "`layers = []` makes no block MoE")
-                        .with_label("empty list")
-                        .with_help("list block indices such as `[1, 3]`, or set `experts = 0` for a dense model"));
-                }
-                let mut sorted: Vec<usize> = Vec::with_capacity(list.len());
-                for (i, span) in list {
-                    if *i >= model.layers {
-                        return Err(self
-                            .err(*span, format!("block index {i} is out of range: the model has {} layers (0..{})", model.layers, model.layers - 1))
-                            .with_label("no such block")
-                            .with_help("MoE block indices are 0-based"));
-                    }
-                    if sorted.contains(i) {
-                        return Err(self
-                            .err(*span, format!("block {i} is listed twice"))
-                            .with_label("repeated index"));
-                    }
-                    if *i < first_dense {
-                        return Err(self
-                            .err(*span, format!("block {i} is listed in `layers`, but `first_dense = {first_dense}` keeps it dense"))
-                            .with_label("contradicts `first_dense`")
-                            .with_help("remove the index or lower `first_dense`"));
-                    }
-                    sorted.push(*i);
-                }
-                sorted.sort_unstable();
-                sorted
-            }
-            None => {
-                if let Some(f) = first_dense_field {
-                    if first_dense >= model.layers {
-                        return Err(self
-                            .err(f.value.span, format!("`first_dense = {first_dense}` leaves no MoE block: the model has {} layers", model.layers))
-                            .with_label("keeps every block dense")
-                            .with_help("use `experts = 0` for a dense model"));
-                    }
-                }
-                // The `lstm` family's default (LANGUAGE.md): an MoE after every LSTM layer but the last.
-                let last = if model.family == Family::Lstm && every_field.is_none() {
-                    model.layers - 1
-                } else {
-                    model.layers
-                };
-                let b: Vec<usize> = (first_dense..last)
-                    .filter(|i| (i + 1) % every == 0)
-                    .collect();
-                if b.is_empty() && last < model.layers {
-                    return Err(self
-                        .err(block.header, format!("an `lstm` model places its MoE layers between LSTM layers by default, which leaves none here ({} layers, `first_dense = {first_dense}`)", model.layers))
-                        .with_label("no MoE layer")
-                        .with_help("name the blocks with `layers = [...]` (an MoE after LSTM layer i), or add layers"));
-                }
-                if b.is_empty() {
-                    let span = every_field.map_or(block.header, |f| f.value.span);
-                    return Err(self
-                        .err(
-                            span,
-                            format!(
-                                "`every = {every}` makes no block MoE: the model has {} layers",
-                                model.layers
-                            ),
-                        )
-                        .with_label("no block index matches")
-                        .with_help(
-                            "block i is MoE when (i + 1) % every == 0; lower `every` or add layers",
-                        ));
-                }
-                b
-            }
+    /// The sorted indices of the MoE blocks: the listed `layers`, or by `every` and `first_dense`.
+    fn moe_blocks(&self, p: &Placement, block: &Block, model: &Model) -> Result<Vec<usize>> {
+        let first_dense = p.first_dense;
+        let Some((f, list)) = &p.layers else {
+            return self.moe_blocks_every(p, block, model);
         };
-
-        // Experts per token.
-        let top_k = match (gate, top_k) {
-            (Gate::Switch, Some((f, k))) if k != 1 => {
+        if list.is_empty() {
+            return Err(self
+                .err(f.value.span, "`layers = []` makes no block MoE")
+                .with_label("empty list")
+                .with_help(
+                    "list block indices such as `[1, 3]`, or set `experts = 0` for a dense model",
+                ));
+        }
+        let mut sorted: Vec<usize> = Vec::with_capacity(list.len());
+        for (i, span) in list {
+            if *i >= model.layers {
                 return Err(self
                     .err(
-                        f.value.span,
+                        *span,
                         format!(
-                            "`gate = switch` routes each token to one expert, but `top_k = {k}`"
+                            "block index {i} is out of range: the model has {} layers (0..{})",
+                            model.layers,
+                            model.layers - 1
                         ),
                     )
-                    .with_label("must be 1 with `switch`")
-                    .with_help("remove `top_k`, or use `gate = softmax` for top-k routing"));
+                    .with_label("no such block")
+                    .with_help("MoE block indices are 0-based"));
             }
-            (Gate::Switch, _) => 1,
+            if sorted.contains(i) {
+                return Err(self
+                    .err(*span, format!("block {i} is listed twice"))
+                    .with_label("repeated index"));
+            }
+            if *i < first_dense {
+                return Err(self
+                    .err(*span, format!("block {i} is listed in `layers`, but `first_dense = {first_dense}` keeps it dense"))
+                    .with_label("contradicts `first_dense`")
+                    .with_help("remove the index or lower `first_dense`"));
+            }
+            sorted.push(*i);
+        }
+        sorted.sort_unstable();
+        Ok(sorted)
+    }
+
+    /// The MoE blocks without a `layers` list: every `every`-th block from `first_dense` on.
+    fn moe_blocks_every(&self, p: &Placement, block: &Block, model: &Model) -> Result<Vec<usize>> {
+        let (every, first_dense) = (p.every, p.first_dense);
+        if let Some(f) = p.first_dense_field {
+            if first_dense >= model.layers {
+                return Err(self
+                    .err(f.value.span, format!("`first_dense = {first_dense}` leaves no MoE block: the model has {} layers", model.layers))
+                    .with_label("keeps every block dense")
+                    .with_help("use `experts = 0` for a dense model"));
+            }
+        }
+        // The `lstm` family's default (LANGUAGE.md): an MoE after every LSTM layer but the last.
+        let last = if model.family == Family::Lstm && p.every_field.is_none() {
+            model.layers - 1
+        } else {
+            model.layers
+        };
+        let b: Vec<usize> = (first_dense..last)
+            .filter(|i| (i + 1) % every == 0)
+            .collect();
+        if b.is_empty() && last < model.layers {
+            return Err(self
+                .err(block.header, format!("an `lstm` model places its MoE layers between LSTM layers by default, which leaves none here ({} layers, `first_dense = {first_dense}`)", model.layers))
+                .with_label("no MoE layer")
+                .with_help("name the blocks with `layers = [...]` (an MoE after LSTM layer i), or add layers"));
+        }
+        if b.is_empty() {
+            let span = p.every_field.map_or(block.header, |f| f.value.span);
+            return Err(self
+                .err(
+                    span,
+                    format!(
+                        "`every = {every}` makes no block MoE: the model has {} layers",
+                        model.layers
+                    ),
+                )
+                .with_label("no block index matches")
+                .with_help(
+                    "block i is MoE when (i + 1) % every == 0; lower `every` or add layers",
+                ));
+        }
+        Ok(b)
+    }
+
+    /// Experts per token: 1 for `switch`, else `top_k` (at most `experts`) or 2.
+    fn top_k(&self, gate: &Gate, top_k: Option<(&Field, usize)>, experts: usize) -> Result<usize> {
+        match (gate, top_k) {
+            (Gate::Switch, Some((f, k))) if k != 1 => Err(self
+                .err(
+                    f.value.span,
+                    format!("`gate = switch` routes each token to one expert, but `top_k = {k}`"),
+                )
+                .with_label("must be 1 with `switch`")
+                .with_help("remove `top_k`, or use `gate = softmax` for top-k routing")),
+            (Gate::Switch, _) => Ok(1),
             (_, Some((f, k))) => {
                 if k > experts {
                     return Err(self
@@ -735,12 +811,30 @@ impl Checker {
                         .with_label("must be at most `experts`")
                         .with_help("each token picks top_k distinct experts"));
                 }
-                k
+                Ok(k)
             }
-            (_, None) => 2.min(experts),
-        };
+            (_, None) => Ok(2.min(experts)),
+        }
+    }
 
-        // Hierarchy.
+    /// Hierarchical routing's fields need `groups`, whose G * M must be the expert count, a
+    /// token-choice gate, and room for `top_k` experts in what the hierarchy keeps.
+    fn check_grouping(
+        &self,
+        grouping: &Grouping,
+        gate: &Gate,
+        experts: usize,
+        top_k: usize,
+        top_k_field: Option<&Field>,
+    ) -> Result<()> {
+        let Grouping {
+            groups,
+            groups_field,
+            hierarchy,
+            hierarchy_field,
+            top_groups,
+            top_groups_field,
+        } = *grouping;
         if groups.is_none() {
             for (field, name) in [
                 (hierarchy_field, "hierarchy"),
@@ -754,82 +848,68 @@ impl Checker {
                 }
             }
         }
-        if let (Some((g, m)), Some(f)) = (groups, groups_field) {
-            if g.checked_mul(m) != Some(experts) {
-                return Err(self
-                    .err(
-                        f.value.span,
-                        format!(
-                            "`groups = {g} x {m}` makes {} experts, but `experts = {experts}`",
-                            g as u128 * m as u128
-                        ),
-                    )
-                    .with_label("G * M must equal `experts`")
-                    .with_help(format!(
-                        "choose G and M with G * M = {experts}, e.g. `groups = {} x {}`",
-                        divisor_near(experts, g),
-                        experts / divisor_near(experts, g)
-                    )));
-            }
-            if !matches!(
-                gate,
-                Gate::Softmax { .. } | Gate::Sigmoid | Gate::NoisyTopK { .. } | Gate::Switch
-            ) {
-                return Err(self
-                    .err(
-                        f.name.span,
-                        format!(
-                            "`groups` works with the token-choice gates, not `gate = {}`",
-                            gate_name(&gate)
-                        ),
-                    )
-                    .with_label("hierarchical routing needs a top-k gate")
-                    .with_help(
-                        "use `softmax`, `sigmoid`, `noisy_top_k` or `switch`, or remove `groups`",
-                    ));
-            }
-            if top_groups > g {
-                let span = top_groups_field.map_or(f.value.span, |t| t.value.span);
-                return Err(self
-                    .err(span, format!("`top_groups = {top_groups}` is more than the {g} groups of `groups = {g} x {m}`"))
-                    .with_label(format!("must be at most {g}")));
-            }
-            let (limit, why) = match hierarchy {
-                Hierarchy::TwoLevel => (
-                    m,
-                    format!("the secondary gate picks top_k inside one group of {m} experts"),
-                ),
-                Hierarchy::GroupLimited => (
-                    top_groups * m,
-                    format!("only top_groups * M = {} experts are kept", top_groups * m),
-                ),
-            };
-            if top_k > limit {
-                let span = top_k_field.map_or(f.value.span, |t| t.value.span);
-                return Err(self
-                    .err(
-                        span,
-                        format!("`top_k = {top_k}` is more than {limit}: {why}"),
-                    )
-                    .with_label(format!("must be at most {limit}")));
-            }
+        let (Some((g, m)), Some(f)) = (groups, groups_field) else {
+            return Ok(());
+        };
+        if g.checked_mul(m) != Some(experts) {
+            return Err(self
+                .err(
+                    f.value.span,
+                    format!(
+                        "`groups = {g} x {m}` makes {} experts, but `experts = {experts}`",
+                        g as u128 * m as u128
+                    ),
+                )
+                .with_label("G * M must equal `experts`")
+                .with_help(format!(
+                    "choose G and M with G * M = {experts}, e.g. `groups = {} x {}`",
+                    divisor_near(experts, g),
+                    experts / divisor_near(experts, g)
+                )));
         }
-
-        Ok(Some(Moe {
-            blocks,
-            experts,
-            top_k,
-            expert,
-            shared_experts,
+        if !matches!(
             gate,
-            groups,
-            hierarchy,
-            top_groups,
-            capacity,
-            balance,
-            jitter,
-            router_precision,
-        }))
+            Gate::Softmax { .. } | Gate::Sigmoid | Gate::NoisyTopK { .. } | Gate::Switch
+        ) {
+            return Err(self
+                .err(
+                    f.name.span,
+                    format!(
+                        "`groups` works with the token-choice gates, not `gate = {}`",
+                        gate_name(gate)
+                    ),
+                )
+                .with_label("hierarchical routing needs a top-k gate")
+                .with_help(
+                    "use `softmax`, `sigmoid`, `noisy_top_k` or `switch`, or remove `groups`",
+                ));
+        }
+        if top_groups > g {
+            let span = top_groups_field.map_or(f.value.span, |t| t.value.span);
+            return Err(self
+                .err(span, format!("`top_groups = {top_groups}` is more than the {g} groups of `groups = {g} x {m}`"))
+                .with_label(format!("must be at most {g}")));
+        }
+        let (limit, why) = match hierarchy {
+            Hierarchy::TwoLevel => (
+                m,
+                format!("the secondary gate picks top_k inside one group of {m} experts"),
+            ),
+            Hierarchy::GroupLimited => (
+                top_groups * m,
+                format!("only top_groups * M = {} experts are kept", top_groups * m),
+            ),
+        };
+        if top_k > limit {
+            let span = top_k_field.map_or(f.value.span, |t| t.value.span);
+            return Err(self
+                .err(
+                    span,
+                    format!("`top_k = {top_k}` is more than {limit}: {why}"),
+                )
+                .with_label(format!("must be at most {limit}")));
+        }
+        Ok(())
     }
 
     fn gate(&self, e: &Expr, env: &Env) -> Result<Gate> {
