@@ -11,6 +11,7 @@ use crate::target::{segments, Target};
 use std::fmt::Write;
 
 const PRELUDE: &str = include_str!("../../../shaders/prelude.wgsl");
+const PER_ITEM_MAIN: &str = include_str!("../../../shaders/per_item_main.wgsl");
 
 /// Invocations per workgroup of one-invocation-per-element kernels.
 const WG: u32 = 256;
@@ -298,9 +299,7 @@ pub(crate) fn wg_size(target: &Target) -> u32 {
 
 /// Entry point of a kernel with one invocation per linear item `i < total`.
 pub(crate) fn per_item_main(wg: u32, total: usize) -> String {
-    format!(
-        "@compute @workgroup_size({wg})\nfn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{\n    let i = (wid.x + wid.y * GX + wid.z * (GX * GY)) * {wg}u + lid;\n    if (i >= {total}u) {{\n        return;\n    }}\n"
-    )
+    fill(PER_ITEM_MAIN, &[("wg", &wg), ("total", &total)])
 }
 
 /// The node a group is named after and, for a Matmul group, its matmul: the first member that is not

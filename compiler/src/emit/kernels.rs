@@ -8,7 +8,8 @@
 use super::blocked::{self, gathered, Blocked, Schedule};
 use super::expr::{bcast_index, lit, op_expr, permuted_index, rope_fn, strided_index};
 use super::frame::{
-    anchor, fold, is_prologue, per_item_main, wg_size, Access, Binder, KernelError, KernelSrc, Load,
+    anchor, fill, fold, is_prologue, per_item_main, wg_size, Access, Binder, KernelError,
+    KernelSrc, Load,
 };
 use crate::fuse::{base, Group, GroupKind};
 use crate::ir::{Graph, NodeId, Op, ReduceOp, RouteLayout};
@@ -17,6 +18,11 @@ use std::collections::{HashMap, HashSet};
 use std::fmt::Write;
 
 const MATMUL_TILED: &str = include_str!("../../../shaders/matmul_tiled.wgsl");
+/// `load_a` / `load_b` of the tiled matmul: its operands' elements, zero outside the matrices.
+const MATMUL_TILED_LOADS: &str = include_str!("../../../shaders/matmul_tiled_loads.wgsl");
+/// The row kernel's entry point up to its bounds check, and its workgroup reduction tree.
+const ROW_MAIN: &str = include_str!("../../../shaders/row_main.wgsl");
+const ROW_REDUCE: &str = include_str!("../../../shaders/row_reduce.wgsl");
 /// A reduction's combining step: `comb(accumulator, value)` as WGSL text.
 type Combine = fn(&str, &str) -> String;
 /// Invocations per row of the workgroup-per-row reduction (SharedTiled targets).
@@ -296,14 +302,15 @@ impl<'g> RowKernel<'g> {
         if tpr > 1 {
             let _ = writeln!(body, "var<workgroup> red: array<f32, {tpr}>;\n");
         }
-        let _ = writeln!(body, "@compute @workgroup_size({wg})\nfn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{");
-        let _ = writeln!(body, "    let wg = wid.x + wid.y * GX + wid.z * (GX * GY);");
-        if tpr == 1 {
-            let _ = writeln!(body, "    let row = wg * {wg}u + lid;");
+        let row = if tpr == 1 {
+            format!("wg * {wg}u + lid")
         } else {
-            let _ = writeln!(body, "    let row = wg;");
-        }
-        let _ = writeln!(body, "    if (row >= {rows}u) {{\n        return;\n    }}");
+            "wg".to_string()
+        };
+        body.push_str(&fill(
+            ROW_MAIN,
+            &[("wg", &wg), ("row", &row), ("rows", &rows)],
+        ));
     }
 
     /// What member `n` computes once per row (full-width elementwise members wait for the column
@@ -553,12 +560,15 @@ impl<'g> RowKernel<'g> {
             let _ = writeln!(self.body, "    let {name} = {acc};");
             return;
         }
-        let _ = write!(
-            self.body,
-            "    red[lid] = {acc};\n    workgroupBarrier();\n    for (var s = {half}u; s > 0u; s = s >> 1u) {{\n        if (lid < s) {{\n            red[lid] = {comb};\n        }}\n        workgroupBarrier();\n    }}\n    let {name} = red[0];\n    workgroupBarrier();\n",
-            half = tpr / 2,
-            comb = combine("red[lid]", "red[lid + s]")
-        );
+        self.body.push_str(&fill(
+            ROW_REDUCE,
+            &[
+                ("acc", &acc),
+                ("half", &(tpr / 2)),
+                ("combined", &combine("red[lid]", "red[lid + s]")),
+                ("name", &name),
+            ],
+        ));
     }
 
     /// The final column loop writing the group's full-width outputs.
@@ -742,13 +752,17 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
         ("BATCH", mm.batch as u64),
     ];
     let (body, groups) = if tiled {
-        let loads = format!(
-            "fn load_a(bi: u32, m: u32, k: u32) -> f32 {{\n    if (m < M && k < K) {{\n        return {};\n    }}\n    return 0.0;\n}}\n\nfn load_b(bi: u32, k: u32, n: u32) -> f32 {{\n    if (n < N && k < K) {{\n        return {};\n    }}\n    return 0.0;\n}}\n\n",
-            a_load.at(&format!("{} + m * {}u + k * {}u", mm.a_batch, mm.sam, mm.sak)),
-            b_load.at(&format!("{} + k * {}u + n * {}u", mm.b_batch, mm.sbk, mm.sbn)),
-        );
+        let a_at = a_load.at(&format!(
+            "{} + m * {}u + k * {}u",
+            mm.a_batch, mm.sam, mm.sak
+        ));
+        let b_at = b_load.at(&format!(
+            "{} + k * {}u + n * {}u",
+            mm.b_batch, mm.sbk, mm.sbn
+        ));
+        let loads = fill(MATMUL_TILED_LOADS, &[("a", &a_at), ("b", &b_at)]);
         let tiles = mm.batch * mm.m.div_ceil(64) * mm.n.div_ceil(64);
-        (format!("{funcs}{store}{loads}{MATMUL_TILED}"), tiles)
+        (format!("{funcs}{store}{loads}\n{MATMUL_TILED}"), tiles)
     } else {
         let setup = match &grouped {
             Some((layout, route)) => format!(

@@ -2,15 +2,19 @@
 //! (`shaders/lstm_scan.wgsl`, `shaders/lstm_scan_grad.wgsl`): one workgroup per sequence loops over
 //! every time step on the device, so a layer direction is one dispatch forward and two backward
 //! (gates, then `w_hh`), whatever the context. The input projection of all steps is an ordinary
-//! matmul before the scan. The other LSTM ops are one invocation per output element.
+//! matmul before the scan. The other LSTM ops are one invocation per output element (bodies in
+//! `shaders/lstm_scan_grad_w.wgsl`, `shaders/lstm_last*.wgsl`, filled by `frame::fill`).
 
-use super::frame::{fold, per_item_main, wg_size, Binder, KernelError, KernelSrc};
+use super::frame::{fill, fold, per_item_main, wg_size, Binder, KernelError, KernelSrc};
 use crate::ir::lstm::{hidden_of, PARTS, PART_H};
 use crate::ir::{Graph, NodeId, Op};
 use crate::target::Target;
 
 const SCAN: &str = include_str!("../../../shaders/lstm_scan.wgsl");
 const SCAN_GRAD: &str = include_str!("../../../shaders/lstm_scan_grad.wgsl");
+const SCAN_GRAD_W: &str = include_str!("../../../shaders/lstm_scan_grad_w.wgsl");
+const LAST: &str = include_str!("../../../shaders/lstm_last.wgsl");
+const LAST_GRAD: &str = include_str!("../../../shaders/lstm_last_grad.wgsl");
 
 /// Most invocations of a scan workgroup: each owns `⌈H / WG⌉` units. 64 keeps a lavapipe
 /// workgroup (one CPU thread, 8-wide SIMD) to a few lanes' worth of barriers per step.
@@ -67,24 +71,11 @@ pub(crate) fn kernel(graph: &Graph, n: NodeId, target: &Target) -> Result<Kernel
             )
         }
         Op::LstmLast { dirs } => {
-            let x = b.read(args[0]);
-            let (t, w) = (graph.ty(args[0]).shape[1], node.ty.last());
-            let body = format!(
-                "    let c = i % {w}u;\n    let t = select({}u, 0u, c >= {}u);\n    let v = {x}[((i / {w}u) * {t}u + t) * {w}u + c];\n",
-                t - 1,
-                w / dirs
-            );
-            per_item(b, n, graph, target, &body)
+            let steps = graph.ty(args[0]).shape[1];
+            last_step(b, graph, n, LAST, (dirs, steps), target)
         }
         Op::LstmLastGrad { dirs, steps } => {
-            let g = b.read(args[0]);
-            let w = node.ty.last();
-            let body = format!(
-                "    let c = i % {w}u;\n    let t = (i / {w}u) % {steps}u;\n    let last = select({}u, 0u, c >= {}u);\n    let v = select(0.0, {g}[(i / ({w}u * {steps}u)) * {w}u + c], t == last);\n",
-                steps - 1,
-                w / dirs
-            );
-            per_item(b, n, graph, target, &body)
+            last_step(b, graph, n, LAST_GRAD, (dirs, steps), target)
         }
         Op::Input { .. }
         | Op::Param { .. }
@@ -186,13 +177,45 @@ fn grad_w(
             s.to_string()
         }
     };
-    let body = format!(
-        "    let r = i / {h}u;\n    let k = i % {h}u;\n    var v = 0.0;\n    for (var bi = 0u; bi < {bs}u; bi = bi + 1u) {{\n        for (var s = 1u; s < {t}u; s = s + 1u) {{\n            let row = bi * {t}u + {};\n            let prow = bi * {t}u + {};\n            v = v + {dg}[row * {}u + r] * {rec}[prow * {}u + {}u + k];\n        }}\n    }}\n",
-        order("s"),
-        order("(s - 1u)"),
-        4 * h,
-        PARTS * h,
-        PART_H * h
+    let body = fill(
+        SCAN_GRAD_W,
+        &[
+            ("h", &h),
+            ("bs", &bs),
+            ("t", &t),
+            ("step", &order("s")),
+            ("prev", &order("(s - 1u)")),
+            ("dg", &dg),
+            ("gates", &(4 * h)),
+            ("rec", &rec),
+            ("rec_width", &(PARTS * h)),
+            ("h_at", &(PART_H * h)),
+        ],
+    );
+    per_item(b, n, graph, target, &body)
+}
+
+/// `LstmLast` (template `LAST`) or its gradient (`LAST_GRAD`) over sequences of `steps` steps and
+/// `dirs` directions: a forward direction's last step is `steps - 1`, a reverse one's is 0.
+fn last_step(
+    mut b: Binder,
+    graph: &Graph,
+    n: NodeId,
+    template: &str,
+    (dirs, steps): (usize, usize),
+    target: &Target,
+) -> Result<KernelSrc, KernelError> {
+    let src = b.read(graph.inputs(n)[0]);
+    let w = graph.ty(n).last();
+    let body = fill(
+        template,
+        &[
+            ("w", &w),
+            ("steps", &steps),
+            ("last_step", &(steps - 1)),
+            ("dir_w", &(w / dirs)),
+            ("src", &src),
+        ],
     );
     per_item(b, n, graph, target, &body)
 }

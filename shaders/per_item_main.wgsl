@@ -1,0 +1,6 @@
+@compute @workgroup_size({wg})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.x + wid.y * GX + wid.z * (GX * GY)) * {wg}u + lid;
+    if (i >= {total}u) {
+        return;
+    }
