@@ -496,9 +496,16 @@ fn eval_node<F: Float>(
             budget,
             capacity,
             k,
-        } => eval_auction(
-            ctx, args, arg_tys, *rounds, *epsilon, *budget, *capacity, *k,
-        ),
+        } => {
+            let params = AuctionParams {
+                rounds: *rounds,
+                epsilon: *epsilon as f64,
+                budget: *budget as f64,
+                capacity: *capacity,
+                k: *k,
+            };
+            eval_auction(ctx, args, arg_tys, &params)
+        }
         Op::MoeGather { layout } => eval_moe_gather(ctx, args, arg_tys, layout),
         Op::GroupedMatMul { layout } => eval_grouped_matmul(ctx, args, arg_tys, layout),
         Op::MoeCombine { layout } => eval_moe_combine(ctx, args, arg_tys, layout),
@@ -900,27 +907,16 @@ fn eval_auction<F: Float>(
     ctx: &Ctx,
     args: &[&Tensor<F>],
     arg_tys: &[&TensorType],
-    rounds: usize,
-    epsilon: f32,
-    budget: f32,
-    capacity: usize,
-    k: usize,
+    params: &AuctionParams,
 ) -> Result<Tensor<F>, InterpError> {
     ctx.argc(2, args.len())?;
     let (t, e) = (arg_tys[0].shape[0], arg_tys[0].shape[1]);
-    let params = AuctionParams {
-        rounds: rounds,
-        epsilon: epsilon as f64,
-        budget: budget as f64,
-        capacity: capacity,
-        k: k,
-    };
     Ok(Tensor::U(auction(
         ctx.f(args[0])?,
         ctx.f(args[1])?,
         t,
         e,
-        &params,
+        params,
     )))
 }
 
