@@ -11,7 +11,7 @@
 //! ([`crate::f16_compare`]).
 
 use crate::eval::Model;
-use crate::{batch_of, compile, f16_compare, Loaded};
+use crate::{batch_of, compile, f16_compare, print_slowest, Loaded};
 use miette::{Context, IntoDiagnostic, Result};
 use moec_compiler::interp::{self, Value};
 use moec_compiler::ir::{Graph, NodeId};
@@ -230,16 +230,11 @@ fn checkpoint_executor<'g>(
 
 /// `--profile`: the slowest dispatches, and the three fastest for scale.
 fn print_profile(exec: &Executor<'_>) -> Result<()> {
-    let mut times = exec.profile().into_diagnostic()?;
-    let total: f64 = times.iter().map(|(_, t)| t).sum();
-    times.sort_by(|a, b| b.1.total_cmp(&a.1));
-    println!(
-        "slowest dispatches (of {:.1} ms, one submission each):",
-        total * 1e3
+    print_slowest(
+        exec.profile().into_diagnostic()?,
+        |ms| format!("slowest dispatches (of {ms:.1} ms, one submission each):"),
+        3,
     );
-    for (name, t) in times.iter().take(15).chain(times.iter().rev().take(3)) {
-        println!("  {:>8.2} ms {:>5.1}%  {name}", t * 1e3, 100.0 * t / total);
-    }
     Ok(())
 }
 

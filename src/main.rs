@@ -290,6 +290,25 @@ pub fn compile(spec: &Spec, batch: usize, target: &Target, fusion: bool) -> Resu
     moec_compiler::compile(spec, batch, target, fusion).into_diagnostic()
 }
 
+/// `--profile`'s table of `times` (name, seconds): the 15 slowest dispatches, then the `fastest`
+/// quickest, each with its share of the total; `heading` gets the total in milliseconds.
+pub fn print_slowest(
+    mut times: Vec<(String, f64)>,
+    heading: impl Fn(f64) -> String,
+    fastest: usize,
+) {
+    let total: f64 = times.iter().map(|(_, t)| t).sum();
+    times.sort_by(|a, b| b.1.total_cmp(&a.1));
+    println!("{}", heading(total * 1e3));
+    for (name, t) in times
+        .iter()
+        .take(15)
+        .chain(times.iter().rev().take(fastest))
+    {
+        println!("  {:>8.2} ms {:>5.1}%  {name}", t * 1e3, 100.0 * t / total);
+    }
+}
+
 fn main() -> Result<()> {
     // Mesa's Vulkan loader prints "XDG_RUNTIME_DIR is invalid" on every probe of a headless Linux
     // machine (CI, servers, lavapipe). moec never opens a window; any existing directory silences it.

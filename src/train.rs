@@ -3,7 +3,7 @@
 //! that puts the final losses next to the data's unigram entropy, so a user sees whether the model
 //! learned more than token frequencies.
 
-use crate::Loaded;
+use crate::{print_slowest, Loaded};
 use indicatif::{ProgressBar, ProgressStyle};
 use miette::{IntoDiagnostic, Result};
 use moec_compiler::lower::Head;
@@ -145,16 +145,13 @@ fn print_setup(
 fn print_profile(trainer: &Trainer<'_>) -> Result<()> {
     // Twice: the first run includes the driver's lazy shader compilation.
     trainer.profile_step().into_diagnostic()?;
-    let mut times = trainer.profile_step().into_diagnostic()?;
-    let total: f64 = times.iter().map(|(_, t)| t).sum();
-    times.sort_by(|a, b| b.1.total_cmp(&a.1));
-    println!(
-        "slowest dispatches of one training micro-step ({:.1} ms in all, one submission each):",
-        total * 1e3
+    print_slowest(
+        trainer.profile_step().into_diagnostic()?,
+        |ms| {
+            format!("slowest dispatches of one training micro-step ({ms:.1} ms in all, one submission each):")
+        },
+        0,
     );
-    for (name, t) in times.iter().take(15) {
-        println!("  {:>8.2} ms {:>5.1}%  {name}", t * 1e3, 100.0 * t / total);
-    }
     Ok(())
 }
 

@@ -177,7 +177,6 @@ struct Placement<'a> {
 }
 
 /// A `moe` block's hierarchical routing fields, kept with their fields for the spans of errors.
-#[derive(Clone, Copy)]
 struct Grouping<'a> {
     groups: Option<(usize, usize)>,
     groups_field: Option<&'a Field>,
@@ -827,18 +826,11 @@ impl Checker {
         top_k: usize,
         top_k_field: Option<&Field>,
     ) -> Result<()> {
-        let Grouping {
-            groups,
-            groups_field,
-            hierarchy,
-            hierarchy_field,
-            top_groups,
-            top_groups_field,
-        } = *grouping;
-        if groups.is_none() {
+        let top_groups = grouping.top_groups;
+        if grouping.groups.is_none() {
             for (field, name) in [
-                (hierarchy_field, "hierarchy"),
-                (top_groups_field, "top_groups"),
+                (grouping.hierarchy_field, "hierarchy"),
+                (grouping.top_groups_field, "top_groups"),
             ] {
                 if let Some(f) = field {
                     return Err(self
@@ -848,7 +840,7 @@ impl Checker {
                 }
             }
         }
-        let (Some((g, m)), Some(f)) = (groups, groups_field) else {
+        let (Some((g, m)), Some(f)) = (grouping.groups, grouping.groups_field) else {
             return Ok(());
         };
         if g.checked_mul(m) != Some(experts) {
@@ -885,12 +877,14 @@ impl Checker {
                 ));
         }
         if top_groups > g {
-            let span = top_groups_field.map_or(f.value.span, |t| t.value.span);
+            let span = grouping
+                .top_groups_field
+                .map_or(f.value.span, |t| t.value.span);
             return Err(self
                 .err(span, format!("`top_groups = {top_groups}` is more than the {g} groups of `groups = {g} x {m}`"))
                 .with_label(format!("must be at most {g}")));
         }
-        let (limit, why) = match hierarchy {
+        let (limit, why) = match grouping.hierarchy {
             Hierarchy::TwoLevel => (
                 m,
                 format!("the secondary gate picks top_k inside one group of {m} experts"),
