@@ -326,60 +326,9 @@ impl Checker {
             Family::Lstm => fs.get("vocab").is_some() || fs.get("inputs").is_none(),
             Family::Mlp => false,
         };
-        // Fields a family does not use, with the families that do.
-        let only: &[(&str, &[Family], &str)] = &[
-            ("heads", &[Family::Transformer], "`family = transformer`"),
-            ("kv_heads", &[Family::Transformer], "`family = transformer`"),
-            (
-                "rope_theta",
-                &[Family::Transformer],
-                "`family = transformer`",
-            ),
-            ("bidirectional", &[Family::Lstm], "`family = lstm`"),
-            ("qk_norm", &[Family::Transformer], "`family = transformer`"),
-            (
-                "vocab",
-                &[Family::Transformer, Family::Lstm],
-                "language models (`transformer`, `lstm`)",
-            ),
-            (
-                "context",
-                &[Family::Transformer, Family::Lstm],
-                "language models (`transformer`, `lstm`)",
-            ),
-            (
-                "tie_embeddings",
-                &[Family::Transformer, Family::Lstm],
-                "language models (`transformer`, `lstm`)",
-            ),
-            (
-                "inputs",
-                &[Family::Mlp, Family::Lstm],
-                "classifiers (`mlp`, `lstm`)",
-            ),
-            (
-                "classes",
-                &[Family::Mlp, Family::Lstm],
-                "classifiers (`mlp`, `lstm`)",
-            ),
-        ];
-        for (name, families, who) in only {
-            if let Some(f) = fs.get(name) {
-                if !families.contains(&family) {
-                    return Err(self
-                        .err(f.name.span, format!("`{name}` applies only to {who}"))
-                        .with_label(format!("not used by a `{family_name}` model"))
-                        .with_help("remove this field, or change `family`"));
-                }
-            }
-        }
+        self.family_fields(fs, family, family_name)?;
 
-        let req = |name: &str, example: &str| -> Result<&Field> {
-            fs.get(name).ok_or_else(|| {
-                self.missing(fs, name, example)
-                    .with_label(format!("a `{family_name}` model needs `{name}`"))
-            })
-        };
+        let req = |name: &str, example: &str| self.required(fs, family_name, name, example);
         let dim = self.positive(&req("dim", "dim = 256")?.value, "dim", env)?;
         let layers_field = req("layers", "layers = 4")?;
         let layers = self.positive(&layers_field.value, "layers", env)?;
@@ -406,65 +355,14 @@ impl Checker {
             None
         };
         let (inputs, classes) = if !is_lm {
-            let i = self.positive(&req("inputs", "inputs = 3072")?.value, "inputs", env)?;
-            let f = req("classes", "classes = 10")?;
-            let c = self.positive(&f.value, "classes", env)?;
-            if c < 2 {
-                return Err(self
-                    .err(f.value.span, "`classes` must be at least 2")
-                    .with_label("a classifier needs two or more classes"));
-            }
-            (Some(i), Some(c))
+            let (inputs, classes) = self.classifier_sizes(fs, family_name, env)?;
+            (Some(inputs), Some(classes))
         } else {
             (None, None)
         };
 
         let (heads, kv_heads) = if family == Family::Transformer {
-            let heads_field = req("heads", "heads = 4")?;
-            let heads = self.positive(&heads_field.value, "heads", env)?;
-            if dim % heads != 0 {
-                return Err(self
-                    .err(
-                        heads_field.value.span,
-                        format!("`dim = {dim}` is not divisible by `heads = {heads}`"),
-                    )
-                    .with_label("must divide `dim`")
-                    .with_help(format!(
-                        "head dimension = dim / heads must be whole; try heads = {}",
-                        divisor_near(dim, heads)
-                    )));
-            }
-            if (dim / heads) % 2 != 0 {
-                return Err(self
-                    .err(heads_field.value.span, format!("RoPE needs an even head dimension, but dim / heads = {dim} / {heads} = {}", dim / heads))
-                    .with_label("gives an odd head dimension")
-                    .with_help("rotary embeddings rotate pairs of channels; choose `heads` so that dim / heads is even"));
-            }
-            let kv_heads = match fs.get("kv_heads") {
-                Some(f) => {
-                    let kv = self.positive(&f.value, "kv_heads", env)?;
-                    if kv > heads {
-                        return Err(self
-                            .err(f.value.span, format!("`kv_heads = {kv}` is more than `heads = {heads}`"))
-                            .with_label("must be at most `heads`")
-                            .with_help("grouped-query attention shares each key/value head among several query heads"));
-                    }
-                    if heads % kv != 0 {
-                        return Err(self
-                            .err(
-                                f.value.span,
-                                format!("`heads = {heads}` is not divisible by `kv_heads = {kv}`"),
-                            )
-                            .with_label("must divide `heads`")
-                            .with_help(
-                                "each key/value head serves the same number of query heads",
-                            ));
-                    }
-                    kv
-                }
-                None => heads,
-            };
-            (heads, kv_heads)
+            self.attention_heads(fs, dim, env)?
         } else {
             (1, 1)
         };
@@ -519,6 +417,138 @@ impl Checker {
             tie_embeddings,
             qk_norm,
         })
+    }
+
+    /// Refuses a field its family does not use, naming the families that do.
+    fn family_fields(&self, fs: &Fields, family: Family, family_name: &str) -> Result<()> {
+        let only: &[(&str, &[Family], &str)] = &[
+            ("heads", &[Family::Transformer], "`family = transformer`"),
+            ("kv_heads", &[Family::Transformer], "`family = transformer`"),
+            (
+                "rope_theta",
+                &[Family::Transformer],
+                "`family = transformer`",
+            ),
+            ("bidirectional", &[Family::Lstm], "`family = lstm`"),
+            ("qk_norm", &[Family::Transformer], "`family = transformer`"),
+            (
+                "vocab",
+                &[Family::Transformer, Family::Lstm],
+                "language models (`transformer`, `lstm`)",
+            ),
+            (
+                "context",
+                &[Family::Transformer, Family::Lstm],
+                "language models (`transformer`, `lstm`)",
+            ),
+            (
+                "tie_embeddings",
+                &[Family::Transformer, Family::Lstm],
+                "language models (`transformer`, `lstm`)",
+            ),
+            (
+                "inputs",
+                &[Family::Mlp, Family::Lstm],
+                "classifiers (`mlp`, `lstm`)",
+            ),
+            (
+                "classes",
+                &[Family::Mlp, Family::Lstm],
+                "classifiers (`mlp`, `lstm`)",
+            ),
+        ];
+        for (name, families, who) in only {
+            if let Some(f) = fs.get(name) {
+                if !families.contains(&family) {
+                    return Err(self
+                        .err(f.name.span, format!("`{name}` applies only to {who}"))
+                        .with_label(format!("not used by a `{family_name}` model"))
+                        .with_help("remove this field, or change `family`"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A required field, or an error that names the family needing it and shows `example`.
+    fn required<'a>(
+        &self,
+        fs: &Fields<'a>,
+        family_name: &str,
+        name: &str,
+        example: &str,
+    ) -> Result<&'a Field> {
+        fs.get(name).ok_or_else(|| {
+            self.missing(fs, name, example)
+                .with_label(format!("a `{family_name}` model needs `{name}`"))
+        })
+    }
+
+    /// A classifier's `inputs` and `classes` (at least 2).
+    fn classifier_sizes(
+        &self,
+        fs: &Fields,
+        family_name: &str,
+        env: &Env,
+    ) -> Result<(usize, usize)> {
+        let inputs = self.required(fs, family_name, "inputs", "inputs = 3072")?;
+        let i = self.positive(&inputs.value, "inputs", env)?;
+        let f = self.required(fs, family_name, "classes", "classes = 10")?;
+        let c = self.positive(&f.value, "classes", env)?;
+        if c < 2 {
+            return Err(self
+                .err(f.value.span, "`classes` must be at least 2")
+                .with_label("a classifier needs two or more classes"));
+        }
+        Ok((i, c))
+    }
+
+    /// A transformer's `heads` and `kv_heads`: heads divide `dim` into even (RoPE) head
+    /// dimensions, and key/value heads divide the heads.
+    fn attention_heads(&self, fs: &Fields, dim: usize, env: &Env) -> Result<(usize, usize)> {
+        let heads_field = self.required(fs, "transformer", "heads", "heads = 4")?;
+        let heads = self.positive(&heads_field.value, "heads", env)?;
+        if dim % heads != 0 {
+            return Err(self
+                .err(
+                    heads_field.value.span,
+                    format!("`dim = {dim}` is not divisible by `heads = {heads}`"),
+                )
+                .with_label("must divide `dim`")
+                .with_help(format!(
+                    "head dimension = dim / heads must be whole; try heads = {}",
+                    divisor_near(dim, heads)
+                )));
+        }
+        if (dim / heads) % 2 != 0 {
+            return Err(self
+                .err(heads_field.value.span, format!("RoPE needs an even head dimension, but dim / heads = {dim} / {heads} = {}", dim / heads))
+                .with_label("gives an odd head dimension")
+                .with_help("rotary embeddings rotate pairs of channels; choose `heads` so that dim / heads is even"));
+        }
+        let kv_heads = match fs.get("kv_heads") {
+            Some(f) => {
+                let kv = self.positive(&f.value, "kv_heads", env)?;
+                if kv > heads {
+                    return Err(self
+                        .err(f.value.span, format!("`kv_heads = {kv}` is more than `heads = {heads}`"))
+                        .with_label("must be at most `heads`")
+                        .with_help("grouped-query attention shares each key/value head among several query heads"));
+                }
+                if heads % kv != 0 {
+                    return Err(self
+                        .err(
+                            f.value.span,
+                            format!("`heads = {heads}` is not divisible by `kv_heads = {kv}`"),
+                        )
+                        .with_label("must divide `heads`")
+                        .with_help("each key/value head serves the same number of query heads"));
+                }
+                kv
+            }
+            None => heads,
+        };
+        Ok((heads, kv_heads))
     }
 
     /// Fields an `lstm` language model must not have: classifier fields, and `bidirectional = true`
@@ -1315,144 +1345,155 @@ impl Checker {
 
     fn data(&self, e: &Expr, model: &Model, seed: u64, env: &Env) -> Result<Data> {
         let c = self.call_form(e, "data", &["text", "tokens", "cifar10", "synthetic"])?;
+        match c.name {
+            "text" => self.text_data(&c, model),
+            "tokens" => self.tokens_data(&c, model),
+            "cifar10" => self.cifar10_data(&c, model),
+            "synthetic" => self.synthetic_data(&c, model, seed, env),
+            other => unlisted("data source", other),
+        }
+    }
+
+    /// Refuses language-model data `kind(...)` for a classifier.
+    fn lm_only(&self, c: &CallView, model: &Model, kind: &str) -> Result<()> {
+        // Classifiers: `mlp`, and `lstm` without a vocabulary (a sequence classifier).
+        if model.vocab.is_none() {
+            return Err(self
+                .err(
+                    c.span,
+                    format!(
+                        "`{kind}(...)` is language-model data, but this is {}",
+                        if model.family == Family::Mlp {
+                            "an `mlp` model"
+                        } else {
+                            "an `lstm` sequence classifier (no `vocab`)"
+                        }
+                    ),
+                )
+                .with_label("needs `family = transformer` or `lstm` with a `vocab`")
+                .with_help(
+                    "an `mlp` trains on `cifar10(\"dir\")` or `synthetic(kind = classes)`",
+                ));
+        }
+        Ok(())
+    }
+
+    /// `text("path")`: a byte-level corpus, so the vocabulary must hold all 256 bytes.
+    fn text_data(&self, c: &CallView, model: &Model) -> Result<Data> {
+        self.lm_only(c, model, "text")?;
+        let [path] = self.bind(c, &["path"])?;
+        let path = self.required_arg(path, c, "path", "text(\"input.txt\")")?;
+        let (text, span) = (self.string(path, "path")?, path.span);
+        if model.vocab.is_some_and(|v| v < 256) {
+            return Err(self
+                .err(
+                    c.span,
+                    format!(
+                        "`text(...)` reads bytes (256 symbols), but `vocab = {}`",
+                        model.vocab.unwrap_or(0)
+                    ),
+                )
+                .with_label("needs `vocab >= 256`")
+                .with_help("set `vocab = 256`"));
+        }
+        let len = self.readable_file(&text, span)?;
+        self.enough_tokens(len, model, span)?;
+        Ok(Data::Text { path: text })
+    }
+
+    /// `tokens("path", dtype = u16 | u32)`: pre-tokenized ids, whose file size must be whole tokens.
+    fn tokens_data(&self, c: &CallView, model: &Model) -> Result<Data> {
+        self.lm_only(c, model, "tokens")?;
+        let [path, dtype] = self.bind(c, &["path", "dtype"])?;
+        let path = self.required_arg(path, c, "path", "tokens(\"train.bin\", dtype = u16)")?;
+        let (text, span) = (self.string(path, "path")?, path.span);
+        let dtype = match dtype {
+            Some(d) => self.enum_of(
+                d,
+                "dtype",
+                &[("u16", TokenDtype::U16), ("u32", TokenDtype::U32)],
+            )?,
+            None => TokenDtype::U16,
+        };
+        let width = match dtype {
+            TokenDtype::U16 => 2,
+            TokenDtype::U32 => 4,
+        };
+        let len = self.readable_file(&text, span)?;
+        if len % width != 0 {
+            return Err(self
+                .err(
+                    span,
+                    format!(
+                        "`{text}` has {len} bytes, not a whole number of {}-byte tokens",
+                        width
+                    ),
+                )
+                .with_label("size does not match `dtype`")
+                .with_help("check `dtype` (u16 for GPT-2 sized vocabularies, u32 above 65536)"));
+        }
+        self.enough_tokens(len / width, model, span)?;
+        Ok(Data::Tokens { path: text, dtype })
+    }
+
+    /// `cifar10("dir")`: images for an `mlp` (flat) or an `lstm` (row by row) with 10 classes.
+    fn cifar10_data(&self, c: &CallView, model: &Model) -> Result<Data> {
+        let [dir] = self.bind(c, &["dir"])?;
+        let dir = self.required_arg(dir, c, "dir", "cifar10(\"data/cifar-10-batches-bin\")")?;
+        let (text, span) = (self.string(dir, "dir")?, dir.span);
+        // An `lstm` reads each image row by row: 32 steps of 32 pixels × RGB.
+        let fits = match model.family {
+            Family::Mlp => model.inputs == Some(3072),
+            Family::Lstm => model.inputs == Some(96) && model.context == Some(32),
+            Family::Transformer => false,
+        };
+        if !fits || model.classes != Some(10) {
+            return Err(self
+                .err(c.span, "`cifar10(...)` needs `family = mlp` with `inputs = 3072` (32×32×3), or `family = lstm` with `inputs = 96` and `context = 32` (rows of 32 RGB pixels), and `classes = 10`")
+                .with_label("does not match the model")
+                .with_help("set `family = mlp`, `inputs = 3072` and `classes = 10` in the `model` block"));
+        }
+        self.readable_dir(&text, span)?;
+        Ok(Data::Cifar10 { dir: text })
+    }
+
+    /// `synthetic(kind, seed)`: its kind must suit the model (classes for classifiers); the seed
+    /// defaults to the run's.
+    fn synthetic_data(&self, c: &CallView, model: &Model, seed: u64, env: &Env) -> Result<Data> {
         // Classifiers: `mlp`, and `lstm` without a vocabulary (a sequence classifier).
         let classifier = model.vocab.is_none();
-        let lm_only = |kind: &str| -> Result<()> {
-            if classifier {
-                return Err(self
-                    .err(
-                        c.span,
-                        format!(
-                            "`{kind}(...)` is language-model data, but this is {}",
-                            if model.family == Family::Mlp {
-                                "an `mlp` model"
-                            } else {
-                                "an `lstm` sequence classifier (no `vocab`)"
-                            }
-                        ),
-                    )
-                    .with_label("needs `family = transformer` or `lstm` with a `vocab`")
-                    .with_help(
-                        "an `mlp` trains on `cifar10(\"dir\")` or `synthetic(kind = classes)`",
-                    ));
+        let [kind, data_seed] = self.bind(c, &["kind", "seed"])?;
+        let kind = match kind {
+            Some(k) => {
+                let kind = self.enum_of(
+                    k,
+                    "kind",
+                    &[
+                        ("copy", SyntheticKind::Copy),
+                        ("markov", SyntheticKind::Markov),
+                        ("classes", SyntheticKind::Classes),
+                    ],
+                )?;
+                if classifier != (kind == SyntheticKind::Classes) {
+                    let want = if classifier {
+                        "`classes` for a classifier"
+                    } else {
+                        "`copy` or `markov` for a language model"
+                    };
+                    return Err(self
+                        .err(k.span, "this synthetic data does not fit the model")
+                        .with_label(format!("use {want}")));
+                }
+                kind
             }
-            Ok(())
+            None if classifier => SyntheticKind::Classes,
+            None => SyntheticKind::Copy,
         };
-        let data = match c.name {
-            "text" => {
-                lm_only("text")?;
-                let [path] = self.bind(&c, &["path"])?;
-                let path = self.required_arg(path, &c, "path", "text(\"input.txt\")")?;
-                let (text, span) = (self.string(path, "path")?, path.span);
-                if model.vocab.is_some_and(|v| v < 256) {
-                    return Err(self
-                        .err(
-                            c.span,
-                            format!(
-                                "`text(...)` reads bytes (256 symbols), but `vocab = {}`",
-                                model.vocab.unwrap_or(0)
-                            ),
-                        )
-                        .with_label("needs `vocab >= 256`")
-                        .with_help("set `vocab = 256`"));
-                }
-                let len = self.readable_file(&text, span)?;
-                self.enough_tokens(len, model, span)?;
-                Data::Text { path: text }
-            }
-            "tokens" => {
-                lm_only("tokens")?;
-                let [path, dtype] = self.bind(&c, &["path", "dtype"])?;
-                let path =
-                    self.required_arg(path, &c, "path", "tokens(\"train.bin\", dtype = u16)")?;
-                let (text, span) = (self.string(path, "path")?, path.span);
-                let dtype = match dtype {
-                    Some(d) => self.enum_of(
-                        d,
-                        "dtype",
-                        &[("u16", TokenDtype::U16), ("u32", TokenDtype::U32)],
-                    )?,
-                    None => TokenDtype::U16,
-                };
-                let width = match dtype {
-                    TokenDtype::U16 => 2,
-                    TokenDtype::U32 => 4,
-                };
-                let len = self.readable_file(&text, span)?;
-                if len % width != 0 {
-                    return Err(self
-                        .err(
-                            span,
-                            format!(
-                                "`{text}` has {len} bytes, not a whole number of {}-byte tokens",
-                                width
-                            ),
-                        )
-                        .with_label("size does not match `dtype`")
-                        .with_help(
-                            "check `dtype` (u16 for GPT-2 sized vocabularies, u32 above 65536)",
-                        ));
-                }
-                self.enough_tokens(len / width, model, span)?;
-                Data::Tokens { path: text, dtype }
-            }
-            "cifar10" => {
-                let [dir] = self.bind(&c, &["dir"])?;
-                let dir =
-                    self.required_arg(dir, &c, "dir", "cifar10(\"data/cifar-10-batches-bin\")")?;
-                let (text, span) = (self.string(dir, "dir")?, dir.span);
-                // An `lstm` reads each image row by row: 32 steps of 32 pixels × RGB.
-                let fits = match model.family {
-                    Family::Mlp => model.inputs == Some(3072),
-                    Family::Lstm => model.inputs == Some(96) && model.context == Some(32),
-                    Family::Transformer => false,
-                };
-                if !fits || model.classes != Some(10) {
-                    return Err(self
-                        .err(c.span, "`cifar10(...)` needs `family = mlp` with `inputs = 3072` (32×32×3), or `family = lstm` with `inputs = 96` and `context = 32` (rows of 32 RGB pixels), and `classes = 10`")
-                        .with_label("does not match the model")
-                        .with_help("set `family = mlp`, `inputs = 3072` and `classes = 10` in the `model` block"));
-                }
-                self.readable_dir(&text, span)?;
-                Data::Cifar10 { dir: text }
-            }
-            "synthetic" => {
-                let [kind, data_seed] = self.bind(&c, &["kind", "seed"])?;
-                let kind = match kind {
-                    Some(k) => {
-                        let kind = self.enum_of(
-                            k,
-                            "kind",
-                            &[
-                                ("copy", SyntheticKind::Copy),
-                                ("markov", SyntheticKind::Markov),
-                                ("classes", SyntheticKind::Classes),
-                            ],
-                        )?;
-                        if classifier != (kind == SyntheticKind::Classes) {
-                            let want = if classifier {
-                                "`classes` for a classifier"
-                            } else {
-                                "`copy` or `markov` for a language model"
-                            };
-                            return Err(self
-                                .err(k.span, "this synthetic data does not fit the model")
-                                .with_label(format!("use {want}")));
-                        }
-                        kind
-                    }
-                    None if classifier => SyntheticKind::Classes,
-                    None => SyntheticKind::Copy,
-                };
-                let seed = match data_seed {
-                    Some(s) => self.seed(s, "seed", env)?,
-                    None => seed,
-                };
-                Data::Synthetic { kind, seed }
-            }
-            other => unlisted("data source", other),
+        let seed = match data_seed {
+            Some(s) => self.seed(s, "seed", env)?,
+            None => seed,
         };
-        Ok(data)
+        Ok(Data::Synthetic { kind, seed })
     }
 
     fn resolve(&self, path: &str) -> PathBuf {
