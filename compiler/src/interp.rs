@@ -476,7 +476,7 @@ fn eval_node<F: Float>(
         Op::Permute { perm } => eval_permute(ctx, args, arg_tys, perm),
         Op::MatMul { trans_b } => eval_matmul(ctx, args, arg_tys, *trans_b),
         Op::Embedding => eval_embedding(ctx, args, arg_tys),
-        Op::Rope { theta } => eval_rope(ctx, args, arg_tys, *theta),
+        Op::Rope { theta } => eval_rope(ctx, args, arg_tys, *theta, false),
         Op::Softmax { causal } => eval_softmax(ctx, args, arg_tys, *causal),
         Op::CrossEntropy => eval_cross_entropy(ctx, args, arg_tys),
         Op::LinearCrossEntropy => eval_linear_cross_entropy(ctx, args, arg_tys),
@@ -522,7 +522,7 @@ fn eval_node<F: Float>(
         Op::SumTo { shape } => eval_sum_to(ctx, ty, args, arg_tys, shape),
         Op::BroadcastTo { shape } => eval_broadcast_to(ctx, args, arg_tys, shape),
         Op::EmbeddingGrad { vocab } => eval_embedding_grad(ctx, args, arg_tys, *vocab),
-        Op::RopeGrad { theta } => eval_rope_grad(ctx, args, arg_tys, *theta),
+        Op::RopeGrad { theta } => eval_rope(ctx, args, arg_tys, *theta, true),
         Op::CrossEntropyGrad => eval_cross_entropy_grad(ctx, args, arg_tys),
         Op::LinearCrossEntropyGradH => eval_linear_cross_entropy_grad_h(ctx, args, arg_tys),
         Op::LinearCrossEntropyGradW => eval_linear_cross_entropy_grad_w(ctx, args, arg_tys),
@@ -704,18 +704,20 @@ fn eval_embedding<F: Float>(
     Ok(Tensor::F(out))
 }
 
+/// `Rope`, or its adjoint `RopeGrad` (`inverse`: the rotation by −θ).
 fn eval_rope<F: Float>(
     ctx: &Ctx,
     args: &[&Tensor<F>],
     arg_tys: &[&TensorType],
     theta: f32,
+    inverse: bool,
 ) -> Result<Tensor<F>, InterpError> {
     ctx.argc(1, args.len())?;
     Ok(Tensor::F(rope(
         ctx.f(args[0])?,
         &arg_tys[0].shape,
         theta as f64,
-        false,
+        inverse,
     )))
 }
 
@@ -1056,21 +1058,6 @@ fn eval_embedding_grad<F: Float>(
         }
     }
     Ok(Tensor::F(out))
-}
-
-fn eval_rope_grad<F: Float>(
-    ctx: &Ctx,
-    args: &[&Tensor<F>],
-    arg_tys: &[&TensorType],
-    theta: f32,
-) -> Result<Tensor<F>, InterpError> {
-    ctx.argc(1, args.len())?;
-    Ok(Tensor::F(rope(
-        ctx.f(args[0])?,
-        &arg_tys[0].shape,
-        theta as f64,
-        true,
-    )))
 }
 
 fn eval_cross_entropy_grad<F: Float>(
