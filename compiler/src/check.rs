@@ -508,7 +508,7 @@ impl Checker {
     fn attention_heads(&self, fs: &Fields, dim: usize, env: &Env) -> Result<(usize, usize)> {
         let heads_field = self.required(fs, "transformer", "heads", "heads = 4")?;
         let heads = self.positive(&heads_field.value, "heads", env)?;
-        if dim % heads != 0 {
+        if !dim.is_multiple_of(heads) {
             return Err(self
                 .err(
                     heads_field.value.span,
@@ -520,7 +520,7 @@ impl Checker {
                     divisor_near(dim, heads)
                 )));
         }
-        if (dim / heads) % 2 != 0 {
+        if !(dim / heads).is_multiple_of(2) {
             return Err(self
                 .err(heads_field.value.span, format!("RoPE needs an even head dimension, but dim / heads = {dim} / {heads} = {}", dim / heads))
                 .with_label("gives an odd head dimension")
