@@ -1105,89 +1105,89 @@ impl Checker {
                     .with_help("give each kind of term once, with its coefficient"));
             }
             seen.push(c.name);
-            let nonneg = |v: f64| v >= 0.0;
-            let b = match c.name {
-                "aux" | "z" | "seq_aux" => {
-                    let [coef] = self.bind(&c, &["c"])?;
-                    let default = match c.name {
-                        "aux" => 0.01,
-                        "z" => 1e-3,
-                        "seq_aux" => 1e-4,
-                        other => unlisted("balance term", other),
-                    };
-                    let v = self.opt_float(
-                        coef,
-                        "coefficient",
-                        env,
-                        default,
-                        nonneg,
-                        "must not be negative",
-                    )?;
-                    match c.name {
-                        "aux" => Balance::Aux(v),
-                        "z" => Balance::Z(v),
-                        "seq_aux" => Balance::SeqAux(v),
-                        other => unlisted("balance term", other),
-                    }
-                }
-                "cv2" => {
-                    let [importance, load] = self.bind(&c, &["importance", "load"])?;
-                    let importance = self.opt_float(
-                        importance,
-                        "importance",
-                        env,
-                        0.1,
-                        nonneg,
-                        "must not be negative",
-                    )?;
-                    let load =
-                        self.opt_float(load, "load", env, 0.1, nonneg, "must not be negative")?;
-                    if load > 0.0 && !matches!(gate, Gate::NoisyTopK { .. }) {
-                        return Err(self
-                            .err(c.span, format!("the `load` term of `cv2` needs `gate = noisy_top_k(...)`, not `{}`", gate_name(gate)))
-                            .with_label("its smooth load estimator uses the gate noise")
-                            .with_help("use `gate = noisy_top_k(noise = 1.0)`, or `cv2(importance = 0.1, load = 0)`"));
-                    }
-                    Balance::Cv2 { importance, load }
-                }
-                "bias" => {
-                    let [rate] = self.bind(&c, &["rate"])?;
-                    if !matches!(
-                        gate,
-                        Gate::Softmax { .. }
-                            | Gate::Sigmoid
-                            | Gate::NoisyTopK { .. }
-                            | Gate::Switch
-                    ) {
-                        return Err(self
-                            .err(
-                                c.span,
-                                format!(
-                                    "`bias(...)` steers top-k selection; `gate = {}` has none",
-                                    gate_name(gate)
-                                ),
-                            )
-                            .with_label("needs a token-choice gate")
-                            .with_help(
-                                "use it with `softmax`, `sigmoid`, `noisy_top_k` or `switch`",
-                            ));
-                    }
-                    Balance::Bias {
-                        rate: self.opt_float(
-                            rate,
-                            "rate",
-                            env,
-                            1e-3,
-                            nonneg,
-                            "must not be negative",
-                        )?,
-                    }
-                }
-                other => unlisted("balance term", other),
-            };
-            out.push(b);
+            out.push(self.balance_term(&c, gate, env)?);
         }
         Ok(out)
+    }
+
+    /// One term of `balance`, with its default coefficient; `cv2`'s load term and `bias` need a
+    /// gate they can work with.
+    fn balance_term(&self, c: &CallView, gate: &Gate, env: &Env) -> Result<Balance> {
+        let nonneg = |v: f64| v >= 0.0;
+        match c.name {
+            "aux" | "z" | "seq_aux" => {
+                let [coef] = self.bind(c, &["c"])?;
+                let default = match c.name {
+                    "aux" => 0.01,
+                    "z" => 1e-3,
+                    "seq_aux" => 1e-4,
+                    other => unlisted("balance term", other),
+                };
+                let v = self.opt_float(
+                    coef,
+                    "coefficient",
+                    env,
+                    default,
+                    nonneg,
+                    "must not be negative",
+                )?;
+                Ok(match c.name {
+                    "aux" => Balance::Aux(v),
+                    "z" => Balance::Z(v),
+                    "seq_aux" => Balance::SeqAux(v),
+                    other => unlisted("balance term", other),
+                })
+            }
+            "cv2" => {
+                let [importance, load] = self.bind(c, &["importance", "load"])?;
+                let importance = self.opt_float(
+                    importance,
+                    "importance",
+                    env,
+                    0.1,
+                    nonneg,
+                    "must not be negative",
+                )?;
+                let load =
+                    self.opt_float(load, "load", env, 0.1, nonneg, "must not be negative")?;
+                if load > 0.0 && !matches!(gate, Gate::NoisyTopK { .. }) {
+                    return Err(self
+                        .err(c.span, format!("the `load` term of `cv2` needs `gate = noisy_top_k(...)`, not `{}`", gate_name(gate)))
+                        .with_label("its smooth load estimator uses the gate noise")
+                        .with_help("use `gate = noisy_top_k(noise = 1.0)`, or `cv2(importance = 0.1, load = 0)`"));
+                }
+                Ok(Balance::Cv2 { importance, load })
+            }
+            "bias" => {
+                let [rate] = self.bind(c, &["rate"])?;
+                if !matches!(
+                    gate,
+                    Gate::Softmax { .. } | Gate::Sigmoid | Gate::NoisyTopK { .. } | Gate::Switch
+                ) {
+                    return Err(self
+                        .err(
+                            c.span,
+                            format!(
+                                "`bias(...)` steers top-k selection; `gate = {}` has none",
+                                gate_name(gate)
+                            ),
+                        )
+                        .with_label("needs a token-choice gate")
+                        .with_help("use it with `softmax`, `sigmoid`, `noisy_top_k` or `switch`"));
+                }
+                Ok(Balance::Bias {
+                    rate: self.opt_float(
+                        rate,
+                        "rate",
+                        env,
+                        1e-3,
+                        nonneg,
+                        "must not be negative",
+                    )?,
+                })
+            }
+            other => unlisted("balance term", other),
+        }
     }
 
     /// `G x M`.
@@ -2258,12 +2258,8 @@ mod tests {
         )
     }
 
-    #[test]
-    fn every_field_and_call_form() {
-        let dir = std::env::temp_dir().join(format!("moec-check-full-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("corpus.bin"), vec![0u8; 4096]).unwrap();
-        let src = r#"
+    /// A spec that sets every model, moe and train field, and uses every call form.
+    const EVERY_FIELD: &str = r#"
 # Every model, moe and train field.
 model full {
   family = transformer
@@ -2314,9 +2310,10 @@ train {
   log = every(5)
 }
 "#;
-        let spec = check(src, &dir.join("full.moe")).unwrap_or_else(|d| panic!("{}", d.render()));
-        std::fs::remove_dir_all(&dir).unwrap();
-        let want = Spec {
+
+    /// What [`EVERY_FIELD`] checks to.
+    fn every_field_spec() -> Spec {
+        Spec {
             name: "full".into(),
             model: Model {
                 family: Family::Transformer,
@@ -2401,9 +2398,19 @@ train {
                     batches: 0,
                 },
             }),
-        };
-        // Every value above is a literal or exact arithmetic, so exact equality is the right test.
-        assert_eq!(spec, want);
+        }
+    }
+
+    #[test]
+    fn every_field_and_call_form() {
+        let dir = std::env::temp_dir().join(format!("moec-check-full-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("corpus.bin"), vec![0u8; 4096]).unwrap();
+        let spec =
+            check(EVERY_FIELD, &dir.join("full.moe")).unwrap_or_else(|d| panic!("{}", d.render()));
+        std::fs::remove_dir_all(&dir).unwrap();
+        // Every value of EVERY_FIELD is a literal or exact arithmetic, so exact equality is the right test.
+        assert_eq!(spec, every_field_spec());
     }
 
     #[test]
