@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The PyTorch CPU peer of a moec `family = lstm` language model: the same shape trained with
 `torch.nn.LSTM` (one per layer) and a Shazeer noisy top-k MoE with a residual after every LSTM layer
-but the last (LANGUAGE.md's default placement), CV² importance and smooth-load losses, AdamW.
+but the last (docs/language.md "Families": the default placement), CV² importance and smooth-load
+losses, AdamW.
 
     bench: tokens/s of training steps on random tokens (moec's `moec bench` measures the same thing)
         /work/venv/bin/python scripts/lstm_torch.py bench specs/shazeer-lstm-flat.moe --steps 20

@@ -1,15 +1,14 @@
 #!/usr/bin/env python3
 """Shampoo and Muon on the GPU against an independent numpy float64 reference.
 
-The reference is written from the pinned formulas (../shared/LANGUAGE.md "Optimizer formulas",
-docs/language.md "Optimizers"), not ported from moec's Rust code or its Rust f64 test reference. Its
-input is what `runtime/tests/train_optim.rs` dumps when `MOEC_OPTIM_DUMP=DIR` is set: for Shampoo
-and Muon, 3 steps from random weights on random gradients, with a warmup schedule and a fixed
-`expert_lr`, on a tall [70, 5] attention weight, a vector (norm), a stacked expert weight [2, 3, 50],
-a router [2, 6] and an embedding [11, 4]; Shampoo's `max_dim = 64` puts the [70, 5] weight over it.
-The file holds each step's learning rate per group, the initial weights, the gradients and every
-checkpoint tensor after each step (weights and state: Adam's m, v, Shampoo's L, R and their roots,
-Muon's momentum buffer).
+The reference is written from the formulas of docs/language.md "Optimizers", not ported from moec's
+Rust code or its Rust f64 test reference. Its input is what `runtime/tests/train_optim.rs` dumps
+when `MOEC_OPTIM_DUMP=DIR` is set: for Shampoo and Muon, 3 steps from random weights on random
+gradients, with a warmup schedule and a fixed `expert_lr`, on a tall [70, 5] attention weight, a
+vector (norm), a stacked expert weight [2, 3, 50], a router [2, 6] and an embedding [11, 4];
+Shampoo's `max_dim = 64` puts the [70, 5] weight over it. The file holds each step's learning rate
+per group, the initial weights, the gradients and every checkpoint tensor after each step (weights
+and state: Adam's m, v, Shampoo's L, R and their roots, Muon's momentum buffer).
 
 The reference runs all steps chained in f64 from the initial weights, its state starting at zero,
 and after each step compares every tensor the GPU checkpointed (the same set must exist on both

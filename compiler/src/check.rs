@@ -18,9 +18,10 @@
 //!   betas and eps, HF Trainer's weight decay); `schedule_free_adamw` the same with `lr = 0.0025`
 //!   (the reference implementation's default); `sgd(lr, momentum = 0.0)` needs `lr`;
 //!   `adafactor(lr = 0.001, decay = -0.8, eps = 1e-30)` (HF's `decay_rate` and `eps[0]`);
-//!   `shampoo(lr, ...)` and `muon(lr, ...)` need `lr` (their other defaults are LANGUAGE.md's); muon's
-//!   `adamw = adamw(...)` takes `adamw`'s defaults except `lr`, which defaults to muon's `lr`
-//!   (Moonlight: the 0.2·√max(rows, cols) scale matches AdamW's update RMS, so one lr serves both).
+//!   `shampoo(lr, ...)` and `muon(lr, ...)` need `lr` (their other defaults are
+//!   docs/language.md's); muon's `adamw = adamw(...)` takes `adamw`'s defaults except `lr`, which
+//!   defaults to muon's `lr` (Moonlight: the 0.2·√max(rows, cols) scale matches AdamW's update RMS,
+//!   so one lr serves both).
 //! - `expert_lr = adaptive()` uses the optimizer's `lr` as `base`.
 //! - `schedule`: `cosine(warmup = 0, min_lr = 0.0)`, `linear(warmup = 0)`.
 //! - `synthetic(...)`: `kind = classes` for `mlp`, `copy` for language models; `seed` = the train `seed`.
@@ -786,7 +787,8 @@ impl Checker {
                     .with_help("use `experts = 0` for a dense model"));
             }
         }
-        // The `lstm` family's default (LANGUAGE.md): an MoE after every LSTM layer but the last.
+        // The `lstm` family's default (docs/language.md "Families"): an MoE after every LSTM layer
+        // but the last.
         let last = if model.family == Family::Lstm && p.every_field.is_none() {
             model.layers - 1
         } else {

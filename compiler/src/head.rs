@@ -2,8 +2,8 @@
 //! [`Op::LinearCrossEntropyGradH`] / [`Op::LinearCrossEntropyGradW`]) become a loop over chunks of
 //! token rows made of ordinary ops, so the `[tokens, vocab]` logits never exist whole.
 //!
-//! A graph-to-graph pass between autodiff and fusion (DESIGN.md, "Scale"). For chunk `i` of rows
-//! `start..start + len`:
+//! A graph-to-graph pass between autodiff and fusion (docs/DECISIONS.md "Chunked LM head and
+//! loss"). For chunk `i` of rows `start..start + len`:
 //! - forward: `logits_i = h[rows] · wᵀ` (`[len, V]`), `ce_i = CrossEntropy(logits_i, t[rows])`,
 //!   and `ce = Σ_i ce_i · len / N` (each chunk's mean weighted by its share of the rows);
 //! - backward (both adjoints in one loop, sharing the chunk's logits): the logits are recomputed,
@@ -23,10 +23,10 @@
 //! In a graph that stores anything in f16 (`precision = f16`, [`uses_f16`]) the chunks' logits and
 //! their adjoint are stored in f16, as a matmul output and its gradient are under autocast and in
 //! Liger-Kernel's fused linear cross-entropy: the cross-entropy kernels widen them and compute the
-//! log-softmax, the loss and the adjoint in f32 (LANGUAGE.md: "softmax and loss in f32"), and the
-//! head's input `h`, its weight and `dw` stay f32. It halves the head's scratch, the one activation
-//! buffer pair whose size does not depend on the recompute level. The interpreter's f16 mode
-//! rounds the fused ops' logits and adjoint the same way.
+//! log-softmax, the loss and the adjoint in f32 (docs/language.md `precision = f16`: "Softmax and
+//! loss are computed in f32"), and the head's input `h`, its weight and `dw` stay f32. It halves
+//! the head's scratch, the one activation buffer pair whose size does not depend on the recompute
+//! level. The interpreter's f16 mode rounds the fused ops' logits and adjoint the same way.
 
 use crate::ir::{BinaryOp, DType, Graph, IrError, NodeId, Op};
 use crate::precision::uses_f16;

@@ -11,8 +11,8 @@
 //! `ce` + Σ `aux.N` (`[1]`). `loss` is always its own node (an identity affine of `ce` when there are no
 //! balancing terms) so that every output name owns one buffer. Every MoE block also has the metrics
 //! `moe.N.load` `[E]`, `moe.N.dropped` `[1]`, `moe.N.router_z` `[1]`, `moe.N.router_logits`
-//! `[T, E]` (the clean expert-level gate logits, for LANGUAGE.md's router-logit statistics), and,
-//! with `bias(...)` or `auction`, the router-state update `router_state.N.bias.next` /
+//! `[T, E]` (the clean expert-level gate logits, for docs/language.md's `router_logits` metric),
+//! and, with `bias(...)` or `auction`, the router-state update `router_state.N.bias.next` /
 //! `router_state.N.prices.next`.
 //!
 //! # Inputs besides the data

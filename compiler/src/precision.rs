@@ -1,5 +1,5 @@
-//! Mixed precision (`precision = f16`, LANGUAGE.md): the pass that decides which values are stored
-//! in f16.
+//! Mixed precision (`precision = f16`, docs/language.md "The `train` block"): the pass that decides
+//! which values are stored in f16.
 //!
 //! [`mark_f16`] only changes the dtype of values (`DType::F16`); it adds and removes no node. Every
 //! later stage follows the dtypes: emit declares f16 bindings (`enable f16;`), widens them to f32 on

@@ -1,5 +1,6 @@
 //! Recompute: activation recomputation as a graph transform on the training graph, before fusion
-//! (LANGUAGE.md `recompute`, DESIGN.md "Scale").
+//! (docs/language.md "The `train` block", `recompute`; docs/DECISIONS.md "Memory planning and
+//! recomputation").
 //!
 //! The chosen regions are label prefixes `lower` gives every block: `model.layers.N.self_attn`
 //! (`attention`), `model.layers.N.block_sparse_moe` (`moe`), `model.layers.N` (`block`). In a region,

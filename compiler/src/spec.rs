@@ -174,7 +174,7 @@ pub enum Precision {
 }
 
 /// Which forward activations the training step drops after the forward pass and recomputes in the
-/// backward pass (LANGUAGE.md `recompute`; `compiler/src/recompute.rs`).
+/// backward pass (docs/language.md "The `train` block", `recompute`; `compiler/src/recompute.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Recompute {
     #[default]
@@ -282,7 +282,7 @@ pub enum Optimizer {
         eps: f64,
         weight_decay: f64,
     },
-    /// LANGUAGE.md "Optimizer formulas": per-matrix L/R statistics, inverse fourth roots every
+    /// docs/language.md "Optimizers": per-matrix L/R statistics, inverse fourth roots every
     /// `root_every` steps, grafted to Adam's direction.
     Shampoo {
         lr: f64,
@@ -293,7 +293,7 @@ pub enum Optimizer {
         max_dim: usize,
         weight_decay: f64,
     },
-    /// LANGUAGE.md "Optimizer formulas": Newton–Schulz-orthogonalised momentum for hidden matrices,
+    /// docs/language.md "Optimizers": Newton–Schulz-orthogonalised momentum for hidden matrices,
     /// `adamw` for everything else.
     Muon {
         lr: f64,

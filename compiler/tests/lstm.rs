@@ -258,7 +258,8 @@ fn lowering_uses_pytorch_names_and_widths() {
     assert_eq!(lg.ty(lg.output("logits").unwrap()).shape, vec![8, 11]);
 }
 
-/// LANGUAGE.md's rules: default MoE placement, no bidirectional LM, classifier vs LM fields.
+/// The `lstm` rules of docs/language.md "Families": default MoE placement, no bidirectional LM,
+/// classifier vs LM fields.
 #[test]
 fn lstm_rules() {
     let lm = |extra: &str, moe: &str| {

@@ -789,9 +789,9 @@ impl Samples {
         self.inputs
     }
 
-    /// CIFAR-10 images as an `lstm` reads them (LANGUAGE.md): row by row, each row's 32 pixels ×
-    /// (R, G, B), i.e. the file's planes (`[3, 32, 32]`) transposed to `[32, 32, 3]`. Other data is
-    /// returned unchanged.
+    /// CIFAR-10 images as an `lstm` reads them (docs/language.md "Data"): row by row, each row's 32
+    /// pixels × (R, G, B), i.e. the file's planes (`[3, 32, 32]`) transposed to `[32, 32, 3]`.
+    /// Other data is returned unchanged.
     pub fn pixel_rows(mut self) -> Samples {
         if let Features::Bytes(planes) = &self.features {
             let side = 32;

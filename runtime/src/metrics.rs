@@ -56,18 +56,18 @@ pub struct MoeLayerMetrics {
     /// Absent for other routers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prices: Option<Vec<f64>>,
-    /// Per-expert statistics of the router logits over the step's tokens (LANGUAGE.md "Router-logit
-    /// statistics"). Absent when the plan has no `moe.N.router_logits` output.
+    /// Per-expert statistics of the router logits over the step's tokens (docs/language.md
+    /// "Metrics", `router_logits`). Absent when the plan has no `moe.N.router_logits` output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub router_logits: Option<RouterLogitStats>,
 }
 
-/// LANGUAGE.md's router-logit statistics of one MoE block at one log step: for each expert e
-/// (index e of every vector), over the T tokens of the step's last micro-step, the mean, the
-/// population standard deviation (divide by T), the minimum and maximum, and the 5th, 50th and 95th
-/// percentiles with numpy's default linear interpolation (rank q/100·(T − 1) between the sorted
-/// values). The logits are the router's clean `x·Wg` (no noise or bias; the expert-level gate of a
-/// hierarchy). A non-finite logit makes its expert's statistics NaN (`null` in the log).
+/// The router-logit statistics (docs/language.md "Metrics") of one MoE block at one log step: for
+/// each expert e (index e of every vector), over the T tokens of the step's last micro-step, the
+/// mean, the population standard deviation (divide by T), the minimum and maximum, and the 5th,
+/// 50th and 95th percentiles with numpy's default linear interpolation (rank q/100·(T − 1) between
+/// the sorted values). The logits are the router's clean `x·Wg` (no noise or bias; the expert-level
+/// gate of a hierarchy). A non-finite logit makes its expert's statistics NaN (`null` in the log).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RouterLogitStats {
     #[serde(deserialize_with = "nan_vec_if_null")]

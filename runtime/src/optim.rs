@@ -62,8 +62,8 @@
 //!   State `exp_avg_sq_row` `[E, R]`/`[R]` and `exp_avg_sq_col` `[E, C]`/`[C]`, or `exp_avg_sq` (1-D),
 //!   HF's names. Three kernels (`shaders/optim_adafactor*.wgsl`): the moments (one workgroup per row or
 //!   column, fixed-order reductions), per-matrix partial sums of u² for the RMS, then the update.
-//! - `shampoo` and `muon`: LANGUAGE.md's pinned formulas; kernels, state names and the host roots
-//!   are described in [`matrix`].
+//! - `shampoo` and `muon`: the formulas of docs/language.md "Optimizers"; kernels, state names and
+//!   the host roots are described in [`matrix`].
 
 use crate::checkpoint::Tensor;
 use crate::schedule::lr_at;
@@ -596,7 +596,8 @@ impl ParamKind {
 
 /// Whether Muon orthogonalises a parameter: every matrix (each expert of a stack) except the
 /// embedding, the LM head, the `mlp` family's input projection and classifier, and the routers
-/// (`block_sparse_moe.*` outside the experts), which take Muon's `adamw` (LANGUAGE.md).
+/// (`block_sparse_moe.*` outside the experts), which take Muon's `adamw` (docs/language.md
+/// "Optimizers").
 pub fn is_hidden_matrix(name: &str, shape: &[usize]) -> bool {
     let outer = ["embed_tokens", "lm_head", "input_proj", "classifier"];
     let router =

@@ -11,9 +11,10 @@
 //! - `bias_<run>_block<b>` / `prices_<run>_block<b>`: the router state (loss-free balancing biases,
 //!   auction prices) per expert against step, for runs whose log carries it;
 //! - `router_logits_<run>_block<b>`: per MoE block each expert's router-logit band over steps (the
-//!   5th–95th percentile filled, the median as a line; LANGUAGE.md "Router-logit statistics"), with
-//!   the plotted values in `router_logits_<run>_block<b>.csv` (`step,expert,mean,std,min,max,p5,p50,
-//!   p95`, one row per log step and expert, numbers exactly as logged).
+//!   5th–95th percentile filled, the median as a line; docs/language.md "Metrics",
+//!   `router_logits`), with the plotted values in `router_logits_<run>_block<b>.csv`
+//!   (`step,expert,mean,std,min,max,p5,p50,p95`, one row per log step and expert, numbers exactly
+//!   as logged).
 //!
 //! Text in charts is drawn with a font compiled into the binary (Noto Sans, through plotters'
 //! `ab_glyph` backend), not a system font, so reports render the same on a bare CI machine.

@@ -1018,7 +1018,7 @@ fn dump(label: &str, s: &OptimSettings, run: &GpuRun) {
     std::fs::write(&path, out.to_string()).unwrap();
 }
 
-/// One AdamW step in f64 as LANGUAGE.md writes Shampoo's fallback: W ← W − lr·(A + wd·W), A =
+/// One AdamW step in f64 as docs/language.md writes Shampoo's fallback: W ← W − lr·(A + wd·W), A =
 /// m̂/(√v̂ + eps); `lr(j)` is element j's learning rate.
 fn adam64(
     st: &mut Ref64,
@@ -1054,7 +1054,7 @@ fn multiplier64(s: &OptimSettings, i: usize, step: usize, j: usize) -> f64 {
 
 const NS: (f64, f64, f64) = (3.4445, -4.7750, 2.0315);
 
-/// LANGUAGE.md's quintic Newton–Schulz in f64 on a rows × cols matrix: X₀ = U/(‖U‖_F + 1e-7),
+/// docs/language.md's quintic Newton–Schulz in f64 on a rows × cols matrix: X₀ = U/(‖U‖_F + 1e-7),
 /// transposed when rows > cols, `steps` times X ← aX + b(XXᵀ)X + c(XXᵀ)²X.
 fn newton_schulz(u: &[f64], rows: usize, cols: usize, steps: usize) -> Vec<f64> {
     let t = rows > cols;
@@ -1086,8 +1086,8 @@ fn newton_schulz(u: &[f64], rows: usize, cols: usize, steps: usize) -> Vec<f64> 
     }
 }
 
-/// Muon in f64 (LANGUAGE.md) for parameter i of [`shapes`]: the weight and the expert stack are
-/// hidden matrices; the norm, router and embedding take the nested AdamW (its lr group, its own
+/// Muon in f64 (docs/language.md) for parameter i of [`shapes`]: the weight and the expert stack
+/// are hidden matrices; the norm, router and embedding take the nested AdamW (its lr group, its own
 /// decay, none for the norm).
 fn muon64(s: &OptimSettings, i: usize, step: usize, g: &[f64], st: &mut Ref64) {
     let OptimizerSpec::Muon {
@@ -1296,7 +1296,7 @@ fn root64(a: &[f64], n: usize, eps: f64) -> Vec<f64> {
     (0..n * n).map(|k| p[(k / n, k % n)]).collect()
 }
 
-/// Shampoo in f64 (LANGUAGE.md) for parameter i of [`shapes`].
+/// Shampoo in f64 (docs/language.md) for parameter i of [`shapes`].
 fn shampoo64(s: &OptimSettings, i: usize, step: usize, g: &[f64], st: &mut Ref64) {
     let OptimizerSpec::Shampoo {
         betas,

@@ -1,7 +1,7 @@
-//! The `lstm` family (LANGUAGE.md; Shazeer et al. 2017): stacked PyTorch `nn.LSTM` layers with a
-//! routed MoE layer and a residual (`h ← h + MoE(h)`) after every MoE block, then an LM head (a
-//! language model, `vocab`) or a linear head on the final states (a sequence classifier, `inputs`,
-//! `classes`). No normalisation layers.
+//! The `lstm` family (docs/language.md "Families"; Shazeer et al. 2017): stacked PyTorch `nn.LSTM`
+//! layers with a routed MoE layer and a residual (`h ← h + MoE(h)`) after every MoE block, then an
+//! LM head (a language model, `vocab`) or a linear head on the final states (a sequence classifier,
+//! `inputs`, `classes`). No normalisation layers.
 //!
 //! Each layer and direction is one input projection of all steps at once (`x·W_ihᵀ + b_ih + b_hh`,
 //! one matmul) and one `LstmScan` (the recurrence); `LstmHidden` joins the directions in PyTorch's

@@ -1,4 +1,4 @@
-//! Shampoo and Muon: the matrix optimizers of LANGUAGE.md ("Optimizer formulas"), as kernels in
+//! Shampoo and Muon: the matrix optimizers of docs/language.md ("Optimizers"), as kernels in
 //! `shaders/optim_shampoo*.wgsl` and `shaders/optim_muon*.wgsl`. A stacked expert parameter
 //! `[E, rows, cols]` is E matrices, each preconditioned or orthogonalised on its own; everything else
 //! takes AdamW's kernel (`optim_adamw.wgsl`, pipeline 0) with the optimizer's Adam settings.
@@ -81,7 +81,8 @@ pub(super) const MUON_STAGES: [(&str, &str); 3] = [
     ),
 ];
 
-/// The quintic Newton–Schulz coefficients (a, b, c) of Jordan et al. (2024), pinned by LANGUAGE.md.
+/// The quintic Newton–Schulz coefficients (a, b, c) of Jordan et al. (2024), pinned by
+/// docs/language.md.
 pub const NS_COEFFICIENTS: (f64, f64, f64) = (3.4445, -4.7750, 2.0315);
 
 /// Jacobi sweeps allowed to the eigendecomposition before a root step fails (it converges in a few
@@ -269,7 +270,8 @@ impl SlotContext<'_> {
 
     /// A Muon matrix: state momentum_buffer; momentum, `ns_steps` × (A = X·Xᵀ, B = b·A + c·A²,
     /// X' = a·X + B·X) between two buffers, update. When rows > cols the iteration runs on Xᵀ
-    /// (LANGUAGE.md) without transposing anything: A = XᵀX and X' = a·X + X·B (B is symmetric).
+    /// (docs/language.md) without transposing anything: A = XᵀX and X' = a·X + X·B (B is
+    /// symmetric).
     pub(super) fn muon(&self, ns_steps: usize) -> Built {
         let (matrices, rows, cols, _) = factoring(self.shape);
         let s = rows.min(cols);
