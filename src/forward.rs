@@ -11,13 +11,14 @@
 //! ([`crate::f16_compare`]).
 
 use crate::eval::Model;
-use crate::{batch_of, compile, f16_compare, Loaded};
+use crate::{batch_of, compile, f16_compare, print_slowest, Loaded};
 use miette::{Context, IntoDiagnostic, Result};
 use moec_compiler::interp::{self, Value};
-use moec_compiler::ir::Graph;
+use moec_compiler::ir::{Graph, NodeId};
 use moec_compiler::lower::Head;
 use moec_compiler::precision::uses_f16;
 use moec_compiler::spec::Spec;
+use moec_compiler::Compiled;
 use moec_runtime::{Executor, Gpu};
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
@@ -106,39 +107,9 @@ pub fn run(source: Source<'_>, args: &Args, gpu: &Gpu) -> Result<()> {
         feeds.insert("tokens".into(), Value::U32(token_row(spec, ids)?));
     }
 
-    // The interpreter gets exactly what the GPU holds: with a checkpoint, the weights and state
-    // inputs `Model::executor` wrote are read back rather than reloaded.
     let (exec, params) = match model {
-        None => {
-            let exec = Executor::new(gpu, &compiled.plan).into_diagnostic()?;
-            let params = interp::init_params(&compiled.graph, args.seed);
-            for (name, values) in &params {
-                exec.write_f32(name, values).into_diagnostic()?;
-            }
-            for (name, value) in &feeds {
-                write_feed(&exec, name, value)?;
-            }
-            (exec, params)
-        }
-        Some(model) => {
-            let exec = model.executor(gpu, batch, args.fusion, Head::Logits)?;
-            for (_, name, ty) in compiled.graph.data_inputs() {
-                if BATCH_INPUTS.contains(&name.as_str()) {
-                    write_feed(&exec, &name, &feeds[&name])?;
-                } else {
-                    let mut data = exec.read_f32(&name).into_diagnostic()?;
-                    data.truncate(ty.numel());
-                    feeds.insert(name, Value::F32(data));
-                }
-            }
-            let mut params = HashMap::new();
-            for (_, name, ty) in compiled.graph.params() {
-                let mut data = exec.read_f32(&name).into_diagnostic()?;
-                data.truncate(ty.numel());
-                params.insert(name, data);
-            }
-            (exec, params)
-        }
+        None => seeded_executor(gpu, &compiled, &feeds, args.seed)?,
+        Some(model) => checkpoint_executor(gpu, model, &compiled, &mut feeds, batch, args.fusion)?,
     };
     let compiled_in = started.elapsed();
     // The first run includes the driver's lazy shader compilation; the steady state is what a
@@ -150,18 +121,8 @@ pub fn run(source: Source<'_>, args: &Args, gpu: &Gpu) -> Result<()> {
         exec.wait().into_diagnostic()?;
         gpu_times.push(t0.elapsed());
     }
-
     if args.profile {
-        let mut times = exec.profile().into_diagnostic()?;
-        let total: f64 = times.iter().map(|(_, t)| t).sum();
-        times.sort_by(|a, b| b.1.total_cmp(&a.1));
-        println!(
-            "slowest dispatches (of {:.1} ms, one submission each):",
-            total * 1e3
-        );
-        for (name, t) in times.iter().take(15).chain(times.iter().rev().take(3)) {
-            println!("  {:>8.2} ms {:>5.1}%  {name}", t * 1e3, 100.0 * t / total);
-        }
+        print_profile(&exec)?;
     }
 
     let mut all_feeds = interp::param_feeds(&params);
@@ -169,12 +130,6 @@ pub fn run(source: Source<'_>, args: &Args, gpu: &Gpu) -> Result<()> {
     let t0 = Instant::now();
     let values = interp::run(&compiled.graph, &all_feeds).into_diagnostic()?;
     let cpu_time = t0.elapsed();
-    let reference: HashMap<&str, Vec<f32>> = compiled
-        .graph
-        .outputs
-        .iter()
-        .filter_map(|(name, id)| values.get(id).map(|v| (name.as_str(), v.to_f32())))
-        .collect();
     // f16 plans are compared with f16's tolerance, on routing-stable rows (crate::f16_compare).
     let stable = uses_f16(&compiled.graph).then(|| {
         f16_compare::stable_rows(&compiled.graph, &values, batch, !spec.model.bidirectional)
@@ -197,35 +152,7 @@ pub fn run(source: Source<'_>, args: &Args, gpu: &Gpu) -> Result<()> {
         gpu_times[2],
         cpu_time
     );
-    let mut worst = 0.0f32;
-    for (name, id) in &compiled.graph.outputs {
-        let ours = exec.read_f32(name).into_diagnostic()?;
-        let theirs = &reference[name.as_str()];
-        let diff = match &stable {
-            None => max_rel_diff(&ours, theirs),
-            Some(rows) => {
-                let shape = &compiled.graph.ty(*id).shape;
-                let rows = rows
-                    .as_deref()
-                    .filter(|r| f16_compare::is_per_token(shape, r.len()));
-                f16_compare::excess(&ours, theirs, rows)
-            }
-        };
-        worst = worst.max(diff);
-        let what = if stable.is_some() {
-            "error/tolerance"
-        } else {
-            "rel diff"
-        };
-        if ours.len() == 1 {
-            println!(
-                "  {name:<10} gpu {:>12.6}  interpreter {:>12.6}  {what} {diff:.1e}",
-                ours[0], theirs[0]
-            );
-        } else {
-            println!("  {name:<10} {} values, max {what} {diff:.1e}", ours.len());
-        }
-    }
+    let worst = compare_outputs(&exec, &compiled.graph, &values, &stable)?;
     if let Some(path) = &args.dump_logits {
         dump_logits(
             &exec,
@@ -250,6 +177,106 @@ pub fn run(source: Source<'_>, args: &Args, gpu: &Gpu) -> Result<()> {
         None => {}
     }
     Ok(())
+}
+
+/// The plan's executor with the spec's seeded weights and the batch `feeds`, and those weights
+/// for the interpreter.
+fn seeded_executor<'g>(
+    gpu: &'g Gpu,
+    compiled: &Compiled,
+    feeds: &HashMap<String, Value>,
+    seed: u64,
+) -> Result<(Executor<'g>, HashMap<String, Vec<f32>>)> {
+    let exec = Executor::new(gpu, &compiled.plan).into_diagnostic()?;
+    let params = interp::init_params(&compiled.graph, seed);
+    for (name, values) in &params {
+        exec.write_f32(name, values).into_diagnostic()?;
+    }
+    for (name, value) in feeds {
+        write_feed(&exec, name, value)?;
+    }
+    Ok((exec, params))
+}
+
+/// The checkpoint's executor fed the batch inputs of `feeds`. The interpreter gets exactly what
+/// the GPU holds: the weights and state inputs `Model::executor` wrote are read back (into the
+/// returned weights and `feeds`) rather than reloaded.
+fn checkpoint_executor<'g>(
+    gpu: &'g Gpu,
+    model: &Model,
+    compiled: &Compiled,
+    feeds: &mut HashMap<String, Value>,
+    batch: usize,
+    fusion: bool,
+) -> Result<(Executor<'g>, HashMap<String, Vec<f32>>)> {
+    let exec = model.executor(gpu, batch, fusion, Head::Logits)?;
+    for (_, name, ty) in compiled.graph.data_inputs() {
+        if BATCH_INPUTS.contains(&name.as_str()) {
+            write_feed(&exec, &name, &feeds[&name])?;
+        } else {
+            let mut data = exec.read_f32(&name).into_diagnostic()?;
+            data.truncate(ty.numel());
+            feeds.insert(name, Value::F32(data));
+        }
+    }
+    let mut params = HashMap::new();
+    for (_, name, ty) in compiled.graph.params() {
+        let mut data = exec.read_f32(&name).into_diagnostic()?;
+        data.truncate(ty.numel());
+        params.insert(name, data);
+    }
+    Ok((exec, params))
+}
+
+/// `--profile`: the slowest dispatches, and the three fastest for scale.
+fn print_profile(exec: &Executor<'_>) -> Result<()> {
+    print_slowest(
+        exec.profile().into_diagnostic()?,
+        |ms| format!("slowest dispatches (of {ms:.1} ms, one submission each):"),
+        3,
+    );
+    Ok(())
+}
+
+/// Prints each output's difference between the GPU and the interpreter's `values` and returns the
+/// largest: relative, or with `stable` (f16 plans) the error over f16's tolerance on the
+/// routing-stable rows.
+fn compare_outputs(
+    exec: &Executor<'_>,
+    graph: &Graph,
+    values: &HashMap<NodeId, Value>,
+    stable: &Option<Option<Vec<bool>>>,
+) -> Result<f32> {
+    let mut worst = 0.0f32;
+    for (name, id) in &graph.outputs {
+        let ours = exec.read_f32(name).into_diagnostic()?;
+        let theirs = values[id].to_f32();
+        let diff = match stable {
+            None => max_rel_diff(&ours, &theirs),
+            Some(rows) => {
+                let shape = &graph.ty(*id).shape;
+                let rows = rows
+                    .as_deref()
+                    .filter(|r| f16_compare::is_per_token(shape, r.len()));
+                f16_compare::excess(&ours, &theirs, rows)
+            }
+        };
+        worst = worst.max(diff);
+        let what = if stable.is_some() {
+            "error/tolerance"
+        } else {
+            "rel diff"
+        };
+        if ours.len() == 1 {
+            println!(
+                "  {name:<10} gpu {:>12.6}  interpreter {:>12.6}  {what} {diff:.1e}",
+                ours[0], theirs[0]
+            );
+        } else {
+            println!("  {name:<10} {} values, max {what} {diff:.1e}", ours.len());
+        }
+    }
+    Ok(worst)
 }
 
 /// How many token rows the per-token outputs were compared on, when routing left some out.

@@ -53,6 +53,61 @@ impl AdapterArgs {
     }
 }
 
+#[derive(clap::Args)]
+struct BuildArgs {
+    spec: PathBuf,
+    #[arg(short, long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// One kernel per op, for comparison.
+    #[arg(long)]
+    no_fuse: bool,
+    /// Print pipeline stages to stdout (comma separated).
+    #[arg(long, value_delimiter = ',', value_name = "STAGES")]
+    emit: Vec<Stage>,
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Compile for this adapter's limits and matmul schedule (default: portable baseline, no GPU needed).
+    #[arg(long, value_name = "NAME")]
+    adapter: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct ForwardArgs {
+    /// The spec; its weights are the seeded initialisation.
+    #[arg(required_unless_present = "checkpoint", conflicts_with = "checkpoint")]
+    spec: Option<PathBuf>,
+    /// Run a checkpoint (a `checkpoint.safetensors` or its run directory) instead: its spec and weights.
+    #[arg(long, value_name = "CKPT")]
+    checkpoint: Option<PathBuf>,
+    #[arg(long, conflicts_with = "tokens")]
+    batch: Option<usize>,
+    /// One row of comma-separated token ids instead of the seeded random batch (at most the
+    /// context; padded with 0, which causal attention never lets the given positions see).
+    #[arg(long, value_delimiter = ',', value_name = "IDS")]
+    tokens: Option<Vec<u32>>,
+    /// Write the GPU's logits to FILE as NumPy .npy (f32, [positions, vocab]; only the given
+    /// positions with --tokens), e.g. for scripts/hf_parity.py.
+    #[arg(long, value_name = "FILE")]
+    dump_logits: Option<PathBuf>,
+    /// Write every MoE block's router input, logits, selected experts, gate weights, kept slots
+    /// and balancing terms to DIR as NumPy .npy files, e.g. for scripts/megatron_parity.py.
+    #[arg(long, value_name = "DIR")]
+    dump_router: Option<PathBuf>,
+    /// Write the batch fed to the model (`tokens` as u32 or a classifier's `features` as f32) to
+    /// FILE as NumPy .npy, so that a peer model sees the same inputs (scripts/lstm_parity.py).
+    #[arg(long, value_name = "FILE")]
+    dump_inputs: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    no_fuse: bool,
+    /// Also time every dispatch on its own and print the slowest kernels.
+    #[arg(long)]
+    profile: bool,
+    #[command(flatten)]
+    adapter: AdapterArgs,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Validate a spec and print what it will cost: parameters, FLOPs, memory against the adapter.
@@ -77,59 +132,10 @@ enum Command {
         check: bool,
     },
     /// Compile a spec: kernels (*.wgsl), plan.json, ir.txt, fused.txt and graph.dot into DIR.
-    Build {
-        spec: PathBuf,
-        #[arg(short, long, value_name = "DIR")]
-        out: Option<PathBuf>,
-        /// One kernel per op, for comparison.
-        #[arg(long)]
-        no_fuse: bool,
-        /// Print pipeline stages to stdout (comma separated).
-        #[arg(long, value_delimiter = ',', value_name = "STAGES")]
-        emit: Vec<Stage>,
-        #[arg(long)]
-        batch: Option<usize>,
-        /// Compile for this adapter's limits and matmul schedule (default: portable baseline, no GPU needed).
-        #[arg(long, value_name = "NAME")]
-        adapter: Option<String>,
-    },
+    Build(BuildArgs),
     /// Run the forward pass of a spec on the GPU for one seeded batch and compare it with the
     /// reference interpreter.
-    Forward {
-        /// The spec; its weights are the seeded initialisation.
-        #[arg(required_unless_present = "checkpoint", conflicts_with = "checkpoint")]
-        spec: Option<PathBuf>,
-        /// Run a checkpoint (a `checkpoint.safetensors` or its run directory) instead: its spec and weights.
-        #[arg(long, value_name = "CKPT")]
-        checkpoint: Option<PathBuf>,
-        #[arg(long, conflicts_with = "tokens")]
-        batch: Option<usize>,
-        /// One row of comma-separated token ids instead of the seeded random batch (at most the
-        /// context; padded with 0, which causal attention never lets the given positions see).
-        #[arg(long, value_delimiter = ',', value_name = "IDS")]
-        tokens: Option<Vec<u32>>,
-        /// Write the GPU's logits to FILE as NumPy .npy (f32, [positions, vocab]; only the given
-        /// positions with --tokens), e.g. for scripts/hf_parity.py.
-        #[arg(long, value_name = "FILE")]
-        dump_logits: Option<PathBuf>,
-        /// Write every MoE block's router input, logits, selected experts, gate weights, kept slots
-        /// and balancing terms to DIR as NumPy .npy files, e.g. for scripts/megatron_parity.py.
-        #[arg(long, value_name = "DIR")]
-        dump_router: Option<PathBuf>,
-        /// Write the batch fed to the model (`tokens` as u32 or a classifier's `features` as f32) to
-        /// FILE as NumPy .npy, so that a peer model sees the same inputs (scripts/lstm_parity.py).
-        #[arg(long, value_name = "FILE")]
-        dump_inputs: Option<PathBuf>,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        #[arg(long)]
-        no_fuse: bool,
-        /// Also time every dispatch on its own and print the slowest kernels.
-        #[arg(long)]
-        profile: bool,
-        #[command(flatten)]
-        adapter: AdapterArgs,
-    },
+    Forward(ForwardArgs),
     /// Train a spec on the GPU as its `train` block says: progress bar, log lines, metrics.jsonl and
     /// checkpoints in DIR (default runs/<spec name>).
     Train {
@@ -284,6 +290,25 @@ pub fn compile(spec: &Spec, batch: usize, target: &Target, fusion: bool) -> Resu
     moec_compiler::compile(spec, batch, target, fusion).into_diagnostic()
 }
 
+/// `--profile`'s table of `times` (name, seconds): the 15 slowest dispatches, then the `fastest`
+/// quickest, each with its share of the total; `heading` gets the total in milliseconds.
+pub fn print_slowest(
+    mut times: Vec<(String, f64)>,
+    heading: impl Fn(f64) -> String,
+    fastest: usize,
+) {
+    let total: f64 = times.iter().map(|(_, t)| t).sum();
+    times.sort_by(|a, b| b.1.total_cmp(&a.1));
+    println!("{}", heading(total * 1e3));
+    for (name, t) in times
+        .iter()
+        .take(15)
+        .chain(times.iter().rev().take(fastest))
+    {
+        println!("  {:>8.2} ms {:>5.1}%  {name}", t * 1e3, 100.0 * t / total);
+    }
+}
+
 fn main() -> Result<()> {
     // Mesa's Vulkan loader prints "XDG_RUNTIME_DIR is invalid" on every probe of a headless Linux
     // machine (CI, servers, lavapipe). moec never opens a window; any existing directory silences it.
@@ -298,135 +323,10 @@ fn main() -> Result<()> {
             no_device,
             memory,
             adapter,
-        } => {
-            let loaded = load(&spec)?;
-            loaded.warn_missing_data();
-            let adapter = if no_device {
-                let portable = Target::default();
-                check::Adapter {
-                    target: Target {
-                        max_storage_binding_size: adapter
-                            .max_binding
-                            .map_or(portable.max_storage_binding_size, |cap| {
-                                cap.min(portable.max_storage_binding_size)
-                            }),
-                        ..portable
-                    },
-                    name: "wgpu default limits".to_string(),
-                    memory,
-                }
-            } else {
-                let gpu = adapter.open()?;
-                check::Adapter {
-                    target: gpu.target(),
-                    name: gpu.info.to_string(),
-                    memory: memory.or_else(|| gpu.is_cpu().then(check::machine_memory).flatten()),
-                }
-            };
-            check::run(&loaded, &adapter)
-        }
+        } => check_command(&spec, no_device, memory, &adapter),
         Command::Fmt { specs, check } => fmt::run(&specs, check),
-        Command::Build {
-            spec,
-            out,
-            no_fuse,
-            emit,
-            batch,
-            adapter,
-        } => {
-            let loaded = load(&spec)?;
-            loaded.warn_missing_data();
-            let batch = batch_of(&loaded.spec, batch);
-            let target = match adapter {
-                Some(name) => Gpu::new(&AdapterChoice {
-                    name: Some(name),
-                    max_binding: None,
-                })
-                .into_diagnostic()?
-                .target(),
-                None => Target::default(),
-            };
-            if emit.contains(&Stage::Ast) {
-                println!("{:#?}", moec_grammar::parse(&loaded.source)?);
-            }
-            if emit.contains(&Stage::Spec) {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&loaded.spec).into_diagnostic()?
-                );
-            }
-            let compiled = compile(&loaded.spec, batch, &target, !no_fuse)?;
-            if emit.contains(&Stage::Ir) {
-                print!("{}", compiled.graph.dump());
-            }
-            if emit.contains(&Stage::Fused) {
-                print!("{}", compiled.fused.dump(&compiled.graph));
-            }
-            if emit.contains(&Stage::Wgsl) {
-                for k in &compiled.plan.kernels {
-                    println!("// ---- {}.wgsl\n{}", k.name, k.wgsl);
-                }
-            }
-            let unfused = if no_fuse {
-                compiled.plan.dispatches.len()
-            } else {
-                compile(&loaded.spec, batch, &target, false)?
-                    .plan
-                    .dispatches
-                    .len()
-            };
-            if let Some(dir) = &out {
-                write_build(dir, &compiled)
-                    .wrap_err_with(|| format!("writing build output to `{}`", dir.display()))?;
-            }
-            println!(
-                "{}: {} ops -> {} dispatches fused, {} unfused ({} distinct kernels){}",
-                loaded.spec.name,
-                compiled.graph.g.node_count(),
-                if no_fuse {
-                    unfused
-                } else {
-                    compiled.plan.dispatches.len()
-                },
-                unfused,
-                compiled.plan.kernels.len(),
-                out.map(|d| format!("; wrote {}", d.display()))
-                    .unwrap_or_default()
-            );
-            Ok(())
-        }
-        Command::Forward {
-            spec,
-            checkpoint,
-            batch,
-            tokens,
-            dump_logits,
-            dump_router,
-            dump_inputs,
-            seed,
-            no_fuse,
-            profile,
-            adapter,
-        } => {
-            let args = forward::Args {
-                batch,
-                seed,
-                fusion: !no_fuse,
-                profile,
-                tokens,
-                dump_logits,
-                dump_router,
-                dump_inputs,
-            };
-            let loaded = spec.as_deref().map(load).transpose()?;
-            let source = match (&loaded, &checkpoint) {
-                (Some(loaded), _) => forward::Source::Spec(loaded),
-                (None, Some(path)) => forward::Source::Checkpoint(path),
-                (None, None) => miette::bail!("give a spec or --checkpoint"),
-            };
-            let gpu = adapter.open()?;
-            forward::run(source, &args, &gpu)
-        }
+        Command::Build(args) => build(args),
+        Command::Forward(args) => forward_command(args),
         Command::Train {
             spec,
             out,
@@ -517,20 +417,167 @@ fn main() -> Result<()> {
         }
         Command::Report { runs, out } => report::run(&runs, &out),
         Command::Export { target } => export::run(target),
-        Command::Devices => {
-            let adapters = moec_runtime::list_adapters();
-            if adapters.is_empty() {
-                println!("no adapters found; on a machine without a GPU install Mesa's software Vulkan (apt-get install mesa-vulkan-drivers)");
-            }
-            for (i, a) in adapters.iter().enumerate() {
-                println!("{i}: {a}");
-                if let Some(hint) = a.slow_driver_hint() {
-                    println!("   {hint}");
-                }
-            }
-            Ok(())
+        Command::Devices => devices(),
+    }
+}
+
+/// `moec check`: the adapter's limits come from the device, or with `--no-device` from wgpu's
+/// portable defaults (capped by `--max-binding`), so a spec can be checked on a machine without
+/// a GPU.
+fn check_command(
+    spec: &Path,
+    no_device: bool,
+    memory: Option<u64>,
+    adapter: &AdapterArgs,
+) -> Result<()> {
+    let loaded = load(spec)?;
+    loaded.warn_missing_data();
+    let adapter = if no_device {
+        let portable = Target::default();
+        check::Adapter {
+            target: Target {
+                max_storage_binding_size: adapter
+                    .max_binding
+                    .map_or(portable.max_storage_binding_size, |cap| {
+                        cap.min(portable.max_storage_binding_size)
+                    }),
+                ..portable
+            },
+            name: "wgpu default limits".to_string(),
+            memory,
+        }
+    } else {
+        let gpu = adapter.open()?;
+        check::Adapter {
+            target: gpu.target(),
+            name: gpu.info.to_string(),
+            memory: memory.or_else(|| gpu.is_cpu().then(check::machine_memory).flatten()),
+        }
+    };
+    check::run(&loaded, &adapter)
+}
+
+/// `moec build`: prints the requested stages, writes the build directory and a summary line that
+/// compares the fused dispatch count with the unfused one.
+fn build(args: BuildArgs) -> Result<()> {
+    let BuildArgs {
+        spec,
+        out,
+        no_fuse,
+        emit,
+        batch,
+        adapter,
+    } = args;
+    let loaded = load(&spec)?;
+    loaded.warn_missing_data();
+    let batch = batch_of(&loaded.spec, batch);
+    let target = match adapter {
+        Some(name) => Gpu::new(&AdapterChoice {
+            name: Some(name),
+            max_binding: None,
+        })
+        .into_diagnostic()?
+        .target(),
+        None => Target::default(),
+    };
+    if emit.contains(&Stage::Ast) {
+        println!("{:#?}", moec_grammar::parse(&loaded.source)?);
+    }
+    if emit.contains(&Stage::Spec) {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&loaded.spec).into_diagnostic()?
+        );
+    }
+    let compiled = compile(&loaded.spec, batch, &target, !no_fuse)?;
+    if emit.contains(&Stage::Ir) {
+        print!("{}", compiled.graph.dump());
+    }
+    if emit.contains(&Stage::Fused) {
+        print!("{}", compiled.fused.dump(&compiled.graph));
+    }
+    if emit.contains(&Stage::Wgsl) {
+        for k in &compiled.plan.kernels {
+            println!("// ---- {}.wgsl\n{}", k.name, k.wgsl);
         }
     }
+    let unfused = if no_fuse {
+        compiled.plan.dispatches.len()
+    } else {
+        compile(&loaded.spec, batch, &target, false)?
+            .plan
+            .dispatches
+            .len()
+    };
+    if let Some(dir) = &out {
+        write_build(dir, &compiled)
+            .wrap_err_with(|| format!("writing build output to `{}`", dir.display()))?;
+    }
+    println!(
+        "{}: {} ops -> {} dispatches fused, {} unfused ({} distinct kernels){}",
+        loaded.spec.name,
+        compiled.graph.g.node_count(),
+        if no_fuse {
+            unfused
+        } else {
+            compiled.plan.dispatches.len()
+        },
+        unfused,
+        compiled.plan.kernels.len(),
+        out.map(|d| format!("; wrote {}", d.display()))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// `moec forward` on a spec's seeded weights or on a checkpoint.
+fn forward_command(args: ForwardArgs) -> Result<()> {
+    let ForwardArgs {
+        spec,
+        checkpoint,
+        batch,
+        tokens,
+        dump_logits,
+        dump_router,
+        dump_inputs,
+        seed,
+        no_fuse,
+        profile,
+        adapter,
+    } = args;
+    let args = forward::Args {
+        batch,
+        seed,
+        fusion: !no_fuse,
+        profile,
+        tokens,
+        dump_logits,
+        dump_router,
+        dump_inputs,
+    };
+    let loaded = spec.as_deref().map(load).transpose()?;
+    let source = match (&loaded, &checkpoint) {
+        (Some(loaded), _) => forward::Source::Spec(loaded),
+        (None, Some(path)) => forward::Source::Checkpoint(path),
+        (None, None) => miette::bail!("give a spec or --checkpoint"),
+    };
+    let gpu = adapter.open()?;
+    forward::run(source, &args, &gpu)
+}
+
+/// `moec devices`: the adapters wgpu finds, with a hint where the driver is known to be slow.
+fn devices() -> Result<()> {
+    let adapters = moec_runtime::list_adapters();
+    if adapters.is_empty() {
+        println!("no adapters found; on a machine without a GPU install Mesa's software Vulkan (apt-get install mesa-vulkan-drivers)");
+    }
+    for (i, a) in adapters.iter().enumerate() {
+        println!("{i}: {a}");
+        if let Some(hint) = a.slow_driver_hint() {
+            println!("   {hint}");
+        }
+    }
+    Ok(())
 }
 
 /// `16GiB`, `512 MiB`, `2e9`: a size in bytes for `--memory` and `--max-binding`.

@@ -3,10 +3,11 @@
 //! that puts the final losses next to the data's unigram entropy, so a user sees whether the model
 //! learned more than token frequencies.
 
-use crate::Loaded;
+use crate::{print_slowest, Loaded};
 use indicatif::{ProgressBar, ProgressStyle};
 use miette::{IntoDiagnostic, Result};
 use moec_compiler::lower::Head;
+use moec_compiler::plan::Plan;
 use moec_compiler::stats::human_bytes;
 use moec_runtime::data::TrainData;
 use moec_runtime::memory::MemoryReport;
@@ -70,13 +71,51 @@ pub fn run(loaded: &Loaded, args: &Args, gpu: &Gpu) -> Result<()> {
         &forward.plan,
         &OptimSettings::from_train(train),
     );
+    print_setup(
+        &spec.name,
+        gpu,
+        &trainer,
+        &training.plan,
+        &forward.plan,
+        &memory,
+        started,
+    );
+    if args.resume {
+        println!(
+            "resuming from step {} of {} ({})",
+            trainer.step_count(),
+            trainer.total_steps(),
+            trainer.checkpoint_path().display()
+        );
+    }
+    if args.profile {
+        print_profile(&trainer)?;
+    }
+    let first_step = trainer.step_count();
+    let run_started = Instant::now();
+    let first = train_with_progress(&mut trainer)?;
+    print_summary(&trainer, first, first_step, run_started);
+    Ok(())
+}
+
+/// What the run will cost and what it learns from, before the first step: the plans' sizes, the
+/// planned memory peak, and the data's entropy to judge the losses against.
+fn print_setup(
+    name: &str,
+    gpu: &Gpu,
+    trainer: &Trainer<'_>,
+    training: &Plan,
+    forward: &Plan,
+    memory: &MemoryReport,
+    started: Instant,
+) {
     println!(
         "{} on {}: {} dispatches per micro-step ({} kernels), eval {} dispatches, planned peak {} (weights {}, gradients {}, optimizer {}, activations {}); ready in {:.2?}",
-        spec.name,
+        name,
         gpu.info,
-        training.plan.dispatches.len(),
-        training.plan.kernels.len(),
-        forward.plan.dispatches.len(),
+        training.dispatches.len(),
+        training.kernels.len(),
+        forward.dispatches.len(),
         human_bytes(memory.total()),
         human_bytes(memory.weights),
         human_bytes(memory.grads),
@@ -100,30 +139,25 @@ pub fn run(loaded: &Loaded, args: &Args, gpu: &Gpu) -> Result<()> {
             .map(|h| format!(", best possible loss {h:.4}"))
             .unwrap_or_default()
     );
-    if args.resume {
-        println!(
-            "resuming from step {} of {} ({})",
-            trainer.step_count(),
-            trainer.total_steps(),
-            trainer.checkpoint_path().display()
-        );
-    }
+}
 
-    if args.profile {
-        // Twice: the first run includes the driver's lazy shader compilation.
-        trainer.profile_step().into_diagnostic()?;
-        let mut times = trainer.profile_step().into_diagnostic()?;
-        let total: f64 = times.iter().map(|(_, t)| t).sum();
-        times.sort_by(|a, b| b.1.total_cmp(&a.1));
-        println!(
-            "slowest dispatches of one training micro-step ({:.1} ms in all, one submission each):",
-            total * 1e3
-        );
-        for (name, t) in times.iter().take(15) {
-            println!("  {:>8.2} ms {:>5.1}%  {name}", t * 1e3, 100.0 * t / total);
-        }
-    }
+/// `--profile`: the slowest dispatches of one training micro-step.
+fn print_profile(trainer: &Trainer<'_>) -> Result<()> {
+    // Twice: the first run includes the driver's lazy shader compilation.
+    trainer.profile_step().into_diagnostic()?;
+    print_slowest(
+        trainer.profile_step().into_diagnostic()?,
+        |ms| {
+            format!("slowest dispatches of one training micro-step ({ms:.1} ms in all, one submission each):")
+        },
+        0,
+    );
+    Ok(())
+}
 
+/// Runs the remaining steps under a progress bar, printing each logged step; returns the first
+/// logged record, which the summary compares the last one with.
+fn train_with_progress(trainer: &mut Trainer<'_>) -> Result<Option<Record>> {
     let bar =
         ProgressBar::new(trainer.total_steps() as u64).with_position(trainer.step_count() as u64);
     bar.set_style(
@@ -140,8 +174,6 @@ pub fn run(loaded: &Loaded, args: &Args, gpu: &Gpu) -> Result<()> {
             bar.println(line)
         }
     };
-    let first_step = trainer.step_count();
-    let run_started = Instant::now();
     let mut first: Option<Record> = None;
     while !trainer.is_done() {
         match trainer.step() {
@@ -167,7 +199,18 @@ pub fn run(loaded: &Loaded, args: &Args, gpu: &Gpu) -> Result<()> {
         bar.set_position(trainer.step_count() as u64);
     }
     bar.finish_and_clear();
+    Ok(first)
+}
 
+/// The closing lines: throughput, where the checkpoint and log are, and the final losses next to
+/// the first logged loss and the data's entropy, so a user sees whether the model learned more
+/// than token frequencies.
+fn print_summary(
+    trainer: &Trainer<'_>,
+    first: Option<Record>,
+    first_step: usize,
+    run_started: Instant,
+) {
     let steps = trainer.step_count() - first_step;
     let seconds = run_started.elapsed().as_secs_f64();
     println!(
@@ -199,7 +242,6 @@ pub fn run(loaded: &Loaded, args: &Args, gpu: &Gpu) -> Result<()> {
         }
         println!("{summary}");
     }
-    Ok(())
 }
 
 /// What [`TrainData::unigram_entropy`] measures: of the tokens, or of a classifier's labels.

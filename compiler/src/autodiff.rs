@@ -46,7 +46,8 @@
 //! f32(1/n), exact when n is a power of two. Backward nodes are labelled `grad.<forward label>[.part]`.
 
 use crate::ir::{
-    BinaryOp, DType, Graph, InputRole, IrError, Node, NodeId, Op, ReduceOp, TensorType, UnaryOp,
+    BinaryOp, DType, Graph, InputRole, IrError, Node, NodeId, Op, ReduceOp, RouteLayout,
+    TensorType, UnaryOp,
 };
 use std::collections::{HashMap, HashSet};
 
@@ -197,6 +198,15 @@ fn differentiable(op: &Op, slot: usize, arg: &TensorType) -> bool {
         | Op::LstmLast { .. }
         | Op::LstmLastGrad { .. } => true,
     }
+}
+
+/// `inv` with `inv[perm[i]] = i`: the permutation that undoes `perm`.
+fn inverse_permutation(perm: &[usize]) -> Vec<usize> {
+    let mut inv = vec![0; perm.len()];
+    for (i, &p) in perm.iter().enumerate() {
+        inv[p] = i;
+    }
+    inv
 }
 
 /// Nodes on a differentiable path from some `Param` to `loss` (the loss included when one exists).
@@ -429,41 +439,44 @@ impl Backward {
         } else {
             self.broadcast_to(g, &node.ty.shape, l(".full"))?
         };
+        let grads = self.adjoints(&node, &args, y, g, &want)?;
+        for (slot, grad) in grads.into_iter().enumerate() {
+            if let (true, Some(grad)) = (want[slot], grad) {
+                self.accumulate(args[slot], grad)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The adjoints of `node`'s operands `args` (`None` where none is wanted or the op passes none
+    /// on), given `g`, the adjoint of its value `y`: one arm per op, the longer rules in methods of
+    /// their own.
+    fn adjoints(
+        &mut self,
+        node: &Node,
+        args: &[NodeId],
+        y: NodeId,
+        g: NodeId,
+        want: &[bool],
+    ) -> Result<Vec<Option<NodeId>>, AutodiffError> {
+        let l = |part: &str| format!("grad.{}{}", node.label, part);
         let mut grads: Vec<Option<NodeId>> = vec![None; args.len()];
         match &node.op {
             Op::Input { .. } | Op::Param { .. } => {}
             Op::Affine { mul, .. } => grads[0] = Some(self.affine(g, *mul, 0.0, l(""))?),
-            Op::Unary(u) => grads[0] = Some(self.unary_adjoint(*u, args[0], y, g, &node)?),
-            Op::Binary(op) => grads = self.binary_adjoint(*op, &args, y, g, &want, &node)?,
-            Op::Reduce(r) => {
-                let x = args[0];
-                let shape = self.shape(x);
-                grads[0] = Some(match r {
-                    // Left un-broadcast: see `takes_broadcast_adjoint`.
-                    ReduceOp::Sum => g,
-                    ReduceOp::Mean => {
-                        let n = *shape.last().unwrap_or(&1);
-                        self.affine(g, 1.0 / n as f32, 0.0, l(""))?
-                    }
-                    ReduceOp::Max => {
-                        let mask = self.binary(BinaryOp::Ge, x, y, l(".argmax"))?;
-                        self.binary(BinaryOp::Mul, mask, g, l(""))?
-                    }
-                });
-            }
+            Op::Unary(u) => grads[0] = Some(self.unary_adjoint(*u, args[0], y, g, node)?),
+            Op::Binary(op) => grads = self.binary_adjoint(*op, args, y, g, want, node)?,
+            Op::Reduce(r) => grads[0] = Some(self.reduce_adjoint(*r, args[0], y, g, node)?),
             Op::Reshape { .. } => {
                 let shape = self.shape(args[0]);
                 grads[0] = Some(self.reshape(g, &shape, l(""))?);
             }
             Op::Permute { perm } => {
-                let mut inv = vec![0; perm.len()];
-                for (i, &p) in perm.iter().enumerate() {
-                    inv[p] = i;
-                }
+                let inv = inverse_permutation(perm);
                 grads[0] = Some(self.add(Op::Permute { perm: inv }, &[g], l(""))?);
             }
             Op::MatMul { trans_b } => {
-                grads = self.matmul_adjoint(*trans_b, args[0], args[1], g, &want, &node)?
+                grads = self.matmul_adjoint(*trans_b, args[0], args[1], g, want, node)?
             }
             Op::Embedding => {
                 let vocab = self.g.ty(args[0]).shape[0];
@@ -472,27 +485,11 @@ impl Backward {
             Op::Rope { theta } => {
                 grads[0] = Some(self.add(Op::RopeGrad { theta: *theta }, &[g], l(""))?)
             }
-            Op::Softmax { .. } => {
-                // dx = y · (g − Σ g·y); masked (causal) entries have y = 0, so they get 0.
-                let gy = self.binary(BinaryOp::Mul, g, y, l(".gy"))?;
-                let s = self.add(Op::Reduce(ReduceOp::Sum), &[gy], l(".dot"))?;
-                let centred = self.binary(BinaryOp::Sub, g, s, l(".centred"))?;
-                grads[0] = Some(self.binary(BinaryOp::Mul, y, centred, l(""))?);
-            }
+            Op::Softmax { .. } => grads[0] = Some(self.softmax_adjoint(y, g, node)?),
             Op::CrossEntropy => {
                 grads[0] = Some(self.add(Op::CrossEntropyGrad, &[args[0], args[1], g], l(""))?);
             }
-            // Both adjoints read the same operands and each recomputes the logits it needs, chunk
-            // by chunk (`head::legalize` runs the pair as one loop over the chunks).
-            Op::LinearCrossEntropy => {
-                let operands = [args[0], args[1], args[2], g];
-                if want[0] {
-                    grads[0] = Some(self.add(Op::LinearCrossEntropyGradH, &operands, l(".dh"))?);
-                }
-                if want[1] {
-                    grads[1] = Some(self.add(Op::LinearCrossEntropyGradW, &operands, l(".dw"))?);
-                }
-            }
+            Op::LinearCrossEntropy => grads = self.head_adjoint(args, g, want, node)?,
             Op::GatherCols => {
                 let cols = self.g.ty(args[0]).shape[1];
                 grads[0] = Some(self.add(Op::ScatterCols { cols }, &[g, args[1]], l(""))?);
@@ -506,38 +503,10 @@ impl Backward {
                 grads[0] = Some(self.add(Op::GatherCols, &[g, args[1]], l(""))?);
             }
             Op::GroupedMatMul { layout } => {
-                let (x, w, route) = (args[0], args[1], args[2]);
-                if want[0] {
-                    grads[0] = Some(self.add(
-                        Op::GroupedMatMulGradX { layout: *layout },
-                        &[g, w, route],
-                        l(".dx"),
-                    )?);
-                }
-                if want[1] {
-                    grads[1] = Some(self.add(
-                        Op::GroupedMatMulGradW { layout: *layout },
-                        &[g, x, route],
-                        l(".dw"),
-                    )?);
-                }
+                grads = self.grouped_matmul_adjoint(*layout, args, g, want, node)?
             }
             Op::MoeCombine { layout } => {
-                let (yp, weights, route) = (args[0], args[1], args[2]);
-                if want[0] {
-                    grads[0] = Some(self.add(
-                        Op::MoeCombineGradRows { layout: *layout },
-                        &[g, weights, route],
-                        l(".rows"),
-                    )?);
-                }
-                if want[1] {
-                    grads[1] = Some(self.add(
-                        Op::MoeCombineGradWeights { layout: *layout },
-                        &[g, yp, route],
-                        l(".weights"),
-                    )?);
-                }
+                grads = self.moe_combine_adjoint(*layout, args, g, want, node)?
             }
             Op::SumTo { .. } => {
                 let shape = self.shape(args[0]);
@@ -547,7 +516,7 @@ impl Backward {
                 let shape = self.shape(args[0]);
                 grads[0] = Some(self.sum_to(g, &shape, l(""))?);
             }
-            Op::LstmHidden => self.lstm_adjoint(&args, g, &want, &node)?,
+            Op::LstmHidden => self.lstm_adjoint(args, g, want, node)?,
             Op::LstmLast { dirs } => {
                 let steps = self.shape(args[0])[1];
                 let op = Op::LstmLastGrad { dirs: *dirs, steps };
@@ -583,12 +552,137 @@ impl Backward {
                 })
             }
         }
-        for (slot, grad) in grads.into_iter().enumerate() {
-            if let (true, Some(grad)) = (want[slot], grad) {
-                self.accumulate(args[slot], grad)?;
+        Ok(grads)
+    }
+
+    /// `LinearCrossEntropy`: both adjoints read the same operands and each recomputes the logits it
+    /// needs, chunk by chunk (`head::legalize` runs the pair as one loop over the chunks).
+    fn head_adjoint(
+        &mut self,
+        args: &[NodeId],
+        g: NodeId,
+        want: &[bool],
+        node: &Node,
+    ) -> Result<Vec<Option<NodeId>>, AutodiffError> {
+        let l = |part: &str| format!("grad.{}{}", node.label, part);
+        let operands = vec![args[0], args[1], args[2], g];
+        self.adjoint_pair(
+            want,
+            [
+                (Op::LinearCrossEntropyGradH, operands.clone(), l(".dh")),
+                (Op::LinearCrossEntropyGradW, operands, l(".dw")),
+            ],
+        )
+    }
+
+    /// `GroupedMatMul` `(x, w, route)`: the adjoints of `x` and `w`.
+    fn grouped_matmul_adjoint(
+        &mut self,
+        layout: RouteLayout,
+        args: &[NodeId],
+        g: NodeId,
+        want: &[bool],
+        node: &Node,
+    ) -> Result<Vec<Option<NodeId>>, AutodiffError> {
+        let l = |part: &str| format!("grad.{}{}", node.label, part);
+        let (x, w, route) = (args[0], args[1], args[2]);
+        self.adjoint_pair(
+            want,
+            [
+                (
+                    Op::GroupedMatMulGradX { layout },
+                    vec![g, w, route],
+                    l(".dx"),
+                ),
+                (
+                    Op::GroupedMatMulGradW { layout },
+                    vec![g, x, route],
+                    l(".dw"),
+                ),
+            ],
+        )
+    }
+
+    /// `MoeCombine` `(yp, weights, route)`: the adjoints of the expert rows and of the weights.
+    fn moe_combine_adjoint(
+        &mut self,
+        layout: RouteLayout,
+        args: &[NodeId],
+        g: NodeId,
+        want: &[bool],
+        node: &Node,
+    ) -> Result<Vec<Option<NodeId>>, AutodiffError> {
+        let l = |part: &str| format!("grad.{}{}", node.label, part);
+        let (yp, weights, route) = (args[0], args[1], args[2]);
+        self.adjoint_pair(
+            want,
+            [
+                (
+                    Op::MoeCombineGradRows { layout },
+                    vec![g, weights, route],
+                    l(".rows"),
+                ),
+                (
+                    Op::MoeCombineGradWeights { layout },
+                    vec![g, yp, route],
+                    l(".weights"),
+                ),
+            ],
+        )
+    }
+
+    /// The adjoints of the first two operands of an op whose two adjoints are gradient ops of their
+    /// own, `(op, operands, label suffix)` each, built only where wanted.
+    fn adjoint_pair(
+        &mut self,
+        want: &[bool],
+        adjoints: [(Op, Vec<NodeId>, String); 2],
+    ) -> Result<Vec<Option<NodeId>>, AutodiffError> {
+        let mut grads = vec![None; want.len()];
+        for (slot, (op, operands, label)) in adjoints.into_iter().enumerate() {
+            if want[slot] {
+                grads[slot] = Some(self.add(op, &operands, label)?);
             }
         }
-        Ok(())
+        Ok(grads)
+    }
+
+    /// `Reduce` over the last axis of `x` (value `y`).
+    fn reduce_adjoint(
+        &mut self,
+        r: ReduceOp,
+        x: NodeId,
+        y: NodeId,
+        g: NodeId,
+        node: &Node,
+    ) -> Result<NodeId, AutodiffError> {
+        let l = |part: &str| format!("grad.{}{}", node.label, part);
+        match r {
+            // Left un-broadcast: see `takes_broadcast_adjoint`.
+            ReduceOp::Sum => Ok(g),
+            ReduceOp::Mean => {
+                let n = *self.shape(x).last().unwrap_or(&1);
+                self.affine(g, 1.0 / n as f32, 0.0, l(""))
+            }
+            ReduceOp::Max => {
+                let mask = self.binary(BinaryOp::Ge, x, y, l(".argmax"))?;
+                self.binary(BinaryOp::Mul, mask, g, l(""))
+            }
+        }
+    }
+
+    /// dx = y · (g − Σ g·y); masked (causal) entries have y = 0, so they get 0.
+    fn softmax_adjoint(
+        &mut self,
+        y: NodeId,
+        g: NodeId,
+        node: &Node,
+    ) -> Result<NodeId, AutodiffError> {
+        let l = |part: &str| format!("grad.{}{}", node.label, part);
+        let gy = self.binary(BinaryOp::Mul, g, y, l(".gy"))?;
+        let s = self.add(Op::Reduce(ReduceOp::Sum), &[gy], l(".dot"))?;
+        let centred = self.binary(BinaryOp::Sub, g, s, l(".centred"))?;
+        self.binary(BinaryOp::Mul, y, centred, l(""))
     }
 
     /// Backpropagation through time: `LstmHidden ∘ LstmScan` is differentiated as one unit, straight

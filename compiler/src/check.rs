@@ -166,6 +166,26 @@ struct CallView<'a> {
     args: &'a [Arg],
 }
 
+/// Where a `moe` block puts its MoE layers: its `layers`, `every` and `first_dense` fields.
+struct Placement<'a> {
+    /// The listed block indices with their spans.
+    layers: Option<(&'a Field, Vec<(usize, Span)>)>,
+    every: usize,
+    every_field: Option<&'a Field>,
+    first_dense: usize,
+    first_dense_field: Option<&'a Field>,
+}
+
+/// A `moe` block's hierarchical routing fields, kept with their fields for the spans of errors.
+struct Grouping<'a> {
+    groups: Option<(usize, usize)>,
+    groups_field: Option<&'a Field>,
+    hierarchy: Hierarchy,
+    hierarchy_field: Option<&'a Field>,
+    top_groups: usize,
+    top_groups_field: Option<&'a Field>,
+}
+
 /// Numeric names arithmetic may refer to (the model's fields written as plain numbers).
 type Env = HashMap<String, f64>;
 
@@ -306,60 +326,9 @@ impl Checker {
             Family::Lstm => fs.get("vocab").is_some() || fs.get("inputs").is_none(),
             Family::Mlp => false,
         };
-        // Fields a family does not use, with the families that do.
-        let only: &[(&str, &[Family], &str)] = &[
-            ("heads", &[Family::Transformer], "`family = transformer`"),
-            ("kv_heads", &[Family::Transformer], "`family = transformer`"),
-            (
-                "rope_theta",
-                &[Family::Transformer],
-                "`family = transformer`",
-            ),
-            ("bidirectional", &[Family::Lstm], "`family = lstm`"),
-            ("qk_norm", &[Family::Transformer], "`family = transformer`"),
-            (
-                "vocab",
-                &[Family::Transformer, Family::Lstm],
-                "language models (`transformer`, `lstm`)",
-            ),
-            (
-                "context",
-                &[Family::Transformer, Family::Lstm],
-                "language models (`transformer`, `lstm`)",
-            ),
-            (
-                "tie_embeddings",
-                &[Family::Transformer, Family::Lstm],
-                "language models (`transformer`, `lstm`)",
-            ),
-            (
-                "inputs",
-                &[Family::Mlp, Family::Lstm],
-                "classifiers (`mlp`, `lstm`)",
-            ),
-            (
-                "classes",
-                &[Family::Mlp, Family::Lstm],
-                "classifiers (`mlp`, `lstm`)",
-            ),
-        ];
-        for (name, families, who) in only {
-            if let Some(f) = fs.get(name) {
-                if !families.contains(&family) {
-                    return Err(self
-                        .err(f.name.span, format!("`{name}` applies only to {who}"))
-                        .with_label(format!("not used by a `{family_name}` model"))
-                        .with_help("remove this field, or change `family`"));
-                }
-            }
-        }
+        self.family_fields(fs, family, family_name)?;
 
-        let req = |name: &str, example: &str| -> Result<&Field> {
-            fs.get(name).ok_or_else(|| {
-                self.missing(fs, name, example)
-                    .with_label(format!("a `{family_name}` model needs `{name}`"))
-            })
-        };
+        let req = |name: &str, example: &str| self.required(fs, family_name, name, example);
         let dim = self.positive(&req("dim", "dim = 256")?.value, "dim", env)?;
         let layers_field = req("layers", "layers = 4")?;
         let layers = self.positive(&layers_field.value, "layers", env)?;
@@ -386,65 +355,14 @@ impl Checker {
             None
         };
         let (inputs, classes) = if !is_lm {
-            let i = self.positive(&req("inputs", "inputs = 3072")?.value, "inputs", env)?;
-            let f = req("classes", "classes = 10")?;
-            let c = self.positive(&f.value, "classes", env)?;
-            if c < 2 {
-                return Err(self
-                    .err(f.value.span, "`classes` must be at least 2")
-                    .with_label("a classifier needs two or more classes"));
-            }
-            (Some(i), Some(c))
+            let (inputs, classes) = self.classifier_sizes(fs, family_name, env)?;
+            (Some(inputs), Some(classes))
         } else {
             (None, None)
         };
 
         let (heads, kv_heads) = if family == Family::Transformer {
-            let heads_field = req("heads", "heads = 4")?;
-            let heads = self.positive(&heads_field.value, "heads", env)?;
-            if dim % heads != 0 {
-                return Err(self
-                    .err(
-                        heads_field.value.span,
-                        format!("`dim = {dim}` is not divisible by `heads = {heads}`"),
-                    )
-                    .with_label("must divide `dim`")
-                    .with_help(format!(
-                        "head dimension = dim / heads must be whole; try heads = {}",
-                        divisor_near(dim, heads)
-                    )));
-            }
-            if (dim / heads) % 2 != 0 {
-                return Err(self
-                    .err(heads_field.value.span, format!("RoPE needs an even head dimension, but dim / heads = {dim} / {heads} = {}", dim / heads))
-                    .with_label("gives an odd head dimension")
-                    .with_help("rotary embeddings rotate pairs of channels; choose `heads` so that dim / heads is even"));
-            }
-            let kv_heads = match fs.get("kv_heads") {
-                Some(f) => {
-                    let kv = self.positive(&f.value, "kv_heads", env)?;
-                    if kv > heads {
-                        return Err(self
-                            .err(f.value.span, format!("`kv_heads = {kv}` is more than `heads = {heads}`"))
-                            .with_label("must be at most `heads`")
-                            .with_help("grouped-query attention shares each key/value head among several query heads"));
-                    }
-                    if heads % kv != 0 {
-                        return Err(self
-                            .err(
-                                f.value.span,
-                                format!("`heads = {heads}` is not divisible by `kv_heads = {kv}`"),
-                            )
-                            .with_label("must divide `heads`")
-                            .with_help(
-                                "each key/value head serves the same number of query heads",
-                            ));
-                    }
-                    kv
-                }
-                None => heads,
-            };
-            (heads, kv_heads)
+            self.attention_heads(fs, dim, env)?
         } else {
             (1, 1)
         };
@@ -499,6 +417,138 @@ impl Checker {
             tie_embeddings,
             qk_norm,
         })
+    }
+
+    /// Refuses a field its family does not use, naming the families that do.
+    fn family_fields(&self, fs: &Fields, family: Family, family_name: &str) -> Result<()> {
+        let only: &[(&str, &[Family], &str)] = &[
+            ("heads", &[Family::Transformer], "`family = transformer`"),
+            ("kv_heads", &[Family::Transformer], "`family = transformer`"),
+            (
+                "rope_theta",
+                &[Family::Transformer],
+                "`family = transformer`",
+            ),
+            ("bidirectional", &[Family::Lstm], "`family = lstm`"),
+            ("qk_norm", &[Family::Transformer], "`family = transformer`"),
+            (
+                "vocab",
+                &[Family::Transformer, Family::Lstm],
+                "language models (`transformer`, `lstm`)",
+            ),
+            (
+                "context",
+                &[Family::Transformer, Family::Lstm],
+                "language models (`transformer`, `lstm`)",
+            ),
+            (
+                "tie_embeddings",
+                &[Family::Transformer, Family::Lstm],
+                "language models (`transformer`, `lstm`)",
+            ),
+            (
+                "inputs",
+                &[Family::Mlp, Family::Lstm],
+                "classifiers (`mlp`, `lstm`)",
+            ),
+            (
+                "classes",
+                &[Family::Mlp, Family::Lstm],
+                "classifiers (`mlp`, `lstm`)",
+            ),
+        ];
+        for (name, families, who) in only {
+            if let Some(f) = fs.get(name) {
+                if !families.contains(&family) {
+                    return Err(self
+                        .err(f.name.span, format!("`{name}` applies only to {who}"))
+                        .with_label(format!("not used by a `{family_name}` model"))
+                        .with_help("remove this field, or change `family`"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A required field, or an error that names the family needing it and shows `example`.
+    fn required<'a>(
+        &self,
+        fs: &Fields<'a>,
+        family_name: &str,
+        name: &str,
+        example: &str,
+    ) -> Result<&'a Field> {
+        fs.get(name).ok_or_else(|| {
+            self.missing(fs, name, example)
+                .with_label(format!("a `{family_name}` model needs `{name}`"))
+        })
+    }
+
+    /// A classifier's `inputs` and `classes` (at least 2).
+    fn classifier_sizes(
+        &self,
+        fs: &Fields,
+        family_name: &str,
+        env: &Env,
+    ) -> Result<(usize, usize)> {
+        let inputs = self.required(fs, family_name, "inputs", "inputs = 3072")?;
+        let i = self.positive(&inputs.value, "inputs", env)?;
+        let f = self.required(fs, family_name, "classes", "classes = 10")?;
+        let c = self.positive(&f.value, "classes", env)?;
+        if c < 2 {
+            return Err(self
+                .err(f.value.span, "`classes` must be at least 2")
+                .with_label("a classifier needs two or more classes"));
+        }
+        Ok((i, c))
+    }
+
+    /// A transformer's `heads` and `kv_heads`: heads divide `dim` into even (RoPE) head
+    /// dimensions, and key/value heads divide the heads.
+    fn attention_heads(&self, fs: &Fields, dim: usize, env: &Env) -> Result<(usize, usize)> {
+        let heads_field = self.required(fs, "transformer", "heads", "heads = 4")?;
+        let heads = self.positive(&heads_field.value, "heads", env)?;
+        if !dim.is_multiple_of(heads) {
+            return Err(self
+                .err(
+                    heads_field.value.span,
+                    format!("`dim = {dim}` is not divisible by `heads = {heads}`"),
+                )
+                .with_label("must divide `dim`")
+                .with_help(format!(
+                    "head dimension = dim / heads must be whole; try heads = {}",
+                    divisor_near(dim, heads)
+                )));
+        }
+        if !(dim / heads).is_multiple_of(2) {
+            return Err(self
+                .err(heads_field.value.span, format!("RoPE needs an even head dimension, but dim / heads = {dim} / {heads} = {}", dim / heads))
+                .with_label("gives an odd head dimension")
+                .with_help("rotary embeddings rotate pairs of channels; choose `heads` so that dim / heads is even"));
+        }
+        let kv_heads = match fs.get("kv_heads") {
+            Some(f) => {
+                let kv = self.positive(&f.value, "kv_heads", env)?;
+                if kv > heads {
+                    return Err(self
+                        .err(f.value.span, format!("`kv_heads = {kv}` is more than `heads = {heads}`"))
+                        .with_label("must be at most `heads`")
+                        .with_help("grouped-query attention shares each key/value head among several query heads"));
+                }
+                if heads % kv != 0 {
+                    return Err(self
+                        .err(
+                            f.value.span,
+                            format!("`heads = {heads}` is not divisible by `kv_heads = {kv}`"),
+                        )
+                        .with_label("must divide `heads`")
+                        .with_help("each key/value head serves the same number of query heads"));
+                }
+                kv
+            }
+            None => heads,
+        };
+        Ok((heads, kv_heads))
     }
 
     /// Fields an `lstm` language model must not have: classifier fields, and `bidirectional = true`
@@ -588,6 +638,40 @@ impl Checker {
             Some(f) => self.balance(&f.value, &gate, env)?,
             None => vec![Balance::Aux(0.01)],
         };
+        let placement = self.placement(&fs, env)?;
+        let top_k = match fs.get("top_k") {
+            Some(f) => Some((f, self.positive(&f.value, "top_k", env)?)),
+            None => None,
+        };
+        let grouping = self.grouping(&fs, env)?;
+
+        if experts == 0 {
+            // A dense model: the rest of the block only had to be well-formed.
+            return Ok(None);
+        }
+        let blocks = self.moe_blocks(&placement, block, model)?;
+        let top_k_field = top_k.map(|(f, _)| f);
+        let top_k = self.top_k(&gate, top_k, experts)?;
+        self.check_grouping(&grouping, &gate, experts, top_k, top_k_field)?;
+        Ok(Some(Moe {
+            blocks,
+            experts,
+            top_k,
+            expert,
+            shared_experts,
+            gate,
+            groups: grouping.groups,
+            hierarchy: grouping.hierarchy,
+            top_groups: grouping.top_groups,
+            capacity,
+            balance,
+            jitter,
+            router_precision,
+        }))
+    }
+
+    /// A `moe` block's `every`, `first_dense` and `layers` fields.
+    fn placement<'a>(&self, fs: &Fields<'a>, env: &Env) -> Result<Placement<'a>> {
         let every_field = fs.get("every");
         let every = match every_field {
             Some(f) => self.positive(&f.value, "every", env)?,
@@ -598,15 +682,21 @@ impl Checker {
             Some(f) => self.uint(&f.value, "first_dense", env)?,
             None => 0,
         };
-        let explicit = match fs.get("layers") {
+        let layers = match fs.get("layers") {
             Some(f) => Some((f, self.index_list(&f.value, env)?)),
             None => None,
         };
-        let top_k_field = fs.get("top_k");
-        let top_k = match top_k_field {
-            Some(f) => Some((f, self.positive(&f.value, "top_k", env)?)),
-            None => None,
-        };
+        Ok(Placement {
+            layers,
+            every,
+            every_field,
+            first_dense,
+            first_dense_field,
+        })
+    }
+
+    /// A `moe` block's `groups`, `hierarchy` and `top_groups` fields.
+    fn grouping<'a>(&self, fs: &Fields<'a>, env: &Env) -> Result<Grouping<'a>> {
         let groups_field = fs.get("groups");
         let groups = match groups_field {
             Some(f) => Some(self.groups(&f.value, env)?),
@@ -629,102 +719,117 @@ impl Checker {
             Some(f) => self.positive(&f.value, "top_groups", env)?,
             None => 1,
         };
+        Ok(Grouping {
+            groups,
+            groups_field,
+            hierarchy,
+            hierarchy_field,
+            top_groups,
+            top_groups_field,
+        })
+    }
 
-        if experts == 0 {
-            // A dense model: the rest of the block only had to be well-formed.
-            return Ok(None);
-        }
-
-        // Which blocks are MoE.
-        let blocks: Vec<usize> = match &explicit {
-            Some((f, list)) => {
-                if list.is_empty() {
-                    return Err(self
-                        .err(f.value.span, "`layers = []` makes no block MoE")
-                        .with_label("empty list")
-                        .with_help("list block indices such as `[1, 3]`, or set `experts = 0` for a dense model"));
-                }
-                let mut sorted: Vec<usize> = Vec::with_capacity(list.len());
-                for (i, span) in list {
-                    if *i >= model.layers {
-                        return Err(self
-                            .err(*span, format!("block index {i} is out of range: the model has {} layers (0..{})", model.layers, model.layers - 1))
-                            .with_label("no such block")
-                            .with_help("MoE block indices are 0-based"));
-                    }
-                    if sorted.contains(i) {
-                        return Err(self
-                            .err(*span, format!("block {i} is listed twice"))
-                            .with_label("repeated index"));
-                    }
-                    if *i < first_dense {
-                        return Err(self
-                            .err(*span, format!("block {i} is listed in `layers`, but `first_dense = {first_dense}` keeps it dense"))
-                            .with_label("contradicts `first_dense`")
-                            .with_help("remove the index or lower `first_dense`"));
-                    }
-                    sorted.push(*i);
-                }
-                sorted.sort_unstable();
-                sorted
-            }
-            None => {
-                if let Some(f) = first_dense_field {
-                    if first_dense >= model.layers {
-                        return Err(self
-                            .err(f.value.span, format!("`first_dense = {first_dense}` leaves no MoE block: the model has {} layers", model.layers))
-                            .with_label("keeps every block dense")
-                            .with_help("use `experts = 0` for a dense model"));
-                    }
-                }
-                // The `lstm` family's default (LANGUAGE.md): an MoE after every LSTM layer but the last.
-                let last = if model.family == Family::Lstm && every_field.is_none() {
-                    model.layers - 1
-                } else {
-                    model.layers
-                };
-                let b: Vec<usize> = (first_dense..last)
-                    .filter(|i| (i + 1) % every == 0)
-                    .collect();
-                if b.is_empty() && last < model.layers {
-                    return Err(self
-                        .err(block.header, format!("an `lstm` model places its MoE layers between LSTM layers by default, which leaves none here ({} layers, `first_dense = {first_dense}`)", model.layers))
-                        .with_label("no MoE layer")
-                        .with_help("name the blocks with `layers = [...]` (an MoE after LSTM layer i), or add layers"));
-                }
-                if b.is_empty() {
-                    let span = every_field.map_or(block.header, |f| f.value.span);
-                    return Err(self
-                        .err(
-                            span,
-                            format!(
-                                "`every = {every}` makes no block MoE: the model has {} layers",
-                                model.layers
-                            ),
-                        )
-                        .with_label("no block index matches")
-                        .with_help(
-                            "block i is MoE when (i + 1) % every == 0; lower `every` or add layers",
-                        ));
-                }
-                b
-            }
+    /// The sorted indices of the MoE blocks: the listed `layers`, or by `every` and `first_dense`.
+    fn moe_blocks(&self, p: &Placement, block: &Block, model: &Model) -> Result<Vec<usize>> {
+        let first_dense = p.first_dense;
+        let Some((f, list)) = &p.layers else {
+            return self.moe_blocks_every(p, block, model);
         };
-
-        // Experts per token.
-        let top_k = match (gate, top_k) {
-            (Gate::Switch, Some((f, k))) if k != 1 => {
+        if list.is_empty() {
+            return Err(self
+                .err(f.value.span, "`layers = []` makes no block MoE")
+                .with_label("empty list")
+                .with_help(
+                    "list block indices such as `[1, 3]`, or set `experts = 0` for a dense model",
+                ));
+        }
+        let mut sorted: Vec<usize> = Vec::with_capacity(list.len());
+        for (i, span) in list {
+            if *i >= model.layers {
                 return Err(self
                     .err(
-                        f.value.span,
+                        *span,
                         format!(
-                            "`gate = switch` routes each token to one expert, but `top_k = {k}`"
+                            "block index {i} is out of range: the model has {} layers (0..{})",
+                            model.layers,
+                            model.layers - 1
                         ),
                     )
-                    .with_label("must be 1 with `switch`")
-                    .with_help("remove `top_k`, or use `gate = softmax` for top-k routing"));
+                    .with_label("no such block")
+                    .with_help("MoE block indices are 0-based"));
             }
-            (Gate::Switch, _) => 1,
+            if sorted.contains(i) {
+                return Err(self
+                    .err(*span, format!("block {i} is listed twice"))
+                    .with_label("repeated index"));
+            }
+            if *i < first_dense {
+                return Err(self
+                    .err(*span, format!("block {i} is listed in `layers`, but `first_dense = {first_dense}` keeps it dense"))
+                    .with_label("contradicts `first_dense`")
+                    .with_help("remove the index or lower `first_dense`"));
+            }
+            sorted.push(*i);
+        }
+        sorted.sort_unstable();
+        Ok(sorted)
+    }
+
+    /// The MoE blocks without a `layers` list: every `every`-th block from `first_dense` on.
+    fn moe_blocks_every(&self, p: &Placement, block: &Block, model: &Model) -> Result<Vec<usize>> {
+        let (every, first_dense) = (p.every, p.first_dense);
+        if let Some(f) = p.first_dense_field {
+            if first_dense >= model.layers {
+                return Err(self
+                    .err(f.value.span, format!("`first_dense = {first_dense}` leaves no MoE block: the model has {} layers", model.layers))
+                    .with_label("keeps every block dense")
+                    .with_help("use `experts = 0` for a dense model"));
+            }
+        }
+        // The `lstm` family's default (LANGUAGE.md): an MoE after every LSTM layer but the last.
+        let last = if model.family == Family::Lstm && p.every_field.is_none() {
+            model.layers - 1
+        } else {
+            model.layers
+        };
+        let b: Vec<usize> = (first_dense..last)
+            .filter(|i| (i + 1) % every == 0)
+            .collect();
+        if b.is_empty() && last < model.layers {
+            return Err(self
+                .err(block.header, format!("an `lstm` model places its MoE layers between LSTM layers by default, which leaves none here ({} layers, `first_dense = {first_dense}`)", model.layers))
+                .with_label("no MoE layer")
+                .with_help("name the blocks with `layers = [...]` (an MoE after LSTM layer i), or add layers"));
+        }
+        if b.is_empty() {
+            let span = p.every_field.map_or(block.header, |f| f.value.span);
+            return Err(self
+                .err(
+                    span,
+                    format!(
+                        "`every = {every}` makes no block MoE: the model has {} layers",
+                        model.layers
+                    ),
+                )
+                .with_label("no block index matches")
+                .with_help(
+                    "block i is MoE when (i + 1) % every == 0; lower `every` or add layers",
+                ));
+        }
+        Ok(b)
+    }
+
+    /// Experts per token: 1 for `switch`, else `top_k` (at most `experts`) or 2.
+    fn top_k(&self, gate: &Gate, top_k: Option<(&Field, usize)>, experts: usize) -> Result<usize> {
+        match (gate, top_k) {
+            (Gate::Switch, Some((f, k))) if k != 1 => Err(self
+                .err(
+                    f.value.span,
+                    format!("`gate = switch` routes each token to one expert, but `top_k = {k}`"),
+                )
+                .with_label("must be 1 with `switch`")
+                .with_help("remove `top_k`, or use `gate = softmax` for top-k routing")),
+            (Gate::Switch, _) => Ok(1),
             (_, Some((f, k))) => {
                 if k > experts {
                     return Err(self
@@ -735,16 +840,27 @@ impl Checker {
                         .with_label("must be at most `experts`")
                         .with_help("each token picks top_k distinct experts"));
                 }
-                k
+                Ok(k)
             }
-            (_, None) => 2.min(experts),
-        };
+            (_, None) => Ok(2.min(experts)),
+        }
+    }
 
-        // Hierarchy.
-        if groups.is_none() {
+    /// Hierarchical routing's fields need `groups`, whose G * M must be the expert count, a
+    /// token-choice gate, and room for `top_k` experts in what the hierarchy keeps.
+    fn check_grouping(
+        &self,
+        grouping: &Grouping,
+        gate: &Gate,
+        experts: usize,
+        top_k: usize,
+        top_k_field: Option<&Field>,
+    ) -> Result<()> {
+        let top_groups = grouping.top_groups;
+        if grouping.groups.is_none() {
             for (field, name) in [
-                (hierarchy_field, "hierarchy"),
-                (top_groups_field, "top_groups"),
+                (grouping.hierarchy_field, "hierarchy"),
+                (grouping.top_groups_field, "top_groups"),
             ] {
                 if let Some(f) = field {
                     return Err(self
@@ -754,82 +870,70 @@ impl Checker {
                 }
             }
         }
-        if let (Some((g, m)), Some(f)) = (groups, groups_field) {
-            if g.checked_mul(m) != Some(experts) {
-                return Err(self
-                    .err(
-                        f.value.span,
-                        format!(
-                            "`groups = {g} x {m}` makes {} experts, but `experts = {experts}`",
-                            g as u128 * m as u128
-                        ),
-                    )
-                    .with_label("G * M must equal `experts`")
-                    .with_help(format!(
-                        "choose G and M with G * M = {experts}, e.g. `groups = {} x {}`",
-                        divisor_near(experts, g),
-                        experts / divisor_near(experts, g)
-                    )));
-            }
-            if !matches!(
-                gate,
-                Gate::Softmax { .. } | Gate::Sigmoid | Gate::NoisyTopK { .. } | Gate::Switch
-            ) {
-                return Err(self
-                    .err(
-                        f.name.span,
-                        format!(
-                            "`groups` works with the token-choice gates, not `gate = {}`",
-                            gate_name(&gate)
-                        ),
-                    )
-                    .with_label("hierarchical routing needs a top-k gate")
-                    .with_help(
-                        "use `softmax`, `sigmoid`, `noisy_top_k` or `switch`, or remove `groups`",
-                    ));
-            }
-            if top_groups > g {
-                let span = top_groups_field.map_or(f.value.span, |t| t.value.span);
-                return Err(self
-                    .err(span, format!("`top_groups = {top_groups}` is more than the {g} groups of `groups = {g} x {m}`"))
-                    .with_label(format!("must be at most {g}")));
-            }
-            let (limit, why) = match hierarchy {
-                Hierarchy::TwoLevel => (
-                    m,
-                    format!("the secondary gate picks top_k inside one group of {m} experts"),
-                ),
-                Hierarchy::GroupLimited => (
-                    top_groups * m,
-                    format!("only top_groups * M = {} experts are kept", top_groups * m),
-                ),
-            };
-            if top_k > limit {
-                let span = top_k_field.map_or(f.value.span, |t| t.value.span);
-                return Err(self
-                    .err(
-                        span,
-                        format!("`top_k = {top_k}` is more than {limit}: {why}"),
-                    )
-                    .with_label(format!("must be at most {limit}")));
-            }
+        let (Some((g, m)), Some(f)) = (grouping.groups, grouping.groups_field) else {
+            return Ok(());
+        };
+        if g.checked_mul(m) != Some(experts) {
+            return Err(self
+                .err(
+                    f.value.span,
+                    format!(
+                        "`groups = {g} x {m}` makes {} experts, but `experts = {experts}`",
+                        g as u128 * m as u128
+                    ),
+                )
+                .with_label("G * M must equal `experts`")
+                .with_help(format!(
+                    "choose G and M with G * M = {experts}, e.g. `groups = {} x {}`",
+                    divisor_near(experts, g),
+                    experts / divisor_near(experts, g)
+                )));
         }
-
-        Ok(Some(Moe {
-            blocks,
-            experts,
-            top_k,
-            expert,
-            shared_experts,
+        if !matches!(
             gate,
-            groups,
-            hierarchy,
-            top_groups,
-            capacity,
-            balance,
-            jitter,
-            router_precision,
-        }))
+            Gate::Softmax { .. } | Gate::Sigmoid | Gate::NoisyTopK { .. } | Gate::Switch
+        ) {
+            return Err(self
+                .err(
+                    f.name.span,
+                    format!(
+                        "`groups` works with the token-choice gates, not `gate = {}`",
+                        gate_name(gate)
+                    ),
+                )
+                .with_label("hierarchical routing needs a top-k gate")
+                .with_help(
+                    "use `softmax`, `sigmoid`, `noisy_top_k` or `switch`, or remove `groups`",
+                ));
+        }
+        if top_groups > g {
+            let span = grouping
+                .top_groups_field
+                .map_or(f.value.span, |t| t.value.span);
+            return Err(self
+                .err(span, format!("`top_groups = {top_groups}` is more than the {g} groups of `groups = {g} x {m}`"))
+                .with_label(format!("must be at most {g}")));
+        }
+        let (limit, why) = match grouping.hierarchy {
+            Hierarchy::TwoLevel => (
+                m,
+                format!("the secondary gate picks top_k inside one group of {m} experts"),
+            ),
+            Hierarchy::GroupLimited => (
+                top_groups * m,
+                format!("only top_groups * M = {} experts are kept", top_groups * m),
+            ),
+        };
+        if top_k > limit {
+            let span = top_k_field.map_or(f.value.span, |t| t.value.span);
+            return Err(self
+                .err(
+                    span,
+                    format!("`top_k = {top_k}` is more than {limit}: {why}"),
+                )
+                .with_label(format!("must be at most {limit}")));
+        }
+        Ok(())
     }
 
     fn gate(&self, e: &Expr, env: &Env) -> Result<Gate> {
@@ -1001,89 +1105,89 @@ impl Checker {
                     .with_help("give each kind of term once, with its coefficient"));
             }
             seen.push(c.name);
-            let nonneg = |v: f64| v >= 0.0;
-            let b = match c.name {
-                "aux" | "z" | "seq_aux" => {
-                    let [coef] = self.bind(&c, &["c"])?;
-                    let default = match c.name {
-                        "aux" => 0.01,
-                        "z" => 1e-3,
-                        "seq_aux" => 1e-4,
-                        other => unlisted("balance term", other),
-                    };
-                    let v = self.opt_float(
-                        coef,
-                        "coefficient",
-                        env,
-                        default,
-                        nonneg,
-                        "must not be negative",
-                    )?;
-                    match c.name {
-                        "aux" => Balance::Aux(v),
-                        "z" => Balance::Z(v),
-                        "seq_aux" => Balance::SeqAux(v),
-                        other => unlisted("balance term", other),
-                    }
-                }
-                "cv2" => {
-                    let [importance, load] = self.bind(&c, &["importance", "load"])?;
-                    let importance = self.opt_float(
-                        importance,
-                        "importance",
-                        env,
-                        0.1,
-                        nonneg,
-                        "must not be negative",
-                    )?;
-                    let load =
-                        self.opt_float(load, "load", env, 0.1, nonneg, "must not be negative")?;
-                    if load > 0.0 && !matches!(gate, Gate::NoisyTopK { .. }) {
-                        return Err(self
-                            .err(c.span, format!("the `load` term of `cv2` needs `gate = noisy_top_k(...)`, not `{}`", gate_name(gate)))
-                            .with_label("its smooth load estimator uses the gate noise")
-                            .with_help("use `gate = noisy_top_k(noise = 1.0)`, or `cv2(importance = 0.1, load = 0)`"));
-                    }
-                    Balance::Cv2 { importance, load }
-                }
-                "bias" => {
-                    let [rate] = self.bind(&c, &["rate"])?;
-                    if !matches!(
-                        gate,
-                        Gate::Softmax { .. }
-                            | Gate::Sigmoid
-                            | Gate::NoisyTopK { .. }
-                            | Gate::Switch
-                    ) {
-                        return Err(self
-                            .err(
-                                c.span,
-                                format!(
-                                    "`bias(...)` steers top-k selection; `gate = {}` has none",
-                                    gate_name(gate)
-                                ),
-                            )
-                            .with_label("needs a token-choice gate")
-                            .with_help(
-                                "use it with `softmax`, `sigmoid`, `noisy_top_k` or `switch`",
-                            ));
-                    }
-                    Balance::Bias {
-                        rate: self.opt_float(
-                            rate,
-                            "rate",
-                            env,
-                            1e-3,
-                            nonneg,
-                            "must not be negative",
-                        )?,
-                    }
-                }
-                other => unlisted("balance term", other),
-            };
-            out.push(b);
+            out.push(self.balance_term(&c, gate, env)?);
         }
         Ok(out)
+    }
+
+    /// One term of `balance`, with its default coefficient; `cv2`'s load term and `bias` need a
+    /// gate they can work with.
+    fn balance_term(&self, c: &CallView, gate: &Gate, env: &Env) -> Result<Balance> {
+        let nonneg = |v: f64| v >= 0.0;
+        match c.name {
+            "aux" | "z" | "seq_aux" => {
+                let [coef] = self.bind(c, &["c"])?;
+                let default = match c.name {
+                    "aux" => 0.01,
+                    "z" => 1e-3,
+                    "seq_aux" => 1e-4,
+                    other => unlisted("balance term", other),
+                };
+                let v = self.opt_float(
+                    coef,
+                    "coefficient",
+                    env,
+                    default,
+                    nonneg,
+                    "must not be negative",
+                )?;
+                Ok(match c.name {
+                    "aux" => Balance::Aux(v),
+                    "z" => Balance::Z(v),
+                    "seq_aux" => Balance::SeqAux(v),
+                    other => unlisted("balance term", other),
+                })
+            }
+            "cv2" => {
+                let [importance, load] = self.bind(c, &["importance", "load"])?;
+                let importance = self.opt_float(
+                    importance,
+                    "importance",
+                    env,
+                    0.1,
+                    nonneg,
+                    "must not be negative",
+                )?;
+                let load =
+                    self.opt_float(load, "load", env, 0.1, nonneg, "must not be negative")?;
+                if load > 0.0 && !matches!(gate, Gate::NoisyTopK { .. }) {
+                    return Err(self
+                        .err(c.span, format!("the `load` term of `cv2` needs `gate = noisy_top_k(...)`, not `{}`", gate_name(gate)))
+                        .with_label("its smooth load estimator uses the gate noise")
+                        .with_help("use `gate = noisy_top_k(noise = 1.0)`, or `cv2(importance = 0.1, load = 0)`"));
+                }
+                Ok(Balance::Cv2 { importance, load })
+            }
+            "bias" => {
+                let [rate] = self.bind(c, &["rate"])?;
+                if !matches!(
+                    gate,
+                    Gate::Softmax { .. } | Gate::Sigmoid | Gate::NoisyTopK { .. } | Gate::Switch
+                ) {
+                    return Err(self
+                        .err(
+                            c.span,
+                            format!(
+                                "`bias(...)` steers top-k selection; `gate = {}` has none",
+                                gate_name(gate)
+                            ),
+                        )
+                        .with_label("needs a token-choice gate")
+                        .with_help("use it with `softmax`, `sigmoid`, `noisy_top_k` or `switch`"));
+                }
+                Ok(Balance::Bias {
+                    rate: self.opt_float(
+                        rate,
+                        "rate",
+                        env,
+                        1e-3,
+                        nonneg,
+                        "must not be negative",
+                    )?,
+                })
+            }
+            other => unlisted("balance term", other),
+        }
     }
 
     /// `G x M`.
@@ -1241,144 +1345,155 @@ impl Checker {
 
     fn data(&self, e: &Expr, model: &Model, seed: u64, env: &Env) -> Result<Data> {
         let c = self.call_form(e, "data", &["text", "tokens", "cifar10", "synthetic"])?;
+        match c.name {
+            "text" => self.text_data(&c, model),
+            "tokens" => self.tokens_data(&c, model),
+            "cifar10" => self.cifar10_data(&c, model),
+            "synthetic" => self.synthetic_data(&c, model, seed, env),
+            other => unlisted("data source", other),
+        }
+    }
+
+    /// Refuses language-model data `kind(...)` for a classifier.
+    fn lm_only(&self, c: &CallView, model: &Model, kind: &str) -> Result<()> {
+        // Classifiers: `mlp`, and `lstm` without a vocabulary (a sequence classifier).
+        if model.vocab.is_none() {
+            return Err(self
+                .err(
+                    c.span,
+                    format!(
+                        "`{kind}(...)` is language-model data, but this is {}",
+                        if model.family == Family::Mlp {
+                            "an `mlp` model"
+                        } else {
+                            "an `lstm` sequence classifier (no `vocab`)"
+                        }
+                    ),
+                )
+                .with_label("needs `family = transformer` or `lstm` with a `vocab`")
+                .with_help(
+                    "an `mlp` trains on `cifar10(\"dir\")` or `synthetic(kind = classes)`",
+                ));
+        }
+        Ok(())
+    }
+
+    /// `text("path")`: a byte-level corpus, so the vocabulary must hold all 256 bytes.
+    fn text_data(&self, c: &CallView, model: &Model) -> Result<Data> {
+        self.lm_only(c, model, "text")?;
+        let [path] = self.bind(c, &["path"])?;
+        let path = self.required_arg(path, c, "path", "text(\"input.txt\")")?;
+        let (text, span) = (self.string(path, "path")?, path.span);
+        if model.vocab.is_some_and(|v| v < 256) {
+            return Err(self
+                .err(
+                    c.span,
+                    format!(
+                        "`text(...)` reads bytes (256 symbols), but `vocab = {}`",
+                        model.vocab.unwrap_or(0)
+                    ),
+                )
+                .with_label("needs `vocab >= 256`")
+                .with_help("set `vocab = 256`"));
+        }
+        let len = self.readable_file(&text, span)?;
+        self.enough_tokens(len, model, span)?;
+        Ok(Data::Text { path: text })
+    }
+
+    /// `tokens("path", dtype = u16 | u32)`: pre-tokenized ids, whose file size must be whole tokens.
+    fn tokens_data(&self, c: &CallView, model: &Model) -> Result<Data> {
+        self.lm_only(c, model, "tokens")?;
+        let [path, dtype] = self.bind(c, &["path", "dtype"])?;
+        let path = self.required_arg(path, c, "path", "tokens(\"train.bin\", dtype = u16)")?;
+        let (text, span) = (self.string(path, "path")?, path.span);
+        let dtype = match dtype {
+            Some(d) => self.enum_of(
+                d,
+                "dtype",
+                &[("u16", TokenDtype::U16), ("u32", TokenDtype::U32)],
+            )?,
+            None => TokenDtype::U16,
+        };
+        let width = match dtype {
+            TokenDtype::U16 => 2,
+            TokenDtype::U32 => 4,
+        };
+        let len = self.readable_file(&text, span)?;
+        if len % width != 0 {
+            return Err(self
+                .err(
+                    span,
+                    format!(
+                        "`{text}` has {len} bytes, not a whole number of {}-byte tokens",
+                        width
+                    ),
+                )
+                .with_label("size does not match `dtype`")
+                .with_help("check `dtype` (u16 for GPT-2 sized vocabularies, u32 above 65536)"));
+        }
+        self.enough_tokens(len / width, model, span)?;
+        Ok(Data::Tokens { path: text, dtype })
+    }
+
+    /// `cifar10("dir")`: images for an `mlp` (flat) or an `lstm` (row by row) with 10 classes.
+    fn cifar10_data(&self, c: &CallView, model: &Model) -> Result<Data> {
+        let [dir] = self.bind(c, &["dir"])?;
+        let dir = self.required_arg(dir, c, "dir", "cifar10(\"data/cifar-10-batches-bin\")")?;
+        let (text, span) = (self.string(dir, "dir")?, dir.span);
+        // An `lstm` reads each image row by row: 32 steps of 32 pixels × RGB.
+        let fits = match model.family {
+            Family::Mlp => model.inputs == Some(3072),
+            Family::Lstm => model.inputs == Some(96) && model.context == Some(32),
+            Family::Transformer => false,
+        };
+        if !fits || model.classes != Some(10) {
+            return Err(self
+                .err(c.span, "`cifar10(...)` needs `family = mlp` with `inputs = 3072` (32×32×3), or `family = lstm` with `inputs = 96` and `context = 32` (rows of 32 RGB pixels), and `classes = 10`")
+                .with_label("does not match the model")
+                .with_help("set `family = mlp`, `inputs = 3072` and `classes = 10` in the `model` block"));
+        }
+        self.readable_dir(&text, span)?;
+        Ok(Data::Cifar10 { dir: text })
+    }
+
+    /// `synthetic(kind, seed)`: its kind must suit the model (classes for classifiers); the seed
+    /// defaults to the run's.
+    fn synthetic_data(&self, c: &CallView, model: &Model, seed: u64, env: &Env) -> Result<Data> {
         // Classifiers: `mlp`, and `lstm` without a vocabulary (a sequence classifier).
         let classifier = model.vocab.is_none();
-        let lm_only = |kind: &str| -> Result<()> {
-            if classifier {
-                return Err(self
-                    .err(
-                        c.span,
-                        format!(
-                            "`{kind}(...)` is language-model data, but this is {}",
-                            if model.family == Family::Mlp {
-                                "an `mlp` model"
-                            } else {
-                                "an `lstm` sequence classifier (no `vocab`)"
-                            }
-                        ),
-                    )
-                    .with_label("needs `family = transformer` or `lstm` with a `vocab`")
-                    .with_help(
-                        "an `mlp` trains on `cifar10(\"dir\")` or `synthetic(kind = classes)`",
-                    ));
+        let [kind, data_seed] = self.bind(c, &["kind", "seed"])?;
+        let kind = match kind {
+            Some(k) => {
+                let kind = self.enum_of(
+                    k,
+                    "kind",
+                    &[
+                        ("copy", SyntheticKind::Copy),
+                        ("markov", SyntheticKind::Markov),
+                        ("classes", SyntheticKind::Classes),
+                    ],
+                )?;
+                if classifier != (kind == SyntheticKind::Classes) {
+                    let want = if classifier {
+                        "`classes` for a classifier"
+                    } else {
+                        "`copy` or `markov` for a language model"
+                    };
+                    return Err(self
+                        .err(k.span, "this synthetic data does not fit the model")
+                        .with_label(format!("use {want}")));
+                }
+                kind
             }
-            Ok(())
+            None if classifier => SyntheticKind::Classes,
+            None => SyntheticKind::Copy,
         };
-        let data = match c.name {
-            "text" => {
-                lm_only("text")?;
-                let [path] = self.bind(&c, &["path"])?;
-                let path = self.required_arg(path, &c, "path", "text(\"input.txt\")")?;
-                let (text, span) = (self.string(path, "path")?, path.span);
-                if model.vocab.is_some_and(|v| v < 256) {
-                    return Err(self
-                        .err(
-                            c.span,
-                            format!(
-                                "`text(...)` reads bytes (256 symbols), but `vocab = {}`",
-                                model.vocab.unwrap_or(0)
-                            ),
-                        )
-                        .with_label("needs `vocab >= 256`")
-                        .with_help("set `vocab = 256`"));
-                }
-                let len = self.readable_file(&text, span)?;
-                self.enough_tokens(len, model, span)?;
-                Data::Text { path: text }
-            }
-            "tokens" => {
-                lm_only("tokens")?;
-                let [path, dtype] = self.bind(&c, &["path", "dtype"])?;
-                let path =
-                    self.required_arg(path, &c, "path", "tokens(\"train.bin\", dtype = u16)")?;
-                let (text, span) = (self.string(path, "path")?, path.span);
-                let dtype = match dtype {
-                    Some(d) => self.enum_of(
-                        d,
-                        "dtype",
-                        &[("u16", TokenDtype::U16), ("u32", TokenDtype::U32)],
-                    )?,
-                    None => TokenDtype::U16,
-                };
-                let width = match dtype {
-                    TokenDtype::U16 => 2,
-                    TokenDtype::U32 => 4,
-                };
-                let len = self.readable_file(&text, span)?;
-                if len % width != 0 {
-                    return Err(self
-                        .err(
-                            span,
-                            format!(
-                                "`{text}` has {len} bytes, not a whole number of {}-byte tokens",
-                                width
-                            ),
-                        )
-                        .with_label("size does not match `dtype`")
-                        .with_help(
-                            "check `dtype` (u16 for GPT-2 sized vocabularies, u32 above 65536)",
-                        ));
-                }
-                self.enough_tokens(len / width, model, span)?;
-                Data::Tokens { path: text, dtype }
-            }
-            "cifar10" => {
-                let [dir] = self.bind(&c, &["dir"])?;
-                let dir =
-                    self.required_arg(dir, &c, "dir", "cifar10(\"data/cifar-10-batches-bin\")")?;
-                let (text, span) = (self.string(dir, "dir")?, dir.span);
-                // An `lstm` reads each image row by row: 32 steps of 32 pixels × RGB.
-                let fits = match model.family {
-                    Family::Mlp => model.inputs == Some(3072),
-                    Family::Lstm => model.inputs == Some(96) && model.context == Some(32),
-                    Family::Transformer => false,
-                };
-                if !fits || model.classes != Some(10) {
-                    return Err(self
-                        .err(c.span, "`cifar10(...)` needs `family = mlp` with `inputs = 3072` (32×32×3), or `family = lstm` with `inputs = 96` and `context = 32` (rows of 32 RGB pixels), and `classes = 10`")
-                        .with_label("does not match the model")
-                        .with_help("set `family = mlp`, `inputs = 3072` and `classes = 10` in the `model` block"));
-                }
-                self.readable_dir(&text, span)?;
-                Data::Cifar10 { dir: text }
-            }
-            "synthetic" => {
-                let [kind, data_seed] = self.bind(&c, &["kind", "seed"])?;
-                let kind = match kind {
-                    Some(k) => {
-                        let kind = self.enum_of(
-                            k,
-                            "kind",
-                            &[
-                                ("copy", SyntheticKind::Copy),
-                                ("markov", SyntheticKind::Markov),
-                                ("classes", SyntheticKind::Classes),
-                            ],
-                        )?;
-                        if classifier != (kind == SyntheticKind::Classes) {
-                            let want = if classifier {
-                                "`classes` for a classifier"
-                            } else {
-                                "`copy` or `markov` for a language model"
-                            };
-                            return Err(self
-                                .err(k.span, "this synthetic data does not fit the model")
-                                .with_label(format!("use {want}")));
-                        }
-                        kind
-                    }
-                    None if classifier => SyntheticKind::Classes,
-                    None => SyntheticKind::Copy,
-                };
-                let seed = match data_seed {
-                    Some(s) => self.seed(s, "seed", env)?,
-                    None => seed,
-                };
-                Data::Synthetic { kind, seed }
-            }
-            other => unlisted("data source", other),
+        let seed = match data_seed {
+            Some(s) => self.seed(s, "seed", env)?,
+            None => seed,
         };
-        Ok(data)
+        Ok(Data::Synthetic { kind, seed })
     }
 
     fn resolve(&self, path: &str) -> PathBuf {
@@ -2143,12 +2258,8 @@ mod tests {
         )
     }
 
-    #[test]
-    fn every_field_and_call_form() {
-        let dir = std::env::temp_dir().join(format!("moec-check-full-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("corpus.bin"), vec![0u8; 4096]).unwrap();
-        let src = r#"
+    /// A spec that sets every model, moe and train field, and uses every call form.
+    const EVERY_FIELD: &str = r#"
 # Every model, moe and train field.
 model full {
   family = transformer
@@ -2199,9 +2310,10 @@ train {
   log = every(5)
 }
 "#;
-        let spec = check(src, &dir.join("full.moe")).unwrap_or_else(|d| panic!("{}", d.render()));
-        std::fs::remove_dir_all(&dir).unwrap();
-        let want = Spec {
+
+    /// What [`EVERY_FIELD`] checks to.
+    fn every_field_spec() -> Spec {
+        Spec {
             name: "full".into(),
             model: Model {
                 family: Family::Transformer,
@@ -2286,9 +2398,19 @@ train {
                     batches: 0,
                 },
             }),
-        };
-        // Every value above is a literal or exact arithmetic, so exact equality is the right test.
-        assert_eq!(spec, want);
+        }
+    }
+
+    #[test]
+    fn every_field_and_call_form() {
+        let dir = std::env::temp_dir().join(format!("moec-check-full-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("corpus.bin"), vec![0u8; 4096]).unwrap();
+        let spec =
+            check(EVERY_FIELD, &dir.join("full.moe")).unwrap_or_else(|d| panic!("{}", d.render()));
+        std::fs::remove_dir_all(&dir).unwrap();
+        // Every value of EVERY_FIELD is a literal or exact arithmetic, so exact equality is the right test.
+        assert_eq!(spec, every_field_spec());
     }
 
     #[test]

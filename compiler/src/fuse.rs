@@ -322,171 +322,104 @@ pub fn fuse(graph: &Graph, options: FuseOptions) -> Fused {
         max_bindings: options.max_bindings.max(2) as usize,
         max_binding_bytes: options.max_binding_bytes,
     };
-    // A permute whose every use reads it element by element (a matmul operand, an elementwise or row
-    // op, possibly through reshapes that keep it a strided view) is read in place with permuted
-    // strides by each consumer, so it never gets a kernel or a buffer: it joins every consuming group
-    // as a prologue member.
-    let absorbed: HashSet<NodeId> = if options.enabled {
-        order
-            .iter()
-            .copied()
-            .filter(|&p| {
-                matches!(graph.node(p).op, Op::Permute { .. })
-                    && read_in_place(graph, &st.graph_outputs, p)
-            })
-            .collect()
-    } else {
-        HashSet::new()
-    };
-    // RoPE rotations read only by matmuls, and gathers read only by grouped matmuls, are computed by
-    // each consumer as it loads them (see the module doc).
-    let absorbed: HashSet<NodeId> = if options.enabled {
-        let computed: Vec<NodeId> = order
-            .iter()
-            .copied()
-            .filter(|&r| {
-                // The computing loads read the operands' buffers: none may be a prologue itself.
-                !st.graph_outputs.contains(&r)
-                    && graph
-                        .inputs(r)
-                        .iter()
-                        .all(|&a| !absorbed.contains(&base(graph, a)))
-                    && match graph.node(r).op {
-                        Op::Rope { .. } | Op::RopeGrad { .. } => {
-                            only_matmul_operand(graph, &absorbed, r)
-                        }
-                        Op::MoeGather { .. } | Op::MoeCombineGradRows { .. } => {
-                            only_grouped_rows(graph, r)
-                        }
-                        Op::Input { .. }
-                        | Op::Param { .. }
-                        | Op::Affine { .. }
-                        | Op::Unary(_)
-                        | Op::Binary(_)
-                        | Op::Reduce(_)
-                        | Op::Reshape { .. }
-                        | Op::Permute { .. }
-                        | Op::MatMul { .. }
-                        | Op::Embedding
-                        | Op::Softmax { .. }
-                        | Op::CrossEntropy
-                        | Op::LinearCrossEntropy
-                        | Op::SliceRows { .. }
-                        | Op::ConcatRows
-                        | Op::TopK { .. }
-                        | Op::GatherCols
-                        | Op::TopKMask { .. }
-                        | Op::MoeRoute { .. }
-                        | Op::SliceCols { .. }
-                        | Op::RouteLoad { .. }
-                        | Op::ExpertChoice { .. }
-                        | Op::Sinkhorn { .. }
-                        | Op::Auction { .. }
-                        | Op::GroupedMatMul { .. }
-                        | Op::MoeCombine { .. }
-                        | Op::SumTo { .. }
-                        | Op::BroadcastTo { .. }
-                        | Op::EmbeddingGrad { .. }
-                        | Op::CrossEntropyGrad
-                        | Op::LinearCrossEntropyGradH
-                        | Op::LinearCrossEntropyGradW
-                        | Op::ScatterCols { .. }
-                        | Op::MoeGatherGrad { .. }
-                        | Op::GroupedMatMulGradX { .. }
-                        | Op::GroupedMatMulGradW { .. }
-                        | Op::MoeCombineGradWeights { .. }
-                        | Op::LstmScan { .. }
-                        | Op::LstmHidden
-                        | Op::LstmScanGrad { .. }
-                        | Op::LstmScanGradW { .. }
-                        | Op::LstmLast { .. }
-                        | Op::LstmLastGrad { .. } => false,
-                    }
-            })
-            .collect();
-        absorbed.into_iter().chain(computed).collect()
-    } else {
-        absorbed
-    };
-    st.absorbed = absorbed.clone();
+    if options.enabled {
+        st.absorbed = absorbed(graph, &order, &st.graph_outputs);
+    }
     for &n in &order {
-        let node = graph.node(n);
-        if node.op.is_free() || absorbed.contains(&n) {
+        if graph.node(n).op.is_free() || st.absorbed.contains(&n) {
             continue;
         }
         if options.enabled && st.try_join(n) {
             continue;
         }
-        let (kind, domain) = match &node.op {
-            Op::Affine { .. } | Op::Unary(_) | Op::Binary(_) | Op::BroadcastTo { .. } => {
-                (GroupKind::Elementwise, node.ty.shape.clone())
-            }
-            Op::Reduce(_) => (GroupKind::Row, graph.ty(graph.inputs(n)[0]).shape.clone()),
-            Op::Softmax { .. } => (GroupKind::Row, node.ty.shape.clone()),
-            Op::MatMul { .. } if options.enabled && st.router_anchor(n) => {
-                (GroupKind::Router, node.ty.shape.clone())
-            }
-            Op::MatMul { .. } | Op::GroupedMatMul { .. } | Op::GroupedMatMulGradX { .. } => {
-                (GroupKind::Matmul, node.ty.shape.clone())
-            }
-            Op::Input { .. }
-            | Op::Param { .. }
-            | Op::Reshape { .. }
-            | Op::Permute { .. }
-            | Op::Embedding
-            | Op::Rope { .. }
-            | Op::CrossEntropy
-            | Op::LinearCrossEntropy
-            | Op::SliceRows { .. }
-            | Op::ConcatRows
-            | Op::TopK { .. }
-            | Op::GatherCols
-            | Op::TopKMask { .. }
-            | Op::MoeRoute { .. }
-            | Op::SliceCols { .. }
-            | Op::RouteLoad { .. }
-            | Op::ExpertChoice { .. }
-            | Op::Sinkhorn { .. }
-            | Op::Auction { .. }
-            | Op::MoeGather { .. }
-            | Op::MoeCombine { .. }
-            | Op::SumTo { .. }
-            | Op::EmbeddingGrad { .. }
-            | Op::RopeGrad { .. }
-            | Op::CrossEntropyGrad
-            | Op::LinearCrossEntropyGradH
-            | Op::LinearCrossEntropyGradW
-            | Op::ScatterCols { .. }
-            | Op::MoeGatherGrad { .. }
-            | Op::GroupedMatMulGradW { .. }
-            | Op::MoeCombineGradRows { .. }
-            | Op::MoeCombineGradWeights { .. }
-            | Op::LstmScan { .. }
-            | Op::LstmHidden
-            | Op::LstmScanGrad { .. }
-            | Op::LstmScanGradW { .. }
-            | Op::LstmLast { .. }
-            | Op::LstmLastGrad { .. } => (GroupKind::Single, node.ty.shape.clone()),
-        };
-        let gi = st.groups.len();
-        let mut nodes = vec![n];
-        for a in graph.inputs(n) {
-            for p in st.prologue(a) {
-                if !nodes.contains(&p) {
-                    nodes.push(p);
-                }
-            }
-        }
-        st.groups.push(Builder {
-            kind,
-            domain,
-            nodes,
-        });
-        st.deps.push(HashSet::new());
-        st.group_of.insert(n, gi);
-        st.add_deps(gi, n);
+        let (kind, domain) = st.new_group_kind(n, options.enabled);
+        st.start_group(n, kind, domain);
     }
     st.finish()
+}
+
+/// The prologue nodes no kernel computes on its own: each consuming group reads or computes them as
+/// it loads them (see the module doc).
+///
+/// A permute whose every use reads it element by element (a matmul operand, an elementwise or row
+/// op, possibly through reshapes that keep it a strided view) is read in place with permuted
+/// strides by each consumer, so it never gets a kernel or a buffer: it joins every consuming group
+/// as a prologue member. RoPE rotations read only by matmuls, and gathers read only by grouped
+/// matmuls, are computed by each consumer as it loads them.
+fn absorbed(graph: &Graph, order: &[NodeId], graph_outputs: &HashSet<NodeId>) -> HashSet<NodeId> {
+    let permutes: HashSet<NodeId> = order
+        .iter()
+        .copied()
+        .filter(|&p| {
+            matches!(graph.node(p).op, Op::Permute { .. }) && read_in_place(graph, graph_outputs, p)
+        })
+        .collect();
+    let computed: Vec<NodeId> = order
+        .iter()
+        .copied()
+        .filter(|&r| {
+            // The computing loads read the operands' buffers: none may be a prologue itself.
+            !graph_outputs.contains(&r)
+                && graph
+                    .inputs(r)
+                    .iter()
+                    .all(|&a| !permutes.contains(&base(graph, a)))
+                && computed_by_consumers(graph, &permutes, r)
+        })
+        .collect();
+    permutes.into_iter().chain(computed).collect()
+}
+
+/// Whether node `r` is a RoPE rotation read only by matmuls or a gather read only by grouped
+/// matmuls (given the absorbed permutes), which its consumers compute as they load it.
+fn computed_by_consumers(graph: &Graph, absorbed: &HashSet<NodeId>, r: NodeId) -> bool {
+    match graph.node(r).op {
+        Op::Rope { .. } | Op::RopeGrad { .. } => only_matmul_operand(graph, absorbed, r),
+        Op::MoeGather { .. } | Op::MoeCombineGradRows { .. } => only_grouped_rows(graph, r),
+        Op::Input { .. }
+        | Op::Param { .. }
+        | Op::Affine { .. }
+        | Op::Unary(_)
+        | Op::Binary(_)
+        | Op::Reduce(_)
+        | Op::Reshape { .. }
+        | Op::Permute { .. }
+        | Op::MatMul { .. }
+        | Op::Embedding
+        | Op::Softmax { .. }
+        | Op::CrossEntropy
+        | Op::LinearCrossEntropy
+        | Op::SliceRows { .. }
+        | Op::ConcatRows
+        | Op::TopK { .. }
+        | Op::GatherCols
+        | Op::TopKMask { .. }
+        | Op::MoeRoute { .. }
+        | Op::SliceCols { .. }
+        | Op::RouteLoad { .. }
+        | Op::ExpertChoice { .. }
+        | Op::Sinkhorn { .. }
+        | Op::Auction { .. }
+        | Op::GroupedMatMul { .. }
+        | Op::MoeCombine { .. }
+        | Op::SumTo { .. }
+        | Op::BroadcastTo { .. }
+        | Op::EmbeddingGrad { .. }
+        | Op::CrossEntropyGrad
+        | Op::LinearCrossEntropyGradH
+        | Op::LinearCrossEntropyGradW
+        | Op::ScatterCols { .. }
+        | Op::MoeGatherGrad { .. }
+        | Op::GroupedMatMulGradX { .. }
+        | Op::GroupedMatMulGradW { .. }
+        | Op::MoeCombineGradWeights { .. }
+        | Op::LstmScan { .. }
+        | Op::LstmHidden
+        | Op::LstmScanGrad { .. }
+        | Op::LstmScanGradW { .. }
+        | Op::LstmLast { .. }
+        | Op::LstmLastGrad { .. } => false,
+    }
 }
 
 /// Last axis of a row domain, and the per-row scalar shape `[..., 1]`.
@@ -671,6 +604,87 @@ fn read_in_place(graph: &Graph, graph_outputs: &HashSet<NodeId>, x: NodeId) -> b
 }
 
 impl State<'_> {
+    /// The kind and domain of the group `n` starts when it joins none (`enabled`: fusion is on, so a
+    /// router matmul may anchor a router group).
+    fn new_group_kind(&self, n: NodeId, enabled: bool) -> (GroupKind, Vec<usize>) {
+        let node = self.graph.node(n);
+        match &node.op {
+            Op::Affine { .. } | Op::Unary(_) | Op::Binary(_) | Op::BroadcastTo { .. } => {
+                (GroupKind::Elementwise, node.ty.shape.clone())
+            }
+            Op::Reduce(_) => (
+                GroupKind::Row,
+                self.graph.ty(self.graph.inputs(n)[0]).shape.clone(),
+            ),
+            Op::Softmax { .. } => (GroupKind::Row, node.ty.shape.clone()),
+            Op::MatMul { .. } if enabled && self.router_anchor(n) => {
+                (GroupKind::Router, node.ty.shape.clone())
+            }
+            Op::MatMul { .. } | Op::GroupedMatMul { .. } | Op::GroupedMatMulGradX { .. } => {
+                (GroupKind::Matmul, node.ty.shape.clone())
+            }
+            Op::Input { .. }
+            | Op::Param { .. }
+            | Op::Reshape { .. }
+            | Op::Permute { .. }
+            | Op::Embedding
+            | Op::Rope { .. }
+            | Op::CrossEntropy
+            | Op::LinearCrossEntropy
+            | Op::SliceRows { .. }
+            | Op::ConcatRows
+            | Op::TopK { .. }
+            | Op::GatherCols
+            | Op::TopKMask { .. }
+            | Op::MoeRoute { .. }
+            | Op::SliceCols { .. }
+            | Op::RouteLoad { .. }
+            | Op::ExpertChoice { .. }
+            | Op::Sinkhorn { .. }
+            | Op::Auction { .. }
+            | Op::MoeGather { .. }
+            | Op::MoeCombine { .. }
+            | Op::SumTo { .. }
+            | Op::EmbeddingGrad { .. }
+            | Op::RopeGrad { .. }
+            | Op::CrossEntropyGrad
+            | Op::LinearCrossEntropyGradH
+            | Op::LinearCrossEntropyGradW
+            | Op::ScatterCols { .. }
+            | Op::MoeGatherGrad { .. }
+            | Op::GroupedMatMulGradW { .. }
+            | Op::MoeCombineGradRows { .. }
+            | Op::MoeCombineGradWeights { .. }
+            | Op::LstmScan { .. }
+            | Op::LstmHidden
+            | Op::LstmScanGrad { .. }
+            | Op::LstmScanGradW { .. }
+            | Op::LstmLast { .. }
+            | Op::LstmLastGrad { .. } => (GroupKind::Single, node.ty.shape.clone()),
+        }
+    }
+
+    /// Starts a group anchored at `n`, with the absorbed prologues of its operands.
+    fn start_group(&mut self, n: NodeId, kind: GroupKind, domain: Vec<usize>) {
+        let gi = self.groups.len();
+        let mut nodes = vec![n];
+        for a in self.graph.inputs(n) {
+            for p in self.prologue(a) {
+                if !nodes.contains(&p) {
+                    nodes.push(p);
+                }
+            }
+        }
+        self.groups.push(Builder {
+            kind,
+            domain,
+            nodes,
+        });
+        self.deps.push(HashSet::new());
+        self.group_of.insert(n, gi);
+        self.add_deps(gi, n);
+    }
+
     /// The node whose buffer holds operand `a`: through reshapes and absorbed permutes.
     fn producer(&self, mut a: NodeId) -> NodeId {
         loop {

@@ -456,6 +456,9 @@ fn feed<F: Float>(
     }
 }
 
+/// One node's value: every op names its semantics here (each as its doc comment in `ir.rs` says,
+/// forward ops, the adjoints `autodiff` emits, the LSTM ops in [`lstm`]), so a new op is a
+/// compile error until it has one.
 fn eval_node<F: Float>(
     ctx: &Ctx,
     ty: &TensorType,
@@ -465,205 +468,28 @@ fn eval_node<F: Float>(
 ) -> Result<Tensor<F>, InterpError> {
     match ctx.op {
         Op::Input { name, .. } | Op::Param { name, .. } => feed(name, ty, feeds),
-        Op::Affine { mul, add } => {
-            ctx.argc(1, args.len())?;
-            let (m, a) = (F::from_f64(*mul as f64), F::from_f64(*add as f64));
-            Ok(Tensor::F(
-                ctx.f(args[0])?.iter().map(|&x| x * m + a).collect(),
-            ))
-        }
-        Op::Unary(u) => {
-            ctx.argc(1, args.len())?;
-            Ok(Tensor::F(
-                ctx.f(args[0])?.iter().map(|&x| unary(*u, x)).collect(),
-            ))
-        }
-        Op::Binary(b) => {
-            ctx.argc(2, args.len())?;
-            let (x, y) = (ctx.f(args[0])?, ctx.f(args[1])?);
-            let ix = broadcast_index(&ty.shape, &arg_tys[0].shape);
-            let iy = broadcast_index(&ty.shape, &arg_tys[1].shape);
-            Ok(Tensor::F(
-                ix.iter()
-                    .zip(&iy)
-                    .map(|(&i, &j)| binary(*b, x[i], y[j]))
-                    .collect(),
-            ))
-        }
-        Op::Reduce(r) => {
-            ctx.argc(1, args.len())?;
-            let x = ctx.f(args[0])?;
-            let n = arg_tys[0].last();
-            let out = (0..ty.numel())
-                .map(|i| &x[i * n..(i + 1) * n])
-                .map(|row| match r {
-                    ReduceOp::Sum => sum(row),
-                    ReduceOp::Mean => sum(row) / F::from_f64(n as f64),
-                    ReduceOp::Max => row
-                        .iter()
-                        .copied()
-                        .fold(F::from_f64(f64::NEG_INFINITY), F::max),
-                })
-                .collect();
-            Ok(Tensor::F(out))
-        }
-        Op::Reshape { .. } => {
-            ctx.argc(1, args.len())?;
-            Ok(args[0].clone())
-        }
-        Op::Permute { perm } => {
-            ctx.argc(1, args.len())?;
-            let src = permute_index(&arg_tys[0].shape, perm);
-            Ok(match args[0] {
-                Tensor::F(x) => Tensor::F(src.iter().map(|&i| x[i]).collect()),
-                Tensor::U(x) => Tensor::U(src.iter().map(|&i| x[i]).collect()),
-            })
-        }
-        Op::MatMul { trans_b } => {
-            ctx.argc(2, args.len())?;
-            Ok(Tensor::F(matmul(
-                ctx.f(args[0])?,
-                arg_tys[0],
-                ctx.f(args[1])?,
-                arg_tys[1],
-                *trans_b,
-            )))
-        }
-        Op::Embedding => {
-            ctx.argc(2, args.len())?;
-            let (table, ids) = (ctx.f(args[0])?, ctx.u(args[1])?);
-            let (v, d) = (arg_tys[0].shape[0], arg_tys[0].shape[1]);
-            let mut out = Vec::with_capacity(ids.len() * d);
-            for &id in ids {
-                if id as usize >= v {
-                    return Err(ctx.out_of_range("token id", id as u64, v as u64));
-                }
-                out.extend_from_slice(&table[id as usize * d..(id as usize + 1) * d]);
-            }
-            Ok(Tensor::F(out))
-        }
-        Op::Rope { theta } => {
-            ctx.argc(1, args.len())?;
-            Ok(Tensor::F(rope(
-                ctx.f(args[0])?,
-                &arg_tys[0].shape,
-                *theta as f64,
-                false,
-            )))
-        }
-        Op::Softmax { causal } => {
-            ctx.argc(1, args.len())?;
-            Ok(Tensor::F(softmax(
-                ctx.f(args[0])?,
-                &arg_tys[0].shape,
-                *causal,
-            )))
-        }
-        Op::CrossEntropy => {
-            ctx.argc(2, args.len())?;
-            let (logits, targets) = (ctx.f(args[0])?, ctx.u(args[1])?);
-            let ce = cross_entropy(ctx, logits, targets, arg_tys[0].shape[1])?;
-            Ok(Tensor::F(vec![ce]))
-        }
-        Op::LinearCrossEntropy => {
-            ctx.argc(3, args.len())?;
-            let logits = head_logits(ctx, args, arg_tys)?;
-            let v = arg_tys[1].shape[0];
-            let ce = cross_entropy(ctx, &logits, ctx.u(args[2])?, v)?;
-            Ok(Tensor::F(vec![ce]))
-        }
-        Op::SliceRows { start, .. } => {
-            ctx.argc(1, args.len())?;
-            let row = arg_tys[0].numel() / arg_tys[0].shape[0].max(1);
-            let range = start * row..start * row + ty.numel();
-            Ok(match args[0] {
-                Tensor::F(x) => Tensor::F(x[range].to_vec()),
-                Tensor::U(x) => Tensor::U(x[range].to_vec()),
-            })
-        }
-        Op::ConcatRows => {
-            ctx.argc(2, args.len())?;
-            Ok(Tensor::F([ctx.f(args[0])?, ctx.f(args[1])?].concat()))
-        }
-        Op::TopK { k } => {
-            ctx.argc(1, args.len())?;
-            Ok(Tensor::U(topk(ctx.f(args[0])?, arg_tys[0].shape[1], *k)))
-        }
-        Op::GatherCols => {
-            ctx.argc(2, args.len())?;
-            let (x, idx) = (ctx.f(args[0])?, ctx.u(args[1])?);
-            let (e, k) = (arg_tys[0].shape[1], arg_tys[1].shape[1]);
-            let mut out = Vec::with_capacity(idx.len());
-            for (i, &c) in idx.iter().enumerate() {
-                if c == RouteLayout::NONE {
-                    out.push(F::ZERO);
-                    continue;
-                }
-                if c as usize >= e {
-                    return Err(ctx.out_of_range("column", c as u64, e as u64));
-                }
-                out.push(x[(i / k) * e + c as usize]);
-            }
-            Ok(Tensor::F(out))
-        }
-        Op::TopKMask { experts } => {
-            ctx.argc(1, args.len())?;
-            let idx = ctx.u(args[0])?;
-            let k = arg_tys[0].shape[1];
-            let mut out = vec![F::ZERO; arg_tys[0].shape[0] * experts];
-            for (i, &e) in idx.iter().enumerate() {
-                if e == RouteLayout::NONE {
-                    continue;
-                }
-                if e as usize >= *experts {
-                    return Err(ctx.out_of_range("expert", e as u64, *experts as u64));
-                }
-                out[(i / k) * experts + e as usize] = F::ONE;
-            }
-            Ok(Tensor::F(out))
-        }
-        Op::MoeRoute { layout } => {
-            let prio = match args.len() {
-                1 => None,
-                2 => Some(
-                    ctx.f(args[1])?
-                        .iter()
-                        .map(|&p| p.to_f64())
-                        .collect::<Vec<f64>>(),
-                ),
-                n => return Err(ctx.malformed(format!("expected 1 or 2 arguments, got {n}"))),
-            };
-            route_with(ctx.u(args[0])?, prio.as_deref(), layout)
-                .map(Tensor::U)
-                .map_err(|e| ctx.out_of_range("expert", e as u64, layout.experts as u64))
-        }
-        Op::SliceCols { start, len } => {
-            ctx.argc(1, args.len())?;
-            let x = ctx.u(args[0])?;
-            let c = arg_tys[0].shape[1];
-            let out = (0..ty.numel())
-                .map(|i| x[(i / len) * c + start + i % len])
-                .collect();
-            Ok(Tensor::U(out))
-        }
-        Op::RouteLoad { layout } => {
-            ctx.argc(1, args.len())?;
-            let table = ctx.u(args[0])?;
-            let counts = &table[layout.counts_at()..layout.counts_at() + layout.experts];
-            Ok(Tensor::F(
-                counts.iter().map(|&c| F::from_f64(c as f64)).collect(),
-            ))
-        }
-        Op::ExpertChoice { capacity } => {
-            ctx.argc(1, args.len())?;
-            let (t, e) = (arg_tys[0].shape[0], arg_tys[0].shape[1]);
-            Ok(Tensor::U(expert_choice(ctx.f(args[0])?, t, e, *capacity)))
-        }
-        Op::Sinkhorn { iters } => {
-            ctx.argc(1, args.len())?;
-            let (t, e) = (arg_tys[0].shape[0], arg_tys[0].shape[1]);
-            Ok(Tensor::F(sinkhorn(ctx.f(args[0])?, t, e, *iters)))
-        }
+        Op::Affine { mul, add } => eval_affine(ctx, args, *mul, *add),
+        Op::Unary(u) => eval_unary(ctx, args, *u),
+        Op::Binary(b) => eval_binary(ctx, ty, args, arg_tys, *b),
+        Op::Reduce(r) => eval_reduce(ctx, ty, args, arg_tys, *r),
+        Op::Reshape { .. } => eval_reshape(ctx, args),
+        Op::Permute { perm } => eval_permute(ctx, args, arg_tys, perm),
+        Op::MatMul { trans_b } => eval_matmul(ctx, args, arg_tys, *trans_b),
+        Op::Embedding => eval_embedding(ctx, args, arg_tys),
+        Op::Rope { theta } => eval_rope(ctx, args, arg_tys, *theta, false),
+        Op::Softmax { causal } => eval_softmax(ctx, args, arg_tys, *causal),
+        Op::CrossEntropy => eval_cross_entropy(ctx, args, arg_tys),
+        Op::LinearCrossEntropy => eval_linear_cross_entropy(ctx, args, arg_tys),
+        Op::SliceRows { start, .. } => eval_slice_rows(ctx, ty, args, arg_tys, *start),
+        Op::ConcatRows => eval_concat_rows(ctx, args),
+        Op::TopK { k } => eval_topk(ctx, args, arg_tys, *k),
+        Op::GatherCols => eval_gather_cols(ctx, args, arg_tys),
+        Op::TopKMask { experts } => eval_topk_mask(ctx, args, arg_tys, *experts),
+        Op::MoeRoute { layout } => eval_moe_route(ctx, args, layout),
+        Op::SliceCols { start, len } => eval_slice_cols(ctx, ty, args, arg_tys, *start, *len),
+        Op::RouteLoad { layout } => eval_route_load(ctx, args, layout),
+        Op::ExpertChoice { capacity } => eval_expert_choice(ctx, args, arg_tys, *capacity),
+        Op::Sinkhorn { iters } => eval_sinkhorn(ctx, args, arg_tys, *iters),
         Op::Auction {
             rounds,
             epsilon,
@@ -671,8 +497,6 @@ fn eval_node<F: Float>(
             capacity,
             k,
         } => {
-            ctx.argc(2, args.len())?;
-            let (t, e) = (arg_tys[0].shape[0], arg_tys[0].shape[1]);
             let params = AuctionParams {
                 rounds: *rounds,
                 epsilon: *epsilon as f64,
@@ -680,314 +504,695 @@ fn eval_node<F: Float>(
                 capacity: *capacity,
                 k: *k,
             };
-            Ok(Tensor::U(auction(
-                ctx.f(args[0])?,
-                ctx.f(args[1])?,
-                t,
-                e,
-                &params,
-            )))
+            eval_auction(ctx, args, arg_tys, &params)
         }
-        Op::MoeGather { layout } => {
-            ctx.argc(2, args.len())?;
-            let (x, table) = (ctx.f(args[0])?, ctx.u(args[1])?);
-            let d = arg_tys[0].shape[1];
-            let row_slot = &table[layout.row_slot_at()..layout.row_slot_at() + layout.rows()];
-            let mut out = vec![F::ZERO; layout.rows() * d];
-            for (r, &slot) in row_slot.iter().enumerate() {
-                if slot == RouteLayout::NONE {
-                    continue;
-                }
-                let t = slot as usize / layout.k.max(1);
-                if t >= layout.tokens {
-                    return Err(ctx.out_of_range(
-                        "row_slot",
-                        slot as u64,
-                        (layout.tokens * layout.k) as u64,
-                    ));
-                }
-                out[r * d..(r + 1) * d].copy_from_slice(&x[t * d..(t + 1) * d]);
-            }
-            Ok(Tensor::F(out))
+        Op::MoeGather { layout } => eval_moe_gather(ctx, args, arg_tys, layout),
+        Op::GroupedMatMul { layout } => eval_grouped_matmul(ctx, args, arg_tys, layout),
+        Op::MoeCombine { layout } => eval_moe_combine(ctx, args, arg_tys, layout),
+        Op::LstmScan { reverse } => lstm::eval_scan(ctx, ty, args, *reverse),
+        Op::LstmHidden => lstm::hidden(ctx, ty, args, arg_tys[0]),
+        Op::LstmScanGrad { reverse, col } => {
+            lstm::eval_scan_grad(ctx, args, arg_tys, *reverse, *col)
         }
-        Op::GroupedMatMul { layout } => {
-            ctx.argc(3, args.len())?;
-            let (x, w, table) = (ctx.f(args[0])?, ctx.f(args[1])?, ctx.u(args[2])?);
-            let (n, k) = (arg_tys[1].shape[1], arg_tys[1].shape[2]);
-            let used = table[layout.offsets_at() + layout.experts] as usize;
-            if used > layout.rows() {
-                return Err(ctx.out_of_range("used rows", used as u64, layout.rows() as u64 + 1));
-            }
-            let row_expert = &table[layout.row_expert_at()..layout.row_expert_at() + layout.rows()];
-            let mut out = vec![F::ZERO; layout.rows() * n];
-            for r in 0..used {
-                let e = row_expert[r] as usize;
-                if e >= layout.experts {
-                    return Err(ctx.out_of_range("row_expert", e as u64, layout.experts as u64));
-                }
-                let xr = &x[r * k..(r + 1) * k];
-                for c in 0..n {
-                    let wr = &w[(e * n + c) * k..(e * n + c + 1) * k];
-                    out[r * n + c] = dot(xr, wr);
-                }
-            }
-            Ok(Tensor::F(out))
+        Op::LstmScanGradW { reverse } => lstm::eval_scan_grad_w(ctx, args, arg_tys, *reverse),
+        Op::LstmLast { dirs } => lstm::eval_last(ctx, ty, args, arg_tys, *dirs),
+        Op::LstmLastGrad { dirs, steps } => {
+            lstm::eval_last_grad(ctx, ty, args, arg_tys, *dirs, *steps)
         }
-        Op::MoeCombine { layout } => {
-            ctx.argc(3, args.len())?;
-            let (yp, wt, table) = (ctx.f(args[0])?, ctx.f(args[1])?, ctx.u(args[2])?);
-            let d = arg_tys[0].shape[1];
-            let slot_row =
-                &table[layout.slot_row_at()..layout.slot_row_at() + layout.tokens * layout.k];
-            let mut out = vec![F::ZERO; layout.tokens * d];
-            for (slot, &row) in slot_row.iter().enumerate() {
-                if row == RouteLayout::NONE {
-                    continue;
-                }
-                if row as usize >= layout.rows() {
-                    return Err(ctx.out_of_range("slot_row", row as u64, layout.rows() as u64));
-                }
-                let t = slot / layout.k;
-                let g = wt[slot];
-                for i in 0..d {
-                    out[t * d + i] += g * yp[row as usize * d + i];
-                }
-            }
-            Ok(Tensor::F(out))
+        Op::SumTo { shape } => eval_sum_to(ctx, ty, args, arg_tys, shape),
+        Op::BroadcastTo { shape } => eval_broadcast_to(ctx, args, arg_tys, shape),
+        Op::EmbeddingGrad { vocab } => eval_embedding_grad(ctx, args, arg_tys, *vocab),
+        Op::RopeGrad { theta } => eval_rope(ctx, args, arg_tys, *theta, true),
+        Op::CrossEntropyGrad => eval_cross_entropy_grad(ctx, args, arg_tys),
+        Op::LinearCrossEntropyGradH => eval_linear_cross_entropy_grad_h(ctx, args, arg_tys),
+        Op::LinearCrossEntropyGradW => eval_linear_cross_entropy_grad_w(ctx, args, arg_tys),
+        Op::ScatterCols { cols } => eval_scatter_cols(ctx, ty, args, arg_tys, *cols),
+        Op::MoeGatherGrad { layout } => eval_moe_gather_grad(ctx, args, arg_tys, layout),
+        Op::GroupedMatMulGradX { layout } => eval_grouped_matmul_grad_x(ctx, args, arg_tys, layout),
+        Op::GroupedMatMulGradW { layout } => eval_grouped_matmul_grad_w(ctx, args, arg_tys, layout),
+        Op::MoeCombineGradRows { layout } => eval_moe_combine_grad_rows(ctx, args, arg_tys, layout),
+        Op::MoeCombineGradWeights { layout } => {
+            eval_moe_combine_grad_weights(ctx, args, arg_tys, layout)
         }
-        Op::LstmScan { .. }
-        | Op::LstmHidden
-        | Op::LstmScanGrad { .. }
-        | Op::LstmScanGradW { .. }
-        | Op::LstmLast { .. }
-        | Op::LstmLastGrad { .. } => lstm::eval(ctx, ty, args, arg_tys),
-        Op::SumTo { .. }
-        | Op::BroadcastTo { .. }
-        | Op::EmbeddingGrad { .. }
-        | Op::RopeGrad { .. }
-        | Op::CrossEntropyGrad
-        | Op::LinearCrossEntropyGradH
-        | Op::LinearCrossEntropyGradW
-        | Op::ScatterCols { .. }
-        | Op::MoeGatherGrad { .. }
-        | Op::GroupedMatMulGradX { .. }
-        | Op::GroupedMatMulGradW { .. }
-        | Op::MoeCombineGradRows { .. }
-        | Op::MoeCombineGradWeights { .. } => eval_grad_op(ctx, ty, args, arg_tys),
     }
 }
 
-/// The gradient ops (the adjoints `autodiff` emits), each exactly as its doc comment in `ir.rs` says.
-fn eval_grad_op<F: Float>(
+/// `G = ∂ce/∂logits` of the fused head, stored as its kernels store it (both head adjoints read it).
+fn head_dlogits<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+) -> Result<Vec<F>, InterpError> {
+    ctx.argc(4, args.len())?;
+    let logits = head_logits(ctx, args, arg_tys)?;
+    let g = ctx.f(args[3])?;
+    let v = arg_tys[1].shape[0];
+    Ok(ctx.stored(cross_entropy_grad(ctx, &logits, ctx.u(args[2])?, v, g[0])?))
+}
+
+/// dh = G · w.
+fn eval_linear_cross_entropy_grad_h<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+) -> Result<Tensor<F>, InterpError> {
+    let dlogits = head_dlogits(ctx, args, arg_tys)?;
+    let w = ctx.f(args[1])?;
+    let (n, v) = (arg_tys[0].shape[0], arg_tys[1].shape[0]);
+    let gt = TensorType::f32(&[n, v]);
+    Ok(Tensor::F(matmul(&dlogits, &gt, w, arg_tys[1], false)))
+}
+
+/// dw = Gᵀ · h, summed over rows in ascending order.
+fn eval_linear_cross_entropy_grad_w<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+) -> Result<Tensor<F>, InterpError> {
+    let dlogits = head_dlogits(ctx, args, arg_tys)?;
+    let h = ctx.f(args[0])?;
+    let (v, d) = (arg_tys[1].shape[0], arg_tys[0].shape[1]);
+    let mut dw = vec![F::ZERO; v * d];
+    for (r, grow) in dlogits.chunks_exact(v).enumerate() {
+        let hrow = &h[r * d..(r + 1) * d];
+        for (c, &gv) in grow.iter().enumerate() {
+            for (o, &hv) in dw[c * d..(c + 1) * d].iter_mut().zip(hrow) {
+                *o += gv * hv;
+            }
+        }
+    }
+    Ok(Tensor::F(dw))
+}
+
+fn eval_affine<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    mul: f32,
+    add: f32,
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(1, args.len())?;
+    let (m, a) = (F::from_f64(mul as f64), F::from_f64(add as f64));
+    Ok(Tensor::F(
+        ctx.f(args[0])?.iter().map(|&x| x * m + a).collect(),
+    ))
+}
+
+fn eval_unary<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    u: UnaryOp,
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(1, args.len())?;
+    Ok(Tensor::F(
+        ctx.f(args[0])?.iter().map(|&x| unary(u, x)).collect(),
+    ))
+}
+
+fn eval_binary<F: Float>(
     ctx: &Ctx,
     ty: &TensorType,
     args: &[&Tensor<F>],
     arg_tys: &[&TensorType],
+    b: BinaryOp,
 ) -> Result<Tensor<F>, InterpError> {
-    match ctx.op {
-        Op::SumTo { shape } => {
-            ctx.argc(1, args.len())?;
-            let x = ctx.f(args[0])?;
-            let mut out = vec![F::ZERO; ty.numel()];
-            for (&dst, &v) in broadcast_index(&arg_tys[0].shape, shape).iter().zip(x) {
-                out[dst] += v;
-            }
-            Ok(Tensor::F(out))
+    ctx.argc(2, args.len())?;
+    let (x, y) = (ctx.f(args[0])?, ctx.f(args[1])?);
+    let ix = broadcast_index(&ty.shape, &arg_tys[0].shape);
+    let iy = broadcast_index(&ty.shape, &arg_tys[1].shape);
+    Ok(Tensor::F(
+        ix.iter()
+            .zip(&iy)
+            .map(|(&i, &j)| binary(b, x[i], y[j]))
+            .collect(),
+    ))
+}
+
+fn eval_reduce<F: Float>(
+    ctx: &Ctx,
+    ty: &TensorType,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+    r: ReduceOp,
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(1, args.len())?;
+    let x = ctx.f(args[0])?;
+    let n = arg_tys[0].last();
+    let out = (0..ty.numel())
+        .map(|i| &x[i * n..(i + 1) * n])
+        .map(|row| match r {
+            ReduceOp::Sum => sum(row),
+            ReduceOp::Mean => sum(row) / F::from_f64(n as f64),
+            ReduceOp::Max => row
+                .iter()
+                .copied()
+                .fold(F::from_f64(f64::NEG_INFINITY), F::max),
+        })
+        .collect();
+    Ok(Tensor::F(out))
+}
+
+fn eval_reshape<F: Float>(ctx: &Ctx, args: &[&Tensor<F>]) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(1, args.len())?;
+    Ok(args[0].clone())
+}
+
+fn eval_permute<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+    perm: &[usize],
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(1, args.len())?;
+    let src = permute_index(&arg_tys[0].shape, perm);
+    Ok(match args[0] {
+        Tensor::F(x) => Tensor::F(src.iter().map(|&i| x[i]).collect()),
+        Tensor::U(x) => Tensor::U(src.iter().map(|&i| x[i]).collect()),
+    })
+}
+
+fn eval_matmul<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+    trans_b: bool,
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(2, args.len())?;
+    Ok(Tensor::F(matmul(
+        ctx.f(args[0])?,
+        arg_tys[0],
+        ctx.f(args[1])?,
+        arg_tys[1],
+        trans_b,
+    )))
+}
+
+fn eval_embedding<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(2, args.len())?;
+    let (table, ids) = (ctx.f(args[0])?, ctx.u(args[1])?);
+    let (v, d) = (arg_tys[0].shape[0], arg_tys[0].shape[1]);
+    let mut out = Vec::with_capacity(ids.len() * d);
+    for &id in ids {
+        if id as usize >= v {
+            return Err(ctx.out_of_range("token id", id as u64, v as u64));
         }
-        Op::BroadcastTo { shape } => {
-            ctx.argc(1, args.len())?;
-            let x = ctx.f(args[0])?;
-            Ok(Tensor::F(
-                broadcast_index(shape, &arg_tys[0].shape)
-                    .iter()
-                    .map(|&i| x[i])
-                    .collect(),
-            ))
-        }
-        Op::EmbeddingGrad { vocab } => {
-            ctx.argc(2, args.len())?;
-            let (ids, g) = (ctx.u(args[0])?, ctx.f(args[1])?);
-            let d = arg_tys[1].last();
-            let mut out = vec![F::ZERO; vocab * d];
-            for (i, &id) in ids.iter().enumerate() {
-                if id as usize >= *vocab {
-                    return Err(ctx.out_of_range("token id", id as u64, *vocab as u64));
-                }
-                let row = &mut out[id as usize * d..(id as usize + 1) * d];
-                for (o, &v) in row.iter_mut().zip(&g[i * d..(i + 1) * d]) {
-                    *o += v;
-                }
-            }
-            Ok(Tensor::F(out))
-        }
-        Op::RopeGrad { theta } => {
-            ctx.argc(1, args.len())?;
-            Ok(Tensor::F(rope(
-                ctx.f(args[0])?,
-                &arg_tys[0].shape,
-                *theta as f64,
-                true,
-            )))
-        }
-        Op::CrossEntropyGrad => {
-            ctx.argc(3, args.len())?;
-            let (logits, targets, g) = (ctx.f(args[0])?, ctx.u(args[1])?, ctx.f(args[2])?);
-            let v = arg_tys[0].shape[1];
-            Ok(Tensor::F(cross_entropy_grad(
-                ctx, logits, targets, v, g[0],
-            )?))
-        }
-        Op::LinearCrossEntropyGradH | Op::LinearCrossEntropyGradW => {
-            ctx.argc(4, args.len())?;
-            let logits = head_logits(ctx, args, arg_tys)?;
-            let (h, w, g) = (ctx.f(args[0])?, ctx.f(args[1])?, ctx.f(args[3])?);
-            let (n, v, d) = (
-                arg_tys[0].shape[0],
-                arg_tys[1].shape[0],
-                arg_tys[0].shape[1],
-            );
-            let dlogits = ctx.stored(cross_entropy_grad(ctx, &logits, ctx.u(args[2])?, v, g[0])?);
-            if matches!(ctx.op, Op::LinearCrossEntropyGradH) {
-                // dh = G · w
-                let gt = TensorType::f32(&[n, v]);
-                Ok(Tensor::F(matmul(&dlogits, &gt, w, arg_tys[1], false)))
-            } else {
-                // dw = Gᵀ · h, summed over rows in ascending order.
-                let mut dw = vec![F::ZERO; v * d];
-                for (r, grow) in dlogits.chunks_exact(v).enumerate() {
-                    let hrow = &h[r * d..(r + 1) * d];
-                    for (c, &gv) in grow.iter().enumerate() {
-                        for (o, &hv) in dw[c * d..(c + 1) * d].iter_mut().zip(hrow) {
-                            *o += gv * hv;
-                        }
-                    }
-                }
-                Ok(Tensor::F(dw))
-            }
-        }
-        Op::ScatterCols { cols } => {
-            ctx.argc(2, args.len())?;
-            let (g, idx) = (ctx.f(args[0])?, ctx.u(args[1])?);
-            let k = arg_tys[1].shape[1];
-            let mut out = vec![F::ZERO; ty.numel()];
-            for (i, &c) in idx.iter().enumerate() {
-                if c == RouteLayout::NONE {
-                    continue;
-                }
-                if c as usize >= *cols {
-                    return Err(ctx.out_of_range("column", c as u64, *cols as u64));
-                }
-                out[(i / k) * cols + c as usize] += g[i];
-            }
-            Ok(Tensor::F(out))
-        }
-        Op::MoeGatherGrad { layout } => {
-            ctx.argc(2, args.len())?;
-            let (gp, table) = (ctx.f(args[0])?, ctx.u(args[1])?);
-            let d = arg_tys[0].shape[1];
-            let mut out = vec![F::ZERO; layout.tokens * d];
-            for (slot, row) in assigned_slots(ctx, table, layout)? {
-                let t = slot / layout.k;
-                for i in 0..d {
-                    out[t * d + i] += gp[row * d + i];
-                }
-            }
-            Ok(Tensor::F(out))
-        }
-        Op::GroupedMatMulGradX { layout } => {
-            ctx.argc(3, args.len())?;
-            let (g, w, table) = (ctx.f(args[0])?, ctx.f(args[1])?, ctx.u(args[2])?);
-            let (n, k) = (arg_tys[1].shape[1], arg_tys[1].shape[2]);
-            let mut out = vec![F::ZERO; layout.rows() * k];
-            for (r, e) in used_rows(ctx, table, layout)? {
-                let o = &mut out[r * k..(r + 1) * k];
-                for c in 0..n {
-                    let gv = g[r * n + c];
-                    for (ov, &wv) in o.iter_mut().zip(&w[(e * n + c) * k..(e * n + c + 1) * k]) {
-                        *ov += gv * wv;
-                    }
-                }
-            }
-            Ok(Tensor::F(out))
-        }
-        Op::GroupedMatMulGradW { layout } => {
-            ctx.argc(3, args.len())?;
-            let (g, x, table) = (ctx.f(args[0])?, ctx.f(args[1])?, ctx.u(args[2])?);
-            let (n, k) = (arg_tys[0].shape[1], arg_tys[1].shape[1]);
-            let mut out = vec![F::ZERO; layout.experts * n * k];
-            for (r, e) in used_rows(ctx, table, layout)? {
-                let xr = &x[r * k..(r + 1) * k];
-                for c in 0..n {
-                    let gv = g[r * n + c];
-                    for (ov, &xv) in out[(e * n + c) * k..(e * n + c + 1) * k].iter_mut().zip(xr) {
-                        *ov += gv * xv;
-                    }
-                }
-            }
-            Ok(Tensor::F(out))
-        }
-        Op::MoeCombineGradRows { layout } => {
-            ctx.argc(3, args.len())?;
-            let (dy, wt, table) = (ctx.f(args[0])?, ctx.f(args[1])?, ctx.u(args[2])?);
-            let d = arg_tys[0].shape[1];
-            let mut out = vec![F::ZERO; layout.rows() * d];
-            for (slot, row) in assigned_slots(ctx, table, layout)? {
-                let t = slot / layout.k;
-                for i in 0..d {
-                    out[row * d + i] += wt[slot] * dy[t * d + i];
-                }
-            }
-            Ok(Tensor::F(out))
-        }
-        Op::MoeCombineGradWeights { layout } => {
-            ctx.argc(3, args.len())?;
-            let (dy, yp, table) = (ctx.f(args[0])?, ctx.f(args[1])?, ctx.u(args[2])?);
-            let d = arg_tys[0].shape[1];
-            let mut out = vec![F::ZERO; layout.tokens * layout.k];
-            for (slot, row) in assigned_slots(ctx, table, layout)? {
-                let t = slot / layout.k;
-                out[slot] = dot(&dy[t * d..(t + 1) * d], &yp[row * d..(row + 1) * d]);
-            }
-            Ok(Tensor::F(out))
-        }
-        other @ (Op::Input { .. }
-        | Op::Param { .. }
-        | Op::Affine { .. }
-        | Op::Unary(_)
-        | Op::Binary(_)
-        | Op::Reduce(_)
-        | Op::Reshape { .. }
-        | Op::Permute { .. }
-        | Op::MatMul { .. }
-        | Op::Embedding
-        | Op::Rope { .. }
-        | Op::Softmax { .. }
-        | Op::CrossEntropy
-        | Op::LinearCrossEntropy
-        | Op::SliceRows { .. }
-        | Op::ConcatRows
-        | Op::TopK { .. }
-        | Op::GatherCols
-        | Op::TopKMask { .. }
-        | Op::MoeRoute { .. }
-        | Op::SliceCols { .. }
-        | Op::RouteLoad { .. }
-        | Op::ExpertChoice { .. }
-        | Op::Sinkhorn { .. }
-        | Op::Auction { .. }
-        | Op::MoeGather { .. }
-        | Op::GroupedMatMul { .. }
-        | Op::MoeCombine { .. }
-        | Op::LstmScan { .. }
-        | Op::LstmHidden
-        | Op::LstmScanGrad { .. }
-        | Op::LstmScanGradW { .. }
-        | Op::LstmLast { .. }
-        | Op::LstmLastGrad { .. }) => Err(ctx.malformed(format!(
-            "`{}` is not an op the interpreter knows",
-            other.mnemonic()
-        ))),
+        out.extend_from_slice(&table[id as usize * d..(id as usize + 1) * d]);
     }
+    Ok(Tensor::F(out))
+}
+
+/// `Rope`, or its adjoint `RopeGrad` (`inverse`: the rotation by −θ).
+fn eval_rope<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+    theta: f32,
+    inverse: bool,
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(1, args.len())?;
+    Ok(Tensor::F(rope(
+        ctx.f(args[0])?,
+        &arg_tys[0].shape,
+        theta as f64,
+        inverse,
+    )))
+}
+
+fn eval_softmax<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+    causal: bool,
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(1, args.len())?;
+    Ok(Tensor::F(softmax(
+        ctx.f(args[0])?,
+        &arg_tys[0].shape,
+        causal,
+    )))
+}
+
+fn eval_cross_entropy<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(2, args.len())?;
+    let (logits, targets) = (ctx.f(args[0])?, ctx.u(args[1])?);
+    let ce = cross_entropy(ctx, logits, targets, arg_tys[0].shape[1])?;
+    Ok(Tensor::F(vec![ce]))
+}
+
+fn eval_linear_cross_entropy<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(3, args.len())?;
+    let logits = head_logits(ctx, args, arg_tys)?;
+    let v = arg_tys[1].shape[0];
+    let ce = cross_entropy(ctx, &logits, ctx.u(args[2])?, v)?;
+    Ok(Tensor::F(vec![ce]))
+}
+
+fn eval_slice_rows<F: Float>(
+    ctx: &Ctx,
+    ty: &TensorType,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+    start: usize,
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(1, args.len())?;
+    let row = arg_tys[0].numel() / arg_tys[0].shape[0].max(1);
+    let range = start * row..start * row + ty.numel();
+    Ok(match args[0] {
+        Tensor::F(x) => Tensor::F(x[range].to_vec()),
+        Tensor::U(x) => Tensor::U(x[range].to_vec()),
+    })
+}
+
+fn eval_concat_rows<F: Float>(ctx: &Ctx, args: &[&Tensor<F>]) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(2, args.len())?;
+    Ok(Tensor::F([ctx.f(args[0])?, ctx.f(args[1])?].concat()))
+}
+
+fn eval_topk<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+    k: usize,
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(1, args.len())?;
+    Ok(Tensor::U(topk(ctx.f(args[0])?, arg_tys[0].shape[1], k)))
+}
+
+fn eval_gather_cols<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(2, args.len())?;
+    let (x, idx) = (ctx.f(args[0])?, ctx.u(args[1])?);
+    let (e, k) = (arg_tys[0].shape[1], arg_tys[1].shape[1]);
+    let mut out = Vec::with_capacity(idx.len());
+    for (i, &c) in idx.iter().enumerate() {
+        if c == RouteLayout::NONE {
+            out.push(F::ZERO);
+            continue;
+        }
+        if c as usize >= e {
+            return Err(ctx.out_of_range("column", c as u64, e as u64));
+        }
+        out.push(x[(i / k) * e + c as usize]);
+    }
+    Ok(Tensor::F(out))
+}
+
+fn eval_topk_mask<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+    experts: usize,
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(1, args.len())?;
+    let idx = ctx.u(args[0])?;
+    let k = arg_tys[0].shape[1];
+    let mut out = vec![F::ZERO; arg_tys[0].shape[0] * experts];
+    for (i, &e) in idx.iter().enumerate() {
+        if e == RouteLayout::NONE {
+            continue;
+        }
+        if e as usize >= experts {
+            return Err(ctx.out_of_range("expert", e as u64, experts as u64));
+        }
+        out[(i / k) * experts + e as usize] = F::ONE;
+    }
+    Ok(Tensor::F(out))
+}
+
+fn eval_moe_route<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    layout: &RouteLayout,
+) -> Result<Tensor<F>, InterpError> {
+    let prio = match args.len() {
+        1 => None,
+        2 => Some(
+            ctx.f(args[1])?
+                .iter()
+                .map(|&p| p.to_f64())
+                .collect::<Vec<f64>>(),
+        ),
+        n => return Err(ctx.malformed(format!("expected 1 or 2 arguments, got {n}"))),
+    };
+    route_with(ctx.u(args[0])?, prio.as_deref(), layout)
+        .map(Tensor::U)
+        .map_err(|e| ctx.out_of_range("expert", e as u64, layout.experts as u64))
+}
+
+fn eval_slice_cols<F: Float>(
+    ctx: &Ctx,
+    ty: &TensorType,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+    start: usize,
+    len: usize,
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(1, args.len())?;
+    let x = ctx.u(args[0])?;
+    let c = arg_tys[0].shape[1];
+    let out = (0..ty.numel())
+        .map(|i| x[(i / len) * c + start + i % len])
+        .collect();
+    Ok(Tensor::U(out))
+}
+
+fn eval_route_load<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    layout: &RouteLayout,
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(1, args.len())?;
+    let table = ctx.u(args[0])?;
+    let counts = &table[layout.counts_at()..layout.counts_at() + layout.experts];
+    Ok(Tensor::F(
+        counts.iter().map(|&c| F::from_f64(c as f64)).collect(),
+    ))
+}
+
+fn eval_expert_choice<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+    capacity: usize,
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(1, args.len())?;
+    let (t, e) = (arg_tys[0].shape[0], arg_tys[0].shape[1]);
+    Ok(Tensor::U(expert_choice(ctx.f(args[0])?, t, e, capacity)))
+}
+
+fn eval_sinkhorn<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+    iters: usize,
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(1, args.len())?;
+    let (t, e) = (arg_tys[0].shape[0], arg_tys[0].shape[1]);
+    Ok(Tensor::F(sinkhorn(ctx.f(args[0])?, t, e, iters)))
+}
+
+fn eval_auction<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+    params: &AuctionParams,
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(2, args.len())?;
+    let (t, e) = (arg_tys[0].shape[0], arg_tys[0].shape[1]);
+    Ok(Tensor::U(auction(
+        ctx.f(args[0])?,
+        ctx.f(args[1])?,
+        t,
+        e,
+        params,
+    )))
+}
+
+fn eval_moe_gather<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+    layout: &RouteLayout,
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(2, args.len())?;
+    let (x, table) = (ctx.f(args[0])?, ctx.u(args[1])?);
+    let d = arg_tys[0].shape[1];
+    let row_slot = &table[layout.row_slot_at()..layout.row_slot_at() + layout.rows()];
+    let mut out = vec![F::ZERO; layout.rows() * d];
+    for (r, &slot) in row_slot.iter().enumerate() {
+        if slot == RouteLayout::NONE {
+            continue;
+        }
+        let t = slot as usize / layout.k.max(1);
+        if t >= layout.tokens {
+            return Err(ctx.out_of_range(
+                "row_slot",
+                slot as u64,
+                (layout.tokens * layout.k) as u64,
+            ));
+        }
+        out[r * d..(r + 1) * d].copy_from_slice(&x[t * d..(t + 1) * d]);
+    }
+    Ok(Tensor::F(out))
+}
+
+fn eval_grouped_matmul<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+    layout: &RouteLayout,
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(3, args.len())?;
+    let (x, w, table) = (ctx.f(args[0])?, ctx.f(args[1])?, ctx.u(args[2])?);
+    let (n, k) = (arg_tys[1].shape[1], arg_tys[1].shape[2]);
+    let used = table[layout.offsets_at() + layout.experts] as usize;
+    if used > layout.rows() {
+        return Err(ctx.out_of_range("used rows", used as u64, layout.rows() as u64 + 1));
+    }
+    let row_expert = &table[layout.row_expert_at()..layout.row_expert_at() + layout.rows()];
+    let mut out = vec![F::ZERO; layout.rows() * n];
+    for r in 0..used {
+        let e = row_expert[r] as usize;
+        if e >= layout.experts {
+            return Err(ctx.out_of_range("row_expert", e as u64, layout.experts as u64));
+        }
+        let xr = &x[r * k..(r + 1) * k];
+        for c in 0..n {
+            let wr = &w[(e * n + c) * k..(e * n + c + 1) * k];
+            out[r * n + c] = dot(xr, wr);
+        }
+    }
+    Ok(Tensor::F(out))
+}
+
+fn eval_moe_combine<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+    layout: &RouteLayout,
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(3, args.len())?;
+    let (yp, wt, table) = (ctx.f(args[0])?, ctx.f(args[1])?, ctx.u(args[2])?);
+    let d = arg_tys[0].shape[1];
+    let slot_row = &table[layout.slot_row_at()..layout.slot_row_at() + layout.tokens * layout.k];
+    let mut out = vec![F::ZERO; layout.tokens * d];
+    for (slot, &row) in slot_row.iter().enumerate() {
+        if row == RouteLayout::NONE {
+            continue;
+        }
+        if row as usize >= layout.rows() {
+            return Err(ctx.out_of_range("slot_row", row as u64, layout.rows() as u64));
+        }
+        let t = slot / layout.k;
+        let g = wt[slot];
+        for i in 0..d {
+            out[t * d + i] += g * yp[row as usize * d + i];
+        }
+    }
+    Ok(Tensor::F(out))
+}
+
+fn eval_sum_to<F: Float>(
+    ctx: &Ctx,
+    ty: &TensorType,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+    shape: &[usize],
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(1, args.len())?;
+    let x = ctx.f(args[0])?;
+    let mut out = vec![F::ZERO; ty.numel()];
+    for (&dst, &v) in broadcast_index(&arg_tys[0].shape, shape).iter().zip(x) {
+        out[dst] += v;
+    }
+    Ok(Tensor::F(out))
+}
+
+fn eval_broadcast_to<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+    shape: &[usize],
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(1, args.len())?;
+    let x = ctx.f(args[0])?;
+    Ok(Tensor::F(
+        broadcast_index(shape, &arg_tys[0].shape)
+            .iter()
+            .map(|&i| x[i])
+            .collect(),
+    ))
+}
+
+fn eval_embedding_grad<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+    vocab: usize,
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(2, args.len())?;
+    let (ids, g) = (ctx.u(args[0])?, ctx.f(args[1])?);
+    let d = arg_tys[1].last();
+    let mut out = vec![F::ZERO; vocab * d];
+    for (i, &id) in ids.iter().enumerate() {
+        if id as usize >= vocab {
+            return Err(ctx.out_of_range("token id", id as u64, vocab as u64));
+        }
+        let row = &mut out[id as usize * d..(id as usize + 1) * d];
+        for (o, &v) in row.iter_mut().zip(&g[i * d..(i + 1) * d]) {
+            *o += v;
+        }
+    }
+    Ok(Tensor::F(out))
+}
+
+fn eval_cross_entropy_grad<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(3, args.len())?;
+    let (logits, targets, g) = (ctx.f(args[0])?, ctx.u(args[1])?, ctx.f(args[2])?);
+    let v = arg_tys[0].shape[1];
+    Ok(Tensor::F(cross_entropy_grad(
+        ctx, logits, targets, v, g[0],
+    )?))
+}
+
+fn eval_scatter_cols<F: Float>(
+    ctx: &Ctx,
+    ty: &TensorType,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+    cols: usize,
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(2, args.len())?;
+    let (g, idx) = (ctx.f(args[0])?, ctx.u(args[1])?);
+    let k = arg_tys[1].shape[1];
+    let mut out = vec![F::ZERO; ty.numel()];
+    for (i, &c) in idx.iter().enumerate() {
+        if c == RouteLayout::NONE {
+            continue;
+        }
+        if c as usize >= cols {
+            return Err(ctx.out_of_range("column", c as u64, cols as u64));
+        }
+        out[(i / k) * cols + c as usize] += g[i];
+    }
+    Ok(Tensor::F(out))
+}
+
+fn eval_moe_gather_grad<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+    layout: &RouteLayout,
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(2, args.len())?;
+    let (gp, table) = (ctx.f(args[0])?, ctx.u(args[1])?);
+    let d = arg_tys[0].shape[1];
+    let mut out = vec![F::ZERO; layout.tokens * d];
+    for (slot, row) in assigned_slots(ctx, table, layout)? {
+        let t = slot / layout.k;
+        for i in 0..d {
+            out[t * d + i] += gp[row * d + i];
+        }
+    }
+    Ok(Tensor::F(out))
+}
+
+fn eval_grouped_matmul_grad_x<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+    layout: &RouteLayout,
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(3, args.len())?;
+    let (g, w, table) = (ctx.f(args[0])?, ctx.f(args[1])?, ctx.u(args[2])?);
+    let (n, k) = (arg_tys[1].shape[1], arg_tys[1].shape[2]);
+    let mut out = vec![F::ZERO; layout.rows() * k];
+    for (r, e) in used_rows(ctx, table, layout)? {
+        let o = &mut out[r * k..(r + 1) * k];
+        for c in 0..n {
+            let gv = g[r * n + c];
+            for (ov, &wv) in o.iter_mut().zip(&w[(e * n + c) * k..(e * n + c + 1) * k]) {
+                *ov += gv * wv;
+            }
+        }
+    }
+    Ok(Tensor::F(out))
+}
+
+fn eval_grouped_matmul_grad_w<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+    layout: &RouteLayout,
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(3, args.len())?;
+    let (g, x, table) = (ctx.f(args[0])?, ctx.f(args[1])?, ctx.u(args[2])?);
+    let (n, k) = (arg_tys[0].shape[1], arg_tys[1].shape[1]);
+    let mut out = vec![F::ZERO; layout.experts * n * k];
+    for (r, e) in used_rows(ctx, table, layout)? {
+        let xr = &x[r * k..(r + 1) * k];
+        for c in 0..n {
+            let gv = g[r * n + c];
+            for (ov, &xv) in out[(e * n + c) * k..(e * n + c + 1) * k].iter_mut().zip(xr) {
+                *ov += gv * xv;
+            }
+        }
+    }
+    Ok(Tensor::F(out))
+}
+
+fn eval_moe_combine_grad_rows<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+    layout: &RouteLayout,
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(3, args.len())?;
+    let (dy, wt, table) = (ctx.f(args[0])?, ctx.f(args[1])?, ctx.u(args[2])?);
+    let d = arg_tys[0].shape[1];
+    let mut out = vec![F::ZERO; layout.rows() * d];
+    for (slot, row) in assigned_slots(ctx, table, layout)? {
+        let t = slot / layout.k;
+        for i in 0..d {
+            out[row * d + i] += wt[slot] * dy[t * d + i];
+        }
+    }
+    Ok(Tensor::F(out))
+}
+
+fn eval_moe_combine_grad_weights<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+    layout: &RouteLayout,
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(3, args.len())?;
+    let (dy, yp, table) = (ctx.f(args[0])?, ctx.f(args[1])?, ctx.u(args[2])?);
+    let d = arg_tys[0].shape[1];
+    let mut out = vec![F::ZERO; layout.tokens * layout.k];
+    for (slot, row) in assigned_slots(ctx, table, layout)? {
+        let t = slot / layout.k;
+        out[slot] = dot(&dy[t * d..(t + 1) * d], &yp[row * d..(row + 1) * d]);
+    }
+    Ok(Tensor::F(out))
 }
 
 /// `(slot, padded row)` of every assigned token slot of a routing table (unassigned slots skipped).

@@ -902,532 +902,540 @@ fn expect_dtype(t: &TensorType, dtype: DType, what: &str) -> Result<(), String> 
     }
 }
 
-/// Output type of `op` applied to arguments of the given types.
+/// Output type of `op` applied to arguments of the given types. Every op names its rule here (the
+/// rules follow, forward ops first, then the gradient ops, the LSTM ones in [`lstm`]), so adding an
+/// op makes the compiler ask for its rule.
 pub fn infer(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
     match op {
         Op::Input { .. } | Op::Param { .. } => {
             Err("leaves are created with Graph::input / Graph::param".into())
         }
-        Op::Affine { .. } | Op::Unary(_) => {
-            expect_args(args, 1)?;
-            expect_dtype(args[0], DType::F32, "operand")?;
-            Ok(args[0].clone())
-        }
-        Op::Binary(_) => {
-            expect_args(args, 2)?;
-            expect_dtype(args[0], DType::F32, "lhs")?;
-            expect_dtype(args[1], DType::F32, "rhs")?;
-            let shape = broadcast_shapes(&args[0].shape, &args[1].shape)
-                .ok_or_else(|| format!("cannot broadcast {} with {}", args[0], args[1]))?;
-            Ok(TensorType::f32(&shape))
-        }
-        Op::Reduce(_) => {
-            expect_args(args, 1)?;
-            expect_dtype(args[0], DType::F32, "operand")?;
-            let mut shape = args[0].shape.clone();
-            match shape.last_mut() {
-                Some(last) => *last = 1,
-                None => return Err("cannot reduce a scalar".into()),
-            }
-            Ok(TensorType::f32(&shape))
-        }
-        Op::Reshape { shape } => {
-            expect_args(args, 1)?;
-            let numel: usize = shape.iter().product();
-            if numel != args[0].numel() {
-                return Err(format!(
-                    "reshape of {} to {shape:?} changes the element count",
-                    args[0]
-                ));
-            }
-            Ok(TensorType {
-                shape: shape.clone(),
-                dtype: args[0].dtype,
-            })
-        }
-        Op::Permute { perm } => {
-            expect_args(args, 1)?;
-            let rank = args[0].shape.len();
-            let mut seen = vec![false; rank];
-            if perm.len() != rank
-                || perm
-                    .iter()
-                    .any(|&p| p >= rank || std::mem::replace(&mut seen[p], true))
-            {
-                return Err(format!("{perm:?} is not a permutation of {rank} axes"));
-            }
-            let shape: Vec<usize> = perm.iter().map(|&p| args[0].shape[p]).collect();
-            Ok(TensorType {
-                shape,
-                dtype: args[0].dtype,
-            })
-        }
-        Op::MatMul { trans_b } => {
-            expect_args(args, 2)?;
-            let (a, b) = (args[0], args[1]);
-            expect_dtype(a, DType::F32, "lhs")?;
-            expect_dtype(b, DType::F32, "rhs")?;
-            if a.shape.len() < 2 || b.shape.len() < 2 {
-                return Err("matmul operands need at least 2 axes".into());
-            }
-            let (ab, am) = a.shape.split_at(a.shape.len() - 2);
-            let (bb, bm) = b.shape.split_at(b.shape.len() - 2);
-            if !bb.is_empty() && bb != ab {
-                return Err(format!("batch axes differ: {a} vs {b}"));
-            }
-            let (m, k) = (am[0], am[1]);
-            let (kb, n) = if *trans_b {
-                (bm[1], bm[0])
-            } else {
-                (bm[0], bm[1])
-            };
-            if k != kb {
-                return Err(format!(
-                    "contracted axes differ: {a} vs {b} (trans_b = {trans_b})"
-                ));
-            }
-            let mut shape = ab.to_vec();
-            shape.extend([m, n]);
-            Ok(TensorType::f32(&shape))
-        }
-        Op::Embedding => {
-            expect_args(args, 2)?;
-            expect_dtype(args[0], DType::F32, "table")?;
-            expect_dtype(args[1], DType::U32, "ids")?;
-            if args[0].shape.len() != 2 {
-                return Err("embedding table must be [V, D]".into());
-            }
-            let mut shape = args[1].shape.clone();
-            shape.push(args[0].shape[1]);
-            Ok(TensorType::f32(&shape))
-        }
-        Op::Rope { .. } => {
-            expect_args(args, 1)?;
-            expect_dtype(args[0], DType::F32, "operand")?;
-            if args[0].shape.len() != 4 || !args[0].shape[3].is_multiple_of(2) {
-                return Err(format!(
-                    "rope wants [B, T, H, hd] with even hd, got {}",
-                    args[0]
-                ));
-            }
-            Ok(args[0].clone())
-        }
-        Op::Softmax { .. } => {
-            expect_args(args, 1)?;
-            expect_dtype(args[0], DType::F32, "operand")?;
-            Ok(args[0].clone())
-        }
-        Op::CrossEntropy => {
-            expect_args(args, 2)?;
-            expect_dtype(args[0], DType::F32, "logits")?;
-            expect_dtype(args[1], DType::U32, "targets")?;
-            if args[0].shape.len() != 2 || args[1].shape != [args[0].shape[0]] {
-                return Err(format!(
-                    "cross entropy wants logits [N, V] and targets [N], got {} and {}",
-                    args[0], args[1]
-                ));
-            }
-            Ok(TensorType::f32(&[1]))
-        }
+        Op::Affine { .. } | Op::Unary(_) | Op::Softmax { .. } => same_f32(args),
+        Op::Binary(_) => binary(args),
+        Op::Reduce(_) => reduce(args),
+        Op::Reshape { shape } => reshape(shape, args),
+        Op::Permute { perm } => permute(perm, args),
+        Op::MatMul { trans_b } => matmul(*trans_b, args),
+        Op::Embedding => embedding(args),
+        Op::Rope { .. } | Op::RopeGrad { .. } => rope(args),
+        Op::CrossEntropy => cross_entropy(args),
         Op::LinearCrossEntropy => {
             expect_args(args, 3)?;
             linear_cross_entropy_operands(args)?;
             Ok(TensorType::f32(&[1]))
         }
-        Op::SliceRows { start, len } => {
-            expect_args(args, 1)?;
-            let rows = args[0].shape.first().copied().unwrap_or(0);
-            if *len == 0 || start + len > rows {
-                return Err(format!("rows {start}..{} of {}", start + len, args[0]));
-            }
-            let mut shape = args[0].shape.clone();
-            shape[0] = *len;
-            Ok(TensorType {
-                shape,
-                dtype: args[0].dtype,
-            })
-        }
-        Op::ConcatRows => {
-            expect_args(args, 2)?;
-            expect_dtype(args[0], DType::F32, "upper rows")?;
-            expect_dtype(args[1], DType::F32, "lower rows")?;
-            let (a, b) = (&args[0].shape, &args[1].shape);
-            if a.is_empty() || b.len() != a.len() || a[1..] != b[1..] {
-                return Err(format!(
-                    "concat_rows wants [Ra, ...] and [Rb, ...], got {} and {}",
-                    args[0], args[1]
-                ));
-            }
-            let mut shape = a.clone();
-            shape[0] += b[0];
-            Ok(TensorType::f32(&shape))
-        }
-        Op::TopK { k } => {
-            expect_args(args, 1)?;
-            expect_dtype(args[0], DType::F32, "scores")?;
-            if args[0].shape.len() != 2 || *k == 0 || *k > args[0].shape[1] {
-                return Err(format!("top-{k} of {}", args[0]));
-            }
-            Ok(TensorType::u32(&[args[0].shape[0], *k]))
-        }
-        Op::GatherCols => {
-            expect_args(args, 2)?;
-            expect_dtype(args[0], DType::F32, "x")?;
-            expect_dtype(args[1], DType::U32, "idx")?;
-            if args[0].shape.len() != 2
-                || args[1].shape.len() != 2
-                || args[0].shape[0] != args[1].shape[0]
-            {
-                return Err(format!(
-                    "gather_cols wants x [T, E] and idx [T, k], got {} and {}",
-                    args[0], args[1]
-                ));
-            }
-            Ok(TensorType::f32(&args[1].shape))
-        }
-        Op::TopKMask { experts } => {
-            expect_args(args, 1)?;
-            expect_dtype(args[0], DType::U32, "idx")?;
-            if args[0].shape.len() != 2 {
-                return Err("topk_mask wants idx [T, k]".into());
-            }
-            Ok(TensorType::f32(&[args[0].shape[0], *experts]))
-        }
-        Op::MoeRoute { layout } => {
-            if args.len() != 1 && args.len() != 2 {
-                return Err(format!(
-                    "expected idx and an optional prio, got {} arguments",
-                    args.len()
-                ));
-            }
-            expect_dtype(args[0], DType::U32, "idx")?;
-            if args[0].shape != [layout.tokens, layout.k] {
-                return Err(format!("route of {} with layout {layout:?}", args[0]));
-            }
-            if let Some(prio) = args.get(1) {
-                expect_dtype(prio, DType::F32, "prio")?;
-                if prio.shape != args[0].shape {
-                    return Err(format!(
-                        "prio {prio} must have the shape of idx {}",
-                        args[0]
-                    ));
-                }
-            }
-            if layout.tile == 0 || layout.capacity == 0 {
-                return Err(format!(
-                    "route layout {layout:?} needs tile and capacity ≥ 1"
-                ));
-            }
-            Ok(TensorType::u32(&[layout.table_len()]))
-        }
-        Op::SliceCols { start, len } => {
-            expect_args(args, 1)?;
-            expect_dtype(args[0], DType::U32, "operand")?;
-            if args[0].shape.len() != 2 || *len == 0 || start + len > args[0].shape[1] {
-                return Err(format!("columns {start}..{} of {}", start + len, args[0]));
-            }
-            Ok(TensorType::u32(&[args[0].shape[0], *len]))
-        }
+        Op::SliceRows { start, len } => slice_rows(*start, *len, args),
+        Op::ConcatRows => concat_rows(args),
+        Op::TopK { k } => top_k(*k, args),
+        Op::GatherCols => gather_cols(args),
+        Op::TopKMask { experts } => top_k_mask(*experts, args),
+        Op::MoeRoute { layout } => moe_route(layout, args),
+        Op::SliceCols { start, len } => slice_cols(*start, *len, args),
         Op::RouteLoad { layout } => {
             expect_args(args, 1)?;
             expect_route(args[0], layout)?;
             Ok(TensorType::f32(&[layout.experts]))
         }
-        Op::ExpertChoice { capacity } => {
-            expect_args(args, 1)?;
-            expect_dtype(args[0], DType::F32, "scores")?;
-            if args[0].shape.len() != 2 || *capacity == 0 || *capacity > args[0].shape[0] {
-                return Err(format!(
-                    "expert choice of {capacity} tokens from {}",
-                    args[0]
-                ));
-            }
-            Ok(TensorType::u32(&args[0].shape))
+        Op::ExpertChoice { capacity } => expert_choice(*capacity, args),
+        Op::Sinkhorn { .. } => sinkhorn(args),
+        Op::Auction { k, capacity, .. } => auction(*k, *capacity, args),
+        Op::MoeGather { layout } => moe_gather(layout, args),
+        Op::GroupedMatMul { layout } => grouped_matmul(layout, args),
+        Op::MoeCombine { layout } => moe_combine(layout, args),
+        Op::SumTo { shape } => sum_to(shape, args),
+        Op::BroadcastTo { shape } => broadcast_to(shape, args),
+        Op::EmbeddingGrad { vocab } => embedding_grad(*vocab, args),
+        Op::CrossEntropyGrad => cross_entropy_grad(args),
+        Op::LinearCrossEntropyGradH => {
+            let (n, _, d) = linear_cross_entropy_grad(args)?;
+            Ok(TensorType::f32(&[n, d]))
         }
-        Op::Sinkhorn { .. } => {
-            expect_args(args, 1)?;
-            expect_dtype(args[0], DType::F32, "logits")?;
-            if args[0].shape.len() != 2 {
-                return Err(format!("sinkhorn wants logits [T, E], got {}", args[0]));
-            }
-            Ok(args[0].clone())
+        Op::LinearCrossEntropyGradW => {
+            let (_, v, d) = linear_cross_entropy_grad(args)?;
+            Ok(TensorType::f32(&[v, d]))
         }
-        Op::Auction { k, capacity, .. } => {
-            expect_args(args, 2)?;
-            expect_dtype(args[0], DType::F32, "values")?;
-            expect_dtype(args[1], DType::F32, "prices")?;
-            let (v, p) = (args[0], args[1]);
-            if v.shape.len() != 2
-                || p.shape != [v.shape[1]]
-                || *k == 0
-                || *k > v.shape[1]
-                || *capacity == 0
-            {
-                return Err(format!("auction of {k} slots per token, capacity {capacity}, wants values [T, E] and prices [E], got {v} and {p}"));
-            }
-            Ok(TensorType::u32(&[v.shape[0], k + v.shape[1]]))
-        }
-        Op::MoeGather { layout } => {
-            expect_args(args, 2)?;
-            expect_dtype(args[0], DType::F32, "x")?;
-            expect_route(args[1], layout)?;
-            if args[0].shape.len() != 2 || args[0].shape[0] != layout.tokens {
-                return Err(format!(
-                    "moe_gather wants x [{}, D], got {}",
-                    layout.tokens, args[0]
-                ));
-            }
-            Ok(TensorType::f32(&[layout.rows(), args[0].shape[1]]))
-        }
-        Op::GroupedMatMul { layout } => {
-            expect_args(args, 3)?;
-            let (x, w) = (args[0], args[1]);
-            expect_dtype(x, DType::F32, "x")?;
-            expect_dtype(w, DType::F32, "w")?;
-            expect_route(args[2], layout)?;
-            if x.shape.len() != 2
-                || x.shape[0] != layout.rows()
-                || w.shape.len() != 3
-                || w.shape[0] != layout.experts
-                || w.shape[2] != x.shape[1]
-            {
-                return Err(format!(
-                    "grouped_matmul wants x [{}, K] and w [{}, N, K], got {x} and {w}",
-                    layout.rows(),
-                    layout.experts
-                ));
-            }
-            Ok(TensorType::f32(&[layout.rows(), w.shape[1]]))
-        }
-        Op::MoeCombine { layout } => {
-            expect_args(args, 3)?;
-            let (yp, wt) = (args[0], args[1]);
-            expect_dtype(yp, DType::F32, "yp")?;
-            expect_dtype(wt, DType::F32, "weights")?;
-            expect_route(args[2], layout)?;
-            if yp.shape.len() != 2
-                || yp.shape[0] != layout.rows()
-                || wt.shape != [layout.tokens, layout.k]
-            {
-                return Err(format!(
-                    "moe_combine wants yp [{}, D] and weights [{}, {}], got {yp} and {wt}",
-                    layout.rows(),
-                    layout.tokens,
-                    layout.k
-                ));
-            }
-            Ok(TensorType::f32(&[layout.tokens, yp.shape[1]]))
-        }
-        Op::SumTo { .. }
-        | Op::BroadcastTo { .. }
-        | Op::EmbeddingGrad { .. }
-        | Op::RopeGrad { .. }
-        | Op::CrossEntropyGrad
-        | Op::LinearCrossEntropyGradH
-        | Op::LinearCrossEntropyGradW
-        | Op::ScatterCols { .. }
-        | Op::MoeGatherGrad { .. }
-        | Op::GroupedMatMulGradX { .. }
-        | Op::GroupedMatMulGradW { .. }
-        | Op::MoeCombineGradRows { .. }
-        | Op::MoeCombineGradWeights { .. } => infer_grad(op, args),
-        Op::LstmScan { .. }
-        | Op::LstmHidden
-        | Op::LstmScanGrad { .. }
-        | Op::LstmScanGradW { .. }
-        | Op::LstmLast { .. }
-        | Op::LstmLastGrad { .. } => lstm::infer(op, args),
+        Op::ScatterCols { cols } => scatter_cols(*cols, args),
+        Op::MoeGatherGrad { layout } => moe_gather_grad(layout, args),
+        Op::GroupedMatMulGradX { layout } => grouped_matmul_grad_x(layout, args),
+        Op::GroupedMatMulGradW { layout } => grouped_matmul_grad_w(layout, args),
+        Op::MoeCombineGradRows { layout } => moe_combine_grad_rows(layout, args),
+        Op::MoeCombineGradWeights { layout } => moe_combine_grad_weights(layout, args),
+        Op::LstmScan { .. } => lstm::scan(args),
+        Op::LstmHidden => lstm::hidden(args),
+        Op::LstmScanGrad { col, .. } => lstm::scan_grad(*col, args),
+        Op::LstmScanGradW { .. } => lstm::scan_grad_w(args),
+        Op::LstmLast { dirs } => lstm::last(*dirs, args),
+        Op::LstmLastGrad { dirs, steps } => lstm::last_grad(*dirs, *steps, args),
     }
 }
 
-/// Types of the gradient ops (kept apart from the forward ops' rules in [`infer`]).
-fn infer_grad(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
-    match op {
-        Op::SumTo { shape } => {
-            expect_args(args, 1)?;
-            expect_dtype(args[0], DType::F32, "operand")?;
-            if broadcast_shapes(shape, &args[0].shape).as_deref() != Some(&args[0].shape[..]) {
-                return Err(format!("{shape:?} does not broadcast to {}", args[0]));
-            }
-            Ok(TensorType::f32(shape))
-        }
-        Op::BroadcastTo { shape } => {
-            expect_args(args, 1)?;
-            expect_dtype(args[0], DType::F32, "operand")?;
-            if broadcast_shapes(&args[0].shape, shape).as_deref() != Some(&shape[..]) {
-                return Err(format!("{} does not broadcast to {shape:?}", args[0]));
-            }
-            Ok(TensorType::f32(shape))
-        }
-        Op::EmbeddingGrad { vocab } => {
-            expect_args(args, 2)?;
-            expect_dtype(args[0], DType::U32, "ids")?;
-            expect_dtype(args[1], DType::F32, "g")?;
-            if args[1].shape.len() != args[0].shape.len() + 1
-                || args[1].shape[..args[0].shape.len()] != args[0].shape[..]
-            {
-                return Err(format!(
-                    "embedding_grad wants ids [...] and g [..., D], got {} and {}",
-                    args[0], args[1]
-                ));
-            }
-            Ok(TensorType::f32(&[*vocab, args[1].last()]))
-        }
-        Op::RopeGrad { .. } => infer(&Op::Rope { theta: 0.0 }, args),
-        Op::CrossEntropyGrad => {
-            expect_args(args, 3)?;
-            infer(&Op::CrossEntropy, &args[..2])?;
-            if args[2].shape != [1] || args[2].dtype != DType::F32 {
-                return Err(format!(
-                    "cross_entropy_grad wants g f32[1], got {}",
-                    args[2]
-                ));
-            }
-            Ok(args[0].clone())
-        }
-        Op::LinearCrossEntropyGradH | Op::LinearCrossEntropyGradW => {
-            expect_args(args, 4)?;
-            let (n, v, d) = linear_cross_entropy_operands(&args[..3])?;
-            if args[3].shape != [1] || args[3].dtype != DType::F32 {
-                return Err(format!("the adjoint g must be f32[1], got {}", args[3]));
-            }
-            let rows = if matches!(op, Op::LinearCrossEntropyGradH) {
-                n
-            } else {
-                v
-            };
-            Ok(TensorType::f32(&[rows, d]))
-        }
-        Op::ScatterCols { cols } => {
-            expect_args(args, 2)?;
-            expect_dtype(args[0], DType::F32, "g")?;
-            expect_dtype(args[1], DType::U32, "idx")?;
-            if args[0].shape.len() != 2 || args[0].shape != args[1].shape {
-                return Err(format!(
-                    "scatter_cols wants g [T, k] and idx [T, k], got {} and {}",
-                    args[0], args[1]
-                ));
-            }
-            Ok(TensorType::f32(&[args[0].shape[0], *cols]))
-        }
-        Op::MoeGatherGrad { layout } => {
-            expect_args(args, 2)?;
-            expect_dtype(args[0], DType::F32, "gp")?;
-            expect_route(args[1], layout)?;
-            if args[0].shape.len() != 2 || args[0].shape[0] != layout.rows() {
-                return Err(format!(
-                    "moe_gather_grad wants gp [{}, D], got {}",
-                    layout.rows(),
-                    args[0]
-                ));
-            }
-            Ok(TensorType::f32(&[layout.tokens, args[0].shape[1]]))
-        }
-        Op::GroupedMatMulGradX { layout } => {
-            expect_args(args, 3)?;
-            let (g, w) = (args[0], args[1]);
-            expect_dtype(g, DType::F32, "g")?;
-            expect_dtype(w, DType::F32, "w")?;
-            expect_route(args[2], layout)?;
-            if g.shape.len() != 2
-                || g.shape[0] != layout.rows()
-                || w.shape.len() != 3
-                || w.shape[0] != layout.experts
-                || w.shape[1] != g.shape[1]
-            {
-                return Err(format!(
-                    "grouped_matmul_grad_x wants g [{}, N] and w [{}, N, K], got {g} and {w}",
-                    layout.rows(),
-                    layout.experts
-                ));
-            }
-            Ok(TensorType::f32(&[layout.rows(), w.shape[2]]))
-        }
-        Op::GroupedMatMulGradW { layout } => {
-            expect_args(args, 3)?;
-            let (g, x) = (args[0], args[1]);
-            expect_dtype(g, DType::F32, "g")?;
-            expect_dtype(x, DType::F32, "x")?;
-            expect_route(args[2], layout)?;
-            if g.shape.len() != 2
-                || x.shape.len() != 2
-                || g.shape[0] != layout.rows()
-                || x.shape[0] != layout.rows()
-            {
-                return Err(format!(
-                    "grouped_matmul_grad_w wants g [{0}, N] and x [{0}, K], got {g} and {x}",
-                    layout.rows()
-                ));
-            }
-            Ok(TensorType::f32(&[layout.experts, g.shape[1], x.shape[1]]))
-        }
-        Op::MoeCombineGradRows { layout } => {
-            expect_args(args, 3)?;
-            let (dy, w) = (args[0], args[1]);
-            expect_dtype(dy, DType::F32, "dy")?;
-            expect_dtype(w, DType::F32, "weights")?;
-            expect_route(args[2], layout)?;
-            if dy.shape.len() != 2
-                || dy.shape[0] != layout.tokens
-                || w.shape != [layout.tokens, layout.k]
-            {
-                return Err(format!("moe_combine_grad_rows wants dy [{0}, D] and weights [{0}, {1}], got {dy} and {w}", layout.tokens, layout.k));
-            }
-            Ok(TensorType::f32(&[layout.rows(), dy.shape[1]]))
-        }
-        Op::MoeCombineGradWeights { layout } => {
-            expect_args(args, 3)?;
-            let (dy, yp) = (args[0], args[1]);
-            expect_dtype(dy, DType::F32, "dy")?;
-            expect_dtype(yp, DType::F32, "yp")?;
-            expect_route(args[2], layout)?;
-            if dy.shape.len() != 2
-                || dy.shape[0] != layout.tokens
-                || yp.shape != [layout.rows(), dy.shape[1]]
-            {
-                return Err(format!(
-                    "moe_combine_grad_weights wants dy [{}, D] and yp [{}, D], got {dy} and {yp}",
-                    layout.tokens,
-                    layout.rows()
-                ));
-            }
-            Ok(TensorType::f32(&[layout.tokens, layout.k]))
-        }
-        other @ (Op::Input { .. }
-        | Op::Param { .. }
-        | Op::Affine { .. }
-        | Op::Unary(_)
-        | Op::Binary(_)
-        | Op::Reduce(_)
-        | Op::Reshape { .. }
-        | Op::Permute { .. }
-        | Op::MatMul { .. }
-        | Op::Embedding
-        | Op::Rope { .. }
-        | Op::Softmax { .. }
-        | Op::CrossEntropy
-        | Op::LinearCrossEntropy
-        | Op::SliceRows { .. }
-        | Op::ConcatRows
-        | Op::TopK { .. }
-        | Op::GatherCols
-        | Op::TopKMask { .. }
-        | Op::MoeRoute { .. }
-        | Op::SliceCols { .. }
-        | Op::RouteLoad { .. }
-        | Op::ExpertChoice { .. }
-        | Op::Sinkhorn { .. }
-        | Op::Auction { .. }
-        | Op::MoeGather { .. }
-        | Op::GroupedMatMul { .. }
-        | Op::MoeCombine { .. }
-        | Op::LstmScan { .. }
-        | Op::LstmHidden
-        | Op::LstmScanGrad { .. }
-        | Op::LstmScanGradW { .. }
-        | Op::LstmLast { .. }
-        | Op::LstmLastGrad { .. }) => Err(format!("`{}` is not a gradient op", other.mnemonic())),
+/// One f32 operand, the result of its type (elementwise ops, softmax).
+fn same_f32(args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 1)?;
+    expect_dtype(args[0], DType::F32, "operand")?;
+    Ok(args[0].clone())
+}
+
+fn binary(args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 2)?;
+    expect_dtype(args[0], DType::F32, "lhs")?;
+    expect_dtype(args[1], DType::F32, "rhs")?;
+    let shape = broadcast_shapes(&args[0].shape, &args[1].shape)
+        .ok_or_else(|| format!("cannot broadcast {} with {}", args[0], args[1]))?;
+    Ok(TensorType::f32(&shape))
+}
+
+fn reduce(args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 1)?;
+    expect_dtype(args[0], DType::F32, "operand")?;
+    let mut shape = args[0].shape.clone();
+    match shape.last_mut() {
+        Some(last) => *last = 1,
+        None => return Err("cannot reduce a scalar".into()),
     }
+    Ok(TensorType::f32(&shape))
+}
+
+fn reshape(shape: &[usize], args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 1)?;
+    let numel: usize = shape.iter().product();
+    if numel != args[0].numel() {
+        return Err(format!(
+            "reshape of {} to {shape:?} changes the element count",
+            args[0]
+        ));
+    }
+    Ok(TensorType {
+        shape: shape.to_vec(),
+        dtype: args[0].dtype,
+    })
+}
+
+fn permute(perm: &[usize], args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 1)?;
+    let rank = args[0].shape.len();
+    let mut seen = vec![false; rank];
+    if perm.len() != rank
+        || perm
+            .iter()
+            .any(|&p| p >= rank || std::mem::replace(&mut seen[p], true))
+    {
+        return Err(format!("{perm:?} is not a permutation of {rank} axes"));
+    }
+    let shape: Vec<usize> = perm.iter().map(|&p| args[0].shape[p]).collect();
+    Ok(TensorType {
+        shape,
+        dtype: args[0].dtype,
+    })
+}
+
+fn matmul(trans_b: bool, args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 2)?;
+    let (a, b) = (args[0], args[1]);
+    expect_dtype(a, DType::F32, "lhs")?;
+    expect_dtype(b, DType::F32, "rhs")?;
+    if a.shape.len() < 2 || b.shape.len() < 2 {
+        return Err("matmul operands need at least 2 axes".into());
+    }
+    let (ab, am) = a.shape.split_at(a.shape.len() - 2);
+    let (bb, bm) = b.shape.split_at(b.shape.len() - 2);
+    if !bb.is_empty() && bb != ab {
+        return Err(format!("batch axes differ: {a} vs {b}"));
+    }
+    let (m, k) = (am[0], am[1]);
+    let (kb, n) = if trans_b {
+        (bm[1], bm[0])
+    } else {
+        (bm[0], bm[1])
+    };
+    if k != kb {
+        return Err(format!(
+            "contracted axes differ: {a} vs {b} (trans_b = {trans_b})"
+        ));
+    }
+    let mut shape = ab.to_vec();
+    shape.extend([m, n]);
+    Ok(TensorType::f32(&shape))
+}
+
+fn embedding(args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 2)?;
+    expect_dtype(args[0], DType::F32, "table")?;
+    expect_dtype(args[1], DType::U32, "ids")?;
+    if args[0].shape.len() != 2 {
+        return Err("embedding table must be [V, D]".into());
+    }
+    let mut shape = args[1].shape.clone();
+    shape.push(args[0].shape[1]);
+    Ok(TensorType::f32(&shape))
+}
+
+/// Rope and its adjoint: `[B, T, H, hd]` with even `hd`, same type out.
+fn rope(args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 1)?;
+    expect_dtype(args[0], DType::F32, "operand")?;
+    if args[0].shape.len() != 4 || !args[0].shape[3].is_multiple_of(2) {
+        return Err(format!(
+            "rope wants [B, T, H, hd] with even hd, got {}",
+            args[0]
+        ));
+    }
+    Ok(args[0].clone())
+}
+
+fn cross_entropy(args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 2)?;
+    expect_dtype(args[0], DType::F32, "logits")?;
+    expect_dtype(args[1], DType::U32, "targets")?;
+    if args[0].shape.len() != 2 || args[1].shape != [args[0].shape[0]] {
+        return Err(format!(
+            "cross entropy wants logits [N, V] and targets [N], got {} and {}",
+            args[0], args[1]
+        ));
+    }
+    Ok(TensorType::f32(&[1]))
+}
+
+fn slice_rows(start: usize, len: usize, args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 1)?;
+    let rows = args[0].shape.first().copied().unwrap_or(0);
+    if len == 0 || start + len > rows {
+        return Err(format!("rows {start}..{} of {}", start + len, args[0]));
+    }
+    let mut shape = args[0].shape.clone();
+    shape[0] = len;
+    Ok(TensorType {
+        shape,
+        dtype: args[0].dtype,
+    })
+}
+
+fn concat_rows(args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 2)?;
+    expect_dtype(args[0], DType::F32, "upper rows")?;
+    expect_dtype(args[1], DType::F32, "lower rows")?;
+    let (a, b) = (&args[0].shape, &args[1].shape);
+    if a.is_empty() || b.len() != a.len() || a[1..] != b[1..] {
+        return Err(format!(
+            "concat_rows wants [Ra, ...] and [Rb, ...], got {} and {}",
+            args[0], args[1]
+        ));
+    }
+    let mut shape = a.clone();
+    shape[0] += b[0];
+    Ok(TensorType::f32(&shape))
+}
+
+fn top_k(k: usize, args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 1)?;
+    expect_dtype(args[0], DType::F32, "scores")?;
+    if args[0].shape.len() != 2 || k == 0 || k > args[0].shape[1] {
+        return Err(format!("top-{k} of {}", args[0]));
+    }
+    Ok(TensorType::u32(&[args[0].shape[0], k]))
+}
+
+fn gather_cols(args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 2)?;
+    expect_dtype(args[0], DType::F32, "x")?;
+    expect_dtype(args[1], DType::U32, "idx")?;
+    if args[0].shape.len() != 2 || args[1].shape.len() != 2 || args[0].shape[0] != args[1].shape[0]
+    {
+        return Err(format!(
+            "gather_cols wants x [T, E] and idx [T, k], got {} and {}",
+            args[0], args[1]
+        ));
+    }
+    Ok(TensorType::f32(&args[1].shape))
+}
+
+fn top_k_mask(experts: usize, args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 1)?;
+    expect_dtype(args[0], DType::U32, "idx")?;
+    if args[0].shape.len() != 2 {
+        return Err("topk_mask wants idx [T, k]".into());
+    }
+    Ok(TensorType::f32(&[args[0].shape[0], experts]))
+}
+
+fn moe_route(layout: &RouteLayout, args: &[&TensorType]) -> Result<TensorType, String> {
+    if args.len() != 1 && args.len() != 2 {
+        return Err(format!(
+            "expected idx and an optional prio, got {} arguments",
+            args.len()
+        ));
+    }
+    expect_dtype(args[0], DType::U32, "idx")?;
+    if args[0].shape != [layout.tokens, layout.k] {
+        return Err(format!("route of {} with layout {layout:?}", args[0]));
+    }
+    if let Some(prio) = args.get(1) {
+        expect_dtype(prio, DType::F32, "prio")?;
+        if prio.shape != args[0].shape {
+            return Err(format!(
+                "prio {prio} must have the shape of idx {}",
+                args[0]
+            ));
+        }
+    }
+    if layout.tile == 0 || layout.capacity == 0 {
+        return Err(format!(
+            "route layout {layout:?} needs tile and capacity ≥ 1"
+        ));
+    }
+    Ok(TensorType::u32(&[layout.table_len()]))
+}
+
+fn slice_cols(start: usize, len: usize, args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 1)?;
+    expect_dtype(args[0], DType::U32, "operand")?;
+    if args[0].shape.len() != 2 || len == 0 || start + len > args[0].shape[1] {
+        return Err(format!("columns {start}..{} of {}", start + len, args[0]));
+    }
+    Ok(TensorType::u32(&[args[0].shape[0], len]))
+}
+
+fn expert_choice(capacity: usize, args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 1)?;
+    expect_dtype(args[0], DType::F32, "scores")?;
+    if args[0].shape.len() != 2 || capacity == 0 || capacity > args[0].shape[0] {
+        return Err(format!(
+            "expert choice of {capacity} tokens from {}",
+            args[0]
+        ));
+    }
+    Ok(TensorType::u32(&args[0].shape))
+}
+
+fn sinkhorn(args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 1)?;
+    expect_dtype(args[0], DType::F32, "logits")?;
+    if args[0].shape.len() != 2 {
+        return Err(format!("sinkhorn wants logits [T, E], got {}", args[0]));
+    }
+    Ok(args[0].clone())
+}
+
+fn auction(k: usize, capacity: usize, args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 2)?;
+    expect_dtype(args[0], DType::F32, "values")?;
+    expect_dtype(args[1], DType::F32, "prices")?;
+    let (v, p) = (args[0], args[1]);
+    if v.shape.len() != 2 || p.shape != [v.shape[1]] || k == 0 || k > v.shape[1] || capacity == 0 {
+        return Err(format!("auction of {k} slots per token, capacity {capacity}, wants values [T, E] and prices [E], got {v} and {p}"));
+    }
+    Ok(TensorType::u32(&[v.shape[0], k + v.shape[1]]))
+}
+
+fn moe_gather(layout: &RouteLayout, args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 2)?;
+    expect_dtype(args[0], DType::F32, "x")?;
+    expect_route(args[1], layout)?;
+    if args[0].shape.len() != 2 || args[0].shape[0] != layout.tokens {
+        return Err(format!(
+            "moe_gather wants x [{}, D], got {}",
+            layout.tokens, args[0]
+        ));
+    }
+    Ok(TensorType::f32(&[layout.rows(), args[0].shape[1]]))
+}
+
+fn grouped_matmul(layout: &RouteLayout, args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 3)?;
+    let (x, w) = (args[0], args[1]);
+    expect_dtype(x, DType::F32, "x")?;
+    expect_dtype(w, DType::F32, "w")?;
+    expect_route(args[2], layout)?;
+    if x.shape.len() != 2
+        || x.shape[0] != layout.rows()
+        || w.shape.len() != 3
+        || w.shape[0] != layout.experts
+        || w.shape[2] != x.shape[1]
+    {
+        return Err(format!(
+            "grouped_matmul wants x [{}, K] and w [{}, N, K], got {x} and {w}",
+            layout.rows(),
+            layout.experts
+        ));
+    }
+    Ok(TensorType::f32(&[layout.rows(), w.shape[1]]))
+}
+
+fn moe_combine(layout: &RouteLayout, args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 3)?;
+    let (yp, wt) = (args[0], args[1]);
+    expect_dtype(yp, DType::F32, "yp")?;
+    expect_dtype(wt, DType::F32, "weights")?;
+    expect_route(args[2], layout)?;
+    if yp.shape.len() != 2 || yp.shape[0] != layout.rows() || wt.shape != [layout.tokens, layout.k]
+    {
+        return Err(format!(
+            "moe_combine wants yp [{}, D] and weights [{}, {}], got {yp} and {wt}",
+            layout.rows(),
+            layout.tokens,
+            layout.k
+        ));
+    }
+    Ok(TensorType::f32(&[layout.tokens, yp.shape[1]]))
+}
+
+fn sum_to(shape: &[usize], args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 1)?;
+    expect_dtype(args[0], DType::F32, "operand")?;
+    if broadcast_shapes(shape, &args[0].shape).as_deref() != Some(&args[0].shape[..]) {
+        return Err(format!("{shape:?} does not broadcast to {}", args[0]));
+    }
+    Ok(TensorType::f32(shape))
+}
+
+fn broadcast_to(shape: &[usize], args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 1)?;
+    expect_dtype(args[0], DType::F32, "operand")?;
+    if broadcast_shapes(&args[0].shape, shape).as_deref() != Some(shape) {
+        return Err(format!("{} does not broadcast to {shape:?}", args[0]));
+    }
+    Ok(TensorType::f32(shape))
+}
+
+fn embedding_grad(vocab: usize, args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 2)?;
+    expect_dtype(args[0], DType::U32, "ids")?;
+    expect_dtype(args[1], DType::F32, "g")?;
+    if args[1].shape.len() != args[0].shape.len() + 1
+        || args[1].shape[..args[0].shape.len()] != args[0].shape[..]
+    {
+        return Err(format!(
+            "embedding_grad wants ids [...] and g [..., D], got {} and {}",
+            args[0], args[1]
+        ));
+    }
+    Ok(TensorType::f32(&[vocab, args[1].last()]))
+}
+
+fn cross_entropy_grad(args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 3)?;
+    cross_entropy(&args[..2])?;
+    if args[2].shape != [1] || args[2].dtype != DType::F32 {
+        return Err(format!(
+            "cross_entropy_grad wants g f32[1], got {}",
+            args[2]
+        ));
+    }
+    Ok(args[0].clone())
+}
+
+/// `(N, V, D)` of the fused head's adjoints: its operands and the loss adjoint `g` f32`[1]`.
+fn linear_cross_entropy_grad(args: &[&TensorType]) -> Result<(usize, usize, usize), String> {
+    expect_args(args, 4)?;
+    let nvd = linear_cross_entropy_operands(&args[..3])?;
+    if args[3].shape != [1] || args[3].dtype != DType::F32 {
+        return Err(format!("the adjoint g must be f32[1], got {}", args[3]));
+    }
+    Ok(nvd)
+}
+
+fn scatter_cols(cols: usize, args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 2)?;
+    expect_dtype(args[0], DType::F32, "g")?;
+    expect_dtype(args[1], DType::U32, "idx")?;
+    if args[0].shape.len() != 2 || args[0].shape != args[1].shape {
+        return Err(format!(
+            "scatter_cols wants g [T, k] and idx [T, k], got {} and {}",
+            args[0], args[1]
+        ));
+    }
+    Ok(TensorType::f32(&[args[0].shape[0], cols]))
+}
+
+fn moe_gather_grad(layout: &RouteLayout, args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 2)?;
+    expect_dtype(args[0], DType::F32, "gp")?;
+    expect_route(args[1], layout)?;
+    if args[0].shape.len() != 2 || args[0].shape[0] != layout.rows() {
+        return Err(format!(
+            "moe_gather_grad wants gp [{}, D], got {}",
+            layout.rows(),
+            args[0]
+        ));
+    }
+    Ok(TensorType::f32(&[layout.tokens, args[0].shape[1]]))
+}
+
+fn grouped_matmul_grad_x(layout: &RouteLayout, args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 3)?;
+    let (g, w) = (args[0], args[1]);
+    expect_dtype(g, DType::F32, "g")?;
+    expect_dtype(w, DType::F32, "w")?;
+    expect_route(args[2], layout)?;
+    if g.shape.len() != 2
+        || g.shape[0] != layout.rows()
+        || w.shape.len() != 3
+        || w.shape[0] != layout.experts
+        || w.shape[1] != g.shape[1]
+    {
+        return Err(format!(
+            "grouped_matmul_grad_x wants g [{}, N] and w [{}, N, K], got {g} and {w}",
+            layout.rows(),
+            layout.experts
+        ));
+    }
+    Ok(TensorType::f32(&[layout.rows(), w.shape[2]]))
+}
+
+fn grouped_matmul_grad_w(layout: &RouteLayout, args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 3)?;
+    let (g, x) = (args[0], args[1]);
+    expect_dtype(g, DType::F32, "g")?;
+    expect_dtype(x, DType::F32, "x")?;
+    expect_route(args[2], layout)?;
+    if g.shape.len() != 2
+        || x.shape.len() != 2
+        || g.shape[0] != layout.rows()
+        || x.shape[0] != layout.rows()
+    {
+        return Err(format!(
+            "grouped_matmul_grad_w wants g [{0}, N] and x [{0}, K], got {g} and {x}",
+            layout.rows()
+        ));
+    }
+    Ok(TensorType::f32(&[layout.experts, g.shape[1], x.shape[1]]))
+}
+
+fn moe_combine_grad_rows(layout: &RouteLayout, args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 3)?;
+    let (dy, w) = (args[0], args[1]);
+    expect_dtype(dy, DType::F32, "dy")?;
+    expect_dtype(w, DType::F32, "weights")?;
+    expect_route(args[2], layout)?;
+    if dy.shape.len() != 2 || dy.shape[0] != layout.tokens || w.shape != [layout.tokens, layout.k] {
+        return Err(format!(
+            "moe_combine_grad_rows wants dy [{0}, D] and weights [{0}, {1}], got {dy} and {w}",
+            layout.tokens, layout.k
+        ));
+    }
+    Ok(TensorType::f32(&[layout.rows(), dy.shape[1]]))
+}
+
+fn moe_combine_grad_weights(
+    layout: &RouteLayout,
+    args: &[&TensorType],
+) -> Result<TensorType, String> {
+    expect_args(args, 3)?;
+    let (dy, yp) = (args[0], args[1]);
+    expect_dtype(dy, DType::F32, "dy")?;
+    expect_dtype(yp, DType::F32, "yp")?;
+    expect_route(args[2], layout)?;
+    if dy.shape.len() != 2
+        || dy.shape[0] != layout.tokens
+        || yp.shape != [layout.rows(), dy.shape[1]]
+    {
+        return Err(format!(
+            "moe_combine_grad_weights wants dy [{}, D] and yp [{}, D], got {dy} and {yp}",
+            layout.tokens,
+            layout.rows()
+        ));
+    }
+    Ok(TensorType::f32(&[layout.tokens, layout.k]))
 }
 
 /// `(N, V, D)` of the operands `h[N, D]`, `w[V, D]`, `targets[N]` of the fused LM head and loss.

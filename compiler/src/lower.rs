@@ -500,6 +500,23 @@ impl Lower<'_> {
         seqs: Option<(usize, usize)>,
     ) -> Result<NodeId, LowerError> {
         let p = format!("model.layers.{block}.block_sparse_moe");
+        let (r, bias) = self.router(x, block, moe, &p)?;
+        let (y, route, layout) = self.dispatch(x, moe, &r, &p)?;
+        let (load, router_z) = self.moe_metrics(block, moe, &r, route, layout, &p)?;
+        self.balance_terms(block, moe, &r, router_z, seqs, &p)?;
+        self.router_state_updates(block, moe, &r, bias, load, &p)?;
+        Ok(y)
+    }
+
+    /// The router of an MoE layer on `x[N, dim]` (jitter on its input, the gate), and the bias input
+    /// of `bias(...)` balancing when there is one.
+    fn router(
+        &mut self,
+        x: NodeId,
+        block: usize,
+        moe: &Moe,
+        p: &str,
+    ) -> Result<(Routing, Option<NodeId>), LowerError> {
         let n = self.g.ty(x).rows();
         let e = moe.experts;
         // Switch-style multiplicative jitter on the router's input only.
@@ -529,21 +546,34 @@ impl Lower<'_> {
         };
         let r = match (moe.gate, moe.groups) {
             (Gate::ExpertChoice { capacity }, _) => {
-                self.expert_choice_router(xr, moe, capacity, &p)?
+                self.expert_choice_router(xr, moe, capacity, p)?
             }
-            (Gate::Sinkhorn { .. }, _) => self.sinkhorn_router(xr, moe, &p)?,
-            (Gate::Auction { .. }, _) => self.auction_router(xr, block, moe, &p)?,
+            (Gate::Sinkhorn { .. }, _) => self.sinkhorn_router(xr, moe, p)?,
+            (Gate::Auction { .. }, _) => self.auction_router(xr, block, moe, p)?,
             (
                 Gate::Softmax { .. } | Gate::Sigmoid | Gate::NoisyTopK { .. } | Gate::Switch,
                 Some((groups, m)),
             ) if moe.hierarchy == Hierarchy::TwoLevel => {
-                self.two_level_router(xr, block, moe, groups, m, bias, &p)?
+                self.two_level_router(xr, block, moe, groups, m, bias, p)?
             }
             (Gate::Softmax { .. } | Gate::Sigmoid | Gate::NoisyTopK { .. } | Gate::Switch, _) => {
-                self.top_k_router(xr, block, moe, bias, &p)?
+                self.top_k_router(xr, block, moe, bias, p)?
             }
         };
 
+        Ok((r, bias))
+    }
+
+    /// Capacity, route, gather, grouped experts and combine (plus shared experts) of the routing
+    /// `r`: the layer's output, the route table and its layout.
+    fn dispatch(
+        &mut self,
+        x: NodeId,
+        moe: &Moe,
+        r: &Routing,
+        p: &str,
+    ) -> Result<(NodeId, NodeId, RouteLayout), LowerError> {
+        let (n, e) = (self.g.ty(x).rows(), moe.experts);
         let slots = n * r.k;
         let capacity = match (moe.capacity, r.capacity) {
             (_, Some(c)) => c,
@@ -587,9 +617,23 @@ impl Lower<'_> {
             y = self.binary(BinaryOp::Add, y, ys, format!("{p}.plus_shared"))?;
         }
 
-        // Metrics (every MoE block, whatever its balancing).
+        Ok((y, route, layout))
+    }
+
+    /// The metric outputs of every MoE block, whatever its balancing (module doc): returns the load
+    /// and `router_z`, which balancing and the bias update read.
+    fn moe_metrics(
+        &mut self,
+        block: usize,
+        moe: &Moe,
+        r: &Routing,
+        route: NodeId,
+        layout: RouteLayout,
+        p: &str,
+    ) -> Result<(NodeId, NodeId), LowerError> {
+        let (n, e, slots) = (layout.tokens, moe.experts, layout.tokens * r.k);
         let load = self.add(Op::RouteLoad { layout }, &[route], format!("{p}.load"))?;
-        let router_z = self.router_z(r.logits, &p)?;
+        let router_z = self.router_z(r.logits, p)?;
         let dropped = if matches!(moe.gate, Gate::ExpertChoice { .. }) {
             // Expert choice has no token slots to drop: the fraction of tokens no expert took.
             let mask = self.add(Op::TopKMask { experts: e }, &[r.idx], format!("{p}.taken"))?;
@@ -611,6 +655,20 @@ impl Lower<'_> {
         self.metrics
             .push((format!("moe.{block}.router_logits"), r.logits));
 
+        Ok((load, router_z))
+    }
+
+    /// The balancing loss terms of `moe.balance`, summed into the block's `aux` entry.
+    fn balance_terms(
+        &mut self,
+        block: usize,
+        moe: &Moe,
+        r: &Routing,
+        router_z: NodeId,
+        seqs: Option<(usize, usize)>,
+        p: &str,
+    ) -> Result<(), LowerError> {
+        let (n, e) = (self.g.ty(r.logits).rows(), moe.experts);
         let mut terms = Vec::new();
         let mut mask = None;
         for bal in &moe.balance {
@@ -638,7 +696,7 @@ impl Lower<'_> {
                     self.aux_loss(mask, r.probs, c, r.k_eff, groups, &format!("{p}.{name}"))?
                 }
                 Balance::Z(c) => self.affine(router_z, c as f32, 0.0, format!("{p}.z"))?,
-                Balance::Cv2 { importance, load } => self.cv2_loss(&r, importance, load, &p)?,
+                Balance::Cv2 { importance, load } => self.cv2_loss(r, importance, load, p)?,
                 // Not a loss: a state update, below.
                 Balance::Bias { .. } => continue,
             };
@@ -652,10 +710,24 @@ impl Lower<'_> {
             self.aux.push((block, total));
         }
 
-        // Router state updates (graph outputs the runtime copies into the state after a step).
+        Ok(())
+    }
+
+    /// Router state updates: graph outputs the runtime copies into the state after a step.
+    fn router_state_updates(
+        &mut self,
+        block: usize,
+        moe: &Moe,
+        r: &Routing,
+        bias: Option<NodeId>,
+        load: NodeId,
+        p: &str,
+    ) -> Result<(), LowerError> {
+        let slots = self.g.ty(r.idx).rows() * r.k;
+        let e = moe.experts;
         for bal in &moe.balance {
             if let (Balance::Bias { rate }, Some(b)) = (*bal, bias) {
-                let next = self.bias_update(b, load, rate, &p)?;
+                let next = self.bias_update(b, load, rate, p)?;
                 self.metrics
                     .push((format!("router_state.{block}.bias.next"), next));
             }
@@ -673,7 +745,7 @@ impl Lower<'_> {
             self.metrics
                 .push((format!("router_state.{block}.prices.next"), next));
         }
-        Ok(y)
+        Ok(())
     }
 
     /// Token-choice top-k gates (`softmax`, `switch`, `sigmoid`, `noisy_top_k`), flat or

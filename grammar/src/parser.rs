@@ -426,66 +426,9 @@ impl Builder {
     fn expr_d(&self, pair: Pair<Rule>) -> PResult<(Expr, usize)> {
         let span: Span = pair.as_span().into();
         match pair.as_rule() {
-            Rule::expr => {
-                let mut sums = pair.into_inner().filter(|p| p.as_rule() == Rule::sum);
-                let (first, d1) = self.expr_d(sums.next().expect("expr has a sum"))?;
-                match sums.next() {
-                    None => Ok((first, d1)),
-                    Some(second) => {
-                        let (members, d2) = self.expr_d(second)?;
-                        let e = Expr {
-                            kind: ExprKind::Groups {
-                                groups: Box::new(first),
-                                members: Box::new(members),
-                            },
-                            span,
-                        };
-                        self.bounded(e, d1.max(d2) + 1)
-                    }
-                }
-            }
-            Rule::sum | Rule::product => {
-                let mut inner = pair.into_inner();
-                let (mut acc, mut depth) =
-                    self.expr_d(inner.next().expect("chain has an operand"))?;
-                while let Some(op) = inner.next() {
-                    let op = match op.as_rule() {
-                        Rule::plus => BinOp::Add,
-                        Rule::minus => BinOp::Sub,
-                        Rule::star => BinOp::Mul,
-                        _ => BinOp::Div,
-                    };
-                    let (rhs, d) =
-                        self.expr_d(inner.next().expect("operator has a right operand"))?;
-                    let span = acc.span.join(rhs.span);
-                    let e = Expr {
-                        kind: ExprKind::Binary {
-                            op,
-                            lhs: Box::new(acc),
-                            rhs: Box::new(rhs),
-                        },
-                        span,
-                    };
-                    (acc, depth) = self.bounded(e, depth.max(d) + 1)?;
-                }
-                Ok((acc, depth))
-            }
-            Rule::operand => {
-                let parts: Vec<Pair<Rule>> = pair.into_inner().collect();
-                let (atom_pair, minuses) = parts.split_last().expect("operand has an atom");
-                let (mut acc, mut depth) = self.expr_d(atom_pair.clone())?;
-                for m in minuses.iter().rev() {
-                    let span = Span::from(m.as_span()).join(acc.span);
-                    (acc, depth) = self.bounded(
-                        Expr {
-                            kind: ExprKind::Neg(Box::new(acc)),
-                            span,
-                        },
-                        depth + 1,
-                    )?;
-                }
-                Ok((acc, depth))
-            }
+            Rule::expr => self.groups_expr(pair, span),
+            Rule::sum | Rule::product => self.binary_chain(pair),
+            Rule::operand => self.negated(pair),
             Rule::number => Ok((
                 Expr {
                     kind: ExprKind::Number(number(pair.as_str())),
@@ -512,80 +455,150 @@ impl Builder {
                 };
                 Ok((Expr { kind, span }, 1))
             }
-            Rule::call => {
-                let mut inner = pair.into_inner();
-                let name = ident(inner.next().expect("call starts with a name"));
-                let mut args = Vec::new();
-                let mut depth = 1;
-                for p in inner.filter(|p| p.as_rule() == Rule::arg) {
-                    let a = p.into_inner().next().expect("arg has content");
-                    let (arg, d) = match a.as_rule() {
-                        Rule::kwarg => {
-                            let mut kw = a.into_inner();
-                            let key = ident(kw.next().expect("kwarg has a name"));
-                            let v = kw
-                                .find(|p| p.as_rule() == Rule::expr)
-                                .expect("kwarg has a value");
-                            let (value, d) = self.expr_d(v)?;
-                            (
-                                Arg {
-                                    name: Some(key),
-                                    value,
-                                },
-                                d,
-                            )
-                        }
-                        _ => {
-                            let (value, d) = self.expr_d(a)?;
-                            (Arg { name: None, value }, d)
-                        }
-                    };
-                    depth = depth.max(d + 1);
-                    args.push(arg);
-                }
-                self.bounded(
-                    Expr {
-                        kind: ExprKind::Call(Call { name, args }),
-                        span,
-                    },
-                    depth,
-                )
-            }
-            Rule::paren | Rule::list => {
-                let is_list = pair.as_rule() == Rule::list;
-                let mut items = Vec::new();
-                let mut commas = 0;
-                let mut depth = 1;
-                for p in pair.into_inner() {
-                    match p.as_rule() {
-                        Rule::comma => commas += 1,
-                        Rule::expr => {
-                            let (e, d) = self.expr_d(p)?;
-                            depth = depth.max(d + 1);
-                            items.push(e);
-                        }
-                        _ => {}
-                    }
-                }
-                let kind = if is_list {
-                    ExprKind::List(items)
-                } else if items.len() == 1 && commas == 0 {
-                    // `(e)` only groups: keep e, but with the parentheses' span.
-                    let inner = items.pop().expect("one item");
-                    return self.bounded(
-                        Expr {
-                            kind: inner.kind,
-                            span,
-                        },
-                        depth,
-                    );
-                } else {
-                    ExprKind::Tuple(items)
-                };
-                self.bounded(Expr { kind, span }, depth)
-            }
+            Rule::call => self.call_expr(pair, span),
+            Rule::paren | Rule::list => self.bracketed(pair, span),
             other => unreachable!("rule {other:?} is not an expression"),
         }
+    }
+
+    /// A sum, or `G x M` groups of two sums.
+    fn groups_expr(&self, pair: Pair<Rule>, span: Span) -> PResult<(Expr, usize)> {
+        let mut sums = pair.into_inner().filter(|p| p.as_rule() == Rule::sum);
+        let (first, d1) = self.expr_d(sums.next().expect("expr has a sum"))?;
+        match sums.next() {
+            None => Ok((first, d1)),
+            Some(second) => {
+                let (members, d2) = self.expr_d(second)?;
+                let e = Expr {
+                    kind: ExprKind::Groups {
+                        groups: Box::new(first),
+                        members: Box::new(members),
+                    },
+                    span,
+                };
+                self.bounded(e, d1.max(d2) + 1)
+            }
+        }
+    }
+
+    /// A left-associative chain of `+ -` (sum) or `* /` (product).
+    fn binary_chain(&self, pair: Pair<Rule>) -> PResult<(Expr, usize)> {
+        let mut inner = pair.into_inner();
+        let (mut acc, mut depth) = self.expr_d(inner.next().expect("chain has an operand"))?;
+        while let Some(op) = inner.next() {
+            let op = match op.as_rule() {
+                Rule::plus => BinOp::Add,
+                Rule::minus => BinOp::Sub,
+                Rule::star => BinOp::Mul,
+                _ => BinOp::Div,
+            };
+            let (rhs, d) = self.expr_d(inner.next().expect("operator has a right operand"))?;
+            let span = acc.span.join(rhs.span);
+            let e = Expr {
+                kind: ExprKind::Binary {
+                    op,
+                    lhs: Box::new(acc),
+                    rhs: Box::new(rhs),
+                },
+                span,
+            };
+            (acc, depth) = self.bounded(e, depth.max(d) + 1)?;
+        }
+        Ok((acc, depth))
+    }
+
+    /// An atom under its leading minus signs, innermost first.
+    fn negated(&self, pair: Pair<Rule>) -> PResult<(Expr, usize)> {
+        let parts: Vec<Pair<Rule>> = pair.into_inner().collect();
+        let (atom_pair, minuses) = parts.split_last().expect("operand has an atom");
+        let (mut acc, mut depth) = self.expr_d(atom_pair.clone())?;
+        for m in minuses.iter().rev() {
+            let span = Span::from(m.as_span()).join(acc.span);
+            (acc, depth) = self.bounded(
+                Expr {
+                    kind: ExprKind::Neg(Box::new(acc)),
+                    span,
+                },
+                depth + 1,
+            )?;
+        }
+        Ok((acc, depth))
+    }
+
+    /// `name(args)`, each argument positional or `key = value`.
+    fn call_expr(&self, pair: Pair<Rule>, span: Span) -> PResult<(Expr, usize)> {
+        let mut inner = pair.into_inner();
+        let name = ident(inner.next().expect("call starts with a name"));
+        let mut args = Vec::new();
+        let mut depth = 1;
+        for p in inner.filter(|p| p.as_rule() == Rule::arg) {
+            let a = p.into_inner().next().expect("arg has content");
+            let (arg, d) = match a.as_rule() {
+                Rule::kwarg => {
+                    let mut kw = a.into_inner();
+                    let key = ident(kw.next().expect("kwarg has a name"));
+                    let v = kw
+                        .find(|p| p.as_rule() == Rule::expr)
+                        .expect("kwarg has a value");
+                    let (value, d) = self.expr_d(v)?;
+                    (
+                        Arg {
+                            name: Some(key),
+                            value,
+                        },
+                        d,
+                    )
+                }
+                _ => {
+                    let (value, d) = self.expr_d(a)?;
+                    (Arg { name: None, value }, d)
+                }
+            };
+            depth = depth.max(d + 1);
+            args.push(arg);
+        }
+        self.bounded(
+            Expr {
+                kind: ExprKind::Call(Call { name, args }),
+                span,
+            },
+            depth,
+        )
+    }
+
+    /// `[a, b]` lists, `(a, b)` tuples, and `(e)`, which only groups.
+    fn bracketed(&self, pair: Pair<Rule>, span: Span) -> PResult<(Expr, usize)> {
+        let is_list = pair.as_rule() == Rule::list;
+        let mut items = Vec::new();
+        let mut commas = 0;
+        let mut depth = 1;
+        for p in pair.into_inner() {
+            match p.as_rule() {
+                Rule::comma => commas += 1,
+                Rule::expr => {
+                    let (e, d) = self.expr_d(p)?;
+                    depth = depth.max(d + 1);
+                    items.push(e);
+                }
+                _ => {}
+            }
+        }
+        let kind = if is_list {
+            ExprKind::List(items)
+        } else if items.len() == 1 && commas == 0 {
+            // `(e)` only groups: keep e, but with the parentheses' span.
+            let inner = items.pop().expect("one item");
+            return self.bounded(
+                Expr {
+                    kind: inner.kind,
+                    span,
+                },
+                depth,
+            );
+        } else {
+            ExprKind::Tuple(items)
+        };
+        self.bounded(Expr { kind, span }, depth)
     }
 }
 

@@ -330,8 +330,6 @@ pub fn write_report(runs: &[Run], out: &Path) -> Result<Report, ReportError> {
         source,
     })?;
     let summaries: Vec<Summary> = runs.iter().map(summarize).collect();
-    let stems = unique_stems(runs);
-    let mut plots = Vec::new();
     let mut md = String::from("# Training report\n\n");
     let table = table(runs, &summaries);
     md.push_str(&table);
@@ -340,21 +338,22 @@ pub fn write_report(runs: &[Run], out: &Path) -> Result<Report, ReportError> {
          (step ≥ last − (last − first)/10), each step first averaged over the run's MoE blocks; tokens/s is the \
          median over log lines; — where a run has no such value (dense model, no eval).\n",
     );
-
-    let colors: Vec<RGBColor> = (0..runs.len()).map(run_color).collect();
-    md.push_str(&loss_section(runs, &colors, out, &mut plots)?);
-    let moe_runs: Vec<usize> = (0..runs.len())
-        .filter(|&i| !runs[i].blocks().is_empty())
-        .collect();
-    if !moe_runs.is_empty() {
-        md.push_str(&balance_section(runs, &moe_runs, &colors, out, &mut plots)?);
-        md.push_str(&utilisation_section(
-            runs, &moe_runs, &stems, out, &mut plots,
-        )?);
-        let state_md = router_state_charts(runs, &moe_runs, &stems, out, &mut plots)?;
-        md.push_str(&router_logit_plots(
-            runs, &moe_runs, &stems, out, &mut plots,
-        )?);
+    let mut sections = Sections {
+        runs,
+        moe_runs: (0..runs.len())
+            .filter(|&i| !runs[i].blocks().is_empty())
+            .collect(),
+        stems: unique_stems(runs),
+        colors: (0..runs.len()).map(run_color).collect(),
+        out,
+        plots: Vec::new(),
+    };
+    md.push_str(&sections.loss()?);
+    if !sections.moe_runs.is_empty() {
+        md.push_str(&sections.balance()?);
+        md.push_str(&sections.utilisation()?);
+        let state_md = sections.router_state()?;
+        md.push_str(&sections.router_logits()?);
         if !state_md.is_empty() {
             md.push_str("\n## Router state\n\nPer-expert router state logged with the metrics (loss-free balancing biases, auction prices).\n");
             md.push_str(&state_md);
@@ -368,119 +367,130 @@ pub fn write_report(runs: &[Run], out: &Path) -> Result<Report, ReportError> {
     })?;
     Ok(Report {
         markdown,
-        plots,
+        plots: sections.plots,
         table,
     })
 }
 
-/// The training and validation loss chart of every run; returns the report's section.
-fn loss_section(
-    runs: &[Run],
-    colors: &[RGBColor],
-    out: &Path,
-    plots: &mut Vec<PathBuf>,
-) -> Result<String, ReportError> {
-    let loss = LineFigure {
-        caption: "Loss".into(),
-        y_desc: "loss".into(),
-        lines: runs
+/// What the report's chart sections draw from and into; each section returns its markdown.
+struct Sections<'a> {
+    runs: &'a [Run],
+    /// The runs with MoE blocks, by index.
+    moe_runs: Vec<usize>,
+    /// Each run's file name stem ([`unique_stems`]).
+    stems: Vec<String>,
+    colors: Vec<RGBColor>,
+    out: &'a Path,
+    /// Every file written so far.
+    plots: Vec<PathBuf>,
+}
+
+impl<'a> Sections<'a> {
+    /// Each MoE run's blocks: the run's index, the run and the block.
+    fn moe_blocks(&self) -> Vec<(usize, &'a Run, String)> {
+        let runs = self.runs;
+        self.moe_runs
             .iter()
-            .zip(colors)
-            .flat_map(|(run, &color)| {
-                let train = Line {
-                    label: Some(format!("{} train", run.name)),
-                    color,
-                    points: run
+            .flat_map(|&i| runs[i].blocks().into_iter().map(move |b| (i, &runs[i], b)))
+            .collect()
+    }
+
+    /// The training and validation loss chart of every run.
+    fn loss(&mut self) -> Result<String, ReportError> {
+        let loss = LineFigure {
+            caption: "Loss".into(),
+            y_desc: "loss".into(),
+            lines: self
+                .runs
+                .iter()
+                .zip(&self.colors)
+                .flat_map(|(run, &color)| {
+                    let train = Line {
+                        label: Some(format!("{} train", run.name)),
+                        color,
+                        points: run
+                            .records
+                            .iter()
+                            .map(|r| (r.step as f64, r.loss))
+                            .collect(),
+                        markers: false,
+                    };
+                    let val: Vec<(f64, f64)> = run
                         .records
                         .iter()
-                        .map(|r| (r.step as f64, r.loss))
-                        .collect(),
+                        .filter_map(|r| r.val_loss.map(|v| (r.step as f64, v)))
+                        .collect();
+                    let val = (!val.is_empty()).then(|| Line {
+                        label: Some(format!("{} val", run.name)),
+                        color,
+                        points: val,
+                        markers: true,
+                    });
+                    std::iter::once(train).chain(val)
+                })
+                .collect(),
+        };
+        self.plots
+            .extend(render(&loss, (1000, 600), self.out, "loss")?);
+        let mut md = String::from(
+            "\n## Loss\n\nTraining loss (lines) and validation loss (lines with markers) against step.\n\n",
+        );
+        md.push_str(&embed("loss", "loss"));
+        Ok(md)
+    }
+
+    /// The CV² and Gini charts of the MoE runs.
+    fn balance(&mut self) -> Result<String, ReportError> {
+        let per_step = |run: &Run, f: fn(&MoeLayerMetrics) -> f64| -> Vec<(f64, f64)> {
+            run.records
+                .iter()
+                .filter_map(|r| {
+                    r.moe
+                        .as_ref()
+                        .filter(|m| !m.is_empty())
+                        .map(|m| (r.step as f64, mean(m.values().map(f))))
+                })
+                .collect()
+        };
+        let lines = |f: fn(&MoeLayerMetrics) -> f64| -> Vec<Line> {
+            self.moe_runs
+                .iter()
+                .map(|&i| Line {
+                    label: Some(self.runs[i].name.clone()),
+                    color: self.colors[i],
+                    points: per_step(&self.runs[i], f),
                     markers: false,
-                };
-                let val: Vec<(f64, f64)> = run
-                    .records
-                    .iter()
-                    .filter_map(|r| r.val_loss.map(|v| (r.step as f64, v)))
-                    .collect();
-                let val = (!val.is_empty()).then(|| Line {
-                    label: Some(format!("{} val", run.name)),
-                    color,
-                    points: val,
-                    markers: true,
-                });
-                std::iter::once(train).chain(val)
-            })
-            .collect(),
-    };
-    plots.extend(render(&loss, (1000, 600), out, "loss")?);
-    let mut md = String::from(
-        "\n## Loss\n\nTraining loss (lines) and validation loss (lines with markers) against step.\n\n",
-    );
-    md.push_str(&embed("loss", "loss"));
-    Ok(md)
-}
+                })
+                .collect()
+        };
+        let balance = Panels(vec![
+            LineFigure {
+                caption: "Load CV² (mean over MoE blocks)".into(),
+                y_desc: "CV²".into(),
+                lines: lines(|m| m.cv2),
+            },
+            LineFigure {
+                caption: "Gini (mean over MoE blocks)".into(),
+                y_desc: "Gini".into(),
+                lines: lines(|m| m.gini),
+            },
+        ]);
+        self.plots
+            .extend(render(&balance, (1400, 560), self.out, "balance")?);
+        let mut md = String::from("\n## Load balance\n\nCV² and Gini of the experts' load fractions against step, each averaged over the run's MoE blocks (0 = perfectly even).\n\n");
+        md.push_str(&embed("balance", "load balance"));
+        Ok(md)
+    }
 
-/// The CV² and Gini charts of the MoE runs `moe_runs`; returns the report's section.
-fn balance_section(
-    runs: &[Run],
-    moe_runs: &[usize],
-    colors: &[RGBColor],
-    out: &Path,
-    plots: &mut Vec<PathBuf>,
-) -> Result<String, ReportError> {
-    let per_step = |run: &Run, f: fn(&MoeLayerMetrics) -> f64| -> Vec<(f64, f64)> {
-        run.records
-            .iter()
-            .filter_map(|r| {
-                r.moe
-                    .as_ref()
-                    .filter(|m| !m.is_empty())
-                    .map(|m| (r.step as f64, mean(m.values().map(f))))
-            })
-            .collect()
-    };
-    let lines = |f: fn(&MoeLayerMetrics) -> f64| -> Vec<Line> {
-        moe_runs
-            .iter()
-            .map(|&i| Line {
-                label: Some(runs[i].name.clone()),
-                color: colors[i],
-                points: per_step(&runs[i], f),
-                markers: false,
-            })
-            .collect()
-    };
-    let balance = Panels(vec![
-        LineFigure {
-            caption: "Load CV² (mean over MoE blocks)".into(),
-            y_desc: "CV²".into(),
-            lines: lines(|m| m.cv2),
-        },
-        LineFigure {
-            caption: "Gini (mean over MoE blocks)".into(),
-            y_desc: "Gini".into(),
-            lines: lines(|m| m.gini),
-        },
-    ]);
-    plots.extend(render(&balance, (1400, 560), out, "balance")?);
-    let mut md = String::from("\n## Load balance\n\nCV² and Gini of the experts' load fractions against step, each averaged over the run's MoE blocks (0 = perfectly even).\n\n");
-    md.push_str(&embed("balance", "load balance"));
-    Ok(md)
-}
-
-/// The expert-load heatmap of every block of the MoE runs `moe_runs`; returns the report's section.
-fn utilisation_section(
-    runs: &[Run],
-    moe_runs: &[usize],
-    stems: &[String],
-    out: &Path,
-    plots: &mut Vec<PathBuf>,
-) -> Result<String, ReportError> {
-    let mut md = String::from("\n## Expert utilisation\n\nPer MoE block: each expert's fraction of the routed assignments (colour) at each log step; an even split is 1/experts.\n");
-    for &i in moe_runs {
-        let run = &runs[i];
-        md.push_str(&format!("\n### {}\n", md_escape(&run.name)));
-        for block in run.blocks() {
+    /// The expert-load heatmap of every MoE block, under a heading per run.
+    fn utilisation(&mut self) -> Result<String, ReportError> {
+        let mut md = String::from("\n## Expert utilisation\n\nPer MoE block: each expert's fraction of the routed assignments (colour) at each log step; an even split is 1/experts.\n");
+        let mut last_run = None;
+        for (i, run, block) in self.moe_blocks() {
+            if last_run != Some(i) {
+                md.push_str(&format!("\n### {}\n", md_escape(&run.name)));
+                last_run = Some(i);
+            }
             let series = run.block_series(&block);
             let heat = Heatmap::new(
                 format!("{}: expert load, MoE block {block}", run.name),
@@ -488,31 +498,23 @@ fn utilisation_section(
                 series.iter().map(|(_, m)| m.fraction.clone()).collect(),
                 MAX_HEATMAP_COLUMNS,
             );
-            let stem = format!("util_{}_block{}", stems[i], sanitize(&block));
-            plots.extend(render(&heat, (1000, 560), out, &stem)?);
+            let stem = format!("util_{}_block{}", self.stems[i], sanitize(&block));
+            self.plots
+                .extend(render(&heat, (1000, 560), self.out, &stem)?);
             md.push_str(&format!("\n#### Block {block}\n\n"));
             md.push_str(&embed(
                 &stem,
                 &format!("{} block {block} utilisation", run.name),
             ));
         }
+        Ok(md)
     }
-    Ok(md)
-}
 
-/// The per-expert bias and price charts of every block whose log carries them; returns their
-/// markdown without a heading ("" when no block has router state).
-fn router_state_charts(
-    runs: &[Run],
-    moe_runs: &[usize],
-    stems: &[String],
-    out: &Path,
-    plots: &mut Vec<PathBuf>,
-) -> Result<String, ReportError> {
-    let mut state_md = String::new();
-    for &i in moe_runs {
-        let run = &runs[i];
-        for block in run.blocks() {
+    /// The per-expert bias and price charts of every block whose log carries them, without a
+    /// heading ("" when no block has router state).
+    fn router_state(&mut self) -> Result<String, ReportError> {
+        let mut md = String::new();
+        for (i, run, block) in self.moe_blocks() {
             let series = run.block_series(&block);
             for (kind, what, get) in [
                 (
@@ -544,33 +546,24 @@ fn router_state_charts(
                         })
                         .collect(),
                 };
-                state_md.push_str(&block_chart(
+                md.push_str(&block_chart(
                     &figure,
-                    out,
-                    &format!("{kind}_{}_block{}", stems[i], sanitize(&block)),
+                    self.out,
+                    &format!("{kind}_{}_block{}", self.stems[i], sanitize(&block)),
                     &format!("{}, block {block}: {what}", md_escape(&run.name)),
                     &format!("{} block {block} {kind}", run.name),
-                    plots,
+                    &mut self.plots,
                 )?);
             }
         }
+        Ok(md)
     }
-    Ok(state_md)
-}
 
-/// The router-logit band charts and their CSV files of every run and block whose log carries
-/// `router_logits`; returns the report's section ("" when none does).
-fn router_logit_plots(
-    runs: &[Run],
-    moe_runs: &[usize],
-    stems: &[String],
-    out: &Path,
-    plots: &mut Vec<PathBuf>,
-) -> Result<String, ReportError> {
-    let mut md = String::new();
-    for &i in moe_runs {
-        let run = &runs[i];
-        for block in run.blocks() {
+    /// The router-logit band charts and their CSV files of every block whose log carries
+    /// `router_logits` ("" when none does).
+    fn router_logits(&mut self) -> Result<String, ReportError> {
+        let mut md = String::new();
+        for (i, run, block) in self.moe_blocks() {
             let series: Vec<(u64, &RouterLogitStats)> = run
                 .block_series(&block)
                 .into_iter()
@@ -579,15 +572,15 @@ fn router_logit_plots(
             if series.is_empty() {
                 continue;
             }
-            let stem = format!("router_logits_{}_block{}", stems[i], sanitize(&block));
-            let csv = out.join(format!("{stem}.csv"));
+            let stem = format!("router_logits_{}_block{}", self.stems[i], sanitize(&block));
+            let csv = self.out.join(format!("{stem}.csv"));
             std::fs::write(&csv, router_logit_csv(&series)).map_err(|source| {
                 ReportError::Write {
                     path: csv.clone(),
                     source,
                 }
             })?;
-            plots.push(csv);
+            self.plots.push(csv);
             let experts = series.iter().map(|(_, r)| r.p50.len()).max().unwrap_or(0);
             let figure = Bands {
                 caption: format!("{}: router logits per expert, MoE block {block}", run.name),
@@ -604,20 +597,20 @@ fn router_logit_plots(
             };
             md.push_str(&block_chart(
                 &figure,
-                out,
+                self.out,
                 &stem,
                 &format!("{}, block {block}", md_escape(&run.name)),
                 &format!("{} block {block} router logits", run.name),
-                plots,
+                &mut self.plots,
             )?);
         }
+        if md.is_empty() {
+            return Ok(md);
+        }
+        Ok(format!(
+            "\n## Router logits\n\nPer MoE block: each expert's router logits over the step's tokens, 5th–95th percentile (band) and median (line), against step; the values are in the `.csv` beside each plot.\n{md}"
+        ))
     }
-    if md.is_empty() {
-        return Ok(md);
-    }
-    Ok(format!(
-        "\n## Router logits\n\nPer MoE block: each expert's router logits over the step's tokens, 5th–95th percentile (band) and median (line), against step; the values are in the `.csv` beside each plot.\n{md}"
-    ))
 }
 
 /// One styled series per expert of a per-expert chart (router state, router-logit bands): expert

@@ -4,7 +4,7 @@
 
 use super::{unary, Ctx, Float, InterpError, Tensor};
 use crate::ir::lstm::{hidden_of, last_step, PARTS, PART_C, PART_GATES, PART_H};
-use crate::ir::{Op, TensorType, UnaryOp};
+use crate::ir::{TensorType, UnaryOp};
 
 /// Steps of one direction in processing order.
 fn steps(t: usize, reverse: bool) -> Vec<usize> {
@@ -15,101 +15,87 @@ fn steps(t: usize, reverse: bool) -> Vec<usize> {
     }
 }
 
-pub(super) fn eval<F: Float>(
+/// `LstmScan`: the records of one direction's recurrence (the op functions here are named by
+/// `interp::eval_node`).
+pub(super) fn eval_scan<F: Float>(
+    ctx: &Ctx,
+    ty: &TensorType,
+    args: &[&Tensor<F>],
+    reverse: bool,
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(2, args.len())?;
+    let (xg, w) = (ctx.f(args[0])?, ctx.f(args[1])?);
+    Ok(Tensor::F(scan(xg, w, &ty.shape, reverse)))
+}
+
+/// `LstmScanGrad`: backpropagation through time of one direction.
+pub(super) fn eval_scan_grad<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+    reverse: bool,
+    col: usize,
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(3, args.len())?;
+    let (g, rec, w) = (ctx.f(args[0])?, ctx.f(args[1])?, ctx.f(args[2])?);
+    let gw = arg_tys[0].last();
+    Ok(Tensor::F(bptt(g, gw, col, rec, w, arg_tys[1], reverse)))
+}
+
+/// `LstmScanGradW`: the adjoint of `w_hh`.
+pub(super) fn eval_scan_grad_w<F: Float>(
+    ctx: &Ctx,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+    reverse: bool,
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(2, args.len())?;
+    let (dg, rec) = (ctx.f(args[0])?, ctx.f(args[1])?);
+    Ok(Tensor::F(scan_grad_w(dg, rec, arg_tys[1], reverse)))
+}
+
+/// `LstmLast`: each direction's last step.
+pub(super) fn eval_last<F: Float>(
     ctx: &Ctx,
     ty: &TensorType,
     args: &[&Tensor<F>],
     arg_tys: &[&TensorType],
+    dirs: usize,
 ) -> Result<Tensor<F>, InterpError> {
-    match ctx.op {
-        Op::LstmScan { reverse } => {
-            ctx.argc(2, args.len())?;
-            let (xg, w) = (ctx.f(args[0])?, ctx.f(args[1])?);
-            Ok(Tensor::F(scan(xg, w, &ty.shape, *reverse)))
-        }
-        Op::LstmHidden => hidden(ctx, ty, args, arg_tys[0]),
-        Op::LstmScanGrad { reverse, col } => {
-            ctx.argc(3, args.len())?;
-            let (g, rec, w) = (ctx.f(args[0])?, ctx.f(args[1])?, ctx.f(args[2])?);
-            let gw = arg_tys[0].last();
-            Ok(Tensor::F(bptt(g, gw, *col, rec, w, arg_tys[1], *reverse)))
-        }
-        Op::LstmScanGradW { reverse } => {
-            ctx.argc(2, args.len())?;
-            let (dg, rec) = (ctx.f(args[0])?, ctx.f(args[1])?);
-            Ok(Tensor::F(scan_grad_w(dg, rec, arg_tys[1], *reverse)))
-        }
-        Op::LstmLast { dirs } => {
-            ctx.argc(1, args.len())?;
-            let x = ctx.f(args[0])?;
-            let (t, w) = (arg_tys[0].shape[1], arg_tys[0].last());
-            let out = (0..ty.numel())
-                .map(|i| {
-                    let (b, c) = (i / w, i % w);
-                    x[(b * t + last_step(c, w, *dirs, t)) * w + c]
-                })
-                .collect();
-            Ok(Tensor::F(out))
-        }
-        Op::LstmLastGrad { dirs, steps } => {
-            ctx.argc(1, args.len())?;
-            let g = ctx.f(args[0])?;
-            let w = arg_tys[0].last();
-            let mut out = vec![F::ZERO; ty.numel()];
-            for (i, &v) in g.iter().enumerate() {
-                let (b, c) = (i / w, i % w);
-                out[(b * steps + last_step(c, w, *dirs, *steps)) * w + c] = v;
-            }
-            Ok(Tensor::F(out))
-        }
-        other @ (Op::Input { .. }
-        | Op::Param { .. }
-        | Op::Affine { .. }
-        | Op::Unary(_)
-        | Op::Binary(_)
-        | Op::Reduce(_)
-        | Op::Reshape { .. }
-        | Op::Permute { .. }
-        | Op::MatMul { .. }
-        | Op::Embedding
-        | Op::Rope { .. }
-        | Op::Softmax { .. }
-        | Op::CrossEntropy
-        | Op::LinearCrossEntropy
-        | Op::SliceRows { .. }
-        | Op::ConcatRows
-        | Op::TopK { .. }
-        | Op::GatherCols
-        | Op::TopKMask { .. }
-        | Op::MoeRoute { .. }
-        | Op::SliceCols { .. }
-        | Op::RouteLoad { .. }
-        | Op::ExpertChoice { .. }
-        | Op::Sinkhorn { .. }
-        | Op::Auction { .. }
-        | Op::MoeGather { .. }
-        | Op::GroupedMatMul { .. }
-        | Op::MoeCombine { .. }
-        | Op::SumTo { .. }
-        | Op::BroadcastTo { .. }
-        | Op::EmbeddingGrad { .. }
-        | Op::RopeGrad { .. }
-        | Op::CrossEntropyGrad
-        | Op::LinearCrossEntropyGradH
-        | Op::LinearCrossEntropyGradW
-        | Op::ScatterCols { .. }
-        | Op::MoeGatherGrad { .. }
-        | Op::GroupedMatMulGradX { .. }
-        | Op::GroupedMatMulGradW { .. }
-        | Op::MoeCombineGradRows { .. }
-        | Op::MoeCombineGradWeights { .. }) => {
-            Err(ctx.malformed(format!("`{}` is not an LSTM op", other.mnemonic())))
-        }
+    ctx.argc(1, args.len())?;
+    let x = ctx.f(args[0])?;
+    let (t, w) = (arg_tys[0].shape[1], arg_tys[0].last());
+    let out = (0..ty.numel())
+        .map(|i| {
+            let (b, c) = (i / w, i % w);
+            x[(b * t + last_step(c, w, dirs, t)) * w + c]
+        })
+        .collect();
+    Ok(Tensor::F(out))
+}
+
+/// `LstmLastGrad`: `g` put back at each direction's last step, zeros elsewhere.
+pub(super) fn eval_last_grad<F: Float>(
+    ctx: &Ctx,
+    ty: &TensorType,
+    args: &[&Tensor<F>],
+    arg_tys: &[&TensorType],
+    dirs: usize,
+    steps: usize,
+) -> Result<Tensor<F>, InterpError> {
+    ctx.argc(1, args.len())?;
+    let g = ctx.f(args[0])?;
+    let w = arg_tys[0].last();
+    let mut out = vec![F::ZERO; ty.numel()];
+    for (i, &v) in g.iter().enumerate() {
+        let (b, c) = (i / w, i % w);
+        out[(b * steps + last_step(c, w, dirs, steps)) * w + c] = v;
     }
+    Ok(Tensor::F(out))
 }
 
 /// `LstmHidden`: the h part of each record (of type `record`), side by side.
-fn hidden<F: Float>(
+pub(super) fn hidden<F: Float>(
     ctx: &Ctx,
     ty: &TensorType,
     args: &[&Tensor<F>],

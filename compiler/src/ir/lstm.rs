@@ -7,7 +7,7 @@
 //! exactly this (the state before step `t` is the neighbouring row), so the backward pass never
 //! recomputes the recurrent matmul. [`PART_H`] .. [`PART_GATES`] are the part offsets in units of H.
 
-use super::{expect_args, expect_dtype, DType, Op, TensorType};
+use super::{expect_args, expect_dtype, DType, TensorType};
 
 /// Values per record row, in units of the hidden width H.
 pub const PARTS: usize = 6;
@@ -49,100 +49,54 @@ fn expect_whh(w: &TensorType, h: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// Types of the LSTM ops (see their doc comments on [`Op`]).
-pub(super) fn infer(op: &Op, args: &[&TensorType]) -> Result<TensorType, String> {
-    match op {
-        Op::LstmScan { .. } => {
-            expect_args(args, 2)?;
-            let xg = args[0];
-            expect_dtype(xg, DType::F32, "xg")?;
-            if xg.shape.len() != 3 || xg.last() == 0 || !xg.last().is_multiple_of(4) {
-                return Err(format!("lstm_scan wants xg [B, T, 4·H], got {xg}"));
-            }
-            let h = xg.last() / 4;
-            expect_whh(args[1], h)?;
-            Ok(TensorType::f32(&[xg.shape[0], xg.shape[1], PARTS * h]))
-        }
-        Op::LstmHidden => {
-            if args.is_empty() || args.len() > 2 {
-                return Err(format!("expected 1 or 2 records, got {}", args.len()));
-            }
-            for r in args {
-                expect_record(r)?;
-                if r.shape != args[0].shape {
-                    return Err(format!("records differ: {} vs {r}", args[0]));
-                }
-            }
-            let r = args[0];
-            Ok(TensorType::f32(&[
-                r.shape[0],
-                r.shape[1],
-                args.len() * hidden_of(r),
-            ]))
-        }
-        Op::LstmScanGrad { col, .. } => scan_grad(*col, args),
-        Op::LstmScanGradW { .. } => scan_grad_w(args),
-        Op::LstmLast { dirs } => {
-            expect_args(args, 1)?;
-            let x = args[0];
-            expect_dtype(x, DType::F32, "x")?;
-            if x.shape.len() != 3 || !matches!(dirs, 1 | 2) || !x.last().is_multiple_of(*dirs) {
-                return Err(format!(
-                    "lstm_last of {dirs} directions wants x [B, T, dirs·H], got {x}"
-                ));
-            }
-            Ok(TensorType::f32(&[x.shape[0], x.last()]))
-        }
-        Op::LstmLastGrad { dirs, steps } => last_grad(*dirs, *steps, args),
-        other @ (Op::Input { .. }
-        | Op::Param { .. }
-        | Op::Affine { .. }
-        | Op::Unary(_)
-        | Op::Binary(_)
-        | Op::Reduce(_)
-        | Op::Reshape { .. }
-        | Op::Permute { .. }
-        | Op::MatMul { .. }
-        | Op::Embedding
-        | Op::Rope { .. }
-        | Op::Softmax { .. }
-        | Op::CrossEntropy
-        | Op::LinearCrossEntropy
-        | Op::SliceRows { .. }
-        | Op::ConcatRows
-        | Op::TopK { .. }
-        | Op::GatherCols
-        | Op::TopKMask { .. }
-        | Op::MoeRoute { .. }
-        | Op::SliceCols { .. }
-        | Op::RouteLoad { .. }
-        | Op::ExpertChoice { .. }
-        | Op::Sinkhorn { .. }
-        | Op::Auction { .. }
-        | Op::MoeGather { .. }
-        | Op::GroupedMatMul { .. }
-        | Op::MoeCombine { .. }
-        | Op::SumTo { .. }
-        | Op::BroadcastTo { .. }
-        | Op::EmbeddingGrad { .. }
-        | Op::RopeGrad { .. }
-        | Op::CrossEntropyGrad
-        | Op::LinearCrossEntropyGradH
-        | Op::LinearCrossEntropyGradW
-        | Op::ScatterCols { .. }
-        | Op::MoeGatherGrad { .. }
-        | Op::GroupedMatMulGradX { .. }
-        | Op::GroupedMatMulGradW { .. }
-        | Op::MoeCombineGradRows { .. }
-        | Op::MoeCombineGradWeights { .. }) => {
-            Err(format!("`{}` is not an LSTM op", other.mnemonic()))
-        }
+/// `LstmScan`'s type: the record `[B, T, 6H]` of `xg [B, T, 4H]` and `w_hh [4H, H]`. The LSTM
+/// ops' rules are named by [`super::infer`], one function each.
+pub(super) fn scan(args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 2)?;
+    let xg = args[0];
+    expect_dtype(xg, DType::F32, "xg")?;
+    if xg.shape.len() != 3 || xg.last() == 0 || !xg.last().is_multiple_of(4) {
+        return Err(format!("lstm_scan wants xg [B, T, 4·H], got {xg}"));
     }
+    let h = xg.last() / 4;
+    expect_whh(args[1], h)?;
+    Ok(TensorType::f32(&[xg.shape[0], xg.shape[1], PARTS * h]))
 }
 
-/// `LstmScanGrad`'s type: the adjoint of the pre-activation gates, `[B, T, 4H]` (split from
-/// [`infer`] so each op's rule reads on its own).
-fn scan_grad(col: usize, args: &[&TensorType]) -> Result<TensorType, String> {
+/// `LstmHidden`'s type: the h parts of one or two equal records side by side, `[B, T, dirs·H]`.
+pub(super) fn hidden(args: &[&TensorType]) -> Result<TensorType, String> {
+    if args.is_empty() || args.len() > 2 {
+        return Err(format!("expected 1 or 2 records, got {}", args.len()));
+    }
+    for r in args {
+        expect_record(r)?;
+        if r.shape != args[0].shape {
+            return Err(format!("records differ: {} vs {r}", args[0]));
+        }
+    }
+    let r = args[0];
+    Ok(TensorType::f32(&[
+        r.shape[0],
+        r.shape[1],
+        args.len() * hidden_of(r),
+    ]))
+}
+
+/// `LstmLast`'s type: each direction's last step of `x [B, T, dirs·H]`, `[B, dirs·H]`.
+pub(super) fn last(dirs: usize, args: &[&TensorType]) -> Result<TensorType, String> {
+    expect_args(args, 1)?;
+    let x = args[0];
+    expect_dtype(x, DType::F32, "x")?;
+    if x.shape.len() != 3 || !matches!(dirs, 1 | 2) || !x.last().is_multiple_of(dirs) {
+        return Err(format!(
+            "lstm_last of {dirs} directions wants x [B, T, dirs·H], got {x}"
+        ));
+    }
+    Ok(TensorType::f32(&[x.shape[0], x.last()]))
+}
+
+/// `LstmScanGrad`'s type: the adjoint of the pre-activation gates, `[B, T, 4H]`.
+pub(super) fn scan_grad(col: usize, args: &[&TensorType]) -> Result<TensorType, String> {
     expect_args(args, 3)?;
     let (g, rec) = (args[0], args[1]);
     expect_record(rec)?;
@@ -159,7 +113,7 @@ fn scan_grad(col: usize, args: &[&TensorType]) -> Result<TensorType, String> {
 }
 
 /// `LstmScanGradW`'s type: the adjoint of `w_hh`, `[4H, H]`.
-fn scan_grad_w(args: &[&TensorType]) -> Result<TensorType, String> {
+pub(super) fn scan_grad_w(args: &[&TensorType]) -> Result<TensorType, String> {
     expect_args(args, 2)?;
     let (dg, rec) = (args[0], args[1]);
     expect_record(rec)?;
@@ -175,7 +129,11 @@ fn scan_grad_w(args: &[&TensorType]) -> Result<TensorType, String> {
 }
 
 /// `LstmLastGrad`'s type: `g` spread back over `steps` steps, `[B, steps, dirs·H]`.
-fn last_grad(dirs: usize, steps: usize, args: &[&TensorType]) -> Result<TensorType, String> {
+pub(super) fn last_grad(
+    dirs: usize,
+    steps: usize,
+    args: &[&TensorType],
+) -> Result<TensorType, String> {
     expect_args(args, 1)?;
     let g = args[0];
     expect_dtype(g, DType::F32, "g")?;
