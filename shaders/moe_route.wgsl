@@ -4,7 +4,8 @@
 // An expert keeps at most CAPACITY slots: the function `kept(e, s, seen)` (provided) says whether
 // slot s, the `seen`-th slot routed to e in slot order, is kept (first come, or by priority).
 // Provided: constants T, KK, E, TILE, ROWS, WG, CAPACITY, COUNTS_AT, OFFSETS_AT, SLOT_ROW_AT,
-// ROW_SLOT_AT, ROW_EXPERT_AT, NONE; bindings `idx` (u32) and `route` (u32, written).
+// ROW_SLOT_AT, ROW_EXPERT_AT, NONE; bindings `idx` (u32) and `route` (u32, written); `opaque_trips(n)`
+// (n, hidden from the unroller: emit/frame.rs `loop_bound`).
 
 var<workgroup> counts: array<u32, E>;
 var<workgroup> offsets: array<u32, E + 1u>;
@@ -14,7 +15,7 @@ fn main(@builtin(local_invocation_index) lid: u32) {
     // 1. Slots per expert (kept ones): one invocation per expert scans all slots.
     for (var e = lid; e < E; e = e + WG) {
         var c = 0u;
-        for (var s = 0u; s < T * KK; s = s + 1u) {
+        for (var s = 0u; s < opaque_trips(T * KK); s = s + 1u) {
             if (idx[s] == e) {
                 c = c + 1u;
             }
@@ -43,7 +44,7 @@ fn main(@builtin(local_invocation_index) lid: u32) {
     for (var e = lid; e < E; e = e + WG) {
         var r = offsets[e];
         var seen = 0u;
-        for (var s = 0u; s < T * KK; s = s + 1u) {
+        for (var s = 0u; s < opaque_trips(T * KK); s = s + 1u) {
             if (idx[s] == e) {
                 if (kept(e, s, seen)) {
                     route[SLOT_ROW_AT + s] = r;

@@ -21,7 +21,7 @@
 //! Edge blocks clamp their load indices into the matrix (no branches in the loop, every lane stays
 //! active for the broadcasts) and drop out-of-range results at the store.
 
-use super::frame::{Access, Binder, Load};
+use super::frame::{loop_bound, opaque_trips_fn, Access, Binder, Load};
 use crate::ir::{Graph, NodeId, Op};
 use crate::target::Target;
 use std::collections::HashSet;
@@ -229,7 +229,11 @@ impl StridedMatmul<'_> {
             b_k: None,
         };
         let schedule = Schedule::new(target, self.m, self.n, None);
-        (body(&mm, schedule), schedule.workgroups(&mm))
+        let body = body(&mm, schedule);
+        (
+            opaque_trips_fn(self.a.buffer, &body) + &body,
+            schedule.workgroups(&mm),
+        )
     }
 }
 
@@ -474,7 +478,11 @@ fn store_block(mm: &Blocked, p: Schedule) -> String {
             let _ = writeln!(s, "    tile[{}] = c{i}_{j};", i * cols + j);
         }
     }
-    let _ = writeln!(s, "    for (var t = 0u; t < {block}u; t = t + 1u) {{");
+    let _ = writeln!(
+        s,
+        "    for (var t = 0u; t < {}; t = t + 1u) {{",
+        loop_bound(block, block)
+    );
     let _ = writeln!(
         s,
         "        let row = m0 + t / {cols}u;\n        let col = n0 + (t % {cols}u) * {group}u;"

@@ -159,12 +159,17 @@ impl<'g> Binder<'g> {
             workgroups[0], workgroups[1]
         );
         let mut binding = 0;
+        let mut first_binding = None;
         let mut accessors = String::new();
         let mut unsplit = None;
         for (node, writes, name) in &self.slots {
             let access = if *writes { "read_write" } else { "read" };
             let ty = self.graph.ty(*node).dtype.wgsl();
             let segments = self.segments(*node);
+            first_binding.get_or_insert_with(|| match segments.len() {
+                1 => name.clone(),
+                _ => format!("{name}_0"),
+            });
             if segments.len() == 1 {
                 let _ = writeln!(
                     s,
@@ -189,6 +194,9 @@ impl<'g> Binder<'g> {
         s.push_str(PRELUDE);
         s.push('\n');
         s.push_str(&accessors);
+        if let Some(first) = first_binding {
+            s.push_str(&opaque_trips_fn(&first, body));
+        }
         s.push_str(body);
         KernelSrc {
             wgsl: s,
@@ -290,6 +298,37 @@ impl Load {
             Load::Computed(name) => format!("{name}({i})"),
         }
     }
+}
+
+/// Loops of at most this many constant iterations are fully unrolled by Mesa's NIR (llvmpipe's
+/// `max_unroll_iterations`).
+const UNROLLED_TRIPS: usize = 32;
+/// Fewer iterations unroll in next to no time (and save the loop's own overhead).
+const OPAQUE_FROM: usize = 4;
+
+/// The bound `bound` of a loop that runs `iterations` times over storage-buffer accesses. A loop of
+/// at most 32 constant iterations is unrolled by llvmpipe, and an unrolled body of storage accesses
+/// (each a scalar loop over the SIMD lanes with its bounds check) compiles superlinearly in the
+/// count: a 2048-row kernel of two such loops took 0.16 s at 4 iterations, 0.85 s at 16 and 2.6 s at
+/// 32, and 0.06 s as a loop (docs/DECISIONS.md, Runtime: cold start). Such bounds become `opaque_trips(bound)`, which [`opaque_trips_fn`] defines
+/// from a binding's runtime length, so the compiler cannot fold it. Longer loops are never unrolled
+/// and keep their constant, so large models' kernels are unchanged.
+pub(crate) fn loop_bound(bound: usize, iterations: usize) -> String {
+    if (OPAQUE_FROM..=UNROLLED_TRIPS).contains(&iterations) {
+        format!("opaque_trips({bound}u)")
+    } else {
+        format!("{bound}u")
+    }
+}
+
+/// The definition of `opaque_trips` over the storage array `binding` (declared by the kernel), when
+/// `body` uses it: `n` whenever the binding is non-empty, which every binding is (wgpu binds at least
+/// 4 bytes), but only known at dispatch.
+pub(crate) fn opaque_trips_fn(binding: &str, body: &str) -> String {
+    if !body.contains("opaque_trips(") {
+        return String::new();
+    }
+    format!("fn opaque_trips(n: u32) -> u32 {{\n    return select(0u, n, arrayLength(&{binding}) != 0u);\n}}\n\n")
 }
 
 /// Invocations per workgroup of one-invocation-per-element kernels on `target`.

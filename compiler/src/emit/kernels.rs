@@ -8,8 +8,8 @@
 use super::blocked::{self, gathered, Blocked, Schedule};
 use super::expr::{bcast_index, lit, op_expr, permuted_index, rope_fn, strided_index};
 use super::frame::{
-    anchor, fill, fold, is_prologue, per_item_main, wg_size, Access, Binder, KernelError,
-    KernelSrc, Load,
+    anchor, fill, fold, is_prologue, loop_bound, per_item_main, wg_size, Access, Binder,
+    KernelError, KernelSrc, Load,
 };
 use crate::fuse::{base, Group, GroupKind};
 use crate::ir::{Graph, NodeId, Op, ReduceOp, RouteLayout};
@@ -451,7 +451,8 @@ impl<'g> RowKernel<'g> {
         } else {
             ("lid".to_string(), format!("{}u", self.tpr))
         };
-        let mut s = format!("    for (var c = {start}; c < {l}u; c = c + {step}) {{\n        let lin = row * {l}u + c;\n");
+        let bound = loop_bound(l, l.div_ceil(self.tpr as usize));
+        let mut s = format!("    for (var c = {start}; c < {bound}; c = c + {step}) {{\n        let lin = row * {l}u + c;\n");
         let mut env = self.env_row.clone();
         for &n in group.nodes.iter().filter(|n| needed.contains(n)) {
             self.column_value(&mut env, n, &mut s);
