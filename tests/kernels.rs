@@ -2,7 +2,8 @@
 //! the training plan, each for the portable default target (shared-memory tiles) and for the CPU
 //! target (register-blocked matmuls with subgroup-shared loads, what lavapipe runs), as a manifest
 //! of kernel name → hash of its WGSL, one line per kernel. So "kernels unchanged" in a commit is
-//! checkable: a changed kernel changes its line in `tests/snapshots/kernels__<spec>.snap`.
+//! checkable: a changed kernel changes its line in `tests/snapshots/kernels__<spec>.snap`. Specs
+//! with a train block also pin their `precision = f16` training plan on the CPU target.
 //! The full WGSL of the forward plans on the default target is in `specs__<spec>.wgsl.snap`
 //! (tests/specs.rs).
 //!
@@ -11,6 +12,7 @@
 //! why the kernels changed.
 
 use moec_compiler::emit::{MatmulVariant, Target};
+use moec_compiler::spec::{Precision, Spec};
 use moec_compiler::{check, compile, compile_training, Compiled};
 use std::hash::Hasher;
 use std::path::{Path, PathBuf};
@@ -59,6 +61,13 @@ fn section(title: &str, compiled: &Compiled) -> String {
     out
 }
 
+/// `spec` trained with `precision = f16`, when it has a train block.
+fn with_f16_activations(spec: &Spec) -> Option<Spec> {
+    let mut spec = spec.clone();
+    spec.train.as_mut()?.precision = Precision::F16;
+    Some(spec)
+}
+
 /// Batch 1, fused, as the WGSL snapshots: the same shapes whatever the machine.
 #[test]
 fn every_kernel_of_every_spec_is_pinned() {
@@ -72,6 +81,11 @@ fn every_kernel_of_every_spec_is_pinned() {
             let training = compile_training(&spec, 1, &target, true).unwrap();
             manifest.push_str(&section(&format!("forward, {target_name}"), &forward));
             manifest.push_str(&section(&format!("training, {target_name}"), &training));
+        }
+        // `precision = f16` training plans, on the CPU target (f16 storage, f32 arithmetic).
+        if let Some(f16_spec) = with_f16_activations(&spec) {
+            let training = compile_training(&f16_spec, 1, &cpu_target(), true).unwrap();
+            manifest.push_str(&section("training, f16, cpu", &training));
         }
         let relative = path
             .strip_prefix(Path::new(env!("CARGO_MANIFEST_DIR")).join("specs"))
