@@ -309,10 +309,11 @@ const OPAQUE_FROM: usize = 4;
 /// The bound `bound` of a loop that runs `iterations` times over storage-buffer accesses. A loop of
 /// at most 32 constant iterations is unrolled by llvmpipe, and an unrolled body of storage accesses
 /// (each a scalar loop over the SIMD lanes with its bounds check) compiles superlinearly in the
-/// count: a 2048-row kernel of two such loops took 0.16 s at 4 iterations, 0.85 s at 16 and 2.6 s at
-/// 32, and 0.06 s as a loop (docs/DECISIONS.md, Runtime: cold start). Such bounds become `opaque_trips(bound)`, which [`opaque_trips_fn`] defines
-/// from a binding's runtime length, so the compiler cannot fold it. Longer loops are never unrolled
-/// and keep their constant, so large models' kernels are unchanged.
+/// count: a 2048-row kernel of two such loops took 0.16 s at 4 iterations, 0.85 s at 16 and 2.6 s
+/// at 32, and 0.06 s as a loop (docs/DECISIONS.md, Runtime: cold start). Such bounds become
+/// `opaque_trips(bound)`, which [`opaque_trips_fn`] defines from a binding's runtime length, so the
+/// compiler cannot fold it. Longer loops are never unrolled and keep their constant, so large
+/// models' generated loops are unchanged.
 pub(crate) fn loop_bound(bound: usize, iterations: usize) -> String {
     if (OPAQUE_FROM..=UNROLLED_TRIPS).contains(&iterations) {
         format!("opaque_trips({bound}u)")
@@ -323,7 +324,9 @@ pub(crate) fn loop_bound(bound: usize, iterations: usize) -> String {
 
 /// The definition of `opaque_trips` over the storage array `binding` (declared by the kernel), when
 /// `body` uses it: `n` whenever the binding is non-empty, which every binding is (wgpu binds at least
-/// 4 bytes), but only known at dispatch.
+/// 4 bytes), but only known at dispatch. Templates whose loop lengths follow the model (the routing
+/// table, cross-entropy, embedding gradient) call it directly whatever the length: past 32
+/// iterations it costs one `select` per loop entry.
 pub(crate) fn opaque_trips_fn(binding: &str, body: &str) -> String {
     if !body.contains("opaque_trips(") {
         return String::new();
