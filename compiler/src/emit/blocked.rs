@@ -169,6 +169,18 @@ pub(crate) struct Blocked<'a> {
     pub a_k: Option<Gathered>,
     /// The contraction index is a padded row gathered in B (weight gradient: the layer input).
     pub b_k: Option<Gathered>,
+    /// Read A and B four contraction steps at a time through these views.
+    pub along_k4: Option<AlongK4>,
+}
+
+/// Names of `array<vec4<f32>>` views of A's and B's bindings, for a product whose operands are both
+/// contiguous along the contraction axis in whole vec4s (the forward `x · wᵀ`, attention scores):
+/// `sak = sbk = 1`, and K, the row strides `sam`, `sbn` and every batch offset multiples of 4.
+/// llvmpipe pays per load, not per byte, so this cuts the contraction's loads by 4 (docs/DECISIONS.md,
+/// Runtime: vec4 loads). The multiply-adds stay in k order, so the sums are those of scalar loads.
+pub(crate) struct AlongK4 {
+    pub a: String,
+    pub b: String,
 }
 
 /// One operand of a [`StridedMatmul`]: element `[bi][i, j]` is `buffer[bi·batch + i·rows + j·cols]`
@@ -227,6 +239,7 @@ impl StridedMatmul<'_> {
             a_rows: None,
             a_k: None,
             b_k: None,
+            along_k4: None,
         };
         let schedule = Schedule::new(target, self.m, self.n, None);
         let body = body(&mm, schedule);
@@ -254,6 +267,18 @@ const PLAIN_ROWS: usize = 8;
 const SHARED_ROWS: usize = 32;
 const COLS: usize = 8;
 const WG_MAX: u32 = 64;
+/// Columns per lane and workgroup size of vec4 contractions ([`Schedule::along_k4`]).
+const K4_COLS: usize = 4;
+const K4_WG_MAX: u32 = 32;
+
+/// Lanes of a workgroup whose lanes own `cols` columns each of an `n`-wide output: at most `max`,
+/// and narrow outputs (router logits, small heads) get narrower workgroups instead of idle lanes.
+fn workgroup_size(max: u32, n: usize, cols: usize, lanes: u32, target: &Target) -> u32 {
+    max.min((n.div_ceil(cols) as u32).next_power_of_two())
+        .max(8)
+        .max(lanes)
+        .min(target.max_invocations_per_workgroup.max(1))
+}
 
 impl Schedule {
     /// The schedule for an `m × n` output on `target`. `row_align`: a block must not straddle a
@@ -285,17 +310,24 @@ impl Schedule {
             ),
         };
         let cols = COLS.min(n.div_ceil(8).max(1));
-        // Narrow outputs (router logits, small heads) get narrower workgroups instead of idle lanes.
-        let wg = WG_MAX
-            .min((n.div_ceil(cols) as u32).next_power_of_two())
-            .max(8)
-            .max(lanes)
-            .min(target.max_invocations_per_workgroup.max(1));
         Schedule {
             rows,
             cols,
-            wg,
+            wg: workgroup_size(WG_MAX, n, cols, lanes, target),
             lanes,
+        }
+    }
+
+    /// This schedule for a vec4 contraction ([`AlongK4`]): its loads are 4 times fewer, so the
+    /// block that balances them against the multiply-adds is narrower. Measured on lavapipe (Mesa
+    /// 25.0.7, 4096 × 512 × 256, best of 4 runs of 15): 32 rows × 4 columns × 32 lanes 30 ms, 16 × 4 × 32
+    /// 35, 16 × 8 × 32 35, 32 × 4 × 64 36, 64 × 4 × 64 44, 32 × 8 × 64 (the scalar block) 50.
+    pub(crate) fn along_k4(self, n: usize, target: &Target) -> Schedule {
+        let cols = self.cols.min(K4_COLS);
+        Schedule {
+            cols,
+            wg: workgroup_size(K4_WG_MAX, n, cols, self.lanes, target),
+            ..self
         }
     }
 
@@ -352,6 +384,8 @@ pub(crate) fn body(mm: &Blocked, p: Schedule) -> String {
     );
     s += &mm.setup;
     let (last_row, last_col) = (mm.m - 1, mm.n - 1);
+    // Element offsets, or vec4 offsets when the contraction reads vec4s.
+    let quad = if mm.along_k4.is_some() { " / 4u" } else { "" };
     // Rows this lane loads: all of the block's, or its share of them.
     let loads = rows / lanes as usize;
     for q in 0..loads {
@@ -370,12 +404,12 @@ pub(crate) fn body(mm: &Blocked, p: Schedule) -> String {
             }
             None => row,
         };
-        let _ = writeln!(s, "    let ar{q} = abase + {row} * {}u;", mm.sam);
+        let _ = writeln!(s, "    let ar{q} = (abase + {row} * {}u){quad};", mm.sam);
     }
     for j in 0..cols {
         let _ = writeln!(
             s,
-            "    let bc{j} = bbase + min(n0 + {}u, {last_col}u) * {}u;",
+            "    let bc{j} = (bbase + min(n0 + {}u, {last_col}u) * {}u){quad};",
             j * group as usize,
             mm.sbn
         );
@@ -385,7 +419,10 @@ pub(crate) fn body(mm: &Blocked, p: Schedule) -> String {
             let _ = writeln!(s, "    var c{i}_{j} = 0.0;");
         }
     }
-    s += &contraction(mm, p, loads);
+    s += &match &mm.along_k4 {
+        Some(views) => contraction_k4(mm, views, p, loads),
+        None => contraction(mm, p, loads),
+    };
     s += &store_block(mm, p);
     s += "}\n";
     s
@@ -457,6 +494,49 @@ fn contraction(mm: &Blocked, p: Schedule, loads: usize) -> String {
         }
         for j in 0..cols {
             let _ = writeln!(s, "        c{i}_{j} = fma(av{i}, bv{j}, c{i}_{j});");
+        }
+    }
+    s += "    }\n";
+    s
+}
+
+/// [`contraction`] over vec4 steps of k for operands contiguous along k ([`AlongK4`]): per step
+/// this lane's `loads` vec4s of A (scaled by a gathered row's factor), its `cols` vec4s of B, and
+/// four multiply-adds per accumulator in k order.
+fn contraction_k4(mm: &Blocked, views: &AlongK4, p: Schedule, loads: usize) -> String {
+    let Schedule {
+        rows, cols, lanes, ..
+    } = p;
+    let mut s = String::from("    for (var k = kbeg / 4u; k < kend / 4u; k = k + 1u) {\n");
+    let loaded = if lanes > 1 { "al" } else { "av" };
+    for q in 0..loads {
+        let factor = match &mm.a_rows {
+            Some(_) => format!(" * g{q}w"),
+            None => String::new(),
+        };
+        let _ = writeln!(
+            s,
+            "        let {loaded}{q} = {}[ar{q} + k]{factor};",
+            views.a
+        );
+    }
+    for j in 0..cols {
+        let _ = writeln!(s, "        let bv{j} = {}[bc{j} + k];", views.b);
+    }
+    for i in 0..rows {
+        if lanes > 1 {
+            let _ = writeln!(
+                s,
+                "        let av{i} = subgroupBroadcast(al{}, {}u);",
+                i / lanes as usize,
+                i % lanes as usize
+            );
+        }
+        for j in 0..cols {
+            let acc = "xyzw".chars().fold(format!("c{i}_{j}"), |acc, u| {
+                format!("fma(av{i}.{u}, bv{j}.{u}, {acc})")
+            });
+            let _ = writeln!(s, "        c{i}_{j} = {acc};");
         }
     }
     s += "    }\n";

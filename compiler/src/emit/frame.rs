@@ -59,7 +59,16 @@ pub(crate) fn fold(total: u64, target: &Target) -> Result<[u32; 3], KernelError>
 pub(crate) struct Binder<'g> {
     graph: &'g Graph,
     target: &'g Target,
-    slots: Vec<(NodeId, bool, String)>,
+    slots: Vec<Slot>,
+}
+
+/// One binding: the value it holds, whether the kernel writes it, its WGSL name, and whether it is a
+/// read-only `array<vec4<f32>>` view ([`Binder::vec4_view`]) rather than the value's own element type.
+struct Slot {
+    node: NodeId,
+    writes: bool,
+    name: String,
+    vec4: bool,
 }
 
 impl<'g> Binder<'g> {
@@ -74,30 +83,61 @@ impl<'g> Binder<'g> {
     /// Name of the read-only binding holding `operand` (its Reshape base's buffer).
     pub(crate) fn read(&mut self, operand: NodeId) -> String {
         let b = base(self.graph, operand);
-        if let Some((_, _, name)) = self.slots.iter().find(|(n, w, _)| *n == b && !*w) {
-            return name.clone();
-        }
-        let name = format!("b{}", self.slots.len());
-        self.slots.push((b, false, name.clone()));
-        name
+        self.slot(b, false, false)
     }
 
     pub(crate) fn read_as(&mut self, operand: NodeId, name: &str) {
         let b = base(self.graph, operand);
-        self.slots.push((b, false, name.to_string()));
+        self.push(b, false, name.to_string(), false);
     }
 
     pub(crate) fn write(&mut self, node: NodeId) -> String {
-        if let Some((_, _, name)) = self.slots.iter().find(|(n, w, _)| *n == node && *w) {
-            return name.clone();
-        }
-        let name = format!("b{}", self.slots.len());
-        self.slots.push((node, true, name.clone()));
-        name
+        self.slot(node, true, false)
     }
 
     pub(crate) fn write_as(&mut self, node: NodeId, name: &str) {
-        self.slots.push((node, true, name.to_string()));
+        self.push(node, true, name.to_string(), false);
+    }
+
+    /// A read-only `array<vec4<f32>>` view of the binding `name` (an unsplit f32 value), bound again
+    /// beside it: llvmpipe pays per load, not per byte, so a matmul whose operands are contiguous in
+    /// whole vec4s loads four elements at once (docs/DECISIONS.md, Runtime: vec4 loads).
+    pub(crate) fn vec4_view(&mut self, name: &str) -> String {
+        let node = self
+            .slots
+            .iter()
+            .find(|slot| slot.name == name)
+            .map(|slot| slot.node)
+            .unwrap_or_else(|| unreachable!("{name} is not bound"));
+        self.slot(node, false, true)
+    }
+
+    /// Bindings so far (a split value counts once).
+    pub(crate) fn binding_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The name of the binding of `node` with these flags, bound now if it is not yet.
+    fn slot(&mut self, node: NodeId, writes: bool, vec4: bool) -> String {
+        let found = self
+            .slots
+            .iter()
+            .find(|slot| slot.node == node && slot.writes == writes && slot.vec4 == vec4);
+        if let Some(slot) = found {
+            return slot.name.clone();
+        }
+        let name = format!("b{}", self.slots.len());
+        self.push(node, writes, name.clone(), vec4);
+        name
+    }
+
+    fn push(&mut self, node: NodeId, writes: bool, name: String, vec4: bool) {
+        self.slots.push(Slot {
+            node,
+            writes,
+            name,
+            vec4,
+        });
     }
 
     /// How many bindings the value of `node` takes on this target.
@@ -110,12 +150,12 @@ impl<'g> Binder<'g> {
 
     /// How the binding `name` is read and written (see [`Access`]).
     pub(crate) fn access(&self, name: &str) -> Access {
-        let slot = self.slots.iter().find(|(_, _, n)| n == name);
-        let dtype = slot.map_or(DType::F32, |(node, _, _)| self.graph.ty(*node).dtype);
+        let slot = self.slots.iter().find(|slot| slot.name == name);
+        let dtype = slot.map_or(DType::F32, |slot| self.graph.ty(slot.node).dtype);
         Access {
             name: name.to_string(),
             f16: dtype == DType::F16,
-            split: slot.is_some_and(|(node, _, _)| self.segments(*node).len() > 1),
+            split: slot.is_some_and(|slot| self.segments(slot.node).len() > 1),
         }
     }
 
@@ -146,7 +186,7 @@ impl<'g> Binder<'g> {
         if self
             .slots
             .iter()
-            .any(|(node, _, _)| self.graph.ty(*node).dtype == DType::F16)
+            .any(|slot| self.graph.ty(slot.node).dtype == DType::F16)
         {
             s.push_str("enable f16;\n");
         }
@@ -162,9 +202,18 @@ impl<'g> Binder<'g> {
         let mut first_binding = None;
         let mut accessors = String::new();
         let mut unsplit = None;
-        for (node, writes, name) in &self.slots {
+        for Slot {
+            node,
+            writes,
+            name,
+            vec4,
+        } in &self.slots
+        {
             let access = if *writes { "read_write" } else { "read" };
-            let ty = self.graph.ty(*node).dtype.wgsl();
+            let ty = match vec4 {
+                true => "vec4<f32>",
+                false => self.graph.ty(*node).dtype.wgsl(),
+            };
             let segments = self.segments(*node);
             first_binding.get_or_insert_with(|| match segments.len() {
                 1 => name.clone(),
@@ -200,7 +249,11 @@ impl<'g> Binder<'g> {
         s.push_str(body);
         KernelSrc {
             wgsl: s,
-            bindings: self.slots.into_iter().map(|(n, w, _)| (n, w)).collect(),
+            bindings: self
+                .slots
+                .into_iter()
+                .map(|slot| (slot.node, slot.writes))
+                .collect(),
             workgroups,
             unsplit,
         }

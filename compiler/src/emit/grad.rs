@@ -120,6 +120,7 @@ fn grad_w(
         a_rows: None,
         a_k,
         b_k,
+        along_k4: None,
     };
     let schedule = Schedule::new(target, nn, k, None);
     let grid = fold(schedule.workgroups(&blocked) as u64, target)?;

@@ -5,7 +5,7 @@
 //! the body. Bodies are produced by walking the group's nodes: each elementwise node becomes one `let v<id> = ...;`, an
 //! operand from outside the group becomes a load with a broadcasting index.
 
-use super::blocked::{self, gathered, Blocked, Schedule};
+use super::blocked::{self, gathered, AlongK4, Blocked, Schedule};
 use super::expr::{bcast_index, lit, op_expr, permuted_index, rope_fn, strided_index};
 use super::frame::{
     anchor, fill, fold, is_prologue, loop_bound, per_item_main, wg_size, Access, Binder,
@@ -638,6 +638,8 @@ struct Mm {
     /// WGSL expressions of the batch offsets in terms of `bi`.
     a_batch: String,
     b_batch: String,
+    /// Every batch stride of both operands is a multiple of 4 (batch offsets are whole vec4s).
+    batch_strides_div4: bool,
 }
 
 /// Logical shape and element strides of a matmul operand: the operand itself, or, when it is an
@@ -775,6 +777,17 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             ),
             None => format!("    let kbeg = 0u;\n    let kend = K;\n    let abase = {};\n    let bbase = {};\n", mm.a_batch, mm.b_batch),
         };
+        let schedule = Schedule::new(
+            target,
+            mm.m,
+            mm.n,
+            grouped.as_ref().map(|(layout, _)| layout.tile),
+        );
+        let along_k4 = along_k4(&mut b, &mm, (&a_load, &b_load), schedule, target);
+        let schedule = match along_k4 {
+            Some(_) => schedule.along_k4(mm.n, target),
+            None => schedule,
+        };
         let blocked = Blocked {
             batch: mm.batch,
             m: mm.m,
@@ -790,13 +803,8 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             a_rows,
             a_k: None,
             b_k: None,
+            along_k4,
         };
-        let schedule = Schedule::new(
-            target,
-            mm.m,
-            mm.n,
-            grouped.as_ref().map(|(layout, _)| layout.tile),
-        );
         (
             format!("{funcs}{store}{}", blocked::body(&blocked, schedule)),
             schedule.workgroups(&blocked),
@@ -804,6 +812,35 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
     };
     let grid = fold(groups as u64, target)?;
     Ok(b.finish(&consts, &body, grid))
+}
+
+/// vec4 views of both operands when the product can read them along k ([`AlongK4`]): plain f32
+/// bindings, both contiguous along k in whole vec4s, on an adapter with fixed subgroups (the CPU
+/// schedule this was measured for) and a binding to spare for each view.
+fn along_k4(
+    b: &mut Binder,
+    mm: &Mm,
+    (a, bb): (&Load, &Load),
+    schedule: Schedule,
+    target: &Target,
+) -> Option<AlongK4> {
+    let (Load::Buffer(a), Load::Buffer(bb)) = (a, bb) else {
+        return None;
+    };
+    let plain = |x: &Access| !x.f16 && !x.split;
+    let views = if a.name == bb.name { 1 } else { 2 };
+    let fits = schedule.lanes > 1
+        && plain(a)
+        && plain(bb)
+        && mm.sak == 1
+        && mm.sbk == 1
+        && [mm.k, mm.sam, mm.sbn].iter().all(|s| s % 4 == 0)
+        && mm.batch_strides_div4
+        && b.binding_count() + views <= target.max_storage_buffers_per_stage as usize;
+    fits.then(|| AlongK4 {
+        a: b.vec4_view(&a.name),
+        b: b.vec4_view(&bb.name),
+    })
 }
 
 /// The geometry of the matmul `anchor` over its operands' views (logical shape, element strides),
@@ -906,6 +943,10 @@ fn plain_geometry(
         sbn,
         a_batch: batch_offset(&a_shape[..ra - 2], &a_str[..ra - 2]),
         b_batch: batch_offset(&b_shape[..rb - 2], &b_str[..rb - 2]),
+        batch_strides_div4: a_str[..ra - 2]
+            .iter()
+            .chain(&b_str[..rb - 2])
+            .all(|s| s % 4 == 0),
     }
 }
 
@@ -923,6 +964,7 @@ fn grouped_geometry(m: usize, k: usize, n: usize, (sbk, sbn): (usize, usize)) ->
         sbn,
         a_batch: "0u".into(),
         b_batch: "0u".into(),
+        batch_strides_div4: true,
     }
 }
 
