@@ -169,18 +169,31 @@ pub(crate) struct Blocked<'a> {
     pub a_k: Option<Gathered>,
     /// The contraction index is a padded row gathered in B (weight gradient: the layer input).
     pub b_k: Option<Gathered>,
-    /// Read A and B four contraction steps at a time through these views.
-    pub along_k4: Option<AlongK4>,
+    /// A read as vec4s ([`Quad`]), else one element at a time through `a`.
+    pub a4: Option<Quad>,
+    /// B read as vec4s, else one element at a time through `b`.
+    pub b4: Option<Quad>,
 }
 
-/// Names of `array<vec4<f32>>` views of A's and B's bindings, for a product whose operands are both
-/// contiguous along the contraction axis in whole vec4s (the forward `x · wᵀ`, attention scores):
-/// `sak = sbk = 1`, and K, the row strides `sam`, `sbn` and every batch offset multiples of 4.
-/// llvmpipe pays per load, not per byte, so this cuts the contraction's loads by 4 (docs/DECISIONS.md,
-/// Runtime: vec4 loads). The multiply-adds stay in k order, so the sums are those of scalar loads.
-pub(crate) struct AlongK4 {
-    pub a: String,
-    pub b: String,
+/// The axis a vec4 view of a matmul operand steps along.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Along {
+    /// The contraction axis: A's rows or B's columns are contiguous in k (the forward `x · wᵀ`,
+    /// attention scores).
+    K,
+    /// The operand's output axis: A contiguous along its rows (the weight gradient's `dyᵀ`) or B
+    /// along its columns (the input gradient's `w`, the weight gradient's `x`).
+    Out,
+}
+
+/// An operand read four elements at a time through an `array<vec4<f32>>` view of its binding
+/// (`Binder::vec4_view`). llvmpipe pays per load, not per byte, so this cuts the loads of the
+/// contraction by 4 (docs/DECISIONS.md, Runtime: vec4 loads). Every accumulator still adds its
+/// products in k order, so the sums are exactly those of scalar loads. [`Blocked::vectorise`] says
+/// when an operand's layout allows one.
+pub(crate) struct Quad {
+    pub view: String,
+    pub along: Along,
 }
 
 /// One operand of a [`StridedMatmul`]: element `[bi][i, j]` is `buffer[bi·batch + i·rows + j·cols]`
@@ -239,7 +252,8 @@ impl StridedMatmul<'_> {
             a_rows: None,
             a_k: None,
             b_k: None,
-            along_k4: None,
+            a4: None,
+            b4: None,
         };
         let schedule = Schedule::new(target, self.m, self.n, None);
         let body = body(&mm, schedule);
@@ -267,7 +281,7 @@ const PLAIN_ROWS: usize = 8;
 const SHARED_ROWS: usize = 32;
 const COLS: usize = 8;
 const WG_MAX: u32 = 64;
-/// Columns per lane and workgroup size of vec4 contractions ([`Schedule::along_k4`]).
+/// Columns per lane and workgroup size of vec4 contractions ([`Schedule::quads`]).
 const K4_COLS: usize = 4;
 const K4_WG_MAX: u32 = 32;
 
@@ -318,11 +332,11 @@ impl Schedule {
         }
     }
 
-    /// This schedule for a vec4 contraction ([`AlongK4`]): its loads are 4 times fewer, so the
-    /// block that balances them against the multiply-adds is narrower. Measured on lavapipe (Mesa
-    /// 25.0.7, 4096 × 512 × 256, best of 4 runs of 15): 32 rows × 4 columns × 32 lanes 30 ms, 16 × 4 × 32
-    /// 35, 16 × 8 × 32 35, 32 × 4 × 64 36, 64 × 4 × 64 44, 32 × 8 × 64 (the scalar block) 50.
-    pub(crate) fn along_k4(self, n: usize, target: &Target) -> Schedule {
+    /// This schedule for vec4 loads ([`Quad`]): they are 4 times fewer, so the block that balances
+    /// them against the multiply-adds is narrower. Measured on lavapipe (Mesa 25.0.7, x · wᵀ of
+    /// 4096 × 512 × 256, best of 4 runs of 15): 32 rows × 4 columns × 32 lanes 30 ms, 16 × 4 × 32 35,
+    /// 16 × 8 × 32 35, 32 × 4 × 64 36, 64 × 4 × 64 44, 32 × 8 × 64 (the scalar block) 50.
+    fn quads(self, n: usize, target: &Target) -> Schedule {
         let cols = self.cols.min(K4_COLS);
         Schedule {
             cols,
@@ -343,6 +357,72 @@ impl Schedule {
     /// Workgroups the whole product needs.
     pub(crate) fn workgroups(&self, mm: &Blocked) -> usize {
         mm.batch * mm.m.div_ceil(self.rows) * mm.n.div_ceil(self.cols * self.wg as usize)
+    }
+}
+
+impl Blocked<'_> {
+    /// Reads A and B as vec4s wherever their layouts allow ([`Quad`]), binding the views in `binder`,
+    /// and returns the schedule to run with: `scalar` when neither operand can. `k`: the contraction
+    /// length when it is static and its index plain; `batch_div4`: every batch offset of both
+    /// operands is a whole number of vec4s. Only on adapters with fixed subgroups (the CPU schedule
+    /// this was measured for), and only while the views fit the adapter's bindings per stage.
+    pub(crate) fn vectorise(
+        &mut self,
+        binder: &mut Binder,
+        target: &Target,
+        scalar: Schedule,
+        k: Option<usize>,
+        batch_div4: bool,
+    ) -> Schedule {
+        let p = scalar.quads(self.n, target);
+        let k4 = k.is_some_and(|k| k % 4 == 0);
+        let shared_quads = p.rows % (4 * p.lanes as usize) == 0;
+        let a = if k4 && self.sak == 1 && self.sam % 4 == 0 {
+            Some(Along::K)
+        } else if self.a_rows.is_none()
+            && self.sam == 1
+            && self.sak % 4 == 0
+            && self.m % 4 == 0
+            && shared_quads
+        {
+            Some(Along::Out)
+        } else {
+            None
+        };
+        let b = if k4 && self.sbk == 1 && self.sbn % 4 == 0 {
+            Some(Along::K)
+        } else if self.sbn == 1 && self.sbk % 4 == 0 && self.n % 4 == 0 && p.cols % 4 == 0 {
+            Some(Along::Out)
+        } else {
+            None
+        };
+        let view = |load: &Load, along: Option<Along>| match load {
+            Load::Buffer(x) if !x.f16 && !x.split => along.map(|along| (x.name.clone(), along)),
+            Load::Buffer(_) | Load::Computed(_) => None,
+        };
+        let (a, b) = (view(self.a, a), view(self.b, b));
+        let mut names: Vec<&String> = a.iter().chain(&b).map(|(name, _)| name).collect();
+        names.dedup();
+        let room =
+            binder.binding_count() + names.len() <= target.max_storage_buffers_per_stage as usize;
+        if p.lanes <= 1 || !batch_div4 || !room || (a.is_none() && b.is_none()) {
+            return scalar;
+        }
+        let mut quad = |(name, along): (String, Along)| Quad {
+            view: binder.vec4_view(&name),
+            along,
+        };
+        self.a4 = a.map(&mut quad);
+        self.b4 = b.map(&mut quad);
+        p
+    }
+
+    fn a_along(&self) -> Option<Along> {
+        self.a4.as_ref().map(|q| q.along)
+    }
+
+    fn b_along(&self) -> Option<Along> {
+        self.b4.as_ref().map(|q| q.along)
     }
 }
 
@@ -376,16 +456,52 @@ pub(crate) fn body(mm: &Blocked, p: Schedule) -> String {
         "    let bi = w / {}u;\n    let m0 = ((w / {ct}u) % {mt}u) * {rows}u;",
         mt * ct
     );
+    // A lane's first column, or its first vec4 of columns when B is read along its columns.
+    let col_unit = if mm.b_along() == Some(Along::Out) {
+        4
+    } else {
+        1
+    };
     let _ = writeln!(
         s,
         "    let n0 = (w % {ct}u) * {}u + (lid / {group}u) * {}u + lid % {group}u;",
-        cols * wg as usize,
-        group as usize * cols
+        cols * wg as usize / col_unit,
+        group as usize * cols / col_unit
     );
     s += &mm.setup;
-    let (last_row, last_col) = (mm.m - 1, mm.n - 1);
-    // Element offsets, or vec4 offsets when the contraction reads vec4s.
-    let quad = if mm.along_k4.is_some() { " / 4u" } else { "" };
+    s += &a_bases(mm, p);
+    s += &b_bases(mm, p);
+    for i in 0..rows {
+        for j in 0..cols {
+            let _ = writeln!(s, "    var c{i}_{j} = 0.0;");
+        }
+    }
+    s += &match (&mm.a4, &mm.b4) {
+        (None, None) => contraction(mm, p, rows / lanes as usize),
+        _ => contraction_vec4(mm, p),
+    };
+    s += &store_block(mm, p);
+    s += "}\n";
+    s
+}
+
+/// The offsets `ar{q}` of the A values this lane loads (rows, or vec4s of them).
+fn a_bases(mm: &Blocked, p: Schedule) -> String {
+    let Schedule { rows, lanes, .. } = p;
+    let mut s = String::new();
+    if mm.a_along() == Some(Along::Out) {
+        for q in 0..rows / (4 * lanes as usize) {
+            let _ = writeln!(
+                s,
+                "    let ar{q} = abase / 4u + min(m0 / 4u + lane + {}u, {}u);",
+                q * lanes as usize,
+                mm.m / 4 - 1
+            );
+        }
+        return s;
+    }
+    // Element offsets, or vec4 offsets when A is read along k.
+    let quad = if mm.a4.is_some() { " / 4u" } else { "" };
     // Rows this lane loads: all of the block's, or its share of them.
     let loads = rows / lanes as usize;
     for q in 0..loads {
@@ -394,7 +510,7 @@ pub(crate) fn body(mm: &Blocked, p: Schedule) -> String {
         } else {
             format!("m0 + {q}u")
         };
-        let row = format!("min({row}, {last_row}u)");
+        let row = format!("min({row}, {}u)", mm.m - 1);
         let row = match &mm.a_rows {
             Some(g) => {
                 let v = format!("g{q}");
@@ -404,28 +520,51 @@ pub(crate) fn body(mm: &Blocked, p: Schedule) -> String {
             }
             None => row,
         };
-        let _ = writeln!(s, "    let ar{q} = (abase + {row} * {}u){quad};", mm.sam);
+        let _ = writeln!(
+            s,
+            "    let ar{q} = abase{quad} + {row} * {}u;",
+            per_quad(mm.sam, quad)
+        );
     }
+    s
+}
+
+/// The offsets `bc{j}` of the B values this lane loads (columns, or vec4s of them).
+fn b_bases(mm: &Blocked, p: Schedule) -> String {
+    let cols = p.cols;
+    let group = p.group() as usize;
+    let mut s = String::new();
+    if mm.b_along() == Some(Along::Out) {
+        for j in 0..cols / 4 {
+            let _ = writeln!(
+                s,
+                "    let bc{j} = bbase / 4u + min(n0 + {}u, {}u);",
+                j * group,
+                mm.n / 4 - 1
+            );
+        }
+        return s;
+    }
+    let quad = if mm.b4.is_some() { " / 4u" } else { "" };
     for j in 0..cols {
         let _ = writeln!(
             s,
-            "    let bc{j} = (bbase + min(n0 + {}u, {last_col}u) * {}u){quad};",
-            j * group as usize,
-            mm.sbn
+            "    let bc{j} = bbase{quad} + min(n0 + {}u, {}u) * {}u;",
+            j * group,
+            mm.n - 1,
+            per_quad(mm.sbn, quad)
         );
     }
-    for i in 0..rows {
-        for j in 0..cols {
-            let _ = writeln!(s, "    var c{i}_{j} = 0.0;");
-        }
-    }
-    s += &match &mm.along_k4 {
-        Some(views) => contraction_k4(mm, views, p, loads),
-        None => contraction(mm, p, loads),
-    };
-    s += &store_block(mm, p);
-    s += "}\n";
     s
+}
+
+/// A stride in elements, or in vec4s when offsets are (`quad`): the callers checked it divides.
+fn per_quad(stride: usize, quad: &str) -> usize {
+    if quad.is_empty() {
+        stride
+    } else {
+        stride / 4
+    }
 }
 
 /// The contraction loop over `k ∈ [kbeg, kend)`: per k, this lane's `loads` values of A (gathered
@@ -449,23 +588,9 @@ fn contraction(mm: &Blocked, p: Schedule, loads: usize) -> String {
         scaled(mm.sak, mm.a_k.is_some()),
         scaled(mm.sbk, mm.b_k.is_some()),
     );
-    // Gathered loads are scaled by their row's factor: the gate weight (or 1), 0 on padding rows.
-    let a_factor = |q: usize| match (&mm.a_rows, &mm.a_k) {
-        (Some(_), _) => format!(" * g{q}w"),
-        (None, Some(_)) => " * kaw".to_string(),
-        _ => String::new(),
-    };
-    let b_factor = if mm.b_k.is_some() { " * kbw" } else { "" };
+    let b_factor = b_factor(mm);
     s += "    for (var k = kbeg; k < kend; k = k + 1u) {\n";
-    // Both gathers of a weight gradient read one routing table: one lookup per k.
-    if let Some(g) = mm.a_k.as_ref().or(mm.b_k.as_ref()) {
-        s += &g.lookup("k", "k", "        ");
-        for (v, gathered) in [("kaw", &mm.a_k), ("kbw", &mm.b_k)] {
-            if let Some(g) = gathered {
-                let _ = writeln!(s, "        let {v} = {};", g.factor("k"));
-            }
-        }
-    }
+    s += &gathered_k_lookup(mm);
     // Without subgroups the lane's own loads are the row values (`av`); with them, its share (`al`).
     let loaded = if lanes > 1 { "al" } else { "av" };
     for q in 0..loads {
@@ -473,7 +598,7 @@ fn contraction(mm: &Blocked, p: Schedule, loads: usize) -> String {
             s,
             "        let {loaded}{q} = {}{};",
             mm.a.at(&format!("ar{q} + {ak}")),
-            a_factor(q)
+            a_factor(mm, q)
         );
     }
     for j in 0..cols {
@@ -500,46 +625,201 @@ fn contraction(mm: &Blocked, p: Schedule, loads: usize) -> String {
     s
 }
 
-/// [`contraction`] over vec4 steps of k for operands contiguous along k ([`AlongK4`]): per step
-/// this lane's `loads` vec4s of A (scaled by a gathered row's factor), its `cols` vec4s of B, and
-/// four multiply-adds per accumulator in k order.
-fn contraction_k4(mm: &Blocked, views: &AlongK4, p: Schedule, loads: usize) -> String {
+/// [`contraction`] with one or both operands read as vec4s ([`Quad`]). With a vec4 along k the loop
+/// steps 4 elements of k, loading those once per step, and runs 4 sub-steps for the operands read
+/// per element of k; otherwise it steps 1. Per sub-step every accumulator gets one multiply-add, so
+/// each still sums in k order.
+fn contraction_vec4(mm: &Blocked, p: Schedule) -> String {
     let Schedule {
         rows, cols, lanes, ..
     } = p;
-    let mut s = String::from("    for (var k = kbeg / 4u; k < kend / 4u; k = k + 1u) {\n");
-    let loaded = if lanes > 1 { "al" } else { "av" };
-    for q in 0..loads {
-        let factor = match &mm.a_rows {
-            Some(_) => format!(" * g{q}w"),
-            None => String::new(),
-        };
-        let _ = writeln!(
-            s,
-            "        let {loaded}{q} = {}[ar{q} + k]{factor};",
-            views.a
-        );
-    }
-    for j in 0..cols {
-        let _ = writeln!(s, "        let bv{j} = {}[bc{j} + k];", views.b);
-    }
-    for i in 0..rows {
-        if lanes > 1 {
+    let lanes = lanes as usize;
+    let k4 = mm.a_along() == Some(Along::K) || mm.b_along() == Some(Along::K);
+    let mut s = String::from(if k4 {
+        "    for (var k = kbeg / 4u; k < kend / 4u; k = k + 1u) {\n"
+    } else {
+        "    for (var k = kbeg; k < kend; k = k + 1u) {\n"
+    });
+    s += &gathered_k_lookup(mm);
+    let b_factor = b_factor(mm);
+    if let Some(Quad {
+        view,
+        along: Along::K,
+    }) = &mm.a4
+    {
+        for q in 0..rows / lanes {
+            let _ = writeln!(
+                s,
+                "        let al{q} = {view}[ar{q} + k]{};",
+                a_factor(mm, q)
+            );
+        }
+        for i in 0..rows {
             let _ = writeln!(
                 s,
                 "        let av{i} = subgroupBroadcast(al{}, {}u);",
-                i / lanes as usize,
-                i % lanes as usize
+                i / lanes,
+                i % lanes
             );
         }
+    }
+    if let Some(Quad {
+        view,
+        along: Along::K,
+    }) = &mm.b4
+    {
         for j in 0..cols {
-            let acc = "xyzw".chars().fold(format!("c{i}_{j}"), |acc, u| {
-                format!("fma(av{i}.{u}, bv{j}.{u}, {acc})")
-            });
-            let _ = writeln!(s, "        c{i}_{j} = {acc};");
+            let _ = writeln!(s, "        let bv{j} = {view}[bc{j} + k]{b_factor};");
+        }
+    }
+    for u in 0..if k4 { 4 } else { 1 } {
+        // This sub-step's element of k: of the source's token row where the contraction is gathered.
+        let kt = if mm.a_k.is_some() || mm.b_k.is_some() {
+            "kt"
+        } else {
+            "k"
+        };
+        let ke = if k4 {
+            format!("(k * 4u + {u}u)")
+        } else {
+            kt.to_string()
+        };
+        s += &sub_step_loads(mm, p, u, &ke);
+        for i in 0..rows {
+            let a = match mm.a_along() {
+                Some(Along::K) => format!("av{i}.{}", XYZW[u]),
+                Some(Along::Out) => format!("av{}_{u}.{}", i / 4, XYZW[i % 4]),
+                None => format!("av{i}_{u}"),
+            };
+            for j in 0..cols {
+                let b = match mm.b_along() {
+                    Some(Along::K) => format!("bv{j}.{}", XYZW[u]),
+                    Some(Along::Out) => format!("bv{}_{u}.{}", j / 4, XYZW[j % 4]),
+                    None => format!("bv{j}_{u}"),
+                };
+                let _ = writeln!(s, "        c{i}_{j} = fma({a}, {b}, c{i}_{j});");
+            }
         }
     }
     s += "    }\n";
+    s
+}
+
+const XYZW: [&str; 4] = ["x", "y", "z", "w"];
+
+/// The loads of sub-step `u` (element `ke` of k) for the operands not read along k: A's rows (as
+/// vec4s of rows, or one at a time) and their broadcasts, and B's columns.
+fn sub_step_loads(mm: &Blocked, p: Schedule, u: usize, ke: &str) -> String {
+    let Schedule {
+        rows, cols, lanes, ..
+    } = p;
+    let lanes = lanes as usize;
+    let b_factor = b_factor(mm);
+    let mut s = String::new();
+    match &mm.a4 {
+        Some(Quad {
+            along: Along::K, ..
+        }) => {}
+        Some(Quad {
+            view,
+            along: Along::Out,
+        }) => {
+            for q in 0..rows / (4 * lanes) {
+                let _ = writeln!(
+                    s,
+                    "        let al{q}_{u} = {view}[ar{q} + {ke} * {}u]{};",
+                    mm.sak / 4,
+                    a_factor(mm, q)
+                );
+            }
+            for r in 0..rows / 4 {
+                let _ = writeln!(
+                    s,
+                    "        let av{r}_{u} = subgroupBroadcast(al{}_{u}, {}u);",
+                    r / lanes,
+                    r % lanes
+                );
+            }
+        }
+        None => {
+            for q in 0..rows / lanes {
+                let _ = writeln!(
+                    s,
+                    "        let al{q}_{u} = {}{};",
+                    mm.a.at(&format!("ar{q} + {ke} * {}u", mm.sak)),
+                    a_factor(mm, q)
+                );
+            }
+            for i in 0..rows {
+                let _ = writeln!(
+                    s,
+                    "        let av{i}_{u} = subgroupBroadcast(al{}_{u}, {}u);",
+                    i / lanes,
+                    i % lanes
+                );
+            }
+        }
+    }
+    match &mm.b4 {
+        Some(Quad {
+            along: Along::K, ..
+        }) => {}
+        Some(Quad {
+            view,
+            along: Along::Out,
+        }) => {
+            for j in 0..cols / 4 {
+                let _ = writeln!(
+                    s,
+                    "        let bv{j}_{u} = {view}[bc{j} + {ke} * {}u]{b_factor};",
+                    mm.sbk / 4
+                );
+            }
+        }
+        None => {
+            for j in 0..cols {
+                let _ = writeln!(
+                    s,
+                    "        let bv{j}_{u} = {}{b_factor};",
+                    mm.b.at(&format!("bc{j} + {ke} * {}u", mm.sbk))
+                );
+            }
+        }
+    }
+    s
+}
+
+/// Gathered loads are scaled by their row's factor: the gate weight (or 1), 0 on padding rows. This
+/// is the factor of A's `q`-th load.
+fn a_factor(mm: &Blocked, q: usize) -> String {
+    match (&mm.a_rows, &mm.a_k) {
+        (Some(_), _) => format!(" * g{q}w"),
+        (None, Some(_)) => " * kaw".to_string(),
+        _ => String::new(),
+    }
+}
+
+/// The factor of B's loads (see [`a_factor`]).
+fn b_factor(mm: &Blocked) -> &'static str {
+    if mm.b_k.is_some() {
+        " * kbw"
+    } else {
+        ""
+    }
+}
+
+/// A gathered contraction index: the lookup of padded row `k`'s token row `kt` and the factors of
+/// the gathered operands. Both gathers of a weight gradient read one routing table: one lookup per k.
+fn gathered_k_lookup(mm: &Blocked) -> String {
+    let mut s = String::new();
+    if let Some(g) = mm.a_k.as_ref().or(mm.b_k.as_ref()) {
+        s += &g.lookup("k", "k", "        ");
+        for (v, gathered) in [("kaw", &mm.a_k), ("kbw", &mm.b_k)] {
+            if let Some(g) = gathered {
+                let _ = writeln!(s, "        let {v} = {};", g.factor("k"));
+            }
+        }
+    }
     s
 }
 
@@ -563,9 +843,14 @@ fn store_block(mm: &Blocked, p: Schedule) -> String {
         "    for (var t = 0u; t < {}; t = t + 1u) {{",
         loop_bound(block, block)
     );
+    let col = match mm.b_along() {
+        // Accumulator j is column j % 4 of the lane's (j / 4)-th vec4 of columns.
+        Some(Along::Out) => format!("(n0 + (t % {cols}u) / 4u * {group}u) * 4u + t % 4u"),
+        Some(Along::K) | None => format!("n0 + (t % {cols}u) * {group}u"),
+    };
     let _ = writeln!(
         s,
-        "        let row = m0 + t / {cols}u;\n        let col = n0 + (t % {cols}u) * {group}u;"
+        "        let row = m0 + t / {cols}u;\n        let col = {col};"
     );
     let _ = writeln!(s, "        if (row < {}u && col < {}u) {{\n            put(bi, row, col, tile[t]);\n        }}\n    }}", mm.m, mm.n);
     s

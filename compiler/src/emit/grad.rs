@@ -99,7 +99,7 @@ fn grad_w(
     let out = b.write(n);
     let (nn, k) = (graph.ty(args[0]).shape[1], graph.ty(args[1]).shape[1]);
     let off = layout.offsets_at();
-    let blocked = Blocked {
+    let mut blocked = Blocked {
         batch: layout.experts,
         m: nn,
         n: k,
@@ -120,9 +120,12 @@ fn grad_w(
         a_rows: None,
         a_k,
         b_k,
-        along_k4: None,
+        a4: None,
+        b4: None,
     };
-    let schedule = Schedule::new(target, nn, k, None);
+    let scalar = Schedule::new(target, nn, k, None);
+    // The contraction runs over gathered padded rows: only vec4s along A's rows and B's columns.
+    let schedule = blocked.vectorise(&mut b, target, scalar, None, true);
     let grid = fold(schedule.workgroups(&blocked) as u64, target)?;
     Ok(b.finish(&[], &blocked::body(&blocked, schedule), grid))
 }

@@ -5,7 +5,7 @@
 //! the body. Bodies are produced by walking the group's nodes: each elementwise node becomes one `let v<id> = ...;`, an
 //! operand from outside the group becomes a load with a broadcasting index.
 
-use super::blocked::{self, gathered, AlongK4, Blocked, Schedule};
+use super::blocked::{self, gathered, Blocked, Schedule};
 use super::expr::{bcast_index, lit, op_expr, permuted_index, rope_fn, strided_index};
 use super::frame::{
     anchor, fill, fold, is_prologue, loop_bound, per_item_main, wg_size, Access, Binder,
@@ -783,12 +783,7 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             mm.n,
             grouped.as_ref().map(|(layout, _)| layout.tile),
         );
-        let along_k4 = along_k4(&mut b, &mm, (&a_load, &b_load), schedule, target);
-        let schedule = match along_k4 {
-            Some(_) => schedule.along_k4(mm.n, target),
-            None => schedule,
-        };
-        let blocked = Blocked {
+        let mut blocked = Blocked {
             batch: mm.batch,
             m: mm.m,
             n: mm.n,
@@ -803,8 +798,11 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             a_rows,
             a_k: None,
             b_k: None,
-            along_k4,
+            a4: None,
+            b4: None,
         };
+        let schedule =
+            blocked.vectorise(&mut b, target, schedule, Some(mm.k), mm.batch_strides_div4);
         (
             format!("{funcs}{store}{}", blocked::body(&blocked, schedule)),
             schedule.workgroups(&blocked),
@@ -812,35 +810,6 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
     };
     let grid = fold(groups as u64, target)?;
     Ok(b.finish(&consts, &body, grid))
-}
-
-/// vec4 views of both operands when the product can read them along k ([`AlongK4`]): plain f32
-/// bindings, both contiguous along k in whole vec4s, on an adapter with fixed subgroups (the CPU
-/// schedule this was measured for) and a binding to spare for each view.
-fn along_k4(
-    b: &mut Binder,
-    mm: &Mm,
-    (a, bb): (&Load, &Load),
-    schedule: Schedule,
-    target: &Target,
-) -> Option<AlongK4> {
-    let (Load::Buffer(a), Load::Buffer(bb)) = (a, bb) else {
-        return None;
-    };
-    let plain = |x: &Access| !x.f16 && !x.split;
-    let views = if a.name == bb.name { 1 } else { 2 };
-    let fits = schedule.lanes > 1
-        && plain(a)
-        && plain(bb)
-        && mm.sak == 1
-        && mm.sbk == 1
-        && [mm.k, mm.sam, mm.sbn].iter().all(|s| s % 4 == 0)
-        && mm.batch_strides_div4
-        && b.binding_count() + views <= target.max_storage_buffers_per_stage as usize;
-    fits.then(|| AlongK4 {
-        a: b.vec4_view(&a.name),
-        b: b.vec4_view(&bb.name),
-    })
 }
 
 /// The geometry of the matmul `anchor` over its operands' views (logical shape, element strides),
