@@ -19,6 +19,7 @@
 
 use moec_compiler::autodiff::{training_graph, SEED};
 use moec_compiler::check::check;
+use moec_compiler::emit::{MatmulVariant, Target};
 use moec_compiler::interp::Value;
 use moec_compiler::ir::{DType, Graph, Init, NodeId, Op, RouteLayout, TensorType};
 use moec_compiler::lower::lower;
@@ -253,6 +254,14 @@ fn moe_adjoints_tile_16() {
 }
 
 #[test]
+fn moe_adjoints_with_vec4_loads() {
+    // Every axis a multiple of 4 and the route tile a whole subgroup-shared block (32 rows): on a
+    // CPU adapter the input gradient reads w as vec4s along its columns, and the weight gradient
+    // reads both operands as vec4s (dy along its rows, x along its columns).
+    moe_adjoints(RouteLayout::dropless(40, 2, 4, 32), 64, 96, 5);
+}
+
+#[test]
 fn moe_adjoints_tile_4_wide() {
     // Wider than one register block in both output axes (hidden 75 > 8·8, d 70 > 64 columns).
     moe_adjoints(RouteLayout::dropless(37, 2, 5, 4), 70, 75, 4);
@@ -335,13 +344,14 @@ fn model_feeds(g: &Graph, vocab: u32, seed: u64) -> HashMap<String, Value> {
 }
 
 /// How a training graph is compared: its dtypes, the router margin its feeds need, the seed and
-/// the tolerance `rel·|ref| + floor·max|ref|`.
+/// the tolerance `rel·|ref| + floor·max|ref|`, and the (target, fused) configurations it runs in.
 struct Mode {
     f16: bool,
     margin: f64,
     seed: f32,
     rel: f64,
     floor: f64,
+    configs: fn() -> Vec<(Target, bool)>,
 }
 
 const F32_MODE: Mode = Mode {
@@ -350,6 +360,7 @@ const F32_MODE: Mode = Mode {
     seed: 1.0,
     rel: MODEL_REL,
     floor: MODEL_FLOOR,
+    configs,
 };
 
 fn check_training(what: &str, source: &str, vocab: u32) {
@@ -378,9 +389,13 @@ fn check_training_in(what: &str, source: &str, vocab: u32, mode: &Mode) {
         forward.params().len(),
         "{what}: every parameter reaches the loss"
     );
-    let worst = compare(&train, &feeds, &|reference, scale| {
-        mode.rel * reference + mode.floor * scale
-    });
+    let worst = compare_lowered(
+        &train,
+        &train,
+        &feeds,
+        &|reference, scale| mode.rel * reference + mode.floor * scale,
+        &(mode.configs)(),
+    );
     let mut names: Vec<_> = worst.into_iter().collect();
     names.sort_by(|a, b| a.0.cmp(&b.0));
     eprintln!("{what}: {} outputs; max abs error per output:", names.len());
@@ -419,6 +434,33 @@ fn dense_training_graph_matches_interpreter() {
 #[test]
 fn moe_training_graph_matches_interpreter() {
     check_training("moe", MOE, 32);
+}
+
+/// `MOE` with every matmul axis a multiple of 4 and the expert hidden a whole subgroup-shared block
+/// (32 rows): on a CPU adapter the grouped and plain products read their operands as vec4s along k,
+/// along A's rows and along B's columns, with the gather prologues (token rows, gate weights)
+/// absorbed into those loads. Register-blocked schedules only (the shared-tile one has no vec4
+/// loads and `MOE` covers it), fused and unfused: a cold lavapipe compiles each kernel once.
+#[test]
+fn moe_training_graph_with_vec4_loads_matches_interpreter() {
+    let source = MOE
+        .replace("dim = 16", "dim = 32")
+        .replace("hidden = 24", "hidden = 64");
+    let register_blocked = || {
+        configs()
+            .into_iter()
+            .filter(|(target, _)| target.matmul == MatmulVariant::RegisterBlocked)
+            .collect()
+    };
+    check_training_in(
+        "moe vec4",
+        &source,
+        32,
+        &Mode {
+            configs: register_blocked,
+            ..F32_MODE
+        },
+    );
 }
 
 /// `MOE` with Switch jitter on the router input: a random graph input the recomputed router must
@@ -495,6 +537,7 @@ fn moe_f16_training_graph_matches_f16_interpreter() {
             seed: 1024.0,
             rel: 1.0 / 64.0,
             floor: 1.0 / 128.0,
+            configs,
         },
     );
 }

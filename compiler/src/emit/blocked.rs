@@ -673,18 +673,7 @@ fn contraction_vec4(mm: &Blocked, p: Schedule) -> String {
         }
     }
     for u in 0..if k4 { 4 } else { 1 } {
-        // This sub-step's element of k: of the source's token row where the contraction is gathered.
-        let kt = if mm.a_k.is_some() || mm.b_k.is_some() {
-            "kt"
-        } else {
-            "k"
-        };
-        let ke = if k4 {
-            format!("(k * 4u + {u}u)")
-        } else {
-            kt.to_string()
-        };
-        s += &sub_step_loads(mm, p, u, &ke);
+        s += &sub_step_loads(mm, p, u, k4);
         for i in 0..rows {
             let a = match mm.a_along() {
                 Some(Along::K) => format!("av{i}.{}", XYZW[u]),
@@ -709,10 +698,17 @@ const XYZW: [&str; 4] = ["x", "y", "z", "w"];
 
 /// The loads of sub-step `u` (element `ke` of k) for the operands not read along k: A's rows (as
 /// vec4s of rows, or one at a time) and their broadcasts, and B's columns.
-fn sub_step_loads(mm: &Blocked, p: Schedule, u: usize, ke: &str) -> String {
+fn sub_step_loads(mm: &Blocked, p: Schedule, u: usize, k4: bool) -> String {
     let Schedule {
         rows, cols, lanes, ..
     } = p;
+    // The sub-step's element of k, of the source's token row `kt` where that operand is gathered.
+    let ke = |gathered: &Option<Gathered>| match (k4, gathered) {
+        (true, _) => format!("(k * 4u + {u}u)"),
+        (false, Some(_)) => "kt".to_string(),
+        (false, None) => "k".to_string(),
+    };
+    let (ake, bke) = (ke(&mm.a_k), ke(&mm.b_k));
     let lanes = lanes as usize;
     let b_factor = b_factor(mm);
     let mut s = String::new();
@@ -727,7 +723,7 @@ fn sub_step_loads(mm: &Blocked, p: Schedule, u: usize, ke: &str) -> String {
             for q in 0..rows / (4 * lanes) {
                 let _ = writeln!(
                     s,
-                    "        let al{q}_{u} = {view}[ar{q} + {ke} * {}u]{};",
+                    "        let al{q}_{u} = {view}[ar{q} + {ake} * {}u]{};",
                     mm.sak / 4,
                     a_factor(mm, q)
                 );
@@ -746,7 +742,7 @@ fn sub_step_loads(mm: &Blocked, p: Schedule, u: usize, ke: &str) -> String {
                 let _ = writeln!(
                     s,
                     "        let al{q}_{u} = {}{};",
-                    mm.a.at(&format!("ar{q} + {ke} * {}u", mm.sak)),
+                    mm.a.at(&format!("ar{q} + {ake} * {}u", mm.sak)),
                     a_factor(mm, q)
                 );
             }
@@ -771,7 +767,7 @@ fn sub_step_loads(mm: &Blocked, p: Schedule, u: usize, ke: &str) -> String {
             for j in 0..cols / 4 {
                 let _ = writeln!(
                     s,
-                    "        let bv{j}_{u} = {view}[bc{j} + {ke} * {}u]{b_factor};",
+                    "        let bv{j}_{u} = {view}[bc{j} + {bke} * {}u]{b_factor};",
                     mm.sbk / 4
                 );
             }
@@ -781,7 +777,7 @@ fn sub_step_loads(mm: &Blocked, p: Schedule, u: usize, ke: &str) -> String {
                 let _ = writeln!(
                     s,
                     "        let bv{j}_{u} = {}{b_factor};",
-                    mm.b.at(&format!("bc{j} + {ke} * {}u", mm.sbk))
+                    mm.b.at(&format!("bc{j} + {bke} * {}u", mm.sbk))
                 );
             }
         }
