@@ -17,6 +17,9 @@
 //!   runs 1024³ at 8.5 GFLOP/s instead of 2.
 //! - The epilogue (`put`) runs once per output in a loop over the block after the contraction, not
 //!   inlined per accumulator.
+//! - On Mesa 25 a vec4 load costs about what a scalar one does, so operands laid out in whole vec4s
+//!   along k or along their output axis are read four elements per load ([`Quad`]), on a narrower
+//!   block ([`Schedule::quads`]).
 //!
 //! Edge blocks clamp their load indices into the matrix (no branches in the loop, every lane stays
 //! active for the broadcasts) and drop out-of-range results at the store.
