@@ -921,6 +921,63 @@ mod tests {
         );
     }
 
+    /// The vec4 axes [`Blocked::vectorise`] picks for an `m × n` product over `k` with these
+    /// strides of A (`sam`, `sak`) and B (`sbk`, `sbn`), both plain f32 buffers of 4096 elements.
+    fn quads(
+        lanes: u32,
+        (m, n, k): (usize, usize, usize),
+        strides: [usize; 4],
+    ) -> (Option<Along>, Option<Along>) {
+        let mut g = Graph::new();
+        let (x, w) = (
+            g.input("x", crate::ir::TensorType::f32(&[4096])),
+            g.input("w", crate::ir::TensorType::f32(&[4096])),
+        );
+        let target = target(lanes);
+        let mut binder = Binder::new(&g, &target);
+        let (a, b) = (binder.load(x), binder.load(w));
+        let [sam, sak, sbk, sbn] = strides;
+        let mut mm = Blocked {
+            batch: 1,
+            m,
+            n,
+            a: &a,
+            b: &b,
+            sam,
+            sak,
+            sbk,
+            sbn,
+            setup: String::new(),
+            put: String::new(),
+            a_rows: None,
+            a_k: None,
+            b_k: None,
+            a4: None,
+            b4: None,
+        };
+        let scalar = Schedule::new(&target, m, n, None);
+        mm.vectorise(&mut binder, &target, scalar, Some(k), true);
+        (mm.a_along(), mm.b_along())
+    }
+
+    #[test]
+    fn vec4_axes_follow_the_operand_layouts() {
+        use Along::{Out, K};
+        // x · wᵀ (forward): both contiguous along k.
+        assert_eq!(quads(8, (64, 48, 32), [32, 1, 1, 32]), (Some(K), Some(K)));
+        // dy · w (input gradient): A along k, B along its columns.
+        assert_eq!(quads(8, (64, 48, 32), [32, 1, 48, 1]), (Some(K), Some(Out)));
+        // dyᵀ · x (weight gradient): A along its rows, B along its columns.
+        assert_eq!(
+            quads(8, (64, 48, 32), [1, 64, 48, 1]),
+            (Some(Out), Some(Out))
+        );
+        // K not a multiple of 4: A's rows are not whole vec4s along k, B's columns still are.
+        assert_eq!(quads(8, (64, 48, 30), [30, 1, 48, 1]), (None, Some(Out)));
+        // Without fixed subgroups (portable target), scalar loads.
+        assert_eq!(quads(0, (64, 48, 32), [32, 1, 1, 32]), (None, None));
+    }
+
     #[test]
     fn strided_matmuls_validate_with_and_without_subgroups() {
         // X·Xᵀ of 3 stacked 5 × 70 matrices (Muon's Gram matrix): B is X read transposed.
