@@ -379,22 +379,26 @@ impl Blocked<'_> {
     ) -> Schedule {
         let p = scalar.quads(self.n, target);
         let k4 = k.is_some_and(|k| k % 4 == 0);
-        let shared_quads = p.rows % (4 * p.lanes as usize) == 0;
-        let a = if k4 && self.sak == 1 && self.sam % 4 == 0 {
+        let shared_quads = p.rows.is_multiple_of(4 * p.lanes as usize);
+        let a = if k4 && self.sak == 1 && self.sam.is_multiple_of(4) {
             Some(Along::K)
         } else if self.a_rows.is_none()
             && self.sam == 1
-            && self.sak % 4 == 0
-            && self.m % 4 == 0
+            && self.sak.is_multiple_of(4)
+            && self.m.is_multiple_of(4)
             && shared_quads
         {
             Some(Along::Out)
         } else {
             None
         };
-        let b = if k4 && self.sbk == 1 && self.sbn % 4 == 0 {
+        let b = if k4 && self.sbk == 1 && self.sbn.is_multiple_of(4) {
             Some(Along::K)
-        } else if self.sbn == 1 && self.sbk % 4 == 0 && self.n % 4 == 0 && p.cols % 4 == 0 {
+        } else if self.sbn == 1
+            && self.sbk.is_multiple_of(4)
+            && self.n.is_multiple_of(4)
+            && p.cols.is_multiple_of(4)
+        {
             Some(Along::Out)
         } else {
             None
@@ -675,17 +679,18 @@ fn contraction_vec4(mm: &Blocked, p: Schedule) -> String {
             let _ = writeln!(s, "        let bv{j} = {view}[bc{j} + k]{b_factor};");
         }
     }
-    for u in 0..if k4 { 4 } else { 1 } {
+    let sub_steps = if k4 { &XYZW[..] } else { &XYZW[..1] };
+    for (u, component) in sub_steps.iter().enumerate() {
         s += &sub_step_loads(mm, p, u, k4);
         for i in 0..rows {
             let a = match mm.a_along() {
-                Some(Along::K) => format!("av{i}.{}", XYZW[u]),
+                Some(Along::K) => format!("av{i}.{component}"),
                 Some(Along::Out) => format!("av{}_{u}.{}", i / 4, XYZW[i % 4]),
                 None => format!("av{i}_{u}"),
             };
             for j in 0..cols {
                 let b = match mm.b_along() {
-                    Some(Along::K) => format!("bv{j}.{}", XYZW[u]),
+                    Some(Along::K) => format!("bv{j}.{component}"),
                     Some(Along::Out) => format!("bv{}_{u}.{}", j / 4, XYZW[j % 4]),
                     None => format!("bv{j}_{u}"),
                 };
@@ -699,8 +704,9 @@ fn contraction_vec4(mm: &Blocked, p: Schedule) -> String {
 
 const XYZW: [&str; 4] = ["x", "y", "z", "w"];
 
-/// The loads of sub-step `u` (element `ke` of k) for the operands not read along k: A's rows (as
-/// vec4s of rows, or one at a time) and their broadcasts, and B's columns.
+/// The loads of sub-step `u` (the `u`-th element of a vec4 step of k, else the step's one element)
+/// for the operands not read along k: A's rows (as vec4s of rows, or one at a time) and their
+/// broadcasts, and B's columns.
 fn sub_step_loads(mm: &Blocked, p: Schedule, u: usize, k4: bool) -> String {
     let Schedule {
         rows, cols, lanes, ..
