@@ -112,9 +112,12 @@ impl<'g> Binder<'g> {
         self.slot(node, false, true)
     }
 
-    /// Bindings so far (a split value counts once).
+    /// Bindings so far, as the adapter counts them: a split value takes one per segment.
     pub(crate) fn binding_count(&self) -> usize {
-        self.slots.len()
+        self.slots
+            .iter()
+            .map(|slot| self.segments(slot.node).len())
+            .sum()
     }
 
     /// The name of the binding of `node` with these flags, bound now if it is not yet.
