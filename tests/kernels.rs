@@ -35,11 +35,13 @@ fn spec_files() -> Vec<PathBuf> {
 }
 
 /// The CPU adapters' target: register-blocked matmuls sharing loads through subgroups of 8 lanes
-/// (lavapipe's), with the portable limits so the manifest does not depend on the machine.
+/// (lavapipe's) and its compile-bound block for small products, with the portable limits so the
+/// manifest does not depend on the machine.
 fn cpu_target() -> Target {
     Target {
         matmul: MatmulVariant::RegisterBlocked,
         subgroup_size: 8,
+        small_product_macs: moec_compiler::target::CPU_SMALL_PRODUCT_MACS,
         ..Target::default()
     }
 }

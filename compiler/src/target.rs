@@ -22,7 +22,19 @@ pub struct Target {
     /// 8, its SIMD width); 0 when kernels must not use subgroup operations.
     #[serde(default)]
     pub subgroup_size: u32,
+    /// Register-blocked products of fewer multiply-adds than this are compile-bound on this adapter:
+    /// llvmpipe compiles a kernel at its first dispatch, in time that grows with the unrolled
+    /// block, while a small product runs in about the same time under any block. They get a
+    /// half-height block with scalar loads (`emit::blocked::Schedule`). 0: every product gets the
+    /// block that runs fastest.
+    #[serde(default)]
+    pub small_product_macs: u64,
 }
+
+/// [`Target::small_product_macs`] of CPU adapters. The quickstart's products (9.4M multiply-adds
+/// at most) then compile in 10.6 s instead of 24.1 s, summed over its training plan, and train at the
+/// same speed; every product of `bench-small` (67M and up) but its router keeps the large block.
+pub const CPU_SMALL_PRODUCT_MACS: u64 = 1 << 25;
 
 /// Matmul schedule (docs/DECISIONS.md, Runtime): on lavapipe (a CPU) a register-blocked kernel with
 /// no workgroup memory is ~12x faster than a shared-memory tile; real GPUs want the tile.
@@ -58,6 +70,7 @@ impl Default for Target {
             max_workgroup_storage_bytes: 16384,
             matmul: MatmulVariant::SharedTiled,
             subgroup_size: 0,
+            small_product_macs: 0,
         }
     }
 }

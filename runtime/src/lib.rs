@@ -229,6 +229,11 @@ impl Gpu {
                 MatmulVariant::SharedTiled
             },
             subgroup_size: self.subgroup_size,
+            small_product_macs: if self.is_cpu {
+                moec_compiler::target::CPU_SMALL_PRODUCT_MACS
+            } else {
+                0
+            },
         }
     }
 

@@ -258,7 +258,12 @@ impl StridedMatmul<'_> {
             a4: None,
             b4: None,
         };
-        let schedule = Schedule::new(target, self.m, self.n, None);
+        let schedule = Schedule::new(
+            target,
+            (self.m, self.n),
+            self.batch * self.m * self.n * self.k,
+            None,
+        );
         let body = body(&mm, schedule);
         (
             opaque_trips_fn(self.a.buffer, &body) + &body,
@@ -275,6 +280,9 @@ pub(crate) struct Schedule {
     pub cols: usize,
     pub wg: u32,
     pub lanes: u32,
+    /// A compile-bound product ([`Target::small_product_macs`]): scalar loads only, since vec4
+    /// loads unroll the contraction 4 times for no gain at its size.
+    pub small: bool,
 }
 
 /// Accumulator block of a lane without subgroups: 64 accumulators amortise the A loads.
@@ -282,6 +290,11 @@ const PLAIN_ROWS: usize = 8;
 /// Rows of a block whose A loads are shared across a subgroup: 32 × 8 accumulators per lane was the
 /// fastest block on lavapipe that still compiles in about a second (64 × 8: +15%, twice the compile).
 const SHARED_ROWS: usize = 32;
+/// Rows of a subgroup-shared block of a compile-bound product. Measured on the quickstart's training
+/// plan (lavapipe, Mesa 25.0.7, compile summed over its 62 kernels, release `moec bench` interleaved):
+/// 32 rows with vec4 loads 24.1 s, 16 rows 14.5 s, 16 rows with scalar loads 10.6 s, all three at
+/// ~105 ms per step; 8 rows with scalar loads 8.3 s but 130 ms per step.
+const SMALL_SHARED_ROWS: usize = 16;
 const COLS: usize = 8;
 const WG_MAX: u32 = 64;
 /// Columns per lane and workgroup size of vec4 contractions ([`Schedule::quads`]).
@@ -301,15 +314,27 @@ impl Schedule {
     /// The schedule for an `m × n` output on `target`. `row_align`: a block must not straddle a
     /// multiple of it (grouped matmuls: an expert's segment starts at multiples of the route tile).
     /// Small outputs get smaller blocks: llvmpipe's compile time grows with the unrolled block, and a
-    /// block larger than the output only adds idle accumulators.
-    pub(crate) fn new(target: &Target, m: usize, n: usize, row_align: Option<usize>) -> Schedule {
+    /// block larger than the output only adds idle accumulators. So do products of few multiply-adds
+    /// (`macs`, over the whole dispatch) on adapters where they are compile-bound.
+    pub(crate) fn new(
+        target: &Target,
+        (m, n): (usize, usize),
+        macs: usize,
+        row_align: Option<usize>,
+    ) -> Schedule {
         let fits = |rows: usize| row_align.is_none_or(|t| t % rows == 0);
         let lanes = target.subgroup_size;
+        let small = (macs as u64) < target.small_product_macs;
+        let most_rows = if small {
+            SMALL_SHARED_ROWS.max(lanes as usize)
+        } else {
+            SHARED_ROWS
+        };
         let shared = (lanes > 1
             && (lanes as usize) <= SHARED_ROWS
             && lanes <= target.max_invocations_per_workgroup)
             .then(|| {
-                let want = m.next_multiple_of(lanes as usize).min(SHARED_ROWS);
+                let want = m.next_multiple_of(lanes as usize).min(most_rows);
                 (1..=want / lanes as usize)
                     .rev()
                     .map(|q| q * lanes as usize)
@@ -332,6 +357,7 @@ impl Schedule {
             cols,
             wg: workgroup_size(WG_MAX, n, cols, lanes, target),
             lanes,
+            small,
         }
     }
 
@@ -377,6 +403,9 @@ impl Blocked<'_> {
         k: Option<usize>,
         batch_div4: bool,
     ) -> Schedule {
+        if scalar.small {
+            return scalar;
+        }
         let p = scalar.quads(self.n, target);
         let k4 = k.is_some_and(|k| k % 4 == 0);
         let shared_quads = p.rows.is_multiple_of(4 * p.lanes as usize);
@@ -440,6 +469,7 @@ pub(crate) fn body(mm: &Blocked, p: Schedule) -> String {
         cols,
         wg,
         lanes,
+        small: _,
     } = p;
     let group = p.group();
     let (mt, ct) = (mm.m.div_ceil(rows), mm.n.div_ceil(cols * wg as usize));
@@ -875,54 +905,71 @@ mod tests {
     #[test]
     fn subgroup_blocks_are_multiples_of_the_subgroup_and_respect_the_row_alignment() {
         assert_eq!(
-            Schedule::new(&target(8), 2048, 512, None),
+            Schedule::new(&target(8), (2048, 512), usize::MAX, None),
             Schedule {
                 rows: 32,
                 cols: 8,
                 wg: 64,
-                lanes: 8
+                lanes: 8,
+                small: false
             }
         );
-        assert_eq!(Schedule::new(&target(8), 2048, 512, Some(16)).rows, 16);
-        assert_eq!(Schedule::new(&target(8), 2048, 512, Some(24)).rows, 24);
+        assert_eq!(
+            Schedule::new(&target(8), (2048, 512), usize::MAX, Some(16)).rows,
+            16
+        );
+        assert_eq!(
+            Schedule::new(&target(8), (2048, 512), usize::MAX, Some(24)).rows,
+            24
+        );
         // No multiple of 8 divides 12: plain blocking with a row count that does.
         assert_eq!(
-            Schedule::new(&target(8), 2048, 512, Some(12)),
+            Schedule::new(&target(8), (2048, 512), usize::MAX, Some(12)),
             Schedule {
                 rows: 6,
                 cols: 8,
                 wg: 64,
-                lanes: 1
+                lanes: 1,
+                small: false
             }
         );
         assert_eq!(
-            Schedule::new(&target(0), 2048, 512, None),
+            Schedule::new(&target(0), (2048, 512), usize::MAX, None),
             Schedule {
                 rows: 8,
                 cols: 8,
                 wg: 64,
-                lanes: 1
+                lanes: 1,
+                small: false
             }
         );
         // Small outputs: small blocks; 8 lanes still make one whole subgroup.
-        assert_eq!(Schedule::new(&target(8), 13, 512, None).rows, 16);
-        assert_eq!(Schedule::new(&target(0), 5, 512, None).rows, 5);
         assert_eq!(
-            Schedule::new(&target(8), 64, 3, None),
+            Schedule::new(&target(8), (13, 512), usize::MAX, None).rows,
+            16
+        );
+        assert_eq!(
+            Schedule::new(&target(0), (5, 512), usize::MAX, None).rows,
+            5
+        );
+        assert_eq!(
+            Schedule::new(&target(8), (64, 3), usize::MAX, None),
             Schedule {
                 rows: 32,
                 cols: 1,
                 wg: 8,
-                lanes: 8
+                lanes: 8,
+                small: false
             }
         );
         assert_eq!(
-            Schedule::new(&target(0), 64, 20, None),
+            Schedule::new(&target(0), (64, 20), usize::MAX, None),
             Schedule {
                 rows: 8,
                 cols: 3,
                 wg: 8,
-                lanes: 1
+                lanes: 1,
+                small: false
             }
         );
     }
@@ -934,13 +981,20 @@ mod tests {
         (m, n, k): (usize, usize, usize),
         strides: [usize; 4],
     ) -> (Option<Along>, Option<Along>) {
+        quads_on(&target(lanes), (m, n, k), strides)
+    }
+
+    fn quads_on(
+        target: &Target,
+        (m, n, k): (usize, usize, usize),
+        strides: [usize; 4],
+    ) -> (Option<Along>, Option<Along>) {
         let mut g = Graph::new();
         let (x, w) = (
             g.input("x", crate::ir::TensorType::f32(&[4096])),
             g.input("w", crate::ir::TensorType::f32(&[4096])),
         );
-        let target = target(lanes);
-        let mut binder = Binder::new(&g, &target);
+        let mut binder = Binder::new(&g, target);
         let (a, b) = (binder.load(x), binder.load(w));
         let [sam, sak, sbk, sbn] = strides;
         let mut mm = Blocked {
@@ -961,9 +1015,33 @@ mod tests {
             a4: None,
             b4: None,
         };
-        let scalar = Schedule::new(&target, m, n, None);
-        mm.vectorise(&mut binder, &target, scalar, Some(k), true);
+        let scalar = Schedule::new(target, (m, n), m * n * k, None);
+        mm.vectorise(&mut binder, target, scalar, Some(k), true);
         (mm.a_along(), mm.b_along())
+    }
+
+    #[test]
+    fn compile_bound_products_get_half_height_blocks_and_scalar_loads() {
+        let cpu = Target {
+            small_product_macs: 1 << 20,
+            ..target(8)
+        };
+        let at = |macs| {
+            let p = Schedule::new(&cpu, (2048, 512), macs, None);
+            (p.rows, p.small)
+        };
+        assert_eq!(at((1 << 20) - 1), (16, true));
+        assert_eq!(at(1 << 20), (32, false));
+        // 64 × 48 × 32 = 98,304 multiply-adds: x · wᵀ keeps scalar loads.
+        assert_eq!(quads_on(&cpu, (64, 48, 32), [32, 1, 1, 32]), (None, None));
+        let fast = Target {
+            small_product_macs: 0,
+            ..cpu
+        };
+        assert_eq!(
+            quads_on(&fast, (64, 48, 32), [32, 1, 1, 32]),
+            (Some(Along::K), Some(Along::K))
+        );
     }
 
     #[test]

@@ -123,7 +123,7 @@ fn grad_w(
         a4: None,
         b4: None,
     };
-    let scalar = Schedule::new(target, nn, k, None);
+    let scalar = Schedule::new(target, (nn, k), nn * k * layout.rows(), None);
     // The contraction runs over gathered padded rows: only vec4s along A's rows and B's columns.
     let schedule = blocked.vectorise(&mut b, target, scalar, None, true);
     let grid = fold(schedule.workgroups(&blocked) as u64, target)?;
@@ -178,7 +178,7 @@ mod tests {
             let src = grad_kernel(&g, &alone(dw), &target)
                 .unwrap_or_else(|_| panic!("grid of {n}x{k} fits"));
             validate_wgsl(&src.wgsl).unwrap_or_else(|e| panic!("{n}x{k}: {e}"));
-            let p = Schedule::new(&target, n, k, None);
+            let p = Schedule::new(&target, (n, k), 0, None);
             let blocks = layout.experts * n.div_ceil(p.rows) * k.div_ceil(p.cols * p.wg as usize);
             let grid: usize = src.workgroups.iter().map(|&d| d as usize).product();
             assert!(

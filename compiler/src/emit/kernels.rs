@@ -779,8 +779,8 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
         };
         let schedule = Schedule::new(
             target,
-            mm.m,
-            mm.n,
+            (mm.m, mm.n),
+            mm.batch * mm.m * mm.n * mm.k,
             grouped.as_ref().map(|(layout, _)| layout.tile),
         );
         let mut blocked = Blocked {
