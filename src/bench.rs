@@ -108,6 +108,7 @@ fn time(loaded: &Loaded, args: &Args, fusion: bool, gpu: &Gpu) -> Result<Row> {
         steps: Some(args.warmup + args.steps + 1),
         spec_dir,
     };
+    crate::precompile(gpu, &[&training.plan, &forward.plan])?;
     let result = (|| {
         let mut trainer = Trainer::new(
             gpu,

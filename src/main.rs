@@ -290,6 +290,28 @@ pub fn compile(spec: &Spec, batch: usize, target: &Target, fusion: bool) -> Resu
     moec_compiler::compile(spec, batch, target, fusion).into_diagnostic()
 }
 
+/// Compiles the kernels of `plans` ahead of the first step where the driver would otherwise compile
+/// them one by one inside it ([`Gpu::precompile`]), with a progress bar on a terminal.
+pub fn precompile(gpu: &Gpu, plans: &[&moec_compiler::plan::Plan]) -> Result<()> {
+    if !gpu.compiles_at_first_dispatch() {
+        return Ok(());
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30.cyan/blue} {pos}/{len} kernels compiled (first run of these kernels; the driver keeps them)",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    gpu.precompile(plans, &|done, all| {
+        bar.set_length(all as u64);
+        bar.set_position(done as u64);
+    })
+    .into_diagnostic()?;
+    bar.finish_and_clear();
+    Ok(())
+}
+
 /// `--profile`'s table of `times` (name, seconds): the 15 slowest dispatches, then the `fastest`
 /// quickest, each with its share of the total; `heading` gets the total in milliseconds.
 pub fn print_slowest(

@@ -57,6 +57,7 @@ pub fn run(loaded: &Loaded, args: &Args, gpu: &Gpu) -> Result<()> {
         steps: args.steps,
         spec_dir,
     };
+    crate::precompile(gpu, &[&training.plan, &forward.plan])?;
     let mut trainer = Trainer::new(
         gpu,
         spec,

@@ -146,6 +146,8 @@ pub struct Gpu {
     /// (`moec_runtime::memory`) must match.
     allocated: AtomicU64,
     pipeline_cache: Option<DiskPipelineCache>,
+    /// The adapter this device was opened on, for [`Gpu::precompile`]'s helper devices.
+    choice: AdapterChoice,
 }
 
 impl Gpu {
@@ -211,6 +213,7 @@ impl Gpu {
             },
             subgroup_size,
             allocated: AtomicU64::new(0),
+            choice: choice.clone(),
         })
     }
 
@@ -834,6 +837,7 @@ pub mod memory;
 pub mod metrics;
 pub mod optim;
 mod pipeline_cache;
+pub mod precompile;
 pub mod report;
 pub mod schedule;
 pub mod train;

@@ -1,6 +1,7 @@
-//! The on-disk pipeline cache (docs/DECISIONS.md, Runtime: cold start): a run saves it, the next run
-//! on the same adapter loads it, and a damaged file is ignored instead of failing the run. A test
-//! binary of its own because it sets `MOEC_CACHE_DIR`, which every `Gpu` of the process reads.
+//! Cold start (docs/DECISIONS.md, Runtime: cold start). The on-disk pipeline cache: a run saves it,
+//! the next run on the same adapter loads it, and a damaged file is ignored instead of failing the
+//! run. A test binary of its own because it sets `MOEC_CACHE_DIR`, which every `Gpu` of the process
+//! reads. And the ahead-of-time compile of adapters that compile at first dispatch.
 
 use moec_compiler::emit::emit;
 use moec_compiler::fuse::{fuse, FuseOptions};
@@ -8,14 +9,15 @@ use moec_compiler::ir::{Graph, Init, Op, TensorType};
 use moec_compiler::plan::Plan;
 use moec_runtime::{AdapterChoice, Executor, Gpu};
 use std::path::Path;
+use std::sync::Mutex;
 
 const M: usize = 5;
 const N: usize = 3;
 const K: usize = 4;
 
-fn matmul_plan(gpu: &Gpu) -> Plan {
+fn matmul_plan(gpu: &Gpu, m: usize) -> Plan {
     let mut g = Graph::new();
-    let x = g.input("x", TensorType::f32(&[M, K]));
+    let x = g.input("x", TensorType::f32(&[m, K]));
     let w = g.param("w", &[N, K], Init::Constant(0.0));
     let y = g.add(Op::MatMul { trans_b: true }, &[x, w], "y").unwrap();
     g.set_output("y", y);
@@ -23,12 +25,9 @@ fn matmul_plan(gpu: &Gpu) -> Plan {
     emit(&g, &fuse(&g, FuseOptions::for_target(&target)), &target).unwrap()
 }
 
-/// Opens the adapter afresh (loading the cache), runs `y = x · wᵀ` and checks it on the host;
-/// returns whether the adapter has a pipeline cache.
-fn run_once() -> bool {
-    let gpu = Gpu::new(&AdapterChoice::default()).unwrap();
-    let plan = matmul_plan(&gpu);
-    let exec = Executor::new(&gpu, &plan).unwrap();
+/// Runs `y = x · wᵀ` of `matmul_plan(gpu, M)` and checks it on the host.
+fn check_matmul(gpu: &Gpu) {
+    let exec = Executor::new(gpu, &matmul_plan(gpu, M)).unwrap();
     let x: Vec<f32> = (0..M * K).map(|i| i as f32 * 0.25).collect();
     let w: Vec<f32> = (0..N * K).map(|i| 1.0 - i as f32 * 0.125).collect();
     exec.write_f32("x", &x).unwrap();
@@ -39,6 +38,13 @@ fn run_once() -> bool {
         let want: f32 = (0..K).map(|k| x[r * K + k] * w[c * K + k]).sum();
         assert!((y[r * N + c] - want).abs() <= 1e-5 * want.abs().max(1.0));
     }
+}
+
+/// Opens the adapter afresh (loading the cache) and checks a product; returns whether the adapter
+/// has a pipeline cache.
+fn run_once() -> bool {
+    let gpu = Gpu::new(&AdapterChoice::default()).unwrap();
+    check_matmul(&gpu);
     gpu.pipeline_cache().is_some()
 }
 
@@ -71,4 +77,29 @@ fn a_run_saves_the_pipeline_cache_and_the_next_loads_it_or_drops_a_damaged_one()
         b"not a pipeline cache",
         "and saved again"
     );
+}
+
+/// `Gpu::precompile` compiles each distinct kernel of the plans once (a plan given twice adds
+/// nothing), reporting each, on as many devices as there are cores, and the executor's results
+/// afterwards are those of a run without it. Where the adapter compiles when the pipeline is created
+/// it does nothing.
+#[test]
+fn precompile_compiles_each_distinct_kernel_once_and_leaves_results_unchanged() {
+    let gpu = Gpu::new(&AdapterChoice::default()).unwrap();
+    let (plan, taller) = (matmul_plan(&gpu, M), matmul_plan(&gpu, 2 * M));
+    let reports = Mutex::new(Vec::new());
+    let compiled = gpu
+        .precompile(&[&plan, &taller, &plan], &|done, all| {
+            reports.lock().unwrap().push((done, all))
+        })
+        .unwrap();
+    let mut reports = reports.into_inner().unwrap();
+    reports.sort();
+    if gpu.compiles_at_first_dispatch() {
+        assert_eq!(compiled, 2);
+        assert_eq!(reports, [(1, 2), (2, 2)]);
+    } else {
+        assert_eq!((compiled, reports.len()), (0, 0));
+    }
+    check_matmul(&gpu);
 }
