@@ -108,7 +108,7 @@ fn time(loaded: &Loaded, args: &Args, fusion: bool, gpu: &Gpu) -> Result<Row> {
         steps: Some(args.warmup + args.steps + 1),
         spec_dir,
     };
-    crate::precompile(gpu, &[&training.plan, &forward.plan])?;
+    let compiling = crate::precompile(gpu, &[&training.plan, &forward.plan]);
     let result = (|| {
         let mut trainer = Trainer::new(
             gpu,
@@ -119,6 +119,7 @@ fn time(loaded: &Loaded, args: &Args, fusion: bool, gpu: &Gpu) -> Result<Row> {
             &options,
         )
         .into_diagnostic()?;
+        compiling.finish(gpu)?;
         let mut times = Vec::with_capacity(args.steps);
         for i in 0..args.warmup + args.steps {
             let start = Instant::now();

@@ -290,12 +290,10 @@ pub fn compile(spec: &Spec, batch: usize, target: &Target, fusion: bool) -> Resu
     moec_compiler::compile(spec, batch, target, fusion).into_diagnostic()
 }
 
-/// Compiles the kernels of `plans` ahead of the first step where the driver would otherwise compile
-/// them one by one inside it ([`Gpu::precompile`]), with a progress bar on a terminal.
-pub fn precompile(gpu: &Gpu, plans: &[&moec_compiler::plan::Plan]) -> Result<()> {
-    if !gpu.compiles_at_first_dispatch() {
-        return Ok(());
-    }
+/// Starts compiling the kernels of `plans` ahead of the first step where the driver would otherwise
+/// compile them one by one inside it ([`Gpu::precompile`]), with a progress bar on a terminal; the
+/// caller builds its trainer meanwhile and then calls [`Precompile::finish`].
+pub fn precompile(gpu: &Gpu, plans: &[&moec_compiler::plan::Plan]) -> Precompile {
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -303,13 +301,30 @@ pub fn precompile(gpu: &Gpu, plans: &[&moec_compiler::plan::Plan]) -> Result<()>
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    gpu.precompile(plans, &|done, all| {
-        bar.set_length(all as u64);
-        bar.set_position(done as u64);
-    })
-    .into_diagnostic()?;
-    bar.finish_and_clear();
-    Ok(())
+    let shown = bar.clone();
+    let compiling = gpu.precompile(
+        plans,
+        Box::new(move |done, all| {
+            shown.set_length(all as u64);
+            shown.set_position(done as u64);
+        }),
+    );
+    Precompile { compiling, bar }
+}
+
+/// [`precompile`] under way.
+pub struct Precompile {
+    compiling: moec_runtime::precompile::Precompiling,
+    bar: indicatif::ProgressBar,
+}
+
+impl Precompile {
+    /// Compiles the rest on this thread too and waits for the helpers.
+    pub fn finish(self, gpu: &Gpu) -> Result<()> {
+        self.compiling.finish(gpu).into_diagnostic()?;
+        self.bar.finish_and_clear();
+        Ok(())
+    }
 }
 
 /// `--profile`'s table of `times` (name, seconds): the 15 slowest dispatches, then the `fastest`

@@ -57,7 +57,7 @@ pub fn run(loaded: &Loaded, args: &Args, gpu: &Gpu) -> Result<()> {
         steps: args.steps,
         spec_dir,
     };
-    crate::precompile(gpu, &[&training.plan, &forward.plan])?;
+    let compiling = crate::precompile(gpu, &[&training.plan, &forward.plan]);
     let mut trainer = Trainer::new(
         gpu,
         spec,
@@ -67,6 +67,7 @@ pub fn run(loaded: &Loaded, args: &Args, gpu: &Gpu) -> Result<()> {
         &options,
     )
     .into_diagnostic()?;
+    compiling.finish(gpu)?;
     let memory = MemoryReport::training(
         &training.plan,
         &forward.plan,

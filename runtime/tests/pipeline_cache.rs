@@ -9,7 +9,7 @@ use moec_compiler::ir::{Graph, Init, Op, TensorType};
 use moec_compiler::plan::Plan;
 use moec_runtime::{AdapterChoice, Executor, Gpu};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 const M: usize = 5;
 const N: usize = 3;
@@ -87,13 +87,16 @@ fn a_run_saves_the_pipeline_cache_and_the_next_loads_it_or_drops_a_damaged_one()
 fn precompile_compiles_each_distinct_kernel_once_and_leaves_results_unchanged() {
     let gpu = Gpu::new(&AdapterChoice::default()).unwrap();
     let (plan, taller) = (matmul_plan(&gpu, M), matmul_plan(&gpu, 2 * M));
-    let reports = Mutex::new(Vec::new());
+    let reports = Arc::new(Mutex::new(Vec::new()));
+    let reported = Arc::clone(&reports);
     let compiled = gpu
-        .precompile(&[&plan, &taller, &plan], &|done, all| {
-            reports.lock().unwrap().push((done, all))
-        })
+        .precompile(
+            &[&plan, &taller, &plan],
+            Box::new(move |done, all| reported.lock().unwrap().push((done, all))),
+        )
+        .finish(&gpu)
         .unwrap();
-    let mut reports = reports.into_inner().unwrap();
+    let mut reports = reports.lock().unwrap().clone();
     reports.sort();
     if gpu.compiles_at_first_dispatch() {
         assert_eq!(compiled, 2);
