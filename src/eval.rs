@@ -108,7 +108,9 @@ impl Model {
         let compiled =
             moec_compiler::compile_forward(&self.spec, batch, &gpu.target(), fusion, head)
                 .into_diagnostic()?;
+        let compiling = crate::precompile(gpu, &[&compiled.plan]);
         let exec = Executor::new(gpu, &compiled.plan).into_diagnostic()?;
+        compiling.finish(gpu)?;
         for buffer in &compiled.plan.buffers {
             match &buffer.role {
                 BufferRole::Param { name, shape, .. } => {

@@ -187,7 +187,9 @@ fn seeded_executor<'g>(
     feeds: &HashMap<String, Value>,
     seed: u64,
 ) -> Result<(Executor<'g>, HashMap<String, Vec<f32>>)> {
+    let compiling = crate::precompile(gpu, &[&compiled.plan]);
     let exec = Executor::new(gpu, &compiled.plan).into_diagnostic()?;
+    compiling.finish(gpu)?;
     let params = interp::init_params(&compiled.graph, seed);
     for (name, values) in &params {
         exec.write_f32(name, values).into_diagnostic()?;

@@ -40,13 +40,14 @@ struct Work {
 }
 
 impl Gpu {
-    /// Whether [`Gpu::precompile`] has anything to do here: a CPU adapter (llvmpipe compiles at
-    /// first dispatch; GPU drivers compile when the pipeline is created, and keep it in moec's
-    /// pipeline cache) whose Mesa shader cache is on (else nothing carries the work over).
+    /// Whether [`Gpu::precompile`] has anything to do here: Mesa's llvmpipe, which compiles at first
+    /// dispatch, with its shader cache on (else nothing carries the work over). GPU drivers compile
+    /// when the pipeline is created, and keep it in moec's pipeline cache; other CPU adapters are
+    /// unmeasured.
     pub fn compiles_at_first_dispatch(&self) -> bool {
         let cache_off = std::env::var("MESA_SHADER_CACHE_DISABLE")
             .is_ok_and(|v| matches!(v.to_lowercase().as_str(), "1" | "true" | "yes"));
-        self.is_cpu && !cache_off
+        self.is_cpu && self.info.name.to_lowercase().contains("llvmpipe") && !cache_off
     }
 
     /// Starts compiling every distinct kernel of `plans` into the driver's shader cache: one helper
