@@ -691,14 +691,6 @@ fn contraction_vec4(mm: &Blocked, p: Schedule) -> String {
                 a_factor(mm, q)
             );
         }
-        for i in 0..rows {
-            let _ = writeln!(
-                s,
-                "        let av{i} = subgroupBroadcast(al{}, {}u);",
-                i / lanes,
-                i % lanes
-            );
-        }
     }
     if let Some(Quad {
         view,
@@ -710,15 +702,28 @@ fn contraction_vec4(mm: &Blocked, p: Schedule) -> String {
         }
     }
     let sub_steps = if k4 { &XYZW[..] } else { &XYZW[..1] };
-    for (u, component) in sub_steps.iter().enumerate() {
+    for u in 0..sub_steps.len() {
         s += &sub_step_loads(mm, p, u, k4);
-        for i in 0..rows {
-            let a = match mm.a_along() {
-                Some(Along::K) => format!("av{i}.{component}"),
-                Some(Along::Out) => format!("av{}_{u}.{}", i / 4, XYZW[i % 4]),
-                None => format!("av{i}_{u}"),
-            };
-            for j in 0..cols {
+    }
+    // Accumulator by accumulator, its sub-steps in k order: LLVM then loads each spilled
+    // accumulator once per step, not once per sub-step (x · wᵀ of 4096 × 512 × 256 on lavapipe,
+    // interleaved best-of-15 pairs: 45–55 ms against 35–81 ms sub-step by sub-step).
+    for i in 0..rows {
+        if mm.a_along() == Some(Along::K) {
+            let _ = writeln!(
+                s,
+                "        let av{i} = subgroupBroadcast(al{}, {}u);",
+                i / lanes,
+                i % lanes
+            );
+        }
+        for j in 0..cols {
+            for (u, component) in sub_steps.iter().enumerate() {
+                let a = match mm.a_along() {
+                    Some(Along::K) => format!("av{i}.{component}"),
+                    Some(Along::Out) => format!("av{}_{u}.{}", i / 4, XYZW[i % 4]),
+                    None => format!("av{i}_{u}"),
+                };
                 let b = match mm.b_along() {
                     Some(Along::K) => format!("bv{j}.{component}"),
                     Some(Along::Out) => format!("bv{}_{u}.{}", j / 4, XYZW[j % 4]),
