@@ -176,6 +176,18 @@ pub(crate) struct Blocked<'a> {
     pub a4: Option<Quad>,
     /// B read as vec4s, else one element at a time through `b`.
     pub b4: Option<Quad>,
+    /// The vec4 contraction steps 4 elements of k at a time ([`Blocked::vectorise`]).
+    pub steps_by_4: bool,
+}
+
+/// What [`Blocked::vectorise`] may assume of the contraction range `[kbeg, kend)`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum KRange {
+    /// `[0, k)` over plain indices, or empty.
+    Static(usize),
+    /// Padded rows of a routing table's expert segments, whose bounds are multiples of `align`,
+    /// gathered to token rows.
+    Gathered { align: usize },
 }
 
 /// The axis a vec4 view of a matmul operand steps along.
@@ -257,6 +269,7 @@ impl StridedMatmul<'_> {
             b_k: None,
             a4: None,
             b4: None,
+            steps_by_4: false,
         };
         let schedule = Schedule::new(
             target,
@@ -391,23 +404,23 @@ impl Schedule {
 
 impl Blocked<'_> {
     /// Reads A and B as vec4s wherever their layouts allow ([`Quad`]), binding the views in `binder`,
-    /// and returns the schedule to run with: `scalar` when neither operand can. `k`: the contraction
-    /// length when it is static and its index plain; `batch_div4`: every batch offset of both
-    /// operands is a whole number of vec4s. Only on adapters with fixed subgroups (the CPU schedule
+    /// and returns the schedule to run with: `scalar` when neither operand can. `range`: what the
+    /// contraction runs over (vec4s along k need a static length, steps of 4 bounds that are
+    /// multiples of 4); `batch_div4`: every batch offset of both operands is a whole number of vec4s. Only on adapters with fixed subgroups (the CPU schedule
     /// this was measured for), and only while the views fit the adapter's bindings per stage.
     pub(crate) fn vectorise(
         &mut self,
         binder: &mut Binder,
         target: &Target,
         scalar: Schedule,
-        k: Option<usize>,
+        range: KRange,
         batch_div4: bool,
     ) -> Schedule {
         if scalar.small {
             return scalar;
         }
         let p = scalar.quads(self.n, target);
-        let k4 = k.is_some_and(|k| k % 4 == 0);
+        let k4 = matches!(range, KRange::Static(k) if k % 4 == 0);
         let shared_quads = p.rows.is_multiple_of(4 * p.lanes as usize);
         let a = if k4 && self.sak == 1 && self.sam.is_multiple_of(4) {
             Some(Along::K)
@@ -450,6 +463,11 @@ impl Blocked<'_> {
         };
         self.a4 = a.map(&mut quad);
         self.b4 = b.map(&mut quad);
+        // Steps of 4 let each accumulator take 4 multiply-adds in a row (`contraction_vec4`).
+        self.steps_by_4 = match range {
+            KRange::Static(_) => k4,
+            KRange::Gathered { align } => align.is_multiple_of(4),
+        };
         p
     }
 
@@ -625,9 +643,9 @@ fn contraction(mm: &Blocked, p: Schedule, loads: usize) -> String {
         scaled(mm.sak, mm.a_k.is_some()),
         scaled(mm.sbk, mm.b_k.is_some()),
     );
-    let b_factor = b_factor(mm);
+    let b_factor = b_factor(mm, "k");
     s += "    for (var k = kbeg; k < kend; k = k + 1u) {\n";
-    s += &gathered_k_lookup(mm);
+    s += &gathered_k_lookup(mm, "k", "k");
     // Without subgroups the lane's own loads are the row values (`av`); with them, its share (`al`).
     let loaded = if lanes > 1 { "al" } else { "av" };
     for q in 0..loads {
@@ -635,7 +653,7 @@ fn contraction(mm: &Blocked, p: Schedule, loads: usize) -> String {
             s,
             "        let {loaded}{q} = {}{};",
             mm.a.at(&format!("ar{q} + {ak}")),
-            a_factor(mm, q)
+            a_factor(mm, q, "k")
         );
     }
     for j in 0..cols {
@@ -671,14 +689,22 @@ fn contraction_vec4(mm: &Blocked, p: Schedule) -> String {
         rows, cols, lanes, ..
     } = p;
     let lanes = lanes as usize;
-    let k4 = mm.a_along() == Some(Along::K) || mm.b_along() == Some(Along::K);
+    let k4 = mm.steps_by_4;
     let mut s = String::from(if k4 {
         "    for (var k = kbeg / 4u; k < kend / 4u; k = k + 1u) {\n"
     } else {
         "    for (var k = kbeg; k < kend; k = k + 1u) {\n"
     });
-    s += &gathered_k_lookup(mm);
-    let b_factor = b_factor(mm);
+    let sub_steps = if k4 { &XYZW[..] } else { &XYZW[..1] };
+    for u in 0..sub_steps.len() {
+        let (gathered, padded_row) = if k4 {
+            (format!("k{u}"), format!("(k * 4u + {u}u)"))
+        } else {
+            ("k".to_string(), "k".to_string())
+        };
+        s += &gathered_k_lookup(mm, &gathered, &padded_row);
+    }
+    let b_factor = b_factor(mm, "k");
     if let Some(Quad {
         view,
         along: Along::K,
@@ -688,7 +714,7 @@ fn contraction_vec4(mm: &Blocked, p: Schedule) -> String {
             let _ = writeln!(
                 s,
                 "        let al{q} = {view}[ar{q} + k]{};",
-                a_factor(mm, q)
+                a_factor(mm, q, "k")
             );
         }
     }
@@ -701,7 +727,6 @@ fn contraction_vec4(mm: &Blocked, p: Schedule) -> String {
             let _ = writeln!(s, "        let bv{j} = {view}[bc{j} + k]{b_factor};");
         }
     }
-    let sub_steps = if k4 { &XYZW[..] } else { &XYZW[..1] };
     for u in 0..sub_steps.len() {
         s += &sub_step_loads(mm, p, u, k4);
     }
@@ -747,14 +772,16 @@ fn sub_step_loads(mm: &Blocked, p: Schedule, u: usize, k4: bool) -> String {
         rows, cols, lanes, ..
     } = p;
     // The sub-step's element of k, of the source's token row `kt` where that operand is gathered.
-    let ke = |gathered: &Option<Gathered>| match (k4, gathered) {
-        (true, _) => format!("(k * 4u + {u}u)"),
-        (false, Some(_)) => "kt".to_string(),
+    // The sub-step's gathered index (`gathered_k_lookup`): its token row `{gathered}t`.
+    let gathered = if k4 { format!("k{u}") } else { "k".to_string() };
+    let ke = |source: &Option<Gathered>| match (k4, source) {
+        (_, Some(_)) => format!("{gathered}t"),
+        (true, None) => format!("(k * 4u + {u}u)"),
         (false, None) => "k".to_string(),
     };
     let (ake, bke) = (ke(&mm.a_k), ke(&mm.b_k));
     let lanes = lanes as usize;
-    let b_factor = b_factor(mm);
+    let b_factor = b_factor(mm, &gathered);
     let mut s = String::new();
     match &mm.a4 {
         Some(Quad {
@@ -769,7 +796,7 @@ fn sub_step_loads(mm: &Blocked, p: Schedule, u: usize, k4: bool) -> String {
                     s,
                     "        let al{q}_{u} = {view}[ar{q} + {ake} * {}u]{};",
                     mm.sak / 4,
-                    a_factor(mm, q)
+                    a_factor(mm, q, &gathered)
                 );
             }
             for r in 0..rows / 4 {
@@ -787,7 +814,7 @@ fn sub_step_loads(mm: &Blocked, p: Schedule, u: usize, k4: bool) -> String {
                     s,
                     "        let al{q}_{u} = {}{};",
                     mm.a.at(&format!("ar{q} + {ake} * {}u", mm.sak)),
-                    a_factor(mm, q)
+                    a_factor(mm, q, &gathered)
                 );
             }
             for i in 0..rows {
@@ -831,32 +858,34 @@ fn sub_step_loads(mm: &Blocked, p: Schedule, u: usize, k4: bool) -> String {
 
 /// Gathered loads are scaled by their row's factor: the gate weight (or 1), 0 on padding rows. This
 /// is the factor of A's `q`-th load.
-fn a_factor(mm: &Blocked, q: usize) -> String {
+/// `gathered`: the contraction index's lookup (`gathered_k_lookup`).
+fn a_factor(mm: &Blocked, q: usize, gathered: &str) -> String {
     match (&mm.a_rows, &mm.a_k) {
         (Some(_), _) => format!(" * g{q}w"),
-        (None, Some(_)) => " * kaw".to_string(),
+        (None, Some(_)) => format!(" * {gathered}aw"),
         _ => String::new(),
     }
 }
 
 /// The factor of B's loads (see [`a_factor`]).
-fn b_factor(mm: &Blocked) -> &'static str {
+fn b_factor(mm: &Blocked, gathered: &str) -> String {
     if mm.b_k.is_some() {
-        " * kbw"
+        format!(" * {gathered}bw")
     } else {
-        ""
+        String::new()
     }
 }
 
-/// A gathered contraction index: the lookup of padded row `k`'s token row `kt` and the factors of
-/// the gathered operands. Both gathers of a weight gradient read one routing table: one lookup per k.
-fn gathered_k_lookup(mm: &Blocked) -> String {
+/// A gathered contraction index `v`: the lookup of padded row `row`'s token row `{v}t` and the
+/// factors of the gathered operands, `{v}aw` and `{v}bw`. Both gathers of a weight gradient read one
+/// routing table: one lookup per element of k.
+fn gathered_k_lookup(mm: &Blocked, v: &str, row: &str) -> String {
     let mut s = String::new();
     if let Some(g) = mm.a_k.as_ref().or(mm.b_k.as_ref()) {
-        s += &g.lookup("k", "k", "        ");
-        for (v, gathered) in [("kaw", &mm.a_k), ("kbw", &mm.b_k)] {
+        s += &g.lookup(v, row, "        ");
+        for (operand, gathered) in [("a", &mm.a_k), ("b", &mm.b_k)] {
             if let Some(g) = gathered {
-                let _ = writeln!(s, "        let {v} = {};", g.factor("k"));
+                let _ = writeln!(s, "        let {v}{operand}w = {};", g.factor(v));
             }
         }
     }
@@ -1019,9 +1048,10 @@ mod tests {
             b_k: None,
             a4: None,
             b4: None,
+            steps_by_4: false,
         };
         let scalar = Schedule::new(target, (m, n), m * n * k, None);
-        mm.vectorise(&mut binder, target, scalar, Some(k), true);
+        mm.vectorise(&mut binder, target, scalar, KRange::Static(k), true);
         (mm.a_along(), mm.b_along())
     }
 

@@ -7,7 +7,7 @@
 //! sums its contributions in a fixed order, so results never depend on scheduling. Shapes and
 //! routing-table offsets are baked in as literals and grids are folded with [`fold`].
 
-use super::blocked::{self, gathered, Blocked, Schedule};
+use super::blocked::{self, gathered, Blocked, KRange, Schedule};
 use super::frame::{anchor, fold, Binder, KernelError, KernelSrc};
 use crate::fuse::Group;
 use crate::ir::{Graph, NodeId, Op, RouteLayout};
@@ -122,10 +122,17 @@ fn grad_w(
         b_k,
         a4: None,
         b4: None,
+        steps_by_4: false,
     };
     let scalar = Schedule::new(target, (nn, k), nn * k * layout.rows(), None);
     // The contraction runs over gathered padded rows: only vec4s along A's rows and B's columns.
-    let schedule = blocked.vectorise(&mut b, target, scalar, None, true);
+    let schedule = blocked.vectorise(
+        &mut b,
+        target,
+        scalar,
+        KRange::Gathered { align: layout.tile },
+        true,
+    );
     let grid = fold(schedule.workgroups(&blocked) as u64, target)?;
     Ok(b.finish(&[], &blocked::body(&blocked, schedule), grid))
 }

@@ -5,7 +5,7 @@
 //! the body. Bodies are produced by walking the group's nodes: each elementwise node becomes one `let v<id> = ...;`, an
 //! operand from outside the group becomes a load with a broadcasting index.
 
-use super::blocked::{self, gathered, Blocked, Schedule};
+use super::blocked::{self, gathered, Blocked, KRange, Schedule};
 use super::expr::{bcast_index, lit, op_expr, permuted_index, rope_fn, strided_index};
 use super::frame::{
     anchor, fill, fold, is_prologue, loop_bound, per_item_main, wg_size, Access, Binder,
@@ -800,9 +800,15 @@ fn matmul_kernel(graph: &Graph, group: &Group, target: &Target) -> Result<Kernel
             b_k: None,
             a4: None,
             b4: None,
+            steps_by_4: false,
         };
-        let schedule =
-            blocked.vectorise(&mut b, target, schedule, Some(mm.k), mm.batch_strides_div4);
+        let schedule = blocked.vectorise(
+            &mut b,
+            target,
+            schedule,
+            KRange::Static(mm.k),
+            mm.batch_strides_div4,
+        );
         (
             format!("{funcs}{store}{}", blocked::body(&blocked, schedule)),
             schedule.workgroups(&blocked),
