@@ -665,12 +665,7 @@ fn contraction(mm: &Blocked, p: Schedule, loads: usize) -> String {
     }
     for i in 0..rows {
         if lanes > 1 {
-            let _ = writeln!(
-                s,
-                "        let av{i} = subgroupBroadcast(al{}, {}u);",
-                i / lanes as usize,
-                i % lanes as usize
-            );
+            s += &broadcast(i, lanes as usize, "");
         }
         for j in 0..cols {
             let _ = writeln!(s, "        c{i}_{j} = fma(av{i}, bv{j}, c{i}_{j});");
@@ -735,12 +730,7 @@ fn contraction_vec4(mm: &Blocked, p: Schedule) -> String {
     // interleaved best-of-15 pairs: 45–55 ms against 35–81 ms sub-step by sub-step).
     for i in 0..rows {
         if mm.a_along() == Some(Along::K) {
-            let _ = writeln!(
-                s,
-                "        let av{i} = subgroupBroadcast(al{}, {}u);",
-                i / lanes,
-                i % lanes
-            );
+            s += &broadcast(i, lanes, "");
         }
         for j in 0..cols {
             for (u, component) in sub_steps.iter().enumerate() {
@@ -764,6 +754,16 @@ fn contraction_vec4(mm: &Blocked, p: Schedule) -> String {
 
 const XYZW: [&str; 4] = ["x", "y", "z", "w"];
 
+/// Row `i` of a subgroup-shared block, `av{i}{suffix}`: lane `i % lanes` loaded it as the
+/// `i / lanes`-th of its `al{q}{suffix}` values.
+fn broadcast(i: usize, lanes: usize, suffix: &str) -> String {
+    format!(
+        "        let av{i}{suffix} = subgroupBroadcast(al{}{suffix}, {}u);\n",
+        i / lanes,
+        i % lanes
+    )
+}
+
 /// The loads of sub-step `u` (the `u`-th element of a vec4 step of k, else the step's one element)
 /// for the operands not read along k: A's rows (as vec4s of rows, or one at a time) and their
 /// broadcasts, and B's columns.
@@ -771,8 +771,8 @@ fn sub_step_loads(mm: &Blocked, p: Schedule, u: usize, k4: bool) -> String {
     let Schedule {
         rows, cols, lanes, ..
     } = p;
-    // The sub-step's element of k, of the source's token row `kt` where that operand is gathered.
-    // The sub-step's gathered index (`gathered_k_lookup`): its token row `{gathered}t`.
+    // The sub-step's element of k: the source's token row `{gathered}t` where that operand is
+    // gathered (`gathered_k_lookup`), else the padded index.
     let gathered = if k4 { format!("k{u}") } else { "k".to_string() };
     let ke = |source: &Option<Gathered>| match (k4, source) {
         (_, Some(_)) => format!("{gathered}t"),
@@ -800,12 +800,7 @@ fn sub_step_loads(mm: &Blocked, p: Schedule, u: usize, k4: bool) -> String {
                 );
             }
             for r in 0..rows / 4 {
-                let _ = writeln!(
-                    s,
-                    "        let av{r}_{u} = subgroupBroadcast(al{}_{u}, {}u);",
-                    r / lanes,
-                    r % lanes
-                );
+                s += &broadcast(r, lanes, &format!("_{u}"));
             }
         }
         None => {
@@ -818,12 +813,7 @@ fn sub_step_loads(mm: &Blocked, p: Schedule, u: usize, k4: bool) -> String {
                 );
             }
             for i in 0..rows {
-                let _ = writeln!(
-                    s,
-                    "        let av{i}_{u} = subgroupBroadcast(al{}_{u}, {}u);",
-                    i / lanes,
-                    i % lanes
-                );
+                s += &broadcast(i, lanes, &format!("_{u}"));
             }
         }
     }
