@@ -1145,28 +1145,42 @@ fn gate_weight_adjoints_run_as_one_router_kernel() {
 #[test]
 fn products_of_one_operand_share_one_dispatch() {
     // q, k and v of one normed input (one transposed): one horizontal kernel; a product with an
-    // epilogue and one of another width keep their own kernels.
-    let (m, k, n) = (37, 19, 13);
-    let mut g = Graph::new();
-    let x = g.input("x", TensorType::f32(&[m, k]));
-    let mut outs = Vec::new();
-    for name in ["q", "k", "v"] {
-        let w = g.param(&format!("w{name}"), &[n, k], Init::Constant(0.0));
-        outs.push((
-            name,
-            add(&mut g, Op::MatMul { trans_b: true }, &[x, w], name),
-        ));
+    // epilogue and one of another width keep their own kernels. The second shape is one whose
+    // weights the register-blocked schedule reads as vec4s, through `hb4`, on adapters with fixed
+    // subgroups.
+    for (m, k, n) in [(37, 19, 13), (40, 32, 12)] {
+        let mut g = Graph::new();
+        let x = g.input("x", TensorType::f32(&[m, k]));
+        let mut outs = Vec::new();
+        for name in ["q", "k", "v"] {
+            let w = g.param(&format!("w{name}"), &[n, k], Init::Constant(0.0));
+            outs.push((
+                name,
+                add(&mut g, Op::MatMul { trans_b: true }, &[x, w], name),
+            ));
+        }
+        let wg = g.param("wg", &[n, k], Init::Constant(0.0));
+        let gate = add(&mut g, Op::MatMul { trans_b: true }, &[x, wg], "gate");
+        let act = add(&mut g, Op::Unary(UnaryOp::Silu), &[gate], "act");
+        let wo = g.param("wo", &[k, 5], Init::Constant(0.0));
+        let o = add(&mut g, Op::MatMul { trans_b: false }, &[x, wo], "o");
+        outs.extend([("act", act), ("o", o)]);
+        for (name, id) in outs {
+            g.set_output(name, id);
+        }
+        let fused = fuse(&g, FuseOptions::for_target(&gpu().target()));
+        assert_eq!(fused.len(), 3, "q/k/v, gate + silu, o:\n{}", fused.dump(&g));
+        let blocked = target(MatmulVariant::RegisterBlocked);
+        let plan = emit(&g, &fused, &blocked).unwrap();
+        let vec4 = plan
+            .kernels
+            .iter()
+            .any(|kernel| kernel.wgsl.contains("hb4(bi, "));
+        assert_eq!(
+            vec4,
+            k % 4 == 0 && blocked.subgroup_size > 1,
+            "{m} x {k} x {n}"
+        );
+        check(&g, &feeds(&g, 41, &[]));
     }
-    let wg = g.param("wg", &[n, k], Init::Constant(0.0));
-    let gate = add(&mut g, Op::MatMul { trans_b: true }, &[x, wg], "gate");
-    let act = add(&mut g, Op::Unary(UnaryOp::Silu), &[gate], "act");
-    let wo = g.param("wo", &[k, 5], Init::Constant(0.0));
-    let o = add(&mut g, Op::MatMul { trans_b: false }, &[x, wo], "o");
-    outs.extend([("act", act), ("o", o)]);
-    for (name, id) in outs {
-        g.set_output(name, id);
-    }
-    let fused = fuse(&g, FuseOptions::for_target(&gpu().target()));
-    assert_eq!(fused.len(), 3, "q/k/v, gate + silu, o:\n{}", fused.dump(&g));
-    check(&g, &feeds(&g, 41, &[]));
 }

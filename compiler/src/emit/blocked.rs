@@ -207,8 +207,34 @@ pub(crate) enum Along {
 /// products in k order, so the sums are exactly those of scalar loads. [`Blocked::vectorise`] says
 /// when an operand's layout allows one.
 pub(crate) struct Quad {
-    pub view: String,
+    pub view: QuadLoad,
     pub along: Along,
+}
+
+/// Where a [`Quad`] reads its vec4s.
+pub(crate) enum QuadLoad {
+    /// `view[i]`, a vec4 view of the operand's binding.
+    View(String),
+    /// `name(bi, i)`, defined by `function` over vec4 views of each part of a [`Stacked`] operand.
+    Stacked { name: String, function: String },
+}
+
+impl QuadLoad {
+    /// The vec4 at index expression `i` of the view.
+    fn at(&self, i: &str) -> String {
+        match self {
+            QuadLoad::View(view) => format!("{view}[{i}]"),
+            QuadLoad::Stacked { name, .. } => format!("{name}(bi, {i})"),
+        }
+    }
+
+    /// The WGSL function the loads call, if any.
+    fn function(&self) -> &str {
+        match self {
+            QuadLoad::View(_) => "",
+            QuadLoad::Stacked { function, .. } => function,
+        }
+    }
 }
 
 /// One operand of a [`StridedMatmul`]: element `[bi][i, j]` is `buffer[bi·batch + i·rows + j·cols]`
@@ -445,24 +471,49 @@ impl Blocked<'_> {
         } else {
             None
         };
-        let view = |load: &Load, along: Option<Along>| match load {
-            Load::Buffer(x) if !x.f16 && !x.split => along.map(|along| (x.name.clone(), along)),
-            Load::Buffer(_) | Load::Computed(_) => None,
+        let plain = |x: &Access| !x.f16 && !x.split;
+        // The bindings an operand's vec4 view reads.
+        let viewed = |load: &Load, along: Option<Along>| match load {
+            Load::Buffer(x) if plain(x) => along.map(|along| (vec![x.name.clone()], along)),
+            Load::Stacked(stacked)
+                if stacked.parts.iter().all(plain) && stacked.stride.is_multiple_of(4) =>
+            {
+                let names = stacked.parts.iter().map(|x| x.name.clone()).collect();
+                along.map(|along| (names, along))
+            }
+            Load::Buffer(_) | Load::Computed(_) | Load::Stacked(_) => None,
         };
-        let (a, b) = (view(self.a, a), view(self.b, b));
-        let mut names: Vec<&String> = a.iter().chain(&b).map(|(name, _)| name).collect();
+        let (a, b) = (viewed(self.a, a), viewed(self.b, b));
+        let mut names: Vec<&String> = a.iter().chain(&b).flat_map(|(names, _)| names).collect();
         names.dedup();
         let room =
             binder.binding_count() + names.len() <= target.max_storage_buffers_per_stage as usize;
         if p.lanes <= 1 || !batch_div4 || !room || (a.is_none() && b.is_none()) {
             return scalar;
         }
-        let mut quad = |(name, along): (String, Along)| Quad {
-            view: binder.vec4_view(&name),
-            along,
+        let mut quad = |load: &Load, (names, along): (Vec<String>, Along)| {
+            let views: Vec<Access> = names
+                .iter()
+                .map(|name| Access {
+                    name: binder.vec4_view(name),
+                    f16: false,
+                    split: false,
+                })
+                .collect();
+            let view = match load {
+                Load::Stacked(stacked) => {
+                    let name = format!("{}4", stacked.name);
+                    QuadLoad::Stacked {
+                        function: stacked.function(&name, "vec4<f32>", &views, 4),
+                        name,
+                    }
+                }
+                Load::Buffer(_) | Load::Computed(_) => QuadLoad::View(views[0].name.clone()),
+            };
+            Quad { view, along }
         };
-        self.a4 = a.map(&mut quad);
-        self.b4 = b.map(&mut quad);
+        self.a4 = a.map(|a| quad(self.a, a));
+        self.b4 = b.map(|b| quad(self.b, b));
         // Steps of 4 let each accumulator take 4 multiply-adds in a row (`contraction_vec4`).
         self.steps_by_4 = match range {
             KRange::Static(_) => k4,
@@ -491,7 +542,13 @@ pub(crate) fn body(mm: &Blocked, p: Schedule) -> String {
     } = p;
     let group = p.group();
     let (mt, ct) = (mm.m.div_ceil(rows), mm.n.div_ceil(cols * wg as usize));
-    let mut s = format!(
+    let mut s: String = [&mm.a4, &mm.b4]
+        .into_iter()
+        .flatten()
+        .map(|quad| quad.view.function())
+        .collect();
+    let _ = write!(
+        s,
         "fn put(bi: u32, row: u32, col: u32, acc: f32) {{\n{}}}\n\n",
         mm.put
     );
@@ -708,7 +765,8 @@ fn contraction_vec4(mm: &Blocked, p: Schedule) -> String {
         for q in 0..rows / lanes {
             let _ = writeln!(
                 s,
-                "        let al{q} = {view}[ar{q} + k]{};",
+                "        let al{q} = {}{};",
+                view.at(&format!("ar{q} + k")),
                 a_factor(mm, q, "k")
             );
         }
@@ -719,7 +777,11 @@ fn contraction_vec4(mm: &Blocked, p: Schedule) -> String {
     }) = &mm.b4
     {
         for j in 0..cols {
-            let _ = writeln!(s, "        let bv{j} = {view}[bc{j} + k]{b_factor};");
+            let _ = writeln!(
+                s,
+                "        let bv{j} = {}{b_factor};",
+                view.at(&format!("bc{j} + k"))
+            );
         }
     }
     for u in 0..sub_steps.len() {
@@ -794,8 +856,8 @@ fn sub_step_loads(mm: &Blocked, p: Schedule, u: usize, k4: bool) -> String {
             for q in 0..rows / (4 * lanes) {
                 let _ = writeln!(
                     s,
-                    "        let al{q}_{u} = {view}[ar{q} + {ake} * {}u]{};",
-                    mm.sak / 4,
+                    "        let al{q}_{u} = {}{};",
+                    view.at(&format!("ar{q} + {ake} * {}u", mm.sak / 4)),
                     a_factor(mm, q, &gathered)
                 );
             }
@@ -828,8 +890,8 @@ fn sub_step_loads(mm: &Blocked, p: Schedule, u: usize, k4: bool) -> String {
             for j in 0..cols / 4 {
                 let _ = writeln!(
                     s,
-                    "        let bv{j}_{u} = {view}[bc{j} + {bke} * {}u]{b_factor};",
-                    mm.sbk / 4
+                    "        let bv{j}_{u} = {}{b_factor};",
+                    view.at(&format!("bc{j} + {bke} * {}u", mm.sbk / 4))
                 );
             }
         }

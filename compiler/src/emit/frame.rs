@@ -340,10 +340,12 @@ impl Access {
 }
 
 /// How a kernel reads element `i` of a matmul operand as f32: from a buffer (widened when it is
-/// f16), or `name(i)` from a WGSL function that computes it (a fused prologue such as RoPE).
+/// f16), `name(i)` from a WGSL function that computes it (a fused prologue such as RoPE), or from
+/// batch `bi`'s binding of a [`Stacked`] operand.
 pub(crate) enum Load {
     Buffer(Access),
     Computed(String),
+    Stacked(Stacked),
 }
 
 impl Load {
@@ -352,7 +354,36 @@ impl Load {
         match self {
             Load::Buffer(access) => access.at(i),
             Load::Computed(name) => format!("{name}({i})"),
+            Load::Stacked(stacked) => format!("{}(bi, {i})", stacked.name),
         }
+    }
+}
+
+/// An operand whose batch `p` is its own binding `parts[p]` (the weights of horizontal products),
+/// read by `name(bi, i)` with `i` indexing the stacked `[parts, stride]` operand. `bi` is uniform
+/// over a workgroup in both matmul schedules, so the function's branch on it is uniform and llvmpipe
+/// runs one arm; a branch on the lane-varying `i` ran every arm's load.
+pub(crate) struct Stacked {
+    pub name: String,
+    pub parts: Vec<Access>,
+    pub stride: usize,
+}
+
+impl Stacked {
+    /// `fn name(bi: u32, i: u32) -> T`: element `i` of the stacked operand read from `views[bi]`,
+    /// whose elements are `per` stacked elements each (4 for vec4 views).
+    pub(crate) fn function(&self, name: &str, ty: &str, views: &[Access], per: usize) -> String {
+        let mut f = format!("fn {name}(bi: u32, i: u32) -> {ty} {{\n");
+        let last = views.len() - 1;
+        for (p, view) in views.iter().enumerate() {
+            let at = view.at(&format!("i - {}u", p * self.stride / per));
+            if p < last {
+                f += &format!("    if (bi == {p}u) {{\n        return {at};\n    }}\n");
+            } else {
+                f += &format!("    return {at};\n}}\n\n");
+            }
+        }
+        f
     }
 }
 

@@ -1,10 +1,10 @@
 //! Horizontal matmul kernels (`fuse/horizontal.rs`): the products `A · B_p` of one A operand, stacked
-//! as the batch axis of one matmul. Batch `p`'s B elements are read by `hb(i)` from product `p`'s
+//! as the batch axis of one matmul. Batch `p`'s B elements are read by `hb(bi, i)` from product `p`'s
 //! weight (`i` runs over the stacked `[P, K, N]` weights) and `store(lin, acc)` writes product
 //! `p`'s output, so both matmul schedules run unchanged: a workgroup computes one block of one
 //! product, and A's batch offset is 0 for every product.
 
-use super::frame::{Binder, Load};
+use super::frame::{Access, Binder, Load, Stacked};
 use crate::fuse::Group;
 use crate::ir::{Graph, NodeId, Op};
 use std::fmt::Write;
@@ -17,7 +17,7 @@ pub(crate) struct Horizontal {
     pub b_batch: String,
     /// B read through `hb`.
     pub load: Load,
-    /// WGSL functions `hb(i)` and `store(lin, acc)`.
+    /// WGSL functions `hb(bi, i)` and `store(lin, acc)`.
     pub funcs: String,
 }
 
@@ -49,19 +49,14 @@ pub(crate) fn horizontal(
         return None;
     }
     let (kn, mn) = (k * n, m * n);
-    let mut hb = String::from("fn hb(i: u32) -> f32 {\n");
+    let mut parts: Vec<Access> = Vec::new();
     let mut store = String::from("fn store(lin: u32, acc: f32) {\n");
     for (p, &mm) in products.iter().enumerate() {
         let w = b.read(graph.inputs(mm)[1]);
+        parts.push(b.access(&w));
         let out = b.write(mm);
-        let (wi, oi) = (format!("i - {}u", p * kn), format!("lin - {}u", p * mn));
+        let oi = format!("lin - {}u", p * mn);
         if p + 1 < products.len() {
-            let _ = writeln!(
-                hb,
-                "    if (i < {}u) {{\n        return {};\n    }}",
-                (p + 1) * kn,
-                b.at(&w, &wi)
-            );
             let _ = writeln!(
                 store,
                 "    if (lin < {}u) {{\n        {}\n        return;\n    }}",
@@ -69,14 +64,19 @@ pub(crate) fn horizontal(
                 b.put(&out, &oi, "acc")
             );
         } else {
-            let _ = writeln!(hb, "    return {};\n}}\n", b.at(&w, &wi));
             let _ = writeln!(store, "    {}\n}}\n", b.put(&out, &oi, "acc"));
         }
     }
+    let stacked = Stacked {
+        name: "hb".into(),
+        parts,
+        stride: kn,
+    };
+    let hb = stacked.function("hb", "f32", &stacked.parts, 1);
     Some(Horizontal {
         batch: products.len(),
         b_batch: format!("bi * {kn}u"),
-        load: Load::Computed("hb".into()),
+        load: Load::Stacked(stacked),
         funcs: hb + &store,
     })
 }
