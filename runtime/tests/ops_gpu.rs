@@ -837,67 +837,76 @@ fn matmul_and_elementwise_groups_write_permuted_outputs() {
 #[test]
 fn matmuls_compute_rope_prologues_in_their_loads() {
     // Attention's shape: q and k rotated, stacked by head and multiplied; the adjoint rotation read by
-    // a matmul directly (dh = dq · W) and transposed (dW = dqᵀ · h). Odd sizes, hd = 6.
-    let (b, t, h, hd) = (2, 5, 3, 6);
-    let mut g = Graph::new();
-    let q_src = g.input("q", TensorType::f32(&[b, t, h, hd]));
-    let k_src = g.input("k", TensorType::f32(&[b, t, h, hd]));
-    let q = add(&mut g, Op::Rope { theta: 10000.0 }, &[q_src], "q_rope");
-    let k = add(&mut g, Op::Rope { theta: 500.0 }, &[k_src], "k_rope");
-    let perm = Op::Permute {
-        perm: vec![0, 2, 1, 3],
-    };
-    let qt = add(&mut g, perm.clone(), &[q], "q_t");
-    let kt = add(&mut g, perm, &[k], "k_t");
-    let scores = add(&mut g, Op::MatMul { trans_b: true }, &[qt, kt], "scores");
-    let dq_src = g.input("dq", TensorType::f32(&[b, t, h, hd]));
-    let dq = add(&mut g, Op::RopeGrad { theta: 10000.0 }, &[dq_src], "dq");
-    let dq2 = add(
-        &mut g,
-        Op::Reshape {
-            shape: vec![b * t, h * hd],
-        },
-        &[dq],
-        "dq_rows",
-    );
-    let w = g.param("w", &[h * hd, 7], Init::Constant(0.0));
-    let dh = add(&mut g, Op::MatMul { trans_b: false }, &[dq2, w], "dh");
-    let x = g.input("x", TensorType::f32(&[b * t, 4]));
-    let dqt = add(&mut g, Op::Permute { perm: vec![1, 0] }, &[dq2], "dq_t");
-    let dw = add(&mut g, Op::MatMul { trans_b: false }, &[dqt, x], "dw");
-    // A rotation that is also an output stays a kernel of its own; its matmul reads the buffer.
-    let r_src = g.input("r_src", TensorType::f32(&[1, t, 1, hd]));
-    let r = add(&mut g, Op::Rope { theta: 10000.0 }, &[r_src], "r_rope");
-    let r2 = add(&mut g, Op::Reshape { shape: vec![t, hd] }, &[r], "r_rows");
-    let rr = add(&mut g, Op::MatMul { trans_b: true }, &[r2, r2], "rr");
-    for (name, id) in [
-        ("scores", scores),
-        ("dh", dh),
-        ("dw", dw),
-        ("r", r),
-        ("rr", rr),
-    ] {
-        g.set_output(name, id);
+    // a matmul directly (dh = dq · W) and transposed (dW = dqᵀ · h). Odd sizes with hd = 6, then
+    // sizes whose rotations the register-blocked schedule computes 4 at a time (`rope_a4`) on
+    // adapters with fixed subgroups.
+    for (b, t, h, hd) in [(2, 5, 3, 6), (2, 8, 3, 8)] {
+        let mut g = Graph::new();
+        let q_src = g.input("q", TensorType::f32(&[b, t, h, hd]));
+        let k_src = g.input("k", TensorType::f32(&[b, t, h, hd]));
+        let q = add(&mut g, Op::Rope { theta: 10000.0 }, &[q_src], "q_rope");
+        let k = add(&mut g, Op::Rope { theta: 500.0 }, &[k_src], "k_rope");
+        let perm = Op::Permute {
+            perm: vec![0, 2, 1, 3],
+        };
+        let qt = add(&mut g, perm.clone(), &[q], "q_t");
+        let kt = add(&mut g, perm, &[k], "k_t");
+        let scores = add(&mut g, Op::MatMul { trans_b: true }, &[qt, kt], "scores");
+        let dq_src = g.input("dq", TensorType::f32(&[b, t, h, hd]));
+        let dq = add(&mut g, Op::RopeGrad { theta: 10000.0 }, &[dq_src], "dq");
+        let dq2 = add(
+            &mut g,
+            Op::Reshape {
+                shape: vec![b * t, h * hd],
+            },
+            &[dq],
+            "dq_rows",
+        );
+        let w = g.param("w", &[h * hd, 7], Init::Constant(0.0));
+        let dh = add(&mut g, Op::MatMul { trans_b: false }, &[dq2, w], "dh");
+        let x = g.input("x", TensorType::f32(&[b * t, 4]));
+        let dqt = add(&mut g, Op::Permute { perm: vec![1, 0] }, &[dq2], "dq_t");
+        let dw = add(&mut g, Op::MatMul { trans_b: false }, &[dqt, x], "dw");
+        // A rotation that is also an output stays a kernel of its own; its matmul reads the buffer.
+        let r_src = g.input("r_src", TensorType::f32(&[1, t, 1, hd]));
+        let r = add(&mut g, Op::Rope { theta: 10000.0 }, &[r_src], "r_rope");
+        let r2 = add(&mut g, Op::Reshape { shape: vec![t, hd] }, &[r], "r_rows");
+        let rr = add(&mut g, Op::MatMul { trans_b: true }, &[r2, r2], "rr");
+        for (name, id) in [
+            ("scores", scores),
+            ("dh", dh),
+            ("dw", dw),
+            ("r", r),
+            ("rr", rr),
+        ] {
+            g.set_output(name, id);
+        }
+        let t_ = target(MatmulVariant::RegisterBlocked);
+        let fused = fuse(&g, FuseOptions::for_target(&t_));
+        let alone = |grp: &moec_compiler::fuse::Group| {
+            grp.nodes.len() == 1
+                && matches!(
+                    g.node(grp.nodes[0]).op,
+                    Op::Rope { .. } | Op::RopeGrad { .. }
+                )
+        };
+        assert_eq!(
+            (
+                fused.len(),
+                fused.groups.iter().filter(|grp| alone(grp)).count()
+            ),
+            (5, 1),
+            "only the rotation that is an output gets a kernel:\n{}",
+            fused.dump(&g)
+        );
+        let plan = emit(&g, &fused, &t_).unwrap();
+        let vec4 = plan
+            .kernels
+            .iter()
+            .any(|kernel| kernel.wgsl.contains("rope_a4("));
+        assert_eq!(vec4, hd == 8 && t_.subgroup_size > 1, "hd = {hd}");
+        check(&g, &feeds(&g, 23, &[]));
     }
-    let t_ = target(MatmulVariant::RegisterBlocked);
-    let fused = fuse(&g, FuseOptions::for_target(&t_));
-    let alone = |grp: &moec_compiler::fuse::Group| {
-        grp.nodes.len() == 1
-            && matches!(
-                g.node(grp.nodes[0]).op,
-                Op::Rope { .. } | Op::RopeGrad { .. }
-            )
-    };
-    assert_eq!(
-        (
-            fused.len(),
-            fused.groups.iter().filter(|grp| alone(grp)).count()
-        ),
-        (5, 1),
-        "only the rotation that is an output gets a kernel:\n{}",
-        fused.dump(&g)
-    );
-    check(&g, &feeds(&g, 23, &[]));
 }
 
 #[test]

@@ -215,8 +215,13 @@ pub(crate) struct Quad {
 pub(crate) enum QuadLoad {
     /// `view[i]`, a vec4 view of the operand's binding.
     View(String),
-    /// `name(bi, i)`, defined by `function` over vec4 views of each part of a [`Stacked`] operand.
-    Stacked { name: String, function: String },
+    /// `name(i)`, or `name(bi, i)` when `batched`, defined by `function` over vec4 views: a RoPE
+    /// prologue's operand, or each part of a [`Stacked`] operand.
+    Function {
+        name: String,
+        batched: bool,
+        function: String,
+    },
 }
 
 impl QuadLoad {
@@ -224,7 +229,12 @@ impl QuadLoad {
     fn at(&self, i: &str) -> String {
         match self {
             QuadLoad::View(view) => format!("{view}[{i}]"),
-            QuadLoad::Stacked { name, .. } => format!("{name}(bi, {i})"),
+            QuadLoad::Function {
+                name,
+                batched: true,
+                ..
+            } => format!("{name}(bi, {i})"),
+            QuadLoad::Function { name, .. } => format!("{name}({i})"),
         }
     }
 
@@ -232,7 +242,7 @@ impl QuadLoad {
     fn function(&self) -> &str {
         match self {
             QuadLoad::View(_) => "",
-            QuadLoad::Stacked { function, .. } => function,
+            QuadLoad::Function { function, .. } => function,
         }
     }
 }
@@ -481,7 +491,10 @@ impl Blocked<'_> {
                 let names = stacked.parts.iter().map(|x| x.name.clone()).collect();
                 along.map(|along| (names, along))
             }
-            Load::Buffer(_) | Load::Computed(_) | Load::Stacked(_) => None,
+            Load::Rope(rope) if plain(&rope.x) && rope.rope.quads() => {
+                along.map(|along| (vec![rope.x.name.clone()], along))
+            }
+            Load::Buffer(_) | Load::Rope(_) | Load::Stacked(_) => None,
         };
         let (a, b) = (viewed(self.a, a), viewed(self.b, b));
         let mut names: Vec<&String> = a.iter().chain(&b).flat_map(|(names, _)| names).collect();
@@ -503,12 +516,21 @@ impl Blocked<'_> {
             let view = match load {
                 Load::Stacked(stacked) => {
                     let name = format!("{}4", stacked.name);
-                    QuadLoad::Stacked {
+                    QuadLoad::Function {
                         function: stacked.function(&name, "vec4<f32>", &views, 4),
+                        batched: true,
                         name,
                     }
                 }
-                Load::Buffer(_) | Load::Computed(_) => QuadLoad::View(views[0].name.clone()),
+                Load::Rope(rope) => {
+                    let name = format!("{}4", rope.name);
+                    QuadLoad::Function {
+                        function: rope.rope.function4(&name, &views[0]),
+                        batched: false,
+                        name,
+                    }
+                }
+                Load::Buffer(_) => QuadLoad::View(views[0].name.clone()),
             };
             Quad { view, along }
         };

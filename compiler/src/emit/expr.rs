@@ -5,8 +5,10 @@
 use super::frame::{fill, Access};
 use crate::ir::{BinaryOp, Graph, NodeId, Op, UnaryOp};
 
-/// The body of [`rope_fn`].
+/// The element function of [`Rope`].
 const ROPE: &str = include_str!("../../../shaders/rope.wgsl");
+/// The vec4 function of [`Rope`]: the same operations per element.
+const ROPE4: &str = include_str!("../../../shaders/rope4.wgsl");
 
 /// f32 literal that WGSL parses back to the same value.
 pub(crate) fn lit(x: f32) -> String {
@@ -209,31 +211,70 @@ pub(crate) fn permuted_index(shape: &[usize], perm: &[usize], lin: &str) -> Stri
     strided_index(shape, shape, &strides, lin)
 }
 
-/// `fn {name}(i: u32) -> f32`: element `i` of `Rope`/`RopeGrad` node `n` (`[B, T, H, hd]`, HF
-/// "rotate_half"), computed from its operand bound as `x`. The adjoint rotates by the negated angle.
-pub(crate) fn rope_fn(graph: &Graph, n: NodeId, name: &str, x: &Access) -> String {
-    let (sign, theta) = match graph.node(n).op {
-        Op::Rope { theta } => ("", theta),
-        Op::RopeGrad { theta } => ("-", theta),
-        ref other => unreachable!("rope_fn on {}", other.mnemonic()),
-    };
-    let shape = &graph.ty(n).shape;
-    let (t, h, hd) = (shape[1], shape[2], shape[3]);
-    let half = hd / 2;
-    fill(
-        ROPE,
-        &[
-            ("name", &name),
-            ("hd", &hd),
-            ("row", &(hd * h)),
-            ("t", &t),
-            ("half", &half),
-            ("hd_f", &lit(hd as f32)),
-            ("theta", &lit(theta)),
-            ("sign", &sign),
-            ("x", &x.at("i")),
-            ("x_hi", &x.at(&format!("i + {half}u"))),
-            ("x_lo", &x.at(&format!("i - {half}u"))),
-        ],
-    )
+/// A `Rope`/`RopeGrad` node (`[B, T, H, hd]`, HF "rotate_half") computed where it is read, from
+/// its operand: by the standalone rope kernel, and by matmuls whose loads absorb it (a prologue).
+/// The adjoint rotates by the negated angle.
+pub(crate) struct Rope {
+    sign: &'static str,
+    theta: f32,
+    t: usize,
+    /// Elements per position (`H · hd`).
+    row: usize,
+    hd: usize,
+}
+
+impl Rope {
+    pub(crate) fn new(graph: &Graph, n: NodeId) -> Rope {
+        let (sign, theta) = match graph.node(n).op {
+            Op::Rope { theta } => ("", theta),
+            Op::RopeGrad { theta } => ("-", theta),
+            ref other => unreachable!("Rope::new on {}", other.mnemonic()),
+        };
+        let shape = &graph.ty(n).shape;
+        Rope {
+            sign,
+            theta,
+            t: shape[1],
+            row: shape[2] * shape[3],
+            hd: shape[3],
+        }
+    }
+
+    /// `fn {name}(i: u32) -> f32`: element `i`, from the operand bound as `x`.
+    pub(crate) fn function(&self, name: &str, x: &Access) -> String {
+        self.fill(ROPE, name, x, "i", self.hd / 2)
+    }
+
+    /// Whether every aligned run of 4 elements lies in one half of one head, so that
+    /// [`Rope::function4`] can rotate it as one vec4.
+    pub(crate) fn quads(&self) -> bool {
+        (self.hd / 2).is_multiple_of(4)
+    }
+
+    /// `fn {name}(q: u32) -> vec4<f32>`: elements `4q .. 4q + 4`, from `view`, a vec4 view of the
+    /// operand. Only where [`Rope::quads`].
+    pub(crate) fn function4(&self, name: &str, view: &Access) -> String {
+        self.fill(ROPE4, name, view, "q", self.hd / 8)
+    }
+
+    /// `template` with the operand read through `x` at `at` and at `at ± shift` (half a head).
+    fn fill(&self, template: &str, name: &str, x: &Access, at: &str, shift: usize) -> String {
+        let half = self.hd / 2;
+        fill(
+            template,
+            &[
+                ("name", &name),
+                ("hd", &self.hd),
+                ("row", &self.row),
+                ("t", &self.t),
+                ("half", &half),
+                ("hd_f", &lit(self.hd as f32)),
+                ("theta", &lit(self.theta)),
+                ("sign", &self.sign),
+                ("x", &x.at(at)),
+                ("x_hi", &x.at(&format!("{at} + {shift}u"))),
+                ("x_lo", &x.at(&format!("{at} - {shift}u"))),
+            ],
+        )
+    }
 }

@@ -5,6 +5,7 @@
 //! kernel generators (`kernels`, `blocked`, `grad`, `lstm`) depend on it and never on each other's
 //! internals or on the parent `emit`.
 
+use super::expr::Rope;
 use crate::fuse::{base, Group};
 use crate::ir::{DType, Graph, NodeId, Op};
 use crate::target::{segments, Target};
@@ -340,12 +341,19 @@ impl Access {
 }
 
 /// How a kernel reads element `i` of a matmul operand as f32: from a buffer (widened when it is
-/// f16), `name(i)` from a WGSL function that computes it (a fused prologue such as RoPE), or from
-/// batch `bi`'s binding of a [`Stacked`] operand.
+/// f16), rotated from its operand (a RoPE prologue), or from batch `bi`'s binding of a [`Stacked`]
+/// operand.
 pub(crate) enum Load {
     Buffer(Access),
-    Computed(String),
+    Rope(RopeLoad),
     Stacked(Stacked),
+}
+
+/// A RoPE prologue: `name(i)` rotates element `i` of `x`, the operand of `rope`.
+pub(crate) struct RopeLoad {
+    pub name: String,
+    pub rope: Rope,
+    pub x: Access,
 }
 
 impl Load {
@@ -353,7 +361,7 @@ impl Load {
     pub(crate) fn at(&self, i: &str) -> String {
         match self {
             Load::Buffer(access) => access.at(i),
-            Load::Computed(name) => format!("{name}({i})"),
+            Load::Rope(rope) => format!("{}({i})", rope.name),
             Load::Stacked(stacked) => format!("{}(bi, {i})", stacked.name),
         }
     }

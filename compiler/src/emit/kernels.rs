@@ -6,10 +6,10 @@
 //! operand from outside the group becomes a load with a broadcasting index.
 
 use super::blocked::{self, gathered, Blocked, KRange, Schedule};
-use super::expr::{bcast_index, lit, op_expr, permuted_index, rope_fn, strided_index};
+use super::expr::{bcast_index, lit, op_expr, permuted_index, strided_index, Rope};
 use super::frame::{
     anchor, fill, fold, is_prologue, loop_bound, per_item_main, wg_size, Access, Binder,
-    KernelError, KernelSrc, Load,
+    KernelError, KernelSrc, Load, RopeLoad,
 };
 use crate::fuse::{base, Group, GroupKind};
 use crate::ir::{Graph, NodeId, Op, ReduceOp, RouteLayout};
@@ -699,8 +699,13 @@ fn matmul_load(
         && matches!(graph.node(owner).op, Op::Rope { .. } | Op::RopeGrad { .. })
     {
         let x = b.read(graph.inputs(owner)[0]);
-        funcs.push_str(&rope_fn(graph, owner, name, &b.access(&x)));
-        return Load::Computed(name.to_string());
+        let rope = RopeLoad {
+            name: name.to_string(),
+            rope: Rope::new(graph, owner),
+            x: b.access(&x),
+        };
+        funcs.push_str(&rope.rope.function(name, &rope.x));
+        return Load::Rope(rope);
     }
     b.load(src)
 }

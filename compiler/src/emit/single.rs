@@ -4,7 +4,7 @@
 //! from a `shaders/` template; top-k, cross-entropy, routing, Sinkhorn and auction are fixed-function
 //! templates reading the constants declared in front of them.
 
-use super::expr::{lit, rope_fn};
+use super::expr::{lit, Rope};
 use super::frame::{anchor, fill, fold, per_item_main, wg_size, Binder, KernelError, KernelSrc};
 use crate::fuse::Group;
 use crate::ir::{Graph, NodeId, Op, RouteLayout};
@@ -189,7 +189,7 @@ fn embedding(cx: &Cx, mut b: Binder) -> Result<KernelSrc, KernelError> {
     })
 }
 
-/// RoPE (or its adjoint) on its own, when no matmul absorbed it: the same `rope_fn` per element.
+/// RoPE (or its adjoint) on its own, when no matmul absorbed it: the same [`Rope`] function per element.
 fn rope(cx: &Cx, mut b: Binder) -> Result<KernelSrc, KernelError> {
     let Cx {
         graph,
@@ -200,12 +200,12 @@ fn rope(cx: &Cx, mut b: Binder) -> Result<KernelSrc, KernelError> {
         wg,
         ..
     } = *cx;
-    // The rotation a fused matmul computes in its loads (`rope_fn`), here per element.
+    // The rotation a fused matmul computes in its loads, here per element.
     let x = b.read(args[0]);
     let out = b.write(n);
     let src = format!(
         "{}{}    {}\n}}\n",
-        rope_fn(graph, n, "rope", &b.access(&x)),
+        Rope::new(graph, n).function("rope", &b.access(&x)),
         per_item_main(wg, total),
         b.put(&out, "i", "rope(i)")
     );
