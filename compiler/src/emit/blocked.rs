@@ -225,6 +225,29 @@ pub(crate) enum QuadLoad {
 }
 
 impl QuadLoad {
+    /// How `load` reads its vec4s from `views`, vec4 views of its [`viewed_bindings`].
+    fn of(load: &Load, views: &[Access]) -> QuadLoad {
+        match load {
+            Load::Buffer(_) => QuadLoad::View(views[0].name.clone()),
+            Load::Stacked(stacked) => {
+                let name = format!("{}4", stacked.name);
+                QuadLoad::Function {
+                    function: stacked.function(&name, "vec4<f32>", views, 4),
+                    batched: true,
+                    name,
+                }
+            }
+            Load::Rope(rope) => {
+                let name = format!("{}4", rope.name);
+                QuadLoad::Function {
+                    function: rope.rope.function4(&name, &views[0]),
+                    batched: false,
+                    name,
+                }
+            }
+        }
+    }
+
     /// The vec4 at index expression `i` of the view.
     fn at(&self, i: &str) -> String {
         match self {
@@ -244,6 +267,23 @@ impl QuadLoad {
             QuadLoad::View(_) => "",
             QuadLoad::Function { function, .. } => function,
         }
+    }
+}
+
+/// The bindings whose vec4 views `load` can read instead of its scalar loads, or `None` where its
+/// elements do not come 4 to an aligned vec4 (f16 and split buffers, a RoPE whose half head is not a
+/// multiple of 4).
+fn viewed_bindings(load: &Load) -> Option<Vec<String>> {
+    let plain = |x: &Access| !x.f16 && !x.split;
+    match load {
+        Load::Buffer(x) if plain(x) => Some(vec![x.name.clone()]),
+        Load::Stacked(stacked)
+            if stacked.parts.iter().all(plain) && stacked.stride.is_multiple_of(4) =>
+        {
+            Some(stacked.parts.iter().map(|x| x.name.clone()).collect())
+        }
+        Load::Rope(rope) if plain(&rope.x) && rope.rope.quads() => Some(vec![rope.x.name.clone()]),
+        Load::Buffer(_) | Load::Rope(_) | Load::Stacked(_) => None,
     }
 }
 
@@ -481,21 +521,7 @@ impl Blocked<'_> {
         } else {
             None
         };
-        let plain = |x: &Access| !x.f16 && !x.split;
-        // The bindings an operand's vec4 view reads.
-        let viewed = |load: &Load, along: Option<Along>| match load {
-            Load::Buffer(x) if plain(x) => along.map(|along| (vec![x.name.clone()], along)),
-            Load::Stacked(stacked)
-                if stacked.parts.iter().all(plain) && stacked.stride.is_multiple_of(4) =>
-            {
-                let names = stacked.parts.iter().map(|x| x.name.clone()).collect();
-                along.map(|along| (names, along))
-            }
-            Load::Rope(rope) if plain(&rope.x) && rope.rope.quads() => {
-                along.map(|along| (vec![rope.x.name.clone()], along))
-            }
-            Load::Buffer(_) | Load::Rope(_) | Load::Stacked(_) => None,
-        };
+        let viewed = |load: &Load, along: Option<Along>| Some((viewed_bindings(load)?, along?));
         let (a, b) = (viewed(self.a, a), viewed(self.b, b));
         let mut names: Vec<&String> = a.iter().chain(&b).flat_map(|(names, _)| names).collect();
         names.dedup();
@@ -513,26 +539,10 @@ impl Blocked<'_> {
                     split: false,
                 })
                 .collect();
-            let view = match load {
-                Load::Stacked(stacked) => {
-                    let name = format!("{}4", stacked.name);
-                    QuadLoad::Function {
-                        function: stacked.function(&name, "vec4<f32>", &views, 4),
-                        batched: true,
-                        name,
-                    }
-                }
-                Load::Rope(rope) => {
-                    let name = format!("{}4", rope.name);
-                    QuadLoad::Function {
-                        function: rope.rope.function4(&name, &views[0]),
-                        batched: false,
-                        name,
-                    }
-                }
-                Load::Buffer(_) => QuadLoad::View(views[0].name.clone()),
-            };
-            Quad { view, along }
+            Quad {
+                view: QuadLoad::of(load, &views),
+                along,
+            }
         };
         self.a4 = a.map(|a| quad(self.a, a));
         self.b4 = b.map(|b| quad(self.b, b));
