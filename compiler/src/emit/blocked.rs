@@ -533,10 +533,9 @@ impl Blocked<'_> {
         let mut quad = |load: &Load, (names, along): (Vec<String>, Along)| {
             let views: Vec<Access> = names
                 .iter()
-                .map(|name| Access {
-                    name: binder.vec4_view(name),
-                    f16: false,
-                    split: false,
+                .map(|name| {
+                    let view = binder.vec4_view(name);
+                    binder.access(&view)
                 })
                 .collect();
             Quad {
