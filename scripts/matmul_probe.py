@@ -12,11 +12,26 @@ each lane COLS columns. Time it with the bench example, which swaps it in for th
 
     n=$(python3 scripts/matmul_probe.py kk 16 8 32 /tmp/p.wgsl 4096 512 256)
     PROBE_WGSL_true=/tmp/p.wgsl PROBE_WG=$n,1,1 cargo run -p moec-runtime --example bench_matmul -- 4096 512 256
+
+SYNTHETIC=x, SYNTHETIC=w or SYNTHETIC=x,w replaces that operand's loads with values computed from the
+load's index (in [1, 2), never denormal, so nothing is hoisted or slowed by microcode), to time the
+loop without them (docs/DECISIONS.md, "Where the blocked loop's time goes"). The product is then
+wrong on purpose: time it with PROBE_UNCHECKED=1.
 """
+import os
 import sys
 
 LANES = 8
 XYZW = "xyzw"
+SYNTHETIC = set(filter(None, os.environ.get("SYNTHETIC", "").split(",")))
+
+
+def load(operand, binding, index):
+    """A vec4 read of `binding` at `index`, or under SYNTHETIC a value made from the index alone."""
+    if operand not in SYNTHETIC:
+        return f"b{binding}[{index}]"
+    bits = f"vec4<u32>({index}, k, lid, ({index}) ^ k)"
+    return f"bitcast<vec4<f32>>(({bits} & vec4<u32>(0x7fffffu)) | vec4<u32>(0x3f800000u))"
 
 
 def kernel(form, rows, cols, wg, m, n, k):
@@ -37,14 +52,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     s += "".join(f"    var c{i}_{j} = 0.0;\n" for i in range(rows) for j in range(cols))
     s += f"    for (var k = 0u; k < {k // 4}u; k = k + 1u) {{\n"
     for q in range(rows // LANES):
-        s += f"        let al{q} = b0[ar{q} + k];\n"
+        s += f"        let al{q} = {load('x', 0, f'ar{q} + k')};\n"
     if col_vec4:
         for u in range(4):
             for j4 in range(per_lane):
-                s += f"        let bv{u}_{j4} = b1[(k * 4u + {u}u) * {n // 4}u + n0 + {j4 * LANES}u];\n"
+                index = f"(k * 4u + {u}u) * {n // 4}u + n0 + {j4 * LANES}u"
+                s += f"        let bv{u}_{j4} = {load('w', 1, index)};\n"
     else:
         for j in range(cols):
-            s += f"        let bv{j} = b1[(n0 + {j * LANES}u) * {k // 4}u + k];\n"
+            s += f"        let bv{j} = {load('w', 1, f'(n0 + {j * LANES}u) * {k // 4}u + k')};\n"
     for i in range(rows):
         s += f"        let av{i} = subgroupBroadcast(al{i // LANES}, {i % LANES}u);\n"
         for j in range(cols):
