@@ -19,15 +19,12 @@ use moec_compiler::precision::mark_f16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
+use support::add;
 
 const TOL: f64 = 1.0 / 512.0;
 
 fn tol(w: f64, scale: f64) -> f64 {
     TOL * (w + scale)
-}
-
-fn add(g: &mut Graph, op: Op, args: &[NodeId], label: &str) -> NodeId {
-    g.add(op, args, label).unwrap()
 }
 
 /// An identity copy: its result is stored in f16 when its consumers can read f16.

@@ -39,16 +39,8 @@ const OP_REL: f64 = 1e-4;
 const MODEL_REL: f64 = 1e-3;
 const MODEL_FLOOR: f64 = 1e-4;
 
-fn add(g: &mut Graph, op: Op, args: &[NodeId], label: &str) -> NodeId {
-    g.add(op, args, label).unwrap()
-}
-
 fn op_tol(reference: f64, _scale: f64) -> f64 {
     OP_ABS + OP_REL * reference
-}
-
-fn uniform(rng: &mut ChaCha8Rng, n: usize, bound: f32) -> Value {
-    Value::F32((0..n).map(|_| rng.random_range(-bound..bound)).collect())
 }
 
 /// Random f32 feeds U(-2, 2) for every f32 leaf of `graph` not already in `feeds`.
@@ -179,56 +171,10 @@ fn routed(g: &mut Graph, layout: RouteLayout) -> NodeId {
     add(g, Op::MoeRoute { layout }, &[idx], "route")
 }
 
-fn moe_adjoints(layout: RouteLayout, d: usize, hidden: usize, seed: u64) {
-    let rows = layout.rows();
+fn check_moe_adjoints(layout: RouteLayout, d: usize, hidden: usize, seed: u64) {
     let mut g = Graph::new();
     let route = routed(&mut g, layout);
-    let gh = g.input("gh", TensorType::f32(&[rows, hidden]));
-    let xp = g.input("xp", TensorType::f32(&[rows, d]));
-    let w = g.param("w", &[layout.experts, hidden, d], Init::Constant(0.0));
-    let gp = g.input("gp", TensorType::f32(&[rows, d]));
-    let dy = g.input("dy", TensorType::f32(&[layout.tokens, d]));
-    let gates = g.input("gates", TensorType::f32(&[layout.tokens, layout.k]));
-    let gx = add(
-        &mut g,
-        Op::GroupedMatMulGradX { layout },
-        &[gh, w, route],
-        "grad_x",
-    );
-    let gw = add(
-        &mut g,
-        Op::GroupedMatMulGradW { layout },
-        &[gh, xp, route],
-        "grad_w",
-    );
-    let gg = add(
-        &mut g,
-        Op::MoeGatherGrad { layout },
-        &[gp, route],
-        "gather_grad",
-    );
-    let cr = add(
-        &mut g,
-        Op::MoeCombineGradRows { layout },
-        &[dy, gates, route],
-        "combine_rows",
-    );
-    let cw = add(
-        &mut g,
-        Op::MoeCombineGradWeights { layout },
-        &[dy, xp, route],
-        "combine_weights",
-    );
-    for (name, id) in [
-        ("route", route),
-        ("grad_x", gx),
-        ("grad_w", gw),
-        ("gather_grad", gg),
-        ("combine_rows", cr),
-        ("combine_weights", cw),
-    ] {
-        g.set_output(name, id);
-    }
+    moe_adjoints(&mut g, layout, route, d, hidden);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut bias = vec![0.0f32; layout.experts];
     bias[layout.experts - 1] = -100.0;
@@ -250,7 +196,7 @@ fn moe_adjoints(layout: RouteLayout, d: usize, hidden: usize, seed: u64) {
 
 #[test]
 fn moe_adjoints_tile_16() {
-    moe_adjoints(RouteLayout::dropless(53, 2, 6, 16), 19, 23, 3);
+    check_moe_adjoints(RouteLayout::dropless(53, 2, 6, 16), 19, 23, 3);
 }
 
 #[test]
@@ -258,13 +204,13 @@ fn moe_adjoints_with_vec4_loads() {
     // Every axis a multiple of 4 and the route tile a whole subgroup-shared block (32 rows): on a
     // CPU adapter the input gradient reads w as vec4s along its columns, and the weight gradient
     // reads both operands as vec4s (dy along its rows, x along its columns).
-    moe_adjoints(RouteLayout::dropless(40, 2, 4, 32), 64, 96, 5);
+    check_moe_adjoints(RouteLayout::dropless(40, 2, 4, 32), 64, 96, 5);
 }
 
 #[test]
 fn moe_adjoints_tile_4_wide() {
     // Wider than one register block in both output axes (hidden 75 > 8·8, d 70 > 64 columns).
-    moe_adjoints(RouteLayout::dropless(37, 2, 5, 4), 70, 75, 4);
+    check_moe_adjoints(RouteLayout::dropless(37, 2, 5, 4), 70, 75, 4);
 }
 
 #[test]
@@ -276,7 +222,7 @@ fn moe_adjoints_with_capacity_drops() {
         ..RouteLayout::dropless(41, 2, 4, 8)
     };
     assert!(layout.drops());
-    moe_adjoints(layout, 13, 21, 5);
+    check_moe_adjoints(layout, 13, 21, 5);
 }
 
 const DENSE: &str = r#"

@@ -25,7 +25,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
 use std::path::Path;
-use support::compare_lowered;
+use support::{compare_lowered, uniform};
 
 const ROWS: usize = 9;
 
@@ -34,10 +34,6 @@ fn configs() -> Vec<(Target, bool)> {
     [true, false]
         .map(|fused| (support::gpu().target(), fused))
         .to_vec()
-}
-
-fn uniform(rng: &mut ChaCha8Rng, n: usize, bound: f32) -> Value {
-    Value::F32((0..n).map(|_| rng.random_range(-bound..bound)).collect())
 }
 
 /// `LinearCrossEntropy(h, w, targets)` as the loss; with `tied`, `h = embedding(w, tokens) · s`

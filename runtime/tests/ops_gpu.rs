@@ -10,24 +10,18 @@ use moec_compiler::emit::{emit, MatmulVariant, Target};
 use moec_compiler::fuse::{fuse, FuseOptions, GroupKind};
 use moec_compiler::interp::{self, Value};
 use moec_compiler::ir::{
-    BinaryOp, DType, Graph, Init, NodeId, Op, ReduceOp, RouteLayout, TensorType, UnaryOp,
+    BinaryOp, DType, Graph, Init, Op, ReduceOp, RouteLayout, TensorType, UnaryOp,
 };
-use moec_runtime::{AdapterChoice, Executor, Gpu};
+use moec_runtime::Executor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
-use std::sync::OnceLock;
+use support::{add, gpu, moe_adjoints, run_gpu};
+
+mod support;
 
 const ABS: f64 = 1e-5;
 const REL: f64 = 1e-4;
-
-fn gpu() -> &'static Gpu {
-    static GPU: OnceLock<Gpu> = OnceLock::new();
-    GPU.get_or_init(|| {
-        Gpu::new(&AdapterChoice::default())
-            .expect("a wgpu adapter (lavapipe: apt-get install mesa-vulkan-drivers)")
-    })
-}
 
 /// Random feeds for every Param and Input: f32 ~ U(-2, 2), u32 < `bound` (per name, else 7).
 fn feeds(graph: &Graph, seed: u64, bounds: &[(&str, u32)]) -> HashMap<String, Value> {
@@ -72,52 +66,6 @@ fn target(variant: MatmulVariant) -> Target {
         small_product_macs: 0,
         ..gpu().target()
     }
-}
-
-/// Runs `graph` on the GPU under `target` and returns every named output as f64.
-fn run_gpu(
-    graph: &Graph,
-    feeds: &HashMap<String, Value>,
-    target: &Target,
-    fused: bool,
-) -> HashMap<String, Vec<f64>> {
-    let opts = FuseOptions {
-        enabled: fused,
-        max_bindings: target.max_storage_buffers_per_stage,
-        max_binding_bytes: target.max_storage_binding_size,
-    };
-    let plan = emit(graph, &fuse(graph, opts), target).unwrap_or_else(|e| panic!("{e}"));
-    let exec = Executor::new(gpu(), &plan).unwrap_or_else(|e| panic!("{e}"));
-    for (name, value) in feeds {
-        match value {
-            Value::F32(v) => exec.write_f32(name, v),
-            Value::U32(v) => exec.write_u32(name, v),
-            Value::F64(v) => exec.write_f32(name, &v.iter().map(|&x| x as f32).collect::<Vec<_>>()),
-        }
-        .unwrap();
-    }
-    exec.run().unwrap();
-    graph
-        .outputs
-        .iter()
-        .map(|(name, id)| {
-            let v = match graph.ty(*id).dtype {
-                DType::F32 | DType::F16 => exec
-                    .read_f32(name)
-                    .unwrap()
-                    .into_iter()
-                    .map(f64::from)
-                    .collect(),
-                DType::U32 => exec
-                    .read_u32(name)
-                    .unwrap()
-                    .into_iter()
-                    .map(f64::from)
-                    .collect(),
-            };
-            (name.clone(), v)
-        })
-        .collect()
 }
 
 /// The adapter's targets for both matmul variants, plus register blocking without subgroup sharing
@@ -168,10 +116,6 @@ fn check(graph: &Graph, feeds: &HashMap<String, Value>) {
             }
         }
     }
-}
-
-fn add(g: &mut Graph, op: Op, args: &[NodeId], label: &str) -> NodeId {
-    g.add(op, args, label).unwrap()
 }
 
 #[test]
@@ -589,53 +533,10 @@ fn moe_gradient_ops() {
     let mut g = Graph::new();
     let idx = g.input("idx", TensorType::u32(&[t, k]));
     let route = add(&mut g, Op::MoeRoute { layout }, &[idx], "route");
-    let gp = g.input("gp", TensorType::f32(&[layout.rows(), d]));
-    let gh = g.input("gh", TensorType::f32(&[layout.rows(), hidden]));
-    let xp = g.input("xp", TensorType::f32(&[layout.rows(), d]));
-    let w = g.param("w", &[e, hidden, d], Init::Constant(0.0));
-    let dy = g.input("dy", TensorType::f32(&[t, d]));
-    let wt = g.input("wt", TensorType::f32(&[t, k]));
-    let gx = add(
-        &mut g,
-        Op::GroupedMatMulGradX { layout },
-        &[gh, w, route],
-        "grad_x",
-    );
-    let gx2 = add(&mut g, Op::Unary(UnaryOp::Neg), &[gx], "grad_x_neg");
-    let gw = add(
-        &mut g,
-        Op::GroupedMatMulGradW { layout },
-        &[gh, xp, route],
-        "grad_w",
-    );
-    let gg = add(
-        &mut g,
-        Op::MoeGatherGrad { layout },
-        &[gp, route],
-        "gather_grad",
-    );
-    let cr = add(
-        &mut g,
-        Op::MoeCombineGradRows { layout },
-        &[dy, wt, route],
-        "combine_rows",
-    );
-    let cw = add(
-        &mut g,
-        Op::MoeCombineGradWeights { layout },
-        &[dy, xp, route],
-        "combine_w",
-    );
-    for (name, id) in [
-        ("grad_x", gx),
-        ("grad_x_neg", gx2),
-        ("grad_w", gw),
-        ("gather_grad", gg),
-        ("combine_rows", cr),
-        ("combine_w", cw),
-    ] {
-        g.set_output(name, id);
-    }
+    let [(_, grad_x), ..] = moe_adjoints(&mut g, layout, route, d, hidden);
+    // A consumer of the input gradient, so fusion has an epilogue to fold into its kernel.
+    let negated = add(&mut g, Op::Unary(UnaryOp::Neg), &[grad_x], "grad_x_neg");
+    g.set_output("grad_x_neg", negated);
     check(&g, &feeds(&g, 12, &[("idx", 4)]));
 }
 

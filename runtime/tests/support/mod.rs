@@ -5,7 +5,7 @@
 use moec_compiler::emit::{emit, MatmulVariant, Target};
 use moec_compiler::fuse::{fuse, FuseOptions};
 use moec_compiler::interp::{self, Precision, Value};
-use moec_compiler::ir::{DType, Graph, Init, Op};
+use moec_compiler::ir::{DType, Graph, Init, NodeId, Op, RouteLayout, TensorType};
 use moec_runtime::{AdapterChoice, Executor, Gpu};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -17,6 +17,64 @@ pub fn gpu() -> &'static Gpu {
     GPU.get_or_init(|| {
         Gpu::new(&AdapterChoice::default())
             .expect("a wgpu adapter (lavapipe: apt-get install mesa-vulkan-drivers)")
+    })
+}
+
+/// `g.add`, for graphs a test builds by hand (every op it adds is well-typed).
+pub fn add(g: &mut Graph, op: Op, args: &[NodeId], label: &str) -> NodeId {
+    g.add(op, args, label).unwrap()
+}
+
+/// `n` f32 values drawn from U(−bound, bound).
+pub fn uniform(rng: &mut ChaCha8Rng, n: usize, bound: f32) -> Value {
+    Value::F32((0..n).map(|_| rng.random_range(-bound..bound)).collect())
+}
+
+/// The five adjoints of a routed MoE layer over `route` (`d` the model width, `hidden` the
+/// expert's), as named outputs: the grouped matmul's input and weight gradients, the gather's,
+/// and the weighted combine's for its rows and its gate weights. Their upstream gradients and
+/// operands are fresh inputs, so a test feeds them directly.
+pub fn moe_adjoints(
+    g: &mut Graph,
+    layout: RouteLayout,
+    route: NodeId,
+    d: usize,
+    hidden: usize,
+) -> [(&'static str, NodeId); 5] {
+    let rows = layout.rows();
+    let gh = g.input("gh", TensorType::f32(&[rows, hidden]));
+    let xp = g.input("xp", TensorType::f32(&[rows, d]));
+    let w = g.param("w", &[layout.experts, hidden, d], Init::Constant(0.0));
+    let gp = g.input("gp", TensorType::f32(&[rows, d]));
+    let dy = g.input("dy", TensorType::f32(&[layout.tokens, d]));
+    let gates = g.input("gates", TensorType::f32(&[layout.tokens, layout.k]));
+    let outputs = [
+        (
+            "grad_x",
+            Op::GroupedMatMulGradX { layout },
+            vec![gh, w, route],
+        ),
+        (
+            "grad_w",
+            Op::GroupedMatMulGradW { layout },
+            vec![gh, xp, route],
+        ),
+        ("gather_grad", Op::MoeGatherGrad { layout }, vec![gp, route]),
+        (
+            "combine_rows",
+            Op::MoeCombineGradRows { layout },
+            vec![dy, gates, route],
+        ),
+        (
+            "combine_weights",
+            Op::MoeCombineGradWeights { layout },
+            vec![dy, xp, route],
+        ),
+    ];
+    outputs.map(|(name, op, args)| {
+        let id = add(g, op, &args, name);
+        g.set_output(name, id);
+        (name, id)
     })
 }
 
