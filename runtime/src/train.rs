@@ -159,6 +159,9 @@ pub struct Trainer<'g> {
     out_dir: PathBuf,
     /// Batches of the steps since the stats were last read, by 0-based step, to replay a bad step.
     pending: Vec<(usize, Vec<Batch>)>,
+    /// When the log window's first step started (`tokens_since` counts its tokens): a window opens
+    /// at a step, not when the previous one was logged or the trainer was built, so the first
+    /// window's tokens/s leaves out the wait for compilation before it.
     since: Instant,
     tokens_since: usize,
     last: Option<Record>,
@@ -322,6 +325,9 @@ impl<'g> Trainer<'g> {
 
     /// Runs one optimizer step; returns the step's record when it logged (or evaluated).
     pub fn step(&mut self) -> Result<Option<Record>, TrainError> {
+        if self.tokens_since == 0 {
+            self.since = Instant::now();
+        }
         let s = self.step;
         let lrs = self.optim.prepare_step(s);
         let mut batcher = Batcher::new(&self.data, self.train.seed);
@@ -414,7 +420,6 @@ impl<'g> Trainer<'g> {
         if checkpoint {
             self.save_checkpoint()?;
         }
-        self.since = Instant::now();
         self.tokens_since = 0;
         Ok(record)
     }

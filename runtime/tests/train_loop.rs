@@ -1,7 +1,8 @@
 //! The training loop end to end on tiny specs with synthetic markov data: the loss falls, gradient
 //! accumulation equals a bigger batch, kill-and-resume reproduces an uninterrupted run (also with
 //! the LM head and loss in chunks that do not divide the tokens), resume
-//! refuses a changed spec, and a poisoned weight is caught by the non-finite guard.
+//! refuses a changed spec, a poisoned weight is caught by the non-finite guard, and the logged
+//! rate counts training time only.
 
 use moec_compiler::autodiff::training_graph;
 use moec_compiler::check::check;
@@ -183,6 +184,25 @@ fn loss_falls_on_markov_data() {
 /// Kill-and-resume: 12 steps straight vs 6 steps, a "kill" (the trainer dropped after its step-6
 /// checkpoint), and a resume to 12. Every kernel is deterministic, so the losses agree to f32
 /// round-off (in practice bit for bit; asserted to 1e-6 relative).
+/// A log window's tokens/s counts from its first step, not from when the trainer was built: `moec
+/// train` builds it while kernels still compile, and that wait is not training throughput. The
+/// trainer here idles 3 s first; a step of this model takes milliseconds, so a rate that counted
+/// the idle time would be below one step's tokens per 3 s.
+#[test]
+fn the_first_logged_rate_leaves_out_the_time_before_the_first_step() {
+    let gpu = gpu();
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = trainer(&gpu, &tiny_spec(2, "log = every(1)"), dir.path(), false).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let first = run(&mut t, 1).pop().expect("step 1 is logged");
+    let idle_bound = t.tokens_per_step() as f64 / 3.0;
+    assert!(
+        first.tokens_per_s > idle_bound,
+        "{} tokens/s at step 1 would include the 3 s idle ({idle_bound})",
+        first.tokens_per_s
+    );
+}
+
 #[test]
 fn resume_continues_exactly() {
     resume_is_exact(&resume_spec(""), None);
