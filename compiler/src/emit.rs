@@ -391,7 +391,7 @@ fn dispatches(
                     message,
                 })?;
                 kernels.push(Kernel {
-                    name,
+                    name: name.clone(),
                     wgsl: src.wgsl,
                     entry_point: "main".into(),
                     writes,
@@ -401,6 +401,7 @@ fn dispatches(
             }
         };
         dispatches.push(Dispatch {
+            name,
             kernel,
             bindings,
             workgroups: src.workgroups,

@@ -86,6 +86,10 @@ pub struct Kernel {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Dispatch {
+    /// What this dispatch computes (`012_matmul_blocks_0_attn_q`: dispatch index, anchor op,
+    /// anchor label), for profiles and diagnostics. Its kernel may serve several dispatches of the
+    /// same shape and is named after the first of them only.
+    pub name: String,
     pub kernel: usize,
     pub bindings: Vec<Binding>,
     /// Workgroup counts, each ≤ 65535 (large grids are folded into y and z by the emitter).

@@ -415,7 +415,7 @@ impl Gpu {
 pub struct NonFinite {
     /// Index into the plan's dispatch list.
     pub dispatch: usize,
-    /// The kernel's name (`012_matmul_blocks_0_attn_q`: dispatch index, anchor op, anchor label).
+    /// The dispatch's name (`012_matmul_blocks_0_attn_q`: dispatch index, anchor op, anchor label).
     pub kernel: String,
     /// Label of the written buffer that holds the non-finite value.
     pub buffer: String,
@@ -749,7 +749,7 @@ impl<'g> Executor<'g> {
                 if let Some(index) = values.iter().position(|v| !v.is_finite()) {
                     return Ok(Some(NonFinite {
                         dispatch: i,
-                        kernel: kernel.name.clone(),
+                        kernel: d.name.clone(),
                         buffer: spec.label.clone(),
                         index,
                         value: values[index],
@@ -761,7 +761,7 @@ impl<'g> Executor<'g> {
     }
 
     /// Runs the plan one dispatch per submission, waiting after each, and returns the wall time of
-    /// every dispatch (kernel name, seconds). Slower than `run`, but portable: no timestamp queries
+    /// every dispatch (its name, seconds). Slower than `run`, but portable: no timestamp queries
     /// needed, so it works on every adapter, lavapipe included.
     pub fn profile(&self) -> Result<Vec<(String, f64)>, RuntimeError> {
         let mut times = Vec::with_capacity(self.plan.dispatches.len());
@@ -785,10 +785,7 @@ impl<'g> Executor<'g> {
             }
             self.gpu.queue.submit([encoder.finish()]);
             self.wait()?;
-            times.push((
-                self.plan.kernels[d.kernel].name.clone(),
-                started.elapsed().as_secs_f64(),
-            ));
+            times.push((d.name.clone(), started.elapsed().as_secs_f64()));
         }
         Ok(times)
     }

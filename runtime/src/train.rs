@@ -425,7 +425,7 @@ impl<'g> Trainer<'g> {
     }
 
     /// Times every dispatch of the training plan on its own (forward + backward, no update) on the
-    /// first validation batch: (kernel name, seconds) in dispatch order. Leaves the weights, the
+    /// first validation batch: (dispatch name, seconds) in dispatch order. Leaves the weights, the
     /// optimizer and the batcher untouched.
     pub fn profile_step(&self) -> Result<Vec<(String, f64)>, TrainError> {
         feed(&self.exec, &self.val[0])?;

@@ -47,6 +47,7 @@ fn axpy_plan() -> Plan {
             writes: vec![false, true],
         }],
         dispatches: vec![Dispatch {
+            name: "axpy".into(),
             kernel: 0,
             bindings: [0, 1]
                 .map(|buffer| Binding {

@@ -275,6 +275,32 @@ fn fusion_cuts_dispatches() {
     );
 }
 
+/// Two products of one shape share a kernel, named after the first; each dispatch keeps its own
+/// name, so profiles and the non-finite report say which product ran.
+#[test]
+fn dispatches_sharing_a_kernel_keep_their_own_names() {
+    let mut g = Graph::new();
+    // Different operands on both sides, so the two are not one horizontal product.
+    let x1 = g.input("x1", TensorType::f32(&[6, 8]));
+    let x2 = g.input("x2", TensorType::f32(&[6, 8]));
+    let w1 = g.param("w1", &[5, 8], Init::Constant(0.0));
+    let w2 = g.param("w2", &[5, 8], Init::Constant(0.0));
+    let a = g
+        .add(Op::MatMul { trans_b: true }, &[x1, w1], "first")
+        .unwrap();
+    let b = g
+        .add(Op::MatMul { trans_b: true }, &[x2, w2], "second")
+        .unwrap();
+    g.set_output("a", a);
+    g.set_output("b", b);
+    let t = Target::default();
+    let plan = emit(&g, &fuse(&g, FuseOptions::for_target(&t)), &t).unwrap();
+    assert_eq!(plan.kernels.len(), 1, "one kernel for both products");
+    let names: Vec<&str> = plan.dispatches.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(names, ["000_matmul_first", "001_matmul_second"]);
+    assert_eq!(plan.kernels[0].name, "000_matmul_first");
+}
+
 #[test]
 fn grid_folds_past_65535_workgroups() {
     let mut g = Graph::new();
