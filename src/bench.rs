@@ -7,12 +7,16 @@
 use crate::Loaded;
 use miette::{IntoDiagnostic, Result};
 use moec_compiler::lower::Head;
+use moec_compiler::plan::Plan;
 use moec_compiler::spec::Every;
+use moec_compiler::spec::Spec;
 use moec_compiler::stats::human_bytes;
+use moec_compiler::Compiled;
 use moec_runtime::memory::MemoryReport;
 use moec_runtime::optim::OptimSettings;
 use moec_runtime::train::{TrainOptions, Trainer};
 use moec_runtime::Gpu;
+use std::path::PathBuf;
 use std::time::Instant;
 
 /// What to time.
@@ -21,7 +25,7 @@ pub struct Args {
     pub warmup: usize,
     /// Time the fused plan (else the one-kernel-per-op plan).
     pub fusion: bool,
-    /// Time both plans, fused first.
+    /// Time both plans, their steps alternating (fused first).
     pub both: bool,
 }
 
@@ -44,19 +48,173 @@ pub fn run(loaded: &Loaded, args: &Args, gpu: &Gpu) -> Result<()> {
     } else {
         vec![args.fusion]
     };
-    let rows = modes
+    let spec = untimed_side_work(loaded)?;
+    let plans = modes
         .iter()
-        .map(|&fusion| time(loaded, args, fusion, gpu))
+        .map(|&fusion| Plans::compile(&spec, fusion, gpu))
         .collect::<Result<Vec<_>>>()?;
+    let out_dirs: Vec<PathBuf> = modes
+        .iter()
+        .map(|fusion| {
+            std::env::temp_dir().join(format!("moec-bench-{}-{fusion}", std::process::id()))
+        })
+        .collect();
+    let times = time_interleaved(loaded, &spec, args, &plans, &out_dirs, gpu);
+    // The trainers' metrics files are the only thing written; the timing does not need them.
+    for dir in &out_dirs {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    let rows: Vec<Row> = plans
+        .iter()
+        .zip(times?)
+        .map(|(plans, (tokens, times))| plans.row(&spec, tokens, median(times)))
+        .collect();
+    print_rows(loaded, args, gpu, &rows);
+    Ok(())
+}
+
+/// The spec with logging, evaluation and checkpoints off, so the timed steps do only training:
+/// every(0) never fires, and each run is one step longer than timed so the final step's
+/// log/eval/checkpoint never happens either.
+fn untimed_side_work(loaded: &Loaded) -> Result<Spec> {
+    let mut spec = loaded.spec.clone();
+    let Some(train) = spec.train.as_mut() else {
+        miette::bail!(
+            "`{}` has no `train` block; bench times its training step",
+            loaded.path.display()
+        );
+    };
+    let off = Every {
+        every: 0,
+        batches: train.eval.batches,
+    };
+    (train.log, train.eval, train.checkpoint) = (off, off, off);
+    Ok(spec)
+}
+
+/// One configuration's compiled plans, compiled before any trainer so the trainers can borrow them.
+struct Plans {
+    fusion: bool,
+    training: Compiled,
+    forward: Compiled,
+}
+
+impl Plans {
+    fn compile(spec: &Spec, fusion: bool, gpu: &Gpu) -> Result<Plans> {
+        let batch = spec.train.as_ref().map_or(1, |t| t.batch);
+        let target = gpu.target();
+        Ok(Plans {
+            fusion,
+            training: moec_compiler::compile_training(spec, batch, &target, fusion)
+                .into_diagnostic()?,
+            forward: moec_compiler::compile_forward(spec, batch, &target, fusion, Head::Loss)
+                .into_diagnostic()?,
+        })
+    }
+
+    /// The table row for a median step of `seconds` over `tokens` per step.
+    fn row(&self, spec: &Spec, tokens: usize, seconds: f64) -> Row {
+        let train = spec.train.as_ref().expect("checked by untimed_side_work");
+        let tokens = tokens as f64;
+        let flops = moec_compiler::stats::stats(spec).flops_train_per_token as f64 * tokens;
+        let settings = OptimSettings::from_train(train);
+        Row {
+            fusion: self.fusion,
+            median_ms: seconds * 1e3,
+            tokens_per_s: tokens / seconds.max(1e-12),
+            dispatches: self.training.plan.dispatches.len() * train.accumulate,
+            bytes: MemoryReport::training(&self.training.plan, &self.forward.plan, &settings)
+                .total(),
+            gflops: flops / seconds.max(1e-12) / 1e9,
+        }
+    }
+}
+
+/// Tokens per step and seconds of each timed step, per configuration. With several configurations their steps
+/// alternate (one of each, then the next of each), so a machine whose speed drifts during the run
+/// (a shared VM's can move ±30%) slows them alike and their ratio stays meaningful; all of their
+/// plans are resident at once.
+fn time_interleaved(
+    loaded: &Loaded,
+    spec: &Spec,
+    args: &Args,
+    plans: &[Plans],
+    out_dirs: &[PathBuf],
+    gpu: &Gpu,
+) -> Result<Vec<(usize, Vec<f64>)>> {
+    let all: Vec<&Plan> = plans
+        .iter()
+        .flat_map(|p| [&p.training.plan, &p.forward.plan])
+        .collect();
+    let compiling = crate::precompile(gpu, &all);
+    let mut trainers = plans
+        .iter()
+        .zip(out_dirs)
+        .map(|(p, out_dir)| {
+            let options = TrainOptions {
+                out_dir: out_dir.clone(),
+                resume: false,
+                steps: Some(args.warmup + args.steps + 1),
+                spec_dir: loaded.dir(),
+            };
+            Trainer::new(
+                gpu,
+                spec,
+                &loaded.source,
+                &p.training.plan,
+                &p.forward.plan,
+                &options,
+            )
+            .into_diagnostic()
+        })
+        .collect::<Result<Vec<_>>>()?;
+    compiling.finish(gpu)?;
+    let mut times = vec![Vec::with_capacity(args.steps); trainers.len()];
+    for i in 0..args.warmup + args.steps {
+        for (trainer, times) in trainers.iter_mut().zip(&mut times) {
+            let start = Instant::now();
+            trainer.step().into_diagnostic()?;
+            gpu.wait().into_diagnostic()?;
+            if i >= args.warmup {
+                times.push(start.elapsed().as_secs_f64());
+            }
+        }
+    }
+    Ok(trainers
+        .iter()
+        .map(|t| t.tokens_per_step())
+        .zip(times)
+        .collect())
+}
+
+fn median(mut times: Vec<f64>) -> f64 {
+    times.sort_by(f64::total_cmp);
+    let mid = times.len() / 2;
+    if times.len() % 2 == 1 {
+        times[mid]
+    } else {
+        (times[mid - 1] + times[mid]) / 2.0
+    }
+}
+
+fn print_rows(loaded: &Loaded, args: &Args, gpu: &Gpu, rows: &[Row]) {
     println!(
-        "{} on {}: {} steps after {} warm-up",
-        loaded.spec.name, gpu.info, args.steps, args.warmup
+        "{} on {}: {} steps after {} warm-up{}",
+        loaded.spec.name,
+        gpu.info,
+        args.steps,
+        args.warmup,
+        if rows.len() > 1 {
+            ", the plans' steps alternating"
+        } else {
+            ""
+        }
     );
     println!(
         "{:<8} {:>12} {:>12} {:>12} {:>12} {:>10}",
         "plan", "ms/step", "tokens/s", "dispatches", "memory", "GFLOP/s"
     );
-    for r in &rows {
+    for r in rows {
         println!(
             "{:<8} {:>12.2} {:>12.0} {:>12} {:>12} {:>10.3}",
             if r.fusion { "fused" } else { "unfused" },
@@ -67,86 +225,10 @@ pub fn run(loaded: &Loaded, args: &Args, gpu: &Gpu) -> Result<()> {
             r.gflops
         );
     }
-    if let [fused, unfused] = rows.as_slice() {
+    if let [fused, unfused] = rows {
         println!(
             "fusion speed-up: {:.2}x",
             unfused.median_ms / fused.median_ms.max(1e-12)
         );
     }
-    Ok(())
-}
-
-fn time(loaded: &Loaded, args: &Args, fusion: bool, gpu: &Gpu) -> Result<Row> {
-    let mut spec = loaded.spec.clone();
-    let Some(train) = spec.train.as_mut() else {
-        miette::bail!(
-            "`{}` has no `train` block; bench times its training step",
-            loaded.path.display()
-        );
-    };
-    // Never log, evaluate or checkpoint inside the timed steps: every(0) never fires, and the run
-    // is one step longer than timed so the final step's log/eval/checkpoint never happens either.
-    let off = Every {
-        every: 0,
-        batches: train.eval.batches,
-    };
-    (train.log, train.eval, train.checkpoint) = (off, off, off);
-    let batch = train.batch;
-    let accumulate = train.accumulate;
-    let settings = OptimSettings::from_train(train);
-    let target = gpu.target();
-    let training =
-        moec_compiler::compile_training(&spec, batch, &target, fusion).into_diagnostic()?;
-    let forward = moec_compiler::compile_forward(&spec, batch, &target, fusion, Head::Loss)
-        .into_diagnostic()?;
-    let out_dir =
-        std::env::temp_dir().join(format!("moec-bench-{}-{}", std::process::id(), fusion));
-    let spec_dir = loaded.dir();
-    let options = TrainOptions {
-        out_dir: out_dir.clone(),
-        resume: false,
-        steps: Some(args.warmup + args.steps + 1),
-        spec_dir,
-    };
-    let compiling = crate::precompile(gpu, &[&training.plan, &forward.plan]);
-    let result = (|| {
-        let mut trainer = Trainer::new(
-            gpu,
-            &spec,
-            &loaded.source,
-            &training.plan,
-            &forward.plan,
-            &options,
-        )
-        .into_diagnostic()?;
-        compiling.finish(gpu)?;
-        let mut times = Vec::with_capacity(args.steps);
-        for i in 0..args.warmup + args.steps {
-            let start = Instant::now();
-            trainer.step().into_diagnostic()?;
-            gpu.wait().into_diagnostic()?;
-            if i >= args.warmup {
-                times.push(start.elapsed().as_secs_f64());
-            }
-        }
-        times.sort_by(f64::total_cmp);
-        let median = if times.len() % 2 == 1 {
-            times[times.len() / 2]
-        } else {
-            (times[times.len() / 2 - 1] + times[times.len() / 2]) / 2.0
-        };
-        let tokens = trainer.tokens_per_step() as f64;
-        let flops = moec_compiler::stats::stats(&spec).flops_train_per_token as f64 * tokens;
-        Ok(Row {
-            fusion,
-            median_ms: median * 1e3,
-            tokens_per_s: tokens / median.max(1e-12),
-            dispatches: training.plan.dispatches.len() * accumulate,
-            bytes: MemoryReport::training(&training.plan, &forward.plan, &settings).total(),
-            gflops: flops / median.max(1e-12) / 1e9,
-        })
-    })();
-    // The trainer's metrics file is the only thing written; the timing does not need it.
-    let _ = std::fs::remove_dir_all(&out_dir);
-    result
 }

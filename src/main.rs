@@ -204,7 +204,7 @@ enum Command {
         warmup: usize,
         #[arg(long)]
         no_fuse: bool,
-        /// Time fused and unfused plans in one process and print both rows.
+        /// Time fused and unfused plans in one process, their steps alternating, and print both rows.
         #[arg(long)]
         both: bool,
         #[command(flatten)]

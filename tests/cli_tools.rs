@@ -123,7 +123,10 @@ fn generate_eval_and_bench_a_trained_checkpoint() {
     let (ok, out, err) = moec(&["bench", spec, "--steps", "2", "--warmup", "1", "--both"]);
     assert!(ok, "{out}{err}");
     assert!(
-        out.contains("on ") && out.contains("ms/step") && out.contains("GFLOP/s"),
+        out.contains("on ")
+            && out.contains("the plans' steps alternating")
+            && out.contains("ms/step")
+            && out.contains("GFLOP/s"),
         "{out}"
     );
     for plan in ["fused ", "unfused "] {
