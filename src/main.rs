@@ -346,12 +346,27 @@ pub fn print_slowest(
     }
 }
 
+/// Worker threads for llvmpipe (lavapipe), which reads `LP_NUM_THREADS` when the adapter opens:
+/// four per core, up to its maximum of 32, where llvmpipe would start one per core. It hands each
+/// worker a fixed share of a dispatch's workgroups, and a worker that starts late (a VM's idle
+/// core wakes slowly) holds its share back; with small dispatches the quickstart kept 1.0 of 2
+/// cores busy. Smaller shares let the workers that are running take the rest: quickstart 119–135
+/// → 77–83 ms per step on 2 cores, bench-small unchanged (docs/DECISIONS.md, "llvmpipe worker
+/// threads"). A user's own `LP_NUM_THREADS` is left as it is.
+fn llvmpipe_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (4 * cores).min(32)
+}
+
 fn main() -> Result<()> {
     // Mesa's Vulkan loader prints "XDG_RUNTIME_DIR is invalid" on every probe of a headless Linux
     // machine (CI, servers, lavapipe). moec never opens a window; any existing directory silences it.
-    // Set before any thread starts.
+    // Both variables are set before any thread starts.
     if cfg!(target_os = "linux") && std::env::var_os("XDG_RUNTIME_DIR").is_none() {
         std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
+    }
+    if std::env::var_os("LP_NUM_THREADS").is_none() {
+        std::env::set_var("LP_NUM_THREADS", llvmpipe_threads().to_string());
     }
     let cli = Cli::parse();
     match cli.command {
