@@ -14,6 +14,7 @@ use moec_compiler::stats::human_bytes;
 use moec_compiler::Compiled;
 use moec_runtime::memory::MemoryReport;
 use moec_runtime::optim::OptimSettings;
+use moec_runtime::report::median;
 use moec_runtime::train::{TrainOptions, Trainer};
 use moec_runtime::Gpu;
 use std::path::PathBuf;
@@ -53,9 +54,9 @@ pub fn run(loaded: &Loaded, args: &Args, gpu: &Gpu) -> Result<()> {
         .iter()
         .map(|&fusion| Plans::compile(&spec, fusion, gpu))
         .collect::<Result<Vec<_>>>()?;
-    let out_dirs: Vec<PathBuf> = modes
+    let out_dirs: Vec<PathBuf> = plans
         .iter()
-        .map(|fusion| {
+        .map(|Plans { fusion, .. }| {
             std::env::temp_dir().join(format!("moec-bench-{}-{fusion}", std::process::id()))
         })
         .collect();
@@ -64,10 +65,11 @@ pub fn run(loaded: &Loaded, args: &Args, gpu: &Gpu) -> Result<()> {
     for dir in &out_dirs {
         let _ = std::fs::remove_dir_all(dir);
     }
+    // Every configuration timed at least one step (`--steps` ≥ 1 is checked above).
     let rows: Vec<Row> = plans
         .iter()
         .zip(times?)
-        .map(|(plans, (tokens, times))| plans.row(&spec, tokens, median(times)))
+        .map(|(plans, (tokens, times))| plans.row(&spec, tokens, median(times).unwrap_or(f64::NAN)))
         .collect();
     print_rows(loaded, args, gpu, &rows);
     Ok(())
@@ -101,7 +103,11 @@ struct Plans {
 
 impl Plans {
     fn compile(spec: &Spec, fusion: bool, gpu: &Gpu) -> Result<Plans> {
-        let batch = spec.train.as_ref().map_or(1, |t| t.batch);
+        let batch = spec
+            .train
+            .as_ref()
+            .expect("checked by untimed_side_work")
+            .batch;
         let target = gpu.target();
         Ok(Plans {
             fusion,
@@ -130,10 +136,10 @@ impl Plans {
     }
 }
 
-/// Tokens per step and seconds of each timed step, per configuration. With several configurations their steps
-/// alternate (one of each, then the next of each), so a machine whose speed drifts during the run
-/// (a shared VM's can move ±30%) slows them alike and their ratio stays meaningful; all of their
-/// plans are resident at once.
+/// Tokens per step and seconds of each timed step, per configuration. With several configurations
+/// their steps alternate (one of each, then the next of each), so a machine whose speed drifts
+/// during the run (a shared VM's can move ±30%) slows them alike and their ratio stays
+/// meaningful; all of their plans are resident at once.
 fn time_interleaved(
     loaded: &Loaded,
     spec: &Spec,
@@ -185,16 +191,6 @@ fn time_interleaved(
         .map(|t| t.tokens_per_step())
         .zip(times)
         .collect())
-}
-
-fn median(mut times: Vec<f64>) -> f64 {
-    times.sort_by(f64::total_cmp);
-    let mid = times.len() / 2;
-    if times.len() % 2 == 1 {
-        times[mid]
-    } else {
-        (times[mid - 1] + times[mid]) / 2.0
-    }
 }
 
 fn print_rows(loaded: &Loaded, args: &Args, gpu: &Gpu, rows: &[Row]) {

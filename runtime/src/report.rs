@@ -279,7 +279,8 @@ fn mean(values: impl Iterator<Item = f64>) -> f64 {
     }
 }
 
-fn median(mut values: Vec<f64>) -> Option<f64> {
+/// The middle value (the mean of the two middle ones for an even count); `None` when empty.
+pub fn median(mut values: Vec<f64>) -> Option<f64> {
     if values.is_empty() {
         return None;
     }
